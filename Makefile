@@ -1,0 +1,36 @@
+# Everything a fresh machine with Python 3.11, make, gcc and node needs is installed from here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PROTO  := protos/abstream/v1/analytics.proto
+ADDR   ?= 127.0.0.1:50051
+DATA   ?= ./data
+
+.PHONY: all install proto lint test run clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+## Regenerate the committed Python code for the contract.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(PROTO)
+
+lint: $(STAMP)
+	$(VENV)/bin/buf lint
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(VENV)/bin/abstream serve --addr $(ADDR) --data-dir $(DATA)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

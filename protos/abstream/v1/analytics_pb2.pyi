@@ -1,0 +1,288 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Dimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIMENSION_UNSPECIFIED: _ClassVar[Dimension]
+    DIMENSION_DEVICE: _ClassVar[Dimension]
+    DIMENSION_COUNTRY: _ClassVar[Dimension]
+    DIMENSION_EVENT_TYPE: _ClassVar[Dimension]
+
+class Interval(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERVAL_UNSPECIFIED: _ClassVar[Interval]
+    INTERVAL_MINUTE: _ClassVar[Interval]
+    INTERVAL_HOUR: _ClassVar[Interval]
+    INTERVAL_DAY: _ClassVar[Interval]
+    INTERVAL_WEEK: _ClassVar[Interval]
+DIMENSION_UNSPECIFIED: Dimension
+DIMENSION_DEVICE: Dimension
+DIMENSION_COUNTRY: Dimension
+DIMENSION_EVENT_TYPE: Dimension
+INTERVAL_UNSPECIFIED: Interval
+INTERVAL_MINUTE: Interval
+INTERVAL_HOUR: Interval
+INTERVAL_DAY: Interval
+INTERVAL_WEEK: Interval
+
+class Event(_message.Message):
+    __slots__ = ("timestamp", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id", "device", "country")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    timestamp: _timestamp_pb2.Timestamp
+    user_id: str
+    test_id: str
+    variant: str
+    event_type: str
+    conversion: int
+    revenue: float
+    session_id: str
+    device: str
+    country: str
+    def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., test_id: _Optional[str] = ..., variant: _Optional[str] = ..., event_type: _Optional[str] = ..., conversion: _Optional[int] = ..., revenue: _Optional[float] = ..., session_id: _Optional[str] = ..., device: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
+
+class IngestEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class IngestEventsResponse(_message.Message):
+    __slots__ = ("batch", "accepted", "rejected", "rejections")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    accepted: int
+    rejected: int
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    def __init__(self, batch: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("index", "field", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    field: str
+    message: str
+    def __init__(self, index: _Optional[int] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Filters(_message.Message):
+    __slots__ = ("device", "country", "event_type")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    country: str
+    event_type: str
+    def __init__(self, device: _Optional[str] = ..., country: _Optional[str] = ..., event_type: _Optional[str] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("users", "conversions", "conversion_rate", "total_revenue", "revenue_per_user", "events", "converted_users", "user_conversion_rate")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_REVENUE_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CONVERTED_USERS_FIELD_NUMBER: _ClassVar[int]
+    USER_CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
+    users: int
+    conversions: int
+    conversion_rate: float
+    total_revenue: float
+    revenue_per_user: float
+    events: int
+    converted_users: int
+    user_conversion_rate: float
+    def __init__(self, users: _Optional[int] = ..., conversions: _Optional[int] = ..., conversion_rate: _Optional[float] = ..., total_revenue: _Optional[float] = ..., revenue_per_user: _Optional[float] = ..., events: _Optional[int] = ..., converted_users: _Optional[int] = ..., user_conversion_rate: _Optional[float] = ...) -> None: ...
+
+class QueryStats(_message.Message):
+    __slots__ = ("events_scanned", "elapsed")
+    EVENTS_SCANNED_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_FIELD_NUMBER: _ClassVar[int]
+    events_scanned: int
+    elapsed: _duration_pb2.Duration
+    def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class SummaryRequest(_message.Message):
+    __slots__ = ("test_id", "start_time", "end_time")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SummaryRow(_message.Message):
+    __slots__ = ("variant", "metrics")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    metrics: Metrics
+    def __init__(self, variant: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
+
+class SummaryResponse(_message.Message):
+    __slots__ = ("test_id", "rows", "stats")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    rows: _containers.RepeatedCompositeFieldContainer[SummaryRow]
+    stats: QueryStats
+    def __init__(self, test_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[SummaryRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+
+class SegmentsRequest(_message.Message):
+    __slots__ = ("test_id", "start_time", "end_time", "dimension", "filters")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    dimension: Dimension
+    filters: Filters
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ...) -> None: ...
+
+class SegmentRow(_message.Message):
+    __slots__ = ("variant", "segment", "metrics")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    segment: str
+    metrics: Metrics
+    def __init__(self, variant: _Optional[str] = ..., segment: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
+
+class SegmentsResponse(_message.Message):
+    __slots__ = ("test_id", "dimension", "rows", "stats")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    dimension: Dimension
+    rows: _containers.RepeatedCompositeFieldContainer[SegmentRow]
+    stats: QueryStats
+    def __init__(self, test_id: _Optional[str] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., rows: _Optional[_Iterable[_Union[SegmentRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+
+class TimeseriesRequest(_message.Message):
+    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    interval: Interval
+    cumulative: bool
+    filters: Filters
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ...) -> None: ...
+
+class TimeseriesRow(_message.Message):
+    __slots__ = ("bucket_start", "variant", "metrics")
+    BUCKET_START_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    bucket_start: _timestamp_pb2.Timestamp
+    variant: str
+    metrics: Metrics
+    def __init__(self, bucket_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variant: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
+
+class TimeseriesResponse(_message.Message):
+    __slots__ = ("test_id", "interval", "cumulative", "rows", "stats")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    interval: Interval
+    cumulative: bool
+    rows: _containers.RepeatedCompositeFieldContainer[TimeseriesRow]
+    stats: QueryStats
+    def __init__(self, test_id: _Optional[str] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., rows: _Optional[_Iterable[_Union[TimeseriesRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+
+class ListTestsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TestInfo(_message.Message):
+    __slots__ = ("test_id", "variants", "events", "users", "first_event_time", "last_event_time")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    events: int
+    users: int
+    first_event_time: _timestamp_pb2.Timestamp
+    last_event_time: _timestamp_pb2.Timestamp
+    def __init__(self, test_id: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., events: _Optional[int] = ..., users: _Optional[int] = ..., first_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListTestsResponse(_message.Message):
+    __slots__ = ("tests", "stats")
+    TESTS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    tests: _containers.RepeatedCompositeFieldContainer[TestInfo]
+    stats: QueryStats
+    def __init__(self, tests: _Optional[_Iterable[_Union[TestInfo, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+
+class ListQuarantineRequest(_message.Message):
+    __slots__ = ("test_id", "limit")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    limit: int
+    def __init__(self, test_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class QuarantinedEvent(_message.Message):
+    __slots__ = ("received_time", "index", "field", "message", "event")
+    RECEIVED_TIME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    received_time: _timestamp_pb2.Timestamp
+    index: int
+    field: str
+    message: str
+    event: Event
+    def __init__(self, received_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., index: _Optional[int] = ..., field: _Optional[str] = ..., message: _Optional[str] = ..., event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
+
+class ListQuarantineResponse(_message.Message):
+    __slots__ = ("events", "total")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[QuarantinedEvent]
+    total: int
+    def __init__(self, events: _Optional[_Iterable[_Union[QuarantinedEvent, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,187 @@
+"""Converters between protobuf messages and store types: the only module that knows both."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from abstream.store import (
+    EVENT_SCHEMA,
+    Dimension,
+    Filters,
+    IngestResult,
+    InvalidArgument,
+    Interval,
+    QuarantinedEvent,
+    SegmentsQuery,
+    SegmentsResult,
+    SummaryQuery,
+    SummaryResult,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+)
+from abstream.store.queries import MetricColumns, QueryStats
+from abstream.v1 import analytics_pb2 as pb
+
+_NS = 1_000_000_000
+# Seconds that still fit in int64 nanoseconds; anything beyond is out of the accepted window anyway.
+_MAX_SECONDS = 9_000_000_000
+
+DIMENSIONS = {
+    pb.DIMENSION_DEVICE: Dimension.DEVICE,
+    pb.DIMENSION_COUNTRY: Dimension.COUNTRY,
+    pb.DIMENSION_EVENT_TYPE: Dimension.EVENT_TYPE,
+}
+INTERVALS = {
+    pb.INTERVAL_MINUTE: Interval.MINUTE,
+    pb.INTERVAL_HOUR: Interval.HOUR,
+    pb.INTERVAL_DAY: Interval.DAY,
+    pb.INTERVAL_WEEK: Interval.WEEK,
+}
+_STRING_FIELDS = [f.name for f in EVENT_SCHEMA if f.type == pa.string()]
+
+
+# ---- ingest ------------------------------------------------------------------------------
+
+def events_to_table(events: Sequence[pb.Event]) -> pa.Table:
+    """A batch of Event messages as an EVENT_SCHEMA table, one comprehension per field."""
+    n = len(events)
+    present = np.fromiter((e.HasField("timestamp") for e in events), dtype=bool, count=n)
+    seconds = np.fromiter((e.timestamp.seconds for e in events), dtype=np.int64, count=n)
+    nanos = np.fromiter((e.timestamp.nanos for e in events), dtype=np.int64, count=n)
+    ts = np.clip(seconds, -_MAX_SECONDS, _MAX_SECONDS) * _NS + nanos
+    columns: dict[str, Any] = {
+        "timestamp": pa.array(ts, pa.int64(), mask=~present),
+        "conversion": np.fromiter((e.conversion for e in events), dtype=np.int64, count=n),
+        "revenue": np.fromiter((e.revenue for e in events), dtype=np.float64, count=n),
+    }
+    for name in _STRING_FIELDS:
+        columns[name] = pa.array([getattr(e, name) for e in events], pa.string())
+    return pa.table({name: columns[name] for name in EVENT_SCHEMA.names}, schema=EVENT_SCHEMA)
+
+
+def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:
+    return pb.IngestEventsResponse(
+        batch=batch,
+        accepted=result.accepted,
+        rejected=len(result.rejections),
+        rejections=[pb.Rejection(index=r.index, field=r.field, message=r.message) for r in result.rejections],
+    )
+
+
+# ---- time --------------------------------------------------------------------------------
+
+def to_ns(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * _NS + ts.nanos
+
+
+def to_timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    seconds, nanos = divmod(int(ns), _NS)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _optional_ns(request: Any, name: str) -> int | None:
+    return to_ns(getattr(request, name)) if request.HasField(name) else None
+
+
+def _filters(request: Any) -> Filters:
+    f = request.filters
+    return Filters(**{name: getattr(f, name) for name in ("device", "country", "event_type") if f.HasField(name)})
+
+
+def _enum(mapping: dict, value: int, field: str, enum_type) -> Any:
+    if value not in mapping:
+        name = enum_type.Name(value) if value in enum_type.values() else str(value)
+        allowed = ", ".join(enum_type.Name(v) for v in mapping)
+        raise InvalidArgument(field, f"{name} is not supported; use one of {allowed}")
+    return mapping[value]
+
+
+# ---- queries -----------------------------------------------------------------------------
+
+def summary_query(request: pb.SummaryRequest) -> SummaryQuery:
+    return SummaryQuery(request.test_id, _optional_ns(request, "start_time"), _optional_ns(request, "end_time"))
+
+
+def segments_query(request: pb.SegmentsRequest) -> SegmentsQuery:
+    return SegmentsQuery(
+        test_id=request.test_id,
+        dimension=_enum(DIMENSIONS, request.dimension, "dimension", pb.Dimension),
+        start_ns=_optional_ns(request, "start_time"),
+        end_ns=_optional_ns(request, "end_time"),
+        filters=_filters(request),
+    )
+
+
+def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
+    return TimeseriesQuery(
+        test_id=request.test_id,
+        interval=_enum(INTERVALS, request.interval, "interval", pb.Interval),
+        start_ns=_optional_ns(request, "start_time"),
+        end_ns=_optional_ns(request, "end_time"),
+        cumulative=request.cumulative,
+        filters=_filters(request),
+    )
+
+
+def _metrics(columns: MetricColumns) -> list[pb.Metrics]:
+    cols = columns.columns()
+    names = list(cols)
+    return [pb.Metrics(**dict(zip(names, row))) for row in zip(*(c.tolist() for c in cols.values()))]
+
+
+def _stats(stats: QueryStats) -> pb.QueryStats:
+    seconds, nanos = divmod(stats.elapsed_ns, _NS)
+    return pb.QueryStats(events_scanned=stats.events_scanned,
+                         elapsed=duration_pb2.Duration(seconds=seconds, nanos=nanos))
+
+
+def summary_response(result: SummaryResult) -> pb.SummaryResponse:
+    rows = [pb.SummaryRow(variant=v, metrics=m) for v, m in zip(result.variants, _metrics(result.metrics))]
+    return pb.SummaryResponse(test_id=result.test_id, rows=rows, stats=_stats(result.stats))
+
+
+def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
+    dimension = next(k for k, v in DIMENSIONS.items() if v is result.dimension)
+    rows = [pb.SegmentRow(variant=v, segment=s, metrics=m)
+            for v, s, m in zip(result.variants, result.segments, _metrics(result.metrics))]
+    return pb.SegmentsResponse(test_id=result.test_id, dimension=dimension, rows=rows, stats=_stats(result.stats))
+
+
+def timeseries_response(result: TimeseriesResult) -> pb.TimeseriesResponse:
+    interval = next(k for k, v in INTERVALS.items() if v is result.interval)
+    rows = [pb.TimeseriesRow(bucket_start=to_timestamp(b), variant=v, metrics=m)
+            for b, v, m in zip(result.bucket_start_ns.tolist(), result.variants, _metrics(result.metrics))]
+    return pb.TimeseriesResponse(test_id=result.test_id, interval=interval, cumulative=result.cumulative,
+                                 rows=rows, stats=_stats(result.stats))
+
+
+def list_tests_response(tests: Iterable[TestInfo], stats: QueryStats) -> pb.ListTestsResponse:
+    return pb.ListTestsResponse(
+        tests=[pb.TestInfo(test_id=t.test_id, variants=t.variants, events=t.events, users=t.users,
+                           first_event_time=to_timestamp(t.first_event_ns),
+                           last_event_time=to_timestamp(t.last_event_ns)) for t in tests],
+        stats=_stats(stats),
+    )
+
+
+def _event(values: dict[str, Any]) -> pb.Event:
+    fields = {k: v for k, v in values.items() if k != "timestamp" and v is not None}
+    if not 0 <= fields.get("conversion", 0) < 2**32:  # only a columnar batch can carry such a value
+        del fields["conversion"]
+    event = pb.Event(**fields)
+    if values.get("timestamp") is not None:
+        event.timestamp.CopyFrom(to_timestamp(values["timestamp"]))
+    return event
+
+
+def quarantine_response(entries: list[QuarantinedEvent], total: int) -> pb.ListQuarantineResponse:
+    return pb.ListQuarantineResponse(
+        events=[pb.QuarantinedEvent(received_time=to_timestamp(e.received_ns), index=e.index, field=e.field,
+                                    message=e.message, event=_event(e.event)) for e in entries],
+        total=total,
+    )

@@ -1,0 +1,89 @@
+"""The server's assembly: store, servicer, error mapping, health, reflection, options, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from abstream.service.errors import ErrorInterceptor
+from abstream.service.servicer import AnalyticsServicer
+from abstream.service.settings import Settings
+from abstream.store import EventStore
+from abstream.v1 import analytics_pb2, analytics_pb2_grpc
+
+log = logging.getLogger("abstream.server")
+
+SERVICE_NAME = analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
+
+
+class BindError(RuntimeError):
+    """The address could not be bound (in use, or not an address of this machine)."""
+
+
+class AnalyticsServer:
+    """A started grpc.aio server with its store; `port` is the one actually bound."""
+
+    def __init__(self, settings: Settings, store: EventStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or EventStore(quarantine_limit=settings.quarantine_limit)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                # A second server on a taken port must fail to start, not silently share it.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsServicer(self.store), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+
+    async def start(self) -> int:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = self._server.add_insecure_port(self.settings.addr)
+        except RuntimeError as error:
+            raise BindError(f"cannot listen on {self.settings.addr}: {error}") from error
+        if self.port == 0:
+            raise BindError(f"cannot listen on {self.settings.addr}: address in use or unavailable")
+        await self._server.start()
+        os.makedirs(self.settings.data_dir, exist_ok=True)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d", SERVICE_NAME, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new work, let calls in flight finish within the grace period, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = AnalyticsServer(settings)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("signal received; stopping within %.1fs", settings.grace_seconds)
+    await server.stop()

@@ -1,0 +1,44 @@
+"""One settings object, from command-line flags over ABSTREAM_* environment variables over defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the server runs. Defaults work on a laptop: loopback only, data under ./data."""
+
+    addr: str = "127.0.0.1:50051"
+    data_dir: str = "./data"
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0
+    quarantine_limit: int = 100_000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get("ABSTREAM_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = type(getattr(cls, f.name))(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Flags for every setting; each defaults to its ABSTREAM_* variable, then to the default."""
+        for f in fields(cls):
+            default = getattr(cls, f.name)
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), type=type(default), default=None,
+                help=f"(env ABSTREAM_{f.name.upper()}, default {default!r})",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls.from_env(**{f.name: getattr(args, f.name) for f in fields(cls)})

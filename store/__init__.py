@@ -1,0 +1,50 @@
+"""The columnar event store: dictionary-encoded Arrow parts per test, aggregated with numpy.
+
+It knows nothing of gRPC or protobuf, so it can be embedded, benchmarked and tested on its own.
+"""
+
+from abstream.store.errors import InvalidArgument, StoreError
+from abstream.store.queries import (
+    Dimension,
+    Filters,
+    Interval,
+    Metrics,
+    QueryStats,
+    SegmentRow,
+    SegmentsQuery,
+    SegmentsResult,
+    SummaryQuery,
+    SummaryResult,
+    SummaryRow,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+    TimeseriesRow,
+)
+from abstream.store.schema import EVENT_SCHEMA, Rejection
+from abstream.store.store import EventStore, IngestResult, QuarantinedEvent
+
+__all__ = [
+    "EVENT_SCHEMA",
+    "Dimension",
+    "EventStore",
+    "Filters",
+    "IngestResult",
+    "InvalidArgument",
+    "Interval",
+    "Metrics",
+    "QuarantinedEvent",
+    "QueryStats",
+    "Rejection",
+    "SegmentRow",
+    "SegmentsQuery",
+    "SegmentsResult",
+    "StoreError",
+    "SummaryQuery",
+    "SummaryResult",
+    "SummaryRow",
+    "TestInfo",
+    "TimeseriesQuery",
+    "TimeseriesResult",
+    "TimeseriesRow",
+]

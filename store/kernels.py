@@ -1,0 +1,127 @@
+"""Pure numpy kernels the queries are made of. No Python loop over events in here.
+
+Shapes: `group` holds dense group ids in [0, n_groups); `user` holds user codes in [0, n_users);
+all per-event arrays of one call have the same length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_INT64_SAFE = 1 << 62
+
+
+def time_slice(ts: np.ndarray, start_ns: int, end_ns: int) -> slice:
+    """Rows of a timestamp-sorted array with start_ns <= ts <= end_ns (both inclusive)."""
+    lo = int(np.searchsorted(ts, start_ns, side="left"))
+    hi = int(np.searchsorted(ts, end_ns, side="right"))
+    return slice(lo, max(lo, hi))
+
+
+def ranked_codes(codes: np.ndarray, cardinality: int, rank_of_present) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ids for dictionary codes, ordered by `rank_of_present(present_codes)`.
+
+    Returns (dense id per event, present codes in dense-id order). `rank_of_present` gets the
+    sorted distinct codes and returns the permutation that orders them (e.g. by decoded name).
+    """
+    present = np.zeros(cardinality, dtype=bool)
+    present[codes] = True
+    present_codes = np.flatnonzero(present)
+    ordered = present_codes[rank_of_present(present_codes)]
+    remap = np.zeros(cardinality, dtype=np.int64)
+    remap[ordered] = np.arange(len(ordered), dtype=np.int64)
+    return remap[codes], ordered
+
+
+def dense_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ids for small non-negative ints, in value order: (id per event, distinct values)."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    lo = int(values.min())
+    shifted = values - lo
+    present = np.zeros(int(shifted.max()) + 1, dtype=bool)
+    present[shifted] = True
+    remap = np.cumsum(present, dtype=np.int64) - 1
+    return remap[shifted], np.flatnonzero(present) + lo
+
+
+def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_users: int) -> np.ndarray:
+    """Distinct users per group (int64[n_groups]): sort (group, user) keys, count first occurrences.
+
+    Sorting is used instead of np.unique, which is hash-based and far slower on large inputs.
+    """
+    if len(group) == 0:
+        return np.zeros(n_groups, dtype=np.int64)
+    key = group.astype(np.int64) * n_users + user
+    key.sort()
+    first = np.empty(len(key), dtype=bool)
+    first[0] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    return np.bincount(key[first] // n_users, minlength=n_groups)
+
+
+def first_bucket_per_key(key: np.ndarray, bucket: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each distinct key, the smallest bucket it occurs in: (keys, first buckets)."""
+    if len(key) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    if (int(key.max()) + 1) * n_buckets < _INT64_SAFE:
+        combined = key.astype(np.int64) * n_buckets + bucket
+        combined.sort()
+        keys, buckets = np.divmod(combined, n_buckets)
+    else:
+        order = np.lexsort((bucket, key))
+        keys, buckets = key[order].astype(np.int64), bucket[order].astype(np.int64)
+    first = np.empty(len(keys), dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return keys[first], buckets[first]
+
+
+def group_totals(
+    group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,
+    n_groups: int, n_users: int,
+) -> dict[str, np.ndarray]:
+    """Events, conversions, revenue, distinct users and distinct converted users per group."""
+    converted = conversion.astype(bool)
+    return {
+        "events": np.bincount(group, minlength=n_groups),
+        "conversions": np.bincount(group[converted], minlength=n_groups),
+        "total_revenue": np.bincount(group, weights=revenue, minlength=n_groups),
+        "users": distinct_per_group(group, user, n_groups, n_users),
+        "converted_users": distinct_per_group(group[converted], user[converted], n_groups, n_users),
+    }
+
+
+def cumulative_totals(
+    bucket: np.ndarray, variant: np.ndarray, user: np.ndarray, conversion: np.ndarray,
+    revenue: np.ndarray, n_buckets: int, n_variants: int, n_users: int,
+) -> dict[str, np.ndarray]:
+    """Totals per (bucket, variant) counting everything up to and including the bucket.
+
+    Each result is shaped (n_buckets, n_variants). A user counts in the bucket of their first
+    event (or first conversion), so running sums of those counts are running distinct counts.
+    """
+    shape = (n_buckets, n_variants)
+    group = bucket.astype(np.int64) * n_variants + variant
+    n_groups = n_buckets * n_variants
+    converted = conversion.astype(bool)
+
+    def first_seen(mask: np.ndarray | None) -> np.ndarray:
+        v, u, b = (variant, user, bucket) if mask is None else (variant[mask], user[mask], bucket[mask])
+        keys, firsts = first_bucket_per_key(v.astype(np.int64) * n_users + u, b, n_buckets)
+        return np.bincount(firsts * n_variants + keys // n_users, minlength=n_groups)
+
+    totals = {
+        "events": np.bincount(group, minlength=n_groups),
+        "conversions": np.bincount(group[converted], minlength=n_groups),
+        "total_revenue": np.bincount(group, weights=revenue, minlength=n_groups),
+        "users": first_seen(None),
+        "converted_users": first_seen(converted),
+    }
+    return {name: np.cumsum(values.reshape(shape), axis=0) for name, values in totals.items()}
+
+
+def bucket_index(ts: np.ndarray, origin_ns: int, width_ns: int) -> np.ndarray:
+    """Index of the width-aligned bucket each timestamp falls in, counted from origin_ns."""
+    return np.floor_divide(ts - origin_ns, width_ns)

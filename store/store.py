@@ -1,0 +1,270 @@
+"""EventStore: validated, dictionary-encoded appends and per-variant queries over them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from abstream.store import kernels
+from abstream.store.dictionary import Dictionary
+from abstream.store.errors import InvalidArgument
+from abstream.store.partition import COLUMNS, Partition, PartitionView
+from abstream.store.queries import (
+    Filters,
+    MetricColumns,
+    QueryStats,
+    SegmentsQuery,
+    SegmentsResult,
+    SummaryQuery,
+    SummaryResult,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+)
+from abstream.store.schema import CODE_TYPES, Rejection
+from abstream.store.validate import normalize, validate
+
+_NO_START = np.iinfo(np.int64).min
+_NO_END = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What became of one batch: how many events were stored, and why the others were not."""
+
+    accepted: int
+    rejections: list[Rejection]
+
+
+@dataclass(frozen=True)
+class QuarantinedEvent:
+    """A rejected event as it was sent (EVENT_SCHEMA field names), with the reason."""
+
+    received_ns: int
+    index: int
+    field: str
+    message: str
+    event: dict[str, Any]
+
+
+class EventStore:
+    """Append-only, in-memory event store partitioned by test.
+
+    Appends are serialized by one lock; queries take no lock. A batch becomes visible all at
+    once: every partition it touches is updated, then one new mapping of views is published.
+    """
+
+    def __init__(self, *, seal_rows: int = 65_536, quarantine_limit: int = 100_000,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self._seal_rows = seal_rows
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
+        self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
+                       for name, t in CODE_TYPES.items()}
+        self._partitions: dict[int, Partition] = {}
+        self._views: dict[int, PartitionView] = {}
+        self._quarantine: deque[QuarantinedEvent] = deque(maxlen=quarantine_limit)
+
+    # ---- ingest -------------------------------------------------------------------------
+
+    def append(self, batch: pa.Table | pa.RecordBatch) -> IngestResult:
+        """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest."""
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        batch = normalize(batch)
+        valid, rejections = validate(batch, self._clock())
+        good_index = np.flatnonzero(valid)
+        good = batch.take(good_index) if rejections else batch
+        with self._lock:
+            test_codes = self._tests.encode(good.column("test_id"))
+            codes = {name: d.encode(good.column(name)) for name, d in self._dicts.items()}
+            full = np.zeros(good.num_rows, dtype=bool)
+            for name, c in codes.items():
+                overflow = c < 0
+                for j in np.flatnonzero(overflow & ~full).tolist():
+                    rejections.append(Rejection(int(good_index[j]), name,
+                                                f"{name} has reached its limit of "
+                                                f"{self._dicts[name].capacity} distinct values"))
+                full |= overflow
+            keep = ~full if full.any() else None
+            cols = {
+                "timestamp": good.column("timestamp").to_numpy(),
+                "conversion": good.column("conversion").to_numpy().astype(np.uint8),
+                "revenue": good.column("revenue").to_numpy(),
+                **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
+            }
+            if keep is not None:
+                cols = {c: a[keep] for c, a in cols.items()}
+                test_codes = test_codes[keep]
+            self._append_by_test(test_codes, cols)
+            if rejections:
+                self._quarantine_rows(batch, rejections)
+        rejections.sort(key=lambda r: r.index)
+        return IngestResult(accepted=len(test_codes), rejections=rejections)
+
+    def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        if len(test_codes) == 0:
+            return
+        order = np.argsort(test_codes, kind="stable")
+        test_codes = test_codes[order]
+        cols = {c: cols[c][order] for c in COLUMNS}
+        bounds = np.flatnonzero(np.diff(test_codes)) + 1
+        starts = [0, *bounds.tolist()]
+        ends = [*bounds.tolist(), len(test_codes)]
+        views = dict(self._views)
+        for lo, hi in zip(starts, ends):
+            code = int(test_codes[lo])
+            partition = self._partitions.get(code)
+            if partition is None:
+                partition = self._partitions[code] = Partition(self._seal_rows)
+            partition.append({c: a[lo:hi] for c, a in cols.items()})
+            views[code] = partition.view
+        self._views = views  # one assignment: a batch is visible everywhere at once
+
+    def _quarantine_rows(self, batch: pa.Table, rejections: list[Rejection]) -> None:
+        received = self._clock()
+        events = batch.take([r.index for r in rejections]).to_pylist()
+        for r, event in zip(rejections, events):
+            self._quarantine.append(QuarantinedEvent(received, r.index, r.field, r.message, event))
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def summary(self, q: SummaryQuery) -> SummaryResult:
+        started = time.perf_counter_ns()
+        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        cols = self._select(view, start, end, ["variant", "user_id", "conversion", "revenue"])
+        scanned = cols.pop("_scanned")
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
+                                      len(variant_codes), self._n_users())
+        return SummaryResult(
+            test_id=q.test_id,
+            variants=self._dicts["variant"].decode(variant_codes),
+            metrics=MetricColumns(**totals),
+            stats=QueryStats(scanned, time.perf_counter_ns() - started),
+        )
+
+    def segments(self, q: SegmentsQuery) -> SegmentsResult:
+        started = time.perf_counter_ns()
+        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        dim = q.dimension.value
+        cols = self._select(view, start, end, ["variant", "user_id", "conversion", "revenue", dim],
+                            q.filters)
+        scanned = cols.pop("_scanned")
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        segment_id, segment_codes = self._rank(dim, cols[dim])
+        n_seg = len(segment_codes)
+        totals = kernels.group_totals(variant_id * n_seg + segment_id, cols["user_id"], cols["conversion"],
+                                      cols["revenue"], len(variant_codes) * n_seg, self._n_users())
+        keep = np.flatnonzero(totals["events"])
+        metrics = MetricColumns(**totals).take(keep)
+        v, s = np.divmod(keep, max(n_seg, 1))
+        return SegmentsResult(
+            test_id=q.test_id,
+            dimension=q.dimension,
+            variants=self._dicts["variant"].decode(variant_codes[v]),
+            segments=self._dicts[dim].decode(segment_codes[s]),
+            metrics=metrics,
+            stats=QueryStats(scanned, time.perf_counter_ns() - started),
+        )
+
+    def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        started = time.perf_counter_ns()
+        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        cols = self._select(view, start, end, ["timestamp", "variant", "user_id", "conversion", "revenue"],
+                            q.filters)
+        scanned = cols.pop("_scanned")
+        interval = q.interval
+        bucket_id, buckets = kernels.dense_ids(kernels.bucket_index(cols["timestamp"], interval.origin_ns,
+                                                                    interval.width_ns))
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        n_b, n_v = len(buckets), len(variant_codes)
+        if q.cumulative:
+            totals = kernels.cumulative_totals(bucket_id, variant_id, cols["user_id"], cols["conversion"],
+                                               cols["revenue"], n_b, n_v, self._n_users())
+            totals = {name: a.reshape(-1) for name, a in totals.items()}
+        else:
+            totals = kernels.group_totals(bucket_id * n_v + variant_id, cols["user_id"], cols["conversion"],
+                                          cols["revenue"], n_b * n_v, self._n_users())
+        keep = np.flatnonzero(totals["events"])
+        b, v = np.divmod(keep, max(n_v, 1))
+        return TimeseriesResult(
+            test_id=q.test_id,
+            interval=interval,
+            cumulative=q.cumulative,
+            bucket_start_ns=buckets[b] * interval.width_ns + interval.origin_ns,
+            variants=self._dicts["variant"].decode(variant_codes[v]),
+            metrics=MetricColumns(**totals).take(keep),
+            stats=QueryStats(scanned, time.perf_counter_ns() - started),
+        )
+
+    def list_tests(self) -> list[TestInfo]:
+        """Every test with its variants, events, distinct users and first and last event time."""
+        views = self._views
+        variants = self._dicts["variant"]
+        tests = [
+            TestInfo(self._tests.values[code], sorted(variants.values[v] for v in view.variants),
+                     view.events, view.users, view.first_ns, view.last_ns)
+            for code, view in views.items()
+        ]
+        return sorted(tests, key=lambda t: t.test_id)
+
+    def quarantine(self, test_id: str = "", limit: int = 100) -> tuple[list[QuarantinedEvent], int]:
+        """Up to `limit` rejected events, newest first, and how many match in all."""
+        entries = [e for e in list(self._quarantine) if not test_id or e.event.get("test_id") == test_id]
+        return entries[::-1][:limit], len(entries)
+
+    @property
+    def event_count(self) -> int:
+        return sum(v.events for v in self._views.values())
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _resolve(self, test_id: str, start_ns: int | None, end_ns: int | None
+                 ) -> tuple[PartitionView | None, int, int]:
+        if not test_id:
+            raise InvalidArgument("test_id", "is required")
+        if start_ns is not None and end_ns is not None and end_ns < start_ns:
+            raise InvalidArgument("end_time", "is before start_time")
+        code = self._tests.code(test_id)
+        view = None if code is None else self._views.get(code)
+        return (view, _NO_START if start_ns is None else start_ns, _NO_END if end_ns is None else end_ns)
+
+    def _select(self, view: PartitionView | None, start: int, end: int, names: list[str],
+                filters: Filters | None = None) -> dict[str, np.ndarray]:
+        """Columns of the events in range that pass the filters; '_scanned' counts those in range."""
+        filter_names = [name for name, _ in filters.items()] if filters else []
+        wanted = list(dict.fromkeys(names + filter_names))
+        if view is None:
+            cols = {c: np.zeros(0, dtype=np.int64) for c in wanted}
+        else:
+            cols = view.select(start, end, wanted)
+        scanned = len(cols[wanted[0]])
+        if filter_names:
+            mask = np.ones(scanned, dtype=bool)
+            for name, value in filters.items():
+                code = self._dicts[name].code(value)
+                mask &= False if code is None else cols[name] == code
+            cols = {c: cols[c][mask] for c in names}
+        cols["_scanned"] = scanned
+        return cols
+
+    def _rank(self, name: str, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dense ids for one column's codes, ordered by the decoded strings."""
+        d = self._dicts[name]
+        values = d.values
+
+        def by_name(present: np.ndarray) -> np.ndarray:
+            return np.array(sorted(range(len(present)), key=lambda i: values[present[i]]), dtype=np.int64)
+
+        return kernels.ranked_codes(codes.astype(np.int64), len(d), by_name)
+
+    def _n_users(self) -> int:
+        return max(len(self._dicts["user_id"]), 1)

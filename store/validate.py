@@ -1,0 +1,124 @@
+"""Checks each event of a batch, in vectorized passes, and explains every rejection."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from abstream.store.schema import (
+    EVENT_SCHEMA,
+    MAX_FUTURE_SKEW_NS,
+    MAX_STRING_BYTES,
+    MIN_TIMESTAMP_NS,
+    NS_PER_SECOND,
+    OPTIONAL_STRINGS,
+    REQUIRED_STRINGS,
+    Rejection,
+)
+
+#: Fields in the order of the Event message: an event is rejected for the first failing one.
+_FIELD_ORDER = [f.name for f in EVENT_SCHEMA]
+
+
+def format_ns(ns: int) -> str:
+    """An instant as RFC 3339 UTC, for messages."""
+    seconds, nanos = divmod(ns, NS_PER_SECOND)
+    try:
+        text = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} seconds since the Unix epoch"
+    return f"{text}.{nanos:09d}Z".replace(".000000000Z", "Z")
+
+
+def normalize(batch: pa.Table) -> pa.Table:
+    """The batch with EVENT_SCHEMA's types and defaults: optional strings and numbers may be null."""
+    missing = [name for name in EVENT_SCHEMA.names if name not in batch.column_names]
+    if missing:
+        raise ValueError(f"batch lacks columns {missing}")
+    columns = {}
+    for f in EVENT_SCHEMA:
+        col = batch.column(f.name)
+        if col.type != f.type:
+            col = col.cast(f.type)
+        if f.name in OPTIONAL_STRINGS:
+            col = col.fill_null("")
+        elif f.name in ("conversion", "revenue"):
+            col = col.fill_null(0)
+        columns[f.name] = col
+    return pa.table(columns, schema=EVENT_SCHEMA)
+
+
+def _bad_string_masks(batch: pa.Table) -> dict[str, tuple[np.ndarray, str]]:
+    masks = {}
+    for name in REQUIRED_STRINGS + OPTIONAL_STRINGS:
+        lengths = pc.binary_length(batch.column(name)).to_numpy(zero_copy_only=False)
+        if name in REQUIRED_STRINGS:
+            absent = pc.is_null(batch.column(name)).to_numpy(zero_copy_only=False)
+            lengths = np.where(absent, 0, lengths)
+            masks[name + ":missing"] = (lengths == 0, f"{name} is required and was empty or absent")
+        masks[name] = (np.nan_to_num(lengths.astype(np.float64)) > MAX_STRING_BYTES, "")
+    return masks
+
+
+def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]:
+    """(mask of valid rows, one Rejection per invalid row, by index) for a normalized batch.
+
+    The masks are computed column by column; only rejected rows are visited one by one, to word
+    their message.
+    """
+    n = batch.num_rows
+    ts_col = batch.column("timestamp")
+    ts_missing = pc.is_null(ts_col).to_numpy(zero_copy_only=False)
+    ts = ts_col.fill_null(MIN_TIMESTAMP_NS).to_numpy()
+    max_ns = now_ns + MAX_FUTURE_SKEW_NS
+    conversion = batch.column("conversion").to_numpy()
+    revenue = batch.column("revenue").to_numpy()
+    strings = _bad_string_masks(batch)
+
+    # (field, mask) pairs in field order; "timestamp" appears twice: absent, then out of window.
+    checks: list[tuple[str, np.ndarray]] = []
+    for name in _FIELD_ORDER:
+        if name == "timestamp":
+            checks.append(("timestamp:missing", ts_missing))
+            checks.append(("timestamp", (ts < MIN_TIMESTAMP_NS) | (ts > max_ns)))
+        elif name == "conversion":
+            checks.append((name, (conversion != 0) & (conversion != 1)))
+        elif name == "revenue":
+            checks.append((name, ~np.isfinite(revenue)))
+        else:
+            if name + ":missing" in strings:
+                checks.append((name + ":missing", strings[name + ":missing"][0]))
+            checks.append((name, strings[name][0]))
+
+    bad = np.zeros(n, dtype=bool)
+    for _, mask in checks:
+        bad |= mask
+    if not bad.any():
+        return ~bad, []
+
+    rejections = []
+    for i in np.flatnonzero(bad).tolist():
+        key = next(key for key, mask in checks if mask[i])
+        name = key.split(":")[0]
+        rejections.append(Rejection(i, name, _message(key, batch, i, ts[i], max_ns)))
+    return ~bad, rejections
+
+
+def _message(key: str, batch: pa.Table, i: int, ts: int, max_ns: int) -> str:
+    name = key.split(":")[0]
+    if key == "timestamp:missing":
+        return "timestamp is required and was absent"
+    if key.endswith(":missing"):
+        return f"{name} is required and was empty or absent"
+    value = batch.column(name)[i].as_py()
+    if name == "timestamp":
+        return (f"timestamp {format_ns(ts)} is outside the accepted window "
+                f"[{format_ns(MIN_TIMESTAMP_NS)}, {format_ns(max_ns)}] (server time + 24h)")
+    if name == "conversion":
+        return f"conversion must be 0 or 1, got {value}"
+    if name == "revenue":
+        return f"revenue must be a finite number, got {value}"
+    return f"{name} is {len(value.encode())} bytes long; at most {MAX_STRING_BYTES} are accepted"
