@@ -78,12 +78,12 @@ class AnalyticsServer:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    server = AnalyticsServer(settings)
-    await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal right after it must not kill us
         loop.add_signal_handler(sig, stopping.set)
+    server = AnalyticsServer(settings)
+    await server.start()
     await stopping.wait()
     log.info("signal received; stopping within %.1fs", settings.grace_seconds)
     await server.stop()

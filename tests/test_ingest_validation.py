@@ -1,0 +1,86 @@
+"""Bad events get a specific rejection in the ack and land in quarantine; their neighbours are stored."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from abstream.store import EventStore
+from abstream.store.schema import MAX_STRING_BYTES, MIN_TIMESTAMP_NS
+from abstream.v1 import analytics_pb2 as pb
+from tests.events import BASE_S, NS, to_message, to_table
+
+GOOD = dict(timestamp=BASE_S * NS, user_id="u1", test_id="val", variant="A", event_type="click",
+            conversion=1, revenue=9.5, session_id="s1", device="mobile", country="US")
+DAY = 86400 * NS
+
+# (change to a good event, field named in the rejection, words the message must contain)
+BAD = [
+    (dict(test_id=""), "test_id", "required"),
+    (dict(variant=""), "variant", "required"),
+    (dict(user_id=""), "user_id", "required"),
+    (dict(timestamp=None), "timestamp", "required"),
+    (dict(conversion=2), "conversion", "0 or 1, got 2"),
+    (dict(revenue=math.nan), "revenue", "finite number, got nan"),
+    (dict(revenue=math.inf), "revenue", "finite number, got inf"),
+    (dict(revenue=-math.inf), "revenue", "got -inf"),
+    (dict(user_id="x" * (MAX_STRING_BYTES + 1)), "user_id", f"{MAX_STRING_BYTES + 1} bytes long"),
+    (dict(country="é" * (MAX_STRING_BYTES // 2 + 1)), "country", f"{MAX_STRING_BYTES + 2} bytes long"),
+    (dict(session_id="s" * 1000), "session_id", "at most 256"),
+    (dict(timestamp=MIN_TIMESTAMP_NS - NS), "timestamp", "outside the accepted window"),
+    (dict(timestamp=time.time_ns() + 3 * DAY), "timestamp", "outside the accepted window"),
+    (dict(test_id="", conversion=5), "test_id", "required"),  # first failing field in Event order
+]
+
+
+def test_every_bad_event_is_rejected_by_field_and_neighbours_are_kept(stub):
+    batch = []
+    for change, _, _ in BAD:
+        batch.append(GOOD)
+        batch.append({**GOOD, **change})
+    batch.append({**GOOD, "user_id": "y" * MAX_STRING_BYTES, "timestamp": MIN_TIMESTAMP_NS})  # at the limits
+    (ack,) = list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[to_message(e) for e in batch])]),
+                                    timeout=30))
+    assert ack.accepted == len(BAD) + 1 and ack.rejected == len(BAD)
+    assert [r.index for r in ack.rejections] == [2 * i + 1 for i in range(len(BAD))]
+    for rejection, (_, field, words) in zip(ack.rejections, BAD):
+        assert rejection.field == field
+        assert words in rejection.message, rejection.message
+        assert field in rejection.message
+
+    rows = stub.Summary(pb.SummaryRequest(test_id="val"), timeout=10).rows
+    assert sum(r.metrics.events for r in rows) == len(BAD) + 1
+    assert sum(r.metrics.total_revenue for r in rows) == pytest.approx(9.5 * (len(BAD) + 1))
+
+    quarantine = stub.ListQuarantine(pb.ListQuarantineRequest(limit=1000), timeout=10)
+    assert quarantine.total == len(BAD)
+    newest_first = list(reversed(quarantine.events))
+    assert [q.index for q in newest_first] == [r.index for r in ack.rejections]
+    assert [q.field for q in newest_first] == [r.field for r in ack.rejections]
+    assert newest_first[4].event.conversion == 2 and newest_first[4].event.user_id == "u1"
+    assert not newest_first[3].event.HasField("timestamp")
+    only_val = stub.ListQuarantine(pb.ListQuarantineRequest(test_id="val", limit=2), timeout=10)
+    assert only_val.total == len(BAD) - 2 and len(only_val.events) == 2  # two had an empty test_id
+
+
+def test_a_batch_of_only_bad_events_is_acked_and_the_stream_goes_on(stub):
+    requests = [
+        pb.IngestEventsRequest(events=[to_message({**GOOD, "conversion": 7})] * 3),
+        pb.IngestEventsRequest(),
+        pb.IngestEventsRequest(events=[to_message(GOOD)]),
+    ]
+    acks = list(stub.IngestEvents(iter(requests), timeout=30))
+    assert [(a.batch, a.accepted, a.rejected) for a in acks] == [(0, 0, 3), (1, 0, 0), (2, 1, 0)]
+
+
+def test_store_rejects_values_past_a_full_dictionary():
+    """A dimension with 16-bit codes holds 65,535 values; the 65,536th is rejected, not wrapped."""
+    store = EventStore()
+    store._dicts["device"].capacity = 3  # the same check, reached with a small batch
+    events = [{**GOOD, "device": f"d{i}"} for i in range(5)]
+    result = store.append(to_table(events))
+    assert result.accepted == 3
+    assert [(r.index, r.field) for r in result.rejections] == [(3, "device"), (4, "device")]
+    assert "limit of 3 distinct values" in result.rejections[0].message

@@ -1,0 +1,153 @@
+"""The store on its own (no gRPC): every query against DuckDB running the tutorial's SQL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from abstream.store import (
+    Dimension,
+    EventStore,
+    Filters,
+    Interval,
+    SegmentsQuery,
+    SummaryQuery,
+    TimeseriesQuery,
+)
+from tests.events import BASE_S, NS, TESTS, random_events, to_table
+from tests.oracle import Oracle
+
+EVENTS = random_events(3000, seed=7)
+
+
+def assert_metrics_match(ours, expected: dict) -> None:
+    assert ours.users == expected["users"]
+    assert ours.conversions == expected["conversions"]
+    assert ours.events == expected["events"]
+    assert ours.converted_users == expected["converted_users"]
+    assert ours.total_revenue == pytest.approx(expected["total_revenue"], rel=1e-9, abs=1e-6)
+    assert ours.conversion_rate == pytest.approx(expected["conversions"] / expected["users"], rel=1e-12)
+    assert ours.revenue_per_user == pytest.approx(expected["total_revenue"] / expected["users"], rel=1e-9, abs=1e-9)
+    assert ours.user_conversion_rate == pytest.approx(expected["converted_users"] / expected["users"], rel=1e-12)
+
+
+@pytest.fixture(scope="module", params=[64, 1_000_000], ids=["many-parts", "tail-only"])
+def store(request) -> EventStore:
+    """Small seal size: events spread over merged parts and a tail; large: all in the tail."""
+    s = EventStore(seal_rows=request.param)
+    for i in range(0, len(EVENTS), 97):  # several batches, uneven
+        result = s.append(to_table(EVENTS[i:i + 97]))
+        assert result.rejections == []
+    return s
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Oracle:
+    return Oracle(EVENTS)
+
+
+def ranges():
+    """Unbounded, one-sided, and bounds that fall exactly on events' timestamps."""
+    on_event = sorted(e["timestamp"] for e in EVENTS)
+    yield None, None
+    yield on_event[100], None
+    yield None, on_event[-100]
+    yield on_event[500], on_event[2000]
+    yield on_event[700], on_event[700]  # a single instant, inclusive on both sides
+    yield (BASE_S + 3 * 86400) * NS, (BASE_S + 5 * 86400) * NS - 1
+
+
+@pytest.mark.parametrize("test_id", TESTS)
+def test_summary_matches_tutorial_sql(store, oracle, test_id):
+    for start, end in ranges():
+        result = store.summary(SummaryQuery(test_id, start, end))
+        expected = oracle.summary(test_id, start, end)
+        assert result.variants == [row["variant"] for row in expected]
+        for ours, theirs in zip(result.metrics.rows(), expected):
+            assert_metrics_match(ours, theirs)
+        assert result.stats.events_scanned == sum(row["events"] for row in expected)
+
+
+@pytest.mark.parametrize("dimension", list(Dimension))
+def test_segments_match_sql(store, oracle, dimension):
+    for test_id in TESTS:
+        for start, end in list(ranges())[:4]:
+            for filters in ({}, {"device": "mobile"}, {"country": "日本", "event_type": "click"}, {"device": ""}):
+                result = store.segments(SegmentsQuery(test_id, dimension, start, end, Filters(**filters)))
+                expected = oracle.segments(test_id, dimension.value, start, end, filters)
+                assert list(zip(result.variants, result.segments)) == [(r["variant"], r["segment"]) for r in expected]
+                for ours, theirs in zip(result.metrics.rows(), expected):
+                    assert_metrics_match(ours, theirs)
+
+
+@pytest.mark.parametrize("interval", list(Interval))
+@pytest.mark.parametrize("cumulative", [False, True], ids=["per-bucket", "cumulative"])
+def test_timeseries_match_sql(store, oracle, interval, cumulative):
+    for test_id in TESTS:
+        for start, end in list(ranges())[:4]:
+            for filters in ({}, {"country": "US"}):
+                result = store.timeseries(TimeseriesQuery(test_id, interval, start, end, cumulative, Filters(**filters)))
+                expected = oracle.timeseries(test_id, interval.name, start, end, filters, cumulative)
+                assert [(int(b), v) for b, v in zip(result.bucket_start_ns, result.variants)] == \
+                    [(r["bucket"], r["variant"]) for r in expected]
+                for ours, theirs in zip(result.metrics.rows(), expected):
+                    assert_metrics_match(ours, theirs)
+
+
+def test_week_buckets_start_on_monday(store):
+    result = store.timeseries(TimeseriesQuery("checkout", Interval.WEEK))
+    import datetime as dt
+    for b in set(result.bucket_start_ns.tolist()):
+        day = dt.datetime.fromtimestamp(b / NS, dt.timezone.utc)
+        assert (day.weekday(), day.hour, day.minute, day.second) == (0, 0, 0, 0)
+
+
+def test_cumulative_counts_each_user_once():
+    s = EventStore()
+    day = 86400 * NS
+    t0 = BASE_S * NS - (BASE_S * NS) % day
+    events = [dict(timestamp=t0 + d * day + 5, user_id=u, test_id="t", variant="v", event_type="e",
+                   conversion=c, revenue=1.0, session_id="", device="", country="")
+              for d, u, c in [(0, "a", 0), (0, "b", 1), (1, "a", 1), (1, "c", 0), (2, "a", 0), (2, "b", 1)]]
+    s.append(to_table(events))
+    result = s.timeseries(TimeseriesQuery("t", Interval.DAY, cumulative=True))
+    assert [m.users for m in result.metrics.rows()] == [2, 3, 3]
+    assert [m.converted_users for m in result.metrics.rows()] == [1, 2, 2]
+    assert [m.events for m in result.metrics.rows()] == [2, 4, 6]
+    assert [m.conversions for m in result.metrics.rows()] == [1, 2, 3]
+
+
+def test_unknown_test_is_empty_not_an_error(store):
+    result = store.summary(SummaryQuery("no-such-test"))
+    assert result.variants == [] and len(result.metrics) == 0 and result.stats.events_scanned == 0
+    assert store.segments(SegmentsQuery("no-such-test", Dimension.DEVICE)).variants == []
+    assert len(store.timeseries(TimeseriesQuery("no-such-test", Interval.HOUR)).bucket_start_ns) == 0
+
+
+def test_filter_on_unseen_value_is_empty(store):
+    result = store.segments(SegmentsQuery("checkout", Dimension.COUNTRY, filters=Filters(country="ZZ")))
+    assert result.variants == [] and result.stats.events_scanned > 0
+
+
+def test_list_tests(store, oracle):
+    tests = store.list_tests()
+    assert [t.test_id for t in tests] == sorted(TESTS)
+    for t in tests:
+        mine = [e for e in EVENTS if e["test_id"] == t.test_id]
+        assert t.events == len(mine)
+        assert t.users == len({e["user_id"] for e in mine})
+        assert t.variants == sorted({e["variant"] for e in mine})
+        assert t.first_event_ns == min(e["timestamp"] for e in mine)
+        assert t.last_event_ns == max(e["timestamp"] for e in mine)
+
+
+def test_rates_are_full_precision():
+    s = EventStore()
+    events = [dict(timestamp=BASE_S * NS, user_id=u, test_id="t", variant="v", event_type="", conversion=c,
+                   revenue=r, session_id="", device="", country="")
+              for u, c, r in [("a", 1, 10.0), ("b", 0, 0.0), ("c", 0, 0.0), ("a", 1, 0.0)]]
+    s.append(to_table(events))
+    (m,) = s.summary(SummaryQuery("t")).metrics.rows()
+    assert m.conversion_rate == 2 / 3 and m.user_conversion_rate == 1 / 3
+    assert m.revenue_per_user == 10 / 3 and not math.isclose(m.revenue_per_user, round(10 / 3, 4), abs_tol=1e-6)
