@@ -25,6 +25,7 @@ from abstream.store import (
     TimeseriesResult,
 )
 from abstream.store.queries import MetricColumns, QueryStats
+from abstream.store.validate import normalize
 from abstream.v1 import analytics_pb2 as pb
 
 _NS = 1_000_000_000
@@ -62,6 +63,19 @@ def events_to_table(events: Sequence[pb.Event]) -> pa.Table:
     for name in _STRING_FIELDS:
         columns[name] = pa.array([getattr(e, name) for e in events], pa.string())
     return pa.table({name: columns[name] for name in EVENT_SCHEMA.names}, schema=EVENT_SCHEMA)
+
+
+def request_to_table(request: pb.IngestEventsRequest) -> pa.Table:
+    """The whole batch of a request: its messages, then the rows of its Arrow IPC stream."""
+    if not request.arrow_ipc:
+        return events_to_table(request.events)
+    try:
+        columnar = pa.ipc.open_stream(request.arrow_ipc).read_all()
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InvalidArgument("arrow_ipc", f"is not a readable Arrow IPC stream: {error}") from error
+    if not request.events:
+        return columnar
+    return pa.concat_tables([events_to_table(request.events), normalize(columnar)])
 
 
 def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:

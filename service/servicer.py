@@ -34,7 +34,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             batch += 1
 
     def _ingest(self, batch: int, request: pb.IngestEventsRequest) -> pb.IngestEventsResponse:
-        result = self._store.append(converters.events_to_table(request.events))
+        result = self._store.append(converters.request_to_table(request))
         return converters.ingest_response(batch, result)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:

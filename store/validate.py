@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from abstream.store.errors import InvalidArgument
 from abstream.store.schema import (
     EVENT_SCHEMA,
     MAX_FUTURE_SKEW_NS,
@@ -34,21 +35,34 @@ def format_ns(ns: int) -> str:
 
 
 def normalize(batch: pa.Table) -> pa.Table:
-    """The batch with EVENT_SCHEMA's types and defaults: optional strings and numbers may be null."""
-    missing = [name for name in EVENT_SCHEMA.names if name not in batch.column_names]
-    if missing:
-        raise ValueError(f"batch lacks columns {missing}")
+    """The batch with EVENT_SCHEMA's columns and types.
+
+    Absent or null optional columns take their defaults; absent required ones become nulls, which
+    `validate` rejects row by row. A column that cannot be converted fails the whole batch.
+    """
     columns = {}
     for f in EVENT_SCHEMA:
-        col = batch.column(f.name)
+        if f.name in batch.column_names:
+            col = batch.column(f.name)
+        else:
+            col = pa.nulls(batch.num_rows, f.type)
         if col.type != f.type:
-            col = col.cast(f.type)
+            col = _convert(col, f)
         if f.name in OPTIONAL_STRINGS:
             col = col.fill_null("")
         elif f.name in ("conversion", "revenue"):
             col = col.fill_null(0)
         columns[f.name] = col
     return pa.table(columns, schema=EVENT_SCHEMA)
+
+
+def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> pa.ChunkedArray | pa.Array:
+    try:
+        if f.name == "timestamp" and pa.types.is_timestamp(col.type):
+            return col.cast(pa.timestamp("ns", tz=col.type.tz)).cast(pa.int64())
+        return col.cast(f.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+        raise InvalidArgument(f.name, f"column of type {col.type} cannot be read as {f.type}: {error}") from error
 
 
 def _bad_string_masks(batch: pa.Table) -> dict[str, tuple[np.ndarray, str]]:

@@ -84,3 +84,49 @@ def test_store_rejects_values_past_a_full_dictionary():
     assert result.accepted == 3
     assert [(r.index, r.field) for r in result.rejections] == [(3, "device"), (4, "device")]
     assert "limit of 3 distinct values" in result.rejections[0].message
+
+
+def ipc(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_columnar_batch_with_loose_types_missing_columns_and_a_bad_row(stub):
+    import pyarrow as pa
+
+    table = pa.table({
+        "timestamp": pa.array([BASE_S, BASE_S + 1, BASE_S + 2], pa.timestamp("s", tz="UTC")),
+        "user_id": pa.array(["a", "b", None]).dictionary_encode(),
+        "test_id": pa.array(["col", "col", "col"], pa.large_string()),
+        "variant": ["x", "y", "x"],
+        "conversion": pa.array([True, False, True]),
+        # no revenue, session_id, device, country, event_type: defaults
+    })
+    request = pb.IngestEventsRequest(events=[to_message({**GOOD, "test_id": "col"})], arrow_ipc=ipc(table))
+    (ack,) = list(stub.IngestEvents(iter([request]), timeout=30))
+    assert (ack.accepted, ack.rejected) == (3, 1)
+    assert (ack.rejections[0].index, ack.rejections[0].field) == (3, "user_id")  # counted after the message
+    rows = stub.Summary(pb.SummaryRequest(test_id="col"), timeout=10).rows
+    assert [(r.variant, r.metrics.events, r.metrics.conversions) for r in rows] == [("A", 1, 1), ("x", 1, 1),
+                                                                                    ("y", 1, 0)]
+    series = stub.Timeseries(pb.TimeseriesRequest(test_id="col", interval=pb.INTERVAL_MINUTE), timeout=10)
+    assert {r.bucket_start.ToSeconds() for r in series.rows} == {BASE_S - BASE_S % 60}
+
+
+def test_unreadable_columnar_payloads_fail_the_call_clearly(stub):
+    import grpc
+    import pyarrow as pa
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=b"not arrow")]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "arrow_ipc" in caught.value.details()
+    wrong_type = pa.table({"timestamp": pa.array([[1]]), "user_id": ["u"], "test_id": ["t"], "variant": ["v"]})
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(wrong_type))]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timestamp" in caught.value.details()
+    # the server is still fine
+    assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []

@@ -60,10 +60,12 @@ class Event(_message.Message):
     def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., test_id: _Optional[str] = ..., variant: _Optional[str] = ..., event_type: _Optional[str] = ..., conversion: _Optional[int] = ..., revenue: _Optional[float] = ..., session_id: _Optional[str] = ..., device: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "arrow_ipc")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    arrow_ipc: bytes
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
 
 class IngestEventsResponse(_message.Message):
     __slots__ = ("batch", "accepted", "rejected", "rejections")
