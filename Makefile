@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 PROTO  := protos/abstream/v1/analytics.proto
 ADDR   ?= 127.0.0.1:50051
 DATA   ?= ./data
+N      ?= 10000000
 
-.PHONY: all install proto lint test run clean
+.PHONY: all install proto lint test run bench clean
 
 all: test
 
@@ -31,6 +32,10 @@ test: lint
 
 run: $(STAMP)
 	$(VENV)/bin/abstream serve --addr $(ADDR) --data-dir $(DATA)
+
+## Benchmark against DuckDB on N generated events (cached in bench/data); report in bench/results.
+bench: $(STAMP)
+	$(PY) -m bench.run --events $(N) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

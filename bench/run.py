@@ -1,0 +1,333 @@
+"""`make bench`: abstream's ingest, queries, memory and freshness, side by side with DuckDB.
+
+The server runs as its own process; this process is the client. Each query is first answered by
+abstream (over gRPC and in-process) and by DuckDB, the answers are compared, and only then timed.
+Prints a table and writes a JSON report to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import grpc
+import numpy as np
+import pyarrow as pa
+
+from abstream.store import EventStore
+from abstream.v1 import analytics_pb2 as pb
+from abstream.v1 import analytics_pb2_grpc
+from bench import dataset, queries
+
+INGEST_METHOD = "/abstream.v1.AnalyticsService/IngestEvents"
+RESULTS = Path(__file__).parent / "results"
+COLUMNAR_BATCH = 100_000
+ROW_BATCH = 1_000
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+
+
+# ---- the server process ------------------------------------------------------------------
+
+class ServerProcess:
+    def __init__(self, data_dir: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir,
+             "--max-message-bytes", str(256 << 20)],
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if match := re.search(r"on port (\d+)", line):
+                self.address = f"127.0.0.1:{match.group(1)}"
+                threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+                return
+            if not line and self.process.poll() is not None:
+                break
+        raise RuntimeError("server did not start")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+# ---- ingest ------------------------------------------------------------------------------
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.py_buffer(sink.getvalue()).to_pybytes()
+
+
+def columnar_requests(table: pa.Table) -> list[bytes]:
+    return [pb.IngestEventsRequest(arrow_ipc=ipc_bytes(table.slice(i, COLUMNAR_BATCH))).SerializeToString()
+            for i in range(0, table.num_rows, COLUMNAR_BATCH)]
+
+
+def row_requests(table: pa.Table, prefix: str) -> list[bytes]:
+    """Serialized row batches, built before any clock starts; test ids get `prefix` to keep them apart."""
+    out = []
+    for i in range(0, table.num_rows, ROW_BATCH):
+        rows = table.slice(i, ROW_BATCH).to_pylist()
+        events = []
+        for r in rows:
+            e = pb.Event(user_id=r["user_id"], test_id=prefix + r["test_id"], variant=r["variant"],
+                         event_type=r["event_type"], conversion=r["conversion"], revenue=r["revenue"],
+                         session_id=r["session_id"], device=r["device"], country=r["country"])
+            e.timestamp.FromDatetime(r["timestamp"])
+            events.append(e)
+        out.append(pb.IngestEventsRequest(events=events).SerializeToString())
+    return out
+
+
+def stream(address: str, requests: list[bytes]) -> tuple[int, int]:
+    """Sends pre-serialized batches on one stream; returns (accepted, rejected) from the acks."""
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        call = channel.stream_stream(INGEST_METHOD, request_serializer=None,
+                                     response_deserializer=pb.IngestEventsResponse.FromString)
+        accepted = rejected = 0
+        for ack in call(iter(requests), timeout=3600):
+            accepted += ack.accepted
+            rejected += ack.rejected
+    return accepted, rejected
+
+
+def timed_ingest(address: str, requests: list[bytes], streams: int) -> dict:
+    parts = [requests[i::streams] for i in range(streams)]
+    results: list[tuple[int, int]] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(stream(address, p))) for p in parts]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    accepted = sum(a for a, _ in results)
+    return {"streams": streams, "events": accepted, "rejected": sum(r for _, r in results),
+            "seconds": seconds, "events_per_s": accepted / seconds}
+
+
+def _background_ingest(address: str, requests: list[bytes], seconds: float, counter) -> None:
+    deadline = time.monotonic() + seconds
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        call = channel.stream_stream(INGEST_METHOD, request_serializer=None,
+                                     response_deserializer=pb.IngestEventsResponse.FromString)
+        while time.monotonic() < deadline:
+            for ack in call(iter(requests), timeout=600):
+                counter.value += ack.accepted
+
+
+# ---- queries -----------------------------------------------------------------------------
+
+def percentiles(samples_s: list[float]) -> dict:
+    ms = np.array(samples_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+def timed(fn, reps: int) -> dict:
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return percentiles(samples)
+
+
+def query_set(typical: str, largest: str, mid_ns: int) -> list[queries.Query]:
+    week = 7 * 86400 * queries.NS
+    out = []
+    for test_id in (typical, largest):
+        out += [
+            queries.summary(test_id),
+            queries.summary(test_id, mid_ns, mid_ns + week, name="summary_7d"),
+            queries.segments(test_id, "device"),
+            queries.segments(test_id, "country"),
+            queries.segments(test_id, "event_type"),
+            queries.timeseries(test_id, "hour"),
+            queries.timeseries(test_id, "day"),
+            queries.timeseries(test_id, "day", cumulative=True),
+        ]
+    return out + [queries.list_tests()]
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def machine() -> dict:
+    import google.protobuf
+
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "numpy": np.__version__, "pyarrow": pa.__version__,
+            "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__, "duckdb": duckdb.__version__}
+
+
+def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
+    report: dict = {"events": n, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    table = dataset.load(n)
+    counts = table.group_by("test_id").aggregate([("test_id", "count")]).sort_by([("test_id_count", "descending")])
+    ranked = counts.column("test_id").to_pylist()
+    largest, typical = ranked[0], ranked[min(9, len(ranked) - 1)]
+    report["tests"] = {"largest": [largest, counts.column(1)[0].as_py()],
+                       "typical": [typical, counts.column(1)[min(9, len(ranked) - 1)].as_py()]}
+    ts = table.column("timestamp").cast(pa.int64()).to_numpy()
+    mid_ns = int(ts[len(ts) // 2])
+
+    print(f"preparing {n:,} events ...", file=sys.stderr)
+    columnar = columnar_requests(table)
+    rows = row_requests(table.slice(0, row_events), "rows_")
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = ServerProcess(data_dir)
+        try:
+            rss_before = server.rss_bytes()
+            report["ingest_columnar"] = timed_ingest(server.address, columnar, 1)
+            report["memory"] = {"rss_before": rss_before, "rss_after": server.rss_bytes()}
+            report["memory"]["bytes_per_event"] = (report["memory"]["rss_after"] - rss_before) / n
+            with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
+                stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+                report["queries"] = compare_and_time(stub, table, query_set(typical, largest, mid_ns), reps)
+                report["ingest_rows_1"] = timed_ingest(server.address, rows, 1)
+                report["ingest_rows_4"] = timed_ingest(server.address, rows, 4)
+                report["under_ingest"] = under_ingest(stub, server.address, rows, typical, largest, reps, load_seconds)
+                report["freshness"] = freshness(stub, reps)
+        finally:
+            server.stop()
+    return report
+
+
+def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) -> list[dict]:
+    print("loading the in-process store and DuckDB ...", file=sys.stderr)
+    store = EventStore()
+    for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
+        store.append(batch)
+    db = duckdb.connect()
+    db.execute("SET TimeZone = 'UTC'")
+    db.register("ab_test_events", table)
+    out = []
+    for q in qs:
+        theirs = [tuple(r) for r in db.execute(q.sql).fetchall()]
+        grpc_rows, local_rows = q.grpc(stub), q.local(store)
+        entry = {"query": q.name, "test": q.test_id, "rows": len(theirs),
+                 "verified": queries.same(grpc_rows, theirs) and queries.same(local_rows, theirs)}
+        if not entry["verified"]:
+            print(f"MISMATCH in {q.name} on {q.test_id}", file=sys.stderr)
+        entry["grpc"] = timed(lambda: q.grpc(stub), reps)
+        # Timed as each engine hands results to a program: columnar (the store's result, DuckDB's Arrow).
+        entry["in_process"] = timed(lambda: q.run(store), reps)
+        entry["duckdb"] = timed(lambda: db.execute(q.sql).to_arrow_table(), max(3, reps // 3))
+        entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
+        out.append(entry)
+        print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
+              f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms", file=sys.stderr)
+    return out
+
+
+def under_ingest(stub, address: str, rows: list[bytes], typical: str, largest: str, reps: int,
+                 seconds: float) -> dict:
+    """Query latency while another process streams row batches as fast as it can."""
+    qs = [queries.summary(typical), queries.segments(typical, "country"), queries.timeseries(typical, "hour")]
+    idle = {q.name: timed(lambda: q.grpc(stub), reps) for q in qs}
+    spawn = multiprocessing.get_context("spawn")
+    counter = spawn.Value("q", 0)
+    loader = spawn.Process(target=_background_ingest,
+                                                          args=(address, rows, seconds, counter))
+    loader.start()
+    time.sleep(min(2.0, seconds / 4))
+    busy = {q.name: timed(lambda: q.grpc(stub), reps) for q in qs}
+    loader.join(timeout=seconds + 120)
+    return {q.name: {"idle_p50_ms": idle[q.name]["p50_ms"], "busy_p50_ms": busy[q.name]["p50_ms"],
+                     "ratio": busy[q.name]["p50_ms"] / idle[q.name]["p50_ms"]} for q in qs} | \
+        {"background_events": counter.value}
+
+
+def freshness(stub, reps: int) -> dict:
+    """From an ack to the first query that shows the batch (the query after the ack must)."""
+    samples, misses = [], 0
+    for i in range(reps):
+        test_id = f"fresh_{i}"
+        event = pb.Event(user_id="u", test_id=test_id, variant="v", conversion=1, revenue=1.0)
+        event.timestamp.GetCurrentTime()
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event])]), timeout=30))
+        acked = time.perf_counter()
+        while not stub.Summary(pb.SummaryRequest(test_id=test_id), timeout=30).rows:
+            misses += 1
+        samples.append(time.perf_counter() - acked)
+    return percentiles(samples) | {"queries_that_missed_an_acked_batch": misses}
+
+
+# ---- output ------------------------------------------------------------------------------
+
+def table_text(report: dict) -> str:
+    lines = [f"abstream benchmark: {report['events']:,} events; {report['machine']['cores']} cores, "
+             f"{report['machine']['memory_gib']} GiB, Python {report['machine']['python']}, "
+             f"numpy {report['machine']['numpy']}, pyarrow {report['machine']['pyarrow']}, "
+             f"grpcio {report['machine']['grpcio']}, duckdb {report['machine']['duckdb']}",
+             f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
+             f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events)", "",
+             "| query | test | rows | verified | gRPC p50 / p95 / p99 ms | in-process p50 ms | DuckDB p50 ms "
+             "| DuckDB / in-process |",
+             "|---|---|---|---|---|---|---|---|"]
+    for q in report["queries"]:
+        g = q["grpc"]
+        lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
+                     f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
+                     f"| {q['duckdb']['p50_ms']:.2f} | {q['duckdb_over_in_process']:.1f}x |")
+    lines += ["", "| ingest | events | events/s |", "|---|---|---|"]
+    for key, label in [("ingest_columnar", "columnar (Arrow IPC, 100k/batch), 1 stream"),
+                       ("ingest_rows_1", "row batches of 1,000, 1 stream"),
+                       ("ingest_rows_4", "row batches of 1,000, 4 streams")]:
+        r = report[key]
+        lines.append(f"| {label} | {r['events']:,} | {r['events_per_s']:,.0f} |")
+    m = report["memory"]
+    lines += ["", f"resident memory: {m['bytes_per_event']:.1f} bytes per stored event "
+                  f"(server RSS {m['rss_before'] / 2**20:.0f} MiB before, {m['rss_after'] / 2**20:.0f} MiB after load)"]
+    u = report["under_ingest"]
+    lines += ["", f"queries during full-speed row ingest ({u['background_events']:,} events streamed meanwhile):"]
+    for name, v in u.items():
+        if isinstance(v, dict):
+            lines.append(f"  {name}: idle p50 {v['idle_p50_ms']:.2f} ms, busy p50 {v['busy_p50_ms']:.2f} ms "
+                         f"({v['ratio']:.2f}x)")
+    f = report["freshness"]
+    lines.append(f"freshness, ack to visible: p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
+                 f"({f['queries_that_missed_an_acked_batch']} queries missed an acked batch)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per query")
+    parser.add_argument("--row-events", type=int, default=1_000_000, help="events sent as row batches")
+    parser.add_argument("--load-seconds", type=float, default=15.0, help="length of the ingest-under-load phase")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    report = run(args.events, args.reps, min(args.row_events, args.events), args.load_seconds)
+    text = table_text(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{args.events}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nreport: {path}")
+    return 0 if all(q["verified"] for q in report["queries"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The benchmark still runs and its answers agree with DuckDB (its times are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke(tmp_path):
+    env = {**os.environ, "ABSTREAM_BENCH_DATA": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--events", "50000", "--reps", "2", "--row-events", "5000",
+         "--load-seconds", "1", "--out", str(tmp_path / "results")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "results").glob("bench-50000-*.json")
+    report = json.loads(path.read_text())
+    assert report["queries"] and all(q["verified"] for q in report["queries"])
+    assert {q["query"] for q in report["queries"]} >= {"summary", "segments_country", "timeseries_hour",
+                                                       "timeseries_day_cumulative", "list_tests"}
+    assert report["ingest_columnar"]["events"] == 50000 and report["ingest_columnar"]["rejected"] == 0
+    assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
+    assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0
+    assert report["memory"]["bytes_per_event"] > 0
+    assert "| summary |" in result.stdout
