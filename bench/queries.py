@@ -30,6 +30,7 @@ class Query:
     local: Callable[[EventStore], list[tuple]]
     sql: str
     run: Callable[[EventStore], Any]  # the store's call alone, without turning its result into tuples
+    rpc: Callable[[Any], Any]  # the RPC alone, without turning its response into tuples
 
 
 def _m(m) -> tuple:
@@ -50,13 +51,17 @@ def _where(test_id: str, start_ns: int | None, end_ns: int | None) -> str:
 
 
 def summary(test_id: str, start_ns: int | None = None, end_ns: int | None = None, name: str = "summary") -> Query:
+    request = pb.SummaryRequest(test_id=test_id)
+    if start_ns is not None:
+        request.start_time.CopyFrom(_ts(start_ns))
+    if end_ns is not None:
+        request.end_time.CopyFrom(_ts(end_ns))
+
+    def rpc(stub):
+        return stub.Summary(request, timeout=60)
+
     def grpc_call(stub):
-        request = pb.SummaryRequest(test_id=test_id)
-        if start_ns is not None:
-            request.start_time.CopyFrom(_ts(start_ns))
-        if end_ns is not None:
-            request.end_time.CopyFrom(_ts(end_ns))
-        return [(r.variant, *_m(r.metrics)) for r in stub.Summary(request, timeout=60).rows]
+        return [(r.variant, *_m(r.metrics)) for r in rpc(stub).rows]
 
     def local(store):
         return [(r.variant, *_m(r.metrics)) for r in run(store).rows()]
@@ -66,15 +71,17 @@ def summary(test_id: str, start_ns: int | None = None, end_ns: int | None = None
 
     sql = (f"SELECT variant, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, start_ns, end_ns)} "
            "GROUP BY variant ORDER BY variant")
-    return Query(name, test_id, grpc_call, local, sql, run)
+    return Query(name, test_id, grpc_call, local, sql, run, rpc)
 
 
 def segments(test_id: str, dimension: str) -> Query:
     dim, pb_dim = _DIMENSIONS[dimension]
 
+    def rpc(stub):
+        return stub.Segments(pb.SegmentsRequest(test_id=test_id, dimension=pb_dim), timeout=60)
+
     def grpc_call(stub):
-        response = stub.Segments(pb.SegmentsRequest(test_id=test_id, dimension=pb_dim), timeout=60)
-        return [(r.variant, r.segment, *_m(r.metrics)) for r in response.rows]
+        return [(r.variant, r.segment, *_m(r.metrics)) for r in rpc(stub).rows]
 
     def local(store):
         return [(r.variant, r.segment, *_m(r.metrics)) for r in run(store).rows()]
@@ -84,16 +91,18 @@ def segments(test_id: str, dimension: str) -> Query:
 
     sql = (f"SELECT variant, {dimension}, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, None, None)} "
            f"GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
-    return Query(f"segments_{dimension}", test_id, grpc_call, local, sql, run)
+    return Query(f"segments_{dimension}", test_id, grpc_call, local, sql, run, rpc)
 
 
 def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
     iv, pb_iv = _INTERVALS[interval]
 
+    def rpc(stub):
+        return stub.Timeseries(pb.TimeseriesRequest(test_id=test_id, interval=pb_iv, cumulative=cumulative),
+                               timeout=60)
+
     def grpc_call(stub):
-        response = stub.Timeseries(pb.TimeseriesRequest(test_id=test_id, interval=pb_iv, cumulative=cumulative),
-                                   timeout=60)
-        return [(r.bucket_start.ToNanoseconds(), r.variant, *_m(r.metrics)) for r in response.rows]
+        return [(r.bucket_start.ToNanoseconds(), r.variant, *_m(r.metrics)) for r in rpc(stub).rows]
 
     def local(store):
         return [(r.bucket_start_ns, r.variant, *_m(r.metrics)) for r in run(store).rows()]
@@ -104,20 +113,45 @@ def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
     trunc = f"date_trunc('{interval}', timestamp)"
     where = _where(test_id, None, None)
     if cumulative:
-        sql = (f"WITH ev AS (SELECT *, {trunc} AS b FROM ab_test_events WHERE {where}), "
-               f"buckets AS (SELECT DISTINCT b FROM ev) "
-               f"SELECT epoch_ns(buckets.b) AS bucket, variant, {_METRICS_SQL} FROM buckets JOIN ev ON ev.b <= buckets.b "
-               f"GROUP BY bucket, variant ORDER BY bucket, variant")
+        # Each user counts in the bucket of their first event (first conversion); window sums
+        # over buckets then give running distinct counts, as an analyst would write it.
+        sql = f"""
+            WITH ev AS (SELECT variant, user_id, conversion, revenue, {trunc} AS b FROM ab_test_events WHERE {where}),
+            per AS (SELECT b, variant, count(*) AS events, count(*) FILTER (WHERE conversion = 1) AS conversions,
+                           sum(revenue) AS revenue FROM ev GROUP BY b, variant),
+            firsts AS (SELECT b, variant, count(*) AS users FROM
+                         (SELECT variant, user_id, min(b) AS b FROM ev GROUP BY variant, user_id) GROUP BY b, variant),
+            conv AS (SELECT b, variant, count(*) AS converted FROM
+                       (SELECT variant, user_id, min(b) AS b FROM ev WHERE conversion = 1 GROUP BY variant, user_id)
+                     GROUP BY b, variant),
+            grid AS (SELECT bs.b, vs.variant FROM (SELECT DISTINCT b FROM ev) bs, (SELECT DISTINCT variant FROM ev) vs),
+            running AS (
+              SELECT grid.b, grid.variant,
+                sum(coalesce(firsts.users, 0)) OVER w AS users,
+                sum(coalesce(per.conversions, 0)) OVER w AS conversions,
+                sum(coalesce(per.revenue, 0)) OVER w AS revenue,
+                sum(coalesce(per.events, 0)) OVER w AS events,
+                sum(coalesce(conv.converted, 0)) OVER w AS converted
+              FROM grid LEFT JOIN per USING (b, variant) LEFT JOIN firsts USING (b, variant)
+                LEFT JOIN conv USING (b, variant)
+              WINDOW w AS (PARTITION BY grid.variant ORDER BY grid.b ROWS UNBOUNDED PRECEDING))
+            SELECT epoch_ns(b) AS bucket, variant, users::BIGINT, conversions::BIGINT, revenue, events::BIGINT,
+                   converted::BIGINT
+            FROM running WHERE events > 0 ORDER BY bucket, variant"""
     else:
         sql = (f"SELECT epoch_ns({trunc}) AS bucket, variant, {_METRICS_SQL} FROM ab_test_events WHERE {where} "
                f"GROUP BY bucket, variant ORDER BY bucket, variant")
-    return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run)
+    return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run,
+                 rpc)
 
 
 def list_tests() -> Query:
+    def rpc(stub):
+        return stub.ListTests(pb.ListTestsRequest(), timeout=60)
+
     def grpc_call(stub):
         return [(t.test_id, tuple(t.variants), t.events, t.users, t.first_event_time.ToNanoseconds(),
-                 t.last_event_time.ToNanoseconds()) for t in stub.ListTests(pb.ListTestsRequest(), timeout=60).tests]
+                 t.last_event_time.ToNanoseconds()) for t in rpc(stub).tests]
 
     def local(store):
         return [(t.test_id, tuple(t.variants), t.events, t.users, t.first_event_ns, t.last_event_ns)
@@ -128,7 +162,7 @@ def list_tests() -> Query:
 
     sql = ("SELECT test_id, list_sort(list(DISTINCT variant)), count(*), count(DISTINCT user_id), "
            "epoch_ns(min(timestamp)), epoch_ns(max(timestamp)) FROM ab_test_events GROUP BY test_id ORDER BY test_id")
-    return Query("list_tests", "*", grpc_call, local, sql, run)
+    return Query("list_tests", "*", grpc_call, local, sql, run, rpc)
 
 
 def same(ours: list[tuple], theirs: list[tuple]) -> bool:

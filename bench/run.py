@@ -229,10 +229,10 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) 
                  "verified": queries.same(grpc_rows, theirs) and queries.same(local_rows, theirs)}
         if not entry["verified"]:
             print(f"MISMATCH in {q.name} on {q.test_id}", file=sys.stderr)
-        entry["grpc"] = timed(lambda: q.grpc(stub), reps)
+        entry["grpc"] = timed(lambda: q.rpc(stub), reps)
         # Timed as each engine hands results to a program: columnar (the store's result, DuckDB's Arrow).
         entry["in_process"] = timed(lambda: q.run(store), reps)
-        entry["duckdb"] = timed(lambda: db.execute(q.sql).to_arrow_table(), max(3, reps // 3))
+        entry["duckdb"] = timed(lambda: db.sql(q.sql).to_arrow_table(), max(3, reps // 3))
         entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
         out.append(entry)
         print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
@@ -244,14 +244,14 @@ def under_ingest(stub, address: str, rows: list[bytes], typical: str, largest: s
                  seconds: float) -> dict:
     """Query latency while another process streams row batches as fast as it can."""
     qs = [queries.summary(typical), queries.segments(typical, "country"), queries.timeseries(typical, "hour")]
-    idle = {q.name: timed(lambda: q.grpc(stub), reps) for q in qs}
+    idle = {q.name: timed(lambda: q.rpc(stub), reps) for q in qs}
     spawn = multiprocessing.get_context("spawn")
     counter = spawn.Value("q", 0)
     loader = spawn.Process(target=_background_ingest,
                                                           args=(address, rows, seconds, counter))
     loader.start()
     time.sleep(min(2.0, seconds / 4))
-    busy = {q.name: timed(lambda: q.grpc(stub), reps) for q in qs}
+    busy = {q.name: timed(lambda: q.rpc(stub), reps) for q in qs}
     loader.join(timeout=seconds + 120)
     return {q.name: {"idle_p50_ms": idle[q.name]["p50_ms"], "busy_p50_ms": busy[q.name]["p50_ms"],
                      "ratio": busy[q.name]["p50_ms"] / idle[q.name]["p50_ms"]} for q in qs} | \

@@ -33,6 +33,17 @@ def ranked_codes(codes: np.ndarray, cardinality: int, rank_of_present) -> tuple[
     return remap[codes], ordered
 
 
+def distinct_values(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a small array (cheaper than np.unique's hash table there)."""
+    if len(values) == 0:
+        return values
+    s = np.sort(values)
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def dense_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense ids for small non-negative ints, in value order: (id per event, distinct values)."""
     if len(values) == 0:
@@ -45,13 +56,28 @@ def dense_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return remap[shifted], np.flatnonzero(present) + lo
 
 
-def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_users: int) -> np.ndarray:
-    """Distinct users per group (int64[n_groups]): sort (group, user) keys, count first occurrences.
+#: Largest flag table (groups x user span) worth filling instead of sorting, and how many flags
+#: per event it may cost: scattering and counting a flag is ~100x cheaper than sorting a key.
+_FLAGS_MAX = 1 << 27
+_FLAGS_PER_EVENT = 64
 
-    Sorting is used instead of np.unique, which is hash-based and far slower on large inputs.
+
+def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_users: int) -> np.ndarray:
+    """Distinct users per group (int64[n_groups]).
+
+    Few groups: set a flag per (group, user) in a dense table and count them. Otherwise sort
+    (group, user) keys and count first occurrences; np.unique is avoided, being hash-based and
+    far slower on large inputs.
     """
     if len(group) == 0:
         return np.zeros(n_groups, dtype=np.int64)
+    lo = int(user.min())
+    span = int(user.max()) - lo + 1
+    cells = n_groups * span
+    if cells <= _FLAGS_MAX and cells <= _FLAGS_PER_EVENT * len(group):
+        flags = np.zeros(cells, dtype=bool)
+        flags[group.astype(np.int64) * span + (user - lo)] = True
+        return np.count_nonzero(flags.reshape(n_groups, span), axis=1).astype(np.int64)
     key = group.astype(np.int64) * n_users + user
     key.sort()
     first = np.empty(len(key), dtype=bool)

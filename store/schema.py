@@ -39,11 +39,12 @@ MIN_TIMESTAMP_NS = 946_684_800 * NS_PER_SECOND
 #: How far past the server's clock an event may be (clock skew of producers).
 MAX_FUTURE_SKEW_NS = 24 * 3600 * NS_PER_SECOND
 
-#: Stored columns: string fields become codes into a dictionary, sized to fit.
-#: Low-cardinality fields get 16-bit codes, so each holds at most 65,535 distinct values.
+#: Stored columns: string fields that queries group or count by become codes into a dictionary,
+#: sized to fit; low-cardinality fields get 16-bit codes (at most 65,535 distinct values each).
+#: session_id, which no query reads and which is nearly unique per few events, stays a string:
+#: a dictionary would cost more memory and ingest time than it saves.
 CODE_TYPES = {
     "user_id": pa.int32(),
-    "session_id": pa.int32(),
     "variant": pa.uint16(),
     "event_type": pa.uint16(),
     "device": pa.uint16(),
@@ -59,7 +60,7 @@ STORED_SCHEMA = pa.schema(
         pa.field("event_type", CODE_TYPES["event_type"]),
         pa.field("device", CODE_TYPES["device"]),
         pa.field("country", CODE_TYPES["country"]),
-        pa.field("session_id", CODE_TYPES["session_id"]),
+        pa.field("session_id", pa.string()),
     ]
 )
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 from abstream.store import kernels
 from abstream.store.dictionary import Dictionary
 from abstream.store.errors import InvalidArgument
-from abstream.store.partition import COLUMNS, Partition, PartitionView
+from abstream.store.partition import COLUMNS, Partition, PartitionView, take
 from abstream.store.queries import (
     Filters,
     MetricColumns,
@@ -66,7 +66,8 @@ class EventStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
-        self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
+        self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max),
+                                        few_values=name != "user_id")
                        for name, t in CODE_TYPES.items()}
         self._partitions: dict[int, Partition] = {}
         self._views: dict[int, PartitionView] = {}
@@ -98,10 +99,11 @@ class EventStore:
                 "timestamp": good.column("timestamp").to_numpy(),
                 "conversion": good.column("conversion").to_numpy().astype(np.uint8),
                 "revenue": good.column("revenue").to_numpy(),
+                "session_id": good.column("session_id").combine_chunks(),
                 **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
             }
             if keep is not None:
-                cols = {c: a[keep] for c, a in cols.items()}
+                cols = {c: take(a, np.flatnonzero(keep)) for c, a in cols.items()}
                 test_codes = test_codes[keep]
             self._append_by_test(test_codes, cols)
             if rejections:
@@ -112,9 +114,11 @@ class EventStore:
     def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         if len(test_codes) == 0:
             return
-        order = np.argsort(test_codes, kind="stable")
+        # Stable sort by test; 16-bit keys (the usual case) take numpy's linear-time radix sort.
+        keys = test_codes.astype(np.uint16) if len(self._tests) <= 1 << 16 else test_codes
+        order = np.argsort(keys, kind="stable")
         test_codes = test_codes[order]
-        cols = {c: cols[c][order] for c in COLUMNS}
+        cols = {c: take(cols[c], order) for c in COLUMNS}
         bounds = np.flatnonzero(np.diff(test_codes)) + 1
         starts = [0, *bounds.tolist()]
         ends = [*bounds.tolist(), len(test_codes)]
@@ -208,11 +212,13 @@ class EventStore:
     def list_tests(self) -> list[TestInfo]:
         """Every test with its variants, events, distinct users and first and last event time."""
         views = self._views
+        codes = list(views)
+        names = self._tests.decode(np.array(codes, dtype=np.int64))
         variants = self._dicts["variant"]
         tests = [
-            TestInfo(self._tests.values[code], sorted(variants.values[v] for v in view.variants),
+            TestInfo(name, sorted(variants.decode(np.array(sorted(view.variants), dtype=np.int64))),
                      view.events, view.users, view.first_ns, view.last_ns)
-            for code, view in views.items()
+            for name, view in zip(names, views.values())
         ]
         return sorted(tests, key=lambda t: t.test_id)
 
@@ -259,10 +265,10 @@ class EventStore:
     def _rank(self, name: str, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dense ids for one column's codes, ordered by the decoded strings."""
         d = self._dicts[name]
-        values = d.values
 
         def by_name(present: np.ndarray) -> np.ndarray:
-            return np.array(sorted(range(len(present)), key=lambda i: values[present[i]]), dtype=np.int64)
+            names = d.decode(present)
+            return np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
 
         return kernels.ranked_codes(codes.astype(np.int64), len(d), by_name)
 

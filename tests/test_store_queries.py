@@ -151,3 +151,22 @@ def test_rates_are_full_precision():
     (m,) = s.summary(SummaryQuery("t")).metrics.rows()
     assert m.conversion_rate == 2 / 3 and m.user_conversion_rate == 1 / 3
     assert m.revenue_per_user == 10 / 3 and not math.isclose(m.revenue_per_user, round(10 / 3, 4), abs_tol=1e-6)
+
+
+def test_distinct_counts_agree_between_flag_and_sort_paths():
+    import numpy as np
+
+    from abstream.store import kernels
+
+    rng = np.random.default_rng(3)
+    for n, n_groups, n_users in [(1, 1, 1), (1000, 3, 50), (5000, 40, 100_000), (20_000, 7, 3_000_000)]:
+        group = rng.integers(0, n_groups, n)
+        user = rng.integers(0, n_users, n)
+        expected = np.array([len(set(user[group == g].tolist())) for g in range(n_groups)])
+        assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
+        saved = kernels._FLAGS_MAX
+        try:
+            kernels._FLAGS_MAX = 0  # force the sort path
+            assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
+        finally:
+            kernels._FLAGS_MAX = saved
