@@ -1,17 +1,20 @@
-"""One test's events: immutable timestamp-sorted Arrow parts plus a small unsorted tail.
+"""The physical layout: per test, immutable timestamp-sorted Arrow parts; for all tests, one tail.
 
-Appends go to the tail (amortized O(batch) copies, no sorting on the ingest path). A full tail
-is sorted once into a part; parts of equal size are merged like a binary counter, so a test of
-n events has O(log n) parts and each event is copied O(log n) times in its life. A query
-binary-searches each part for its time range and scans only the tail.
+Appends go to the tail, shared by every test, in arrival order: one copy per column per batch
+whatever the number of tests in it, and no sorting on the ingest path. A full tail is split by
+test and each test's rows are sorted once into a part; a test's parts of equal size are merged
+like a binary counter, so a test of n events has O(log n) parts and each event is copied
+O(log n) times in its life. A query binary-searches each of its test's parts for its time range
+and scans only the tail.
 
-Readers never lock: every change publishes a new immutable `PartitionView`, and the tail's
-arrays are only written past the length a published view can see.
+Readers never lock: every change publishes a new immutable `StoreView`; arrays a published
+view refers to are never written again, except the tail's, and those only past the length the
+view can see.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,7 @@ COLUMNS = STORED_SCHEMA.names
 NUMERIC = [f.name for f in STORED_SCHEMA if not pa.types.is_string(f.type)]
 STRINGS = [f.name for f in STORED_SCHEMA if pa.types.is_string(f.type)]
 DTYPES = {name: np.dtype(STORED_SCHEMA.field(name).type.to_pandas_dtype()) for name in NUMERIC}
+DTYPES["test"] = np.dtype(np.int32)
 
 
 def take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Array:
@@ -64,103 +68,104 @@ class Part:
 
 @dataclass(frozen=True)
 class PartitionView:
-    """What a reader sees of one test: never changes after it is published."""
+    """One test's sealed events and their running totals; never changes after it is published."""
 
-    parts: tuple[Part, ...]
-    tail: dict[str, np.ndarray]  # views of exactly the visible tail rows
-    variants: frozenset[int]
-    events: int
-    users: int
-    first_ns: int
-    last_ns: int
+    parts: tuple[Part, ...] = ()
+    variants: frozenset[int] = frozenset()
+    events: int = 0
+    users: int = 0
+    first_ns: int = np.iinfo(np.int64).max
+    last_ns: int = np.iinfo(np.int64).min
+    user_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # bitset of user codes
 
-    def select(self, start_ns: int, end_ns: int, names: list[str]) -> dict[str, np.ndarray]:
-        """The named columns of every event with start_ns <= timestamp <= end_ns."""
-        pieces = [p.rows_between(start_ns, end_ns, names) for p in self.parts
-                  if p.num_rows and not (p.cols["timestamp"][-1] < start_ns or p.cols["timestamp"][0] > end_ns)]
+    def select(self, start_ns: int, end_ns: int, names: list[str]) -> list[list[np.ndarray]]:
+        """Pieces (one list of columns per part) of the events with start_ns <= timestamp <= end_ns."""
+        return [p.rows_between(start_ns, end_ns, names) for p in self.parts
+                if not (p.cols["timestamp"][-1] < start_ns or p.cols["timestamp"][0] > end_ns)]
+
+    def with_rows(self, cols: dict[str, np.ndarray | pa.Array]) -> PartitionView:
+        """A new view holding these rows too (a new sorted part, equal-sized parts merged)."""
+        parts = [*self.parts, Part.sorted_from(cols)]
+        while len(parts) >= 2 and parts[-2].num_rows <= parts[-1].num_rows:
+            parts[-2:] = [Part.merge(parts[-2:])]
+        ts, users = cols["timestamp"], kernels.distinct_values(cols["user_id"])
+        bits = self.user_bits
+        top = int(users.max()) // 8 + 1
+        bits = np.concatenate([bits, np.zeros(max(0, top - len(bits)), np.uint8)])  # always a copy
+        new = np.count_nonzero((bits[users >> 3] & (1 << (users & 7)).astype(np.uint8)) == 0)
+        np.bitwise_or.at(bits, users >> 3, (1 << (users & 7)).astype(np.uint8))
+        return PartitionView(
+            parts=tuple(parts),
+            variants=self.variants | frozenset(kernels.distinct_values(cols["variant"]).tolist()),
+            events=self.events + len(ts),
+            users=self.users + int(new),
+            first_ns=min(self.first_ns, int(ts.min())),
+            last_ns=max(self.last_ns, int(ts.max())),
+            user_bits=bits,
+        )
+
+    def has_users(self, users: np.ndarray) -> np.ndarray:
+        """Which of these user codes already have events in this view's parts."""
+        inside = (users >> 3) < len(self.user_bits)
+        seen = np.zeros(len(users), dtype=bool)
+        u = users[inside]
+        seen[inside] = (self.user_bits[u >> 3] & (1 << (u & 7)).astype(np.uint8)) != 0
+        return seen
+
+
+class Tail:
+    """The newest events of every test, unsorted, in arrival order. Callers serialize writes."""
+
+    def __init__(self) -> None:
+        self._cols = {c: np.empty(4096, dtype=DTYPES[c]) for c in ["test", *NUMERIC]}
+        self._strings: dict[str, list[pa.Array]] = {c: [] for c in STRINGS}
+        self.rows = 0
+
+    def append(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
+        end = self.rows + len(test_codes)
+        capacity = len(self._cols["test"])
+        if end > capacity:
+            # A new array: views already published keep the old one, which is never written again.
+            size = max(end, 2 * capacity)
+            self._cols = {c: np.concatenate([a[: self.rows], np.empty(size - self.rows, a.dtype)])
+                          for c, a in self._cols.items()}
+        self._cols["test"][self.rows:end] = test_codes
+        for c in NUMERIC:
+            self._cols[c][self.rows:end] = cols[c]
+        for c in STRINGS:
+            self._strings[c].append(cols[c])
+        self.rows = end
+
+    def view(self) -> dict[str, np.ndarray]:
+        return {c: a[: self.rows] for c, a in self._cols.items()}
+
+    def drain(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
+        """(test codes, columns) of every row, and an empty tail in new arrays."""
+        cols: dict[str, np.ndarray | pa.Array] = {c: a[: self.rows] for c, a in self._cols.items()}
+        for c, chunks in self._strings.items():
+            cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
+        self.__init__()
+        return cols.pop("test"), cols
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """Everything a query may see: sealed parts per test, and the tail as it was when published."""
+
+    partitions: dict[int, PartitionView]
+    tail: dict[str, np.ndarray]
+
+    def select(self, test: int, start_ns: int, end_ns: int, names: list[str]) -> dict[str, np.ndarray]:
+        """The named columns of one test's events with start_ns <= timestamp <= end_ns."""
+        partition = self.partitions.get(test)
+        pieces = partition.select(start_ns, end_ns, names) if partition else []
         ts = self.tail["timestamp"]
         if len(ts):
-            mask = (ts >= start_ns) & (ts <= end_ns)
-            pieces.append([self.tail[c][mask] for c in names])
+            mask = (self.tail["test"] == test) & (ts >= start_ns) & (ts <= end_ns)
+            if mask.any():
+                pieces.append([self.tail[c][mask] for c in names])
         if not pieces:
             return {c: np.zeros(0, dtype=DTYPES[c]) for c in names}
         if len(pieces) == 1:
             return dict(zip(names, pieces[0]))
         return {c: np.concatenate([piece[i] for piece in pieces]) for i, c in enumerate(names)}
-
-
-class Partition:
-    """The writer's side of one test. Callers serialize `append`; `view` is safe to read anytime."""
-
-    def __init__(self, seal_rows: int) -> None:
-        self._seal_rows = seal_rows
-        self._parts: list[Part] = []
-        self._tail = {c: np.empty(1024, dtype=DTYPES[c]) for c in NUMERIC}
-        self._tail_strings: dict[str, list[pa.Array]] = {c: [] for c in STRINGS}
-        self._tail_len = 0
-        self._seen_users = np.zeros(0, dtype=np.uint8)  # bitset over user codes
-        self._variants: frozenset[int] = frozenset()
-        self._events = 0
-        self._users = 0
-        self._first_ns = np.iinfo(np.int64).max
-        self._last_ns = np.iinfo(np.int64).min
-        self.view = self._publish()
-
-    def append(self, cols: dict[str, np.ndarray | pa.Array]) -> None:
-        """Add events (every stored column, same length), then publish a new view."""
-        n = len(cols["timestamp"])
-        if n == 0:
-            return
-        end = self._tail_len + n
-        capacity = len(self._tail["timestamp"])
-        if end > capacity:
-            # A new array: views already published keep the old one, which is never written again.
-            new_capacity = max(end, min(2 * capacity, self._seal_rows))
-            self._tail = {c: np.concatenate([a[: self._tail_len], np.empty(new_capacity - self._tail_len, a.dtype)])
-                          for c, a in self._tail.items()}
-        for c in NUMERIC:
-            self._tail[c][self._tail_len:end] = cols[c]
-        for c in STRINGS:
-            self._tail_strings[c].append(cols[c])
-        self._tail_len = end
-        self._count(cols)
-        if self._tail_len >= self._seal_rows:
-            self._seal()
-        self.view = self._publish()
-
-    def _count(self, cols: dict[str, np.ndarray]) -> None:
-        ts, users = cols["timestamp"], cols["user_id"]
-        self._events += len(ts)
-        self._first_ns = min(self._first_ns, int(ts.min()))
-        self._last_ns = max(self._last_ns, int(ts.max()))
-        self._variants = self._variants | frozenset(kernels.distinct_values(cols["variant"]).tolist())
-        top = int(users.max()) // 8 + 1
-        if top > len(self._seen_users):
-            self._seen_users = np.concatenate(
-                [self._seen_users, np.zeros(max(top, 2 * len(self._seen_users)) - len(self._seen_users), np.uint8)])
-        users = kernels.distinct_values(users)
-        byte, bit = users >> 3, (1 << (users & 7)).astype(np.uint8)
-        self._users += int(np.count_nonzero((self._seen_users[byte] & bit) == 0))
-        np.bitwise_or.at(self._seen_users, byte, bit)
-
-    def _seal(self) -> None:
-        cols: dict[str, np.ndarray | pa.Array] = {c: a[: self._tail_len] for c, a in self._tail.items()}
-        for c, chunks in self._tail_strings.items():
-            cols[c] = pa.concat_arrays(chunks)
-        self._parts.append(Part.sorted_from(cols))
-        self._tail = {c: np.empty(1024, dtype=a.dtype) for c, a in self._tail.items()}
-        self._tail_strings = {c: [] for c in STRINGS}
-        self._tail_len = 0
-        while len(self._parts) >= 2 and self._parts[-2].num_rows <= self._parts[-1].num_rows:
-            self._parts[-2:] = [Part.merge(self._parts[-2:])]
-
-    def _publish(self) -> PartitionView:
-        return PartitionView(
-            parts=tuple(self._parts),
-            tail={c: a[: self._tail_len] for c, a in self._tail.items()},
-            variants=self._variants,
-            events=self._events,
-            users=self._users,
-            first_ns=self._first_ns,
-            last_ns=self._last_ns,
-        )

@@ -14,7 +14,7 @@ import pyarrow as pa
 from abstream.store import kernels
 from abstream.store.dictionary import Dictionary
 from abstream.store.errors import InvalidArgument
-from abstream.store.partition import COLUMNS, Partition, PartitionView, take
+from abstream.store.partition import COLUMNS, PartitionView, StoreView, Tail, take
 from abstream.store.queries import (
     Filters,
     MetricColumns,
@@ -57,10 +57,11 @@ class EventStore:
     """Append-only, in-memory event store partitioned by test.
 
     Appends are serialized by one lock; queries take no lock. A batch becomes visible all at
-    once: every partition it touches is updated, then one new mapping of views is published.
+    once: it is written to the tail (and, when that fills, sealed into parts), then one new
+    `StoreView` is published.
     """
 
-    def __init__(self, *, seal_rows: int = 65_536, quarantine_limit: int = 100_000,
+    def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self._seal_rows = seal_rows
         self._clock = clock
@@ -69,8 +70,8 @@ class EventStore:
         self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max),
                                         few_values=name != "user_id")
                        for name, t in CODE_TYPES.items()}
-        self._partitions: dict[int, Partition] = {}
-        self._views: dict[int, PartitionView] = {}
+        self._tail = Tail()
+        self._view = StoreView({}, self._tail.view())
         self._quarantine: deque[QuarantinedEvent] = deque(maxlen=quarantine_limit)
 
     # ---- ingest -------------------------------------------------------------------------
@@ -111,26 +112,29 @@ class EventStore:
         rejections.sort(key=lambda r: r.index)
         return IngestResult(accepted=len(test_codes), rejections=rejections)
 
-    def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+    def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         if len(test_codes) == 0:
             return
+        self._tail.append(test_codes, cols)
+        partitions = self._view.partitions
+        if self._tail.rows >= self._seal_rows:
+            partitions = self._seal()
+        self._view = StoreView(partitions, self._tail.view())  # one assignment: all of a batch at once
+
+    def _seal(self) -> dict[int, PartitionView]:
+        """Moves the tail into each test's sorted parts; returns the new partition views."""
+        test_codes, cols = self._tail.drain()
         # Stable sort by test; 16-bit keys (the usual case) take numpy's linear-time radix sort.
         keys = test_codes.astype(np.uint16) if len(self._tests) <= 1 << 16 else test_codes
         order = np.argsort(keys, kind="stable")
         test_codes = test_codes[order]
         cols = {c: take(cols[c], order) for c in COLUMNS}
         bounds = np.flatnonzero(np.diff(test_codes)) + 1
-        starts = [0, *bounds.tolist()]
-        ends = [*bounds.tolist(), len(test_codes)]
-        views = dict(self._views)
-        for lo, hi in zip(starts, ends):
+        partitions = dict(self._view.partitions)
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(test_codes)]):
             code = int(test_codes[lo])
-            partition = self._partitions.get(code)
-            if partition is None:
-                partition = self._partitions[code] = Partition(self._seal_rows)
-            partition.append({c: a[lo:hi] for c, a in cols.items()})
-            views[code] = partition.view
-        self._views = views  # one assignment: a batch is visible everywhere at once
+            partitions[code] = partitions.get(code, PartitionView()).with_rows({c: a[lo:hi] for c, a in cols.items()})
+        return partitions
 
     def _quarantine_rows(self, batch: pa.Table, rejections: list[Rejection]) -> None:
         received = self._clock()
@@ -142,8 +146,8 @@ class EventStore:
 
     def summary(self, q: SummaryQuery) -> SummaryResult:
         started = time.perf_counter_ns()
-        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
-        cols = self._select(view, start, end, ["variant", "user_id", "conversion", "revenue"])
+        view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue"])
         scanned = cols.pop("_scanned")
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
@@ -157,9 +161,9 @@ class EventStore:
 
     def segments(self, q: SegmentsQuery) -> SegmentsResult:
         started = time.perf_counter_ns()
-        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
         dim = q.dimension.value
-        cols = self._select(view, start, end, ["variant", "user_id", "conversion", "revenue", dim],
+        cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue", dim],
                             q.filters)
         scanned = cols.pop("_scanned")
         variant_id, variant_codes = self._rank("variant", cols["variant"])
@@ -181,8 +185,8 @@ class EventStore:
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
         started = time.perf_counter_ns()
-        view, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
-        cols = self._select(view, start, end, ["timestamp", "variant", "user_id", "conversion", "revenue"],
+        view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
+        cols = self._select(view, test, start, end, ["timestamp", "variant", "user_id", "conversion", "revenue"],
                             q.filters)
         scanned = cols.pop("_scanned")
         interval = q.interval
@@ -211,15 +215,30 @@ class EventStore:
 
     def list_tests(self) -> list[TestInfo]:
         """Every test with its variants, events, distinct users and first and last event time."""
-        views = self._views
-        codes = list(views)
+        view = self._view
+        tail = view.tail
+        order = np.argsort(tail["test"], kind="stable")
+        tail_tests = tail["test"][order]
+        bounds = np.flatnonzero(np.diff(tail_tests)) + 1
+        in_tail = {int(tail_tests[lo]): order[lo:hi] for lo, hi in
+                   zip([0, *bounds.tolist()], [*bounds.tolist(), len(tail_tests)]) if hi > lo}
+        codes = sorted(set(view.partitions) | set(in_tail))
         names = self._tests.decode(np.array(codes, dtype=np.int64))
-        variants = self._dicts["variant"]
-        tests = [
-            TestInfo(name, sorted(variants.decode(np.array(sorted(view.variants), dtype=np.int64))),
-                     view.events, view.users, view.first_ns, view.last_ns)
-            for name, view in zip(names, views.values())
-        ]
+        variant_names = self._dicts["variant"]
+        tests = []
+        for code, name in zip(codes, names):
+            p = view.partitions.get(code, PartitionView())
+            events, users, first, last, variants = p.events, p.users, p.first_ns, p.last_ns, set(p.variants)
+            rows = in_tail.get(code)
+            if rows is not None:
+                ts = tail["timestamp"][rows]
+                tail_users = kernels.distinct_values(tail["user_id"][rows])
+                events += len(rows)
+                users += int(np.count_nonzero(~p.has_users(tail_users)))
+                first, last = min(first, int(ts.min())), max(last, int(ts.max()))
+                variants |= set(kernels.distinct_values(tail["variant"][rows]).tolist())
+            decoded = variant_names.decode(np.array(sorted(variants), dtype=np.int64))
+            tests.append(TestInfo(name, sorted(decoded), events, users, first, last))
         return sorted(tests, key=lambda t: t.test_id)
 
     def quarantine(self, test_id: str = "", limit: int = 100) -> tuple[list[QuarantinedEvent], int]:
@@ -229,29 +248,29 @@ class EventStore:
 
     @property
     def event_count(self) -> int:
-        return sum(v.events for v in self._views.values())
+        view = self._view
+        return sum(p.events for p in view.partitions.values()) + len(view.tail["test"])
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _resolve(self, test_id: str, start_ns: int | None, end_ns: int | None
-                 ) -> tuple[PartitionView | None, int, int]:
+    def _resolve(self, test_id: str, start_ns: int | None, end_ns: int | None) -> tuple[StoreView, int | None, int, int]:
         if not test_id:
             raise InvalidArgument("test_id", "is required")
         if start_ns is not None and end_ns is not None and end_ns < start_ns:
             raise InvalidArgument("end_time", "is before start_time")
-        code = self._tests.code(test_id)
-        view = None if code is None else self._views.get(code)
-        return (view, _NO_START if start_ns is None else start_ns, _NO_END if end_ns is None else end_ns)
+        view = self._view  # captured before the lookup: codes it holds are already in the dictionary
+        return (view, self._tests.code(test_id), _NO_START if start_ns is None else start_ns,
+                _NO_END if end_ns is None else end_ns)
 
-    def _select(self, view: PartitionView | None, start: int, end: int, names: list[str],
+    def _select(self, view: StoreView, test: int | None, start: int, end: int, names: list[str],
                 filters: Filters | None = None) -> dict[str, np.ndarray]:
         """Columns of the events in range that pass the filters; '_scanned' counts those in range."""
         filter_names = [name for name, _ in filters.items()] if filters else []
         wanted = list(dict.fromkeys(names + filter_names))
-        if view is None:
+        if test is None:
             cols = {c: np.zeros(0, dtype=np.int64) for c in wanted}
         else:
-            cols = view.select(start, end, wanted)
+            cols = view.select(test, start, end, wanted)
         scanned = len(cols[wanted[0]])
         if filter_names:
             mask = np.ones(scanned, dtype=bool)
