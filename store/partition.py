@@ -84,8 +84,8 @@ class PartitionView:
                 if not (p.cols["timestamp"][-1] < start_ns or p.cols["timestamp"][0] > end_ns)]
 
     def with_rows(self, cols: dict[str, np.ndarray | pa.Array]) -> PartitionView:
-        """A new view holding these rows too (a new sorted part, equal-sized parts merged)."""
-        parts = [*self.parts, Part.sorted_from(cols)]
+        """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged."""
+        parts = [*self.parts, Part(cols)]
         while len(parts) >= 2 and parts[-2].num_rows <= parts[-1].num_rows:
             parts[-2:] = [Part.merge(parts[-2:])]
         ts, users = cols["timestamp"], kernels.distinct_values(cols["user_id"])

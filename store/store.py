@@ -122,11 +122,14 @@ class EventStore:
         self._view = StoreView(partitions, self._tail.view())  # one assignment: all of a batch at once
 
     def _seal(self) -> dict[int, PartitionView]:
-        """Moves the tail into each test's sorted parts; returns the new partition views."""
+        """Moves the tail into each test's parts; returns the new partition views."""
         test_codes, cols = self._tail.drain()
-        # Stable sort by test; 16-bit keys (the usual case) take numpy's linear-time radix sort.
-        keys = test_codes.astype(np.uint16) if len(self._tests) <= 1 << 16 else test_codes
-        order = np.argsort(keys, kind="stable")
+        # One permutation for every column: by time (a near-sorted stream makes this timsort
+        # cheap), then stably by test (16-bit keys, the usual case, take numpy's radix sort).
+        by_time = np.argsort(cols["timestamp"], kind="stable")
+        keys = test_codes[by_time]
+        keys = keys.astype(np.uint16) if len(self._tests) <= 1 << 16 else keys
+        order = by_time[np.argsort(keys, kind="stable")]
         test_codes = test_codes[order]
         cols = {c: take(cols[c], order) for c in COLUMNS}
         bounds = np.flatnonzero(np.diff(test_codes)) + 1
