@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from abstream.service import wire
 from abstream.store import (
     EVENT_SCHEMA,
     Dimension,
@@ -142,10 +143,13 @@ def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
     )
 
 
-def _metrics(columns: MetricColumns) -> list[pb.Metrics]:
-    cols = columns.columns()
-    names = list(cols)
-    return [pb.Metrics(**dict(zip(names, row))) for row in zip(*(c.tolist() for c in cols.values()))]
+def _metrics(columns: MetricColumns) -> wire.Message:
+    c = columns
+    return wire.Message([
+        (1, "varint", c.users), (2, "varint", c.conversions), (3, "double", c.conversion_rate),
+        (4, "double", c.total_revenue), (5, "double", c.revenue_per_user), (6, "varint", c.events),
+        (7, "varint", c.converted_users), (8, "double", c.user_conversion_rate),
+    ], len(c))
 
 
 def _stats(stats: QueryStats) -> pb.QueryStats:
@@ -154,24 +158,42 @@ def _stats(stats: QueryStats) -> pb.QueryStats:
                          elapsed=duration_pb2.Duration(seconds=seconds, nanos=nanos))
 
 
+# Responses are built from the rows' wire format, encoded column by column (see wire.py): field
+# numbers below are those of the messages in analytics.proto, checked by the tests against
+# messages built field by field.
+
 def summary_response(result: SummaryResult) -> pb.SummaryResponse:
-    rows = [pb.SummaryRow(variant=v, metrics=m) for v, m in zip(result.variants, _metrics(result.metrics))]
-    return pb.SummaryResponse(test_id=result.test_id, rows=rows, stats=_stats(result.stats))
+    rows = wire.Message([(1, "string", wire.string_table(result.variants)),
+                         (2, "message", _metrics(result.metrics))], len(result.metrics))
+    response = pb.SummaryResponse.FromString(wire.encode_repeated(2, rows))
+    response.test_id = result.test_id
+    response.stats.CopyFrom(_stats(result.stats))
+    return response
 
 
 def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
-    dimension = next(k for k, v in DIMENSIONS.items() if v is result.dimension)
-    rows = [pb.SegmentRow(variant=v, segment=s, metrics=m)
-            for v, s, m in zip(result.variants, result.segments, _metrics(result.metrics))]
-    return pb.SegmentsResponse(test_id=result.test_id, dimension=dimension, rows=rows, stats=_stats(result.stats))
+    rows = wire.Message([(1, "string", wire.string_table(result.variants)),
+                         (2, "string", wire.string_table(result.segments)),
+                         (3, "message", _metrics(result.metrics))], len(result.metrics))
+    response = pb.SegmentsResponse.FromString(wire.encode_repeated(3, rows))
+    response.test_id = result.test_id
+    response.dimension = next(k for k, v in DIMENSIONS.items() if v is result.dimension)
+    response.stats.CopyFrom(_stats(result.stats))
+    return response
 
 
 def timeseries_response(result: TimeseriesResult) -> pb.TimeseriesResponse:
-    interval = next(k for k, v in INTERVALS.items() if v is result.interval)
-    rows = [pb.TimeseriesRow(bucket_start=to_timestamp(b), variant=v, metrics=m)
-            for b, v, m in zip(result.bucket_start_ns.tolist(), result.variants, _metrics(result.metrics))]
-    return pb.TimeseriesResponse(test_id=result.test_id, interval=interval, cumulative=result.cumulative,
-                                 rows=rows, stats=_stats(result.stats))
+    seconds, nanos = np.divmod(result.bucket_start_ns, _NS)
+    n = len(result.metrics)
+    bucket = wire.Message([(1, "varint", seconds), (2, "varint", nanos)], n)
+    rows = wire.Message([(1, "message", bucket), (2, "string", wire.string_table(result.variants)),
+                         (3, "message", _metrics(result.metrics))], n)
+    response = pb.TimeseriesResponse.FromString(wire.encode_repeated(4, rows))
+    response.test_id = result.test_id
+    response.interval = next(k for k, v in INTERVALS.items() if v is result.interval)
+    response.cumulative = result.cumulative
+    response.stats.CopyFrom(_stats(result.stats))
+    return response
 
 
 def list_tests_response(tests: Iterable[TestInfo], stats: QueryStats) -> pb.ListTestsResponse:

@@ -1,0 +1,123 @@
+"""Vectorized protobuf encoding of repeated result rows.
+
+Building one message object per row costs ~5 µs in Python: 40 ms for an hourly timeseries of a
+quarter. Encoding the rows' wire format with numpy, column by column, and letting upb parse the
+bytes costs a few milliseconds. Each row is a list of fields; a field is a tag followed by a
+varint, a double, a length-prefixed string (from a small table) or a nested message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+_VARINT, _FIXED64, _LEN = 0, 1, 2
+
+
+def varint_sizes(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.uint64)
+    sizes = np.ones(len(v), dtype=np.int64)
+    for k in range(1, 10):
+        sizes += v >= np.uint64(1 << (7 * k))
+    return sizes
+
+
+def _put_varint(buf: np.ndarray, at: np.ndarray, values: np.ndarray, sizes: np.ndarray) -> None:
+    v = values.astype(np.uint64)
+    for k in range(int(sizes.max(initial=1))):
+        rows = sizes > k
+        byte = (v[rows] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = sizes[rows] > k + 1
+        buf[at[rows] + k] = (byte | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+
+
+@dataclass
+class Message:
+    """Rows of one message type: `fields` in order, each (field number, kind, values)."""
+
+    fields: list[tuple[int, str, object]]
+    n: int
+
+    def sizes(self) -> np.ndarray:
+        total = np.zeros(self.n, dtype=np.int64)
+        for number, kind, values in self.fields:
+            total += _field_size(number, kind, values, self.n)
+        return total
+
+    def write(self, buf: np.ndarray, at: np.ndarray) -> None:
+        at = at.copy()
+        for number, kind, values in self.fields:
+            at += _write_field(buf, at, number, kind, values, self.n)
+
+
+def _tag(number: int, wire: int) -> int:
+    return (number << 3) | wire
+
+
+def _field_size(number: int, kind: str, values, n: int) -> np.ndarray:
+    tag = varint_sizes(np.array([_tag(number, 0)]))[0]
+    if kind == "varint":
+        return tag + varint_sizes(values)
+    if kind == "double":
+        return np.full(n, tag + 8, dtype=np.int64)
+    if kind == "string":
+        table, index = values
+        lengths = np.array([len(s) for s in table], dtype=np.int64)[index]
+        return tag + varint_sizes(lengths) + lengths
+    sub = values.sizes()
+    return tag + varint_sizes(sub) + sub
+
+
+def _write_field(buf: np.ndarray, at: np.ndarray, number: int, kind: str, values, n: int) -> np.ndarray:
+    wire = {"varint": _VARINT, "double": _FIXED64}.get(kind, _LEN)
+    tag = np.full(n, _tag(number, wire), dtype=np.uint64)
+    tag_sizes = varint_sizes(tag)
+    _put_varint(buf, at, tag, tag_sizes)
+    at = at + tag_sizes
+    if kind == "varint":
+        sizes = varint_sizes(values)
+        _put_varint(buf, at, values, sizes)
+        return tag_sizes + sizes
+    if kind == "double":
+        raw = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(n, 8)
+        for k in range(8):
+            buf[at + k] = raw[:, k]
+        return tag_sizes + 8
+    if kind == "string":
+        table, index = values
+        encoded = [s for s in table]
+        lengths = np.array([len(s) for s in encoded], dtype=np.int64)[index]
+        length_sizes = varint_sizes(lengths)
+        _put_varint(buf, at, lengths, length_sizes)
+        at = at + length_sizes
+        for i, s in enumerate(encoded):
+            rows = np.flatnonzero(index == i)
+            if len(s) and len(rows):
+                buf[(at[rows, None] + np.arange(len(s))).ravel()] = np.tile(np.frombuffer(s, np.uint8), len(rows))
+        return tag_sizes + length_sizes + lengths
+    sub = values.sizes()
+    sub_sizes = varint_sizes(sub)
+    _put_varint(buf, at, sub, sub_sizes)
+    values.write(buf, at + sub_sizes)
+    return tag_sizes + sub_sizes + sub
+
+
+def encode_repeated(number: int, rows: Message) -> bytes:
+    """The wire bytes of `rows` as repeated field `number` of an enclosing message."""
+    if rows.n == 0:
+        return b""
+    wrapper = Message([(number, "message", rows)], rows.n)
+    sizes = wrapper.sizes()
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    buf = np.zeros(int(sizes.sum()), dtype=np.uint8)
+    wrapper.write(buf, starts)
+    return buf.tobytes()
+
+
+def string_table(values: Sequence[str]) -> tuple[list[bytes], np.ndarray]:
+    """(distinct UTF-8 strings, index of each value) for a column of few distinct strings."""
+    table: dict[str, int] = {}
+    index = np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int64, count=len(values))
+    return [s.encode() for s in table], index
