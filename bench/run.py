@@ -203,7 +203,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
             report["memory"]["bytes_per_event"] = (report["memory"]["rss_after"] - rss_before) / n
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
-                report["queries"] = compare_and_time(stub, table, query_set(typical, largest, mid_ns), reps)
+                report["queries"], held = compare_and_time(stub, table, query_set(typical, largest, mid_ns), reps)
+                report["memory"]["store_bytes_per_event"] = held
                 report["ingest_rows_1"] = timed_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = timed_ingest(server.address, rows, 4)
                 report["under_ingest"] = under_ingest(stub, server.address, rows, typical, largest, reps, load_seconds)
@@ -213,11 +214,13 @@ def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
     return report
 
 
-def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) -> list[dict]:
+def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) -> tuple[list[dict], float]:
+    """Per query: whether the three answers agree, and their times. Also the store's bytes per event."""
     print("loading the in-process store and DuckDB ...", file=sys.stderr)
     store = EventStore()
     for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
         store.append(batch)
+    held = store.nbytes / max(store.event_count, 1)
     db = duckdb.connect()
     db.execute("SET TimeZone = 'UTC'")
     db.register("ab_test_events", table)
@@ -237,7 +240,7 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) 
         out.append(entry)
         print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
               f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms", file=sys.stderr)
-    return out
+    return out, held
 
 
 def under_ingest(stub, address: str, rows: list[bytes], typical: str, largest: str, reps: int,
@@ -298,7 +301,8 @@ def table_text(report: dict) -> str:
         lines.append(f"| {label} | {r['events']:,} | {r['events_per_s']:,.0f} |")
     m = report["memory"]
     lines += ["", f"resident memory: {m['bytes_per_event']:.1f} bytes per stored event "
-                  f"(server RSS {m['rss_before'] / 2**20:.0f} MiB before, {m['rss_after'] / 2**20:.0f} MiB after load)"]
+                  f"(server RSS {m['rss_before'] / 2**20:.0f} MiB before, {m['rss_after'] / 2**20:.0f} MiB after load; "
+                  f"the store's own arrays: {m['store_bytes_per_event']:.1f} bytes per event)"]
     u = report["under_ingest"]
     lines += ["", f"queries during full-speed row ingest ({u['background_events']:,} events streamed meanwhile):"]
     for name, v in u.items():

@@ -220,6 +220,10 @@ class Dictionary:
             settled[index[full]] = True
         return settled
 
+    @property
+    def nbytes(self) -> int:
+        return self._h1.nbytes + self._h2.nbytes + self._slots.nbytes + self.values.nbytes
+
     # ---- readers ------------------------------------------------------------------------
 
     def code(self, value: str) -> int | None:

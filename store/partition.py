@@ -37,16 +37,59 @@ def take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Ar
     return values.take(pa.array(index, type=pa.int64()))
 
 
-class Part:
-    """An immutable record batch sorted by timestamp, with zero-copy numpy views of its numeric columns."""
+class PackedStrings:
+    """A string column no query reads, kept LZ4-compressed: lengths (uint16) and bytes.
 
-    __slots__ = ("batch", "cols", "num_rows")
+    Session ids take ~18 bytes per event as Arrow strings and ~6 packed; they are unpacked only
+    to merge parts or to hand the events out whole.
+    """
+
+    __slots__ = ("length", "_lengths", "_data", "_raw_sizes")
+    CODEC = "lz4"
+
+    def __init__(self, values: pa.Array) -> None:
+        values = values.cast(pa.string()) if values.type != pa.string() else values
+        n = len(values)
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset: values.offset + n + 1]
+        lengths = np.diff(offsets).astype(np.uint16)  # strings are at most 256 bytes (schema.py)
+        data = values.buffers()[2]
+        data = pa.py_buffer(b"") if data is None else data.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        self.length = n
+        self._raw_sizes = (lengths.nbytes, data.size)
+        self._lengths = pa.compress(lengths, codec=self.CODEC, asbytes=False)
+        self._data = pa.compress(data, codec=self.CODEC, asbytes=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self._lengths.size + self._data.size
+
+    def array(self) -> pa.Array:
+        lengths = np.frombuffer(pa.decompress(self._lengths, self._raw_sizes[0], codec=self.CODEC), np.uint16)
+        offsets = np.zeros(self.length + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        data = pa.decompress(self._data, self._raw_sizes[1], codec=self.CODEC)
+        return pa.StringArray.from_buffers(self.length, pa.py_buffer(offsets), data)
+
+
+class Part:
+    """Immutable events of one test, sorted by timestamp: numpy columns, some of them compacted.
+
+    `revenue`, zero for most events, is kept sparse (positions and values) when that is smaller;
+    string columns are packed. `column` and `batch` give them back whole.
+    """
+
+    __slots__ = ("cols", "num_rows", "_revenue_at", "_revenue", "_strings")
 
     def __init__(self, cols: dict[str, np.ndarray | pa.Array]) -> None:
-        self.batch = pa.RecordBatch.from_arrays([pa.array(cols[c]) if c in DTYPES else cols[c] for c in COLUMNS],
-                                                schema=STORED_SCHEMA)
-        self.cols = {c: self.batch.column(c).to_numpy() for c in NUMERIC}
-        self.num_rows = self.batch.num_rows
+        self.num_rows = len(cols["timestamp"])
+        self.cols = {c: np.ascontiguousarray(cols[c]) for c in NUMERIC if c != "revenue"}
+        revenue = np.asarray(cols["revenue"])
+        nonzero = np.flatnonzero(revenue)
+        if len(nonzero) * 12 < revenue.nbytes:
+            self._revenue_at, self._revenue = nonzero.astype(np.int32), revenue[nonzero]
+        else:
+            self._revenue_at, self._revenue = None, np.ascontiguousarray(revenue)
+        self._strings = {c: PackedStrings(cols[c]) for c in STRINGS}
 
     @classmethod
     def sorted_from(cls, cols: dict[str, np.ndarray | pa.Array]) -> Part:
@@ -56,14 +99,37 @@ class Part:
     @classmethod
     def merge(cls, parts: list[Part]) -> Part:
         # Stable sort of concatenated sorted runs: timsort finds the runs, so this is ~linear.
-        cols: dict[str, np.ndarray | pa.Array] = {c: np.concatenate([p.cols[c] for p in parts]) for c in NUMERIC}
+        cols: dict[str, np.ndarray | pa.Array] = {c: np.concatenate([p.column(c) for p in parts]) for c in NUMERIC}
         for c in STRINGS:
-            cols[c] = pa.concat_arrays([p.batch.column(c) for p in parts])
+            cols[c] = pa.concat_arrays([p._strings[c].array() for p in parts])
         return cls.sorted_from(cols)
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(a.nbytes for a in self.cols.values()) + self._revenue.nbytes
+                + (0 if self._revenue_at is None else self._revenue_at.nbytes)
+                + sum(p.nbytes for p in self._strings.values()))
+
+    def column(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """One numeric column (or rows of it), dense."""
+        if name != "revenue":
+            return self.cols[name][rows]
+        if self._revenue_at is None:
+            return self._revenue[rows]
+        lo, hi, _ = rows.indices(self.num_rows)
+        dense = np.zeros(max(hi - lo, 0), dtype=np.float64)
+        a, b = np.searchsorted(self._revenue_at, [lo, hi])
+        dense[self._revenue_at[a:b] - lo] = self._revenue[a:b]
+        return dense
+
+    def batch(self) -> pa.RecordBatch:
+        """The events as one Arrow record batch with STORED_SCHEMA."""
+        arrays = [pa.array(self.column(c)) if c in DTYPES else self._strings[c].array() for c in COLUMNS]
+        return pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA)
 
     def rows_between(self, start_ns: int, end_ns: int, names: list[str]) -> list[np.ndarray]:
         s = kernels.time_slice(self.cols["timestamp"], start_ns, end_ns)
-        return [self.cols[c][s] for c in names]
+        return [self.column(c, s) for c in names]
 
 
 @dataclass(frozen=True)

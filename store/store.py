@@ -62,8 +62,10 @@ class EventStore:
     """
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, on_seal: Callable[[], None] | None = None) -> None:
+        """`on_seal` runs after the tail is sealed into parts, when much memory was just freed."""
         self._seal_rows = seal_rows
+        self._on_seal = on_seal
         self._clock = clock
         self._lock = threading.Lock()
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
@@ -117,9 +119,12 @@ class EventStore:
             return
         self._tail.append(test_codes, cols)
         partitions = self._view.partitions
-        if self._tail.rows >= self._seal_rows:
+        sealed = self._tail.rows >= self._seal_rows
+        if sealed:
             partitions = self._seal()
         self._view = StoreView(partitions, self._tail.view())  # one assignment: all of a batch at once
+        if sealed and self._on_seal is not None:
+            self._on_seal()
 
     def _seal(self) -> dict[int, PartitionView]:
         """Moves the tail into each test's parts; returns the new partition views."""
@@ -248,6 +253,15 @@ class EventStore:
         """Up to `limit` rejected events, newest first, and how many match in all."""
         entries = [e for e in list(self._quarantine) if not test_id or e.event.get("test_id") == test_id]
         return entries[::-1][:limit], len(entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by stored events and dictionaries (not counting the allocator's slack)."""
+        view = self._view
+        parts = sum(p.nbytes for partition in view.partitions.values() for p in partition.parts)
+        bits = sum(partition.user_bits.nbytes for partition in view.partitions.values())
+        tail = sum(a.nbytes for a in view.tail.values())
+        return parts + bits + tail + sum(d.nbytes for d in [self._tests, *self._dicts.values()])
 
     @property
     def event_count(self) -> int:

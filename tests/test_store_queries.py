@@ -170,3 +170,27 @@ def test_distinct_counts_agree_between_flag_and_sort_paths():
             assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
         finally:
             kernels._FLAGS_MAX = saved
+
+
+def test_parts_give_back_every_column_exactly():
+    """Sparse revenue and packed session ids come back as they went in, in timestamp order."""
+    import numpy as np
+
+    s = EventStore(seal_rows=100)
+    events = EVENTS[:1000]
+    for i in range(0, len(events), 50):
+        s.append(to_table(events[i:i + 50]))
+    assert len(s._view.tail["test"]) == 0  # every event is in a part: sealed at 100, 200, ... 1000
+    for code, partition in s._view.partitions.items():
+        test_id = s._tests.decode(np.array([code]))[0]
+        got = []
+        for part in partition.parts:
+            batch = part.batch()
+            ts = batch.column("timestamp").to_pylist()
+            assert ts == sorted(ts)
+            got += zip(ts, batch.column("revenue").to_pylist(), batch.column("session_id").to_pylist())
+            revenue = part.column("revenue")
+            for lo, hi in [(0, part.num_rows), (1, part.num_rows - 1), (3, 3), (part.num_rows // 2, part.num_rows)]:
+                assert np.array_equal(part.column("revenue", slice(lo, hi)), revenue[lo:hi])
+        expected = [(e["timestamp"], e["revenue"], e["session_id"]) for e in events if e["test_id"] == test_id]
+        assert sorted(got) == sorted(expected)
