@@ -74,9 +74,23 @@ def ipc_bytes(table: pa.Table) -> bytes:
     return pa.py_buffer(sink.getvalue()).to_pybytes()
 
 
-def columnar_requests(table: pa.Table) -> list[bytes]:
-    return [pb.IngestEventsRequest(arrow_ipc=ipc_bytes(table.slice(i, COLUMNAR_BATCH))).SerializeToString()
-            for i in range(0, table.num_rows, COLUMNAR_BATCH)]
+class ColumnarRequests:
+    """Serialized columnar batches: built up front for up to 20M events, else while streaming
+    (100M events of requests would not fit in memory beside the server and the data)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.starts = list(range(0, table.num_rows, COLUMNAR_BATCH))
+        self.built = [self._build(i) for i in self.starts] if table.num_rows <= 20_000_000 else None
+
+    def _build(self, start: int) -> bytes:
+        return pb.IngestEventsRequest(arrow_ipc=ipc_bytes(self.table.slice(start, COLUMNAR_BATCH))).SerializeToString()
+
+    def __iter__(self):
+        return iter(self.built) if self.built is not None else (self._build(i) for i in self.starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
 
 
 def row_requests(table: pa.Table, prefix: str) -> list[bytes]:
@@ -107,8 +121,8 @@ def stream(address: str, requests: list[bytes]) -> tuple[int, int]:
     return accepted, rejected
 
 
-def timed_ingest(address: str, requests: list[bytes], streams: int) -> dict:
-    parts = [requests[i::streams] for i in range(streams)]
+def timed_ingest(address: str, requests, streams: int) -> dict:
+    parts = [requests] if streams == 1 else [requests[i::streams] for i in range(streams)]
     results: list[tuple[int, int]] = []
     threads = [threading.Thread(target=lambda p=p: results.append(stream(address, p))) for p in parts]
     started = time.perf_counter()
@@ -191,7 +205,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
     mid_ns = int(ts[len(ts) // 2])
 
     print(f"preparing {n:,} events ...", file=sys.stderr)
-    columnar = columnar_requests(table)
+    columnar = ColumnarRequests(table)
     rows = row_requests(table.slice(0, row_events), "rows_")
 
     with tempfile.TemporaryDirectory() as data_dir:

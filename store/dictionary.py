@@ -144,7 +144,7 @@ class Dictionary:
 
     def _reserve(self, needed: int) -> None:
         if needed > len(self._h1):
-            size = max(needed, 2 * len(self._h1))
+            size = max(needed, len(self._h1) * 3 // 2)
             self._h1 = np.concatenate([self._h1, np.zeros(size - len(self._h1), np.uint64)])
             self._h2 = np.concatenate([self._h2, np.zeros(size - len(self._h2), np.uint64)])
         size = len(self._slots)
