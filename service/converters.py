@@ -44,25 +44,35 @@ INTERVALS = {
     pb.INTERVAL_DAY: Interval.DAY,
     pb.INTERVAL_WEEK: Interval.WEEK,
 }
-_STRING_FIELDS = [f.name for f in EVENT_SCHEMA if f.type == pa.string()]
 
 
 # ---- ingest ------------------------------------------------------------------------------
 
 def events_to_table(events: Sequence[pb.Event]) -> pa.Table:
-    """A batch of Event messages as an EVENT_SCHEMA table, one comprehension per field."""
-    n = len(events)
-    present = np.fromiter((e.HasField("timestamp") for e in events), dtype=bool, count=n)
-    seconds = np.fromiter((e.timestamp.seconds for e in events), dtype=np.int64, count=n)
-    nanos = np.fromiter((e.timestamp.nanos for e in events), dtype=np.int64, count=n)
-    ts = np.clip(seconds, -_MAX_SECONDS, _MAX_SECONDS) * _NS + nanos
+    """A batch of Event messages as an EVENT_SCHEMA table.
+
+    One pass over the messages reads every field into a tuple (attribute access is the cost
+    here, ~100 ns each); columns are then built from the transposed tuples.
+    """
+    if not events:
+        return EVENT_SCHEMA.empty_table()
+    rows = [(e.user_id, e.test_id, e.variant, e.event_type, e.session_id, e.device, e.country, e.conversion,
+             e.revenue, e.timestamp.seconds, e.timestamp.nanos) for e in events]
+    (user_id, test_id, variant, event_type, session_id, device, country, conversion, revenue, seconds,
+     nanos) = zip(*rows)
+    seconds_a, nanos_a = np.array(seconds, dtype=np.int64), np.array(nanos, dtype=np.int64)
+    absent = (seconds_a == 0) & (nanos_a == 0)
+    for i in np.flatnonzero(absent).tolist():  # unset, or set to the epoch itself: rare, so ask
+        absent[i] = not events[i].HasField("timestamp")
+    ts = np.clip(seconds_a, -_MAX_SECONDS, _MAX_SECONDS) * _NS + nanos_a
+    strings = dict(user_id=user_id, test_id=test_id, variant=variant, event_type=event_type,
+                   session_id=session_id, device=device, country=country)
     columns: dict[str, Any] = {
-        "timestamp": pa.array(ts, pa.int64(), mask=~present),
-        "conversion": np.fromiter((e.conversion for e in events), dtype=np.int64, count=n),
-        "revenue": np.fromiter((e.revenue for e in events), dtype=np.float64, count=n),
+        "timestamp": pa.array(ts, pa.int64(), mask=absent),
+        "conversion": np.array(conversion, dtype=np.int64),
+        "revenue": np.array(revenue, dtype=np.float64),
+        **{name: pa.array(values, pa.string()) for name, values in strings.items()},
     }
-    for name in _STRING_FIELDS:
-        columns[name] = pa.array([getattr(e, name) for e in events], pa.string())
     return pa.table({name: columns[name] for name in EVENT_SCHEMA.names}, schema=EVENT_SCHEMA)
 
 

@@ -30,6 +30,7 @@ BAD = [
     (dict(country="é" * (MAX_STRING_BYTES // 2 + 1)), "country", f"{MAX_STRING_BYTES + 2} bytes long"),
     (dict(session_id="s" * 1000), "session_id", "at most 256"),
     (dict(timestamp=MIN_TIMESTAMP_NS - NS), "timestamp", "outside the accepted window"),
+    (dict(timestamp=0), "timestamp", "1970-01-01T00:00:00Z is outside the accepted window"),  # set, not absent
     (dict(timestamp=time.time_ns() + 3 * DAY), "timestamp", "outside the accepted window"),
     (dict(test_id="", conversion=5), "test_id", "required"),  # first failing field in Event order
 ]
