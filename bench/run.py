@@ -193,7 +193,7 @@ def machine() -> dict:
             "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__, "duckdb": duckdb.__version__}
 
 
-def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
+def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] | None = None) -> dict:
     report: dict = {"events": n, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     table = dataset.load(n)
     counts = table.group_by("test_id").aggregate([("test_id", "count")]).sort_by([("test_id_count", "descending")])
@@ -217,7 +217,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float) -> dict:
             report["memory"]["bytes_per_event"] = (report["memory"]["rss_after"] - rss_before) / n
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
-                report["queries"], held = compare_and_time(stub, table, query_set(typical, largest, mid_ns), reps)
+                qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
+                report["queries"], held = compare_and_time(stub, table, qs, reps)
                 report["memory"]["store_bytes_per_event"] = held
                 report["ingest_rows_1"] = timed_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = timed_ingest(server.address, rows, 4)
@@ -336,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-events", type=int, default=1_000_000, help="events sent as row batches")
     parser.add_argument("--load-seconds", type=float, default=15.0, help="length of the ingest-under-load phase")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--queries", default="", help="comma-separated query names to run (default: all)")
     args = parser.parse_args(argv)
-    report = run(args.events, args.reps, min(args.row_events, args.events), args.load_seconds)
+    only = {name for name in args.queries.split(",") if name}
+    report = run(args.events, args.reps, min(args.row_events, args.events), args.load_seconds, only)
     text = table_text(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
