@@ -100,6 +100,20 @@ class Dictionary:
     def __len__(self) -> int:
         return self._n
 
+    @classmethod
+    def from_values(cls, values: pa.Array, capacity: int, few_values: bool = True) -> Dictionary:
+        """A dictionary in which values[i] has code i (as saved by a snapshot)."""
+        d = cls(capacity, few_values)
+        n = len(values)
+        if n:
+            h1, h2 = hash_strings(values)
+            d._reserve(n)
+            d._h1[:n], d._h2[:n] = h1, h2
+            d._n = n
+            d._place(d._slots, np.arange(n, dtype=np.int64))
+            d._chunks.append(values)
+        return d
+
     # ---- writers ------------------------------------------------------------------------
 
     def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:

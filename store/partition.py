@@ -202,6 +202,13 @@ class Tail:
             self._strings[c].append(cols[c])
         self.rows = end
 
+    def copy(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
+        """(test codes, columns) of every row, leaving the tail as it is."""
+        cols: dict[str, np.ndarray | pa.Array] = {c: a[: self.rows].copy() for c, a in self._cols.items()}
+        for c, chunks in self._strings.items():
+            cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
+        return cols.pop("test"), cols
+
     def view(self) -> dict[str, np.ndarray]:
         return {c: a[: self.rows] for c, a in self._cols.items()}
 

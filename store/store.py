@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from abstream.store import kernels
+from abstream.store import kernels, persist
 from abstream.store.dictionary import Dictionary
-from abstream.store.errors import InvalidArgument
-from abstream.store.partition import COLUMNS, PartitionView, StoreView, Tail, take
+from abstream.store.errors import InvalidArgument, StoreError
+from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, take
 from abstream.store.queries import (
     Filters,
     MetricColumns,
@@ -27,8 +30,11 @@ from abstream.store.queries import (
     TimeseriesQuery,
     TimeseriesResult,
 )
-from abstream.store.schema import CODE_TYPES, Rejection
+from abstream.store.schema import CODE_TYPES, STORED_SCHEMA, Rejection
 from abstream.store.validate import normalize, validate
+from abstream.store.wal import WalCorruption, WriteAheadLog
+
+log = logging.getLogger("abstream.store")
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -36,10 +42,44 @@ _NO_END = np.iinfo(np.int64).max
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What became of one batch: how many events were stored, and why the others were not."""
+    """What became of one batch: how many events were stored, and why the others were not.
+
+    `duplicate` means the producer's batch with this sequence was applied before (and is
+    durable): nothing was stored this time.
+    """
 
     accepted: int
     rejections: list[Rejection]
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Durability:
+    """Where and how the store persists itself; see persist.py and wal.py for the formats."""
+
+    data_dir: Path
+    fsync: str = "always"  # or "interval"
+    fsync_interval_ms: int = 50
+    snapshot_compression: str = "none"  # or "lz4", "zstd"
+    snapshots_kept: int = 2
+    snapshot_every_events: int = 1_000_000
+    snapshot_every_seconds: float = 300.0
+
+
+class RecoveryError(StoreError):
+    """The data directory cannot be recovered without losing acknowledged events."""
+
+
+@dataclass
+class _Producer:
+    sequence: int
+    lsn: int
+
+
+@dataclass
+class _SnapshotClock:
+    at: float = field(default_factory=time.monotonic)
+    events: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,8 +102,13 @@ class EventStore:
     """
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
-                 clock: Callable[[], int] = time.time_ns, on_seal: Callable[[], None] | None = None) -> None:
-        """`on_seal` runs after the tail is sealed into parts, when much memory was just freed."""
+                 clock: Callable[[], int] = time.time_ns, on_seal: Callable[[], None] | None = None,
+                 durability: Durability | None = None) -> None:
+        """`on_seal` runs after the tail is sealed into parts, when much memory was just freed.
+
+        With `durability`, the store first recovers from its data directory (newest readable
+        snapshot, then the log after it) and logs every batch before acknowledging it.
+        """
         self._seal_rows = seal_rows
         self._on_seal = on_seal
         self._clock = clock
@@ -75,44 +120,93 @@ class EventStore:
         self._tail = Tail()
         self._view = StoreView({}, self._tail.view())
         self._quarantine: deque[QuarantinedEvent] = deque(maxlen=quarantine_limit)
+        self._producers: dict[str, _Producer] = {}
+        self._durability = durability
+        self._wal: WriteAheadLog | None = None
+        self._snapshot_lock = threading.Lock()
+        self._last_snapshot = _SnapshotClock()
+        if durability is not None:
+            self._recover(durability)
 
     # ---- ingest -------------------------------------------------------------------------
 
-    def append(self, batch: pa.Table | pa.RecordBatch) -> IngestResult:
-        """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest."""
+    def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0) -> IngestResult:
+        """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
+
+        Returns once the batch is visible to queries and as durable as the fsync policy says. A
+        batch tagged with `producer_id` is applied at most once per `sequence`: sequences must
+        increase, and one not above the last applied is acknowledged as a duplicate.
+        """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         batch = normalize(batch)
-        valid, rejections = validate(batch, self._clock())
+        received = self._clock()
+        valid, rejections = validate(batch, received)
         good_index = np.flatnonzero(valid)
         good = batch.take(good_index) if rejections else batch
         with self._lock:
-            test_codes = self._tests.encode(good.column("test_id"))
-            codes = {name: d.encode(good.column(name)) for name, d in self._dicts.items()}
-            full = np.zeros(good.num_rows, dtype=bool)
-            for name, c in codes.items():
-                overflow = c < 0
-                for j in np.flatnonzero(overflow & ~full).tolist():
-                    rejections.append(Rejection(int(good_index[j]), name,
-                                                f"{name} has reached its limit of "
-                                                f"{self._dicts[name].capacity} distinct values"))
-                full |= overflow
-            keep = ~full if full.any() else None
-            cols = {
-                "timestamp": good.column("timestamp").to_numpy(),
-                "conversion": good.column("conversion").to_numpy().astype(np.uint8),
-                "revenue": good.column("revenue").to_numpy(),
-                "session_id": good.column("session_id").combine_chunks(),
-                **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
-            }
-            if keep is not None:
-                cols = {c: take(a, np.flatnonzero(keep)) for c, a in cols.items()}
-                test_codes = test_codes[keep]
-            self._append_by_test(test_codes, cols)
-            if rejections:
-                self._quarantine_rows(batch, rejections)
-        rejections.sort(key=lambda r: r.index)
-        return IngestResult(accepted=len(test_codes), rejections=rejections)
+            if (previous := self._applied(producer_id, sequence)) is not None:
+                lsn, result = previous, IngestResult(0, [], duplicate=True)
+            else:
+                test_codes, cols, kept = self._encode(good, good_index, rejections)
+                rejections.sort(key=lambda r: r.index)
+                rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
+                lsn = None if self._wal is None else self._wal.append(persist.encode_record(persist.Record(
+                    good if kept is None else good.take(kept), rejected, rejections, producer_id, sequence,
+                    received)))
+                self._apply(test_codes, cols, rejected, rejections, received, producer_id, sequence, lsn)
+                result = IngestResult(accepted=len(test_codes), rejections=rejections)
+        if lsn is not None:
+            self._wal.commit(lsn)
+        return result
+
+    def _applied(self, producer_id: str, sequence: int) -> int | None:
+        """For a batch applied before: the log record to wait for (0 without a log)."""
+        state = self._producers.get(producer_id) if producer_id else None
+        if state is None or sequence > state.sequence:
+            return None
+        return state.lsn if self._wal is not None else None
+
+    def _encode(self, good: pa.Table, good_index: np.ndarray, rejections: list[Rejection]
+                ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], np.ndarray | None]:
+        """Codes and stored columns of the rows of `good` that fit their dictionaries.
+
+        Returns (test codes, columns, rows of `good` kept or None for all); a row whose value no
+        longer fits a full dictionary gets a rejection.
+        """
+        test_codes = self._tests.encode(good.column("test_id"))
+        codes = {name: d.encode(good.column(name)) for name, d in self._dicts.items()}
+        full = np.zeros(good.num_rows, dtype=bool)
+        for name, c in codes.items():
+            overflow = c < 0
+            for j in np.flatnonzero(overflow & ~full).tolist():
+                rejections.append(Rejection(int(good_index[j]), name, f"{name} has reached its limit of "
+                                            f"{self._dicts[name].capacity} distinct values"))
+            full |= overflow
+        cols = {
+            "timestamp": good.column("timestamp").to_numpy(),
+            "conversion": good.column("conversion").to_numpy().astype(np.uint8),
+            "revenue": good.column("revenue").to_numpy(),
+            "session_id": good.column("session_id").combine_chunks(),
+            **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
+        }
+        if not full.any():
+            return test_codes, cols, None
+        kept = np.flatnonzero(~full)
+        return test_codes[kept], {c: take(a, kept) for c, a in cols.items()}, kept
+
+    def _apply(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array], rejected: pa.Table,
+               rejections: list[Rejection], received: int, producer_id: str, sequence: int,
+               lsn: int | None) -> None:
+        """Makes a batch visible: its events, its rejected events (`rejected`, in the order of
+        `rejections`) in quarantine, and its producer's sequence."""
+        self._append_by_test(test_codes, cols)
+        if rejections:
+            events = rejected.to_pylist()
+            self._quarantine.extend(QuarantinedEvent(received, r.index, r.field, r.message, event)
+                                    for r, event in zip(rejections, events))
+        if producer_id:
+            self._producers[producer_id] = _Producer(sequence, lsn or 0)
 
     def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         if len(test_codes) == 0:
@@ -144,11 +238,130 @@ class EventStore:
             partitions[code] = partitions.get(code, PartitionView()).with_rows({c: a[lo:hi] for c, a in cols.items()})
         return partitions
 
-    def _quarantine_rows(self, batch: pa.Table, rejections: list[Rejection]) -> None:
-        received = self._clock()
-        events = batch.take([r.index for r in rejections]).to_pylist()
-        for r, event in zip(rejections, events):
-            self._quarantine.append(QuarantinedEvent(received, r.index, r.field, r.message, event))
+    # ---- durability ---------------------------------------------------------------------
+
+    def _recover(self, d: Durability) -> None:
+        """Newest readable snapshot, then every log record after it; refuses to lose any."""
+        started = time.monotonic()
+        snapshots_dir, wal = Path(d.data_dir) / "snapshots", WriteAheadLog(Path(d.data_dir) / "wal", d.fsync,
+                                                                           d.fsync_interval_ms)
+        segments = wal.segments()
+        first_logged = segments[0][0] if segments else None
+        contents, skipped = None, []
+        for lsn, path in persist.list_snapshots(snapshots_dir):
+            try:
+                contents = persist.load_snapshot(path)
+                break
+            except persist.SnapshotError as error:
+                log.error("snapshot %s is unusable, trying an older one: %s", path, error)
+                skipped.append(str(path))
+        start_lsn = contents.lsn if contents else 1
+        if first_logged is not None and first_logged > start_lsn:
+            raise RecoveryError(
+                f"cannot recover {d.data_dir}: the write-ahead log begins at record {first_logged}, but "
+                + (f"the newest usable snapshot ends before record {start_lsn}" if contents else "no snapshot was found")
+                + (f" (unusable: {', '.join(skipped)})" if skipped else f" in {snapshots_dir}")
+                + "; the events in between are gone. Restore the snapshots directory from a backup.")
+        if contents is not None:
+            self._restore(contents)
+        in_snapshot = self.event_count
+        replayed = 0
+        try:
+            for _, payload in wal.replay(after_lsn=start_lsn - 1):
+                self._replay(persist.decode_record(payload))
+                replayed += 1
+        except WalCorruption as error:
+            raise RecoveryError(str(error)) from error
+        wal.open()
+        self._wal = wal
+        self._last_snapshot = _SnapshotClock(events=in_snapshot)
+        log.info("recovered %d events (%s, %d log records replayed) in %.2fs", self.event_count,
+                 f"snapshot {start_lsn}" if contents else "no snapshot", replayed, time.monotonic() - started)
+
+    def _replay(self, record: persist.Record) -> None:
+        rejections = list(record.rejections)
+        test_codes, cols, _ = self._encode(record.accepted, np.arange(record.accepted.num_rows), rejections)
+        self._apply(test_codes, cols, record.rejected, record.rejections, record.received_ns, record.producer_id,
+                    record.sequence, self._wal.next_lsn - 1 if self._wal else 0)
+
+    def _restore(self, contents: persist.SnapshotContents) -> None:
+        for name, values in contents.dictionaries.items():
+            if name == "test_id":
+                self._tests = Dictionary.from_values(values, self._tests.capacity)
+            else:
+                old = self._dicts[name]
+                self._dicts[name] = Dictionary.from_values(values, old.capacity, old.few_values)
+        partitions: dict[int, PartitionView] = {}
+        for batch in contents.events:
+            code = int(batch.column("test")[0].as_py())
+            cols = {c: batch.column(c) if c in ("session_id",) else batch.column(c).to_numpy() for c in COLUMNS}
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(cols)
+        self._view = StoreView(partitions, self._tail.view())
+        q = contents.quarantine.to_pylist()
+        self._quarantine.extend(QuarantinedEvent(e.pop("received_ns"), e.pop("index"), e.pop("field"),
+                                                 e.pop("message"), e) for e in q)
+        self._producers = {k: _Producer(v["sequence"], 0) for k, v in contents.producers.items()}
+
+    def snapshot(self) -> Path:
+        """Writes a snapshot now and returns its directory once it is durable.
+
+        Only capturing what to write holds the ingest lock (references to immutable parts, a
+        copy of the tail's rows); writing runs beside ingest and queries.
+        """
+        d = self._durability
+        if d is None or self._wal is None:
+            raise StoreError("this store has no data directory to snapshot to")
+        with self._snapshot_lock:
+            with self._lock:
+                contents = self._capture()
+                events_at = self.event_count
+            root = Path(d.data_dir) / "snapshots"
+            path = persist.write_snapshot(root, contents, d.snapshot_compression)
+            self._last_snapshot = _SnapshotClock(events=events_at)
+            kept = persist.list_snapshots(root)[: max(d.snapshots_kept, 1)]
+            for _, old in persist.list_snapshots(root)[len(kept):]:
+                shutil.rmtree(old, ignore_errors=True)
+            for tmp in root.glob("tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            # Keep the log back to the oldest kept snapshot, so any of them can be fallen back on.
+            self._wal.drop_before(kept[-1][0])
+            log.info("snapshot %s written: %d events", path.name, contents_events(contents))
+            return path
+
+    def _capture(self) -> persist.SnapshotContents:
+        """What a snapshot holds, taken under the ingest lock: cheap references, one tail copy."""
+        lsn = self._wal.rotate()
+        view = self._view
+        batches = []
+        for code, partition in view.partitions.items():
+            for part in partition.parts:
+                batches.append((code, part))
+        tail_codes, tail_cols = self._tail.copy()
+        producers = {k: {"sequence": v.sequence} for k, v in self._producers.items()}
+        quarantine = list(self._quarantine)
+        dictionaries = {"test_id": self._tests.values, **{n: d.values for n, d in self._dicts.items()}}
+        return persist.SnapshotContents(lsn, _LazyBatches(batches, tail_codes, tail_cols), dictionaries,
+                                        _quarantine_table(quarantine), producers)
+
+    def maybe_snapshot(self) -> Path | None:
+        """Snapshots when the configured number of events or seconds has passed since the last."""
+        d = self._durability
+        if d is None:
+            return None
+        since = self.event_count - self._last_snapshot.events
+        due = (d.snapshot_every_events > 0 and since >= d.snapshot_every_events) or (
+            d.snapshot_every_seconds > 0 and since > 0
+            and time.monotonic() - self._last_snapshot.at >= d.snapshot_every_seconds)
+        return self.snapshot() if due else None
+
+    def close(self, final_snapshot: bool = True) -> None:
+        """Flushes everything: a last snapshot (so a restart replays nothing), then the log."""
+        if self._wal is None:
+            return
+        if final_snapshot:
+            self.snapshot()
+        self._wal.close()
+        self._wal = None
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -310,3 +523,43 @@ class EventStore:
 
     def _n_users(self) -> int:
         return max(len(self._dicts["user_id"]), 1)
+
+
+class _LazyBatches(list):
+    """The snapshot's record batches, built while writing (outside the ingest lock)."""
+
+    def __init__(self, parts: list, tail_codes: np.ndarray, tail_cols: dict) -> None:
+        super().__init__()
+        self._parts, self._tail_codes, self._tail_cols = parts, tail_codes, tail_cols
+
+    def __iter__(self):
+        for code, part in self._parts:
+            yield _with_test(part.batch(), code)
+        if len(self._tail_codes):
+            order = np.lexsort((self._tail_cols["timestamp"], self._tail_codes))
+            codes = self._tail_codes[order]
+            cols = {c: take(self._tail_cols[c], order) for c in COLUMNS}
+            bounds = np.flatnonzero(np.diff(codes)) + 1
+            for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(codes)]):
+                arrays = [pa.array(cols[c][lo:hi]) if c in DTYPES else cols[c][lo:hi] for c in COLUMNS]
+                yield _with_test(pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA), int(codes[lo]))
+
+    def __len__(self) -> int:
+        return len(self._parts) + 1
+
+
+def _with_test(batch: pa.RecordBatch, code: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array(np.full(batch.num_rows, code, np.int32)), *batch.columns],
+                                      schema=persist.SNAPSHOT_SCHEMA)
+
+
+def contents_events(contents: persist.SnapshotContents) -> int:
+    parts = contents.events
+    return sum(p.num_rows for _, p in parts._parts) + len(parts._tail_codes) if isinstance(parts, _LazyBatches) \
+        else sum(b.num_rows for b in parts)
+
+
+def _quarantine_table(entries: list[QuarantinedEvent]) -> pa.Table:
+    rows = [{"received_ns": e.received_ns, "index": e.index, "field": e.field, "message": e.message, **e.event}
+            for e in entries]
+    return pa.Table.from_pylist(rows, schema=persist.QUARANTINE_SCHEMA)

@@ -85,3 +85,13 @@ def test_mostly_distinct_mode_agrees_with_few_values_mode():
         # the same value always gets the same code within each dictionary
         assert len(set(zip(batch, b.tolist()))) == len(set(batch))
     assert len(few) == len(many)
+
+
+def test_from_values_gives_the_same_codes():
+    values = awkward_strings(3000, seed=9)
+    d = Dictionary(10**9)
+    codes = d.encode(pa.array(values))
+    restored = Dictionary.from_values(d.values, 10**9)
+    assert np.array_equal(restored.encode(pa.array(values)), codes)
+    assert len(restored) == len(d)
+    assert restored.encode(pa.array(["brand new"])).tolist() == [len(d)]

@@ -1,0 +1,180 @@
+"""What goes to disk: write-ahead log records, and snapshots as Arrow IPC files.
+
+A log record is one acknowledged batch: the events that were stored (as EVENT_SCHEMA strings,
+so replay re-encodes them exactly as the first time), the rejected ones with their reasons, and
+the producer's id and sequence. Replay trusts records; it never validates again, since a
+batch's validity depended on the server's clock when it arrived.
+
+A snapshot is a directory `snap-<lsn>` (the first log record it does not contain):
+
+    manifest.json        what the snapshot holds, and every file's size and CRC-32
+    events.arrow         stored events, one record batch per part, with a `test` code column
+    dict-<field>.arrow   each dictionary's strings in code order (a code is a row number)
+    quarantine.arrow     rejected events with their reasons
+    producers.json       last applied sequence per producer
+
+It is written to `tmp-<lsn>`, every file fsynced, then renamed and the parent fsynced, so a
+snapshot directory either is complete or does not exist under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from abstream.store.schema import EVENT_SCHEMA, STORED_SCHEMA, Rejection
+from abstream.store.wal import fsync_dir
+
+_SIZES = struct.Struct("<III")
+SNAPSHOT_SCHEMA = pa.schema([pa.field("test", pa.int32()), *STORED_SCHEMA])
+QUARANTINE_SCHEMA = pa.schema([pa.field("received_ns", pa.int64()), pa.field("index", pa.int64()),
+                               pa.field("field", pa.string()), pa.field("message", pa.string()), *EVENT_SCHEMA])
+
+
+class SnapshotError(Exception):
+    """A snapshot is incomplete or damaged; the caller falls back to an older one."""
+
+
+# ---- log records ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    accepted: pa.Table
+    rejected: pa.Table
+    rejections: list[Rejection]
+    producer_id: str
+    sequence: int
+    received_ns: int
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def encode_record(record: Record) -> bytes:
+    header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
+                         "received_ns": record.received_ns,
+                         "rejections": [[r.index, r.field, r.message] for r in record.rejections]}).encode()
+    accepted, rejected = _ipc(record.accepted), _ipc(record.rejected) if record.rejections else b""
+    return _SIZES.pack(len(header), len(accepted), len(rejected)) + header + accepted + rejected
+
+
+def decode_record(payload: bytes) -> Record:
+    h, a, r = _SIZES.unpack_from(payload)
+    at = _SIZES.size
+    header = json.loads(payload[at:at + h])
+    accepted = pa.ipc.open_stream(payload[at + h:at + h + a]).read_all()
+    rejected = pa.ipc.open_stream(payload[at + h + a:at + h + a + r]).read_all() if r else EVENT_SCHEMA.empty_table()
+    return Record(accepted, rejected, [Rejection(*x) for x in header["rejections"]], header["producer_id"],
+                  header["sequence"], header["received_ns"])
+
+
+# ---- snapshots --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SnapshotContents:
+    """Everything a snapshot holds, as the store hands it over or gets it back."""
+
+    lsn: int
+    events: list[pa.RecordBatch]  # SNAPSHOT_SCHEMA, one batch per part, sorted by timestamp
+    dictionaries: dict[str, pa.Array]
+    quarantine: pa.Table
+    producers: dict[str, Any]
+
+
+def _write_ipc(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch], compression: str | None) -> None:
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _crc_file(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> Path:
+    """Writes a complete snapshot atomically; returns its directory."""
+    codec = None if compression == "none" else compression
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"snap-{contents.lsn:020d}"
+    tmp = root / f"tmp-{contents.lsn:020d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {"events.arrow": (SNAPSHOT_SCHEMA, contents.events),
+             "quarantine.arrow": (QUARANTINE_SCHEMA, contents.quarantine.to_batches())}
+    for name, values in contents.dictionaries.items():
+        files[f"dict-{name}.arrow"] = (pa.schema([("value", pa.string())]),
+                                       [pa.record_batch([values], names=["value"])])
+    for name, (schema, batches) in files.items():
+        _write_ipc(tmp / name, schema, batches, codec)
+    (tmp / "producers.json").write_text(json.dumps(contents.producers))
+    manifest = {
+        "format": 1, "lsn": contents.lsn, "created_ns": time.time_ns(), "compression": compression,
+        "files": {p.name: {"size": p.stat().st_size, "crc32": _crc_file(p)} for p in sorted(tmp.iterdir())},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    fsync_dir(tmp)
+    if final.exists():  # the same LSN again (nothing was ingested since): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    return final
+
+
+def list_snapshots(root: Path) -> list[tuple[int, Path]]:
+    """Complete snapshot directories, newest first."""
+    found = []
+    for path in root.glob("snap-*") if root.is_dir() else []:
+        try:
+            found.append((int(path.name[5:]), path))
+        except ValueError:
+            continue
+    return sorted(found, reverse=True)
+
+
+def load_snapshot(path: Path) -> SnapshotContents:
+    """Reads and checks one snapshot; raises SnapshotError when anything is off."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        for name, expected in manifest["files"].items():
+            file = path / name
+            if file.stat().st_size != expected["size"] or _crc_file(file) != expected["crc32"]:
+                raise SnapshotError(f"{file} does not match the manifest (size or CRC-32)")
+
+        def read(name: str) -> pa.Table:
+            # Memory-mapped: uncompressed columns are used where they lie, without a copy.
+            return pa.ipc.open_file(pa.memory_map(str(path / name))).read_all()
+
+        events = pa.ipc.open_file(pa.memory_map(str(path / "events.arrow")))
+        batches = [events.get_batch(i) for i in range(events.num_record_batches)]
+        dictionaries = {p.name[5:-6]: read(p.name).column("value").combine_chunks() for p in path.glob("dict-*.arrow")}
+        return SnapshotContents(manifest["lsn"], batches, dictionaries, read("quarantine.arrow"),
+                                json.loads((path / "producers.json").read_text()))
+    except SnapshotError:
+        raise
+    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+        raise SnapshotError(f"{path} cannot be read: {error}") from error
