@@ -26,12 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     Settings.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(Settings.from_args(args))
+        try:
+            settings = Settings.from_args(args)
+        except ValueError as error:
+            parser.error(str(error))
+        return _serve(settings)
     return 2
 
 
 def _serve(settings) -> int:
     from abstream.service.server import BindError, serve
+    from abstream.store import RecoveryError
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -39,6 +44,9 @@ def _serve(settings) -> int:
     except BindError as error:
         print(f"abstream: {error}", file=sys.stderr)
         return 1
+    except RecoveryError as error:
+        print(f"abstream: refusing to start: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -95,6 +95,7 @@ def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse
         accepted=result.accepted,
         rejected=len(result.rejections),
         rejections=[pb.Rejection(index=r.index, field=r.field, message=r.message) for r in result.rejections],
+        duplicate=result.duplicate,
     )
 
 

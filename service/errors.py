@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from abstream.store import InvalidArgument, StoreError
+from abstream.store import InvalidArgument, StoreError, Unavailable
 
 log = logging.getLogger("abstream.service")
 
@@ -22,6 +22,8 @@ def to_status(error: BaseException) -> grpc.Status:
         detail.Pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.reason)]))
         status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
+    elif isinstance(error, Unavailable):
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
     elif isinstance(error, StoreError):
         status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=str(error))
     else:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 import pyarrow as pa
@@ -15,14 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from abstream.service.errors import ErrorInterceptor
-from abstream.service.servicer import AnalyticsServicer
+from abstream.service.servicer import AdminServicer, AnalyticsServicer, StoreHolder
 from abstream.service.settings import Settings
-from abstream.store import EventStore
-from abstream.v1 import analytics_pb2, analytics_pb2_grpc
+from abstream.store import Durability, EventStore
+from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2, analytics_pb2_grpc
 
 log = logging.getLogger("abstream.server")
 
 SERVICE_NAME = analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -64,13 +65,14 @@ class BindError(RuntimeError):
 
 
 class AnalyticsServer:
-    """A started grpc.aio server with its store; `port` is the one actually bound."""
+    """The grpc.aio server and its store; `port` is the one actually bound."""
 
-    def __init__(self, settings: Settings, store: EventStore | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = store or EventStore(quarantine_limit=settings.quarantine_limit, on_seal=release_free_memory)
+        self.holder = StoreHolder()
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self._snapshots: asyncio.Task | None = None
         self._server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[
@@ -80,12 +82,27 @@ class AnalyticsServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
-        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsServicer(self.store), self._server)
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsServicer(self.holder), self._server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
+                                                          self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+            [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+
+    @property
+    def store(self) -> EventStore:
+        return self.holder.get()
+
+    def _open_store(self) -> EventStore:
+        s = self.settings
+        durability = None if not s.data_dir else Durability(
+            Path(s.data_dir), fsync=s.fsync, fsync_interval_ms=s.fsync_interval_ms,
+            snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,
+            snapshot_every_events=s.snapshot_every_events, snapshot_every_seconds=s.snapshot_every_seconds)
+        return EventStore(quarantine_limit=s.quarantine_limit, on_seal=release_free_memory, durability=durability)
 
     async def start(self) -> int:
+        """Listens (health says NOT_SERVING), recovers the store, then says SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.port = self._server.add_insecure_port(self.settings.addr)
@@ -94,22 +111,39 @@ class AnalyticsServer:
         if self.port == 0:
             raise BindError(f"cannot listen on {self.settings.addr}: address in use or unavailable")
         await self._server.start()
-        os.makedirs(self.settings.data_dir, exist_ok=True)
+        log.info("port %d bound; recovering %s", self.port, self.settings.data_dir or "nothing (memory only)")
+        try:
+            self.holder.store = await asyncio.to_thread(self._open_store)
+        except BaseException:
+            await self._server.stop(0)
+            raise
+        self._snapshots = asyncio.create_task(self._snapshot_when_due())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
         return self.port
 
+    async def _snapshot_when_due(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.holder.get().maybe_snapshot)
+            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+                log.exception("periodic snapshot failed")
+
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new work, let calls in flight finish within the grace period, then close."""
+        """Refuses new calls, lets those in flight finish within the grace period, then writes a
+        final snapshot and closes the log."""
+        self.holder.draining = True
         await self.health.enter_graceful_shutdown()
+        if self._snapshots is not None:
+            self._snapshots.cancel()
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        if self.holder.store is not None:
+            await asyncio.to_thread(self.holder.store.close)
         log.info("stopped")
 
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
-
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self.health.set(name, status)
 
 
@@ -124,7 +158,11 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal right after it must not kill us
         loop.add_signal_handler(sig, stopping.set)
     server = AnalyticsServer(settings)
-    await server.start()
+    starting = asyncio.create_task(server.start())
+    await asyncio.wait([starting, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal during recovery: let it finish, then stop as usual
+        log.info("signal received while recovering; stopping once recovered")
+    await starting
     await stopping.wait()
     log.info("signal received; stopping within %.1fs", settings.grace_seconds)
     await server.stop()

@@ -1,4 +1,4 @@
-"""AnalyticsService: converts each request, runs the store's work in a thread, converts back.
+"""The servicers: convert each request, run the store's work in a thread, convert back.
 
 Query and ingest work is numpy/Arrow code that releases the GIL; running it in worker threads
 keeps the event loop free to serve every other stream meanwhile.
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf import duration_pb2
 
 from abstream.service import converters
-from abstream.store import EventStore
+from abstream.store import EventStore, Unavailable
 from abstream.store.queries import QueryStats
+from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
@@ -22,42 +25,75 @@ QUARANTINE_DEFAULT_LIMIT = 100
 QUARANTINE_MAX_LIMIT = 10_000
 
 
+class StoreHolder:
+    """The store once it has recovered; until then, and once draining, calls are UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.store: EventStore | None = None
+        self.draining = False
+
+    def get(self) -> EventStore:
+        if self.store is None:
+            raise Unavailable("the server is starting: recovering its data directory")
+        return self.store
+
+
 class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
+    def __init__(self, holder: StoreHolder) -> None:
+        self._holder = holder
 
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
+        store = self._holder.get()
         batch = 0
         async for request in request_iterator:
-            yield await asyncio.to_thread(self._ingest, batch, request)
+            yield await asyncio.to_thread(self._ingest, store, batch, request)
             batch += 1
+            if self._holder.draining:  # the batch in hand is acked; send the rest elsewhere
+                raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _ingest(self, batch: int, request: pb.IngestEventsRequest) -> pb.IngestEventsResponse:
-        result = self._store.append(converters.request_to_table(request))
+    @staticmethod
+    def _ingest(store: EventStore, batch: int, request: pb.IngestEventsRequest) -> pb.IngestEventsResponse:
+        result = store.append(converters.request_to_table(request), request.producer_id, request.sequence)
         return converters.ingest_response(batch, result)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:
-        query = converters.summary_query(request)
-        return await asyncio.to_thread(lambda: converters.summary_response(self._store.summary(query)))
+        store, query = self._holder.get(), converters.summary_query(request)
+        return await asyncio.to_thread(lambda: converters.summary_response(store.summary(query)))
 
     async def Segments(self, request: pb.SegmentsRequest, context: grpc.aio.ServicerContext) -> pb.SegmentsResponse:
-        query = converters.segments_query(request)
-        return await asyncio.to_thread(lambda: converters.segments_response(self._store.segments(query)))
+        store, query = self._holder.get(), converters.segments_query(request)
+        return await asyncio.to_thread(lambda: converters.segments_response(store.segments(query)))
 
     async def Timeseries(self, request: pb.TimeseriesRequest,
                          context: grpc.aio.ServicerContext) -> pb.TimeseriesResponse:
-        query = converters.timeseries_query(request)
-        return await asyncio.to_thread(lambda: converters.timeseries_response(self._store.timeseries(query)))
+        store, query = self._holder.get(), converters.timeseries_query(request)
+        return await asyncio.to_thread(lambda: converters.timeseries_response(store.timeseries(query)))
 
     async def ListTests(self, request: pb.ListTestsRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListTestsResponse:
         started = time.perf_counter_ns()
-        tests = self._store.list_tests()  # maintained per-test counters: no event is scanned
+        tests = self._holder.get().list_tests()  # maintained per-test counters: no event is scanned
         return converters.list_tests_response(tests, QueryStats(0, time.perf_counter_ns() - started))
 
     async def ListQuarantine(self, request: pb.ListQuarantineRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListQuarantineResponse:
         limit = min(request.limit or QUARANTINE_DEFAULT_LIMIT, QUARANTINE_MAX_LIMIT)
-        entries, total = self._store.quarantine(request.test_id, limit)
+        entries, total = self._holder.get().quarantine(request.test_id, limit)
         return converters.quarantine_response(entries, total)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, holder: StoreHolder, data_dir: str) -> None:
+        self._holder = holder
+        self._data_dir = Path(data_dir)
+
+    async def CreateSnapshot(self, request: admin_pb2.CreateSnapshotRequest,
+                             context: grpc.aio.ServicerContext) -> admin_pb2.CreateSnapshotResponse:
+        store = self._holder.get()
+        started = time.perf_counter_ns()
+        info = await asyncio.to_thread(store.snapshot)
+        seconds, nanos = divmod(time.perf_counter_ns() - started, 1_000_000_000)
+        path = info.path.relative_to(self._data_dir) if info.path.is_relative_to(self._data_dir) else info.path
+        return admin_pb2.CreateSnapshotResponse(path=str(path), events=info.events,
+                                                elapsed=duration_pb2.Duration(seconds=seconds, nanos=nanos))

@@ -17,6 +17,18 @@ class Settings:
     grace_seconds: float = 10.0
     quarantine_limit: int = 100_000
     log_level: str = "INFO"
+    fsync: str = "always"
+    fsync_interval_ms: int = 50
+    snapshot_every_events: int = 1_000_000
+    snapshot_every_seconds: float = 300.0
+    snapshot_compression: str = "none"
+    snapshots_kept: int = 2
+
+    def __post_init__(self) -> None:
+        choices = {"fsync": ("always", "interval"), "snapshot_compression": ("none", "lz4", "zstd")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

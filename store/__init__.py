@@ -3,7 +3,7 @@
 It knows nothing of gRPC or protobuf, so it can be embedded, benchmarked and tested on its own.
 """
 
-from abstream.store.errors import InvalidArgument, StoreError
+from abstream.store.errors import InvalidArgument, StoreError, Unavailable
 from abstream.store.queries import (
     Dimension,
     Filters,
@@ -22,11 +22,12 @@ from abstream.store.queries import (
     TimeseriesRow,
 )
 from abstream.store.schema import EVENT_SCHEMA, Rejection
-from abstream.store.store import EventStore, IngestResult, QuarantinedEvent
+from abstream.store.store import Durability, EventStore, IngestResult, QuarantinedEvent, RecoveryError
 
 __all__ = [
     "EVENT_SCHEMA",
     "Dimension",
+    "Durability",
     "EventStore",
     "Filters",
     "IngestResult",
@@ -35,6 +36,7 @@ __all__ = [
     "Metrics",
     "QuarantinedEvent",
     "QueryStats",
+    "RecoveryError",
     "Rejection",
     "SegmentRow",
     "SegmentsQuery",
@@ -47,4 +49,5 @@ __all__ = [
     "TimeseriesQuery",
     "TimeseriesResult",
     "TimeseriesRow",
+    "Unavailable",
 ]

@@ -12,3 +12,7 @@ class InvalidArgument(StoreError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class Unavailable(StoreError):
+    """The store cannot take this call now (starting, or shutting down); retrying later may work."""

@@ -70,6 +70,12 @@ class RecoveryError(StoreError):
     """The data directory cannot be recovered without losing acknowledged events."""
 
 
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    events: int
+
+
 @dataclass
 class _Producer:
     sequence: int
@@ -302,8 +308,8 @@ class EventStore:
                                                  e.pop("message"), e) for e in q)
         self._producers = {k: _Producer(v["sequence"], 0) for k, v in contents.producers.items()}
 
-    def snapshot(self) -> Path:
-        """Writes a snapshot now and returns its directory once it is durable.
+    def snapshot(self) -> SnapshotInfo:
+        """Writes a snapshot now and returns once it is durable.
 
         Only capturing what to write holds the ingest lock (references to immutable parts, a
         copy of the tail's rows); writing runs beside ingest and queries.
@@ -325,8 +331,8 @@ class EventStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             # Keep the log back to the oldest kept snapshot, so any of them can be fallen back on.
             self._wal.drop_before(kept[-1][0])
-            log.info("snapshot %s written: %d events", path.name, contents_events(contents))
-            return path
+            log.info("snapshot %s written: %d events", path.name, events_at)
+            return SnapshotInfo(path, events_at)
 
     def _capture(self) -> persist.SnapshotContents:
         """What a snapshot holds, taken under the ingest lock: cheap references, one tail copy."""
@@ -343,7 +349,7 @@ class EventStore:
         return persist.SnapshotContents(lsn, _LazyBatches(batches, tail_codes, tail_cols), dictionaries,
                                         _quarantine_table(quarantine), producers)
 
-    def maybe_snapshot(self) -> Path | None:
+    def maybe_snapshot(self) -> SnapshotInfo | None:
         """Snapshots when the configured number of events or seconds has passed since the last."""
         d = self._durability
         if d is None:
@@ -551,12 +557,6 @@ class _LazyBatches(list):
 def _with_test(batch: pa.RecordBatch, code: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array(np.full(batch.num_rows, code, np.int32)), *batch.columns],
                                       schema=persist.SNAPSHOT_SCHEMA)
-
-
-def contents_events(contents: persist.SnapshotContents) -> int:
-    parts = contents.events
-    return sum(p.num_rows for _, p in parts._parts) + len(parts._tail_codes) if isinstance(parts, _LazyBatches) \
-        else sum(b.num_rows for b in parts)
 
 
 def _quarantine_table(entries: list[QuarantinedEvent]) -> pa.Table:

@@ -97,12 +97,14 @@ def test_generated_code_is_fresh(tmp_path):
     """Regenerates the contract's Python code and compares it with what is committed."""
     from grpc_tools import protoc
 
-    proto = "abstream/v1/analytics.proto"
+    protos = ["abstream/v1/analytics.proto", "abstream/v1/admin.proto"]
     include = str(Path(protoc.__file__).parent / "_proto")
     code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={tmp_path}",
-                        f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(ROOT / "protos" / proto)])
+                        f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                        *(str(ROOT / "protos" / proto) for proto in protos)])
     assert code == 0
-    for name in ("analytics_pb2.py", "analytics_pb2.pyi", "analytics_pb2_grpc.py"):
+    for name in [f"{stem}{suffix}" for stem in ("analytics", "admin")
+                 for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]:
         fresh, committed = tmp_path / "abstream/v1" / name, ROOT / "protos/abstream/v1" / name
         assert filecmp.cmp(fresh, committed, shallow=False), f"{committed} is stale: run `make proto`"
 

@@ -60,24 +60,30 @@ class Event(_message.Message):
     def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., test_id: _Optional[str] = ..., variant: _Optional[str] = ..., event_type: _Optional[str] = ..., conversion: _Optional[int] = ..., revenue: _Optional[float] = ..., session_id: _Optional[str] = ..., device: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("events", "arrow_ipc")
+    __slots__ = ("events", "arrow_ipc", "producer_id", "sequence")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     arrow_ipc: bytes
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
+    producer_id: str
+    sequence: int
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., arrow_ipc: _Optional[bytes] = ..., producer_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class IngestEventsResponse(_message.Message):
-    __slots__ = ("batch", "accepted", "rejected", "rejections")
+    __slots__ = ("batch", "accepted", "rejected", "rejections", "duplicate")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     batch: int
     accepted: int
     rejected: int
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
-    def __init__(self, batch: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, batch: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("index", "field", "message")
