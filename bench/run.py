@@ -40,21 +40,35 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_
 # ---- the server process ------------------------------------------------------------------
 
 class ServerProcess:
+    """The real server, started with the defaults a deployment gets (fsync always)."""
+
     def __init__(self, data_dir: str) -> None:
+        self.lines: list[str] = []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir,
-             "--max-message-bytes", str(256 << 20)],
+             "--max-message-bytes", str(256 << 20), "--snapshot-every-events", "0", "--snapshot-every-seconds", "0"],
             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
-            if match := re.search(r"on port (\d+)", line):
+            self.lines.append(line)
+            if match := re.search(r"serving \S+ on port (\d+)", line):
                 self.address = f"127.0.0.1:{match.group(1)}"
-                threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
             if not line and self.process.poll() is not None:
                 break
-        raise RuntimeError("server did not start")
+        raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def recovery_seconds(self) -> float | None:
+        for line in self.lines:
+            if match := re.search(r"recovered .* in ([0-9.]+)s", line):
+                return float(match.group(1))
+        return None
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -224,9 +238,32 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 report["ingest_rows_4"] = timed_ingest(server.address, rows, 4)
                 report["under_ingest"] = under_ingest(stub, server.address, rows, typical, largest, reps, load_seconds)
                 report["freshness"] = freshness(stub, reps)
+                report["snapshot"] = take_snapshot(server.address)
+                before = queries.list_tests().grpc(stub)
+            started = time.perf_counter()
+            server.stop()
+            report["restart"] = {"shutdown_seconds": time.perf_counter() - started}
+            started = time.perf_counter()
+            server = ServerProcess(data_dir)
+            report["restart"]["start_to_serving_seconds"] = time.perf_counter() - started
+            report["restart"]["recovery_seconds"] = server.recovery_seconds()
+            with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
+                after = queries.list_tests().grpc(analytics_pb2_grpc.AnalyticsServiceStub(channel))
+            report["restart"]["events"] = sum(t[2] for t in after)
+            report["restart"]["verified"] = after == before
         finally:
             server.stop()
     return report
+
+
+def take_snapshot(address: str) -> dict:
+    from abstream.v1 import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        started = time.perf_counter()
+        response = admin_pb2_grpc.AdminServiceStub(channel).CreateSnapshot(admin_pb2.CreateSnapshotRequest(),
+                                                                            timeout=3600)
+        return {"seconds": time.perf_counter() - started, "events": response.events}
 
 
 def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) -> tuple[list[dict], float]:
@@ -308,7 +345,7 @@ def table_text(report: dict) -> str:
         lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
                      f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
                      f"| {q['duckdb']['p50_ms']:.2f} | {q['duckdb_over_in_process']:.1f}x |")
-    lines += ["", "| ingest | events | events/s |", "|---|---|---|"]
+    lines += ["", "| ingest (acked after fsync) | events | events/s |", "|---|---|---|"]
     for key, label in [("ingest_columnar", "columnar (Arrow IPC, 100k/batch), 1 stream"),
                        ("ingest_rows_1", "row batches of 1,000, 1 stream"),
                        ("ingest_rows_4", "row batches of 1,000, 4 streams")]:
@@ -327,6 +364,12 @@ def table_text(report: dict) -> str:
     f = report["freshness"]
     lines.append(f"freshness, ack to visible: p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
                  f"({f['queries_that_missed_an_acked_batch']} queries missed an acked batch)")
+    snap, r = report["snapshot"], report["restart"]
+    lines.append(f"snapshot of {snap['events']:,} events: {snap['seconds']:.2f} s; "
+                 f"graceful shutdown (with its final snapshot): {r['shutdown_seconds']:.2f} s")
+    lines.append(f"restart: recovery {r['recovery_seconds']:.2f} s, process start to SERVING "
+                 f"{r['start_to_serving_seconds']:.2f} s, {r['events']:,} events, "
+                 f"{'the same' if r['verified'] else 'NOT the same'} ListTests as before")
     return "\n".join(lines)
 
 
@@ -347,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"bench-{args.events}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nreport: {path}")
-    return 0 if all(q["verified"] for q in report["queries"]) else 1
+    return 0 if all(q["verified"] for q in report["queries"]) and report["restart"]["verified"] else 1
 
 
 if __name__ == "__main__":
