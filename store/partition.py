@@ -154,17 +154,12 @@ class PartitionView:
         parts = [*self.parts, Part(cols)]
         while len(parts) >= 2 and parts[-2].num_rows <= parts[-1].num_rows:
             parts[-2:] = [Part.merge(parts[-2:])]
-        ts, users = cols["timestamp"], kernels.distinct_values(cols["user_id"])
-        bits = self.user_bits
-        top = int(users.max()) // 8 + 1
-        bits = np.concatenate([bits, np.zeros(max(0, top - len(bits)), np.uint8)])  # always a copy
-        new = np.count_nonzero((bits[users >> 3] & (1 << (users & 7)).astype(np.uint8)) == 0)
-        np.bitwise_or.at(bits, users >> 3, (1 << (users & 7)).astype(np.uint8))
+        ts, bits = cols["timestamp"], add_users(self.user_bits, cols["user_id"])
         return PartitionView(
             parts=tuple(parts),
             variants=self.variants | frozenset(kernels.distinct_values(cols["variant"]).tolist()),
             events=self.events + len(ts),
-            users=self.users + int(new),
+            users=int(np.bitwise_count(bits).sum()),
             first_ns=min(self.first_ns, int(ts.min())),
             last_ns=max(self.last_ns, int(ts.max())),
             user_bits=bits,
@@ -177,6 +172,22 @@ class PartitionView:
         u = users[inside]
         seen[inside] = (self.user_bits[u >> 3] & (1 << (u & 7)).astype(np.uint8)) != 0
         return seen
+
+
+def add_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """A new bitset (little-endian bits over user codes): `bits` with `users` set."""
+    top = int(users.max()) + 1
+    size = max(len(bits), (top + 7) // 8)
+    out = np.zeros(size, dtype=np.uint8)
+    out[: len(bits)] = bits
+    if len(users) * 64 > top:  # many users: flag them all, pack once
+        flags = np.zeros(size * 8, dtype=bool)
+        flags[users] = True
+        out |= np.packbits(flags, bitorder="little")
+    else:
+        users = kernels.distinct_values(users)
+        np.bitwise_or.at(out, users >> 3, (1 << (users & 7)).astype(np.uint8))
+    return out
 
 
 class Tail:

@@ -194,3 +194,20 @@ def test_parts_give_back_every_column_exactly():
                 assert np.array_equal(part.column("revenue", slice(lo, hi)), revenue[lo:hi])
         expected = [(e["timestamp"], e["revenue"], e["session_id"]) for e in events if e["test_id"] == test_id]
         assert sorted(got) == sorted(expected)
+
+
+def test_user_bitsets_count_each_user_once_on_both_paths():
+    import numpy as np
+
+    from abstream.store.partition import add_users
+
+    rng = np.random.default_rng(5)
+    bits = np.zeros(0, dtype=np.uint8)
+    seen: set[int] = set()
+    for size, top in [(10, 2_000_000), (50_000, 100_000), (3, 5), (1000, 3_000_000), (20_000, 20_000)]:
+        users = rng.integers(0, top, size)
+        bits = add_users(bits, users)
+        seen |= set(users.tolist())
+        assert int(np.bitwise_count(bits).sum()) == len(seen)
+        flags = np.unpackbits(bits, bitorder="little")
+        assert set(np.flatnonzero(flags).tolist()) == seen
