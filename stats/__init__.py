@@ -1,0 +1,20 @@
+"""Experiment statistics as pure functions over per-arm sufficient statistics.
+
+Nothing here knows about events, stores or gRPC: an arm is (n users, mean of a per-user metric,
+variance of it), and every function returns plain numbers and a status, never NaN and never an
+exception for degenerate data.
+"""
+
+from abstream.stats.core import (
+    Arm,
+    Comparison,
+    Estimate,
+    adjust_p_values,
+    arm_from_sums,
+    binomial_arm,
+    compare,
+    srm_p_value,
+)
+
+__all__ = ["Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
+           "srm_p_value"]

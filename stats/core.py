@@ -1,0 +1,200 @@
+"""Frequentist, sequential and Bayesian comparisons of a treatment arm against a control arm.
+
+The experiment unit is the user: an arm's n is its users, and its mean and variance are those
+of a per-user metric (a user's revenue total, say). Formulas, one line each (README, Statistics):
+
+- absolute lift d = m_t - m_c, se = sqrt(v_c/n_c + v_t/n_t)
+- relative lift r = d / |m_c|, delta-method se = sqrt(v_t/(n_t m_c^2) + v_c m_t^2/(n_c m_c^4))
+- Welch-Satterthwaite dof = (v_c/n_c + v_t/n_t)^2 / ((v_c/n_c)^2/(n_c-1) + (v_t/n_t)^2/(n_t-1))
+- fixed-horizon interval: estimate +- t_{1-alpha/2, dof} se; p = 2 (1 - T_dof(|estimate| / se))
+- asymptotic confidence sequence (Waudby-Smith et al.), tuned for N* users:
+  rho = sqrt((-2 ln alpha + ln(-2 ln alpha + 1)) / N*), n = n_c + n_t,
+  half-width = se sqrt(n) sqrt(2 (n rho^2 + 1) ln(sqrt(n rho^2 + 1) / alpha) / (n rho)^2);
+  its p-value is the smallest alpha whose sequence excludes 0
+- Bayesian: the relative lift ~ Normal(r, se^2) (flat prior) or combined with a Normal(m0, v0)
+  prior by precision weighting; chance to win = P(lift > 0); risk = (E[max(lift, 0)],
+  E[max(-lift, 0)]): the expected loss of keeping the control, and of shipping the treatment
+- sample ratio mismatch: Pearson chi-square of users per arm against expected weights
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+
+OK = "ok"
+NOT_ENOUGH_DATA = "not_enough_data"  # fewer than two users in an arm
+ZERO_VARIANCE = "zero_variance"  # no spread in either arm: nothing to test against
+ZERO_CONTROL_MEAN = "zero_control_mean"  # relative lift undefined
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm's users and the mean and (sample) variance of a per-user metric."""
+
+    n: int
+    mean: float
+    variance: float
+
+
+def arm_from_sums(n: int, total: float, sum_squares: float) -> Arm:
+    """An arm from n, sum and sum of squares (as exported by other engines).
+
+    Prefer building arms from a centered sum of squares (`Arm(n, mean, m2 / (n - 1))`): this
+    form cancels catastrophically when the mean is large against the spread.
+    """
+    if n <= 0:
+        return Arm(0, 0.0, 0.0)
+    mean = total / n
+    variance = max(sum_squares - total * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return Arm(n, mean, variance)
+
+
+def binomial_arm(n: int, successes: int) -> Arm:
+    """A 0/1 metric: variance p (1 - p), with an n denominator."""
+    p = successes / n if n > 0 else 0.0
+    return Arm(n, p, p * (1 - p))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A lift with its uncertainty. All zeros when `status` says it could not be computed."""
+
+    estimate: float = 0.0
+    se: float = 0.0
+    ci_low: float = 0.0
+    ci_high: float = 0.0
+    p_value: float = 1.0
+    status: str = NOT_ENOUGH_DATA
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A treatment against the control for one metric."""
+
+    control_mean: float
+    treatment_mean: float
+    absolute: Estimate
+    relative: Estimate
+    dof: float = 0.0
+    chance_to_win: float = 0.5
+    risk_control: float = 0.0  # expected loss (relative) of keeping the control
+    risk_treatment: float = 0.0  # expected loss (relative) of shipping the treatment
+    posterior_mean: float = 0.0
+    status: str = NOT_ENOUGH_DATA
+
+
+def welch_dof(c: Arm, t: Arm) -> float:
+    a, b = c.variance / c.n, t.variance / t.n
+    denominator = (a * a / (c.n - 1) if c.n > 1 else 0.0) + (b * b / (t.n - 1) if t.n > 1 else 0.0)
+    return (a + b) ** 2 / denominator if denominator > 0 else float(c.n + t.n - 2)
+
+
+def sequential_half_width(se: float, n: int, alpha: float, n_star: float) -> float:
+    """Half-width of the asymptotic confidence sequence at `n` total users, tuned for `n_star`."""
+    log_term = -2 * math.log(alpha)
+    rho = math.sqrt((log_term + math.log(log_term + 1)) / n_star)
+    nr2 = n * rho * rho
+    return se * math.sqrt(n) * math.sqrt(2 * (nr2 + 1) * math.log(math.sqrt(nr2 + 1) / alpha) / (n * rho) ** 2)
+
+
+def _sequential_p_value(estimate: float, se: float, n: int, n_star: float) -> float:
+    """The smallest alpha whose confidence sequence excludes 0 (1 when none below 1 does)."""
+    if se <= 0:
+        return 0.0 if estimate != 0 else 1.0
+    gap = abs(estimate)
+
+    def excess(log_alpha: float) -> float:
+        return sequential_half_width(se, n, math.exp(log_alpha), n_star) - gap
+
+    high = math.log(1 - 1e-12)
+    if excess(high) > 0:  # even at alpha ~ 1 the sequence covers 0
+        return 1.0
+    low = math.log(1e-300)
+    if excess(low) <= 0:
+        return 1e-300
+    return float(min(1.0, math.exp(optimize.brentq(excess, low, high, xtol=1e-12))))
+
+
+def _estimate(value: float, se: float, dof: float, alpha: float, sequential: bool, n: int,
+              n_star: float) -> Estimate:
+    if se <= 0 or not math.isfinite(se):
+        return Estimate(value, 0.0, value, value, 1.0 if value == 0 else 0.0, ZERO_VARIANCE)
+    if sequential:
+        half = sequential_half_width(se, n, alpha, n_star)
+        p_value = _sequential_p_value(value, se, n, n_star)
+    else:
+        half = float(stats.t.ppf(1 - alpha / 2, dof)) * se
+        p_value = float(2 * stats.t.sf(abs(value) / se, dof))
+    return Estimate(value, se, value - half, value + half, min(max(p_value, 0.0), 1.0), OK)
+
+
+def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequential: bool = False,
+            n_star: float = 5000, prior_mean: float | None = None, prior_variance: float | None = None
+            ) -> Comparison:
+    """Lift of `treatment` over `control`: intervals, p-values, chance to win and risk."""
+    if control.n < 2 or treatment.n < 2:
+        return Comparison(control.mean, treatment.mean, Estimate(), Estimate())
+    alpha = 1 - confidence
+    n = control.n + treatment.n
+    dof = welch_dof(control, treatment)
+    d = treatment.mean - control.mean
+    absolute = _estimate(d, math.sqrt(control.variance / control.n + treatment.variance / treatment.n), dof,
+                         alpha, sequential, n, n_star)
+    if control.mean == 0:
+        relative = Estimate(status=ZERO_CONTROL_MEAN)
+        return Comparison(control.mean, treatment.mean, absolute, relative, dof, status=ZERO_CONTROL_MEAN)
+    mc, mt = control.mean, treatment.mean
+    rel_var = treatment.variance / (treatment.n * mc * mc) + control.variance * mt * mt / (control.n * mc ** 4)
+    relative = _estimate(d / abs(mc), math.sqrt(rel_var), dof, alpha, sequential, n, n_star)
+    if relative.status != OK:
+        return Comparison(mc, mt, absolute, relative, dof, status=relative.status)
+    mean, variance = relative.estimate, relative.se ** 2
+    if prior_mean is not None and prior_variance is not None and prior_variance > 0:
+        precision = 1 / prior_variance + 1 / variance
+        mean, variance = (prior_mean / prior_variance + mean / variance) / precision, 1 / precision
+    sd = math.sqrt(variance)
+    z = mean / sd
+    density, below = float(stats.norm.pdf(z)), float(stats.norm.cdf(z))
+    return Comparison(mc, mt, absolute, relative, dof, chance_to_win=below,
+                      risk_control=mean * below + sd * density,
+                      risk_treatment=-mean * (1 - below) + sd * density,
+                      posterior_mean=mean, status=OK)
+
+
+def srm_p_value(users: list[int] | np.ndarray, weights: list[float] | np.ndarray | None = None) -> float:
+    """Pearson chi-square p-value of users per arm against expected weights (equal when None)."""
+    users = np.asarray(users, dtype=np.float64)
+    k = len(users)
+    total = users.sum()
+    if k < 2 or total <= 0:
+        return 1.0
+    w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != k or np.any(w <= 0):
+        return 1.0
+    expected = total * w / w.sum()
+    statistic = float(((users - expected) ** 2 / expected).sum())
+    return float(stats.chi2.sf(statistic, k - 1))
+
+
+def adjust_p_values(p_values: list[float], method: str = "none") -> list[float]:
+    """Holm (family-wise error) or Benjamini-Hochberg (false discovery rate) adjusted p-values."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    if method == "none" or m < 2:
+        return p.tolist()
+    order = np.argsort(p, kind="stable")
+    ranked = p[order]
+    if method == "holm":
+        adjusted = np.maximum.accumulate(np.minimum(ranked * (m - np.arange(m)), 1.0))
+    elif method == "benjamini_hochberg":
+        adjusted = np.minimum.accumulate((ranked * m / np.arange(1, m + 1))[::-1])[::-1]
+        adjusted = np.minimum(adjusted, 1.0)
+    else:
+        raise ValueError(f"unknown correction {method!r}")
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()

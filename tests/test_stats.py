@@ -1,0 +1,172 @@
+"""The statistics on their own: known-good vectors, and simulations with known truth."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abstream.stats import adjust_p_values, arm_from_sums, binomial_arm, compare, srm_p_value
+from abstream.stats.core import NOT_ENOUGH_DATA, OK, ZERO_CONTROL_MEAN, ZERO_VARIANCE
+
+VECTORS = json.loads((Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").read_text()) \
+    if (Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").exists() else None
+TOL = 1e-6
+
+
+def arm(d: dict):
+    return arm_from_sums(d["n"], d["sum"], d["sum_squares"])
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=TOL, abs_tol=TOL)
+
+
+pytestmark = pytest.mark.skipif(VECTORS is None, reason="shared/stats/vectors.json is not beside the repository")
+
+
+@pytest.mark.parametrize("case", VECTORS["welch_mean"] if VECTORS else [])
+def test_welch_mean_vectors(case):
+    c = compare(arm(case["a"]), arm(case["b"]))
+    for name, got in (("relative", c.relative), ("absolute", c.absolute)):
+        want = case[name]
+        assert close(got.estimate, want["estimate"]) and close(got.se, want["se"])
+        assert close(got.p_value, want["p_value"])
+        assert close(got.ci_low, want["ci"][0]) and close(got.ci_high, want["ci"][1])
+    assert close(c.dof, case["relative"]["dof"])
+
+
+@pytest.mark.parametrize("case", VECTORS["welch_binomial"] if VECTORS else [])
+def test_binomial_vectors(case):
+    c = compare(binomial_arm(case["a"]["n"], case["a"]["conversions"]),
+                binomial_arm(case["b"]["n"], case["b"]["conversions"]))
+    want = case["relative"]
+    assert close(c.relative.estimate, want["estimate"]) and close(c.relative.se, want["se"])
+    assert close(c.relative.p_value, want["p_value"])
+    assert close(c.relative.ci_low, want["ci"][0]) and close(c.relative.ci_high, want["ci"][1])
+
+
+@pytest.mark.parametrize("case", VECTORS["sequential"] if VECTORS else [])
+def test_sequential_vectors(case):
+    c = compare(arm(case["a"]), arm(case["b"]), sequential=True, n_star=case["n_star"])
+    want = case["relative"]
+    assert close(c.relative.estimate, want["estimate"]) and close(c.relative.se, want["se"])
+    assert close(c.relative.ci_low, want["ci"][0]) and close(c.relative.ci_high, want["ci"][1])
+
+
+@pytest.mark.parametrize("case", VECTORS["bayesian"] if VECTORS else [])
+def test_bayesian_vectors(case):
+    prior = case.get("prior", {})
+    c = compare(arm(case["a"]), arm(case["b"]), prior_mean=prior.get("mean"), prior_variance=prior.get("variance"))
+    want = case["relative"]
+    assert close(c.chance_to_win, want["chance_to_win"])
+    if "risk" in want:
+        assert close(c.relative.estimate, want["estimate"])
+        assert close(c.risk_control, want["risk"][0]) and close(c.risk_treatment, want["risk"][1])
+    if "posterior_mean" in want:
+        assert close(c.posterior_mean, want["posterior_mean"])
+
+
+@pytest.mark.parametrize("case", VECTORS["srm"] if VECTORS else [])
+def test_srm_vectors(case):
+    assert close(srm_p_value(case["users"], case["weights"]), case["p_value"])
+
+
+def test_degenerate_arms_get_a_status_and_no_nan():
+    cases = {
+        NOT_ENOUGH_DATA: (arm_from_sums(1, 5.0, 25.0), arm_from_sums(10, 50.0, 300.0)),
+        ZERO_VARIANCE: (arm_from_sums(10, 50.0, 250.0), arm_from_sums(10, 50.0, 250.0)),
+        ZERO_CONTROL_MEAN: (arm_from_sums(10, 0.0, 0.0), arm_from_sums(10, 5.0, 20.0)),
+    }
+    for status, (a, b) in cases.items():
+        c = compare(a, b)
+        assert c.status == status
+        values = [c.dof, c.chance_to_win, c.risk_control, c.risk_treatment, c.posterior_mean]
+        for e in (c.absolute, c.relative):
+            values += [e.estimate, e.se, e.ci_low, e.ci_high, e.p_value]
+        assert all(math.isfinite(v) for v in values), (status, c)
+    assert compare(arm_from_sums(0, 0, 0), arm_from_sums(0, 0, 0)).status == NOT_ENOUGH_DATA
+    assert srm_p_value([0, 0]) == 1.0 and srm_p_value([5]) == 1.0
+
+
+def test_multiple_comparison_adjustments():
+    p = [0.01, 0.04, 0.03, 0.20]
+    assert adjust_p_values(p, "none") == p
+    assert np.allclose(adjust_p_values(p, "holm"), [0.04, 0.09, 0.09, 0.20])
+    assert np.allclose(adjust_p_values(p, "benjamini_hochberg"), [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.20])
+
+
+# ---- simulations ----------------------------------------------------------------------------
+
+def simulate_arms(rng, experiments: int, users: int, lift: float = 0.0):
+    """Per-user revenue: 10% of users buy, log-normal amounts. Returns per-arm (n, sum, sum_sq)."""
+    def arm_sums(scale: float):
+        buys = rng.random((experiments, users)) < 0.1
+        amounts = np.where(buys, rng.lognormal(3.0, 0.8, (experiments, users)) * scale, 0.0)
+        return amounts.sum(axis=1), (amounts ** 2).sum(axis=1)
+    return arm_sums(1.0), arm_sums(1.0 + lift)
+
+
+def test_aa_simulation_false_positives_and_coverage():
+    rng = np.random.default_rng(7)
+    experiments, users = 2000, 2000
+    (sa, qa), (sb, qb) = simulate_arms(rng, experiments, users)
+    fp_abs = fp_rel = covered = 0
+    for i in range(experiments):
+        c = compare(arm_from_sums(users, sa[i], qa[i]), arm_from_sums(users, sb[i], qb[i]))
+        assert c.status == OK
+        fp_abs += c.absolute.p_value < 0.05
+        fp_rel += c.relative.p_value < 0.05
+        covered += c.absolute.ci_low <= 0 <= c.absolute.ci_high
+    rates = fp_abs / experiments, fp_rel / experiments, covered / experiments
+    print(f"A/A: false positives {rates[0]:.2%} (absolute), {rates[1]:.2%} (relative); coverage {rates[2]:.2%}")
+    assert 0.04 <= rates[0] <= 0.06 and 0.04 <= rates[1] <= 0.06
+    assert 0.94 <= rates[2] <= 0.96
+
+
+def test_ab_simulation_intervals_cover_the_true_lift():
+    rng = np.random.default_rng(11)
+    experiments, users, lift = 2000, 2000, 0.10
+    (sa, qa), (sb, qb) = simulate_arms(rng, experiments, users, lift)
+    true_mean = 0.1 * math.exp(3.0 + 0.8 ** 2 / 2)
+    covered_abs = covered_rel = 0
+    for i in range(experiments):
+        c = compare(arm_from_sums(users, sa[i], qa[i]), arm_from_sums(users, sb[i], qb[i]))
+        covered_abs += c.absolute.ci_low <= true_mean * lift <= c.absolute.ci_high
+        covered_rel += c.relative.ci_low <= lift <= c.relative.ci_high
+    rates = covered_abs / experiments, covered_rel / experiments
+    print(f"A/B (true lift {lift:.0%}): coverage {rates[0]:.2%} (absolute), {rates[1]:.2%} (relative)")
+    assert 0.94 <= rates[0] <= 0.96 and 0.935 <= rates[1] <= 0.965
+
+
+def test_sequential_stays_honest_when_peeking_every_day():
+    """A/A experiments checked after each of 30 days: the fixed interval, peeked at, finds an
+    effect far more often than 5% of the time; the confidence sequence stays at or below 5%."""
+    rng = np.random.default_rng(3)
+    experiments, days, per_day = 2000, 30, 40
+    (sa, qa), (sb, qb) = [[np.cumsum(x.reshape(experiments, days, per_day).sum(axis=2), axis=1) for x in pair]
+                          for pair in [(lambda a: (a[0], a[1]))(s) for s in [_daily(rng, experiments, days, per_day)
+                                                                              for _ in range(2)]]]
+    peeking_fixed = peeking_sequential = 0
+    for i in range(experiments):
+        fixed = sequential = False
+        for d in range(days):
+            n = per_day * (d + 1)
+            a, b = arm_from_sums(n, sa[i, d], qa[i, d]), arm_from_sums(n, sb[i, d], qb[i, d])
+            fixed |= compare(a, b).absolute.p_value < 0.05
+            sequential |= compare(a, b, sequential=True, n_star=5000).absolute.p_value < 0.05
+        peeking_fixed += fixed
+        peeking_sequential += sequential
+    rates = peeking_fixed / experiments, peeking_sequential / experiments
+    print(f"A/A peeking daily for {days} days: fixed-horizon false positives {rates[0]:.2%}, sequential {rates[1]:.2%}")
+    assert rates[1] <= 0.05
+    assert rates[0] > 0.10
+
+
+def _daily(rng, experiments, days, per_day):
+    buys = rng.random((experiments, days * per_day)) < 0.1
+    amounts = np.where(buys, rng.lognormal(3.0, 0.8, (experiments, days * per_day)), 0.0)
+    return amounts, amounts ** 2
