@@ -11,6 +11,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from abstream.service import wire
 from abstream.store import (
     EVENT_SCHEMA,
+    Analysis,
+    AnalysisOptions,
     Dimension,
     Filters,
     IngestResult,
@@ -129,8 +131,50 @@ def _enum(mapping: dict, value: int, field: str, enum_type) -> Any:
 
 # ---- queries -----------------------------------------------------------------------------
 
+CORRECTIONS = {pb.CORRECTION_UNSPECIFIED: "none", pb.CORRECTION_NONE: "none", pb.CORRECTION_HOLM: "holm",
+               pb.CORRECTION_BENJAMINI_HOCHBERG: "benjamini_hochberg"}
+METRICS = {"conversion": pb.METRIC_CONVERSION, "revenue_per_user": pb.METRIC_REVENUE_PER_USER,
+           "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER}
+STATUSES = {"ok": pb.COMPARISON_STATUS_OK, "not_enough_data": pb.COMPARISON_STATUS_NOT_ENOUGH_DATA,
+            "zero_variance": pb.COMPARISON_STATUS_ZERO_VARIANCE,
+            "zero_control_mean": pb.COMPARISON_STATUS_ZERO_CONTROL_MEAN}
+
+
+def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
+    """Request options with their documented defaults for zero values."""
+    return AnalysisOptions(
+        control_variant=o.control_variant,
+        confidence=o.confidence_level or 0.95,
+        sequential=o.sequential,
+        n_star=o.sequential_tuning or 5000.0,
+        prior_mean=o.prior_mean if o.HasField("prior_mean") else None,
+        prior_variance=o.prior_variance if o.HasField("prior_variance") else None,
+        expected_weights=dict(o.expected_weights),
+        srm_threshold=o.srm_threshold or 0.001,
+        correction=_enum(CORRECTIONS, o.correction, "analysis.correction", pb.Correction),
+    )
+
+
+def _lift(e, adjusted: float) -> pb.Lift:
+    return pb.Lift(estimate=e.estimate, standard_error=e.se, ci_low=e.ci_low, ci_high=e.ci_high,
+                   p_value=e.p_value, adjusted_p_value=adjusted, status=STATUSES[e.status])
+
+
+def analysis_message(a: Analysis) -> pb.Analysis:
+    return pb.Analysis(
+        control_variant=a.control_variant, srm_p_value=a.srm_p_value, sample_ratio_mismatch=a.srm_flagged,
+        comparisons=[pb.MetricComparison(
+            variant=c.variant, metric=METRICS[c.metric], control_mean=c.result.control_mean,
+            treatment_mean=c.result.treatment_mean, absolute=_lift(c.result.absolute, c.adjusted_absolute_p),
+            relative=_lift(c.result.relative, c.adjusted_relative_p), degrees_of_freedom=c.result.dof,
+            chance_to_win=c.result.chance_to_win, risk_control=c.result.risk_control,
+            risk_treatment=c.result.risk_treatment, posterior_mean=c.result.posterior_mean,
+            status=STATUSES[c.result.status]) for c in a.comparisons])
+
+
 def summary_query(request: pb.SummaryRequest) -> SummaryQuery:
-    return SummaryQuery(request.test_id, _optional_ns(request, "start_time"), _optional_ns(request, "end_time"))
+    return SummaryQuery(request.test_id, _optional_ns(request, "start_time"), _optional_ns(request, "end_time"),
+                        analysis_options(request.analysis))
 
 
 def segments_query(request: pb.SegmentsRequest) -> SegmentsQuery:
@@ -140,6 +184,7 @@ def segments_query(request: pb.SegmentsRequest) -> SegmentsQuery:
         start_ns=_optional_ns(request, "start_time"),
         end_ns=_optional_ns(request, "end_time"),
         filters=_filters(request),
+        analysis=analysis_options(request.analysis),
     )
 
 
@@ -179,6 +224,8 @@ def summary_response(result: SummaryResult) -> pb.SummaryResponse:
     response = pb.SummaryResponse.FromString(wire.encode_repeated(2, rows))
     response.test_id = result.test_id
     response.stats.CopyFrom(_stats(result.stats))
+    if result.analysis is not None:
+        response.analysis.CopyFrom(analysis_message(result.analysis))
     return response
 
 
@@ -190,6 +237,8 @@ def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
     response.test_id = result.test_id
     response.dimension = next(k for k, v in DIMENSIONS.items() if v is result.dimension)
     response.stats.CopyFrom(_stats(result.stats))
+    response.analyses.extend(pb.SegmentAnalysis(segment=segment, analysis=analysis_message(a))
+                             for segment, a in result.analyses)
     return response
 
 

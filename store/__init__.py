@@ -3,6 +3,7 @@
 It knows nothing of gRPC or protobuf, so it can be embedded, benchmarked and tested on its own.
 """
 
+from abstream.store.analysis import Analysis, AnalysisOptions
 from abstream.store.errors import InvalidArgument, StoreError, Unavailable
 from abstream.store.queries import (
     Dimension,
@@ -25,6 +26,8 @@ from abstream.store.schema import EVENT_SCHEMA, Rejection
 from abstream.store.store import Durability, EventStore, IngestResult, QuarantinedEvent, RecoveryError
 
 __all__ = [
+    "Analysis",
+    "AnalysisOptions",
     "EVENT_SCHEMA",
     "Dimension",
     "Durability",

@@ -151,3 +151,27 @@ def cumulative_totals(
 def bucket_index(ts: np.ndarray, origin_ns: int, width_ns: int) -> np.ndarray:
     """Index of the width-aligned bucket each timestamp falls in, counted from origin_ns."""
     return np.floor_divide(ts - origin_ns, width_ns)
+
+
+def centered_user_m2(group: np.ndarray, user: np.ndarray, value: np.ndarray, n_users_total: int,
+                     users: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Per group, the sum over its users of (x_u - mean)^2, where x_u is a user's total of `value`.
+
+    Pass only the rows whose value is nonzero (conversions, purchases): users without such rows
+    have x_u = 0, and there are users[g] users in group g with sum total[g], so
+    mean = total / users and those users contribute mean^2 each. Deviations are taken from the
+    mean, never as sum(x^2) - n mean^2, which cancels catastrophically for large means.
+    """
+    n_groups = len(users)
+    mean = np.divide(total, users, out=np.zeros(n_groups), where=users > 0)
+    if len(group) == 0:
+        return users * mean * mean
+    key = group.astype(np.int64) * max(n_users_total, 1) + user
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    x = np.add.reduceat(value[order].astype(np.float64), starts)
+    g = key[starts] // max(n_users_total, 1)
+    deviation = x - mean[g]
+    without_rows = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
+    return without_rows * mean * mean + np.bincount(g, weights=deviation * deviation, minlength=n_groups)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from abstream.store.analysis import Analysis, AnalysisOptions
 from abstream.store.schema import NS_PER_SECOND
 
 _MINUTE = 60 * NS_PER_SECOND
@@ -60,6 +61,7 @@ class SummaryQuery:
     test_id: str
     start_ns: int | None = None
     end_ns: int | None = None
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class SegmentsQuery:
     start_ns: int | None = None
     end_ns: int | None = None
     filters: Filters = field(default_factory=Filters)
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class SummaryResult:
     variants: list[str]
     metrics: MetricColumns
     stats: QueryStats
+    analysis: Analysis | None = None
 
     def rows(self) -> list[SummaryRow]:
         return [SummaryRow(v, m) for v, m in zip(self.variants, self.metrics.rows())]
@@ -180,6 +184,7 @@ class SegmentsResult:
     segments: list[str]
     metrics: MetricColumns
     stats: QueryStats
+    analyses: list[tuple[str, Analysis]] = field(default_factory=list)  # (segment, its analysis)
 
     def rows(self) -> list[SegmentRow]:
         return [SegmentRow(v, s, m) for v, s, m in zip(self.variants, self.segments, self.metrics.rows())]

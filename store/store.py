@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from abstream.store import kernels, persist
+from abstream.store import analysis, kernels, persist
 from abstream.store.dictionary import Dictionary
 from abstream.store.errors import InvalidArgument, StoreError
 from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, take
@@ -373,21 +373,27 @@ class EventStore:
 
     def summary(self, q: SummaryQuery) -> SummaryResult:
         started = time.perf_counter_ns()
+        q.analysis.check()
         view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
         cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue"])
         scanned = cols.pop("_scanned")
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
                                       len(variant_codes), self._n_users())
+        variants = self._dicts["variant"].decode(variant_codes)
+        moments = analysis.user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
+                                        self._n_users(), totals)
         return SummaryResult(
             test_id=q.test_id,
-            variants=self._dicts["variant"].decode(variant_codes),
+            variants=variants,
             metrics=MetricColumns(**totals),
             stats=QueryStats(scanned, time.perf_counter_ns() - started),
+            analysis=analysis.analyze(variants, moments, np.arange(len(variants)), q.analysis),
         )
 
     def segments(self, q: SegmentsQuery) -> SegmentsResult:
         started = time.perf_counter_ns()
+        q.analysis.check()
         view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
         dim = q.dimension.value
         cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue", dim],
@@ -401,13 +407,24 @@ class EventStore:
         keep = np.flatnonzero(totals["events"])
         metrics = MetricColumns(**totals).take(keep)
         v, s = np.divmod(keep, max(n_seg, 1))
+        variants = self._dicts["variant"].decode(variant_codes[v])
+        segments = self._dicts[dim].decode(segment_codes[s])
+        moments = analysis.user_moments(variant_id * n_seg + segment_id, cols["user_id"], cols["conversion"],
+                                        cols["revenue"], self._n_users(), totals)
+        analyses = []
+        for segment_index in range(n_seg):  # each segment compares its own variants
+            rows = np.flatnonzero(s == segment_index)
+            if len(rows):
+                analyses.append((segments[rows[0]], analysis.analyze(
+                    [variants[r] for r in rows.tolist()], moments, keep[rows], q.analysis, strict=False)))
         return SegmentsResult(
             test_id=q.test_id,
             dimension=q.dimension,
-            variants=self._dicts["variant"].decode(variant_codes[v]),
-            segments=self._dicts[dim].decode(segment_codes[s]),
+            variants=variants,
+            segments=segments,
             metrics=metrics,
             stats=QueryStats(scanned, time.perf_counter_ns() - started),
+            analyses=analyses,
         )
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:

@@ -25,9 +25,10 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TOL, abs_tol=TOL)
 
 
-pytestmark = pytest.mark.skipif(VECTORS is None, reason="shared/stats/vectors.json is not beside the repository")
+needs_vectors = pytest.mark.skipif(VECTORS is None, reason="shared/stats/vectors.json is not beside the repository")
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", VECTORS["welch_mean"] if VECTORS else [])
 def test_welch_mean_vectors(case):
     c = compare(arm(case["a"]), arm(case["b"]))
@@ -39,6 +40,7 @@ def test_welch_mean_vectors(case):
     assert close(c.dof, case["relative"]["dof"])
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", VECTORS["welch_binomial"] if VECTORS else [])
 def test_binomial_vectors(case):
     c = compare(binomial_arm(case["a"]["n"], case["a"]["conversions"]),
@@ -49,6 +51,7 @@ def test_binomial_vectors(case):
     assert close(c.relative.ci_low, want["ci"][0]) and close(c.relative.ci_high, want["ci"][1])
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", VECTORS["sequential"] if VECTORS else [])
 def test_sequential_vectors(case):
     c = compare(arm(case["a"]), arm(case["b"]), sequential=True, n_star=case["n_star"])
@@ -57,6 +60,7 @@ def test_sequential_vectors(case):
     assert close(c.relative.ci_low, want["ci"][0]) and close(c.relative.ci_high, want["ci"][1])
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", VECTORS["bayesian"] if VECTORS else [])
 def test_bayesian_vectors(case):
     prior = case.get("prior", {})
@@ -70,6 +74,7 @@ def test_bayesian_vectors(case):
         assert close(c.posterior_mean, want["posterior_mean"])
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", VECTORS["srm"] if VECTORS else [])
 def test_srm_vectors(case):
     assert close(srm_p_value(case["users"], case["weights"]), case["p_value"])

@@ -211,3 +211,28 @@ def test_user_bitsets_count_each_user_once_on_both_paths():
         assert int(np.bitwise_count(bits).sum()) == len(seen)
         flags = np.unpackbits(bits, bitorder="little")
         assert set(np.flatnonzero(flags).tolist()) == seen
+
+
+def test_centered_m2_is_exact_and_stable_for_large_means():
+    import numpy as np
+
+    from abstream.store import kernels
+
+    rng = np.random.default_rng(1)
+    # Two groups; per-user totals from several rows; many users without rows (x = 0).
+    group = rng.integers(0, 2, 5000)
+    user = rng.integers(0, 3000, 5000)
+    value = rng.normal(1e9, 0.5, 5000)  # huge mean, tiny spread
+    users = np.array([4000, 4000])
+    total = np.bincount(group, weights=value, minlength=2)
+    m2 = kernels.centered_user_m2(group, user, value, 3000, users, total)
+    for g in range(2):
+        per_user: dict[int, float] = {}
+        for u, v in zip(user[group == g].tolist(), value[group == g].tolist()):
+            per_user[u] = per_user.get(u, 0.0) + v
+        xs = np.array(list(per_user.values()) + [0.0] * (users[g] - len(per_user)))
+        assert np.isclose(m2[g], ((xs - xs.mean()) ** 2).sum(), rtol=1e-9)
+    # All users have the same huge value: variance exactly zero, not rounding noise
+    same = kernels.centered_user_m2(np.zeros(100, dtype=np.int64), np.arange(100), np.full(100, 1e12), 100,
+                                    np.array([100]), np.array([1e14]))
+    assert same[0] == 0.0

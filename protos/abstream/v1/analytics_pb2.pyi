@@ -25,6 +25,28 @@ class Interval(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERVAL_HOUR: _ClassVar[Interval]
     INTERVAL_DAY: _ClassVar[Interval]
     INTERVAL_WEEK: _ClassVar[Interval]
+
+class Correction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CORRECTION_UNSPECIFIED: _ClassVar[Correction]
+    CORRECTION_NONE: _ClassVar[Correction]
+    CORRECTION_HOLM: _ClassVar[Correction]
+    CORRECTION_BENJAMINI_HOCHBERG: _ClassVar[Correction]
+
+class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METRIC_UNSPECIFIED: _ClassVar[Metric]
+    METRIC_CONVERSION: _ClassVar[Metric]
+    METRIC_REVENUE_PER_USER: _ClassVar[Metric]
+    METRIC_CONVERSIONS_PER_USER: _ClassVar[Metric]
+
+class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARISON_STATUS_UNSPECIFIED: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_OK: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_NOT_ENOUGH_DATA: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_ZERO_VARIANCE: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_ZERO_CONTROL_MEAN: _ClassVar[ComparisonStatus]
 DIMENSION_UNSPECIFIED: Dimension
 DIMENSION_DEVICE: Dimension
 DIMENSION_COUNTRY: Dimension
@@ -34,6 +56,19 @@ INTERVAL_MINUTE: Interval
 INTERVAL_HOUR: Interval
 INTERVAL_DAY: Interval
 INTERVAL_WEEK: Interval
+CORRECTION_UNSPECIFIED: Correction
+CORRECTION_NONE: Correction
+CORRECTION_HOLM: Correction
+CORRECTION_BENJAMINI_HOCHBERG: Correction
+METRIC_UNSPECIFIED: Metric
+METRIC_CONVERSION: Metric
+METRIC_REVENUE_PER_USER: Metric
+METRIC_CONVERSIONS_PER_USER: Metric
+COMPARISON_STATUS_UNSPECIFIED: ComparisonStatus
+COMPARISON_STATUS_OK: ComparisonStatus
+COMPARISON_STATUS_NOT_ENOUGH_DATA: ComparisonStatus
+COMPARISON_STATUS_ZERO_VARIANCE: ComparisonStatus
+COMPARISON_STATUS_ZERO_CONTROL_MEAN: ComparisonStatus
 
 class Event(_message.Message):
     __slots__ = ("timestamp", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id", "device", "country")
@@ -133,15 +168,104 @@ class QueryStats(_message.Message):
     elapsed: _duration_pb2.Duration
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
+class AnalysisOptions(_message.Message):
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction")
+    class ExpectedWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_TUNING_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SRM_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    control_variant: str
+    confidence_level: float
+    sequential: bool
+    sequential_tuning: float
+    prior_mean: float
+    prior_variance: float
+    expected_weights: _containers.ScalarMap[str, float]
+    srm_threshold: float
+    correction: Correction
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ...) -> None: ...
+
+class Lift(_message.Message):
+    __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status")
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    STANDARD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    estimate: float
+    standard_error: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    adjusted_p_value: float
+    status: ComparisonStatus
+    def __init__(self, estimate: _Optional[float] = ..., standard_error: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., adjusted_p_value: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ...) -> None: ...
+
+class MetricComparison(_message.Message):
+    __slots__ = ("variant", "metric", "control_mean", "treatment_mean", "absolute", "relative", "degrees_of_freedom", "chance_to_win", "risk_control", "risk_treatment", "posterior_mean", "status")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_MEAN_FIELD_NUMBER: _ClassVar[int]
+    TREATMENT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_FIELD_NUMBER: _ClassVar[int]
+    DEGREES_OF_FREEDOM_FIELD_NUMBER: _ClassVar[int]
+    CHANCE_TO_WIN_FIELD_NUMBER: _ClassVar[int]
+    RISK_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    RISK_TREATMENT_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    metric: Metric
+    control_mean: float
+    treatment_mean: float
+    absolute: Lift
+    relative: Lift
+    degrees_of_freedom: float
+    chance_to_win: float
+    risk_control: float
+    risk_treatment: float
+    posterior_mean: float
+    status: ComparisonStatus
+    def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ...) -> None: ...
+
+class Analysis(_message.Message):
+    __slots__ = ("control_variant", "srm_p_value", "sample_ratio_mismatch", "comparisons")
+    CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SRM_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATIO_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    control_variant: str
+    srm_p_value: float
+    sample_ratio_mismatch: bool
+    comparisons: _containers.RepeatedCompositeFieldContainer[MetricComparison]
+    def __init__(self, control_variant: _Optional[str] = ..., srm_p_value: _Optional[float] = ..., sample_ratio_mismatch: _Optional[bool] = ..., comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
+
 class SummaryRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time")
+    __slots__ = ("test_id", "start_time", "end_time", "analysis")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    analysis: AnalysisOptions
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
 
 class SummaryRow(_message.Message):
     __slots__ = ("variant", "metrics")
@@ -152,28 +276,32 @@ class SummaryRow(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
 class SummaryResponse(_message.Message):
-    __slots__ = ("test_id", "rows", "stats")
+    __slots__ = ("test_id", "rows", "stats", "analysis")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     rows: _containers.RepeatedCompositeFieldContainer[SummaryRow]
     stats: QueryStats
-    def __init__(self, test_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[SummaryRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+    analysis: Analysis
+    def __init__(self, test_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[SummaryRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class SegmentsRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time", "dimension", "filters")
+    __slots__ = ("test_id", "start_time", "end_time", "dimension", "filters", "analysis")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     dimension: Dimension
     filters: Filters
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ...) -> None: ...
+    analysis: AnalysisOptions
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
 
 class SegmentRow(_message.Message):
     __slots__ = ("variant", "segment", "metrics")
@@ -186,16 +314,26 @@ class SegmentRow(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., segment: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
 class SegmentsResponse(_message.Message):
-    __slots__ = ("test_id", "dimension", "rows", "stats")
+    __slots__ = ("test_id", "dimension", "rows", "stats", "analyses")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSES_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     dimension: Dimension
     rows: _containers.RepeatedCompositeFieldContainer[SegmentRow]
     stats: QueryStats
-    def __init__(self, test_id: _Optional[str] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., rows: _Optional[_Iterable[_Union[SegmentRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+    analyses: _containers.RepeatedCompositeFieldContainer[SegmentAnalysis]
+    def __init__(self, test_id: _Optional[str] = ..., dimension: _Optional[_Union[Dimension, str]] = ..., rows: _Optional[_Iterable[_Union[SegmentRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., analyses: _Optional[_Iterable[_Union[SegmentAnalysis, _Mapping]]] = ...) -> None: ...
+
+class SegmentAnalysis(_message.Message):
+    __slots__ = ("segment", "analysis")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    analysis: Analysis
+    def __init__(self, segment: _Optional[str] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRequest(_message.Message):
     __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters")
