@@ -77,7 +77,11 @@ def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_use
     if cells <= _FLAGS_MAX and cells <= _FLAGS_PER_EVENT * len(group):
         flags = np.zeros(cells, dtype=bool)
         flags[group.astype(np.int64) * span + (user - lo)] = True
-        return np.count_nonzero(flags.reshape(n_groups, span), axis=1).astype(np.int64)
+        table = flags.reshape(n_groups, span)
+        if n_groups > 256:
+            return np.count_nonzero(table, axis=1).astype(np.int64)
+        # Row by row: count_nonzero without an axis is a fast popcount; with one it sums bools.
+        return np.array([np.count_nonzero(row) for row in table], dtype=np.int64)
     key = group.astype(np.int64) * n_users + user
     key.sort()
     first = np.empty(len(key), dtype=bool)

@@ -151,8 +151,10 @@ class EventStore:
         good_index = np.flatnonzero(valid)
         good = batch.take(good_index) if rejections else batch
         with self._lock:
-            if (previous := self._applied(producer_id, sequence)) is not None:
-                lsn, result = previous, IngestResult(0, [], duplicate=True)
+            if (previous := self._producers.get(producer_id) if producer_id else None) is not None \
+                    and sequence <= previous.sequence:
+                # Applied before: wait for that batch to be durable, store nothing now.
+                lsn, result = (previous.lsn or None) if self._wal else None, IngestResult(0, [], duplicate=True)
             else:
                 test_codes, cols, kept = self._encode(good, good_index, rejections)
                 rejections.sort(key=lambda r: r.index)
@@ -165,13 +167,6 @@ class EventStore:
         if lsn is not None:
             self._wal.commit(lsn)
         return result
-
-    def _applied(self, producer_id: str, sequence: int) -> int | None:
-        """For a batch applied before: the log record to wait for (0 without a log)."""
-        state = self._producers.get(producer_id) if producer_id else None
-        if state is None or sequence > state.sequence:
-            return None
-        return state.lsn if self._wal is not None else None
 
     def _encode(self, good: pa.Table, good_index: np.ndarray, rejections: list[Rejection]
                 ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], np.ndarray | None]:

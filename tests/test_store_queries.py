@@ -236,3 +236,15 @@ def test_centered_m2_is_exact_and_stable_for_large_means():
     same = kernels.centered_user_m2(np.zeros(100, dtype=np.int64), np.arange(100), np.full(100, 1e12), 100,
                                     np.array([100]), np.array([1e14]))
     assert same[0] == 0.0
+
+
+def test_producer_sequences_dedupe_in_a_memory_only_store():
+    s = EventStore()
+    batch = to_table(EVENTS[:10])
+    assert s.append(batch, "p", 1).accepted == 10
+    again = s.append(batch, "p", 1)
+    assert again.duplicate and again.accepted == 0
+    assert s.append(batch, "p", 0).duplicate
+    assert s.append(batch, "q", 1).accepted == 10  # another producer
+    assert s.append(batch).accepted == 10 and s.append(batch).accepted == 10  # untagged: at least once
+    assert s.event_count == 40
