@@ -22,6 +22,8 @@ from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
 QUARANTINE_DEFAULT_LIMIT = 100
+#: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
+PIPELINE_DEPTH = 8
 QUARANTINE_MAX_LIMIT = 10_000
 
 
@@ -44,18 +46,41 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
 
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
+        """Applies batches in order and acks each once durable. Batches are pipelined: the next
+        one is applied while the previous one's fsync runs, and one fsync may cover several."""
         store = self._holder.get()
-        batch = 0
-        async for request in request_iterator:
-            yield await asyncio.to_thread(self._ingest, store, batch, request)
-            batch += 1
-            if self._holder.draining:  # the batch in hand is acked; send the rest elsewhere
-                raise Unavailable("the server is shutting down; send the remaining batches again")
+        pending: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+        cut_short = False
+
+        async def apply_all() -> None:
+            nonlocal cut_short
+            try:
+                batch = 0
+                async for request in request_iterator:
+                    result = await asyncio.to_thread(self._apply, store, request)
+                    await pending.put((batch, result, asyncio.ensure_future(asyncio.to_thread(store.commit, result))))
+                    batch += 1
+                    if self._holder.draining:
+                        cut_short = True
+                        break
+            finally:
+                await pending.put(None)
+
+        applying = asyncio.create_task(apply_all())
+        try:
+            while (item := await pending.get()) is not None:
+                batch, result, durable = item
+                await durable
+                yield converters.ingest_response(batch, result)
+            await applying  # raises what applying a batch raised, after every earlier ack
+        finally:
+            applying.cancel()
+        if cut_short:  # the batches in hand are acked; send the rest elsewhere
+            raise Unavailable("the server is shutting down; send the remaining batches again")
 
     @staticmethod
-    def _ingest(store: EventStore, batch: int, request: pb.IngestEventsRequest) -> pb.IngestEventsResponse:
-        result = store.append(converters.request_to_table(request), request.producer_id, request.sequence)
-        return converters.ingest_response(batch, result)
+    def _apply(store: EventStore, request: pb.IngestEventsRequest):
+        return store.append(converters.request_to_table(request), request.producer_id, request.sequence, wait=False)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:
         store, query = self._holder.get(), converters.summary_query(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -51,6 +52,7 @@ class IngestResult:
     accepted: int
     rejections: list[Rejection]
     duplicate: bool = False
+    lsn: int | None = None  # the log record to be durable before the ack (see EventStore.commit)
 
 
 @dataclass(frozen=True)
@@ -136,12 +138,15 @@ class EventStore:
 
     # ---- ingest -------------------------------------------------------------------------
 
-    def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0) -> IngestResult:
+    def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
+               wait: bool = True) -> IngestResult:
         """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
 
-        Returns once the batch is visible to queries and as durable as the fsync policy says. A
-        batch tagged with `producer_id` is applied at most once per `sequence`: sequences must
-        increase, and one not above the last applied is acknowledged as a duplicate.
+        Returns once the batch is visible to queries and, with `wait`, as durable as the fsync
+        policy says; without it, call `commit(result)` before acknowledging, so that a stream
+        can apply its next batch while this one's fsync runs. A batch tagged with `producer_id`
+        is applied at most once per `sequence`: sequences must increase, and one not above the
+        last applied is acknowledged as a duplicate.
         """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
@@ -164,9 +169,15 @@ class EventStore:
                     received)))
                 self._apply(test_codes, cols, rejected, rejections, received, producer_id, sequence, lsn)
                 result = IngestResult(accepted=len(test_codes), rejections=rejections)
-        if lsn is not None:
-            self._wal.commit(lsn)
+        result = dataclasses.replace(result, lsn=lsn)
+        if wait:
+            self.commit(result)
         return result
+
+    def commit(self, result: IngestResult) -> None:
+        """Returns once the batch behind `result` is as durable as the fsync policy promises."""
+        if result.lsn is not None and self._wal is not None:
+            self._wal.commit(result.lsn)
 
     def _encode(self, good: pa.Table, good_index: np.ndarray, rejections: list[Rejection]
                 ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], np.ndarray | None]:
