@@ -1,0 +1,253 @@
+"""The Python client: typed results from every query, with a deadline on every call.
+
+    from abstream.clients import Client
+    with Client("127.0.0.1:50051") as client:
+        for row in client.summary("checkout").rows:
+            print(row.variant, row.users, row.conversion_rate)
+        table = client.timeseries("checkout", interval="hour").to_arrow()
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import grpc
+import pyarrow as pa
+from google.protobuf import json_format
+
+from abstream.v1 import admin_pb2, admin_pb2_grpc
+from abstream.v1 import analytics_pb2 as pb
+from abstream.v1 import analytics_pb2_grpc as pb_grpc
+
+Time = dt.datetime | str | None
+DIMENSIONS = {"device": pb.DIMENSION_DEVICE, "country": pb.DIMENSION_COUNTRY, "event_type": pb.DIMENSION_EVENT_TYPE}
+INTERVALS = {"minute": pb.INTERVAL_MINUTE, "hour": pb.INTERVAL_HOUR, "day": pb.INTERVAL_DAY, "week": pb.INTERVAL_WEEK}
+
+
+def parse_time(value: Time) -> dt.datetime | None:
+    """A datetime from a datetime (naive means UTC) or text: RFC 3339 or 'YYYY-MM-DD[ HH:MM:SS]'."""
+    if value is None or isinstance(value, dt.datetime):
+        moment = value
+    else:
+        text = value.strip().replace("Z", "+00:00")
+        moment = dt.datetime.fromisoformat(text)
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment
+
+
+def _timestamp(value: Time, message) -> None:
+    moment = parse_time(value)
+    if moment is not None:
+        message.FromDatetime(moment)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    users: int
+    conversions: int
+    conversion_rate: float
+    total_revenue: float
+    revenue_per_user: float
+    events: int
+    converted_users: int
+    user_conversion_rate: float
+
+    @classmethod
+    def of(cls, m: pb.Metrics) -> Metrics:
+        return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
+
+
+class _Table:
+    """Results that are a list of rows of flat dataclasses."""
+
+    rows: list
+
+    def to_arrow(self) -> pa.Table:
+        flat = []
+        for row in self.rows:
+            record = {}
+            for f in fields(row):
+                value = getattr(row, f.name)
+                if isinstance(value, Metrics):
+                    record.update({m.name: getattr(value, m.name) for m in fields(value)})
+                else:
+                    record[f.name] = value
+            flat.append(record)
+        return pa.Table.from_pylist(flat)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Summary(_Table):
+    test_id: str
+    rows: list[SummaryRow]
+    analysis: dict[str, Any]  # the Analysis message as a dict (protobuf JSON names)
+    events_scanned: int
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    variant: str
+    segment: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Segments(_Table):
+    test_id: str
+    dimension: str
+    rows: list[SegmentRow]
+    analyses: dict[str, dict[str, Any]]  # per segment value
+    events_scanned: int
+
+
+@dataclass(frozen=True)
+class TimeseriesRow:
+    bucket_start: dt.datetime
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Timeseries(_Table):
+    test_id: str
+    interval: str
+    cumulative: bool
+    rows: list[TimeseriesRow]
+    events_scanned: int
+
+
+@dataclass(frozen=True)
+class TestInfo:
+    test_id: str
+    variants: tuple[str, ...]
+    events: int
+    users: int
+    first_event_time: dt.datetime
+    last_event_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class Tests(_Table):
+    rows: list[TestInfo]
+
+
+@dataclass(frozen=True)
+class QuarantinedEvent:
+    received_time: dt.datetime
+    index: int
+    field: str
+    message: str
+    event: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Quarantine(_Table):
+    rows: list[QuarantinedEvent]
+    total: int
+
+
+def _utc(ts) -> dt.datetime:
+    return ts.ToDatetime(tzinfo=dt.timezone.utc)
+
+
+def _dict(message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel: plaintext by default; `tls=True` for the system's roots, or a CA certificate (PEM)."""
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+               *options]
+    if not tls:
+        return grpc.insecure_channel(addr, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=None if tls is True else tls)
+    return grpc.secure_channel(addr, credentials, options=options)
+
+
+class Client:
+    """Queries over one channel. Every call has a deadline (`timeout` seconds, per call or default)."""
+
+    def __init__(self, addr: str = "127.0.0.1:50051", token: str | None = None, tls: bool | bytes | None = None,
+                 timeout: float = 30.0) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = channel_for(addr, tls)
+        self._stub = pb_grpc.AnalyticsServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout: float | None):
+        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+
+    def summary(self, test_id: str, start: Time = None, end: Time = None, *, analysis: dict | None = None,
+                timeout: float | None = None) -> Summary:
+        request = pb.SummaryRequest(test_id=test_id)
+        _timestamp(start, request.start_time) if start is not None else None
+        _timestamp(end, request.end_time) if end is not None else None
+        if analysis:
+            json_format.ParseDict(analysis, request.analysis)
+        r = self._call(self._stub.Summary, request, timeout)
+        return Summary(r.test_id, [SummaryRow(row.variant, Metrics.of(row.metrics)) for row in r.rows],
+                       _dict(r.analysis), r.stats.events_scanned)
+
+    def segments(self, test_id: str, dimension: str, start: Time = None, end: Time = None, *,
+                 device: str | None = None, country: str | None = None, event_type: str | None = None,
+                 analysis: dict | None = None, timeout: float | None = None) -> Segments:
+        request = pb.SegmentsRequest(test_id=test_id, dimension=DIMENSIONS.get(dimension, 0),
+                                     filters=_filters(device, country, event_type))
+        _timestamp(start, request.start_time) if start is not None else None
+        _timestamp(end, request.end_time) if end is not None else None
+        if analysis:
+            json_format.ParseDict(analysis, request.analysis)
+        r = self._call(self._stub.Segments, request, timeout)
+        return Segments(r.test_id, dimension,
+                        [SegmentRow(row.variant, row.segment, Metrics.of(row.metrics)) for row in r.rows],
+                        {a.segment: _dict(a.analysis) for a in r.analyses}, r.stats.events_scanned)
+
+    def timeseries(self, test_id: str, interval: str = "day", start: Time = None, end: Time = None, *,
+                   cumulative: bool = False, device: str | None = None, country: str | None = None,
+                   event_type: str | None = None, timeout: float | None = None) -> Timeseries:
+        request = pb.TimeseriesRequest(test_id=test_id, interval=INTERVALS.get(interval, 0), cumulative=cumulative,
+                                       filters=_filters(device, country, event_type))
+        _timestamp(start, request.start_time) if start is not None else None
+        _timestamp(end, request.end_time) if end is not None else None
+        r = self._call(self._stub.Timeseries, request, timeout)
+        return Timeseries(r.test_id, interval, r.cumulative,
+                          [TimeseriesRow(_utc(row.bucket_start), row.variant, Metrics.of(row.metrics))
+                           for row in r.rows], r.stats.events_scanned)
+
+    def list_tests(self, *, timeout: float | None = None) -> Tests:
+        r = self._call(self._stub.ListTests, pb.ListTestsRequest(), timeout)
+        return Tests([TestInfo(t.test_id, tuple(t.variants), t.events, t.users, _utc(t.first_event_time),
+                               _utc(t.last_event_time)) for t in r.tests])
+
+    def quarantine(self, test_id: str = "", limit: int = 100, *, timeout: float | None = None) -> Quarantine:
+        r = self._call(self._stub.ListQuarantine, pb.ListQuarantineRequest(test_id=test_id, limit=limit), timeout)
+        return Quarantine([QuarantinedEvent(_utc(q.received_time), q.index, q.field, q.message, _dict(q.event))
+                           for q in r.events], r.total)
+
+    def snapshot(self, *, timeout: float | None = None) -> admin_pb2.CreateSnapshotResponse:
+        return self._call(self._admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(), timeout or 3600)
+
+
+def _filters(device: str | None, country: str | None, event_type: str | None) -> pb.Filters:
+    values = {"device": device, "country": country, "event_type": event_type}
+    return pb.Filters(**{k: v for k, v in values.items() if v is not None})

@@ -1,0 +1,214 @@
+"""A producer for services that emit events: cheap sends, background batches, exactly-once retries.
+
+    from abstream.clients import Producer
+    with Producer("127.0.0.1:50051") as producer:
+        future = producer.send({"timestamp": "2025-04-28 18:42:22", "user_id": "user_455",
+                                "test_id": "test_5", "variant": "variant_a", "conversion": 1})
+        ...
+    print(future.result())  # Delivery(accepted=True, ...), or the rejection and its reason
+
+`send` puts the event in a bounded buffer and returns a future at once. A background thread
+sends batches of up to `batch_size` events, or whatever arrived within `linger_ms`, each tagged
+with the producer's id and the next sequence number. A batch that meets UNAVAILABLE,
+RESOURCE_EXHAUSTED or a lost connection is sent again, with the same sequence, after an
+exponential backoff with full jitter: the server applies it once however often it arrives. When
+the buffer is full, `send` blocks (`when_full="block"`, the default) or raises `BufferFull`;
+no event is ever dropped without its future saying so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+
+from abstream.clients.client import channel_for, parse_time
+from abstream.v1 import analytics_pb2 as pb
+from abstream.v1 import analytics_pb2_grpc as pb_grpc
+
+RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+_STRINGS = ("user_id", "test_id", "variant", "event_type", "session_id", "device", "country")
+
+
+class BufferFull(Exception):
+    """The producer's buffer is full and it was asked not to wait."""
+
+
+class ProducerClosed(Exception):
+    """The producer was closed before this event could be sent."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What became of one event."""
+
+    accepted: bool
+    field: str = ""  # for a rejected event: which field, and why
+    message: str = ""
+    duplicate: bool = False  # its batch had been applied before (a retry after a lost ack)
+
+
+def to_event(event: dict[str, Any] | pb.Event) -> pb.Event:
+    """An Event from a message or a dict as users send it today (timestamp 'YYYY-MM-DD HH:MM:SS' UTC)."""
+    if isinstance(event, pb.Event):
+        return event
+    message = pb.Event(**{k: str(event[k]) for k in _STRINGS if event.get(k) is not None})
+    if event.get("conversion") is not None:
+        message.conversion = int(event["conversion"])
+    if event.get("revenue") is not None:
+        message.revenue = float(event["revenue"])
+    if event.get("timestamp") is not None:
+        value = event["timestamp"]
+        moment = dt.datetime.fromtimestamp(value, dt.timezone.utc) if isinstance(value, (int, float)) \
+            else parse_time(value)
+        message.timestamp.FromDatetime(moment)
+    return message
+
+
+class Producer:
+    def __init__(self, addr: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool | bytes | None = None,
+                 producer_id: str | None = None, first_sequence: int | None = None, batch_size: int = 1000,
+                 linger_ms: float = 50, max_buffered: int = 100_000, when_full: str = "block",
+                 retry_initial_s: float = 0.1, retry_max_s: float = 10.0, give_up_after_s: float = 300.0,
+                 timeout: float = 30.0) -> None:
+        """`producer_id` names this producer for exactly-once ingest (a new one by default).
+        Reusing an id across runs needs sequences that keep increasing: they start at
+        `first_sequence`, by default the current time in nanoseconds, which a later run exceeds."""
+        if when_full not in ("block", "raise"):
+            raise ValueError("when_full must be 'block' or 'raise'")
+        self.producer_id = producer_id or f"py-{uuid.uuid4()}"
+        self._sequence = time.time_ns() if first_sequence is None else first_sequence
+        self._batch_size, self._linger = batch_size, linger_ms / 1000
+        self._when_full = when_full
+        self._retry = (retry_initial_s, retry_max_s, give_up_after_s)
+        self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = channel_for(addr, tls)
+        self._stub = pb_grpc.AnalyticsServiceStub(self._channel)
+        self._buffer: queue.Queue = queue.Queue(maxsize=max_buffered)
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="abstream-producer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the caller's side -------------------------------------------------------------------
+
+    def send(self, event: dict[str, Any] | pb.Event,
+             callback: Callable[[Future], None] | None = None) -> Future:
+        """Queues one event; the future resolves to a Delivery once its batch is acknowledged."""
+        if self._closing.is_set():
+            raise ProducerClosed("the producer is closed")
+        future: Future = Future()
+        if callback is not None:
+            future.add_done_callback(callback)
+        item = (to_event(event), future)
+        with self._idle:
+            self._unfinished += 1
+        try:
+            if self._when_full == "block":
+                self._buffer.put(item)
+            else:
+                self._buffer.put_nowait(item)
+        except queue.Full:
+            self._done(1)
+            raise BufferFull(f"{self._buffer.maxsize} events are waiting to be sent") from None
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until every event sent so far has its outcome; False if `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Sends what is buffered, then stops. Events still unsent after `timeout` fail."""
+        self.flush(timeout)
+        self._closing.set()
+        self._thread.join(timeout=5)
+        while True:
+            try:
+                _, future = self._buffer.get_nowait()
+            except queue.Empty:
+                break
+            future.set_exception(ProducerClosed("closed before this event was sent"))
+        self._channel.close()
+
+    # ---- the background thread ---------------------------------------------------------------
+
+    def _done(self, n: int) -> None:
+        with self._idle:
+            self._unfinished -= n
+            self._idle.notify_all()
+
+    def _run(self) -> None:
+        while not self._closing.is_set() or not self._buffer.empty():
+            batch = self._gather()
+            if batch:
+                self._sequence += 1
+                self._deliver(batch, self._sequence)
+
+    def _gather(self) -> list[tuple[pb.Event, Future]]:
+        batch = []
+        try:
+            batch.append(self._buffer.get(timeout=0.1))
+        except queue.Empty:
+            return batch
+        deadline = time.monotonic() + self._linger
+        while len(batch) < self._batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._buffer.get(timeout=max(remaining, 0)) if remaining > 0
+                             else self._buffer.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _deliver(self, batch: list[tuple[pb.Event, Future]], sequence: int) -> None:
+        request = pb.IngestEventsRequest(events=[e for e, _ in batch], producer_id=self.producer_id,
+                                         sequence=sequence)
+        initial, ceiling, give_up = self._retry
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                responses = self._stub.IngestEvents(iter([request]), timeout=self._timeout, metadata=self._metadata)
+                ack = next(responses)
+                _drain(responses)  # a server going away may end the stream with UNAVAILABLE after the ack
+                break
+            except grpc.RpcError as error:
+                retriable = error.code() in RETRIED
+                if not retriable or time.monotonic() - started > give_up or self._closing.is_set() and attempt > 3:
+                    for _, future in batch:
+                        future.set_exception(error)
+                    self._done(len(batch))
+                    return
+                # Full jitter: anywhere up to the exponential step, so retries spread out.
+                time.sleep(random.uniform(0, min(ceiling, initial * 2 ** attempt)))
+                attempt += 1
+        rejected = {r.index: r for r in ack.rejections}
+        for i, (_, future) in enumerate(batch):
+            r = rejected.get(i)
+            future.set_result(Delivery(False, r.field, r.message) if r else Delivery(True, duplicate=ack.duplicate))
+        self._done(len(batch))
+
+
+def _drain(responses) -> None:
+    try:
+        for _ in responses:
+            pass
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise

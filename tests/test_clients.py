@@ -1,0 +1,169 @@
+"""The Python client, the producer and the `abstream` command, against real servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from abstream.clients import BufferFull, Client, Delivery, Producer
+from tests.events import BASE_S, NS, ingest, random_events
+from tests.process import Server
+
+BIN = Path(sys.executable).parent
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "examples" / "tutorial_events.ndjson"
+
+
+def test_client_returns_typed_results(server, stub):
+    events = random_events(600, seed=4)
+    ingest(stub, events)
+    with Client(server.address) as client:
+        summary = client.summary("checkout", "2025-04-28", "2025-05-10 23:59:59")
+        assert [r.variant for r in summary.rows] == ["control", "variant_a", "variant_b"]
+        assert summary.analysis["control_variant"] == "control"
+        table = summary.to_arrow()
+        assert table.column_names == ["variant", "users", "conversions", "conversion_rate", "total_revenue",
+                                      "revenue_per_user", "events", "converted_users", "user_conversion_rate"]
+        segments = client.segments("checkout", "country", country="US")
+        assert {r.segment for r in segments.rows} == {"US"}
+        series = client.timeseries("checkout", "day", cumulative=True)
+        assert series.rows and series.rows[0].bucket_start.tzinfo is not None
+        assert series.to_arrow().num_rows == len(series.rows)
+        tests = client.list_tests()
+        assert "checkout" in {t.test_id for t in tests.rows}
+        assert client.quarantine().total == 0
+        with pytest.raises(grpc.RpcError) as caught:
+            client.summary("checkout", timeout=1e-6)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_producer_resolves_every_event(server):
+    good = {"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "prod", "variant": "variant_a",
+            "event_type": "click", "conversion": 1, "revenue": 84.55}
+    seen: list[Delivery] = []
+    with Producer(server.address, batch_size=50, linger_ms=5) as producer:
+        futures = [producer.send({**good, "user_id": f"u{i}"}) for i in range(120)]
+        bad = producer.send({**good, "conversion": 2}, callback=lambda f: seen.append(f.result()))
+        assert producer.flush(timeout=30)
+    assert all(f.result() == Delivery(True) for f in futures)
+    assert bad.result().accepted is False and bad.result().field == "conversion"
+    assert "0 or 1" in bad.result().message and seen == [bad.result()]
+    with Client(server.address) as client:
+        assert sum(r.metrics.events for r in client.summary("prod").rows) == 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_producer_buffer_full_raises_when_asked_to(tmp_path):
+    # Nothing listens on this port: the batch in hand waits on retries while the buffer fills.
+    producer = Producer(f"127.0.0.1:{free_port()}", max_buffered=3, when_full="raise", linger_ms=1,
+                        give_up_after_s=2)
+    event = {"timestamp": "2025-04-28 18:42:22", "user_id": "u", "test_id": "t", "variant": "v"}
+    with pytest.raises(BufferFull):
+        for _ in range(20):
+            producer.send(event)
+            time.sleep(0.01)
+    producer.close(timeout=10)
+
+
+def test_producer_survives_a_server_restart_without_loss_or_duplicates(tmp_path):
+    port = free_port()
+    server = Server(tmp_path / "data", "--addr", f"127.0.0.1:{port}").start()  # the same port after a restart
+    total = 3000
+    futures = []
+    with Producer(f"127.0.0.1:{port}", batch_size=100, linger_ms=2, retry_max_s=0.5) as producer:
+        def send_all():
+            for i in range(total):
+                futures.append(producer.send({"timestamp": (BASE_S + i) * NS / 1e9, "user_id": f"u{i}",
+                                              "test_id": "restart", "variant": "AB"[i % 2]}))
+                if i % 100 == 0:
+                    time.sleep(0.02)  # ~0.6 s of sending: the kill lands in the middle of it
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        time.sleep(0.3)
+        server.kill()
+        time.sleep(0.5)
+        server.start()
+        sender.join(timeout=60)
+        assert producer.flush(timeout=120)
+    deliveries = [f.result() for f in futures]
+    assert all(d.accepted for d in deliveries) and len(deliveries) == total
+    with Client(server.address) as client:
+        rows = client.summary("restart").rows
+    assert sum(r.metrics.events for r in rows) == total and sum(r.metrics.users for r in rows) == total
+    server.kill()
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "abstream"), *args], capture_output=True, text=True, timeout=120, input=input,
+                          env=env)
+
+
+def test_cli_ingests_files_as_users_send_them_and_reports_rejections(server, tmp_path):
+    ndjson = tmp_path / "events.ndjson"
+    lines = SHARED.read_text().splitlines() if SHARED.exists() else [
+        json.dumps({"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "test_5",
+                    "variant": "variant_a", "event_type": "click", "conversion": 1, "revenue": 84.55,
+                    "session_id": "session_3455", "device": "desktop", "country": "AU"})]
+    lines += ['{"timestamp": "2025-04-28 18:50:00", "user_id": "u2", "test_id": "test_5", "variant": "variant_b"}',
+              "{not json",
+              '{"timestamp": "2025-04-28 18:51:00", "user_id": "u3", "test_id": "test_5", "variant": "variant_b", '
+              '"conversion": 2}',
+              '{"timestamp": "2025-04-28 18:52:00", "test_id": "test_5", "variant": "variant_b"}']
+    ndjson.write_text("\n".join(lines) + "\n")
+    result = run_cli("ingest", "--addr", server.address, str(ndjson))
+    assert result.returncode == 1, result.stderr
+    good = len(lines) - 3
+    assert f"accepted {good}, rejected 3" in result.stdout
+    assert "conversion: conversion must be 0 or 1, got 2" in result.stdout
+    assert "user_id: user_id is required" in result.stdout and "not valid JSON" in result.stdout
+    assert f"{ndjson}:{len(lines) - 2}" in result.stdout  # the bad JSON line, by number
+
+    csv_file = tmp_path / "events.csv"
+    csv_file.write_text("timestamp,user_id,test_id,variant,conversion,revenue\n"
+                        "2025-04-29 10:00:00,c1,test_5,variant_a,1,10.5\n"
+                        "2025-04-29 10:01:00,c2,test_5,variant_b,0,0\n")
+    result = run_cli("ingest", "--addr", server.address, str(csv_file))
+    assert result.returncode == 0 and "accepted 2, rejected 0" in result.stdout
+    result = run_cli("ingest", "--addr", server.address, "--input-format", "ndjson", "-", input=lines[0] + "\n")
+    assert result.returncode == 0 and "accepted 1, rejected 0" in result.stdout
+
+    summary = json.loads(run_cli("summary", "test_5", "--addr", server.address, "--format", "json").stdout)
+    assert {r["variant"] for r in summary["rows"]} == {"variant_a", "variant_b"}
+    assert summary["analysis"]["control_variant"] == "variant_a"
+    table = run_cli("summary", "test_5", "--addr", server.address).stdout
+    assert "variant" in table and "users" in table and "compared with 'variant_a'" in table
+    csv_out = run_cli("segments", "test_5", "country", "--addr", server.address, "--format", "csv").stdout
+    assert csv_out.splitlines()[0].startswith("variant,segment,users")
+    ndjson_out = run_cli("timeseries", "test_5", "--interval", "hour", "--addr", server.address,
+                         "--format", "ndjson").stdout
+    assert all("bucket_start" in json.loads(line) for line in ndjson_out.splitlines())
+    env = {**__import__("os").environ, "ABSTREAM_ADDR": server.address}
+    tests = run_cli("tests", env=env)
+    assert tests.returncode == 0 and "test_5" in tests.stdout
+    quarantine = run_cli("quarantine", "--format", "json", env=env)
+    assert json.loads(quarantine.stdout)["total"] == 2  # the two the server rejected (bad JSON never left)
+
+
+def test_cli_help_shows_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "abstream ingest" in result.stdout
+    for command in ("ingest", "summary", "segments", "timeseries", "tests", "quarantine"):
+        assert "examples:" in run_cli(command, "--help").stdout
+
+
+def test_cli_reports_server_errors_clearly(server):
+    result = run_cli("summary", "", "--addr", server.address)
+    assert result.returncode == 2 and "INVALID_ARGUMENT" in result.stderr and "test_id" in result.stderr
