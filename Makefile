@@ -27,7 +27,13 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/buf lint
 
-test: lint
+NODE_STAMP := clients/node/node_modules/.installed-stamp
+
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: lint $(NODE_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)

@@ -63,3 +63,13 @@ def channel(server) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel) -> analytics_pb2_grpc.AnalyticsServiceStub:
     return analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    """Servers started as processes are killed when their test ends, passed or failed."""
+    from tests import process
+
+    yield
+    while process.STARTED:
+        process.STARTED.pop().kill()

@@ -17,6 +17,9 @@ from abstream.v1 import admin_pb2_grpc, analytics_pb2_grpc
 BIN = Path(sys.executable).parent
 
 
+STARTED: list[Server] = []  # every server a test started; the conftest kills what is left after each test
+
+
 class Server:
     """`abstream serve` on an ephemeral port with its own data directory; its log goes to a file."""
 
@@ -33,6 +36,7 @@ class Server:
         self.process = subprocess.Popen(
             [str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.args],
             stderr=log, stdout=log)
+        STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[offset:]

@@ -43,3 +43,21 @@ def test_every_readme_command_works(server):
     assert "abstream.v1.AnalyticsService/Summary" in out[6]
     assert json.loads(out[7])["accepted"] == 1
     assert json.loads(out[8])["status"] == "SERVING"
+
+
+def test_buf_generates_go_and_java_stubs(tmp_path):
+    """`buf generate` with buf.gen.yaml, where the local plugins are installed (Debian packages
+    protoc-gen-go, protoc-gen-go-grpc, protobuf-compiler, protobuf-compiler-grpc-java-plugin)."""
+    import shutil
+
+    import pytest
+
+    missing = [p for p in ("protoc-gen-go", "protoc-gen-go-grpc", "grpc_java_plugin", "protoc") if not shutil.which(p)]
+    if missing:
+        pytest.skip(f"plugins not installed: {', '.join(missing)}")
+    result = subprocess.run([str(BIN / "buf"), "generate", "--output", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "gen/go/abstream/v1/analytics_grpc.pb.go").is_file()
+    assert (tmp_path / "gen/java/dev/abstream/v1/AnalyticsServiceGrpc.java").is_file()
+    assert "package abstreamv1" in (tmp_path / "gen/go/abstream/v1/analytics.pb.go").read_text()

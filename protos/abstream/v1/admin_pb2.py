@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1egoogle/protobuf/duration.proto\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2i\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1egoogle/protobuf/duration.proto\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2i\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponseBO\n\x0f\x64\x65v.abstream.v1P\x01Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'abstream.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.abstream.v1P\001Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1'
   _globals['_CREATESNAPSHOTREQUEST']._serialized_start=72
   _globals['_CREATESNAPSHOTREQUEST']._serialized_end=95
   _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=97

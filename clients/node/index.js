@@ -1,0 +1,64 @@
+'use strict';
+// abstream's Node client: the services loaded from the repository's own proto files, plus the one
+// thing grpc-js leaves to you, reading the google.rpc.BadRequest that explains an INVALID_ARGUMENT.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+
+const PROTOS = path.resolve(__dirname, '..', '..', 'protos');
+const OPTIONS = { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true, includeDirs: [PROTOS] };
+
+const definition = protoLoader.loadSync(['abstream/v1/analytics.proto', 'abstream/v1/admin.proto'], OPTIONS);
+const abstream = grpc.loadPackageDefinition(definition).abstream.v1;
+
+// google.rpc.Status and BadRequest, as the gRPC rich error model defines them.
+const rpc = new protobuf.Root().loadSync([path.join(__dirname, 'protos', 'google', 'rpc', 'status.proto'),
+  path.join(__dirname, 'protos', 'google', 'rpc', 'error_details.proto')], { keepCase: true });
+const Status = rpc.lookupType('google.rpc.Status');
+const BadRequest = rpc.lookupType('google.rpc.BadRequest');
+
+/** An AnalyticsService client for `address` ('127.0.0.1:50051'); plaintext unless credentials are given. */
+function analyticsClient(address, credentials = grpc.credentials.createInsecure()) {
+  return new abstream.AnalyticsService(address, credentials);
+}
+
+/** The field violations ({field, description}) a gRPC error carries, or [] when it carries none. */
+function fieldViolations(error) {
+  const raw = error && error.metadata && error.metadata.get('grpc-status-details-bin')[0];
+  if (!raw) return [];
+  const status = Status.decode(raw);
+  return status.details
+    .filter((detail) => detail.type_url === 'type.googleapis.com/google.rpc.BadRequest')
+    .flatMap((detail) => BadRequest.toObject(BadRequest.decode(detail.value)).field_violations || []);
+}
+
+/** Sends batches of events on one IngestEvents stream; resolves with one ack per batch, in order. */
+function ingest(client, batches, options = {}) {
+  return new Promise((resolve, reject) => {
+    const acks = [];
+    const call = client.IngestEvents(options.metadata || new grpc.Metadata(), { deadline: Date.now() + (options.timeoutMs || 30000) });
+    call.on('data', (ack) => acks.push(ack));
+    call.on('error', reject);
+    call.on('end', () => resolve(acks));
+    for (const events of batches) call.write({ events });
+    call.end();
+  });
+}
+
+/** A unary call as a promise, with a deadline. */
+function unary(client, method, request, timeoutMs = 30000) {
+  return new Promise((resolve, reject) => {
+    client[method](request, { deadline: Date.now() + timeoutMs }, (error, response) => (error ? reject(error) : resolve(response)));
+  });
+}
+
+/** A google.protobuf.Timestamp from a Date or 'YYYY-MM-DD HH:MM:SS' (UTC). */
+function timestamp(value) {
+  const date = value instanceof Date ? value : new Date(`${String(value).replace(' ', 'T')}Z`);
+  const millis = date.getTime();
+  return { seconds: Math.floor(millis / 1000), nanos: (millis % 1000) * 1e6 };
+}
+
+module.exports = { abstream, analyticsClient, fieldViolations, grpc, ingest, timestamp, unary };

@@ -1,0 +1,36 @@
+'use strict';
+// Run by `make test` (tests/test_node_client.py) against a real server at ABSTREAM_ADDR.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const { analyticsClient, fieldViolations, grpc, ingest, timestamp, unary } = require('..');
+
+const address = process.env.ABSTREAM_ADDR;
+const client = analyticsClient(address);
+
+test('ingest the tutorial event, then read the summary', async () => {
+  const event = {
+    timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'user_455', test_id: 'node_test', variant: 'variant_a',
+    event_type: 'click', conversion: 1, revenue: 84.55, session_id: 'session_3455', device: 'desktop', country: 'AU',
+  };
+  const acks = await ingest(client, [[event], [{ ...event, user_id: 'user_456', variant: 'variant_b', conversion: 2 }]]);
+  assert.equal(acks.length, 2);
+  assert.equal(acks[0].accepted, 1);
+  assert.equal(acks[1].rejected, 1);
+  assert.equal(acks[1].rejections[0].field, 'conversion');
+  const summary = await unary(client, 'Summary', { test_id: 'node_test' });
+  assert.deepEqual(summary.rows.map((r) => r.variant), ['variant_a']);
+  assert.equal(summary.rows[0].metrics.users, 1);
+  assert.equal(summary.rows[0].metrics.total_revenue, 84.55);
+  assert.equal(summary.analysis.control_variant, 'variant_a');
+});
+
+test('a validation error names the field in its google.rpc.BadRequest', async () => {
+  await assert.rejects(unary(client, 'Summary', { test_id: '' }), (error) => {
+    assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+    assert.deepEqual(fieldViolations(error), [{ field: 'test_id', description: 'is required' }]);
+    return true;
+  });
+});
+
+test.after(() => client.close());
