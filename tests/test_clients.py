@@ -167,3 +167,13 @@ def test_cli_help_shows_examples():
 def test_cli_reports_server_errors_clearly(server):
     result = run_cli("summary", "", "--addr", server.address)
     assert result.returncode == 2 and "INVALID_ARGUMENT" in result.stderr and "test_id" in result.stderr
+
+
+def test_cli_shows_progress_on_long_files(server, tmp_path):
+    path = tmp_path / "long.ndjson"
+    path.write_text("".join(json.dumps({"timestamp": "2025-04-28 18:42:22", "user_id": f"u{i}", "test_id": "long",
+                                        "variant": "AB"[i % 2]}) + "\n" for i in range(12_000)))
+    env = {**__import__("os").environ, "ABSTREAM_PROGRESS": "1"}
+    result = run_cli("ingest", "--addr", server.address, str(path), env=env)
+    assert result.returncode == 0 and "accepted 12,000, rejected 0" in result.stdout
+    assert "10,000 / 12,000 events sent" in result.stderr
