@@ -23,6 +23,7 @@ examples:
   abstream segments homepage_redesign country --format csv
   abstream timeseries homepage_redesign --interval hour --cumulative --format json
   abstream quarantine --limit 20
+  abstream token checkout-team --scopes ingest,query --test-prefix checkout_ >> tokens.toml
 
 Every command takes --addr (ABSTREAM_ADDR) and --token (ABSTREAM_TOKEN).
 """
@@ -86,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     quarantine.add_argument("--test-id", default="")
     quarantine.add_argument("--limit", type=int, default=100)
     client_command("snapshot", "write a snapshot now (admin)")
+    token = commands.add_parser("token", help="make a token: prints it once, and the entry for the tokens file",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    token.add_argument("name", help="who uses it (shows in logs, never the token)")
+    token.add_argument("--scopes", default="ingest,query", help="comma-separated: ingest, query, admin")
+    token.add_argument("--test-prefix", default="", help="only tests whose id starts with this")
+    token.add_argument("--ingest-rate", type=float, default=0, help="events per second; 0: unlimited")
 
     args = parser.parse_args(argv)
+    if args.command == "token":
+        return _token(args)
     if args.command == "serve":
         try:
             settings = Settings.from_args(args)
@@ -104,18 +113,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings) -> int:
-    from abstream.service.server import BindError, serve
+    from abstream.service.logs import configure
+    from abstream.service.server import BindError, ConfigError, serve
     from abstream.store import RecoveryError
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except BindError as error:
+    except (BindError, ConfigError) as error:
         print(f"abstream: {error}", file=sys.stderr)
         return 1
     except RecoveryError as error:
         print(f"abstream: refusing to start: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _token(args) -> int:
+    from abstream.service.auth import SCOPES, hash_token, new_token
+
+    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+    if not scopes or any(x not in SCOPES for x in scopes):
+        print(f"abstream token: --scopes must be some of {', '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    secret = new_token()
+    print(f"# token for {args.name} (shown once; the server keeps only its hash):", file=sys.stderr)
+    print(f"#   {secret}", file=sys.stderr)
+    print("[[token]]")
+    print(f"name = {json.dumps(args.name)}")
+    print(f'sha256 = "{hash_token(secret)}"')
+    print(f"scopes = {json.dumps(scopes)}")
+    if args.test_prefix:
+        print(f"test_prefix = {json.dumps(args.test_prefix)}")
+    if args.ingest_rate:
+        print(f"ingest_rate = {args.ingest_rate:g}")
     return 0
 
 

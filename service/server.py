@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import logging
 import signal
 import sys
@@ -14,8 +15,10 @@ import pyarrow as pa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from abstream.service.errors import ErrorInterceptor
-from abstream.service.servicer import AdminServicer, AnalyticsServicer, StoreHolder
+from abstream.service.auth import AuthInterceptor, load_tokens
+from abstream.service.errors import CallInterceptor
+from abstream.service.metrics import Metrics
+from abstream.service.servicer import AdminServicer, AnalyticsServicer, Limits, StoreHolder
 from abstream.service.settings import Settings
 from abstream.store import Durability, EventStore
 from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2, analytics_pb2_grpc
@@ -64,17 +67,54 @@ class BindError(RuntimeError):
     """The address could not be bound (in use, or not an address of this machine)."""
 
 
+class ConfigError(RuntimeError):
+    """The settings are unsafe or inconsistent; the message says what to change."""
+
+
+def is_loopback(addr: str) -> bool:
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # empty (every interface) or a name: not provably loopback
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read the {what} {path}: {error}") from error
+
+
 class AnalyticsServer:
     """The grpc.aio server and its store; `port` is the one actually bound."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        tokens = None
+        if settings.tokens_file:
+            try:
+                tokens = load_tokens(settings.tokens_file)
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
+        elif not is_loopback(settings.addr) and not settings.insecure:
+            raise ConfigError(f"refusing to listen on {settings.addr} without tokens: anyone who reaches it could "
+                              "read and write every test. Give --tokens-file, listen on a loopback address, or "
+                              "pass --insecure to accept that")
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if settings.tls_client_ca and not settings.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         self.holder = StoreHolder()
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics(None)
         self.port = 0
+        self.metrics_port = 0
         self._snapshots: asyncio.Task | None = None
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[CallInterceptor(), AuthInterceptor(tokens)],
             options=[
                 # A second server on a taken port must fail to start, not silently share it.
                 ("grpc.so_reuseport", 0),
@@ -82,12 +122,24 @@ class AnalyticsServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
-        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsServicer(self.holder), self._server)
+        limits = Limits(settings.max_batch_events, settings.max_ingest_streams, settings.memory_high_water_bytes)
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(
+            AnalyticsServicer(self.holder, limits, self.metrics), self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
                                                           self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        pair = (_read(s.tls_key, "TLS key"), _read(s.tls_cert, "TLS certificate"))
+        client_ca = _read(s.tls_client_ca, "client CA") if s.tls_client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
 
     @property
     def store(self) -> EventStore:
@@ -104,8 +156,12 @@ class AnalyticsServer:
     async def start(self) -> int:
         """Listens (health says NOT_SERVING), recovers the store, then says SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        credentials = self._credentials()
         try:
-            self.port = self._server.add_insecure_port(self.settings.addr)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self.settings.addr)
+            else:
+                self.port = self._server.add_secure_port(self.settings.addr, credentials)
         except RuntimeError as error:
             raise BindError(f"cannot listen on {self.settings.addr}: {error}") from error
         if self.port == 0:
@@ -117,6 +173,11 @@ class AnalyticsServer:
         except BaseException:
             await self._server.stop(0)
             raise
+        self.metrics.watch(self.holder.store, self.settings.data_dir)
+        if self.settings.metrics_addr:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_addr)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0] or "127.0.0.1",
+                     self.metrics_port)
         self._snapshots = asyncio.create_task(self._snapshot_when_due())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
@@ -140,6 +201,7 @@ class AnalyticsServer:
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         if self.holder.store is not None:
             await asyncio.to_thread(self.holder.store.close)
+        self.metrics.close()
         log.info("stopped")
 
     async def _set_health(self, status: int) -> None:

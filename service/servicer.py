@@ -7,15 +7,22 @@ keeps the event loop free to serve every other stream meanwhile.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
 from google.protobuf import duration_pb2
 
+import pyarrow.compute as pc
+
 from abstream.service import converters
-from abstream.store import EventStore, Unavailable
+from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
+from abstream.service.errors import DeadlineExceeded, PermissionDenied, ResourceExhausted
+from abstream.service.metrics import Metrics
+from abstream.store import EventStore, InvalidArgument, Unavailable
 from abstream.store.queries import QueryStats
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
@@ -40,15 +47,39 @@ class StoreHolder:
         return self.store
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts at once (see Settings)."""
+
+    max_batch_events: int = 100_000
+    max_ingest_streams: int = 64
+    memory_high_water_bytes: int = 0
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
-    def __init__(self, holder: StoreHolder) -> None:
+    def __init__(self, holder: StoreHolder, limits: Limits = Limits(), metrics: Metrics | None = None) -> None:
         self._holder = holder
+        self._limits = limits
+        self._rates = RateLimiter()
+        self._streams = 0
+        self._metrics = metrics or Metrics(None)
 
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
         """Applies batches in order and acks each once durable. Batches are pipelined: the next
         one is applied while the previous one's fsync runs, and one fsync may cover several."""
         store = self._holder.get()
+        if self._streams >= self._limits.max_ingest_streams:
+            raise ResourceExhausted(f"{self._streams} ingest streams are open, the most this server takes; "
+                                    "send on an open stream or retry", retry_after=1.0)
+        self._streams += 1
+        self._metrics.active_streams.inc()
+        principal = PRINCIPAL.get()
         pending: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         cut_short = False
 
@@ -57,8 +88,10 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             try:
                 batch = 0
                 async for request in request_iterator:
-                    result = await asyncio.to_thread(self._apply, store, request)
-                    await pending.put((batch, result, asyncio.ensure_future(asyncio.to_thread(store.commit, result))))
+                    started = time.perf_counter()
+                    result = await asyncio.to_thread(self._apply, store, request, principal)
+                    durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
+                    await pending.put((batch, result, durable, started))
                     batch += 1
                     if self._holder.draining:
                         cut_short = True
@@ -69,42 +102,81 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         applying = asyncio.create_task(apply_all())
         try:
             while (item := await pending.get()) is not None:
-                batch, result, durable = item
+                batch, result, durable, started = item
                 await durable
+                self._metrics.acked(result, time.perf_counter() - started)
                 yield converters.ingest_response(batch, result)
             await applying  # raises what applying a batch raised, after every earlier ack
         finally:
             applying.cancel()
+            self._streams -= 1
+            self._metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    @staticmethod
-    def _apply(store: EventStore, request: pb.IngestEventsRequest):
-        return store.append(converters.request_to_table(request), request.producer_id, request.sequence, wait=False)
+    def _apply(self, store: EventStore, request: pb.IngestEventsRequest, principal: Principal):
+        limits = self._limits
+        if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
+            raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
+        table = converters.request_to_table(request)
+        if table.num_rows > limits.max_batch_events:
+            raise InvalidArgument("events", f"a batch of {table.num_rows} events; at most {limits.max_batch_events}")
+        wait = self._rates.wait_for(principal, table.num_rows)
+        if wait > 0:
+            raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
+                                    f"{principal.ingest_rate:g} events/s", retry_after=wait)
+        refuse = None
+        if principal.test_prefix:
+            tests = table.column("test_id").fill_null("")
+            allowed = pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False)
+            refuse = (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id starts "
+                                           f"with {principal.test_prefix!r}")
+        return store.append(table, request.producer_id, request.sequence, wait=False, refuse=refuse)
+
+    async def _query(self, name: str, test_id: str, work, context: grpc.aio.ServicerContext):
+        """Runs one query in a thread, if the caller may read the test and still waits for it."""
+        principal = PRINCIPAL.get()
+        if test_id and not principal.may_use(test_id):
+            raise PermissionDenied(f"token {principal.name!r} may only read tests whose id starts with "
+                                   f"{principal.test_prefix!r}")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"{name}: the deadline passed before the query started")
+        started = time.perf_counter()
+        try:
+            return await asyncio.to_thread(work)
+        finally:
+            self._metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:
         store, query = self._holder.get(), converters.summary_query(request)
-        return await asyncio.to_thread(lambda: converters.summary_response(store.summary(query)))
+        return await self._query("Summary", request.test_id,
+                                 lambda: converters.summary_response(store.summary(query)), context)
 
     async def Segments(self, request: pb.SegmentsRequest, context: grpc.aio.ServicerContext) -> pb.SegmentsResponse:
         store, query = self._holder.get(), converters.segments_query(request)
-        return await asyncio.to_thread(lambda: converters.segments_response(store.segments(query)))
+        return await self._query("Segments", request.test_id,
+                                 lambda: converters.segments_response(store.segments(query)), context)
 
     async def Timeseries(self, request: pb.TimeseriesRequest,
                          context: grpc.aio.ServicerContext) -> pb.TimeseriesResponse:
         store, query = self._holder.get(), converters.timeseries_query(request)
-        return await asyncio.to_thread(lambda: converters.timeseries_response(store.timeseries(query)))
+        return await self._query("Timeseries", request.test_id,
+                                 lambda: converters.timeseries_response(store.timeseries(query)), context)
 
     async def ListTests(self, request: pb.ListTestsRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListTestsResponse:
         started = time.perf_counter_ns()
-        tests = self._holder.get().list_tests()  # maintained per-test counters: no event is scanned
+        prefix = PRINCIPAL.get().test_prefix
+        # Maintained per-test counters: no event is scanned.
+        tests = [t for t in self._holder.get().list_tests() if t.test_id.startswith(prefix)]
+        self._metrics.query_seconds.labels("ListTests").observe((time.perf_counter_ns() - started) / 1e9)
         return converters.list_tests_response(tests, QueryStats(0, time.perf_counter_ns() - started))
 
     async def ListQuarantine(self, request: pb.ListQuarantineRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListQuarantineResponse:
         limit = min(request.limit or QUARANTINE_DEFAULT_LIMIT, QUARANTINE_MAX_LIMIT)
-        entries, total = self._holder.get().quarantine(request.test_id, limit)
+        entries, total = self._holder.get().quarantine(request.test_id, limit, PRINCIPAL.get().test_prefix)
         return converters.quarantine_response(entries, total)
 
 

@@ -23,9 +23,21 @@ class Settings:
     snapshot_every_seconds: float = 300.0
     snapshot_compression: str = "none"
     snapshots_kept: int = 2
+    tokens_file: str = ""  # TOML file of hashed tokens with scopes; empty: no authentication
+    insecure: bool = False  # allow a non-loopback address without tokens
+    reflection: bool = True
+    tls_cert: str = ""  # PEM files; a certificate and key turn TLS on
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM: require client certificates signed by it (mutual TLS)
+    max_batch_events: int = 100_000
+    max_ingest_streams: int = 64
+    memory_high_water_bytes: int = 0  # refuse ingest (RESOURCE_EXHAUSTED) above this resident size; 0: off
+    metrics_addr: str = ""  # host:port for Prometheus metrics over HTTP; empty: off
+    log_format: str = "json"
 
     def __post_init__(self) -> None:
-        choices = {"fsync": ("always", "interval"), "snapshot_compression": ("none", "lz4", "zstd")}
+        choices = {"fsync": ("always", "interval"), "snapshot_compression": ("none", "lz4", "zstd"),
+                   "log_format": ("json", "text")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -37,7 +49,7 @@ class Settings:
         for f in fields(cls):
             raw = environ.get("ABSTREAM_" + f.name.upper())
             if raw is not None:
-                values[f.name] = type(getattr(cls, f.name))(raw)
+                values[f.name] = _parse(getattr(cls, f.name), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -46,11 +58,23 @@ class Settings:
         """Flags for every setting; each defaults to its ABSTREAM_* variable, then to the default."""
         for f in fields(cls):
             default = getattr(cls, f.name)
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"), type=type(default), default=None,
-                help=f"(env ABSTREAM_{f.name.upper()}, default {default!r})",
-            )
+            flag = "--" + f.name.replace("_", "-")
+            help = f"(env ABSTREAM_{f.name.upper()}, default {default!r})"
+            if isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            else:
+                parser.add_argument(flag, type=type(default), default=None, help=help)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         return cls.from_env(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _parse(default, raw: str):
+    if isinstance(default, bool):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return type(default)(raw)

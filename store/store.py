@@ -139,22 +139,27 @@ class EventStore:
     # ---- ingest -------------------------------------------------------------------------
 
     def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-               wait: bool = True) -> IngestResult:
+               wait: bool = True, refuse: tuple[np.ndarray, str, str] | None = None) -> IngestResult:
         """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
 
         Returns once the batch is visible to queries and, with `wait`, as durable as the fsync
         policy says; without it, call `commit(result)` before acknowledging, so that a stream
         can apply its next batch while this one's fsync runs. A batch tagged with `producer_id`
         is applied at most once per `sequence`: sequences must increase, and one not above the
-        last applied is acknowledged as a duplicate.
+        last applied is acknowledged as a duplicate. `refuse` = (mask, field, message) rejects
+        the masked rows for a reason the caller knows (e.g. a test the token may not write).
         """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         batch = normalize(batch)
         received = self._clock()
         valid, rejections = validate(batch, received)
+        if refuse is not None and refuse[0].any():
+            mask, field_name, message = refuse
+            rejections += [Rejection(i, field_name, message) for i in np.flatnonzero(mask & valid).tolist()]
+            valid = valid & ~mask
         good_index = np.flatnonzero(valid)
-        good = batch.take(good_index) if rejections else batch
+        good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
         with self._lock:
             if (previous := self._producers.get(producer_id) if producer_id else None) is not None \
                     and sequence <= previous.sequence:
@@ -491,10 +496,18 @@ class EventStore:
             tests.append(TestInfo(name, sorted(decoded), events, users, first, last))
         return sorted(tests, key=lambda t: t.test_id)
 
-    def quarantine(self, test_id: str = "", limit: int = 100) -> tuple[list[QuarantinedEvent], int]:
-        """Up to `limit` rejected events, newest first, and how many match in all."""
-        entries = [e for e in list(self._quarantine) if not test_id or e.event.get("test_id") == test_id]
+    def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = "") -> tuple[list[QuarantinedEvent], int]:
+        """Up to `limit` rejected events, newest first, and how many match in all (of one test
+        when `test_id` is given, of tests starting with `test_prefix`)."""
+        entries = [e for e in list(self._quarantine)
+                   if (not test_id or e.event.get("test_id") == test_id)
+                   and str(e.event.get("test_id") or "").startswith(test_prefix)]
         return entries[::-1][:limit], len(entries)
+
+    @property
+    def last_snapshot_at(self) -> float:
+        """time.monotonic() of the last snapshot written (or of the start, before any)."""
+        return self._last_snapshot.at
 
     @property
     def nbytes(self) -> int:

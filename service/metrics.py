@@ -1,0 +1,72 @@
+"""Prometheus metrics, on a registry of the server's own (several servers may share a process)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from abstream.store import EventStore, IngestResult
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ingested = Counter("abstream_events_ingested", "Events stored", registry=r)
+        self.rejected = Counter("abstream_events_rejected", "Events rejected, by the field that failed", ["field"],
+                                registry=r)
+        self.batches = Counter("abstream_batches", "Batches acknowledged, by outcome", ["outcome"], registry=r)
+        self.ack_seconds = Histogram("abstream_batch_ack_seconds", "From a batch's arrival to its ack",
+                                     buckets=_LATENCY, registry=r)
+        self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
+                                       registry=r)
+        self.active_streams = Gauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
+        self._store_gauges: list[Gauge] = []
+
+    def acked(self, result: IngestResult, seconds: float) -> None:
+        self.ack_seconds.observe(seconds)
+        self.batches.labels("duplicate" if result.duplicate else "stored").inc()
+        self.ingested.inc(result.accepted)
+        for rejection in result.rejections:
+            self.rejected.labels(rejection.field).inc()
+
+    def watch(self, store: EventStore, data_dir: str) -> None:
+        """Gauges read from the store when scraped."""
+        r = self.registry
+        wal = Path(data_dir) / "wal" if data_dir else None
+        gauges = [
+            ("abstream_stored_events", "Events held", lambda: store.event_count),
+            ("abstream_stored_bytes", "Bytes the store's arrays and dictionaries hold", lambda: store.nbytes),
+            ("abstream_resident_bytes", "Resident memory of the process", _resident),
+            ("abstream_snapshot_age_seconds", "Seconds since the last snapshot was written",
+             lambda: time.monotonic() - store.last_snapshot_at),
+            ("abstream_wal_bytes", "Size of the write-ahead log on disk",
+             lambda: sum(p.stat().st_size for p in wal.glob("*.log")) if wal and wal.is_dir() else 0),
+        ]
+        for name, help, read in gauges:
+            gauge = Gauge(name, help, registry=r)
+            gauge.set_function(read)
+            self._store_gauges.append(gauge)
+
+    def serve(self, addr: str) -> int:
+        """Starts the HTTP endpoint (/metrics); returns the port bound."""
+        host, _, port = addr.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.shutdown()
+
+
+def _resident() -> int:
+    from abstream.service.servicer import resident_bytes
+
+    return resident_bytes()
