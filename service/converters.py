@@ -103,8 +103,12 @@ def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse
 
 # ---- time --------------------------------------------------------------------------------
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def to_ns(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * _NS + ts.nanos
+    """Nanoseconds since the epoch, clamped to int64 (beyond it no event can lie anyway)."""
+    return min(max(ts.seconds * _NS + ts.nanos, _INT64[0]), _INT64[1])
 
 
 def to_timestamp(ns: int) -> timestamp_pb2.Timestamp:

@@ -1,0 +1,359 @@
+"""Safe to expose: the auth matrix, TLS and mutual TLS, limits with retry info, metrics, logs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from abstream.clients import Client, Producer
+from abstream.service.auth import hash_token
+from abstream.service.settings import Settings
+from abstream.v1 import admin_pb2, admin_pb2_grpc
+from abstream.v1 import analytics_pb2 as pb
+from abstream.v1 import analytics_pb2_grpc as pb_grpc
+from tests.conftest import ServerThread
+from tests.events import BASE_S, NS, to_message
+from tests.process import Server
+
+BIN = Path(sys.executable).parent
+TOKENS = {"ingester": ("tok-ingest", ["ingest"], ""), "reader": ("tok-query", ["query"], ""),
+          "admin": ("tok-admin", ["admin"], ""), "team": ("tok-team", ["ingest", "query"], "chk_"),
+          "slow": ("tok-slow", ["ingest", "query"], "")}
+
+
+def tokens_file(path: Path, rates: dict[str, float] | None = None) -> Path:
+    entries = []
+    for name, (secret, scopes, prefix) in TOKENS.items():
+        entry = f'[[token]]\nname = "{name}"\nsha256 = "{hash_token(secret)}"\nscopes = {json.dumps(scopes)}\n'
+        if prefix:
+            entry += f'test_prefix = "{prefix}"\n'
+        if rates and name in rates:
+            entry += f"ingest_rate = {rates[name]}\n"
+        entries.append(entry)
+    path.write_text("\n".join(entries))
+    return path
+
+
+def event(test_id: str, user: str = "u1", **changes) -> pb.Event:
+    e = dict(timestamp=BASE_S * NS, user_id=user, test_id=test_id, variant="A", event_type="click", conversion=1,
+             revenue=2.0, session_id="s", device="d", country="c")
+    e.update(changes)
+    return to_message(e)
+
+
+@pytest.fixture
+def secured(tmp_path):
+    settings = Settings(addr="127.0.0.1:0", data_dir="", tokens_file=str(tokens_file(tmp_path / "tokens.toml")))
+    running = ServerThread(settings).start()
+    yield running
+    running.stop()
+
+
+def metadata(secret: str | None) -> tuple:
+    return () if secret is None else (("authorization", f"Bearer {secret}"),)
+
+
+def calls(channel):
+    """One call of every RPC, as f(metadata, test_id) -> response."""
+    stub, admin = pb_grpc.AnalyticsServiceStub(channel), admin_pb2_grpc.AdminServiceStub(channel)
+
+    def ingest(md, test_id):
+        return list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event(test_id)])]), metadata=md, timeout=10))
+
+    return {
+        "IngestEvents": ("ingest", ingest),
+        "Summary": ("query", lambda md, t: stub.Summary(pb.SummaryRequest(test_id=t), metadata=md, timeout=10)),
+        "Segments": ("query", lambda md, t: stub.Segments(pb.SegmentsRequest(test_id=t, dimension=pb.DIMENSION_DEVICE),
+                                                          metadata=md, timeout=10)),
+        "Timeseries": ("query", lambda md, t: stub.Timeseries(pb.TimeseriesRequest(test_id=t, interval=pb.INTERVAL_DAY),
+                                                              metadata=md, timeout=10)),
+        "ListTests": ("query", lambda md, t: stub.ListTests(pb.ListTestsRequest(), metadata=md, timeout=10)),
+        "ListQuarantine": ("query", lambda md, t: stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=md,
+                                                                      timeout=10)),
+        "CreateSnapshot": ("admin", lambda md, t: admin.CreateSnapshot(admin_pb2.CreateSnapshotRequest(), metadata=md,
+                                                                       timeout=10)),
+    }
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_auth_matrix_over_every_rpc(secured):
+    with grpc.insecure_channel(secured.address) as channel:
+        for name, (scope, call) in calls(channel).items():
+            assert code_of(lambda: call(metadata(None), "chk_a")) == grpc.StatusCode.UNAUTHENTICATED, name
+            assert code_of(lambda: call(metadata("not-a-token"), "chk_a")) == grpc.StatusCode.UNAUTHENTICATED, name
+            assert code_of(lambda: call((("authorization", "Basic abc"),), "chk_a")) == \
+                grpc.StatusCode.UNAUTHENTICATED, name
+            right = {"ingest": "tok-ingest", "query": "tok-query", "admin": "tok-admin"}[scope]
+            wrong = {"ingest": "tok-query", "query": "tok-admin", "admin": "tok-team"}[scope]
+            assert code_of(lambda: call(metadata(wrong), "chk_a")) == grpc.StatusCode.PERMISSION_DENIED, name
+            expected = grpc.StatusCode.FAILED_PRECONDITION if name == "CreateSnapshot" else grpc.StatusCode.OK
+            assert code_of(lambda: call(metadata(right), "chk_a")) == expected, name  # memory-only: no snapshot
+        # Health checking stays open.
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_token_restricted_to_a_prefix_sees_and_writes_only_its_tests(secured):
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("chk_1"), event("other_1")])]),
+                                   metadata=metadata("tok-team"), timeout=10)
+        assert (ack.accepted, ack.rejected) == (1, 1)
+        assert ack.rejections[0].index == 1 and ack.rejections[0].field == "test_id"
+        assert "may only write tests whose id starts with 'chk_'" in ack.rejections[0].message
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("other_2")])]),
+                               metadata=metadata("tok-ingest"), timeout=10))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Summary(pb.SummaryRequest(test_id="other_2"), metadata=metadata("tok-team"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        team = stub.ListTests(pb.ListTestsRequest(), metadata=metadata("tok-team"), timeout=10)
+        everyone = stub.ListTests(pb.ListTestsRequest(), metadata=metadata("tok-query"), timeout=10)
+        assert [t.test_id for t in team.tests] == ["chk_1"]
+        assert [t.test_id for t in everyone.tests] == ["chk_1", "other_2"]
+        assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-team"), timeout=10).total == 0
+        assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-query"), timeout=10).total == 1
+
+
+def test_reflection_is_open_or_off_as_configured(secured, tmp_path):
+    listed = subprocess.run([str(BIN / "grpcurl"), "-plaintext", secured.address, "list"], capture_output=True,
+                            text=True, timeout=30)
+    assert "abstream.v1.AnalyticsService" in listed.stdout
+    off = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", reflection=False)).start()
+    try:
+        result = subprocess.run([str(BIN / "grpcurl"), "-plaintext", off.address, "list"], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode != 0 and "does not support the reflection API" in result.stderr
+    finally:
+        off.stop()
+
+
+def test_without_tokens_the_server_binds_loopback_only(tmp_path):
+    refused = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "0.0.0.0:0", "--data-dir", ""],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "refusing to listen on 0.0.0.0:0 without tokens" in refused.stderr
+    assert "--insecure" in refused.stderr
+    server = Server(tmp_path / "data", "--addr", "0.0.0.0:0", "--insecure").start()
+    with grpc.insecure_channel(server.address) as channel:  # reached over loopback all the same
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    server.kill()
+    tokens = tokens_file(tmp_path / "tokens.toml")
+    server = Server(tmp_path / "data2", "--addr", "0.0.0.0:0", "--tokens-file", str(tokens)).start()
+    server.kill()
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def cert(subject: str, key, issuer_name, issuer_key, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name: str, data: bytes) -> Path:
+        path = directory / name
+        path.write_bytes(data)
+        return path
+
+    import ipaddress
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "abstream test CA")])
+    ca = cert("abstream test CA", ca_key, ca_name, ca_key, True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    server_cert = cert("localhost", server_key, ca_name, ca_key, False,
+                       [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client_cert = cert("a client", client_key, ca_name, ca_key, False)
+    pem = serialization.Encoding.PEM
+    key_pem = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
+                   encryption_algorithm=serialization.NoEncryption())
+    return {"ca": write("ca.pem", ca.public_bytes(pem)),
+            "server_cert": write("server.pem", server_cert.public_bytes(pem)),
+            "server_key": write("server.key", server_key.private_bytes(**key_pem)),
+            "client_cert": write("client.pem", client_cert.public_bytes(pem)),
+            "client_key": write("client.key", client_key.private_bytes(**key_pem))}
+
+
+def health_over(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    pki = make_pki(tmp_path)
+    tls = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", tls_cert=str(pki["server_cert"]),
+                                tls_key=str(pki["server_key"]))).start()
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+        with grpc.secure_channel(f"localhost:{tls.server.port}", credentials) as channel:
+            assert health_over(channel) == health_pb2.HealthCheckResponse.SERVING
+        with Client(f"localhost:{tls.server.port}", tls=pki["ca"].read_bytes()) as client:
+            assert client.list_tests().rows == []
+        with grpc.insecure_channel(tls.address) as channel, pytest.raises(grpc.RpcError):
+            health_over(channel)  # plaintext to a TLS port fails
+    finally:
+        tls.stop()
+    mutual = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", tls_cert=str(pki["server_cert"]),
+                                   tls_key=str(pki["server_key"]), tls_client_ca=str(pki["ca"]))).start()
+    try:
+        root = pki["ca"].read_bytes()
+        with grpc.secure_channel(f"localhost:{mutual.server.port}", grpc.ssl_channel_credentials(root)) as channel, \
+                pytest.raises(grpc.RpcError):
+            health_over(channel)  # no client certificate
+        with_cert = grpc.ssl_channel_credentials(root, pki["client_key"].read_bytes(), pki["client_cert"].read_bytes())
+        with grpc.secure_channel(f"localhost:{mutual.server.port}", with_cert) as channel:
+            assert health_over(channel) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        mutual.stop()
+
+
+# ---- limits ---------------------------------------------------------------------------------------
+
+def retry_info(error: grpc.RpcError) -> error_details_pb2.RetryInfo:
+    status = rpc_status.from_call(error)
+    info = error_details_pb2.RetryInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    return info
+
+
+def test_rate_limit_says_when_to_retry_and_retries_lose_nothing(tmp_path):
+    settings = Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "data"),
+                        tokens_file=str(tokens_file(tmp_path / "tokens.toml", {"slow": 2000})))
+    running = ServerThread(settings).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            batch = pb.IngestEventsRequest(events=[event("rl", f"x{i}") for i in range(1500)])
+            list(stub.IngestEvents(iter([batch]), metadata=metadata("tok-slow"), timeout=10))
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.IngestEvents(iter([batch]), metadata=metadata("tok-slow"), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over its ingest rate of 2000 events/s" in caught.value.details()
+            assert 0 < retry_info(caught.value).retry_delay.ToTimedelta().total_seconds() <= 1.0
+        total = 6000
+        with Producer(running.address, token="tok-slow", batch_size=500, linger_ms=1, retry_max_s=0.5) as producer:
+            futures = [producer.send({"timestamp": BASE_S, "user_id": f"p{i}", "test_id": "rl2", "variant": "A"})
+                       for i in range(total)]
+            assert producer.flush(timeout=60)
+        assert all(f.result().accepted for f in futures)
+        with Client(running.address, token="tok-query") as client:
+            rows = client.summary("rl2").rows
+        assert sum(r.metrics.events for r in rows) == total  # each event once, despite the retries
+    finally:
+        running.stop()
+
+
+def test_memory_high_water_mark_refuses_ingest_with_retry_info(tmp_path):
+    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", memory_high_water_bytes=1)).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("mem")])]), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "memory high-water mark" in caught.value.details()
+            assert retry_info(caught.value).retry_delay.seconds == 1
+            assert stub.Summary(pb.SummaryRequest(test_id="mem"), timeout=10).rows == []  # nothing half-stored
+    finally:
+        running.stop()
+
+
+def test_batch_and_stream_limits(tmp_path):
+    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", max_batch_events=10,
+                                    max_ingest_streams=1)).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("b")] * 11)]), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 10" in caught.value.details()
+            hold = threading.Event()
+
+            def slow():
+                yield pb.IngestEventsRequest(events=[event("b")])
+                hold.wait(10)
+
+            first = stub.IngestEvents(slow(), timeout=20)
+            next(first)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("b")])]), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_info(caught.value)
+            hold.set()
+            list(first)
+            assert list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("b")])]), timeout=10))[0].accepted
+    finally:
+        running.stop()
+
+
+# ---- metrics and logs -------------------------------------------------------------------------------
+
+def test_metrics_endpoint(tmp_path):
+    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "d"), metrics_addr="127.0.0.1:0")).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("m", f"u{i}") for i in range(7)]
+                                                                + [event("m", conversion=5)])]), timeout=10))
+            stub.Summary(pb.SummaryRequest(test_id="m"), timeout=10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=10).read().decode()
+        assert "abstream_events_ingested_total 7.0" in text
+        assert 'abstream_events_rejected_total{field="conversion"} 1.0' in text
+        assert 'abstream_query_seconds_count{rpc="Summary"} 1.0' in text
+        assert "abstream_batch_ack_seconds_count 1.0" in text
+        assert "abstream_stored_events 7.0" in text
+        for name in ("abstream_stored_bytes", "abstream_resident_bytes", "abstream_snapshot_age_seconds",
+                     "abstream_wal_bytes", "abstream_active_ingest_streams"):
+            assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
+    finally:
+        running.stop()
+
+
+def test_logs_are_json_with_request_ids_and_no_tokens_or_user_ids(tmp_path):
+    tokens = tokens_file(tmp_path / "tokens.toml")
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("logs", "secret-user-42"),
+                                                                     event("logs", "secret-user-43", conversion=9)])]),
+                               metadata=metadata("tok-ingest") + (("x-request-id", "req-abc-1"),), timeout=10))
+        with pytest.raises(grpc.RpcError):
+            stub.Summary(pb.SummaryRequest(test_id="logs"), metadata=metadata("tok-wrong"), timeout=10)
+    server.terminate()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    calls_logged = [entry for entry in lines if entry.get("message") == "call"]
+    assert any(e["request_id"] == "req-abc-1" and e["method"].endswith("/IngestEvents") and e["code"] == "OK"
+               and e["caller"] == "ingester" for e in calls_logged)
+    assert any(e["method"].endswith("/Summary") and e["code"] == "UNAUTHENTICATED" and e.get("request_id")
+               for e in calls_logged)
+    text = server.log()
+    for secret in ("tok-ingest", "tok-wrong", "secret-user-42", "secret-user-43"):
+        assert secret not in text
