@@ -17,6 +17,7 @@ import grpc
 import pyarrow as pa
 from google.protobuf import json_format
 
+from abstream.store.queries import Metrics
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -44,20 +45,8 @@ def _timestamp(value: Time, message) -> None:
         message.FromDatetime(moment)
 
 
-@dataclass(frozen=True)
-class Metrics:
-    users: int
-    conversions: int
-    conversion_rate: float
-    total_revenue: float
-    revenue_per_user: float
-    events: int
-    converted_users: int
-    user_conversion_rate: float
-
-    @classmethod
-    def of(cls, m: pb.Metrics) -> Metrics:
-        return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
+def _metrics(m: pb.Metrics) -> Metrics:
+    return Metrics(**{f.name: getattr(m, f.name) for f in fields(Metrics)})
 
 
 class _Table:
@@ -205,7 +194,7 @@ class Client:
         if analysis:
             json_format.ParseDict(analysis, request.analysis)
         r = self._call(self._stub.Summary, request, timeout)
-        return Summary(r.test_id, [SummaryRow(row.variant, Metrics.of(row.metrics)) for row in r.rows],
+        return Summary(r.test_id, [SummaryRow(row.variant, _metrics(row.metrics)) for row in r.rows],
                        _dict(r.analysis), r.stats.events_scanned)
 
     def segments(self, test_id: str, dimension: str, start: Time = None, end: Time = None, *,
@@ -219,7 +208,7 @@ class Client:
             json_format.ParseDict(analysis, request.analysis)
         r = self._call(self._stub.Segments, request, timeout)
         return Segments(r.test_id, dimension,
-                        [SegmentRow(row.variant, row.segment, Metrics.of(row.metrics)) for row in r.rows],
+                        [SegmentRow(row.variant, row.segment, _metrics(row.metrics)) for row in r.rows],
                         {a.segment: _dict(a.analysis) for a in r.analyses}, r.stats.events_scanned)
 
     def timeseries(self, test_id: str, interval: str = "day", start: Time = None, end: Time = None, *,
@@ -231,7 +220,7 @@ class Client:
         _timestamp(end, request.end_time) if end is not None else None
         r = self._call(self._stub.Timeseries, request, timeout)
         return Timeseries(r.test_id, interval, r.cumulative,
-                          [TimeseriesRow(_utc(row.bucket_start), row.variant, Metrics.of(row.metrics))
+                          [TimeseriesRow(_utc(row.bucket_start), row.variant, _metrics(row.metrics))
                            for row in r.rows], r.stats.events_scanned)
 
     def list_tests(self, *, timeout: float | None = None) -> Tests:
