@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +44,7 @@ class Metrics:
         gauges = [
             ("abstream_stored_events", "Events held", lambda: store.event_count),
             ("abstream_stored_bytes", "Bytes the store's arrays and dictionaries hold", lambda: store.nbytes),
-            ("abstream_resident_bytes", "Resident memory of the process", _resident),
+            ("abstream_resident_bytes", "Resident memory of the process", resident_bytes),
             ("abstream_snapshot_age_seconds", "Seconds since the last snapshot was written",
              lambda: time.monotonic() - store.last_snapshot_at),
             ("abstream_wal_bytes", "Size of the write-ahead log on disk",
@@ -66,7 +67,6 @@ class Metrics:
             self._http.shutdown()
 
 
-def _resident() -> int:
-    from abstream.service.servicer import resident_bytes
-
-    return resident_bytes()
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

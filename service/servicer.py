@@ -7,7 +7,6 @@ keeps the event loop free to serve every other stream meanwhile.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
 from abstream.service.errors import DeadlineExceeded, PermissionDenied, ResourceExhausted
-from abstream.service.metrics import Metrics
+from abstream.service.metrics import Metrics, resident_bytes
 from abstream.store import EventStore, InvalidArgument, Unavailable
 from abstream.store.queries import QueryStats
 from abstream.v1 import admin_pb2, admin_pb2_grpc
@@ -54,11 +53,6 @@ class Limits:
     max_batch_events: int = 100_000
     max_ingest_streams: int = 64
     memory_high_water_bytes: int = 0
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):

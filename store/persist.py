@@ -27,7 +27,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -88,7 +88,7 @@ class SnapshotContents:
     """Everything a snapshot holds, as the store hands it over or gets it back."""
 
     lsn: int
-    events: list[pa.RecordBatch]  # SNAPSHOT_SCHEMA, one batch per part, sorted by timestamp
+    events: Iterable[pa.RecordBatch]  # SNAPSHOT_SCHEMA, one batch per part, sorted by timestamp
     dictionaries: dict[str, pa.Array]
     quarantine: pa.Table
     producers: dict[str, Any]

@@ -349,10 +349,7 @@ class EventStore:
         """What a snapshot holds, taken under the ingest lock: cheap references, one tail copy."""
         lsn = self._wal.rotate()
         view = self._view
-        batches = []
-        for code, partition in view.partitions.items():
-            for part in partition.parts:
-                batches.append((code, part))
+        batches = [(code, part) for code, partition in view.partitions.items() for part in partition.parts]
         tail_codes, tail_cols = self._tail.copy()
         producers = {k: {"sequence": v.sequence} for k, v in self._producers.items()}
         quarantine = list(self._quarantine)
@@ -567,11 +564,10 @@ class EventStore:
         return max(len(self._dicts["user_id"]), 1)
 
 
-class _LazyBatches(list):
+class _LazyBatches:
     """The snapshot's record batches, built while writing (outside the ingest lock)."""
 
     def __init__(self, parts: list, tail_codes: np.ndarray, tail_cols: dict) -> None:
-        super().__init__()
         self._parts, self._tail_codes, self._tail_cols = parts, tail_codes, tail_cols
 
     def __iter__(self):
@@ -585,9 +581,6 @@ class _LazyBatches(list):
             for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(codes)]):
                 arrays = [pa.array(cols[c][lo:hi]) if c in DTYPES else cols[c][lo:hi] for c in COLUMNS]
                 yield _with_test(pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA), int(codes[lo]))
-
-    def __len__(self) -> int:
-        return len(self._parts) + 1
 
 
 def _with_test(batch: pa.RecordBatch, code: int) -> pa.RecordBatch:
