@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from abstream.service.auth import PRINCIPAL
 from abstream.service.logs import REQUEST_ID, new_request_id
-from abstream.store import InvalidArgument, StoreError, Unavailable
+from abstream.store import DeadlineExceeded, InvalidArgument, StoreError, Unavailable
 
 log = logging.getLogger("abstream.service")
 access = logging.getLogger("abstream.access")
@@ -29,10 +29,6 @@ class ResourceExhausted(Exception):
 
 class PermissionDenied(Exception):
     """The caller's token does not cover what it asked for."""
-
-
-class DeadlineExceeded(Exception):
-    """The caller's deadline passed before the work could start: it is not started."""
 
 
 def to_status(error: BaseException) -> grpc.Status:
@@ -123,7 +119,7 @@ def _log_call(method: str, context: grpc.aio.ServicerContext, started: float) ->
 async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
     if isinstance(error, grpc.aio.AbortError):
         raise error
-    if not isinstance(error, (StoreError, ResourceExhausted, PermissionDenied, DeadlineExceeded)):
+    if not isinstance(error, (StoreError, ResourceExhausted, PermissionDenied)):
         log.exception("unexpected error in %s", method)
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -7,6 +7,7 @@ keeps the event loop free to serve every other stream meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
-from abstream.service.errors import DeadlineExceeded, PermissionDenied, ResourceExhausted
+from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
 from abstream.store import EventStore, InvalidArgument, Unavailable
 from abstream.store.queries import QueryStats
@@ -127,36 +128,33 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                                            f"with {principal.test_prefix!r}")
         return store.append(table, request.producer_id, request.sequence, wait=False, refuse=refuse)
 
-    async def _query(self, name: str, test_id: str, work, context: grpc.aio.ServicerContext):
-        """Runs one query in a thread, if the caller may read the test and still waits for it."""
+    async def _query(self, name: str, query, run, respond, context: grpc.aio.ServicerContext):
+        """Runs one query in a thread, if the caller may read the test, with the caller's deadline."""
         principal = PRINCIPAL.get()
-        if test_id and not principal.may_use(test_id):
+        if query.test_id and not principal.may_use(query.test_id):
             raise PermissionDenied(f"token {principal.name!r} may only read tests whose id starts with "
                                    f"{principal.test_prefix!r}")
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"{name}: the deadline passed before the query started")
+        if remaining is not None:
+            query = dataclasses.replace(query, deadline=time.monotonic() + remaining)
         started = time.perf_counter()
         try:
-            return await asyncio.to_thread(work)
+            return await asyncio.to_thread(lambda: respond(run(query)))
         finally:
             self._metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:
-        store, query = self._holder.get(), converters.summary_query(request)
-        return await self._query("Summary", request.test_id,
-                                 lambda: converters.summary_response(store.summary(query)), context)
+        return await self._query("Summary", converters.summary_query(request), self._holder.get().summary,
+                                 converters.summary_response, context)
 
     async def Segments(self, request: pb.SegmentsRequest, context: grpc.aio.ServicerContext) -> pb.SegmentsResponse:
-        store, query = self._holder.get(), converters.segments_query(request)
-        return await self._query("Segments", request.test_id,
-                                 lambda: converters.segments_response(store.segments(query)), context)
+        return await self._query("Segments", converters.segments_query(request), self._holder.get().segments,
+                                 converters.segments_response, context)
 
     async def Timeseries(self, request: pb.TimeseriesRequest,
                          context: grpc.aio.ServicerContext) -> pb.TimeseriesResponse:
-        store, query = self._holder.get(), converters.timeseries_query(request)
-        return await self._query("Timeseries", request.test_id,
-                                 lambda: converters.timeseries_response(store.timeseries(query)), context)
+        return await self._query("Timeseries", converters.timeseries_query(request), self._holder.get().timeseries,
+                                 converters.timeseries_response, context)
 
     async def ListTests(self, request: pb.ListTestsRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListTestsResponse:

@@ -4,7 +4,7 @@ It knows nothing of gRPC or protobuf, so it can be embedded, benchmarked and tes
 """
 
 from abstream.store.analysis import Analysis, AnalysisOptions
-from abstream.store.errors import InvalidArgument, StoreError, Unavailable
+from abstream.store.errors import DeadlineExceeded, InvalidArgument, StoreError, Unavailable
 from abstream.store.queries import (
     Dimension,
     Filters,
@@ -26,6 +26,7 @@ from abstream.store.schema import EVENT_SCHEMA, Rejection
 from abstream.store.store import Durability, EventStore, IngestResult, QuarantinedEvent, RecoveryError
 
 __all__ = [
+    "DeadlineExceeded",
     "Analysis",
     "AnalysisOptions",
     "EVENT_SCHEMA",

@@ -16,3 +16,7 @@ class InvalidArgument(StoreError):
 
 class Unavailable(StoreError):
     """The store cannot take this call now (starting, or shutting down); retrying later may work."""
+
+
+class DeadlineExceeded(StoreError):
+    """The caller's deadline passed; the query stopped where it noticed."""

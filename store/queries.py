@@ -62,6 +62,7 @@ class SummaryQuery:
     start_ns: int | None = None
     end_ns: int | None = None
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SegmentsQuery:
     end_ns: int | None = None
     filters: Filters = field(default_factory=Filters)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class TimeseriesQuery:
     end_ns: int | None = None
     cumulative: bool = False
     filters: Filters = field(default_factory=Filters)
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

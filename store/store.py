@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from abstream.store import analysis, kernels, persist
 from abstream.store.dictionary import Dictionary
-from abstream.store.errors import InvalidArgument, StoreError
+from abstream.store.errors import DeadlineExceeded, InvalidArgument, StoreError
 from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, take
 from abstream.store.queries import (
     Filters,
@@ -385,10 +385,12 @@ class EventStore:
         view, test, start, end = self._resolve(q.test_id, q.start_ns, q.end_ns)
         cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue"])
         scanned = cols.pop("_scanned")
+        _in_time(q.deadline)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
                                       len(variant_codes), self._n_users())
         variants = self._dicts["variant"].decode(variant_codes)
+        _in_time(q.deadline)
         moments = analysis.user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
                                         self._n_users(), totals)
         return SummaryResult(
@@ -407,6 +409,7 @@ class EventStore:
         cols = self._select(view, test, start, end, ["variant", "user_id", "conversion", "revenue", dim],
                             q.filters)
         scanned = cols.pop("_scanned")
+        _in_time(q.deadline)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         segment_id, segment_codes = self._rank(dim, cols[dim])
         n_seg = len(segment_codes)
@@ -417,6 +420,7 @@ class EventStore:
         v, s = np.divmod(keep, max(n_seg, 1))
         variants = self._dicts["variant"].decode(variant_codes[v])
         segments = self._dicts[dim].decode(segment_codes[s])
+        _in_time(q.deadline)
         moments = analysis.user_moments(variant_id * n_seg + segment_id, cols["user_id"], cols["conversion"],
                                         cols["revenue"], self._n_users(), totals)
         analyses = []
@@ -441,6 +445,7 @@ class EventStore:
         cols = self._select(view, test, start, end, ["timestamp", "variant", "user_id", "conversion", "revenue"],
                             q.filters)
         scanned = cols.pop("_scanned")
+        _in_time(q.deadline)
         interval = q.interval
         bucket_id, buckets = kernels.dense_ids(kernels.bucket_index(cols["timestamp"], interval.origin_ns,
                                                                     interval.width_ns))
@@ -562,6 +567,12 @@ class EventStore:
 
     def _n_users(self) -> int:
         return max(len(self._dicts["user_id"]), 1)
+
+
+def _in_time(deadline: float | None) -> None:
+    """Stops a query whose caller has stopped waiting (checked between its stages)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the caller's deadline passed; the query was stopped")
 
 
 class _LazyBatches:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -248,3 +249,18 @@ def test_producer_sequences_dedupe_in_a_memory_only_store():
     assert s.append(batch, "q", 1).accepted == 10  # another producer
     assert s.append(batch).accepted == 10 and s.append(batch).accepted == 10  # untagged: at least once
     assert s.event_count == 40
+
+
+def test_a_query_past_its_deadline_stops():
+    import time as _time
+
+    from abstream.store import DeadlineExceeded
+
+    s = EventStore()
+    s.append(to_table(EVENTS))
+    for query, run in [(SummaryQuery("checkout"), s.summary),
+                       (SegmentsQuery("checkout", Dimension.COUNTRY), s.segments),
+                       (TimeseriesQuery("checkout", Interval.HOUR), s.timeseries)]:
+        with pytest.raises(DeadlineExceeded):
+            run(dataclasses.replace(query, deadline=_time.monotonic() - 1))
+        assert run(dataclasses.replace(query, deadline=_time.monotonic() + 60)).stats.events_scanned > 0
