@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from abstream.service.auth import AuthInterceptor, load_tokens
+from abstream.service.decoding import Decoder
 from abstream.service.errors import CallInterceptor
 from abstream.service.metrics import Metrics
 from abstream.service.servicer import AdminServicer, AnalyticsServicer, Limits, StoreHolder
@@ -61,6 +62,24 @@ def tune_allocator() -> None:
 def release_free_memory() -> None:
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def add_analytics_service(servicer: AnalyticsServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that IngestEvents requests reach the servicer as bytes
+    (the Decoder parses them, in worker processes when configured)."""
+    handlers = {}
+    for method in analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].methods:
+        request = getattr(analytics_pb2, method.input_type.name)
+        response = getattr(analytics_pb2, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.name == "IngestEvents":
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, request_deserializer=None, response_serializer=response.SerializeToString)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class BindError(RuntimeError):
@@ -123,8 +142,8 @@ class AnalyticsServer:
             ],
         )
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams, settings.memory_high_water_bytes)
-        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(
-            AnalyticsServicer(self.holder, limits, self.metrics), self._server)
+        servicer = AnalyticsServicer(self.holder, limits, self.metrics, Decoder(settings.ingest_workers))
+        add_analytics_service(servicer, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
                                                           self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -16,10 +16,12 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
+import numpy as np
 import pyarrow.compute as pc
 
 from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
+from abstream.service.decoding import Decoder
 from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
 from abstream.store import EventStore, InvalidArgument, Unavailable
@@ -57,17 +59,20 @@ class Limits:
 
 
 class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
-    def __init__(self, holder: StoreHolder, limits: Limits = Limits(), metrics: Metrics | None = None) -> None:
+    def __init__(self, holder: StoreHolder, limits: Limits = Limits(), metrics: Metrics | None = None,
+                 decoder: Decoder | None = None) -> None:
         self._holder = holder
+        self._decoder = decoder or Decoder(0)
         self._limits = limits
         self._rates = RateLimiter()
         self._streams = 0
         self._metrics = metrics or Metrics(None)
 
-    async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest],
+    async def IngestEvents(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
-        """Applies batches in order and acks each once durable. Batches are pipelined: the next
-        one is applied while the previous one's fsync runs, and one fsync may cover several."""
+        """Decodes, applies and acks batches in order, pipelined: while one batch waits for its
+        fsync, the next is applied and later ones are decoded (in worker processes when
+        configured). Requests arrive as bytes; the Decoder parses them."""
         store = self._holder.get()
         if self._streams >= self._limits.max_ingest_streams:
             raise ResourceExhausted(f"{self._streams} ingest streams are open, the most this server takes; "
@@ -75,45 +80,55 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         self._streams += 1
         self._metrics.active_streams.inc()
         principal = PRINCIPAL.get()
-        pending: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+        decoding: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+        acking: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         cut_short = False
 
-        async def apply_all() -> None:
+        async def read_all() -> None:
             nonlocal cut_short
             try:
-                batch = 0
-                async for request in request_iterator:
-                    started = time.perf_counter()
-                    result = await asyncio.to_thread(self._apply, store, request, principal)
-                    durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
-                    await pending.put((batch, result, durable, started))
-                    batch += 1
+                async for raw in request_iterator:
+                    await decoding.put((time.perf_counter(), asyncio.ensure_future(self._decoder.decode(raw))))
                     if self._holder.draining:
                         cut_short = True
                         break
             finally:
-                await pending.put(None)
+                await decoding.put(None)
 
-        applying = asyncio.create_task(apply_all())
+        async def apply_all() -> None:
+            try:
+                batch = 0
+                while (item := await decoding.get()) is not None:
+                    started, decoded = item
+                    table, producer_id, sequence = await decoded
+                    result = await asyncio.to_thread(self._apply, store, table, producer_id, sequence, principal)
+                    durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
+                    await acking.put((batch, result, durable, started))
+                    batch += 1
+            finally:
+                await acking.put(None)
+
+        reading, applying = asyncio.create_task(read_all()), asyncio.create_task(apply_all())
         try:
-            while (item := await pending.get()) is not None:
+            while (item := await acking.get()) is not None:
                 batch, result, durable, started = item
                 await durable
                 self._metrics.acked(result, time.perf_counter() - started)
                 yield converters.ingest_response(batch, result)
-            await applying  # raises what applying a batch raised, after every earlier ack
+            await applying  # raises what decoding or applying a batch raised, after every earlier ack
+            await reading
         finally:
+            reading.cancel()
             applying.cancel()
             self._streams -= 1
             self._metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _apply(self, store: EventStore, request: pb.IngestEventsRequest, principal: Principal):
+    def _apply(self, store: EventStore, table, producer_id: str, sequence: int, principal: Principal):
         limits = self._limits
         if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
             raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
-        table = converters.request_to_table(request)
         if table.num_rows > limits.max_batch_events:
             raise InvalidArgument("events", f"a batch of {table.num_rows} events; at most {limits.max_batch_events}")
         wait = self._rates.wait_for(principal, table.num_rows)
@@ -122,11 +137,12 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                                     f"{principal.ingest_rate:g} events/s", retry_after=wait)
         refuse = None
         if principal.test_prefix:
-            tests = table.column("test_id").fill_null("")
-            allowed = pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False)
+            tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
+            allowed = (pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False) if tests is not None
+                       else np.zeros(table.num_rows, dtype=bool))
             refuse = (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id starts "
                                            f"with {principal.test_prefix!r}")
-        return store.append(table, request.producer_id, request.sequence, wait=False, refuse=refuse)
+        return store.append(table, producer_id, sequence, wait=False, refuse=refuse)
 
     async def _query(self, name: str, query, run, respond, context: grpc.aio.ServicerContext):
         """Runs one query in a thread, if the caller may read the test, with the caller's deadline."""
