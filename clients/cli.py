@@ -7,10 +7,9 @@ import asyncio
 import csv
 import io
 import json
-import logging
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any, Iterable, Iterator
 
 EXAMPLES = """\

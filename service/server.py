@@ -22,7 +22,7 @@ from abstream.service.metrics import Metrics
 from abstream.service.servicer import AdminServicer, AnalyticsServicer, Limits, StoreHolder
 from abstream.service.settings import Settings
 from abstream.store import Durability, EventStore
-from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2, analytics_pb2_grpc
+from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 
 log = logging.getLogger("abstream.server")
 
