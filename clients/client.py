@@ -17,7 +17,7 @@ import grpc
 import pyarrow as pa
 from google.protobuf import json_format
 
-from abstream.store.queries import Metrics
+from abstream.store.queries import Metrics, SegmentRow, SummaryRow
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -69,24 +69,11 @@ class _Table:
 
 
 @dataclass(frozen=True)
-class SummaryRow:
-    variant: str
-    metrics: Metrics
-
-
-@dataclass(frozen=True)
 class Summary(_Table):
     test_id: str
     rows: list[SummaryRow]
     analysis: dict[str, Any]  # the Analysis message as a dict (protobuf JSON names)
     events_scanned: int
-
-
-@dataclass(frozen=True)
-class SegmentRow:
-    variant: str
-    segment: str
-    metrics: Metrics
 
 
 @dataclass(frozen=True)

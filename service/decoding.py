@@ -16,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 import pyarrow as pa
 
 from abstream.service import converters
-from abstream.store.validate import normalize
 from abstream.v1 import analytics_pb2 as pb
 
 _pool: ProcessPoolExecutor | None = None
@@ -26,7 +25,7 @@ _pool_lock = threading.Lock()
 def decode_request(raw: bytes) -> tuple[bytes, str, int]:
     """(Arrow IPC of the batch's events, producer_id, sequence) of a serialized request."""
     request = pb.IngestEventsRequest.FromString(raw)
-    table = normalize(converters.request_to_table(request))
+    table = converters.request_to_table(request)  # the store normalizes and validates it
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -65,15 +65,14 @@ def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> pa.ChunkedArray | 
         raise InvalidArgument(f.name, f"column of type {col.type} cannot be read as {f.type}: {error}") from error
 
 
-def _bad_string_masks(batch: pa.Table) -> dict[str, tuple[np.ndarray, str]]:
+def _bad_string_masks(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Per string field, the rows too long; per required one ('<field>:missing'), the rows empty or absent."""
     masks = {}
     for name in REQUIRED_STRINGS + OPTIONAL_STRINGS:
-        lengths = pc.binary_length(batch.column(name)).to_numpy(zero_copy_only=False)
+        lengths = pc.binary_length(batch.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
         if name in REQUIRED_STRINGS:
-            absent = pc.is_null(batch.column(name)).to_numpy(zero_copy_only=False)
-            lengths = np.where(absent, 0, lengths)
-            masks[name + ":missing"] = (lengths == 0, f"{name} is required and was empty or absent")
-        masks[name] = (np.nan_to_num(lengths.astype(np.float64)) > MAX_STRING_BYTES, "")
+            masks[name + ":missing"] = lengths == 0
+        masks[name] = lengths > MAX_STRING_BYTES
     return masks
 
 
@@ -104,8 +103,8 @@ def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]
             checks.append((name, ~np.isfinite(revenue)))
         else:
             if name + ":missing" in strings:
-                checks.append((name + ":missing", strings[name + ":missing"][0]))
-            checks.append((name, strings[name][0]))
+                checks.append((name + ":missing", strings[name + ":missing"]))
+            checks.append((name, strings[name]))
 
     bad = np.zeros(n, dtype=bool)
     for _, mask in checks:
