@@ -16,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from abstream.service.auth import AuthInterceptor, load_tokens
-from abstream.service.decoding import Decoder
 from abstream.service.errors import CallInterceptor
 from abstream.service.metrics import Metrics
 from abstream.service.servicer import AdminServicer, AnalyticsServicer, Limits, StoreHolder
@@ -142,7 +141,7 @@ class AnalyticsServer:
             ],
         )
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams, settings.memory_high_water_bytes)
-        servicer = AnalyticsServicer(self.holder, limits, self.metrics, Decoder(settings.ingest_workers))
+        servicer = AnalyticsServicer(self.holder, limits, self.metrics)
         add_analytics_service(servicer, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
                                                           self._server)

@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 
 from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
-from abstream.service.decoding import Decoder
 from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
 from abstream.store import EventStore, InvalidArgument, Unavailable
@@ -59,10 +58,8 @@ class Limits:
 
 
 class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
-    def __init__(self, holder: StoreHolder, limits: Limits = Limits(), metrics: Metrics | None = None,
-                 decoder: Decoder | None = None) -> None:
+    def __init__(self, holder: StoreHolder, limits: Limits = Limits(), metrics: Metrics | None = None) -> None:
         self._holder = holder
-        self._decoder = decoder or Decoder(0)
         self._limits = limits
         self._rates = RateLimiter()
         self._streams = 0
@@ -71,8 +68,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
     async def IngestEvents(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
         """Decodes, applies and acks batches in order, pipelined: while one batch waits for its
-        fsync, the next is applied and later ones are decoded (in worker processes when
-        configured). Requests arrive as bytes; the Decoder parses them."""
+        fsync, the next is applied and later ones are decoded. Requests arrive as bytes, which
+        `converters.decode_request` reads into columns."""
         store = self._holder.get()
         if self._streams >= self._limits.max_ingest_streams:
             raise ResourceExhausted(f"{self._streams} ingest streams are open, the most this server takes; "
@@ -88,7 +85,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             nonlocal cut_short
             try:
                 async for raw in request_iterator:
-                    await decoding.put((time.perf_counter(), asyncio.ensure_future(self._decoder.decode(raw))))
+                    await decoding.put((time.perf_counter(),
+                                        asyncio.ensure_future(asyncio.to_thread(converters.decode_request, raw))))
                     if self._holder.draining:
                         cut_short = True
                         break
@@ -100,8 +98,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                 batch = 0
                 while (item := await decoding.get()) is not None:
                     started, decoded = item
-                    table, producer_id, sequence = await decoded
-                    result = await asyncio.to_thread(self._apply, store, table, producer_id, sequence, principal)
+                    result = await asyncio.to_thread(self._apply, store, await decoded, principal)
                     durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
                     await acking.put((batch, result, durable, started))
                     batch += 1
@@ -125,8 +122,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _apply(self, store: EventStore, table, producer_id: str, sequence: int, principal: Principal):
-        limits = self._limits
+    def _apply(self, store: EventStore, batch: converters.IngestBatch, principal: Principal):
+        limits, table = self._limits, batch.table
         if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
             raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
         if table.num_rows > limits.max_batch_events:
@@ -135,14 +132,14 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         if wait > 0:
             raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
                                     f"{principal.ingest_rate:g} events/s", retry_after=wait)
-        refuse = None
+        refuse = batch.refuse
         if principal.test_prefix:
             tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
             allowed = (pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False) if tests is not None
                        else np.zeros(table.num_rows, dtype=bool))
-            refuse = (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id starts "
-                                           f"with {principal.test_prefix!r}")
-        return store.append(table, producer_id, sequence, wait=False, refuse=refuse)
+            refuse = [*refuse, (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id "
+                                                     f"starts with {principal.test_prefix!r}")]
+        return store.append(table, batch.producer_id, batch.sequence, wait=False, refuse=refuse)
 
     async def _query(self, name: str, query, run, respond, context: grpc.aio.ServicerContext):
         """Runs one query in a thread, if the caller may read the test, with the caller's deadline."""

@@ -30,7 +30,6 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM: require client certificates signed by it (mutual TLS)
     max_batch_events: int = 100_000
-    ingest_workers: int = 0  # processes that decode IngestEvents requests; 0: a thread of the server
     max_ingest_streams: int = 64
     memory_high_water_bytes: int = 0  # refuse ingest (RESOURCE_EXHAUSTED) above this resident size; 0: off
     metrics_addr: str = ""  # host:port for Prometheus metrics over HTTP; empty: off

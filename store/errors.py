@@ -13,9 +13,6 @@ class InvalidArgument(StoreError):
         self.field = field
         self.reason = reason
 
-    def __reduce__(self):  # crosses process boundaries (ingest workers) intact
-        return (type(self), (self.field, self.reason))
-
 
 class Unavailable(StoreError):
     """The store cannot take this call now (starting, or shutting down); retrying later may work."""

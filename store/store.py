@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -122,8 +122,7 @@ class EventStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
-        self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max),
-                                        few_values=name != "user_id")
+        self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                        for name, t in CODE_TYPES.items()}
         self._tail = Tail()
         self._view = StoreView({}, self._tail.view())
@@ -139,25 +138,30 @@ class EventStore:
     # ---- ingest -------------------------------------------------------------------------
 
     def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-               wait: bool = True, refuse: tuple[np.ndarray, str, str] | None = None) -> IngestResult:
+               wait: bool = True, refuse: Sequence[tuple[np.ndarray, str, str]] = ()) -> IngestResult:
         """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
 
         Returns once the batch is visible to queries and, with `wait`, as durable as the fsync
         policy says; without it, call `commit(result)` before acknowledging, so that a stream
         can apply its next batch while this one's fsync runs. A batch tagged with `producer_id`
         is applied at most once per `sequence`: sequences must increase, and one not above the
-        last applied is acknowledged as a duplicate. `refuse` = (mask, field, message) rejects
-        the masked rows for a reason the caller knows (e.g. a test the token may not write).
+        last applied is acknowledged as a duplicate. Each `refuse` entry (mask, field, message)
+        rejects the masked rows for a reason the caller knows (a string that was not UTF-8, a
+        test the token may not write); the first that applies is the row's reason.
         """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         batch = normalize(batch)
         received = self._clock()
         valid, rejections = validate(batch, received)
-        if refuse is not None and refuse[0].any():
-            mask, field_name, message = refuse
-            rejections += [Rejection(i, field_name, message) for i in np.flatnonzero(mask & valid).tolist()]
-            valid = valid & ~mask
+        if refuse:
+            refused, refusals = np.zeros(batch.num_rows, dtype=bool), []
+            for mask, field_name, message in refuse:
+                rows = np.flatnonzero(mask & ~refused)
+                refused[rows] = True
+                refusals += [Rejection(i, field_name, message) for i in rows.tolist()]
+            rejections = [r for r in rejections if not refused[r.index]] + refusals
+            valid = valid & ~refused
         good_index = np.flatnonzero(valid)
         good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
         with self._lock:
@@ -307,7 +311,7 @@ class EventStore:
                 self._tests = Dictionary.from_values(values, self._tests.capacity)
             else:
                 old = self._dicts[name]
-                self._dicts[name] = Dictionary.from_values(values, old.capacity, old.few_values)
+                self._dicts[name] = Dictionary.from_values(values, old.capacity)
         partitions: dict[int, PartitionView] = {}
         for batch in contents.events:
             code = int(batch.column("test")[0].as_py())

@@ -131,30 +131,3 @@ def test_unreadable_columnar_payloads_fail_the_call_clearly(stub):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timestamp" in caught.value.details()
     # the server is still fine
     assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []
-
-
-def test_ingest_through_worker_processes(tmp_path):
-    """With --ingest-workers, requests are parsed and converted in other processes: same acks,
-    same rejections (errors cross the process boundary intact), same stored events."""
-    import grpc
-
-    from abstream.service.settings import Settings
-    from abstream.v1 import analytics_pb2_grpc
-    from tests.conftest import ServerThread
-
-    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "d"), ingest_workers=1)).start()
-    try:
-        with grpc.insecure_channel(running.address) as channel:
-            stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
-            batch = [to_message(GOOD), to_message({**GOOD, "conversion": 4}), to_message({**GOOD, "user_id": ""})]
-            acks = list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=batch, producer_id="w", sequence=1)] * 2),
-                                          timeout=60))
-            assert [(a.accepted, a.rejected, a.duplicate) for a in acks] == [(1, 2, False), (0, 0, True)]
-            assert [r.field for r in acks[0].rejections] == ["conversion", "user_id"]
-            with pytest.raises(grpc.RpcError) as caught:
-                list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=b"garbage")]), timeout=60))
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "arrow_ipc" in caught.value.details()
-            rows = stub.Summary(pb.SummaryRequest(test_id="val"), timeout=10).rows
-            assert sum(r.metrics.events for r in rows) == 1
-    finally:
-        running.stop()
