@@ -141,8 +141,8 @@ class AnalyticsServer:
             ],
         )
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams, settings.memory_high_water_bytes)
-        servicer = AnalyticsServicer(self.holder, limits, self.metrics)
-        add_analytics_service(servicer, self._server)
+        self._analytics = AnalyticsServicer(self.holder, limits, self.metrics)
+        add_analytics_service(self._analytics, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
                                                           self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -210,13 +210,22 @@ class AnalyticsServer:
                 log.exception("periodic snapshot failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuses new calls, lets those in flight finish within the grace period, then writes a
-        final snapshot and closes the log."""
+        """Lets open ingest streams finish within the grace period, then writes a final snapshot
+        and closes the log.
+
+        Until the streams are done the server keeps answering, so that health checks see
+        NOT_SERVING and queries still work; only new ingest streams are refused. Then gRPC
+        refuses every new call and gets what remains of the grace period for calls in flight.
+        """
         self.holder.draining = True
         await self.health.enter_graceful_shutdown()
         if self._snapshots is not None:
             self._snapshots.cancel()
-        await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.grace_seconds if grace is None else grace)
+        while self._analytics.streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self._server.stop(max(deadline - loop.time(), 0.0))
         if self.holder.store is not None:
             await asyncio.to_thread(self.holder.store.close)
         self.metrics.close()

@@ -71,6 +71,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         fsync, the next is applied and later ones are decoded. Requests arrive as bytes, which
         `converters.decode_request` reads into columns."""
         store = self._holder.get()
+        if self._holder.draining:
+            raise Unavailable("the server is shutting down; send to another server or retry later")
         if self._streams >= self._limits.max_ingest_streams:
             raise ResourceExhausted(f"{self._streams} ingest streams are open, the most this server takes; "
                                     "send on an open stream or retry", retry_after=1.0)
@@ -121,6 +123,11 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             self._metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
+
+    @property
+    def streams(self) -> int:
+        """Ingest streams open now."""
+        return self._streams
 
     def _apply(self, store: EventStore, batch: converters.IngestBatch, principal: Principal):
         limits, table = self._limits, batch.table

@@ -2,10 +2,10 @@
 
 Appends go to the tail, shared by every test, in arrival order: one copy per column per batch
 whatever the number of tests in it, and no sorting on the ingest path. A full tail is split by
-test and each test's rows are sorted once into a part; a test's parts of equal size are merged
-like a binary counter, so a test of n events has O(log n) parts and each event is copied
-O(log n) times in its life. A query binary-searches each of its test's parts for its time range
-and scans only the tail.
+test and each test's rows are sorted once into a part; a test's parts of the same size class are
+merged four at a time, so a test of n events has O(log n) parts and each event is copied
+O(log4 n) times in its life. A query binary-searches each of its test's parts for its time
+range and scans only the tail.
 
 Readers never lock: every change publishes a new immutable `StoreView`; arrays a published
 view refers to are never written again, except the tail's, and those only past the length the
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from abstream.store import kernels
-from abstream.store.schema import STORED_SCHEMA
+from abstream.store.schema import NS_PER_SECOND, STORED_SCHEMA
 
 COLUMNS = STORED_SCHEMA.names
 #: Columns held as numpy arrays; the others (session_id) stay Arrow strings no query reads.
@@ -72,17 +72,26 @@ class PackedStrings:
 
 
 class Part:
-    """Immutable events of one test, sorted by timestamp: numpy columns, some of them compacted.
+    """Immutable events of one test, sorted by timestamp: numpy columns, most of them compacted.
 
-    `revenue`, zero for most events, is kept sparse (positions and values) when that is smaller;
-    string columns are packed. `column` and `batch` give them back whole.
+    Compaction is chosen per part from its values and undone by `column`, so queries always see
+    the stored schema's types: timestamps in whole seconds become uint32 offsets from the part's
+    first event, codes that fit become uint8, `revenue` (zero for most events) is kept sparse
+    (positions and values) when that is smaller, and string columns are packed.
     """
 
-    __slots__ = ("cols", "num_rows", "_revenue_at", "_revenue", "_strings")
+    __slots__ = ("num_rows", "first_ns", "last_ns", "_cols", "_ts_base", "_revenue_at", "_revenue", "_strings")
 
     def __init__(self, cols: dict[str, np.ndarray | pa.Array]) -> None:
-        self.num_rows = len(cols["timestamp"])
-        self.cols = {c: np.ascontiguousarray(cols[c]) for c in NUMERIC if c != "revenue"}
+        ts = np.asarray(cols["timestamp"])
+        self.num_rows = len(ts)
+        self.first_ns, self.last_ns = int(ts[0]), int(ts[-1])
+        self._cols = {c: _narrowest(np.asarray(cols[c])) for c in NUMERIC if c not in ("revenue", "timestamp")}
+        seconds = (ts - self.first_ns) // NS_PER_SECOND
+        if self.last_ns - self.first_ns < _MAX_OFFSET_NS and not (ts % NS_PER_SECOND).any():
+            self._ts_base, self._cols["timestamp"] = self.first_ns, seconds.astype(np.uint32)
+        else:
+            self._ts_base, self._cols["timestamp"] = None, np.ascontiguousarray(ts)
         revenue = np.asarray(cols["revenue"])
         nonzero = np.flatnonzero(revenue)
         if len(nonzero) * 12 < revenue.nbytes:
@@ -106,21 +115,24 @@ class Part:
 
     @property
     def nbytes(self) -> int:
-        return (sum(a.nbytes for a in self.cols.values()) + self._revenue.nbytes
+        return (sum(a.nbytes for a in self._cols.values()) + self._revenue.nbytes
                 + (0 if self._revenue_at is None else self._revenue_at.nbytes)
                 + sum(p.nbytes for p in self._strings.values()))
 
     def column(self, name: str, rows: slice = slice(None)) -> np.ndarray:
-        """One numeric column (or rows of it), dense."""
-        if name != "revenue":
-            return self.cols[name][rows]
-        if self._revenue_at is None:
-            return self._revenue[rows]
-        lo, hi, _ = rows.indices(self.num_rows)
-        dense = np.zeros(max(hi - lo, 0), dtype=np.float64)
-        a, b = np.searchsorted(self._revenue_at, [lo, hi])
-        dense[self._revenue_at[a:b] - lo] = self._revenue[a:b]
-        return dense
+        """One numeric column (or rows of it), dense, with its stored type."""
+        if name == "revenue":
+            if self._revenue_at is None:
+                return self._revenue[rows]
+            lo, hi, _ = rows.indices(self.num_rows)
+            dense = np.zeros(max(hi - lo, 0), dtype=np.float64)
+            a, b = np.searchsorted(self._revenue_at, [lo, hi])
+            dense[self._revenue_at[a:b] - lo] = self._revenue[a:b]
+            return dense
+        values = self._cols[name][rows]
+        if name == "timestamp" and self._ts_base is not None:
+            return values.astype(np.int64) * NS_PER_SECOND + self._ts_base
+        return values if values.dtype == DTYPES[name] else values.astype(DTYPES[name])
 
     def batch(self) -> pa.RecordBatch:
         """The events as one Arrow record batch with STORED_SCHEMA."""
@@ -128,8 +140,41 @@ class Part:
         return pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA)
 
     def rows_between(self, start_ns: int, end_ns: int, names: list[str]) -> list[np.ndarray]:
-        s = kernels.time_slice(self.cols["timestamp"], start_ns, end_ns)
-        return [self.column(c, s) for c in names]
+        return [self.column(c, self._time_slice(start_ns, end_ns)) for c in names]
+
+    def _time_slice(self, start_ns: int, end_ns: int) -> slice:
+        ts = self._cols["timestamp"]
+        if self._ts_base is None:
+            return kernels.time_slice(ts, start_ns, end_ns)
+        # Whole-second offsets: the first second >= start, the last second <= end.
+        lo, hi = -((self._ts_base - start_ns) // NS_PER_SECOND), (end_ns - self._ts_base) // NS_PER_SECOND
+        last = int(ts[-1])
+        if hi < max(lo, 0) or lo > last:
+            return slice(0, 0)
+        return kernels.time_slice(ts, max(lo, 0), min(hi, last))
+
+
+#: Timestamps of a part are stored as uint32 seconds when they span less than this.
+_MAX_OFFSET_NS = (1 << 32) * NS_PER_SECOND
+
+
+def _narrowest(codes: np.ndarray) -> np.ndarray:
+    """Codes as uint8 when they all fit (most dimensions have a handful of values)."""
+    if codes.dtype.itemsize > 1 and len(codes) and int(codes.max()) < 256 and int(codes.min()) >= 0:
+        return codes.astype(np.uint8)
+    return np.ascontiguousarray(codes)
+
+
+#: A test's parts are merged like the digits of a base-4 counter: when the newest 4 parts are of
+#: the same size class, they become one. Each event is rewritten log4(n / first part size) times,
+#: and a test has at most 3 parts per size class (against log2 and 1 with pairs: half the
+#: rewriting for a few more parts to search).
+MERGE_FAN_IN = 4
+
+
+def _level(part: Part) -> int:
+    """The size class of a part: floor(log4(rows))."""
+    return (max(part.num_rows, 1).bit_length() - 1) // 2
 
 
 @dataclass(frozen=True)
@@ -147,13 +192,13 @@ class PartitionView:
     def select(self, start_ns: int, end_ns: int, names: list[str]) -> list[list[np.ndarray]]:
         """Pieces (one list of columns per part) of the events with start_ns <= timestamp <= end_ns."""
         return [p.rows_between(start_ns, end_ns, names) for p in self.parts
-                if not (p.cols["timestamp"][-1] < start_ns or p.cols["timestamp"][0] > end_ns)]
+                if not (p.last_ns < start_ns or p.first_ns > end_ns)]
 
     def with_rows(self, cols: dict[str, np.ndarray | pa.Array]) -> PartitionView:
         """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged."""
         parts = [*self.parts, Part(cols)]
-        while len(parts) >= 2 and parts[-2].num_rows <= parts[-1].num_rows:
-            parts[-2:] = [Part.merge(parts[-2:])]
+        while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
+            parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
         ts, bits = cols["timestamp"], add_users(self.user_bits, cols["user_id"])
         return PartitionView(
             parts=tuple(parts),

@@ -357,6 +357,11 @@ def test_health_is_not_serving_while_draining(data_dir):
                 break
             time.sleep(0.02)
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # While the open stream finishes, queries are answered and new ingest streams refused.
+        assert server.stub(ch).ListTests(pb.ListTestsRequest(), timeout=5).tests
+        with pytest.raises(grpc.RpcError) as refused:
+            list(server.stub(ch).IngestEvents(iter([pb.IngestEventsRequest()]), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
         stream_done.set()
     assert server.process.wait(timeout=30) == 0
 

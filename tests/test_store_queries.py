@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pyarrow as pa
 import pytest
 
 from abstream.store import (
@@ -264,3 +265,46 @@ def test_a_query_past_its_deadline_stops():
         with pytest.raises(DeadlineExceeded):
             run(dataclasses.replace(query, deadline=_time.monotonic() - 1))
         assert run(dataclasses.replace(query, deadline=_time.monotonic() + 60)).stats.events_scanned > 0
+
+
+def test_compacted_parts_answer_like_the_events_they_hold():
+    """Whole-second timestamps are kept as uint32 offsets and small codes as uint8: range bounds
+    one nanosecond either side of an event, and every column, come out as with wide parts."""
+    import numpy as np
+
+    whole = [{**e, "timestamp": e["timestamp"] // NS * NS} for e in EVENTS]
+    s = EventStore(seal_rows=64)
+    for i in range(0, len(whole), 97):
+        s.append(to_table(whole[i:i + 97]))
+    parts = [p for partition in s._view.partitions.values() for p in partition.parts]
+    assert parts and all(p._ts_base is not None and p._cols["timestamp"].dtype == np.uint32 for p in parts)
+    assert all(p._cols["variant"].dtype == np.uint8 and p.column("variant").dtype == np.uint16 for p in parts)
+    oracle = Oracle(whole)
+    on_event = sorted(e["timestamp"] for e in whole)
+    bounds = [(on_event[300] + d, on_event[2500] + e) for d in (-1, 0, 1) for e in (-1, 0, 1)]
+    bounds += [(on_event[0] - 10**18, on_event[-1] + 10**18), (on_event[-1] + 1, None), (None, on_event[0] - 1)]
+    for test_id in TESTS:
+        for start, end in bounds:
+            result = s.summary(SummaryQuery(test_id, start, end))
+            expected = oracle.summary(test_id, start, end)
+            assert result.variants == [row["variant"] for row in expected]
+            for ours, theirs in zip(result.metrics.rows(), expected):
+                assert_metrics_match(ours, theirs)
+
+
+def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
+    import numpy as np
+
+    from abstream.store.partition import Part
+
+    ts = np.array([10**18, 10**18 + 1, 10**18 + 2 * NS], dtype=np.int64)
+    cols = {"timestamp": ts, "variant": np.array([0, 300, 2], np.uint16), "user_id": np.array([5, 6, 7], np.int32),
+            "conversion": np.array([0, 1, 0], np.uint8), "revenue": np.array([0.0, 2.5, 0.0]),
+            "event_type": np.zeros(3, np.uint16), "device": np.zeros(3, np.uint16), "country": np.zeros(3, np.uint16),
+            "session_id": pa.array(["a", "", "c"])}
+    part = Part(cols)
+    assert part._ts_base is None and part._cols["variant"].dtype == np.uint16
+    assert part.column("timestamp").tolist() == ts.tolist() and part.column("variant").tolist() == [0, 300, 2]
+    assert part.rows_between(10**18 + 1, 10**18 + 1, ["user_id"])[0].tolist() == [6]
+    far = Part({**cols, "timestamp": np.array([0, NS, (1 << 32) * NS], np.int64)})  # spans more than uint32 seconds
+    assert far._ts_base is None and far.column("timestamp").tolist() == [0, NS, (1 << 32) * NS]
