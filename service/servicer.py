@@ -23,7 +23,7 @@ from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
 from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
-from abstream.store import EventStore, InvalidArgument, Unavailable
+from abstream.store import EventStore, IngestResult, InvalidArgument, PreparedBatch, Unavailable
 from abstream.store.queries import QueryStats
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
@@ -87,8 +87,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             nonlocal cut_short
             try:
                 async for raw in request_iterator:
-                    await decoding.put((time.perf_counter(),
-                                        asyncio.ensure_future(asyncio.to_thread(converters.decode_request, raw))))
+                    await decoding.put((time.perf_counter(), asyncio.ensure_future(
+                        asyncio.to_thread(self._prepare, store, raw, principal))))
                     if self._holder.draining:
                         cut_short = True
                         break
@@ -99,8 +99,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             try:
                 batch = 0
                 while (item := await decoding.get()) is not None:
-                    started, decoded = item
-                    result = await asyncio.to_thread(self._apply, store, await decoded, principal)
+                    started, prepared = item
+                    result = await asyncio.to_thread(self._apply, store, await prepared, principal)
                     durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
                     await acking.put((batch, result, durable, started))
                     batch += 1
@@ -129,16 +129,12 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         """Ingest streams open now."""
         return self._streams
 
-    def _apply(self, store: EventStore, batch: converters.IngestBatch, principal: Principal):
-        limits, table = self._limits, batch.table
-        if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
-            raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
-        if table.num_rows > limits.max_batch_events:
-            raise InvalidArgument("events", f"a batch of {table.num_rows} events; at most {limits.max_batch_events}")
-        wait = self._rates.wait_for(principal, table.num_rows)
-        if wait > 0:
-            raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
-                                    f"{principal.ingest_rate:g} events/s", retry_after=wait)
+    def _prepare(self, store: EventStore, raw: bytes, principal: Principal) -> PreparedBatch:
+        """Reads and checks one request (beside the previous batch being applied)."""
+        batch = converters.decode_request(raw)
+        table, limit = batch.table, self._limits.max_batch_events
+        if table.num_rows > limit:
+            raise InvalidArgument("events", f"a batch of {table.num_rows} events; at most {limit}")
         refuse = batch.refuse
         if principal.test_prefix:
             tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
@@ -146,7 +142,17 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                        else np.zeros(table.num_rows, dtype=bool))
             refuse = [*refuse, (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id "
                                                      f"starts with {principal.test_prefix!r}")]
-        return store.append(table, batch.producer_id, batch.sequence, wait=False, refuse=refuse)
+        return store.prepare(table, batch.producer_id, batch.sequence, refuse)
+
+    def _apply(self, store: EventStore, prepared: PreparedBatch, principal: Principal) -> IngestResult:
+        limits = self._limits
+        if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
+            raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
+        wait = self._rates.wait_for(principal, prepared.events)
+        if wait > 0:
+            raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
+                                    f"{principal.ingest_rate:g} events/s", retry_after=wait)
+        return store.apply(prepared, wait=False)
 
     async def _query(self, name: str, query, run, respond, context: grpc.aio.ServicerContext):
         """Runs one query in a thread, if the caller may read the test, with the caller's deadline."""

@@ -23,7 +23,7 @@ from abstream.store.queries import (
     TimeseriesRow,
 )
 from abstream.store.schema import EVENT_SCHEMA, Rejection
-from abstream.store.store import Durability, EventStore, IngestResult, QuarantinedEvent, RecoveryError
+from abstream.store.store import Durability, EventStore, IngestResult, PreparedBatch, QuarantinedEvent, RecoveryError
 
 __all__ = [
     "DeadlineExceeded",
@@ -35,6 +35,7 @@ __all__ = [
     "EventStore",
     "Filters",
     "IngestResult",
+    "PreparedBatch",
     "InvalidArgument",
     "Interval",
     "Metrics",

@@ -279,20 +279,33 @@ class Tail:
 
 @dataclass(frozen=True)
 class StoreView:
-    """Everything a query may see: sealed parts per test, and the tail as it was when published."""
+    """Everything a query may see: sealed parts per test, and the unsorted rows not yet in them:
+    the tail as it was when published, and a tail being sealed, if any (`tails`)."""
 
     partitions: dict[int, PartitionView]
-    tail: dict[str, np.ndarray]
+    tails: tuple[dict[str, np.ndarray], ...]
+
+    @property
+    def tail(self) -> dict[str, np.ndarray]:
+        """Every unsorted row, as one set of columns (a copy when a tail is being sealed)."""
+        if len(self.tails) == 1:
+            return self.tails[0]
+        return {c: np.concatenate([t[c] for t in self.tails]) for c in self.tails[0]}
+
+    @property
+    def tail_rows(self) -> int:
+        return sum(len(t["test"]) for t in self.tails)
 
     def select(self, test: int, start_ns: int, end_ns: int, names: list[str]) -> dict[str, np.ndarray]:
         """The named columns of one test's events with start_ns <= timestamp <= end_ns."""
         partition = self.partitions.get(test)
         pieces = partition.select(start_ns, end_ns, names) if partition else []
-        ts = self.tail["timestamp"]
-        if len(ts):
-            mask = (self.tail["test"] == test) & (ts >= start_ns) & (ts <= end_ns)
-            if mask.any():
-                pieces.append([self.tail[c][mask] for c in names])
+        for tail in self.tails:
+            ts = tail["timestamp"]
+            if len(ts):
+                mask = (tail["test"] == test) & (ts >= start_ns) & (ts <= end_ns)
+                if mask.any():
+                    pieces.append([tail[c][mask] for c in names])
         if not pieces:
             return {c: np.zeros(0, dtype=DTYPES[c]) for c in names}
         if len(pieces) == 1:

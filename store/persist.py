@@ -56,19 +56,21 @@ class Record:
     received_ns: int
 
 
-def _ipc(table: pa.Table) -> bytes:
+def _ipc(table: pa.Table) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
-def encode_record(record: Record) -> bytes:
+def encode_record(record: Record) -> list[bytes | pa.Buffer]:
+    """The record's payload, in pieces that the log writes one after the other without joining."""
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
                          "rejections": [[r.index, r.field, r.message] for r in record.rejections]}).encode()
-    accepted, rejected = _ipc(record.accepted), _ipc(record.rejected) if record.rejections else b""
-    return _SIZES.pack(len(header), len(accepted), len(rejected)) + header + accepted + rejected
+    accepted = _ipc(record.accepted)
+    rejected = _ipc(record.rejected) if record.rejections else b""
+    return [_SIZES.pack(len(header), accepted.size, len(rejected)) + header, accepted, rejected]
 
 
 def decode_record(payload: bytes) -> Record:

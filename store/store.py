@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ from abstream.store.queries import (
 )
 from abstream.store.schema import CODE_TYPES, STORED_SCHEMA, Rejection
 from abstream.store.validate import normalize, validate
-from abstream.store.wal import WalCorruption, WriteAheadLog
+from abstream.store.wal import Payload, WalCorruption, WriteAheadLog
 
 log = logging.getLogger("abstream.store")
 
@@ -53,6 +54,24 @@ class IngestResult:
     rejections: list[Rejection]
     duplicate: bool = False
     lsn: int | None = None  # the log record to be durable before the ack (see EventStore.commit)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A checked, dictionary-encoded batch and its log record, ready for `EventStore.apply`."""
+
+    test_codes: np.ndarray
+    cols: dict[str, np.ndarray | pa.Array]  # the stored columns of the accepted events
+    rejected: pa.Table  # the rejected events as sent, in the order of `rejections`
+    rejections: list[Rejection]
+    received: int
+    producer_id: str
+    sequence: int
+    payload: Payload | None  # the log record, when the store has a log
+
+    @property
+    def events(self) -> int:
+        return len(self.test_codes) + len(self.rejections)
 
 
 @dataclass(frozen=True)
@@ -120,12 +139,18 @@ class EventStore:
         self._seal_rows = seal_rows
         self._on_seal = on_seal
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # applying batches: the log's order is the order they become visible
+        self._encode_lock = threading.Lock()  # the dictionaries' one writer
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
         self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                        for name, t in CODE_TYPES.items()}
         self._tail = Tail()
-        self._view = StoreView({}, self._tail.view())
+        self._partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
+        self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
+        self._sealed: Future | None = None
+        self._view_lock = threading.Lock()  # publishing views: appends and the sealer
+        self._view = StoreView({}, (self._tail.view(),))
         self._quarantine: deque[QuarantinedEvent] = deque(maxlen=quarantine_limit)
         self._producers: dict[str, _Producer] = {}
         self._durability = durability
@@ -141,13 +166,20 @@ class EventStore:
                wait: bool = True, refuse: Sequence[tuple[np.ndarray, str, str]] = ()) -> IngestResult:
         """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
 
-        Returns once the batch is visible to queries and, with `wait`, as durable as the fsync
-        policy says; without it, call `commit(result)` before acknowledging, so that a stream
-        can apply its next batch while this one's fsync runs. A batch tagged with `producer_id`
-        is applied at most once per `sequence`: sequences must increase, and one not above the
-        last applied is acknowledged as a duplicate. Each `refuse` entry (mask, field, message)
-        rejects the masked rows for a reason the caller knows (a string that was not UTF-8, a
-        test the token may not write); the first that applies is the row's reason.
+        The same as `apply(prepare(...))`; see both.
+        """
+        return self.apply(self.prepare(batch, producer_id, sequence, refuse), wait)
+
+    def prepare(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
+                refuse: Sequence[tuple[np.ndarray, str, str]] = ()) -> PreparedBatch:
+        """Checks every event of `batch`, encodes its strings and builds its log record, without
+        taking the ingest lock: a stream prepares its next batches while one is applied.
+
+        A batch tagged with `producer_id` is applied at most once per `sequence`: sequences must
+        increase, and one not above the last applied is acknowledged as a duplicate. Each
+        `refuse` entry (mask, field, message) rejects the masked rows for a reason the caller
+        knows (a string that was not UTF-8, a test the token may not write); the first that
+        applies is the row's reason.
         """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
@@ -164,20 +196,35 @@ class EventStore:
             valid = valid & ~refused
         good_index = np.flatnonzero(valid)
         good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
+        with self._encode_lock:
+            test_codes, cols, kept = self._encode(good, good_index, rejections)
+        if kept is not None:
+            good = good.take(kept)
+        rejections.sort(key=lambda r: r.index)
+        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
+        payload = None
+        if self._wal is not None:
+            payload = Payload.of(persist.encode_record(persist.Record(good, rejected, rejections, producer_id, sequence,
+                                                                      received)))
+        return PreparedBatch(test_codes, cols, rejected, rejections, received, producer_id, sequence, payload)
+
+    def apply(self, prepared: PreparedBatch, wait: bool = True) -> IngestResult:
+        """Makes a prepared batch visible to queries and logs it, in one critical section.
+
+        Returns once the batch is visible and, with `wait`, as durable as the fsync policy says;
+        without it, call `commit(result)` before acknowledging, so that a stream can apply its
+        next batch while this one's fsync runs.
+        """
+        p = prepared
         with self._lock:
-            if (previous := self._producers.get(producer_id) if producer_id else None) is not None \
-                    and sequence <= previous.sequence:
+            if (previous := self._producers.get(p.producer_id) if p.producer_id else None) is not None \
+                    and p.sequence <= previous.sequence:
                 # Applied before: wait for that batch to be durable, store nothing now.
                 lsn, result = (previous.lsn or None) if self._wal else None, IngestResult(0, [], duplicate=True)
             else:
-                test_codes, cols, kept = self._encode(good, good_index, rejections)
-                rejections.sort(key=lambda r: r.index)
-                rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
-                lsn = None if self._wal is None else self._wal.append(persist.encode_record(persist.Record(
-                    good if kept is None else good.take(kept), rejected, rejections, producer_id, sequence,
-                    received)))
-                self._apply(test_codes, cols, rejected, rejections, received, producer_id, sequence, lsn)
-                result = IngestResult(accepted=len(test_codes), rejections=rejections)
+                lsn = None if self._wal is None else self._wal.append(p.payload)
+                self._apply(p.test_codes, p.cols, p.rejected, p.rejections, p.received, p.producer_id, p.sequence, lsn)
+                result = IngestResult(accepted=len(p.test_codes), rejections=p.rejections)
         result = dataclasses.replace(result, lsn=lsn)
         if wait:
             self.commit(result)
@@ -233,17 +280,29 @@ class EventStore:
         if len(test_codes) == 0:
             return
         self._tail.append(test_codes, cols)
-        partitions = self._view.partitions
-        sealed = self._tail.rows >= self._seal_rows
-        if sealed:
-            partitions = self._seal()
-        self._view = StoreView(partitions, self._tail.view())  # one assignment: all of a batch at once
-        if sealed and self._on_seal is not None:
-            self._on_seal()
+        if self._tail.rows >= self._seal_rows:
+            # Sealing (sorting, packing, merging parts) runs in the sealer thread, beside the
+            # next appends; one tail at a time, so a sealer that falls behind slows ingest down.
+            self.wait_sealed()
+            test_codes, cols = self._tail.drain()
+            with self._view_lock:
+                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"}}
+            self._sealed = self._sealer.submit(self._seal, test_codes, cols)
+        self._publish()
 
-    def _seal(self) -> dict[int, PartitionView]:
-        """Moves the tail into each test's parts; returns the new partition views."""
-        test_codes, cols = self._tail.drain()
+    def _publish(self) -> None:
+        """One new view: everything applied so far becomes visible at once."""
+        with self._view_lock:
+            tails = (self._tail.view(),) if self._sealing is None else (self._sealing, self._tail.view())
+            self._view = StoreView(self._partitions, tails)
+
+    def wait_sealed(self) -> None:
+        """Returns once no tail is being sealed (re-raising what sealing raised)."""
+        if self._sealed is not None:
+            self._sealed.result()
+
+    def _seal(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
+        """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
         # One permutation for every column: by time (a near-sorted stream makes this timsort
         # cheap), then stably by test (16-bit keys, the usual case, take numpy's radix sort).
         by_time = np.argsort(cols["timestamp"], kind="stable")
@@ -253,11 +312,16 @@ class EventStore:
         test_codes = test_codes[order]
         cols = {c: take(cols[c], order) for c in COLUMNS}
         bounds = np.flatnonzero(np.diff(test_codes)) + 1
-        partitions = dict(self._view.partitions)
+        partitions = dict(self._partitions)
         for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(test_codes)]):
             code = int(test_codes[lo])
             partitions[code] = partitions.get(code, PartitionView()).with_rows({c: a[lo:hi] for c, a in cols.items()})
-        return partitions
+        with self._view_lock:
+            # The tail views appends published stay valid: only the sealed rows move.
+            self._partitions, self._sealing = partitions, None
+            self._view = StoreView(partitions, self._view.tails[-1:])
+        if self._on_seal is not None:
+            self._on_seal()
 
     # ---- durability ---------------------------------------------------------------------
 
@@ -293,6 +357,7 @@ class EventStore:
                 replayed += 1
         except WalCorruption as error:
             raise RecoveryError(str(error)) from error
+        self.wait_sealed()
         wal.open()
         self._wal = wal
         self._last_snapshot = _SnapshotClock(events=in_snapshot)
@@ -317,7 +382,8 @@ class EventStore:
             code = int(batch.column("test")[0].as_py())
             cols = {c: batch.column(c) if c in ("session_id",) else batch.column(c).to_numpy() for c in COLUMNS}
             partitions[code] = partitions.get(code, PartitionView()).with_rows(cols)
-        self._view = StoreView(partitions, self._tail.view())
+        self._partitions = partitions
+        self._publish()
         q = contents.quarantine.to_pylist()
         self._quarantine.extend(QuarantinedEvent(e.pop("received_ns"), e.pop("index"), e.pop("field"),
                                                  e.pop("message"), e) for e in q)
@@ -351,6 +417,7 @@ class EventStore:
 
     def _capture(self) -> persist.SnapshotContents:
         """What a snapshot holds, taken under the ingest lock: cheap references, one tail copy."""
+        self.wait_sealed()  # the sealer publishes without the ingest lock: let it finish first
         lsn = self._wal.rotate()
         view = self._view
         batches = [(code, part) for code, partition in view.partitions.items() for part in partition.parts]
@@ -374,12 +441,13 @@ class EventStore:
 
     def close(self, final_snapshot: bool = True) -> None:
         """Flushes everything: a last snapshot (so a restart replays nothing), then the log."""
-        if self._wal is None:
-            return
-        if final_snapshot:
-            self.snapshot()
-        self._wal.close()
-        self._wal = None
+        self.wait_sealed()
+        if self._wal is not None:
+            if final_snapshot:
+                self.snapshot()
+            self._wal.close()
+            self._wal = None
+        self._sealer.shutdown()
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -521,13 +589,13 @@ class EventStore:
         view = self._view
         parts = sum(p.nbytes for partition in view.partitions.values() for p in partition.parts)
         bits = sum(partition.user_bits.nbytes for partition in view.partitions.values())
-        tail = sum(a.nbytes for a in view.tail.values())
+        tail = sum(a.nbytes for t in view.tails for a in t.values())
         return parts + bits + tail + sum(d.nbytes for d in [self._tests, *self._dicts.values()])
 
     @property
     def event_count(self) -> int:
         view = self._view
-        return sum(p.events for p in view.partitions.values()) + len(view.tail["test"])
+        return sum(p.events for p in view.partitions.values()) + view.tail_rows
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -48,9 +48,9 @@ def normalize(batch: pa.Table) -> pa.Table:
             col = pa.nulls(batch.num_rows, f.type)
         if col.type != f.type:
             col = _convert(col, f)
-        if f.name in OPTIONAL_STRINGS:
+        if col.null_count and f.name in OPTIONAL_STRINGS:
             col = col.fill_null("")
-        elif f.name in ("conversion", "revenue"):
+        elif col.null_count and f.name in ("conversion", "revenue"):
             col = col.fill_null(0)
         columns[f.name] = col
     return pa.table(columns, schema=EVENT_SCHEMA)
@@ -69,11 +69,20 @@ def _bad_string_masks(batch: pa.Table) -> dict[str, np.ndarray]:
     """Per string field, the rows too long; per required one ('<field>:missing'), the rows empty or absent."""
     masks = {}
     for name in REQUIRED_STRINGS + OPTIONAL_STRINGS:
-        lengths = pc.binary_length(batch.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
+        lengths = _lengths(batch.column(name))
         if name in REQUIRED_STRINGS:
             masks[name + ":missing"] = lengths == 0
         masks[name] = lengths > MAX_STRING_BYTES
     return masks
+
+
+def _lengths(col: pa.ChunkedArray) -> np.ndarray:
+    """Byte length of every string (0 for nulls), read from the offsets when there are no nulls."""
+    if col.null_count or col.num_chunks != 1 or col.type != pa.string():
+        return pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+    chunk = col.chunk(0)
+    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+    return np.diff(offsets)
 
 
 def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]:
@@ -84,8 +93,11 @@ def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]
     """
     n = batch.num_rows
     ts_col = batch.column("timestamp")
-    ts_missing = pc.is_null(ts_col).to_numpy(zero_copy_only=False)
-    ts = ts_col.fill_null(MIN_TIMESTAMP_NS).to_numpy()
+    if ts_col.null_count:
+        ts_missing = pc.is_null(ts_col).to_numpy(zero_copy_only=False)
+        ts = ts_col.fill_null(MIN_TIMESTAMP_NS).to_numpy()
+    else:
+        ts_missing, ts = np.zeros(n, dtype=bool), ts_col.to_numpy()
     max_ns = now_ns + MAX_FUTURE_SKEW_NS
     conversion = batch.column("conversion").to_numpy()
     revenue = batch.column("revenue").to_numpy()

@@ -1,7 +1,8 @@
 """The write-ahead log: every accepted batch is appended here, and made durable, before its ack.
 
 Segments `wal-<first lsn>.log` hold records, each a header (magic, payload length, LSN, CRC-32 of
-LSN and payload) and the payload. A record is complete only if its CRC matches, so a crash in
+payload and LSN) and the payload. The payload's CRC is computed before the record gets its LSN
+(`prepare`), outside the lock that orders records. A record is complete only if its CRC matches, so a crash in
 the middle of a write leaves a tail that replay detects, logs and cuts off. A bad record with
 good records after it is not a torn write but damage; replay refuses to guess and says where.
 
@@ -18,6 +19,7 @@ import os
 import struct
 import threading
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,8 +27,8 @@ from abstream.store.errors import StoreError
 
 log = logging.getLogger("abstream.store.wal")
 
-_MAGIC = 0xAB5E_0001
-_HEADER = struct.Struct("<IIQI")  # magic, payload length, lsn, crc32(lsn bytes + payload)
+_MAGIC = 0xAB5E_0002
+_HEADER = struct.Struct("<IIQI")  # magic, payload length, lsn, crc32(payload + lsn bytes)
 _MAX_RECORD = 1 << 31
 
 
@@ -34,8 +36,26 @@ class WalCorruption(StoreError):
     """The log is damaged somewhere other than its tail: recovering would mean guessing."""
 
 
-def _crc(lsn: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<Q", lsn)))
+def _crc(lsn: int, payload_crc: int) -> int:
+    return zlib.crc32(struct.pack("<Q", lsn), payload_crc)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A record's payload, ready to be appended: its pieces, total size and CRC."""
+
+    pieces: list
+    size: int
+    crc: int
+
+    @classmethod
+    def of(cls, pieces: list) -> Payload:
+        """Checksums a payload given in pieces (anything with the buffer protocol)."""
+        crc, size = 0, 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+            size += memoryview(piece).nbytes
+        return cls(pieces, size, crc)
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,6 +64,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, pieces: list) -> None:
+    """One writev for the whole record; a short write (a signal, a full disk) continues after it."""
+    views = [memoryview(p).cast("B") for p in pieces if memoryview(p).nbytes]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 class WriteAheadLog:
@@ -117,7 +149,7 @@ class WriteAheadLog:
         if magic != _MAGIC or length > _MAX_RECORD or end > len(data):
             return None
         payload = data[offset + _HEADER.size:end]
-        if _crc(lsn, payload) != crc:
+        if _crc(lsn, zlib.crc32(payload)) != crc:
             return None
         return lsn, payload, end - offset
 
@@ -148,11 +180,14 @@ class WriteAheadLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         fsync_dir(self.directory)
 
-    def append(self, payload: bytes) -> int:
+    def append(self, payload: Payload) -> int:
         """Writes one record (to the OS, not yet durable); returns its LSN."""
+        if payload.size > _MAX_RECORD:
+            raise StoreError(f"a log record of {payload.size} bytes; at most {_MAX_RECORD}")
         with self._lock:
             lsn = self.next_lsn
-            os.write(self._fd, _HEADER.pack(_MAGIC, len(payload), lsn, _crc(lsn, payload)) + payload)
+            header = _HEADER.pack(_MAGIC, payload.size, lsn, _crc(lsn, payload.crc))
+            _write_all(self._fd, [header, *payload.pieces])
             self.next_lsn = lsn + 1
             return lsn
 

@@ -182,6 +182,7 @@ def test_parts_give_back_every_column_exactly():
     events = EVENTS[:1000]
     for i in range(0, len(events), 50):
         s.append(to_table(events[i:i + 50]))
+    s.wait_sealed()
     assert len(s._view.tail["test"]) == 0  # every event is in a part: sealed at 100, 200, ... 1000
     for code, partition in s._view.partitions.items():
         test_id = s._tests.decode(np.array([code]))[0]
@@ -276,6 +277,7 @@ def test_compacted_parts_answer_like_the_events_they_hold():
     s = EventStore(seal_rows=64)
     for i in range(0, len(whole), 97):
         s.append(to_table(whole[i:i + 97]))
+    s.wait_sealed()
     parts = [p for partition in s._view.partitions.values() for p in partition.parts]
     assert parts and all(p._ts_base is not None and p._cols["timestamp"].dtype == np.uint32 for p in parts)
     assert all(p._cols["variant"].dtype == np.uint8 and p.column("variant").dtype == np.uint16 for p in parts)
@@ -308,3 +310,27 @@ def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
     assert part.rows_between(10**18 + 1, 10**18 + 1, ["user_id"])[0].tolist() == [6]
     far = Part({**cols, "timestamp": np.array([0, NS, (1 << 32) * NS], np.int64)})  # spans more than uint32 seconds
     assert far._ts_base is None and far.column("timestamp").tolist() == [0, NS, (1 << 32) * NS]
+
+
+def test_a_tail_being_sealed_stays_visible_exactly_once():
+    """While the sealer works on a full tail, queries see it beside the new tail; after, in parts."""
+    import threading
+
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:150]
+    oracle = Oracle(events)
+    s = EventStore(seal_rows=100)
+    gate = threading.Event()
+    s._sealer.submit(gate.wait)  # hold the sealer: the full tail waits, drained, beside the next rows
+    try:
+        s.append(to_table(events[:120]))
+        s.append(to_table(events[120:]))
+        assert s._sealing is not None and len(s._view.tails) == 2 and s.event_count == 150
+        for expected, ours in zip(oracle.summary(TESTS[0], None, None), s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
+            assert_metrics_match(ours, expected)
+        assert [t.events for t in s.list_tests()] == [150]
+    finally:
+        gate.set()
+    s.wait_sealed()
+    assert s._sealing is None and len(s._view.tails) == 1 and s.event_count == 150
+    for expected, ours in zip(oracle.summary(TESTS[0], None, None), s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
+        assert_metrics_match(ours, expected)
