@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import grpc
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 from google.protobuf import json_format
 
 from abstream.store.queries import Metrics, SegmentRow, SummaryRow
@@ -220,8 +221,47 @@ class Client:
         return Quarantine([QuarantinedEvent(_utc(q.received_time), q.index, q.field, q.message, _dict(q.event))
                            for q in r.events], r.total)
 
+    def ingest_table(self, table: pa.Table, *, producer_id: str = "", sequence: int = 0, batch_size: int = 100_000,
+                     timeout: float | None = None) -> list[pb.IngestEventsResponse]:
+        """Sends an Arrow table of events (Event's field names) on one stream, `batch_size` rows
+        per batch in the columnar format (`arrow_ipc`); returns the acks. With `producer_id`,
+        batch k is sent with sequence `sequence` + k, so sending the table again stores nothing."""
+        requests = (pb.IngestEventsRequest(arrow_ipc=arrow_ipc(table.slice(at, batch_size)), producer_id=producer_id,
+                                           sequence=sequence + k if producer_id else 0)
+                    for k, at in enumerate(range(0, table.num_rows, batch_size)))
+        return list(self._call(self._stub.IngestEvents, requests, timeout))
+
     def snapshot(self, *, timeout: float | None = None) -> admin_pb2.CreateSnapshotResponse:
         return self._call(self._admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(), timeout or 3600)
+
+
+#: Columns with few distinct values: sent dictionary-encoded, so the server encodes each value once.
+LOW_CARDINALITY = ("test_id", "variant", "event_type", "device", "country")
+
+
+def arrow_ipc(table: pa.Table, compression: str | None = "lz4") -> bytes:
+    """Events as the columnar path takes them fastest: low-cardinality strings dictionary-encoded
+    with the narrowest indices, `conversion` as int8, buffers LZ4-compressed (about 30 bytes per
+    event instead of 100 for plain strings: less to send, to log and to checksum)."""
+    columns = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if name in LOW_CARDINALITY and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            encoded = col.combine_chunks().dictionary_encode()
+            size = len(encoded.dictionary)
+            index_type = pa.int8() if size <= 127 else pa.int16() if size <= 32767 else pa.int32()
+            col = pa.DictionaryArray.from_arrays(encoded.indices.cast(index_type), encoded.dictionary.cast(pa.string()))
+        elif name == "conversion" and pa.types.is_integer(col.type):
+            low_high = pa.compute.min_max(col).values()
+            if all(v.is_valid and 0 <= v.as_py() <= 1 for v in low_high):  # others must reach the server as sent
+                col = col.cast(pa.int8())
+        columns[name] = col
+    sink = pa.BufferOutputStream()
+    encoded_table = pa.table(columns)
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, encoded_table.schema, options=options) as writer:
+        writer.write_table(encoded_table)
+    return sink.getvalue().to_pybytes()
 
 
 def _filters(device: str | None, country: str | None, event_type: str | None) -> pb.Filters:

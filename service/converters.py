@@ -63,6 +63,7 @@ class IngestBatch:
     producer_id: str
     sequence: int
     refuse: list[tuple[np.ndarray, str, str]]
+    ipc: pa.Buffer | None  # the Arrow IPC stream the whole batch was read from, if it was
 
 
 def decode_request(raw: bytes) -> IngestBatch:
@@ -94,18 +95,22 @@ def decode_request(raw: bytes) -> IngestBatch:
                 mask = np.zeros(n, dtype=bool)
                 mask[rows] = True
                 refuse.append((mask, name, f"{name} is not valid UTF-8"))
+    source = None
     if ipc is not None:
         start, length = ipc
+        source = pa.py_buffer(raw)[start:start + length]
         try:
-            columnar = pa.ipc.open_stream(pa.py_buffer(raw)[start:start + length]).read_all()
+            columnar = pa.ipc.open_stream(source).read_all()
+            columnar.validate(full=True)  # offsets, dictionary indices, UTF-8: the store reads them as given
         except (pa.ArrowInvalid, OSError) as error:
             raise InvalidArgument("arrow_ipc", f"is not a readable Arrow IPC stream: {error}") from error
         if n == 0:
             table = columnar
         else:
-            table = pa.concat_tables([table, normalize(columnar)])
+            table = pa.concat_tables([table, normalize(columnar).cast(EVENT_SCHEMA)])
             refuse = [(np.concatenate([mask, np.zeros(columnar.num_rows, dtype=bool)]), f, m) for mask, f, m in refuse]
-    return IngestBatch(table, producer_id, sequence, refuse)
+            source = None
+    return IngestBatch(table, producer_id, sequence, refuse, source)
 
 
 def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:

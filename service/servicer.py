@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from abstream.service import converters
@@ -138,11 +139,13 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         refuse = batch.refuse
         if principal.test_prefix:
             tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
+            if tests is not None and pa.types.is_dictionary(tests.type):
+                tests = tests.cast(pa.string())
             allowed = (pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False) if tests is not None
                        else np.zeros(table.num_rows, dtype=bool))
             refuse = [*refuse, (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id "
                                                      f"starts with {principal.test_prefix!r}")]
-        return store.prepare(table, batch.producer_id, batch.sequence, refuse)
+        return store.prepare(table, batch.producer_id, batch.sequence, refuse, batch.ipc)
 
     def _apply(self, store: EventStore, prepared: PreparedBatch, principal: Principal) -> IngestResult:
         limits = self._limits

@@ -78,7 +78,16 @@ class Dictionary:
     def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Codes for `values` (int64), adding new values; -1 where the dictionary is full."""
         if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+            if values.num_chunks != 1:
+                return np.concatenate([self.encode(c) for c in values.chunks] or [np.zeros(0, np.int64)])
+            values = values.chunk(0)
+        if pa.types.is_dictionary(values.type):
+            # Encode the dictionary's values that rows use, once; rows take their codes by index.
+            indices = values.indices.fill_null(0).to_numpy(zero_copy_only=False)
+            codes = np.full(len(values.dictionary), -1, dtype=np.int64)
+            used = np.flatnonzero(np.bincount(indices, minlength=len(values.dictionary)))
+            codes[used] = self.encode(values.dictionary.take(pa.array(used)))
+            return codes[indices]
         offsets, data = string_buffers(values)
         codes = np.empty(len(values), dtype=np.int64)
         before, row = self._n, 0

@@ -34,7 +34,7 @@ import pyarrow as pa
 from abstream.store.schema import EVENT_SCHEMA, STORED_SCHEMA, Rejection
 from abstream.store.wal import fsync_dir
 
-_SIZES = struct.Struct("<III")
+_SIZES = struct.Struct("<IQ")  # header bytes, batch bytes
 SNAPSHOT_SCHEMA = pa.schema([pa.field("test", pa.int32()), *STORED_SCHEMA])
 QUARANTINE_SCHEMA = pa.schema([pa.field("received_ns", pa.int64()), pa.field("index", pa.int64()),
                                pa.field("field", pa.string()), pa.field("message", pa.string()), *EVENT_SCHEMA])
@@ -48,8 +48,10 @@ class SnapshotError(Exception):
 
 @dataclass(frozen=True)
 class Record:
-    accepted: pa.Table
-    rejected: pa.Table
+    """One applied batch as logged: every event as it arrived, and which were rejected and why
+    (replay stores the others, exactly as they were stored the first time)."""
+
+    batch: pa.Table
     rejections: list[Rejection]
     producer_id: str
     sequence: int
@@ -63,24 +65,26 @@ def _ipc(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def encode_record(record: Record) -> list[bytes | pa.Buffer]:
-    """The record's payload, in pieces that the log writes one after the other without joining."""
+def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[bytes | pa.Buffer]:
+    """The record's payload, in pieces that the log writes one after the other without joining.
+
+    `ipc`, when given, is the batch as the Arrow IPC stream it arrived in: logged as is, not
+    written again.
+    """
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
                          "rejections": [[r.index, r.field, r.message] for r in record.rejections]}).encode()
-    accepted = _ipc(record.accepted)
-    rejected = _ipc(record.rejected) if record.rejections else b""
-    return [_SIZES.pack(len(header), accepted.size, len(rejected)) + header, accepted, rejected]
+    body = _ipc(record.batch) if ipc is None else ipc
+    return [_SIZES.pack(len(header), memoryview(body).nbytes) + header, body]
 
 
 def decode_record(payload: bytes) -> Record:
-    h, a, r = _SIZES.unpack_from(payload)
+    h, b = _SIZES.unpack_from(payload)
     at = _SIZES.size
     header = json.loads(payload[at:at + h])
-    accepted = pa.ipc.open_stream(payload[at + h:at + h + a]).read_all()
-    rejected = pa.ipc.open_stream(payload[at + h + a:at + h + a + r]).read_all() if r else EVENT_SCHEMA.empty_table()
-    return Record(accepted, rejected, [Rejection(*x) for x in header["rejections"]], header["producer_id"],
-                  header["sequence"], header["received_ns"])
+    batch = pa.ipc.open_stream(pa.py_buffer(payload)[at + h:at + h + b]).read_all()
+    return Record(batch, [Rejection(*x) for x in header["rejections"]], header["producer_id"], header["sequence"],
+                  header["received_ns"])
 
 
 # ---- snapshots --------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class EventStore:
         return self.apply(self.prepare(batch, producer_id, sequence, refuse), wait)
 
     def prepare(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-                refuse: Sequence[tuple[np.ndarray, str, str]] = ()) -> PreparedBatch:
+                refuse: Sequence[tuple[np.ndarray, str, str]] = (), ipc: pa.Buffer | bytes | None = None
+                ) -> PreparedBatch:
         """Checks every event of `batch`, encodes its strings and builds its log record, without
         taking the ingest lock: a stream prepares its next batches while one is applied.
 
@@ -179,7 +180,8 @@ class EventStore:
         increase, and one not above the last applied is acknowledged as a duplicate. Each
         `refuse` entry (mask, field, message) rejects the masked rows for a reason the caller
         knows (a string that was not UTF-8, a test the token may not write); the first that
-        applies is the row's reason.
+        applies is the row's reason. `ipc`, when the batch was read from one Arrow IPC stream, is
+        that stream: the log keeps it as it is instead of writing the batch again.
         """
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
@@ -194,18 +196,12 @@ class EventStore:
                 refusals += [Rejection(i, field_name, message) for i in rows.tolist()]
             rejections = [r for r in rejections if not refused[r.index]] + refusals
             valid = valid & ~refused
-        good_index = np.flatnonzero(valid)
-        good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
         with self._encode_lock:
-            test_codes, cols, kept = self._encode(good, good_index, rejections)
-        if kept is not None:
-            good = good.take(kept)
-        rejections.sort(key=lambda r: r.index)
-        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
+            test_codes, cols, rejected = self._encode(batch, valid, rejections)
         payload = None
         if self._wal is not None:
-            payload = Payload.of(persist.encode_record(persist.Record(good, rejected, rejections, producer_id, sequence,
-                                                                      received)))
+            payload = Payload.of(persist.encode_record(
+                persist.Record(batch, rejections, producer_id, sequence, received), ipc))
         return PreparedBatch(test_codes, cols, rejected, rejections, received, producer_id, sequence, payload)
 
     def apply(self, prepared: PreparedBatch, wait: bool = True) -> IngestResult:
@@ -235,13 +231,13 @@ class EventStore:
         if result.lsn is not None and self._wal is not None:
             self._wal.commit(result.lsn)
 
-    def _encode(self, good: pa.Table, good_index: np.ndarray, rejections: list[Rejection]
-                ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], np.ndarray | None]:
-        """Codes and stored columns of the rows of `good` that fit their dictionaries.
-
-        Returns (test codes, columns, rows of `good` kept or None for all); a row whose value no
-        longer fits a full dictionary gets a rejection.
-        """
+    def _encode(self, batch: pa.Table, valid: np.ndarray, rejections: list[Rejection]
+                ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], pa.Table]:
+        """(test codes, stored columns) of the valid rows of a normalized batch, and its rejected
+        rows as sent. A row whose value no longer fits a full dictionary gets a rejection too;
+        `rejections` ends up complete and sorted by row."""
+        good_index = np.flatnonzero(valid)
+        good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
         test_codes = self._tests.encode(good.column("test_id"))
         codes = {name: d.encode(good.column(name)) for name, d in self._dicts.items()}
         full = np.zeros(good.num_rows, dtype=bool)
@@ -251,17 +247,20 @@ class EventStore:
                 rejections.append(Rejection(int(good_index[j]), name, f"{name} has reached its limit of "
                                             f"{self._dicts[name].capacity} distinct values"))
             full |= overflow
+        sessions = good.column("session_id")
         cols = {
             "timestamp": good.column("timestamp").to_numpy(),
             "conversion": good.column("conversion").to_numpy().astype(np.uint8),
             "revenue": good.column("revenue").to_numpy(),
-            "session_id": good.column("session_id").combine_chunks(),
+            "session_id": (sessions.cast(pa.string()) if sessions.type != pa.string() else sessions).combine_chunks(),
             **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
         }
-        if not full.any():
-            return test_codes, cols, None
-        kept = np.flatnonzero(~full)
-        return test_codes[kept], {c: take(a, kept) for c, a in cols.items()}, kept
+        if full.any():
+            kept = np.flatnonzero(~full)
+            test_codes, cols = test_codes[kept], {c: take(a, kept) for c, a in cols.items()}
+        rejections.sort(key=lambda r: r.index)
+        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
+        return test_codes, cols, rejected
 
     def _apply(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array], rejected: pa.Table,
                rejections: list[Rejection], received: int, producer_id: str, sequence: int,
@@ -365,9 +364,12 @@ class EventStore:
                  f"snapshot {start_lsn}" if contents else "no snapshot", replayed, time.monotonic() - started)
 
     def _replay(self, record: persist.Record) -> None:
+        batch = normalize(record.batch)
+        valid = np.ones(batch.num_rows, dtype=bool)
+        valid[np.array([r.index for r in record.rejections], dtype=np.int64)] = False
         rejections = list(record.rejections)
-        test_codes, cols, _ = self._encode(record.accepted, np.arange(record.accepted.num_rows), rejections)
-        self._apply(test_codes, cols, record.rejected, record.rejections, record.received_ns, record.producer_id,
+        test_codes, cols, rejected = self._encode(batch, valid, rejections)
+        self._apply(test_codes, cols, rejected, rejections, record.received_ns, record.producer_id,
                     record.sequence, self._wal.next_lsn - 1 if self._wal else 0)
 
     def _restore(self, contents: persist.SnapshotContents) -> None:

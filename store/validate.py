@@ -35,7 +35,9 @@ def format_ns(ns: int) -> str:
 
 
 def normalize(batch: pa.Table) -> pa.Table:
-    """The batch with EVENT_SCHEMA's columns and types.
+    """The batch with EVENT_SCHEMA's columns and types, except that string columns may stay
+    dictionary-encoded (dictionary<int, string>): their dictionaries are encoded once, not
+    every row.
 
     Absent or null optional columns take their defaults; absent required ones become nulls, which
     `validate` rejects row by row. A column that cannot be converted fails the whole batch.
@@ -46,14 +48,18 @@ def normalize(batch: pa.Table) -> pa.Table:
             col = batch.column(f.name)
         else:
             col = pa.nulls(batch.num_rows, f.type)
-        if col.type != f.type:
+        if col.type != f.type and not is_dictionary_string(col.type):
             col = _convert(col, f)
         if col.null_count and f.name in OPTIONAL_STRINGS:
             col = col.fill_null("")
         elif col.null_count and f.name in ("conversion", "revenue"):
             col = col.fill_null(0)
         columns[f.name] = col
-    return pa.table(columns, schema=EVENT_SCHEMA)
+    return pa.table(columns)
+
+
+def is_dictionary_string(t: pa.DataType) -> bool:
+    return pa.types.is_dictionary(t) and t.value_type == pa.string()
 
 
 def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> pa.ChunkedArray | pa.Array:
@@ -78,6 +84,11 @@ def _bad_string_masks(batch: pa.Table) -> dict[str, np.ndarray]:
 
 def _lengths(col: pa.ChunkedArray) -> np.ndarray:
     """Byte length of every string (0 for nulls), read from the offsets when there are no nulls."""
+    if is_dictionary_string(col.type):
+        if col.null_count:
+            return _lengths(col.cast(pa.string()))
+        return np.concatenate([_lengths(pa.chunked_array([c.dictionary]))[c.indices.to_numpy()] for c in col.chunks]
+                              or [np.zeros(0, np.int32)])
     if col.null_count or col.num_chunks != 1 or col.type != pa.string():
         return pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False)
     chunk = col.chunk(0)

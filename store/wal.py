@@ -27,7 +27,7 @@ from abstream.store.errors import StoreError
 
 log = logging.getLogger("abstream.store.wal")
 
-_MAGIC = 0xAB5E_0002
+_MAGIC = 0xAB5E_0003
 _HEADER = struct.Struct("<IIQI")  # magic, payload length, lsn, crc32(payload + lsn bytes)
 _MAX_RECORD = 1 << 31
 

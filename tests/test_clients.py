@@ -44,6 +44,37 @@ def test_client_returns_typed_results(server, stub):
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_client_sends_arrow_tables_in_the_compact_columnar_format(server):
+    """Dictionary-encoded, int8, LZ4-compressed batches store what the plain table holds; a bad
+    conversion still reaches the server as sent; resending with the same producer stores nothing."""
+    import pyarrow as pa
+
+    from abstream.clients.client import arrow_ipc
+    from tests.events import to_table
+    from tests.oracle import Oracle
+
+    events = [{**e, "test_id": "arrow_" + e["test_id"]} for e in random_events(900, seed=8)]
+    events[5]["conversion"] = 7
+    table = to_table(events)
+    compact = pa.ipc.open_stream(arrow_ipc(table.slice(0, 300))).read_all()
+    assert pa.types.is_dictionary(compact.schema.field("variant").type)
+    assert compact.schema.field("conversion").type == pa.int64()  # a 7 in this slice: not narrowed
+    assert pa.ipc.open_stream(arrow_ipc(table.slice(300, 300))).read_all().schema.field("conversion").type == pa.int8()
+    with Client(server.address) as client:
+        acks = client.ingest_table(table, producer_id="arrow-loader", sequence=1, batch_size=300)
+        sizes = [min(300, len(events) - at) for at in range(0, len(events), 300)]
+        assert [(a.accepted, a.rejected) for a in acks] == [(299, 1)] + [(n, 0) for n in sizes[1:]]
+        assert acks[0].rejections[0].field == "conversion" and "got 7" in acks[0].rejections[0].message
+        again = client.ingest_table(table, producer_id="arrow-loader", sequence=1, batch_size=300)
+        assert all(a.duplicate for a in again)
+        oracle = Oracle([e for i, e in enumerate(events) if i != 5])
+        for test_id in {e["test_id"] for e in events}:
+            rows = client.summary(test_id).rows
+            expected = oracle.summary(test_id, None, None)
+            assert [(r.variant, r.metrics.users, r.metrics.events, r.metrics.conversions) for r in rows] == \
+                [(e["variant"], e["users"], e["events"], e["conversions"]) for e in expected]
+
+
 def test_producer_resolves_every_event(server):
     good = {"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "prod", "variant": "variant_a",
             "event_type": "click", "conversion": 1, "revenue": 84.55}

@@ -131,3 +131,77 @@ def test_unreadable_columnar_payloads_fail_the_call_clearly(stub):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timestamp" in caught.value.details()
     # the server is still fine
     assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []
+
+
+def dictionary_encoded(table, seed: int):
+    """The same events with low-cardinality strings dictionary-encoded as producers may send them:
+    narrow indices, several record batches each with its own dictionary (values in a different
+    order, one no row uses), nulls in an optional column."""
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(seed)
+    batches = []
+    for piece in table.to_batches(max_chunksize=max(1, table.num_rows // 3)):
+        arrays = []
+        for name in piece.schema.names:
+            col = piece.column(name)
+            if name in ("test_id", "variant", "event_type", "device", "country"):
+                values = sorted(set(col.to_pylist()) | {"never-used"}, key=lambda _: rng.random())
+                index = {v: i for i, v in enumerate(values)}
+                indices = [None if name == "device" and v == "" else index[v] for v in col.to_pylist()]
+                col = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int8()), pa.array(values))
+            arrays.append(col)
+        batches.append(pa.RecordBatch.from_arrays(arrays, names=piece.schema.names))
+    types = {b.schema for b in batches}
+    assert len(types) == 1
+    return pa.Table.from_batches(batches)
+
+
+def test_dictionary_encoded_batches_store_what_plain_ones_do_and_replay_the_same(tmp_path):
+    from abstream.store import Dimension, SegmentsQuery, SummaryQuery
+    from abstream.store.store import Durability
+    from tests.events import TESTS, random_events
+
+    events = random_events(1500, seed=11)
+    plain = EventStore(seal_rows=200)
+    stored = EventStore(seal_rows=200, durability=Durability(tmp_path))
+    for i in range(0, len(events), 500):
+        table = to_table(events[i:i + 500])
+        plain.append(table)
+        result = stored.append(dictionary_encoded(table, seed=i), producer_id="p", sequence=i + 1)
+        assert result.rejections == []
+
+    def answers(s: EventStore):
+        out = []
+        for test_id in TESTS:
+            r = s.summary(SummaryQuery(test_id))
+            out.append(list(zip(r.variants, r.metrics.rows())))
+            for dim in Dimension:
+                r = s.segments(SegmentsQuery(test_id, dim))
+                out.append(sorted(zip(r.variants, r.segments, r.metrics.rows())))
+        return out, sorted((t.test_id, t.events, t.users) for t in s.list_tests())
+
+    assert answers(stored) == answers(plain)
+    stored.close(final_snapshot=False)  # the restart replays the log: the batches as they arrived
+    restarted = EventStore(seal_rows=200, durability=Durability(tmp_path))
+    assert answers(restarted) == answers(plain)
+    restarted.close()
+
+
+def test_a_columnar_batch_whose_dictionary_indices_point_nowhere_is_invalid_argument(stub):
+    import grpc
+    import pyarrow as pa
+
+    table = pa.table({"timestamp": pa.array([BASE_S], pa.timestamp("s", tz="UTC")), "user_id": ["u"],
+                      "test_id": pa.DictionaryArray.from_arrays(pa.array([0], pa.int8()), pa.array(["t"])),
+                      "variant": ["v"]})
+    corrupt = pa.table({**{n: table.column(n) for n in table.column_names},
+                        "test_id": pa.DictionaryArray.from_arrays(pa.array([9], pa.int8()), pa.array(["t"]), safe=False)})
+    with pytest.raises(pa.ArrowInvalid):
+        corrupt.validate(full=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(corrupt))]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "arrow_ipc" in caught.value.details()
+    assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []
