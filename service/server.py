@@ -65,7 +65,7 @@ def release_free_memory() -> None:
 
 def add_analytics_service(servicer: AnalyticsServicer, server: grpc.aio.Server) -> None:
     """The generated registration, except that IngestEvents requests reach the servicer as bytes
-    (the Decoder parses them, in worker processes when configured)."""
+    (converters.decode_request reads them into columns)."""
     handlers = {}
     for method in analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].methods:
         request = getattr(analytics_pb2, method.input_type.name)
@@ -202,12 +202,23 @@ class AnalyticsServer:
         return self.port
 
     async def _snapshot_when_due(self) -> None:
+        """Every second: a snapshot when one is due, and freed memory handed back to the system
+        once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused)."""
+        seen, trimmed = None, True
         while True:
             await asyncio.sleep(1.0)
+            store = self.holder.get()
             try:
-                await asyncio.to_thread(self.holder.get().maybe_snapshot)
+                await asyncio.to_thread(store.maybe_snapshot)
             except Exception:  # noqa: BLE001 - logged; the next tick tries again
                 log.exception("periodic snapshot failed")
+            count = store.event_count
+            if count != seen:
+                trimmed = False
+            elif not trimmed:  # a second without ingest
+                await asyncio.to_thread(release_free_memory)
+                trimmed = True
+            seen = count
 
     async def stop(self, grace: float | None = None) -> None:
         """Lets open ingest streams finish within the grace period, then writes a final snapshot

@@ -34,6 +34,8 @@ QUARANTINE_DEFAULT_LIMIT = 100
 #: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
 PIPELINE_DEPTH = 8
 QUARANTINE_MAX_LIMIT = 10_000
+#: Longest an ingest step waits for running queries to finish (see _yield_to_queries).
+QUERY_PRIORITY_WAIT_S = 0.05
 
 
 class StoreHolder:
@@ -65,6 +67,9 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         self._rates = RateLimiter()
         self._streams = 0
         self._metrics = metrics or Metrics(None)
+        self._queries = 0
+        self._no_queries = asyncio.Event()
+        self._no_queries.set()
 
     async def IngestEvents(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
@@ -88,6 +93,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             nonlocal cut_short
             try:
                 async for raw in request_iterator:
+                    await self._yield_to_queries()
                     await decoding.put((time.perf_counter(), asyncio.ensure_future(
                         asyncio.to_thread(self._prepare, store, raw, principal))))
                     if self._holder.draining:
@@ -101,7 +107,9 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                 batch = 0
                 while (item := await decoding.get()) is not None:
                     started, prepared = item
-                    result = await asyncio.to_thread(self._apply, store, await prepared, principal)
+                    prepared = await prepared
+                    await self._yield_to_queries()
+                    result = await asyncio.to_thread(self._apply, store, prepared, principal)
                     durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
                     await acking.put((batch, result, durable, started))
                     batch += 1
@@ -124,6 +132,19 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             self._metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
+
+    async def _yield_to_queries(self) -> None:
+        """Ingest waits while queries run, up to QUERY_PRIORITY_WAIT_S per step.
+
+        A query is someone waiting for an answer; a batch is a producer with a buffer. On two
+        cores, a stream ingesting at full speed would otherwise take the core (and the GIL) a
+        query needs and make it several times slower.
+        """
+        if self._queries:
+            try:
+                await asyncio.wait_for(self._no_queries.wait(), QUERY_PRIORITY_WAIT_S)
+            except TimeoutError:
+                pass
 
     @property
     def streams(self) -> int:
@@ -167,9 +188,14 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         if remaining is not None:
             query = dataclasses.replace(query, deadline=time.monotonic() + remaining)
         started = time.perf_counter()
+        self._queries += 1
+        self._no_queries.clear()
         try:
             return await asyncio.to_thread(lambda: respond(run(query)))
         finally:
+            self._queries -= 1
+            if not self._queries:
+                self._no_queries.set()
             self._metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
     async def Summary(self, request: pb.SummaryRequest, context: grpc.aio.ServicerContext) -> pb.SummaryResponse:

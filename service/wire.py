@@ -16,12 +16,13 @@ import numpy as np
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 
 
+#: A varint of k+1 bytes holds values below _VARINT_LIMITS[k].
+_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+
+
 def varint_sizes(values: np.ndarray) -> np.ndarray:
-    v = values.astype(np.uint64)
-    sizes = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 10):
-        sizes += v >= np.uint64(1 << (7 * k))
-    return sizes
+    """Bytes of each value as a varint (negative int64 take 10, as protobuf writes them)."""
+    return np.searchsorted(_VARINT_LIMITS, values.astype(np.uint64), side="right").astype(np.int64) + 1
 
 
 def _put_varint(buf: np.ndarray, at: np.ndarray, values: np.ndarray, sizes: np.ndarray) -> None:

@@ -66,3 +66,36 @@ def pb_stub(channel):
     from abstream.v1 import analytics_pb2_grpc
 
     return analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+
+def test_ingest_yields_to_queries_but_never_stalls(server, stub):
+    """Ingest waits while queries run, at most a moment per batch: under back-to-back queries
+    from two readers, every batch of a stream is still acknowledged and stored."""
+    stop = threading.Event()
+    answered = [0, 0]
+
+    def read(r: int) -> None:
+        for _ in range(100_000):  # bounded; stopped once the writer is done
+            if stop.is_set():
+                return
+            stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=30)
+            answered[r] += 1
+
+    readers = [threading.Thread(target=read, args=(r,)) for r in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        while sum(answered) < 10:
+            time.sleep(0.01)
+        batches = [pb.IngestEventsRequest(events=[to_message(dict(
+            timestamp=(BASE_S + b) * NS, user_id=f"p{b}-{i}", test_id="priority", variant="AB"[i % 2], event_type="e",
+            conversion=0, revenue=0.0, session_id="", device="", country="")) for i in range(50)]) for b in range(40)]
+        acks = list(stub.IngestEvents(iter(batches), timeout=60))
+        still_querying = not stop.is_set() and all(t.is_alive() for t in readers)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert still_querying and [a.accepted for a in acks] == [50] * 40
+    rows = stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=10).rows
+    assert sum(r.metrics.events for r in rows) == 2000
