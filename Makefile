@@ -12,7 +12,7 @@ N      ?= 10000000
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py store/_dictionary.c service/_events.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run --events $(N) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info store/*.so service/*.so
