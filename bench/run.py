@@ -24,7 +24,7 @@ import duckdb
 import grpc
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute as pc
 
 from abstream.clients import arrow_ipc
 from abstream.store import EventStore
@@ -236,8 +236,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
     columnar = ColumnarRequests(table)
     rows = row_requests(table.slice(0, row_events), "rows_")
     sample = table.slice(0, min(n, PLAIN_EVENTS))
-    plain = ColumnarRequests(sample.set_column(sample.schema.get_field_index("test_id"), "test_id", pa.compute.
-                                               binary_join_element_wise("plain_", sample.column("test_id"), "")),
+    prefixed = pc.binary_join_element_wise("plain_", sample.column("test_id"), "")
+    plain = ColumnarRequests(sample.set_column(sample.schema.get_field_index("test_id"), "test_id", prefixed),
                              compact=False)
 
     with tempfile.TemporaryDirectory() as data_dir:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import grpc
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute as pc
 from google.protobuf import json_format
 
 from abstream.store.queries import Metrics, SegmentRow, SummaryRow
@@ -252,7 +252,7 @@ def arrow_ipc(table: pa.Table, compression: str | None = "lz4") -> bytes:
             index_type = pa.int8() if size <= 127 else pa.int16() if size <= 32767 else pa.int32()
             col = pa.DictionaryArray.from_arrays(encoded.indices.cast(index_type), encoded.dictionary.cast(pa.string()))
         elif name == "conversion" and pa.types.is_integer(col.type):
-            low_high = pa.compute.min_max(col).values()
+            low_high = pc.min_max(col).values()
             if all(v.is_valid and 0 <= v.as_py() <= 1 for v in low_high):  # others must reach the server as sent
                 col = col.cast(pa.int8())
         columns[name] = col

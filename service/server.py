@@ -196,12 +196,12 @@ class AnalyticsServer:
             self.metrics_port = self.metrics.serve(self.settings.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0] or "127.0.0.1",
                      self.metrics_port)
-        self._snapshots = asyncio.create_task(self._snapshot_when_due())
+        self._snapshots = asyncio.create_task(self._every_second())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
         return self.port
 
-    async def _snapshot_when_due(self) -> None:
+    async def _every_second(self) -> None:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
         once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused)."""
         seen, trimmed = None, True

@@ -87,8 +87,8 @@ class Part:
         self.num_rows = len(ts)
         self.first_ns, self.last_ns = int(ts[0]), int(ts[-1])
         self._cols = {c: _narrowest(np.asarray(cols[c])) for c in NUMERIC if c not in ("revenue", "timestamp")}
-        seconds = (ts - self.first_ns) // NS_PER_SECOND
         if self.last_ns - self.first_ns < _MAX_OFFSET_NS and not (ts % NS_PER_SECOND).any():
+            seconds = (ts - self.first_ns) // NS_PER_SECOND
             self._ts_base, self._cols["timestamp"] = self.first_ns, seconds.astype(np.uint32)
         else:
             self._ts_base, self._cols["timestamp"] = None, np.ascontiguousarray(ts)

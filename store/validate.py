@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from abstream.store.dictionary import string_buffers
 from abstream.store.errors import InvalidArgument
 from abstream.store.schema import (
     EVENT_SCHEMA,
@@ -83,17 +84,15 @@ def _bad_string_masks(batch: pa.Table) -> dict[str, np.ndarray]:
 
 
 def _lengths(col: pa.ChunkedArray) -> np.ndarray:
-    """Byte length of every string (0 for nulls), read from the offsets when there are no nulls."""
-    if is_dictionary_string(col.type):
-        if col.null_count:
-            return _lengths(col.cast(pa.string()))
-        return np.concatenate([_lengths(pa.chunked_array([c.dictionary]))[c.indices.to_numpy()] for c in col.chunks]
-                              or [np.zeros(0, np.int32)])
-    if col.null_count or col.num_chunks != 1 or col.type != pa.string():
-        return pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-    chunk = col.chunk(0)
-    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
-    return np.diff(offsets)
+    """Byte length of every string (0 for nulls), read from the offsets; a dictionary-encoded
+    column's lengths are its values' lengths, looked up by index."""
+    lengths = []
+    for chunk in col.chunks:
+        if is_dictionary_string(chunk.type) and not chunk.null_count:
+            lengths.append(np.diff(string_buffers(chunk.dictionary)[0])[chunk.indices.to_numpy()])
+        else:
+            lengths.append(np.diff(string_buffers(chunk)[0]))
+    return np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
 
 
 def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]:
