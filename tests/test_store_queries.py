@@ -334,3 +334,33 @@ def test_a_tail_being_sealed_stays_visible_exactly_once():
     assert s._sealing is None and len(s._view.tails) == 1 and s.event_count == 150
     for expected, ours in zip(oracle.summary(TESTS[0], None, None), s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
         assert_metrics_match(ours, expected)
+
+
+def test_a_part_holds_memory_only_for_its_own_rows():
+    """A part sealed from a slice of a larger sorted tail copies its rows (a view would keep the
+    whole tail alive after its siblings merge), and packed strings hold their compressed size,
+    not the codec's worst case."""
+    import numpy as np
+
+    from abstream.store.partition import Part
+
+    n, rows = 200_000, slice(1000, 1500)
+    rng = np.random.default_rng(3)
+    tail = {"timestamp": np.sort(rng.integers(BASE_S, BASE_S + 86400, n)) * NS,
+            "variant": rng.integers(0, 3, n).astype(np.uint16), "user_id": rng.integers(0, 10**6, n).astype(np.int32),
+            "conversion": (rng.random(n) < 0.05).astype(np.uint8), "revenue": rng.random(n),
+            "event_type": rng.integers(0, 4, n).astype(np.uint16), "device": rng.integers(0, 3, n).astype(np.uint16),
+            "country": rng.integers(0, 5, n).astype(np.uint16),
+            "session_id": pa.array([f"session_{i}" for i in rng.integers(0, 10**7, n)])}
+    tail["timestamp"][1200] += 1  # a sub-second timestamp: the part keeps int64 nanoseconds
+    tail["revenue"][::4] = 0  # mostly non-zero: revenue stays dense
+    before = pa.total_allocated_bytes()
+    part = Part({c: a[rows] for c, a in tail.items()})
+    held_by_arrow = pa.total_allocated_bytes() - before
+    for name in ("timestamp", "variant", "user_id", "conversion", "revenue", "event_type", "device", "country"):
+        assert not np.shares_memory(part.column(name), tail[name]), name
+        assert part.column(name).tolist() == tail[name][rows].tolist(), name
+    assert part._ts_base is None and part._revenue_at is None  # the paths that kept views before
+    assert held_by_arrow <= part._strings["session_id"].nbytes
+    assert part._strings["session_id"].nbytes < 500 * 14  # compressed: under the raw bytes
+    assert part.batch().column("session_id").to_pylist() == tail["session_id"][rows].to_pylist()
