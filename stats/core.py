@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import optimize, special
 
 OK = "ok"
 NOT_ENOUGH_DATA = "not_enough_data"  # fewer than two users in an arm
@@ -178,7 +178,7 @@ def srm_p_value(users: list[int] | np.ndarray, weights: list[float] | np.ndarray
         return 1.0
     expected = total * w / w.sum()
     statistic = float(((users - expected) ** 2 / expected).sum())
-    return float(stats.chi2.sf(statistic, k - 1))
+    return float(special.chdtrc(k - 1, statistic))  # scipy.stats.chi2.sf, without its per-call overhead
 
 
 def adjust_p_values(p_values: list[float], method: str = "none") -> list[float]:

@@ -82,12 +82,22 @@ def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_use
             return np.count_nonzero(table, axis=1).astype(np.int64)
         # Row by row: count_nonzero without an axis is a fast popcount; with one it sums bools.
         return np.array([np.count_nonzero(row) for row in table], dtype=np.int64)
-    key = group.astype(np.int64) * n_users + user
+    key = pair_keys(group, user - lo, span, n_groups)
     key.sort()
     first = np.empty(len(key), dtype=bool)
     first[0] = True
     np.not_equal(key[1:], key[:-1], out=first[1:])
-    return np.bincount(key[first] // n_users, minlength=n_groups)
+    return np.bincount(key[first] // span, minlength=n_groups)
+
+
+def pair_keys(group: np.ndarray, offset: np.ndarray, span: int, n_groups: int) -> np.ndarray:
+    """group * span + offset, as uint32 when every key fits: sorting those is ~40% faster than
+    int64 (the sort is most of a Segments query over many segments)."""
+    dtype = np.uint32 if n_groups * span <= 1 << 32 else np.int64
+    key = group.astype(dtype)
+    key *= dtype(span)
+    key += offset.astype(dtype, copy=False)
+    return key
 
 
 def first_bucket_per_key(key: np.ndarray, bucket: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:

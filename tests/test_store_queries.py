@@ -161,9 +161,12 @@ def test_distinct_counts_agree_between_flag_and_sort_paths():
     from abstream.store import kernels
 
     rng = np.random.default_rng(3)
-    for n, n_groups, n_users in [(1, 1, 1), (1000, 3, 50), (5000, 40, 100_000), (20_000, 7, 3_000_000)]:
+    # The last two: keys of exactly 2^32 values (uint32), and of more (int64).
+    for n, n_groups, n_users in [(1, 1, 1), (1000, 3, 50), (5000, 40, 100_000), (20_000, 7, 3_000_000),
+                                 (20_000, 1 << 10, 1 << 22), (20_000, 1 << 10, (1 << 22) + 1)]:
         group = rng.integers(0, n_groups, n)
         user = rng.integers(0, n_users, n)
+        group[:2], user[:2] = n_groups - 1, [0, n_users - 1][:n]  # the whole span, in the last group
         expected = np.array([len(set(user[group == g].tolist())) for g in range(n_groups)])
         assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
         saved = kernels._FLAGS_MAX
