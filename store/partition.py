@@ -15,6 +15,7 @@ view can see.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,8 @@ COLUMNS = STORED_SCHEMA.names
 #: Columns held as numpy arrays; the others (session_id) stay Arrow strings no query reads.
 NUMERIC = [f.name for f in STORED_SCHEMA if not pa.types.is_string(f.type)]
 STRINGS = [f.name for f in STORED_SCHEMA if pa.types.is_string(f.type)]
+#: Numeric columns holding dictionary codes or flags, kept in the narrowest type that fits.
+CODE_COLUMNS = [c for c in NUMERIC if c not in ("timestamp", "revenue")]
 DTYPES = {name: np.dtype(STORED_SCHEMA.field(name).type.to_pandas_dtype()) for name in NUMERIC}
 DTYPES["test"] = np.dtype(np.int32)
 
@@ -38,14 +41,17 @@ def take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Ar
 
 
 class PackedStrings:
-    """A string column no query reads, kept LZ4-compressed: lengths (uint16) and bytes.
+    """A string column no query reads, kept LZ4-compressed in chunks: lengths (uint16) and bytes.
 
     Session ids take ~18 bytes per event as Arrow strings and ~6 packed; they are unpacked only
-    to merge parts or to hand the events out whole.
+    to hand the events out whole, or to merge parts that overlap in time. Parts merged end to
+    end keep their chunks as they are (repacked into one while chunks are small).
     """
 
-    __slots__ = ("length", "_lengths", "_data", "_raw_sizes")
+    __slots__ = ("length", "_chunks")
     CODEC = "lz4"
+    #: Chunks merged end to end are repacked into one while they average fewer raw bytes.
+    REPACK_BELOW = 64 << 10
 
     def __init__(self, values: pa.Array) -> None:
         values = values.cast(pa.string()) if values.type != pa.string() else values
@@ -55,21 +61,32 @@ class PackedStrings:
         data = values.buffers()[2]
         data = pa.py_buffer(b"") if data is None else data.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
         self.length = n
-        self._raw_sizes = (lengths.nbytes, data.size)
         # As bytes: an Arrow buffer from pa.compress keeps the codec's worst-case size allocated.
-        self._lengths = pa.compress(lengths, codec=self.CODEC, asbytes=True)
-        self._data = pa.compress(data, codec=self.CODEC, asbytes=True)
+        self._chunks = ((n, lengths.nbytes, data.size, pa.compress(lengths, codec=self.CODEC, asbytes=True),
+                         pa.compress(data, codec=self.CODEC, asbytes=True)),)
+
+    @classmethod
+    def concat(cls, packs: list[PackedStrings]) -> PackedStrings:
+        chunks = tuple(c for p in packs for c in p._chunks)
+        if sum(c[1] + c[2] for c in chunks) < cls.REPACK_BELOW * len(chunks):
+            return cls(pa.concat_arrays([p.array() for p in packs]))
+        out = cls.__new__(cls)
+        out.length, out._chunks = sum(p.length for p in packs), chunks
+        return out
 
     @property
     def nbytes(self) -> int:
-        return len(self._lengths) + len(self._data)
+        return sum(len(c[3]) + len(c[4]) for c in self._chunks)
 
     def array(self) -> pa.Array:
-        lengths = np.frombuffer(pa.decompress(self._lengths, self._raw_sizes[0], codec=self.CODEC), np.uint16)
-        offsets = np.zeros(self.length + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        data = pa.decompress(self._data, self._raw_sizes[1], codec=self.CODEC)
-        return pa.StringArray.from_buffers(self.length, pa.py_buffer(offsets), data)
+        arrays = [self._unpack(*c) for c in self._chunks]
+        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+
+    @classmethod
+    def _unpack(cls, n: int, lengths_size: int, data_size: int, lengths: bytes, data: bytes) -> pa.Array:
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(np.frombuffer(pa.decompress(lengths, lengths_size, codec=cls.CODEC), np.uint16), out=offsets[1:])
+        return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.decompress(data, data_size, codec=cls.CODEC))
 
 
 class Part:
@@ -87,18 +104,13 @@ class Part:
         ts = np.asarray(cols["timestamp"])
         self.num_rows = len(ts)
         self.first_ns, self.last_ns = int(ts[0]), int(ts[-1])
-        self._cols = {c: _narrowest(np.asarray(cols[c])) for c in NUMERIC if c not in ("revenue", "timestamp")}
+        self._cols = {c: _narrowest(np.asarray(cols[c])) for c in CODE_COLUMNS}
         if self.last_ns - self.first_ns < _MAX_OFFSET_NS and not (ts % NS_PER_SECOND).any():
             seconds = (ts - self.first_ns) // NS_PER_SECOND
             self._ts_base, self._cols["timestamp"] = self.first_ns, seconds.astype(np.uint32)
         else:
             self._ts_base, self._cols["timestamp"] = None, _owned(ts)
-        revenue = np.asarray(cols["revenue"])
-        nonzero = np.flatnonzero(revenue)
-        if len(nonzero) * 12 < revenue.nbytes:
-            self._revenue_at, self._revenue = nonzero.astype(np.int32), revenue[nonzero]
-        else:
-            self._revenue_at, self._revenue = None, _owned(revenue)
+        self._revenue_at, self._revenue = _revenue_columns(np.asarray(cols["revenue"]))
         self._strings = {c: PackedStrings(cols[c]) for c in STRINGS}
 
     @classmethod
@@ -108,11 +120,42 @@ class Part:
 
     @classmethod
     def merge(cls, parts: list[Part]) -> Part:
+        if all(a.last_ns <= b.first_ns for a, b in zip(parts, parts[1:])):
+            return cls._end_to_end(parts)
         # Stable sort of concatenated sorted runs: timsort finds the runs, so this is ~linear.
         cols: dict[str, np.ndarray | pa.Array] = {c: np.concatenate([p.column(c) for p in parts]) for c in NUMERIC}
         for c in STRINGS:
             cols[c] = pa.concat_arrays([p._strings[c].array() for p in parts])
         return cls.sorted_from(cols)
+
+    @classmethod
+    def _end_to_end(cls, parts: list[Part]) -> Part:
+        """Parts in time order, one after the other (as a live stream seals them): the merged part
+        is their concatenation, with no sort, no widening of compacted columns and no unpacking
+        of strings. Equal to sorting them, whose stable order on ties is this one."""
+        part = cls.__new__(cls)
+        part.num_rows = sum(p.num_rows for p in parts)
+        part.first_ns, part.last_ns = parts[0].first_ns, parts[-1].last_ns
+        part._cols = {}
+        for c in parts[0]._cols:
+            if c != "timestamp":
+                same = len({p._cols[c].dtype for p in parts}) == 1
+                part._cols[c] = _narrowest(np.concatenate([p._cols[c] if same else p.column(c) for p in parts]))
+        if all(p._ts_base is not None for p in parts) and part.last_ns - part.first_ns < _MAX_OFFSET_NS:
+            part._ts_base = part.first_ns
+            part._cols["timestamp"] = np.concatenate(
+                [p._cols["timestamp"] + np.uint32((p._ts_base - part.first_ns) // NS_PER_SECOND) for p in parts])
+        else:
+            part._ts_base = None
+            part._cols["timestamp"] = np.concatenate([p.column("timestamp") for p in parts])
+        if all(p._revenue_at is not None for p in parts):
+            starts = np.cumsum([0] + [p.num_rows for p in parts[:-1]]).tolist()
+            part._revenue_at = np.concatenate([p._revenue_at + np.int32(lo) for p, lo in zip(parts, starts)])
+            part._revenue = np.concatenate([p._revenue for p in parts])
+        else:
+            part._revenue_at, part._revenue = _revenue_columns(np.concatenate([p.column("revenue") for p in parts]))
+        part._strings = {c: PackedStrings.concat([p._strings[c] for p in parts]) for c in STRINGS}
+        return part
 
     @property
     def nbytes(self) -> int:
@@ -159,17 +202,49 @@ class Part:
 _MAX_OFFSET_NS = (1 << 32) * NS_PER_SECOND
 
 
-def _narrowest(codes: np.ndarray) -> np.ndarray:
+def _revenue_columns(revenue: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(positions, values) of the nonzero revenues when that is smaller, else (None, dense)."""
+    nonzero = np.flatnonzero(revenue)
+    if len(nonzero) * 12 < revenue.nbytes:
+        return nonzero.astype(np.int32), revenue[nonzero]
+    return None, _owned(revenue)
+
+
+def _narrowed(codes: np.ndarray) -> np.ndarray:
     """Codes as uint8 when they all fit (most dimensions have a handful of values)."""
     if codes.dtype.itemsize > 1 and len(codes) and int(codes.max()) < 256 and int(codes.min()) >= 0:
         return codes.astype(np.uint8)
-    return _owned(codes)
+    return codes
+
+
+def _narrowest(codes: np.ndarray) -> np.ndarray:
+    return _owned(_narrowed(codes))
 
 
 def _owned(values: np.ndarray) -> np.ndarray:
     """`values` in an array of its own: a part sealed from a slice of the tail's sorted columns
     must not keep the whole sorted tail alive (that was 5 bytes per event at 10M events)."""
     return values if values.base is None and values.flags.c_contiguous else values.copy()
+
+
+def split_by_test(test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array], wide_keys: bool = False
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray | pa.Array]]]:
+    """(test code, its rows sorted by timestamp, in arrays of their own) for each test of a tail."""
+    # One permutation for every column: by time (a near-sorted stream makes this timsort
+    # cheap), then stably by test (16-bit keys, the usual case, take numpy's radix sort).
+    by_time = np.argsort(cols["timestamp"], kind="stable")
+    keys = test_codes[by_time]
+    order = by_time[np.argsort(keys if wide_keys else keys.astype(np.uint16), kind="stable")]
+    test_codes = test_codes[order]
+    bounds = (np.flatnonzero(np.diff(test_codes)) + 1).tolist()
+    # Codes narrowed once for the whole tail, not per test; each test's numbers gathered into
+    # arrays of their own. Strings are gathered once: a part packs (copies) its slice.
+    numbers = {c: _narrowed(cols[c]) if c in CODE_COLUMNS else cols[c] for c in NUMERIC}
+    strings = {c: take(cols[c], order) for c in STRINGS}
+    for lo, hi in zip([0, *bounds], [*bounds, len(test_codes)]):
+        rows = order[lo:hi]
+        yield int(test_codes[lo]), {**{c: a[rows] for c, a in numbers.items()},
+                                    **{c: a.slice(lo, hi - lo) for c, a in strings.items()}}
 
 
 #: A test's parts are merged like the digits of a base-4 counter: when the newest 4 parts are of
@@ -245,8 +320,11 @@ def add_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
 class Tail:
     """The newest events of every test, unsorted, in arrival order. Callers serialize writes."""
 
-    def __init__(self) -> None:
-        self._cols = {c: np.empty(4096, dtype=DTYPES[c]) for c in ["test", *NUMERIC]}
+    def __init__(self, capacity: int = 4096) -> None:
+        # Room for a whole tail up front (pages are only touched as rows arrive): growing by
+        # doubling from small copied every row about twice more.
+        self._capacity = capacity
+        self._cols = {c: np.empty(capacity, dtype=DTYPES[c]) for c in ["test", *NUMERIC]}
         self._strings: dict[str, list[pa.Array]] = {c: [] for c in STRINGS}
         self.rows = 0
 
@@ -256,8 +334,10 @@ class Tail:
         if end > capacity:
             # A new array: views already published keep the old one, which is never written again.
             size = max(end, 2 * capacity)
-            self._cols = {c: np.concatenate([a[: self.rows], np.empty(size - self.rows, a.dtype)])
-                          for c, a in self._cols.items()}
+            grown = {c: np.empty(size, a.dtype) for c, a in self._cols.items()}
+            for c, a in self._cols.items():
+                grown[c][: self.rows] = a[: self.rows]  # only the rows: the rest stays untouched
+            self._cols = grown
         self._cols["test"][self.rows:end] = test_codes
         for c in NUMERIC:
             self._cols[c][self.rows:end] = cols[c]
@@ -280,7 +360,7 @@ class Tail:
         cols: dict[str, np.ndarray | pa.Array] = {c: a[: self.rows] for c, a in self._cols.items()}
         for c, chunks in self._strings.items():
             cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
-        self.__init__()
+        self.__init__(self._capacity)
         return cols.pop("test"), cols
 
 

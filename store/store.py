@@ -19,7 +19,7 @@ import pyarrow as pa
 from abstream.store import analysis, kernels, persist
 from abstream.store.dictionary import Dictionary
 from abstream.store.errors import DeadlineExceeded, InvalidArgument, StoreError
-from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, take
+from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, split_by_test, take
 from abstream.store.queries import (
     Filters,
     MetricColumns,
@@ -129,22 +129,18 @@ class EventStore:
     """
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
-                 clock: Callable[[], int] = time.time_ns, on_seal: Callable[[], None] | None = None,
-                 durability: Durability | None = None) -> None:
-        """`on_seal` runs after the tail is sealed into parts, when much memory was just freed.
-
-        With `durability`, the store first recovers from its data directory (newest readable
+                 clock: Callable[[], int] = time.time_ns, durability: Durability | None = None) -> None:
+        """With `durability`, the store first recovers from its data directory (newest readable
         snapshot, then the log after it) and logs every batch before acknowledging it.
         """
         self._seal_rows = seal_rows
-        self._on_seal = on_seal
         self._clock = clock
         self._lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
         self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                        for name, t in CODE_TYPES.items()}
-        self._tail = Tail()
+        self._tail = Tail(min(seal_rows, 1 << 22))
         self._partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
         self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
@@ -302,25 +298,13 @@ class EventStore:
 
     def _seal(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
-        # One permutation for every column: by time (a near-sorted stream makes this timsort
-        # cheap), then stably by test (16-bit keys, the usual case, take numpy's radix sort).
-        by_time = np.argsort(cols["timestamp"], kind="stable")
-        keys = test_codes[by_time]
-        keys = keys.astype(np.uint16) if len(self._tests) <= 1 << 16 else keys
-        order = by_time[np.argsort(keys, kind="stable")]
-        test_codes = test_codes[order]
-        cols = {c: take(cols[c], order) for c in COLUMNS}
-        bounds = np.flatnonzero(np.diff(test_codes)) + 1
         partitions = dict(self._partitions)
-        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(test_codes)]):
-            code = int(test_codes[lo])
-            partitions[code] = partitions.get(code, PartitionView()).with_rows({c: a[lo:hi] for c, a in cols.items()})
+        for code, rows in split_by_test(test_codes, cols, wide_keys=len(self._tests) > 1 << 16):
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows)
         with self._view_lock:
             # The tail views appends published stay valid: only the sealed rows move.
             self._partitions, self._sealing = partitions, None
             self._view = StoreView(partitions, self._view.tails[-1:])
-        if self._on_seal is not None:
-            self._on_seal()
 
     # ---- durability ---------------------------------------------------------------------
 
