@@ -238,6 +238,8 @@ class EventStore:
         codes = {name: d.encode(good.column(name)) for name, d in self._dicts.items()}
         full = np.zeros(good.num_rows, dtype=bool)
         for name, c in codes.items():
+            if len(c) == 0 or c.min() >= 0:  # the usual case: nothing overflowed
+                continue
             overflow = c < 0
             for j in np.flatnonzero(overflow & ~full).tolist():
                 rejections.append(Rejection(int(good_index[j]), name, f"{name} has reached its limit of "
@@ -255,7 +257,7 @@ class EventStore:
             kept = np.flatnonzero(~full)
             test_codes, cols = test_codes[kept], {c: take(a, kept) for c, a in cols.items()}
         rejections.sort(key=lambda r: r.index)
-        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64()))
+        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64())) if rejections else batch.slice(0, 0)
         return test_codes, cols, rejected
 
     def _apply(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array], rejected: pa.Table,
