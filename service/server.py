@@ -239,6 +239,7 @@ class AnalyticsServer:
         while self._analytics.streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self._server.stop(max(deadline - loop.time(), 0.0))
+        self._analytics.close()
         if self.holder.store is not None:
             await asyncio.to_thread(self.holder.store.close)
         self.metrics.close()
