@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from abstream.store import _kernels
+
 _INT64_SAFE = 1 << 62
 
 
@@ -83,11 +85,20 @@ def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_use
         # Row by row: count_nonzero without an axis is a fast popcount; with one it sums bools.
         return np.array([np.count_nonzero(row) for row in table], dtype=np.int64)
     key = pair_keys(group, user - lo, span, n_groups)
-    key.sort()
+    sort_keys(key)
     first = np.empty(len(key), dtype=bool)
     first[0] = True
     np.not_equal(key[1:], key[:-1], out=first[1:])
     return np.bincount(key[first] // span, minlength=n_groups)
+
+
+def sort_keys(keys: np.ndarray) -> None:
+    """Sorts non-negative integer keys in place: a radix sort in C (`_kernels.c`), several
+    times faster than numpy's sort on these machines, for the 32- and 64-bit keys here."""
+    if keys.dtype in (np.uint32, np.uint64, np.int64, np.int32) and keys.flags.c_contiguous and keys.flags.writeable:
+        _kernels.sort_unsigned(keys)
+    else:
+        keys.sort()
 
 
 def pair_keys(group: np.ndarray, offset: np.ndarray, span: int, n_groups: int) -> np.ndarray:
@@ -107,7 +118,7 @@ def first_bucket_per_key(key: np.ndarray, bucket: np.ndarray, n_buckets: int) ->
         return empty, empty
     if (int(key.max()) + 1) * n_buckets < _INT64_SAFE:
         combined = key.astype(np.int64) * n_buckets + bucket
-        combined.sort()
+        sort_keys(combined)
         keys, buckets = np.divmod(combined, n_buckets)
     else:
         order = np.lexsort((bucket, key))
