@@ -95,15 +95,16 @@ def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, re
                  n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
     """Moments of the per-user metrics per group, from the rows that carry a value only."""
     users = totals["users"]
-    converting = conversion.astype(bool)
-    paying = revenue != 0
+    # Indices of the few rows that qualify (found in a bool mask, the fast case of nonzero).
+    converting = np.flatnonzero(conversion.astype(bool))
+    paying = np.flatnonzero(revenue != 0)
     sums = {"conversion": totals["converted_users"], "revenue_per_user": totals["total_revenue"],
             "conversions_per_user": totals["conversions"]}
     m2 = {
         "revenue_per_user": kernels.centered_user_m2(group[paying], user[paying], revenue[paying], n_users_total,
                                                      users, totals["total_revenue"].astype(np.float64)),
         "conversions_per_user": kernels.centered_user_m2(
-            group[converting], user[converting], np.ones(int(converting.sum())), n_users_total, users,
+            group[converting], user[converting], np.ones(len(converting)), n_users_total, users,
             totals["conversions"].astype(np.float64)),
     }
     return UserMoments(users, sums, m2)

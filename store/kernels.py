@@ -101,6 +101,20 @@ def sort_keys(keys: np.ndarray) -> None:
         keys.sort()
 
 
+def sorted_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys sorted, the stable permutation that sorts them) for non-negative int64 keys: each
+    key's row number rides in its low bits through `sort_keys` when both fit in 63 bits, which
+    is faster than numpy's stable argsort."""
+    row_bits = max(len(keys) - 1, 1).bit_length()
+    if len(keys) == 0 or int(keys.max()) >= 1 << (63 - row_bits):
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+    packed = keys.astype(np.int64) << row_bits
+    packed |= np.arange(len(keys), dtype=np.int64)
+    sort_keys(packed)
+    return packed >> row_bits, packed & ((1 << row_bits) - 1)
+
+
 def pair_keys(group: np.ndarray, offset: np.ndarray, span: int, n_groups: int) -> np.ndarray:
     """group * span + offset, as uint32 when every key fits: sorting those is ~40% faster than
     int64 (the sort is most of a Segments query over many segments)."""
@@ -134,13 +148,14 @@ def group_totals(
     n_groups: int, n_users: int,
 ) -> dict[str, np.ndarray]:
     """Events, conversions, revenue, distinct users and distinct converted users per group."""
-    converted = conversion.astype(bool)
+    converted = np.flatnonzero(conversion.astype(bool))  # indices: few rows convert, and taking is cheaper
+    converted_group = group[converted]
     return {
         "events": np.bincount(group, minlength=n_groups),
-        "conversions": np.bincount(group[converted], minlength=n_groups),
+        "conversions": np.bincount(converted_group, minlength=n_groups),
         "total_revenue": np.bincount(group, weights=revenue, minlength=n_groups),
         "users": distinct_per_group(group, user, n_groups, n_users),
-        "converted_users": distinct_per_group(group[converted], user[converted], n_groups, n_users),
+        "converted_users": distinct_per_group(converted_group, user[converted], n_groups, n_users),
     }
 
 
@@ -192,8 +207,7 @@ def centered_user_m2(group: np.ndarray, user: np.ndarray, value: np.ndarray, n_u
     if len(group) == 0:
         return users * mean * mean
     key = group.astype(np.int64) * max(n_users_total, 1) + user
-    order = np.argsort(key, kind="stable")
-    key = key[order]
+    key, order = sorted_with_order(key)
     starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
     x = np.add.reduceat(value[order].astype(np.float64), starts)
     g = key[starts] // max(n_users_total, 1)

@@ -436,3 +436,18 @@ def test_radix_sort_orders_keys_like_numpy():
         expected = np.sort(keys)
         kernels.sort_keys(keys)
         assert np.array_equal(keys, expected) and keys.dtype == expected.dtype
+
+
+def test_sorted_with_order_is_numpys_stable_argsort():
+    """Row numbers packed under the keys give the stable order (ties keep row order); keys too
+    large to share 63 bits with them take numpy's argsort."""
+    import numpy as np
+
+    from abstream.store import kernels
+
+    rng = np.random.default_rng(9)
+    for keys in [np.zeros(0, np.int64), np.array([3], np.int64), rng.integers(0, 50, 10_000),
+                 rng.integers(0, 2**40, 30_000), rng.integers(2**55, 2**62, 1000)]:
+        order = np.argsort(keys, kind="stable")
+        got_keys, got_order = kernels.sorted_with_order(keys)
+        assert np.array_equal(got_order, order) and np.array_equal(got_keys, keys[order])
