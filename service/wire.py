@@ -27,11 +27,16 @@ def varint_sizes(values: np.ndarray) -> np.ndarray:
 
 def _put_varint(buf: np.ndarray, at: np.ndarray, values: np.ndarray, sizes: np.ndarray) -> None:
     v = values.astype(np.uint64)
-    for k in range(int(sizes.max(initial=1))):
-        rows = sizes > k
-        byte = (v[rows] >> np.uint64(7 * k)) & np.uint64(0x7F)
-        more = sizes[rows] > k + 1
-        buf[at[rows] + k] = (byte | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    width = int(sizes.max(initial=1))
+    if width == 1:  # the usual case for lengths and small counts
+        buf[at] = v.astype(np.uint8)
+        return
+    # Every row's bytes at once, as an (n, width) table of which each row keeps its first sizes[i].
+    k = np.arange(width, dtype=np.uint64)
+    groups = (v[:, None] >> (np.uint64(7) * k)) & np.uint64(0x7F)
+    groups |= (k < (sizes[:, None] - 1).astype(np.uint64)).astype(np.uint64) << np.uint64(7)
+    keep = k < sizes[:, None].astype(np.uint64)
+    buf[(at[:, None] + k.astype(np.int64))[keep]] = groups[keep].astype(np.uint8)
 
 
 @dataclass
@@ -40,12 +45,16 @@ class Message:
 
     fields: list[tuple[int, str, object]]
     n: int
+    _sizes: np.ndarray | None = None
 
     def sizes(self) -> np.ndarray:
-        total = np.zeros(self.n, dtype=np.int64)
-        for number, kind, values in self.fields:
-            total += _field_size(number, kind, values, self.n)
-        return total
+        """Bytes of each row (computed once: writing an enclosing message asks again)."""
+        if self._sizes is None:
+            total = np.zeros(self.n, dtype=np.int64)
+            for number, kind, values in self.fields:
+                total += _field_size(number, kind, values, self.n)
+            self._sizes = total
+        return self._sizes
 
     def write(self, buf: np.ndarray, at: np.ndarray) -> None:
         at = at.copy()
@@ -73,18 +82,22 @@ def _field_size(number: int, kind: str, values, n: int) -> np.ndarray:
 
 def _write_field(buf: np.ndarray, at: np.ndarray, number: int, kind: str, values, n: int) -> np.ndarray:
     wire = {"varint": _VARINT, "double": _FIXED64}.get(kind, _LEN)
-    tag = np.full(n, _tag(number, wire), dtype=np.uint64)
-    tag_sizes = varint_sizes(tag)
-    _put_varint(buf, at, tag, tag_sizes)
+    tag = _tag(number, wire)
+    if tag < 0x80:  # field numbers below 16: a one-byte tag, the same in every row
+        buf[at] = tag
+        tag_sizes = 1
+    else:
+        tags = np.full(n, tag, dtype=np.uint64)
+        tag_sizes = varint_sizes(tags)
+        _put_varint(buf, at, tags, tag_sizes)
     at = at + tag_sizes
     if kind == "varint":
         sizes = varint_sizes(values)
         _put_varint(buf, at, values, sizes)
         return tag_sizes + sizes
     if kind == "double":
-        raw = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(n, 8)
-        for k in range(8):
-            buf[at + k] = raw[:, k]
+        raw = np.ascontiguousarray(values, dtype="<f8").view(np.uint8)
+        buf[(at[:, None] + np.arange(8)).ravel()] = raw
         return tag_sizes + 8
     if kind == "string":
         table, index = values

@@ -56,3 +56,11 @@ def test_timeseries_rows_including_negative_and_fractional_instants():
 def test_empty_results():
     empty = MetricColumns(*(np.zeros(0, dtype=np.int64) for _ in range(5)))
     assert list(converters.summary_response(SummaryResult("t", [], empty, QueryStats(0, 0))).rows) == []
+
+
+def test_field_numbers_from_16_take_two_byte_tags():
+    from abstream.service import wire
+
+    rows = wire.Message([(20, "varint", np.array([1, 300], dtype=np.int64))], 2)
+    # field 1 (length-delimited) holding field 20 (varint): tag 20 << 3 = 160 = A0 01
+    assert wire.encode_repeated(1, rows) == bytes.fromhex("0a03a00101" "0a04a001ac02")
