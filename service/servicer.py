@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         self._streams = 0
         self._metrics = metrics or Metrics(None)
         self._queries = 0
-        self._no_queries = asyncio.Event()
+        self._no_queries = threading.Event()
         self._no_queries.set()
         # One thread prepares batches and one applies them, for every stream: with a thread per
         # step from the shared pool, up to 8 prepares per stream fought over the GIL (hundreds of
@@ -106,7 +107,6 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             nonlocal cut_short
             try:
                 async for raw in request_iterator:
-                    await self._yield_to_queries()
                     await decoding.put((time.perf_counter(), asyncio.ensure_future(
                         _in_thread(self._preparing, self._prepare, store, raw, principal))))
                     if self._holder.draining:
@@ -121,7 +121,6 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                 while (item := await decoding.get()) is not None:
                     started, prepared = item
                     prepared = await prepared
-                    await self._yield_to_queries()
                     result = await _in_thread(self._applying, self._apply, store, prepared, principal)
                     durable = asyncio.ensure_future(asyncio.to_thread(store.commit, result))
                     await acking.put((batch, result, durable, started))
@@ -146,18 +145,16 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    async def _yield_to_queries(self) -> None:
-        """Ingest waits while queries run, up to QUERY_PRIORITY_WAIT_S per step.
+    def _yield_to_queries(self) -> None:
+        """Ingest waits while queries run, up to QUERY_PRIORITY_WAIT_S per step (in the ingest
+        threads, at the start of preparing and of applying each batch).
 
         A query is someone waiting for an answer; a batch is a producer with a buffer. On two
         cores, a stream ingesting at full speed would otherwise take the core (and the GIL) a
         query needs and make it several times slower.
         """
         if self._queries:
-            try:
-                await asyncio.wait_for(self._no_queries.wait(), QUERY_PRIORITY_WAIT_S)
-            except TimeoutError:
-                pass
+            self._no_queries.wait(QUERY_PRIORITY_WAIT_S)
 
     @property
     def streams(self) -> int:
@@ -171,6 +168,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
 
     def _prepare(self, store: EventStore, raw: bytes, principal: Principal) -> PreparedBatch:
         """Reads and checks one request (beside the previous batch being applied)."""
+        self._yield_to_queries()
         batch = converters.decode_request(raw)
         table, limit = batch.table, self._limits.max_batch_events
         if table.num_rows > limit:
@@ -187,6 +185,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         return store.prepare(table, batch.producer_id, batch.sequence, refuse, batch.ipc)
 
     def _apply(self, store: EventStore, prepared: PreparedBatch, principal: Principal) -> IngestResult:
+        self._yield_to_queries()
         limits = self._limits
         if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
             raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
