@@ -64,7 +64,7 @@ _FLAGS_MAX = 1 << 27
 _FLAGS_PER_EVENT = 64
 
 
-def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, n_users: int) -> np.ndarray:
+def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int) -> np.ndarray:
     """Distinct users per group (int64[n_groups]).
 
     Few groups: set a flag per (group, user) in a dense table and count them. Otherwise sort
@@ -145,7 +145,7 @@ def first_bucket_per_key(key: np.ndarray, bucket: np.ndarray, n_buckets: int) ->
 
 def group_totals(
     group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,
-    n_groups: int, n_users: int,
+    n_groups: int,
 ) -> dict[str, np.ndarray]:
     """Events, conversions, revenue, distinct users and distinct converted users per group."""
     converted = np.flatnonzero(conversion.astype(bool))  # indices: few rows convert, and taking is cheaper
@@ -154,8 +154,8 @@ def group_totals(
         "events": np.bincount(group, minlength=n_groups),
         "conversions": np.bincount(converted_group, minlength=n_groups),
         "total_revenue": np.bincount(group, weights=revenue, minlength=n_groups),
-        "users": distinct_per_group(group, user, n_groups, n_users),
-        "converted_users": distinct_per_group(converted_group, user[converted], n_groups, n_users),
+        "users": distinct_per_group(group, user, n_groups),
+        "converted_users": distinct_per_group(converted_group, user[converted], n_groups),
     }
 
 

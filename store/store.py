@@ -140,7 +140,7 @@ class EventStore:
         self._tests = Dictionary(capacity=np.iinfo(np.int32).max)
         self._dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                        for name, t in CODE_TYPES.items()}
-        self._tail = Tail(min(seal_rows, 1 << 22))
+        self._tail = Tail(min(seal_rows, 1 << 22))  # a tail's room up front, within reason
         self._partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
         self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
@@ -448,7 +448,7 @@ class EventStore:
         _in_time(q.deadline)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
-                                      len(variant_codes), self._n_users())
+                                      len(variant_codes))
         variants = self._dicts["variant"].decode(variant_codes)
         _in_time(q.deadline)
         moments = analysis.user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
@@ -474,7 +474,7 @@ class EventStore:
         segment_id, segment_codes = self._rank(dim, cols[dim])
         n_seg = len(segment_codes)
         totals = kernels.group_totals(variant_id * n_seg + segment_id, cols["user_id"], cols["conversion"],
-                                      cols["revenue"], len(variant_codes) * n_seg, self._n_users())
+                                      cols["revenue"], len(variant_codes) * n_seg)
         keep = np.flatnonzero(totals["events"])
         metrics = MetricColumns(**totals).take(keep)
         v, s = np.divmod(keep, max(n_seg, 1))
@@ -517,7 +517,7 @@ class EventStore:
             totals = {name: a.reshape(-1) for name, a in totals.items()}
         else:
             totals = kernels.group_totals(bucket_id * n_v + variant_id, cols["user_id"], cols["conversion"],
-                                          cols["revenue"], n_b * n_v, self._n_users())
+                                          cols["revenue"], n_b * n_v)
         keep = np.flatnonzero(totals["events"])
         b, v = np.divmod(keep, max(n_v, 1))
         return TimeseriesResult(

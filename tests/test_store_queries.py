@@ -168,11 +168,11 @@ def test_distinct_counts_agree_between_flag_and_sort_paths():
         user = rng.integers(0, n_users, n)
         group[:2], user[:2] = n_groups - 1, [0, n_users - 1][:n]  # the whole span, in the last group
         expected = np.array([len(set(user[group == g].tolist())) for g in range(n_groups)])
-        assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
+        assert np.array_equal(kernels.distinct_per_group(group, user, n_groups), expected)
         saved = kernels._FLAGS_MAX
         try:
             kernels._FLAGS_MAX = 0  # force the sort path
-            assert np.array_equal(kernels.distinct_per_group(group, user, n_groups, n_users), expected)
+            assert np.array_equal(kernels.distinct_per_group(group, user, n_groups), expected)
         finally:
             kernels._FLAGS_MAX = saved
 
