@@ -169,10 +169,15 @@ def fresh_ingest(requests) -> dict:
             server.stop()
 
 
-def median_ingest(address: str, requests, streams: int, runs: int = 3) -> dict:
-    """The run with the median rate of `runs` (the same batches again: stored again, untagged)."""
-    results = sorted((timed_ingest(address, requests, streams) for _ in range(runs)), key=lambda r: r["events_per_s"])
+def median_run(results: list[dict]) -> dict:
+    """The run with the median rate, with every run's rate beside it."""
+    results = sorted(results, key=lambda r: r["events_per_s"])
     return {**results[len(results) // 2], "runs_events_per_s": [r["events_per_s"] for r in results]}
+
+
+def median_ingest(address: str, requests, streams: int, runs: int = 3) -> dict:
+    """The median of `runs` runs (the same batches again: stored again, untagged)."""
+    return median_run([timed_ingest(address, requests, streams) for _ in range(runs)])
 
 
 def _background_ingest(address: str, requests: list[bytes], seconds: float, counter) -> None:
@@ -258,9 +263,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
         server = ServerProcess(data_dir)
         try:
             rss_before = server.rss_bytes()
-            last = timed_ingest(server.address, columnar, 1)
-            runs = sorted([*extra, last], key=lambda r: r["events_per_s"])
-            report["ingest_columnar"] = {**runs[len(runs) // 2], "runs_events_per_s": [r["events_per_s"] for r in runs]}
+            report["ingest_columnar"] = median_run([*extra, timed_ingest(server.address, columnar, 1)])
             report["memory"] = {"rss_before": rss_before, "rss_at_last_ack": server.rss_bytes()}
             time.sleep(SETTLE_SECONDS)  # the server hands freed pages back after a quiet second
             report["memory"]["rss_after"] = server.rss_bytes()

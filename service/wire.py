@@ -8,7 +8,7 @@ varint, a double, a length-prefixed string (from a small table) or a nested mess
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -45,7 +45,7 @@ class Message:
 
     fields: list[tuple[int, str, object]]
     n: int
-    _sizes: np.ndarray | None = None
+    _sizes: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def sizes(self) -> np.ndarray:
         """Bytes of each row (computed once: writing an enclosing message asks again)."""

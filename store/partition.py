@@ -15,7 +15,7 @@ view can see.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,16 @@ def take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Ar
     return values.take(pa.array(index, type=pa.int64()))
 
 
+class _Chunk(NamedTuple):
+    """Rows of a packed string column: LZ4 lengths (uint16) and bytes, and their raw sizes."""
+
+    rows: int
+    lengths_size: int
+    data_size: int
+    lengths: bytes
+    data: bytes
+
+
 class PackedStrings:
     """A string column no query reads, kept LZ4-compressed in chunks: lengths (uint16) and bytes.
 
@@ -62,13 +72,13 @@ class PackedStrings:
         data = pa.py_buffer(b"") if data is None else data.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
         self.length = n
         # As bytes: an Arrow buffer from pa.compress keeps the codec's worst-case size allocated.
-        self._chunks = ((n, lengths.nbytes, data.size, pa.compress(lengths, codec=self.CODEC, asbytes=True),
-                         pa.compress(data, codec=self.CODEC, asbytes=True)),)
+        self._chunks = (_Chunk(n, lengths.nbytes, data.size, pa.compress(lengths, codec=self.CODEC, asbytes=True),
+                               pa.compress(data, codec=self.CODEC, asbytes=True)),)
 
     @classmethod
     def concat(cls, packs: list[PackedStrings]) -> PackedStrings:
         chunks = tuple(c for p in packs for c in p._chunks)
-        if sum(c[1] + c[2] for c in chunks) < cls.REPACK_BELOW * len(chunks):
+        if sum(c.lengths_size + c.data_size for c in chunks) < cls.REPACK_BELOW * len(chunks):
             return cls(pa.concat_arrays([p.array() for p in packs]))
         out = cls.__new__(cls)
         out.length, out._chunks = sum(p.length for p in packs), chunks
@@ -76,17 +86,19 @@ class PackedStrings:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(c[3]) + len(c[4]) for c in self._chunks)
+        return sum(len(c.lengths) + len(c.data) for c in self._chunks)
 
     def array(self) -> pa.Array:
-        arrays = [self._unpack(*c) for c in self._chunks]
+        arrays = [self._unpack(c) for c in self._chunks]
         return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
     @classmethod
-    def _unpack(cls, n: int, lengths_size: int, data_size: int, lengths: bytes, data: bytes) -> pa.Array:
-        offsets = np.zeros(n + 1, dtype=np.int32)
-        np.cumsum(np.frombuffer(pa.decompress(lengths, lengths_size, codec=cls.CODEC), np.uint16), out=offsets[1:])
-        return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.decompress(data, data_size, codec=cls.CODEC))
+    def _unpack(cls, c: _Chunk) -> pa.Array:
+        offsets = np.zeros(c.rows + 1, dtype=np.int32)
+        np.cumsum(np.frombuffer(pa.decompress(c.lengths, c.lengths_size, codec=cls.CODEC), np.uint16),
+                  out=offsets[1:])
+        return pa.StringArray.from_buffers(c.rows, pa.py_buffer(offsets),
+                                           pa.decompress(c.data, c.data_size, codec=cls.CODEC))
 
 
 class Part:
