@@ -28,16 +28,15 @@ from abstream.store import (
     TimeseriesQuery,
     TimeseriesResult,
 )
+from abstream.store import ipc
 from abstream.store.queries import MetricColumns, QueryStats
-from abstream.store.validate import normalize
+from abstream.store.schema import MAX_EVENT_BYTES, MAX_STRING_BYTES, Rejection
+from abstream.store.validate import normalize, too_long
 from abstream.v1 import analytics_pb2 as pb
 
 _NS = 1_000_000_000
 # Seconds that still fit in int64 nanoseconds; anything beyond is out of the accepted window anyway.
 _MAX_SECONDS = 9_000_000_000
-
-#: Event's string fields in the order `_events.decode` returns them.
-_EVENT_STRINGS = ("user_id", "test_id", "variant", "event_type", "session_id", "device", "country")
 
 DIMENSIONS = {
     pb.DIMENSION_DEVICE: Dimension.DEVICE,
@@ -54,63 +53,102 @@ INTERVALS = {
 
 # ---- ingest ------------------------------------------------------------------------------
 
+#: Event's string fields, in field order (as `_events.decode` returns them).
+EVENT_STRINGS = tuple(f.name for f in pb.Event.DESCRIPTOR.fields if f.type == f.TYPE_STRING)
+
+
+def _numbers(descriptor) -> dict[str, int]:
+    return {f.name: f.number for f in descriptor.fields}
+
+
+_events.configure(_numbers(pb.IngestEventsRequest.DESCRIPTOR),
+                  {**_numbers(pb.Event.DESCRIPTOR),
+                   "strings": [pb.Event.DESCRIPTOR.fields_by_name[name].number for name in EVENT_STRINGS]},
+                  _numbers(timestamp_pb2.Timestamp.DESCRIPTOR))
+
+
 @dataclass(frozen=True)
 class IngestBatch:
     """A decoded IngestEvents request: its events, who sent it, and events refused while reading
-    (a string that is not UTF-8), as the store's `refuse` entries."""
+    (a string that is not UTF-8 or too long to copy), as the store's `refuse` entries."""
 
     table: pa.Table
     producer_id: str
     sequence: int
-    refuse: list[tuple[np.ndarray, str, str]]
+    refuse: list[Rejection]
     ipc: pa.Buffer | None  # the Arrow IPC stream the whole batch was read from, if it was
 
 
-def decode_request(raw: bytes) -> IngestBatch:
-    """A serialized IngestEventsRequest as one EVENT_SCHEMA table: its `events`, then the rows of
-    its `arrow_ipc`. The messages are read into columns by `_events.c`."""
+def _refusals(problems: bytes) -> list[Rejection]:
+    found = np.frombuffer(problems, dtype=np.int64).reshape(-1, 4)
+    return [Rejection(row, EVENT_STRINGS[slot], f"{EVENT_STRINGS[slot]} is not valid UTF-8" if kind == _events.NOT_UTF8
+                      else too_long(EVENT_STRINGS[slot], length))
+            for row, slot, kind, length in found.tolist()]
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What preparing a request will hold, known without decoding it (`measure_request`)."""
+
+    wire_bytes: int
+    events: int  # as messages and as Arrow rows
+    decoded_bytes: int  # what its Arrow IPC stream decompresses to; 0 without one
+
+
+def measure_request(raw: bytes, max_events: int) -> RequestSize:
+    """The size of a serialized IngestEventsRequest from a walk that allocates nothing per event;
+    InvalidArgument when it holds more than `max_events` or an Arrow stream that is too big."""
     try:
-        n, ts, ts_set, conversion, revenue, strings, bad, ipc, producer, sequence = _events.decode(raw)
+        n, span = _events.count(raw)
+    except ValueError as error:
+        raise InvalidArgument("request", f"is not a valid IngestEventsRequest: {error}") from None
+    if n > max_events:
+        raise InvalidArgument("events", f"a batch of {n} events; at most {max_events}")
+    rows = decoded = 0
+    if span is not None:
+        start, length = span
+        size = ipc.checked_size(pa.py_buffer(raw)[start:start + length], "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
+        rows, decoded = size.rows, size.decoded_bytes
+    return RequestSize(len(raw), n + rows, decoded)
+
+
+def decode_request(raw: bytes, max_events: int) -> IngestBatch:
+    """A serialized IngestEventsRequest as one EVENT_SCHEMA table: its `events`, then the rows of
+    its `arrow_ipc`; InvalidArgument, before anything is allocated for them, when it holds more
+    than `max_events`. The messages are read into columns by `_events.c`."""
+    try:
+        d = _events.decode(raw, max_events, MAX_STRING_BYTES)
+    except _events.BatchTooLarge as error:
+        raise InvalidArgument("events", f"a batch of {error.args[0]} events; at most {max_events}") from None
     except ValueError as error:
         raise InvalidArgument("request", f"is not a valid IngestEventsRequest: {error}") from None
     try:
-        producer_id = producer.decode()
+        producer_id = d.producer_id.decode()
     except UnicodeDecodeError:
         raise InvalidArgument("producer_id", "is not valid UTF-8") from None
-    absent = np.frombuffer(ts_set, dtype=np.bool_) == 0
+    n = d.events
+    absent = np.frombuffer(d.timestamp_set, dtype=np.bool_) == 0
     columns: dict[str, Any] = {
-        "timestamp": pa.array(np.frombuffer(ts, dtype=np.int64), pa.int64(), mask=absent if absent.any() else None),
-        "conversion": pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(conversion)]),
-        "revenue": pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(revenue)]),
+        "timestamp": pa.array(np.frombuffer(d.timestamp, dtype=np.int64), pa.int64(),
+                              mask=absent if absent.any() else None),
+        "conversion": pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(d.conversion)]),
+        "revenue": pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(d.revenue)]),
     }
-    for name, (offsets, data) in zip(_EVENT_STRINGS, strings):
+    for name, (offsets, data) in zip(EVENT_STRINGS, d.strings):
         columns[name] = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
     table = pa.table([columns[name] for name in EVENT_SCHEMA.names], schema=EVENT_SCHEMA)
-    refuse = []
-    if bad:
-        pairs = np.frombuffer(bad, dtype=np.int64).reshape(-1, 2)
-        for k, name in enumerate(_EVENT_STRINGS):
-            rows = pairs[pairs[:, 1] == k, 0]
-            if len(rows):
-                mask = np.zeros(n, dtype=bool)
-                mask[rows] = True
-                refuse.append((mask, name, f"{name} is not valid UTF-8"))
+    refuse = _refusals(d.problems)
     source = None
-    if ipc is not None:
-        start, length = ipc
+    if d.arrow_ipc is not None:
+        start, length = d.arrow_ipc
         source = pa.py_buffer(raw)[start:start + length]
-        try:
-            columnar = pa.ipc.open_stream(source).read_all()
-            columnar.validate(full=True)  # offsets, dictionary indices, UTF-8: the store reads them as given
-        except (pa.ArrowInvalid, OSError) as error:
-            raise InvalidArgument("arrow_ipc", f"is not a readable Arrow IPC stream: {error}") from error
+        columnar = ipc.read_bounded(source, "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
         if n == 0:
             table = columnar
         else:
             table = pa.concat_tables([table, normalize(columnar).cast(EVENT_SCHEMA)])
-            refuse = [(np.concatenate([mask, np.zeros(columnar.num_rows, dtype=bool)]), f, m) for mask, f, m in refuse]
             source = None
-    return IngestBatch(table, producer_id, sequence, refuse, source)
+    return IngestBatch(table, producer_id, d.sequence, refuse, source)
 
 
 def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:

@@ -28,8 +28,9 @@ from abstream.service import converters
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
 from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
-from abstream.store import EventStore, IngestResult, InvalidArgument, PreparedBatch, Unavailable
+from abstream.store import EventStore, IngestResult, PreparedBatch, Unavailable
 from abstream.store.queries import QueryStats
+from abstream.store.schema import Rejection
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -169,10 +170,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
     def _prepare(self, store: EventStore, raw: bytes, principal: Principal) -> PreparedBatch:
         """Reads and checks one request (beside the previous batch being applied)."""
         self._yield_to_queries()
-        batch = converters.decode_request(raw)
-        table, limit = batch.table, self._limits.max_batch_events
-        if table.num_rows > limit:
-            raise InvalidArgument("events", f"a batch of {table.num_rows} events; at most {limit}")
+        batch = converters.decode_request(raw, self._limits.max_batch_events)
+        table = batch.table
         refuse = batch.refuse
         if principal.test_prefix:
             tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
@@ -180,8 +179,8 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
                 tests = tests.cast(pa.string())
             allowed = (pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False) if tests is not None
                        else np.zeros(table.num_rows, dtype=bool))
-            refuse = [*refuse, (~allowed, "test_id", f"token {principal.name!r} may only write tests whose id "
-                                                     f"starts with {principal.test_prefix!r}")]
+            why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
+            refuse = [*refuse, *(Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist())]
         return store.prepare(table, batch.producer_id, batch.sequence, refuse, batch.ipc)
 
     def _apply(self, store: EventStore, prepared: PreparedBatch, principal: Principal) -> IngestResult:

@@ -6,7 +6,8 @@
  * the GIL released so queries run meanwhile).
  *
  * The table (see dictionary.py): `slots`, int32 codes with linear probing, power-of-two size;
- * `hashes`, two 64-bit hashes per code (16 bytes, one cache line read to confirm a match).
+ * `hashes`, the 128-bit keyed hash of each code's value (16 bytes, one cache line read to confirm
+ * a match).
  * Readers probe concurrently with the one writer: a code's hashes are written before the slot
  * that publishes it.
  */
@@ -22,42 +23,71 @@
 #error "hash_bytes reads words as little-endian"
 #endif
 
-static const uint64_t M1 = 0x9E3779B97F4A7C15ULL, M2 = 0xC2B2AE3D27D4EB4FULL, M3 = 0x165667B19E3779F9ULL;
+/* SipHash-2-4 with a 128-bit output (Aumasson and Bernstein), keyed per dictionary with 16 random
+ * bytes the process never shows: nobody outside it can predict which slot a value takes, so no
+ * batch can be made to pile up in one probe chain, and a value's 128 bits identify it (see
+ * dictionary.py for why that is safe without comparing bytes). `end` is the end of the buffer:
+ * a short tail is read as one word when the buffer allows it. */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                                   \
+    do {                                                                                                           \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                                  \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                                     \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                                     \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                                  \
+    } while (0)
 
-static inline uint64_t fmix(uint64_t h) {
-    h ^= h >> 33;
-    h *= 0xFF51AFD7ED558CCDULL;
-    h ^= h >> 33;
-    h *= 0xC4CEB9FE1A85EC53ULL;
-    h ^= h >> 33;
-    return h;
+typedef struct {
+    uint64_t k0, k1;
+} sipkey_t;
+
+static inline void hash_bytes(const sipkey_t *key, const uint8_t *p, int64_t len, const uint8_t *end, uint64_t out[2]) {
+    uint64_t v0 = 0x736f6d6570736575ULL ^ key->k0, v1 = 0x646f72616e646f6dULL ^ key->k1 ^ 0xee;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ key->k0, v3 = 0x7465646279746573ULL ^ key->k1;
+    uint64_t b = (uint64_t)len << 56, m;
+    for (; len >= 8; p += 8, len -= 8) {
+        memcpy(&m, p, 8);
+        v3 ^= m;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= m;
+    }
+    if (len > 0) {
+        if (end - p >= 8) {
+            memcpy(&m, p, 8);
+            m &= (1ULL << (8 * len)) - 1; /* little-endian: keep the string's own bytes */
+        } else {
+            m = 0;
+            memcpy(&m, p, (size_t)len);
+        }
+        b |= m;
+    }
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xee;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    out[0] = v0 ^ v1 ^ v2 ^ v3;
+    v1 ^= 0xdd;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    out[1] = v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* Two independent 64-bit hashes of `len` bytes at `p`, read 8 bytes at a time, zero-padded;
- * `end` is the end of the buffer, so that a short tail can be read as one word when it can. */
-static inline void hash_bytes(const uint8_t *p, int64_t len, const uint8_t *end, uint64_t out[2]) {
-    uint64_t a = (uint64_t)len * M3, b = (uint64_t)len ^ M1;
-    while (len > 0) {
-        uint64_t x;
-        if (len >= 8) {
-            memcpy(&x, p, 8);
-        } else if (end - p >= 8) {
-            memcpy(&x, p, 8);
-            x &= (1ULL << (8 * len)) - 1; /* little-endian: keep the string's own bytes */
-        } else {
-            x = 0;
-            memcpy(&x, p, (size_t)len);
-        }
-        a = (a ^ (x * M2)) * M1;
-        a ^= a >> 29;
-        b = (b + x) * M3;
-        b ^= b >> 31;
-        b ^= x >> 35;
-        p += 8;
-        len -= 8;
+static int key_from(sipkey_t *key, Py_buffer *bytes) {
+    if (bytes->len != 16) {
+        PyErr_SetString(PyExc_ValueError, "the hash key must be 16 bytes");
+        return -1;
     }
-    out[0] = fmix(a);
-    out[1] = fmix(b ^ M2);
+    memcpy(&key->k0, bytes->buf, 8);
+    memcpy(&key->k1, (const uint8_t *)bytes->buf + 8, 8);
+    return 0;
 }
 
 typedef struct {
@@ -98,25 +128,31 @@ static int table_from(table_t *t, Py_buffer *slots, Py_buffer *hashes) {
     return 0;
 }
 
-/* encode(offsets int32[n+1], data, start, slots, hashes, known, limit, capacity, codes int64[n])
+/* encode(key, offsets int32[n+1], data, start, slots, hashes, known, limit, capacity, codes int64[n])
  *   -> (known, stop)
  * Codes for rows start.. of the string array, in row order; a new value gets the next code
  * (so codes follow first appearance). Stops at the first new value once `limit` codes exist,
  * for the caller to grow the table and call again from `stop`. Past `capacity` codes, new
  * values get -1. */
 static PyObject *encode(PyObject *self, PyObject *args) {
-    Py_buffer offsets, data, slots, hashes, codes;
+    Py_buffer key_bytes, offsets, data, slots, hashes, codes;
     Py_ssize_t start, known, limit, capacity;
-    if (!PyArg_ParseTuple(args, "y*y*nw*w*nnnw*", &offsets, &data, &start, &slots, &hashes, &known, &limit,
-                          &capacity, &codes))
+    if (!PyArg_ParseTuple(args, "y*y*y*nw*w*nnnw*", &key_bytes, &offsets, &data, &start, &slots, &hashes, &known,
+                          &limit, &capacity, &codes))
         return NULL;
     PyObject *result = NULL;
     table_t t;
+    sipkey_t key;
     Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int32_t) - 1;
-    if (table_from(&t, &slots, &hashes) < 0)
+    if (key_from(&key, &key_bytes) < 0 || table_from(&t, &slots, &hashes) < 0)
         goto done;
     if (codes.len < n * (Py_ssize_t)sizeof(int64_t) || hashes.len < limit * 16 || limit > (t.mask + 1) / 2) {
         PyErr_SetString(PyExc_ValueError, "output or table too small");
+        goto done;
+    }
+    /* Every count within what the buffers hold: the loop below trusts them. */
+    if (n < 0 || start < 0 || start > n || known < 0 || known > limit || limit < 0 || capacity < 0) {
+        PyErr_SetString(PyExc_ValueError, "start, known, limit and capacity must be within the table and the input");
         goto done;
     }
     const int32_t *off = (const int32_t *)offsets.buf;
@@ -138,7 +174,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                 end = r;
                 break;
             }
-            hash_bytes(bytes + lo, hi - lo, bytes + data.len, h[r - row]);
+            hash_bytes(&key, bytes + lo, hi - lo, bytes + data.len, h[r - row]);
             __builtin_prefetch(&t.slots[h[r - row][0] & t.mask]);
         }
         for (Py_ssize_t r = row; r < end; r++) {
@@ -174,6 +210,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     else
         result = Py_BuildValue("nn", known, row);
 done:
+    PyBuffer_Release(&key_bytes);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&data);
     PyBuffer_Release(&slots);
@@ -190,7 +227,8 @@ static PyObject *place(PyObject *self, PyObject *args) {
         return NULL;
     table_t t;
     int ok = table_from(&t, &slots, &hashes) == 0;
-    if (ok && (hashes.len < (first + count) * 16 || (uint64_t)(first + count) > (t.mask + 1) / 2)) {
+    if (ok && (first < 0 || count < 0 || hashes.len < (first + count) * 16 ||
+               (uint64_t)(first + count) > (t.mask + 1) / 2)) {
         PyErr_SetString(PyExc_ValueError, "table too small");
         ok = 0;
     }
@@ -211,15 +249,23 @@ static PyObject *place(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* hash_into(offsets int32[n+1], data, hashes uint64[2n]): the hashes of every string. */
+/* hash_into(key, offsets int32[n+1], data, hashes uint64[2n]): the hashes of every string. */
 static PyObject *hash_into(PyObject *self, PyObject *args) {
-    Py_buffer offsets, data, hashes;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &offsets, &data, &hashes))
+    Py_buffer key_bytes, offsets, data, hashes;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*", &key_bytes, &offsets, &data, &hashes))
         return NULL;
+    sipkey_t key;
     Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int32_t) - 1, row = 0;
     const int32_t *off = (const int32_t *)offsets.buf;
     uint64_t *out = (uint64_t *)hashes.buf;
-    int bad = hashes.len < n * 16;
+    if (key_from(&key, &key_bytes) < 0) {
+        PyBuffer_Release(&key_bytes);
+        PyBuffer_Release(&offsets);
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&hashes);
+        return NULL;
+    }
+    int bad = n < 0 || hashes.len < n * 16;
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
         for (; row < n; row++) {
@@ -228,10 +274,12 @@ static PyObject *hash_into(PyObject *self, PyObject *args) {
                 bad = 1;
                 break;
             }
-            hash_bytes((const uint8_t *)data.buf + lo, hi - lo, (const uint8_t *)data.buf + data.len, out + 2 * row);
+            hash_bytes(&key, (const uint8_t *)data.buf + lo, hi - lo, (const uint8_t *)data.buf + data.len,
+                       out + 2 * row);
         }
         Py_END_ALLOW_THREADS
     }
+    PyBuffer_Release(&key_bytes);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&data);
     PyBuffer_Release(&hashes);
@@ -242,19 +290,21 @@ static PyObject *hash_into(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* find(value: bytes, slots, hashes) -> code or -1, without inserting. */
+/* find(key, value: bytes, slots, hashes) -> code or -1, without inserting. */
 static PyObject *find(PyObject *self, PyObject *args) {
-    Py_buffer value, slots, hashes;
-    if (!PyArg_ParseTuple(args, "y*y*y*", &value, &slots, &hashes))
+    Py_buffer key_bytes, value, slots, hashes;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*", &key_bytes, &value, &slots, &hashes))
         return NULL;
     table_t t;
+    sipkey_t key;
     long code = -1;
-    int ok = table_from(&t, &slots, &hashes) == 0;
+    int ok = key_from(&key, &key_bytes) == 0 && table_from(&t, &slots, &hashes) == 0;
     if (ok) {
         uint64_t h[2], at;
-        hash_bytes((const uint8_t *)value.buf, value.len, (const uint8_t *)value.buf + value.len, h);
+        hash_bytes(&key, (const uint8_t *)value.buf, value.len, (const uint8_t *)value.buf + value.len, h);
         code = probe(&t, h, &at);
     }
+    PyBuffer_Release(&key_bytes);
     PyBuffer_Release(&value);
     PyBuffer_Release(&slots);
     PyBuffer_Release(&hashes);

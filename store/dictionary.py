@@ -1,14 +1,30 @@
 """Per-field string dictionaries: each distinct value gets a small integer code, once, at ingest.
 
-A value's identity is a pair of 64-bit hashes; an open-addressing table of int32 codes (linear
-probing, load <= 1/2) finds them. The loops that hash and probe a batch are in C
-(`_dictionary.c`): done as numpy passes they were most of the cost of ingest. The index costs
-8-16 bytes per distinct value besides its 16 bytes of hashes. Two values share a code only if
-both 64-bit hashes collide (about 2^-128 per pair).
+A value's identity is its 128-bit SipHash-2-4 under a key of 16 random bytes drawn for each
+dictionary when it is made (`secrets`), never stored and never shown; an open-addressing table of
+int32 codes (linear probing from the hash's low bits, load <= 1/2) finds them. The loops that
+hash and probe a batch are in C (`_dictionary.c`): done as numpy passes they were most of the
+cost of ingest. The index costs 8-16 bytes per distinct value besides its 16 bytes of hash.
+
+Why the hash is keyed: with a fixed mix anyone could compute ids that share a slot's low bits,
+and every such id made each later lookup walk the whole chain (60,000 crafted ids took 370x as
+long to encode as random ones, and the cost grew with their square). Under a secret key the
+slots of ids chosen outside the process are as good as random.
+
+Why matches are confirmed on the hash and not the bytes: SipHash-2-4 is a pseudorandom function
+of its key (its designers' claim; no attack is known). Someone who cannot read the key can make
+two ids collide only by chance: among n distinct values the chance that any two share 128 bits
+is about n^2 / 2^129, which for the 2^31 values a dictionary can hold is 2^-67, and every value
+ever sent to the process is one guess. Comparing bytes would cost a second cache miss per
+lookup (the value's bytes live apart from its hash) for that 2^-67.
+
+The key need not persist: snapshots and the log hold the strings, and a restart rebuilds every
+code's hash from them under a new key (`from_values`); codes are positions, not hashes.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 
 import numpy as np
@@ -31,11 +47,11 @@ def string_buffers(values: pa.Array) -> tuple[np.ndarray, pa.Buffer | bytes]:
     return offsets, buffers[2] if buffers[2] is not None else b""
 
 
-def hash_strings(values: pa.Array) -> np.ndarray:
-    """Two 64-bit hashes of every string (uint64[n, 2])."""
+def hash_strings(values: pa.Array, key: bytes) -> np.ndarray:
+    """The 128-bit keyed hash of every string, as two 64-bit halves (uint64[n, 2])."""
     offsets, data = string_buffers(values)
     hashes = np.empty((len(values), 2), dtype=np.uint64)
-    _dictionary.hash_into(offsets, data, hashes)
+    _dictionary.hash_into(key, offsets, data, hashes)
     return hashes
 
 
@@ -48,8 +64,10 @@ class Dictionary:
     in one assignment), and written in place only where they cannot be misled (see the C file).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, key: bytes | None = None) -> None:
+        """`key`: the 16-byte hash key; random unless given (tests give one to craft collisions)."""
         self.capacity = capacity
+        self._key = secrets.token_bytes(16) if key is None else bytes(key)
         self._n = 0
         self._table = (np.full(2048, _EMPTY, dtype=np.int32), np.zeros((1024, 2), dtype=np.uint64))
         self._values_lock = threading.Lock()
@@ -61,13 +79,13 @@ class Dictionary:
 
     @classmethod
     def from_values(cls, values: pa.Array, capacity: int) -> Dictionary:
-        """A dictionary in which values[i] has code i (as saved by a snapshot)."""
+        """A dictionary in which values[i] has code i (as saved by a snapshot), under a new key."""
         d = cls(capacity)
         n = len(values)
         if n:
             d._grow(n)
             slots, hashes = d._table
-            hashes[:n] = hash_strings(values)
+            hashes[:n] = hash_strings(values, d._key)
             _dictionary.place(slots, hashes, 0, n)
             d._n = n
             d._chunks.append(values)
@@ -94,8 +112,8 @@ class Dictionary:
         while row < len(values):
             slots, hashes = self._table
             limit = min(len(hashes), len(slots) // 2)
-            self._n, row = _dictionary.encode(offsets, data, row, slots, hashes, self._n, limit, self.capacity,
-                                              codes)
+            self._n, row = _dictionary.encode(self._key, offsets, data, row, slots, hashes, self._n, limit,
+                                              self.capacity, codes)
             if row < len(values):
                 self._grow(self._n + 1 + (len(values) - row) // 4)
         if self._n > before:
@@ -135,7 +153,7 @@ class Dictionary:
     def code(self, value: str) -> int | None:
         """The code of `value`, or None when it was never seen."""
         slots, hashes = self._table
-        code = _dictionary.find(value.encode(), slots, hashes)
+        code = _dictionary.find(self._key, value.encode(), slots, hashes)
         return None if code < 0 else code
 
     @property

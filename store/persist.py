@@ -31,13 +31,12 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from abstream.store.schema import EVENT_SCHEMA, STORED_SCHEMA, Rejection
+from abstream.store import quarantine
+from abstream.store.schema import STORED_SCHEMA, Rejection
 from abstream.store.wal import fsync_dir
 
 _SIZES = struct.Struct("<IQ")  # header bytes, batch bytes
 SNAPSHOT_SCHEMA = pa.schema([pa.field("test", pa.int32()), *STORED_SCHEMA])
-QUARANTINE_SCHEMA = pa.schema([pa.field("received_ns", pa.int64()), pa.field("index", pa.int64()),
-                               pa.field("field", pa.string()), pa.field("message", pa.string()), *EVENT_SCHEMA])
 
 
 class SnapshotError(Exception):
@@ -129,7 +128,7 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {"events.arrow": (SNAPSHOT_SCHEMA, contents.events),
-             "quarantine.arrow": (QUARANTINE_SCHEMA, contents.quarantine.to_batches())}
+             "quarantine.arrow": (quarantine.SCHEMA, contents.quarantine.to_batches())}
     for name, values in contents.dictionaries.items():
         files[f"dict-{name}.arrow"] = (pa.schema([("value", pa.string())]),
                                        [pa.record_batch([values], names=["value"])])

@@ -32,6 +32,9 @@ REQUIRED_STRINGS = ("test_id", "variant", "user_id")
 OPTIONAL_STRINGS = ("event_type", "session_id", "device", "country")
 #: Longest accepted value of any string field, in UTF-8 bytes.
 MAX_STRING_BYTES = 256
+#: The most one valid event can take in any Arrow layout a sender may use: three 8-byte numbers,
+#: seven strings with 8-byte offsets, validity bits. Bounds what a columnar batch may decompress to.
+MAX_EVENT_BYTES = 3 * 8 + 7 * (8 + MAX_STRING_BYTES) + 2
 
 NS_PER_SECOND = 1_000_000_000
 #: Earliest accepted event time: 2000-01-01T00:00:00Z.

@@ -7,11 +7,10 @@ import logging
 import shutil
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,7 @@ from abstream.store import analysis, kernels, persist
 from abstream.store.dictionary import Dictionary
 from abstream.store.errors import DeadlineExceeded, InvalidArgument, StoreError
 from abstream.store.partition import COLUMNS, DTYPES, PartitionView, StoreView, Tail, split_by_test, take
+from abstream.store.quarantine import Quarantine, QuarantinedEvent
 from abstream.store.queries import (
     Filters,
     MetricColumns,
@@ -109,17 +109,6 @@ class _SnapshotClock:
     events: int = 0
 
 
-@dataclass(frozen=True)
-class QuarantinedEvent:
-    """A rejected event as it was sent (EVENT_SCHEMA field names), with the reason."""
-
-    received_ns: int
-    index: int
-    field: str
-    message: str
-    event: dict[str, Any]
-
-
 class EventStore:
     """Append-only, in-memory event store partitioned by test.
 
@@ -147,7 +136,7 @@ class EventStore:
         self._sealed: Future | None = None
         self._view_lock = threading.Lock()  # publishing views: appends and the sealer
         self._view = StoreView({}, (self._tail.view(),))
-        self._quarantine: deque[QuarantinedEvent] = deque(maxlen=quarantine_limit)
+        self._quarantine = Quarantine(quarantine_limit)
         self._producers: dict[str, _Producer] = {}
         self._durability = durability
         self._wal: WriteAheadLog | None = None
@@ -159,7 +148,7 @@ class EventStore:
     # ---- ingest -------------------------------------------------------------------------
 
     def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-               wait: bool = True, refuse: Sequence[tuple[np.ndarray, str, str]] = ()) -> IngestResult:
+               wait: bool = True, refuse: Sequence[Rejection] = ()) -> IngestResult:
         """Store the valid events of `batch` (EVENT_SCHEMA columns); explain the rest.
 
         The same as `apply(prepare(...))`; see both.
@@ -167,16 +156,15 @@ class EventStore:
         return self.apply(self.prepare(batch, producer_id, sequence, refuse), wait)
 
     def prepare(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-                refuse: Sequence[tuple[np.ndarray, str, str]] = (), ipc: pa.Buffer | bytes | None = None
+                refuse: Sequence[Rejection] = (), ipc: pa.Buffer | bytes | None = None
                 ) -> PreparedBatch:
         """Checks every event of `batch`, encodes its strings and builds its log record, without
         taking the ingest lock: a stream prepares its next batches while one is applied.
 
         A batch tagged with `producer_id` is applied at most once per `sequence`: sequences must
         increase, and one not above the last applied is acknowledged as a duplicate. Each
-        `refuse` entry (mask, field, message) rejects the masked rows for a reason the caller
-        knows (a string that was not UTF-8, a test the token may not write); the first that
-        applies is the row's reason. `ipc`, when the batch was read from one Arrow IPC stream, is
+        `refuse` entry rejects its row for a reason the caller knows (a string that was not
+        UTF-8, a test the token may not write); a row's first entry is its reason. `ipc`, when the batch was read from one Arrow IPC stream, is
         that stream: the log keeps it as it is instead of writing the batch again.
         """
         if isinstance(batch, pa.RecordBatch):
@@ -186,10 +174,10 @@ class EventStore:
         valid, rejections = validate(batch, received)
         if refuse:
             refused, refusals = np.zeros(batch.num_rows, dtype=bool), []
-            for mask, field_name, message in refuse:
-                rows = np.flatnonzero(mask & ~refused)
-                refused[rows] = True
-                refusals += [Rejection(i, field_name, message) for i in rows.tolist()]
+            for r in refuse:
+                if not refused[r.index]:
+                    refused[r.index] = True
+                    refusals.append(r)
             rejections = [r for r in rejections if not refused[r.index]] + refusals
             valid = valid & ~refused
         with self._encode_lock:
@@ -266,10 +254,7 @@ class EventStore:
         """Makes a batch visible: its events, its rejected events (`rejected`, in the order of
         `rejections`) in quarantine, and its producer's sequence."""
         self._append_by_test(test_codes, cols)
-        if rejections:
-            events = rejected.to_pylist()
-            self._quarantine.extend(QuarantinedEvent(received, r.index, r.field, r.message, event)
-                                    for r, event in zip(rejections, events))
+        self._quarantine.add(received, rejections, rejected)
         if producer_id:
             self._producers[producer_id] = _Producer(sequence, lsn or 0)
 
@@ -372,9 +357,7 @@ class EventStore:
             partitions[code] = partitions.get(code, PartitionView()).with_rows(cols)
         self._partitions = partitions
         self._publish()
-        q = contents.quarantine.to_pylist()
-        self._quarantine.extend(QuarantinedEvent(e.pop("received_ns"), e.pop("index"), e.pop("field"),
-                                                 e.pop("message"), e) for e in q)
+        self._quarantine.restore(contents.quarantine)
         self._producers = {k: _Producer(v["sequence"], 0) for k, v in contents.producers.items()}
 
     def snapshot(self) -> SnapshotInfo:
@@ -411,10 +394,9 @@ class EventStore:
         batches = [(code, part) for code, partition in view.partitions.items() for part in partition.parts]
         tail_codes, tail_cols = self._tail.copy()
         producers = {k: {"sequence": v.sequence} for k, v in self._producers.items()}
-        quarantine = list(self._quarantine)
         dictionaries = {"test_id": self._tests.values, **{n: d.values for n, d in self._dicts.items()}}
         return persist.SnapshotContents(lsn, _LazyBatches(batches, tail_codes, tail_cols), dictionaries,
-                                        _quarantine_table(quarantine), producers)
+                                        self._quarantine.table(), producers)
 
     def maybe_snapshot(self) -> SnapshotInfo | None:
         """Snapshots when the configured number of events or seconds has passed since the last."""
@@ -561,10 +543,7 @@ class EventStore:
     def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = "") -> tuple[list[QuarantinedEvent], int]:
         """Up to `limit` rejected events, newest first, and how many match in all (of one test
         when `test_id` is given, of tests starting with `test_prefix`)."""
-        entries = [e for e in list(self._quarantine)
-                   if (not test_id or e.event.get("test_id") == test_id)
-                   and str(e.event.get("test_id") or "").startswith(test_prefix)]
-        return entries[::-1][:limit], len(entries)
+        return self._quarantine.newest(test_id, limit, test_prefix)
 
     @property
     def last_snapshot_at(self) -> float:
@@ -658,8 +637,3 @@ def _with_test(batch: pa.RecordBatch, code: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array(np.full(batch.num_rows, code, np.int32)), *batch.columns],
                                       schema=persist.SNAPSHOT_SCHEMA)
 
-
-def _quarantine_table(entries: list[QuarantinedEvent]) -> pa.Table:
-    rows = [{"received_ns": e.received_ns, "index": e.index, "field": e.field, "message": e.message, **e.event}
-            for e in entries]
-    return pa.Table.from_pylist(rows, schema=persist.QUARANTINE_SCHEMA)

@@ -156,4 +156,9 @@ def _message(key: str, batch: pa.Table, i: int, ts: int, max_ns: int) -> str:
         return f"conversion must be 0 or 1, got {value}"
     if name == "revenue":
         return f"revenue must be a finite number, got {value}"
-    return f"{name} is {len(value.encode())} bytes long; at most {MAX_STRING_BYTES} are accepted"
+    return too_long(name, len(value.encode()))
+
+
+def too_long(name: str, length: int) -> str:
+    """Why a string of `length` bytes was rejected (wherever it was found too long)."""
+    return f"{name} is {length:,} bytes long; at most {MAX_STRING_BYTES} are accepted"

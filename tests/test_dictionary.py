@@ -10,6 +10,92 @@ import pyarrow as pa
 
 from abstream.store.dictionary import Dictionary, hash_strings
 
+KEY = bytes(range(16))
+MASK = (1 << 64) - 1
+
+
+def siphash(key: bytes, message: bytes, out: int = 8) -> bytes:
+    """SipHash-2-4 as the paper writes it, in plain Python: an independent reference."""
+    def rotl(x: int, b: int) -> int:
+        return ((x << b) | (x >> (64 - b))) & MASK
+
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    v = [k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D, k0 ^ 0x6C7967656E657261, k1 ^ 0x7465646279746573]
+    if out == 16:
+        v[1] ^= 0xEE
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            v[0] = (v[0] + v[1]) & MASK; v[1] = rotl(v[1], 13) ^ v[0]; v[0] = rotl(v[0], 32)  # noqa: E702
+            v[2] = (v[2] + v[3]) & MASK; v[3] = rotl(v[3], 16) ^ v[2]  # noqa: E702
+            v[0] = (v[0] + v[3]) & MASK; v[3] = rotl(v[3], 21) ^ v[0]  # noqa: E702
+            v[2] = (v[2] + v[1]) & MASK; v[1] = rotl(v[1], 17) ^ v[2]; v[2] = rotl(v[2], 32)  # noqa: E702
+
+    whole = len(message) - len(message) % 8
+    blocks = [int.from_bytes(message[i:i + 8], "little") for i in range(0, whole, 8)]
+    blocks.append((len(message) & 0xFF) << 56 | int.from_bytes(message[whole:], "little"))
+    for m in blocks:
+        v[3] ^= m
+        rounds(2)
+        v[0] ^= m
+    v[2] ^= 0xEE if out == 16 else 0xFF
+    rounds(4)
+    result = (v[0] ^ v[1] ^ v[2] ^ v[3]).to_bytes(8, "little")
+    if out == 16:
+        v[1] ^= 0xDD
+        rounds(4)
+        result += (v[0] ^ v[1] ^ v[2] ^ v[3]).to_bytes(8, "little")
+    return result
+
+
+def test_the_reference_siphash_gives_the_papers_test_vector():
+    # Aumasson and Bernstein, "SipHash: a fast short-input PRF", appendix A: key 00..0f, message 00..0e.
+    assert siphash(KEY, bytes(range(15))) == (0xA129CA6149BE45E5).to_bytes(8, "little")
+    assert siphash(KEY, b"") == (0x726FDB47DD0E0E31).to_bytes(8, "little")
+
+
+def test_the_dictionary_hash_is_keyed_128_bit_siphash():
+    rng = random.Random(11)
+    values = awkward_strings(200, seed=12) + ["x" * n for n in range(40)]
+    for key in (KEY, bytes(16), bytes(rng.randrange(256) for _ in range(16))):
+        hashes = hash_strings(pa.array(values), key)
+        expected = [siphash(key, v.encode(), 16) for v in values]
+        assert [h0.tobytes() + h1.tobytes() for h0, h1 in hashes] == expected
+    assert not np.array_equal(hash_strings(pa.array(values), KEY), hash_strings(pa.array(values), bytes(16)))
+
+
+def crafted_ids(key: bytes, count: int, low_bits: int = 12) -> list[str]:
+    """Printable 8-byte ids whose hash under `key` has the same low bits: what someone who knew the
+    key could send to pile every id into one probe chain."""
+    rng = np.random.default_rng(5)
+    found: list[str] = []
+    while len(found) < count:
+        raw = rng.integers(0x30, 0x7B, size=(1 << 20, 8), dtype=np.uint8)
+        values = pa.StringArray.from_buffers(len(raw), pa.py_buffer(np.arange(len(raw) + 1, dtype=np.int32) * 8),
+                                             pa.py_buffer(raw.tobytes()))
+        low = hash_strings(values, key)[:, 0] & np.uint64((1 << low_bits) - 1)
+        found += [bytes(r).decode() for r in raw[low == 0]]
+    return found[:count]
+
+
+def longest_probe(d: Dictionary) -> int:
+    """How far the value farthest from its home slot sits from it (linear probing)."""
+    slots, hashes = d._table
+    at = np.flatnonzero(slots >= 0)
+    home = hashes[slots[at], 0] & np.uint64(len(slots) - 1)
+    return int(((at.astype(np.uint64) - home) & np.uint64(len(slots) - 1)).max())
+
+
+def test_ids_crafted_against_a_known_key_collide_there_and_not_under_a_secret_one():
+    ids = crafted_ids(bytes(16), 3000)
+    known = Dictionary(capacity=10**9, key=bytes(16))
+    known.encode(pa.array(ids))
+    secret = Dictionary(capacity=10**9)
+    secret.encode(pa.array(ids))
+    assert longest_probe(known) > 1000  # 3,000 ids in two home slots: one chain
+    assert longest_probe(secret) < 100  # spread like any ids
+    assert secret.decode(secret.encode(pa.array(ids))) == ids == known.decode(known.encode(pa.array(ids)))
+
 
 def awkward_strings(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
@@ -40,9 +126,9 @@ def test_encode_roundtrips_and_is_stable_across_batches():
 
 def test_sliced_large_and_chunked_inputs_hash_like_plain_strings():
     values = awkward_strings(300, seed=3)
-    plain = hash_strings(pa.array(values))
-    sliced = hash_strings(pa.array(["pad", *values]).slice(1))
-    large = hash_strings(pa.array(values, pa.large_string()))
+    plain = hash_strings(pa.array(values), KEY)
+    sliced = hash_strings(pa.array(["pad", *values]).slice(1), KEY)
+    large = hash_strings(pa.array(values, pa.large_string()), KEY)
     for other in (sliced, large):
         assert np.array_equal(plain, other)
     d = Dictionary(capacity=10**9)
@@ -52,7 +138,7 @@ def test_sliced_large_and_chunked_inputs_hash_like_plain_strings():
 
 def test_hashes_differ_for_near_identical_strings():
     values = [f"user_{i}" for i in range(200_000)] + ["a" * i for i in range(300)]
-    h1, h2 = hash_strings(pa.array(values)).T
+    h1, h2 = hash_strings(pa.array(values), KEY).T
     pairs = h1.astype(object) * 2**64 + h2.astype(object)
     assert len(set(pairs.tolist())) == len(values)
     assert len(np.unique(h1)) == len(values)
@@ -107,6 +193,7 @@ def test_from_values_gives_the_same_codes():
     d = Dictionary(10**9)
     codes = d.encode(pa.array(values))
     restored = Dictionary.from_values(d.values, 10**9)
+    assert restored._key != d._key  # a new key: codes come from positions, not from hashes
     assert np.array_equal(restored.encode(pa.array(values)), codes)
     assert len(restored) == len(d)
     assert restored.encode(pa.array(["brand new"])).tolist() == [len(d)]

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from abstream.service.converters import decode_request
+from abstream.service import converters
 from abstream.store import InvalidArgument
+from abstream.store.schema import MAX_STRING_BYTES, Rejection
 from abstream.v1 import analytics_pb2 as pb
 
 _NS = 1_000_000_000
 STRINGS = ("user_id", "test_id", "variant", "event_type", "session_id", "device", "country")
+MAX_EVENTS = 100_000
+
+
+def decode_request(raw: bytes, max_events: int = MAX_EVENTS) -> converters.IngestBatch:
+    return converters.decode_request(raw, max_events)
 
 
 def reference(raw: bytes) -> list[dict]:
@@ -109,15 +114,47 @@ def test_a_string_that_is_not_utf8_rejects_only_its_event():
     bad = field(2, b"u\xff") + field(9, b"\xc3")
     batch = decode_request(field(1, good) + field(1, bad) + field(1, good))
     assert batch.table.column("user_id").to_pylist() == ["u1", "", "u1"]
-    assert [(np.flatnonzero(mask).tolist(), name, message) for mask, name, message in batch.refuse] == [
-        ([1], "user_id", "user_id is not valid UTF-8"), ([1], "device", "device is not valid UTF-8")]
+    assert batch.refuse == [Rejection(1, "user_id", "user_id is not valid UTF-8"),
+                            Rejection(1, "device", "device is not valid UTF-8")]
+
+
+def test_a_string_over_the_limit_is_not_copied_and_rejects_only_its_event():
+    huge = "é" * 5_000_000  # 10 MB
+    events = [pb.Event(user_id="u1", test_id="t"), pb.Event(user_id=huge, test_id="t", country="x" * 300),
+              pb.Event(user_id="u3", test_id="t")]
+    batch = decode_request(pb.IngestEventsRequest(events=events).SerializeToString())
+    kept = batch.table.column("user_id").to_pylist()
+    assert kept[0] == "u1" and kept[2] == "u3"
+    assert kept[1] == "é" * (MAX_STRING_BYTES // 2)  # its first 256 bytes, cut at a character
+    assert batch.table.column("user_id").chunk(0).buffers()[2].size < 300  # the megabytes were never copied
+    assert batch.refuse == [Rejection(1, "user_id", "user_id is 10,000,000 bytes long; at most 256 are accepted"),
+                            Rejection(1, "country", "country is 300 bytes long; at most 256 are accepted")]
+
+
+def test_a_repeated_string_field_is_judged_by_its_last_value():
+    event = field(2, b"x" * 1000) + field(2, b"short") + field(3, b"t")
+    batch = decode_request(field(1, event) + field(1, field(2, b"a") + field(2, b"y" * 1000)))
+    assert batch.table.column("user_id").to_pylist() == ["short", "y" * MAX_STRING_BYTES]
+    assert batch.refuse == [Rejection(1, "user_id", "user_id is 1,000 bytes long; at most 256 are accepted")]
+
+
+def test_more_events_than_the_limit_are_refused_before_they_are_read():
+    raw = b"\x0a\x00" * 1_000_001
+    with pytest.raises(InvalidArgument) as caught:
+        decode_request(raw, 1000)
+    assert caught.value.field == "events" and caught.value.reason == "a batch of 1000001 events; at most 1000"
+    assert decode_request(b"\x0a\x00" * 1000, 1000).table.num_rows == 1000
 
 
 @pytest.mark.parametrize("raw, why", [
     (field(1, b"")[:-1] + b"\x05", "runs past the end"),
     (b"\x0a", "truncated varint"),
     (b"\xff" * 11, "varint longer than 10 bytes"),
-    (tag(1, 3), "unsupported wire type"),
+    (tag(50, 3), "a group is not closed"),
+    (tag(50, 3) + tag(51, 4), "another field's end tag"),
+    (tag(50, 4), "an end-group tag without its group"),
+    (tag(50, 6), "invalid wire type"),
+    (tag(50, 3) * 101 + tag(50, 4) * 101, "nested too deeply"),
     (b"\x00", "invalid field number"),
     (field(1, field(1, b"\x08")), "truncated varint"),  # inside the Timestamp
 ])
@@ -127,3 +164,84 @@ def test_bytes_that_are_not_a_request_are_invalid_argument_saying_where(raw, why
     with pytest.raises(InvalidArgument) as caught:
         decode_request(raw)
     assert caught.value.field == "request" and why in caught.value.reason and "at byte" in caught.value.reason
+
+
+def test_groups_are_skipped_like_the_protobuf_runtime_does_up_to_its_depth():
+    for depth in (1, 2, 50, 100):
+        raw = tag(50, 3) * depth + tag(50, 4) * depth + field(1, field(2, b"u"))
+        assert pb.IngestEventsRequest.FromString(raw).events[0].user_id == "u"
+        assert decoded(raw)[0]["user_id"] == "u"
+    inside = field(1, tag(60, 3) * 99 + tag(60, 4) * 99 + field(2, b"v"))
+    assert pb.IngestEventsRequest.FromString(inside).events[0].user_id == "v"
+    assert decoded(inside)[0]["user_id"] == "v"
+    too_deep = field(1, tag(60, 3) * 100 + tag(60, 4) * 100)
+    with pytest.raises(Exception):
+        pb.IngestEventsRequest.FromString(too_deep)
+    with pytest.raises(InvalidArgument):
+        decode_request(too_deep)
+
+
+def test_decode_takes_only_immutable_bytes():
+    with pytest.raises(TypeError):
+        converters._events.decode(bytearray(b"\x0a\x00"), 10, MAX_STRING_BYTES)
+    decoded_struct = converters._events.decode(b"\x0a\x00", 10, MAX_STRING_BYTES)
+    assert decoded_struct.events == 1 and decoded_struct.arrow_ipc is None and decoded_struct.sequence == 0
+
+
+# ---- arbitrary bytes: the C reader and protobuf's parser agree ---------------------------------
+
+def _mutations(data: st.DataObject, raw: bytes) -> bytes:
+    """`raw` with a few bytes flipped, cut, inserted or deleted."""
+    out = bytearray(raw)
+    for _ in range(data.draw(st.integers(0, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        at = data.draw(st.integers(0, max(len(out) - 1, 0)))
+        if kind == "flip" and out:
+            out[at] ^= data.draw(st.integers(1, 255))
+        elif kind == "cut":
+            del out[at:]
+        elif kind == "insert":
+            out[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif out:
+            del out[at]
+    return bytes(out)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data())
+def test_arbitrary_bytes_are_accepted_or_refused_as_protobuf_does(data):
+    """For any bytes, both readers accept or both refuse, and accepted events are equal. One
+    difference is by design: a string that is not UTF-8 makes protobuf refuse the whole message,
+    while the C reader refuses only its event."""
+    if data.draw(st.booleans()):
+        raw = data.draw(st.binary(max_size=64))
+    else:
+        request = pb.IngestEventsRequest(events=data.draw(st.lists(events, max_size=4)),
+                                         producer_id=data.draw(text), sequence=data.draw(st.integers(0, 2**64 - 1)))
+        raw = _mutations(data, request.SerializeToString())
+    try:
+        expected = reference(raw)
+        expected_request = pb.IngestEventsRequest.FromString(raw)
+    except Exception:  # noqa: BLE001 - the runtime's DecodeError
+        expected = None
+    try:
+        batch = decode_request(raw)
+    except InvalidArgument as error:
+        if expected is not None and error.field == "arrow_ipc":
+            assert expected_request.arrow_ipc  # well-formed protobuf, but not Arrow: ours to refuse
+            return
+        assert expected is None, f"the C reader refused what protobuf accepts: {error}"
+        return
+    if expected is None:
+        assert any(r.message.endswith("is not valid UTF-8") for r in batch.refuse), \
+            "the C reader accepted what protobuf refuses, without a reason"
+        return
+    assert batch.refuse == []
+    assert (batch.producer_id, batch.sequence) == (expected_request.producer_id, expected_request.sequence)
+    if expected_request.arrow_ipc:
+        return  # read as Arrow, which other tests cover
+    rows = batch.table.to_pylist()
+    for row in rows + expected:
+        if row["revenue"] != row["revenue"]:
+            row["revenue"] = "nan"
+    assert rows == [{k: row[k] for k in decoded_order()} for row in expected]
