@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROTO  := protos/abstream/v1/analytics.proto protos/abstream/v1/admin.proto
-ADDR   ?= 127.0.0.1:50051
-DATA   ?= ./data
+# ADDR= and DATA= override ABSTREAM_ADDR and ABSTREAM_DATA_DIR, which override the defaults
+# (127.0.0.1:50051, ./data): `make run` passes a flag only for what was given.
+ADDR   ?=
+DATA   ?=
 N      ?= 10000000
 
 .PHONY: all install proto lint test run bench clean
@@ -37,7 +39,7 @@ test: lint $(NODE_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)
-	$(VENV)/bin/abstream serve --addr $(ADDR) --data-dir $(DATA)
+	$(VENV)/bin/abstream serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA),--data-dir $(DATA))
 
 ## Benchmark against DuckDB on N generated events (cached in bench/data); report in bench/results.
 bench: $(STAMP)

@@ -30,7 +30,7 @@ from abstream.clients import arrow_ipc
 from abstream.store import EventStore
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
-from bench import dataset, queries
+from bench import dataset, hostile, queries
 
 INGEST_METHOD = "/abstream.v1.AnalyticsService/IngestEvents"
 RESULTS = Path(__file__).parent / "results"
@@ -248,6 +248,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
     ts = table.column("timestamp").cast(pa.int64()).to_numpy()
     mid_ns = int(ts[len(ts) // 2])
 
+    print("crafting colliding ids ...", file=sys.stderr)
+    report["hostile_ids"] = hostile.dictionary_report(min(60_000, max(n // 50, 1000)))
     print(f"preparing {n:,} events ...", file=sys.stderr)
     columnar = ColumnarRequests(table)
     rows = row_requests(table.slice(0, row_events), "rows_")
@@ -409,6 +411,10 @@ def table_text(report: dict) -> str:
     f = report["freshness"]
     lines.append(f"freshness, ack to visible: p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
                  f"({f['queries_that_missed_an_acked_batch']} queries missed an acked batch)")
+    h = report["hostile_ids"]
+    lines.append(f"ids crafted to share a probe chain ({h['ids']:,}, against a known key), encoded in-process: "
+                 f"{h['secret_over_random']:.2f}x the time of random ids under the server's secret key, "
+                 f"{h['known_over_random']:.1f}x under the key they were crafted for")
     snap, r = report["snapshot"], report["restart"]
     lines.append(f"snapshot of {snap['events']:,} events: {snap['seconds']:.2f} s; "
                  f"graceful shutdown (with its final snapshot): {r['shutdown_seconds']:.2f} s")

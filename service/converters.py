@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from abstream import stats
 from abstream.service import _events, wire
 from abstream.store import (
     EVENT_SCHEMA,
@@ -152,13 +153,15 @@ def decode_request(raw: bytes, max_events: int) -> IngestBatch:
 
 
 def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:
-    return pb.IngestEventsResponse(
-        batch=batch,
-        accepted=result.accepted,
-        rejected=len(result.rejections),
-        rejections=[pb.Rejection(index=r.index, field=r.field, message=r.message) for r in result.rejections],
-        duplicate=result.duplicate,
-    )
+    rejections = result.rejections
+    response = pb.IngestEventsResponse(batch=batch, accepted=result.accepted, rejected=len(rejections),
+                                       duplicate=result.duplicate)
+    if rejections:  # column by column (see wire.py): a batch may reject 100,000 events
+        indices, fields, messages = zip(*rejections)
+        rows = wire.Message([(1, "varint", np.array(indices, dtype=np.int64)), (2, "string", wire.string_table(fields)),
+                             (3, "string", wire.string_table(messages))], len(rejections))
+        response.MergeFromString(wire.encode_repeated(4, rows))
+    return response
 
 
 # ---- time --------------------------------------------------------------------------------
@@ -199,9 +202,7 @@ CORRECTIONS = {pb.CORRECTION_UNSPECIFIED: "none", pb.CORRECTION_NONE: "none", pb
                pb.CORRECTION_BENJAMINI_HOCHBERG: "benjamini_hochberg"}
 METRICS = {"conversion": pb.METRIC_CONVERSION, "revenue_per_user": pb.METRIC_REVENUE_PER_USER,
            "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER}
-STATUSES = {"ok": pb.COMPARISON_STATUS_OK, "not_enough_data": pb.COMPARISON_STATUS_NOT_ENOUGH_DATA,
-            "zero_variance": pb.COMPARISON_STATUS_ZERO_VARIANCE,
-            "zero_control_mean": pb.COMPARISON_STATUS_ZERO_CONTROL_MEAN}
+STATUSES = {status: pb.ComparisonStatus.Value(f"COMPARISON_STATUS_{status.upper()}") for status in stats.SEVERITY}
 
 
 def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
@@ -221,7 +222,7 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
 
 def _lift(e, adjusted: float) -> pb.Lift:
     return pb.Lift(estimate=e.estimate, standard_error=e.se, ci_low=e.ci_low, ci_high=e.ci_high,
-                   p_value=e.p_value, adjusted_p_value=adjusted, status=STATUSES[e.status])
+                   p_value=e.p_value, adjusted_p_value=adjusted, status=STATUSES[e.status], status_message=e.message)
 
 
 def analysis_message(a: Analysis) -> pb.Analysis:
@@ -233,7 +234,7 @@ def analysis_message(a: Analysis) -> pb.Analysis:
             relative=_lift(c.result.relative, c.adjusted_relative_p), degrees_of_freedom=c.result.dof,
             chance_to_win=c.result.chance_to_win, risk_control=c.result.risk_control,
             risk_treatment=c.result.risk_treatment, posterior_mean=c.result.posterior_mean,
-            status=STATUSES[c.result.status]) for c in a.comparisons])
+            status=STATUSES[c.result.status], status_message=c.result.message) for c in a.comparisons])
 
 
 def summary_query(request: pb.SummaryRequest) -> SummaryQuery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import collections
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,14 +29,16 @@ class Metrics:
         self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
                                        registry=r)
         self.active_streams = Gauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
+        self.ingest_yield_seconds = Counter("abstream_ingest_yield_seconds", "Time ingest waited for running queries",
+                                            registry=r)
         self._store_gauges: list[Gauge] = []
 
     def acked(self, result: IngestResult, seconds: float) -> None:
         self.ack_seconds.observe(seconds)
         self.batches.labels("duplicate" if result.duplicate else "stored").inc()
         self.ingested.inc(result.accepted)
-        for rejection in result.rejections:
-            self.rejected.labels(rejection.field).inc()
+        for field, count in collections.Counter(r.field for r in result.rejections).items():
+            self.rejected.labels(field).inc(count)
 
     def watch(self, store: EventStore, data_dir: str) -> None:
         """Gauges read from the store when scraped."""

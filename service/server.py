@@ -15,6 +15,7 @@ import pyarrow as pa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from abstream.service import admission
 from abstream.service.auth import AuthInterceptor, load_tokens
 from abstream.service.errors import CallInterceptor
 from abstream.service.metrics import Metrics
@@ -25,6 +26,8 @@ from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 
 log = logging.getLogger("abstream.server")
 
+#: The largest answer the server sends (see max_send_message_length below).
+MAX_RESPONSE_BYTES = 64 << 20
 SERVICE_NAME = analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -139,10 +142,13 @@ class AnalyticsServer:
                 # A second server on a taken port must fail to start, not silently share it.
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Answers are ours and bounded by what was asked (an ack of 100,000 rejections is
+                # ~8 MB, a minute-by-minute series of a quarter ~30 MB): not by what clients may send.
+                ("grpc.max_send_message_length", max(settings.max_message_bytes, MAX_RESPONSE_BYTES)),
             ],
         )
-        limits = Limits(settings.max_batch_events, settings.max_ingest_streams, settings.memory_high_water_bytes)
+        limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
+                        admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes)
         self._analytics = AnalyticsServicer(self.holder, limits, self.metrics)
         add_analytics_service(self._analytics, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from abstream.service import converters
+from abstream.service import admission, converters
+from abstream.service.admission import IngestBudget
 from abstream.service.auth import PRINCIPAL, Principal, RateLimiter
 from abstream.service.errors import PermissionDenied, ResourceExhausted
 from abstream.service.metrics import Metrics, resident_bytes
@@ -39,6 +40,8 @@ QUARANTINE_DEFAULT_LIMIT = 100
 #: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
 PIPELINE_DEPTH = 8
 QUARANTINE_MAX_LIMIT = 10_000
+#: Requests up to this size are measured on the event loop (well under a millisecond).
+INLINE_MEASURE_BYTES = 1 << 20
 #: Longest an ingest step waits for running queries to finish (see _yield_to_queries).
 QUERY_PRIORITY_WAIT_S = 0.05
 
@@ -62,7 +65,8 @@ class Limits:
 
     max_batch_events: int = 100_000
     max_ingest_streams: int = 64
-    memory_high_water_bytes: int = 0
+    memory_high_water_bytes: int = 0  # resolved: 0 is off
+    max_ingest_bytes: int = 256 << 20
 
 
 def _in_thread(pool: ThreadPoolExecutor, fn, *args):
@@ -85,6 +89,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         # calls per 1,000-event batch under strace, against ~117 with these two).
         self._preparing = ThreadPoolExecutor(1, thread_name_prefix="abstream-prepare")
         self._applying = ThreadPoolExecutor(1, thread_name_prefix="abstream-apply")
+        self._budget = IngestBudget(limits.max_ingest_bytes)
 
     async def IngestEvents(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IngestEventsResponse]:
@@ -103,13 +108,21 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         decoding: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         acking: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         cut_short = False
+        held: list[int] = []  # budget this stream holds, one entry per request not yet acked, in order
 
         async def read_all() -> None:
             nonlocal cut_short
             try:
                 async for raw in request_iterator:
-                    await decoding.put((time.perf_counter(), asyncio.ensure_future(
+                    started = time.perf_counter()
+                    measure = functools.partial(converters.measure_request, raw, self._limits.max_batch_events)
+                    # A walk over the request's top level: inline for small ones, a thread for large.
+                    size = measure() if len(raw) <= INLINE_MEASURE_BYTES else await asyncio.to_thread(measure)
+                    self._check_memory()
+                    held.append(await self._budget.acquire(admission.cost(size)))
+                    await decoding.put((started, asyncio.ensure_future(
                         _in_thread(self._preparing, self._prepare, store, raw, principal))))
+                    del raw  # the prepare thread holds it now, and lets go of it once done
                     if self._holder.draining:
                         cut_short = True
                         break
@@ -134,6 +147,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             while (item := await acking.get()) is not None:
                 batch, result, durable, started = item
                 await durable
+                await self._budget.release(held.pop(0))
                 self._metrics.acked(result, time.perf_counter() - started)
                 yield converters.ingest_response(batch, result)
             await applying  # raises what decoding or applying a batch raised, after every earlier ack
@@ -141,6 +155,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         finally:
             reading.cancel()
             applying.cancel()
+            await self._budget.release(sum(held))
             self._streams -= 1
             self._metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
@@ -155,7 +170,9 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         query needs and make it several times slower.
         """
         if self._queries:
+            started = time.perf_counter()
             self._no_queries.wait(QUERY_PRIORITY_WAIT_S)
+            self._metrics.ingest_yield_seconds.inc(time.perf_counter() - started)
 
     @property
     def streams(self) -> int:
@@ -183,11 +200,15 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
             refuse = [*refuse, *(Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist())]
         return store.prepare(table, batch.producer_id, batch.sequence, refuse, batch.ipc)
 
+    def _check_memory(self) -> None:
+        """Refuses ingest while the process is above its memory high-water mark."""
+        mark = self._limits.memory_high_water_bytes
+        if mark and (resident := resident_bytes()) > mark:
+            raise ResourceExhausted(f"the server holds {resident:,} bytes, above its memory high-water mark of "
+                                    f"{mark:,}; retry later", retry_after=1.0)
+
     def _apply(self, store: EventStore, prepared: PreparedBatch, principal: Principal) -> IngestResult:
         self._yield_to_queries()
-        limits = self._limits
-        if limits.memory_high_water_bytes and resident_bytes() > limits.memory_high_water_bytes:
-            raise ResourceExhausted("the server is above its memory high-water mark; retry later", retry_after=1.0)
         wait = self._rates.wait_for(principal, prepared.events)
         if wait > 0:
             raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
@@ -203,11 +224,15 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             query = dataclasses.replace(query, deadline=time.monotonic() + remaining)
+        return await self._in_worker(name, lambda: respond(run(query)))
+
+    async def _in_worker(self, name: str, work):
+        """`work()` in a worker thread, counted as a running query (ingest yields to it), timed."""
         started = time.perf_counter()
         self._queries += 1
         self._no_queries.clear()
         try:
-            return await asyncio.to_thread(lambda: respond(run(query)))
+            return await asyncio.to_thread(work)
         finally:
             self._queries -= 1
             if not self._queries:
@@ -229,18 +254,21 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
 
     async def ListTests(self, request: pb.ListTestsRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListTestsResponse:
-        started = time.perf_counter_ns()
-        prefix = PRINCIPAL.get().test_prefix
-        # Maintained per-test counters: no event is scanned.
-        tests = [t for t in self._holder.get().list_tests() if t.test_id.startswith(prefix)]
-        self._metrics.query_seconds.labels("ListTests").observe((time.perf_counter_ns() - started) / 1e9)
-        return converters.list_tests_response(tests, QueryStats(0, time.perf_counter_ns() - started))
+        store, prefix = self._holder.get(), PRINCIPAL.get().test_prefix
+
+        def work() -> pb.ListTestsResponse:
+            started = time.perf_counter_ns()
+            tests = [t for t in store.list_tests() if t.test_id.startswith(prefix)]
+            return converters.list_tests_response(tests, QueryStats(0, time.perf_counter_ns() - started))
+
+        return await self._in_worker("ListTests", work)
 
     async def ListQuarantine(self, request: pb.ListQuarantineRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListQuarantineResponse:
+        store, prefix = self._holder.get(), PRINCIPAL.get().test_prefix
         limit = min(request.limit or QUARANTINE_DEFAULT_LIMIT, QUARANTINE_MAX_LIMIT)
-        entries, total = self._holder.get().quarantine(request.test_id, limit, PRINCIPAL.get().test_prefix)
-        return converters.quarantine_response(entries, total)
+        return await self._in_worker("ListQuarantine", lambda: converters.quarantine_response(
+            *store.quarantine(request.test_id, limit, prefix)))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -13,7 +13,9 @@ class Settings:
 
     addr: str = "127.0.0.1:50051"
     data_dir: str = "./data"
-    max_message_bytes: int = 64 * 1024 * 1024
+    # The largest request taken (gRPC holds each whole while receiving it): 100,000 typical events
+    # are ~8 MB as messages, ~3 MB columnar.
+    max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 10.0
     quarantine_limit: int = 100_000
     log_level: str = "INFO"
@@ -31,7 +33,10 @@ class Settings:
     tls_client_ca: str = ""  # PEM: require client certificates signed by it (mutual TLS)
     max_batch_events: int = 100_000
     max_ingest_streams: int = 64
-    memory_high_water_bytes: int = 0  # refuse ingest (RESOURCE_EXHAUSTED) above this resident size; 0: off
+    # Refuse ingest (RESOURCE_EXHAUSTED) above this resident size; -1: 80% of the memory the process
+    # may use (its cgroup's limit or the machine's RAM); 0: off.
+    memory_high_water_bytes: int = -1
+    max_ingest_bytes: int = 256 << 20  # ingest requests in flight, as charged until their ack (service/admission.py)
     metrics_addr: str = ""  # host:port for Prometheus metrics over HTTP; empty: off
     log_format: str = "json"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 
@@ -132,6 +133,9 @@ def encode_repeated(number: int, rows: Message) -> bytes:
 
 def string_table(values: Sequence[str]) -> tuple[list[bytes], np.ndarray]:
     """(distinct UTF-8 strings, index of each value) for a column of few distinct strings."""
-    table: dict[str, int] = {}
-    index = np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int64, count=len(values))
-    return [s.encode() for s in table], index
+    if len(values) < 64:
+        table: dict[str, int] = {}
+        index = np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int64, count=len(values))
+        return [s.encode() for s in table], index
+    encoded = pa.array(values, pa.string()).dictionary_encode()
+    return [s.encode() for s in encoded.dictionary.to_pylist()], encoded.indices.to_numpy().astype(np.int64)

@@ -6,6 +6,8 @@ exception for degenerate data.
 """
 
 from abstream.stats.core import (
+    NO_CONTROL,
+    SEVERITY,
     Arm,
     Comparison,
     Estimate,
@@ -16,5 +18,5 @@ from abstream.stats.core import (
     srm_p_value,
 )
 
-__all__ = ["Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
+__all__ = ["NO_CONTROL", "SEVERITY", "Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
            "srm_p_value"]

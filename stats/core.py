@@ -15,6 +15,9 @@ of a per-user metric (a user's revenue total, say). Formulas, one line each (REA
   prior by precision weighting; chance to win = P(lift > 0); risk = (E[max(lift, 0)],
   E[max(-lift, 0)]): the expected loss of keeping the control, and of shipping the treatment
 - sample ratio mismatch: Pearson chi-square of users per arm against expected weights
+
+Nothing is claimed from no variance: a lift whose standard error is 0 or not finite gets a status
+saying which arm is degenerate and why (`_degenerate`), zeros, p = 1 and no posterior.
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ import numpy as np
 from scipy import optimize, special
 
 OK = "ok"
-NOT_ENOUGH_DATA = "not_enough_data"  # fewer than two users in an arm
-ZERO_VARIANCE = "zero_variance"  # no spread in either arm: nothing to test against
-ZERO_CONTROL_MEAN = "zero_control_mean"  # relative lift undefined
+NOT_ENOUGH_DATA = "not_enough_data"  # an arm has fewer than two users
+NOT_FINITE = "not_finite"  # values so large that a variance overflows
+ZERO_VARIANCE = "zero_variance"  # neither arm varies: nothing to measure uncertainty against
+ZERO_TREATMENT = "zero_treatment"  # the treatment is all zeros: the relative lift's delta-method se is 0
+ZERO_CONTROL_MEAN = "zero_control_mean"  # the control's mean is 0: a relative lift is undefined
+NO_CONTROL = "no_control"  # the control has no users here (a segment): nothing is compared
+#: Statuses from the least to the most severe: a comparison takes its worse lift's.
+SEVERITY = (OK, ZERO_CONTROL_MEAN, ZERO_TREATMENT, ZERO_VARIANCE, NOT_FINITE, NOT_ENOUGH_DATA, NO_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ def binomial_arm(n: int, successes: int) -> Arm:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A lift with its uncertainty. All zeros when `status` says it could not be computed."""
+    """A lift with its uncertainty. All zeros and p = 1 when `status` says it could not be
+    computed, and then `message` says which arm is degenerate and why."""
 
     estimate: float = 0.0
     se: float = 0.0
@@ -69,6 +78,7 @@ class Estimate:
     ci_high: float = 0.0
     p_value: float = 1.0
     status: str = NOT_ENOUGH_DATA
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class Comparison:
     risk_treatment: float = 0.0  # expected loss (relative) of shipping the treatment
     posterior_mean: float = 0.0
     status: str = NOT_ENOUGH_DATA
+    message: str = ""
 
 
 def welch_dof(c: Arm, t: Arm) -> float:
@@ -103,8 +114,8 @@ def sequential_half_width(se: float, n: int, alpha: float, n_star: float) -> flo
 
 def _sequential_p_value(estimate: float, se: float, n: int, n_star: float) -> float:
     """The smallest alpha whose confidence sequence excludes 0 (1 when none below 1 does)."""
-    if se <= 0:
-        return 0.0 if estimate != 0 else 1.0
+    if se <= 0:  # no spread is no evidence (callers give such lifts a status first)
+        return 1.0
     gap = abs(estimate)
 
     def excess(log_alpha: float) -> float:
@@ -119,10 +130,40 @@ def _sequential_p_value(estimate: float, se: float, n: int, n_star: float) -> fl
     return float(min(1.0, math.exp(optimize.brentq(excess, low, high, xtol=1e-12))))
 
 
+def _g(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _degenerate(control: Arm, treatment: Arm, relative: bool) -> Estimate | None:
+    """The status of a lift whose standard error is not usable, with words that say why; None
+    when it is usable. The absolute lift's se is 0 only when neither arm varies; the relative
+    lift's (delta method) also when the treatment is all zeros, and it is undefined when the
+    control's mean is 0."""
+    arms = (("control", control), ("treatment", treatment))
+    for name, arm in arms:
+        if arm.n < 2:
+            return Estimate(status=NOT_ENOUGH_DATA, message=f"the {name} has {arm.n} user{'s' * (arm.n != 1)}; "
+                                                            "at least 2 per arm are needed")
+    for name, arm in arms:
+        if not (math.isfinite(arm.mean) and math.isfinite(arm.variance)):
+            return Estimate(status=NOT_FINITE, message=f"the {name}'s values are too large: their variance "
+                                                       "overflows")
+    if control.variance == 0 and treatment.variance == 0:
+        return Estimate(status=ZERO_VARIANCE, message=f"neither arm varies (every control user has "
+                                                      f"{_g(control.mean)}, every treatment user {_g(treatment.mean)}):"
+                                                      " there is no spread to measure uncertainty against")
+    if relative and control.mean == 0:
+        return Estimate(status=ZERO_CONTROL_MEAN, message="the control's mean is 0: a lift relative to it is undefined")
+    if relative and treatment.variance == 0 and treatment.mean == 0:
+        return Estimate(status=ZERO_TREATMENT, message="every treatment user has 0: the delta method gives the "
+                                                       "relative lift no standard error (the absolute lift has one)")
+    return None
+
+
 def _estimate(value: float, se: float, dof: float, alpha: float, sequential: bool, n: int,
               n_star: float) -> Estimate:
-    if se <= 0 or not math.isfinite(se):
-        return Estimate(value, 0.0, value, value, 1.0 if value == 0 else 0.0, ZERO_VARIANCE)
+    if not (se > 0 and math.isfinite(se) and math.isfinite(value)):
+        return Estimate(status=NOT_FINITE, message="the standard error is not a finite positive number")
     if sequential:
         half = sequential_half_width(se, n, alpha, n_star)
         p_value = _sequential_p_value(value, se, n, n_star)
@@ -133,26 +174,33 @@ def _estimate(value: float, se: float, dof: float, alpha: float, sequential: boo
     return Estimate(value, se, value - half, value + half, min(max(p_value, 0.0), 1.0), OK)
 
 
+def worse(a: str, b: str) -> str:
+    return max(a, b, key=SEVERITY.index)
+
+
 def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequential: bool = False,
             n_star: float = 5000, prior_mean: float | None = None, prior_variance: float | None = None
             ) -> Comparison:
-    """Lift of `treatment` over `control`: intervals, p-values, chance to win and risk."""
-    if control.n < 2 or treatment.n < 2:
-        return Comparison(control.mean, treatment.mean, Estimate(), Estimate())
+    """Lift of `treatment` over `control`: intervals, p-values, chance to win and risk.
+
+    A lift whose standard error is not usable has a status that says why, zeros and p = 1;
+    without a relative lift there is no posterior: chance to win 0.5, risks 0."""
     alpha = 1 - confidence
     n = control.n + treatment.n
-    dof = welch_dof(control, treatment)
-    d = treatment.mean - control.mean
-    absolute = _estimate(d, math.sqrt(control.variance / control.n + treatment.variance / treatment.n), dof,
-                         alpha, sequential, n, n_star)
-    if control.mean == 0:
-        relative = Estimate(status=ZERO_CONTROL_MEAN)
-        return Comparison(control.mean, treatment.mean, absolute, relative, dof, status=ZERO_CONTROL_MEAN)
     mc, mt = control.mean, treatment.mean
-    rel_var = treatment.variance / (treatment.n * mc * mc) + control.variance * mt * mt / (control.n * mc ** 4)
-    relative = _estimate(d / abs(mc), math.sqrt(rel_var), dof, alpha, sequential, n, n_star)
+    absolute = _degenerate(control, treatment, relative=False)
+    relative = _degenerate(control, treatment, relative=True)
+    dof = welch_dof(control, treatment) if absolute is None else 0.0
+    if absolute is None:
+        absolute = _estimate(mt - mc, math.sqrt(control.variance / control.n + treatment.variance / treatment.n),
+                             dof, alpha, sequential, n, n_star)
+    if relative is None:
+        rel_var = treatment.variance / (treatment.n * mc * mc) + control.variance * mt * mt / (control.n * mc ** 4)
+        relative = _estimate((mt - mc) / abs(mc), math.sqrt(rel_var), dof, alpha, sequential, n, n_star)
+    status = worse(absolute.status, relative.status)
+    message = next((e.message for e in (absolute, relative) if e.status == status), "")
     if relative.status != OK:
-        return Comparison(mc, mt, absolute, relative, dof, status=relative.status)
+        return Comparison(mc, mt, absolute, relative, dof, status=status, message=message)
     mean, variance = relative.estimate, relative.se ** 2
     if prior_mean is not None and prior_variance is not None and prior_variance > 0:
         precision = 1 / prior_variance + 1 / variance
@@ -163,7 +211,7 @@ def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequentia
     return Comparison(mc, mt, absolute, relative, dof, chance_to_win=below,
                       risk_control=mean * below + sd * density,
                       risk_treatment=-mean * (1 - below) + sd * density,
-                      posterior_mean=mean, status=OK)
+                      posterior_mean=mean, status=status, message=message)
 
 
 def srm_p_value(users: list[int] | np.ndarray, weights: list[float] | np.ndarray | None = None) -> float:

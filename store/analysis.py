@@ -15,6 +15,11 @@ import numpy as np
 from abstream import stats
 from abstream.store import kernels
 from abstream.store.errors import InvalidArgument
+from abstream.store.schema import CODE_TYPES
+from abstream.store.validate import check_query_string, listed
+
+#: The most variants a test can have (the variant dictionary's capacity).
+MAX_VARIANTS = int(np.iinfo(CODE_TYPES["variant"].to_pandas_dtype()).max)
 
 #: Per-user metrics compared between variants.
 METRICS = ("conversion", "revenue_per_user", "conversions_per_user")
@@ -36,6 +41,12 @@ class AnalysisOptions:
     correction: str = "none"
 
     def check(self) -> None:
+        check_query_string("control_variant", self.control_variant)
+        if len(self.expected_weights) > MAX_VARIANTS:
+            raise InvalidArgument("expected_weights", f"has {len(self.expected_weights):,} entries; a test has at most "
+                                                      f"{MAX_VARIANTS:,} variants")
+        for variant in self.expected_weights:
+            check_query_string("expected_weights", variant)
         if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
         if not self.n_star > 0:
@@ -110,26 +121,31 @@ def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, re
     return UserMoments(users, sums, m2)
 
 
-def choose_control(variants: list[str], requested: str, strict: bool = True) -> str:
+def choose_control(variants: list[str], requested: str) -> str:
+    """The requested control, which must be one of `variants`; else "control" if there is one,
+    else the first in sort order."""
     if requested:
-        if strict and variants and requested not in variants:
+        if variants and requested not in variants:
             raise InvalidArgument("control_variant", f"{requested!r} is not a variant of this test "
-                                                     f"({', '.join(variants)})")
+                                                     f"({listed(variants)})")
         return requested
     return "control" if "control" in variants else (variants[0] if variants else "")
 
 
 def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, options: AnalysisOptions,
-            strict: bool = True) -> Analysis:
+            control: str | None = None) -> Analysis:
     """Compares every variant with the control; `index` picks the groups of `moments` that are
-    these variants, in the same order. With `strict`, a requested control that is not among the
-    variants is an error; otherwise (a segment without it) there is nothing to compare."""
-    control = choose_control(variants, options.control_variant, strict)
+    these variants, in the same order. `control` is the one chosen for the whole query (each of
+    Segments' segments compares with the test's control); without it, it is chosen here, and a
+    requested control that is not among the variants is an error. Where the control has no
+    users (a segment), each comparison says so and nothing is compared."""
+    if control is None:
+        control = choose_control(variants, options.control_variant)
     users = moments.users[index]
     if options.expected_weights:
         missing = [v for v in variants if v not in options.expected_weights]
         if missing:
-            raise InvalidArgument("expected_weights", f"has no weight for {', '.join(map(repr, missing))}")
+            raise InvalidArgument("expected_weights", f"has no weight for {listed(missing)}")
         srm = stats.srm_p_value(users, [options.expected_weights[v] for v in variants])
     else:
         srm = stats.srm_p_value(users)
@@ -146,6 +162,14 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
             relative = stats.adjust_p_values([r.relative.p_value for r in results], options.correction)
             comparisons += [MetricComparison(variants[t], metric, r, a, rel)
                             for t, r, a, rel in zip(treatments, results, absolute, relative)]
+    elif control:
+        why = f"the control {control!r} has no users here: nothing is compared"
+        missing_control = stats.Estimate(status=stats.NO_CONTROL, message=why)
+        for metric in METRICS:
+            for variant, arm in zip(variants, moments.arms(metric, index)):
+                result = stats.Comparison(0.0, arm.mean, missing_control, missing_control, status=stats.NO_CONTROL,
+                                          message=why)
+                comparisons.append(MetricComparison(variant, metric, result, 1.0, 1.0))
     order = {v: i for i, v in enumerate(variants)}
     comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
     return Analysis(control, srm, srm < options.srm_threshold, comparisons)

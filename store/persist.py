@@ -72,7 +72,7 @@ def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[
     """
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
-                         "rejections": [[r.index, r.field, r.message] for r in record.rejections]}).encode()
+                         "rejections": record.rejections}, separators=(",", ":"), check_circular=False).encode()
     body = _ipc(record.batch) if ipc is None else ipc
     return [_SIZES.pack(len(header), memoryview(body).nbytes) + header, body]
 

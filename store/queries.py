@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from abstream.store.analysis import Analysis, AnalysisOptions
 from abstream.store.schema import NS_PER_SECOND
+from abstream.store.validate import check_query_string
 
 _MINUTE = 60 * NS_PER_SECOND
 #: Weeks start on Monday: 1969-12-29T00:00:00Z, the Monday before the Unix epoch.
@@ -52,6 +53,10 @@ class Filters:
     def items(self) -> list[tuple[str, str]]:
         return [(name, value) for name in ("device", "country", "event_type")
                 if (value := getattr(self, name)) is not None]
+
+    def check(self) -> None:
+        for name, value in self.items():
+            check_query_string(f"filters.{name}", value)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ dictionary, which is what makes distinct counting and grouping cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -68,9 +68,8 @@ STORED_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """Why one event of a batch was not stored."""
+class Rejection(NamedTuple):
+    """Why one event of a batch was not stored (a tuple: a batch may reject 100,000 events)."""
 
     index: int
     field: str

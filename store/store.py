@@ -33,7 +33,7 @@ from abstream.store.queries import (
     TimeseriesResult,
 )
 from abstream.store.schema import CODE_TYPES, STORED_SCHEMA, Rejection
-from abstream.store.validate import normalize, validate
+from abstream.store.validate import check_query_string, normalize, validate
 from abstream.store.wal import Payload, WalCorruption, WriteAheadLog
 
 log = logging.getLogger("abstream.store")
@@ -465,12 +465,13 @@ class EventStore:
         _in_time(q.deadline)
         moments = analysis.user_moments(variant_id * n_seg + segment_id, cols["user_id"], cols["conversion"],
                                         cols["revenue"], self._n_users(), totals)
+        control = analysis.choose_control(self._dicts["variant"].decode(variant_codes), q.analysis.control_variant)
         analyses = []
-        for segment_index in range(n_seg):  # each segment compares its own variants
+        for segment_index in range(n_seg):  # each segment compares its own variants with the test's control
             rows = np.flatnonzero(s == segment_index)
             if len(rows):
                 analyses.append((segments[rows[0]], analysis.analyze(
-                    [variants[r] for r in rows.tolist()], moments, keep[rows], q.analysis, strict=False)))
+                    [variants[r] for r in rows.tolist()], moments, keep[rows], q.analysis, control)))
         return SegmentsResult(
             test_id=q.test_id,
             dimension=q.dimension,
@@ -543,6 +544,7 @@ class EventStore:
     def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = "") -> tuple[list[QuarantinedEvent], int]:
         """Up to `limit` rejected events, newest first, and how many match in all (of one test
         when `test_id` is given, of tests starting with `test_prefix`)."""
+        check_query_string("test_id", test_id)
         return self._quarantine.newest(test_id, limit, test_prefix)
 
     @property
@@ -569,6 +571,7 @@ class EventStore:
     def _resolve(self, test_id: str, start_ns: int | None, end_ns: int | None) -> tuple[StoreView, int | None, int, int]:
         if not test_id:
             raise InvalidArgument("test_id", "is required")
+        check_query_string("test_id", test_id)
         if start_ns is not None and end_ns is not None and end_ns < start_ns:
             raise InvalidArgument("end_time", "is before start_time")
         view = self._view  # captured before the lookup: codes it holds are already in the dictionary
@@ -578,6 +581,8 @@ class EventStore:
     def _select(self, view: StoreView, test: int | None, start: int, end: int, names: list[str],
                 filters: Filters | None = None) -> dict[str, np.ndarray]:
         """Columns of the events in range that pass the filters; '_scanned' counts those in range."""
+        if filters:
+            filters.check()
         filter_names = [name for name, _ in filters.items()] if filters else []
         wanted = list(dict.fromkeys(names + filter_names))
         if test is None:

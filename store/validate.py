@@ -128,17 +128,26 @@ def validate(batch: pa.Table, now_ns: int) -> tuple[np.ndarray, list[Rejection]]
                 checks.append((name + ":missing", strings[name + ":missing"]))
             checks.append((name, strings[name]))
 
-    bad = np.zeros(n, dtype=bool)
-    for _, mask in checks:
-        bad |= mask
+    stacked = np.stack([mask for _, mask in checks]) if n else np.zeros((len(checks), 0), dtype=bool)
+    bad = stacked.any(axis=0)
     if not bad.any():
         return ~bad, []
 
-    rejections = []
-    for i in np.flatnonzero(bad).tolist():
-        key = next(key for key, mask in checks if mask[i])
-        name = key.split(":")[0]
-        rejections.append(Rejection(i, name, _message(key, batch, i, ts[i], max_ns)))
+    rows = np.flatnonzero(bad)
+    first = np.argmax(stacked[:, rows], axis=0)  # each bad row's first failing check, in field order
+    messages: list = [None] * len(rows)
+    for k in np.unique(first).tolist():
+        key = checks[k][0]
+        at = np.flatnonzero(first == k)
+        if key.endswith(":missing"):  # one message for every row: no per-row work
+            text = _message(key, batch, -1, 0, max_ns)
+            for j in at.tolist():
+                messages[j] = text
+        else:
+            for j, i in zip(at.tolist(), rows[at].tolist()):
+                messages[j] = _message(key, batch, i, ts[i], max_ns)
+    names = [key.split(":")[0] for key, _ in checks]
+    rejections = [Rejection(i, names[k], m) for i, k, m in zip(rows.tolist(), first.tolist(), messages)]
     return ~bad, rejections
 
 
@@ -157,6 +166,20 @@ def _message(key: str, batch: pa.Table, i: int, ts: int, max_ns: int) -> str:
     if name == "revenue":
         return f"revenue must be a finite number, got {value}"
     return too_long(name, len(value.encode()))
+
+
+def check_query_string(field: str, value: str) -> None:
+    """Strings a query names (a test, a filter value, a variant) are bounded like events' strings:
+    nothing longer can match, and an error never repeats what it refuses."""
+    length = len(value.encode())
+    if length > MAX_STRING_BYTES:
+        raise InvalidArgument(field, too_long(field, length).split(" ", 1)[1])
+
+
+def listed(values: list[str], most: int = 10) -> str:
+    """Values for an error message, the first `most` of them."""
+    shown = ", ".join(map(repr, values[:most]))
+    return shown + (f" and {len(values) - most:,} more" if len(values) > most else "")
 
 
 def too_long(name: str, length: int) -> str:

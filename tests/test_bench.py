@@ -28,6 +28,7 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
     assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0
     assert report["memory"]["bytes_per_event"] > 0
+    assert report["hostile_ids"]["ids"] >= 1000 and report["hostile_ids"]["secret_over_random"] > 0
     assert report["snapshot"]["events"] >= 50000
     assert report["restart"]["verified"] and report["restart"]["events"] == report["snapshot"]["events"]
     assert "| summary |" in result.stdout

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from abstream.store.dictionary import Dictionary, hash_strings
+from bench.hostile import crafted_ids
 
 KEY = bytes(range(16))
 MASK = (1 << 64) - 1
@@ -62,20 +63,6 @@ def test_the_dictionary_hash_is_keyed_128_bit_siphash():
         expected = [siphash(key, v.encode(), 16) for v in values]
         assert [h0.tobytes() + h1.tobytes() for h0, h1 in hashes] == expected
     assert not np.array_equal(hash_strings(pa.array(values), KEY), hash_strings(pa.array(values), bytes(16)))
-
-
-def crafted_ids(key: bytes, count: int, low_bits: int = 12) -> list[str]:
-    """Printable 8-byte ids whose hash under `key` has the same low bits: what someone who knew the
-    key could send to pile every id into one probe chain."""
-    rng = np.random.default_rng(5)
-    found: list[str] = []
-    while len(found) < count:
-        raw = rng.integers(0x30, 0x7B, size=(1 << 20, 8), dtype=np.uint8)
-        values = pa.StringArray.from_buffers(len(raw), pa.py_buffer(np.arange(len(raw) + 1, dtype=np.int32) * 8),
-                                             pa.py_buffer(raw.tobytes()))
-        low = hash_strings(values, key)[:, 0] & np.uint64((1 << low_bits) - 1)
-        found += [bytes(r).decode() for r in raw[low == 0]]
-    return found[:count]
 
 
 def longest_probe(d: Dictionary) -> int:

@@ -67,22 +67,26 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged_and_stores_nothing
     duplicates = 0
     stop = threading.Event()
     lock = threading.Lock()
+    errors: list[BaseException] = []  # what a producer thread raised (an assert there is lost otherwise)
 
     def produce(name: str) -> None:
         nonlocal duplicates
-        while not stop.is_set():
-            seq = producers[name]
-            try:
-                with grpc.insecure_channel(server.address) as ch:
-                    ack = send(server.stub(ch), name, seq, timeout=5)
-            except grpc.RpcError:
-                time.sleep(0.05)  # the server is down or restarting: send the same batch again
-                continue
-            with lock:
-                assert ack.duplicate or ack.accepted == BATCH
-                duplicates += ack.duplicate
-                acked[name].add(seq)
-                producers[name] = seq + 1
+        try:
+            while not stop.is_set():
+                seq = producers[name]
+                try:
+                    with grpc.insecure_channel(server.address) as ch:
+                        ack = send(server.stub(ch), name, seq, timeout=5)
+                except grpc.RpcError:
+                    time.sleep(0.05)  # the server is down or restarting: send the same batch again
+                    continue
+                with lock:
+                    assert ack.duplicate or ack.accepted == BATCH, ack
+                    duplicates += ack.duplicate
+                    acked[name].add(seq)
+                    producers[name] = seq + 1
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
 
     threads = [threading.Thread(target=produce, args=(p,)) for p in producers]
     for t in threads:
@@ -98,6 +102,8 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged_and_stores_nothing
         stop.set()
         for t in threads:
             t.join(timeout=60)
+    assert not errors, errors
+    assert all(not t.is_alive() for t in threads)
     # A batch in flight when the producers stopped may be stored without its ack having arrived;
     # each producer sends it once more, as it would on its next run: stored once either way.
     with grpc.insecure_channel(server.address) as ch:
@@ -301,16 +307,21 @@ def test_graceful_shutdown_under_load_loses_nothing_acked(data_dir):
     server = Server(data_dir, "--grace-seconds", "5").start()
     acked = {f"g{i}": 0 for i in range(3)}
     done = threading.Event()
+    errors: list[BaseException] = []
 
     def write(name: str) -> None:
-        with server.channel() as ch:
-            stub = server.stub(ch)
-            while not done.is_set():
-                try:
-                    send(stub, name, acked[name])
-                except grpc.RpcError:
-                    return  # the server is going away: stop, as a producer would, until it is back
-                acked[name] += 1
+        try:
+            with server.channel() as ch:
+                stub = server.stub(ch)
+                while not done.is_set():
+                    try:
+                        ack = send(stub, name, acked[name])
+                    except grpc.RpcError:
+                        return  # the server is going away: stop, as a producer would, until it is back
+                    assert ack.accepted == BATCH, ack
+                    acked[name] += 1
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in acked]
     for t in threads:
@@ -320,6 +331,7 @@ def test_graceful_shutdown_under_load_loses_nothing_acked(data_dir):
     done.set()
     for t in threads:
         t.join(timeout=30)
+    assert not errors, errors
     log = server.log()
     assert "snapshot" in log and "stopped" in log
     server.start()

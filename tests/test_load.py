@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from abstream.v1 import analytics_pb2 as pb
 from tests.events import BASE_S, NS, to_message
@@ -68,34 +69,53 @@ def pb_stub(channel):
     return analytics_pb2_grpc.AnalyticsServiceStub(channel)
 
 
-def test_ingest_yields_to_queries_but_never_stalls(server, stub):
+def yielded_seconds(server) -> float:
+    return server.server.metrics.registry.get_sample_value("abstream_ingest_yield_seconds_total")
+
+
+@pytest.mark.parametrize("query", ["Summary", "ListTests", "ListQuarantine"])
+def test_ingest_yields_to_queries_but_never_stalls(server, stub, query):
     """Ingest waits while queries run, at most a moment per batch: under back-to-back queries
-    from two readers, every batch of a stream is still acknowledged and stored."""
+    from two readers, ingest is seen to wait, and every batch of a stream is still acknowledged
+    and stored. ListTests and ListQuarantine are queries like the others."""
+    call = {"Summary": lambda: stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=30),
+            "ListTests": lambda: stub.ListTests(pb.ListTestsRequest(), timeout=30),
+            "ListQuarantine": lambda: stub.ListQuarantine(pb.ListQuarantineRequest(), timeout=30)}[query]
     stop = threading.Event()
     answered = [0, 0]
+    errors: list[BaseException] = []
 
     def read(r: int) -> None:
-        for _ in range(100_000):  # bounded; stopped once the writer is done
-            if stop.is_set():
-                return
-            stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=30)
-            answered[r] += 1
+        try:
+            for _ in range(100_000):  # bounded; stopped once the writer is done
+                if stop.is_set():
+                    return
+                call()
+                answered[r] += 1
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
 
     readers = [threading.Thread(target=read, args=(r,)) for r in range(2)]
     for t in readers:
         t.start()
     try:
-        while sum(answered) < 10:
+        deadline = time.monotonic() + 30
+        while sum(answered) < 10 and not errors and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert not errors and sum(answered) >= 10, errors
+        before = yielded_seconds(server)
         batches = [pb.IngestEventsRequest(events=[to_message(dict(
             timestamp=(BASE_S + b) * NS, user_id=f"p{b}-{i}", test_id="priority", variant="AB"[i % 2], event_type="e",
             conversion=0, revenue=0.0, session_id="", device="", country="")) for i in range(50)]) for b in range(40)]
         acks = list(stub.IngestEvents(iter(batches), timeout=60))
+        waited = yielded_seconds(server) - before
         still_querying = not stop.is_set() and all(t.is_alive() for t in readers)
     finally:
         stop.set()
         for t in readers:
-            t.join()
+            t.join(timeout=60)
+    assert not errors, errors
     assert still_querying and [a.accepted for a in acks] == [50] * 40
+    assert 0 < waited < 40 * 2 * 0.05 + 1e-9  # it waited, and at most 50 ms per step
     rows = stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=10).rows
     assert sum(r.metrics.events for r in rows) == 2000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,4 +19,6 @@ def test_node_client(server):
     result = subprocess.run(["node", "--test", "test/"], cwd=NODE_DIR, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "ABSTREAM_ADDR": server.address})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# pass 2" in result.stdout and "# fail 0" in result.stdout
+    counts = dict(re.findall(r"^# (tests|pass|fail) (\d+)$", result.stdout, re.MULTILINE))
+    declared = sum(len(re.findall(r"^test\(", p.read_text(), re.MULTILINE)) for p in (NODE_DIR / "test").glob("*.js"))
+    assert declared > 0 and counts == {"tests": str(declared), "pass": str(declared), "fail": "0"}, result.stdout

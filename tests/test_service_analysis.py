@@ -158,3 +158,114 @@ def test_bad_options_are_invalid_argument(loaded, options, field):
         stub.Summary(pb.SummaryRequest(test_id="exp", analysis=options), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in bad_request(caught.value).field_violations] == [field]
+
+
+# ---- no certainty from no variance -----------------------------------------------------------
+
+def arm_events(test_id: str, variant: str, users: int, revenue: float, conversion: int, device: str = "") -> list[dict]:
+    return [dict(timestamp=(BASE_S + u) * NS, user_id=f"{variant}-{u}", test_id=test_id, variant=variant,
+                 event_type="", conversion=conversion, revenue=revenue, session_id="", device=device, country="")
+            for u in range(users)]
+
+
+def comparisons(stub, test_id: str, **options) -> dict[tuple[str, int], pb.MetricComparison]:
+    a = stub.Summary(pb.SummaryRequest(test_id=test_id, analysis=pb.AnalysisOptions(**options)), timeout=10).analysis
+    return {(c.variant, c.metric): c for c in a.comparisons}
+
+
+def assert_not_computed(lift: pb.Lift, status: int, words: str) -> None:
+    assert lift.status == status and words in lift.status_message
+    assert (lift.estimate, lift.standard_error, lift.ci_low, lift.ci_high) == (0, 0, 0, 0)
+    assert lift.p_value == 1 and lift.adjusted_p_value == 1
+
+
+OPTIONS = [{}, {"sequential": True}, {"prior_mean": 0.0, "prior_variance": 0.1}, {"correction": pb.CORRECTION_HOLM}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_two_arms_without_spread_claim_nothing(stub, options):
+    """Every control user has revenue 10, every treatment user 12: the lift is plain, its
+    uncertainty unmeasurable; before, this was 'lift 2, CI [2, 2], p 0'."""
+    ingest(stub, arm_events("flat", "control", 50, 10.0, 1) + arm_events("flat", "B", 50, 12.0, 1))
+    c = comparisons(stub, "flat", **options)[("B", pb.METRIC_REVENUE_PER_USER)]
+    assert (c.control_mean, c.treatment_mean) == (10, 12)
+    for lift in (c.absolute, c.relative):
+        assert_not_computed(lift, pb.COMPARISON_STATUS_ZERO_VARIANCE, "neither arm varies")
+    assert c.status == pb.COMPARISON_STATUS_ZERO_VARIANCE and "every control user has 10" in c.status_message
+    assert (c.chance_to_win, c.risk_control, c.risk_treatment, c.posterior_mean) == (0.5, 0, 0, 0)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_a_treatment_that_never_converts_has_an_absolute_lift_and_no_relative_one(stub, options):
+    """80 users per arm; the control converts, the treatment never does. The relative lift's
+    delta-method se is 0 only because the treatment's mean and variance are; before, it was
+    reported as -1 with CI [-1, -1], p 0 and the text 'neither arm varies', which was false."""
+    control = arm_events("never", "control", 80, 0.0, 0)
+    for e in control[::4]:
+        e["conversion"] = 1
+    ingest(stub, control + arm_events("never", "B", 80, 0.0, 0))
+    c = comparisons(stub, "never", **options)[("B", pb.METRIC_CONVERSION)]
+    assert c.absolute.status == pb.COMPARISON_STATUS_OK and c.absolute.estimate == pytest.approx(-0.25)
+    assert c.absolute.ci_low < -0.25 < c.absolute.ci_high and 0 < c.absolute.p_value < 1
+    assert_not_computed(c.relative, pb.COMPARISON_STATUS_ZERO_TREATMENT, "every treatment user has 0")
+    assert c.status == pb.COMPARISON_STATUS_ZERO_TREATMENT and "neither arm varies" not in c.status_message
+    assert (c.chance_to_win, c.risk_control, c.risk_treatment) == (0.5, 0, 0)
+
+
+def test_a_control_that_never_converts_has_no_relative_lift(stub):
+    treatment = arm_events("zeroc", "B", 80, 0.0, 0)
+    for e in treatment[::4]:
+        e["conversion"] = 1
+    ingest(stub, arm_events("zeroc", "control", 80, 0.0, 0) + treatment)
+    c = comparisons(stub, "zeroc")[("B", pb.METRIC_CONVERSION)]
+    assert c.absolute.status == pb.COMPARISON_STATUS_OK and c.absolute.estimate == pytest.approx(0.25)
+    assert_not_computed(c.relative, pb.COMPARISON_STATUS_ZERO_CONTROL_MEAN, "control's mean is 0")
+
+
+def test_a_one_user_arm_says_which_arm(stub):
+    ingest(stub, arm_events("one", "control", 5, 1.0, 0) + arm_events("one", "B", 1, 2.0, 0))
+    c = comparisons(stub, "one")[("B", pb.METRIC_REVENUE_PER_USER)]
+    assert_not_computed(c.absolute, pb.COMPARISON_STATUS_NOT_ENOUGH_DATA, "the treatment has 1 user")
+
+
+def test_segments_report_degenerate_lifts_the_same_way(stub):
+    ingest(stub, arm_events("segflat", "control", 40, 10.0, 1, "mobile") + arm_events("segflat", "B", 40, 12.0, 1, "mobile"))
+    response = stub.Segments(pb.SegmentsRequest(test_id="segflat", dimension=pb.DIMENSION_DEVICE), timeout=10)
+    (segment,) = response.analyses
+    c = next(c for c in segment.analysis.comparisons if c.metric == pb.METRIC_REVENUE_PER_USER)
+    assert_not_computed(c.absolute, pb.COMPARISON_STATUS_ZERO_VARIANCE, "neither arm varies")
+
+
+def test_a_segment_without_the_control_compares_nothing_and_says_so(stub):
+    """control, t1 and t2; the tablet segment has no control users. Before, it silently took t1
+    as its control and compared t2 against it."""
+    rng = random.Random(3)
+    events = []
+    for variant in ("control", "t1", "t2"):
+        for device in ("desktop", "tablet"):
+            if (variant, device) == ("control", "tablet"):
+                continue
+            arm = arm_events("seg", variant, 30, 0.0, 0, device)
+            for e in arm:
+                e["user_id"] += device
+                e["revenue"] = round(rng.uniform(0, 10), 2)
+            events += arm
+    ingest(stub, events)
+    response = stub.Segments(pb.SegmentsRequest(test_id="seg", dimension=pb.DIMENSION_DEVICE), timeout=10)
+    by_segment = {s.segment: s.analysis for s in response.analyses}
+    assert by_segment["desktop"].control_variant == by_segment["tablet"].control_variant == "control"
+    desktop = by_segment["desktop"].comparisons
+    assert {c.variant for c in desktop} == {"t1", "t2"} and all(c.status == pb.COMPARISON_STATUS_OK
+                                                               for c in desktop if c.metric == pb.METRIC_REVENUE_PER_USER)
+    tablet = by_segment["tablet"].comparisons
+    assert {c.variant for c in tablet} == {"t1", "t2"} and len(tablet) == 6
+    for c in tablet:
+        assert c.status == pb.COMPARISON_STATUS_NO_CONTROL and "'control' has no users here" in c.status_message
+        assert_not_computed(c.absolute, pb.COMPARISON_STATUS_NO_CONTROL, "nothing is compared")
+        assert c.control_mean == 0
+    # a control asked for by name is the control in every segment too
+    named = stub.Segments(pb.SegmentsRequest(test_id="seg", dimension=pb.DIMENSION_DEVICE,
+                                             analysis=pb.AnalysisOptions(control_variant="t1")), timeout=10)
+    assert {s.analysis.control_variant for s in named.analyses} == {"t1"}
+    assert all(c.variant != "t1" and c.status != pb.COMPARISON_STATUS_NO_CONTROL
+               for s in named.analyses for c in s.analysis.comparisons)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from abstream.stats import adjust_p_values, arm_from_sums, binomial_arm, compare, srm_p_value
-from abstream.stats.core import NOT_ENOUGH_DATA, OK, ZERO_CONTROL_MEAN, ZERO_VARIANCE
+from abstream.stats import Arm
+from abstream.stats.core import NOT_ENOUGH_DATA, NOT_FINITE, OK, ZERO_CONTROL_MEAN, ZERO_TREATMENT, ZERO_VARIANCE
 
 VECTORS = json.loads((Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").read_text()) \
     if (Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").exists() else None
@@ -85,10 +86,16 @@ def test_degenerate_arms_get_a_status_and_no_nan():
         NOT_ENOUGH_DATA: (arm_from_sums(1, 5.0, 25.0), arm_from_sums(10, 50.0, 300.0)),
         ZERO_VARIANCE: (arm_from_sums(10, 50.0, 250.0), arm_from_sums(10, 50.0, 250.0)),
         ZERO_CONTROL_MEAN: (arm_from_sums(10, 0.0, 0.0), arm_from_sums(10, 5.0, 20.0)),
+        ZERO_TREATMENT: (binomial_arm(80, 20), binomial_arm(80, 0)),
+        NOT_FINITE: (Arm(10, 1e300, float("inf")), Arm(10, 1e300, 1.0)),
     }
     for status, (a, b) in cases.items():
+        for options in ({}, {"sequential": True}, {"prior_mean": 0.0, "prior_variance": 1.0}):
+            c = compare(a, b, **options)
+            assert c.status == status and c.message, (status, options)
+            assert c.relative.status != OK and c.relative.p_value == 1.0 and c.relative.ci_low == c.relative.ci_high == 0
+            assert (c.chance_to_win, c.risk_control, c.risk_treatment) == (0.5, 0.0, 0.0)
         c = compare(a, b)
-        assert c.status == status
         values = [c.dof, c.chance_to_win, c.risk_control, c.risk_treatment, c.posterior_mean]
         for e in (c.absolute, c.relative):
             values += [e.estimate, e.se, e.ci_low, e.ci_high, e.p_value]

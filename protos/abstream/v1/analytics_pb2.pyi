@@ -47,6 +47,9 @@ class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARISON_STATUS_NOT_ENOUGH_DATA: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_ZERO_VARIANCE: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_ZERO_CONTROL_MEAN: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_ZERO_TREATMENT: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_NOT_FINITE: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_NO_CONTROL: _ClassVar[ComparisonStatus]
 DIMENSION_UNSPECIFIED: Dimension
 DIMENSION_DEVICE: Dimension
 DIMENSION_COUNTRY: Dimension
@@ -69,6 +72,9 @@ COMPARISON_STATUS_OK: ComparisonStatus
 COMPARISON_STATUS_NOT_ENOUGH_DATA: ComparisonStatus
 COMPARISON_STATUS_ZERO_VARIANCE: ComparisonStatus
 COMPARISON_STATUS_ZERO_CONTROL_MEAN: ComparisonStatus
+COMPARISON_STATUS_ZERO_TREATMENT: ComparisonStatus
+COMPARISON_STATUS_NOT_FINITE: ComparisonStatus
+COMPARISON_STATUS_NO_CONTROL: ComparisonStatus
 
 class Event(_message.Message):
     __slots__ = ("timestamp", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id", "device", "country")
@@ -198,7 +204,7 @@ class AnalysisOptions(_message.Message):
     def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ...) -> None: ...
 
 class Lift(_message.Message):
-    __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status")
+    __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status", "status_message")
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     STANDARD_ERROR_FIELD_NUMBER: _ClassVar[int]
     CI_LOW_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +212,7 @@ class Lift(_message.Message):
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     ADJUSTED_P_VALUE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     estimate: float
     standard_error: float
     ci_low: float
@@ -213,10 +220,11 @@ class Lift(_message.Message):
     p_value: float
     adjusted_p_value: float
     status: ComparisonStatus
-    def __init__(self, estimate: _Optional[float] = ..., standard_error: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., adjusted_p_value: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ...) -> None: ...
+    status_message: str
+    def __init__(self, estimate: _Optional[float] = ..., standard_error: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., adjusted_p_value: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class MetricComparison(_message.Message):
-    __slots__ = ("variant", "metric", "control_mean", "treatment_mean", "absolute", "relative", "degrees_of_freedom", "chance_to_win", "risk_control", "risk_treatment", "posterior_mean", "status")
+    __slots__ = ("variant", "metric", "control_mean", "treatment_mean", "absolute", "relative", "degrees_of_freedom", "chance_to_win", "risk_control", "risk_treatment", "posterior_mean", "status", "status_message")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     CONTROL_MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +237,7 @@ class MetricComparison(_message.Message):
     RISK_TREATMENT_FIELD_NUMBER: _ClassVar[int]
     POSTERIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     variant: str
     metric: Metric
     control_mean: float
@@ -241,7 +250,8 @@ class MetricComparison(_message.Message):
     risk_treatment: float
     posterior_mean: float
     status: ComparisonStatus
-    def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ...) -> None: ...
+    status_message: str
+    def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class Analysis(_message.Message):
     __slots__ = ("control_variant", "srm_p_value", "sample_ratio_mismatch", "comparisons")
