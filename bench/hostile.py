@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-
 from abstream.store.dictionary import Dictionary, hash_strings
 
 KNOWN_KEY = bytes(16)

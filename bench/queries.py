@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from abstream.core import analysis
 from abstream.store import Dimension, EventStore, Interval, SegmentsQuery, SummaryQuery, TimeseriesQuery
 from abstream.v1 import analytics_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
 
 NS = 1_000_000_000
 _METRICS_SQL = """count(DISTINCT user_id), count(*) FILTER (WHERE conversion = 1), sum(revenue), count(*),
@@ -66,8 +66,9 @@ def summary(test_id: str, start_ns: int | None = None, end_ns: int | None = None
     def local(store):
         return [(r.variant, *_m(r.metrics)) for r in run(store).rows()]
 
-    def run(store):
-        return store.summary(SummaryQuery(test_id, start_ns, end_ns))
+    def run(store):  # with the analysis, as the server answers
+        q = SummaryQuery(test_id, start_ns, end_ns)
+        return analysis.summary(q, store.summary(q))
 
     sql = (f"SELECT variant, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, start_ns, end_ns)} "
            "GROUP BY variant ORDER BY variant")
@@ -87,7 +88,8 @@ def segments(test_id: str, dimension: str) -> Query:
         return [(r.variant, r.segment, *_m(r.metrics)) for r in run(store).rows()]
 
     def run(store):
-        return store.segments(SegmentsQuery(test_id, dim))
+        q = SegmentsQuery(test_id, dim)
+        return analysis.segments(q, store.segments(q))
 
     sql = (f"SELECT variant, {dimension}, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, None, None)} "
            f"GROUP BY variant, {dimension} ORDER BY variant, {dimension}")

@@ -25,11 +25,11 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from abstream.clients import arrow_ipc
 from abstream.store import EventStore
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
+
 from bench import dataset, hostile, queries
 
 INGEST_METHOD = "/abstream.v1.AnalyticsService/IngestEvents"

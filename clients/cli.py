@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import io
 import json
@@ -28,16 +27,17 @@ Every command takes --addr (ABSTREAM_ADDR) and --token (ABSTREAM_TOKEN).
 """
 
 
+#: Commands of the server side (service/cli.py).
+SERVER_COMMANDS = {"serve": "run the server", "token": "make a token: prints it once, and the entry for the tokens file"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="abstream", description="Real-time A/B testing analytics over gRPC.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from abstream.service.settings import Settings
-
-    serve = commands.add_parser("serve", help="run the gRPC server", epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    Settings.add_arguments(serve)
+    for name, help in SERVER_COMMANDS.items():  # listed here, parsed by the service's own command
+        commands.add_parser(name, help=help, add_help=False)
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,22 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     quarantine.add_argument("--test-id", default="")
     quarantine.add_argument("--limit", type=int, default=100)
     client_command("snapshot", "write a snapshot now (admin)")
-    token = commands.add_parser("token", help="make a token: prints it once, and the entry for the tokens file",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    token.add_argument("name", help="who uses it (shows in logs, never the token)")
-    token.add_argument("--scopes", default="ingest,query", help="comma-separated: ingest, query, admin")
-    token.add_argument("--test-prefix", default="", help="only tests whose id starts with this")
-    token.add_argument("--ingest-rate", type=float, default=0, help="events per second; 0: unlimited")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVER_COMMANDS:  # the server starts from the service, not from here
+        from abstream.service.cli import main as service_main
+
+        return service_main(argv)
     args = parser.parse_args(argv)
-    if args.command == "token":
-        return _token(args)
-    if args.command == "serve":
-        try:
-            settings = Settings.from_args(args)
-        except ValueError as error:
-            parser.error(str(error))
-        return _serve(settings)
     import grpc
 
     try:
@@ -109,44 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"abstream {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2
-
-
-def _serve(settings) -> int:
-    from abstream.service.logs import configure
-    from abstream.service.server import BindError, ConfigError, serve
-    from abstream.store import RecoveryError
-
-    configure(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except (BindError, ConfigError) as error:
-        print(f"abstream: {error}", file=sys.stderr)
-        return 1
-    except RecoveryError as error:
-        print(f"abstream: refusing to start: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _token(args) -> int:
-    from abstream.service.auth import SCOPES, hash_token, new_token
-
-    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
-    if not scopes or any(x not in SCOPES for x in scopes):
-        print(f"abstream token: --scopes must be some of {', '.join(SCOPES)}", file=sys.stderr)
-        return 2
-    secret = new_token()
-    print(f"# token for {args.name} (shown once; the server keeps only its hash):", file=sys.stderr)
-    print(f"#   {secret}", file=sys.stderr)
-    print("[[token]]")
-    print(f"name = {json.dumps(args.name)}")
-    print(f'sha256 = "{hash_token(secret)}"')
-    print(f"scopes = {json.dumps(scopes)}")
-    if args.test_prefix:
-        print(f"test_prefix = {json.dumps(args.test_prefix)}")
-    if args.ingest_rate:
-        print(f"ingest_rate = {args.ingest_rate:g}")
-    return 0
 
 
 # ---- ingest ----------------------------------------------------------------------------------

@@ -10,18 +10,16 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Sequence
 
 import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
-from google.protobuf import json_format
-
-from abstream.store.queries import Metrics, SegmentRow, SummaryRow
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
+from google.protobuf import json_format
 
 Time = dt.datetime | str | None
 DIMENSIONS = {"device": pb.DIMENSION_DEVICE, "country": pb.DIMENSION_COUNTRY, "event_type": pb.DIMENSION_EVENT_TYPE}
@@ -44,6 +42,24 @@ def _timestamp(value: Time, message) -> None:
     moment = parse_time(value)
     if moment is not None:
         message.FromDatetime(moment)
+
+
+#: One group's metrics: the Metrics message's fields, as a frozen dataclass.
+Metrics = make_dataclass("Metrics", [(f.name, float if f.type == f.TYPE_DOUBLE else int)
+                                     for f in pb.Metrics.DESCRIPTOR.fields], frozen=True)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    variant: str
+    segment: str
+    metrics: Metrics
 
 
 def _metrics(m: pb.Metrics) -> Metrics:

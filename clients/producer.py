@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
-
 from abstream.clients.client import channel_for, parse_time
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
 RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
-_STRINGS = ("user_id", "test_id", "variant", "event_type", "session_id", "device", "country")
+_STRINGS = tuple(f.name for f in pb.Event.DESCRIPTOR.fields if f.type == f.TYPE_STRING)
 
 
 class BufferFull(Exception):

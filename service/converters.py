@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from google.protobuf import duration_pb2, timestamp_pb2
-
 from abstream import stats
-from abstream.service import _events, wire
-from abstream.store import (
+from abstream.core import ipc
+from abstream.core.admission import RequestSize
+from abstream.core.errors import InvalidArgument
+from abstream.core.events import (
     EVENT_SCHEMA,
+    MAX_EVENT_BYTES,
+    MAX_STRING_BYTES,
+    Rejection,
+    normalize,
+    too_long,
+)
+from abstream.core.types import (
     Analysis,
     AnalysisOptions,
+    DecodedBatch,
     Dimension,
     Filters,
     IngestResult,
-    InvalidArgument,
     Interval,
+    MetricColumns,
     QuarantinedEvent,
+    QueryStats,
     SegmentsQuery,
     SegmentsResult,
     SummaryQuery,
@@ -29,11 +40,9 @@ from abstream.store import (
     TimeseriesQuery,
     TimeseriesResult,
 )
-from abstream.store import ipc
-from abstream.store.queries import MetricColumns, QueryStats
-from abstream.store.schema import MAX_EVENT_BYTES, MAX_STRING_BYTES, Rejection
-from abstream.store.validate import normalize, too_long
+from abstream.service import _events, wire
 from abstream.v1 import analytics_pb2 as pb
+from google.protobuf import duration_pb2, timestamp_pb2
 
 _NS = 1_000_000_000
 # Seconds that still fit in int64 nanoseconds; anything beyond is out of the accepted window anyway.
@@ -68,32 +77,11 @@ _events.configure(_numbers(pb.IngestEventsRequest.DESCRIPTOR),
                   _numbers(timestamp_pb2.Timestamp.DESCRIPTOR))
 
 
-@dataclass(frozen=True)
-class IngestBatch:
-    """A decoded IngestEvents request: its events, who sent it, and events refused while reading
-    (a string that is not UTF-8 or too long to copy), as the store's `refuse` entries."""
-
-    table: pa.Table
-    producer_id: str
-    sequence: int
-    refuse: list[Rejection]
-    ipc: pa.Buffer | None  # the Arrow IPC stream the whole batch was read from, if it was
-
-
 def _refusals(problems: bytes) -> list[Rejection]:
     found = np.frombuffer(problems, dtype=np.int64).reshape(-1, 4)
     return [Rejection(row, EVENT_STRINGS[slot], f"{EVENT_STRINGS[slot]} is not valid UTF-8" if kind == _events.NOT_UTF8
                       else too_long(EVENT_STRINGS[slot], length))
             for row, slot, kind, length in found.tolist()]
-
-
-@dataclass(frozen=True)
-class RequestSize:
-    """What preparing a request will hold, known without decoding it (`measure_request`)."""
-
-    wire_bytes: int
-    events: int  # as messages and as Arrow rows
-    decoded_bytes: int  # what its Arrow IPC stream decompresses to; 0 without one
 
 
 def measure_request(raw: bytes, max_events: int) -> RequestSize:
@@ -113,7 +101,7 @@ def measure_request(raw: bytes, max_events: int) -> RequestSize:
     return RequestSize(len(raw), n + rows, decoded)
 
 
-def decode_request(raw: bytes, max_events: int) -> IngestBatch:
+def decode_request(raw: bytes, max_events: int) -> DecodedBatch:
     """A serialized IngestEventsRequest as one EVENT_SCHEMA table: its `events`, then the rows of
     its `arrow_ipc`; InvalidArgument, before anything is allocated for them, when it holds more
     than `max_events`. The messages are read into columns by `_events.c`."""
@@ -149,7 +137,7 @@ def decode_request(raw: bytes, max_events: int) -> IngestBatch:
         else:
             table = pa.concat_tables([table, normalize(columnar).cast(EVENT_SCHEMA)])
             source = None
-    return IngestBatch(table, producer_id, d.sequence, refuse, source)
+    return DecodedBatch(table, producer_id, d.sequence, refuse, source)
 
 
 def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse:
@@ -158,13 +146,27 @@ def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse
                                        duplicate=result.duplicate)
     if rejections:  # column by column (see wire.py): a batch may reject 100,000 events
         indices, fields, messages = zip(*rejections)
-        rows = wire.Message([(1, "varint", np.array(indices, dtype=np.int64)), (2, "string", wire.string_table(fields)),
-                             (3, "string", wire.string_table(messages))], len(rejections))
-        response.MergeFromString(wire.encode_repeated(4, rows))
+        rows = wire.Message.of(pb.Rejection.DESCRIPTOR, {"index": np.array(indices, dtype=np.int64),
+                                                         "field": wire.string_table(fields),
+                                                         "message": wire.string_table(messages)}, len(rejections))
+        response.MergeFromString(wire.encode_repeated(pb.IngestEventsResponse.DESCRIPTOR, "rejections", rows))
     return response
 
 
 # ---- time --------------------------------------------------------------------------------
+
+@contextmanager
+def timed(into: duration_pb2.Duration) -> Iterator[None]:
+    """Sets `into` to how long the block took."""
+    started = time.perf_counter_ns()
+    yield
+    into.FromNanoseconds(time.perf_counter_ns() - started)
+
+
+def relative(path: Path, base: str) -> str:
+    """`path` as seen from the data directory `base`, when it is inside it."""
+    return str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path)
+
 
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -265,12 +267,7 @@ def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
 
 
 def _metrics(columns: MetricColumns) -> wire.Message:
-    c = columns
-    return wire.Message([
-        (1, "varint", c.users), (2, "varint", c.conversions), (3, "double", c.conversion_rate),
-        (4, "double", c.total_revenue), (5, "double", c.revenue_per_user), (6, "varint", c.events),
-        (7, "varint", c.converted_users), (8, "double", c.user_conversion_rate),
-    ], len(c))
+    return wire.Message.of(pb.Metrics.DESCRIPTOR, columns.columns(), len(columns))
 
 
 def _stats(stats: QueryStats) -> pb.QueryStats:
@@ -279,14 +276,14 @@ def _stats(stats: QueryStats) -> pb.QueryStats:
                          elapsed=duration_pb2.Duration(seconds=seconds, nanos=nanos))
 
 
-# Responses are built from the rows' wire format, encoded column by column (see wire.py): field
-# numbers below are those of the messages in analytics.proto, checked by the tests against
-# messages built field by field.
+# Responses are built from the rows' wire format, encoded column by column (see wire.py), with the
+# field numbers of the generated descriptors; the tests check them against messages built field
+# by field.
 
 def summary_response(result: SummaryResult) -> pb.SummaryResponse:
-    rows = wire.Message([(1, "string", wire.string_table(result.variants)),
-                         (2, "message", _metrics(result.metrics))], len(result.metrics))
-    response = pb.SummaryResponse.FromString(wire.encode_repeated(2, rows))
+    rows = wire.Message.of(pb.SummaryRow.DESCRIPTOR, {"variant": wire.string_table(result.variants),
+                                                      "metrics": _metrics(result.metrics)}, len(result.metrics))
+    response = pb.SummaryResponse.FromString(wire.encode_repeated(pb.SummaryResponse.DESCRIPTOR, "rows", rows))
     response.test_id = result.test_id
     response.stats.CopyFrom(_stats(result.stats))
     if result.analysis is not None:
@@ -295,10 +292,10 @@ def summary_response(result: SummaryResult) -> pb.SummaryResponse:
 
 
 def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
-    rows = wire.Message([(1, "string", wire.string_table(result.variants)),
-                         (2, "string", wire.string_table(result.segments)),
-                         (3, "message", _metrics(result.metrics))], len(result.metrics))
-    response = pb.SegmentsResponse.FromString(wire.encode_repeated(3, rows))
+    rows = wire.Message.of(pb.SegmentRow.DESCRIPTOR, {"variant": wire.string_table(result.variants),
+                                                      "segment": wire.string_table(result.segments),
+                                                      "metrics": _metrics(result.metrics)}, len(result.metrics))
+    response = pb.SegmentsResponse.FromString(wire.encode_repeated(pb.SegmentsResponse.DESCRIPTOR, "rows", rows))
     response.test_id = result.test_id
     response.dimension = next(k for k, v in DIMENSIONS.items() if v is result.dimension)
     response.stats.CopyFrom(_stats(result.stats))
@@ -310,10 +307,11 @@ def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
 def timeseries_response(result: TimeseriesResult) -> pb.TimeseriesResponse:
     seconds, nanos = np.divmod(result.bucket_start_ns, _NS)
     n = len(result.metrics)
-    bucket = wire.Message([(1, "varint", seconds), (2, "varint", nanos)], n)
-    rows = wire.Message([(1, "message", bucket), (2, "string", wire.string_table(result.variants)),
-                         (3, "message", _metrics(result.metrics))], n)
-    response = pb.TimeseriesResponse.FromString(wire.encode_repeated(4, rows))
+    bucket = wire.Message.of(timestamp_pb2.Timestamp.DESCRIPTOR, {"seconds": seconds, "nanos": nanos}, n)
+    rows = wire.Message.of(pb.TimeseriesRow.DESCRIPTOR, {"bucket_start": bucket,
+                                                         "variant": wire.string_table(result.variants),
+                                                         "metrics": _metrics(result.metrics)}, n)
+    response = pb.TimeseriesResponse.FromString(wire.encode_repeated(pb.TimeseriesResponse.DESCRIPTOR, "rows", rows))
     response.test_id = result.test_id
     response.interval = next(k for k, v in INTERVALS.items() if v is result.interval)
     response.cumulative = result.cumulative

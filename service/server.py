@@ -1,4 +1,5 @@
-"""The server's assembly: store, servicer, error mapping, health, reflection, options, signals."""
+"""The server's assembly: the engine, the core, the gRPC shell around it, health, reflection,
+options, signals. A second transport is started here beside gRPC, on the same core."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from pathlib import Path
 
 import grpc
 import pyarrow as pa
+from abstream.core import admission
+from abstream.core.admission import Limits
+from abstream.core.auth import Tokens, load_tokens
+from abstream.core.dataplane import Core
+from abstream.core.engine import Engine
+from abstream.core.metrics import Metrics
+from abstream.core.settings import Settings
+from abstream.service.interceptors import AuthInterceptor, ErrorInterceptor, RequestInterceptor
+from abstream.service.servicer import AdminServicer, AnalyticsServicer
+from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from abstream.service import admission
-from abstream.service.auth import AuthInterceptor, load_tokens
-from abstream.service.errors import CallInterceptor
-from abstream.service.metrics import Metrics
-from abstream.service.servicer import AdminServicer, AnalyticsServicer, Limits, StoreHolder
-from abstream.service.settings import Settings
-from abstream.store import Durability, EventStore
-from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 
 log = logging.getLogger("abstream.server")
 
@@ -66,6 +68,18 @@ def tune_allocator() -> None:
 def release_free_memory() -> None:
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def open_engine(settings: Settings) -> Engine:
+    """The engine the settings ask for, open (the embedded one recovered from its data directory)."""
+    from abstream.store import Durability, EventStore
+
+    s = settings
+    durability = None if not s.data_dir else Durability(
+        Path(s.data_dir), fsync=s.fsync, fsync_interval_ms=s.fsync_interval_ms,
+        snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,
+        snapshot_every_events=s.snapshot_every_events, snapshot_every_seconds=s.snapshot_every_seconds)
+    return EventStore(quarantine_limit=s.quarantine_limit, durability=durability)
 
 
 def add_analytics_service(servicer: AnalyticsServicer, server: grpc.aio.Server) -> None:
@@ -112,7 +126,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 class AnalyticsServer:
-    """The grpc.aio server and its store; `port` is the one actually bound."""
+    """The grpc.aio server, its core and engine; `port` is the one actually bound."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -130,14 +144,16 @@ class AnalyticsServer:
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if settings.tls_client_ca and not settings.tls_cert:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        self.holder = StoreHolder()
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics(None)
         self.port = 0
         self.metrics_port = 0
         self._snapshots: asyncio.Task | None = None
+        limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
+                        admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes)
+        self.core = Core(limits, Tokens(tokens), self.metrics)
         self._server = grpc.aio.server(
-            interceptors=[CallInterceptor(), AuthInterceptor(tokens)],
+            interceptors=[RequestInterceptor(), ErrorInterceptor(), AuthInterceptor(self.core.tokens)],
             options=[
                 # A second server on a taken port must fail to start, not silently share it.
                 ("grpc.so_reuseport", 0),
@@ -147,12 +163,8 @@ class AnalyticsServer:
                 ("grpc.max_send_message_length", max(settings.max_message_bytes, MAX_RESPONSE_BYTES)),
             ],
         )
-        limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
-                        admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes)
-        self._analytics = AnalyticsServicer(self.holder, limits, self.metrics)
-        add_analytics_service(self._analytics, self._server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.holder, settings.data_dir),
-                                                          self._server)
+        add_analytics_service(AnalyticsServicer(self.core), self._server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, settings.data_dir), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -168,16 +180,8 @@ class AnalyticsServer:
                                            require_client_auth=client_ca is not None)
 
     @property
-    def store(self) -> EventStore:
-        return self.holder.get()
-
-    def _open_store(self) -> EventStore:
-        s = self.settings
-        durability = None if not s.data_dir else Durability(
-            Path(s.data_dir), fsync=s.fsync, fsync_interval_ms=s.fsync_interval_ms,
-            snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,
-            snapshot_every_events=s.snapshot_every_events, snapshot_every_seconds=s.snapshot_every_seconds)
-        return EventStore(quarantine_limit=s.quarantine_limit, durability=durability)
+    def engine(self) -> Engine:
+        return self.core.engine
 
     async def start(self) -> int:
         """Listens (health says NOT_SERVING), recovers the store, then says SERVING."""
@@ -195,11 +199,11 @@ class AnalyticsServer:
         await self._server.start()
         log.info("port %d bound; recovering %s", self.port, self.settings.data_dir or "nothing (memory only)")
         try:
-            self.holder.store = await asyncio.to_thread(self._open_store)
+            self.core.engine = await asyncio.to_thread(open_engine, self.settings)
         except BaseException:
             await self._server.stop(0)
             raise
-        self.metrics.watch(self.holder.store, self.settings.data_dir)
+        self.metrics.watch(self.core.engine)
         if self.settings.metrics_addr:
             self.metrics_port = self.metrics.serve(self.settings.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0] or "127.0.0.1",
@@ -215,12 +219,12 @@ class AnalyticsServer:
         seen, trimmed = None, True
         while True:
             await asyncio.sleep(1.0)
-            store = self.holder.get()
+            engine = self.core.engine
             try:
-                await asyncio.to_thread(store.maybe_snapshot)
+                await asyncio.to_thread(engine.maintain)
             except Exception:  # noqa: BLE001 - logged; the next tick tries again
-                log.exception("periodic snapshot failed")
-            count = store.event_count
+                log.exception("periodic maintenance failed")
+            count = self.core.events_acked
             if count != seen:
                 trimmed = False
             elif not trimmed:  # a second without ingest
@@ -236,18 +240,18 @@ class AnalyticsServer:
         NOT_SERVING and queries still work; only new ingest streams are refused. Then gRPC
         refuses every new call and gets what remains of the grace period for calls in flight.
         """
-        self.holder.draining = True
+        self.core.draining = True
         await self.health.enter_graceful_shutdown()
         if self._snapshots is not None:
             self._snapshots.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.grace_seconds if grace is None else grace)
-        while self._analytics.streams and loop.time() < deadline:
+        while self.core.streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self._server.stop(max(deadline - loop.time(), 0.0))
-        self._analytics.close()
-        if self.holder.store is not None:
-            await asyncio.to_thread(self.holder.store.close)
+        self.core.close()
+        if self.core.engine_open:
+            await asyncio.to_thread(self.core.engine.close)
         self.metrics.close()
         log.info("stopped")
 

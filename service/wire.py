@@ -13,8 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _VARINT, _FIXED64, _LEN = 0, 1, 2
+_KINDS = {FieldDescriptor.TYPE_DOUBLE: "double", FieldDescriptor.TYPE_STRING: "string",
+          FieldDescriptor.TYPE_MESSAGE: "message"}  # every other type used here is a varint
 
 
 #: A varint of k+1 bytes holds values below _VARINT_LIMITS[k].
@@ -56,6 +59,17 @@ class Message:
                 total += _field_size(number, kind, values, self.n)
             self._sizes = total
         return self._sizes
+
+    @classmethod
+    def of(cls, descriptor: Descriptor, values: dict[str, object], n: int) -> Message:
+        """Rows of the message `descriptor` describes, its fields named: their numbers and kinds
+        come from the generated descriptor, not from us. A string field's values are a
+        `string_table`, a message field's a Message."""
+        fields = []
+        for name, column in values.items():
+            f = descriptor.fields_by_name[name]
+            fields.append((f.number, _KINDS.get(f.type, "varint"), column))
+        return cls(sorted(fields, key=lambda field: field[0]), n)
 
     def write(self, buf: np.ndarray, at: np.ndarray) -> None:
         at = at.copy()
@@ -119,7 +133,12 @@ def _write_field(buf: np.ndarray, at: np.ndarray, number: int, kind: str, values
     return tag_sizes + sub_sizes + sub
 
 
-def encode_repeated(number: int, rows: Message) -> bytes:
+def encode_repeated(container: Descriptor, name: str, rows: Message) -> bytes:
+    """The wire bytes of `rows` as the repeated field `name` of a `container` message."""
+    return repeated_field(container.fields_by_name[name].number, rows)
+
+
+def repeated_field(number: int, rows: Message) -> bytes:
     """The wire bytes of `rows` as repeated field `number` of an enclosing message."""
     if rows.n == 0:
         return b""

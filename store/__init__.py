@@ -1,58 +1,53 @@
-"""The columnar event store: dictionary-encoded Arrow parts per test, aggregated with numpy.
+"""The embedded engine: dictionary-encoded Arrow parts per test, aggregated with numpy.
 
-It knows nothing of gRPC or protobuf, so it can be embedded, benchmarked and tested on its own.
+It knows nothing of gRPC, HTTP or protobuf, so it can be embedded, benchmarked and tested on its
+own; it implements the engine interface of core/engine.py.
 """
 
-from abstream.store.analysis import Analysis, AnalysisOptions
-from abstream.store.errors import DeadlineExceeded, InvalidArgument, StoreError, Unavailable
-from abstream.store.queries import (
+from abstream.core.errors import DeadlineExceeded, InvalidArgument, RecoveryError, Unavailable
+from abstream.core.events import EVENT_SCHEMA, Rejection
+from abstream.core.types import (
     Dimension,
     Filters,
+    GroupStats,
+    IngestResult,
     Interval,
     Metrics,
+    QuarantinedEvent,
     QueryStats,
-    SegmentRow,
     SegmentsQuery,
-    SegmentsResult,
     SummaryQuery,
-    SummaryResult,
-    SummaryRow,
     TestInfo,
     TimeseriesQuery,
     TimeseriesResult,
-    TimeseriesRow,
+    ValidatedBatch,
 )
-from abstream.store.schema import EVENT_SCHEMA, Rejection
-from abstream.store.store import Durability, EventStore, IngestResult, PreparedBatch, QuarantinedEvent, RecoveryError
+from abstream.store.durability import Durability
+from abstream.store.engine import EventStore
+from abstream.store.ingest import PreparedBatch
 
 __all__ = [
     "DeadlineExceeded",
-    "Analysis",
-    "AnalysisOptions",
-    "EVENT_SCHEMA",
     "Dimension",
     "Durability",
+    "EVENT_SCHEMA",
     "EventStore",
     "Filters",
+    "GroupStats",
     "IngestResult",
-    "PreparedBatch",
-    "InvalidArgument",
     "Interval",
+    "InvalidArgument",
     "Metrics",
+    "PreparedBatch",
     "QuarantinedEvent",
     "QueryStats",
     "RecoveryError",
     "Rejection",
-    "SegmentRow",
     "SegmentsQuery",
-    "SegmentsResult",
-    "StoreError",
     "SummaryQuery",
-    "SummaryResult",
-    "SummaryRow",
     "TestInfo",
     "TimeseriesQuery",
     "TimeseriesResult",
-    "TimeseriesRow",
     "Unavailable",
+    "ValidatedBatch",
 ]

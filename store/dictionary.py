@@ -29,22 +29,10 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-
+from abstream.core.events import string_buffers
 from abstream.store import _dictionary
 
 _EMPTY = -1
-
-
-def string_buffers(values: pa.Array) -> tuple[np.ndarray, pa.Buffer | bytes]:
-    """(int32 offsets[n+1], data) of a string array, nulls read as ''."""
-    if values.type != pa.string():
-        values = values.cast(pa.string())
-    if values.null_count:
-        values = values.fill_null("")
-    n = len(values)
-    buffers = values.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=np.int32)[values.offset: values.offset + n + 1]
-    return offsets, buffers[2] if buffers[2] is not None else b""
 
 
 def hash_strings(values: pa.Array, key: bytes) -> np.ndarray:

@@ -7,7 +7,6 @@ all per-event arrays of one call have the same length.
 from __future__ import annotations
 
 import numpy as np
-
 from abstream.store import _kernels
 
 _INT64_SAFE = 1 << 62

@@ -19,9 +19,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-
+from abstream.core.events import NS_PER_SECOND
 from abstream.store import kernels
-from abstream.store.schema import NS_PER_SECOND, STORED_SCHEMA
+from abstream.store.schema import STORED_SCHEMA
 
 COLUMNS = STORED_SCHEMA.names
 #: Columns held as numpy arrays; the others (session_id) stay Arrow strings no query reads.

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
-
+from abstream.core.events import Rejection
 from abstream.store import quarantine
-from abstream.store.schema import STORED_SCHEMA, Rejection
+from abstream.store.schema import STORED_SCHEMA
 from abstream.store.wal import fsync_dir
 
 _SIZES = struct.Struct("<IQ")  # header bytes, batch bytes

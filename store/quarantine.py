@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from abstream.store.schema import EVENT_SCHEMA, MAX_STRING_BYTES, Rejection
+from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES, Rejection
+from abstream.core.types import QuarantinedEvent
 
 SCHEMA = pa.schema([pa.field("received_ns", pa.int64()), pa.field("index", pa.int64()),
                     pa.field("field", pa.string()), pa.field("message", pa.string()), *EVENT_SCHEMA])
-
-
-@dataclass(frozen=True)
-class QuarantinedEvent:
-    """A rejected event as it was sent (EVENT_SCHEMA field names), with the reason."""
-
-    received_ns: int
-    index: int
-    field: str
-    message: str
-    event: dict[str, Any]
 
 
 def _as_sent(rejected: pa.Table) -> list[pa.Array]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from abstream.store.errors import StoreError
+from abstream.core.errors import AbstreamError
 
 log = logging.getLogger("abstream.store.wal")
 
@@ -32,7 +32,7 @@ _HEADER = struct.Struct("<IIQI")  # magic, payload length, lsn, crc32(payload + 
 _MAX_RECORD = 1 << 31
 
 
-class WalCorruption(StoreError):
+class WalCorruption(AbstreamError):
     """The log is damaged somewhere other than its tail: recovering would mean guessing."""
 
 
@@ -183,7 +183,7 @@ class WriteAheadLog:
     def append(self, payload: Payload) -> int:
         """Writes one record (to the OS, not yet durable); returns its LSN."""
         if payload.size > _MAX_RECORD:
-            raise StoreError(f"a log record of {payload.size} bytes; at most {_MAX_RECORD}")
+            raise AbstreamError(f"a log record of {payload.size} bytes; at most {_MAX_RECORD}")
         with self._lock:
             lsn = self.next_lsn
             header = _HEADER.pack(_MAGIC, payload.size, lsn, _crc(lsn, payload.crc))

@@ -8,9 +8,8 @@ from typing import Iterator
 
 import grpc
 import pytest
-
+from abstream.core.settings import Settings
 from abstream.service.server import AnalyticsServer
-from abstream.service.settings import Settings
 from abstream.v1 import analytics_pb2_grpc
 
 

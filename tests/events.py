@@ -6,7 +6,6 @@ import random
 from typing import Iterable
 
 import pyarrow as pa
-
 from abstream.store import EVENT_SCHEMA
 from abstream.v1 import analytics_pb2 as pb
 

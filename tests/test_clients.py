@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from abstream.clients import BufferFull, Client, Delivery, Producer
+
 from tests.events import BASE_S, NS, ingest, random_events
 from tests.process import Server
 
@@ -48,8 +48,8 @@ def test_client_sends_arrow_tables_in_the_compact_columnar_format(server):
     """Dictionary-encoded, int8, LZ4-compressed batches store what the plain table holds; a bad
     conversion still reaches the server as sent; resending with the same producer stores nothing."""
     import pyarrow as pa
-
     from abstream.clients.client import arrow_ipc
+
     from tests.events import to_table
     from tests.oracle import Oracle
 

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-
 from abstream.store.dictionary import Dictionary, hash_strings
+
 from bench.hostile import crafted_ids
 
 KEY = bytes(range(16))

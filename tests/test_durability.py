@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
-
 from abstream.v1 import admin_pb2
 from abstream.v1 import analytics_pb2 as pb
+from grpc_health.v1 import health_pb2
+
 from tests.events import BASE_S, NS, to_message
 from tests.process import Server
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pyarrow as pa
+from abstream.clients.client import arrow_ipc
+from abstream.v1 import analytics_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from abstream.clients.client import arrow_ipc
-from abstream.v1 import analytics_pb2 as pb
 from tests.test_service_queries import bad_request
 
 EVENT_FIELDS = {f.name for f in pb.Event.DESCRIPTOR.fields}

@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from abstream.service import admission
+from abstream.core import admission
 from abstream.v1 import analytics_pb2 as pb
+
 from tests.events import random_events, to_message
 from tests.process import Server
 

@@ -6,10 +6,10 @@ import math
 import time
 
 import pytest
-
+from abstream.core.events import MAX_STRING_BYTES, MIN_TIMESTAMP_NS
 from abstream.store import EventStore
-from abstream.store.schema import MAX_STRING_BYTES, MIN_TIMESTAMP_NS
 from abstream.v1 import analytics_pb2 as pb
+
 from tests.events import BASE_S, NS, to_message, to_table
 
 GOOD = dict(timestamp=BASE_S * NS, user_id="u1", test_id="val", variant="A", event_type="click",
@@ -79,7 +79,7 @@ def test_a_batch_of_only_bad_events_is_acked_and_the_stream_goes_on(stub):
 def test_store_rejects_values_past_a_full_dictionary():
     """A dimension with 16-bit codes holds 65,535 values; the 65,536th is rejected, not wrapped."""
     store = EventStore()
-    store._dicts["device"].capacity = 3  # the same check, reached with a small batch
+    store._ingest.dicts["device"].capacity = 3  # the same check, reached with a small batch
     events = [{**GOOD, "device": f"d{i}"} for i in range(5)]
     result = store.append(to_table(events))
     assert result.accepted == 3
@@ -160,8 +160,8 @@ def dictionary_encoded(table, seed: int):
 
 
 def test_dictionary_encoded_batches_store_what_plain_ones_do_and_replay_the_same(tmp_path):
-    from abstream.store import Dimension, SegmentsQuery, SummaryQuery
-    from abstream.store.store import Durability
+    from abstream.store import Dimension, Durability, SegmentsQuery, SummaryQuery
+
     from tests.events import TESTS, random_events
 
     events = random_events(1500, seed=11)

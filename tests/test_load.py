@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-
 from abstream.v1 import analytics_pb2 as pb
+
 from tests.events import BASE_S, NS, to_message
 
 SECONDS, STREAMS, READERS, BATCH, MAX_BATCHES = 4.0, 4, 2, 200, 400  # every loop stops by itself

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from abstream.clients import Client, Producer
+from abstream.core.auth import hash_token
+from abstream.core.settings import Settings
+from abstream.v1 import admin_pb2, admin_pb2_grpc
+from abstream.v1 import analytics_pb2 as pb
+from abstream.v1 import analytics_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from abstream.clients import Client, Producer
-from abstream.service.auth import hash_token
-from abstream.service.settings import Settings
-from abstream.v1 import admin_pb2, admin_pb2_grpc
-from abstream.v1 import analytics_pb2 as pb
-from abstream.v1 import analytics_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
 from tests.events import BASE_S, NS, to_message
 from tests.process import Server

@@ -116,6 +116,6 @@ def test_wheel_installs_everything_under_one_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"abstream", next(t for t in tops if t.endswith(".dist-info"))}
-    for module in ("abstream/store/store.py", "abstream/service/server.py", "abstream/clients/cli.py",
+    for module in ("abstream/store/engine.py", "abstream/core/dataplane.py", "abstream/service/server.py", "abstream/clients/cli.py",
                    "abstream/v1/analytics_pb2.py", "abstream/v1/analytics.proto"):
         assert module in names

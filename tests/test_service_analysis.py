@@ -7,9 +7,9 @@ import statistics
 
 import grpc
 import pytest
-
 from abstream.stats import Arm, adjust_p_values, binomial_arm, compare, srm_p_value
 from abstream.v1 import analytics_pb2 as pb
+
 from tests.events import BASE_S, NS, ingest
 from tests.test_service_queries import bad_request
 

@@ -6,10 +6,10 @@ import threading
 
 import grpc
 import pytest
+from abstream.v1 import analytics_pb2 as pb
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from abstream.v1 import analytics_pb2 as pb
 from tests.events import BASE_S, NS, ingest, random_events, to_message
 from tests.oracle import Oracle
 from tests.test_store_queries import assert_metrics_match

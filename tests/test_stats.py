@@ -8,10 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from abstream.stats import adjust_p_values, arm_from_sums, binomial_arm, compare, srm_p_value
-from abstream.stats import Arm
-from abstream.stats.core import NOT_ENOUGH_DATA, NOT_FINITE, OK, ZERO_CONTROL_MEAN, ZERO_TREATMENT, ZERO_VARIANCE
+from abstream.stats import Arm, adjust_p_values, arm_from_sums, binomial_arm, compare, srm_p_value
+from abstream.stats.core import (
+    NOT_ENOUGH_DATA,
+    NOT_FINITE,
+    OK,
+    ZERO_CONTROL_MEAN,
+    ZERO_TREATMENT,
+    ZERO_VARIANCE,
+)
 
 VECTORS = json.loads((Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").read_text()) \
     if (Path(__file__).resolve().parents[2] / "shared" / "stats" / "vectors.json").exists() else None

@@ -7,7 +7,6 @@ import math
 
 import pyarrow as pa
 import pytest
-
 from abstream.store import (
     Dimension,
     EventStore,
@@ -17,6 +16,7 @@ from abstream.store import (
     SummaryQuery,
     TimeseriesQuery,
 )
+
 from tests.events import BASE_S, NS, TESTS, random_events, to_table
 from tests.oracle import Oracle
 
@@ -157,7 +157,6 @@ def test_rates_are_full_precision():
 
 def test_distinct_counts_agree_between_flag_and_sort_paths():
     import numpy as np
-
     from abstream.store import kernels
 
     rng = np.random.default_rng(3)
@@ -186,9 +185,9 @@ def test_parts_give_back_every_column_exactly():
     for i in range(0, len(events), 50):
         s.append(to_table(events[i:i + 50]))
     s.wait_sealed()
-    assert len(s._view.tail["test"]) == 0  # every event is in a part: sealed at 100, 200, ... 1000
-    for code, partition in s._view.partitions.items():
-        test_id = s._tests.decode(np.array([code]))[0]
+    assert len(s._ingest.view.tail["test"]) == 0  # every event is in a part: sealed at 100, 200, ... 1000
+    for code, partition in s._ingest.view.partitions.items():
+        test_id = s._ingest.tests.decode(np.array([code]))[0]
         got = []
         for part in partition.parts:
             batch = part.batch()
@@ -204,7 +203,6 @@ def test_parts_give_back_every_column_exactly():
 
 def test_user_bitsets_count_each_user_once_on_both_paths():
     import numpy as np
-
     from abstream.store.partition import add_users
 
     rng = np.random.default_rng(5)
@@ -221,7 +219,6 @@ def test_user_bitsets_count_each_user_once_on_both_paths():
 
 def test_centered_m2_is_exact_and_stable_for_large_means():
     import numpy as np
-
     from abstream.store import kernels
 
     rng = np.random.default_rng(1)
@@ -281,7 +278,7 @@ def test_compacted_parts_answer_like_the_events_they_hold():
     for i in range(0, len(whole), 97):
         s.append(to_table(whole[i:i + 97]))
     s.wait_sealed()
-    parts = [p for partition in s._view.partitions.values() for p in partition.parts]
+    parts = [p for partition in s._ingest.view.partitions.values() for p in partition.parts]
     assert parts and all(p._ts_base is not None and p._cols["timestamp"].dtype == np.uint32 for p in parts)
     assert all(p._cols["variant"].dtype == np.uint8 and p.column("variant").dtype == np.uint16 for p in parts)
     oracle = Oracle(whole)
@@ -299,7 +296,6 @@ def test_compacted_parts_answer_like_the_events_they_hold():
 
 def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
     import numpy as np
-
     from abstream.store.partition import Part
 
     ts = np.array([10**18, 10**18 + 1, 10**18 + 2 * NS], dtype=np.int64)
@@ -323,18 +319,18 @@ def test_a_tail_being_sealed_stays_visible_exactly_once():
     oracle = Oracle(events)
     s = EventStore(seal_rows=100)
     gate = threading.Event()
-    s._sealer.submit(gate.wait)  # hold the sealer: the full tail waits, drained, beside the next rows
+    s._ingest._sealer.submit(gate.wait)  # hold the sealer: the full tail waits, drained, beside the next rows
     try:
         s.append(to_table(events[:120]))
         s.append(to_table(events[120:]))
-        assert s._sealing is not None and len(s._view.tails) == 2 and s.event_count == 150
+        assert s._ingest._sealing is not None and len(s._ingest.view.tails) == 2 and s.event_count == 150
         for expected, ours in zip(oracle.summary(TESTS[0], None, None), s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
             assert_metrics_match(ours, expected)
         assert [t.events for t in s.list_tests()] == [150]
     finally:
         gate.set()
     s.wait_sealed()
-    assert s._sealing is None and len(s._view.tails) == 1 and s.event_count == 150
+    assert s._ingest._sealing is None and len(s._ingest.view.tails) == 1 and s.event_count == 150
     for expected, ours in zip(oracle.summary(TESTS[0], None, None), s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
         assert_metrics_match(ours, expected)
 
@@ -344,7 +340,6 @@ def test_a_part_holds_memory_only_for_its_own_rows():
     whole tail alive after its siblings merge), and packed strings hold their compressed size,
     not the codec's worst case."""
     import numpy as np
-
     from abstream.store.partition import Part
 
     n, rows = 200_000, slice(1000, 1500)
@@ -376,7 +371,6 @@ def test_merged_parts_equal_their_events_sorted(overlap):
     whatever mix of layouts the parts had (uint8 or wide codes, seconds or nanoseconds, sparse or
     dense revenue, small or large string chunks)."""
     import numpy as np
-
     from abstream.store.partition import COLUMNS, Part
 
     rng = np.random.default_rng(11)
@@ -423,7 +417,6 @@ def test_radix_sort_orders_keys_like_numpy():
     """The C sort behind distinct counts, on every width and shape it is given, including keys
     that share their low or high digits (passes skipped) and a strided view (numpy's sort)."""
     import numpy as np
-
     from abstream.store import kernels
 
     rng = np.random.default_rng(5)
@@ -442,7 +435,6 @@ def test_sorted_with_order_is_numpys_stable_argsort():
     """Row numbers packed under the keys give the stable order (ties keep row order); keys too
     large to share 63 bits with them take numpy's argsort."""
     import numpy as np
-
     from abstream.store import kernels
 
     rng = np.random.default_rng(9)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
+from abstream.core.types import MetricColumns, QueryStats, SegmentsResult, SummaryResult, TimeseriesResult
 from abstream.service import converters
 from abstream.store import Dimension, Interval
-from abstream.store.queries import MetricColumns, QueryStats, SegmentsResult, SummaryResult, TimeseriesResult
 from abstream.v1 import analytics_pb2 as pb
 
 N = 7
@@ -63,4 +62,4 @@ def test_field_numbers_from_16_take_two_byte_tags():
 
     rows = wire.Message([(20, "varint", np.array([1, 300], dtype=np.int64))], 2)
     # field 1 (length-delimited) holding field 20 (varint): tag 20 << 3 = 160 = A0 01
-    assert wire.encode_repeated(1, rows) == bytes.fromhex("0a03a00101" "0a04a001ac02")
+    assert wire.repeated_field(1, rows) == bytes.fromhex("0a03a00101" "0a04a001ac02")

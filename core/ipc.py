@@ -15,8 +15,7 @@ import struct
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from abstream.store.errors import InvalidArgument
+from abstream.core.errors import InvalidArgument
 
 # Message.header's union tags (Arrow's Message.fbs).
 _DICTIONARY_BATCH, _RECORD_BATCH = 2, 3

@@ -1,17 +1,20 @@
-"""Prometheus metrics, on a registry of the server's own (several servers may share a process)."""
+"""Prometheus metrics, on a registry of the server's own (several servers may share a process).
+
+Recorded by the core, whichever transport a call came by; engines add gauges of their own.
+"""
 
 from __future__ import annotations
 
-import os
-import time
 import collections
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from abstream.core.engine import Engine, Gauge
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import Gauge as PromGauge
 
 if TYPE_CHECKING:
-    from abstream.store import EventStore, IngestResult
+    from abstream.core.types import IngestResult
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -28,10 +31,10 @@ class Metrics:
                                      buckets=_LATENCY, registry=r)
         self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
                                        registry=r)
-        self.active_streams = Gauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
+        self.active_streams = PromGauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
         self.ingest_yield_seconds = Counter("abstream_ingest_yield_seconds", "Time ingest waited for running queries",
                                             registry=r)
-        self._store_gauges: list[Gauge] = []
+        self._store_gauges: list[PromGauge] = []
 
     def acked(self, result: IngestResult, seconds: float) -> None:
         self.ack_seconds.observe(seconds)
@@ -40,22 +43,11 @@ class Metrics:
         for field, count in collections.Counter(r.field for r in result.rejections).items():
             self.rejected.labels(field).inc(count)
 
-    def watch(self, store: EventStore, data_dir: str) -> None:
-        """Gauges read from the store when scraped."""
-        r = self.registry
-        wal = Path(data_dir) / "wal" if data_dir else None
-        gauges = [
-            ("abstream_stored_events", "Events held", lambda: store.event_count),
-            ("abstream_stored_bytes", "Bytes the store's arrays and dictionaries hold", lambda: store.nbytes),
-            ("abstream_resident_bytes", "Resident memory of the process", resident_bytes),
-            ("abstream_snapshot_age_seconds", "Seconds since the last snapshot was written",
-             lambda: time.monotonic() - store.last_snapshot_at),
-            ("abstream_wal_bytes", "Size of the write-ahead log on disk",
-             lambda: sum(p.stat().st_size for p in wal.glob("*.log")) if wal and wal.is_dir() else 0),
-        ]
-        for name, help, read in gauges:
-            gauge = Gauge(name, help, registry=r)
-            gauge.set_function(read)
+    def watch(self, engine: Engine) -> None:
+        """Gauges read from the engine, and the process's resident memory, when scraped."""
+        for g in [*engine.gauges(), Gauge("abstream_resident_bytes", "Resident memory of the process", resident_bytes)]:
+            gauge = PromGauge(g.name, g.help, registry=self.registry)
+            gauge.set_function(g.read)
             self._store_gauges.append(gauge)
 
     def serve(self, addr: str) -> int:

@@ -1,25 +1,76 @@
-"""Checks each event of a batch, in vectorized passes, and explains every rejection."""
+"""The event as users send it, the limits every event is checked against, and the checks.
+
+Incoming batches are Arrow tables with `EVENT_SCHEMA` (plain strings, timestamps in nanoseconds
+since the Unix epoch, UTC), whichever transport they came by. Every engine stores what this
+module accepts and nothing else; each event is checked in vectorized passes and every rejection
+is explained.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from abstream.core.errors import InvalidArgument
 
-from abstream.store.dictionary import string_buffers
-from abstream.store.errors import InvalidArgument
-from abstream.store.schema import (
-    EVENT_SCHEMA,
-    MAX_FUTURE_SKEW_NS,
-    MAX_STRING_BYTES,
-    MIN_TIMESTAMP_NS,
-    NS_PER_SECOND,
-    OPTIONAL_STRINGS,
-    REQUIRED_STRINGS,
-    Rejection,
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("timestamp", pa.int64()),  # ns since epoch, UTC; null when absent
+        pa.field("user_id", pa.string()),
+        pa.field("test_id", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("event_type", pa.string()),
+        pa.field("conversion", pa.int64()),
+        pa.field("revenue", pa.float64()),
+        pa.field("session_id", pa.string()),
+        pa.field("device", pa.string()),
+        pa.field("country", pa.string()),
+    ]
 )
+
+#: Fields an event cannot do without; an empty string counts as missing.
+REQUIRED_STRINGS = ("test_id", "variant", "user_id")
+#: Fields that may be empty.
+OPTIONAL_STRINGS = ("event_type", "session_id", "device", "country")
+#: Longest accepted value of any string field, in UTF-8 bytes.
+MAX_STRING_BYTES = 256
+#: The most one valid event can take in any Arrow layout a sender may use: three 8-byte numbers,
+#: seven strings with 8-byte offsets, validity bits. Bounds what a columnar batch may decompress to.
+MAX_EVENT_BYTES = 3 * 8 + 7 * (8 + MAX_STRING_BYTES) + 2
+
+NS_PER_SECOND = 1_000_000_000
+#: Earliest accepted event time: 2000-01-01T00:00:00Z.
+MIN_TIMESTAMP_NS = 946_684_800 * NS_PER_SECOND
+#: How far past the server's clock an event may be (clock skew of producers).
+MAX_FUTURE_SKEW_NS = 24 * 3600 * NS_PER_SECOND
+
+#: Distinct values a test may have per field (the embedded engine's 16-bit codes; README).
+MAX_DISTINCT = {"variant": 65_535, "event_type": 65_535, "device": 65_535, "country": 65_535,
+                "user_id": 2**31 - 1}
+
+
+class Rejection(NamedTuple):
+    """Why one event of a batch was not stored (a tuple: a batch may reject 100,000 events)."""
+
+    index: int
+    field: str
+    message: str
+
+
+def string_buffers(values: pa.Array) -> tuple[np.ndarray, pa.Buffer | bytes]:
+    """(int32 offsets[n+1], data) of a string array, nulls read as ''."""
+    if values.type != pa.string():
+        values = values.cast(pa.string())
+    if values.null_count:
+        values = values.fill_null("")
+    n = len(values)
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[values.offset: values.offset + n + 1]
+    return offsets, buffers[2] if buffers[2] is not None else b""
+
 
 #: Fields in the order of the Event message: an event is rejected for the first failing one.
 _FIELD_ORDER = [f.name for f in EVENT_SCHEMA]
@@ -185,3 +236,23 @@ def listed(values: list[str], most: int = 10) -> str:
 def too_long(name: str, length: int) -> str:
     """Why a string of `length` bytes was rejected (wherever it was found too long)."""
     return f"{name} is {length:,} bytes long; at most {MAX_STRING_BYTES} are accepted"
+
+
+def check(batch: pa.Table | pa.RecordBatch, now_ns: int, refuse: Sequence[Rejection] = ()
+          ) -> tuple[pa.Table, list[Rejection]]:
+    """(the normalized batch, why each rejected event was rejected, by index): every event checked
+    against the rules with the server's clock at `now_ns`. Each `refuse` entry rejects its row for
+    a reason the caller knows (a string that was not UTF-8, a test the token may not write),
+    before the rules; a row's first entry is its reason."""
+    if isinstance(batch, pa.RecordBatch):
+        batch = pa.Table.from_batches([batch])
+    batch = normalize(batch)
+    _, rejections = validate(batch, now_ns)
+    if refuse:
+        refused, refusals = np.zeros(batch.num_rows, dtype=bool), []
+        for r in refuse:
+            if not refused[r.index]:
+                refused[r.index] = True
+                refusals.append(r)
+        rejections = sorted([r for r in rejections if not refused[r.index]] + refusals, key=lambda r: r.index)
+    return batch, rejections

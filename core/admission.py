@@ -1,4 +1,7 @@
-"""What ingest may hold at once: a budget of bytes for requests between their arrival and their ack.
+"""Admission control: what ingest may hold and do at once, decided before a request is decoded.
+
+The budget of bytes for requests between their arrival and their ack, the memory high-water
+mark, the number of open streams and the per-token rate limits.
 
 Every stream reads its requests, prepares them in the one prepare thread and holds them until
 their fsync: without a common bound, 64 streams with 8 requests of 64 MiB each in flight could
@@ -19,12 +22,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from abstream.service.converters import RequestSize
+from abstream.core.auth import Principal
 
 PER_WIRE_BYTE = 3
 PER_EVENT = 700
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What preparing a request will hold, known without decoding it (each transport measures
+    its own requests: service/converters.py for gRPC)."""
+
+    wire_bytes: int
+    events: int  # as messages and as Arrow rows
+    decoded_bytes: int  # what its Arrow IPC stream decompresses to; 0 without one
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts at once (see Settings)."""
+
+    max_batch_events: int = 100_000
+    max_ingest_streams: int = 64
+    memory_high_water_bytes: int = 0  # resolved: 0 is off
+    max_ingest_bytes: int = 256 << 20
 
 
 def cost(size: RequestSize) -> int:
@@ -76,3 +102,26 @@ HIGH_WATER_SHARE = 0.8
 def high_water(setting: int) -> int:
     """The high-water mark in bytes for a setting: -1 for the default share, 0 for none."""
     return int(memory_limit() * HIGH_WATER_SHARE) if setting < 0 else setting
+
+
+class RateLimiter:
+    """Token buckets per principal: `ingest_rate` events per second, bursts up to one second's worth."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last refill)
+
+    def wait_for(self, principal: Principal, events: int) -> float:
+        """0 if `events` may go now (and takes them), else seconds until they could."""
+        rate = principal.ingest_rate
+        if rate <= 0 or events == 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(principal.name, (rate, now))
+            tokens = min(rate, tokens + (now - last) * rate)
+            if events <= tokens or (tokens >= rate and events > rate):  # a batch above the burst goes alone
+                self._buckets[principal.name] = (tokens - events, now)
+                return 0.0
+            self._buckets[principal.name] = (tokens, now)
+            return (min(events, rate) - tokens) / rate

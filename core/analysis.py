@@ -1,0 +1,98 @@
+"""Per-variant experiment analysis: an engine's per-user sufficient statistics in, comparisons out.
+
+The experiment unit is the user. For each group the engine hands over, per metric, the number of
+users and the sum and centered sum of squares of the per-user values (`UserMoments`); the
+arithmetic of the comparisons lives in `abstream.stats`. Nothing here knows which engine
+computed the moments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from abstream import stats
+from abstream.core.errors import InvalidArgument
+from abstream.core.events import listed
+from abstream.core.types import (
+    METRICS,
+    Analysis,
+    AnalysisOptions,
+    GroupStats,
+    MetricComparison,
+    SegmentsQuery,
+    SegmentsResult,
+    SummaryQuery,
+    SummaryResult,
+    UserMoments,
+)
+
+
+def choose_control(variants: list[str], requested: str) -> str:
+    """The requested control, which must be one of `variants`; else "control" if there is one,
+    else the first in sort order."""
+    if requested:
+        if variants and requested not in variants:
+            raise InvalidArgument("control_variant", f"{requested!r} is not a variant of this test "
+                                                     f"({listed(variants)})")
+        return requested
+    return "control" if "control" in variants else (variants[0] if variants else "")
+
+
+def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, options: AnalysisOptions,
+            control: str | None = None) -> Analysis:
+    """Compares every variant with the control; `index` picks the groups of `moments` that are
+    these variants, in the same order. `control` is the one chosen for the whole query (each of
+    Segments' segments compares with the test's control); without it, it is chosen here, and a
+    requested control that is not among the variants is an error. Where the control has no
+    users (a segment), each comparison says so and nothing is compared."""
+    if control is None:
+        control = choose_control(variants, options.control_variant)
+    users = moments.users[index]
+    if options.expected_weights:
+        missing = [v for v in variants if v not in options.expected_weights]
+        if missing:
+            raise InvalidArgument("expected_weights", f"has no weight for {listed(missing)}")
+        srm = stats.srm_p_value(users, [options.expected_weights[v] for v in variants])
+    else:
+        srm = stats.srm_p_value(users)
+    comparisons: list[MetricComparison] = []
+    if control in variants:
+        c = variants.index(control)
+        treatments = [i for i in range(len(variants)) if i != c]
+        for metric in METRICS:
+            arms = moments.arms(metric, index)
+            results = [stats.compare(arms[c], arms[t], confidence=options.confidence, sequential=options.sequential,
+                                     n_star=options.n_star, prior_mean=options.prior_mean,
+                                     prior_variance=options.prior_variance) for t in treatments]
+            absolute = stats.adjust_p_values([r.absolute.p_value for r in results], options.correction)
+            relative = stats.adjust_p_values([r.relative.p_value for r in results], options.correction)
+            comparisons += [MetricComparison(variants[t], metric, r, a, rel)
+                            for t, r, a, rel in zip(treatments, results, absolute, relative)]
+    elif control:
+        why = f"the control {control!r} has no users here: nothing is compared"
+        missing_control = stats.Estimate(status=stats.NO_CONTROL, message=why)
+        for metric in METRICS:
+            for variant, arm in zip(variants, moments.arms(metric, index)):
+                result = stats.Comparison(0.0, arm.mean, missing_control, missing_control, status=stats.NO_CONTROL,
+                                          message=why)
+                comparisons.append(MetricComparison(variant, metric, result, 1.0, 1.0))
+    order = {v: i for i, v in enumerate(variants)}
+    comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
+    return Analysis(control, srm, srm < options.srm_threshold, comparisons)
+
+
+def summary(q: SummaryQuery, g: GroupStats) -> SummaryResult:
+    """An engine's Summary statistics, with the analysis of every variant against the control."""
+    return SummaryResult(test_id=q.test_id, variants=g.variants, metrics=g.metrics, stats=g.stats,
+                         analysis=analyze(g.variants, g.moments, np.arange(len(g.variants)), q.analysis))
+
+
+def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:
+    """An engine's Segments statistics, each segment's variants compared with the test's control."""
+    control = choose_control(sorted(set(g.variants)), q.analysis.control_variant)
+    segment_names = g.segments or []
+    analyses = []
+    for name in sorted(set(segment_names)):
+        rows = np.array([i for i, s in enumerate(segment_names) if s == name], dtype=np.int64)
+        analyses.append((name, analyze([g.variants[r] for r in rows.tolist()], g.moments, rows, q.analysis, control)))
+    return SegmentsResult(test_id=q.test_id, dimension=q.dimension, variants=g.variants, segments=segment_names,
+                          metrics=g.metrics, stats=g.stats, analyses=analyses)

@@ -1,0 +1,71 @@
+"""The engine interface: what the core asks of whatever stores and aggregates the events.
+
+Two implementations: the embedded Arrow engine (store/, one process) and the ClickHouse cluster
+engine (clickhouse/, any number of stateless gateways). The core talks to `Engine` and nothing
+else; it validates batches before an engine sees them and runs the analysis on the per-user
+sufficient statistics an engine returns, so both answer alike.
+
+A new engine implements these methods and is chosen in service/server.py (`open_engine`); the
+same test suite runs on every engine (tests/conftest.py, the `engine` fixture).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from abstream.core.types import (
+    GroupStats,
+    IngestResult,
+    QuarantinedEvent,
+    SegmentsQuery,
+    SnapshotInfo,
+    SummaryQuery,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+    ValidatedBatch,
+)
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """A figure an engine offers to the metrics endpoint, read when scraped."""
+
+    name: str
+    help: str
+    read: Callable[[], float]
+
+
+class Engine(Protocol):
+    """Ingest runs in three steps so that a stream can pipeline: `prepare` (CPU work, beside other
+    batches), `apply` (the ordering point: once it returns the batch is visible to the very next
+    query), `commit` (returns once the batch is as durable as promised; the ack waits for it).
+    Queries return per-group metrics with the moments of the per-user values (`GroupStats`)."""
+
+    name: str
+
+    def prepare(self, batch: ValidatedBatch) -> Any: ...
+
+    def apply(self, prepared: Any) -> IngestResult: ...
+
+    def commit(self, result: IngestResult) -> None: ...
+
+    def summary(self, q: SummaryQuery) -> GroupStats: ...
+
+    def segments(self, q: SegmentsQuery) -> GroupStats: ...
+
+    def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult: ...
+
+    def list_tests(self) -> list[TestInfo]: ...
+
+    def quarantine(self, test_id: str, limit: int, test_prefix: str) -> tuple[list[QuarantinedEvent], int]: ...
+
+    def snapshot(self) -> SnapshotInfo: ...
+
+    def maintain(self) -> None:
+        """Periodic work, once a second (the embedded engine: a snapshot when one is due)."""
+
+    def gauges(self) -> list[Gauge]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,104 @@
+"""The one error vocabulary: every error abstream raises on purpose, each carrying its kind.
+
+A transport maps a kind to its own status through one table (service/errors.py for gRPC, the
+HTTP layer's for HTTP): the gRPC code and the HTTP status are two columns of `Kind`, not two sets
+of `except` blocks. Engines raise these too, so that a caller sees the same error whichever
+engine answers. Anything else that escapes is a bug: it is logged with its trace and reaches
+the caller as INTERNAL, without detail.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kind(enum.Enum):
+    """(gRPC status code name, HTTP status) of each kind of error."""
+
+    INVALID_ARGUMENT = ("INVALID_ARGUMENT", 400)
+    NOT_FOUND = ("NOT_FOUND", 404)
+    UNAUTHENTICATED = ("UNAUTHENTICATED", 403)  # the tutorial's platform answers 403 to a missing token too
+    PERMISSION_DENIED = ("PERMISSION_DENIED", 403)
+    RESOURCE_EXHAUSTED = ("RESOURCE_EXHAUSTED", 429)
+    FAILED_PRECONDITION = ("FAILED_PRECONDITION", 409)
+    UNAVAILABLE = ("UNAVAILABLE", 503)
+    DEADLINE_EXCEEDED = ("DEADLINE_EXCEEDED", 504)
+    INTERNAL = ("INTERNAL", 500)
+
+    @property
+    def grpc_code(self) -> str:
+        return self.value[0]
+
+    @property
+    def http_status(self) -> int:
+        return self.value[1]
+
+
+class AbstreamError(Exception):
+    """Base class of every error raised on purpose; `kind` says how transports report it."""
+
+    kind = Kind.FAILED_PRECONDITION
+
+
+class InvalidArgument(AbstreamError):
+    """A parameter or field is missing or wrong; `field` names it as the caller spelled it."""
+
+    kind = Kind.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(AbstreamError):
+    """What was asked for does not exist (a route, a pipe, a datasource)."""
+
+    kind = Kind.NOT_FOUND
+
+
+class Unauthenticated(AbstreamError):
+    """No token, or one nobody issued."""
+
+    kind = Kind.UNAUTHENTICATED
+
+
+class PermissionDenied(AbstreamError):
+    """The caller's token does not cover what it asked for."""
+
+    kind = Kind.PERMISSION_DENIED
+
+
+class ResourceExhausted(AbstreamError):
+    """Too much at once (a rate limit, memory, streams): retry after `retry_after` seconds."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(AbstreamError):
+    """This call cannot be taken now (starting, draining, a backend down); retrying later may
+    work, after `retry_after` seconds when it is known."""
+
+    kind = Kind.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(AbstreamError):
+    """The caller's deadline passed; the work stopped where it noticed."""
+
+    kind = Kind.DEADLINE_EXCEEDED
+
+
+class RecoveryError(AbstreamError):
+    """A data directory cannot be recovered without losing acknowledged events."""
+
+
+def kind_of(error: BaseException) -> Kind:
+    return error.kind if isinstance(error, AbstreamError) else Kind.INTERNAL

@@ -1,0 +1,440 @@
+"""What crosses the engine seam: queries, batches and results, as frozen dataclasses.
+
+Columnar inside, so that large results stay cheap. An engine answers a query with per-group
+metrics and the per-user sufficient statistics of each group (`GroupStats`); the core runs the
+analysis on those (core/analysis.py), whichever engine produced them.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from abstream import stats
+from abstream.core.errors import InvalidArgument
+from abstream.core.events import MAX_DISTINCT, NS_PER_SECOND, Rejection, check_query_string
+
+_MINUTE = 60 * NS_PER_SECOND
+#: Weeks start on Monday: 1969-12-29T00:00:00Z, the Monday before the Unix epoch.
+_MONDAY_ORIGIN_NS = -3 * 24 * 3600 * NS_PER_SECOND
+
+#: Per-user metrics compared between variants.
+METRICS = ("conversion", "revenue_per_user", "conversions_per_user")
+CORRECTIONS = ("none", "holm", "benjamini_hochberg")
+
+
+class Dimension(enum.Enum):
+    """What Segments splits variants by; the value is the event field."""
+
+    DEVICE = "device"
+    COUNTRY = "country"
+    EVENT_TYPE = "event_type"
+
+
+class Interval(enum.Enum):
+    """Timeseries bucket width, as (width, alignment origin) in ns, UTC."""
+
+    MINUTE = (_MINUTE, 0)
+    HOUR = (60 * _MINUTE, 0)
+    DAY = (24 * 60 * _MINUTE, 0)
+    WEEK = (7 * 24 * 60 * _MINUTE, _MONDAY_ORIGIN_NS)
+
+    @property
+    def width_ns(self) -> int:
+        return self.value[0]
+
+    @property
+    def origin_ns(self) -> int:
+        return self.value[1]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Equality filters; None means any value (an empty string is a value)."""
+
+    device: str | None = None
+    country: str | None = None
+    event_type: str | None = None
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(name, value) for name in ("device", "country", "event_type")
+                if (value := getattr(self, name)) is not None]
+
+    def check(self) -> None:
+        for name, value in self.items():
+            check_query_string(f"filters.{name}", value)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How to compare variants; the defaults are what a request that sets nothing gets."""
+
+    control_variant: str = ""  # empty: "control" if present, else the first variant in sort order
+    confidence: float = 0.95
+    sequential: bool = False
+    n_star: float = 5000.0  # total users the confidence sequence is tuned for
+    prior_mean: float | None = None
+    prior_variance: float | None = None
+    expected_weights: dict[str, float] = field(default_factory=dict)  # empty: equal
+    srm_threshold: float = 0.001
+    correction: str = "none"
+
+    def check(self) -> None:
+        check_query_string("control_variant", self.control_variant)
+        if len(self.expected_weights) > MAX_DISTINCT["variant"]:
+            raise InvalidArgument("expected_weights", f"has {len(self.expected_weights):,} entries; a test has at most "
+                                                      f"{MAX_DISTINCT['variant']:,} variants")
+        for variant in self.expected_weights:
+            check_query_string("expected_weights", variant)
+        if not 0 < self.confidence < 1:
+            raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
+        if not self.n_star > 0:
+            raise InvalidArgument("sequential_tuning", f"must be positive, got {self.n_star}")
+        if (self.prior_mean is None) != (self.prior_variance is None):
+            raise InvalidArgument("prior", "needs both a mean and a variance")
+        if self.prior_variance is not None and not (self.prior_variance > 0 and math.isfinite(self.prior_variance)
+                                                    and math.isfinite(self.prior_mean)):
+            raise InvalidArgument("prior", "variance must be positive and both values finite")
+        for variant, weight in self.expected_weights.items():
+            if not (weight > 0 and math.isfinite(weight)):
+                raise InvalidArgument("expected_weights", f"weight of {variant!r} must be positive, got {weight}")
+        if not 0 < self.srm_threshold < 1:
+            raise InvalidArgument("srm_threshold", f"must be between 0 and 1 (exclusive), got {self.srm_threshold}")
+        if self.correction not in CORRECTIONS:
+            raise InvalidArgument("correction", f"must be one of {', '.join(CORRECTIONS)}")
+
+
+# ---- queries ------------------------------------------------------------------------------
+
+def check_range(test_id: str, start_ns: int | None, end_ns: int | None) -> None:
+    """What any engine would refuse of a query's test and range, refused before one is asked."""
+    if not test_id:
+        raise InvalidArgument("test_id", "is required")
+    check_query_string("test_id", test_id)
+    if start_ns is not None and end_ns is not None and end_ns < start_ns:
+        raise InvalidArgument("end_time", "is before start_time")
+
+
+@dataclass(frozen=True)
+class SummaryQuery:
+    """One test's metrics per variant, over [start_ns, end_ns] (None = unbounded)."""
+
+    test_id: str
+    start_ns: int | None = None
+    end_ns: int | None = None
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
+
+    def check(self) -> None:
+        self.analysis.check()
+        check_range(self.test_id, self.start_ns, self.end_ns)
+
+
+@dataclass(frozen=True)
+class SegmentsQuery:
+    test_id: str
+    dimension: Dimension
+    start_ns: int | None = None
+    end_ns: int | None = None
+    filters: Filters = field(default_factory=Filters)
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    deadline: float | None = None
+
+    def check(self) -> None:
+        self.analysis.check()
+        check_range(self.test_id, self.start_ns, self.end_ns)
+        self.filters.check()
+
+
+@dataclass(frozen=True)
+class TimeseriesQuery:
+    test_id: str
+    interval: Interval
+    start_ns: int | None = None
+    end_ns: int | None = None
+    cumulative: bool = False
+    filters: Filters = field(default_factory=Filters)
+    deadline: float | None = None
+
+    def check(self) -> None:
+        check_range(self.test_id, self.start_ns, self.end_ns)
+        self.filters.check()
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metrics:
+    """One group's metrics; the rates are full precision and 0 when there are no users."""
+
+    users: int
+    conversions: int
+    conversion_rate: float
+    total_revenue: float
+    revenue_per_user: float
+    events: int
+    converted_users: int
+    user_conversion_rate: float
+
+
+@dataclass(frozen=True)
+class MetricColumns:
+    """Metrics of many groups as parallel arrays (one entry per result row)."""
+
+    events: np.ndarray
+    conversions: np.ndarray
+    total_revenue: np.ndarray
+    users: np.ndarray
+    converted_users: np.ndarray
+
+    @staticmethod
+    def _per_user(values: np.ndarray, users: np.ndarray) -> np.ndarray:
+        return np.divide(values, users, out=np.zeros(len(users), dtype=np.float64), where=users > 0)
+
+    @property
+    def conversion_rate(self) -> np.ndarray:
+        return self._per_user(self.conversions, self.users)
+
+    @property
+    def revenue_per_user(self) -> np.ndarray:
+        return self._per_user(self.total_revenue, self.users)
+
+    @property
+    def user_conversion_rate(self) -> np.ndarray:
+        return self._per_user(self.converted_users, self.users)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def take(self, index: np.ndarray) -> MetricColumns:
+        return MetricColumns(**{name: getattr(self, name)[index] for name in COUNT_COLUMNS})
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every metric, in the order of `Metrics`."""
+        return {name: getattr(self, name) for name in Metrics.__dataclass_fields__}
+
+    def rows(self) -> list[Metrics]:
+        cols = [getattr(self, name).tolist() for name in Metrics.__dataclass_fields__]
+        return [Metrics(*values) for values in zip(*cols)]
+
+
+COUNT_COLUMNS = ("events", "conversions", "total_revenue", "users", "converted_users")
+
+
+@dataclass(frozen=True)
+class UserMoments:
+    """Per group: users, and per metric the sum and centered sum of squares of per-user values:
+    the sufficient statistics of the comparisons (sums combine across shards; the centered
+    squares combine with the parallel-variance formula)."""
+
+    users: np.ndarray
+    sums: dict[str, np.ndarray]
+    m2: dict[str, np.ndarray]
+
+    def take(self, index: np.ndarray) -> UserMoments:
+        return UserMoments(self.users[index], {k: v[index] for k, v in self.sums.items()},
+                           {k: v[index] for k, v in self.m2.items()})
+
+    def arms(self, metric: str, index: np.ndarray) -> list[stats.Arm]:
+        out = []
+        for i in index.tolist():
+            n = int(self.users[i])
+            if metric == "conversion":
+                out.append(stats.binomial_arm(n, int(self.sums[metric][i])))
+            else:
+                mean = float(self.sums[metric][i]) / n if n else 0.0
+                out.append(stats.Arm(n, mean, float(self.m2[metric][i]) / (n - 1) if n > 1 else 0.0))
+        return out
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    events_scanned: int
+    elapsed_ns: int
+
+
+# ---- what engines answer ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupStats:
+    """An engine's answer to Summary (a group per variant) or Segments (a group per variant and
+    segment value, ordered by variant then segment): each group's metrics and user moments."""
+
+    variants: list[str]
+    segments: list[str] | None  # None for Summary
+    metrics: MetricColumns
+    moments: UserMoments
+    stats: QueryStats
+
+
+@dataclass(frozen=True)
+class TestInfo:
+    test_id: str
+    variants: list[str]
+    events: int
+    users: int
+    first_event_ns: int
+    last_event_ns: int
+
+
+@dataclass(frozen=True)
+class QuarantinedEvent:
+    """A rejected event as it was sent (event field names), with the reason."""
+
+    received_ns: int
+    index: int
+    field: str
+    message: str
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    events: int
+
+
+# ---- ingest -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """A request as its transport decoded it: its events (event field names), who sent it, and
+    events its decoder refused already (a string that is not UTF-8 or too long to copy)."""
+
+    table: pa.Table
+    producer_id: str
+    sequence: int
+    refuse: list[Rejection]
+    ipc: pa.Buffer | None = None  # the Arrow IPC stream the whole batch was read from, if it was
+
+
+@dataclass(frozen=True)
+class ValidatedBatch:
+    """A batch as the core hands it to an engine: every event as it arrived (normalized), which
+    were rejected and why (sorted by index), and who sent it."""
+
+    table: pa.Table
+    rejections: list[Rejection]
+    received_ns: int
+    producer_id: str = ""
+    sequence: int = 0
+    ipc: pa.Buffer | bytes | None = None  # the Arrow IPC stream the batch was read from, to log as is
+
+    @property
+    def valid(self) -> np.ndarray:
+        mask = np.ones(self.table.num_rows, dtype=bool)
+        if self.rejections:
+            mask[np.fromiter((r.index for r in self.rejections), dtype=np.int64, count=len(self.rejections))] = False
+        return mask
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What became of one batch: how many events were stored, and why the others were not.
+
+    `duplicate` means the producer's batch with this sequence was applied before (and is
+    durable): nothing was stored this time. `token` is the engine's, for `commit`.
+    """
+
+    accepted: int
+    rejections: list[Rejection]
+    duplicate: bool = False
+    token: Any = None
+
+
+# ---- results ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricComparison:
+    variant: str
+    metric: str
+    result: stats.Comparison
+    adjusted_absolute_p: float
+    adjusted_relative_p: float
+
+
+@dataclass(frozen=True)
+class Analysis:
+    control_variant: str
+    srm_p_value: float
+    srm_flagged: bool
+    comparisons: list[MetricComparison]
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class SummaryResult:
+    test_id: str
+    variants: list[str]
+    metrics: MetricColumns
+    stats: QueryStats
+    analysis: Analysis | None = None
+
+    def rows(self) -> list[SummaryRow]:
+        return [SummaryRow(v, m) for v, m in zip(self.variants, self.metrics.rows())]
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table({"variant": self.variants, **self.metrics.columns()})
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    variant: str
+    segment: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class SegmentsResult:
+    test_id: str
+    dimension: Dimension
+    variants: list[str]
+    segments: list[str]
+    metrics: MetricColumns
+    stats: QueryStats
+    analyses: list[tuple[str, Analysis]] = field(default_factory=list)  # (segment, its analysis)
+
+    def rows(self) -> list[SegmentRow]:
+        return [SegmentRow(v, s, m) for v, s, m in zip(self.variants, self.segments, self.metrics.rows())]
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table({"variant": self.variants, "segment": self.segments, **self.metrics.columns()})
+
+
+@dataclass(frozen=True)
+class TimeseriesRow:
+    bucket_start_ns: int
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class TimeseriesResult:
+    test_id: str
+    interval: Interval
+    cumulative: bool
+    bucket_start_ns: np.ndarray
+    variants: list[str]
+    metrics: MetricColumns
+    stats: QueryStats
+
+    def rows(self) -> list[TimeseriesRow]:
+        return [TimeseriesRow(b, v, m) for b, v, m in
+                zip(self.bucket_start_ns.tolist(), self.variants, self.metrics.rows())]
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table({
+            "bucket_start": pa.array(self.bucket_start_ns, pa.timestamp("ns", tz="UTC")),
+            "variant": self.variants,
+            **self.metrics.columns(),
+        })

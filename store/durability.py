@@ -1,0 +1,217 @@
+"""Durability: recovery at start, snapshots while running, the log kept back to the oldest kept.
+
+The formats are in persist.py (records and snapshots) and wal.py (the log). Recovery loads the
+newest snapshot whose files match its manifest, then replays every log record after it; replay
+trusts records and never validates again, since a batch's validity depended on the server's
+clock when it arrived. A snapshot holds the ingest lock only to capture what to write
+(references to immutable parts, a copy of the tail, a log rotation); writing runs beside ingest
+and queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from abstream.core.errors import AbstreamError, RecoveryError
+from abstream.core.events import normalize
+from abstream.core.types import SnapshotInfo, ValidatedBatch
+from abstream.store import persist
+from abstream.store.dictionary import Dictionary
+from abstream.store.ingest import Ingest, Producer
+from abstream.store.partition import COLUMNS, DTYPES, PartitionView, take
+from abstream.store.schema import STORED_SCHEMA
+from abstream.store.wal import WalCorruption, WriteAheadLog
+
+log = logging.getLogger("abstream.store")
+
+
+@dataclass(frozen=True)
+class Durability:
+    """Where and how the store persists itself; see persist.py and wal.py for the formats."""
+
+    data_dir: Path
+    fsync: str = "always"  # or "interval"
+    fsync_interval_ms: int = 50
+    snapshot_compression: str = "none"  # or "lz4", "zstd"
+    snapshots_kept: int = 2
+    snapshot_every_events: int = 1_000_000
+    snapshot_every_seconds: float = 300.0
+
+
+@dataclass
+class _SnapshotClock:
+    at: float = field(default_factory=time.monotonic)
+    events: int = 0
+
+
+class Persistence:
+    """Recovers `ingest` from its data directory, then logs and snapshots it."""
+
+    def __init__(self, ingest: Ingest, d: Durability) -> None:
+        self._ingest = ingest
+        self._d = d
+        self._lock = threading.Lock()
+        self._last = _SnapshotClock()
+        self._recover()
+
+    @property
+    def last_snapshot_at(self) -> float:
+        """time.monotonic() of the last snapshot written (or of the start, before any)."""
+        return self._last.at
+
+    @property
+    def wal_dir(self) -> Path:
+        return Path(self._d.data_dir) / "wal"
+
+    # ---- recovery -------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Newest readable snapshot, then every log record after it; refuses to lose any."""
+        d, ingest = self._d, self._ingest
+        started = time.monotonic()
+        snapshots_dir, wal = Path(d.data_dir) / "snapshots", WriteAheadLog(self.wal_dir, d.fsync, d.fsync_interval_ms)
+        segments = wal.segments()
+        first_logged = segments[0][0] if segments else None
+        contents, skipped = None, []
+        for _, path in persist.list_snapshots(snapshots_dir):
+            try:
+                contents = persist.load_snapshot(path)
+                break
+            except persist.SnapshotError as error:
+                log.error("snapshot %s is unusable, trying an older one: %s", path, error)
+                skipped.append(str(path))
+        start_lsn = contents.lsn if contents else 1
+        if first_logged is not None and first_logged > start_lsn:
+            raise RecoveryError(
+                f"cannot recover {d.data_dir}: the write-ahead log begins at record {first_logged}, but "
+                + (f"the newest usable snapshot ends before record {start_lsn}" if contents else "no snapshot was found")
+                + (f" (unusable: {', '.join(skipped)})" if skipped else f" in {snapshots_dir}")
+                + "; the events in between are gone. Restore the snapshots directory from a backup.")
+        if contents is not None:
+            self._restore(contents)
+        in_snapshot = ingest.event_count
+        replayed = 0
+        try:
+            for lsn, payload in wal.replay(after_lsn=start_lsn - 1):
+                self._replay(persist.decode_record(payload), lsn)
+                replayed += 1
+        except WalCorruption as error:
+            raise RecoveryError(str(error)) from error
+        ingest.wait_sealed()
+        wal.open()
+        ingest.wal = wal
+        self._last = _SnapshotClock(events=in_snapshot)
+        log.info("recovered %d events (%s, %d log records replayed) in %.2fs", ingest.event_count,
+                 f"snapshot {start_lsn}" if contents else "no snapshot", replayed, time.monotonic() - started)
+
+    def _replay(self, record: persist.Record, lsn: int) -> None:
+        """Stores exactly what a logged batch stored the first time."""
+        batch = ValidatedBatch(normalize(record.batch), list(record.rejections), record.received_ns,
+                               record.producer_id, record.sequence)
+        rejections = list(batch.rejections)
+        test_codes, cols, rejected = self._ingest.encode(batch.table, batch.valid, rejections)
+        self._ingest.publish(test_codes, cols, rejected, rejections, record.received_ns, record.producer_id,
+                             record.sequence, lsn)
+
+    def _restore(self, contents: persist.SnapshotContents) -> None:
+        ingest = self._ingest
+        for name, values in contents.dictionaries.items():
+            if name == "test_id":
+                ingest.tests = Dictionary.from_values(values, ingest.tests.capacity)
+            else:
+                ingest.dicts[name] = Dictionary.from_values(values, ingest.dicts[name].capacity)
+        partitions: dict[int, PartitionView] = {}
+        for batch in contents.events:
+            code = int(batch.column("test")[0].as_py())
+            cols = {c: batch.column(c) if c in ("session_id",) else batch.column(c).to_numpy() for c in COLUMNS}
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(cols)
+        ingest.partitions = partitions
+        ingest.publish_view()
+        ingest.quarantine.restore(contents.quarantine)
+        ingest.producers = {k: Producer(v["sequence"], 0) for k, v in contents.producers.items()}
+
+    # ---- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> SnapshotInfo:
+        """Writes a snapshot now and returns once it is durable."""
+        d, ingest = self._d, self._ingest
+        if ingest.wal is None:
+            raise AbstreamError("this store has no data directory to snapshot to")
+        with self._lock:
+            with ingest.lock:
+                contents = self._capture()
+                events_at = ingest.event_count
+            root = Path(d.data_dir) / "snapshots"
+            path = persist.write_snapshot(root, contents, d.snapshot_compression)
+            self._last = _SnapshotClock(events=events_at)
+            kept = persist.list_snapshots(root)[: max(d.snapshots_kept, 1)]
+            for _, old in persist.list_snapshots(root)[len(kept):]:
+                shutil.rmtree(old, ignore_errors=True)
+            for tmp in root.glob("tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            # Keep the log back to the oldest kept snapshot, so any of them can be fallen back on.
+            ingest.wal.drop_before(kept[-1][0])
+            log.info("snapshot %s written: %d events", path.name, events_at)
+            return SnapshotInfo(path, events_at)
+
+    def _capture(self) -> persist.SnapshotContents:
+        """What a snapshot holds, taken under the ingest lock: cheap references, one tail copy."""
+        ingest = self._ingest
+        ingest.wait_sealed()  # the sealer publishes without the ingest lock: let it finish first
+        lsn = ingest.wal.rotate()
+        view = ingest.view
+        batches = [(code, part) for code, partition in view.partitions.items() for part in partition.parts]
+        tail_codes, tail_cols = ingest.tail.copy()
+        producers = {k: {"sequence": v.sequence} for k, v in ingest.producers.items()}
+        dictionaries = {"test_id": ingest.tests.values, **{n: d.values for n, d in ingest.dicts.items()}}
+        return persist.SnapshotContents(lsn, _LazyBatches(batches, tail_codes, tail_cols), dictionaries,
+                                        ingest.quarantine.table(), producers)
+
+    def maybe_snapshot(self) -> SnapshotInfo | None:
+        """Snapshots when the configured number of events or seconds has passed since the last."""
+        d = self._d
+        since = self._ingest.event_count - self._last.events
+        due = (d.snapshot_every_events > 0 and since >= d.snapshot_every_events) or (
+            d.snapshot_every_seconds > 0 and since > 0 and time.monotonic() - self._last.at >= d.snapshot_every_seconds)
+        return self.snapshot() if due else None
+
+    def close(self, final_snapshot: bool = True) -> None:
+        """A last snapshot (so a restart replays nothing), then the log closed."""
+        ingest = self._ingest
+        ingest.wait_sealed()
+        if ingest.wal is not None:
+            if final_snapshot:
+                self.snapshot()
+            ingest.wal.close()
+            ingest.wal = None
+
+
+class _LazyBatches:
+    """The snapshot's record batches, built while writing (outside the ingest lock)."""
+
+    def __init__(self, parts: list, tail_codes: np.ndarray, tail_cols: dict) -> None:
+        self._parts, self._tail_codes, self._tail_cols = parts, tail_codes, tail_cols
+
+    def __iter__(self):
+        for code, part in self._parts:
+            yield _with_test(part.batch(), code)
+        if len(self._tail_codes):
+            order = np.lexsort((self._tail_cols["timestamp"], self._tail_codes))
+            codes = self._tail_codes[order]
+            cols = {c: take(self._tail_cols[c], order) for c in COLUMNS}
+            bounds = np.flatnonzero(np.diff(codes)) + 1
+            for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(codes)]):
+                arrays = [pa.array(cols[c][lo:hi]) if c in DTYPES else cols[c][lo:hi] for c in COLUMNS]
+                yield _with_test(pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA), int(codes[lo]))
+
+
+def _with_test(batch: pa.RecordBatch, code: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array(np.full(batch.num_rows, code, np.int32)), *batch.columns],
+                                      schema=persist.SNAPSHOT_SCHEMA)

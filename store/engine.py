@@ -1,0 +1,137 @@
+"""EventStore: the embedded engine, one process's memory and data directory (core/engine.py).
+
+It puts four parts together: ingest and the tail (ingest.py), parts and merging
+(partition.py), durability (durability.py: the log, snapshots, recovery) and query execution
+(execute.py). Appends are serialized by one lock; queries take no lock: every append publishes
+a new immutable view, so a query sees a batch entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pyarrow as pa
+from abstream.core import events
+from abstream.core.engine import Gauge
+from abstream.core.errors import AbstreamError
+from abstream.core.events import Rejection
+from abstream.core.types import (
+    GroupStats,
+    IngestResult,
+    QuarantinedEvent,
+    SegmentsQuery,
+    SnapshotInfo,
+    SummaryQuery,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+    ValidatedBatch,
+)
+from abstream.store.durability import Durability, Persistence
+from abstream.store.execute import Queries
+from abstream.store.ingest import Ingest, PreparedBatch
+
+
+class EventStore:
+    """Append-only, in-memory event store partitioned by test; with `durability`, it first
+    recovers from its data directory (newest readable snapshot, then the log after it) and logs
+    every batch before it is acknowledged."""
+
+    name = "embedded"
+
+    def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
+                 clock: Callable[[], int] = time.time_ns, durability: Durability | None = None) -> None:
+        self._clock = clock
+        self._ingest = Ingest(seal_rows, quarantine_limit)
+        self._queries = Queries(self._ingest)
+        self._persistence = Persistence(self._ingest, durability) if durability is not None else None
+
+    # ---- ingest ---------------------------------------------------------------------------
+
+    def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
+               wait: bool = True, refuse: Sequence[Rejection] = ()) -> IngestResult:
+        """Checks and stores the valid events of `batch` (event field names); explains the rest.
+        For callers that embed the store: the server checks batches in the core first."""
+        now = self._clock()
+        table, rejections = events.check(batch, now, refuse)
+        result = self.apply(self.prepare(ValidatedBatch(table, rejections, now, producer_id, sequence)))
+        if wait:
+            self.commit(result)
+        return result
+
+    def prepare(self, batch: ValidatedBatch) -> PreparedBatch:
+        return self._ingest.prepare(batch)
+
+    def apply(self, prepared: PreparedBatch) -> IngestResult:
+        return self._ingest.apply(prepared)
+
+    def commit(self, result: IngestResult) -> None:
+        self._ingest.commit(result)
+
+    def wait_sealed(self) -> None:
+        self._ingest.wait_sealed()
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def summary(self, q: SummaryQuery) -> GroupStats:
+        return self._queries.summary(q)
+
+    def segments(self, q: SegmentsQuery) -> GroupStats:
+        return self._queries.segments(q)
+
+    def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        return self._queries.timeseries(q)
+
+    def list_tests(self) -> list[TestInfo]:
+        return self._queries.list_tests()
+
+    def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = ""
+                   ) -> tuple[list[QuarantinedEvent], int]:
+        """Up to `limit` rejected events, newest first, and how many match in all (of one test
+        when `test_id` is given, of tests starting with `test_prefix`)."""
+        return self._ingest.quarantine.newest(test_id, limit, test_prefix)
+
+    # ---- operations -----------------------------------------------------------------------
+
+    def snapshot(self) -> SnapshotInfo:
+        """Writes a snapshot now and returns once it is durable."""
+        if self._persistence is None:
+            raise AbstreamError("this store has no data directory to snapshot to")
+        return self._persistence.snapshot()
+
+    def maintain(self) -> None:
+        """Periodic work (once a second): a snapshot when one is due."""
+        if self._persistence is not None:
+            self._persistence.maybe_snapshot()
+
+    def close(self, final_snapshot: bool = True) -> None:
+        """Flushes everything: a last snapshot (so a restart replays nothing), then the log."""
+        if self._persistence is not None:
+            self._persistence.close(final_snapshot)
+        self._ingest.close()
+
+    @property
+    def event_count(self) -> int:
+        return self._ingest.event_count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by stored events and dictionaries (not counting the allocator's slack)."""
+        return self._ingest.nbytes
+
+    @property
+    def last_snapshot_at(self) -> float:
+        return self._persistence.last_snapshot_at if self._persistence else time.monotonic()
+
+    def gauges(self) -> list[Gauge]:
+        wal = self._persistence.wal_dir if self._persistence else None
+        return [
+            Gauge("abstream_stored_events", "Events held", lambda: self.event_count),
+            Gauge("abstream_stored_bytes", "Bytes the store's arrays and dictionaries hold", lambda: self.nbytes),
+            Gauge("abstream_snapshot_age_seconds", "Seconds since the last snapshot was written",
+                  lambda: time.monotonic() - self.last_snapshot_at),
+            Gauge("abstream_wal_bytes", "Size of the write-ahead log on disk",
+                  lambda: sum(p.stat().st_size for p in Path(wal).glob("*.log")) if wal and wal.is_dir() else 0),
+        ]

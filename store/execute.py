@@ -1,0 +1,204 @@
+"""Query execution over the published view: per-group metrics and per-user moments, no lock.
+
+Every query of one test starts the same way (`Queries._scope`): capture the view, find the
+test's code, binary-search each of its parts for the time range, scan the tails, apply the
+filters, and check the caller's deadline. Then it groups with numpy kernels (kernels.py). The
+analysis of the groups is the core's, not the engine's (core/analysis.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from abstream.core.errors import DeadlineExceeded
+from abstream.core.types import (
+    Filters,
+    GroupStats,
+    MetricColumns,
+    QueryStats,
+    SegmentsQuery,
+    SummaryQuery,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+    UserMoments,
+)
+from abstream.store import kernels
+from abstream.store.ingest import Ingest
+from abstream.store.partition import PartitionView
+
+_NO_START = np.iinfo(np.int64).min
+_NO_END = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The columns a query reads, of its test's events in range that pass its filters."""
+
+    cols: dict[str, np.ndarray]
+    scanned: int  # events in range, before the filters
+    started_ns: int
+
+    def stats(self) -> QueryStats:
+        return QueryStats(self.scanned, time.perf_counter_ns() - self.started_ns)
+
+
+class Queries:
+    def __init__(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+
+    def summary(self, q: SummaryQuery) -> GroupStats:
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"],
+                            None, q.deadline)
+        cols = scope.cols
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
+                                      len(variant_codes))
+        _in_time(q.deadline)
+        moments = user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(),
+                               totals)
+        return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
+                          scope.stats())
+
+    def segments(self, q: SegmentsQuery) -> GroupStats:
+        dim = q.dimension.value
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue", dim],
+                            q.filters, q.deadline)
+        cols = scope.cols
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        segment_id, segment_codes = self._rank(dim, cols[dim])
+        n_seg = len(segment_codes)
+        group = variant_id * n_seg + segment_id
+        totals = kernels.group_totals(group, cols["user_id"], cols["conversion"], cols["revenue"],
+                                      len(variant_codes) * n_seg)
+        _in_time(q.deadline)
+        moments = user_moments(group, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(), totals)
+        keep = np.flatnonzero(totals["events"])
+        v, s = np.divmod(keep, max(n_seg, 1))
+        return GroupStats(self._ingest.dicts["variant"].decode(variant_codes[v]),
+                          self._ingest.dicts[dim].decode(segment_codes[s]), MetricColumns(**totals).take(keep),
+                          moments.take(keep), scope.stats())
+
+    def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["timestamp", "variant", "user_id", "conversion",
+                                                               "revenue"], q.filters, q.deadline)
+        cols = scope.cols
+        interval = q.interval
+        bucket_id, buckets = kernels.dense_ids(kernels.bucket_index(cols["timestamp"], interval.origin_ns,
+                                                                    interval.width_ns))
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        n_b, n_v = len(buckets), len(variant_codes)
+        if q.cumulative:
+            totals = kernels.cumulative_totals(bucket_id, variant_id, cols["user_id"], cols["conversion"],
+                                               cols["revenue"], n_b, n_v, self._n_users())
+            totals = {name: a.reshape(-1) for name, a in totals.items()}
+        else:
+            totals = kernels.group_totals(bucket_id * n_v + variant_id, cols["user_id"], cols["conversion"],
+                                          cols["revenue"], n_b * n_v)
+        keep = np.flatnonzero(totals["events"])
+        b, v = np.divmod(keep, max(n_v, 1))
+        return TimeseriesResult(
+            test_id=q.test_id,
+            interval=interval,
+            cumulative=q.cumulative,
+            bucket_start_ns=buckets[b] * interval.width_ns + interval.origin_ns,
+            variants=self._ingest.dicts["variant"].decode(variant_codes[v]),
+            metrics=MetricColumns(**totals).take(keep),
+            stats=scope.stats(),
+        )
+
+    def list_tests(self) -> list[TestInfo]:
+        """Every test with its variants, events, distinct users and first and last event time, from
+        the counters kept per part; only the tail's rows are read."""
+        ingest = self._ingest
+        view = ingest.view
+        tail = view.tail
+        order = np.argsort(tail["test"], kind="stable")
+        tail_tests = tail["test"][order]
+        bounds = np.flatnonzero(np.diff(tail_tests)) + 1
+        in_tail = {int(tail_tests[lo]): order[lo:hi] for lo, hi in
+                   zip([0, *bounds.tolist()], [*bounds.tolist(), len(tail_tests)]) if hi > lo}
+        codes = sorted(set(view.partitions) | set(in_tail))
+        names = ingest.tests.decode(np.array(codes, dtype=np.int64))
+        variant_names = ingest.dicts["variant"]
+        tests = []
+        for code, name in zip(codes, names):
+            p = view.partitions.get(code, PartitionView())
+            events, users, first, last, variants = p.events, p.users, p.first_ns, p.last_ns, set(p.variants)
+            rows = in_tail.get(code)
+            if rows is not None:
+                ts = tail["timestamp"][rows]
+                tail_users = kernels.distinct_values(tail["user_id"][rows])
+                events += len(rows)
+                users += int(np.count_nonzero(~p.has_users(tail_users)))
+                first, last = min(first, int(ts.min())), max(last, int(ts.max()))
+                variants |= set(kernels.distinct_values(tail["variant"][rows]).tolist())
+            decoded = variant_names.decode(np.array(sorted(variants), dtype=np.int64))
+            tests.append(TestInfo(name, sorted(decoded), events, users, first, last))
+        return sorted(tests, key=lambda t: t.test_id)
+
+    # ---- the shared setup -------------------------------------------------------------------
+
+    def _scope(self, test_id: str, start_ns: int | None, end_ns: int | None, names: list[str],
+               filters: Filters | None, deadline: float | None) -> _Scope:
+        started = time.perf_counter_ns()
+        ingest = self._ingest
+        view = ingest.view  # captured before the lookup: codes it holds are already in the dictionary
+        test = ingest.tests.code(test_id)
+        start = _NO_START if start_ns is None else start_ns
+        end = _NO_END if end_ns is None else end_ns
+        filter_names = [name for name, _ in filters.items()] if filters else []
+        wanted = list(dict.fromkeys(names + filter_names))
+        if test is None:
+            cols = {c: np.zeros(0, dtype=np.int64) for c in wanted}
+        else:
+            cols = view.select(test, start, end, wanted)
+        scanned = len(cols[wanted[0]])
+        if filter_names:
+            mask = np.ones(scanned, dtype=bool)
+            for name, value in filters.items():
+                code = ingest.dicts[name].code(value)
+                mask &= False if code is None else cols[name] == code
+            cols = {c: cols[c][mask] for c in names}
+        _in_time(deadline)
+        return _Scope(cols, scanned, started)
+
+    def _rank(self, name: str, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dense ids for one column's codes, ordered by the decoded strings."""
+        d = self._ingest.dicts[name]
+
+        def by_name(present: np.ndarray) -> np.ndarray:
+            names = d.decode(present)
+            return np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
+
+        return kernels.ranked_codes(codes.astype(np.int64), len(d), by_name)
+
+    def _n_users(self) -> int:
+        return max(len(self._ingest.dicts["user_id"]), 1)
+
+
+def _in_time(deadline: float | None) -> None:
+    """Stops a query whose caller has stopped waiting (checked between its stages)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the caller's deadline passed; the query was stopped")
+
+
+def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,
+                 n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
+    """Moments of the per-user metrics per group, from the rows that carry a value only."""
+    users = totals["users"]
+    # Indices of the few rows that qualify (found in a bool mask, the fast case of nonzero).
+    converting = np.flatnonzero(conversion.astype(bool))
+    paying = np.flatnonzero(revenue != 0)
+    sums = {"conversion": totals["converted_users"], "revenue_per_user": totals["total_revenue"],
+            "conversions_per_user": totals["conversions"]}
+    m2 = {
+        "revenue_per_user": kernels.centered_user_m2(group[paying], user[paying], revenue[paying], n_users_total,
+                                                     users, totals["total_revenue"].astype(np.float64)),
+        "conversions_per_user": kernels.centered_user_m2(
+            group[converting], user[converting], np.ones(len(converting)), n_users_total, users,
+            totals["conversions"].astype(np.float64)),
+    }
+    return UserMoments(users, sums, m2)

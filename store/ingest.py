@@ -1,0 +1,206 @@
+"""Ingest and the tail: dictionary-encoded appends, published as immutable views.
+
+A checked batch (core/events.py) is encoded and its log record built without the ingest lock
+(`prepare`), so that a stream prepares its next batches while one is applied; under the lock
+(`apply`) its record is written and it becomes visible, all at once: its events go to the tail
+shared by every test (and a full tail is sealed into parts in a background thread), its
+rejected events to the quarantine, its producer's sequence to the producers, then one new
+`StoreView` is published. Queries take no lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from abstream.core.events import Rejection
+from abstream.core.types import IngestResult, ValidatedBatch
+from abstream.store import persist
+from abstream.store.dictionary import Dictionary
+from abstream.store.partition import DTYPES, PartitionView, StoreView, Tail, split_by_test, take
+from abstream.store.quarantine import Quarantine
+from abstream.store.schema import CODE_TYPES
+from abstream.store.wal import Payload, WriteAheadLog
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A checked, dictionary-encoded batch and its log record, ready for `Ingest.apply`."""
+
+    test_codes: np.ndarray
+    cols: dict[str, np.ndarray | pa.Array]  # the stored columns of the accepted events
+    rejected: pa.Table  # the rejected events as sent, in the order of `rejections`
+    rejections: list[Rejection]
+    received: int
+    producer_id: str
+    sequence: int
+    payload: Payload | None  # the log record, when the store has a log
+
+    @property
+    def events(self) -> int:
+        return len(self.test_codes) + len(self.rejections)
+
+
+@dataclass
+class Producer:
+    sequence: int
+    lsn: int
+
+
+class Ingest:
+    """The store's mutable state and the one path that changes it. Appends are serialized by
+    one lock; every change publishes a new immutable view."""
+
+    def __init__(self, seal_rows: int, quarantine_limit: int) -> None:
+        self.seal_rows = seal_rows
+        self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
+        self._encode_lock = threading.Lock()  # the dictionaries' one writer
+        self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
+        self.dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
+                      for name, t in CODE_TYPES.items()}
+        self.tail = Tail(min(seal_rows, 1 << 22))  # a tail's room up front, within reason
+        self.partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
+        self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
+        self._sealed: Future | None = None
+        self._view_lock = threading.Lock()  # publishing views: appends and the sealer
+        self.view = StoreView({}, (self.tail.view(),))
+        self.quarantine = Quarantine(quarantine_limit)
+        self.producers: dict[str, Producer] = {}
+        self.wal: WriteAheadLog | None = None  # set by durability once recovered
+
+    # ---- the ingest path --------------------------------------------------------------------
+
+    def prepare(self, batch: ValidatedBatch) -> PreparedBatch:
+        """Encodes a checked batch's strings and builds its log record, outside the ingest lock."""
+        rejections = list(batch.rejections)
+        with self._encode_lock:
+            test_codes, cols, rejected = self.encode(batch.table, batch.valid, rejections)
+        payload = None
+        if self.wal is not None:
+            payload = Payload.of(persist.encode_record(
+                persist.Record(batch.table, rejections, batch.producer_id, batch.sequence, batch.received_ns),
+                batch.ipc))
+        return PreparedBatch(test_codes, cols, rejected, rejections, batch.received_ns, batch.producer_id,
+                             batch.sequence, payload)
+
+    def apply(self, p: PreparedBatch) -> IngestResult:
+        """Logs a prepared batch and makes it visible, in one critical section; its `token` is the
+        log record to be durable before the ack. A batch tagged with a producer id is applied at
+        most once per sequence: one not above the producer's last is a duplicate."""
+        with self.lock:
+            if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None \
+                    and p.sequence <= previous.sequence:
+                # Applied before: wait for that batch to be durable, store nothing now.
+                return IngestResult(0, [], duplicate=True, token=(previous.lsn or None) if self.wal else None)
+            lsn = None if self.wal is None else self.wal.append(p.payload)
+            self.publish(p.test_codes, p.cols, p.rejected, p.rejections, p.received, p.producer_id, p.sequence, lsn)
+            return IngestResult(accepted=len(p.test_codes), rejections=p.rejections, token=lsn)
+
+    def commit(self, result: IngestResult) -> None:
+        """Returns once the batch behind `result` is as durable as the fsync policy promises."""
+        if result.token is not None and self.wal is not None:
+            self.wal.commit(result.token)
+
+    def encode(self, batch: pa.Table, valid: np.ndarray, rejections: list[Rejection]
+               ) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array], pa.Table]:
+        """(test codes, stored columns) of the valid rows of a normalized batch, and its rejected
+        rows as sent. A row whose value no longer fits a full dictionary gets a rejection too;
+        `rejections` ends up complete and sorted by row."""
+        good_index = np.flatnonzero(valid)
+        good = batch.take(good_index) if len(good_index) < batch.num_rows else batch
+        test_codes = self.tests.encode(good.column("test_id"))
+        codes = {name: d.encode(good.column(name)) for name, d in self.dicts.items()}
+        full = np.zeros(good.num_rows, dtype=bool)
+        for name, c in codes.items():
+            if len(c) == 0 or c.min() >= 0:  # the usual case: nothing overflowed
+                continue
+            overflow = c < 0
+            for j in np.flatnonzero(overflow & ~full).tolist():
+                rejections.append(Rejection(int(good_index[j]), name, f"{name} has reached its limit of "
+                                            f"{self.dicts[name].capacity} distinct values"))
+            full |= overflow
+        sessions = good.column("session_id")
+        cols = {
+            "timestamp": good.column("timestamp").to_numpy(),
+            "conversion": good.column("conversion").to_numpy().astype(np.uint8),
+            "revenue": good.column("revenue").to_numpy(),
+            "session_id": (sessions.cast(pa.string()) if sessions.type != pa.string() else sessions).combine_chunks(),
+            **{name: c.astype(CODE_TYPES[name].to_pandas_dtype()) for name, c in codes.items()},
+        }
+        if full.any():
+            kept = np.flatnonzero(~full)
+            test_codes, cols = test_codes[kept], {c: take(a, kept) for c, a in cols.items()}
+        rejections.sort(key=lambda r: r.index)
+        rejected = batch.take(pa.array([r.index for r in rejections], pa.int64())) if rejections else batch.slice(0, 0)
+        return test_codes, cols, rejected
+
+    def publish(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array], rejected: pa.Table,
+                rejections: list[Rejection], received: int, producer_id: str, sequence: int,
+                lsn: int | None) -> None:
+        """Makes a batch visible: its events, its rejected events (`rejected`, in the order of
+        `rejections`) in quarantine, and its producer's sequence (under the ingest lock)."""
+        self._append_by_test(test_codes, cols)
+        self.quarantine.add(received, rejections, rejected)
+        if producer_id:
+            self.producers[producer_id] = Producer(sequence, lsn or 0)
+
+    # ---- the tail and sealing ---------------------------------------------------------------
+
+    def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
+        if len(test_codes) == 0:
+            return
+        self.tail.append(test_codes, cols)
+        if self.tail.rows >= self.seal_rows:
+            # Sealing (sorting, packing, merging parts) runs in the sealer thread, beside the
+            # next appends; one tail at a time, so a sealer that falls behind slows ingest down.
+            self.wait_sealed()
+            test_codes, cols = self.tail.drain()
+            with self._view_lock:
+                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"}}
+            self._sealed = self._sealer.submit(self._seal, test_codes, cols)
+        self.publish_view()
+
+    def publish_view(self) -> None:
+        """One new view: everything applied so far becomes visible at once."""
+        with self._view_lock:
+            tails = (self.tail.view(),) if self._sealing is None else (self._sealing, self.tail.view())
+            self.view = StoreView(self.partitions, tails)
+
+    def wait_sealed(self) -> None:
+        """Returns once no tail is being sealed (re-raising what sealing raised)."""
+        if self._sealed is not None:
+            self._sealed.result()
+
+    def _seal(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
+        """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
+        partitions = dict(self.partitions)
+        for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows)
+        with self._view_lock:
+            # The tail views appends published stay valid: only the sealed rows move.
+            self.partitions, self._sealing = partitions, None
+            self.view = StoreView(partitions, self.view.tails[-1:])
+
+    def close(self) -> None:
+        self.wait_sealed()
+        self._sealer.shutdown()
+
+    # ---- what it holds ----------------------------------------------------------------------
+
+    @property
+    def event_count(self) -> int:
+        view = self.view
+        return sum(p.events for p in view.partitions.values()) + view.tail_rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by stored events and dictionaries (not counting the allocator's slack)."""
+        view = self.view
+        parts = sum(p.nbytes for partition in view.partitions.values() for p in partition.parts)
+        bits = sum(partition.user_bits.nbytes for partition in view.partitions.values())
+        tail = sum(a.nbytes for t in view.tails for a in t.values())
+        return parts + bits + tail + sum(d.nbytes for d in [self.tests, *self.dicts.values()])
