@@ -28,7 +28,9 @@ Every command takes --addr (ABSTREAM_ADDR) and --token (ABSTREAM_TOKEN).
 
 
 #: Commands of the server side (service/cli.py).
-SERVER_COMMANDS = {"serve": "run the server", "token": "make a token: prints it once, and the entry for the tokens file"}
+SERVER_COMMANDS = {"serve": "run the server", "token": "make a token: prints it once, and the entry for the tokens file",
+                   "clickhouse": "the ClickHouse cluster engine: `abstream clickhouse init` creates its schema",
+                   "migrate": "copy an embedded data directory into a ClickHouse cluster"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,13 @@ same test suite runs on every engine (tests/conftest.py, the `engine` fixture).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
+import pyarrow as pa
+from abstream.core import events
+from abstream.core.events import Rejection
 from abstream.core.types import (
     GroupStats,
     IngestResult,
@@ -69,3 +73,14 @@ class Engine(Protocol):
     def gauges(self) -> list[Gauge]: ...
 
     def close(self) -> None: ...
+
+
+def append(engine: Engine, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
+           refuse: Sequence[Rejection] = (), now_ns: int | None = None) -> IngestResult:
+    """Checks a batch (event field names) and has `engine` store its valid events, durably: what
+    the core does for a transport's batch, for callers that embed an engine."""
+    now = time.time_ns() if now_ns is None else now_ns
+    table, rejections = events.check(batch, now, refuse)
+    result = engine.apply(engine.prepare(ValidatedBatch(table, rejections, now, producer_id, sequence)))
+    engine.commit(result)
+    return result

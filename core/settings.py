@@ -39,13 +39,20 @@ class Settings:
     max_ingest_bytes: int = 256 << 20  # ingest requests in flight, as charged until their ack (service/admission.py)
     metrics_addr: str = ""  # host:port for Prometheus metrics over HTTP; empty: off
     log_format: str = "json"
+    engine: str = "embedded"  # or "clickhouse": stateless gateways over a ClickHouse cluster
+    clickhouse: str = ""  # host:port[,host:port...] of the cluster's servers (native protocol)
+    clickhouse_cluster: str = ""  # the cluster's name in their remote_servers
+    clickhouse_database: str = "ab"
+    clickhouse_insert_quorum: int = 2  # replicas of each shard a batch is on before its ack
 
     def __post_init__(self) -> None:
         choices = {"fsync": ("always", "interval"), "snapshot_compression": ("none", "lz4", "zstd"),
-                   "log_format": ("json", "text")}
+                   "log_format": ("json", "text"), "engine": ("embedded", "clickhouse")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.engine == "clickhouse" and not (self.clickhouse and self.clickhouse_cluster):
+            raise ValueError("--engine clickhouse needs --clickhouse HOST:PORT[,...] and --clickhouse-cluster NAME")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -1,4 +1,5 @@
-"""The server's side of the `abstream` command: `serve` and `token` (clients/cli.py dispatches here)."""
+"""The server's side of the `abstream` command: `serve`, `token`, `clickhouse init` and `migrate`
+(clients/cli.py dispatches these here)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,18 @@ def main(argv: list[str]) -> int:
     token.add_argument("--scopes", default="ingest,query", help="comma-separated: ingest, query, admin")
     token.add_argument("--test-prefix", default="", help="only tests whose id starts with this")
     token.add_argument("--ingest-rate", type=float, default=0, help="events per second; 0: unlimited")
+    clickhouse = commands.add_parser("clickhouse", help="the ClickHouse cluster engine")
+    actions = clickhouse.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _cluster_arguments(actions.add_parser("init", help="create the schema on a cluster (ON CLUSTER)"))
+    migrate = commands.add_parser("migrate", help="copy an embedded data directory into a ClickHouse cluster "
+                                                  "(stop its server first; re-running resumes)")
+    migrate.add_argument("--data-dir", required=True, help="the embedded engine's data directory")
+    _cluster_arguments(migrate, "--to-clickhouse")
     args = parser.parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command in ("clickhouse", "migrate"):
+        return _on_cluster(args)
     try:
         settings = Settings.from_args(args)
     except ValueError as error:
@@ -30,8 +40,42 @@ def main(argv: list[str]) -> int:
     return _serve(settings)
 
 
+def _cluster_arguments(p: argparse.ArgumentParser, flag: str = "--clickhouse") -> None:
+    defaults = Settings.from_env()
+    p.add_argument(flag, dest="clickhouse", default=defaults.clickhouse or None, required=not defaults.clickhouse,
+                   help="host:port[,host:port...] of the cluster's servers (env ABSTREAM_CLICKHOUSE)")
+    p.add_argument("--clickhouse-cluster", default=defaults.clickhouse_cluster or None,
+                   required=not defaults.clickhouse_cluster, help="the cluster's name (env ABSTREAM_CLICKHOUSE_CLUSTER)")
+    p.add_argument("--clickhouse-database", default=defaults.clickhouse_database,
+                   help=f"(env ABSTREAM_CLICKHOUSE_DATABASE, default {defaults.clickhouse_database!r})")
+
+
+def _on_cluster(args) -> int:
+    from abstream.clickhouse.backend import Cluster
+    from abstream.clickhouse.engine import ClickHouseEngine
+    from abstream.core.errors import AbstreamError
+
+    try:
+        backend = Cluster(args.clickhouse.split(","), args.clickhouse_cluster, args.clickhouse_database)
+        engine = ClickHouseEngine(backend)
+        try:
+            if args.command == "clickhouse":
+                engine.init_schema()
+                print(f"schema {args.clickhouse_database} ready on cluster {args.clickhouse_cluster} "
+                      f"({len(backend.shards)} shards)")
+                return 0
+            from abstream.clickhouse.migrate import migrate
+
+            return migrate(args.data_dir, ClickHouseEngine.opened(backend))
+        finally:
+            engine.close()
+    except AbstreamError as error:
+        print(f"abstream {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
 def _serve(settings) -> int:
-    from abstream.core.errors import RecoveryError
+    from abstream.core.errors import AbstreamError, RecoveryError
     from abstream.core.logs import configure
     from abstream.service.server import BindError, ConfigError, serve
 
@@ -44,6 +88,9 @@ def _serve(settings) -> int:
     except RecoveryError as error:
         print(f"abstream: refusing to start: {error}", file=sys.stderr)
         return 2
+    except AbstreamError as error:
+        print(f"abstream: cannot open the {settings.engine} engine: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -72,9 +72,16 @@ def release_free_memory() -> None:
 
 def open_engine(settings: Settings) -> Engine:
     """The engine the settings ask for, open (the embedded one recovered from its data directory)."""
+    s = settings
+    if s.engine == "clickhouse":
+        from abstream.clickhouse.backend import Cluster
+        from abstream.clickhouse.engine import ClickHouseEngine
+
+        backend = Cluster(s.clickhouse.split(","), s.clickhouse_cluster, s.clickhouse_database,
+                          insert_quorum=s.clickhouse_insert_quorum)
+        return ClickHouseEngine.opened(backend)
     from abstream.store import Durability, EventStore
 
-    s = settings
     durability = None if not s.data_dir else Durability(
         Path(s.data_dir), fsync=s.fsync, fsync_interval_ms=s.fsync_interval_ms,
         snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,

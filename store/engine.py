@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
-from abstream.core import events
+from abstream.core import engine
 from abstream.core.engine import Gauge
 from abstream.core.errors import AbstreamError
 from abstream.core.events import Rejection
@@ -51,15 +51,10 @@ class EventStore:
     # ---- ingest ---------------------------------------------------------------------------
 
     def append(self, batch: pa.Table | pa.RecordBatch, producer_id: str = "", sequence: int = 0,
-               wait: bool = True, refuse: Sequence[Rejection] = ()) -> IngestResult:
+               refuse: Sequence[Rejection] = ()) -> IngestResult:
         """Checks and stores the valid events of `batch` (event field names); explains the rest.
         For callers that embed the store: the server checks batches in the core first."""
-        now = self._clock()
-        table, rejections = events.check(batch, now, refuse)
-        result = self.apply(self.prepare(ValidatedBatch(table, rejections, now, producer_id, sequence)))
-        if wait:
-            self.commit(result)
-        return result
+        return engine.append(self, batch, producer_id, sequence, refuse, self._clock())
 
     def prepare(self, batch: ValidatedBatch) -> PreparedBatch:
         return self._ingest.prepare(batch)
@@ -86,6 +81,11 @@ class EventStore:
 
     def list_tests(self) -> list[TestInfo]:
         return self._queries.list_tests()
+
+    def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
+               rows: int = 100_000) -> Iterator[pa.Table]:
+        """A test's events as stored, `rows` at a time (see Queries.export)."""
+        return self._queries.export(test_id, start_ns, end_ns, rows)
 
     def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = ""
                    ) -> tuple[list[QuarantinedEvent], int]:

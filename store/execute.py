@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 from abstream.core.errors import DeadlineExceeded
+from abstream.core.events import EVENT_SCHEMA
 from abstream.core.types import (
     Filters,
     GroupStats,
@@ -27,7 +30,7 @@ from abstream.core.types import (
 )
 from abstream.store import kernels
 from abstream.store.ingest import Ingest
-from abstream.store.partition import PartitionView
+from abstream.store.partition import NUMERIC, PartitionView
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -138,6 +141,52 @@ class Queries:
             decoded = variant_names.decode(np.array(sorted(variants), dtype=np.int64))
             tests.append(TestInfo(name, sorted(decoded), events, users, first, last))
         return sorted(tests, key=lambda t: t.test_id)
+
+    def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
+               rows: int = 100_000) -> Iterator[pa.Table]:
+        """A test's events as stored (event field names, strings decoded), `rows` at a time: part
+        by part in time order, then the unsorted tail, so that no more than `rows` events are
+        decoded at once. A consistent cut: the parts and a copy of the tail are taken under the
+        ingest lock (for as long as copying the tail takes)."""
+        ingest = self._ingest
+        with ingest.lock:
+            ingest.wait_sealed()
+            view = ingest.view
+            tail_tests, tail = ingest.tail.copy()
+        test = ingest.tests.code(test_id)
+        if test is None:
+            return
+        start = _NO_START if start_ns is None else start_ns
+        end = _NO_END if end_ns is None else end_ns
+        partition = view.partitions.get(test)
+        for part in partition.parts if partition else ():
+            if part.last_ns < start or part.first_ns > end:
+                continue
+            span = part.time_slice(start, end)
+            for lo in range(span.start, span.stop, rows):
+                piece = slice(lo, min(lo + rows, span.stop))
+                yield self._decoded(test_id, {c: part.column(c, piece) for c in NUMERIC},
+                                    part.strings("session_id", piece))
+        ts = tail["timestamp"]
+        picked = np.flatnonzero((tail_tests == test) & (ts >= start) & (ts <= end))
+        for lo in range(0, len(picked), rows):
+            at = picked[lo:lo + rows]
+            yield self._decoded(test_id, {c: tail[c][at] for c in NUMERIC},
+                                tail["session_id"].take(pa.array(at, pa.int64())))
+
+    def _decoded(self, test_id: str, cols: dict[str, np.ndarray], sessions: pa.Array) -> pa.Table:
+        dicts = self._ingest.dicts
+        n = len(cols["timestamp"])
+        columns = {
+            "timestamp": pa.array(cols["timestamp"], pa.int64()),
+            **{name: dicts[name].values.take(pa.array(cols[name].astype(np.int64))) for name in
+               ("user_id", "variant", "event_type", "device", "country")},
+            "test_id": pa.array([test_id] * n, pa.string()),
+            "conversion": pa.array(cols["conversion"].astype(np.int64)),
+            "revenue": pa.array(cols["revenue"]),
+            "session_id": sessions,
+        }
+        return pa.table([columns[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
 
     # ---- the shared setup -------------------------------------------------------------------
 

@@ -92,6 +92,17 @@ class PackedStrings:
         arrays = [self._unpack(c) for c in self._chunks]
         return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
+    def slice(self, lo: int, hi: int) -> pa.Array:
+        """Rows lo..hi-1, unpacking only the chunks that hold them."""
+        arrays, at = [], 0
+        for c in self._chunks:
+            if at < hi and at + c.rows > lo:
+                arrays.append(self._unpack(c).slice(max(lo - at, 0), min(hi, at + c.rows) - max(lo, at)))
+            at += c.rows
+        if not arrays:
+            return pa.array([], pa.string())
+        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+
     @classmethod
     def _unpack(cls, c: _Chunk) -> pa.Array:
         offsets = np.zeros(c.rows + 1, dtype=np.int32)
@@ -195,8 +206,16 @@ class Part:
         arrays = [pa.array(self.column(c)) if c in DTYPES else self._strings[c].array() for c in COLUMNS]
         return pa.RecordBatch.from_arrays(arrays, schema=STORED_SCHEMA)
 
+    def strings(self, name: str, rows: slice) -> pa.Array:
+        """One string column's rows (unpacked)."""
+        lo, hi, _ = rows.indices(self.num_rows)
+        return self._strings[name].slice(lo, hi)
+
     def rows_between(self, start_ns: int, end_ns: int, names: list[str]) -> list[np.ndarray]:
         return [self.column(c, self._time_slice(start_ns, end_ns)) for c in names]
+
+    def time_slice(self, start_ns: int, end_ns: int) -> slice:
+        return self._time_slice(start_ns, end_ns)
 
     def _time_slice(self, start_ns: int, end_ns: int) -> slice:
         ts = self._cols["timestamp"]

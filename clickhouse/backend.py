@@ -1,0 +1,257 @@
+"""Where the cluster engine's statements run: a ClickHouse cluster, or chDB in-process.
+
+`Cluster` discovers the shards and their replicas from `system.clusters`, runs an aggregation on
+one replica of every shard at once (trying the next replica when one does not answer), and
+inserts through the Distributed tables with a quorum of replicas. `Local` is the same interface
+over chDB (current ClickHouse, one process, one "shard"): the tests run every statement on it
+as well as on the cluster, so the engine works on the servers people run today.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
+
+log = logging.getLogger("abstream.clickhouse")
+
+Columns = list[list[Any]]  # a result, column by column
+
+#: ClickHouse error codes, and what they are to a caller.
+_TIMEOUT = {159, 209}  # TIMEOUT_EXCEEDED, SOCKET_TIMEOUT
+_RETRIABLE = {
+    210: "a server is unreachable",  # NETWORK_ERROR
+    242: "a table is read-only: its replica has lost ZooKeeper",  # TABLE_IS_READ_ONLY
+    279: "no replica answered",  # ALL_CONNECTION_TRIES_FAILED
+    285: "too few live replicas for the insert quorum",  # TOO_FEW_LIVE_REPLICAS
+    286: "the previous quorum insert is not satisfied yet",  # UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
+    319: "the outcome of a quorum insert is unknown",  # UNKNOWN_STATUS_OF_INSERT
+    999: "ZooKeeper is unavailable",  # KEEPER_EXCEPTION
+    225: "ZooKeeper is unavailable",  # NO_ZOOKEEPER
+    425: "a system error",  # SYSTEM_ERROR (a lost connection to ZooKeeper, among others)
+}
+
+
+def translate(error: BaseException, where: str) -> AbstreamError:
+    """A driver's error as one of ours: what cannot be helped now is UNAVAILABLE (retry later)."""
+    from clickhouse_driver import errors
+
+    code = getattr(error, "code", None)
+    if code in _TIMEOUT:
+        return DeadlineExceeded(f"{where}: the query ran past the caller's deadline and was stopped")
+    if isinstance(error, (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError)) or code in _RETRIABLE:
+        why = _RETRIABLE.get(code, "the server went away")
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        return Unavailable(f"{where}: {why} ({first_line})", retry_after=1.0)
+    return AbstreamError(f"{where}: ClickHouse refused the statement: {str(error).strip().splitlines()[0][:300]}")
+
+
+@dataclass(frozen=True)
+class Replica:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class Shard:
+    number: int
+    replicas: list[Replica]
+    _idle: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"shard {self.number} ({', '.join(map(str, self.replicas))})"
+
+
+class Cluster:
+    """A ClickHouse cluster reached through `seeds` (host:port, …), as `cluster` in its config."""
+
+    def __init__(self, seeds: Sequence[str], cluster: str, database: str, *, insert_quorum: int = 2,
+                 user: str = "default", password: str = "", connect_timeout: float = 2.0) -> None:
+        self.cluster, self.database = cluster, database
+        self.insert_quorum = insert_quorum
+        self._credentials = {"user": user, "password": password, "connect_timeout": connect_timeout,
+                             "send_receive_timeout": 300, "sync_request_timeout": 5}
+        self._seeds = [_replica(s) for s in seeds]
+        self._lock = threading.Lock()
+        self.shards = self._discover()
+        self._pool = ThreadPoolExecutor(max(len(self.shards), 1), thread_name_prefix="abstream-clickhouse")
+
+    # ---- topology ---------------------------------------------------------------------------
+
+    def _client(self, replicas: Sequence[Replica], settings: dict | None = None):
+        from clickhouse_driver import Client
+
+        first, rest = replicas[0], replicas[1:]
+        return Client(first.host, first.port, alt_hosts=",".join(map(str, rest)) or None,
+                      settings=settings or {}, **self._credentials)
+
+    def _discover(self) -> list[Shard]:
+        """The shards and replicas of the cluster, as its servers know them."""
+        sql = ("SELECT shard_num, host_address, port FROM system.clusters "
+               f"WHERE cluster = '{self.cluster}' ORDER BY shard_num, replica_num")
+        try:
+            rows = self._client(self._seeds).execute(sql)
+        except Exception as error:  # noqa: BLE001 - the driver's, translated
+            raise translate(error, f"ClickHouse at {', '.join(map(str, self._seeds))}") from error
+        if not rows:
+            raise AbstreamError(f"the ClickHouse servers at {', '.join(map(str, self._seeds))} know no cluster "
+                                f"named {self.cluster!r} (remote_servers in their config)")
+        shards: dict[int, list[Replica]] = {}
+        for number, host, port in rows:
+            shards.setdefault(number, []).append(Replica(host, port))
+        return [Shard(n, r) for n, r in sorted(shards.items())]
+
+    # ---- running statements -----------------------------------------------------------------
+
+    def _on(self, shard: Shard, sql: str, settings: dict) -> Columns:
+        """`sql` on one replica of `shard`: the first that answers, tried again once on a fresh
+        connection when an idle one went stale."""
+        for attempt in (0, 1):
+            try:
+                client = shard._idle.get_nowait()
+            except queue.Empty:
+                client = self._client(shard.replicas)
+            try:
+                result = client.execute(sql, settings=settings, columnar=True)
+                shard._idle.put(client)
+                return result
+            except Exception as error:  # noqa: BLE001 - the driver's, translated
+                client.disconnect()
+                if attempt or getattr(error, "code", None) not in (None, 210):
+                    raise translate(error, shard.name) from error
+
+    def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
+                   ) -> tuple[list[Columns], list[str]]:
+        """`sql` on every shard at once: (each answering shard's result, the shards that did not).
+        Without `partial`, a shard that does not answer fails the whole call, naming it."""
+        settings = {"select_sequential_consistency": 1}
+        if timeout is not None:
+            settings["max_execution_time"] = max(int(timeout), 1)
+        futures = [(shard, self._pool.submit(self._on, shard, sql, settings)) for shard in self.shards]
+        results, missing = [], []
+        for shard, future in futures:
+            try:
+                results.append(future.result())
+            except Unavailable:
+                if not partial:
+                    raise
+                missing.append(shard.name)
+        return results, missing
+
+    def query(self, sql: str) -> Columns:
+        """`sql` over the Distributed tables, from any server that answers."""
+        everyone = [r for shard in self.shards for r in shard.replicas]
+        try:
+            return self._client(everyone).execute(sql, settings={"select_sequential_consistency": 1}, columnar=True)
+        except Exception as error:  # noqa: BLE001 - the driver's, translated
+            raise translate(error, f"cluster {self.cluster}") from error
+
+    def insert(self, table: str, columns: dict[str, list]) -> None:
+        """Rows (given column by column) into a Distributed table, acknowledged once every shard's
+        part is on `insert_quorum` replicas. The same rows sent again in the same order form the
+        same blocks, which the replicas recognise and drop."""
+        everyone = [r for shard in self.shards for r in shard.replicas]
+        settings = {"insert_distributed_sync": 1, "insert_quorum": self.insert_quorum}
+        names = ", ".join(columns)
+        try:
+            self._client(everyone).execute(f"INSERT INTO {self.database}.{table} ({names}) VALUES",
+                                           list(columns.values()), columnar=True, settings=settings)
+        except Exception as error:  # noqa: BLE001 - the driver's, translated
+            raise translate(error, f"cluster {self.cluster}") from error
+
+    def execute(self, sql: str) -> None:
+        """A statement (DDL) on any server."""
+        everyone = [r for shard in self.shards for r in shard.replicas]
+        try:
+            self._client(everyone).execute(sql)
+        except Exception as error:  # noqa: BLE001 - the driver's, translated
+            raise translate(error, f"cluster {self.cluster}") from error
+
+    def local(self, table: str) -> str:
+        return f"{self.database}.{table}_local"
+
+    def table(self, table: str) -> str:
+        return f"{self.database}.{table}"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for shard in self.shards:
+            while True:
+                try:
+                    shard._idle.get_nowait().disconnect()
+                except queue.Empty:
+                    break
+
+
+class Local:
+    """The same interface over chDB: one process, one shard, plain MergeTree tables."""
+
+    cluster = None
+
+    def __init__(self, database: str = "ab", path: str | None = None) -> None:
+        from chdb import session
+
+        self.database = database
+        self._session = session.Session(path) if path else session.Session()
+        self._lock = threading.Lock()
+        self.shards = [Shard(1, [Replica("chdb", 0)])]
+
+    def _columns(self, sql: str) -> Columns:
+        with self._lock:
+            table = self._session.query(sql, "ArrowTable")
+        return [column.to_pylist() for column in table.columns]
+
+    def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
+                   ) -> tuple[list[Columns], list[str]]:
+        return [self._columns(sql)], []
+
+    def query(self, sql: str) -> Columns:
+        return self._columns(sql)
+
+    def insert(self, table: str, columns: dict[str, list]) -> None:
+        from abstream.clickhouse.sql import literal
+
+        n = len(next(iter(columns.values()))) if columns else 0
+        if not n:
+            return
+        rows = []
+        for i in range(n):
+            values = []
+            for values_of in columns.values():
+                v = values_of[i]
+                values.append("NULL" if v is None else literal(v.item() if hasattr(v, "item") else v))
+            rows.append("(" + ", ".join(values) + ")")
+        with self._lock:
+            self._session.query(f"INSERT INTO {self.database}.{table}_local ({', '.join(columns)}) VALUES "
+                                + ", ".join(rows))
+
+    def execute(self, sql: str) -> None:
+        with self._lock:
+            self._session.query(sql)
+
+    def local(self, table: str) -> str:
+        return f"{self.database}.{table}_local"
+
+    def table(self, table: str) -> str:
+        return f"{self.database}.{table}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+
+def _replica(address: str) -> Replica:
+    host, _, port = address.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise AbstreamError(f"--clickhouse takes host:port (the native protocol's port, 9000 by default), "
+                            f"not {address!r}")
+    return Replica(host.strip("[]"), int(port))

@@ -1,0 +1,285 @@
+"""The cluster engine: the same contract as the embedded one, served by stateless gateways over a
+ClickHouse cluster (core/engine.py).
+
+Ingest: the core has checked every event; a batch's valid events are inserted through the
+Distributed table, sharded by user, and acknowledged once each shard's part is on a quorum of
+replicas (`insert_quorum`); reads ask for sequential consistency, so an acked batch is seen by
+the very next query through any gateway. Exactly once: a tagged batch is skipped when its
+producer's last sequence (kept in the cluster) is not below it; a retry after a crash that came
+before that sequence was recorded forms the same blocks again (the rows carry their batch's
+producer and sequence, never anything random), and each shard's replicas drop blocks they have
+seen among their last `DEDUPLICATION_WINDOW`. An untagged batch carries a random id, so that two
+identical untagged batches are both stored, as the embedded engine does.
+
+Queries: each shard computes per-(variant, user) statistics of its own users and reduces them to
+per-variant sufficient statistics (counts, sums, centered sums of squares); the gateway merges
+the shards' partials (Chan's formula for the squares) and the core runs the same analysis as for
+the embedded engine.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from abstream.clickhouse import sql
+from abstream.clickhouse.backend import Cluster, Local
+from abstream.core.engine import Gauge
+from abstream.core.errors import AbstreamError
+from abstream.core.events import MAX_STRING_BYTES
+from abstream.core.types import (
+    GroupStats,
+    IngestResult,
+    MetricColumns,
+    QuarantinedEvent,
+    QueryStats,
+    SegmentsQuery,
+    SnapshotInfo,
+    SummaryQuery,
+    TestInfo,
+    TimeseriesQuery,
+    TimeseriesResult,
+    UserMoments,
+    ValidatedBatch,
+)
+
+
+@dataclass(frozen=True)
+class PreparedInsert:
+    events: dict[str, list]
+    quarantine: dict[str, list]
+    rejections: list
+    producer_id: str
+    sequence: int
+
+
+class ClickHouseEngine:
+    name = "clickhouse"
+
+    def __init__(self, backend: Cluster | Local) -> None:
+        self._b = backend
+
+    @classmethod
+    def opened(cls, backend: Cluster | Local) -> ClickHouseEngine:
+        """The engine over a backend whose schema exists (`abstream clickhouse init` makes it)."""
+        (present,), = backend.query(f"EXISTS TABLE {backend.table(sql.EVENTS)}")
+        if not present[0]:
+            backend.close()
+            raise AbstreamError(f"{backend.table(sql.EVENTS)} does not exist: create the schema first with "
+                                "`abstream clickhouse init` (the same --clickhouse, --clickhouse-cluster and "
+                                "--clickhouse-database)")
+        return cls(backend)
+
+    def init_schema(self) -> None:
+        """Creates what is missing of the schema (ON CLUSTER on a cluster)."""
+        for statement in sql.schema(self._b.database, self._b.cluster):
+            self._b.execute(statement)
+
+    # ---- ingest ---------------------------------------------------------------------------
+
+    def prepare(self, batch: ValidatedBatch) -> PreparedInsert:
+        """The batch's valid events and its rejected ones as columns for their tables."""
+        table, rejections = batch.table, batch.rejections
+        tag = f"{batch.producer_id}:{batch.sequence}" if batch.producer_id else f"untagged:{uuid.uuid4()}"
+        valid = np.flatnonzero(batch.valid)
+        good = table.take(pa.array(valid)) if len(valid) < table.num_rows else table
+        ns = good.column("timestamp").to_numpy()
+        events = {
+            "ns": ns.tolist(),
+            **{name: _strings(good.column(name)) for name in ("test_id", "variant", "user_id", "event_type",
+                                                              "session_id", "device", "country")},
+            "conversion": good.column("conversion").to_numpy().astype(np.uint8).tolist(),
+            "revenue": good.column("revenue").to_numpy().astype(np.float64).tolist(),
+            "batch": [tag] * len(valid),
+        }
+        quarantine = {}
+        if rejections:
+            rejected = table.take(pa.array([r.index for r in rejections], pa.int64()))
+            n = len(rejections)
+            quarantine = {
+                "received_ns": [batch.received_ns] * n,
+                "idx": [r.index for r in rejections], "field": [r.field for r in rejections],
+                "message": [r.message for r in rejections],
+                "timestamp": rejected.column("timestamp").to_pylist(),
+                **{name: _strings(rejected.column(name), cut=True) for name in (
+                    "user_id", "test_id", "variant", "event_type", "session_id", "device", "country")},
+                "conversion": [int(v) for v in rejected.column("conversion").fill_null(0).to_pylist()],
+                "revenue": [float(v) for v in rejected.column("revenue").fill_null(0.0).to_pylist()],
+                "batch": [tag] * n,
+            }
+        return PreparedInsert(events, quarantine, list(rejections), batch.producer_id, batch.sequence)
+
+    def apply(self, p: PreparedInsert) -> IngestResult:
+        """Inserts the batch; returns once it is on a quorum of replicas of every shard."""
+        if p.producer_id:
+            (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), p.producer_id))
+            if seen and p.sequence <= last:
+                return IngestResult(0, [], duplicate=True)
+        accepted = len(p.events["ns"])
+        if accepted:
+            self._b.insert(sql.EVENTS, p.events)
+        if p.quarantine:
+            self._b.insert(sql.QUARANTINE, p.quarantine)
+        if p.producer_id:
+            self._b.insert(sql.PRODUCERS, {"producer_id": [p.producer_id], "sequence": [p.sequence]})
+        return IngestResult(accepted, p.rejections)
+
+    def commit(self, result: IngestResult) -> None:
+        """Nothing left to wait for: `apply` returned once the quorum had the rows."""
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def _partials(self, statement: str, deadline: float | None) -> list[list[list]]:
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        results, _ = self._b.each_shard(statement, timeout=timeout)
+        return results
+
+    def _scanned(self, test_id, start_ns, end_ns, filters, events: int, deadline: float | None) -> int:
+        """Events in range before the filters: without filters, the events counted anyway."""
+        if not filters or not filters.items():
+            return events
+        statement = sql.scanned(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
+        return int(sum(columns[0][0] for columns in self._partials(statement, deadline)))
+
+    def summary(self, q: SummaryQuery) -> GroupStats:
+        return self._groups(q.test_id, q.start_ns, q.end_ns, None, None, q.deadline)
+
+    def segments(self, q: SegmentsQuery) -> GroupStats:
+        return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline)
+
+    def _groups(self, test_id, start_ns, end_ns, filters, dimension, deadline) -> GroupStats:
+        started = time.perf_counter_ns()
+        statement = sql.group_stats(self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension)
+        merged: dict[tuple, list[float]] = {}
+        for columns in self._partials(statement, deadline):
+            keys = list(zip(*columns[:2])) if dimension else [(v,) for v in columns[0]]
+            values = columns[2 if dimension else 1:]
+            for i, key in enumerate(keys):
+                merged[key] = _merge(merged.get(key), [column[i] for column in values])
+        order = sorted(merged)
+        g = np.array([merged[k] for k in order], dtype=np.float64).reshape(len(order), 7)
+        users, events, conversions, revenue, converted, revenue_var, conversions_var = g.T
+        metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
+                                total_revenue=revenue, users=users.astype(np.int64),
+                                converted_users=converted.astype(np.int64))
+        moments = UserMoments(users.astype(np.int64),
+                              {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
+                               "conversions_per_user": conversions.astype(np.int64)},
+                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users})
+        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(events.sum()), deadline)
+        return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
+                          QueryStats(scanned, time.perf_counter_ns() - started))
+
+    def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        started = time.perf_counter_ns()
+        local = self._b.local(sql.EVENTS)
+        per_bucket: dict[tuple[int, str], np.ndarray] = {}
+        for columns in self._partials(sql.buckets(local, q.test_id, q.start_ns, q.end_ns, q.filters, q.interval),
+                                      q.deadline):
+            for bucket, variant, *values in zip(*columns):
+                key = (int(bucket), variant)
+                per_bucket[key] = per_bucket.get(key, 0) + np.array(values, dtype=np.float64)
+        buckets = sorted({b for b, _ in per_bucket})
+        variants = sorted({v for _, v in per_bucket})
+        shape = (len(buckets), len(variants))
+        b_at, v_at = {b: i for i, b in enumerate(buckets)}, {v: i for i, v in enumerate(variants)}
+        grid = np.zeros((*shape, 5))
+        for (b, v), values in per_bucket.items():
+            grid[b_at[b], v_at[v]] = values
+        events, conversions, revenue, users, converted = (grid[..., k] for k in range(5))
+        if q.cumulative:
+            events, conversions, revenue = (np.cumsum(a, axis=0) for a in (events, conversions, revenue))
+            users, converted = (np.cumsum(self._first_seen(q, b_at, v_at, shape, flag), axis=0)
+                                for flag in (False, True))
+        keep = np.flatnonzero(events.reshape(-1))
+        b, v = np.divmod(keep, max(len(variants), 1))
+        starts = np.array(buckets, dtype=np.int64)[b] * q.interval.width_ns + q.interval.origin_ns
+        return TimeseriesResult(
+            test_id=q.test_id, interval=q.interval, cumulative=q.cumulative, bucket_start_ns=starts,
+            variants=[variants[i] for i in v.tolist()],
+            metrics=MetricColumns(events=events.reshape(-1)[keep].astype(np.int64),
+                                  conversions=conversions.reshape(-1)[keep].astype(np.int64),
+                                  total_revenue=revenue.reshape(-1)[keep], users=users.reshape(-1)[keep].astype(np.int64),
+                                  converted_users=converted.reshape(-1)[keep].astype(np.int64)),
+            stats=QueryStats(self._scanned(q.test_id, q.start_ns, q.end_ns, q.filters, int(grid[..., 0].sum()),
+                                           q.deadline), time.perf_counter_ns() - started))
+
+    def _first_seen(self, q: TimeseriesQuery, b_at: dict, v_at: dict, shape: tuple, converted: bool) -> np.ndarray:
+        counts = np.zeros(shape)
+        statement = sql.first_buckets(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters,
+                                      q.interval, converted)
+        for columns in self._partials(statement, q.deadline):
+            for bucket, variant, users in zip(*columns):
+                counts[b_at[int(bucket)], v_at[variant]] += users
+        return counts
+
+    def list_tests(self) -> list[TestInfo]:
+        merged: dict[str, list] = {}
+        for columns in self._partials(sql.tests(self._b.local(sql.EVENTS)), None):
+            for test_id, variants, events, users, first, last in zip(*columns):
+                m = merged.setdefault(test_id, [set(), 0, 0, first, last])
+                m[0] |= set(variants)
+                m[1] += events
+                m[2] += users
+                m[3], m[4] = min(m[3], first), max(m[4], last)
+        return [TestInfo(t, sorted(m[0]), int(m[1]), int(m[2]), int(m[3]), int(m[4])) for t, m in sorted(merged.items())]
+
+    def quarantine(self, test_id: str = "", limit: int = 100, test_prefix: str = ""
+                   ) -> tuple[list[QuarantinedEvent], int]:
+        table = self._b.table(sql.QUARANTINE)
+        columns = self._b.query(sql.quarantine(table, test_id, test_prefix, limit))
+        names = [c for c in sql.COLUMNS[sql.QUARANTINE] if c not in ("ts", "batch")]
+        entries = []
+        for row in zip(*columns):
+            record = dict(zip(names, row))
+            event = {k: record[k] for k in names[4:]}
+            entries.append(QuarantinedEvent(record["received_ns"], record["idx"], record["field"], record["message"],
+                                            event))
+        (total,), = self._b.query(sql.quarantine_count(table, test_id, test_prefix))
+        return entries, int(total)
+
+    # ---- operations -----------------------------------------------------------------------
+
+    def snapshot(self) -> SnapshotInfo:
+        raise AbstreamError("the cluster engine keeps no snapshots: its data lives in the ClickHouse replicas "
+                            "(back them up with ClickHouse's own tools)")
+
+    def maintain(self) -> None:
+        """Nothing periodic: replication and merges are the cluster's."""
+
+    def gauges(self) -> list[Gauge]:
+        return [Gauge("abstream_clickhouse_shards", "Shards of the ClickHouse cluster", lambda: len(self._b.shards))]
+
+    def close(self) -> None:
+        self._b.close()
+
+
+def _strings(column: pa.ChunkedArray, cut: bool = False) -> list[str]:
+    """A string column as Python strings, nulls as '' (and, for rejected events, cut like the
+    embedded quarantine cuts them)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(pa.string())
+    column = column.fill_null("")
+    if cut:
+        column = pc.utf8_slice_codeunits(column, 0, MAX_STRING_BYTES)
+    return column.to_pylist()
+
+
+def _merge(a: list[float] | None, b: list) -> list[float]:
+    """Two shards' partials of one group: counts and sums add; the per-user variances combine by
+    Chan's formula (as centered sums of squares), never through sums of squares."""
+    b = [float(x) for x in b]
+    if a is None:
+        return b
+    n_a, n_b = a[0], b[0]
+    n = n_a + n_b
+    out = [n, a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4]]
+    for var_at, total_at in ((5, 3), (6, 2)):  # revenue's variance with revenue, conversions' with conversions
+        mean_a, mean_b = a[total_at] / n_a, b[total_at] / n_b
+        m2 = a[var_at] * n_a + b[var_at] * n_b + (mean_b - mean_a) ** 2 * n_a * n_b / n
+        out.append(m2 / n)
+    return out

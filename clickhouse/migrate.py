@@ -1,0 +1,44 @@
+"""`abstream migrate`: an embedded data directory copied into a ClickHouse cluster, test by test.
+
+Each test's events are read as stored, 100,000 at a time (store/execute.py `export`), and sent
+through the cluster engine's own ingest as batches of the producer `migrate:<test>`, numbered
+in order: a re-run skips the batches already recorded and resends the one in flight, whose
+blocks the replicas recognise. The copy is verified by counting each test's events on both
+sides. Stop the server that owns the data directory first: this opens it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from abstream.clickhouse.engine import ClickHouseEngine
+from abstream.core.types import ValidatedBatch
+from abstream.store import Durability, EventStore
+
+ROWS = 100_000
+
+
+def migrate(data_dir: str | Path, engine: ClickHouseEngine, out=sys.stdout) -> int:
+    """Copies every test; returns 0 when every test's count matches, 1 otherwise."""
+    store = EventStore(durability=Durability(Path(data_dir)))
+    try:
+        tests = store.list_tests()
+        for info in tests:
+            started, sent = time.monotonic(), 0
+            for k, table in enumerate(store.export(info.test_id, rows=ROWS)):
+                batch = ValidatedBatch(table, [], time.time_ns(), f"migrate:{info.test_id}", k + 1)
+                result = engine.apply(engine.prepare(batch))
+                sent += result.accepted
+            print(f"{info.test_id}: {info.events:,} events ({sent:,} sent now) in {time.monotonic() - started:.1f}s",
+                  file=out)
+        there = {t.test_id: t.events for t in engine.list_tests()}
+        wrong = [(t.test_id, t.events, there.get(t.test_id, 0)) for t in tests if there.get(t.test_id, 0) != t.events]
+        for test_id, here, count in wrong:
+            print(f"MISMATCH {test_id}: {here:,} events in {data_dir}, {count:,} in the cluster", file=out)
+        print(f"{len(tests) - len(wrong)} of {len(tests)} tests verified: the same number of events on both sides",
+              file=out)
+        return 1 if wrong else 0
+    finally:
+        store.close(final_snapshot=False)

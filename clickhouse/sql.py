@@ -1,0 +1,183 @@
+"""Every statement the cluster engine sends, as pure functions of the query: the schema, the inserts'
+targets, and the per-shard aggregations.
+
+Written in the subset that ClickHouse 18.16 (Debian's) and current ClickHouse (chDB, which the
+tests run every statement on as well) both accept: no CTEs, window functions, DateTime64, TTL or
+`startsWith`; `varPopStable` rather than `varPop`, which cancels catastrophically. Values are
+inlined as literals (`literal`), so that one text runs on both.
+
+Every aggregation runs on each shard's local table and returns partial results that the gateway
+combines (engine.py). Events are sharded by `cityHash64(user_id)`, so each user's events live on
+one shard: a per-user aggregation is shard-local, and distinct users of a group are the sum of
+each shard's.
+"""
+
+from __future__ import annotations
+
+from abstream.core.types import Filters, Interval
+
+EVENTS = "events"
+QUARANTINE = "quarantine"
+PRODUCERS = "producers"
+#: Blocks a replica remembers to recognise a retried insert (ClickHouse's default is 100).
+DEDUPLICATION_WINDOW = 10_000
+
+_EVENT_COLUMNS = """
+    ns Int64,
+    ts DateTime DEFAULT toDateTime(intDiv(ns, 1000000000)),
+    test_id String,
+    variant String,
+    user_id String,
+    event_type String,
+    conversion UInt8,
+    revenue Float64,
+    session_id String,
+    device String,
+    country String,
+    batch String"""
+_QUARANTINE_COLUMNS = """
+    received_ns Int64,
+    ts DateTime DEFAULT toDateTime(intDiv(received_ns, 1000000000)),
+    idx Int64,
+    field String,
+    message String,
+    timestamp Nullable(Int64),
+    user_id String,
+    test_id String,
+    variant String,
+    event_type String,
+    conversion Int64,
+    revenue Float64,
+    session_id String,
+    device String,
+    country String,
+    batch String"""
+_PRODUCER_COLUMNS = """
+    producer_id String,
+    sequence UInt64"""
+
+#: Local table -> (columns, engine arguments after the path, partition, order, sharding key).
+TABLES = {
+    EVENTS: (_EVENT_COLUMNS, "", "toYYYYMM(ts)", "(test_id, ns)", "cityHash64(user_id)"),
+    QUARANTINE: (_QUARANTINE_COLUMNS, "", "toYYYYMM(ts)", "(received_ns, idx)", "cityHash64(batch)"),
+    PRODUCERS: (_PRODUCER_COLUMNS, ", sequence", "tuple()", "producer_id", "cityHash64(producer_id)"),
+}
+#: Column names of each table, in order.
+COLUMNS = {name: [line.split()[0] for line in spec[0].strip().splitlines()] for name, spec in TABLES.items()}
+
+
+def literal(value: str | int | float) -> str:
+    """A value as a ClickHouse literal; strings quoted with every backslash and quote escaped."""
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a literal: {value!r}")
+    return repr(value)
+
+
+def schema(database: str, cluster: str | None) -> list[str]:
+    """The statements that create the schema: on a cluster, replicated local tables partitioned by
+    month and a Distributed table over each; on one server (`cluster` None, as chDB), plain
+    MergeTree tables and views in place of the Distributed ones."""
+    on = f" ON CLUSTER {cluster}" if cluster else ""
+    statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on}"]
+    for name, (columns, extra, partition, order, key) in TABLES.items():
+        replacing = "Replacing" if name == PRODUCERS else ""
+        if cluster:
+            engine = (f"Replicated{replacing}MergeTree('/clickhouse/tables/{{shard}}/{database}/{name}_local', "
+                      f"'{{replica}}'{extra})")
+            settings = f" SETTINGS replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+        else:
+            engine, settings = f"{replacing}MergeTree({extra.lstrip(', ')})", ""
+        statements.append(f"CREATE TABLE IF NOT EXISTS {database}.{name}_local{on} ({columns}\n) ENGINE = {engine} "
+                          f"PARTITION BY {partition} ORDER BY {order}{settings}")
+        if cluster:
+            statements.append(f"CREATE TABLE IF NOT EXISTS {database}.{name}{on} AS {database}.{name}_local "
+                              f"ENGINE = Distributed({cluster}, {database}, {name}_local, {key})")
+        else:
+            statements.append(f"CREATE VIEW IF NOT EXISTS {database}.{name} AS SELECT * FROM {database}.{name}_local")
+    return statements
+
+
+def _where(test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None = None) -> str:
+    clauses = [f"test_id = {literal(test_id)}"]
+    if start_ns is not None:
+        clauses.append(f"ns >= {int(start_ns)}")
+    if end_ns is not None:
+        clauses.append(f"ns <= {int(end_ns)}")
+    for name, value in (filters.items() if filters else []):
+        clauses.append(f"{name} = {literal(value)}")
+    return " AND ".join(clauses)
+
+
+#: Per group: users, events, conversions, revenue, converted users, and the population variance of
+#: each user's revenue and conversions (their centered sums of squares once multiplied by users).
+_PER_GROUP = ("count() AS users, sum(e) AS events, sum(c) AS conversions, sum(r) AS revenue, "
+              "countIf(c > 0) AS converted_users, varPopStable(r) AS revenue_var, varPopStable(c) AS conversions_var")
+_PER_USER = "count() AS e, countIf(conversion = 1) AS c, sum(revenue) AS r"
+
+
+def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                dimension: str | None) -> str:
+    """Per variant (and segment value): the per-user sufficient statistics of one shard."""
+    keys = "variant" + (f", {dimension}" if dimension else "")
+    outer = "variant" + (f", {dimension} AS segment" if dimension else "")
+    return (f"SELECT {outer}, {_PER_GROUP} FROM (SELECT {keys}, user_id, {_PER_USER} FROM {local} "
+            f"WHERE {_where(test_id, start_ns, end_ns, filters)} GROUP BY {keys}, user_id) GROUP BY {keys}")
+
+
+def scanned(local: str, test_id: str, start_ns: int | None, end_ns: int | None) -> str:
+    """Events of the test in the range, before any filter (what a query reports it scanned)."""
+    return f"SELECT count() FROM {local} WHERE {_where(test_id, start_ns, end_ns)}"
+
+
+def _bucket(interval: Interval) -> str:
+    return f"intDiv(ns - ({interval.origin_ns}), {interval.width_ns})"
+
+
+def buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+            interval: Interval) -> str:
+    """Per (bucket, variant): events, conversions, revenue, distinct users and converted users."""
+    return (f"SELECT {_bucket(interval)} AS bucket, variant, count() AS events, countIf(conversion = 1) AS conversions, "
+            f"sum(revenue) AS revenue, uniqExact(user_id) AS users, uniqExactIf(user_id, conversion = 1) AS converted "
+            f"FROM {local} WHERE {_where(test_id, start_ns, end_ns, filters)} GROUP BY bucket, variant")
+
+
+def first_buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                  interval: Interval, converted: bool) -> str:
+    """Per (bucket, variant): users whose first event (or first conversion) falls in the bucket,
+    which running sums turn into running distinct counts."""
+    where = _where(test_id, start_ns, end_ns, filters) + (" AND conversion = 1" if converted else "")
+    return (f"SELECT first, variant, count() AS users FROM (SELECT variant, user_id, min({_bucket(interval)}) AS first "
+            f"FROM {local} WHERE {where} GROUP BY variant, user_id) GROUP BY first, variant")
+
+
+def tests(local: str) -> str:
+    """Per test: its variants, events, distinct users, first and last event."""
+    return (f"SELECT test_id, groupUniqArray(variant) AS variants, count() AS events, uniqExact(user_id) AS users, "
+            f"min(ns) AS first, max(ns) AS last FROM {local} GROUP BY test_id")
+
+
+def _quarantine_where(test_id: str, test_prefix: str) -> str:
+    clauses = ["1"]
+    if test_id:
+        clauses.append(f"test_id = {literal(test_id)}")
+    if test_prefix:
+        clauses.append(f"substring(test_id, 1, {len(test_prefix.encode())}) = {literal(test_prefix)}")
+    return " AND ".join(clauses)
+
+
+def quarantine(table: str, test_id: str, test_prefix: str, limit: int) -> str:
+    """The newest rejected events (of a test, of tests with a prefix), newest first."""
+    columns = ", ".join(c for c in COLUMNS[QUARANTINE] if c not in ("ts", "batch"))
+    return (f"SELECT {columns} FROM {table} WHERE {_quarantine_where(test_id, test_prefix)} "
+            f"ORDER BY received_ns DESC, idx DESC LIMIT {int(limit)}")
+
+
+def quarantine_count(table: str, test_id: str, test_prefix: str) -> str:
+    return f"SELECT count() FROM {table} WHERE {_quarantine_where(test_id, test_prefix)}"
+
+
+def last_sequence(table: str, producer_id: str) -> str:
+    """Whether a producer has applied a batch, and its last sequence."""
+    return f"SELECT count(), max(sequence) FROM {table} WHERE producer_id = {literal(producer_id)}"
