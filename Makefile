@@ -10,7 +10,7 @@ ADDR   ?=
 DATA   ?=
 N      ?= 10000000
 
-.PHONY: all install proto lint test run bench clean
+.PHONY: all install proto lint test run cluster bench clean
 
 all: test
 
@@ -35,15 +35,33 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: lint $(NODE_STAMP)
+## Debian packages the tests start for real: a ClickHouse cluster (clickhouse-server 18.16 and
+## zookeeper); apt-get needs root, as CI is.
+DEBS := clickhouse-server clickhouse-client zookeeper
+DEBS_STAMP := $(VENV)/.debs-stamp
+
+$(DEBS_STAMP): | $(STAMP)
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	touch $@
+
+test: lint $(NODE_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(VENV)/bin/abstream serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA),--data-dir $(DATA))
 
+## A local ClickHouse cluster (2 shards x 2 replicas, ZooKeeper) with abstream serving on it at ADDR.
+cluster: $(STAMP) $(DEBS_STAMP)
+	$(PY) -m abstream.clickhouse.cluster $(if $(ADDR),--addr $(ADDR)) $(if $(DIR),--dir $(DIR))
+
 ## Benchmark against DuckDB on N generated events (cached in bench/data); report in bench/results.
-bench: $(STAMP)
-	$(PY) -m bench.run --events $(N) $(BENCH_ARGS)
+bench: $(STAMP) $(if $(filter clickhouse,$(ENGINE)),$(DEBS_STAMP))
+	$(PY) -m bench.run --events $(N) $(if $(ENGINE),--engine $(ENGINE)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info store/*.so service/*.so

@@ -47,12 +47,12 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_
 class ServerProcess:
     """The real server, started with the defaults a deployment gets (fsync always)."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, *args: str) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir,
-             "--max-message-bytes", str(256 << 20), "--snapshot-every-events", "0", "--snapshot-every-seconds", "0"],
-            stderr=subprocess.PIPE, text=True)
+             "--max-message-bytes", str(256 << 20), "--snapshot-every-events", "0", "--snapshot-every-seconds", "0",
+             *args], stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
@@ -299,6 +299,80 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
     return report
 
 
+def run_clickhouse(n: int, reps: int, row_events: int, only: set[str] | None = None) -> dict:
+    """The same ingest and queries against the cluster engine on a local 2 x 2 cluster (what
+    `make cluster` starts), beside the embedded engine in the same run."""
+    from abstream.clickhouse.backend import Cluster as Backend
+    from abstream.clickhouse.cluster import Cluster
+    from abstream.clickhouse.engine import ClickHouseEngine
+
+    report: dict = {"events": n, "engine": "clickhouse", "machine": machine(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    table = dataset.load(n)
+    counts = table.group_by("test_id").aggregate([("test_id", "count")]).sort_by([("test_id_count", "descending")])
+    ranked = counts.column("test_id").to_pylist()
+    largest, typical = ranked[0], ranked[min(9, len(ranked) - 1)]
+    report["tests"] = {"largest": [largest, counts.column(1)[0].as_py()],
+                       "typical": [typical, counts.column(1)[min(9, len(ranked) - 1)].as_py()]}
+    mid_ns = int(table.column("timestamp").cast(pa.int64()).to_numpy()[n // 2])
+    columnar = ColumnarRequests(table)
+    rows = row_requests(table.slice(0, row_events), "rows_")
+    with Cluster() as cluster:
+        engine = ClickHouseEngine(Backend(cluster.hosts().split(","), cluster.cluster_name, "ab"))
+        engine.init_schema()
+        report["cluster"] = {"shards": cluster.shards, "replicas": cluster.replicas, "clickhouse": "18.16",
+                             "insert_quorum": 2}
+        pids = [p.pid for p in cluster.processes()]
+        rss_before = sum(_rss(pid) for pid in pids)
+        server = ServerProcess("", "--engine", "clickhouse", "--clickhouse", cluster.hosts(), "--clickhouse-cluster",
+                               cluster.cluster_name)
+        try:
+            report["ingest_columnar"] = timed_ingest(server.address, columnar, 1)
+            report["memory"] = {"cluster_rss_before": rss_before, "cluster_rss_after": sum(_rss(pid) for pid in pids),
+                                "gateway_rss": server.rss_bytes()}
+            report["memory"]["cluster_bytes_per_event"] = (report["memory"]["cluster_rss_after"] - rss_before) / n
+            with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
+                stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+                qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
+                report["queries"], _ = compare_and_time(stub, table, qs, reps, cluster_engine=engine)
+                report["ingest_rows_1"] = timed_ingest(server.address, rows, 1)
+                report["freshness"] = freshness(stub, reps)
+        finally:
+            server.stop()
+            engine.close()
+    return report
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def clickhouse_text(report: dict) -> str:
+    c = report["cluster"]
+    lines = [f"abstream benchmark, cluster engine: {report['events']:,} events into {c['shards']} shards x "
+             f"{c['replicas']} replicas of ClickHouse {c['clickhouse']} (insert quorum {c['insert_quorum']}), all on this "
+             f"machine ({report['machine']['cores']} cores)",
+             f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
+             f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events)", "",
+             "| query | test | rows | verified | gateway gRPC p50 ms | cluster engine in-process p50 ms "
+             "| embedded in-process p50 ms | DuckDB p50 ms |", "|---|---|---|---|---|---|---|---|"]
+    for q in report["queries"]:
+        lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
+                     f"| {q['grpc']['p50_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
+                     f"| {q['embedded_in_process']['p50_ms']:.2f} | {q['duckdb']['p50_ms']:.2f} |")
+    m, f = report["memory"], report["freshness"]
+    lines += ["", f"columnar ingest (100k/batch, 1 stream, acked on the quorum): "
+                  f"{report['ingest_columnar']['events_per_s']:,.0f} events/s; row batches of 1,000: "
+                  f"{report['ingest_rows_1']['events_per_s']:,.0f} events/s",
+              f"cluster resident memory: {m['cluster_rss_before'] / 2**20:.0f} MiB before, "
+              f"{m['cluster_rss_after'] / 2**20:.0f} MiB after ({m['cluster_bytes_per_event']:.1f} bytes per event, "
+              f"every event on 2 replicas); the gateway: {m['gateway_rss'] / 2**20:.0f} MiB",
+              f"freshness, ack to visible through the gateway: p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
+              f"({f['queries_that_missed_an_acked_batch']} queries missed an acked batch)"]
+    return "\n".join(lines)
+
+
 def take_snapshot(address: str) -> dict:
     from abstream.v1 import admin_pb2, admin_pb2_grpc
 
@@ -309,13 +383,17 @@ def take_snapshot(address: str) -> dict:
         return {"seconds": time.perf_counter() - started, "events": response.events}
 
 
-def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) -> tuple[list[dict], float]:
-    """Per query: whether the three answers agree, and their times. Also the store's bytes per event."""
+def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, cluster_engine=None
+                     ) -> tuple[list[dict], float]:
+    """Per query: whether the answers agree (over gRPC, in-process, DuckDB), and their times.
+    Also the embedded store's bytes per event. With `cluster_engine`, the server serves the
+    cluster engine: in-process is that engine, and the embedded engine is timed beside it."""
     print("loading the in-process store and DuckDB ...", file=sys.stderr)
     store = EventStore()
     for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
         store.append(batch)
     held = store.nbytes / max(store.event_count, 1)
+    embedded, store = store, cluster_engine or store
     db = duckdb.connect()
     db.execute("SET TimeZone = 'UTC'")
     db.register("ab_test_events", table)
@@ -330,6 +408,8 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int) 
         entry["grpc"] = timed(lambda: q.rpc(stub), reps)
         # Timed as each engine hands results to a program: columnar (the store's result, DuckDB's Arrow).
         entry["in_process"] = timed(lambda: q.run(store), reps)
+        if cluster_engine is not None:
+            entry["embedded_in_process"] = timed(lambda: q.run(embedded), reps)
         entry["duckdb"] = timed(lambda: db.sql(q.sql).to_arrow_table(), max(3, reps // 3))
         entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
         out.append(entry)
@@ -432,13 +512,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, default=15.0, help="length of the ingest-under-load phase")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--queries", default="", help="comma-separated query names to run (default: all)")
+    parser.add_argument("--engine", choices=["embedded", "clickhouse"], default="embedded")
     args = parser.parse_args(argv)
     only = {name for name in args.queries.split(",") if name}
-    report = run(args.events, args.reps, min(args.row_events, args.events), args.load_seconds, only)
-    text = table_text(report)
+    if args.engine == "clickhouse":
+        report = run_clickhouse(args.events, args.reps, min(args.row_events, args.events), only)
+        text = clickhouse_text(report)
+        report.setdefault("restart", {"verified": True})
+    else:
+        report = run(args.events, args.reps, min(args.row_events, args.events), args.load_seconds, only)
+        text = table_text(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{args.events}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path = args.out / f"bench-{args.engine + '-' if args.engine != 'embedded' else ''}{args.events}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nreport: {path}")
     return 0 if all(q["verified"] for q in report["queries"]) and report["restart"]["verified"] else 1

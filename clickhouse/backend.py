@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
 log = logging.getLogger("abstream.clickhouse")
 
 Columns = list[list[Any]]  # a result, column by column
+INSERT_QUORUM_TIMEOUT_MS = 10_000
 
 #: ClickHouse error codes, and what they are to a caller.
 _TIMEOUT = {159, 209}  # TIMEOUT_EXCEEDED, SOCKET_TIMEOUT
@@ -37,8 +39,13 @@ _RETRIABLE = {
 }
 
 
+#: Codes that mean ZooKeeper cannot be reached.
+_ZOOKEEPER = {999, 225, 242}
+
+
 def translate(error: BaseException, where: str) -> AbstreamError:
-    """A driver's error as one of ours: what cannot be helped now is UNAVAILABLE (retry later)."""
+    """A driver's error as one of ours: what cannot be helped now is UNAVAILABLE (retry later),
+    carrying ClickHouse's code as `code`."""
     from clickhouse_driver import errors
 
     code = getattr(error, "code", None)
@@ -47,7 +54,9 @@ def translate(error: BaseException, where: str) -> AbstreamError:
     if isinstance(error, (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError)) or code in _RETRIABLE:
         why = _RETRIABLE.get(code, "the server went away")
         first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        return Unavailable(f"{where}: {why} ({first_line})", retry_after=1.0)
+        unavailable = Unavailable(f"{where}: {why} ({first_line})", retry_after=1.0)
+        unavailable.code = code
+        return unavailable
     return AbstreamError(f"{where}: ClickHouse refused the statement: {str(error).strip().splitlines()[0][:300]}")
 
 
@@ -78,6 +87,10 @@ class Cluster:
                  user: str = "default", password: str = "", connect_timeout: float = 2.0) -> None:
         self.cluster, self.database = cluster, database
         self.insert_quorum = insert_quorum
+        # Reads see every acked batch at once only if batches are acked on a quorum: sequential
+        # consistency shows data up to the last quorum insert, and would hide later inserts made
+        # without one. With a quorum of 1, a read may miss a batch a replica has not fetched yet.
+        self._read = {"select_sequential_consistency": 1} if insert_quorum > 1 else {}
         self._credentials = {"user": user, "password": password, "connect_timeout": connect_timeout,
                              "send_receive_timeout": 300, "sync_request_timeout": 5}
         self._seeds = [_replica(s) for s in seeds]
@@ -114,14 +127,26 @@ class Cluster:
 
     def _on(self, shard: Shard, sql: str, settings: dict) -> Columns:
         """`sql` on one replica of `shard`: the first that answers, tried again once on a fresh
-        connection when an idle one went stale."""
+        connection when an idle one went stale, and without sequential consistency when ZooKeeper
+        is down (which it needs): no insert can be acked meanwhile, and with a quorum of every
+        replica, each replica has every acked batch."""
+        try:
+            return self._on_a_replica(shard, sql, settings)
+        except Unavailable as error:
+            if not settings.get("select_sequential_consistency") or error.code not in _ZOOKEEPER:
+                raise
+            log.warning("%s: ZooKeeper is unavailable; reading without sequential consistency", shard.name)
+            return self._on_a_replica(shard, sql, {k: v for k, v in settings.items()
+                                                   if k != "select_sequential_consistency"})
+
+    def _on_a_replica(self, shard: Shard, sql: str, settings: dict) -> Columns:
         for attempt in (0, 1):
             try:
                 client = shard._idle.get_nowait()
             except queue.Empty:
                 client = self._client(shard.replicas)
             try:
-                result = client.execute(sql, settings=settings, columnar=True)
+                result = _columns(client, sql, settings)
                 shard._idle.put(client)
                 return result
             except Exception as error:  # noqa: BLE001 - the driver's, translated
@@ -133,7 +158,7 @@ class Cluster:
                    ) -> tuple[list[Columns], list[str]]:
         """`sql` on every shard at once: (each answering shard's result, the shards that did not).
         Without `partial`, a shard that does not answer fails the whole call, naming it."""
-        settings = {"select_sequential_consistency": 1}
+        settings = dict(self._read)
         if timeout is not None:
             settings["max_execution_time"] = max(int(timeout), 1)
         futures = [(shard, self._pool.submit(self._on, shard, sql, settings)) for shard in self.shards]
@@ -150,23 +175,36 @@ class Cluster:
     def query(self, sql: str) -> Columns:
         """`sql` over the Distributed tables, from any server that answers."""
         everyone = [r for shard in self.shards for r in shard.replicas]
-        try:
-            return self._client(everyone).execute(sql, settings={"select_sequential_consistency": 1}, columnar=True)
-        except Exception as error:  # noqa: BLE001 - the driver's, translated
-            raise translate(error, f"cluster {self.cluster}") from error
+        for settings in (self._read, {}):
+            try:
+                return _columns(self._client(everyone), sql, settings)
+            except Exception as error:  # noqa: BLE001 - the driver's, translated
+                translated = translate(error, f"cluster {self.cluster}")
+                if not settings or getattr(translated, "code", None) not in _ZOOKEEPER:
+                    raise translated from error
 
     def insert(self, table: str, columns: dict[str, list]) -> None:
         """Rows (given column by column) into a Distributed table, acknowledged once every shard's
         part is on `insert_quorum` replicas. The same rows sent again in the same order form the
         same blocks, which the replicas recognise and drop."""
         everyone = [r for shard in self.shards for r in shard.replicas]
-        settings = {"insert_distributed_sync": 1, "insert_quorum": self.insert_quorum}
+        # A quorum insert sent just after a replica died waits for it until insert_quorum_timeout
+        # (10 minutes by default): fail after seconds instead, as UNAVAILABLE; the retry is safe.
+        settings = {"insert_distributed_sync": 1, "insert_quorum": self.insert_quorum,
+                    "insert_quorum_timeout": INSERT_QUORUM_TIMEOUT_MS}
         names = ", ".join(columns)
-        try:
-            self._client(everyone).execute(f"INSERT INTO {self.database}.{table} ({names}) VALUES",
-                                           list(columns.values()), columnar=True, settings=settings)
-        except Exception as error:  # noqa: BLE001 - the driver's, translated
-            raise translate(error, f"cluster {self.cluster}") from error
+        deadline = time.monotonic() + INSERT_QUORUM_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._client(everyone).execute(f"INSERT INTO {self.database}.{table} ({names}) VALUES",
+                                               list(columns.values()), columnar=True, settings=settings)
+                return
+            except Exception as error:  # noqa: BLE001 - the driver's, translated
+                # One quorum insert at a time per partition (18.16): another gateway's (or stream's)
+                # is being confirmed. Ours goes once it is; resending the same rows is safe.
+                if getattr(error, "code", None) != 286 or time.monotonic() > deadline:
+                    raise translate(error, f"cluster {self.cluster}") from error
+                time.sleep(0.02)
 
     def execute(self, sql: str) -> None:
         """A statement (DDL) on any server."""
@@ -247,6 +285,12 @@ class Local:
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+def _columns(client, sql: str, settings: dict) -> Columns:
+    """A result column by column; with no rows, as many empty columns as the result has."""
+    data, types = client.execute(sql, settings=settings, columnar=True, with_column_types=True)
+    return [list(column) for column in data] if data else [[] for _ in types]
 
 
 def _replica(address: str) -> Replica:

@@ -63,11 +63,15 @@ class ClickHouseEngine:
     def __init__(self, backend: Cluster | Local) -> None:
         self._b = backend
 
+    @property
+    def database(self) -> str:
+        return self._b.database
+
     @classmethod
     def opened(cls, backend: Cluster | Local) -> ClickHouseEngine:
         """The engine over a backend whose schema exists (`abstream clickhouse init` makes it)."""
         (present,), = backend.query(f"EXISTS TABLE {backend.table(sql.EVENTS)}")
-        if not present[0]:
+        if not present:
             backend.close()
             raise AbstreamError(f"{backend.table(sql.EVENTS)} does not exist: create the schema first with "
                                 "`abstream clickhouse init` (the same --clickhouse, --clickhouse-cluster and "

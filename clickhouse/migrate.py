@@ -20,19 +20,19 @@ from abstream.store import Durability, EventStore
 ROWS = 100_000
 
 
-def migrate(data_dir: str | Path, engine: ClickHouseEngine, out=sys.stdout) -> int:
+def migrate(data_dir: str | Path, engine: ClickHouseEngine, out=sys.stdout, rows: int = ROWS) -> int:
     """Copies every test; returns 0 when every test's count matches, 1 otherwise."""
     store = EventStore(durability=Durability(Path(data_dir)))
     try:
         tests = store.list_tests()
         for info in tests:
             started, sent = time.monotonic(), 0
-            for k, table in enumerate(store.export(info.test_id, rows=ROWS)):
+            for k, table in enumerate(store.export(info.test_id, rows=rows)):
                 batch = ValidatedBatch(table, [], time.time_ns(), f"migrate:{info.test_id}", k + 1)
                 result = engine.apply(engine.prepare(batch))
                 sent += result.accepted
             print(f"{info.test_id}: {info.events:,} events ({sent:,} sent now) in {time.monotonic() - started:.1f}s",
-                  file=out)
+                  file=out, flush=True)
         there = {t.test_id: t.events for t in engine.list_tests()}
         wrong = [(t.test_id, t.events, there.get(t.test_id, 0)) for t in tests if there.get(t.test_id, 0) != t.events]
         for test_id, here, count in wrong:

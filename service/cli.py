@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     migrate = commands.add_parser("migrate", help="copy an embedded data directory into a ClickHouse cluster "
                                                   "(stop its server first; re-running resumes)")
     migrate.add_argument("--data-dir", required=True, help="the embedded engine's data directory")
+    migrate.add_argument("--batch-rows", type=int, default=100_000, help="events per batch sent (default 100,000)")
     _cluster_arguments(migrate, "--to-clickhouse")
     args = parser.parse_args(argv)
     if args.command == "token":
@@ -66,7 +67,7 @@ def _on_cluster(args) -> int:
                 return 0
             from abstream.clickhouse.migrate import migrate
 
-            return migrate(args.data_dir, ClickHouseEngine.opened(backend))
+            return migrate(args.data_dir, ClickHouseEngine.opened(backend), rows=args.batch_rows)
         finally:
             engine.close()
     except AbstreamError as error:

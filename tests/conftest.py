@@ -53,6 +53,28 @@ def server(tmp_path) -> Iterator[ServerThread]:
     running.stop()
 
 
+def engine_settings(kind: str, tmp_path, request, **overrides) -> Settings:
+    """A server's settings for an engine: embedded in `tmp_path`, or the cluster engine on the
+    session's cluster, in a database of its own."""
+    if kind == "embedded":
+        return Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "data"), **overrides)
+    from tests import engines
+
+    cluster = request.getfixturevalue("clickhouse_cluster")
+    engine = engines.make("clickhouse", request)
+    engine.close()
+    return Settings(addr="127.0.0.1:0", data_dir="", engine="clickhouse", clickhouse=cluster.hosts(),
+                    clickhouse_cluster=cluster.cluster_name, clickhouse_database=engine.database, **overrides)
+
+
+@pytest.fixture(params=["embedded", "clickhouse"])
+def any_engine_server(request, tmp_path) -> Iterator[ServerThread]:
+    """The real server on each engine: modules whose tests must hold on both use it as `server`."""
+    running = ServerThread(engine_settings(request.param, tmp_path, request)).start()
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def channel(server) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.address) as ch:
@@ -72,3 +94,14 @@ def no_server_outlives_its_test():
     yield
     while process.STARTED:
         process.STARTED.pop().kill()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_cluster(tmp_path_factory):
+    """A real ClickHouse cluster (2 shards x 2 replicas, ZooKeeper) for the whole session; every
+    test that uses it makes a database of its own. `make test` installs the Debian packages."""
+    from abstream.clickhouse.cluster import Cluster
+
+    cluster = Cluster().start(tmp_path_factory.mktemp("clickhouse"))
+    yield cluster
+    cluster.stop()

@@ -13,6 +13,12 @@ from abstream.v1 import analytics_pb2 as pb
 from tests.events import BASE_S, NS, ingest
 from tests.test_service_queries import bad_request
 
+
+@pytest.fixture
+def server(any_engine_server):
+    """Every test here runs on both engines."""
+    return any_engine_server
+
 METRIC_OF = {pb.METRIC_CONVERSION: "conversion", pb.METRIC_REVENUE_PER_USER: "revenue",
              pb.METRIC_CONVERSIONS_PER_USER: "conversions"}
 

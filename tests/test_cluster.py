@@ -1,0 +1,301 @@
+"""The cluster engine against a real ClickHouse cluster (2 shards x 2 replicas, ZooKeeper) with
+processes really killed: exactly-once retries through two gateways, a replica, a shard and
+ZooKeeper down, `make cluster` queried with grpcurl. Every statement runs on chDB too."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from abstream.clickhouse.backend import Cluster as Backend
+from abstream.clickhouse.cluster import Cluster
+from abstream.clickhouse.engine import ClickHouseEngine
+from abstream.core.engine import append
+from abstream.v1 import analytics_pb2 as pb
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tests import engines
+from tests.events import BASE_S, NS, random_events, to_message, to_table
+from tests.process import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 50
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A cluster of this module's own: its tests kill and restart its processes."""
+    c = Cluster().start(tmp_path_factory.mktemp("faults"))
+    yield c
+    c.stop()
+
+
+def database(cluster: Cluster, **settings) -> tuple[str, list[str]]:
+    """A new database with the schema, and the `abstream serve` arguments for it."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = ClickHouseEngine(Backend(cluster.hosts().split(","), cluster.cluster_name, name))
+    engine.init_schema()
+    engine.close()
+    args = ["--engine", "clickhouse", "--clickhouse", cluster.hosts(), "--clickhouse-cluster", cluster.cluster_name,
+            "--clickhouse-database", name]
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return name, args
+
+
+def gateway(tmp_path: Path, args: list[str], name: str) -> Server:
+    return Server(tmp_path / name, *args).start()
+
+
+def batch_events(producer: str, seq: int) -> list[dict]:
+    return [dict(timestamp=(BASE_S + seq) * NS + i, user_id=f"{producer}-{seq}-{i}", test_id="dur", variant="AB"[i % 2],
+                 event_type="click", conversion=i % 2, revenue=1.0, session_id="s", device="d", country="c")
+            for i in range(BATCH)]
+
+
+def send(address: str, producer: str, seq: int, timeout: float = 20) -> pb.IngestEventsResponse:
+    with grpc.insecure_channel(address) as channel:
+        request = pb.IngestEventsRequest(events=[to_message(e) for e in batch_events(producer, seq)],
+                                         producer_id=producer, sequence=seq)
+        (ack,) = list(pb_stub(channel).IngestEvents(iter([request]), timeout=timeout))
+        return ack
+
+
+def totals(address: str, test_id: str = "dur") -> tuple[int, int]:
+    with grpc.insecure_channel(address) as channel:
+        rows = pb_stub(channel).Summary(pb.SummaryRequest(test_id=test_id), timeout=30).rows
+    return sum(r.metrics.events for r in rows), sum(r.metrics.users for r in rows)
+
+
+def pb_stub(channel):
+    from abstream.v1 import analytics_pb2_grpc
+
+    return analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+def test_a_retry_after_a_gateway_crash_is_stored_once_through_another_gateway(cluster, tmp_path):
+    """A producer streams tagged batches to gateway A; A is SIGKILLed mid-stream; the producer
+    sends what was not acked to gateway B, and then everything again: each batch is stored once."""
+    _, args = database(cluster)
+    a, b = gateway(tmp_path, args, "a"), gateway(tmp_path, args, "b")
+    acked, stop, wrong = [], threading.Event(), []
+
+    def produce() -> None:
+        seq = 1
+        with grpc.insecure_channel(a.address) as channel:
+            stub = pb_stub(channel)
+            while not stop.is_set() and seq < 200:
+                request = pb.IngestEventsRequest(events=[to_message(e) for e in batch_events("p", seq)],
+                                                 producer_id="p", sequence=seq)
+                try:
+                    (ack,) = list(stub.IngestEvents(iter([request]), timeout=20))
+                except grpc.RpcError:
+                    return  # the gateway is gone
+                if ack.accepted != BATCH:
+                    wrong.append(ack)  # asserted below: an assert here would be lost with the thread
+                acked.append(seq)
+                seq += 1
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a.kill()  # mid-stream: the batch in flight may be in the cluster, or not, or in part
+    stop.set()
+    thread.join(timeout=60)
+    assert not wrong and len(acked) >= 10
+    last = acked[-1] + 1  # possibly stored, never acked
+    outcomes = [send(b.address, "p", seq) for seq in range(last, last + 5)]
+    assert all(o.accepted == BATCH or o.duplicate for o in outcomes)
+    again = [send(b.address, "p", seq) for seq in range(1, last + 5)]  # everything, once more
+    assert all(o.duplicate for o in again)
+    assert totals(b.address) == ((last + 4) * BATCH, (last + 4) * BATCH)
+    a.start()  # the restarted gateway agrees: nothing it needs was kept in it
+    assert totals(a.address) == ((last + 4) * BATCH, (last + 4) * BATCH)
+    assert send(a.address, "p", last).duplicate
+
+
+def test_a_killed_replica_leaves_queries_answered_and_ingest_to_the_quorum_setting(cluster, tmp_path):
+    """Every gateway of a database must use the same quorum (docs/scale.md): reads are sequentially
+    consistent only with a quorum, and would not see inserts made without one."""
+    _, args = database(cluster)
+    _, args1 = database(cluster)
+    quorum2 = gateway(tmp_path, args, "q2")
+    quorum1 = gateway(tmp_path, [*args1, "--clickhouse-insert-quorum", "1"], "q1")
+    assert send(quorum2.address, "r", 1).accepted == BATCH
+    cluster.kill_node(1)  # shard 1, replica 2
+    try:
+        assert totals(quorum2.address) == (BATCH, BATCH)  # the other replica answers
+        with pytest.raises(grpc.RpcError) as refused:
+            send(quorum2.address, "r", 2, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and retry_delay(refused.value)
+        assert "quorum" in refused.value.details() or "replica" in refused.value.details()
+        assert send(quorum1.address, "r1", 1).accepted == BATCH  # one replica is enough for it
+    finally:
+        cluster.start_node(1)
+    deadline = time.monotonic() + 60
+    while True:  # the restarted replica catches up, and the quorum is met again
+        try:
+            ack = send(quorum2.address, "r", 2, timeout=30)
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
+            time.sleep(0.5)
+    assert ack.accepted == BATCH or ack.duplicate
+    assert totals(quorum2.address) == (2 * BATCH, 2 * BATCH)
+    deadline = time.monotonic() + 30
+    while totals(quorum1.address) != (BATCH, BATCH):  # without a quorum, seen once a replica has it
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
+    _, args = database(cluster)
+    g = gateway(tmp_path, args, "g")
+    assert send(g.address, "s", 1).accepted == BATCH
+    cluster.kill_node(2)
+    cluster.kill_node(3)  # both replicas of shard 2
+    try:
+        with grpc.insecure_channel(g.address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_stub(channel).Summary(pb.SummaryRequest(test_id="dur"), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        shard2 = [n for n in cluster.nodes if n.shard == 2]
+        assert "shard 2" in refused.value.details()
+        assert all(f"127.0.0.1:{n.tcp_port}" in refused.value.details() for n in shard2)
+    finally:
+        cluster.start_node(2)
+        cluster.start_node(3)
+    assert totals(g.address) == (BATCH, BATCH)
+
+
+def test_zookeeper_down_refuses_ingest_with_retry_info_and_answers_queries(cluster, tmp_path):
+    _, args = database(cluster)
+    g = gateway(tmp_path, args, "z")
+    assert send(g.address, "z", 1).accepted == BATCH
+    cluster.kill_zookeeper()
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            send(g.address, "z", 2, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and retry_delay(refused.value)
+        assert totals(g.address) == (BATCH, BATCH)
+    finally:
+        cluster.start_zookeeper()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ack = send(g.address, "z", 2, timeout=30)
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
+            time.sleep(0.5)
+    assert ack.accepted == BATCH or ack.duplicate
+    assert totals(g.address) == (2 * BATCH, 2 * BATCH)
+
+
+@pytest.mark.parametrize("kind", ["chdb", "clickhouse"])
+def test_quarantine_and_producers_live_in_the_cluster(kind, request):
+    """Rejected events and producer sequences are the cluster's: every gateway sees the same."""
+    engine = engines.make(kind, request)
+    events = random_events(40, seed=5)
+    events[3]["conversion"], events[7]["test_id"] = 5, ""
+    result = append(engine, to_table(events), producer_id="q", sequence=3)
+    assert [(r.index, r.field) for r in result.rejections] == [(3, "conversion"), (7, "test_id")]
+    assert append(engine, to_table(events), producer_id="q", sequence=3).duplicate
+    assert append(engine, to_table(events), producer_id="q", sequence=2).duplicate
+    assert append(engine, to_table(events[:5]), producer_id="q", sequence=4).accepted == 4
+    entries, total = engine.quarantine("", 10, "")
+    assert total == 3 and [(e.index, e.field) for e in entries] == [(3, "conversion"), (7, "test_id"), (3, "conversion")]
+    assert entries[0].event["conversion"] == 5 and entries[0].received_ns >= entries[1].received_ns
+    only, total = engine.quarantine(events[3]["test_id"], 10, "")
+    assert total == 2 and all(e.event["test_id"] == events[3]["test_id"] for e in only)
+    assert engine.quarantine("", 10, "zzz")[1] == 0
+    engine.close()
+
+
+def test_make_cluster_serves_and_stops_everything(tmp_path):
+    """`make cluster` in the foreground: grpcurl ingests and queries; SIGTERM stops all it started."""
+    port = free_port()
+    directory = tmp_path / "made"
+    log = tmp_path / "make.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(["make", "-s", "cluster", f"ADDR=127.0.0.1:{port}", f"DIR={directory}"], cwd=ROOT,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"serving \S+ on port", log.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        grpcurl = str(Path(sys.executable).parent / "grpcurl")
+        event = ('{"events": [{"timestamp": "2025-04-28T18:42:22Z", "user_id": "user_455", "test_id": "test_5", '
+                 '"variant": "variant_a", "event_type": "click", "conversion": 1, "revenue": 84.55}]}')
+        ingest = subprocess.run([grpcurl, "-plaintext", "-d", event, f"127.0.0.1:{port}",
+                                 "abstream.v1.AnalyticsService/IngestEvents"], capture_output=True, text=True, timeout=60)
+        assert ingest.returncode == 0 and '"accepted": 1' in ingest.stdout, ingest.stderr
+        summary = subprocess.run([grpcurl, "-plaintext", "-d", '{"test_id": "test_5"}', f"127.0.0.1:{port}",
+                                  "abstream.v1.AnalyticsService/Summary"], capture_output=True, text=True, timeout=60)
+        assert summary.returncode == 0 and '"total_revenue": 84.55' in summary.stdout, summary.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    left = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"still running: {left.stdout}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_migrate_copies_an_embedded_store_resumably_and_verifies_it(cluster, tmp_path):
+    """`abstream migrate` into a cluster, SIGKILLed after its first test, then run again: every
+    test's events are there once, and the counts are verified."""
+    from abstream.store import Durability, EventStore
+
+    events = random_events(6000, seed=11)
+    store = EventStore(durability=Durability(tmp_path / "data"))
+    for i in range(0, len(events), 500):
+        append(store, to_table(events[i:i + 500]))
+    expected = {t.test_id: (t.events, t.users) for t in store.list_tests()}
+    store.close()
+    name, args = database(cluster)
+    command = [str(Path(sys.executable).parent / "abstream"), "migrate", "--data-dir", str(tmp_path / "data"),
+               "--to-clickhouse", cluster.hosts(), "--clickhouse-cluster", cluster.cluster_name,
+               "--clickhouse-database", name, "--batch-rows", "100"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    line = first.stdout.readline()  # one test copied: kill it in the middle of the next
+    first.kill()
+    first.wait(timeout=30)
+    assert "events" in line
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{len(expected)} of {len(expected)} tests verified" in again.stdout
+    g = gateway(tmp_path, args, "m")
+    with grpc.insecure_channel(g.address) as channel:
+        there = pb_stub(channel).ListTests(pb.ListTestsRequest(), timeout=30).tests
+    assert {t.test_id: (t.events, t.users) for t in there} == expected
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "(0 sent now)" in third.stdout and "MISMATCH" not in third.stdout
