@@ -331,6 +331,7 @@ def run_clickhouse(n: int, reps: int, row_events: int, only: set[str] | None = N
             report["memory"] = {"cluster_rss_before": rss_before, "cluster_rss_after": sum(_rss(pid) for pid in pids),
                                 "gateway_rss": server.rss_bytes()}
             report["memory"]["cluster_bytes_per_event"] = (report["memory"]["cluster_rss_after"] - rss_before) / n
+            report["disk"] = _disk(cluster, n)
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
                 qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
@@ -341,6 +342,18 @@ def run_clickhouse(n: int, reps: int, row_events: int, only: set[str] | None = N
             server.stop()
             engine.close()
     return report
+
+
+def _disk(cluster, n: int) -> dict:
+    """Bytes the events take on disk, every replica counted, from system.parts."""
+    from clickhouse_driver import Client
+
+    total = 0
+    for node in cluster.nodes:
+        ((size,),) = Client("127.0.0.1", node.tcp_port).execute(
+            "SELECT sum(bytes_on_disk) FROM system.parts WHERE database = 'ab' AND table = 'events_local' AND active")
+        total += size
+    return {"bytes_on_disk": total, "bytes_per_event": total / n, "replicas": cluster.replicas}
 
 
 def _rss(pid: int) -> int:
@@ -368,6 +381,9 @@ def clickhouse_text(report: dict) -> str:
               f"cluster resident memory: {m['cluster_rss_before'] / 2**20:.0f} MiB before, "
               f"{m['cluster_rss_after'] / 2**20:.0f} MiB after ({m['cluster_bytes_per_event']:.1f} bytes per event, "
               f"every event on 2 replicas); the gateway: {m['gateway_rss'] / 2**20:.0f} MiB",
+              f"on disk: {report['disk']['bytes_on_disk'] / 2**20:.0f} MiB for every replica "
+              f"({report['disk']['bytes_per_event']:.1f} bytes per event, "
+              f"{report['disk']['bytes_per_event'] / report['disk']['replicas']:.1f} per copy)",
               f"freshness, ack to visible through the gateway: p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
               f"({f['queries_that_missed_an_acked_batch']} queries missed an acked batch)"]
     return "\n".join(lines)
