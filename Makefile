@@ -36,8 +36,8 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	touch $@
 
 ## Debian packages the tests start for real: a ClickHouse cluster (clickhouse-server 18.16 and
-## zookeeper); apt-get needs root, as CI is.
-DEBS := clickhouse-server clickhouse-client zookeeper
+## zookeeper) and openssl for the documented trial certificates; apt-get needs root, as CI is.
+DEBS := clickhouse-server clickhouse-client zookeeper openssl
 DEBS_STAMP := $(VENV)/.debs-stamp
 
 $(DEBS_STAMP): | $(STAMP)

@@ -169,6 +169,57 @@ def fresh_ingest(requests) -> dict:
             server.stop()
 
 
+FILE_LINES = 1_000_000  # the NDJSON file `abstream ingest` sends
+FILE_RUNS = 3
+
+
+def file_ingest(table: pa.Table) -> dict:
+    """`abstream ingest` of an NDJSON file (the events as users send them: text timestamps, every
+    field) against `Client.ingest_table` of the same events already in memory, each into fresh
+    servers, alternating; the medians and their ratio. The command reads, parses, sends exactly
+    once and reports; ingest_table only sends."""
+    from abstream.clients import Client
+
+    sample = table.slice(0, min(table.num_rows, FILE_LINES))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.ndjson"
+        with open(path, "w") as f:
+            for batch in sample.to_batches(100_000):
+                for r in batch.to_pylist():
+                    r["timestamp"] = r["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
+                    f.write(json.dumps(r) + "\n")
+        size = path.stat().st_size
+        cli_s, client_s = [], []
+        for _ in range(FILE_RUNS):
+            with tempfile.TemporaryDirectory() as data_dir:
+                server = ServerProcess(data_dir)
+                try:
+                    started = time.perf_counter()
+                    result = subprocess.run([str(Path(sys.executable).parent / "abstream"), "ingest", str(path),
+                                             "--addr", server.address, "--quiet", "--timeout", "600"],
+                                            capture_output=True, text=True)
+                    cli_s.append(time.perf_counter() - started)
+                    if not result.stdout.startswith(f"accepted {sample.num_rows:,}, rejected 0"):
+                        raise RuntimeError(f"abstream ingest: {result.stdout}{result.stderr}")
+                finally:
+                    server.stop()
+            with tempfile.TemporaryDirectory() as data_dir:
+                server = ServerProcess(data_dir)
+                try:
+                    with Client(server.address, timeout=600) as client:
+                        started = time.perf_counter()
+                        acks = client.ingest_table(sample, batch_size=20_000)
+                        client_s.append(time.perf_counter() - started)
+                    if sum(a.accepted for a in acks) != sample.num_rows:
+                        raise RuntimeError("ingest_table lost events")
+                finally:
+                    server.stop()
+    cli, client = float(np.median(cli_s)), float(np.median(client_s))
+    return {"events": sample.num_rows, "file_bytes": size, "cli_seconds": cli_s, "ingest_table_seconds": client_s,
+            "cli_events_per_s": sample.num_rows / cli, "ingest_table_events_per_s": sample.num_rows / client,
+            "cli_over_ingest_table": cli / client}
+
+
 def median_run(results: list[dict]) -> dict:
     """The run with the median rate, with every run's rate beside it."""
     results = sorted(results, key=lambda r: r["events_per_s"])
@@ -261,6 +312,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
     # Columnar ingest is timed into fresh servers three times (the last one stays for everything
     # else); the report has the median run. One run for huge datasets.
     extra = [fresh_ingest(columnar) for _ in range(COLUMNAR_RUNS - 1 if n <= 20_000_000 else 0)]
+    print("abstream ingest of an NDJSON file against Client.ingest_table ...", file=sys.stderr)
+    report["ingest_file"] = file_ingest(table)
     with tempfile.TemporaryDirectory() as data_dir:
         server = ServerProcess(data_dir)
         try:
@@ -493,6 +546,11 @@ def table_text(report: dict) -> str:
         runs = r.get("runs_events_per_s")
         lines.append(f"| {label} | {r['events']:,} | {r['events_per_s']:,.0f}"
                      + (f" (median of {', '.join(f'{x:,.0f}' for x in runs)})" if runs else "") + " |")
+    fi = report["ingest_file"]
+    lines += ["", f"`abstream ingest` of {fi['events']:,} NDJSON lines ({fi['file_bytes'] / 2**20:.0f} MiB): median "
+                  f"{fi['cli_events_per_s']:,.0f} events/s, {fi['cli_over_ingest_table']:.2f}x the time of "
+                  f"Client.ingest_table of the same events in memory ({fi['ingest_table_events_per_s']:,.0f} events/s; "
+                  f"medians of {len(fi['cli_seconds'])} runs each, fresh servers)"]
     m = report["memory"]
     lines += ["", f"resident memory: {m['bytes_per_event']:.1f} bytes per stored event {SETTLE_SECONDS:g} s after the "
                   f"last ack ({m['bytes_per_event_at_last_ack']:.1f} at the last ack; server RSS "

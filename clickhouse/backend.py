@@ -188,22 +188,32 @@ class Cluster:
         part is on `insert_quorum` replicas. The same rows sent again in the same order form the
         same blocks, which the replicas recognise and drop."""
         everyone = [r for shard in self.shards for r in shard.replicas]
+        self._quorum_insert(everyone, self.table(table), columns, {"insert_distributed_sync": 1},
+                            f"cluster {self.cluster}")
+
+    def insert_everywhere(self, table: str, columns: dict[str, list]) -> None:
+        """Rows into `table`'s local table on every shard: a small table each shard holds whole,
+        so that any shard can answer for it. Fails naming a shard that did not take them (the
+        shards before it did); sending them again is safe."""
+        for shard in self.shards:
+            self._quorum_insert(shard.replicas, self.local(table), columns, {}, shard.name)
+
+    def _quorum_insert(self, replicas: Sequence[Replica], table: str, columns: dict[str, list], settings: dict,
+                       where: str) -> None:
         # A quorum insert sent just after a replica died waits for it until insert_quorum_timeout
         # (10 minutes by default): fail after seconds instead, as UNAVAILABLE; the retry is safe.
-        settings = {"insert_distributed_sync": 1, "insert_quorum": self.insert_quorum,
-                    "insert_quorum_timeout": INSERT_QUORUM_TIMEOUT_MS}
-        names = ", ".join(columns)
+        settings = {**settings, "insert_quorum": self.insert_quorum, "insert_quorum_timeout": INSERT_QUORUM_TIMEOUT_MS}
         deadline = time.monotonic() + INSERT_QUORUM_TIMEOUT_MS / 1000
         while True:
             try:
-                self._client(everyone).execute(f"INSERT INTO {self.database}.{table} ({names}) VALUES",
+                self._client(replicas).execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES",
                                                list(columns.values()), columnar=True, settings=settings)
                 return
             except Exception as error:  # noqa: BLE001 - the driver's, translated
                 # One quorum insert at a time per partition (18.16): another gateway's (or stream's)
                 # is being confirmed. Ours goes once it is; resending the same rows is safe.
                 if getattr(error, "code", None) != 286 or time.monotonic() > deadline:
-                    raise translate(error, f"cluster {self.cluster}") from error
+                    raise translate(error, where) from error
                 time.sleep(0.02)
 
     def execute(self, sql: str) -> None:
@@ -271,6 +281,9 @@ class Local:
         with self._lock:
             self._session.query(f"INSERT INTO {self.database}.{table}_local ({', '.join(columns)}) VALUES "
                                 + ", ".join(rows))
+
+    def insert_everywhere(self, table: str, columns: dict[str, list]) -> None:
+        self.insert(table, columns)
 
     def execute(self, sql: str) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ the embedded engine.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from abstream.clickhouse import sql
 from abstream.clickhouse.backend import Cluster, Local
+from abstream.core import timezones
 from abstream.core.engine import Gauge
-from abstream.core.errors import AbstreamError
+from abstream.core.errors import AbstreamError, Unavailable
 from abstream.core.events import MAX_STRING_BYTES
 from abstream.core.types import (
+    Experiment,
     GroupStats,
     IngestResult,
     MetricColumns,
@@ -46,6 +49,9 @@ from abstream.core.types import (
     UserMoments,
     ValidatedBatch,
 )
+
+#: How long a gateway uses the plans it read before reading them again.
+PLANS_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class ClickHouseEngine:
 
     def __init__(self, backend: Cluster | Local) -> None:
         self._b = backend
+        self._plans: tuple[float, dict[str, Experiment]] = (0.0, {})
 
     @property
     def database(self) -> str:
@@ -150,7 +157,7 @@ class ClickHouseEngine:
         return int(sum(columns[0][0] for columns in self._partials(statement, deadline)))
 
     def summary(self, q: SummaryQuery) -> GroupStats:
-        return self._groups(q.test_id, q.start_ns, q.end_ns, None, None, q.deadline)
+        return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, None, q.deadline)
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline)
@@ -181,9 +188,10 @@ class ClickHouseEngine:
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
         started = time.perf_counter_ns()
         local = self._b.local(sql.EVENTS)
+        offsets = self._zone_offsets(q)
         per_bucket: dict[tuple[int, str], np.ndarray] = {}
-        for columns in self._partials(sql.buckets(local, q.test_id, q.start_ns, q.end_ns, q.filters, q.interval),
-                                      q.deadline):
+        for columns in self._partials(sql.buckets(local, q.test_id, q.start_ns, q.end_ns, q.filters, q.interval,
+                                                  offsets), q.deadline):
             for bucket, variant, *values in zip(*columns):
                 key = (int(bucket), variant)
                 per_bucket[key] = per_bucket.get(key, 0) + np.array(values, dtype=np.float64)
@@ -197,11 +205,13 @@ class ClickHouseEngine:
         events, conversions, revenue, users, converted = (grid[..., k] for k in range(5))
         if q.cumulative:
             events, conversions, revenue = (np.cumsum(a, axis=0) for a in (events, conversions, revenue))
-            users, converted = (np.cumsum(self._first_seen(q, b_at, v_at, shape, flag), axis=0)
+            users, converted = (np.cumsum(self._first_seen(q, b_at, v_at, shape, flag, offsets), axis=0)
                                 for flag in (False, True))
         keep = np.flatnonzero(events.reshape(-1))
         b, v = np.divmod(keep, max(len(variants), 1))
-        starts = np.array(buckets, dtype=np.int64)[b] * q.interval.width_ns + q.interval.origin_ns
+        index = np.array(buckets, dtype=np.int64)[b]
+        starts = (timezones.bucket_starts(q.time_zone, q.interval, index) if offsets is not None
+                  else index * q.interval.width_ns + q.interval.origin_ns)
         return TimeseriesResult(
             test_id=q.test_id, interval=q.interval, cumulative=q.cumulative, bucket_start_ns=starts,
             variants=[variants[i] for i in v.tolist()],
@@ -212,10 +222,21 @@ class ClickHouseEngine:
             stats=QueryStats(self._scanned(q.test_id, q.start_ns, q.end_ns, q.filters, int(grid[..., 0].sum()),
                                            q.deadline), time.perf_counter_ns() - started))
 
-    def _first_seen(self, q: TimeseriesQuery, b_at: dict, v_at: dict, shape: tuple, converted: bool) -> np.ndarray:
+    def _zone_offsets(self, q: TimeseriesQuery) -> timezones.Offsets | None:
+        """The time zone's offsets over the test's events in range (None in UTC)."""
+        if not q.time_zone:
+            return None
+        statement = sql.time_span(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters)
+        spans = [(c[0][0], c[1][0]) for c in self._partials(statement, q.deadline) if c[2][0]]
+        if not spans:
+            return timezones.Offsets((), (0,))
+        return timezones.offsets(q.time_zone, min(s[0] for s in spans), max(s[1] for s in spans))
+
+    def _first_seen(self, q: TimeseriesQuery, b_at: dict, v_at: dict, shape: tuple, converted: bool,
+                    offsets: timezones.Offsets | None) -> np.ndarray:
         counts = np.zeros(shape)
         statement = sql.first_buckets(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters,
-                                      q.interval, converted)
+                                      q.interval, converted, offsets)
         for columns in self._partials(statement, q.deadline):
             for bucket, variant, users in zip(*columns):
                 counts[b_at[int(bucket)], v_at[variant]] += users
@@ -245,6 +266,30 @@ class ClickHouseEngine:
                                             event))
         (total,), = self._b.query(sql.quarantine_count(table, test_id, test_prefix))
         return entries, int(total)
+
+    def experiments(self) -> dict[str, Experiment]:
+        """Every plan, read at most once a second by this gateway. Each shard holds them all, so
+        plans are known while some shards are down; of two versions (a write that reached only
+        some shards) the later wins."""
+        cached_at, plans = self._plans
+        if time.monotonic() - cached_at > PLANS_TTL_S:
+            results, missing = self._b.each_shard(sql.experiments(self._b.local(sql.EXPERIMENTS)), partial=True)
+            if not results:
+                raise Unavailable(f"no shard answered ({', '.join(missing)})")
+            latest: dict[str, tuple[int, str]] = {}
+            for test_ids, definitions, versions in results:
+                for test_id, definition, version in zip(test_ids, definitions, versions):
+                    if version > latest.get(test_id, (-1, ""))[0]:
+                        latest[test_id] = (version, definition)
+            plans = {t: Experiment.from_json(json.loads(d)) for t, (_, d) in latest.items()}
+            self._plans = (time.monotonic(), plans)
+        return plans
+
+    def put_experiment(self, experiment: Experiment) -> None:
+        self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [experiment.test_id],
+                                         "definition": [json.dumps(experiment.to_json())],
+                                         "updated_ns": [experiment.updated_ns]})
+        self._plans = (0.0, {})
 
     # ---- operations -----------------------------------------------------------------------
 

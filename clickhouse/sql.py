@@ -14,11 +14,13 @@ each shard's.
 
 from __future__ import annotations
 
+from abstream.core.timezones import Offsets
 from abstream.core.types import Filters, Interval
 
 EVENTS = "events"
 QUARANTINE = "quarantine"
 PRODUCERS = "producers"
+EXPERIMENTS = "experiments"
 #: Blocks a replica remembers to recognise a retried insert (ClickHouse's default is 100).
 DEDUPLICATION_WINDOW = 10_000
 
@@ -55,12 +57,18 @@ _QUARANTINE_COLUMNS = """
 _PRODUCER_COLUMNS = """
     producer_id String,
     sequence UInt64"""
+_EXPERIMENT_COLUMNS = """
+    test_id String,
+    definition String,
+    updated_ns Int64"""
 
 #: Local table -> (columns, engine arguments after the path, partition, order, sharding key).
 TABLES = {
     EVENTS: (_EVENT_COLUMNS, "", "toYYYYMM(ts)", "(test_id, ns)", "cityHash64(user_id)"),
     QUARANTINE: (_QUARANTINE_COLUMNS, "", "toYYYYMM(ts)", "(received_ns, idx)", "cityHash64(batch)"),
     PRODUCERS: (_PRODUCER_COLUMNS, ", sequence", "tuple()", "producer_id", "cityHash64(producer_id)"),
+    # every shard holds every plan (ClickHouseEngine.put_experiment): its sharding key is unused
+    EXPERIMENTS: (_EXPERIMENT_COLUMNS, ", updated_ns", "tuple()", "test_id", "cityHash64(test_id)"),
 }
 #: Column names of each table, in order.
 COLUMNS = {name: [line.split()[0] for line in spec[0].strip().splitlines()] for name, spec in TABLES.items()}
@@ -82,7 +90,7 @@ def schema(database: str, cluster: str | None) -> list[str]:
     on = f" ON CLUSTER {cluster}" if cluster else ""
     statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on}"]
     for name, (columns, extra, partition, order, key) in TABLES.items():
-        replacing = "Replacing" if name == PRODUCERS else ""
+        replacing = "Replacing" if name in (PRODUCERS, EXPERIMENTS) else ""
         if cluster:
             engine = (f"Replicated{replacing}MergeTree('/clickhouse/tables/{{shard}}/{database}/{name}_local', "
                       f"'{{replica}}'{extra})")
@@ -131,25 +139,36 @@ def scanned(local: str, test_id: str, start_ns: int | None, end_ns: int | None) 
     return f"SELECT count() FROM {local} WHERE {_where(test_id, start_ns, end_ns)}"
 
 
-def _bucket(interval: Interval) -> str:
-    return f"intDiv(ns - ({interval.origin_ns}), {interval.width_ns})"
+def _bucket(interval: Interval, offsets: Offsets | None = None) -> str:
+    """A bucket's index, by fixed width from the interval's origin: of the UTC instant, or, in a
+    time zone, of its wall-clock time (the instant plus the offsets the gateway computed)."""
+    ns = "ns"
+    if offsets is not None:
+        cases = "".join(f"ns < {change}, {offset}, " for change, offset in zip(offsets.changes, offsets.offsets))
+        ns = f"(ns + multiIf({cases}{offsets.offsets[-1]}))" if offsets.changes else f"(ns + {offsets.offsets[0]})"
+    return f"intDiv({ns} - ({interval.origin_ns}), {interval.width_ns})"
+
+
+def time_span(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None) -> str:
+    """The first and last event in range, and how many there are."""
+    return f"SELECT min(ns), max(ns), count() FROM {local} WHERE {_where(test_id, start_ns, end_ns, filters)}"
 
 
 def buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
-            interval: Interval) -> str:
+            interval: Interval, offsets: Offsets | None = None) -> str:
     """Per (bucket, variant): events, conversions, revenue, distinct users and converted users."""
-    return (f"SELECT {_bucket(interval)} AS bucket, variant, count() AS events, countIf(conversion = 1) AS conversions, "
+    return (f"SELECT {_bucket(interval, offsets)} AS bucket, variant, count() AS events, countIf(conversion = 1) AS conversions, "
             f"sum(revenue) AS revenue, uniqExact(user_id) AS users, uniqExactIf(user_id, conversion = 1) AS converted "
             f"FROM {local} WHERE {_where(test_id, start_ns, end_ns, filters)} GROUP BY bucket, variant")
 
 
 def first_buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
-                  interval: Interval, converted: bool) -> str:
+                  interval: Interval, converted: bool, offsets: Offsets | None = None) -> str:
     """Per (bucket, variant): users whose first event (or first conversion) falls in the bucket,
     which running sums turn into running distinct counts."""
     where = _where(test_id, start_ns, end_ns, filters) + (" AND conversion = 1" if converted else "")
-    return (f"SELECT first, variant, count() AS users FROM (SELECT variant, user_id, min({_bucket(interval)}) AS first "
-            f"FROM {local} WHERE {where} GROUP BY variant, user_id) GROUP BY first, variant")
+    return (f"SELECT first, variant, count() AS users FROM (SELECT variant, user_id, min({_bucket(interval, offsets)}) "
+            f"AS first FROM {local} WHERE {where} GROUP BY variant, user_id) GROUP BY first, variant")
 
 
 def tests(local: str) -> str:
@@ -181,3 +200,8 @@ def quarantine_count(table: str, test_id: str, test_prefix: str) -> str:
 def last_sequence(table: str, producer_id: str) -> str:
     """Whether a producer has applied a batch, and its last sequence."""
     return f"SELECT count(), max(sequence) FROM {table} WHERE producer_id = {literal(producer_id)}"
+
+
+def experiments(table: str) -> str:
+    """Each test's latest plan (JSON), and its version."""
+    return f"SELECT test_id, argMax(definition, updated_ns), max(updated_ns) FROM {table} GROUP BY test_id"

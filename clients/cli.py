@@ -1,190 +1,530 @@
-"""The `abstream` command: one entry point, one subcommand per job."""
+"""The `abstream` command: one entry point, one subcommand per job.
+
+Every command fails with one line saying what went wrong, where, and what to do, and a non-zero
+exit: never a traceback for a user's mistake. The server's commands (`serve`, `token`,
+`clickhouse`, `migrate`) live with the service (service/cli.py): this module hands them over
+without importing the server.
+"""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
 import os
 import sys
-from collections import defaultdict
-from typing import Any, Iterable, Iterator
-
-EXAMPLES = """\
-examples:
-  abstream serve                                    # 127.0.0.1:50051, data in ./data
-  abstream ingest events.ndjson                     # one JSON event per line, as users send them
-  cat events.csv | abstream ingest --input-format csv -
-  abstream tests
-  abstream summary homepage_redesign --start "2023-01-01" --end "2023-12-31 23:59:59"
-  abstream segments homepage_redesign country --format csv
-  abstream timeseries homepage_redesign --interval hour --cumulative --format json
-  abstream quarantine --limit 20
-  abstream token checkout-team --scopes ingest,query --test-prefix checkout_ >> tokens.toml
-
-Every command takes --addr (ABSTREAM_ADDR) and --token (ABSTREAM_TOKEN).
-"""
-
+import threading
+import time
+from dataclasses import asdict, fields
+from typing import Any, Iterable
 
 #: Commands of the server side (service/cli.py).
-SERVER_COMMANDS = {"serve": "run the server", "token": "make a token: prints it once, and the entry for the tokens file",
+SERVER_COMMANDS = {"serve": "run the server (abstream serve --help lists every setting)",
+                   "token": "make a token: prints it once, and the entry for the tokens file",
                    "clickhouse": "the ClickHouse cluster engine: `abstream clickhouse init` creates its schema",
                    "migrate": "copy an embedded data directory into a ClickHouse cluster"}
 
+EXAMPLES = {
+    None: """\
+examples:
+  abstream serve                                     # 127.0.0.1:50051, data in ./data
+  abstream ingest events.ndjson                      # one JSON event per line, as users send them
+  abstream tests
+  abstream summary homepage_redesign --start 2023-01-01 --end 2023-12-31
+  abstream segments homepage_redesign country --format csv
 
-def main(argv: list[str] | None = None) -> int:
+Every client command takes --addr (ABSTREAM_ADDR), --token (ABSTREAM_TOKEN) and, for TLS,
+--tls / --ca / --cert / --key. `abstream COMMAND --help` shows each command's options.""",
+    "ingest": """\
+examples:
+  abstream ingest events.ndjson                      # sent exactly once: a re-run stores nothing twice
+  abstream ingest events.csv events.parquet
+  cat events.ndjson | abstream ingest --producer-id nightly-2025-04-28 -
+  abstream ingest --allow-duplicates events.ndjson   # store it again (at-least-once)""",
+    "summary": """\
+examples:
+  abstream summary checkout --start 2025-04-01 --end 2025-04-30   # --end of a day includes that whole day
+  abstream summary checkout --control control --confidence 0.99 --correction holm
+  abstream summary checkout --sequential --device mobile --format json""",
+    "segments": """\
+examples:
+  abstream segments checkout country
+  abstream segments checkout device --control control --format csv""",
+    "timeseries": """\
+examples:
+  abstream timeseries checkout --interval hour --cumulative
+  abstream timeseries checkout --interval day --time-zone Europe/Madrid --format csv""",
+    "tests": """\
+examples:
+  abstream tests
+  abstream tests --format json | jq '.rows[].test_id'""",
+    "quarantine": """\
+examples:
+  abstream quarantine                                 # the newest 100 rejected events, and why
+  abstream quarantine --test-id checkout --limit 10 --format ndjson""",
+    "snapshot": """\
+examples:
+  abstream snapshot --token "$ADMIN_TOKEN"            # before a backup, or to shorten recovery""",
+    "experiment": """\
+examples:
+  abstream experiment create checkout --control control --split control=50,treatment=50 \\
+      --start 2025-04-28 --hypothesis "the one-page checkout converts more"
+  abstream experiment list
+  abstream experiment stop checkout""",
+    "power": """\
+examples:
+  abstream power checkout --mde 0.05                  # users per variant to detect +5%
+  abstream power checkout --mde 0.02 --power 0.9 --alpha 0.01""",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("abstream")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _time(end: bool = False):
+    def parse(text: str):
+        from abstream.clients.client import parse_time
+
+        try:
+            return parse_time(text, end=end)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
+
+
+def _split(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, share = part.partition("=")
+        try:
+            out[name.strip()] = float(share)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: a split is variant=share[,variant=share...], "
+                                             "e.g. control=50,treatment=50") from None
+    return out
+
+
+def _prior(text: str) -> tuple[float, float]:
+    try:
+        mean, variance = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a prior is MEAN,VARIANCE of the relative lift, "
+                                         "e.g. 0,0.01") from None
+    return mean, variance
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abstream", description="Real-time A/B testing analytics over gRPC.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EXAMPLES[None], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"abstream {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     for name, help in SERVER_COMMANDS.items():  # listed here, parsed by the service's own command
         commands.add_parser(name, help=help, add_help=False)
 
-    def client_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--addr", default=os.environ.get("ABSTREAM_ADDR", "127.0.0.1:50051"),
-                       help="server address (env ABSTREAM_ADDR)")
-        p.add_argument("--token", default=os.environ.get("ABSTREAM_TOKEN"), help="bearer token (env ABSTREAM_TOKEN)")
-        p.add_argument("--timeout", type=float, default=60.0, help="deadline per call, seconds")
-        return p
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return _subcommand(commands, name, help)
 
-    ingest = client_command("ingest", "send events from NDJSON or CSV files (or - for standard input)")
-    ingest.add_argument("files", nargs="+", metavar="FILE")
-    ingest.add_argument("--input-format", choices=["auto", "ndjson", "csv"], default="auto",
-                        help="auto: .csv files are CSV, everything else NDJSON")
-    ingest.add_argument("--batch-size", type=int, default=1000)
-    ingest.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    def query_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = client_command(name, help)
-        p.add_argument("--format", choices=["table", "json", "csv", "ndjson"], default="table")
-        return p
+    def formatted(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--format", choices=["table", "json", "csv", "ndjson"], default="table",
+                       help="output format (default %(default)s)")
 
     def ranged(p: argparse.ArgumentParser) -> None:
-        p.add_argument("test_id")
-        p.add_argument("--start", help="inclusive; 'YYYY-MM-DD[ HH:MM:SS]' or RFC 3339, UTC")
-        p.add_argument("--end", help="inclusive; 'YYYY-MM-DD[ HH:MM:SS]' or RFC 3339, UTC")
+        p.add_argument("test_id", help="the test")
+        p.add_argument("--start", type=_time(), help="from this instant, inclusive: 'YYYY-MM-DD', "
+                                                     "'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339")
+        p.add_argument("--end", type=_time(end=True), help="up to this instant, inclusive: a date means the end of "
+                                                           "that day, a time to the second the end of that second")
 
     def filtered(p: argparse.ArgumentParser) -> None:
         for name in ("device", "country", "event_type"):
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"only events with this {name}")
 
-    summary = query_command("summary", "per-variant results of a test, with comparisons to the control")
-    ranged(summary)
-    summary.add_argument("--control", default="", help="the control variant (default: 'control' or the first)")
-    summary.add_argument("--sequential", action="store_true", help="confidence sequences (safe to peek)")
-    segments = query_command("segments", "results per variant and device, country or event type")
-    ranged(segments)
-    segments.add_argument("dimension", choices=["device", "country", "event_type"])
-    filtered(segments)
-    timeseries = query_command("timeseries", "results per time bucket and variant")
-    ranged(timeseries)
-    timeseries.add_argument("--interval", choices=["minute", "hour", "day", "week"], default="day")
-    timeseries.add_argument("--cumulative", action="store_true")
-    filtered(timeseries)
-    query_command("tests", "every test with its variants, events and users")
-    quarantine = query_command("quarantine", "rejected events and why, newest first")
-    quarantine.add_argument("--test-id", default="")
-    quarantine.add_argument("--limit", type=int, default=100)
-    client_command("snapshot", "write a snapshot now (admin)")
+    def analysed(p: argparse.ArgumentParser) -> None:
+        a = p.add_argument_group("analysis")
+        a.add_argument("--control", default="", help="the control variant (default: the experiment's, else "
+                                                     "'control', else the first)")
+        a.add_argument("--confidence", type=float, help="confidence level of the intervals (default 0.95)")
+        a.add_argument("--sequential", action="store_true", help="confidence sequences: valid however often you look")
+        a.add_argument("--correction", choices=["none", "holm", "benjamini_hochberg"], default="",
+                       help="adjust p-values across treatments")
+        a.add_argument("--expected-weights", type=_split, metavar="V=W,...",
+                       help="planned split for the sample ratio check (default: the experiment's, else equal)")
+        a.add_argument("--prior", type=_prior, metavar="MEAN,VARIANCE",
+                       help="normal prior on the relative lift for chance to win (default: flat)")
 
+    ingest = command("ingest", "send events from files: NDJSON, CSV, Parquet or Arrow (- for standard input)")
+    ingest.add_argument("files", nargs="+", metavar="FILE")
+    ingest.add_argument("--input-format", choices=["auto", "ndjson", "csv", "parquet", "arrow"], default="auto",
+                        help="auto (default): by the file's extension; .csv, .parquet, .arrow, anything else NDJSON")
+    ingest.add_argument("--batch-size", type=int, default=20_000,
+                        help="events per batch (default %(default)s); a re-run is recognised with the same size")
+    ingest.add_argument("--producer-id", help="the id that makes a re-run store nothing twice (default: one "
+                                              "derived from each file's content)")
+    ingest.add_argument("--allow-duplicates", action="store_true",
+                        help="send as new events even if this file was sent before")
+    ingest.add_argument("--quiet", action="store_true", help="no progress on standard error")
+
+    summary = command("summary", "per-variant results of a test, with comparisons to the control")
+    ranged(summary)
+    filtered(summary)
+    analysed(summary)
+    formatted(summary)
+    segments = command("segments", "results per variant and device, country or event type")
+    ranged(segments)
+    segments.add_argument("dimension", choices=["device", "country", "event_type"], help="what to split by")
+    filtered(segments)
+    analysed(segments)
+    formatted(segments)
+    timeseries = command("timeseries", "results per time bucket and variant")
+    ranged(timeseries)
+    timeseries.add_argument("--interval", choices=["minute", "hour", "day", "week"], default="day",
+                            help="bucket width (default %(default)s)")
+    timeseries.add_argument("--cumulative", action="store_true", help="each bucket counts everything up to it")
+    timeseries.add_argument("--time-zone", default="", help="day and week buckets start at this zone's midnight "
+                                                            "(an IANA name, e.g. Europe/Madrid; default UTC)")
+    filtered(timeseries)
+    formatted(timeseries)
+    tests = command("tests", "every test with its variants, events, users and plan")
+    formatted(tests)
+    quarantine = command("quarantine", "rejected events and why, newest first")
+    quarantine.add_argument("--test-id", default="", help="only this test's")
+    quarantine.add_argument("--limit", type=int, default=100, help="at most this many (default %(default)s)")
+    formatted(quarantine)
+    power = command("power", "users each variant needs to detect a lift, from the test's own baseline")
+    power.add_argument("test_id", help="the test whose control is the baseline")
+    power.add_argument("--mde", type=float, required=True, help="the smallest relative lift worth detecting (0.05: 5%%)")
+    power.add_argument("--power", type=float, default=0.8, help="chance of detecting it (default %(default)s)")
+    power.add_argument("--alpha", type=float, default=0.05, help="significance level (default %(default)s)")
+    power.add_argument("--control", default="", help="the control variant")
+    formatted(power)
+    command("snapshot", "write a snapshot now (admin scope)")
+    experiment = commands.add_parser("experiment", help="a test's plan: control, split, start, hypothesis (admin)",
+                                     epilog=EXAMPLES["experiment"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = experiment.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help in (("create", "define a test's plan"), ("update", "change what a plan's options set")):
+        p = _subcommand(actions, action, help)
+        p.add_argument("test_id")
+        p.add_argument("--control", default="", help="the control variant")
+        p.add_argument("--split", type=_split, default={}, metavar="V=W,...", help="planned share of users per variant")
+        p.add_argument("--start", type=_time(), help="when it starts ('YYYY-MM-DD[ HH:MM:SS]' UTC, RFC 3339)")
+        p.add_argument("--hypothesis", default="", help="what it tests, in words")
+        formatted(p)
+    stop = _subcommand(actions, "stop", "record that a test's experiment has stopped")
+    stop.add_argument("test_id")
+    stop.add_argument("--at", type=_time(), help="when (default: now)")
+    formatted(stop)
+    formatted(_subcommand(actions, "list", "every plan"))
+    return parser
+
+
+def _subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A client command, with its examples and the options every client command takes."""
+    p = commands.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    connection = p.add_argument_group("connection")
+    connection.add_argument("--addr", default=os.environ.get("ABSTREAM_ADDR", "127.0.0.1:50051"),
+                            help="the server's host:port (env ABSTREAM_ADDR; default %(default)s)")
+    connection.add_argument("--token", default=os.environ.get("ABSTREAM_TOKEN"),
+                            help="bearer token, when the server has a tokens file (env ABSTREAM_TOKEN)")
+    connection.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds each call, and all retries of an ingest, may take (default %(default)s)")
+    connection.add_argument("--tls", action="store_true", help="TLS, trusting the system's certificates")
+    connection.add_argument("--ca", help="TLS, trusting this CA certificate (PEM file)")
+    connection.add_argument("--cert", help="client certificate (PEM file) for mutual TLS; with --key")
+    connection.add_argument("--key", help="its private key (PEM file)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # gRPC's own C-core lines would land between ours; errors only, unless asked otherwise.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if argv and argv[0] in SERVER_COMMANDS:  # the server starts from the service, not from here
         from abstream.service.cli import main as service_main
 
         return service_main(argv)
-    args = parser.parse_args(argv)
-    import grpc
-
+    args = build_parser().parse_args(argv)
+    name = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return COMMANDS[args.command](args)
-    except grpc.RpcError as error:
-        print(f"abstream {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"abstream {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every error a user can cause gets one line
+        line = explain(error, args)
+        if line is None:
+            raise
+        print(f"abstream {name}: {line}", file=sys.stderr)
         return 2
+
+
+def explain(error: BaseException, args) -> str | None:
+    """One readable line for an error a user can cause or fix; None for a bug (shown in full)."""
+    import grpc
+    from abstream.clients.files import FileProblem
+
+    if isinstance(error, grpc.RpcError):
+        code, details = error.code(), error.details() or ""
+        where = f"the server at {args.addr}"
+        lowered = details.lower()
+        if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("socket closed", "ssl", "handshake",
+                                                                                "certificate", "tls")):
+            hint = ("it may require a client certificate: --cert and --key" if args.ca or args.tls else
+                    "if it serves TLS, pass --tls or --ca (and --cert and --key if it requires client certificates)")
+            return f"{where} closed the connection ({details.splitlines()[0][:160]}): {hint}"
+        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "refused" in details.lower()
+                                                     or "dns" in details.lower() or "unavailable" in details.lower()):
+            return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "
+                    "`abstream serve`, or point --addr (ABSTREAM_ADDR) at it")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if args.token:
+                return f"{where} did not accept the token given by --token or ABSTREAM_TOKEN"
+            return f"{where} needs a token: pass --token or set ABSTREAM_TOKEN"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return f"{where} refused: {details}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{where} did not answer within {args.timeout:g}s (--timeout)"
+        return f"{where} answered {code.name}: {details}"
+    if isinstance(error, FileProblem):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"no such file: {error.filename}"
+    if isinstance(error, (PermissionError, IsADirectoryError)):
+        return f"cannot read {error.filename}: {error.strerror}"
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    if isinstance(error, ValueError):
+        return str(error)
+    return None
+
+
+def _client(args):
+    from abstream.clients.client import Client
+
+    return Client(args.addr, token=args.token, timeout=args.timeout, **_tls(args))
+
+
+def _tls(args) -> dict:
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(args.ca)
+    return {"tls": ca if ca else (True if args.tls or args.cert else None), "cert": read(args.cert),
+            "key": read(args.key)}
 
 
 # ---- ingest ----------------------------------------------------------------------------------
 
-def _records(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line number, event or None, why it could not be read) for every record of a file."""
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8", newline="")
-    if fmt == "auto":
-        fmt = "csv" if path.lower().endswith(".csv") else "ndjson"
-    with stream:
-        if fmt == "csv":
-            reader = csv.DictReader(stream)
-            for row in reader:
-                yield reader.line_num, _typed(row), ""
+class Report:
+    """What became of every line of every file: stored, already stored, or rejected (by whom, why)."""
+
+    def __init__(self) -> None:
+        self.accepted = self.duplicates = 0
+        self.by_server: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        self.not_sent: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+
+    def unsendable(self, path: str, problems) -> None:
+        for line, field, why in problems:
+            self.not_sent[(field, why)].append(f"{path}:{line}")
+
+    def acked(self, path: str, chunk, ack) -> None:
+        if ack.duplicate:
+            self.duplicates += chunk.table.num_rows
             return
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, None, f"not valid JSON: {error.msg}"
-                continue
-            yield (number, event, "") if isinstance(event, dict) else (number, None, "not a JSON object")
+        self.accepted += ack.accepted
+        for r in ack.rejections:
+            self.by_server[(r.field, r.message)].append(f"{path}:{int(chunk.lines[r.index])}")
 
-
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    """A CSV row with the numeric fields as numbers where they parse (the server judges the rest)."""
-    event: dict[str, Any] = {k: v for k, v in row.items() if k and v not in (None, "")}
-    for name, kind in (("conversion", int), ("revenue", float)):
-        if name in event:
-            try:
-                event[name] = kind(float(event[name])) if kind is int and float(event[name]).is_integer() \
-                    else kind(event[name])
-            except ValueError:
-                pass
-    return event
+    def print(self) -> int:
+        server, local = sum(map(len, self.by_server.values())), sum(map(len, self.not_sent.values()))
+        line = f"accepted {self.accepted:,}, rejected {server + local:,}"
+        if server and local:
+            line += f" ({server:,} by the server, kept in its quarantine; {local:,} not sent)"
+        elif local:
+            line += " (not sent: not readable as events)"
+        if self.duplicates:
+            line += f"; {self.duplicates:,} already stored (sent before: nothing was stored twice)"
+        print(line)
+        merged = [(k, v, "") for k, v in self.by_server.items()] + [(k, v, "not sent: ") for k, v in self.not_sent.items()]
+        for (field, why), where, label in sorted(merged, key=lambda m: -len(m[1])):
+            shown = ", ".join(where[:3]) + (f", … {len(where) - 3:,} more" if len(where) > 3 else "")
+            print(f"  {len(where):,} × {label}{field}: {why}  ({shown})")
+        return 1 if server + local else 0
 
 
 def _ingest(args) -> int:
-    from abstream.clients.producer import Delivery, Producer
+    import grpc
+    from abstream.clients import files
+    from abstream.clients.client import arrow_ipc, channel_for
+    from abstream.v1 import analytics_pb2 as pb
+    from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
-    total_lines = sum(_count_lines(f) for f in args.files) if not args.quiet else 0
-    show_progress = not args.quiet and total_lines > 10_000 and sys.stderr.isatty() or os.environ.get(
-        "ABSTREAM_PROGRESS") == "1"
-    futures: list[tuple[str, int, Any]] = []
-    local_errors: list[tuple[str, int, str, str]] = []
-    with Producer(args.addr, token=args.token, batch_size=args.batch_size, timeout=args.timeout) as producer:
-        for path in args.files:
-            for number, event, why in _records(path, args.input_format):
-                if event is None:
-                    local_errors.append((path, number, "line", why))
-                    continue
-                try:
-                    futures.append((path, number, producer.send(event)))
-                except (ValueError, TypeError) as error:
-                    field = "timestamp" if "isoformat" in str(error) or "time" in str(error) else "line"
-                    local_errors.append((path, number, field, str(error)))
-                if show_progress and len(futures) % 10_000 == 0:
-                    print(f"\r{len(futures):,} / {total_lines:,} events sent", end="", file=sys.stderr)
-        producer.flush()
-    if show_progress:
-        print(file=sys.stderr)
-    accepted = 0
-    reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for path, number, field, why in local_errors:
-        reasons[(field, why)].append(f"{path}:{number}")
-    for path, number, future in futures:
+    if args.batch_size <= 0:
+        raise ValueError("--batch-size must be positive")
+    plan = []
+    for path in args.files:
+        if path != "-" and not os.path.isfile(path):
+            raise FileNotFoundError(2, "No such file", path)
+        producer = None
+        if not args.allow_duplicates:
+            if args.producer_id:
+                producer = args.producer_id + (f":{path}" if len(args.files) > 1 else "")
+            elif path != "-":
+                producer = f"file:{files.content_id(path)}:{args.batch_size}"
+            else:
+                print("abstream ingest: standard input is sent at least once; give --producer-id to send it exactly "
+                      "once", file=sys.stderr)
+        plan.append((path, files.format_of(path, args.input_format), producer))
+    report = Report()
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    progress = Progress(args, plan)
+    with channel_for(args.addr, **_tls(args)) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        for path, fmt, producer in plan:
+            def request(chunk, producer=producer):
+                return pb.IngestEventsRequest(arrow_ipc=arrow_ipc(chunk.table), producer_id=producer or "",
+                                              sequence=chunk.last if producer else 0)
+            _send(stub, files.read(path, fmt, args.batch_size), request, metadata, args.timeout, report, path,
+                  progress, grpc)
+    progress.done()
+    return report.print()
+
+
+def _send(stub, chunks, request, metadata, timeout: float, report: Report, path: str, progress, grpc) -> None:
+    """Streams a file's chunks on one call, many in flight; acks come back in order. A call that
+    fails for a reason worth retrying (the server away, busy, draining) resumes with what was not
+    acked, until --timeout has passed: exactly once when sent with a producer id."""
+    pending: collections.deque = collections.deque()  # sent, not yet acked, oldest first
+    source = iter(chunks)
+    lock = threading.Lock()  # a failed call's request thread may still be reading when the next call starts
+    deadline, backoff = None, 0.1
+    retriable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    while True:
+        attempt = _Attempt()
+
+        def requests(attempt=attempt):
+            while True:
+                with lock:
+                    if not attempt.live:
+                        return
+                    at = attempt.sent - attempt.acked
+                    if at < len(pending):  # resend what the last call left unacked
+                        chunk = pending[at]
+                    else:
+                        try:
+                            chunk = next(source, None)
+                        except Exception as error:  # noqa: BLE001 - raised again on the main thread
+                            attempt.error = error  # gRPC would only say "Exception iterating requests!"
+                            return
+                        if chunk is None:
+                            return
+                        report.unsendable(path, chunk.problems)
+                        if not chunk.table.num_rows:
+                            progress.add(chunk)
+                            continue
+                        pending.append(chunk)
+                    attempt.sent += 1
+                yield request(chunk)
+
+        call = stub.IngestEvents(requests(), metadata=metadata)
+        watchdog = _Watchdog(call, timeout)
         try:
-            delivery: Delivery = future.result()
-        except Exception as error:  # noqa: BLE001 - reported with the others
-            reasons[("send", str(error))].append(f"{path}:{number}")
-            continue
-        if delivery.accepted:
-            accepted += 1
-        else:
-            reasons[(delivery.field, delivery.message)].append(f"{path}:{number}")
-    rejected = sum(len(v) for v in reasons.values())
-    print(f"accepted {accepted:,}, rejected {rejected:,}")
-    for (field, why), where in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(where[:3]) + (f", … {len(where) - 3} more" if len(where) > 3 else "")
-        print(f"  {len(where):,} × {field}: {why}  ({shown})")
-    return 1 if rejected else 0
+            for ack in call:
+                watchdog.progress()
+                with lock:
+                    chunk = pending.popleft()
+                    attempt.acked += 1
+                report.acked(path, chunk, ack)
+                progress.add(chunk)
+                deadline, backoff = None, 0.1
+            if attempt.error is not None:  # what came before the unreadable part is stored
+                raise attempt.error
+            return
+        except grpc.RpcError as error:
+            if watchdog.fired:
+                raise _Stalled(timeout) from None
+            if error.code() not in retriable:
+                raise
+            deadline = deadline or time.monotonic() + timeout
+            if time.monotonic() + backoff > deadline:
+                raise
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+        finally:
+            watchdog.stop()
+            with lock:
+                attempt.live = False
+
+
+class _Attempt:
+    """One call's view of the shared queue: how many chunks it sent and how many were acked."""
+
+    def __init__(self) -> None:
+        self.sent = self.acked = 0
+        self.live = True
+        self.error: Exception | None = None
+
+
+class _Stalled(ValueError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the server acknowledged nothing for {timeout:g}s (--timeout); what was acked is stored, "
+                         "and running the same command again sends the rest")
+
+
+class _Watchdog:
+    """Cancels a call that makes no progress (no ack) for `timeout` seconds."""
+
+    def __init__(self, call, timeout: float) -> None:
+        self.fired = False
+        self._call, self._timeout = call, timeout
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            if time.monotonic() - self._last > self._timeout:
+                self.fired = True
+                self._call.cancel()
+                return
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Progress:
+    """Lines acked so far, on standard error when it is a terminal (or ABSTREAM_PROGRESS=1)."""
+
+    def __init__(self, args, plan) -> None:
+        self.shown = (not args.quiet and sys.stderr.isatty()) or os.environ.get("ABSTREAM_PROGRESS") == "1"
+        self.total = sum(_count_lines(path) for path, fmt, _ in plan if fmt in ("ndjson", "csv")) if self.shown else 0
+        self.done_lines = 0
+
+    def add(self, chunk) -> None:
+        if self.shown:
+            self.done_lines = max(self.done_lines, int(chunk.last))
+            print(f"\r{self.done_lines:,} / {self.total:,} lines", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
 
 
 def _count_lines(path: str) -> int:
@@ -194,30 +534,44 @@ def _count_lines(path: str) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-# ---- queries ---------------------------------------------------------------------------------
+# ---- output ----------------------------------------------------------------------------------
 
-def _client(args):
-    from abstream.clients.client import Client
-
-    return Client(args.addr, token=args.token, timeout=args.timeout)
-
-
-def _flat(rows: Iterable) -> list[dict[str, Any]]:
-    from dataclasses import asdict
-
+def _flat(rows: Iterable, columns: list[str] | None = None) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         record: dict[str, Any] = {}
         for key, value in asdict(row).items():
-            if isinstance(value, dict) and key == "metrics":
+            if key == "metrics" and isinstance(value, dict):
                 record.update(value)
+            elif key == "experiment":
+                record["experiment"] = _plan_text(value) if value else ""
             else:
                 record[key] = value.isoformat() if hasattr(value, "isoformat") else value
         out.append(record)
     return out
 
 
-def _emit(rows: list[dict[str, Any]], fmt: str, extra: dict[str, Any] | None = None) -> None:
+def _plan_text(plan: dict) -> str:
+    split = ",".join(f"{k}={v:g}" for k, v in sorted(plan.get("split", {}).items()))
+    return " ".join(x for x in (f"control={plan['control_variant']}" if plan.get("control_variant") else "",
+                                f"split={split}" if split else "",
+                                "stopped" if plan.get("stop_time") else "running") if x)
+
+
+def _columns_of(row_type) -> list[str]:
+    """A result's column names, known without rows (for the header of an empty CSV)."""
+    from abstream.clients.client import Metrics
+
+    out = []
+    for f in fields(row_type):
+        if f.name == "metrics":
+            out += [m.name for m in fields(Metrics)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str], extra: dict[str, Any] | None = None) -> None:
     if fmt == "json":
         print(json.dumps({"rows": rows, **(extra or {})}, indent=2, ensure_ascii=False, default=str))
     elif fmt == "ndjson":
@@ -225,14 +579,14 @@ def _emit(rows: list[dict[str, Any]], fmt: str, extra: dict[str, Any] | None = N
             print(json.dumps(row, ensure_ascii=False, default=str))
     elif fmt == "csv":
         buffer = io.StringIO()
-        if rows:
-            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in r.items()}
-                             for r in rows)
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: (";".join(map(str, v)) if isinstance(v, (list, tuple)) else
+                              json.dumps(v, ensure_ascii=False) if isinstance(v, dict) else v) for k, v in r.items()}
+                         for r in rows)
         print(buffer.getvalue(), end="")
     else:
-        print(_table(rows))
+        print(_table(rows, columns))
 
 
 def _cell(value: Any) -> str:
@@ -242,93 +596,177 @@ def _cell(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
-    columns = list(rows[0])
+    columns = columns or list(rows[0])
     cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
+
     def line(values):
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 
-def _comparisons(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"variant": c.get("variant", ""), "metric": c.get("metric", "").replace("METRIC_", "").lower(),
-             "control": c.get("control_mean", 0.0), "treatment": c.get("treatment_mean", 0.0),
-             "lift": c.get("relative", {}).get("estimate", 0.0),
-             "ci_low": c.get("relative", {}).get("ci_low", 0.0), "ci_high": c.get("relative", {}).get("ci_high", 0.0),
-             "p_value": c.get("relative", {}).get("p_value", 1.0), "chance_to_win": c.get("chance_to_win", 0.0),
-             "status": c.get("status", "").replace("COMPARISON_STATUS_", "").lower()}
-            for c in analysis.get("comparisons", [])]
+def _comparisons(analysis) -> list[dict[str, Any]]:
+    """The comparisons for people: a lift with its interval, or, when it could not be computed,
+    why (the status), never zeros that read as 'no difference'."""
+    out = []
+    for c in analysis.comparisons:
+        lift = c.relative
+        if lift.status == "ok":
+            shown = {"lift": f"{lift.estimate:+.2%}", "interval": f"{lift.ci_low:+.2%} .. {lift.ci_high:+.2%}",
+                     "p_value": f"{lift.p_value:.4f}", "chance_to_win": f"{c.chance_to_win:.1%}"}
+        elif c.absolute.status == "ok":
+            shown = {"lift": f"{c.absolute.estimate:+.4g} (absolute)",
+                     "interval": f"{c.absolute.ci_low:+.4g} .. {c.absolute.ci_high:+.4g}",
+                     "p_value": f"{c.absolute.p_value:.4f}", "chance_to_win": lift.status_message}
+        else:
+            shown = {"lift": "-", "interval": "-", "p_value": "-", "chance_to_win": c.status_message}
+        out.append({"variant": c.variant, "metric": c.metric, "control": c.control_mean, "treatment": c.treatment_mean,
+                    **shown})
+    return out
+
+
+def _analysis_text(analysis, heading: str) -> str:
+    srm = "MISMATCH: the split of users is not the planned one" if analysis.sample_ratio_mismatch else "ok"
+    return (f"\n{heading} compared with {analysis.control_variant!r} (sample ratio {srm}, p = "
+            f"{analysis.srm_p_value:.4g}):\n" + _table(_comparisons(analysis),
+                                                       ["variant", "metric", "control", "treatment", "lift", "interval",
+                                                        "p_value", "chance_to_win"]))
+
+
+def _options(args) -> dict[str, Any]:
+    return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
+            "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior}
+
+
+def _empty(result_rows, args) -> None:
+    if not result_rows:
+        where = "in that range" if args.start or args.end else "(no such test?)"
+        print(f"abstream {args.command}: no events for test {args.test_id!r} {where}; `abstream tests` lists "
+              "every test", file=sys.stderr)
 
 
 def _summary(args) -> int:
-    options = {"control_variant": args.control, "sequential": args.sequential}
+    from abstream.clients.client import SummaryRow
+
     with _client(args) as client:
-        result = client.summary(args.test_id, args.start, args.end, analysis=options)
-    rows = _flat(result.rows)
+        result = client.summary(args.test_id, args.start, args.end, device=args.device, country=args.country,
+                                event_type=args.event_type, **_options(args))
+    _empty(result.rows, args)
+    rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
-        _emit(rows, args.format, {"test_id": result.test_id, "analysis": result.analysis})
+        _emit(rows, args.format, columns, {"test_id": result.test_id, "analysis": asdict(result.analysis)})
         return 0
-    print(_table(rows))
-    a = result.analysis
-    if a.get("comparisons"):
-        srm = "MISMATCH" if a.get("sample_ratio_mismatch") else "ok"
-        print(f"\ncompared with {a.get('control_variant')!r} (relative lift; sample ratio {srm}, "
-              f"p = {a.get('srm_p_value', 1.0):.4g}):")
-        print(_table(_comparisons(a)))
+    print(_table(rows, columns))
+    if result.analysis.comparisons:
+        print(_analysis_text(result.analysis, "each variant"))
     return 0
 
 
 def _segments(args) -> int:
+    from abstream.clients.client import SegmentRow
+
     with _client(args) as client:
         result = client.segments(args.test_id, args.dimension, args.start, args.end, device=args.device,
-                                 country=args.country, event_type=args.event_type)
-    _emit(_flat(result.rows), args.format, {"test_id": result.test_id, "analyses": result.analyses})
+                                 country=args.country, event_type=args.event_type, **_options(args))
+    _empty(result.rows, args)
+    rows, columns = _flat(result.rows), _columns_of(SegmentRow)
+    if args.format != "table":
+        _emit(rows, args.format, columns, {"test_id": result.test_id,
+                                           "analyses": {k: asdict(v) for k, v in result.analyses.items()}})
+        return 0
+    print(_table(rows, columns))
+    for segment, analysis in result.analyses.items():
+        if analysis.comparisons:
+            print(_analysis_text(analysis, f"{args.dimension} {segment!r}:"))
     return 0
 
 
 def _timeseries(args) -> int:
+    from abstream.clients.client import TimeseriesRow
+
     with _client(args) as client:
         result = client.timeseries(args.test_id, args.interval, args.start, args.end, cumulative=args.cumulative,
-                                   device=args.device, country=args.country, event_type=args.event_type)
-    _emit(_flat(result.rows), args.format)
+                                   device=args.device, country=args.country, event_type=args.event_type,
+                                   time_zone=args.time_zone)
+    _empty(result.rows, args)
+    _emit(_flat(result.rows), args.format, _columns_of(TimeseriesRow))
     return 0
 
 
 def _tests(args) -> int:
+    from abstream.clients.client import TestInfo
+
     with _client(args) as client:
-        _emit(_flat(client.list_tests().rows), args.format)
+        _emit(_flat(client.list_tests().rows), args.format, _columns_of(TestInfo))
     return 0
 
 
 def _quarantine(args) -> int:
+    from abstream.clients.client import QuarantinedEvent
+
     with _client(args) as client:
         result = client.quarantine(args.test_id, args.limit)
     rows = _flat(result.rows)
     if args.format == "table":
         rows = [{k: (json.dumps(v, ensure_ascii=False) if k == "event" else v) for k, v in r.items()} for r in rows]
-        print(_table(rows))
+        print(_table(rows, _columns_of(QuarantinedEvent)))
         print(f"\n{result.total:,} rejected events in quarantine")
     else:
-        _emit(rows, args.format, {"total": result.total})
+        _emit(rows, args.format, _columns_of(QuarantinedEvent), {"total": result.total})
+    return 0
+
+
+def _power(args) -> int:
+    from abstream.clients.client import MetricPower
+
+    with _client(args) as client:
+        result = client.power(args.test_id, args.mde, power=args.power, alpha=args.alpha, control=args.control)
+    rows = _flat(result.rows)
+    if args.format == "table":
+        print(f"to detect a {args.mde:+.1%} relative lift with power {args.power:g} at alpha {args.alpha:g}, "
+              f"baseline {result.control_variant!r}:")
+        for r in rows:
+            r["users_per_variant"] = r["users_per_variant"] or r.pop("status_message")
+            r.pop("status_message", None)
+    _emit(rows, args.format, [c for c in _columns_of(MetricPower) if args.format != "table" or c != "status_message"])
     return 0
 
 
 def _snapshot(args) -> int:
     with _client(args) as client:
-        response = client.snapshot()
-    print(f"snapshot {response.path}: {response.events:,} events in {response.elapsed.ToTimedelta()}")
+        s = client.snapshot()
+    print(f"snapshot {s.path}: {s.events:,} events in {s.elapsed}")
+    return 0
+
+
+def _experiment(args) -> int:
+    from abstream.clients.client import Experiment
+
+    with _client(args) as client:
+        if args.action == "list":
+            plans = client.list_experiments()
+        elif args.action == "stop":
+            plans = [client.stop_experiment(args.test_id, at=args.at)]
+        else:
+            call = client.create_experiment if args.action == "create" else client.update_experiment
+            plans = [call(args.test_id, control=args.control, split=args.split, start=args.start,
+                          hypothesis=args.hypothesis)]
+    _emit(_flat(plans), args.format, [f.name for f in fields(Experiment)])
     return 0
 
 
 COMMANDS = {"ingest": _ingest, "summary": _summary, "segments": _segments, "timeseries": _timeseries,
-            "tests": _tests, "quarantine": _quarantine, "snapshot": _snapshot}
+            "tests": _tests, "quarantine": _quarantine, "snapshot": _snapshot, "power": _power,
+            "experiment": _experiment}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,8 +3,11 @@
     from abstream.clients import Client
     with Client("127.0.0.1:50051") as client:
         for row in client.summary("checkout").rows:
-            print(row.variant, row.users, row.conversion_rate)
+            print(row.variant, row.metrics.users, row.metrics.conversion_rate)
         table = client.timeseries("checkout", interval="hour").to_arrow()
+
+It imports neither the engine nor the statistics: only gRPC, the generated code and pyarrow.
+`to_pandas()` needs pandas (`pip install abstream[pandas]`).
 """
 
 from __future__ import annotations
@@ -21,27 +24,55 @@ from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 
-Time = dt.datetime | str | None
+Time = dt.datetime | dt.date | str | None
 DIMENSIONS = {"device": pb.DIMENSION_DEVICE, "country": pb.DIMENSION_COUNTRY, "event_type": pb.DIMENSION_EVENT_TYPE}
 INTERVALS = {"minute": pb.INTERVAL_MINUTE, "hour": pb.INTERVAL_HOUR, "day": pb.INTERVAL_DAY, "week": pb.INTERVAL_WEEK}
+CORRECTIONS = {"none": pb.CORRECTION_NONE, "holm": pb.CORRECTION_HOLM,
+               "benjamini_hochberg": pb.CORRECTION_BENJAMINI_HOCHBERG}
 
 
-def parse_time(value: Time) -> dt.datetime | None:
-    """A datetime from a datetime (naive means UTC) or text: RFC 3339 or 'YYYY-MM-DD[ HH:MM:SS]'."""
-    if value is None or isinstance(value, dt.datetime):
-        moment = value
+def _name(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
+    """A datetime from a datetime (naive means UTC), a date, or text: RFC 3339 or 'YYYY-MM-DD[
+    HH:MM:SS]' in UTC. With `end`, the end of what the value names: a date-only value means the
+    last instant of that day, a value to the second the last instant of that second, so that an
+    inclusive end includes the whole day or second (an event at 18:42:22.700 is inside an end of
+    '18:42:22'). Raises ValueError saying what is accepted."""
+    if value is None:
+        return None
+    whole_day = isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date and time: use 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' (UTC) "
+                             "or RFC 3339 ('2025-04-28T18:42:22Z')") from None
+        whole_day = len(text) == 10
+        fractional = "." in text
+    elif whole_day:
+        moment = dt.datetime.combine(value, dt.time())
+        fractional = False
     else:
-        text = value.strip().replace("Z", "+00:00")
-        moment = dt.datetime.fromisoformat(text)
-    if moment is not None and moment.tzinfo is None:
+        moment, fractional = value, value.microsecond != 0
+    if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
+    if end and whole_day:
+        return moment + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+    if end and not fractional:
+        return moment + dt.timedelta(seconds=1) - dt.timedelta(microseconds=1)
     return moment
 
 
-def _timestamp(value: Time, message) -> None:
-    moment = parse_time(value)
+def _timestamp(value: Time, message, end: bool = False) -> None:
+    moment = parse_time(value, end)
     if moment is not None:
         message.FromDatetime(moment)
+        if end and message.nanos == 999_999_000:
+            message.nanos = 999_999_999  # the second's last nanosecond, not only its last microsecond
 
 
 #: One group's metrics: the Metrics message's fields, as a frozen dataclass.
@@ -49,21 +80,60 @@ Metrics = make_dataclass("Metrics", [(f.name, float if f.type == f.TYPE_DOUBLE e
                                      for f in pb.Metrics.DESCRIPTOR.fields], frozen=True)
 
 
-@dataclass(frozen=True)
-class SummaryRow:
-    variant: str
-    metrics: Metrics
-
-
-@dataclass(frozen=True)
-class SegmentRow:
-    variant: str
-    segment: str
-    metrics: Metrics
-
-
 def _metrics(m: pb.Metrics) -> Metrics:
     return Metrics(**{f.name: getattr(m, f.name) for f in fields(Metrics)})
+
+
+@dataclass(frozen=True)
+class Lift:
+    estimate: float
+    standard_error: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    adjusted_p_value: float
+    status: str  # "ok", or why not: "not_enough_data", "zero_variance", ...
+    status_message: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One treatment against the control on one metric."""
+
+    variant: str
+    metric: str  # "conversion", "revenue_per_user", "conversions_per_user"
+    control_mean: float
+    treatment_mean: float
+    absolute: Lift
+    relative: Lift
+    degrees_of_freedom: float
+    chance_to_win: float
+    risk_control: float
+    risk_treatment: float
+    posterior_mean: float
+    status: str
+    status_message: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    control_variant: str
+    srm_p_value: float
+    sample_ratio_mismatch: bool
+    comparisons: list[Comparison]
+
+
+def _lift(m: pb.Lift) -> Lift:
+    return Lift(m.estimate, m.standard_error, m.ci_low, m.ci_high, m.p_value, m.adjusted_p_value,
+                _name(pb.ComparisonStatus, m.status, "COMPARISON_STATUS_"), m.status_message)
+
+
+def _analysis(a: pb.Analysis) -> Analysis:
+    return Analysis(a.control_variant, a.srm_p_value, a.sample_ratio_mismatch, [
+        Comparison(c.variant, _name(pb.Metric, c.metric, "METRIC_"), c.control_mean, c.treatment_mean,
+                   _lift(c.absolute), _lift(c.relative), c.degrees_of_freedom, c.chance_to_win, c.risk_control,
+                   c.risk_treatment, c.posterior_mean, _name(pb.ComparisonStatus, c.status, "COMPARISON_STATUS_"),
+                   c.status_message) for c in a.comparisons])
 
 
 class _Table:
@@ -79,17 +149,38 @@ class _Table:
                 value = getattr(row, f.name)
                 if isinstance(value, Metrics):
                     record.update({m.name: getattr(value, m.name) for m in fields(value)})
-                else:
-                    record[f.name] = value
+                elif not isinstance(value, Experiment):
+                    record[f.name] = list(value) if isinstance(value, tuple) else value
             flat.append(record)
         return pa.Table.from_pylist(flat)
+
+    def to_pandas(self):
+        """The rows as a pandas DataFrame (pandas is an optional extra)."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install 'abstream[pandas]' (or use to_arrow())") from None
+        return self.to_arrow().to_pandas()
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    variant: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    variant: str
+    segment: str
+    metrics: Metrics
 
 
 @dataclass(frozen=True)
 class Summary(_Table):
     test_id: str
     rows: list[SummaryRow]
-    analysis: dict[str, Any]  # the Analysis message as a dict (protobuf JSON names)
+    analysis: Analysis
     events_scanned: int
 
 
@@ -98,7 +189,7 @@ class Segments(_Table):
     test_id: str
     dimension: str
     rows: list[SegmentRow]
-    analyses: dict[str, dict[str, Any]]  # per segment value
+    analyses: dict[str, Analysis]  # per segment value
     events_scanned: int
 
 
@@ -119,6 +210,20 @@ class Timeseries(_Table):
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """A test's plan (AdminService.CreateExperiment)."""
+
+    test_id: str
+    control_variant: str = ""
+    split: dict[str, float] = field(default_factory=dict)
+    start_time: dt.datetime | None = None
+    stop_time: dt.datetime | None = None
+    hypothesis: str = ""
+    created_time: dt.datetime | None = None
+    updated_time: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class TestInfo:
     test_id: str
     variants: tuple[str, ...]
@@ -126,6 +231,7 @@ class TestInfo:
     users: int
     first_event_time: dt.datetime
     last_event_time: dt.datetime
+    experiment: Experiment | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +254,32 @@ class Quarantine(_Table):
     total: int
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot written (AdminService.CreateSnapshot)."""
+
+    path: str
+    events: int
+    elapsed: dt.timedelta
+
+
+@dataclass(frozen=True)
+class MetricPower:
+    metric: str
+    baseline_mean: float
+    baseline_variance: float
+    users_per_variant: int
+    days: float
+    status_message: str
+
+
+@dataclass(frozen=True)
+class Power(_Table):
+    test_id: str
+    control_variant: str
+    rows: list[MetricPower]
+
+
 def _utc(ts) -> dt.datetime:
     return ts.ToDatetime(tzinfo=dt.timezone.utc)
 
@@ -156,25 +288,53 @@ def _dict(message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A channel: plaintext by default; `tls=True` for the system's roots, or a CA certificate (PEM)."""
+def _experiment(e: pb.Experiment) -> Experiment:
+    return Experiment(e.test_id, e.control_variant, dict(e.split), _utc(e.start_time) if e.HasField("start_time") else None,
+                      _utc(e.stop_time) if e.HasField("stop_time") else None, e.hypothesis,
+                      _utc(e.created_time) if e.HasField("created_time") else None,
+                      _utc(e.updated_time) if e.HasField("updated_time") else None)
+
+
+def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tuple[str, Any]] = (),
+                cert: bytes | None = None, key: bytes | None = None) -> grpc.Channel:
+    """A channel: plaintext by default; `tls=True` for the system's roots, or a CA certificate (PEM);
+    `cert` and `key` (PEM) for mutual TLS."""
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
                *options]
-    if not tls:
+    if bool(cert) != bool(key):
+        raise ValueError("mutual TLS needs both a client certificate and its key")
+    if not tls and not cert:
         return grpc.insecure_channel(addr, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=None if tls is True else tls)
+    credentials = grpc.ssl_channel_credentials(root_certificates=None if tls in (True, None) else tls,
+                                               private_key=key, certificate_chain=cert)
     return grpc.secure_channel(addr, credentials, options=options)
+
+
+def _analysis_options(control: str = "", confidence: float | None = None, sequential: bool = False,
+                      correction: str = "", expected_weights: dict[str, float] | None = None,
+                      prior: tuple[float, float] | None = None, **raw: Any) -> pb.AnalysisOptions:
+    options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
+                                 expected_weights=expected_weights or {})
+    if correction:
+        if correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, not {correction!r}")
+        options.correction = CORRECTIONS[correction]
+    if prior is not None:
+        options.prior_mean, options.prior_variance = prior
+    if raw:
+        json_format.ParseDict(raw, options)
+    return options
 
 
 class Client:
     """Queries over one channel. Every call has a deadline (`timeout` seconds, per call or default)."""
 
     def __init__(self, addr: str = "127.0.0.1:50051", token: str | None = None, tls: bool | bytes | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, cert: bytes | None = None, key: bytes | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel_for(addr, tls)
+        self._channel = channel_for(addr, tls, cert=cert, key=key)
         self._stub = pb_grpc.AnalyticsServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
@@ -190,38 +350,40 @@ class Client:
     def _call(self, method, request, timeout: float | None):
         return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
 
-    def summary(self, test_id: str, start: Time = None, end: Time = None, *, analysis: dict | None = None,
-                timeout: float | None = None) -> Summary:
-        request = pb.SummaryRequest(test_id=test_id)
-        _timestamp(start, request.start_time) if start is not None else None
-        _timestamp(end, request.end_time) if end is not None else None
-        if analysis:
-            json_format.ParseDict(analysis, request.analysis)
+    def summary(self, test_id: str, start: Time = None, end: Time = None, *, device: str | None = None,
+                country: str | None = None, event_type: str | None = None, analysis: dict | None = None,
+                timeout: float | None = None, **options: Any) -> Summary:
+        """Per-variant results and the comparisons with the control. `options`: control,
+        confidence, sequential, correction, expected_weights, prior (mean, variance); `analysis`
+        takes AnalysisOptions fields by their protobuf names."""
+        request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
+                                    analysis=_analysis_options(**options, **(analysis or {})))
+        _timestamp(start, request.start_time)
+        _timestamp(end, request.end_time, end=True)
         r = self._call(self._stub.Summary, request, timeout)
         return Summary(r.test_id, [SummaryRow(row.variant, _metrics(row.metrics)) for row in r.rows],
-                       _dict(r.analysis), r.stats.events_scanned)
+                       _analysis(r.analysis), r.stats.events_scanned)
 
     def segments(self, test_id: str, dimension: str, start: Time = None, end: Time = None, *,
                  device: str | None = None, country: str | None = None, event_type: str | None = None,
-                 analysis: dict | None = None, timeout: float | None = None) -> Segments:
+                 analysis: dict | None = None, timeout: float | None = None, **options: Any) -> Segments:
         request = pb.SegmentsRequest(test_id=test_id, dimension=DIMENSIONS.get(dimension, 0),
-                                     filters=_filters(device, country, event_type))
-        _timestamp(start, request.start_time) if start is not None else None
-        _timestamp(end, request.end_time) if end is not None else None
-        if analysis:
-            json_format.ParseDict(analysis, request.analysis)
+                                     filters=_filters(device, country, event_type),
+                                     analysis=_analysis_options(**options, **(analysis or {})))
+        _timestamp(start, request.start_time)
+        _timestamp(end, request.end_time, end=True)
         r = self._call(self._stub.Segments, request, timeout)
         return Segments(r.test_id, dimension,
                         [SegmentRow(row.variant, row.segment, _metrics(row.metrics)) for row in r.rows],
-                        {a.segment: _dict(a.analysis) for a in r.analyses}, r.stats.events_scanned)
+                        {a.segment: _analysis(a.analysis) for a in r.analyses}, r.stats.events_scanned)
 
     def timeseries(self, test_id: str, interval: str = "day", start: Time = None, end: Time = None, *,
                    cumulative: bool = False, device: str | None = None, country: str | None = None,
-                   event_type: str | None = None, timeout: float | None = None) -> Timeseries:
+                   event_type: str | None = None, time_zone: str = "", timeout: float | None = None) -> Timeseries:
         request = pb.TimeseriesRequest(test_id=test_id, interval=INTERVALS.get(interval, 0), cumulative=cumulative,
-                                       filters=_filters(device, country, event_type))
-        _timestamp(start, request.start_time) if start is not None else None
-        _timestamp(end, request.end_time) if end is not None else None
+                                       filters=_filters(device, country, event_type), time_zone=time_zone)
+        _timestamp(start, request.start_time)
+        _timestamp(end, request.end_time, end=True)
         r = self._call(self._stub.Timeseries, request, timeout)
         return Timeseries(r.test_id, interval, r.cumulative,
                           [TimeseriesRow(_utc(row.bucket_start), row.variant, _metrics(row.metrics))
@@ -230,12 +392,23 @@ class Client:
     def list_tests(self, *, timeout: float | None = None) -> Tests:
         r = self._call(self._stub.ListTests, pb.ListTestsRequest(), timeout)
         return Tests([TestInfo(t.test_id, tuple(t.variants), t.events, t.users, _utc(t.first_event_time),
-                               _utc(t.last_event_time)) for t in r.tests])
+                               _utc(t.last_event_time), _experiment(t.experiment) if t.HasField("experiment") else None)
+                      for t in r.tests])
 
     def quarantine(self, test_id: str = "", limit: int = 100, *, timeout: float | None = None) -> Quarantine:
         r = self._call(self._stub.ListQuarantine, pb.ListQuarantineRequest(test_id=test_id, limit=limit), timeout)
         return Quarantine([QuarantinedEvent(_utc(q.received_time), q.index, q.field, q.message, _dict(q.event))
                            for q in r.events], r.total)
+
+    def power(self, test_id: str, minimum_detectable_effect: float, *, power: float = 0.8, alpha: float = 0.05,
+              control: str = "", timeout: float | None = None) -> Power:
+        """Users needed per variant to detect a relative lift, from the test's own baseline."""
+        r = self._call(self._stub.Power, pb.PowerRequest(test_id=test_id,
+                                                         minimum_detectable_effect=minimum_detectable_effect,
+                                                         power=power, alpha=alpha, control_variant=control), timeout)
+        return Power(r.test_id, r.control_variant, [
+            MetricPower(_name(pb.Metric, m.metric, "METRIC_"), m.baseline_mean, m.baseline_variance,
+                        m.users_per_variant, m.days, m.status_message) for m in r.metrics])
 
     def ingest_table(self, table: pa.Table, *, producer_id: str = "", sequence: int = 0, batch_size: int = 100_000,
                      timeout: float | None = None) -> list[pb.IngestEventsResponse]:
@@ -247,8 +420,34 @@ class Client:
                     for k, at in enumerate(range(0, table.num_rows, batch_size)))
         return list(self._call(self._stub.IngestEvents, requests, timeout))
 
-    def snapshot(self, *, timeout: float | None = None) -> admin_pb2.CreateSnapshotResponse:
-        return self._call(self._admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(), timeout or 3600)
+    def snapshot(self, *, timeout: float | None = None) -> Snapshot:
+        r = self._call(self._admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(), timeout or 3600)
+        return Snapshot(r.path, r.events, r.elapsed.ToTimedelta())
+
+    # ---- experiments --------------------------------------------------------------------
+
+    def create_experiment(self, test_id: str, *, control: str = "", split: dict[str, float] | None = None,
+                          start: Time = None, hypothesis: str = "", timeout: float | None = None) -> Experiment:
+        """A test's plan; its queries take their control, split and start from it by default."""
+        message = _plan(test_id, control, split, start, hypothesis)
+        r = self._call(self._admin.CreateExperiment, admin_pb2.CreateExperimentRequest(experiment=message), timeout)
+        return _experiment(r.experiment)
+
+    def update_experiment(self, test_id: str, *, control: str = "", split: dict[str, float] | None = None,
+                          start: Time = None, hypothesis: str = "", timeout: float | None = None) -> Experiment:
+        """Changes what the arguments given set; the rest of the plan stays."""
+        message = _plan(test_id, control, split, start, hypothesis)
+        r = self._call(self._admin.UpdateExperiment, admin_pb2.UpdateExperimentRequest(experiment=message), timeout)
+        return _experiment(r.experiment)
+
+    def stop_experiment(self, test_id: str, *, at: Time = None, timeout: float | None = None) -> Experiment:
+        request = admin_pb2.StopExperimentRequest(test_id=test_id)
+        _timestamp(at, request.stop_time)
+        return _experiment(self._call(self._admin.StopExperiment, request, timeout).experiment)
+
+    def list_experiments(self, *, timeout: float | None = None) -> list[Experiment]:
+        r = self._call(self._admin.ListExperiments, admin_pb2.ListExperimentsRequest(), timeout)
+        return [_experiment(e) for e in r.experiments]
 
 
 #: Columns with few distinct values: sent dictionary-encoded, so the server encodes each value once.
@@ -278,6 +477,12 @@ def arrow_ipc(table: pa.Table, compression: str | None = "lz4") -> bytes:
     with pa.ipc.new_stream(sink, encoded_table.schema, options=options) as writer:
         writer.write_table(encoded_table)
     return sink.getvalue().to_pybytes()
+
+
+def _plan(test_id: str, control: str, split: dict[str, float] | None, start: Time, hypothesis: str) -> pb.Experiment:
+    message = pb.Experiment(test_id=test_id, control_variant=control, split=split or {}, hypothesis=hypothesis)
+    _timestamp(start, message.start_time)
+    return message
 
 
 def _filters(device: str | None, country: str | None, event_type: str | None) -> pb.Filters:

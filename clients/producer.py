@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
-from abstream.clients.client import channel_for, parse_time
+from abstream.clients.client import channel_for
+from abstream.clients.files import typed_event
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
@@ -55,20 +56,33 @@ class Delivery:
     duplicate: bool = False  # its batch had been applied before (a retry after a lost ack)
 
 
+class Unsendable(Exception):
+    """An event that cannot even be put in a message: `field` and `message` say why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 def to_event(event: dict[str, Any] | pb.Event) -> pb.Event:
-    """An Event from a message or a dict as users send it today (timestamp 'YYYY-MM-DD HH:MM:SS' UTC)."""
+    """An Event from a message or a dict as users send it today (timestamp 'YYYY-MM-DD HH:MM:SS' UTC,
+    RFC 3339, a datetime or epoch seconds); Unsendable, naming the field, when a value cannot be."""
     if isinstance(event, pb.Event):
         return event
-    message = pb.Event(**{k: str(event[k]) for k in _STRINGS if event.get(k) is not None})
-    if event.get("conversion") is not None:
-        message.conversion = int(event["conversion"])
-    if event.get("revenue") is not None:
-        message.revenue = float(event["revenue"])
-    if event.get("timestamp") is not None:
-        value = event["timestamp"]
-        moment = dt.datetime.fromtimestamp(value, dt.timezone.utc) if isinstance(value, (int, float)) \
-            else parse_time(value)
-        message.timestamp.FromDatetime(moment)
+    if not isinstance(event, dict):
+        raise Unsendable("event", f"must be a dict of Event fields, got {type(event).__name__}")
+    row, why = typed_event({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in event.items()})
+    if why:
+        raise Unsendable(*why)
+    if row.get("conversion") is not None and not 0 <= row["conversion"] < 2**32:
+        raise Unsendable("conversion", f"conversion must be 0 or 1, got {row['conversion']}")
+    message = pb.Event(**{k: row[k] for k in _STRINGS if row.get(k) is not None})
+    if row.get("conversion") is not None:
+        message.conversion = row["conversion"]
+    if row.get("revenue") is not None:
+        message.revenue = row["revenue"]
+    if row.get("timestamp") is not None:
+        message.timestamp.FromDatetime(row["timestamp"])
     return message
 
 
@@ -115,7 +129,11 @@ class Producer:
         future: Future = Future()
         if callback is not None:
             future.add_done_callback(callback)
-        item = (to_event(event), future)
+        try:
+            item = (to_event(event), future)
+        except Unsendable as error:  # rejected here, in the server's words, as the server would
+            future.set_result(Delivery(False, error.field, error.message))
+            return future
         with self._idle:
             self._unfinished += 1
         try:

@@ -18,6 +18,9 @@ from abstream.core.types import (
     AnalysisOptions,
     GroupStats,
     MetricComparison,
+    MetricPower,
+    PowerQuery,
+    PowerResult,
     SegmentsQuery,
     SegmentsResult,
     SummaryQuery,
@@ -78,6 +81,24 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     order = {v: i for i, v in enumerate(variants)}
     comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
     return Analysis(control, srm, srm < options.srm_threshold, comparisons)
+
+
+def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observed: float = 0.0) -> PowerResult:
+    """Sample sizes per metric from the control's users so far: their mean and variance, and
+    their arrival rate over `days_observed` for how long the test will take."""
+    control = choose_control(g.variants, summary_query.analysis.control_variant)
+    if control not in g.variants:
+        return PowerResult(q.test_id, control, [MetricPower(m, 0.0, 0.0, 0, 0.0, "the test has no events yet")
+                                                for m in METRICS])
+    c = np.array([g.variants.index(control)])
+    users = int(g.moments.users[c[0]])
+    rate = users / days_observed if days_observed > 0 else 0.0
+    out = []
+    for metric in METRICS:
+        (arm,) = g.moments.arms(metric, c)
+        n, why = stats.sample_size(arm.mean, arm.variance, q.mde, q.alpha, q.power)
+        out.append(MetricPower(metric, arm.mean, arm.variance, n, n / rate if n and rate else 0.0, why))
+    return PowerResult(q.test_id, control, out)
 
 
 def summary(q: SummaryQuery, g: GroupStats) -> SummaryResult:

@@ -25,12 +25,22 @@ from abstream.core import admission, analysis, events
 from abstream.core.admission import IngestBudget, Limits, RateLimiter, RequestSize
 from abstream.core.auth import Principal, Tokens
 from abstream.core.engine import Engine
-from abstream.core.errors import PermissionDenied, ResourceExhausted, Unavailable
+from abstream.core.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from abstream.core.events import Rejection
 from abstream.core.metrics import Metrics, resident_bytes
 from abstream.core.types import (
+    AnalysisOptions,
     DecodedBatch,
+    Experiment,
     IngestResult,
+    PowerQuery,
+    PowerResult,
     QuarantinedEvent,
     QueryStats,
     SegmentsQuery,
@@ -237,19 +247,49 @@ class Core:
                       respond: Callable[[SummaryResult], R] = lambda r: r) -> R:
         """Per-variant results and their analysis; `respond` (the transport's converter) runs in
         the worker thread too."""
-        q = self._admit(principal, q, timeout)
+        q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
         return await self._in_worker("Summary", lambda: respond(analysis.summary(q, engine.summary(q))))
 
     async def segments(self, principal: Principal, q: SegmentsQuery, timeout: float | None = None,
                        respond: Callable[[SegmentsResult], R] = lambda r: r) -> R:
-        q = self._admit(principal, q, timeout)
+        q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
         return await self._in_worker("Segments", lambda: respond(analysis.segments(q, engine.segments(q))))
 
+    async def power(self, principal: Principal, q: PowerQuery, timeout: float | None = None,
+                    respond: Callable[[PowerResult], R] = lambda r: r) -> R:
+        """Users needed per variant to detect a lift, from the test's control as the baseline."""
+        q.check()
+        summary = self._planned(self._admit(principal, SummaryQuery(
+            q.test_id, analysis=AnalysisOptions(control_variant=q.control_variant)), timeout))
+        engine = self.engine
+
+        def work() -> R:
+            info = next((t for t in engine.list_tests() if t.test_id == q.test_id), None)
+            days = (info.last_event_ns - info.first_event_ns) / 86_400e9 if info else 0.0
+            return respond(analysis.power(q, summary, engine.summary(summary), days))
+
+        return await self._in_worker("Power", work)
+
+    def _planned(self, q):
+        """A query with its experiment's plan where it leaves a choice open: the control, the
+        planned split (for the sample ratio mismatch), the start and, once stopped, the stop
+        (events after it are outside the experiment)."""
+        plan = self.engine.experiments().get(q.test_id)
+        if plan is None:
+            return q
+        changes = {"start_ns": q.start_ns if q.start_ns is not None else plan.start_ns,
+                   "end_ns": q.end_ns if q.end_ns is not None else plan.stop_ns}
+        if hasattr(q, "analysis"):
+            changes["analysis"] = dataclasses.replace(
+                q.analysis, control_variant=q.analysis.control_variant or plan.control_variant,
+                expected_weights=q.analysis.expected_weights or dict(plan.split))
+        return dataclasses.replace(q, **changes)
+
     async def timeseries(self, principal: Principal, q: TimeseriesQuery, timeout: float | None = None,
                          respond: Callable[[TimeseriesResult], R] = lambda r: r) -> R:
-        q = self._admit(principal, q, timeout)
+        q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
         return await self._in_worker("Timeseries", lambda: respond(engine.timeseries(q)))
 
@@ -260,7 +300,9 @@ class Core:
 
         def work() -> R:
             started = time.perf_counter_ns()
-            tests = [t for t in engine.list_tests() if principal.may_use(t.test_id)]
+            plans = engine.experiments()
+            tests = [dataclasses.replace(t, experiment=plans.get(t.test_id))
+                     for t in engine.list_tests() if principal.may_use(t.test_id)]
             return respond(tests, QueryStats(0, time.perf_counter_ns() - started))
 
         return await self._in_worker("ListTests", work)
@@ -295,7 +337,68 @@ class Core:
                 self._no_queries.set()
             self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
+    # ---- experiments --------------------------------------------------------------------
+
+    async def create_experiment(self, principal: Principal, plan: Experiment) -> Experiment:
+        self._may_plan(principal, plan.test_id)
+        plan.check()
+        engine = self.engine
+        existing = engine.experiments().get(plan.test_id)
+        if existing is not None and existing.stop_ns is None and _same_plan(existing, plan):
+            # A retry (of a create that failed on the way, perhaps half done): done again, unchanged.
+            await asyncio.to_thread(engine.put_experiment, existing)
+            return existing
+        if existing is not None:
+            raise FailedPrecondition(f"test {plan.test_id!r} has an experiment already: change it with "
+                                     "UpdateExperiment (abstream experiment update)")
+        now = self._clock()
+        plan = dataclasses.replace(plan, stop_ns=None, created_ns=now, updated_ns=now)
+        await asyncio.to_thread(engine.put_experiment, plan)
+        return plan
+
+    async def update_experiment(self, principal: Principal, changes: Experiment) -> Experiment:
+        """Changes the fields `changes` sets (a non-empty string or split, a time)."""
+        self._may_plan(principal, changes.test_id)
+        engine = self.engine
+        plan = self._plan(engine, changes.test_id)
+        plan = dataclasses.replace(
+            plan, control_variant=changes.control_variant or plan.control_variant,
+            split=dict(changes.split) or plan.split,
+            start_ns=plan.start_ns if changes.start_ns is None else changes.start_ns,
+            stop_ns=plan.stop_ns if changes.stop_ns is None else changes.stop_ns,
+            hypothesis=changes.hypothesis or plan.hypothesis, updated_ns=max(self._clock(), plan.updated_ns + 1))
+        plan.check()
+        await asyncio.to_thread(engine.put_experiment, plan)
+        return plan
+
+    async def stop_experiment(self, principal: Principal, test_id: str, stop_ns: int | None = None) -> Experiment:
+        return await self.update_experiment(principal, Experiment(test_id, stop_ns=stop_ns or self._clock()))
+
+    async def list_experiments(self, principal: Principal) -> list[Experiment]:
+        plans = self.engine.experiments()
+        return [plans[t] for t in sorted(plans) if principal.may_use(t)]
+
+    @staticmethod
+    def _plan(engine: Engine, test_id: str) -> Experiment:
+        plan = engine.experiments().get(test_id)
+        if plan is None:
+            raise NotFound(f"test {test_id[:256]!r} has no experiment: define one with CreateExperiment "
+                           "(abstream experiment create)")
+        return plan
+
+    @staticmethod
+    def _may_plan(principal: Principal, test_id: str) -> None:
+        events.check_query_string("test_id", test_id)
+        if not principal.may_use(test_id):
+            raise PermissionDenied(f"token {principal.name!r} may only plan tests whose id starts with "
+                                   f"{principal.test_prefix!r}")
+
     # ---- operations -----------------------------------------------------------------------
 
     async def snapshot(self) -> SnapshotInfo:
         return await asyncio.to_thread(self.engine.snapshot)
+
+
+def _same_plan(a: Experiment, b: Experiment) -> bool:
+    return (a.control_variant, a.split, a.start_ns, a.hypothesis) == (b.control_variant, b.split, b.start_ns,
+                                                                      b.hypothesis)

@@ -19,6 +19,7 @@ import pyarrow as pa
 from abstream.core import events
 from abstream.core.events import Rejection
 from abstream.core.types import (
+    Experiment,
     GroupStats,
     IngestResult,
     QuarantinedEvent,
@@ -64,6 +65,12 @@ class Engine(Protocol):
     def list_tests(self) -> list[TestInfo]: ...
 
     def quarantine(self, test_id: str, limit: int, test_prefix: str) -> tuple[list[QuarantinedEvent], int]: ...
+
+    def experiments(self) -> dict[str, Experiment]:
+        """Every test's plan, by test id."""
+
+    def put_experiment(self, experiment: Experiment) -> None:
+        """Stores a plan (a new one, or a test's replaced); returns once it is durable."""
 
     def snapshot(self) -> SnapshotInfo: ...
 

@@ -79,6 +79,12 @@ class ResourceExhausted(AbstreamError):
         self.retry_after = retry_after
 
 
+class FailedPrecondition(AbstreamError):
+    """The call conflicts with the state it finds (a plan that exists already, say)."""
+
+    kind = Kind.FAILED_PRECONDITION
+
+
 class Unavailable(AbstreamError):
     """This call cannot be taken now (starting, draining, a backend down); retrying later may
     work, after `retry_after` seconds when it is known."""

@@ -4,53 +4,61 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+
+def _s(default, help: str, choices: tuple = ()):
+    """A setting: its default, what it does (for --help), and its allowed values, if limited."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
     """How the server runs. Defaults work on a laptop: loopback only, data under ./data."""
 
-    addr: str = "127.0.0.1:50051"
-    data_dir: str = "./data"
-    # The largest request taken (gRPC holds each whole while receiving it): 100,000 typical events
-    # are ~8 MB as messages, ~3 MB columnar.
-    max_message_bytes: int = 16 * 1024 * 1024
-    grace_seconds: float = 10.0
-    quarantine_limit: int = 100_000
-    log_level: str = "INFO"
-    fsync: str = "always"
-    fsync_interval_ms: int = 50
-    snapshot_every_events: int = 1_000_000
-    snapshot_every_seconds: float = 300.0
-    snapshot_compression: str = "none"
-    snapshots_kept: int = 2
-    tokens_file: str = ""  # TOML file of hashed tokens with scopes; empty: no authentication
-    insecure: bool = False  # allow a non-loopback address without tokens
-    reflection: bool = True
-    tls_cert: str = ""  # PEM files; a certificate and key turn TLS on
-    tls_key: str = ""
-    tls_client_ca: str = ""  # PEM: require client certificates signed by it (mutual TLS)
-    max_batch_events: int = 100_000
-    max_ingest_streams: int = 64
-    # Refuse ingest (RESOURCE_EXHAUSTED) above this resident size; -1: 80% of the memory the process
-    # may use (its cgroup's limit or the machine's RAM); 0: off.
-    memory_high_water_bytes: int = -1
-    max_ingest_bytes: int = 256 << 20  # ingest requests in flight, as charged until their ack (service/admission.py)
-    metrics_addr: str = ""  # host:port for Prometheus metrics over HTTP; empty: off
-    log_format: str = "json"
-    engine: str = "embedded"  # or "clickhouse": stateless gateways over a ClickHouse cluster
-    clickhouse: str = ""  # host:port[,host:port...] of the cluster's servers (native protocol)
-    clickhouse_cluster: str = ""  # the cluster's name in their remote_servers
-    clickhouse_database: str = "ab"
-    clickhouse_insert_quorum: int = 2  # replicas of each shard a batch is on before its ack
+    addr: str = _s("127.0.0.1:50051", "where gRPC listens (host:port; port 0 picks a free one)")
+    data_dir: str = _s("./data", "the embedded engine's log and snapshots; '' keeps nothing (memory only)")
+    max_message_bytes: int = _s(16 * 1024 * 1024, "largest request taken (100,000 typical events are ~8 MB as "
+                                                  "messages, ~3 MB columnar); gRPC holds each whole while receiving it")
+    grace_seconds: float = _s(10.0, "on SIGTERM, how long open ingest streams get to finish")
+    quarantine_limit: int = _s(100_000, "rejected events kept for ListQuarantine (the newest)")
+    log_level: str = _s("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
+    fsync: str = _s("always", "always: every ack waits for an fsync of its log record; interval: a thread fsyncs "
+                              "every --fsync-interval-ms (a power loss may lose that much)", ("always", "interval"))
+    fsync_interval_ms: int = _s(50, "with --fsync interval, how often")
+    snapshot_every_events: int = _s(1_000_000, "write a snapshot after this many events (0: never by count)")
+    snapshot_every_seconds: float = _s(300.0, "write a snapshot after this long (0: never by time)")
+    snapshot_compression: str = _s("none", "snapshot files' compression (none: restarts memory-map them)",
+                                   ("none", "lz4", "zstd"))
+    snapshots_kept: int = _s(2, "snapshots kept (the log is kept back to the oldest)")
+    tokens_file: str = _s("", "TOML file of hashed tokens with scopes (abstream token makes entries); "
+                              "empty: no authentication, loopback only")
+    insecure: bool = _s(False, "listen on a non-loopback address without tokens (anyone reaching it may do anything)")
+    reflection: bool = _s(True, "gRPC server reflection (for grpcurl and buf curl)")
+    tls_cert: str = _s("", "PEM certificate: with --tls-key, serve TLS")
+    tls_key: str = _s("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _s("", "PEM CA: require client certificates it signed (mutual TLS)")
+    max_batch_events: int = _s(100_000, "most events one batch may hold (more: INVALID_ARGUMENT)")
+    max_ingest_streams: int = _s(64, "most IngestEvents streams open at once")
+    memory_high_water_bytes: int = _s(-1, "refuse ingest (RESOURCE_EXHAUSTED) above this resident size; -1: 80%% of "
+                                          "the memory the process may use (its cgroup's limit or the RAM); 0: off")
+    max_ingest_bytes: int = _s(256 << 20, "ingest in flight, as charged from a request's arrival to its ack "
+                                          "(docs/operations.md: what a request may cost)")
+    metrics_addr: str = _s("", "host:port for Prometheus metrics at /metrics; empty: off")
+    log_format: str = _s("json", "json lines, or text for people", ("json", "text"))
+    engine: str = _s("embedded", "embedded: this process and its data directory; clickhouse: a stateless gateway "
+                                 "over a ClickHouse cluster (docs/scale.md)", ("embedded", "clickhouse"))
+    clickhouse: str = _s("", "host:port[,host:port...] of some of the cluster's servers (native protocol)")
+    clickhouse_cluster: str = _s("", "the cluster's name in their remote_servers")
+    clickhouse_database: str = _s("ab", "the database `abstream clickhouse init` created")
+    clickhouse_insert_quorum: int = _s(2, "replicas of each shard a batch is on before its ack (the same on every "
+                                          "gateway)")
 
     def __post_init__(self) -> None:
-        choices = {"fsync": ("always", "interval"), "snapshot_compression": ("none", "lz4", "zstd"),
-                   "log_format": ("json", "text"), "engine": ("embedded", "clickhouse")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
         if self.engine == "clickhouse" and not (self.clickhouse and self.clickhouse_cluster):
             raise ValueError("--engine clickhouse needs --clickhouse HOST:PORT[,...] and --clickhouse-cluster NAME")
 
@@ -61,7 +69,7 @@ class Settings:
         for f in fields(cls):
             raw = environ.get("ABSTREAM_" + f.name.upper())
             if raw is not None:
-                values[f.name] = _parse(getattr(cls, f.name), raw)
+                values[f.name] = _parse(f.default, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -69,13 +77,14 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Flags for every setting; each defaults to its ABSTREAM_* variable, then to the default."""
         for f in fields(cls):
-            default = getattr(cls, f.name)
+            default = f.default
             flag = "--" + f.name.replace("_", "-")
-            help = f"(env ABSTREAM_{f.name.upper()}, default {default!r})"
+            help = f"{f.metadata['help']} (env ABSTREAM_{f.name.upper()}, default {default!r})"
             if isinstance(default, bool):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
             else:
-                parser.add_argument(flag, type=type(default), default=None, help=help)
+                parser.add_argument(flag, type=type(default), default=None, help=help,
+                                    choices=f.metadata["choices"] or None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:

@@ -129,10 +129,12 @@ class SummaryQuery:
     end_ns: int | None = None
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
+    filters: Filters = field(default_factory=Filters)
 
     def check(self) -> None:
         self.analysis.check()
         check_range(self.test_id, self.start_ns, self.end_ns)
+        self.filters.check()
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,17 @@ class TimeseriesQuery:
     cumulative: bool = False
     filters: Filters = field(default_factory=Filters)
     deadline: float | None = None
+    time_zone: str = ""  # IANA name: day and week buckets start at its midnights; empty: UTC
 
     def check(self) -> None:
         check_range(self.test_id, self.start_ns, self.end_ns)
         self.filters.check()
+        if self.time_zone:
+            from abstream.core.timezones import zone
+
+            zone(self.time_zone)
+            if self.interval not in (Interval.DAY, Interval.WEEK):
+                raise InvalidArgument("time_zone", "applies to day and week buckets; minute and hour buckets are UTC's")
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -258,6 +267,44 @@ class QueryStats:
     elapsed_ns: int
 
 
+@dataclass(frozen=True)
+class PowerQuery:
+    """Users needed per variant to detect a relative lift of `mde`, from the test's baseline."""
+
+    test_id: str
+    mde: float
+    power: float = 0.8
+    alpha: float = 0.05
+    control_variant: str = ""
+
+    def check(self) -> None:
+        check_range(self.test_id, None, None)
+        check_query_string("control_variant", self.control_variant)
+        if not (self.mde > 0 and math.isfinite(self.mde)):
+            raise InvalidArgument("minimum_detectable_effect", f"must be a positive relative lift, got {self.mde}")
+        if not 0 < self.power < 1:
+            raise InvalidArgument("power", f"must be between 0 and 1 (exclusive), got {self.power}")
+        if not 0 < self.alpha < 1:
+            raise InvalidArgument("alpha", f"must be between 0 and 1 (exclusive), got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class MetricPower:
+    metric: str
+    baseline_mean: float
+    baseline_variance: float
+    users_per_variant: int
+    days: float
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    test_id: str
+    control_variant: str
+    metrics: list[MetricPower]
+
+
 # ---- what engines answer ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -273,6 +320,46 @@ class GroupStats:
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """A test's plan: its control, planned split, start and stop, and what it tests."""
+
+    test_id: str
+    control_variant: str = ""
+    split: dict[str, float] = field(default_factory=dict)
+    start_ns: int | None = None
+    stop_ns: int | None = None
+    hypothesis: str = ""
+    created_ns: int = 0
+    updated_ns: int = 0
+
+    def check(self) -> None:
+        check_range(self.test_id, None, None)
+        check_query_string("control_variant", self.control_variant)
+        if len(self.split) > MAX_DISTINCT["variant"]:
+            raise InvalidArgument("split", f"has {len(self.split):,} entries; a test has at most "
+                                           f"{MAX_DISTINCT['variant']:,} variants")
+        for variant, share in self.split.items():
+            check_query_string("split", variant)
+            if not (share > 0 and math.isfinite(share)):
+                raise InvalidArgument("split", f"the share of {variant!r} must be positive, got {share}")
+        if self.split and self.control_variant and self.control_variant not in self.split:
+            raise InvalidArgument("split", f"has no share for the control {self.control_variant!r}")
+        if self.start_ns is not None and self.stop_ns is not None and self.stop_ns < self.start_ns:
+            raise InvalidArgument("stop_time", "is before the experiment's start_time")
+        if len(self.hypothesis.encode()) > 4096:
+            raise InvalidArgument("hypothesis", "is longer than 4,096 bytes")
+
+    def to_json(self) -> dict:
+        return {"test_id": self.test_id, "control_variant": self.control_variant, "split": self.split,
+                "start_ns": self.start_ns, "stop_ns": self.stop_ns, "hypothesis": self.hypothesis,
+                "created_ns": self.created_ns, "updated_ns": self.updated_ns}
+
+    @classmethod
+    def from_json(cls, values: dict) -> Experiment:
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class TestInfo:
     test_id: str
     variants: list[str]
@@ -280,6 +367,7 @@ class TestInfo:
     users: int
     first_event_ns: int
     last_event_ns: int
+    experiment: Experiment | None = None
 
 
 @dataclass(frozen=True)

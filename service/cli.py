@@ -10,11 +10,20 @@ import sys
 
 from abstream.core.settings import Settings
 
+SERVE_EXAMPLES = """\
+examples:
+  abstream serve                                          # 127.0.0.1:50051, data in ./data
+  abstream serve --addr 0.0.0.0:50051 --tokens-file tokens.toml --tls-cert server.pem --tls-key server.key
+  abstream serve --data-dir '' --fsync interval           # memory only, for trying things
+  abstream serve --engine clickhouse --clickhouse ch1:9000 --clickhouse-cluster prod"""
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="abstream")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the server")
+    serve = commands.add_parser("serve", help="run the server", description="Serve gRPC until SIGTERM or SIGINT, "
+                                "then stop gracefully. Every setting also reads its ABSTREAM_* variable.",
+                                epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     Settings.add_arguments(serve)
     token = commands.add_parser("token", help="make a token: prints it once, and the entry for the tokens file")
     token.add_argument("name", help="who uses it (shows in logs, never the token)")
@@ -91,6 +100,11 @@ def _serve(settings) -> int:
         return 2
     except AbstreamError as error:
         print(f"abstream: cannot open the {settings.engine} engine: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a data directory that cannot be made or written, say
+        where = error.filename or settings.data_dir
+        print(f"abstream: cannot use {where}: {error.strerror or error} (--data-dir, ABSTREAM_DATA_DIR)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -26,10 +26,13 @@ from abstream.core.types import (
     AnalysisOptions,
     DecodedBatch,
     Dimension,
+    Experiment,
     Filters,
     IngestResult,
     Interval,
     MetricColumns,
+    PowerQuery,
+    PowerResult,
     QuarantinedEvent,
     QueryStats,
     SegmentsQuery,
@@ -241,7 +244,7 @@ def analysis_message(a: Analysis) -> pb.Analysis:
 
 def summary_query(request: pb.SummaryRequest) -> SummaryQuery:
     return SummaryQuery(request.test_id, _optional_ns(request, "start_time"), _optional_ns(request, "end_time"),
-                        analysis_options(request.analysis))
+                        analysis_options(request.analysis), filters=_filters(request))
 
 
 def segments_query(request: pb.SegmentsRequest) -> SegmentsQuery:
@@ -263,6 +266,7 @@ def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
         end_ns=_optional_ns(request, "end_time"),
         cumulative=request.cumulative,
         filters=_filters(request),
+        time_zone=request.time_zone,
     )
 
 
@@ -323,9 +327,41 @@ def list_tests_response(tests: Iterable[TestInfo], stats: QueryStats) -> pb.List
     return pb.ListTestsResponse(
         tests=[pb.TestInfo(test_id=t.test_id, variants=t.variants, events=t.events, users=t.users,
                            first_event_time=to_timestamp(t.first_event_ns),
-                           last_event_time=to_timestamp(t.last_event_ns)) for t in tests],
+                           last_event_time=to_timestamp(t.last_event_ns),
+                           experiment=experiment_message(t.experiment) if t.experiment else None) for t in tests],
         stats=_stats(stats),
     )
+
+
+# ---- experiments and power ---------------------------------------------------------------
+
+def experiment(message: pb.Experiment) -> Experiment:
+    return Experiment(test_id=message.test_id, control_variant=message.control_variant, split=dict(message.split),
+                      start_ns=_optional_ns(message, "start_time"), stop_ns=_optional_ns(message, "stop_time"),
+                      hypothesis=message.hypothesis)
+
+
+def experiment_message(e: Experiment) -> pb.Experiment:
+    message = pb.Experiment(test_id=e.test_id, control_variant=e.control_variant, split=e.split,
+                            hypothesis=e.hypothesis, created_time=to_timestamp(e.created_ns),
+                            updated_time=to_timestamp(e.updated_ns))
+    if e.start_ns is not None:
+        message.start_time.CopyFrom(to_timestamp(e.start_ns))
+    if e.stop_ns is not None:
+        message.stop_time.CopyFrom(to_timestamp(e.stop_ns))
+    return message
+
+
+def power_query(request: pb.PowerRequest) -> PowerQuery:
+    return PowerQuery(request.test_id, request.minimum_detectable_effect, request.power or 0.8,
+                      request.alpha or 0.05, request.control_variant)
+
+
+def power_response(result: PowerResult) -> pb.PowerResponse:
+    return pb.PowerResponse(test_id=result.test_id, control_variant=result.control_variant, metrics=[
+        pb.MetricPower(metric=METRICS[m.metric], baseline_mean=m.baseline_mean, baseline_variance=m.baseline_variance,
+                       users_per_variant=m.users_per_variant, days=m.days, status_message=m.message)
+        for m in result.metrics])
 
 
 def _event(values: dict[str, Any]) -> pb.Event:

@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -217,7 +218,13 @@ class AnalyticsServer:
                      self.metrics_port)
         self._snapshots = asyncio.create_task(self._every_second())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on port %d", SERVICE_NAME, self.port)
+        s = self.settings
+        log.info("serving %s on port %d (%s, %s, %s, %s engine)", SERVICE_NAME, self.port,
+                 s.addr.rpartition(":")[0] or "every interface", "TLS" if s.tls_cert else "plaintext",
+                 "tokens required" if s.tokens_file else "no authentication", s.engine)
+        if s.insecure and not s.tokens_file and not is_loopback(s.addr):
+            log.warning("--insecure: serving %s without tokens: anyone who reaches it can read and write every test",
+                        s.addr)
         return self.port
 
     async def _every_second(self) -> None:
@@ -269,6 +276,7 @@ class AnalyticsServer:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C-core lines would break the JSON log
     tune_allocator()
     # Ingest converts row batches in Python; handing the GIL over every millisecond instead of
     # every 5 keeps a query waiting behind it from paying the full interval at each switch.

@@ -56,6 +56,10 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         return await self._core.quarantine(PRINCIPAL.get(), request.test_id, request.limit,
                                            converters.quarantine_response)
 
+    async def Power(self, request: pb.PowerRequest, context: grpc.aio.ServicerContext) -> pb.PowerResponse:
+        return await self._core.power(PRINCIPAL.get(), converters.power_query(request), context.time_remaining(),
+                                      converters.power_response)
+
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, core: Core, data_dir: str) -> None:
@@ -69,3 +73,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             info = await self._core.snapshot()
         return admin_pb2.CreateSnapshotResponse(path=converters.relative(info.path, self._data_dir), events=info.events,
                                                 elapsed=elapsed)
+
+    async def CreateExperiment(self, request: admin_pb2.CreateExperimentRequest,
+                               context: grpc.aio.ServicerContext) -> admin_pb2.CreateExperimentResponse:
+        plan = await self._core.create_experiment(PRINCIPAL.get(), converters.experiment(request.experiment))
+        return admin_pb2.CreateExperimentResponse(experiment=converters.experiment_message(plan))
+
+    async def UpdateExperiment(self, request: admin_pb2.UpdateExperimentRequest,
+                               context: grpc.aio.ServicerContext) -> admin_pb2.UpdateExperimentResponse:
+        plan = await self._core.update_experiment(PRINCIPAL.get(), converters.experiment(request.experiment))
+        return admin_pb2.UpdateExperimentResponse(experiment=converters.experiment_message(plan))
+
+    async def ListExperiments(self, request: admin_pb2.ListExperimentsRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.ListExperimentsResponse:
+        plans = await self._core.list_experiments(PRINCIPAL.get())
+        return admin_pb2.ListExperimentsResponse(experiments=[converters.experiment_message(p) for p in plans])
+
+    async def StopExperiment(self, request: admin_pb2.StopExperimentRequest,
+                             context: grpc.aio.ServicerContext) -> admin_pb2.StopExperimentResponse:
+        stop = converters.to_ns(request.stop_time) if request.HasField("stop_time") else None
+        plan = await self._core.stop_experiment(PRINCIPAL.get(), request.test_id, stop)
+        return admin_pb2.StopExperimentResponse(experiment=converters.experiment_message(plan))

@@ -17,6 +17,7 @@ from abstream.stats.core import (
     compare,
     srm_p_value,
 )
+from abstream.stats.power import detectable_effect, sample_size
 
-__all__ = ["NO_CONTROL", "SEVERITY", "Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
+__all__ = ["detectable_effect", "sample_size", "NO_CONTROL", "SEVERITY", "Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
            "srm_p_value"]

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from abstream.core.errors import AbstreamError, RecoveryError
 from abstream.core.events import normalize
-from abstream.core.types import SnapshotInfo, ValidatedBatch
+from abstream.core.types import Experiment, SnapshotInfo, ValidatedBatch
 from abstream.store import persist
 from abstream.store.dictionary import Dictionary
 from abstream.store.ingest import Ingest, Producer
@@ -100,7 +100,11 @@ class Persistence:
         replayed = 0
         try:
             for lsn, payload in wal.replay(after_lsn=start_lsn - 1):
-                self._replay(persist.decode_record(payload), lsn)
+                record = persist.decode_record(payload)
+                if isinstance(record, dict):
+                    ingest.experiments = {**ingest.experiments, record["test_id"]: Experiment.from_json(record)}
+                else:
+                    self._replay(record, lsn)
                 replayed += 1
         except WalCorruption as error:
             raise RecoveryError(str(error)) from error
@@ -136,6 +140,7 @@ class Persistence:
         ingest.publish_view()
         ingest.quarantine.restore(contents.quarantine)
         ingest.producers = {k: Producer(v["sequence"], 0) for k, v in contents.producers.items()}
+        ingest.experiments = {k: Experiment.from_json(v) for k, v in contents.experiments.items()}
 
     # ---- snapshots ------------------------------------------------------------------------
 
@@ -172,7 +177,8 @@ class Persistence:
         producers = {k: {"sequence": v.sequence} for k, v in ingest.producers.items()}
         dictionaries = {"test_id": ingest.tests.values, **{n: d.values for n, d in ingest.dicts.items()}}
         return persist.SnapshotContents(lsn, _LazyBatches(batches, tail_codes, tail_cols), dictionaries,
-                                        ingest.quarantine.table(), producers)
+                                        ingest.quarantine.table(), producers,
+                                        {k: e.to_json() for k, e in ingest.experiments.items()})
 
     def maybe_snapshot(self) -> SnapshotInfo | None:
         """Snapshots when the configured number of events or seconds has passed since the last."""

@@ -18,6 +18,7 @@ from abstream.core.engine import Gauge
 from abstream.core.errors import AbstreamError
 from abstream.core.events import Rejection
 from abstream.core.types import (
+    Experiment,
     GroupStats,
     IngestResult,
     QuarantinedEvent,
@@ -92,6 +93,12 @@ class EventStore:
         """Up to `limit` rejected events, newest first, and how many match in all (of one test
         when `test_id` is given, of tests starting with `test_prefix`)."""
         return self._ingest.quarantine.newest(test_id, limit, test_prefix)
+
+    def experiments(self) -> dict[str, Experiment]:
+        return self._ingest.experiments
+
+    def put_experiment(self, experiment: Experiment) -> None:
+        self._ingest.put_experiment(experiment)
 
     # ---- operations -----------------------------------------------------------------------
 

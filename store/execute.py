@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+from abstream.core import timezones
 from abstream.core.errors import DeadlineExceeded
 from abstream.core.events import EVENT_SCHEMA
 from abstream.core.types import (
@@ -54,7 +55,7 @@ class Queries:
 
     def summary(self, q: SummaryQuery) -> GroupStats:
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"],
-                            None, q.deadline)
+                            q.filters, q.deadline)
         cols = scope.cols
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
@@ -89,8 +90,14 @@ class Queries:
                                                                "revenue"], q.filters, q.deadline)
         cols = scope.cols
         interval = q.interval
-        bucket_id, buckets = kernels.dense_ids(kernels.bucket_index(cols["timestamp"], interval.origin_ns,
-                                                                    interval.width_ns))
+        ts = cols["timestamp"]
+        if q.time_zone and len(ts):
+            local = timezones.offsets(q.time_zone, int(ts.min()), int(ts.max())).local_ns(ts)
+            bucket_id, buckets = kernels.dense_ids(timezones.bucket_index(local, interval))
+            starts = timezones.bucket_starts(q.time_zone, interval, buckets)
+        else:
+            bucket_id, buckets = kernels.dense_ids(kernels.bucket_index(ts, interval.origin_ns, interval.width_ns))
+            starts = buckets * interval.width_ns + interval.origin_ns
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         n_b, n_v = len(buckets), len(variant_codes)
         if q.cumulative:
@@ -106,7 +113,7 @@ class Queries:
             test_id=q.test_id,
             interval=interval,
             cumulative=q.cumulative,
-            bucket_start_ns=buckets[b] * interval.width_ns + interval.origin_ns,
+            bucket_start_ns=starts[b],
             variants=self._ingest.dicts["variant"].decode(variant_codes[v]),
             metrics=MetricColumns(**totals).take(keep),
             stats=scope.stats(),

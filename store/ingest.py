@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from abstream.core.events import Rejection
-from abstream.core.types import IngestResult, ValidatedBatch
+from abstream.core.types import Experiment, IngestResult, ValidatedBatch
 from abstream.store import persist
 from abstream.store.dictionary import Dictionary
 from abstream.store.partition import DTYPES, PartitionView, StoreView, Tail, split_by_test, take
@@ -70,6 +70,7 @@ class Ingest:
         self.view = StoreView({}, (self.tail.view(),))
         self.quarantine = Quarantine(quarantine_limit)
         self.producers: dict[str, Producer] = {}
+        self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered
 
     # ---- the ingest path --------------------------------------------------------------------
@@ -99,6 +100,15 @@ class Ingest:
             lsn = None if self.wal is None else self.wal.append(p.payload)
             self.publish(p.test_codes, p.cols, p.rejected, p.rejections, p.received, p.producer_id, p.sequence, lsn)
             return IngestResult(accepted=len(p.test_codes), rejections=p.rejections, token=lsn)
+
+    def put_experiment(self, experiment: Experiment) -> None:
+        """Logs a plan and makes it current; returns once it is durable."""
+        with self.lock:
+            lsn = None if self.wal is None else self.wal.append(Payload.of(persist.encode_experiment(
+                experiment.to_json())))
+            self.experiments = {**self.experiments, experiment.test_id: experiment}
+        if lsn is not None:
+            self.wal.commit(lsn)
 
     def commit(self, result: IngestResult) -> None:
         """Returns once the batch behind `result` is as durable as the fsync policy promises."""

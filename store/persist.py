@@ -12,6 +12,7 @@ A snapshot is a directory `snap-<lsn>` (the first log record it does not contain
     dict-<field>.arrow   each dictionary's strings in code order (a code is a row number)
     quarantine.arrow     rejected events with their reasons
     producers.json       last applied sequence per producer
+    experiments.json     each test's plan (control, split, start, stop)
 
 It is written to `tmp-<lsn>`, every file fsynced, then renamed and the parent fsynced, so a
 snapshot directory either is complete or does not exist under its final name.
@@ -25,7 +26,7 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -77,10 +78,19 @@ def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[
     return [_SIZES.pack(len(header), memoryview(body).nbytes) + header, body]
 
 
-def decode_record(payload: bytes) -> Record:
+def encode_experiment(experiment: dict) -> list[bytes]:
+    """A record of an experiment's plan as defined or changed (no events)."""
+    header = json.dumps({"experiment": experiment}, separators=(",", ":")).encode()
+    return [_SIZES.pack(len(header), 0) + header]
+
+
+def decode_record(payload: bytes) -> Record | dict:
+    """A batch's record, or an experiment's plan (a dict)."""
     h, b = _SIZES.unpack_from(payload)
     at = _SIZES.size
     header = json.loads(payload[at:at + h])
+    if "experiment" in header:
+        return header["experiment"]
     batch = pa.ipc.open_stream(pa.py_buffer(payload)[at + h:at + h + b]).read_all()
     return Record(batch, [Rejection(*x) for x in header["rejections"]], header["producer_id"], header["sequence"],
                   header["received_ns"])
@@ -97,6 +107,7 @@ class SnapshotContents:
     dictionaries: dict[str, pa.Array]
     quarantine: pa.Table
     producers: dict[str, Any]
+    experiments: dict[str, dict] = field(default_factory=dict)
 
 
 def _write_ipc(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch], compression: str | None) -> None:
@@ -135,6 +146,7 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     for name, (schema, batches) in files.items():
         _write_ipc(tmp / name, schema, batches, codec)
     (tmp / "producers.json").write_text(json.dumps(contents.producers))
+    (tmp / "experiments.json").write_text(json.dumps(contents.experiments))
     manifest = {
         "format": 1, "lsn": contents.lsn, "created_ns": time.time_ns(), "compression": compression,
         "files": {p.name: {"size": p.stat().st_size, "crc32": _crc_file(p)} for p in sorted(tmp.iterdir())},
@@ -178,7 +190,9 @@ def load_snapshot(path: Path) -> SnapshotContents:
         batches = [events.get_batch(i) for i in range(events.num_record_batches)]
         dictionaries = {p.name[5:-6]: read(p.name).column("value").combine_chunks() for p in path.glob("dict-*.arrow")}
         return SnapshotContents(manifest["lsn"], batches, dictionaries, read("quarantine.arrow"),
-                                json.loads((path / "producers.json").read_text()))
+                                json.loads((path / "producers.json").read_text()),
+                                json.loads((path / "experiments.json").read_text())
+                                if (path / "experiments.json").exists() else {})
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, pa.ArrowException) as error:

@@ -26,6 +26,8 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_columnar"]["events"] == 50000 and report["ingest_columnar"]["rejected"] == 0
     assert len(report["ingest_columnar"]["runs_events_per_s"]) == 3  # the median of three fresh servers
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
+    assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0
+    assert "`abstream ingest` of 50,000 NDJSON lines" in result.stdout
     assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0
     assert report["memory"]["bytes_per_event"] > 0
     assert report["hostile_ids"]["ids"] >= 1000 and report["hostile_ids"]["secret_over_random"] > 0

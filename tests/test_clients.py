@@ -27,7 +27,10 @@ def test_client_returns_typed_results(server, stub):
     with Client(server.address) as client:
         summary = client.summary("checkout", "2025-04-28", "2025-05-10 23:59:59")
         assert [r.variant for r in summary.rows] == ["control", "variant_a", "variant_b"]
-        assert summary.analysis["control_variant"] == "control"
+        assert summary.analysis.control_variant == "control"
+        comparison = summary.analysis.comparisons[0]
+        assert comparison.variant == "variant_a" and comparison.metric == "conversion"
+        assert comparison.absolute.ci_low <= comparison.absolute.estimate <= comparison.absolute.ci_high
         table = summary.to_arrow()
         assert table.column_names == ["variant", "users", "conversions", "conversion_rate", "total_revenue",
                                       "revenue_per_user", "events", "converted_users", "user_conversion_rate"]
@@ -205,6 +208,6 @@ def test_cli_shows_progress_on_long_files(server, tmp_path):
     path.write_text("".join(json.dumps({"timestamp": "2025-04-28 18:42:22", "user_id": f"u{i}", "test_id": "long",
                                         "variant": "AB"[i % 2]}) + "\n" for i in range(12_000)))
     env = {**__import__("os").environ, "ABSTREAM_PROGRESS": "1"}
-    result = run_cli("ingest", "--addr", server.address, str(path), env=env)
+    result = run_cli("ingest", "--addr", server.address, "--batch-size", "5000", str(path), env=env)
     assert result.returncode == 0 and "accepted 12,000, rejected 0" in result.stdout
-    assert "10,000 / 12,000 events sent" in result.stderr
+    assert "5,000 / 12,000 lines" in result.stderr and "12,000 / 12,000 lines" in result.stderr

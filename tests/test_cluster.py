@@ -19,6 +19,7 @@ import pytest
 from abstream.clickhouse.backend import Cluster as Backend
 from abstream.clickhouse.cluster import Cluster
 from abstream.clickhouse.engine import ClickHouseEngine
+from abstream.clients import Client
 from abstream.core.engine import append
 from abstream.v1 import analytics_pb2 as pb
 from google.rpc import error_details_pb2
@@ -173,6 +174,8 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
     _, args = database(cluster)
     g = gateway(tmp_path, args, "g")
     assert send(g.address, "s", 1).accepted == BATCH
+    with Client(g.address) as client:
+        client.create_experiment("dur", control="A")
     cluster.kill_node(2)
     cluster.kill_node(3)  # both replicas of shard 2
     try:
@@ -183,10 +186,35 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
         shard2 = [n for n in cluster.nodes if n.shard == 2]
         assert "shard 2" in refused.value.details()
         assert all(f"127.0.0.1:{n.tcp_port}" in refused.value.details() for n in shard2)
+        with Client(g.address, timeout=30) as client:
+            # every shard holds every plan: read from the one that answers; written to all, or refused
+            assert [(p.test_id, p.control_variant) for p in client.list_experiments()] == [("dur", "A")]
+            with pytest.raises(grpc.RpcError) as refused:
+                client.create_experiment("other", control="B")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shard 2" in refused.value.details()
     finally:
         cluster.start_node(2)
         cluster.start_node(3)
     assert totals(g.address) == (BATCH, BATCH)
+    with Client(g.address, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:  # the retry completes the create, once shard 2's replicas are back in ZooKeeper
+            try:
+                client.create_experiment("other", control="B")
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
+                time.sleep(0.5)
+        assert sorted(p.test_id for p in client.list_experiments()) == ["dur", "other"]
+    cluster.kill_node(0)
+    cluster.kill_node(1)  # now shard 1 is down: shard 2 has every plan too
+    time.sleep(1.5)  # past the gateway's cache of plans
+    try:
+        with Client(g.address, timeout=30) as client:
+            assert sorted(p.test_id for p in client.list_experiments()) == ["dur", "other"]
+    finally:
+        cluster.start_node(0)
+        cluster.start_node(1)
 
 
 def test_zookeeper_down_refuses_ingest_with_retry_info_and_answers_queries(cluster, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -173,14 +174,20 @@ def test_dictionary_encoded_batches_store_what_plain_ones_do_and_replay_the_same
         result = stored.append(dictionary_encoded(table, seed=i), producer_id="p", sequence=i + 1)
         assert result.rejections == []
 
+    def rows(metrics):
+        # sums of revenue are added in an order that depends on the dictionaries' random hash
+        # keys: equal up to the last bits, not bit for bit
+        return [tuple(round(v, 6) if isinstance(v, float) else v for v in dataclasses.astuple(m))
+                for m in metrics.rows()]
+
     def answers(s: EventStore):
         out = []
         for test_id in TESTS:
             r = s.summary(SummaryQuery(test_id))
-            out.append(list(zip(r.variants, r.metrics.rows())))
+            out.append(list(zip(r.variants, rows(r.metrics))))
             for dim in Dimension:
                 r = s.segments(SegmentsQuery(test_id, dim))
-                out.append(sorted(zip(r.variants, r.segments, r.metrics.rows())))
+                out.append(sorted(zip(r.variants, r.segments, rows(r.metrics))))
         return out, sorted((t.test_id, t.events, t.users) for t in s.list_tests())
 
     assert answers(stored) == answers(plain)

@@ -61,3 +61,24 @@ def test_buf_generates_go_and_java_stubs(tmp_path):
     assert (tmp_path / "gen/go/abstream/v1/analytics_grpc.pb.go").is_file()
     assert (tmp_path / "gen/java/dev/abstream/v1/AnalyticsServiceGrpc.java").is_file()
     assert "package abstreamv1" in (tmp_path / "gen/go/abstream/v1/analytics.pb.go").read_text()
+
+
+def test_the_readme_transcript_is_what_the_command_prints(server):
+    """The README's `$ abstream ...` transcript, run in order against a new server, prints
+    exactly what the README shows."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("This transcript, on a server")[1].split("```\n")[1].split("```")[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    assert len(steps) == 4
+    for command, expected in steps:
+        argv = shlex.split(command)
+        argv[0] = str(BIN / argv[0])
+        result = subprocess.run([*argv, "--addr", server.address], capture_output=True, text=True, timeout=60,
+                                cwd=ROOT)
+        assert result.returncode == 0, (command, result.stderr)
+        assert result.stdout.splitlines() == expected, command

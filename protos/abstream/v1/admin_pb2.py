@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from abstream.v1 import analytics_pb2 as abstream_dot_v1_dot_analytics__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1egoogle/protobuf/duration.proto\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2i\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponseBO\n\x0f\x64\x65v.abstream.v1P\x01Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1b\x61\x62stream/v1/analytics.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x17\x43reateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18\x43reateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"F\n\x17UpdateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18UpdateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"\x18\n\x16ListExperimentsRequest\"G\n\x17ListExperimentsResponse\x12,\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x17.abstream.v1.Experiment\"W\n\x15StopExperimentRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12-\n\tstop_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x16StopExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment2\xe4\x03\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponse\x12_\n\x10\x43reateExperiment\x12$.abstream.v1.CreateExperimentRequest\x1a%.abstream.v1.CreateExperimentResponse\x12_\n\x10UpdateExperiment\x12$.abstream.v1.UpdateExperimentRequest\x1a%.abstream.v1.UpdateExperimentResponse\x12\\\n\x0fListExperiments\x12#.abstream.v1.ListExperimentsRequest\x1a$.abstream.v1.ListExperimentsResponse\x12Y\n\x0eStopExperiment\x12\".abstream.v1.StopExperimentRequest\x1a#.abstream.v1.StopExperimentResponseBO\n\x0f\x64\x65v.abstream.v1P\x01Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +35,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'abstream.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.abstream.v1P\001Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1'
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=72
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=95
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=97
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=195
-  _globals['_ADMINSERVICE']._serialized_start=197
-  _globals['_ADMINSERVICE']._serialized_end=302
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=134
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=157
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=159
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=257
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=259
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=329
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_start=331
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_end=402
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=404
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=474
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_start=476
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_end=547
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=549
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=573
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=575
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=646
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=648
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=735
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=737
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=806
+  _globals['_ADMINSERVICE']._serialized_start=809
+  _globals['_ADMINSERVICE']._serialized_end=1293
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,26 @@ class AdminServiceStub:
                 request_serializer=abstream_dot_v1_dot_admin__pb2.CreateSnapshotRequest.SerializeToString,
                 response_deserializer=abstream_dot_v1_dot_admin__pb2.CreateSnapshotResponse.FromString,
                 _registered_method=True)
+        self.CreateExperiment = channel.unary_unary(
+                '/abstream.v1.AdminService/CreateExperiment',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.CreateExperimentRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.CreateExperimentResponse.FromString,
+                _registered_method=True)
+        self.UpdateExperiment = channel.unary_unary(
+                '/abstream.v1.AdminService/UpdateExperiment',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.UpdateExperimentRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.UpdateExperimentResponse.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/abstream.v1.AdminService/ListExperiments',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.StopExperiment = channel.unary_unary(
+                '/abstream.v1.AdminService/StopExperiment',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -54,6 +74,34 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateExperiment(self, request, context):
+        """CreateExperiment defines a test's plan; it fails if the test has one already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateExperiment(self, request, context):
+        """UpdateExperiment changes the fields of a test's plan that the request sets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """ListExperiments returns every plan, ordered by test_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopExperiment(self, request, context):
+        """StopExperiment records that a test's experiment has stopped (now, unless a time is given).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +109,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CreateSnapshot,
                     request_deserializer=abstream_dot_v1_dot_admin__pb2.CreateSnapshotRequest.FromString,
                     response_serializer=abstream_dot_v1_dot_admin__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'CreateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateExperiment,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.CreateExperimentRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.CreateExperimentResponse.SerializeToString,
+            ),
+            'UpdateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateExperiment,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.UpdateExperimentRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.UpdateExperimentResponse.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'StopExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExperiment,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +159,114 @@ class AdminService:
             '/abstream.v1.AdminService/CreateSnapshot',
             abstream_dot_v1_dot_admin__pb2.CreateSnapshotRequest.SerializeToString,
             abstream_dot_v1_dot_admin__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/CreateExperiment',
+            abstream_dot_v1_dot_admin__pb2.CreateExperimentRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.CreateExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/UpdateExperiment',
+            abstream_dot_v1_dot_admin__pb2.UpdateExperimentRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.UpdateExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/ListExperiments',
+            abstream_dot_v1_dot_admin__pb2.ListExperimentsRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/StopExperiment',
+            abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -266,16 +266,18 @@ class Analysis(_message.Message):
     def __init__(self, control_variant: _Optional[str] = ..., srm_p_value: _Optional[float] = ..., sample_ratio_mismatch: _Optional[bool] = ..., comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
 
 class SummaryRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time", "analysis")
+    __slots__ = ("test_id", "start_time", "end_time", "analysis", "filters")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     analysis: AnalysisOptions
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
+    filters: Filters
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ...) -> None: ...
 
 class SummaryRow(_message.Message):
     __slots__ = ("variant", "metrics")
@@ -346,20 +348,22 @@ class SegmentAnalysis(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters")
+    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters", "time_zone")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     interval: Interval
     cumulative: bool
     filters: Filters
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ...) -> None: ...
+    time_zone: str
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., time_zone: _Optional[str] = ...) -> None: ...
 
 class TimeseriesRow(_message.Message):
     __slots__ = ("bucket_start", "variant", "metrics")
@@ -390,20 +394,49 @@ class ListTestsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TestInfo(_message.Message):
-    __slots__ = ("test_id", "variants", "events", "users", "first_event_time", "last_event_time")
+    __slots__ = ("test_id", "variants", "events", "users", "first_event_time", "last_event_time", "experiment")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     USERS_FIELD_NUMBER: _ClassVar[int]
     FIRST_EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     variants: _containers.RepeatedScalarFieldContainer[str]
     events: int
     users: int
     first_event_time: _timestamp_pb2.Timestamp
     last_event_time: _timestamp_pb2.Timestamp
-    def __init__(self, test_id: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., events: _Optional[int] = ..., users: _Optional[int] = ..., first_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    experiment: Experiment
+    def __init__(self, test_id: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., events: _Optional[int] = ..., users: _Optional[int] = ..., first_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("test_id", "control_variant", "split", "start_time", "stop_time", "hypothesis", "created_time", "updated_time")
+    class SplitEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    STOP_TIME_FIELD_NUMBER: _ClassVar[int]
+    HYPOTHESIS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    control_variant: str
+    split: _containers.ScalarMap[str, float]
+    start_time: _timestamp_pb2.Timestamp
+    stop_time: _timestamp_pb2.Timestamp
+    hypothesis: str
+    created_time: _timestamp_pb2.Timestamp
+    updated_time: _timestamp_pb2.Timestamp
+    def __init__(self, test_id: _Optional[str] = ..., control_variant: _Optional[str] = ..., split: _Optional[_Mapping[str, float]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hypothesis: _Optional[str] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListTestsResponse(_message.Message):
     __slots__ = ("tests", "stats")
@@ -442,3 +475,43 @@ class ListQuarantineResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[QuarantinedEvent]
     total: int
     def __init__(self, events: _Optional[_Iterable[_Union[QuarantinedEvent, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class PowerRequest(_message.Message):
+    __slots__ = ("test_id", "minimum_detectable_effect", "power", "alpha", "control_variant")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    POWER_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    minimum_detectable_effect: float
+    power: float
+    alpha: float
+    control_variant: str
+    def __init__(self, test_id: _Optional[str] = ..., minimum_detectable_effect: _Optional[float] = ..., power: _Optional[float] = ..., alpha: _Optional[float] = ..., control_variant: _Optional[str] = ...) -> None: ...
+
+class MetricPower(_message.Message):
+    __slots__ = ("metric", "baseline_mean", "baseline_variance", "users_per_variant", "days", "status_message")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    USERS_PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    metric: Metric
+    baseline_mean: float
+    baseline_variance: float
+    users_per_variant: int
+    days: float
+    status_message: str
+    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., baseline_mean: _Optional[float] = ..., baseline_variance: _Optional[float] = ..., users_per_variant: _Optional[int] = ..., days: _Optional[float] = ..., status_message: _Optional[str] = ...) -> None: ...
+
+class PowerResponse(_message.Message):
+    __slots__ = ("test_id", "control_variant", "metrics")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    control_variant: str
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricPower]
+    def __init__(self, test_id: _Optional[str] = ..., control_variant: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[MetricPower, _Mapping]]] = ...) -> None: ...

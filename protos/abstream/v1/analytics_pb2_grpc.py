@@ -67,6 +67,11 @@ class AnalyticsServiceStub:
                 request_serializer=abstream_dot_v1_dot_analytics__pb2.ListQuarantineRequest.SerializeToString,
                 response_deserializer=abstream_dot_v1_dot_analytics__pb2.ListQuarantineResponse.FromString,
                 _registered_method=True)
+        self.Power = channel.unary_unary(
+                '/abstream.v1.AnalyticsService/Power',
+                request_serializer=abstream_dot_v1_dot_analytics__pb2.PowerRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_analytics__pb2.PowerResponse.FromString,
+                _registered_method=True)
 
 
 class AnalyticsServiceServicer:
@@ -119,6 +124,14 @@ class AnalyticsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Power(self, request, context):
+        """Power returns the users needed per variant to detect a given lift, from the test's own
+        baseline and variance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnalyticsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +164,11 @@ def add_AnalyticsServiceServicer_to_server(servicer, server):
                     servicer.ListQuarantine,
                     request_deserializer=abstream_dot_v1_dot_analytics__pb2.ListQuarantineRequest.FromString,
                     response_serializer=abstream_dot_v1_dot_analytics__pb2.ListQuarantineResponse.SerializeToString,
+            ),
+            'Power': grpc.unary_unary_rpc_method_handler(
+                    servicer.Power,
+                    request_deserializer=abstream_dot_v1_dot_analytics__pb2.PowerRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_analytics__pb2.PowerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +336,33 @@ class AnalyticsService:
             '/abstream.v1.AnalyticsService/ListQuarantine',
             abstream_dot_v1_dot_analytics__pb2.ListQuarantineRequest.SerializeToString,
             abstream_dot_v1_dot_analytics__pb2.ListQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Power(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AnalyticsService/Power',
+            abstream_dot_v1_dot_analytics__pb2.PowerRequest.SerializeToString,
+            abstream_dot_v1_dot_analytics__pb2.PowerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,296 @@
+"""Event files read into Arrow batches: NDJSON and CSV as users send them today, Parquet and Arrow.
+
+Each file is read in chunks of up to `lines` events. A chunk is parsed by Arrow's readers in C++
+(the fast path); only when Arrow refuses a chunk (a malformed line, a value of another type) is it
+read again line by line, to find and word the lines that cannot be sent, in the server's words,
+naming their field. What can be sent goes to the server, which judges the rest (a missing
+required field, a value out of range) and quarantines what it rejects.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import mmap
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+from abstream.v1 import analytics_pb2 as pb
+
+STRINGS = tuple(f.name for f in pb.Event.DESCRIPTOR.fields if f.type == f.TYPE_STRING)
+REQUIRED = ("timestamp", "user_id", "test_id", "variant")
+#: The columns a file's events are read into (timestamps in UTC).
+FILE_SCHEMA = pa.schema([pa.field("timestamp", pa.timestamp("ns", tz="UTC"))]
+                        + [pa.field(f.name, pa.int64() if f.name == "conversion" else pa.float64()
+                                    if f.name == "revenue" else pa.string())
+                           for f in pb.Event.DESCRIPTOR.fields if f.name != "timestamp"])
+FORMATS = ("ndjson", "csv", "parquet", "arrow")
+
+
+class FileProblem(Exception):
+    """A file that cannot be read at all (missing, unreadable, a CSV without the columns needed)."""
+
+
+@dataclass
+class Chunk:
+    """Up to `lines` events of one file: what can be sent, and the lines that cannot."""
+
+    table: pa.Table  # FILE_SCHEMA
+    lines: np.ndarray  # the line (or row) number of each of `table`'s rows
+    problems: list[tuple[int, str, str]] = field(default_factory=list)  # (line, field, why)
+    last: int = 0  # the last line the chunk covers: its sequence number when sent exactly once
+
+
+def format_of(path: str, requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    suffix = Path(path).suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}.get(
+        suffix, "ndjson")
+
+
+def content_id(path: str) -> str:
+    """A name for a file's content (BLAKE2b of its bytes): the producer id that makes re-sending it a
+    no-op, whatever the file is called."""
+    digest = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        if Path(path).stat().st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                digest.update(view)
+    return digest.hexdigest()
+
+
+def read(path: str, fmt: str, lines: int) -> Iterator[Chunk]:
+    """The file's events in chunks; `path` "-" is standard input (NDJSON or CSV)."""
+    try:
+        if fmt == "ndjson":
+            with _open(path) as f:
+                yield from _ndjson(f, lines)
+        elif fmt == "csv":
+            with _open(path) as f:
+                yield from _csv(f, path, lines)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            yield from _columnar(pq.ParquetFile(path).iter_batches(batch_size=lines), path)
+        else:
+            with pa.memory_map(path) as source:
+                try:
+                    reader = pa.ipc.open_file(source)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    batches = iter(pa.ipc.open_stream(source))
+                yield from _columnar(batches, path)
+    except OSError as error:
+        raise FileProblem(f"cannot read {path}: {error.strerror or error}") from None
+    except pa.ArrowInvalid as error:
+        raise FileProblem(f"{path} is not a readable {fmt} file: {error}") from None
+
+
+def _open(path: str) -> BinaryIO:
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
+
+
+# ---- NDJSON ------------------------------------------------------------------------------
+
+_JSON_OPTIONS = pajson.ParseOptions(explicit_schema=FILE_SCHEMA, unexpected_field_behavior="ignore")
+
+
+def _ndjson(f: BinaryIO, lines: int) -> Iterator[Chunk]:
+    number = 0
+    while True:
+        block = f.readlines(lines * 200) if lines else f.readlines()
+        if not block:
+            return
+        kept = [(number + i + 1, line) for i, line in enumerate(block) if line.strip()]
+        number += len(block)
+        for at in range(0, len(kept), lines):
+            piece = kept[at:at + lines]
+            yield _ndjson_chunk(piece, number if at + lines >= len(kept) else piece[-1][0])
+
+
+def _ndjson_chunk(piece: list[tuple[int, bytes]], last: int) -> Chunk:
+    numbers = np.array([n for n, _ in piece], dtype=np.int64)
+    body = b"".join(line if line.endswith(b"\n") else line + b"\n" for _, line in piece)
+    try:
+        table = pajson.read_json(io.BytesIO(body), parse_options=_JSON_OPTIONS)
+        if table.num_rows == len(piece):
+            return Chunk(table, numbers, [], last)
+    except pa.ArrowInvalid:
+        pass  # some line is not what Arrow expects: find which, line by line
+    rows, kept, problems = [], [], []
+    for n, line in piece:
+        try:
+            value = json.loads(line)
+        except ValueError as error:
+            problems.append((n, "line", f"is not valid JSON: {str(error).split(':')[0]}"))
+            continue
+        if not isinstance(value, dict):
+            problems.append((n, "line", "is not a JSON object (one event per line)"))
+            continue
+        row, why = typed_event(value)
+        if why:
+            problems.append((n, *why))
+        else:
+            rows.append(row)
+            kept.append(n)
+    return Chunk(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), np.array(kept, dtype=np.int64), problems, last)
+
+
+def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """An event's values in the file's types, or the first field that cannot be, and why, in the
+    server's words."""
+    row: dict[str, Any] = {}
+    for name in STRINGS:
+        value = event.get(name)
+        if value is None or isinstance(value, str):
+            row[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[name] = str(value)
+        else:
+            return row, (name, f"{name} must be a string, got {json.dumps(value)[:64]}")
+    moment = parse_time(event.get("timestamp"))
+    if moment is _BAD:
+        return row, ("timestamp", f"timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 or seconds since the "
+                                  f"Unix epoch, got {json.dumps(event.get('timestamp'))[:64]}")
+    row["timestamp"] = moment
+    conversion = event.get("conversion")
+    if conversion is not None:
+        if isinstance(conversion, bool) or (isinstance(conversion, (int, float)) and float(conversion).is_integer()):
+            row["conversion"] = int(conversion)
+        elif isinstance(conversion, str) and conversion.strip().lstrip("-").isdigit():
+            row["conversion"] = int(conversion)
+        else:
+            return row, ("conversion", f"conversion must be 0 or 1, got {json.dumps(conversion)[:64]}")
+    revenue = event.get("revenue")
+    if revenue is not None:
+        try:
+            row["revenue"] = float(revenue)
+            if isinstance(revenue, bool) or not math.isfinite(row["revenue"]):
+                raise ValueError
+        except (TypeError, ValueError):
+            return row, ("revenue", f"revenue must be a finite number, got {json.dumps(revenue)[:64]}")
+    return row, None
+
+
+_BAD = object()
+
+
+def parse_time(value: Any):
+    """A timestamp as users send it: 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339, or seconds since the
+    epoch; None when absent; _BAD when it is none of those."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return _BAD
+    if not isinstance(value, str):
+        return _BAD
+    try:
+        moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return _BAD
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+# ---- CSV ---------------------------------------------------------------------------------
+
+def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]:
+    """(delimiter, the file's name of each event field it has, the names it has that are not
+    event fields) from a CSV header line; FileProblem when required columns are missing."""
+    try:
+        delimiter = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
+    except csv.Error:
+        delimiter = ","
+    names = next(csv.reader([header], delimiter=delimiter))
+    fields = [f.name for f in pb.Event.DESCRIPTOR.fields]
+    found = {}
+    for name in names:
+        key = name.strip().lower()
+        if key in fields and key not in found:
+            found[key] = name
+    missing = [name for name in REQUIRED if name not in found]
+    if missing:
+        raise FileProblem(f"{path}: the header names no {', '.join(missing)} column (found: "
+                          f"{', '.join(repr(n) for n in names) or 'nothing'}; separator {delimiter!r}); a CSV needs "
+                          f"a header naming at least {', '.join(REQUIRED)}")
+    extra = [n for n in names if n.strip().lower() not in fields]
+    return delimiter, found, extra
+
+
+def _csv(f: BinaryIO, path: str, lines: int) -> Iterator[Chunk]:
+    header = f.readline()
+    if not header.strip():
+        raise FileProblem(f"{path}: is empty; a CSV needs a header line naming its columns")
+    delimiter, found, extra = csv_columns(header.decode("utf-8", "replace").rstrip("\r\n"), path)
+    if extra:
+        print(f"abstream ingest: {path}: ignoring columns that are not event fields: "
+              f"{', '.join(repr(n) for n in extra)}", file=sys.stderr)
+    names = next(csv.reader([header.decode("utf-8", "replace").rstrip("\r\n")], delimiter=delimiter))
+    renames = {original: field for field, original in found.items()}
+    if not f.peek(1):
+        return  # a header and no rows: Arrow's reader would call the file empty
+    reader = pacsv.open_csv(
+        f, read_options=pacsv.ReadOptions(column_names=names, block_size=max(lines, 1) * 200),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                             include_columns=list(found.values()), strings_can_be_null=True))
+    number = 1  # the header
+    for batch in reader:
+        table = pa.Table.from_batches([batch]).rename_columns([renames[n] for n in batch.schema.names])
+        for at in range(0, table.num_rows, lines):
+            piece = table.slice(at, lines)
+            numbers = np.arange(number + 1, number + 1 + piece.num_rows, dtype=np.int64)
+            number += piece.num_rows
+            yield _csv_chunk(piece, numbers)
+
+
+def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:
+    try:
+        columns = {}
+        for f in FILE_SCHEMA:
+            if f.name not in strings.column_names:
+                columns[f.name] = pa.nulls(strings.num_rows, f.type)
+            elif f.name == "timestamp":
+                columns[f.name] = strings.column(f.name).cast(pa.timestamp("ns")).cast(f.type)
+            else:
+                columns[f.name] = strings.column(f.name).cast(f.type)
+        return Chunk(pa.table(columns, schema=FILE_SCHEMA), numbers, [], int(numbers[-1]) if len(numbers) else 0)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # a value Arrow cannot convert: find which, row by row
+    rows, kept, problems = [], [], []
+    for n, event in zip(numbers.tolist(), strings.to_pylist()):
+        row, why = typed_event({k: v for k, v in event.items() if v is not None})
+        if why:
+            problems.append((n, *why))
+        else:
+            rows.append(row)
+            kept.append(n)
+    return Chunk(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), np.array(kept, dtype=np.int64), problems,
+                 int(numbers[-1]) if len(numbers) else 0)
+
+
+# ---- Parquet and Arrow -------------------------------------------------------------------
+
+def _columnar(batches, path: str) -> Iterator[Chunk]:
+    """Columnar files go as they are (the server reads any Arrow types it accepts); rows are
+    numbered from 1."""
+    number = 0
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        numbers = np.arange(number + 1, number + 1 + table.num_rows, dtype=np.int64)
+        number += table.num_rows
+        yield Chunk(table, numbers, [], number)

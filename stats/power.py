@@ -1,0 +1,36 @@
+"""Sample sizes: how many users each arm needs to detect a lift, before running a test.
+
+For a per-user metric with mean m and variance v in the control, a relative lift e (the minimum
+detectable effect) is an absolute difference d = e |m|; with both arms assumed to have the
+control's variance, a two-sided test at level alpha detects it with probability `power` when
+each arm has
+
+    n = 2 v (z_{1 - alpha/2} + z_power)^2 / d^2
+
+users (the normal approximation of Welch's test, as the comparisons use for large arms).
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy import special
+
+
+def sample_size(mean: float, variance: float, mde: float, alpha: float = 0.05, power: float = 0.8
+                ) -> tuple[int, str]:
+    """(users per arm, why not when it cannot be computed: then 0)."""
+    difference = abs(mde * mean)
+    if mean == 0:
+        return 0, "the control's mean is 0: a relative lift of it is 0 whatever its size"
+    if not (variance > 0 and math.isfinite(variance)):
+        return 0, "the control's values do not vary yet: there is no spread to size the test against"
+    z = float(special.ndtri(1 - alpha / 2) + special.ndtri(power))
+    return int(math.ceil(2 * variance * z * z / (difference * difference))), ""
+
+
+def detectable_effect(mean: float, variance: float, users_per_arm: int, alpha: float = 0.05,
+                      power: float = 0.8) -> float:
+    """The relative lift that `users_per_arm` users per arm detect with `power`: sample_size's inverse."""
+    z = float(special.ndtri(1 - alpha / 2) + special.ndtri(power))
+    return math.sqrt(2 * variance / users_per_arm) * z / abs(mean)

@@ -1,0 +1,605 @@
+"""The `abstream` command and the Python client as a person uses them on day one: one readable
+line for every mistake, files imported exactly once, inclusive ends, TLS, typed results,
+experiments with their plan, time zones and sample sizes, on real servers."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import grpc
+import pytest
+from abstream.clients import Client, Delivery, Producer
+from abstream.core.settings import Settings
+
+from tests.conftest import ServerThread, engine_settings
+from tests.process import Server
+from tests.test_security import TOKENS, make_pki, tokens_file
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "abstream"), *args], capture_output=True, text=True, timeout=timeout,
+                          input=input, env={**os.environ, **(env or {})})
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The error a person sees: exactly one line on stderr, no traceback, exit code 2."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and result.returncode == 2, (result.returncode, result.stderr)
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def event(i: int, test_id: str, variant: str, when: str = "2025-04-28 18:42:22", **fields) -> dict:
+    return {"timestamp": when, "user_id": f"user_{i}", "test_id": test_id, "variant": variant, "event_type": "click",
+            "conversion": 0, "revenue": 0.0, **fields}
+
+
+def write_ndjson(path: Path, events) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def events_of(address: str, test_id: str, **query) -> int:
+    with Client(address) as client:
+        return sum(r.metrics.events for r in client.summary(test_id, **query).rows)
+
+
+# ---- failing clearly ------------------------------------------------------------------------------
+
+def test_every_command_fails_fast_with_one_line_when_nothing_listens(tmp_path):
+    path = write_ndjson(tmp_path / "e.ndjson", [event(i, "t", "A") for i in range(30_000)])
+    addr = f"127.0.0.1:{free_port()}"
+    for args in (("ingest", str(path)), ("summary", "t"), ("tests",), ("experiment", "list"), ("power", "t",
+                                                                                                    "--mde", "0.1")):
+        started = time.monotonic()
+        line = one_line(run(*args, "--addr", addr, "--timeout", "3"))
+        assert time.monotonic() - started < 30, args  # retries are bounded by --timeout, not minutes
+        assert line.startswith(f"abstream {args[0]}") and f"cannot reach the server at {addr}" in line, line
+        assert "abstream serve" in line and "--addr" in line and "Rendezvous" not in line
+
+
+def test_a_missing_or_insufficient_token_says_which_option_to_use(tmp_path):
+    secured = ServerThread(Settings(addr="127.0.0.1:0", data_dir="",
+                                    tokens_file=str(tokens_file(tmp_path / "tokens.toml")))).start()
+    try:
+        line = one_line(run("tests", "--addr", secured.address))
+        assert "needs a token: pass --token or set ABSTREAM_TOKEN" in line and "metadata" not in line
+        path = write_ndjson(tmp_path / "e.ndjson", [event(1, "t", "A")])
+        line = one_line(run("ingest", str(path), "--addr", secured.address, "--token", TOKENS["reader"][0]))
+        assert "refused" in line and "ingest" in line
+        wrong = one_line(run("tests", "--addr", secured.address, "--token", "not-a-token"))
+        assert "did not accept the token given by --token or ABSTREAM_TOKEN" in wrong
+        ok = run("tests", "--addr", secured.address, env={"ABSTREAM_TOKEN": TOKENS["reader"][0]})
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        secured.stop()
+
+
+def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
+    line = one_line(run("ingest", str(tmp_path / "missing.ndjson"), "--addr", server.address))
+    assert f"no such file: {tmp_path / 'missing.ndjson'}" in line
+    bad_start = run("summary", "t", "--start", "28/04/2025", "--addr", server.address)
+    assert bad_start.returncode == 2 and "Traceback" not in bad_start.stderr
+    assert "'28/04/2025' is not a date and time: use 'YYYY-MM-DD'" in bad_start.stderr
+    serve = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", "/proc/nope"],
+                           capture_output=True, text=True, timeout=60)
+    assert serve.returncode != 0 and "Traceback" not in serve.stderr
+    assert "/proc/nope" in serve.stderr and len(serve.stderr.strip().splitlines()) <= 3, serve.stderr
+    line = one_line(run("summary", "", "--addr", server.address))
+    assert "INVALID_ARGUMENT" in line and "test_id" in line
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(server, tmp_path):
+    events = [event(i, "pipe", "AB"[i % 2], when=f"2025-04-{1 + i // 1440:02d} {i % 1440 // 60:02d}:{i % 60:02d}:00")
+              for i in range(4000)]
+    assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", events)), "--addr", server.address).returncode == 0
+    reader = subprocess.Popen([str(BIN / "abstream"), "timeseries", "pipe", "--interval", "minute", "--format",
+                               "ndjson", "--addr", server.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.read(10)  # `| head -c 10`: ~1 MB of rows follow, far more than a pipe holds
+    reader.stdout.close()
+    assert reader.wait(timeout=60) == 0
+    errors = reader.stderr.read()
+    assert b"Traceback" not in errors and b"BrokenPipe" not in errors and errors == b"", errors
+
+
+# ---- files: counted, worded, exactly once -------------------------------------------------------------
+
+def test_every_rejected_line_is_counted_once_in_the_servers_words(server, tmp_path):
+    lines = [json.dumps(event(1, "bad", "A", conversion=1)),
+             json.dumps(event(2, "bad", "A", conversion="yes")),  # found by the command: never sent
+             "{not json",  # found by the command
+             json.dumps(event(3, "bad", "B", conversion=2)),  # found by the server: quarantined
+             json.dumps({k: v for k, v in event(4, "bad", "B").items() if k != "user_id"}),  # the server
+             json.dumps(event(5, "bad", "B", when="28/04/2025"))]  # the command
+    path = tmp_path / "bad.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    result = run("ingest", str(path), "--addr", server.address)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[0] == ("accepted 1, rejected 5 (2 by the server, kept in its quarantine; "
+                                             "3 not sent)")
+    out = result.stdout
+    assert f'not sent: conversion: conversion must be 0 or 1, got "yes"  ({path}:2)' in out
+    assert f"conversion: conversion must be 0 or 1, got 2  ({path}:4)" in out
+    assert f"user_id: user_id is required and was empty or absent  ({path}:5)" in out
+    assert f"({path}:3)" in out and "not valid JSON" in out
+    assert "not sent: timestamp: timestamp must be 'YYYY-MM-DD HH:MM:SS'" in out and f"({path}:6)" in out
+    assert "invalid literal" not in out and "line: " not in out.replace("not sent: line:", "")
+    with Client(server.address) as client:
+        assert client.quarantine("bad").total == 2  # what the server rejected, nothing the command kept back
+
+
+def test_a_file_is_stored_once_however_often_it_is_sent(server, tmp_path):
+    path = write_ndjson(tmp_path / "e.ndjson", [event(i, "once", "AB"[i % 2]) for i in range(50_000)])
+    first = run("ingest", str(path), "--addr", server.address, "--batch-size", "5000")
+    assert first.returncode == 0 and first.stdout.startswith("accepted 50,000, rejected 0"), first.stdout
+    again = run("ingest", str(path), "--addr", server.address, "--batch-size", "5000")
+    assert again.returncode == 0
+    assert again.stdout.startswith("accepted 0, rejected 0; 50,000 already stored"), again.stdout
+    copy = tmp_path / "renamed.ndjson"
+    copy.write_bytes(path.read_bytes())  # the producer id is the content's, not the name's
+    assert "50,000 already stored" in run("ingest", str(copy), "--addr", server.address, "--batch-size",
+                                          "5000").stdout
+    assert events_of(server.address, "once") == 50_000
+    forced = run("ingest", str(path), "--addr", server.address, "--allow-duplicates")
+    assert forced.stdout.startswith("accepted 50,000")
+    assert events_of(server.address, "once") == 100_000
+    piped = json.dumps(event(0, "stdin", "A")) + "\n"
+    for _ in range(2):
+        sent = run("ingest", "--producer-id", "nightly-1", "--input-format", "ndjson", "-", "--addr", server.address,
+                   input=piped)
+        assert sent.returncode == 0
+    assert events_of(server.address, "stdin") == 1
+
+
+class Progress:
+    """Reads a running `abstream ingest`'s progress lines from its standard error."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.text = b""
+        self._process = process
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while chunk := self._process.stderr.read1(4096):
+            self.text += chunk
+
+    def wait_for_lines(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while b" / " not in self.text:
+            assert time.monotonic() < deadline and self._process.poll() is None, self.text
+            time.sleep(0.01)
+
+
+def test_an_interrupted_import_resumes_without_storing_anything_twice(tmp_path):
+    port = free_port()
+    server = Server(tmp_path / "data", "--addr", f"127.0.0.1:{port}").start()
+    total = 200_000
+    path = write_ndjson(tmp_path / "e.ndjson", [event(i, "resume", "AB"[i % 2]) for i in range(total)])
+    env = {**os.environ, "ABSTREAM_PROGRESS": "1"}
+    command = [str(BIN / "abstream"), "ingest", str(path), "--addr", server.address, "--batch-size", "2000"]
+
+    # The server killed mid-import and back within --timeout: the command resumes by itself.
+    cli = subprocess.Popen([*command, "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    Progress(cli).wait_for_lines()
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    out, _ = cli.communicate(timeout=180)
+    assert cli.returncode == 0 and out.decode().startswith("accepted "), out
+    assert events_of(server.address, "resume") == total
+
+    # Killed and not back within --timeout: the command gives up; run again, it sends the rest.
+    second = write_ndjson(tmp_path / "f.ndjson", [event(i, "resume2", "AB"[i % 2]) for i in range(total)])
+    cli = subprocess.Popen([*command[:2], str(second), *command[3:], "--timeout", "2"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env)
+    progress = Progress(cli)
+    progress.wait_for_lines()
+    server.kill()
+    cli.wait(timeout=120)
+    assert cli.returncode == 2 and b"cannot reach the server" in progress.text
+    server.start()
+    stored_before = events_of(server.address, "resume2")
+    assert 0 < stored_before < total
+    rerun = run(*command[1:2], str(second), *command[3:])
+    assert rerun.returncode == 0, rerun.stderr
+    accepted, already = rerun.stdout.split(";")
+    assert accepted.startswith(f"accepted {total - stored_before:,}") and f"{stored_before:,} already stored" in already
+    assert events_of(server.address, "resume2") == total
+
+
+def test_csv_headers_are_checked_before_any_row_is_sent(server, tmp_path):
+    missing = tmp_path / "missing.csv"
+    missing.write_text("time,user,test_id,variant\n2025-04-28 18:42:22,u1,t,A\n")
+    line = one_line(run("ingest", str(missing), "--addr", server.address))
+    assert "the header names no timestamp, user_id column" in line and "found: 'time', 'user'" in line
+    assert events_of(server.address, "t") == 0
+
+    european = tmp_path / "european.csv"
+    european.write_text("Timestamp;User_ID;TEST_ID;Variant;Conversion;Revenue;campaign\n"
+                        "2025-04-28 18:42:22;u1;csv;A;1;10.5;spring\n"
+                        "2025-04-28 18:43:22;u2;csv;B;0;0;spring\n")
+    result = run("ingest", str(european), "--addr", server.address)
+    assert result.returncode == 0 and result.stdout.startswith("accepted 2, rejected 0"), result.stdout
+    assert "ignoring columns that are not event fields: 'campaign'" in result.stderr
+    with Client(server.address) as client:
+        rows = {r.variant: r.metrics for r in client.summary("csv").rows}
+    assert rows["A"].conversions == 1 and rows["A"].total_revenue == 10.5 and rows["B"].users == 1
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "is empty; a CSV needs a header line" in one_line(run("ingest", str(empty), "--addr", server.address))
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("timestamp,user_id,test_id,variant\n")
+    assert run("ingest", str(header_only), "--addr", server.address).stdout.startswith("accepted 0, rejected 0")
+
+
+def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    rows = [event(i, "columnar", "AB"[i % 2], conversion=i % 3 == 0, revenue=float(i)) for i in range(1000)]
+    table = pa.Table.from_pylist([{**r, "timestamp": dt.datetime(2025, 4, 28, tzinfo=dt.timezone.utc),
+                                   "conversion": int(r["conversion"])} for r in rows])
+    pq.write_table(table, tmp_path / "e.parquet")
+    feather.write_feather(table, tmp_path / "e.arrow")
+    for name in ("e.parquet", "e.arrow"):
+        result = run("ingest", str(tmp_path / name), "--addr", server.address, "--allow-duplicates")
+        assert result.returncode == 0 and result.stdout.startswith("accepted 1,000, rejected 0"), result
+    with Client(server.address) as client:
+        metrics = {r.variant: r.metrics for r in client.summary("columnar").rows}
+    assert metrics["A"].events == 1000 and metrics["A"].conversions == 2 * sum(
+        1 for i in range(0, 1000, 2) if i % 3 == 0)
+    assert metrics["B"].total_revenue == 2 * sum(float(i) for i in range(1, 1000, 2))
+
+
+# ---- ranges, output ---------------------------------------------------------------------------------
+
+def test_a_date_only_end_includes_that_day_and_an_end_to_the_second_that_second(server, tmp_path):
+    stamps = ["2025-05-01 00:00:00", "2025-05-01T18:42:22.700Z", "2025-05-01T23:59:59.999999Z",
+              "2025-05-02 00:00:00", "2025-04-30T23:59:59.999Z"]
+    path = write_ndjson(tmp_path / "e.ndjson", [event(i, "ends", "A", when=s) for i, s in enumerate(stamps)])
+    assert run("ingest", str(path), "--addr", server.address).returncode == 0
+
+    def events(*args: str) -> int:
+        result = run("summary", "ends", *args, "--addr", server.address, "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return sum(r["events"] for r in json.loads(result.stdout)["rows"])
+
+    assert events("--start", "2025-05-01", "--end", "2025-05-01") == 3
+    assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:22") == 2  # 18:42:22.700 is inside
+    assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:21") == 1
+    assert events("--end", "2025-04-30") == 1
+    assert events_of(server.address, "ends", start="2025-05-01", end="2025-05-01") == 3  # the client too
+    assert "a date means the end of that day" in " ".join(run("summary", "--help").stdout.split())
+
+
+def test_output_says_what_is_empty_unknown_or_not_computable(server, tmp_path):
+    events = [event(1, "thin", "control", conversion=1), event(2, "thin", "variant_a")]
+    assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", events)), "--addr", server.address).returncode == 0
+    table = run("summary", "thin", "--addr", server.address)
+    assert table.returncode == 0
+    analysis = table.stdout.split("compared with 'control'")[1]
+    assert "the control has 1 user; at least 2 per arm are needed" in analysis  # a status, not zeros
+    assert "0.0000 .. 0.0000" not in analysis and "+0.00%" not in analysis
+
+    unknown = run("summary", "no_such_test", "--addr", server.address, "--format", "csv")
+    assert unknown.returncode == 0 and unknown.stdout.splitlines() == [
+        "variant,users,conversions,conversion_rate,total_revenue,revenue_per_user,events,converted_users,"
+        "user_conversion_rate"]
+    assert "no events for test 'no_such_test'" in unknown.stderr and "abstream tests" in unknown.stderr
+    segments = run("segments", "thin", "country", "--addr", server.address, "--start", "2030-01-01", "--format", "csv")
+    assert segments.stdout.splitlines()[0].startswith("variant,segment,users") and len(segments.stdout.splitlines()) == 1
+    tests = run("tests", "--addr", server.address, "--format", "csv").stdout.splitlines()
+    assert tests[0].split(",")[:2] == ["test_id", "variants"] and tests[1].startswith("thin,control;variant_a,")
+
+
+def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp_path):
+    events = ([event(i, "opts", "base", device="mobile" if i % 2 else "desktop", conversion=i % 4 == 0)
+               for i in range(400)]
+              + [event(1000 + i, "opts", "new", device="mobile" if i % 2 else "desktop", conversion=i % 3 == 0)
+                 for i in range(400)])
+    events = [{**e, "conversion": int(e["conversion"])} for e in events]
+    assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", events)), "--addr", server.address).returncode == 0
+    result = json.loads(run("summary", "opts", "--control", "base", "--confidence", "0.9", "--correction", "holm",
+                            "--expected-weights", "base=1,new=3", "--prior", "0,0.01", "--device", "mobile",
+                            "--addr", server.address, "--format", "json").stdout)
+    assert sum(r["events"] for r in result["rows"]) == 400  # only mobile
+    assert result["analysis"]["control_variant"] == "base" and result["analysis"]["sample_ratio_mismatch"]
+    with Client(server.address) as client:
+        wide = client.summary("opts", control="base", confidence=0.99, device="mobile")
+        narrow = client.summary("opts", control="base", confidence=0.9, device="mobile")
+    w, n = wide.analysis.comparisons[0].absolute, narrow.analysis.comparisons[0].absolute
+    assert w.ci_high - w.ci_low > n.ci_high - n.ci_low
+    cli = next(c for c in result["analysis"]["comparisons"] if c["metric"] == "conversion")
+    assert math.isclose(cli["absolute"]["ci_high"] - cli["absolute"]["ci_low"], n.ci_high - n.ci_low)
+    segments = run("segments", "opts", "device", "--control", "base", "--addr", server.address)
+    assert "device 'mobile': compared with 'base'" in segments.stdout
+    assert "device 'desktop': compared with 'base'" in segments.stdout
+
+
+def test_help_describes_every_option_and_each_command_has_its_own_examples():
+    serve = run("serve", "--help").stdout
+    options = serve.split("options:")[1]
+    described = [line for line in options.splitlines() if line.strip().startswith("--")]
+    assert len(described) > 20
+    for i, line in enumerate(options.splitlines()):
+        if line.strip().startswith("--"):
+            follows = options.splitlines()[i + 1] if i + 1 < len(options.splitlines()) else ""
+            assert len(line.split("  ", 2)) > 2 or follows.startswith(" " * 10), line  # a description follows
+    flat = " ".join(serve.split())
+    assert "--fsync {always,interval} always: every ack waits for an fsync" in flat
+    assert "(env ABSTREAM_FSYNC, default 'always')" in flat and "examples:" in serve
+    summary, ingest = run("summary", "--help").stdout, run("ingest", "--help").stdout
+    assert "--control" in summary and "--correction" in summary and "--device" in summary
+    assert "abstream summary checkout" in summary and "abstream ingest events.ndjson" not in summary
+    assert "abstream ingest events.csv events.parquet" in ingest and "abstream summary" not in ingest
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("abstream ")
+
+
+# ---- the Python client ------------------------------------------------------------------------------
+
+def test_a_bad_event_resolves_to_a_rejected_delivery(server):
+    with Producer(server.address, linger_ms=5) as producer:
+        good = producer.send(event(1, "deliveries", "A"))
+        bad_time = producer.send(event(2, "deliveries", "A", when="28/04/2025"))
+        bad_type = producer.send({**event(3, "deliveries", "A"), "revenue": "lots"})
+        assert producer.flush(timeout=30)
+    assert good.result() == Delivery(True)
+    assert bad_time.result().accepted is False and bad_time.result().field == "timestamp"
+    assert "28/04/2025" in bad_time.result().message
+    assert bad_type.result().accepted is False and bad_type.result().field == "revenue"
+    assert events_of(server.address, "deliveries") == 1
+
+
+def test_results_are_typed_and_pandas_is_optional(server, monkeypatch):
+    from abstream.clients.client import Analysis, Snapshot
+
+    with Producer(server.address) as producer:
+        for i in range(20):
+            producer.send(event(i, "typed", "AB"[i % 2], conversion=i % 3 == 0))
+    with Client(server.address) as client:
+        summary = client.summary("typed")
+        assert isinstance(summary.analysis, Analysis) and summary.analysis.control_variant == "A"
+        assert summary.analysis.comparisons[0].relative.status in ("ok", "not_enough_data")
+        snapshot = client.snapshot()
+        assert isinstance(snapshot, Snapshot) and snapshot.events == 20
+        assert (Path(server.settings.data_dir) / snapshot.path).exists()
+        assert isinstance(snapshot.elapsed, dt.timedelta)
+        monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+        with pytest.raises(ImportError, match=r"abstream\[pandas\]"):
+            summary.to_pandas()
+        assert summary.to_arrow().num_rows == 2
+
+
+def test_cli_and_client_over_tls_and_mutual_tls(tmp_path):
+    pki = make_pki(tmp_path)
+    tls = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", tls_cert=str(pki["server_cert"]),
+                                tls_key=str(pki["server_key"]), tls_client_ca=str(pki["ca"]))).start()
+    try:
+        addr = f"localhost:{tls.server.port}"
+        path = write_ndjson(tmp_path / "e.ndjson", [event(1, "secure", "A")])
+        auth = ("--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"]))
+        sent = run("ingest", str(path), "--addr", addr, *auth)
+        assert sent.returncode == 0 and sent.stdout.startswith("accepted 1"), sent.stderr
+        assert "secure" in run("tests", "--addr", addr, *auth).stdout
+        no_cert = one_line(run("tests", "--addr", addr, "--ca", str(pki["ca"]), "--timeout", "5"))
+        assert "closed the connection" in no_cert and "--cert and --key" in no_cert
+        plaintext = one_line(run("tests", "--addr", addr, "--timeout", "5"))
+        assert "closed the connection" in plaintext and "pass --tls or --ca" in plaintext
+        half = run("tests", "--addr", addr, "--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]))
+        assert "needs both a client certificate and its key" in one_line(half)
+        with Client(addr, tls=pki["ca"].read_bytes(), cert=pki["client_cert"].read_bytes(),
+                    key=pki["client_key"].read_bytes()) as client:
+            assert [t.test_id for t in client.list_tests().rows] == ["secure"]
+        with Client(addr, tls=pki["ca"].read_bytes(), timeout=5) as client, pytest.raises(grpc.RpcError):
+            client.list_tests()  # no client certificate
+    finally:
+        tls.stop()
+
+
+# ---- experiments --------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["embedded", "clickhouse"])
+def engine(request, tmp_path):
+    """Settings for a server on each engine; the test starts (and restarts) it."""
+    return engine_settings(request.param, tmp_path, request)
+
+
+def test_experiments_carry_their_plan_into_every_query(engine, tmp_path):
+    server = ServerThread(engine).start()
+    try:
+        before = [event(i, "plan", "a_new", when="2025-04-27 12:00:00") for i in range(50)]
+        # 700 users in the control, 300 in the treatment: a 70/30 plan, not an equal split
+        during = ([event(i, "plan", "z_base", conversion=int(i % 5 == 0)) for i in range(700)]
+                  + [event(1000 + i, "plan", "a_new", conversion=int(i % 4 == 0)) for i in range(300)])
+        path = write_ndjson(tmp_path / "e.ndjson", before + during)
+        assert run("ingest", str(path), "--addr", server.address).returncode == 0
+        with Client(server.address) as client:
+            unplanned = client.summary("plan")
+        assert unplanned.analysis.control_variant == "a_new" and unplanned.analysis.sample_ratio_mismatch
+
+        created = run("experiment", "create", "plan", "--control", "z_base", "--split", "z_base=70,a_new=30",
+                      "--start", "2025-04-28", "--hypothesis", "the new page converts more", "--addr", server.address,
+                      "--format", "json")
+        assert created.returncode == 0, created.stderr
+        plan = json.loads(created.stdout)["rows"][0]
+        assert plan["control_variant"] == "z_base" and plan["split"] == {"z_base": 70.0, "a_new": 30.0}
+        assert plan["start_time"].startswith("2025-04-28T00:00:00") and plan["stop_time"] is None
+        again = run("experiment", "create", "plan", "--addr", server.address)
+        assert "FAILED_PRECONDITION" in one_line(again) and "experiment update" in again.stderr
+        assert "NOT_FOUND" in one_line(run("experiment", "update", "nothing", "--control", "x", "--addr",
+                                           server.address))
+        assert "INVALID_ARGUMENT" in one_line(run("experiment", "create", "other", "--control", "c", "--split",
+                                                  "a=1,b=1", "--addr", server.address))
+
+        with Client(server.address) as client:
+            planned = client.summary("plan")
+            assert planned.analysis.control_variant == "z_base"  # the plan's control
+            assert not planned.analysis.sample_ratio_mismatch  # the plan's split
+            assert sum(r.metrics.events for r in planned.rows) == 1000  # from the plan's start
+            assert client.summary("plan", start="2025-04-01").rows[0].metrics.events == 350  # asked: as asked
+            assert client.summary("plan", control="a_new").analysis.control_variant == "a_new"
+            assert sum(r.metrics.events for r in client.timeseries("plan", "day").rows) == 1000
+            (info,) = [t for t in client.list_tests().rows if t.test_id == "plan"]
+            assert info.experiment.control_variant == "z_base" and info.experiment.hypothesis.startswith("the new")
+
+        listed = run("tests", "--addr", server.address).stdout
+        assert "control=z_base split=a_new=30,z_base=70 running" in listed
+        updated = json.loads(run("experiment", "update", "plan", "--hypothesis", "it converts 10% more",
+                                 "--addr", server.address, "--format", "json").stdout)["rows"][0]
+        assert updated["control_variant"] == "z_base" and updated["hypothesis"] == "it converts 10% more"
+        stopped = json.loads(run("experiment", "stop", "plan", "--at", "2025-04-28 18:42:21", "--addr",
+                                 server.address, "--format", "json").stdout)["rows"][0]
+        assert stopped["stop_time"].startswith("2025-04-28T18:42:21")
+        assert events_of(server.address, "plan") == 0  # every event is after the stop
+        assert events_of(server.address, "plan", end="2025-04-29") == 1000  # unless asked
+    finally:
+        server.stop()
+    restarted = ServerThread(engine).start()  # durable: the same data (directory or cluster database)
+    try:
+        with Client(restarted.address) as client:
+            (plan,) = client.list_experiments()
+        assert plan.control_variant == "z_base" and plan.hypothesis == "it converts 10% more"
+        assert plan.stop_time == dt.datetime(2025, 4, 28, 18, 42, 21, tzinfo=dt.timezone.utc)
+        assert plan.split == {"z_base": 70.0, "a_new": 30.0}
+    finally:
+        restarted.stop()
+
+
+def test_experiments_survive_a_crash_of_the_server_process(tmp_path):
+    server = Server(tmp_path / "data").start()
+    assert run("experiment", "create", "crash", "--control", "c", "--addr", server.address).returncode == 0
+    server.kill()
+    server.start()
+    listed = run("experiment", "list", "--addr", server.address, "--format", "json")
+    assert [p["control_variant"] for p in json.loads(listed.stdout)["rows"]] == ["c"]
+
+
+# ---- time zones and sample sizes ------------------------------------------------------------------------
+
+MADRID = ZoneInfo("Europe/Madrid")
+
+
+def test_day_and_week_buckets_in_a_time_zone_across_daylight_saving(engine, tmp_path):
+    server = ServerThread(engine).start()
+    try:
+        start = dt.datetime(2025, 3, 27, tzinfo=dt.timezone.utc)
+        spring = [start + dt.timedelta(minutes=20 * k) for k in range(6 * 72)]  # Mar 27 .. Apr 2
+        autumn_start = dt.datetime(2025, 10, 23, tzinfo=dt.timezone.utc)
+        autumn = [autumn_start + dt.timedelta(minutes=20 * k) for k in range(6 * 72)]
+        stamps = spring + autumn
+        events = [event(i, "tz", "AB"[i % 2], when=t.isoformat()) for i, t in enumerate(stamps)]
+        assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", events)), "--addr", server.address,
+                   "--timeout", "60").returncode == 0
+
+        with Client(server.address) as client:
+            series = client.timeseries("tz", "day", time_zone="Europe/Madrid")
+            weeks = client.timeseries("tz", "week", time_zone="Europe/Madrid")
+            utc = client.timeseries("tz", "day")
+        # Independently: each event's own local date, by converting it (not by offsets or boundaries).
+        def local_midnight(day: dt.date) -> dt.datetime:
+            return dt.datetime(day.year, day.month, day.day, tzinfo=MADRID).astimezone(dt.timezone.utc)
+
+        def expected(week: bool) -> collections.Counter:
+            days = (t.astimezone(MADRID).date() for t in stamps)
+            return collections.Counter(local_midnight(d - dt.timedelta(days=d.weekday() if week else 0)) for d in days)
+
+        def got(result) -> collections.Counter:
+            counts: collections.Counter = collections.Counter()
+            for row in result.rows:
+                counts[row.bucket_start] += row.metrics.events
+            return counts
+
+        days = got(series)
+        assert days == expected(week=False) and got(weeks) == expected(week=True)
+        starts = sorted(days)
+        lengths = {a.astimezone(MADRID).date(): (b - a) for a, b in zip(starts, starts[1:]) if (b - a).days < 2}
+        assert lengths[dt.date(2025, 3, 30)] == dt.timedelta(hours=23)
+        assert lengths[dt.date(2025, 10, 26)] == dt.timedelta(hours=25)
+        assert days[dt.datetime(2025, 3, 29, 23, tzinfo=dt.timezone.utc)] == 23 * 3
+        assert days[dt.datetime(2025, 10, 25, 22, tzinfo=dt.timezone.utc)] == 25 * 3
+        assert all(b.hour == 0 for b in {r.bucket_start for r in utc.rows})  # without a zone: UTC midnights
+
+        cli = run("timeseries", "tz", "--interval", "day", "--time-zone", "Europe/Madrid", "--addr", server.address,
+                  "--format", "ndjson")
+        assert cli.returncode == 0 and '"bucket_start": "2025-03-29T23:00:00+00:00"' in cli.stdout
+        assert "is not an IANA time zone name" in one_line(run("timeseries", "tz", "--time-zone", "Mars/Olympus",
+                                                               "--addr", server.address))
+        assert "minute and hour buckets are UTC" in one_line(run("timeseries", "tz", "--interval", "hour",
+                                                                 "--time-zone", "Europe/Madrid", "--addr",
+                                                                 server.address))
+    finally:
+        server.stop()
+
+
+def test_sample_size_from_the_tests_own_baseline(server, tmp_path):
+    from scipy.stats import norm
+
+    # control: 1000 users, 200 converted, revenue 0 or 50; four days of arrivals
+    control = [event(i, "power", "control", when=f"2025-04-{28 + i % 3} 10:00:00" if i else "2025-05-02 10:00:00",
+                     conversion=int(i % 5 == 0), revenue=50.0 if i % 5 == 0 else 0.0) for i in range(1000)]
+    treatment = [event(5000 + i, "power", "treatment") for i in range(10)]
+    assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", control + treatment)), "--addr",
+               server.address).returncode == 0
+    z = norm.ppf(1 - 0.05 / 2) + norm.ppf(0.8)
+    p = 0.2
+    expected_conversion = math.ceil(2 * p * (1 - p) * z * z / (0.1 * p) ** 2)
+    revenue = [50.0 if i % 5 == 0 else 0.0 for i in range(1000)]
+    mean = sum(revenue) / 1000
+    variance = sum((r - mean) ** 2 for r in revenue) / 999
+    expected_revenue = math.ceil(2 * variance * z * z / (0.1 * mean) ** 2)
+    with Client(server.address) as client:
+        result = client.power("power", 0.1)
+    by_metric = {m.metric: m for m in result.rows}
+    assert result.control_variant == "control"
+    assert by_metric["conversion"].users_per_variant == expected_conversion
+    assert math.isclose(by_metric["conversion"].baseline_mean, 0.2)
+    assert by_metric["revenue_per_user"].users_per_variant == expected_revenue
+    users_per_day = 1000 / 4  # first event Apr 28 10:00, last May 2 10:00
+    assert math.isclose(by_metric["conversion"].days, expected_conversion / users_per_day, rel_tol=1e-9)
+    cli = run("power", "power", "--mde", "0.1", "--addr", server.address)
+    assert cli.returncode == 0 and f"{expected_conversion:,}" in cli.stdout and "+10.0% relative lift" in cli.stdout
+    assert "INVALID_ARGUMENT" in one_line(run("power", "power", "--mde", "0", "--addr", server.address))
+    empty = json.loads(run("power", "nothing", "--mde", "0.1", "--addr", server.address, "--format", "json").stdout)
+    assert all(r["users_per_variant"] == 0 and "no events" in r["status_message"] for r in empty["rows"])
+
+
+def test_the_documented_trial_certificates_work(tmp_path):
+    """docs/operations.md's OpenSSL commands, run as written, make a CA, a server and a client
+    certificate that the server and the command accept."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    block = text.split("For a trial, a CA of your own")[1].split("```sh\n")[1].split("```")[0]
+    for command in (line for line in block.splitlines() if line.startswith("openssl ")):
+        made = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, (command, made.stderr)
+    server = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", tls_cert=str(tmp_path / "server.pem"),
+                                   tls_key=str(tmp_path / "server.key"),
+                                   tls_client_ca=str(tmp_path / "ca.pem"))).start()
+    try:
+        listed = run("tests", "--addr", f"localhost:{server.server.port}", "--ca", str(tmp_path / "ca.pem"),
+                     "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"))
+        assert listed.returncode == 0 and listed.stdout.strip() == "(no rows)", listed.stderr
+    finally:
+        server.stop()
