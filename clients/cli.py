@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import csv
 import io
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -376,6 +378,7 @@ def _ingest(args) -> int:
     if args.batch_size <= 0:
         raise ValueError("--batch-size must be positive")
     plan = []
+    hashing = concurrent.futures.ThreadPoolExecutor(1)  # files are hashed while the first chunks are parsed
     for path in args.files:
         if path != "-" and not os.path.isfile(path):
             raise FileNotFoundError(2, "No such file", path)
@@ -384,7 +387,7 @@ def _ingest(args) -> int:
             if args.producer_id:
                 producer = args.producer_id + (f":{path}" if len(args.files) > 1 else "")
             elif path != "-":
-                producer = f"file:{files.content_id(path)}:{args.batch_size}"
+                producer = hashing.submit(lambda p=path: f"file:{files.content_id(p)}:{args.batch_size}")
             else:
                 print("abstream ingest: standard input is sent at least once; give --producer-id to send it exactly "
                       "once", file=sys.stderr)
@@ -396,12 +399,50 @@ def _ingest(args) -> int:
         stub = pb_grpc.AnalyticsServiceStub(channel)
         for path, fmt, producer in plan:
             def request(chunk, producer=producer):
-                return pb.IngestEventsRequest(arrow_ipc=arrow_ipc(chunk.table), producer_id=producer or "",
+                if isinstance(producer, concurrent.futures.Future):
+                    producer = producer.result()
+                return pb.IngestEventsRequest(arrow_ipc=chunk.ipc, producer_id=producer or "",
                                               sequence=chunk.last if producer else 0)
-            _send(stub, files.read(path, fmt, args.batch_size), request, metadata, args.timeout, report, path,
-                  progress, grpc)
+            _send(stub, _ahead(_encoded(files.read(path, fmt, args.batch_size), arrow_ipc)), request, metadata,
+                  args.timeout, report, path, progress, grpc)
+    hashing.shutdown(wait=False)
     progress.done()
     return report.print()
+
+
+def _encoded(chunks, arrow_ipc):
+    for chunk in chunks:
+        if chunk.table.num_rows:
+            chunk.ipc = arrow_ipc(chunk.table)
+        yield chunk
+
+
+class _Failed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _ahead(items, depth: int = 2):
+    """`items` made by a thread of their own, up to `depth` ahead: reading, parsing and encoding
+    the next chunks overlaps sending this one (Arrow's readers and encoders release the GIL)."""
+    made: queue.Queue = queue.Queue(depth)
+
+    def make() -> None:
+        try:
+            for item in items:
+                made.put(item)
+            made.put(StopIteration)
+        except Exception as error:  # noqa: BLE001 - raised again where the items are taken
+            made.put(_Failed(error))
+
+    threading.Thread(target=make, name="abstream-read", daemon=True).start()
+    while True:
+        item = made.get()
+        if item is StopIteration:
+            return
+        if isinstance(item, _Failed):
+            raise item.error
+        yield item
 
 
 def _send(stub, chunks, request, metadata, timeout: float, report: Report, path: str, progress, grpc) -> None:
@@ -438,7 +479,12 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                             continue
                         pending.append(chunk)
                     attempt.sent += 1
-                yield request(chunk)
+                try:
+                    message = request(chunk)
+                except Exception as error:  # noqa: BLE001 - as above
+                    attempt.error = error
+                    return
+                yield message
 
         call = stub.IngestEvents(requests(), metadata=metadata)
         watchdog = _Watchdog(call, timeout)

@@ -227,6 +227,29 @@ def test_an_interrupted_import_resumes_without_storing_anything_twice(tmp_path):
     assert events_of(server.address, "resume2") == total
 
 
+def test_ndjson_is_read_in_blocks_that_keep_every_line_number(tmp_path):
+    """Blocks of bytes parsed by Arrow: blank lines, CRLF endings, a line longer than a block and
+    a last line without an end keep their numbers, so rejections and sequences name real lines."""
+    from abstream.clients import files
+
+    good = [json.dumps(event(i, "blocks", "A")) for i in range(40)]
+    long = json.dumps(event(99, "blocks", "B", session_id="s" * 5000))
+    lines = good[:10] + ["", "   "] + good[10:20] + [long, "{bad"] + good[20:]
+    path = tmp_path / "e.ndjson"
+    path.write_bytes("\r\n".join(lines).encode())  # CRLF, and no end to the last line
+    for batch in (2, 7, 1000):
+        chunks = list(files.read(str(path), "ndjson", batch))
+        numbers = [int(n) for c in chunks for n in c.lines]
+        expected = [i + 1 for i, line in enumerate(lines) if line.strip() and line != "{bad"]
+        assert numbers == expected, batch
+        assert [p[:2] for c in chunks for p in c.problems] == [(lines.index("{bad") + 1, "line")]
+        assert all(c.table.num_rows <= batch for c in chunks)
+        lasts = [c.last for c in chunks]
+        assert lasts == sorted(set(lasts)) and lasts[-1] == len(lines)  # increasing: the sequences
+        users = [u for c in chunks for u in c.table.column("user_id").to_pylist()]
+        assert users == [json.loads(lines[n - 1])["user_id"] for n in expected]
+
+
 def test_csv_headers_are_checked_before_any_row_is_sent(server, tmp_path):
     missing = tmp_path / "missing.csv"
     missing.write_text("time,user,test_id,variant\n2025-04-28 18:42:22,u1,t,A\n")
