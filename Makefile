@@ -37,7 +37,7 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 
 ## Debian packages the tests start for real: a ClickHouse cluster (clickhouse-server 18.16 and
 ## zookeeper) and openssl for the documented trial certificates; apt-get needs root, as CI is.
-DEBS := clickhouse-server clickhouse-client zookeeper openssl
+DEBS := clickhouse-server clickhouse-client zookeeper openssl curl
 DEBS_STAMP := $(VENV)/.debs-stamp
 
 $(DEBS_STAMP): | $(STAMP)
@@ -49,7 +49,22 @@ $(DEBS_STAMP): | $(STAMP)
 	fi
 	touch $@
 
-test: lint $(NODE_STAMP) $(DEBS_STAMP)
+## The tutorial platform's own clients, which the HTTP API's tests drive: its CLI (in a venv of its
+## own: its pins are not ours) and its TypeScript SDK.
+TB_VENV  := $(VENV)/tinybird
+TB_STAMP := $(TB_VENV)/.installed-stamp
+SDK_STAMP := tests/sdk/node_modules/.installed-stamp
+
+$(TB_STAMP): | $(STAMP)
+	test -x $(TB_VENV)/bin/python || $(PYTHON) -m venv $(TB_VENV)
+	$(TB_VENV)/bin/pip install --quiet tinybird-cli==6.5.5
+	touch $@
+
+$(SDK_STAMP): tests/sdk/package.json tests/sdk/package-lock.json
+	cd tests/sdk && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: lint $(NODE_STAMP) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)

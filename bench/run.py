@@ -50,15 +50,18 @@ class ServerProcess:
     def __init__(self, data_dir: str, *args: str) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir,
+            [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+             "--data-dir", data_dir,
              "--max-message-bytes", str(256 << 20), "--snapshot-every-events", "0", "--snapshot-every-seconds", "0",
              *args], stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
             self.lines.append(line)
-            if match := re.search(r"serving \S+ on port (\d+)", line):
+            if match := re.search(r"serving abstream\S+ on port (\d+)", line):
                 self.address = f"127.0.0.1:{match.group(1)}"
+            elif match := re.search(r"serving HTTP on port (\d+)", line):
+                self.http_address = f"127.0.0.1:{match.group(1)}"
                 threading.Thread(target=self._drain, daemon=True).start()
                 return
             if not line and self.process.poll() is not None:
@@ -220,6 +223,70 @@ def file_ingest(table: pa.Table) -> dict:
             "cli_over_ingest_table": cli / client}
 
 
+HTTP_LINES = (1_000, 10_000)  # lines per Events API request
+
+
+def http_bodies(table: pa.Table, lines: int, prefix: str) -> list[bytes]:
+    """NDJSON bodies as users send them (text timestamps), built before any clock starts."""
+    bodies = []
+    for batch in table.to_batches(lines):
+        text = []
+        for r in batch.to_pylist():
+            r["timestamp"] = r["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
+            r["test_id"] = prefix + r["test_id"]
+            text.append(json.dumps(r))
+        bodies.append(("\n".join(text) + "\n").encode())
+    return bodies
+
+
+def http_ingest(address: str, bodies: list[bytes]) -> dict:
+    """POST /v0/events?wait=true, one request after another on one keep-alive connection."""
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=600)
+    accepted = 0
+    started = time.perf_counter()
+    for body in bodies:
+        connection.request("POST", "/v0/events?name=ab_test_events&wait=true", body=body,
+                           headers={"Content-Type": "application/x-ndjson"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP ingest: {response.status} {answer}")
+        accepted += answer["successful_rows"]
+    seconds = time.perf_counter() - started
+    connection.close()
+    return {"events": accepted, "seconds": seconds, "events_per_s": accepted / seconds}
+
+
+def http_summary(stub, address: str, test_id: str, reps: int) -> dict:
+    """test_summary.json against gRPC Summary on the same test and range (every event), after
+    checking they agree."""
+    import http.client
+    import urllib.parse
+
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    path = (f"/v0/pipes/test_summary.json?test_id={urllib.parse.quote(test_id)}&start_date=2000-01-01+00:00:00"
+            "&end_date=2100-01-01+00:00:00")
+
+    def over_http():
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return json.loads(response.read())
+
+    request = pb.SummaryRequest(test_id=test_id)
+    request.start_time.FromSeconds(946_684_800)
+    request.end_time.FromSeconds(4_102_444_800)
+    grpc_rows = [(r.variant, r.metrics.users, r.metrics.conversions) for r in stub.Summary(request, timeout=60).rows]
+    http_rows = [(r["variant"], r["users"], r["conversions"]) for r in over_http()["data"]]
+    report = {"test": test_id, "verified": grpc_rows == http_rows, "http": timed(over_http, reps),
+              "grpc": timed(lambda: stub.Summary(request, timeout=60), reps)}
+    connection.close()
+    return report
+
+
 def median_run(results: list[dict]) -> dict:
     """The run with the median rate, with every run's rate beside it."""
     results = sorted(results, key=lambda r: r["events_per_s"])
@@ -332,6 +399,12 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
                 report["ingest_rows_1"] = median_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = median_ingest(server.address, rows, 4)
+                row_sample = table.slice(0, row_events)
+                for lines in HTTP_LINES:
+                    bodies = http_bodies(row_sample, lines, f"http{lines}_")
+                    report[f"ingest_http_{lines}"] = median_run([http_ingest(server.http_address, bodies)
+                                                                 for _ in range(3)])
+                report["http_summary"] = http_summary(stub, server.http_address, typical, reps)
                 report["under_ingest"] = under_ingest(stub, server.address, rows, typical, largest, reps, load_seconds)
                 report["freshness"] = freshness(stub, reps)
                 report["snapshot"] = take_snapshot(server.address)
@@ -546,6 +619,17 @@ def table_text(report: dict) -> str:
         runs = r.get("runs_events_per_s")
         lines.append(f"| {label} | {r['events']:,} | {r['events_per_s']:,.0f}"
                      + (f" (median of {', '.join(f'{x:,.0f}' for x in runs)})" if runs else "") + " |")
+    rows_rate = report["ingest_rows_1"]["events_per_s"]
+    for n in HTTP_LINES:
+        r = report[f"ingest_http_{n}"]
+        lines.append(f"| HTTP Events API, NDJSON, {n:,} lines per request (wait=true), 1 connection | {r['events']:,} "
+                     f"| {r['events_per_s']:,.0f} (median of {', '.join(f'{x:,.0f}' for x in r['runs_events_per_s'])};"
+                     f" gRPC row batches of 1,000 go {rows_rate / r['events_per_s']:.2f}x as fast) |")
+    h = report["http_summary"]
+    lines += ["", f"test_summary.json over HTTP against gRPC Summary ({h['test']}, every event; "
+                  f"{'same rows' if h['verified'] else 'rows DIFFER'}): p50 {h['http']['p50_ms']:.2f} ms against "
+                  f"{h['grpc']['p50_ms']:.2f} ms (+{h['http']['p50_ms'] - h['grpc']['p50_ms']:.2f} ms), "
+                  f"p99 {h['http']['p99_ms']:.2f} against {h['grpc']['p99_ms']:.2f} ms"]
     fi = report["ingest_file"]
     lines += ["", f"`abstream ingest` of {fi['events']:,} NDJSON lines ({fi['file_bytes'] / 2**20:.0f} MiB): median "
                   f"{fi['cli_events_per_s']:,.0f} events/s, {fi['cli_over_ingest_table']:.2f}x the time of "
@@ -601,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"bench-{args.engine + '-' if args.engine != 'embedded' else ''}{args.events}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nreport: {path}")
-    return 0 if all(q["verified"] for q in report["queries"]) and report["restart"]["verified"] else 1
+    verified = all(q["verified"] for q in report["queries"]) and report["restart"]["verified"]
+    return 0 if verified and report.get("http_summary", {}).get("verified", True) else 1
 
 
 if __name__ == "__main__":

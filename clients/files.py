@@ -18,7 +18,7 @@ import mmap
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -70,15 +70,17 @@ def content_id(path: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def read(path: str, fmt: str, lines: int) -> Iterator[Chunk]:
-    """The file's events in chunks; `path` "-" is standard input (NDJSON or CSV)."""
+def _warn(message: str) -> None:
+    print(f"abstream ingest: {message}", file=sys.stderr)
+
+
+def read(path: str, fmt: str, lines: int, warn: Callable[[str], None] = _warn) -> Iterator[Chunk]:
+    """The file's events in chunks; `path` "-" is standard input (NDJSON or CSV); `warn` hears
+    what is read past (columns that are not event fields)."""
     try:
-        if fmt == "ndjson":
+        if fmt in ("ndjson", "csv"):
             with _open(path) as f:
-                yield from _ndjson(f, lines)
-        elif fmt == "csv":
-            with _open(path) as f:
-                yield from _csv(f, path, lines)
+                yield from read_stream(f, fmt, lines, path, warn)
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -96,6 +98,16 @@ def read(path: str, fmt: str, lines: int) -> Iterator[Chunk]:
         raise FileProblem(f"cannot read {path}: {error.strerror or error}") from None
     except pa.ArrowInvalid as error:
         raise FileProblem(f"{path} is not a readable {fmt} file: {error}") from None
+
+
+def read_stream(f: BinaryIO, fmt: str, lines: int, name: str, warn: Callable[[str], None] = _warn
+                ) -> Iterator[Chunk]:
+    """NDJSON or CSV events from a buffered binary stream (a file, standard input, a request
+    body), in chunks; `name` is what messages call it."""
+    try:
+        yield from (_ndjson(f, lines) if fmt == "ndjson" else _csv(f, name, lines, warn))
+    except pa.ArrowInvalid as error:
+        raise FileProblem(f"{name} is not a readable {fmt} file: {error}") from None
 
 
 def _open(path: str) -> BinaryIO:
@@ -250,14 +262,13 @@ def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]
     return delimiter, found, extra
 
 
-def _csv(f: BinaryIO, path: str, lines: int) -> Iterator[Chunk]:
+def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Iterator[Chunk]:
     header = f.readline()
     if not header.strip():
         raise FileProblem(f"{path}: is empty; a CSV needs a header line naming its columns")
     delimiter, found, extra = csv_columns(header.decode("utf-8", "replace").rstrip("\r\n"), path)
     if extra:
-        print(f"abstream ingest: {path}: ignoring columns that are not event fields: "
-              f"{', '.join(repr(n) for n in extra)}", file=sys.stderr)
+        warn(f"{path}: ignoring columns that are not event fields: {', '.join(repr(n) for n in extra)}")
     names = next(csv.reader([header.decode("utf-8", "replace").rstrip("\r\n")], delimiter=delimiter))
     renames = {original: field for field, original in found.items()}
     if not f.peek(1):

@@ -65,14 +65,14 @@ class Tokens:
         return self._by_hash is not None
 
     def principal(self, token: str, scope: str, how: str) -> Principal:
-        """The caller behind `token`, if it has `scope`; `how` says how to send a token (the
-        transport's words) in the error when none came."""
+        """The caller behind `token`, if it has `scope` (any scope for ""); `how` says how to send
+        a token (the transport's words) in the error when none came."""
         if self._by_hash is None:
             return ANYONE
         principal = self._by_hash.get(hash_token(token)) if token else None
         if principal is None:
             raise Unauthenticated(f"{'no token' if not token else 'unknown token'}: {how}")
-        if scope not in principal.scopes:
+        if scope and scope not in principal.scopes:
             raise PermissionDenied(f"token {principal.name!r} lacks the {scope!r} scope this call needs")
         return principal
 

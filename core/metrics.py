@@ -32,6 +32,10 @@ class Metrics:
         self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
                                        registry=r)
         self.active_streams = PromGauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
+        self.http_requests = Counter("abstream_http_requests", "HTTP requests, by route and status",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("abstream_http_seconds", "HTTP request latency by route", ["route"],
+                                      buckets=_LATENCY, registry=r)
         self.ingest_yield_seconds = Counter("abstream_ingest_yield_seconds", "Time ingest waited for running queries",
                                             registry=r)
         self._store_gauges: list[PromGauge] = []

@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 
-def _s(default, help: str, choices: tuple = ()):
-    """A setting: its default, what it does (for --help), and its allowed values, if limited."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _s(default, help: str, choices: tuple = (), serve_default=None):
+    """A setting: its default, what it does (for --help), its allowed values, if limited, and, if
+    `abstream serve` defaults to something else than a Settings() made in code, that."""
+    return field(default=default, metadata={"help": help, "choices": choices, "serve_default": serve_default})
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Settings:
     max_ingest_bytes: int = _s(256 << 20, "ingest in flight, as charged from a request's arrival to its ack "
                                           "(docs/operations.md: what a request may cost)")
     metrics_addr: str = _s("", "host:port for Prometheus metrics at /metrics; empty: off")
+    http_addr: str = _s("", "where the HTTP API listens (the tutorial's platform's API: docs/http.md); empty: off",
+                        serve_default="127.0.0.1:7181")
+    http_max_body_bytes: int = _s(16 << 20, "largest HTTP request body taken whole (an Events API request), "
+                                            "compressed or not")
+    http_max_upload_bytes: int = _s(4 << 30, "largest file a Data Sources API append streams in, compressed or not")
     log_format: str = _s("json", "json lines, or text for people", ("json", "text"))
     engine: str = _s("embedded", "embedded: this process and its data directory; clickhouse: a stateless gateway "
                                  "over a ClickHouse cluster (docs/scale.md)", ("embedded", "clickhouse"))
@@ -77,7 +83,7 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Flags for every setting; each defaults to its ABSTREAM_* variable, then to the default."""
         for f in fields(cls):
-            default = f.default
+            default = f.default if f.metadata["serve_default"] is None else f.metadata["serve_default"]
             flag = "--" + f.name.replace("_", "-")
             help = f"{f.metadata['help']} (env ABSTREAM_{f.name.upper()}, default {default!r})"
             if isinstance(default, bool):
@@ -87,8 +93,15 @@ class Settings:
                                     choices=f.metadata["choices"] or None)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls.from_env(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    def from_args(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+        """What `abstream serve` runs with: its flags, else their variables, else its defaults."""
+        environ = os.environ if environ is None else environ
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        for f in fields(cls):
+            if f.metadata["serve_default"] is not None and values[f.name] is None \
+                    and "ABSTREAM_" + f.name.upper() not in environ:
+                values[f.name] = f.metadata["serve_default"]
+        return cls.from_env(environ, **values)
 
 
 def _parse(default, raw: str):

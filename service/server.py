@@ -144,10 +144,12 @@ class AnalyticsServer:
                 tokens = load_tokens(settings.tokens_file)
             except ValueError as error:
                 raise ConfigError(str(error)) from error
-        elif not is_loopback(settings.addr) and not settings.insecure:
-            raise ConfigError(f"refusing to listen on {settings.addr} without tokens: anyone who reaches it could "
-                              "read and write every test. Give --tokens-file, listen on a loopback address, or "
-                              "pass --insecure to accept that")
+        elif not settings.insecure:
+            for addr in (settings.addr, settings.http_addr):
+                if addr and not is_loopback(addr):
+                    raise ConfigError(f"refusing to listen on {addr} without tokens: anyone who reaches it could "
+                                      "read and write every test. Give --tokens-file, listen on a loopback address, "
+                                      "or pass --insecure to accept that")
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if settings.tls_client_ca and not settings.tls_cert:
@@ -155,6 +157,7 @@ class AnalyticsServer:
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics(None)
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._snapshots: asyncio.Task | None = None
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
@@ -173,6 +176,11 @@ class AnalyticsServer:
         )
         add_analytics_service(AnalyticsServicer(self.core), self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, settings.data_dir), self._server)
+        self.http = None
+        if settings.http_addr:
+            from abstream.rest.app import HttpApi
+
+            self.http = HttpApi(self.core, settings, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -205,11 +213,19 @@ class AnalyticsServer:
         if self.port == 0:
             raise BindError(f"cannot listen on {self.settings.addr}: address in use or unavailable")
         await self._server.start()
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start()
+            except OSError as error:
+                await self._server.stop(0)
+                raise BindError(str(error)) from error
         log.info("port %d bound; recovering %s", self.port, self.settings.data_dir or "nothing (memory only)")
         try:
             self.core.engine = await asyncio.to_thread(open_engine, self.settings)
         except BaseException:
             await self._server.stop(0)
+            if self.http is not None:
+                await self.http.stop()
             raise
         self.metrics.watch(self.core.engine)
         if self.settings.metrics_addr:
@@ -222,9 +238,13 @@ class AnalyticsServer:
         log.info("serving %s on port %d (%s, %s, %s, %s engine)", SERVICE_NAME, self.port,
                  s.addr.rpartition(":")[0] or "every interface", "TLS" if s.tls_cert else "plaintext",
                  "tokens required" if s.tokens_file else "no authentication", s.engine)
-        if s.insecure and not s.tokens_file and not is_loopback(s.addr):
-            log.warning("--insecure: serving %s without tokens: anyone who reaches it can read and write every test",
-                        s.addr)
+        if self.http is not None:
+            log.info("serving HTTP on port %d (%s, %s; the tutorial's API: docs/http.md)", self.http_port,
+                     s.http_addr.rpartition(":")[0] or "every interface", "TLS" if s.tls_cert else "plaintext")
+        for addr in (s.addr, s.http_addr):
+            if addr and s.insecure and not s.tokens_file and not is_loopback(addr):
+                log.warning("--insecure: serving %s without tokens: anyone who reaches it can read and write every "
+                            "test", addr)
         return self.port
 
     async def _every_second(self) -> None:
@@ -263,6 +283,8 @@ class AnalyticsServer:
         while self.core.streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self._server.stop(max(deadline - loop.time(), 0.0))
+        if self.http is not None:
+            await self.http.stop()
         self.core.close()
         if self.core.engine_open:
             await asyncio.to_thread(self.core.engine.close)

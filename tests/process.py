@@ -28,19 +28,21 @@ class Server:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.http_address = ""
 
     def start(self, timeout: float = 60) -> Server:
         log = open(self.log_path, "a")
         offset = self.log_path.stat().st_size
         self.process = subprocess.Popen(
-            [str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.args],
-            stderr=log, stdout=log)
+            [str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir",
+             str(self.data_dir), *self.args], stderr=log, stdout=log)
         STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[offset:]
-            if match := re.search(r"serving \S+ on port (\d+)", text):
-                self.address = f"127.0.0.1:{match.group(1)}"
+            if match := re.search(r"serving HTTP on port (\d+)", text):
+                grpc_port = re.search(r"serving abstream\S+ on port (\d+)", text).group(1)
+                self.address, self.http_address = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{match.group(1)}"
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{text}")
@@ -51,8 +53,8 @@ class Server:
     def start_expecting_failure(self, timeout: float = 60) -> tuple[int, str]:
         """Runs the server expecting it to refuse to start: (exit code, what it logged)."""
         result = subprocess.run(
-            [str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.args],
-            capture_output=True, text=True, timeout=timeout)
+            [str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir",
+             str(self.data_dir), *self.args], capture_output=True, text=True, timeout=timeout)
         return result.returncode, result.stderr
 
     def kill(self) -> None:

@@ -28,6 +28,9 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
     assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0
     assert "`abstream ingest` of 50,000 NDJSON lines" in result.stdout
+    assert report["ingest_http_1000"]["events"] == report["ingest_http_10000"]["events"] == 5000
+    assert report["http_summary"]["verified"] and report["http_summary"]["http"]["p50_ms"] > 0
+    assert "HTTP Events API, NDJSON, 1,000 lines per request" in result.stdout
     assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0
     assert report["memory"]["bytes_per_event"] > 0
     assert report["hostile_ids"]["ids"] >= 1000 and report["hostile_ids"]["secret_over_random"] > 0

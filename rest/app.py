@@ -1,0 +1,298 @@
+"""The HTTP API: the tutorial's platform's routes (Events API, pipes, Data Sources API, what its
+CLI asks first) on the core every transport calls, in the server's own event loop beside gRPC.
+
+Handlers convert: parameters to a core call, its answer to the platform's JSON. Errors come from
+one table (rest/errors.py). Tokens are gRPC's (a header `Authorization: Bearer` or `?token=`);
+the scopes: ingest to append, query to read pipes, any valid token for what describes the
+server (workspace, data sources).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import ssl
+import time
+import uuid
+from typing import Awaitable, Callable
+
+from abstream.clients import files
+from abstream.core.auth import Principal
+from abstream.core.dataplane import Core
+from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
+from abstream.core.events import check_query_string
+from abstream.core.logs import REQUEST_ID, new_request_id
+from abstream.core.metrics import Metrics
+from abstream.core.settings import Settings
+from abstream.rest import body, formats, pipes
+from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status_of
+from abstream.rest.ingest import Ingest, Outcome, reader_for
+from aiohttp import web
+
+log = logging.getLogger("abstream.http")
+
+DATASOURCE = "ab_test_events"
+QUARANTINE = "ab_test_events_quarantine"
+HOW = "send 'Authorization: Bearer <token>' or add ?token=<token> (docs/http.md)"
+PRINCIPAL_KEY = "principal"
+
+
+def _token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.query.get("token", "")
+
+
+class HttpApi:
+    """The aiohttp application and its listening site; `port` is the one bound."""
+
+    def __init__(self, core: Core, settings: Settings, metrics: Metrics) -> None:
+        self.core, self.settings, self.metrics = core, settings, metrics
+        self.port = 0
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
+        self.workspace_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"abstream:{settings.data_dir or settings.addr}"))
+        app = web.Application(middlewares=[self._middleware], client_max_size=settings.http_max_body_bytes)
+        route = self._route
+        app.router.add_get("/v0/workspace", route("workspace", "", self.workspace))
+        app.router.add_get("/v1/workspace", route("workspace", "", self.workspace))
+        app.router.add_get("/v0/regions", route("regions", None, self.regions))
+        app.router.add_get("/health", route("health", None, self.health))
+        app.router.add_post("/v0/events", route("events", "ingest", self.events))
+        app.router.add_get("/v0/datasources", route("datasources", "", self.datasources))
+        app.router.add_post("/v0/datasources", route("append", "ingest", self.append))
+        app.router.add_get("/v0/datasources/{name}", route("datasource", "", self.datasource))
+        app.router.add_route("GET", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
+        app.router.add_route("POST", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
+        app.router.add_route("*", "/v0/sql", route("sql", "query", self.sql))
+        # Bodies are inflated here (rest/body.py), bounded, not by aiohttp as they arrive.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                                     shutdown_timeout=settings.grace_seconds)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _route(self, name: str, scope: str | None, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        """`handler` for route `name`, after the token is checked for `scope` ("": any valid
+        token; None: open)."""
+        async def handle(request: web.Request) -> web.StreamResponse:
+            request["route"] = name
+            if scope is not None:
+                request[PRINCIPAL_KEY] = self.core.tokens.principal(_token(request), scope, HOW)
+            return await handler(request)
+        return handle
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Request ids, errors as JSON, a log line and metrics for every request."""
+        REQUEST_ID.set(request_id := new_request_id(request.headers.get("X-Request-Id", "")))
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every error is answered, the unexpected ones logged
+            if status_of(error) >= 500 and not isinstance(error, (AbstreamError, web.HTTPException)):
+                log.exception("%s %s failed", request.method, request.path)
+            principal = request.get(PRINCIPAL_KEY)
+            response = error_response(error, principal.ingest_rate if principal else 0.0)
+        response.headers["X-Request-Id"] = request_id
+        route = request.get("route", "unknown")
+        self.metrics.http_requests.labels(route, str(response.status)).inc()
+        self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
+        log.info("%s %s %d %.1fms", request.method, request.path, response.status,
+                 (time.perf_counter() - started) * 1000)
+        return response
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca:
+            context.load_verify_locations(s.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def start(self) -> int:
+        host, _, port = self.settings.http_addr.rpartition(":")
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), ssl_context=self._ssl(), reuse_port=False)
+        try:
+            await site.start()
+        except OSError as error:
+            await self._runner.cleanup()
+            raise OSError(f"cannot listen for HTTP on {self.settings.http_addr}: {error.strerror or error}") from None
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        self.ingest.close()
+
+    # ---- what the platform's clients ask first ------------------------------------------------
+
+    async def workspace(self, request: web.Request) -> web.Response:
+        principal = request[PRINCIPAL_KEY]
+        return web.json_response({"id": self.workspace_id, "name": "abstream", "user_email": "",
+                                  "user_id": principal.name,
+                                  "scope": "admin" if "admin" in principal.scopes else ",".join(sorted(principal.scopes))})
+
+    async def regions(self, request: web.Request) -> web.Response:
+        return web.json_response({"regions": []})  # only this server: a client never tries another host
+
+    async def health(self, request: web.Request) -> web.Response:
+        serving = self.core.engine_open and not self.core.draining
+        return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
+
+    # ---- Events API ----------------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.Response:
+        """NDJSON (or one JSON object) whatever the Content-Type says (curl -d sends a form type);
+        200 with wait=true, 202 without, either way once the rows are durable."""
+        self._datasource(request.query.get("name", ""))
+        wait = pipes.Params(request.query).boolean("wait")
+        if request.content_length is None and request.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            raise HttpError(411, "a body is required, with a Content-Length or chunked")
+        producer = self._idempotency(request)
+        stream = self._body(request, request.content.readany, self.settings.http_max_body_bytes, "the body")
+        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for("ndjson", stream, "body", []),
+                                           producer)
+        self._raise_failure(outcome)
+        answer = {"successful_rows": outcome.stored, "quarantined_rows": outcome.quarantined, **outcome.details()}
+        return web.json_response(answer, status=200 if wait else 202)
+
+    def _idempotency(self, request: web.Request) -> str:
+        """The producer id an Idempotency-Key makes: the same key, from the same token, stores once."""
+        key = request.headers.get("Idempotency-Key", "")
+        if not key:
+            return ""
+        check_query_string("Idempotency-Key", key)
+        return f"http:{request[PRINCIPAL_KEY].name}:{key}"
+
+    def _body(self, request: web.Request, read, limit: int, what: str):
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(what, limit)
+        encoding = request.headers.get("Content-Encoding", "").lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise HttpError(415, f"Content-Encoding {encoding[:32]!r} is not supported: send gzip or nothing")
+        return body.stream(lambda: read(), asyncio.get_running_loop(), limit, what,
+                           gzip=True if encoding == "gzip" else None)
+
+    @staticmethod
+    def _raise_failure(outcome: Outcome) -> None:
+        """What stopped a body being read, with what was stored before it."""
+        error = outcome.failure
+        if error is None:
+            return
+        stored = f" ({outcome.stored:,} rows before it were stored)" if outcome.stored else ""
+        if isinstance(error, HttpError):
+            raise HttpError(error.status, f"{error}{stored}")
+        if isinstance(error, files.FileProblem):
+            raise InvalidArgument("body", f"{error}{stored}")
+        raise error
+
+    @staticmethod
+    def _datasource(name: str) -> None:
+        if not name:
+            raise InvalidArgument("name", f"is required: the data source ({DATASOURCE})")
+        if name != DATASOURCE:
+            raise NotFound(f"Data Source '{name[:64]}' not found: this server has {DATASOURCE} (its quarantine is "
+                           f"{QUARANTINE}, read as a pipe)")
+
+    # ---- Data Sources API -------------------------------------------------------------------
+
+    async def _description(self, principal: Principal, name: str) -> dict:
+        stamp = "%Y-%m-%d %H:%M:%S.%f"
+        if name == QUARANTINE:
+            _events, rows = await self.core.quarantine(principal, "", 1)
+        else:
+            rows = sum(t.events for t in await self.core.list_tests(principal))
+        return {"id": f"t_{name}", "name": name, "type": "ndjson",
+                "created_at": self.started.strftime(stamp),
+                "updated_at": dt.datetime.now(dt.timezone.utc).strftime(stamp),
+                "statistics": {"row_count": rows, "bytes": None}, "used_by": [], "quarantine_rows": 0}
+
+    async def datasources(self, request: web.Request) -> web.Response:
+        principal = request[PRINCIPAL_KEY]
+        return web.json_response({"datasources": [await self._description(principal, n)
+                                                  for n in (DATASOURCE, QUARANTINE)]})
+
+    async def datasource(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in (DATASOURCE, QUARANTINE):
+            self._datasource(name)
+        return web.json_response(await self._description(request[PRINCIPAL_KEY], name))
+
+    async def append(self, request: web.Request) -> web.Response:
+        """A file, multipart (part `csv` or `ndjson`, whatever its format) or as the raw body,
+        gzipped or not, streamed into the data source; the format is the `format` parameter."""
+        q = request.query
+        self._datasource(q.get("name", ""))
+        if q.get("mode", "append") != "append":
+            raise InvalidArgument("mode", f"only append is supported here, not {q.get('mode', '')[:32]!r}: the data "
+                                          f"source {DATASOURCE} has a fixed schema")
+        if q.get("url"):
+            raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")
+        fmt = pipes.Params(q).get("format", "csv").lower()
+        if fmt not in ("csv", "ndjson", "parquet"):
+            raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")
+        limit = self.settings.http_max_upload_bytes
+        read = request.content.readany
+        name = "the upload"
+        if request.content_type.startswith("multipart/"):
+            parts = await request.multipart()
+            part = await parts.next()
+            while part is not None and part.name not in ("csv", "ndjson", "file", "parquet"):
+                part = await parts.next()
+            if part is None:
+                raise InvalidArgument("body", "no file part: send the file as the form field csv or ndjson")
+            read, name = (lambda: part.read_chunk(1 << 16)), part.filename or part.name
+        elif request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) < 1 << 16:
+            small = await request.read()  # a form (url=...), or a small file sent by curl --data-binary
+            if small.startswith(b"url="):
+                raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")
+            pieces = iter([small, b""])
+
+            async def read() -> bytes:
+                return next(pieces, b"")
+        stream = self._body(request, read, limit, name)
+        warnings: list[str] = []
+        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for(fmt, stream, name, warnings),
+                                           self._idempotency(request))
+        outcome.warnings = warnings
+        self._raise_failure(outcome)
+        error = (f"There was an error with file contents: {outcome.quarantined:,} rows in quarantine."
+                 if outcome.quarantined else False)
+        answer = {"import_id": REQUEST_ID.get(), "datasource": {"id": f"t_{DATASOURCE}", "name": DATASOURCE},
+                  "quarantine_rows": outcome.rejected_by_rules, "invalid_lines": outcome.unreadable, "error": error,
+                  "successful_rows": outcome.stored, **outcome.details()}
+        if outcome.quarantined:
+            answer["errors"] = [f"line {r['line']}: {r['field']}: {r['error']}" for r in outcome.rejections[:100]]
+        debug = q.get("debug", "")
+        if "blocks" in debug:
+            answer["blocks"] = [{"block_id": "0", "process_return": [{"lines": outcome.stored, "parser": "abstream"}]}]
+        if "block_log" in debug:
+            answer["block_log"] = []
+        return web.json_response(answer)
+
+    # ---- pipes ------------------------------------------------------------------------------
+
+    async def pipe(self, request: web.Request) -> web.Response:
+        name, fmt = request.match_info["name"], request.match_info["fmt"].lower()
+        values = request.query.copy()
+        if request.method == "POST":  # the platform's CLI posts a form when the URL would be long
+            values.extend(await request.post())
+        params = pipes.Params(values)
+        if params.get("q"):
+            raise InvalidArgument("q", "SQL over a pipe is not supported: the pipe's parameters are (docs/http.md)")
+        scope, run = pipes.pipe(name)
+        answer = await run(self.core, request[PRINCIPAL_KEY], params)
+        payload, content_type = formats.render(answer, fmt)
+        return web.Response(body=payload, headers={"Content-Type": content_type})
+
+    async def sql(self, request: web.Request) -> web.Response:
+        raise InvalidArgument("q", "SQL is not supported: query the pipes (test_summary, test_segments, "
+                                   "test_timeseries, test_results; docs/http.md)")

@@ -1,0 +1,86 @@
+"""Request bodies as the file readers take them: a blocking binary stream read in a worker
+thread, fed from the event loop a piece at a time, gunzipped on the way, and cut off at a limit.
+
+A file of millions of rows is never held whole: the reader asks the loop for the next piece
+only when it has parsed the last, so the client is slowed to the pace of ingest (TCP's own
+backpressure). A gzip member is inflated at most `_INFLATE` bytes at a time, and the inflated
+total counts against the same limit as the wire's, so a small bomb costs what its limit allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zlib
+from typing import Awaitable, Callable
+
+from abstream.rest.errors import BodyTooLarge, HttpError
+
+_INFLATE = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Pieces(io.RawIOBase):
+    def __init__(self, read: Callable[[], Awaitable[bytes]], loop: asyncio.AbstractEventLoop, limit: int, what: str,
+                 gzip: bool | None) -> None:
+        self._read, self._loop, self._limit, self._what = read, loop, limit, what
+        self._gzip = gzip  # None: decided by the first bytes
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        self._pending = b""  # compressed input not inflated yet
+        self._out = b""
+        self._eof = False
+        self.wire_bytes = 0
+        self.body_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            if not self._fill():
+                return 0
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _fill(self) -> bool:
+        """More output, or False at the end."""
+        if self._gzip and self._pending:
+            try:
+                self._emit(self._inflate.decompress(self._pending, _INFLATE))
+            except zlib.error as error:
+                raise HttpError(400, f"{self._what} is not valid gzip ({error})") from None
+            self._pending = self._inflate.unconsumed_tail
+            return True
+        if self._eof:
+            return False
+        piece = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result()
+        if not piece:
+            self._eof = True
+            if self._gzip:
+                self._emit(self._inflate.flush())
+            return bool(self._out)
+        self.wire_bytes += len(piece)
+        if self.wire_bytes > self._limit:
+            raise BodyTooLarge(self._what, self._limit)
+        if self._gzip is None:
+            self._gzip = piece.startswith(GZIP_MAGIC)
+        if self._gzip:
+            self._pending = piece
+        else:
+            self._emit(piece)
+        return True
+
+    def _emit(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.body_bytes > self._limit:
+            raise BodyTooLarge(f"{self._what} (inflated)", self._limit)
+        self._out += data
+
+
+def stream(read: Callable[[], Awaitable[bytes]], loop: asyncio.AbstractEventLoop, limit: int, what: str,
+           gzip: bool | None = None) -> io.BufferedReader:
+    """A blocking stream over `read()` (the next piece of the body, b"" at its end), for a worker
+    thread; gunzipped when `gzip`, or when it starts like gzip if `gzip` is None."""
+    return io.BufferedReader(_Pieces(read, loop, limit, what, gzip), buffer_size=1 << 16)

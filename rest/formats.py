@@ -1,0 +1,59 @@
+"""A pipe's answer in the format its extension names: .json (the platform's shape, ClickHouse's
+JSON format), .csv (CSVWithNames), .ndjson (JSONEachRow) or .parquet."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from abstream.core.errors import InvalidArgument
+from abstream.rest.pipes import Answer
+
+CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson",
+                 "parquet": "application/vnd.apache.parquet"}
+_ARROW = {"String": pa.string(), "UInt64": pa.uint64(), "UInt8": pa.uint8(), "Int64": pa.int64(),
+          "Float64": pa.float64(), "DateTime": pa.string()}
+
+
+def _json(answer: Answer) -> bytes:
+    return json.dumps({"meta": [{"name": n, "type": t} for n, t in answer.columns], "data": answer.rows,
+                       "rows": len(answer.rows), "rows_before_limit_at_least": len(answer.rows),
+                       "statistics": {"elapsed": answer.elapsed_s, "rows_read": answer.rows_read, "bytes_read": 0}},
+                      ensure_ascii=False).encode()
+
+
+def _csv(answer: Answer) -> bytes:
+    """Strings and times quoted, numbers bare, a header of quoted names, as ClickHouse writes it."""
+    quoted = {n: t in ("String", "DateTime") for n, t in answer.columns}
+
+    def cell(name: str, value) -> str:
+        if value is None:
+            return "\\N"
+        if quoted[name]:
+            return '"' + str(value).replace('"', '""') + '"'
+        return repr(value) if isinstance(value, float) else str(value)
+
+    lines = [",".join('"' + n + '"' for n, _ in answer.columns)]
+    lines += [",".join(cell(n, row[n]) for n, _ in answer.columns) for row in answer.rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _ndjson(answer: Answer) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answer.rows).encode()
+
+
+def _parquet(answer: Answer) -> bytes:
+    table = pa.table({n: pa.array([r[n] for r in answer.rows], _ARROW[t]) for n, t in answer.columns})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+WRITERS = {"json": _json, "csv": _csv, "ndjson": _ndjson, "parquet": _parquet}
+
+
+def render(answer: Answer, fmt: str) -> tuple[bytes, str]:
+    if fmt not in WRITERS:
+        raise InvalidArgument("format", f"pipes answer as .json, .csv, .ndjson or .parquet, not .{fmt[:16]}")
+    return WRITERS[fmt](answer), CONTENT_TYPES[fmt]

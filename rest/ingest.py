@@ -1,0 +1,162 @@
+"""HTTP ingest: a body (NDJSON, CSV or Parquet) read by the same readers as `abstream ingest`,
+chunk by chunk in a worker thread, and handed to the core's ingest as a stream of batches, so
+that admission, validation, the quarantine and exactly-once are gRPC's.
+
+A line the readers cannot read (not JSON, a value of the wrong type) becomes a row of its own in
+its batch, refused with the reader's reason, so that it is quarantined and counted like any
+rejected event; the answer names every rejected line with its field and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
+
+import pyarrow as pa
+from abstream.clients import files
+from abstream.core.admission import RequestSize
+from abstream.core.auth import Principal
+from abstream.core.dataplane import Core
+from abstream.core.errors import AbstreamError, InvalidArgument
+from abstream.core.events import Rejection
+from abstream.core.types import DecodedBatch
+
+#: Rejected lines named one by one in an answer; past this only counted.
+DETAILS_LIMIT = 10_000
+#: Lines per batch handed to the core.
+BATCH_LINES = 5_000
+
+
+@dataclass
+class Outcome:
+    """What became of a body's lines."""
+
+    stored: int = 0
+    rejected_by_rules: int = 0  # quarantined: read, but not a valid event
+    unreadable: int = 0  # quarantined: not readable as an event at all
+    already_stored: int = 0  # sent before with the same idempotency key
+    rejections: list[dict] = field(default_factory=list)  # {"line", "field", "error"}, the first DETAILS_LIMIT
+    warnings: list[str] = field(default_factory=list)
+    failure: Exception | None = None  # what stopped the reading (what came before it is stored)
+
+    @property
+    def quarantined(self) -> int:
+        return self.rejected_by_rules + self.unreadable
+
+    def details(self) -> dict:
+        out = {"quarantined": self.rejections}
+        if self.quarantined > len(self.rejections):
+            out["quarantined_truncated"] = True
+        if self.already_stored:
+            out["already_stored_rows"] = self.already_stored
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+
+def _with_unreadable(chunk: files.Chunk) -> tuple[pa.Table, list[Rejection], list[int]]:
+    """The chunk's events, then a null row for each line that could not be read, refused with
+    its reason; and each row's line."""
+    lines = [int(n) for n in chunk.lines]
+    if not chunk.problems:
+        return chunk.table, [], lines
+    n = chunk.table.num_rows
+    nulls = pa.table({f.name: pa.nulls(len(chunk.problems), f.type) for f in files.FILE_SCHEMA})
+    table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), nulls])
+    refuse = [Rejection(n + k, name, f"line {line}: {why}") for k, (line, name, why) in enumerate(chunk.problems)]
+    return table, refuse, lines + [line for line, _, _ in chunk.problems]
+
+
+class Ingest:
+    """Bodies into the core: one worker thread per body being read (a bounded pool of them)."""
+
+    def __init__(self, core: Core, max_bodies: int) -> None:
+        self._core = core
+        self._readers = ThreadPoolExecutor(max_bodies, thread_name_prefix="abstream-http-read")
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+    async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = ""
+                     ) -> Outcome:
+        """Stores what `make()` reads (in a worker thread); with `producer`, batch k goes with
+        sequence k + 1, so the same body sent again stores nothing twice."""
+        loop = asyncio.get_running_loop()
+        outcome = Outcome()
+        in_flight: collections.deque = collections.deque()
+        reader = await loop.run_in_executor(self._readers, make)
+
+        async def batches() -> AsyncIterator[tuple[files.Chunk, int]]:
+            sequence = 0
+            while True:
+                try:
+                    chunk = await loop.run_in_executor(self._readers, next, reader, None)
+                except (files.FileProblem, AbstreamError) as error:  # the answer says what was stored
+                    outcome.failure = error
+                    return
+                if chunk is None:
+                    return
+                if not chunk.table.num_rows and not chunk.problems:
+                    continue
+                sequence += 1
+                in_flight.append(chunk)
+                yield chunk, sequence
+
+        def measure(item) -> RequestSize:
+            chunk, _ = item
+            return RequestSize(chunk.table.nbytes, chunk.table.num_rows + len(chunk.problems), chunk.table.nbytes)
+
+        def decode(item) -> DecodedBatch:
+            chunk, sequence = item
+            table, refuse, _ = _with_unreadable(chunk)
+            return DecodedBatch(table, producer, sequence if producer else 0, refuse)
+
+        async for result in self._core.ingest(principal, batches(), measure, decode):
+            chunk = in_flight.popleft()
+            if result.duplicate:
+                outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
+                continue
+            _, _, lines = _with_unreadable(chunk)
+            outcome.stored += result.accepted
+            unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
+            named = []
+            for r in result.rejections:
+                if r.index >= unreadable:
+                    outcome.unreadable += 1
+                else:
+                    outcome.rejected_by_rules += 1
+                if len(outcome.rejections) + len(named) < DETAILS_LIMIT:
+                    named.append({"line": lines[r.index], "field": r.field,
+                                  "error": r.message.removeprefix(f"line {lines[r.index]}: ")})
+            outcome.rejections += sorted(named, key=lambda r: r["line"])
+        return outcome
+
+
+def spooled(body, chunk_bytes: int = 1 << 20):
+    """A body copied to a temporary file (a Parquet file is read from its end), in a worker thread."""
+    spool = tempfile.TemporaryFile()
+    while piece := body.read(chunk_bytes):
+        spool.write(piece)
+    spool.seek(0)
+    return spool
+
+
+def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int = BATCH_LINES
+               ) -> Iterator[files.Chunk]:
+    """The chunks of a body in `fmt` (runs in the worker thread)."""
+    if fmt in ("ndjson", "csv"):
+        return files.read_stream(body, fmt, batch_lines, name, warnings.append)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        spool = spooled(body)
+        try:
+            parquet = pq.ParquetFile(spool)
+        except pa.ArrowInvalid as error:
+            raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None
+        return files._columnar(parquet.iter_batches(batch_size=batch_lines), name)
+    raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")

@@ -1,0 +1,597 @@
+"""The HTTP API as the tutorial's users reach it: its curl commands, the platform's own CLI and
+SDK, bad input of every kind, and answers equal to the tutorial's SQL in ClickHouse (chDB) and
+to gRPC's, on a real server with real ports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from abstream.clients import Client
+from abstream.core.auth import hash_token
+from abstream.core.settings import Settings
+
+from tests.conftest import ServerThread
+from tests.events import random_events
+from tests.process import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+TB = ROOT / ".venv" / "tinybird" / "bin" / "tb"
+SDK = ROOT / "tests" / "sdk"
+TOKENS = {"ingest": "tok-ingest", "query": "tok-query", "admin": "tok-admin", "both": "tok-both"}
+SCOPES = {"ingest": ["ingest"], "query": ["query"], "admin": ["admin", "ingest", "query"], "both": ["ingest", "query"]}
+TUTORIAL_EVENT = {"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "test_5",
+                  "variant": "variant_a", "event_type": "click", "conversion": 1, "revenue": 84.55,
+                  "session_id": "session_3455", "device": "desktop", "country": "AU"}
+
+
+def tokens_file(path: Path, rates: dict[str, float] | None = None) -> Path:
+    entries = []
+    for name, secret in TOKENS.items():
+        entry = f'[[token]]\nname = "{name}"\nsha256 = "{hash_token(secret)}"\nscopes = {json.dumps(SCOPES[name])}\n'
+        if rates and name in rates:
+            entry += f"ingest_rate = {rates[name]}\n"
+        entries.append(entry)
+    path.write_text("\n".join(entries))
+    return path
+
+
+class Http:
+    """A real server with gRPC and HTTP on ephemeral loopback ports."""
+
+    def __init__(self, tmp_path: Path, **settings) -> None:
+        defaults = dict(addr="127.0.0.1:0", http_addr="127.0.0.1:0", data_dir=str(tmp_path / "data"),
+                        tokens_file=str(tokens_file(tmp_path / "tokens.toml")))
+        self.thread = ServerThread(Settings(**{**defaults, **settings})).start()
+        self.base = f"http://127.0.0.1:{self.thread.server.http_port}"
+        self.grpc = self.thread.address
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+             token: str | None = TOKENS["admin"]) -> tuple[int, dict, bytes]:
+        headers = dict(headers or {})
+        if token is not None:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+    def json(self, method: str, path: str, body: bytes | None = None, **kwargs) -> tuple[int, dict]:
+        status, _, payload = self.call(method, path, body, **kwargs)
+        return status, json.loads(payload)
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+@pytest.fixture
+def http(tmp_path):
+    server = Http(tmp_path)
+    yield server
+    server.stop()
+
+
+def ndjson(events) -> bytes:
+    return "".join(json.dumps(e) + "\n" for e in events).encode()
+
+
+def tutorial_format(events: list[dict]) -> list[dict]:
+    """Random test events as users send them: text timestamps (some with a fraction of a second)."""
+    out = []
+    for e in events:
+        seconds, ns = divmod(e["timestamp"], 1_000_000_000)
+        text = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        out.append({**e, "timestamp": text + (f".{ns // 1_000_000:03d}" if ns else "")})
+    return out
+
+
+# ---- the tutorial's own commands -------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by make test (apt-get)")
+def test_the_tutorials_curl_commands_work_unchanged_but_for_host_and_token(http):
+    host, token = http.base, TOKENS["admin"]
+    sent = subprocess.run(
+        ["curl", "-s", "-X", "POST", f"{host}/v0/events?name=ab_test_events", "-H", f"Authorization: Bearer {token}",
+         "-d", json.dumps(TUTORIAL_EVENT)], capture_output=True, text=True, timeout=60)
+    assert json.loads(sent.stdout) == {"successful_rows": 1, "quarantined_rows": 0, "quarantined": []}
+    older = {**TUTORIAL_EVENT, "timestamp": "2023-06-15 14:30:00", "user_id": "user_12345"}
+    subprocess.run(["curl", "-s", "-X", "POST", f"{host}/v0/events?name=ab_test_events&token={token}", "-d",
+                    json.dumps(older)], check=True, capture_output=True, timeout=60)
+    dated = subprocess.run(
+        ["curl", "-s", f"{host}/v0/pipes/test_summary.json?test_id=test_5&start_date=2025-04-01%2000:00:00"
+                       f"&end_date=2025-04-30%2023:59:59&token={token}"], capture_output=True, text=True, timeout=60)
+    answer = json.loads(dated.stdout)
+    assert answer["data"] == [{"test_id": "test_5", "variant": "variant_a", "users": 1, "conversions": 1,
+                               "conversion_rate": 1.0, "total_revenue": 84.55, "revenue_per_user": 84.55}]
+    assert [m["name"] for m in answer["meta"]] == ["test_id", "variant", "users", "conversions", "conversion_rate",
+                                                    "total_revenue", "revenue_per_user"]
+    assert answer["rows"] == 1 and set(answer["statistics"]) == {"elapsed", "rows_read", "bytes_read"}
+    undated = json.loads(subprocess.run(["curl", "-s", f"{host}/v0/pipes/test_summary.json?test_id=test_5&token={token}"],
+                                        capture_output=True, text=True, timeout=60).stdout)
+    # the pipe's defaults, as in the tutorial: 2023 only, so only the event of 2023
+    assert [(r["users"], r["total_revenue"]) for r in undated["data"]] == [(1, 84.55)]
+
+
+# ---- test_summary is the tutorial's SQL ----------------------------------------------------------
+
+TUTORIAL_SQL = """
+SELECT test_id, variant,
+       count(DISTINCT user_id) AS users,
+       countIf(conversion = 1) AS conversions,
+       round(countIf(conversion = 1) / count(DISTINCT user_id), 4) AS conversion_rate,
+       sum(revenue) AS total_revenue,
+       round(sum(revenue) / count(DISTINCT user_id), 4) AS revenue_per_user
+FROM t.ab_test_events
+WHERE test_id = {test_id}
+  AND timestamp >= toDateTime({start}, 'UTC')
+  AND timestamp <= toDateTime({end}, 'UTC')
+GROUP BY test_id, variant
+ORDER BY test_id, variant
+"""
+
+
+def clickhouse_answers(events: list[dict], queries: list[tuple[str, str, str]]) -> list[list[dict]]:
+    """The tutorial's datasource and SQL in ClickHouse (chDB): its DateTime keeps whole seconds."""
+    from chdb import session
+
+    s = session.Session()
+    try:
+        s.query("CREATE DATABASE IF NOT EXISTS t")
+        s.query("CREATE TABLE t.ab_test_events (timestamp DateTime('UTC'), user_id String, test_id String, "
+                "variant String, event_type String, conversion UInt8, revenue Float64, session_id String, "
+                "device String, country String) ENGINE = MergeTree PARTITION BY toYYYYMM(timestamp) "
+                "ORDER BY (timestamp, test_id, variant, user_id)")
+        rows = [json.dumps({**e, "timestamp": e["timestamp"][:19]}) for e in events]
+        s.query("INSERT INTO t.ab_test_events FORMAT JSONEachRow\n" + "\n".join(rows))
+        out = []
+        for test_id, start, end in queries:
+            quoted = {k: "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for k, v in
+                      (("test_id", test_id), ("start", start), ("end", end))}
+            text = s.query(TUTORIAL_SQL.format(**quoted), "JSONEachRow").bytes().decode()
+            out.append([json.loads(line) for line in text.splitlines() if line.strip()])
+        return out
+    finally:
+        s.close()
+
+
+def test_test_summary_equals_the_tutorials_sql_in_clickhouse(http):
+    events = tutorial_format(random_events(3000, seed=21))
+    status, answer = http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))
+    assert status == 200 and answer["successful_rows"] == len(events), answer
+    stamps = sorted(e["timestamp"][:19] for e in events)
+    queries = [(t, "2025-04-01 00:00:00", "2025-05-31 23:59:59") for t in
+               ("checkout", "homepage_redesign", "tëst-ünïcode-✓", "solo", "absent")]
+    queries += [("checkout", stamps[100], stamps[-100]), ("checkout", stamps[500], stamps[500]),
+                ("checkout", stamps[1000].replace(" ", "T"), stamps[2000])]  # bounds on events' own seconds
+    expected = clickhouse_answers(events, [(t, a.replace("T", " "), b) for t, a, b in queries])
+    for (test_id, start, end), rows in zip(queries, expected):
+        path = (f"/v0/pipes/test_summary.json?test_id={urllib.parse.quote(test_id)}"
+                f"&start_date={urllib.parse.quote(start)}&end_date={urllib.parse.quote(end)}")
+        status, got = http.json("GET", path)
+        assert status == 200, got
+        assert len(got["data"]) == len(rows), (test_id, start, end)
+        for ours, theirs in zip(got["data"], rows):
+            for key in ("test_id", "variant", "users", "conversions", "conversion_rate", "revenue_per_user"):
+                assert ours[key] == (int(theirs[key]) if key in ("users", "conversions") else theirs[key]), key
+            assert math.isclose(ours["total_revenue"], theirs["total_revenue"], rel_tol=1e-12, abs_tol=1e-9)
+    assert any(rows for rows in expected[5:])  # the narrow ranges hold events
+
+
+def test_an_end_date_takes_in_its_whole_second_and_dates_are_checked(http):
+    events = [{**TUTORIAL_EVENT, "user_id": "a", "timestamp": "2025-04-28 18:42:22.700"},
+              {**TUTORIAL_EVENT, "user_id": "b", "timestamp": "2025-04-28 18:42:23"}]
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))[0] == 200
+    status, answer = http.json("GET", "/v0/pipes/test_summary.json?test_id=test_5&start_date=2025-04-28+18:42:22"
+                                      "&end_date=2025-04-28T18:42:22")
+    assert status == 200 and answer["data"][0]["users"] == 1  # 18:42:22.700 is inside, 18:42:23 is not
+    status, error = http.json("GET", "/v0/pipes/test_summary.json?test_id=test_5&start_date=28/04/2025")
+    assert status == 400 and "start_date" in error["error"] and "28/04/2025" in error["error"]
+    assert set(error) == {"error", "documentation"}
+
+
+# ---- the other pipes, and the same answers as gRPC -------------------------------------------------
+
+def test_pipes_answer_what_grpc_answers(http):
+    events = tutorial_format(random_events(2000, seed=5))
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))[0] == 200
+    dates = "&start_date=2025-04-01+00:00:00&end_date=2025-05-31+23:59:59"
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        summary = client.summary("checkout", "2025-04-01", "2025-05-31 23:59:59")
+        segments = client.segments("checkout", "country", "2025-04-01", "2025-05-31 23:59:59")
+        series = client.timeseries("checkout", "day", "2025-04-01", "2025-05-31 23:59:59", cumulative=True)
+        results = client.summary("checkout", control="variant_a", confidence=0.9)
+    _, s = http.json("GET", "/v0/pipes/test_summary.json?test_id=checkout" + dates)
+    assert [(r["variant"], r["users"], r["conversions"]) for r in s["data"]] == \
+        [(r.variant, r.metrics.users, r.metrics.conversions) for r in summary.rows]
+    assert [round(r["conversion_rate"], 4) for r in s["data"]] == [round(r.metrics.conversion_rate, 4)
+                                                                   for r in summary.rows]
+    _, g = http.json("GET", "/v0/pipes/test_segments.json?test_id=checkout&dimension=country" + dates)
+    assert sorted((r["variant"], r["country"], r["users"], r["conversions"]) for r in g["data"]) == \
+        sorted((r.variant, r.segment, r.metrics.users, r.metrics.conversions) for r in segments.rows)
+    assert [m["name"] for m in g["meta"]][:3] == ["test_id", "variant", "country"]
+    _, t = http.json("GET", "/v0/pipes/test_timeseries.json?test_id=checkout&interval=day&cumulative=true" + dates)
+    assert sorted((r["bucket"], r["variant"], r["users"], r["events"]) for r in t["data"]) == sorted(
+        (r.bucket_start.strftime("%Y-%m-%d %H:%M:%S"), r.variant, r.metrics.users, r.metrics.events)
+        for r in series.rows)
+    _, a = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&control=variant_a&confidence=0.9")
+    ours = {(r["variant"], r["metric"]): r for r in a["data"]}
+    for c in results.analysis.comparisons:
+        row = ours[(c.variant, c.metric)]
+        assert row["control_variant"] == "variant_a" and row["relative_ci_low"] == c.relative.ci_low
+        assert row["chance_to_win"] == c.chance_to_win and row["status"] == c.status
+    assert len(ours) == len(results.analysis.comparisons) > 0
+
+
+def test_every_format_of_a_pipe(http):
+    events = tutorial_format(random_events(500, seed=9))
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))[0] == 200
+    path = "/v0/pipes/test_summary.{}?test_id=checkout&start_date=2025-04-01+00:00:00&end_date=2025-05-31+23:59:59"
+    _, as_json = http.json("GET", path.format("json"))
+    status, headers, csv_body = http.call("GET", path.format("csv"))
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    lines = csv_body.decode().splitlines()
+    assert lines[0] == '"test_id","variant","users","conversions","conversion_rate","total_revenue","revenue_per_user"'
+    assert len(lines) == 1 + len(as_json["data"]) and lines[1].startswith('"checkout","control",')
+    status, headers, nd = http.call("GET", path.format("ndjson"))
+    assert "ndjson" in headers["Content-Type"] and [json.loads(x) for x in nd.decode().splitlines()] == as_json["data"]
+    status, headers, parquet = http.call("GET", path.format("parquet"))
+    table = pq.read_table(io.BytesIO(parquet))
+    assert table.to_pylist() == as_json["data"] and table.schema.field("users").type == pa.uint64()
+    status, error = http.json("GET", path.format("xml"))
+    assert status == 400 and ".xml" in error["error"]
+    status, error = http.json("GET", path.format("json") + "&q=select+count()+from+_")
+    assert status == 400 and error["error"].startswith("q: SQL over a pipe is not supported")
+    status, posted = http.json("POST", "/v0/pipes/test_summary.json", b"test_id=checkout&start_date=2025-04-01"
+                               b"+00%3A00%3A00&end_date=2025-05-31+23%3A59%3A59",
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and posted["data"] == as_json["data"]  # the CLI posts a form for long URLs
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):
+    good = [{**TUTORIAL_EVENT, "user_id": f"good_{i}"} for i in range(5)]
+    lines = [json.dumps(good[0]), "{not json", json.dumps({**TUTORIAL_EVENT, "conversion": "yes"}),
+             json.dumps(good[1]), json.dumps({**TUTORIAL_EVENT, "user_id": ""}), "[1, 2]",
+             json.dumps({**TUTORIAL_EVENT, "revenue": "lots"}), json.dumps(good[2]),
+             json.dumps({**TUTORIAL_EVENT, "timestamp": "28/04/2025"}), "", json.dumps(good[3]) + "\r",
+             json.dumps(good[4])]
+    status, answer = http.json("POST", "/v0/events?name=ab_test_events&wait=true", "\n".join(lines).encode())
+    assert status == 200 and answer["successful_rows"] == 5 and answer["quarantined_rows"] == 6, answer
+    assert [(r["line"], r["field"]) for r in answer["quarantined"]] == [
+        (2, "line"), (3, "conversion"), (5, "user_id"), (6, "line"), (7, "revenue"), (9, "timestamp")]
+    assert "not valid JSON" in answer["quarantined"][0]["error"]
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        assert {r.metrics.users for r in client.summary("test_5").rows} == {5}
+        assert client.quarantine("").total == 6
+    _, q = http.json("GET", "/v0/pipes/ab_test_events_quarantine.json?limit=10")
+    assert len(q["data"]) == 6 and {r["field"] for r in q["data"]} == {"line", "conversion", "user_id", "revenue",
+                                                                       "timestamp"}
+
+
+def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_path):
+    http = Http(tmp_path, http_max_body_bytes=1 << 20, http_max_upload_bytes=2 << 20)
+    try:
+        events = "/v0/events?name=ab_test_events"
+        for status, body, kwargs in [
+            (403, b"{}", {"token": None}),  # no token
+            (403, b"{}", {"token": "wrong"}),
+            (403, b"{}", {"token": TOKENS["query"]}),  # no ingest scope
+        ]:
+            got, error = http.json("POST", events, body, **kwargs)
+            assert got == status and error["error"] and error["documentation"], error
+        assert "Bearer" in http.json("POST", events, b"{}", token=None)[1]["error"]
+        assert http.json("GET", "/v0/pipes/test_summary.json?test_id=x", token=TOKENS["ingest"])[0] == 403
+        assert http.json("GET", f"/v0/pipes/test_summary.json?test_id=x&token={TOKENS['query']}", token=None)[0] == 200
+        assert http.json("POST", "/v0/events?name=other", b"{}")[0] == 404
+        assert http.json("POST", "/v0/events", b"{}")[1]["error"].startswith("name: is required")
+        assert http.json("GET", "/v0/nothing/here")[0] == 404
+        assert http.json("DELETE", "/v0/events")[0] == 405
+        status, error = http.json("POST", events, b"x" * (2 << 20))
+        assert status == 413 and "1,048,576" in error["error"]
+        bomb = gzip.compress(b"\n" * (64 << 20))  # 64 MiB of newlines in ~64 KiB
+        status, error = http.json("POST", events, bomb, headers={"Content-Encoding": "gzip"})
+        assert status == 413 and "inflated" in error["error"]
+        status, error = http.json("POST", events, b"not gzip", headers={"Content-Encoding": "gzip"})
+        assert status == 400 and "gzip" in error["error"]
+        status, error = http.json("POST", "/v0/sql", b"SELECT 1")
+        assert status == 400 and "pipes" in error["error"]
+        assert http.json("GET", "/v0/pipes/test_summary.json")[1]["error"].startswith("test_id: is required")
+        status, error = http.json("GET", "/v0/pipes/test_summary.json?test_id=t&end_date=2025-13-40")
+        assert status == 400 and error["error"].startswith("end_date")
+        status, error = http.json("POST", "/v0/datasources?name=ab_test_events&mode=append&url=http://x/y.csv", b"")
+        assert status == 400 and error["error"].startswith("url")
+        assert http.json("POST", "/v0/datasources?name=ab_test_events&mode=replace", b"")[0] == 400
+        # every valid event sent alongside still went in, before and after the refusals
+        assert http.json("POST", events + "&wait=true", ndjson([TUTORIAL_EVENT]))[1]["successful_rows"] == 1
+        status, headers, _ = http.call("GET", "/v0/nothing")
+        assert headers["Content-Type"].startswith("application/json") and headers["X-Request-Id"]
+    finally:
+        http.stop()
+
+
+def test_no_length_is_411_and_a_long_chunked_body_is_cut_off(tmp_path):
+    import http.client
+
+    server = Http(tmp_path, http_max_body_bytes=1 << 20)
+    try:
+        port = server.thread.server.http_port
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest("POST", "/v0/events?name=ab_test_events")
+        connection.putheader("Authorization", f"Bearer {TOKENS['admin']}")
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 411 and json.loads(response.read())["error"].startswith("a body is required")
+        connection.close()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        lines = (json.dumps({**TUTORIAL_EVENT, "user_id": f"u{i}"}).encode() + b"\n" for i in range(20_000))
+        connection.request("POST", "/v0/events?name=ab_test_events", body=lines, encode_chunked=True,
+                           headers={"Authorization": f"Bearer {TOKENS['admin']}", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        assert response.status == 413, response.read()
+        connection.close()
+    finally:
+        server.stop()
+
+
+def test_rate_limits_say_when_to_retry(tmp_path):
+    server = Http(tmp_path, tokens_file=str(tokens_file(tmp_path / "slow.toml", rates={"ingest": 10})))
+    try:
+        body = ndjson([{**TUTORIAL_EVENT, "user_id": f"u{i}"} for i in range(50)])
+        statuses = []
+        for _ in range(3):
+            status, headers, payload = server.call("POST", "/v0/events?name=ab_test_events", body, token=TOKENS["ingest"])
+            statuses.append(status)
+        assert 429 in statuses, statuses
+        status, headers, payload = server.call("POST", "/v0/events?name=ab_test_events", body, token=TOKENS["ingest"])
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert int(headers["X-RateLimit-Limit"]) == 10 and headers["X-RateLimit-Remaining"] == "0"
+        assert int(headers["X-RateLimit-Reset"]) == int(headers["Retry-After"])
+        assert "ingest rate" in json.loads(payload)["error"]
+        server.thread.server.core.draining = True
+        status, error = server.json("POST", "/v0/events?name=ab_test_events", body)
+        assert status == 503 and "shutting down" in error["error"]
+        assert server.json("GET", "/health", token=None)[0] == 503
+    finally:
+        server.thread.server.core.draining = False
+        server.stop()
+
+
+# ---- exactly once, files ---------------------------------------------------------------------------
+
+def test_an_idempotency_key_stores_a_request_once_across_restarts(tmp_path):
+    server = Server(tmp_path / "data").start()
+    base = f"http://{server.http_address}"
+
+    def send(key: str) -> dict:
+        request = urllib.request.Request(f"{base}/v0/events?name=ab_test_events&wait=true", method="POST",
+                                         data=ndjson([{**TUTORIAL_EVENT, "user_id": f"u{i}"} for i in range(30)]),
+                                         headers={"Idempotency-Key": key})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    assert send("order-1")["successful_rows"] == 30
+    again = send("order-1")
+    assert again["successful_rows"] == 0 and again["already_stored_rows"] == 30
+    server.kill()
+    server.start()
+    base = f"http://{server.http_address}"
+    assert send("order-1")["already_stored_rows"] == 30
+    assert send("order-2")["successful_rows"] == 30
+    with Client(server.address) as client:
+        assert sum(r.metrics.events for r in client.summary("test_5").rows) == 60
+
+
+def test_a_large_upload_streams_in_without_being_held_whole(tmp_path):
+    server = Server(tmp_path / "data", "--http-max-upload-bytes", str(1 << 30)).start()
+    path = tmp_path / "big.ndjson"
+    n = 100_000
+    padding = "x" * 2000  # a field that is not an event's: read past, so the events stored are small
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({**TUTORIAL_EVENT, "user_id": f"user_{i}", "extra": padding}) + "\n")
+    size = path.stat().st_size
+
+    def status_kb(field: str) -> int:
+        text = Path(f"/proc/{server.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field)))
+
+    before = status_kb("VmRSS:")
+    with open(path, "rb") as body:
+        request = urllib.request.Request(f"http://{server.http_address}/v0/datasources?name=ab_test_events"
+                                         "&mode=append&format=ndjson", data=body, method="POST",
+                                         headers={"Content-Length": str(size), "Content-Type": "application/x-ndjson"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+    assert answer["successful_rows"] == n and answer["error"] is False
+    grown = (status_kb("VmHWM:") - before) * 1024
+    assert grown < size / 2, (grown, size)  # the file (~210 MB) never sat in the server whole
+    with Client(server.address) as client:
+        assert sum(r.metrics.events for r in client.summary("test_5").rows) == n
+
+
+def test_datasources_describe_and_take_csv_ndjson_and_parquet(http, tmp_path):
+    csv_body = b"timestamp;user_id;test_id;variant;conversion;revenue;campaign\n2025-04-28 18:42:22;c1;files;A;1;2.5;x\n"
+    status, answer = http.json("POST", "/v0/datasources?name=ab_test_events&mode=append&format=csv", csv_body,
+                               headers={"Content-Type": "text/csv"})
+    assert status == 200 and answer["successful_rows"] == 1 and "campaign" in answer["warnings"][0]
+    table = pa.table({"timestamp": pa.array([dt.datetime(2025, 4, 28, tzinfo=dt.timezone.utc)] * 3),
+                      "user_id": ["p1", "p2", "p3"], "test_id": ["files"] * 3, "variant": ["B"] * 3,
+                      "conversion": pa.array([1, 0, 5], pa.int64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    boundary = "abstreamboundary"
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"ndjson\"; filename=\"ndjson\"\r\n\r\n"
+                 .encode() + sink.getvalue().to_pybytes() + f"\r\n--{boundary}--\r\n".encode())
+    status, answer = http.json("POST", "/v0/datasources?name=ab_test_events&mode=append&format=parquet", multipart,
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and answer["successful_rows"] == 2 and answer["quarantine_rows"] == 1
+    assert answer["error"] == "There was an error with file contents: 1 rows in quarantine."
+    assert answer["quarantined"] == [{"line": 3, "field": "conversion", "error": "conversion must be 0 or 1, got 5"}]
+    gz = gzip.compress(ndjson([{**TUTORIAL_EVENT, "test_id": "files", "user_id": "g1"}]))
+    status, answer = http.json("POST", "/v0/datasources?name=ab_test_events&mode=append&format=ndjson", gz,
+                               headers={"Content-Encoding": "gzip"})
+    assert status == 200 and answer["successful_rows"] == 1
+    status, described = http.json("GET", "/v0/datasources/ab_test_events")
+    assert status == 200 and described["statistics"]["row_count"] == 4
+    assert dt.datetime.strptime(described["created_at"], "%Y-%m-%d %H:%M:%S.%f")
+    _, listed = http.json("GET", "/v0/datasources")
+    assert [d["name"] for d in listed["datasources"]] == ["ab_test_events", "ab_test_events_quarantine"]
+    assert listed["datasources"][1]["statistics"]["row_count"] == 1
+    assert http.json("GET", "/v0/datasources/other")[0] == 404
+    status, ws = http.json("GET", "/v0/workspace")
+    assert status == 200 and {"id", "name", "user_email", "user_id", "scope"} <= set(ws) and ws["scope"] == "admin"
+    assert http.json("GET", "/v1/workspace")[1] == ws
+    assert http.json("GET", "/v0/regions")[1] == {"regions": []}
+
+
+# ---- the platform's own clients ----------------------------------------------------------------------
+
+def tb_env(home: Path) -> dict:
+    return {"PATH": f"{TB.parent}:{os.environ['PATH']}", "HOME": str(home), "TB_CLI_TELEMETRY_OPTOUT": "1",
+            "TB_VERSION_WARNING": "0", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+            "NO_PROXY": "127.0.0.1,localhost", "LANG": "C.UTF-8"}
+
+
+def tb(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TB), *args], capture_output=True, text=True, timeout=120, cwd=home,
+                          env={**tb_env(home), **(env or {})})
+
+
+@pytest.mark.skipif(not TB.exists(), reason="make test installs tinybird-cli into .venv/tinybird")
+def test_the_platforms_cli_works_against_it(http, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    token = TOKENS["admin"]
+    auth = tb(home, "--host", http.base, "--token", token, "auth")
+    assert auth.returncode == 0 and "Auth successful" in auth.stdout, auth.stdout + auth.stderr
+    assert json.loads((home / ".tinyb").read_text())["host"] == http.base
+    listed = tb(home, "datasource", "ls")
+    assert listed.returncode == 0 and "ab_test_events" in listed.stdout, listed.stdout + listed.stderr
+    events = home / "events.ndjson"
+    events.write_bytes(ndjson([TUTORIAL_EVENT, {**TUTORIAL_EVENT, "user_id": "user_456", "variant": "variant_b",
+                                                "conversion": 0}]))
+    appended = tb(home, "datasource", "append", "ab_test_events", str(events))
+    assert appended.returncode == 0 and "Total rows in ab_test_events: 2" in appended.stdout, appended.stdout
+    csv_file = home / "events.csv"
+    csv_file.write_text("timestamp,user_id,test_id,variant,conversion,revenue\n2025-04-29 10:00:00,user_9,test_5,"
+                        "variant_a,1,10.5\n")
+    appended = tb(home, "datasource", "append", "ab_test_events", str(csv_file))
+    assert appended.returncode == 0 and "Total rows in ab_test_events: 3" in appended.stdout, appended.stdout
+    bad = home / "bad.ndjson"
+    bad.write_text('{"timestamp": "2025-04-29 10:00:00", "test_id": "test_5", "variant": "v"}\n')
+    refused = tb(home, "datasource", "append", "ab_test_events", str(bad))
+    assert refused.returncode == 1 and "1 rows in quarantine" in refused.stdout + refused.stderr
+    dates = ["--test_id", "test_5", "--start_date", "2025-04-01 00:00:00", "--end_date", "2025-04-30 23:59:59"]
+    as_json = tb(home, "pipe", "data", "test_summary", *dates, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)["data"]
+    assert [(r["variant"], r["users"], r["conversions"]) for r in data] == [("variant_a", 2, 2), ("variant_b", 1, 0)]
+    as_csv = tb(home, "pipe", "data", "test_summary", *dates, "--format", "csv")
+    assert as_csv.returncode == 0 and as_csv.stdout.splitlines()[1].startswith('"test_5","variant_a",2,2,1.0,95.05')
+    table = tb(home, "pipe", "data", "test_summary", *dates)
+    assert table.returncode == 0 and "variant_b" in table.stdout
+    # the same with TB_HOST and TB_TOKEN, from a directory without a .tinyb
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    by_env = subprocess.run([str(TB), "pipe", "data", "test_summary", *dates, "--format", "csv"], capture_output=True,
+                            text=True, timeout=120, cwd=elsewhere,
+                            env={**tb_env(elsewhere), "TB_HOST": http.base, "TB_TOKEN": token})
+    assert by_env.returncode == 0 and by_env.stdout == as_csv.stdout, by_env.stderr
+    wrong = tb(elsewhere, "--host", http.base, "--token", "wrong", "pipe", "data", "test_summary", *dates)
+    assert wrong.returncode == 1 and "Forbidden" in wrong.stdout + wrong.stderr
+
+
+@pytest.mark.skipif(not (SDK / "node_modules").exists(), reason="make test installs the SDK (npm ci in tests/sdk)")
+def test_the_platforms_typescript_sdk_works_against_it(http, tmp_path):
+    file = tmp_path / "sdk.ndjson"
+    file.write_bytes(ndjson([{**TUTORIAL_EVENT, "test_id": "sdk_test", "user_id": "sdk_file_1", "variant": "control"}]))
+    result = subprocess.run(["node", "run.mjs"], capture_output=True, text=True, timeout=120, cwd=SDK,
+                            env={**os.environ, "ABSTREAM_HTTP": http.base, "ABSTREAM_TOKEN": TOKENS["both"],
+                                 "ABSTREAM_FILE": str(file)})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["ingest"]["result"]["successful_rows"] == 1
+    assert out["batch"]["result"]["successful_rows"] == 2 and out["batch"]["result"]["quarantined_rows"] == 1
+    assert out["batch"]["result"]["quarantined"] == [{"line": 3, "field": "conversion",
+                                                      "error": "conversion must be 0 or 1, got 7"}]
+    assert out["no_wait"]["result"]["successful_rows"] == 1
+    data = out["query"]["result"]["data"]
+    assert {r["variant"]: r["users"] for r in data} == {"control": 1, "variant_a": 3}
+    assert out["append"]["result"]["successful_rows"] == 1 and out["append"]["result"]["error"] is False
+    assert out["unknown_pipe"]["error"]["statusCode"] == 404
+    assert out["wrong_token"]["error"]["statusCode"] == 403
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        assert sum(r.metrics.events for r in client.summary("sdk_test").rows) == 5  # 6 sent, 1 refused
+
+
+# ---- the same care as gRPC -----------------------------------------------------------------------------
+
+def test_https_with_the_grpc_certificate_and_mutual_tls(tmp_path):
+    import ssl
+
+    from tests.test_security import make_pki
+
+    pki = make_pki(tmp_path)
+    server = Http(tmp_path, tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
+                  tls_client_ca=str(pki["ca"]))
+    try:
+        url = f"https://localhost:{server.thread.server.http_port}/v0/regions"
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, context=context, timeout=10).read()  # no client certificate
+        context.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert json.loads(response.read()) == {"regions": []}
+        with pytest.raises((urllib.error.URLError, ConnectionError, http_client_errors())):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.thread.server.http_port}/v0/regions", timeout=10).read()
+    finally:
+        server.stop()
+
+
+def http_client_errors():
+    import http.client
+
+    return http.client.HTTPException
+
+
+def test_metrics_and_logs_cover_http_and_never_show_a_token(tmp_path):
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens_file(tmp_path / "tokens.toml")),
+                    "--metrics-addr", "127.0.0.1:0", "--log-format", "json").start()
+    base = f"http://{server.http_address}"
+    for path in ("/v0/regions", f"/v0/pipes/test_summary.json?test_id=t&token={TOKENS['query']}",
+                 "/v0/pipes/test_summary.json?test_id=t&token=not-a-real-token"):
+        try:
+            urllib.request.urlopen(base + path, timeout=10).read()
+        except urllib.error.HTTPError as error:
+            assert error.code == 403
+    log = server.log_path.read_text()
+    assert TOKENS["query"] not in log and "not-a-real-token" not in log
+    lines = [json.loads(line) for line in log.splitlines() if '"abstream.http"' in line]
+    assert any("GET /v0/pipes/test_summary.json 200" in line["message"] and line.get("request_id") for line in lines)
+    port = int(next(line for line in log.splitlines() if "metrics on" in line).rsplit(":", 1)[1].split("/")[0])
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'abstream_http_requests_total{route="pipe",status="200"} 1.0' in metrics
+    assert 'abstream_http_requests_total{route="pipe",status="403"} 1.0' in metrics
+    assert 'abstream_http_seconds_count{route="regions"} 1.0' in metrics
+
+
+def test_without_tokens_http_listens_on_loopback_only(tmp_path):
+    refused = subprocess.run([str(Path(sys.executable).parent / "abstream"), "serve", "--addr", "127.0.0.1:0",
+                              "--http-addr", "0.0.0.0:0", "--data-dir", ""], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "refusing to listen on 0.0.0.0:0 without tokens" in refused.stderr
