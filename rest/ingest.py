@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 from abstream.clients import files
 from abstream.core.admission import RequestSize
@@ -61,7 +62,7 @@ class Outcome:
 def _with_unreadable(chunk: files.Chunk) -> tuple[pa.Table, list[Rejection], list[int]]:
     """The chunk's events, then a null row for each line that could not be read, refused with
     its reason; and each row's line."""
-    lines = [int(n) for n in chunk.lines]
+    lines = np.asarray(chunk.lines).tolist()
     if not chunk.problems:
         return chunk.table, [], lines
     n = chunk.table.num_rows
@@ -120,8 +121,10 @@ class Ingest:
             if result.duplicate:
                 outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
                 continue
-            _, _, lines = _with_unreadable(chunk)
             outcome.stored += result.accepted
+            if not result.rejections:
+                continue
+            _, _, lines = _with_unreadable(chunk)
             unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
             named = []
             for r in result.rejections:

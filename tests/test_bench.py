@@ -29,6 +29,7 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0
     assert "`abstream ingest` of 50,000 NDJSON lines" in result.stdout
     assert report["ingest_http_1000"]["events"] == report["ingest_http_10000"]["events"] == 5000
+    assert report["ingest_http_1000_4"]["events"] == 5000 and report["ingest_http_1000_4"]["connections"] == 4
     assert report["http_summary"]["verified"] and report["http_summary"]["http"]["p50_ms"] > 0
     assert "HTTP Events API, NDJSON, 1,000 lines per request" in result.stdout
     assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0

@@ -82,3 +82,43 @@ def test_the_readme_transcript_is_what_the_command_prints(server):
                                 cwd=ROOT)
         assert result.returncode == 0, (command, result.stderr)
         assert result.stdout.splitlines() == expected, command
+
+
+def test_the_tutorials_commands_in_the_readme_print_what_it_shows(tmp_path):
+    """The README's "Coming from the tutorial" transcript: its curl commands, run by a shell
+    against `abstream serve` as `make run` starts it (its HTTP address the default, 127.0.0.1:7181,
+    here an ephemeral port), print exactly what the README shows."""
+    import shutil
+
+    import pytest
+
+    from abstream.core.settings import Settings
+    from tests.process import Server
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is installed by make test (apt-get)")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    assert Settings.from_args(parser.parse_args([]), {}).http_addr == "127.0.0.1:7181"
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Coming from the tutorial")[1].split("```\n")[1].split("```")[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    assert len(steps) == 3 and all(command.startswith("curl ") for command, _ in steps)
+    server = Server(tmp_path / "data").start()
+    try:
+        for command, expected in steps:
+            assert "127.0.0.1:7181" in command
+            result = subprocess.run(["bash", "-c", command.replace("127.0.0.1:7181", server.http_address)],
+                                    capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "TB_TOKEN": "any-token-on-a-loopback-server-without-tokens"})
+            assert result.returncode == 0, (command, result.stderr)
+            assert result.stdout.splitlines() == expected, command
+    finally:
+        server.kill()
