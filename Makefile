@@ -10,7 +10,7 @@ ADDR   ?=
 DATA   ?=
 N      ?= 10000000
 
-.PHONY: all install proto lint test run cluster bench clean
+.PHONY: all install proto lint test run ui cluster bench clean
 
 all: test
 
@@ -30,14 +30,23 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 
 NODE_STAMP := clients/node/node_modules/.installed-stamp
+## The results page's charting library (Vega-Lite and vega-embed), served by the server itself.
+UI_STAMP := rest/ui/node_modules/.installed-stamp
+
+$(UI_STAMP): rest/ui/package.json rest/ui/package-lock.json
+	cd rest/ui && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+ui: $(UI_STAMP)
 
 $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## Debian packages the tests start for real: a ClickHouse cluster (clickhouse-server 18.16 and
-## zookeeper) and openssl for the documented trial certificates; apt-get needs root, as CI is.
-DEBS := clickhouse-server clickhouse-client zookeeper openssl curl
+## zookeeper), openssl for the documented trial certificates, curl for the tutorial's commands and
+## chromium (with a font) for the results page; apt-get needs root, as CI is.
+DEBS := clickhouse-server clickhouse-client zookeeper openssl curl chromium fonts-liberation
 DEBS_STAMP := $(VENV)/.debs-stamp
 
 $(DEBS_STAMP): | $(STAMP)
@@ -64,10 +73,10 @@ $(SDK_STAMP): tests/sdk/package.json tests/sdk/package-lock.json
 	cd tests/sdk && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: lint $(NODE_STAMP) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
+test: lint $(NODE_STAMP) $(UI_STAMP) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-run: $(STAMP)
+run: $(STAMP) $(UI_STAMP)
 	$(VENV)/bin/abstream serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA),--data-dir $(DATA))
 
 ## A local ClickHouse cluster (2 shards x 2 replicas, ZooKeeper) with abstream serving on it at ADDR.
@@ -75,7 +84,7 @@ cluster: $(STAMP) $(DEBS_STAMP)
 	$(PY) -m abstream.clickhouse.cluster $(if $(ADDR),--addr $(ADDR)) $(if $(DIR),--dir $(DIR))
 
 ## Benchmark against DuckDB on N generated events (cached in bench/data); report in bench/results.
-bench: $(STAMP) $(if $(filter clickhouse,$(ENGINE)),$(DEBS_STAMP))
+bench: $(STAMP) $(UI_STAMP) $(if $(filter clickhouse,$(ENGINE)),$(DEBS_STAMP))
 	$(PY) -m bench.run --events $(N) $(if $(ENGINE),--engine $(ENGINE)) $(BENCH_ARGS)
 
 clean:

@@ -296,6 +296,48 @@ def http_summary(stub, address: str, test_id: str, reps: int) -> dict:
     return report
 
 
+PAGE_LOADS = 5
+
+
+def results_page(address: str, test_id: str) -> dict:
+    """Time to first render of the results page of `test_id` (navigation start to its tables and
+    charts drawn, in Chromium driven by Playwright, a new browser context, so a cold cache, each
+    time), with what the page's data request took the server; and of the list of tests."""
+    import shutil
+    import urllib.parse
+    import urllib.request
+
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if not chromium:
+        return {"skipped": "chromium or playwright is not installed (make test installs both)"}
+    base = f"http://{address}"
+    with urllib.request.urlopen(f"{base}/api/tests/{urllib.parse.quote(test_id)}", timeout=120) as response:
+        api_ms = [json.loads(response.read())["elapsed_ms"]]
+    out = {"test": test_id}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        for name, path in (("test_page", f"/tests/{urllib.parse.quote(test_id)}"), ("list_page", "/")):
+            times = []
+            for _ in range(PAGE_LOADS):
+                context = browser.new_context(viewport={"width": 1280, "height": 900})
+                page = context.new_page()
+                page.goto(base + path)
+                page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=120_000)
+                times.append(page.evaluate("window.abstreamFirstRender"))
+                context.close()
+            out[name] = {"p50_ms": float(np.median(times)), "runs_ms": times}
+        browser.close()
+    for _ in range(PAGE_LOADS - 1):
+        with urllib.request.urlopen(f"{base}/api/tests/{urllib.parse.quote(test_id)}", timeout=120) as response:
+            api_ms.append(json.loads(response.read())["elapsed_ms"])
+    out["api_p50_ms"] = float(np.median(api_ms))
+    return out
+
+
 def median_run(results: list[dict]) -> dict:
     """The run with the median rate, with every run's rate beside it."""
     results = sorted(results, key=lambda r: r["events_per_s"])
@@ -417,6 +459,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 report["ingest_http_1000_4"] = median_run([http_ingest(server.http_address, bodies, 4)
                                                            for _ in range(3)])
                 report["http_summary"] = http_summary(stub, server.http_address, typical, reps)
+                report["results_page"] = results_page(server.http_address, largest)
                 report["under_ingest"] = under_ingest(stub, server.address, rows, typical, largest, reps, load_seconds)
                 report["freshness"] = freshness(stub, reps)
                 report["snapshot"] = take_snapshot(server.address)
@@ -643,6 +686,13 @@ def table_text(report: dict) -> str:
                   f"{'same rows' if h['verified'] else 'rows DIFFER'}): p50 {h['http']['p50_ms']:.2f} ms against "
                   f"{h['grpc']['p50_ms']:.2f} ms (+{h['http']['p50_ms'] - h['grpc']['p50_ms']:.2f} ms), "
                   f"p99 {h['http']['p99_ms']:.2f} against {h['grpc']['p99_ms']:.2f} ms"]
+    page = report["results_page"]
+    if "skipped" in page:
+        lines += ["", f"results page: skipped ({page['skipped']})"]
+    else:
+        lines += ["", f"results page of {page['test']}, navigation to first render in Chromium (cold cache, median "
+                      f"of {PAGE_LOADS}): {page['test_page']['p50_ms']:.0f} ms, of which the server's answer "
+                      f"{page['api_p50_ms']:.0f} ms; the list of tests {page['list_page']['p50_ms']:.0f} ms"]
     fi = report["ingest_file"]
     lines += ["", f"`abstream ingest` of {fi['events']:,} NDJSON lines ({fi['file_bytes'] / 2**20:.0f} MiB): median "
                   f"{fi['cli_events_per_s']:,.0f} events/s, {fi['cli_over_ingest_table']:.2f}x the time of "

@@ -28,6 +28,7 @@ from abstream.core.settings import Settings
 from abstream.rest import body, formats, pipes
 from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status_of
 from abstream.rest.ingest import Ingest, Outcome, reader_for
+from abstream.rest.results import ResultsPage
 from aiohttp import web
 
 log = logging.getLogger("abstream.http")
@@ -67,6 +68,7 @@ class HttpApi:
         app.router.add_route("GET", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
         app.router.add_route("POST", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
         app.router.add_route("*", "/v0/sql", route("sql", "query", self.sql))
+        ResultsPage(core, route).add_routes(app)
         # Bodies are inflated here (rest/body.py), bounded, not by aiohttp as they arrive.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
                                      shutdown_timeout=settings.grace_seconds)

@@ -32,6 +32,9 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_http_1000_4"]["events"] == 5000 and report["ingest_http_1000_4"]["connections"] == 4
     assert report["http_summary"]["verified"] and report["http_summary"]["http"]["p50_ms"] > 0
     assert "HTTP Events API, NDJSON, 1,000 lines per request" in result.stdout
+    page = report["results_page"]
+    assert "skipped" in page or (page["test_page"]["p50_ms"] > 0 and page["api_p50_ms"] > 0), page
+    assert "results page" in result.stdout
     assert report["freshness"]["queries_that_missed_an_acked_batch"] == 0
     assert report["memory"]["bytes_per_event"] > 0
     assert report["hostile_ids"]["ids"] >= 1000 and report["hostile_ids"]["secret_over_random"] > 0

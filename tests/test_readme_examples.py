@@ -91,8 +91,8 @@ def test_the_tutorials_commands_in_the_readme_print_what_it_shows(tmp_path):
     import shutil
 
     import pytest
-
     from abstream.core.settings import Settings
+
     from tests.process import Server
 
     if shutil.which("curl") is None:

@@ -1,0 +1,533 @@
+// The results page: every test at "/", one test at "/tests/<id>". Everything shown comes from
+// /api/tests and /api/tests/<id>; charts are Vega-Lite specs drawn by vega-embed. Every choice is
+// in the URL, so a view can be shared; the token is kept in this tab's session storage only.
+"use strict";
+
+const TOKEN_KEY = "abstream-token";
+const POLL_MS = 3000;
+const METRIC_LABELS = {
+  conversion: "users converting",
+  revenue_per_user: "revenue per user",
+  conversions_per_user: "conversions per user",
+};
+const OUTCOME_COLORS = { better: "#1a7f37", worse: "#cf222e", flat: "#6e7781" };
+
+let lastFetched = 0;
+let lastShown = "";
+let renders = 0;
+let pollTimer = null;
+
+// ---- the token -----------------------------------------------------------------------------
+
+(function tokenFromUrl() {
+  const url = new URL(location.href);
+  if (url.searchParams.has("token")) {
+    sessionStorage.setItem(TOKEN_KEY, url.searchParams.get("token"));
+    url.searchParams.delete("token");
+    history.replaceState(null, "", url);
+  }
+})();
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+async function api(path) {
+  const headers = token() ? { Authorization: "Bearer " + token() } : {};
+  const response = await fetch(path, { headers, cache: "no-store" });
+  let body;
+  try {
+    body = await response.json();
+  } catch (e) {
+    body = { error: `${response.status} ${response.statusText}` };
+  }
+  if (!response.ok) {
+    const error = new Error(body.error || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+// ---- numbers for people --------------------------------------------------------------------
+
+const formats = {};
+function nf(key, options) {
+  return (formats[key] ||= new Intl.NumberFormat("en", options));
+}
+function count(n) {
+  if (n == null) return "–";
+  return Math.abs(n) >= 10000
+    ? nf("compact", { notation: "compact", maximumFractionDigits: 1 }).format(n)
+    : nf("int", { maximumFractionDigits: 0 }).format(n);
+}
+function pct(x) {
+  return x == null ? "–" : nf("pct", { style: "percent", minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(x);
+}
+function money(x) {
+  return x == null ? "–" : nf("money", { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(x);
+}
+function decimal(x) {
+  return x == null ? "–" : nf("dec", { minimumFractionDigits: 3, maximumFractionDigits: 3 }).format(x);
+}
+function signed(text, x) {
+  return (x > 0 ? "+" : x < 0 ? "−" : "") + text.replace(/^-/, "");
+}
+function pValue(p) {
+  if (p == null) return "–";
+  return p < 0.0001 ? "< 0.0001" : nf("p", { maximumFractionDigits: 4, minimumFractionDigits: 4 }).format(p);
+}
+// A metric's value, and a difference of it, in its own unit.
+function metricValue(metric, x) {
+  return metric === "conversion" ? pct(x) : metric === "revenue_per_user" ? money(x) : decimal(x);
+}
+function difference(metric, e) {
+  const half = e.ci_high != null && e.ci_low != null ? (e.ci_high - e.ci_low) / 2 : null;
+  if (metric === "conversion") {
+    const pp = (x) => nf("pp", { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(Math.abs(x * 100)) + " pp";
+    return `${signed(pp(e.estimate), e.estimate)} ±${half == null ? "–" : pp(half)}`;
+  }
+  const unit = metric === "revenue_per_user" ? money : decimal;
+  return `${signed(unit(Math.abs(e.estimate)), e.estimate)} ±${half == null ? "–" : unit(half)}`;
+}
+function ago(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.round(s / 60)} min` : `${Math.round(s / 3600)} h`;
+}
+function when(iso) {
+  return iso ? iso.replace("T", " ").replace(/\.\d+Z$|Z$/, "") : "–";
+}
+
+// ---- building the page ---------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v == null || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) if (c != null) e.append(c instanceof Node ? c : String(c));
+  return e;
+}
+
+function present(...nodes) {
+  return nodes.flat().filter((n) => n != null);
+}
+
+function cell(value, text, attrs) {
+  return h("td", { "data-value": value == null ? "" : value, ...attrs }, text);
+}
+
+function badge(status) {
+  return h("span", { class: `badge badge-${status.kind}`, "data-status": status.kind }, status.text);
+}
+
+function showError(message) {
+  let box = document.getElementById("error");
+  if (!message) {
+    if (box) box.remove();
+    return;
+  }
+  if (!box) {
+    box = h("div", { id: "error", class: "error", role: "alert" });
+    document.getElementById("main").prepend(box);
+  }
+  box.textContent = message;
+}
+
+function askForToken(message) {
+  const form = document.getElementById("login");
+  const main = document.getElementById("main");
+  main.replaceChildren(h("div", { id: "error", class: "error", role: "alert" }, message));
+  form.hidden = false;
+  main.append(form);
+  const input = document.getElementById("token");
+  input.focus();
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    form.hidden = true;
+    document.body.append(form);
+    start();
+  };
+}
+
+function rendered() {
+  renders += 1;
+  document.body.dataset.renders = String(renders);
+  if (renders === 1) window.abstreamFirstRender = performance.now();
+  tick();
+}
+
+function setQuery(params) {
+  const url = new URL(location.href);
+  for (const [k, v] of Object.entries(params)) {
+    if (v === "" || v == null || v === false) url.searchParams.delete(k);
+    else url.searchParams.set(k, v === true ? "true" : v);
+  }
+  history.replaceState(null, "", url);
+}
+
+async function chart(id, spec) {
+  const target = document.getElementById(id);
+  if (!target) return;
+  if (typeof window.vegaEmbed !== "function") {
+    target.replaceChildren(h("p", { class: "muted" }, "Charts need the charting library: run `make ui` on the server."));
+    return;
+  }
+  await window.vegaEmbed(target, { width: "container", ...spec },
+    { mode: "vega-lite", actions: false, renderer: "svg", logLevel: window.vega ? window.vega.Error : 0 });
+}
+
+// ---- every test ----------------------------------------------------------------------------
+
+async function showList() {
+  const data = await api("/api/tests");
+  const key = JSON.stringify(data.tests);
+  lastFetched = Date.now();
+  if (key === lastShown) return;
+  lastShown = key;
+  const main = document.getElementById("main");
+  const q = new URL(location.href).searchParams.get("q") || "";
+  if (!data.tests.length) {
+    main.replaceChildren(emptyState());
+    rendered();
+    return;
+  }
+  const rows = data.tests.map((t) =>
+    h("tr", { "data-test-id": t.test_id },
+      h("td", {}, h("a", { href: `/tests/${encodeURIComponent(t.test_id)}` }, t.test_id)),
+      h("td", {}, badge(t.status)),
+      h("td", { class: "variants" }, t.variants.join(", ")),
+      cell(t.events, count(t.events), { "data-col": "events", class: "num" }),
+      cell(t.users, count(t.users), { "data-col": "users", class: "num" }),
+      h("td", { class: "time" }, when(t.first_event)),
+      h("td", { class: "time" }, when(t.last_event))));
+  const search = h("input", { id: "search", type: "search", placeholder: "Search tests", value: q,
+                              "aria-label": "Search tests" });
+  const filter = () => {
+    const needle = search.value.trim().toLowerCase();
+    for (const row of rows) row.hidden = needle !== "" && !row.dataset.testId.toLowerCase().includes(needle);
+    setQuery({ q: search.value.trim() });
+  };
+  search.addEventListener("input", filter);
+  const hadFocus = document.activeElement && document.activeElement.id === "search";
+  main.replaceChildren(
+    h("h1", {}, "Tests"),
+    search,
+    h("div", { class: "scroll" },
+      h("table", { id: "tests" },
+        h("thead", {}, h("tr", {}, ["Test", "Status", "Variants", "Events", "Users", "First event", "Last event"]
+          .map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, rows))));
+  filter();
+  if (hadFocus) search.focus();
+  rendered();
+}
+
+function emptyState() {
+  const command = `curl -X POST "${location.origin}/v0/events?name=ab_test_events" \\\n` +
+    `  -H "Authorization: Bearer $TOKEN" \\\n` +
+    `  -d '{"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "test_5", ` +
+    `"variant": "variant_a", "event_type": "click", "conversion": 1, "revenue": 84.55}'`;
+  return h("section", { id: "empty", class: "empty" },
+    h("h1", {}, "No events yet"),
+    h("p", {}, "Send the first one, and its test appears here within a few seconds:"),
+    h("pre", {}, h("code", {}, command)),
+    h("p", { class: "muted" }, "Or stream them over gRPC (IngestEvents), or import a file: abstream ingest events.ndjson."));
+}
+
+// ---- one test ------------------------------------------------------------------------------
+
+function testQuery() {
+  const p = new URL(location.href).searchParams;
+  const out = new URLSearchParams();
+  for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension"]) {
+    if (p.get(k)) out.set(k, p.get(k));
+  }
+  return out.toString();
+}
+
+function outcome(c, confidence) {
+  const e = c.relative.status === "ok" ? c.relative : c.absolute;
+  if (e.status !== "ok") return "unavailable";
+  if (c.adjusted_p_value != null && c.adjusted_p_value < 1 - confidence) return e.estimate > 0 ? "better" : "worse";
+  return "flat";
+}
+
+function controls(data) {
+  const o = data.options;
+  const p = new URL(location.href).searchParams;
+  const select = (name, label, options, value) =>
+    h("label", {}, label, h("select", { name },
+      options.map(([v, t]) => h("option", { value: v, selected: v === value }, t))));
+  const form = h("form", { id: "controls", class: "controls", onsubmit: (e) => e.preventDefault() },
+    h("label", {}, "From", h("input", { type: "date", name: "start", value: p.get("start") || "" })),
+    h("label", {}, "To", h("input", { type: "date", name: "end", value: p.get("end") || "" })),
+    select("control", "Control", data.test.variants.map((v) => [v, v]), o.control),
+    select("confidence", "Confidence", [["0.9", "90%"], ["0.95", "95%"], ["0.99", "99%"]], String(o.confidence)),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "sequential", checked: o.sequential }),
+      "Sequential (peeking-safe)"),
+    select("correction", "Correction", [["none", "none"], ["holm", "Holm"], ["benjamini_hochberg", "Benjamini–Hochberg"]],
+      o.correction),
+    select("interval", "Over time by", [["hour", "hour"], ["day", "day"], ["week", "week"]], o.interval));
+  form.addEventListener("change", () => {
+    const values = {};
+    for (const el of form.elements) {
+      if (!el.name) continue;
+      values[el.name] = el.type === "checkbox" ? el.checked : el.value;
+    }
+    setQuery(values);
+    refresh(true);
+  });
+  return form;
+}
+
+function srmBanner(data) {
+  if (!data.srm.flagged) return null;
+  const plan = data.test.experiment && Object.keys(data.test.experiment.split || {}).length
+    ? "the planned split" : "an equal split";
+  return h("div", { id: "srm", class: "srm", role: "alert" },
+    h("strong", {}, "Sample ratio mismatch. "),
+    `The variants' user counts are far from ${plan} (p = ${pValue(data.srm.p_value)}): assignment or ` +
+    "logging is dropping or duplicating users in some variants, so the comparisons below are not to be " +
+    "trusted until that is found and fixed.");
+}
+
+function variantsTable(data) {
+  const control = data.options.control;
+  return h("table", { id: "variants" },
+    h("thead", {}, h("tr", {}, ["Variant", "Users", "Conversions", "Conversion rate", "Revenue", "Revenue per user"]
+      .map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, data.variants.map((v) =>
+      h("tr", { "data-variant": v.variant },
+        h("th", { scope: "row" }, v.variant, v.variant === control ? h("span", { class: "tag" }, "control") : null),
+        cell(v.users, count(v.users), { "data-metric": "users", class: "num" }),
+        cell(v.conversions, count(v.conversions), { "data-metric": "conversions", class: "num" }),
+        cell(v.conversion_rate, pct(v.conversion_rate), { "data-metric": "conversion_rate", class: "num" }),
+        cell(v.total_revenue, money(v.total_revenue), { "data-metric": "total_revenue", class: "num" }),
+        cell(v.revenue_per_user, money(v.revenue_per_user), { "data-metric": "revenue_per_user", class: "num" })))));
+}
+
+function comparisonsTable(data) {
+  const confidence = data.options.confidence;
+  const level = `${Math.round(confidence * 100)}%`;
+  return h("table", { id: "comparisons" },
+    h("thead", {}, h("tr", {}, ["Variant", "Metric", "Control", "Variant's", `Lift (${level} interval)`,
+      "Difference", "p-value", "Chance to win"].map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, data.comparisons.map((c) => {
+      const kind = outcome(c, confidence);
+      const r = c.relative;
+      const head = [h("th", { scope: "row" }, c.variant), h("td", {}, METRIC_LABELS[c.metric] || c.metric),
+        cell(c.control_mean, metricValue(c.metric, c.control_mean), { class: "num" }),
+        cell(c.treatment_mean, metricValue(c.metric, c.treatment_mean), { class: "num" })];
+      if (kind === "unavailable") {
+        return h("tr", { "data-variant": c.variant, "data-metric": c.metric, class: "unavailable" }, head,
+          h("td", { colspan: 4, class: "message", "data-field": "message" }, c.message || c.status));
+      }
+      const lift = r.status === "ok"
+        ? [signed(pct(r.estimate), r.estimate),
+           h("span", { class: "ci" }, `${signed(pct(r.ci_low), r.ci_low)} to ${signed(pct(r.ci_high), r.ci_high)}`)]
+        : h("span", { class: "muted" }, r.message || "no relative lift");
+      return h("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-outcome": kind, class: kind }, head,
+        cell(r.status === "ok" ? r.estimate : "", lift, { "data-field": "relative_lift", class: "num" }),
+        cell(c.absolute.estimate, difference(c.metric, c.absolute), { "data-field": "absolute_lift", class: "num" }),
+        cell(c.adjusted_p_value, pValue(c.adjusted_p_value), { "data-field": "p_value", class: "num" }),
+        cell(c.chance_to_win, pct(c.chance_to_win), { "data-field": "chance_to_win", class: "num" }));
+    })));
+}
+
+function segmentsTable(data) {
+  const name = { device: "Device", country: "Country", event_type: "Event type" }[data.options.dimension];
+  return h("table", { id: "segments" },
+    h("thead", {}, h("tr", {}, [name, "Variant", "Users", "Conversions", "Conversion rate", "Revenue per user"]
+      .map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, data.segments.map((s) =>
+      h("tr", { "data-segment": s.segment, "data-variant": s.variant },
+        h("td", {}, s.segment || "(none)"), h("td", {}, s.variant),
+        cell(s.users, count(s.users), { "data-metric": "users", class: "num" }),
+        cell(s.conversions, count(s.conversions), { "data-metric": "conversions", class: "num" }),
+        cell(s.conversion_rate, pct(s.conversion_rate), { "data-metric": "conversion_rate", class: "num" }),
+        cell(s.revenue_per_user, money(s.revenue_per_user), { "data-metric": "revenue_per_user", class: "num" })))));
+}
+
+function forestSpec(data) {
+  const confidence = data.options.confidence;
+  const values = data.comparisons.filter((c) => c.relative.status === "ok").map((c) => ({
+    row: `${c.variant} · ${METRIC_LABELS[c.metric] || c.metric}`, estimate: c.relative.estimate,
+    low: c.relative.ci_low, high: c.relative.ci_high, outcome: outcome(c, confidence) }));
+  const color = { field: "outcome", type: "nominal", legend: null,
+                  scale: { domain: Object.keys(OUTCOME_COLORS), range: Object.values(OUTCOME_COLORS) } };
+  const y = { field: "row", type: "nominal", title: null, sort: null };
+  const x = { type: "quantitative", title: "relative lift", axis: { format: "+.1%" } };
+  return {
+    height: { step: 26 },
+    layer: [
+      { data: { values: [{ zero: 0 }] }, mark: { type: "rule", strokeDash: [4, 4], color: "#8c959f" },
+        encoding: { x: { field: "zero", ...x } } },
+      { data: { values }, mark: { type: "rule", strokeWidth: 2 },
+        encoding: { y, x: { field: "low", ...x }, x2: { field: "high" }, color } },
+      { data: { values }, mark: { type: "point", filled: true, size: 70 },
+        encoding: { y, x: { field: "estimate", ...x }, color,
+                    tooltip: [{ field: "row" }, { field: "estimate", format: "+.2%" }, { field: "low", format: "+.2%" },
+                              { field: "high", format: "+.2%" }] } },
+    ],
+  };
+}
+
+function seriesSpec(data, field, title, format) {
+  return {
+    height: 220,
+    data: { values: data.timeseries },
+    mark: { type: "line", interpolate: "step-after", point: false },
+    encoding: {
+      x: { field: "bucket", type: "temporal", title: null },
+      y: { field, type: "quantitative", title, axis: { format } },
+      color: { field: "variant", type: "nominal", legend: { orient: "bottom", title: null } },
+      tooltip: [{ field: "bucket", type: "temporal" }, { field: "variant" }, { field, format }],
+    },
+  };
+}
+
+function segmentsSpec(data) {
+  const users = {};
+  for (const s of data.segments) users[s.segment] = (users[s.segment] || 0) + s.users;
+  const top = Object.entries(users).sort((a, b) => b[1] - a[1]).slice(0, 12).map(([k]) => k);
+  return {
+    height: { step: 14 },
+    data: { values: data.segments.filter((s) => top.includes(s.segment)) },
+    mark: "bar",
+    encoding: {
+      y: { field: "segment", type: "nominal", title: null, sort: top },
+      yOffset: { field: "variant" },
+      x: { field: "conversion_rate", type: "quantitative", title: "conversion rate", axis: { format: ".1%" } },
+      color: { field: "variant", type: "nominal", legend: { orient: "bottom", title: null } },
+      tooltip: [{ field: "segment" }, { field: "variant" }, { field: "users" }, { field: "conversion_rate", format: ".2%" }],
+    },
+  };
+}
+
+let testView = null; // the test's page once built: its controls stay, its results are redrawn
+
+async function showTest(testId, force) {
+  const data = await api(`/api/tests/${encodeURIComponent(testId)}?${testQuery()}`);
+  lastFetched = Date.now();
+  const { as_of, elapsed_ms, ...shown } = data;
+  const key = JSON.stringify(shown);
+  if (key === lastShown && !force) return;
+  lastShown = key;
+  const main = document.getElementById("main");
+  if (!testView) {
+    const plan = data.test.experiment;
+    testView = {
+      status: h("span", {}),
+      facts: h("p", { class: "muted", id: "facts" }),
+      results: h("div", { id: "results" }),
+    };
+    const dimension = h("select", { name: "dimension", id: "dimension", "aria-label": "Break down by" },
+      [["device", "device"], ["country", "country"], ["event_type", "event type"]]
+        .map(([v, t]) => h("option", { value: v, selected: v === data.options.dimension }, t)));
+    dimension.addEventListener("change", () => { setQuery({ dimension: dimension.value }); refresh(true); });
+    testView.dimension = dimension;
+    main.replaceChildren(...present(
+      h("nav", {}, h("a", { href: "/" + (sessionStorage.getItem("abstream-list-query") || "") }, "← all tests")),
+      h("h1", {}, data.test.test_id, " ", testView.status),
+      plan && plan.hypothesis ? h("p", { class: "hypothesis" }, plan.hypothesis) : null,
+      testView.facts,
+      controls(data),
+      testView.results));
+    testView.segmentsHead = h("div", { class: "section-head" }, h("h2", {}, "Segments"),
+      h("label", {}, "by ", dimension));
+  }
+  const t = data.test;
+  testView.status.replaceChildren(badge(data.status));
+  const plan = t.experiment;
+  const split = plan && Object.keys(plan.split).length
+    ? ` Planned split ${Object.entries(plan.split).map(([v, w]) => `${v} ${w}`).join(" / ")}.` : "";
+  const ran = plan && plan.start ? ` Started ${when(plan.start)}${plan.stop ? `, stopped ${when(plan.stop)}` : ""}.` : "";
+  testView.facts.textContent = `${count(t.events)} events from ${count(t.users)} users, ` +
+    `${when(t.first_event)} to ${when(t.last_event)} UTC; ${count(data.events_scanned)} in this range.${split}${ran}`;
+  syncControl(data);
+  testView.results.replaceChildren(...present(
+    srmBanner(data),
+    h("h2", {}, "Variants"),
+    h("div", { class: "scroll" }, variantsTable(data)),
+    h("h2", {}, `Against ${data.options.control}`),
+    data.comparisons.length ? h("div", { class: "scroll" }, comparisonsTable(data))
+      : h("p", { class: "muted" }, "One variant only: nothing to compare yet."),
+    h("div", { id: "forest", class: "chart", role: "img", "aria-label": "Relative lift of each variant and metric with its interval" }),
+    h("h2", {}, "Over time (cumulative)"),
+    h("div", { class: "pair" },
+      h("div", { id: "ts-conversion", class: "chart", role: "img", "aria-label": "Cumulative conversion rate per variant",
+                 "data-rows": data.timeseries.length, "data-interval": data.options.interval }),
+      h("div", { id: "ts-revenue", class: "chart", role: "img", "aria-label": "Cumulative revenue per user per variant" })),
+    testView.segmentsHead,
+    h("div", { class: "pair" },
+      h("div", { class: "scroll" }, segmentsTable(data)),
+      h("div", { id: "segments-chart", class: "chart", role: "img", "aria-label": "Conversion rate by segment" }))));
+  await Promise.all([
+    data.comparisons.some((c) => c.relative.status === "ok") ? chart("forest", forestSpec(data)) : null,
+    chart("ts-conversion", seriesSpec(data, "conversion_rate", "conversion rate", ".1%")),
+    chart("ts-revenue", seriesSpec(data, "revenue_per_user", "revenue per user", ",.2f")),
+    chart("segments-chart", segmentsSpec(data)),
+  ]);
+  rendered();
+}
+
+function syncControl(data) {
+  // New variants appear in the control's choices as their first events arrive.
+  const select = document.querySelector('#controls select[name="control"]');
+  if (!select) return;
+  const have = [...select.options].map((o) => o.value).join("\n");
+  if (have !== data.test.variants.join("\n")) {
+    select.replaceChildren(...data.test.variants.map((v) => h("option", { value: v }, v)));
+  }
+  select.value = data.options.control;
+}
+
+// ---- polling -------------------------------------------------------------------------------
+
+function route() {
+  const match = location.pathname.match(/^\/tests\/(.+)$/);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+async function refresh(force) {
+  const testId = route();
+  try {
+    if (testId === null) {
+      sessionStorage.setItem("abstream-list-query", location.search);
+      await showList();
+    } else {
+      await showTest(testId, force);
+    }
+    showError("");
+  } catch (error) {
+    if (error.status === 401 || error.status === 403) {
+      clearInterval(pollTimer);
+      testView = null;
+      lastShown = "";
+      askForToken(token() ? `The server refused the token: ${error.message}` : `This server needs a token: ${error.message}`);
+      return;
+    }
+    showError(`Could not load results: ${error.message}`);
+  }
+}
+
+function tick() {
+  const label = document.getElementById("updated");
+  if (lastFetched) label.textContent = `updated ${ago(Date.now() - lastFetched)} ago`;
+}
+
+function start() {
+  document.title = route() ? `${route()} · abstream` : "abstream results";
+  clearInterval(pollTimer);
+  refresh(true);
+  pollTimer = setInterval(() => { if (document.visibilityState === "visible") refresh(false); }, POLL_MS);
+}
+
+setInterval(tick, 1000);
+start();
