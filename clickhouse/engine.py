@@ -142,6 +142,10 @@ class ClickHouseEngine:
     def commit(self, result: IngestResult) -> None:
         """Nothing left to wait for: `apply` returned once the quorum had the rows."""
 
+    def last_sequence(self, producer_id: str) -> int:
+        (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), producer_id))
+        return int(last) if seen else 0
+
     # ---- queries --------------------------------------------------------------------------
 
     def _partials(self, statement: str, deadline: float | None) -> list[list[list]]:

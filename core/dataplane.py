@@ -80,6 +80,7 @@ class Core:
         self.metrics = metrics or Metrics(None)
         self._engine: Engine | None = None  # set once the engine is open (recovered)
         self.draining = False
+        self.sources: dict = {}  # the server's own sources (Kafka) by name: each has `serving` and `state`
         self.events_acked = 0  # events stored by this process's ingest since it started
         self._clock = clock
         self._rates = RateLimiter()
@@ -197,6 +198,8 @@ class Core:
         refuse = batch.refuse + self._refused_tests(batch.table, principal)
         now = self._clock()
         table, rejections = events.check(batch.table, now, refuse)
+        if batch.origin is not None and rejections:
+            rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
         validated = ValidatedBatch(table, rejections, now, batch.producer_id, batch.sequence, batch.ipc)
         return engine.prepare(validated), table.num_rows
 
@@ -292,6 +295,11 @@ class Core:
         q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
         return await self._in_worker("Timeseries", lambda: respond(engine.timeseries(q)))
+
+    async def last_sequence(self, producer_id: str) -> int:
+        """Where a source's producer resumes (a server-side source: no token to check)."""
+        engine = self.engine
+        return await asyncio.to_thread(engine.last_sequence, producer_id)
 
     async def list_tests(self, principal: Principal,
                          respond: Callable[[list[TestInfo], QueryStats], R] = lambda t, s: t) -> R:

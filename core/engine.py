@@ -66,6 +66,10 @@ class Engine(Protocol):
 
     def quarantine(self, test_id: str, limit: int, test_prefix: str) -> tuple[list[QuarantinedEvent], int]: ...
 
+    def last_sequence(self, producer_id: str) -> int:
+        """The sequence of the producer's last applied batch (0: none), where a source that
+        numbers its batches by its own positions (a Kafka offset, a file's batch) resumes."""
+
     def experiments(self) -> dict[str, Experiment]:
         """Every test's plan, by test id."""
 

@@ -11,7 +11,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -399,6 +399,7 @@ class DecodedBatch:
     sequence: int
     refuse: list[Rejection]
     ipc: pa.Buffer | None = None  # the Arrow IPC stream the whole batch was read from, if it was
+    origin: Sequence[str] | None = None  # where each event came from, said first in its rejection (Kafka, a file)
 
 
 @dataclass(frozen=True)

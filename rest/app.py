@@ -27,8 +27,8 @@ from abstream.core.metrics import Metrics
 from abstream.core.settings import Settings
 from abstream.rest import body, formats, pipes
 from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status_of
-from abstream.rest.ingest import Ingest, Outcome, reader_for
 from abstream.rest.results import ResultsPage
+from abstream.sources.ingest import Ingest, Outcome, reader_for
 from aiohttp import web
 
 log = logging.getLogger("abstream.http")
@@ -147,7 +147,10 @@ class HttpApi:
 
     async def health(self, request: web.Request) -> web.Response:
         serving = self.core.engine_open and not self.core.draining
-        return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
+        answer = {"status": "SERVING" if serving else "NOT_SERVING",
+                  **{name: {"status": "SERVING" if s.serving else "NOT_SERVING", "state": s.state}
+                     for name, s in self.core.sources.items()}}
+        return web.json_response(answer, status=200 if serving else 503)
 
     # ---- Events API ----------------------------------------------------------------------------
 

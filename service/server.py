@@ -23,6 +23,7 @@ from abstream.core.metrics import Metrics
 from abstream.core.settings import Settings
 from abstream.service.interceptors import AuthInterceptor, ErrorInterceptor, RequestInterceptor
 from abstream.service.servicer import AdminServicer, AnalyticsServicer
+from abstream.sources.kafka import KafkaConfigError, KafkaSource, kafka_config
 from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +34,8 @@ log = logging.getLogger("abstream.server")
 MAX_RESPONSE_BYTES = 64 << 20
 SERVICE_NAME = analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+#: The health service the Kafka connector reports on (the server's own stays SERVING without it).
+KAFKA_HEALTH = "abstream.kafka"
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -181,6 +184,15 @@ class AnalyticsServer:
             from abstream.rest.app import HttpApi
 
             self.http = HttpApi(self.core, settings, self.metrics)
+        self.kafka = None
+        try:
+            kafka = kafka_config(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_group,
+                                 settings.kafka_session_timeout_ms, settings.kafka_config)
+        except KafkaConfigError as error:
+            raise ConfigError(str(error)) from None
+        if kafka is not None:
+            self.kafka = KafkaSource(self.core, kafka, self.metrics, self._source_state(KAFKA_HEALTH))
+            self.core.sources["kafka"] = self.kafka
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -234,6 +246,10 @@ class AnalyticsServer:
                      self.metrics_port)
         self._snapshots = asyncio.create_task(self._every_second())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.kafka is not None:
+            self._loop = asyncio.get_running_loop()
+            await self.health.set(KAFKA_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.kafka.start(self._loop)
         s = self.settings
         log.info("serving %s on port %d (%s, %s, %s, %s engine)", SERVICE_NAME, self.port,
                  s.addr.rpartition(":")[0] or "every interface", "TLS" if s.tls_cert else "plaintext",
@@ -274,6 +290,8 @@ class AnalyticsServer:
         NOT_SERVING and queries still work; only new ingest streams are refused. Then gRPC
         refuses every new call and gets what remains of the grace period for calls in flight.
         """
+        if self.kafka is not None:  # its batch in hand stored and committed while ingest still takes it
+            await asyncio.to_thread(self.kafka.stop)
         self.core.draining = True
         await self.health.enter_graceful_shutdown()
         if self._snapshots is not None:
@@ -290,6 +308,14 @@ class AnalyticsServer:
             await asyncio.to_thread(self.core.engine.close)
         self.metrics.close()
         log.info("stopped")
+
+    def _source_state(self, name: str):
+        """A source's changes of state, from its thread, to its health service `name`."""
+        def changed(serving: bool, state: str) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            asyncio.run_coroutine_threadsafe(self.health.set(name, status), self._loop)
+
+        return changed
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):

@@ -94,6 +94,10 @@ class EventStore:
         when `test_id` is given, of tests starting with `test_prefix`)."""
         return self._ingest.quarantine.newest(test_id, limit, test_prefix)
 
+    def last_sequence(self, producer_id: str) -> int:
+        producer = self._ingest.producers.get(producer_id)
+        return producer.sequence if producer is not None else 0
+
     def experiments(self) -> dict[str, Experiment]:
         return self._ingest.experiments
 

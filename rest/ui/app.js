@@ -171,9 +171,19 @@ function setQuery(params) {
   history.replaceState(null, "", url);
 }
 
+// The charting library loads while the first data request is answered, not before it starts.
+const charting = ["vega.min.js", "vega-lite.min.js", "vega-embed.min.js"].reduce((previous, name) => {
+  const script = h("script", { src: `/static/vendor/${name}` });
+  script.async = false; // in order: each needs the one before
+  const loaded = new Promise((resolve) => { script.onload = resolve; script.onerror = resolve; });
+  document.head.append(script);
+  return previous.then(() => loaded);
+}, Promise.resolve());
+
 async function chart(id, spec) {
   const target = document.getElementById(id);
   if (!target) return;
+  await charting;
   if (typeof window.vegaEmbed !== "function") {
     target.replaceChildren(h("p", { class: "muted" }, "Charts need the charting library: run `make ui` on the server."));
     return;

@@ -1,6 +1,7 @@
-"""HTTP ingest: a body (NDJSON, CSV or Parquet) read by the same readers as `abstream ingest`,
-chunk by chunk in a worker thread, and handed to the core's ingest as a stream of batches, so
-that admission, validation, the quarantine and exactly-once are gRPC's.
+"""Bytes into the core: a body or a file (NDJSON, CSV or Parquet) read by the same readers as
+`abstream ingest`, chunk by chunk in a worker thread, and handed to the core's ingest as a stream
+of batches, so that admission, validation, the quarantine and exactly-once are gRPC's. The HTTP
+API, the Kafka connector and imports from object stores all come through here.
 
 A line the readers cannot read (not JSON, a value of the wrong type) becomes a row of its own in
 its batch, refused with the reader's reason, so that it is quarantined and counted like any
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,17 +61,36 @@ class Outcome:
         return out
 
 
-def _with_unreadable(chunk: files.Chunk) -> tuple[pa.Table, list[Rejection], list[int]]:
+def at_line(line: int) -> str:
+    return f"line {line}"
+
+
+def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at_line
+                     ) -> tuple[pa.Table, list[Rejection], list[int]]:
     """The chunk's events, then a null row for each line that could not be read, refused with
-    its reason; and each row's line."""
+    its reason (after `where(line)`, if given); and each row's line."""
     lines = np.asarray(chunk.lines).tolist()
     if not chunk.problems:
         return chunk.table, [], lines
     n = chunk.table.num_rows
     nulls = pa.table({f.name: pa.nulls(len(chunk.problems), f.type) for f in files.FILE_SCHEMA})
     table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), nulls])
-    refuse = [Rejection(n + k, name, f"line {line}: {why}") for k, (line, name, why) in enumerate(chunk.problems)]
+    refuse = [Rejection(n + k, name, f"{where(line)}: {why}" if where else why)
+              for k, (line, name, why) in enumerate(chunk.problems)]
     return table, refuse, lines + [line for line, _, _ in chunk.problems]
+
+
+class _Origin(collections.abc.Sequence):
+    """Where each row came from, worked out only for the rows that are rejected."""
+
+    def __init__(self, lines: list[int], where: Callable[[int], str]) -> None:
+        self._lines, self._where = lines, where
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i):
+        return self._where(self._lines[i])
 
 
 class Ingest:
@@ -82,17 +103,20 @@ class Ingest:
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
 
-    async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = ""
-                     ) -> Outcome:
-        """Stores what `make()` reads (in a worker thread); with `producer`, batch k goes with
-        sequence k + 1, so the same body sent again stores nothing twice."""
+    async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = "",
+                     sequence: Callable[[files.Chunk, int], int] = lambda chunk, k: k,
+                     where: Callable[[int], str] | None = None, skip_through: int = 0) -> Outcome:
+        """Stores what `make()` reads (in a worker thread); with `producer`, batch k (from 1) goes
+        with `sequence(chunk, k)`, so the same body sent again stores nothing twice, and batches
+        up to `skip_through` are not sent at all (stored before). `where(line)` says where a
+        line came from, first in its rejections (the line number's own words if not given)."""
         loop = asyncio.get_running_loop()
         outcome = Outcome()
         in_flight: collections.deque = collections.deque()
         reader = await loop.run_in_executor(self._readers, make)
 
         async def batches() -> AsyncIterator[tuple[files.Chunk, int]]:
-            sequence = 0
+            k = 0
             while True:
                 try:
                     chunk = await loop.run_in_executor(self._readers, next, reader, None)
@@ -103,18 +127,24 @@ class Ingest:
                     return
                 if not chunk.table.num_rows and not chunk.problems:
                     continue
-                sequence += 1
+                k += 1
+                number = sequence(chunk, k)
+                if producer and number <= skip_through:
+                    outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
+                    continue
                 in_flight.append(chunk)
-                yield chunk, sequence
+                yield chunk, number
 
         def measure(item) -> RequestSize:
             chunk, _ = item
             return RequestSize(chunk.table.nbytes, chunk.table.num_rows + len(chunk.problems), chunk.table.nbytes)
 
         def decode(item) -> DecodedBatch:
-            chunk, sequence = item
-            table, refuse, _ = _with_unreadable(chunk)
-            return DecodedBatch(table, producer, sequence if producer else 0, refuse)
+            chunk, number = item
+            # With `where`, the core says where each rejected event came from (DecodedBatch.origin).
+            table, refuse, lines = _with_unreadable(chunk, None if where else at_line)
+            origin = _Origin(lines, where) if where is not None else None
+            return DecodedBatch(table, producer, number if producer else 0, refuse, origin=origin)
 
         async for result in self._core.ingest(principal, batches(), measure, decode):
             chunk = in_flight.popleft()
@@ -134,7 +164,7 @@ class Ingest:
                     outcome.rejected_by_rules += 1
                 if len(outcome.rejections) + len(named) < DETAILS_LIMIT:
                     named.append({"line": lines[r.index], "field": r.field,
-                                  "error": r.message.removeprefix(f"line {lines[r.index]}: ")})
+                                  "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
             outcome.rejections += sorted(named, key=lambda r: r["line"])
         return outcome
 

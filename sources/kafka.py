@@ -1,0 +1,310 @@
+"""Kafka topics into the core, exactly once, with confluent-kafka (librdkafka).
+
+Each partition is a producer, `kafka:<topic>:<partition>`, and a batch's sequence is the offset
+after its last message: the store remembers, durably and with the events, how far each partition
+got. When a partition is assigned (at start, after a crash, after a rebalance) consumption
+resumes from there, whatever offset the group had committed; so what was stored but not
+committed before a crash is neither lost nor stored twice, without Kafka transactions. Offsets
+are committed after the events they cover are durable, for the group's lag and for other tools.
+
+Messages are JSON events as the tutorial sends them, one per message or NDJSON in a message. One
+that cannot be read or fails validation is quarantined with its topic, partition and offset, and
+the stream goes on. When ingest refuses (memory high-water mark, shutting down), the connector
+pauses its partitions and retries the same messages until they are taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import io
+import json
+import logging
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from abstream.clients import files
+from abstream.core.auth import ANYONE
+from abstream.core.dataplane import Core
+from abstream.core.errors import AbstreamError, ResourceExhausted, Unavailable
+from abstream.core.metrics import Metrics
+from abstream.sources.ingest import Ingest, Outcome
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger("abstream.kafka")
+
+#: Most messages, and bytes of them, stored as one batch.
+BATCH_MESSAGES = 5_000
+BATCH_BYTES = 8 << 20
+BATCH_LINES = 50_000  # below the core's --max-batch-events
+#: How long to wait before trying refused messages again when ingest gave no time.
+RETRY_SECONDS = 1.0
+
+
+class KafkaConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str
+    topics: tuple[str, ...]
+    group: str = "abstream"
+    session_timeout_ms: int = 10_000
+    client: dict[str, str] = field(default_factory=dict)  # more librdkafka properties
+
+    def consumer(self) -> dict:
+        return {"bootstrap.servers": self.bootstrap, "group.id": self.group, "client.id": "abstream",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                "session.timeout.ms": self.session_timeout_ms,
+                "heartbeat.interval.ms": max(100, min(3000, self.session_timeout_ms // 3)),
+                "statistics.interval.ms": 1000, **self.client}
+
+
+def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: int, path: str) -> KafkaConfig | None:
+    """The connector's configuration from its flags, and a TOML file's `[kafka]` section under
+    them (bootstrap, topics, group, and `[kafka.client]` librdkafka properties); None when no
+    topic is to be consumed."""
+    section: dict = {}
+    if path:
+        try:
+            section = tomllib.loads(Path(path).read_text()).get("kafka", {})
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise KafkaConfigError(f"kafka config {path}: {error}") from None
+    names = [t.strip() for t in topics.split(",") if t.strip()] or list(section.get("topics", []))
+    bootstrap = bootstrap or section.get("bootstrap", "")
+    if not names and not bootstrap:
+        return None
+    if not names:
+        raise KafkaConfigError("--kafka-bootstrap needs --kafka-topic (or topics in the [kafka] section)")
+    if not bootstrap:
+        raise KafkaConfigError("--kafka-topic needs --kafka-bootstrap HOST:PORT (or bootstrap in [kafka])")
+    client = {str(k): str(v) for k, v in section.get("client", {}).items()}
+    return KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"),
+                       int(section.get("session_timeout_ms", session_timeout_ms)), client)
+
+
+def producer_of(topic: str, partition: int) -> str:
+    return f"kafka:{topic}:{partition}"
+
+
+def as_lines(value: bytes | None) -> bytes:
+    """A message's value as NDJSON lines: a JSON object printed over several lines made one, an
+    empty message a line that says so (it is quarantined like any unreadable one)."""
+    value = (value or b"").strip()
+    if not value:
+        return b"null"
+    if b"\n" in value and value[:1] == b"{":
+        try:
+            event = json.loads(value)
+        except ValueError:
+            return value  # NDJSON: one event per line
+        return json.dumps(event, separators=(",", ":")).encode()
+    return value
+
+
+def one_chunk(chunks) -> files.Chunk:
+    """A batch's chunks as one: its sequence covers every message in it."""
+    chunks = list(chunks)
+    if len(chunks) == 1:
+        return chunks[0]
+    return files.Chunk(pa.concat_tables([c.table for c in chunks]) if chunks else files.FILE_SCHEMA.empty_table(),
+                       np.concatenate([np.asarray(c.lines) for c in chunks]) if chunks else np.zeros(0, np.int64),
+                       [p for c in chunks for p in c.problems], max((c.last for c in chunks), default=0))
+
+
+class KafkaSource:
+    """The consumer, in a thread of its own; `state` says what it is doing, for health."""
+
+    def __init__(self, core: Core, config: KafkaConfig, metrics: Metrics,
+                 on_state: Callable[[bool, str], None] = lambda serving, state: None) -> None:
+        self.core, self.config = core, config
+        self.state = "starting"
+        self.serving = False
+        self._on_state = on_state
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ingest = Ingest(core, 2)
+        self._next: dict[tuple[str, int], int] = {}  # the next offset to store, per assigned partition
+        r = metrics.registry
+        self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed, by topic", ["topic"], registry=r)
+        self.stored = Counter("abstream_kafka_events", "Events stored from Kafka, by topic", ["topic"], registry=r)
+        self.quarantined = Counter("abstream_kafka_quarantined", "Events from Kafka quarantined, by topic",
+                                   ["topic"], registry=r)
+        self.lag = Gauge("abstream_kafka_lag", "Messages not yet consumed, by topic and partition",
+                         ["topic", "partition"], registry=r)
+        self.connected = Gauge("abstream_kafka_connected", "1 when a broker is reachable", registry=r)
+
+    # ---- the thread ------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="abstream-kafka", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finishes the batch in hand, commits, leaves the group."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._ingest.close()
+
+    def _set(self, serving: bool, state: str) -> None:
+        if (serving, state) != (self.serving, self.state):
+            log.info("kafka: %s", state)
+            self.serving, self.state = serving, state
+            self.connected.set(1 if serving else 0)
+            self._on_state(serving, state)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats}
+        try:
+            consumer = Consumer(settings)
+        except Exception as error:  # noqa: BLE001 - a bad property: said, and the server goes on
+            self._set(False, f"failed: {error}")
+            return
+        self._set(False, f"connecting to {self.config.bootstrap}")
+        consumer.subscribe(list(self.config.topics), on_assign=self._assigned, on_revoke=self._revoked,
+                           on_lost=self._revoked)
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(BATCH_MESSAGES, timeout=0.2)
+                if messages:
+                    self._handle(consumer, messages)
+        except Exception:  # noqa: BLE001 - logged; health says so
+            log.exception("kafka consumer failed")
+            self._set(False, "failed: see the server's log")
+        finally:
+            consumer.close()
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    # ---- the group -------------------------------------------------------------------------
+
+    def _assigned(self, consumer, partitions) -> None:
+        """Each partition resumes after what the store has of it."""
+        for tp in partitions:
+            stored = self._call(self.core.last_sequence(producer_of(tp.topic, tp.partition)))
+            if stored:
+                tp.offset = stored
+            self._next[(tp.topic, tp.partition)] = stored
+        consumer.assign(partitions)
+        log.info("kafka: assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
+        self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+
+    def _revoked(self, consumer, partitions) -> None:
+        # Nothing is in flight here (batches are stored and committed before the next consume).
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+            try:
+                self.lag.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass
+
+    def _error(self, error) -> None:
+        from confluent_kafka import KafkaError
+
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            self._set(False, f"broker unreachable ({self.config.bootstrap}): {error.str()}")
+        else:
+            log.warning("kafka: %s", error.str())
+
+    def _stats(self, text: str) -> None:
+        stats = json.loads(text)
+        up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
+        if up and not self.serving and self._next:
+            self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+        elif not up and self.serving:
+            self._set(False, f"broker unreachable ({self.config.bootstrap})")
+        for topic, t in stats.get("topics", {}).items():
+            for number, p in t.get("partitions", {}).items():
+                if (topic, int(number)) in self._next and p.get("consumer_lag", -1) >= 0:
+                    self.lag.labels(topic, number).set(p["consumer_lag"])
+
+    # ---- messages --------------------------------------------------------------------------
+
+    def _handle(self, consumer, messages) -> None:
+        groups: dict[tuple[str, int], list] = {}
+        for m in messages:
+            if m.error():
+                log.warning("kafka: %s", m.error().str())
+                continue
+            key = (m.topic(), m.partition())
+            if m.offset() < self._next.get(key, 0):
+                continue  # stored before (a redelivery)
+            groups.setdefault(key, []).append(m)
+        for (topic, partition), batch in groups.items():
+            self.consumed.labels(topic).inc(len(batch))
+            start = size = lines = 0
+            for i, m in enumerate(batch):
+                value = m.value() or b""
+                size += len(value)
+                lines += value.count(b"\n") + 1
+                if size >= BATCH_BYTES or lines >= BATCH_LINES or i == len(batch) - 1:
+                    self._store(consumer, topic, partition, batch[start:i + 1])
+                    start = size = lines = 0
+
+    def _store(self, consumer, topic: str, partition: int, messages: list) -> None:
+        """Stores the messages (one batch, durable when this returns) and commits past them."""
+        from confluent_kafka import TopicPartition
+
+        lines = [as_lines(m.value()) for m in messages]
+        starts = np.cumsum([0] + [v.count(b"\n") + 1 for v in lines[:-1]]) + 1  # each message's first line
+        offsets = [m.offset() for m in messages]
+        body = b"\n".join(lines) + b"\n"
+        total = int(starts[-1]) + lines[-1].count(b"\n")
+
+        def where(line: int) -> str:
+            return f"kafka {topic} partition {partition} offset {offsets[bisect.bisect_right(starts, line) - 1]}"
+
+        def read():
+            return iter([one_chunk(files.read_stream(io.BytesIO(body), "ndjson", total + 1, f"{topic}[{partition}]",
+                                                     lambda warning: None))])
+
+        producer, sequence = producer_of(topic, partition), offsets[-1] + 1
+        tp = TopicPartition(topic, partition)
+        paused = False
+        while True:
+            outcome = self._try(read, producer, sequence, where)
+            if isinstance(outcome, Outcome):
+                break
+            if not isinstance(outcome, (ResourceExhausted, Unavailable)):
+                log.error("kafka: %s[%d] offsets %d to %d skipped: %s", topic, partition, offsets[0],
+                          offsets[-1], outcome)
+                outcome = Outcome()
+                break
+            if not paused:
+                consumer.pause([tp])
+                paused = True
+                self._set(False, f"paused: {outcome}")
+            deadline = time.monotonic() + (getattr(outcome, "retry_after", None) or RETRY_SECONDS)
+            while time.monotonic() < deadline and not self._stop.is_set():
+                consumer.consume(1, timeout=0.1)  # stays in the group; a paused partition delivers nothing
+            if self._stop.is_set():
+                return
+        if paused:
+            consumer.resume([tp])
+            self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+        self._next[(topic, partition)] = sequence
+        self.stored.labels(topic).inc(outcome.stored)
+        self.quarantined.labels(topic).inc(outcome.quarantined)
+        consumer.commit(offsets=[TopicPartition(topic, partition, sequence)], asynchronous=False)
+
+    def _try(self, read, producer: str, sequence: int, where) -> Outcome | Exception:
+        try:
+            return self._call(self._ingest.chunks(ANYONE, read, producer, sequence=lambda chunk, k: sequence,
+                                                  where=where))
+        except (ResourceExhausted, Unavailable) as refused:
+            return refused
+        except AbstreamError as error:  # more than a batch may hold: said, and the stream goes on
+            return error

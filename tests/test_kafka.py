@@ -1,0 +1,176 @@
+"""The Kafka connector against a real Kafka-protocol broker (Tansu) and real servers: exactly once
+through crashes, rebalances and bad messages, and honest health while the broker is away."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import grpc
+import pytest
+from abstream.clients import Client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.kafka import Broker, event_messages, free_port
+from tests.process import Server
+
+pytest.importorskip("confluent_kafka", reason="confluent-kafka is a dependency")
+TOPIC = "ab_test_events"
+SESSION = ("--kafka-session-timeout-ms", "3000")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    running = Broker(tmp_path / "tansu.log").start()
+    yield running
+    running.stop()
+
+
+def consuming(broker: Broker, *extra: str) -> tuple[str, ...]:
+    return ("--kafka-bootstrap", broker.bootstrap, "--kafka-topic", TOPIC, *SESSION, *extra)
+
+
+def events_of(server: Server, test_id: str | None = None) -> int:
+    with Client(server.address) as client:
+        return sum(t.events for t in client.list_tests().rows if test_id is None or t.test_id == test_id)
+
+
+def wait_for(check, timeout: float = 90, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def kafka_health(server: Server) -> int:
+    with grpc.insecure_channel(server.address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="abstream.kafka"),
+                                                          timeout=10).status
+
+
+def http_health(server: Server) -> dict:
+    with urllib.request.urlopen(f"http://{server.http_address}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_events_across_three_partitions_arrive_exactly_once(broker, tmp_path):
+    broker.create_topic(TOPIC, 3)
+    broker.produce(TOPIC, event_messages(90_000, 3, "kafka_test", per_message=10)
+                   + event_messages(10_000, 3, "kafka_test", start_user=90_000))
+    metrics = free_port()
+    server = Server(tmp_path / "data", *consuming(broker, "--metrics-addr", f"127.0.0.1:{metrics}")).start()
+    wait_for(lambda: events_of(server) >= 100_000, what="100,000 events")
+    time.sleep(1.5)  # nothing more arrives
+    assert events_of(server) == 100_000
+    with Client(server.address) as client:
+        summary = client.summary("kafka_test")
+        assert sum(r.metrics.users for r in summary.rows) == 100_000  # every user once
+        assert sum(r.metrics.conversions for r in summary.rows) == len([u for u in range(100_000) if u % 3 == 0])
+    assert kafka_health(server) == health_pb2.HealthCheckResponse.SERVING
+    assert http_health(server)["kafka"]["status"] == "SERVING"
+    def scraped() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    assert f'abstream_kafka_events_total{{topic="{TOPIC}"}} 100000.0' in scraped()
+    assert f'abstream_kafka_messages_total{{topic="{TOPIC}"}} 19000.0' in scraped()
+    wait_for(lambda: all(f'abstream_kafka_lag{{partition="{p}",topic="{TOPIC}"}} 0.0' in scraped() for p in range(3)),
+             timeout=30, what="lag 0 on every partition")
+    server.terminate()
+
+
+def test_a_server_killed_mid_stream_stores_everything_once_after_restart(broker, tmp_path):
+    broker.create_topic(TOPIC, 3)
+    broker.produce(TOPIC, event_messages(150_000, 3, "crash_test", per_message=5))
+    server = Server(tmp_path / "data", *consuming(broker)).start()
+    wait_for(lambda: events_of(server) > 20_000, what="some events")
+    server.kill()  # SIGKILL: stored but not committed offsets are the point
+    server = Server(tmp_path / "data", *consuming(broker)).start()
+    stored_before = events_of(server)
+    assert 20_000 < stored_before < 150_000  # what was acked survived the crash, and the rest was still to come
+    wait_for(lambda: events_of(server) >= 150_000, what="150,000 events")
+    time.sleep(1.5)
+    assert events_of(server) == 150_000
+    with Client(server.address) as client:
+        assert sum(r.metrics.users for r in client.summary("crash_test").rows) == 150_000
+    server.terminate()
+
+
+def test_offsets_the_group_never_committed_are_not_stored_twice(broker, tmp_path):
+    """The store, not the group's commits, says where each partition resumes: a new group (no
+    committed offsets at all, so the broker would start it from the beginning) stores nothing
+    again, and goes on with what is new."""
+    broker.create_topic(TOPIC, 2)
+    broker.produce(TOPIC, event_messages(10_000, 2, "resume_test", per_message=10))
+    server = Server(tmp_path / "data", *consuming(broker, "--kafka-group", "first")).start()
+    wait_for(lambda: events_of(server) >= 10_000, what="10,000 events")
+    server.terminate()
+    # New messages behind the old ones: the new group's first batch holds both.
+    broker.produce(TOPIC, event_messages(1_000, 2, "resume_test", start_user=10_000))
+    server = Server(tmp_path / "data", *consuming(broker, "--kafka-group", "second")).start()
+    wait_for(lambda: events_of(server) >= 11_000, what="the new events")
+    time.sleep(1.5)
+    assert events_of(server) == 11_000
+    server.terminate()
+
+
+def test_malformed_messages_are_quarantined_with_their_offsets_and_the_rest_stored(broker, tmp_path):
+    broker.create_topic(TOPIC, 1)
+    good = event_messages(20, 1, "mixed_test")
+    bad = [(0, b"not json at all"), (0, b""), (0, json.dumps({"user_id": "u", "test_id": "mixed_test",
+                                                               "variant": "a"}).encode()),
+           (0, json.dumps({"timestamp": "2025-04-02 10:00:00", "user_id": "u", "test_id": "mixed_test",
+                           "variant": "a", "conversion": 7}).encode())]
+    broker.produce(TOPIC, good[:10] + bad + good[10:])  # offsets 10..13 are the bad ones
+    server = Server(tmp_path / "data", *consuming(broker)).start()
+    wait_for(lambda: events_of(server, "mixed_test") >= 20, what="the good events")
+    with Client(server.address) as client:
+        wait_for(lambda: len(client.quarantine().rows) >= 4, what="the quarantined ones")
+        rows = client.quarantine().rows
+    messages = sorted(r.message for r in rows)
+    assert len(rows) == 4
+    for offset in (10, 11, 12, 13):
+        assert any(f"kafka {TOPIC} partition 0 offset {offset}:" in m for m in messages), (offset, messages)
+    assert any("conversion must be 0 or 1" in m for m in messages)
+    assert any("timestamp" in r.field for r in rows)
+    assert events_of(server, "mixed_test") == 20
+    server.terminate()
+
+
+def test_two_servers_in_one_group_share_the_partitions(broker, tmp_path):
+    broker.create_topic(TOPIC, 4)
+    broker.produce(TOPIC, event_messages(40_000, 4, "shared_test", per_message=10))
+    group = ("--kafka-group", "shared")
+    first = Server(tmp_path / "one", *consuming(broker, *group)).start()
+    second = Server(tmp_path / "two", *consuming(broker, *group)).start()
+    wait_for(lambda: events_of(first) + events_of(second) >= 40_000, what="every event, between the two")
+    time.sleep(1.5)
+    one, two = events_of(first), events_of(second)
+    assert one + two == 40_000
+    assert one > 0 and two > 0  # both had partitions
+    first.terminate()
+    second.terminate()
+
+
+def test_health_says_the_broker_is_missing_then_it_connects_when_it_appears(tmp_path):
+    port = free_port()
+    waiting = Broker(tmp_path / "tansu.log", port)
+    server = Server(tmp_path / "data", "--kafka-bootstrap", waiting.bootstrap, "--kafka-topic", TOPIC, *SESSION).start()
+    try:
+        wait_for(lambda: "unreachable" in http_health(server)["kafka"]["state"], timeout=30, what="unreachable")
+        assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(server.address) as channel:  # the server itself serves all the same
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status \
+                == health_pb2.HealthCheckResponse.SERVING
+        waiting.start()
+        waiting.create_topic(TOPIC, 1)
+        waiting.produce(TOPIC, event_messages(100, 1, "late_test"))
+        wait_for(lambda: events_of(server, "late_test") == 100, what="the events, once the broker is up")
+        wait_for(lambda: kafka_health(server) == health_pb2.HealthCheckResponse.SERVING, timeout=30, what="SERVING")
+        assert http_health(server)["kafka"]["status"] == "SERVING"
+    finally:
+        server.kill()
+        waiting.stop()
