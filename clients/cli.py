@@ -66,6 +66,16 @@ examples:
 examples:
   abstream quarantine                                 # the newest 100 rejected events, and why
   abstream quarantine --test-id checkout --limit 10 --format ndjson""",
+    "import": """\
+examples:
+  abstream import s3://experiments/events/            # every object under the prefix not imported before
+  abstream import s3://experiments/events/ --watch    # and then new ones as they land, every 30 s
+  AWS_ENDPOINT_URL=http://127.0.0.1:9000 abstream import s3://bucket/events/ --format parquet
+  abstream import /data/exports/                      # a directory of the server's
+
+The server reads the objects with its own AWS_* environment (credentials, region, endpoint);
+--endpoint-url and --region override the last two. Each object is imported once: re-running, or
+restarting the server mid-import, stores nothing twice.""",
     "snapshot": """\
 examples:
   abstream snapshot --token "$ADMIN_TOKEN"            # before a backup, or to shorten recovery""",
@@ -207,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     power.add_argument("--alpha", type=float, default=0.05, help="significance level (default %(default)s)")
     power.add_argument("--control", default="", help="the control variant")
     formatted(power)
+    imports = command("import", "import every new object under an S3 prefix or a server path, exactly once (admin)")
+    imports.add_argument("uri", help="s3://bucket/prefix/, s3://bucket/key, or a path on the server")
+    imports.add_argument("--format", choices=["parquet", "arrow", "csv", "ndjson"], default=None,
+                         help="the objects' format (default: from each object's name; .gz is inflated)")
+    imports.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL_S3")
+                         or os.environ.get("AWS_ENDPOINT_URL", ""),
+                         help="S3 endpoint, for S3-compatible stores (env AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)")
+    imports.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", ""),
+                         help="the bucket's region (env AWS_REGION, AWS_DEFAULT_REGION; default us-east-1)")
+    imports.add_argument("--watch", action="store_true", help="keep importing new objects as they land, until "
+                                                              "interrupted")
+    imports.add_argument("--interval", type=float, default=30.0, help="with --watch, seconds between looks "
+                                                                      "(default %(default)s)")
+    imports.add_argument("--quiet", action="store_true", help="no progress on standard error")
     command("snapshot", "write a snapshot now (admin scope)")
     experiment = commands.add_parser("experiment", help="a test's plan: control, split, start, hypothesis (admin)",
                                      epilog=EXAMPLES["experiment"], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -787,6 +811,44 @@ def _power(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    """One line per object on standard output; a progress line on standard error while it runs."""
+    import time
+
+    progress = sys.stderr.isatty() and not args.quiet
+    failed = 0
+    first = True
+    with _client(args) as client:
+        while True:
+            done = None
+            for p in client.import_events(args.uri, format=args.format or "", endpoint_url=args.endpoint_url,
+                                          region=args.region):
+                if p.state == "started":
+                    if progress:
+                        print(f"\r[{p.objects_done}/{p.objects_total}] {p.uri} ({p.size:,} bytes) ...",
+                              end="", file=sys.stderr, flush=True)
+                    continue
+                if progress:
+                    print("\r\033[K", end="", file=sys.stderr)
+                done = p
+                failed += p.state == "failed"
+                if p.state == "skipped" and not first:
+                    continue  # watching: said once
+                what = {"imported": f"{p.accepted:,} stored, {p.quarantined:,} quarantined"
+                                    + (f", {p.already_stored:,} stored before" if p.already_stored else ""),
+                        "skipped": "imported before", "failed": f"FAILED: {p.error}"}[p.state]
+                print(f"{p.uri}: {what}", flush=True)
+            if done is None:
+                print(f"{args.uri}: nothing to import", flush=True) if not args.watch else None
+            elif not args.watch or done.total_accepted or done.total_quarantined:
+                print(f"{done.objects_total:,} objects: {done.total_accepted:,} events stored, "
+                      f"{done.total_quarantined:,} quarantined", flush=True)
+            if not args.watch:
+                return 1 if failed else 0
+            first = False
+            time.sleep(args.interval)
+
+
 def _snapshot(args) -> int:
     with _client(args) as client:
         s = client.snapshot()
@@ -812,7 +874,7 @@ def _experiment(args) -> int:
 
 COMMANDS = {"ingest": _ingest, "summary": _summary, "segments": _segments, "timeseries": _timeseries,
             "tests": _tests, "quarantine": _quarantine, "snapshot": _snapshot, "power": _power,
-            "experiment": _experiment}
+            "experiment": _experiment, "import": _import}
 
 if __name__ == "__main__":
     sys.exit(main())

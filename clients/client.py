@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grpc
 import pyarrow as pa
@@ -255,6 +255,23 @@ class Quarantine(_Table):
 
 
 @dataclass(frozen=True)
+class Imported:
+    """One object's progress in an import (AdminService.ImportEvents), and the import's so far."""
+
+    uri: str
+    state: str  # started, imported, skipped, failed
+    size: int
+    accepted: int
+    quarantined: int
+    already_stored: int
+    error: str
+    objects_total: int
+    objects_done: int
+    total_accepted: int
+    total_quarantined: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A snapshot written (AdminService.CreateSnapshot)."""
 
@@ -423,6 +440,16 @@ class Client:
     def snapshot(self, *, timeout: float | None = None) -> Snapshot:
         r = self._call(self._admin.CreateSnapshot, admin_pb2.CreateSnapshotRequest(), timeout or 3600)
         return Snapshot(r.path, r.events, r.elapsed.ToTimedelta())
+
+    def import_events(self, uri: str, *, format: str = "", endpoint_url: str = "", region: str = "",
+                      timeout: float | None = None) -> Iterator[Imported]:
+        """Has the server import every object under `uri` (s3://bucket/prefix/ or its own path)
+        that it has not imported before; yields each object's progress as it starts and ends."""
+        request = admin_pb2.ImportEventsRequest(uri=uri, format=format, endpoint_url=endpoint_url, region=region)
+        for r in self._admin.ImportEvents(request, timeout=timeout, metadata=self._metadata):
+            yield Imported(r.uri, _name(admin_pb2.ImportState, r.state, "IMPORT_STATE_"), r.size, r.accepted,
+                           r.quarantined, r.already_stored, r.error, r.objects_total, r.objects_done,
+                           r.total_accepted, r.total_quarantined)
 
     # ---- experiments --------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Awaitable, Callable
 
+import pyarrow as pa
 from abstream.clients import files
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
@@ -195,7 +196,7 @@ class HttpApi:
         stored = f" ({outcome.stored:,} rows before it were stored)" if outcome.stored else ""
         if isinstance(error, HttpError):
             raise HttpError(error.status, f"{error}{stored}")
-        if isinstance(error, files.FileProblem):
+        if isinstance(error, (files.FileProblem, pa.ArrowException, OSError)):
             raise InvalidArgument("body", f"{error}{stored}")
         raise error
 

@@ -44,6 +44,7 @@ from abstream.core.types import (
     TimeseriesResult,
 )
 from abstream.service import _events, wire
+from abstream.v1 import admin_pb2
 from abstream.v1 import analytics_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -380,3 +381,11 @@ def quarantine_response(entries: list[QuarantinedEvent], total: int) -> pb.ListQ
                                     message=e.message, event=_event(e.event)) for e in entries],
         total=total,
     )
+
+
+def import_progress(p) -> admin_pb2.ImportEventsResponse:
+    return admin_pb2.ImportEventsResponse(
+        uri=p.uri, state=admin_pb2.ImportState.Value(f"IMPORT_STATE_{p.state.upper()}"), size=p.size,
+        accepted=p.accepted, quarantined=p.quarantined, already_stored=p.already_stored, error=p.error,
+        objects_total=p.objects_total, objects_done=p.objects_done, total_accepted=p.total_accepted,
+        total_quarantined=p.total_quarantined)

@@ -23,7 +23,8 @@ Around = Callable[[grpc.aio.ServicerContext], Any]  # an async context manager f
 
 
 def intercepted(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.RpcMethodHandler | None:
-    """`handler` with each of its calls run inside `around(context)`."""
+    """`handler` with each of its calls run inside `around(context)`: every kind of method the
+    services have (a kind left out here would run without its token checked)."""
     if handler is None:
         return None
     if handler.unary_unary:
@@ -34,6 +35,16 @@ def intercepted(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.R
                 return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        inner_responses = handler.unary_stream
+
+        async def responses(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with around(context):
+                async for response in inner_responses(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(responses, handler.request_deserializer,
+                                                    handler.response_serializer)
     if handler.stream_stream:
         inner_stream = handler.stream_stream
 

@@ -24,6 +24,7 @@ from abstream.core.settings import Settings
 from abstream.service.interceptors import AuthInterceptor, ErrorInterceptor, RequestInterceptor
 from abstream.service.servicer import AdminServicer, AnalyticsServicer
 from abstream.sources.kafka import KafkaConfigError, KafkaSource, kafka_config
+from abstream.sources.objects import Importer
 from abstream.v1 import admin_pb2, admin_pb2_grpc, analytics_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -178,7 +179,9 @@ class AnalyticsServer:
             ],
         )
         add_analytics_service(AnalyticsServicer(self.core), self._server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, settings.data_dir), self._server)
+        self.importer = Importer(self.core)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, settings.data_dir, self.importer),
+                                                          self._server)
         self.http = None
         if settings.http_addr:
             from abstream.rest.app import HttpApi
@@ -303,6 +306,7 @@ class AnalyticsServer:
         await self._server.stop(max(deadline - loop.time(), 0.0))
         if self.http is not None:
             await self.http.stop()
+        self.importer.close()
         self.core.close()
         if self.core.engine_open:
             await asyncio.to_thread(self.core.engine.close)

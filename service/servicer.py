@@ -12,6 +12,7 @@ import grpc
 from abstream.core.auth import PRINCIPAL
 from abstream.core.dataplane import Core
 from abstream.service import converters
+from abstream.sources.objects import Importer
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -62,9 +63,15 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, core: Core, data_dir: str) -> None:
+    def __init__(self, core: Core, data_dir: str, importer: Importer) -> None:
         self._core = core
         self._data_dir = data_dir
+        self._importer = importer
+
+    async def ImportEvents(self, request: admin_pb2.ImportEventsRequest, context: grpc.aio.ServicerContext):
+        async for progress in self._importer.run(PRINCIPAL.get(), request.uri, request.format, request.endpoint_url,
+                                                 request.region):
+            yield converters.import_progress(progress)
 
     async def CreateSnapshot(self, request: admin_pb2.CreateSnapshotRequest,
                              context: grpc.aio.ServicerContext) -> admin_pb2.CreateSnapshotResponse:

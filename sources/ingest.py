@@ -24,7 +24,7 @@ from abstream.clients import files
 from abstream.core.admission import RequestSize
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument
+from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from abstream.core.events import Rejection
 from abstream.core.types import DecodedBatch
 
@@ -120,7 +120,8 @@ class Ingest:
             while True:
                 try:
                     chunk = await loop.run_in_executor(self._readers, next, reader, None)
-                except (files.FileProblem, AbstreamError) as error:  # the answer says what was stored
+                except (files.FileProblem, AbstreamError, pa.ArrowException, OSError) as error:
+                    # What came before is stored; the answer says so, and what stopped the reading.
                     outcome.failure = error
                     return
                 if chunk is None:
@@ -146,27 +147,34 @@ class Ingest:
             origin = _Origin(lines, where) if where is not None else None
             return DecodedBatch(table, producer, number if producer else 0, refuse, origin=origin)
 
-        async for result in self._core.ingest(principal, batches(), measure, decode):
-            chunk = in_flight.popleft()
-            if result.duplicate:
-                outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
-                continue
-            outcome.stored += result.accepted
-            if not result.rejections:
-                continue
-            _, _, lines = _with_unreadable(chunk)
-            unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
-            named = []
-            for r in result.rejections:
-                if r.index >= unreadable:
-                    outcome.unreadable += 1
-                else:
-                    outcome.rejected_by_rules += 1
-                if len(outcome.rejections) + len(named) < DETAILS_LIMIT:
-                    named.append({"line": lines[r.index], "field": r.field,
-                                  "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
-            outcome.rejections += sorted(named, key=lambda r: r["line"])
+        try:
+            async for result in self._core.ingest(principal, batches(), measure, decode):
+                self._tally(outcome, in_flight.popleft(), result, where)
+        except (ResourceExhausted, Unavailable) as refused:  # the batches before it are stored
+            outcome.failure = refused
         return outcome
+
+    @staticmethod
+    def _tally(outcome: Outcome, chunk: files.Chunk, result, where) -> None:
+        """What became of one chunk, added to the outcome."""
+        if result.duplicate:
+            outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
+            return
+        outcome.stored += result.accepted
+        if not result.rejections:
+            return
+        _, _, lines = _with_unreadable(chunk)
+        unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
+        named = []
+        for r in result.rejections:
+            if r.index >= unreadable:
+                outcome.unreadable += 1
+            else:
+                outcome.rejected_by_rules += 1
+            if len(outcome.rejections) + len(named) < DETAILS_LIMIT:
+                named.append({"line": lines[r.index], "field": r.field,
+                              "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
+        outcome.rejections += sorted(named, key=lambda r: r["line"])
 
 
 def spooled(body, chunk_bytes: int = 1 << 20):

@@ -302,9 +302,10 @@ class KafkaSource:
 
     def _try(self, read, producer: str, sequence: int, where) -> Outcome | Exception:
         try:
-            return self._call(self._ingest.chunks(ANYONE, read, producer, sequence=lambda chunk, k: sequence,
-                                                  where=where))
+            outcome = self._call(self._ingest.chunks(ANYONE, read, producer, sequence=lambda chunk, k: sequence,
+                                                     where=where))
         except (ResourceExhausted, Unavailable) as refused:
             return refused
         except AbstreamError as error:  # more than a batch may hold: said, and the stream goes on
             return error
+        return outcome.failure if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) else outcome

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from pathlib import Path
@@ -84,6 +85,8 @@ def calls(channel):
                                                                       timeout=10)),
         "CreateSnapshot": ("admin", lambda md, t: admin.CreateSnapshot(admin_pb2.CreateSnapshotRequest(), metadata=md,
                                                                        timeout=10)),
+        "ImportEvents": ("admin", lambda md, t: list(admin.ImportEvents(
+            admin_pb2.ImportEventsRequest(uri=tempfile.mkdtemp()), metadata=md, timeout=10))),
     }
 
 

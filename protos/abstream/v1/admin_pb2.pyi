@@ -4,12 +4,64 @@ from abstream.v1 import analytics_pb2 as _analytics_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImportState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMPORT_STATE_UNSPECIFIED: _ClassVar[ImportState]
+    IMPORT_STATE_STARTED: _ClassVar[ImportState]
+    IMPORT_STATE_IMPORTED: _ClassVar[ImportState]
+    IMPORT_STATE_SKIPPED: _ClassVar[ImportState]
+    IMPORT_STATE_FAILED: _ClassVar[ImportState]
+IMPORT_STATE_UNSPECIFIED: ImportState
+IMPORT_STATE_STARTED: ImportState
+IMPORT_STATE_IMPORTED: ImportState
+IMPORT_STATE_SKIPPED: ImportState
+IMPORT_STATE_FAILED: ImportState
+
+class ImportEventsRequest(_message.Message):
+    __slots__ = ("uri", "format", "endpoint_url", "region")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    format: str
+    endpoint_url: str
+    region: str
+    def __init__(self, uri: _Optional[str] = ..., format: _Optional[str] = ..., endpoint_url: _Optional[str] = ..., region: _Optional[str] = ...) -> None: ...
+
+class ImportEventsResponse(_message.Message):
+    __slots__ = ("uri", "state", "size", "accepted", "quarantined", "already_stored", "error", "objects_total", "objects_done", "total_accepted", "total_quarantined")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_STORED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    state: ImportState
+    size: int
+    accepted: int
+    quarantined: int
+    already_stored: int
+    error: str
+    objects_total: int
+    objects_done: int
+    total_accepted: int
+    total_quarantined: int
+    def __init__(self, uri: _Optional[str] = ..., state: _Optional[_Union[ImportState, str]] = ..., size: _Optional[int] = ..., accepted: _Optional[int] = ..., quarantined: _Optional[int] = ..., already_stored: _Optional[int] = ..., error: _Optional[str] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., total_accepted: _Optional[int] = ..., total_quarantined: _Optional[int] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ()

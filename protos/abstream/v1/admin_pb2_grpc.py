@@ -60,6 +60,11 @@ class AdminServiceStub:
                 request_serializer=abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.SerializeToString,
                 response_deserializer=abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.FromString,
                 _registered_method=True)
+        self.ImportEvents = channel.unary_stream(
+                '/abstream.v1.AdminService/ImportEvents',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -102,6 +107,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportEvents(self, request, context):
+        """ImportEvents imports every object under a prefix (s3://bucket/prefix/ or a local path) that
+        it has not imported before, each exactly once, streaming its progress: one update as each
+        object starts and one as it ends. The server reads the objects, with its own credentials.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.StopExperiment,
                     request_deserializer=abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.FromString,
                     response_serializer=abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.SerializeToString,
+            ),
+            'ImportEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportEvents,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class AdminService:
             '/abstream.v1.AdminService/StopExperiment',
             abstream_dot_v1_dot_admin__pb2.StopExperimentRequest.SerializeToString,
             abstream_dot_v1_dot_admin__pb2.StopExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/abstream.v1.AdminService/ImportEvents',
+            abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

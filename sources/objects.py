@@ -1,0 +1,234 @@
+"""Imports from S3 (and S3-compatible stores, and local files) through pyarrow.fs, exactly once.
+
+Each object is a producer: `import:` and a hash of its URI, size and modification time (pyarrow.fs
+does not expose an ETag; size and last-modified change whenever the object is written again).
+Its batches are numbered 1, 2, … and the last one is numbered FINISHED, so the store remembers,
+durably and with the events, whether an object was imported whole, or how far an interrupted
+import got: running the import again reads only what is new, and resumes an interrupted object
+after its last stored batch. Parquet and Arrow objects are read columnar, a batch at a time
+(random access, never whole); CSV and NDJSON are streamed, gzip or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import io
+import os
+import urllib.parse
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from abstream.clients import files
+from abstream.core.auth import Principal
+from abstream.core.dataplane import Core
+from abstream.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from abstream.sources.ingest import BATCH_LINES, Ingest
+
+#: The sequence of an object's last batch: past it, the object is imported.
+FINISHED = 1 << 62
+#: Rows per batch of a columnar object.
+COLUMNAR_ROWS = 65_536
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+           ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson", ".json": "ndjson"}
+
+
+@dataclass
+class Progress:
+    """One object's state, and the import's so far (what ImportEventsResponse carries)."""
+
+    uri: str
+    state: str  # started, imported, skipped, failed
+    size: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    already_stored: int = 0
+    error: str = ""
+    objects_total: int = 0
+    objects_done: int = 0
+    total_accepted: int = 0
+    total_quarantined: int = 0
+
+
+def filesystem(uri: str, endpoint_url: str = "", region: str = "") -> tuple[pafs.FileSystem, str, str]:
+    """(the file system, the path in it, the URI's scheme and bucket to name objects by)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidArgument("uri", f"{uri[:128]!r} names no bucket: s3://bucket/prefix/")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        options: dict = {"region": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                         or "us-east-1"}
+        if endpoint:  # pyarrow does not read AWS_ENDPOINT_URL itself
+            e = urllib.parse.urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            options.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
+        return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}", "s3://"
+    if parsed.scheme in ("", "file"):
+        path = os.path.abspath(parsed.path if parsed.scheme == "file" else uri)
+        return pafs.LocalFileSystem(), path, ""
+    raise InvalidArgument("uri", f"{parsed.scheme}:// is not supported: s3://bucket/prefix/ or a local path")
+
+
+def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The objects at `path`: itself if it is one, else every one under it, in name order."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [info]
+    if info.type == pafs.FileType.NotFound and isinstance(fs, pafs.LocalFileSystem):
+        raise InvalidArgument("uri", f"{path[:256]} does not exist on the server")
+    if info.type == pafs.FileType.NotFound and not path.endswith("/"):  # a key prefix: s3://bucket/events/2025-
+        prefix = path.rsplit("/", 1)[0]
+        found = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        return sorted((f for f in found if f.type == pafs.FileType.File and f.path.startswith(path)),
+                      key=lambda f: f.path)
+    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    return sorted((f for f in found if f.type == pafs.FileType.File), key=lambda f: f.path)
+
+
+def format_of(name: str, requested: str) -> tuple[str, str | None]:
+    """(format, compression) of an object."""
+    compression = "gzip" if name.endswith(".gz") else None
+    stem = name[:-3] if compression else name
+    if requested:
+        if requested not in ("parquet", "arrow", "csv", "ndjson"):
+            raise InvalidArgument("format", f"must be parquet, arrow, csv or ndjson, not {requested[:32]!r}")
+        return requested, compression
+    for suffix, fmt in FORMATS.items():
+        if stem.lower().endswith(suffix):
+            return fmt, compression
+    raise InvalidArgument("format", f"cannot tell the format of {name!r} from its name: give one "
+                                    "(parquet, arrow, csv or ndjson)")
+
+
+def producer_of(uri: str, info: pafs.FileInfo) -> str:
+    version = f"{uri}\0{info.size}\0{info.mtime_ns}"
+    return "import:" + hashlib.sha256(version.encode()).hexdigest()[:40]
+
+
+def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression: str | None, name: str,
+                warn) -> Iterator[files.Chunk]:
+    if fmt == "parquet" and not compression:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(fs.open_input_file(info.path))
+        return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS), name)
+    if fmt == "arrow" and not compression:
+        reader = pa.ipc.open_file(fs.open_input_file(info.path))
+        return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
+    stream = fs.open_input_stream(info.path, compression=compression)
+    if fmt == "parquet":  # gzipped: read from its end only once inflated, so inflated whole
+        import pyarrow.parquet as pq
+
+        return files._columnar(pq.ParquetFile(pa.BufferReader(stream.read())).iter_batches(COLUMNAR_ROWS), name)
+    if fmt == "arrow":
+        reader = pa.ipc.open_file(pa.BufferReader(stream.read()))
+        return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
+    return files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn)
+
+
+class _Raw(io.RawIOBase):
+    """A pyarrow input stream as Python's readers take it (it has no readline of its own)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+def _final_marked(chunks: Iterator[files.Chunk], final: list) -> Iterator[files.Chunk]:
+    """The chunks, the last one put in `final` before it is handed on (so it is numbered FINISHED)."""
+    previous = None
+    for chunk in chunks:
+        if not chunk.table.num_rows and not chunk.problems:
+            continue
+        if previous is not None:
+            yield previous
+        previous = chunk
+    if previous is not None:
+        final.append(previous)
+        yield previous
+
+
+class Importer:
+    """Imports for the ImportEvents RPC (and `abstream import`)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._ingest = Ingest(core, 2)
+
+    def close(self) -> None:
+        self._ingest.close()
+
+    async def run(self, principal: Principal, uri: str, fmt: str = "", endpoint_url: str = "",
+                  region: str = "") -> AsyncIterator[Progress]:
+        if not uri.strip():
+            raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
+        fs, path, scheme = await asyncio.to_thread(filesystem, uri, endpoint_url, region)
+        try:
+            found = await asyncio.to_thread(objects, fs, path)
+        except OSError as error:
+            raise InvalidArgument("uri", f"cannot list {uri[:256]}: {error}") from None
+        totals = Progress(uri, "", objects_total=len(found))
+        for info in found:
+            name = f"{scheme}{info.path}"
+            progress = dataclasses.replace(totals, uri=name, state="started", size=info.size)
+            producer = producer_of(name, info)
+            stored = await self.core.last_sequence(producer)
+            if stored == FINISHED:
+                progress.state = "skipped"
+            else:
+                yield progress
+                progress = await self._one(principal, fs, info, fmt, name, producer, stored, progress)
+            totals.objects_done += 1
+            totals.total_accepted += progress.accepted
+            totals.total_quarantined += progress.quarantined
+            yield dataclasses.replace(progress, objects_done=totals.objects_done,
+                                      total_accepted=totals.total_accepted,
+                                      total_quarantined=totals.total_quarantined)
+
+    async def _one(self, principal: Principal, fs, info, fmt: str, name: str, producer: str, stored: int,
+                   progress: Progress) -> Progress:
+        try:
+            object_format, compression = format_of(name, fmt)
+        except InvalidArgument as error:
+            return dataclasses.replace(progress, state="failed", error=str(error))
+        final: list = []
+
+        def read() -> Iterator[files.Chunk]:
+            return _final_marked(read_object(fs, info, object_format, compression, name, lambda w: None), final)
+
+        accepted = quarantined = 0
+        already = None  # stored by an earlier import: what the first attempt found
+        while True:
+            final.clear()
+            try:
+                outcome = await self._ingest.chunks(
+                    principal, read, producer, sequence=lambda chunk, k: FINISHED if final and chunk is final[0] else k,
+                    where=lambda line: f"{name} line {line}", skip_through=stored)
+            except (OSError, pa.ArrowException, files.FileProblem) as error:
+                return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: {error}")
+            accepted, quarantined = accepted + outcome.stored, quarantined + outcome.quarantined
+            already = outcome.already_stored if already is None else already
+            if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining:
+                # Refused for now (a rate, the memory high-water mark): resume after what is stored.
+                await asyncio.sleep(getattr(outcome.failure, "retry_after", None) or 1.0)
+                stored = await self.core.last_sequence(producer)
+                continue
+            break
+        error = outcome.failure
+        return dataclasses.replace(progress, state="failed" if error else "imported", accepted=accepted,
+                                   quarantined=quarantined, already_stored=already or 0,
+                                   error=f"cannot read {name}: {error}" if error else "")

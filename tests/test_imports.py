@@ -1,0 +1,232 @@
+"""Imports from S3 (a real S3 server: moto's, on loopback) and from server paths, exactly once:
+re-runs read only what is new, a server killed mid-import resumes without storing twice, and a
+corrupt object is reported while the rest are imported."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from abstream.clients import Client
+from abstream.core.auth import hash_token
+
+from tests.kafka import free_port, reachable
+from tests.process import Server
+
+boto3 = pytest.importorskip("boto3", reason="moto[server] (with boto3) is installed by make test")
+BIN = Path(sys.executable).parent
+BUCKET = "experiment-events"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server, and the environment every AWS tool (and the server) reads it from."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not reachable(port):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    yield env
+    process.kill()
+    process.wait(10)
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, request):
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)  # the servers these tests start inherit it
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    name = f"{BUCKET}-{abs(hash(request.node.name)) % 10**8}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+def events(n: int, test_id: str, start: int = 0) -> pa.Table:
+    users = [f"user_{start + i}" for i in range(n)]
+    return pa.table({"timestamp": pa.array([1_745_000_000_000_000_000 + (start + i) * 1_000_000_000 for i in range(n)],
+                                           pa.timestamp("ns", "UTC")),
+                     "user_id": users, "test_id": [test_id] * n, "variant": [("a", "b")[i % 2] for i in range(n)],
+                     "event_type": ["click"] * n, "conversion": [i % 4 == 0 for i in range(n)],
+                     "revenue": [float(i % 50) for i in range(n)], "session_id": users, "device": ["mobile"] * n,
+                     "country": ["AU"] * n})
+
+
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=row_group_size)
+    return sink.getvalue()
+
+
+def ndjson_gz(table: pa.Table) -> bytes:
+    rows = table.to_pylist()
+    for r in rows:
+        r["timestamp"] = r["timestamp"].strftime("%Y-%m-%d %H:%M:%S")
+        r["conversion"] = int(r["conversion"])
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def csv_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pacsv.write_csv(table.set_column(5, "conversion", table.column("conversion").cast(pa.int64())), sink)
+    return sink.getvalue()
+
+
+def abstream_import(server: Server, uri: str, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "abstream"), "import", uri, "--addr", server.address, *args,
+                           *(("--token", token) if token else ())], capture_output=True, text=True, timeout=300)
+
+
+def stored(server: Server, test_id: str) -> int:
+    with Client(server.address) as client:
+        return sum(t.events for t in client.list_tests().rows if t.test_id == test_id)
+
+
+def test_every_object_once_then_only_the_new_ones(bucket, tmp_path):
+    client, name = bucket
+    client.put_object(Bucket=name, Key="events/2025-04-01.parquet", Body=parquet_bytes(events(3000, "s3_test")))
+    client.put_object(Bucket=name, Key="events/2025-04-02.csv", Body=csv_bytes(events(2000, "s3_test", 3000)))
+    client.put_object(Bucket=name, Key="events/2025-04-03.ndjson.gz", Body=ndjson_gz(events(1000, "s3_test", 5000)))
+    client.put_object(Bucket=name, Key="elsewhere/other.parquet", Body=parquet_bytes(events(10, "not_this")))
+    server = Server(tmp_path / "data").start()
+    first = abstream_import(server, f"s3://{name}/events/")
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = first.stdout.splitlines()
+    assert f"s3://{name}/events/2025-04-01.parquet: 3,000 stored, 0 quarantined" in lines
+    assert f"s3://{name}/events/2025-04-02.csv: 2,000 stored, 0 quarantined" in lines
+    assert f"s3://{name}/events/2025-04-03.ndjson.gz: 1,000 stored, 0 quarantined" in lines
+    assert lines[-1] == "3 objects: 6,000 events stored, 0 quarantined"
+    assert stored(server, "s3_test") == 6000 and stored(server, "not_this") == 0
+
+    again = abstream_import(server, f"s3://{name}/events/")
+    assert again.returncode == 0 and again.stdout.count("imported before") == 3, again.stdout
+    client.put_object(Bucket=name, Key="events/2025-04-04.parquet", Body=parquet_bytes(events(500, "s3_test", 6000)))
+    server.terminate()
+    server = Server(tmp_path / "data").start()  # remembered across a restart
+    with Client(server.address) as c:
+        progress = list(c.import_events(f"s3://{name}/events/"))
+    finished = [p for p in progress if p.state != "started"]
+    assert [p.state for p in finished] == ["skipped", "skipped", "skipped", "imported"]
+    assert finished[-1].accepted == 500 and finished[-1].objects_done == finished[-1].objects_total == 4
+    assert stored(server, "s3_test") == 6500
+    with Client(server.address) as c:  # what the rows hold, not only how many
+        rows = c.summary("s3_test").rows
+        assert sum(r.metrics.users for r in rows) == 6500
+        assert sum(r.metrics.conversions for r in rows) == sum(1 for i in range(6500) if i % 4 == 0) - \
+            sum(1 for i in range(3000, 5000) if i % 4 == 0) + sum(1 for i in range(2000) if i % 4 == 0)
+    server.terminate()
+
+
+def test_watch_imports_objects_as_they_land(bucket, tmp_path):
+    client, name = bucket
+    client.put_object(Bucket=name, Key="landing/1.parquet", Body=parquet_bytes(events(10, "watch_test")))
+    server = Server(tmp_path / "data").start()
+    watching = subprocess.Popen([str(BIN / "abstream"), "import", f"s3://{name}/landing/", "--watch", "--interval",
+                                 "0.3", "--addr", server.address], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watching.stdout.readline().startswith(f"s3://{name}/landing/1.parquet: 10 stored")
+        assert watching.stdout.readline().startswith("1 objects: 10 events stored")
+        client.put_object(Bucket=name, Key="landing/2.parquet", Body=parquet_bytes(events(20, "watch_test", 10)))
+        assert watching.stdout.readline().startswith(f"s3://{name}/landing/2.parquet: 20 stored")
+        assert stored(server, "watch_test") == 30
+    finally:
+        watching.kill()
+        watching.wait(10)
+        server.terminate()
+
+
+def test_a_corrupt_object_is_reported_and_the_rest_imported(bucket, tmp_path):
+    client, name = bucket
+    client.put_object(Bucket=name, Key="in/a.parquet", Body=parquet_bytes(events(100, "corrupt_test")))
+    client.put_object(Bucket=name, Key="in/b.parquet", Body=b"PAR1 this is not a parquet file at all")
+    bad_lines = b'{"timestamp": "2025-04-01 00:00:00", "user_id": "u1", "test_id": "corrupt_test", "variant": "a"}\n' \
+                b'not json\n{"timestamp": "2025-04-01 00:00:01", "user_id": "u2", "test_id": "corrupt_test"}\n'
+    client.put_object(Bucket=name, Key="in/c.ndjson", Body=bad_lines)
+    server = Server(tmp_path / "data").start()
+    result = abstream_import(server, f"s3://{name}/in/")
+    assert result.returncode == 1  # one object failed
+    out = result.stdout
+    assert f"s3://{name}/in/a.parquet: 100 stored" in out
+    assert f"s3://{name}/in/b.parquet: FAILED: cannot read s3://{name}/in/b.parquet" in out
+    assert f"s3://{name}/in/c.ndjson: 1 stored, 2 quarantined" in out
+    assert stored(server, "corrupt_test") == 101
+    with Client(server.address) as c:
+        reasons = [r.message for r in c.quarantine().rows]
+    assert any(m.startswith(f"s3://{name}/in/c.ndjson line 2: ") for m in reasons), reasons
+    assert any(m.startswith(f"s3://{name}/in/c.ndjson line 3: ") and "variant" in m for m in reasons), reasons
+    server.terminate()
+
+
+def test_a_server_killed_mid_import_resumes_without_storing_twice(bucket, tmp_path):
+    """The import is slowed by its token's ingest rate so that the kill lands inside the object."""
+    client, name = bucket
+    rows = 400_000
+    client.put_object(Bucket=name, Key="big/all.parquet", Body=parquet_bytes(events(rows, "resume_s3"), 50_000))
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "importer"\nsha256 = "{hash_token("tok")}"\n'
+                      'scopes = ["admin", "ingest", "query"]\ningest_rate = 100000\n')
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
+    running = subprocess.Popen([str(BIN / "abstream"), "import", f"s3://{name}/big/", "--addr", server.address,
+                                "--token", "tok"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def count() -> int:
+        with Client(server.address, token="tok") as c:
+            return sum(t.events for t in c.list_tests().rows)
+
+    deadline = time.monotonic() + 60
+    while count() < 100_000:
+        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
+        time.sleep(0.1)
+    server.kill()
+    running.wait(60)
+    assert running.returncode == 2  # the CLI says the server went away
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
+    before = count()
+    assert 100_000 <= before < rows
+    result = abstream_import(server, f"s3://{name}/big/", token="tok")
+    assert result.returncode == 0, result.stderr
+    assert f"{rows - before:,} stored, 0 quarantined, {before:,} stored before" in result.stdout
+    assert count() == rows
+    with Client(server.address, token="tok") as c:
+        assert sum(r.metrics.users for r in c.summary("resume_s3").rows) == rows
+    server.terminate()
+
+
+def test_a_directory_on_the_server_and_arrow_files(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pa.OSFile(str(folder / "one.arrow"), "wb") as sink, pa.ipc.new_file(sink, events(50, "local_test").schema) as w:
+        w.write_table(events(50, "local_test"))
+    (folder / "two.csv").write_bytes(csv_bytes(events(25, "local_test", 50)))
+    (folder / "notes.txt").write_text("not events")
+    server = Server(tmp_path / "data").start()
+    result = abstream_import(server, str(folder))
+    assert result.returncode == 1
+    assert f"{folder}/one.arrow: 50 stored" in result.stdout and f"{folder}/two.csv: 25 stored" in result.stdout
+    assert f"{folder}/notes.txt: FAILED: " in result.stdout and "cannot tell the format" in result.stdout
+    assert stored(server, "local_test") == 75
+    bad = abstream_import(server, "ftp://somewhere/x")
+    assert bad.returncode == 2 and "ftp:// is not supported" in bad.stderr
+    server.terminate()
+
+
+def test_import_needs_the_admin_scope(tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "writer"\nsha256 = "{hash_token("w")}"\nscopes = ["ingest"]\n')
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
+    result = abstream_import(server, str(tmp_path), token="w")
+    assert result.returncode == 2 and "admin" in result.stderr
+    server.terminate()
