@@ -30,7 +30,7 @@ from abstream.store import EventStore
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
 
-from bench import dataset, hostile, queries
+from bench import connectors, dataset, hostile, queries
 
 INGEST_METHOD = "/abstream.v1.AnalyticsService/IngestEvents"
 RESULTS = Path(__file__).parent / "results"
@@ -477,6 +477,9 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
             report["restart"]["verified"] = after == before
         finally:
             server.stop()
+    print("connectors ...", file=sys.stderr)
+    report["kafka"] = connectors.kafka(table, ServerProcess)
+    report["s3"] = connectors.s3(table, ServerProcess, timed_ingest, ColumnarRequests)
     return report
 
 
@@ -686,6 +689,23 @@ def table_text(report: dict) -> str:
                   f"{'same rows' if h['verified'] else 'rows DIFFER'}): p50 {h['http']['p50_ms']:.2f} ms against "
                   f"{h['grpc']['p50_ms']:.2f} ms (+{h['http']['p50_ms'] - h['grpc']['p50_ms']:.2f} ms), "
                   f"p99 {h['http']['p99_ms']:.2f} against {h['grpc']['p99_ms']:.2f} ms"]
+    k = report.get("kafka", {"skipped": "not run"})
+    if "skipped" in k:
+        lines += ["", f"kafka: skipped ({k['skipped']})"]
+    else:
+        lines += [""] + [f"kafka through one partition, {label} ({k[key]['messages']:,} messages, {k['events']:,} "
+                         f"events): abstream {k[key]['abstream_events_per_s'] or 0:,.0f} events/s stored; a bare consumer "
+                         f"of the same broker {k[key]['broker_events_per_s']:,.0f} events/s "
+                         f"({k[key]['broker_messages_per_s']:,.0f} messages/s)"
+                         for key, label in (("one_event_per_message", "one event per message"),
+                                            ("ndjson_100_per_message", "100 NDJSON events per message"))]
+    s3 = report.get("s3", {"skipped": "not run"})
+    if "skipped" in s3:
+        lines += ["", f"s3 import: skipped ({s3['skipped']})"]
+    else:
+        lines += ["", f"s3 import of one Parquet object ({s3['events']:,} events, {s3['bytes'] / 2**20:.0f} MiB, moto's "
+                      f"server): median {s3['import_events_per_s']:,.0f} events/s; columnar ingest of the same events "
+                      f"from memory {s3['columnar_events_per_s']:,.0f} events/s ({s3['columnar_over_import']:.2f}x)"]
     page = report["results_page"]
     if "skipped" in page:
         lines += ["", f"results page: skipped ({page['skipped']})"]

@@ -53,7 +53,8 @@ class Settings:
     http_max_upload_bytes: int = _s(4 << 30, "largest file a Data Sources API append streams in, compressed or not")
     kafka_bootstrap: str = _s("", "HOST:PORT[,...] of Kafka brokers to consume events from (README: Kafka)")
     kafka_topic: str = _s("", "the topic(s) to consume, comma-separated; each message a JSON event or NDJSON")
-    kafka_group: str = _s("abstream", "the Kafka consumer group: processes in one group share the partitions")
+    kafka_group: str = _s("", "the Kafka consumer group (default abstream): processes in one group share the "
+                              "partitions")
     kafka_session_timeout_ms: int = _s(10_000, "the consumer group's session timeout")
     kafka_config: str = _s("", "a TOML file whose [kafka] section has bootstrap, topics, group and [kafka.client] "
                                "librdkafka properties (security, SASL, ...)")

@@ -32,6 +32,10 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_http_1000_4"]["events"] == 5000 and report["ingest_http_1000_4"]["connections"] == 4
     assert report["http_summary"]["verified"] and report["http_summary"]["http"]["p50_ms"] > 0
     assert "HTTP Events API, NDJSON, 1,000 lines per request" in result.stdout
+    assert report["kafka"]["one_event_per_message"]["abstream_events_per_s"] > 0, report["kafka"]
+    assert report["kafka"]["ndjson_100_per_message"]["broker_events_per_s"] > 0
+    assert report["s3"]["events"] == 50000 and report["s3"]["columnar_over_import"] > 0, report["s3"]
+    assert "kafka through one partition" in result.stdout and "s3 import of one Parquet object" in result.stdout
     page = report["results_page"]
     assert "skipped" in page or (page["test_page"]["p50_ms"] > 0 and page["api_p50_ms"] > 0), page
     assert "results page" in result.stdout

@@ -174,3 +174,21 @@ def test_health_says_the_broker_is_missing_then_it_connects_when_it_appears(tmp_
     finally:
         server.kill()
         waiting.stop()
+
+
+def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
+    from abstream.sources.kafka import KafkaConfigError, kafka_config
+
+    path = tmp_path / "kafka.toml"
+    path.write_text('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a", "b"]\ngroup = "g"\n'
+                    '[kafka.client]\n"security.protocol" = "SASL_SSL"\n')
+    config = kafka_config("", "", "", 3000, str(path))
+    assert (config.bootstrap, config.topics, config.group) == ("k1:9092", ("a", "b"), "g")
+    assert config.consumer()["security.protocol"] == "SASL_SSL" and config.consumer()["enable.auto.commit"] is False
+    flags = kafka_config("k2:9092", "x, y", "h", 3000, str(path))  # flags over the file
+    assert (flags.bootstrap, flags.topics, flags.group) == ("k2:9092", ("x", "y"), "h")
+    assert kafka_config("", "", "abstream", 3000, "") is None
+    with pytest.raises(KafkaConfigError, match="needs --kafka-bootstrap"):
+        kafka_config("", "t", "abstream", 3000, "")
+    code, log = Server(tmp_path / "data", "--kafka-topic", "t").start_expecting_failure()
+    assert code != 0 and "needs --kafka-bootstrap" in log
