@@ -456,7 +456,7 @@ async function showTest(testId, force) {
   testView.status.replaceChildren(badge(data.status));
   const plan = t.experiment;
   const split = plan && Object.keys(plan.split).length
-    ? ` Planned split ${Object.entries(plan.split).map(([v, w]) => `${v} ${w}`).join(" / ")}.` : "";
+    ? ` Planned split ${Object.entries(plan.split).sort(([a], [b]) => (a < b ? -1 : 1)).map(([v, w]) => `${v} ${w}`).join(" / ")}.` : "";
   const ran = plan && plan.start ? ` Started ${when(plan.start)}${plan.stop ? `, stopped ${when(plan.stop)}` : ""}.` : "";
   testView.facts.textContent = `${count(t.events)} events from ${count(t.users)} users, ` +
     `${when(t.first_event)} to ${when(t.last_event)} UTC; ${count(data.events_scanned)} in this range.${split}${ran}`;
