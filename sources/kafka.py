@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge
 log = logging.getLogger("abstream.kafka")
 
 #: Most messages, and bytes of them, stored as one batch.
-BATCH_MESSAGES = 5_000
+BATCH_MESSAGES = 20_000
 BATCH_BYTES = 8 << 20
 BATCH_LINES = 50_000  # below the core's --max-batch-events
 #: How long to wait before trying refused messages again when ingest gave no time.
