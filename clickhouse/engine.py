@@ -31,7 +31,7 @@ from abstream.clickhouse import sql
 from abstream.clickhouse.backend import Cluster, Local
 from abstream.core import timezones
 from abstream.core.engine import Gauge
-from abstream.core.errors import AbstreamError, Unavailable
+from abstream.core.errors import AbstreamError, FailedPrecondition, Unavailable
 from abstream.core.events import MAX_STRING_BYTES
 from abstream.core.types import (
     Experiment,
@@ -61,6 +61,12 @@ class PreparedInsert:
     rejections: list
     producer_id: str
     sequence: int
+
+
+#: Deleting and erasing on the cluster need mutations that take effect at once on every replica,
+#: which ClickHouse 18.16 (the oldest version this engine serves) cannot promise.
+_NOT_ON_THE_CLUSTER = ("not supported by the cluster engine yet: delete, erase and retention work on the embedded "
+                       "engine (README: Data lifecycle)")
 
 
 class ClickHouseEngine:
@@ -141,6 +147,19 @@ class ClickHouseEngine:
 
     def commit(self, result: IngestResult) -> None:
         """Nothing left to wait for: `apply` returned once the quorum had the rows."""
+
+    def delete_test(self, test_id: str) -> int:
+        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+
+    def erase_user(self, user_id: str, tests=None) -> int:
+        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+
+    def retain(self, horizons: dict[str, int]) -> int:
+        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+
+    def export(self, test_id: str, start_ns=None, end_ns=None):
+        raise FailedPrecondition("export from the cluster engine: query ClickHouse itself (SELECT ... FROM "
+                                 "events FORMAT Parquet); ExportEvents works on the embedded engine")
 
     def last_sequence(self, producer_id: str) -> int:
         (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), producer_id))

@@ -231,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--interval", type=float, default=30.0, help="with --watch, seconds between looks "
                                                                       "(default %(default)s)")
     imports.add_argument("--quiet", action="store_true", help="no progress on standard error")
+    delete = command("delete-test", "remove a test's events, quarantined events and plan (admin)")
+    delete.add_argument("test_id")
+    delete.add_argument("--yes", action="store_true", help="yes, remove them (required: it cannot be undone)")
+    erase = command("erase-user", "remove every event of a user, from queries and from the server's disk (admin)")
+    erase.add_argument("user_id")
+    erase.add_argument("--test", action="append", default=[], dest="tests", metavar="TEST_ID",
+                       help="only from this test (repeatable; default: every test)")
+    erase.add_argument("--yes", action="store_true", help="yes, erase them (required: it cannot be undone)")
+    retention = command("retention", "keep a test's events so many days (admin); 0: the server's --retention-days")
+    retention.add_argument("test_id")
+    retention.add_argument("days", type=float)
+    export = command("export", "a test's events as stored, to a file or standard output (admin)")
+    ranged(export)
+    export.add_argument("--format", choices=["parquet", "csv", "ndjson"], default=None,
+                        help="default: from --output's extension, else ndjson")
+    export.add_argument("--output", "-o", default="-", help="the file (default: standard output; not for parquet)")
     command("snapshot", "write a snapshot now (admin scope)")
     experiment = commands.add_parser("experiment", help="a test's plan: control, split, start, hypothesis (admin)",
                                      epilog=EXAMPLES["experiment"], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -849,6 +865,67 @@ def _import(args) -> int:
             time.sleep(args.interval)
 
 
+def _delete_test(args) -> int:
+    if not args.yes:
+        raise ValueError(f"this removes every event of {args.test_id!r} for good: add --yes")
+    with _client(args) as client:
+        print(f"{args.test_id}: {client.delete_test(args.test_id):,} events removed")
+    return 0
+
+
+def _erase_user(args) -> int:
+    if not args.yes:
+        raise ValueError("this removes every event of the user for good: add --yes")
+    with _client(args) as client:
+        removed = client.erase_user(args.user_id, args.tests)
+    where = f"from {', '.join(args.tests)}" if args.tests else "from every test and from the server's disk"
+    print(f"{removed:,} events erased {where}")
+    return 0
+
+
+def _retention(args) -> int:
+    with _client(args) as client:
+        plan = client.set_retention(args.test_id, args.days)
+    kept = f"{plan.retention_days:g} days" if plan.retention_days else "the server's --retention-days"
+    print(f"{plan.test_id}: events kept {kept}")
+    return 0
+
+
+def _export(args) -> int:
+    """Streams the pieces to the file as they come: a large test is never held whole."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fmt = args.format or next((f for f in ("parquet", "csv", "ndjson") if args.output.endswith("." + f)), "ndjson")
+    if fmt == "parquet" and args.output == "-":
+        raise ValueError("a Parquet export needs --output FILE")
+    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
+    writer = None
+    events = 0
+    try:
+        with _client(args) as client:
+            for piece in client.export(args.test_id, args.start, args.end):
+                events += piece.num_rows
+                if fmt == "parquet":
+                    writer = writer or pq.ParquetWriter(out, piece.schema)
+                    writer.write_table(piece)
+                elif fmt == "csv":
+                    writer = writer or pacsv.CSVWriter(out, piece.schema)
+                    writer.write_table(piece)
+                else:
+                    for row in piece.to_pylist():
+                        row["timestamp"] = row["timestamp"].isoformat().replace("+00:00", "Z")
+                        out.write(json.dumps(row).encode() + b"\n")
+        if writer is not None:
+            writer.close()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    if args.output != "-":
+        print(f"{args.test_id}: {events:,} events to {args.output}", file=sys.stderr)
+    return 0
+
+
 def _snapshot(args) -> int:
     with _client(args) as client:
         s = client.snapshot()
@@ -874,7 +951,8 @@ def _experiment(args) -> int:
 
 COMMANDS = {"ingest": _ingest, "summary": _summary, "segments": _segments, "timeseries": _timeseries,
             "tests": _tests, "quarantine": _quarantine, "snapshot": _snapshot, "power": _power,
-            "experiment": _experiment, "import": _import}
+            "experiment": _experiment, "import": _import, "delete-test": _delete_test, "erase-user": _erase_user,
+            "retention": _retention, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

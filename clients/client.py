@@ -221,6 +221,7 @@ class Experiment:
     hypothesis: str = ""
     created_time: dt.datetime | None = None
     updated_time: dt.datetime | None = None
+    retention_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,7 @@ def _experiment(e: pb.Experiment) -> Experiment:
     return Experiment(e.test_id, e.control_variant, dict(e.split), _utc(e.start_time) if e.HasField("start_time") else None,
                       _utc(e.stop_time) if e.HasField("stop_time") else None, e.hypothesis,
                       _utc(e.created_time) if e.HasField("created_time") else None,
-                      _utc(e.updated_time) if e.HasField("updated_time") else None)
+                      _utc(e.updated_time) if e.HasField("updated_time") else None, e.retention_days or None)
 
 
 def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tuple[str, Any]] = (),
@@ -450,6 +451,32 @@ class Client:
             yield Imported(r.uri, _name(admin_pb2.ImportState, r.state, "IMPORT_STATE_"), r.size, r.accepted,
                            r.quarantined, r.already_stored, r.error, r.objects_total, r.objects_done,
                            r.total_accepted, r.total_quarantined)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def delete_test(self, test_id: str, *, timeout: float | None = None) -> int:
+        """Removes a test's events, quarantined events and plan; the events removed."""
+        return self._call(self._admin.DeleteTest, admin_pb2.DeleteTestRequest(test_id=test_id), timeout or 3600).events
+
+    def erase_user(self, user_id: str, tests: Sequence[str] = (), *, timeout: float | None = None) -> int:
+        """Removes a user's events (of `tests`, or of every test) from queries and from the
+        server's disk before it returns; the events removed."""
+        request = admin_pb2.EraseUserRequest(user_id=user_id, test_ids=list(tests))
+        return self._call(self._admin.EraseUser, request, timeout or 3600).events
+
+    def set_retention(self, test_id: str, days: float, *, timeout: float | None = None) -> Experiment:
+        """Keeps a test's events `days` days (0: the server's --retention-days)."""
+        r = self._call(self._admin.SetRetention, admin_pb2.SetRetentionRequest(test_id=test_id, days=days), timeout)
+        return _experiment(r.experiment)
+
+    def export(self, test_id: str, start: Time = None, end: Time = None, *,
+               timeout: float | None = None) -> Iterator[pa.Table]:
+        """A test's events as stored, as Arrow tables of at most 100,000 events, streamed."""
+        request = admin_pb2.ExportEventsRequest(test_id=test_id)
+        _timestamp(start, request.start_time)
+        _timestamp(end, request.end_time, end=True)
+        for r in self._admin.ExportEvents(request, timeout=timeout, metadata=self._metadata):
+            yield pa.ipc.open_stream(r.arrow_ipc).read_all()
 
     # ---- experiments --------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from abstream.core.auth import Principal, Tokens
 from abstream.core.engine import Engine
 from abstream.core.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -52,8 +55,10 @@ from abstream.core.types import (
     TimeseriesQuery,
     TimeseriesResult,
     ValidatedBatch,
+    check_range,
 )
 
+log = logging.getLogger("abstream.core")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -80,6 +85,7 @@ class Core:
         self.metrics = metrics or Metrics(None)
         self._engine: Engine | None = None  # set once the engine is open (recovered)
         self.draining = False
+        self.retention_days = 0.0  # --retention-days: 0 keeps events for ever
         self.sources: dict = {}  # the server's own sources (Kafka) by name: each has `serving` and `state`
         self.events_acked = 0  # events stored by this process's ingest since it started
         self._clock = clock
@@ -280,9 +286,13 @@ class Core:
         planned split (for the sample ratio mismatch), the start and, once stopped, the stop
         (events after it are outside the experiment)."""
         plan = self.engine.experiments().get(q.test_id)
+        horizon = self.horizon(q.test_id, plan)
+        if horizon is not None:  # events past their retention are not seen, swept or not yet
+            q = dataclasses.replace(q, start_ns=horizon if q.start_ns is None else max(q.start_ns, horizon))
         if plan is None:
             return q
-        changes = {"start_ns": q.start_ns if q.start_ns is not None else plan.start_ns,
+        start_ns = q.start_ns if q.start_ns is not None else plan.start_ns
+        changes = {"start_ns": max(start_ns, horizon) if horizon is not None and start_ns is not None else start_ns,
                    "end_ns": q.end_ns if q.end_ns is not None else plan.stop_ns}
         if hasattr(q, "analysis"):
             changes["analysis"] = dataclasses.replace(
@@ -356,11 +366,12 @@ class Core:
             # A retry (of a create that failed on the way, perhaps half done): done again, unchanged.
             await asyncio.to_thread(engine.put_experiment, existing)
             return existing
-        if existing is not None:
+        if existing is not None and not _same_plan(existing, Experiment(existing.test_id)):
             raise FailedPrecondition(f"test {plan.test_id!r} has an experiment already: change it with "
                                      "UpdateExperiment (abstream experiment update)")
         now = self._clock()
-        plan = dataclasses.replace(plan, stop_ns=None, created_ns=now, updated_ns=now)
+        plan = dataclasses.replace(plan, stop_ns=None, created_ns=now, updated_ns=now,
+                                   retention_days=existing.retention_days if existing else None)
         await asyncio.to_thread(engine.put_experiment, plan)
         return plan
 
@@ -400,6 +411,72 @@ class Core:
         if not principal.may_use(test_id):
             raise PermissionDenied(f"token {principal.name!r} may only plan tests whose id starts with "
                                    f"{principal.test_prefix!r}")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def delete_test(self, principal: Principal, test_id: str) -> int:
+        self._may_plan(principal, test_id)
+        return await self._removing("delete_test", lambda: self.engine.delete_test(test_id))
+
+    async def erase_user(self, principal: Principal, user_id: str, tests: list[str]) -> int:
+        events.check_query_string("user_id", user_id)
+        if not user_id:
+            raise InvalidArgument("user_id", "is required")
+        if principal.test_prefix and not tests:
+            raise PermissionDenied(f"token {principal.name!r} may only erase from tests whose id starts with "
+                                   f"{principal.test_prefix!r}: name them (test_ids)")
+        for test_id in tests:
+            self._may_plan(principal, test_id)
+        return await self._removing("erase_user", lambda: self.engine.erase_user(user_id, tests or None))
+
+    async def set_retention(self, principal: Principal, test_id: str, days: float) -> Experiment:
+        self._may_plan(principal, test_id)
+        if not (days >= 0 and math.isfinite(days)):
+            raise InvalidArgument("days", f"must be 0 (the server's default) or more, got {days}")
+        engine = self.engine
+        plan = engine.experiments().get(test_id) or Experiment(test_id, created_ns=self._clock())
+        plan = dataclasses.replace(plan, retention_days=days or None,
+                                   updated_ns=max(self._clock(), plan.updated_ns + 1))
+        await asyncio.to_thread(engine.put_experiment, plan)
+        return plan
+
+    def horizon(self, test_id: str, plan: Experiment | None) -> int | None:
+        """The oldest instant of a test's events that queries see (None: every event)."""
+        days = (plan.retention_days if plan is not None else None) or self.retention_days
+        return self._clock() - int(days * 86_400e9) if days else None
+
+    async def sweep(self) -> int:
+        """Removes events past their test's retention (the server calls it periodically)."""
+        engine = self.engine
+        plans = engine.experiments()
+        if not self.retention_days and not any(p.retention_days for p in plans.values()):
+            return 0
+        tests = await asyncio.to_thread(engine.list_tests)
+        horizons = {t.test_id: h for t in tests if (h := self.horizon(t.test_id, plans.get(t.test_id))) is not None
+                    and t.first_event_ns < h}
+        if not horizons:
+            return 0
+        return await self._removing("retention", lambda: engine.retain(horizons))
+
+    async def _removing(self, operation: str, work: Callable[[], int]) -> int:
+        started = time.perf_counter()
+        removed = await asyncio.to_thread(work)
+        seconds = time.perf_counter() - started
+        self.metrics.removed.labels(operation).inc(removed)
+        log.info("%s removed %d events in %.3fs", operation, removed, seconds)
+        return removed
+
+    async def export(self, principal: Principal, test_id: str, start_ns: int | None, end_ns: int | None
+                     ) -> AsyncIterator[pa.Table]:
+        """A test's events as stored, a piece at a time (each piece read in a worker thread)."""
+        self._may_plan(principal, test_id)
+        check_range(test_id, start_ns, end_ns)
+        pieces = iter(await asyncio.to_thread(self.engine.export, test_id, start_ns, end_ns))
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            at = piece.schema.get_field_index("timestamp")
+            if at >= 0 and not pa.types.is_timestamp(piece.schema.field(at).type):  # as the Event has it
+                piece = piece.set_column(at, "timestamp", piece.column(at).cast(pa.timestamp("ns", "UTC")))
+            yield piece
 
     # ---- operations -----------------------------------------------------------------------
 

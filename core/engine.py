@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import pyarrow as pa
 from abstream.core import events
@@ -65,6 +65,18 @@ class Engine(Protocol):
     def list_tests(self) -> list[TestInfo]: ...
 
     def quarantine(self, test_id: str, limit: int, test_prefix: str) -> tuple[list[QuarantinedEvent], int]: ...
+
+    def delete_test(self, test_id: str) -> int:
+        """Removes a test's events, quarantine entries and plan; returns once durable."""
+
+    def erase_user(self, user_id: str, tests: Sequence[str] | None) -> int:
+        """Removes a user's events (of `tests`, or all) from queries and from every copy kept."""
+
+    def retain(self, horizons: dict[str, int]) -> int:
+        """Removes each named test's events older than its horizon (ns)."""
+
+    def export(self, test_id: str, start_ns: int | None, end_ns: int | None) -> Iterator[pa.Table]:
+        """A test's events as stored (Event field names), a piece at a time."""
 
     def last_sequence(self, producer_id: str) -> int:
         """The sequence of the producer's last applied batch (0: none), where a source that

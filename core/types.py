@@ -331,9 +331,12 @@ class Experiment:
     hypothesis: str = ""
     created_ns: int = 0
     updated_ns: int = 0
+    retention_days: float | None = None  # its events are kept this long (None: the server's --retention-days)
 
     def check(self) -> None:
         check_range(self.test_id, None, None)
+        if self.retention_days is not None and not (self.retention_days > 0 and math.isfinite(self.retention_days)):
+            raise InvalidArgument("retention_days", f"must be positive, got {self.retention_days}")
         check_query_string("control_variant", self.control_variant)
         if len(self.split) > MAX_DISTINCT["variant"]:
             raise InvalidArgument("split", f"has {len(self.split):,} entries; a test has at most "
@@ -352,7 +355,7 @@ class Experiment:
     def to_json(self) -> dict:
         return {"test_id": self.test_id, "control_variant": self.control_variant, "split": self.split,
                 "start_ns": self.start_ns, "stop_ns": self.stop_ns, "hypothesis": self.hypothesis,
-                "created_ns": self.created_ns, "updated_ns": self.updated_ns}
+                "created_ns": self.created_ns, "updated_ns": self.updated_ns, "retention_days": self.retention_days}
 
     @classmethod
     def from_json(cls, values: dict) -> Experiment:

@@ -345,7 +345,7 @@ def experiment(message: pb.Experiment) -> Experiment:
 def experiment_message(e: Experiment) -> pb.Experiment:
     message = pb.Experiment(test_id=e.test_id, control_variant=e.control_variant, split=e.split,
                             hypothesis=e.hypothesis, created_time=to_timestamp(e.created_ns),
-                            updated_time=to_timestamp(e.updated_ns))
+                            updated_time=to_timestamp(e.updated_ns), retention_days=e.retention_days or 0.0)
     if e.start_ns is not None:
         message.start_time.CopyFrom(to_timestamp(e.start_ns))
     if e.stop_ns is not None:
@@ -389,3 +389,15 @@ def import_progress(p) -> admin_pb2.ImportEventsResponse:
         accepted=p.accepted, quarantined=p.quarantined, already_stored=p.already_stored, error=p.error,
         objects_total=p.objects_total, objects_done=p.objects_done, total_accepted=p.total_accepted,
         total_quarantined=p.total_quarantined)
+
+
+def time_range(request) -> tuple[int | None, int | None]:
+    """A request's optional start_time and end_time, in ns."""
+    return _optional_ns(request, "start_time"), _optional_ns(request, "end_time")
+
+
+def ipc_stream(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()

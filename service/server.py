@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -167,6 +168,12 @@ class AnalyticsServer:
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
                         admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes)
         self.core = Core(limits, Tokens(tokens), self.metrics)
+        if settings.retention_days < 0:
+            raise ConfigError("--retention-days must be 0 (keep for ever) or more")
+        if settings.retention_days and settings.engine != "embedded":
+            raise ConfigError("--retention-days: retention is not supported by the cluster engine yet (use ClickHouse "
+                              "TTLs, or the embedded engine)")
+        self.core.retention_days = settings.retention_days
         self._server = grpc.aio.server(
             interceptors=[RequestInterceptor(), ErrorInterceptor(), AuthInterceptor(self.core.tokens)],
             options=[
@@ -270,11 +277,15 @@ class AnalyticsServer:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
         once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused)."""
         seen, trimmed = None, True
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             engine = self.core.engine
             try:
                 await asyncio.to_thread(engine.maintain)
+                if self.settings.engine == "embedded" and time.monotonic() - swept >= self.settings.retention_sweep_seconds:
+                    swept = time.monotonic()
+                    await self.core.sweep()
             except Exception:  # noqa: BLE001 - logged; the next tick tries again
                 log.exception("periodic maintenance failed")
             count = self.core.events_acked

@@ -68,6 +68,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._data_dir = data_dir
         self._importer = importer
 
+    async def DeleteTest(self, request: admin_pb2.DeleteTestRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.DeleteTestResponse:
+        return admin_pb2.DeleteTestResponse(events=await self._core.delete_test(PRINCIPAL.get(), request.test_id))
+
+    async def EraseUser(self, request: admin_pb2.EraseUserRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.EraseUserResponse:
+        removed = await self._core.erase_user(PRINCIPAL.get(), request.user_id, list(request.test_ids))
+        return admin_pb2.EraseUserResponse(events=removed)
+
+    async def SetRetention(self, request: admin_pb2.SetRetentionRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.SetRetentionResponse:
+        plan = await self._core.set_retention(PRINCIPAL.get(), request.test_id, request.days)
+        return admin_pb2.SetRetentionResponse(experiment=converters.experiment_message(plan))
+
+    async def ExportEvents(self, request: admin_pb2.ExportEventsRequest, context: grpc.aio.ServicerContext):
+        start, end = converters.time_range(request)
+        async for piece in self._core.export(PRINCIPAL.get(), request.test_id, start, end):
+            yield admin_pb2.ExportEventsResponse(arrow_ipc=converters.ipc_stream(piece), events=piece.num_rows)
+
     async def ImportEvents(self, request: admin_pb2.ImportEventsRequest, context: grpc.aio.ServicerContext):
         async for progress in self._importer.run(PRINCIPAL.get(), request.uri, request.format, request.endpoint_url,
                                                  request.region):

@@ -27,7 +27,7 @@ from abstream.store.dictionary import Dictionary
 from abstream.store.ingest import Ingest, Producer
 from abstream.store.partition import COLUMNS, DTYPES, PartitionView, take
 from abstream.store.schema import STORED_SCHEMA
-from abstream.store.wal import WalCorruption, WriteAheadLog
+from abstream.store.wal import WalCorruption, WriteAheadLog, fsync_dir
 
 log = logging.getLogger("abstream.store")
 
@@ -60,6 +60,8 @@ class Persistence:
         self._lock = threading.Lock()
         self._last = _SnapshotClock()
         self._recover()
+        if self._purge_mark.exists():  # an erasure whose older copies were not all gone yet
+            self.purge()
 
     @property
     def last_snapshot_at(self) -> float:
@@ -69,6 +71,29 @@ class Persistence:
     @property
     def wal_dir(self) -> Path:
         return Path(self._d.data_dir) / "wal"
+
+    @property
+    def _purge_mark(self) -> Path:
+        return Path(self._d.data_dir) / "purge-pending"
+
+    def will_purge(self) -> None:
+        """Marks, durably, that a purge is due: set before an erasure is logged, so that a crash
+        at any moment after leaves a mark the next start acts on (the erasure itself is in the
+        log, and replayed), until `purge` is done."""
+        mark = self._purge_mark
+        mark.write_bytes(b"")
+        fsync_dir(mark.parent)
+
+    def purge(self) -> SnapshotInfo:
+        """A snapshot now, and every older snapshot and log segment deleted: after an erasure,
+        the only copies left on disk are the ones without what was erased."""
+        mark = self._purge_mark
+        if not mark.exists():
+            self.will_purge()
+        info = self.snapshot(keep=1)
+        mark.unlink()
+        fsync_dir(mark.parent)
+        return info
 
     # ---- recovery -------------------------------------------------------------------------
 
@@ -101,7 +126,9 @@ class Persistence:
         try:
             for lsn, payload in wal.replay(after_lsn=start_lsn - 1):
                 record = persist.decode_record(payload)
-                if isinstance(record, dict):
+                if isinstance(record, persist.Removal):
+                    ingest.apply_removal(record.change)
+                elif isinstance(record, dict):
                     ingest.experiments = {**ingest.experiments, record["test_id"]: Experiment.from_json(record)}
                 else:
                     self._replay(record, lsn)
@@ -144,8 +171,9 @@ class Persistence:
 
     # ---- snapshots ------------------------------------------------------------------------
 
-    def snapshot(self) -> SnapshotInfo:
-        """Writes a snapshot now and returns once it is durable."""
+    def snapshot(self, keep: int | None = None) -> SnapshotInfo:
+        """Writes a snapshot now and returns once it is durable (keeping `keep` snapshots, the
+        new one included; default --snapshots-kept)."""
         d, ingest = self._d, self._ingest
         if ingest.wal is None:
             raise AbstreamError("this store has no data directory to snapshot to")
@@ -156,7 +184,7 @@ class Persistence:
             root = Path(d.data_dir) / "snapshots"
             path = persist.write_snapshot(root, contents, d.snapshot_compression)
             self._last = _SnapshotClock(events=events_at)
-            kept = persist.list_snapshots(root)[: max(d.snapshots_kept, 1)]
+            kept = persist.list_snapshots(root)[: max(d.snapshots_kept if keep is None else keep, 1)]
             for _, old in persist.list_snapshots(root)[len(kept):]:
                 shutil.rmtree(old, ignore_errors=True)
             for tmp in root.glob("tmp-*"):

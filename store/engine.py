@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 from abstream.core import engine
 from abstream.core.engine import Gauge
@@ -103,6 +104,41 @@ class EventStore:
 
     def put_experiment(self, experiment: Experiment) -> None:
         self._ingest.put_experiment(experiment)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def delete_test(self, test_id: str) -> int:
+        if self._ingest.tests.code(test_id) is None:
+            return 0
+        return self._ingest.remove({"delete_test": test_id})
+
+    def erase_user(self, user_id: str, tests: Sequence[str] | None = None) -> int:
+        """Removes the user's events (of `tests`, or every one) from queries at once, and from
+        disk before it returns: a snapshot without them, every older snapshot and log segment
+        deleted (Persistence.purge)."""
+        ingest = self._ingest
+        code = ingest.dicts["user_id"].code(user_id)
+        if code is None:
+            return 0
+        if self._persistence is not None:
+            self._persistence.will_purge()
+        removed = ingest.remove({"erase_user": code, **({"tests": list(tests)} if tests else {})})
+        if self._persistence is not None:
+            self._persistence.purge()
+        return removed
+
+    def retain(self, horizons: dict[str, int]) -> int:
+        """Removes each test's events older than its horizon (ns), if it has any."""
+        ingest, view = self._ingest, self._ingest.view
+        tail = view.tail
+        due = {}
+        for test_id, horizon in horizons.items():
+            code = ingest.tests.code(test_id)
+            partition = view.partitions.get(code) if code is not None else None
+            if code is not None and ((partition is not None and partition.first_ns < horizon)
+                                     or bool(np.any((tail["test"] == code) & (tail["timestamp"] < horizon)))):
+                due[test_id] = horizon
+        return ingest.remove({"horizons": due}) if due else 0
 
     # ---- operations -----------------------------------------------------------------------
 

@@ -20,7 +20,16 @@ from abstream.core.events import Rejection
 from abstream.core.types import Experiment, IngestResult, ValidatedBatch
 from abstream.store import persist
 from abstream.store.dictionary import Dictionary
-from abstream.store.partition import DTYPES, PartitionView, StoreView, Tail, split_by_test, take
+from abstream.store.partition import (
+    COLUMNS,
+    DTYPES,
+    STRINGS,
+    PartitionView,
+    StoreView,
+    Tail,
+    split_by_test,
+    take,
+)
 from abstream.store.quarantine import Quarantine
 from abstream.store.schema import CODE_TYPES
 from abstream.store.wal import Payload, WriteAheadLog
@@ -42,6 +51,22 @@ class PreparedBatch:
     @property
     def events(self) -> int:
         return len(self.test_codes) + len(self.rejections)
+
+
+def _without(partition: PartitionView, keep) -> tuple[PartitionView | None, int]:
+    """The partition rebuilt from the rows `keep(columns)` selects, and how many it dropped
+    (None when nothing is left)."""
+    batches = [part.batch() for part in partition.parts]
+    table = pa.Table.from_batches(batches).combine_chunks()
+    cols = {c: table.column(c).chunk(0) if c in STRINGS else table.column(c).to_numpy() for c in COLUMNS}
+    mask = np.asarray(keep(cols))
+    dropped = int(len(mask) - mask.sum())
+    if not dropped:
+        return partition, 0
+    if not mask.any():
+        return None, dropped
+    at = np.flatnonzero(mask)
+    return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}), dropped
 
 
 @dataclass
@@ -109,6 +134,66 @@ class Ingest:
             self.experiments = {**self.experiments, experiment.test_id: experiment}
         if lsn is not None:
             self.wal.commit(lsn)
+
+    # ---- removal -----------------------------------------------------------------------------
+
+    def remove(self, change: dict) -> int:
+        """Logs a removal and applies it (`apply_removal`) in one critical section; returns once
+        it is durable, with the events it removed."""
+        with self.lock:
+            lsn = None if self.wal is None else self.wal.append(Payload.of(persist.encode_removal(change)))
+            removed = self.apply_removal(change)
+        if lsn is not None:
+            self.wal.commit(lsn)
+        return removed
+
+    def apply_removal(self, change: dict) -> int:
+        """Removes events (under the ingest lock, or in replay): `{"delete_test": id}`,
+        `{"erase_user": code, "tests": [ids] or absent}` or `{"horizons": {test id: ns}}` (events
+        before their test's horizon). The tail is sealed first, so every event is in a part, and
+        one new view is published: the very next query sees none of them. A part that holds some
+        of them is rewritten without them; the memory of what is dropped is freed with the view."""
+        self.wait_sealed()
+        partitions = dict(self.partitions)
+        test_codes, cols = self.tail.drain()
+        if len(test_codes):
+            for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
+                partitions[code] = partitions.get(code, PartitionView()).with_rows(rows)
+        removed = 0
+        if "delete_test" in change:
+            test_id = change["delete_test"]
+            code = self.tests.code(test_id)
+            if code is not None and code in partitions:
+                removed = partitions.pop(code).events
+            self.quarantine.remove("test_id", [test_id])
+            self.experiments = {k: v for k, v in self.experiments.items() if k != test_id}
+        elif "erase_user" in change:
+            user = int(change["erase_user"])
+            only = change.get("tests")
+            codes = None if only is None else {self.tests.code(t) for t in only}
+            for code, partition in list(partitions.items()):
+                if (codes is None or code in codes) and partition.has_users(np.array([user], np.int64))[0]:
+                    partitions[code], n = _without(partition, lambda c: c["user_id"] != user)
+                    removed += n
+            name = self.dicts["user_id"].decode(np.array([user]))[0]
+            self.quarantine.remove("user_id", [name])
+            if only is None:  # no event refers to its code any more: its string goes too
+                values = self.dicts["user_id"].values.to_pylist()
+                values[user] = f"\x00erased:{user}"
+                self.dicts["user_id"] = Dictionary.from_values(pa.array(values, pa.string()),
+                                                               self.dicts["user_id"].capacity)
+        elif "horizons" in change:
+            for test_id, horizon in change["horizons"].items():
+                code = self.tests.code(test_id)
+                partition = partitions.get(code) if code is not None else None
+                if partition is not None and partition.first_ns < horizon:
+                    partitions[code], n = _without(partition, lambda c, h=horizon: c["timestamp"] >= h)
+                    removed += n
+        partitions = {code: p for code, p in partitions.items() if p is not None}
+        with self._view_lock:
+            self.partitions = partitions
+            self.view = StoreView(partitions, (self.tail.view(),))
+        return removed
 
     def commit(self, result: IngestResult) -> None:
         """Returns once the batch behind `result` is as durable as the fsync policy promises."""

@@ -84,13 +84,28 @@ def encode_experiment(experiment: dict) -> list[bytes]:
     return [_SIZES.pack(len(header), 0) + header]
 
 
-def decode_record(payload: bytes) -> Record | dict:
-    """A batch's record, or an experiment's plan (a dict)."""
+@dataclass(frozen=True)
+class Removal:
+    """A record of events removed: a test deleted, a user erased (by dictionary code: no user id
+    is written), events past a retention horizon. Replay removes them again at the same point."""
+
+    change: dict
+
+
+def encode_removal(change: dict) -> list[bytes]:
+    header = json.dumps({"removal": change}, separators=(",", ":")).encode()
+    return [_SIZES.pack(len(header), 0) + header]
+
+
+def decode_record(payload: bytes) -> Record | Removal | dict:
+    """A batch's record, a removal, or an experiment's plan (a dict)."""
     h, b = _SIZES.unpack_from(payload)
     at = _SIZES.size
     header = json.loads(payload[at:at + h])
     if "experiment" in header:
         return header["experiment"]
+    if "removal" in header:
+        return Removal(header["removal"])
     batch = pa.ipc.open_stream(pa.py_buffer(payload)[at + h:at + h + b]).read_all()
     return Record(batch, [Rejection(*x) for x in header["rejections"]], header["producer_id"], header["sequence"],
                   header["received_ns"])

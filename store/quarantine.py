@@ -84,6 +84,22 @@ class Quarantine:
             chunks = list(self._chunks)
         return pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()
 
+    def remove(self, column: str, values: list[str]) -> int:
+        """Drops every entry whose `column` (test_id, user_id) is one of `values`; how many."""
+        wanted = pa.array(values, pa.string())
+        with self._lock:
+            kept, removed = deque(), 0
+            for chunk in self._chunks:
+                hit = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
+                n = pc.sum(hit).as_py() or 0
+                if n:
+                    chunk = chunk.filter(pc.invert(hit))
+                    removed += n
+                if chunk.num_rows:
+                    kept.append(chunk)
+            self._chunks, self._rows = kept, self._rows - removed
+        return removed
+
     def restore(self, table: pa.Table) -> None:
         """Puts back what `table` returned (from a snapshot)."""
         if table.num_rows:

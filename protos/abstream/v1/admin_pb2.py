@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1b\x61\x62stream/v1/analytics.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x13ImportEventsRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\x88\x02\n\x14ImportEventsResponse\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.abstream.v1.ImportState\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x13\n\x0bquarantined\x18\x05 \x01(\x04\x12\x16\n\x0e\x61lready_stored\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\robjects_total\x18\x08 \x01(\r\x12\x14\n\x0cobjects_done\x18\t \x01(\r\x12\x16\n\x0etotal_accepted\x18\n \x01(\x04\x12\x19\n\x11total_quarantined\x18\x0b \x01(\x04\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x17\x43reateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18\x43reateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"F\n\x17UpdateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18UpdateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"\x18\n\x16ListExperimentsRequest\"G\n\x17ListExperimentsResponse\x12,\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x17.abstream.v1.Experiment\"W\n\x15StopExperimentRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12-\n\tstop_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x16StopExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment*\x93\x01\n\x0bImportState\x12\x1c\n\x18IMPORT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14IMPORT_STATE_STARTED\x10\x01\x12\x19\n\x15IMPORT_STATE_IMPORTED\x10\x02\x12\x18\n\x14IMPORT_STATE_SKIPPED\x10\x03\x12\x17\n\x13IMPORT_STATE_FAILED\x10\x04\x32\xbb\x04\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponse\x12_\n\x10\x43reateExperiment\x12$.abstream.v1.CreateExperimentRequest\x1a%.abstream.v1.CreateExperimentResponse\x12_\n\x10UpdateExperiment\x12$.abstream.v1.UpdateExperimentRequest\x1a%.abstream.v1.UpdateExperimentResponse\x12\\\n\x0fListExperiments\x12#.abstream.v1.ListExperimentsRequest\x1a$.abstream.v1.ListExperimentsResponse\x12Y\n\x0eStopExperiment\x12\".abstream.v1.StopExperimentRequest\x1a#.abstream.v1.StopExperimentResponse\x12U\n\x0cImportEvents\x12 .abstream.v1.ImportEventsRequest\x1a!.abstream.v1.ImportEventsResponse0\x01\x42O\n\x0f\x64\x65v.abstream.v1P\x01Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x62stream/v1/admin.proto\x12\x0b\x61\x62stream.v1\x1a\x1b\x61\x62stream/v1/analytics.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x11\x44\x65leteTestRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\"$\n\x12\x44\x65leteTestResponse\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x04\"5\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08test_ids\x18\x02 \x03(\t\"#\n\x11\x45raseUserResponse\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x04\"4\n\x13SetRetentionRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\x01\"C\n\x14SetRetentionResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"\x84\x01\n\x13\x45xportEventsRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x14\x45xportEventsResponse\x12\x11\n\tarrow_ipc\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\"X\n\x13ImportEventsRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\x88\x02\n\x14ImportEventsResponse\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.abstream.v1.ImportState\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x13\n\x0bquarantined\x18\x05 \x01(\x04\x12\x16\n\x0e\x61lready_stored\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\robjects_total\x18\x08 \x01(\r\x12\x14\n\x0cobjects_done\x18\t \x01(\r\x12\x16\n\x0etotal_accepted\x18\n \x01(\x04\x12\x19\n\x11total_quarantined\x18\x0b \x01(\x04\"\x17\n\x15\x43reateSnapshotRequest\"b\n\x16\x43reateSnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x17\x43reateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18\x43reateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"F\n\x17UpdateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"G\n\x18UpdateExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment\"\x18\n\x16ListExperimentsRequest\"G\n\x17ListExperimentsResponse\x12,\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x17.abstream.v1.Experiment\"W\n\x15StopExperimentRequest\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12-\n\tstop_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x16StopExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.abstream.v1.Experiment*\x93\x01\n\x0bImportState\x12\x1c\n\x18IMPORT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14IMPORT_STATE_STARTED\x10\x01\x12\x19\n\x15IMPORT_STATE_IMPORTED\x10\x02\x12\x18\n\x14IMPORT_STATE_SKIPPED\x10\x03\x12\x17\n\x13IMPORT_STATE_FAILED\x10\x04\x32\x82\x07\n\x0c\x41\x64minService\x12Y\n\x0e\x43reateSnapshot\x12\".abstream.v1.CreateSnapshotRequest\x1a#.abstream.v1.CreateSnapshotResponse\x12_\n\x10\x43reateExperiment\x12$.abstream.v1.CreateExperimentRequest\x1a%.abstream.v1.CreateExperimentResponse\x12_\n\x10UpdateExperiment\x12$.abstream.v1.UpdateExperimentRequest\x1a%.abstream.v1.UpdateExperimentResponse\x12\\\n\x0fListExperiments\x12#.abstream.v1.ListExperimentsRequest\x1a$.abstream.v1.ListExperimentsResponse\x12Y\n\x0eStopExperiment\x12\".abstream.v1.StopExperimentRequest\x1a#.abstream.v1.StopExperimentResponse\x12U\n\x0cImportEvents\x12 .abstream.v1.ImportEventsRequest\x1a!.abstream.v1.ImportEventsResponse0\x01\x12M\n\nDeleteTest\x12\x1e.abstream.v1.DeleteTestRequest\x1a\x1f.abstream.v1.DeleteTestResponse\x12J\n\tEraseUser\x12\x1d.abstream.v1.EraseUserRequest\x1a\x1e.abstream.v1.EraseUserResponse\x12S\n\x0cSetRetention\x12 .abstream.v1.SetRetentionRequest\x1a!.abstream.v1.SetRetentionResponse\x12U\n\x0c\x45xportEvents\x12 .abstream.v1.ExportEventsRequest\x1a!.abstream.v1.ExportEventsResponse0\x01\x42O\n\x0f\x64\x65v.abstream.v1P\x01Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,48 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'abstream.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.abstream.v1P\001Z:github.com/abstream/abstream/gen/go/abstream/v1;abstreamv1'
-  _globals['_IMPORTSTATE']._serialized_start=1166
-  _globals['_IMPORTSTATE']._serialized_end=1313
-  _globals['_IMPORTEVENTSREQUEST']._serialized_start=134
-  _globals['_IMPORTEVENTSREQUEST']._serialized_end=222
-  _globals['_IMPORTEVENTSRESPONSE']._serialized_start=225
-  _globals['_IMPORTEVENTSRESPONSE']._serialized_end=489
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=491
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=514
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=516
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=614
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=616
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=686
-  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_start=688
-  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_end=759
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=761
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=831
-  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_start=833
-  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_end=904
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=906
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=930
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=932
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1003
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1005
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1092
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1094
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=1163
-  _globals['_ADMINSERVICE']._serialized_start=1316
-  _globals['_ADMINSERVICE']._serialized_end=1887
+  _globals['_IMPORTSTATE']._serialized_start=1651
+  _globals['_IMPORTSTATE']._serialized_end=1798
+  _globals['_DELETETESTREQUEST']._serialized_start=134
+  _globals['_DELETETESTREQUEST']._serialized_end=170
+  _globals['_DELETETESTRESPONSE']._serialized_start=172
+  _globals['_DELETETESTRESPONSE']._serialized_end=208
+  _globals['_ERASEUSERREQUEST']._serialized_start=210
+  _globals['_ERASEUSERREQUEST']._serialized_end=263
+  _globals['_ERASEUSERRESPONSE']._serialized_start=265
+  _globals['_ERASEUSERRESPONSE']._serialized_end=300
+  _globals['_SETRETENTIONREQUEST']._serialized_start=302
+  _globals['_SETRETENTIONREQUEST']._serialized_end=354
+  _globals['_SETRETENTIONRESPONSE']._serialized_start=356
+  _globals['_SETRETENTIONRESPONSE']._serialized_end=423
+  _globals['_EXPORTEVENTSREQUEST']._serialized_start=426
+  _globals['_EXPORTEVENTSREQUEST']._serialized_end=558
+  _globals['_EXPORTEVENTSRESPONSE']._serialized_start=560
+  _globals['_EXPORTEVENTSRESPONSE']._serialized_end=617
+  _globals['_IMPORTEVENTSREQUEST']._serialized_start=619
+  _globals['_IMPORTEVENTSREQUEST']._serialized_end=707
+  _globals['_IMPORTEVENTSRESPONSE']._serialized_start=710
+  _globals['_IMPORTEVENTSRESPONSE']._serialized_end=974
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=976
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=999
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=1001
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=1099
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=1101
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=1171
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_start=1173
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_end=1244
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=1246
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=1316
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_start=1318
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_end=1389
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=1391
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=1415
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=1417
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1488
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1490
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1577
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1579
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=1648
+  _globals['_ADMINSERVICE']._serialized_start=1801
+  _globals['_ADMINSERVICE']._serialized_end=2699
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,64 @@ IMPORT_STATE_IMPORTED: ImportState
 IMPORT_STATE_SKIPPED: ImportState
 IMPORT_STATE_FAILED: ImportState
 
+class DeleteTestRequest(_message.Message):
+    __slots__ = ("test_id",)
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    def __init__(self, test_id: _Optional[str] = ...) -> None: ...
+
+class DeleteTestResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: int
+    def __init__(self, events: _Optional[int] = ...) -> None: ...
+
+class EraseUserRequest(_message.Message):
+    __slots__ = ("user_id", "test_ids")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    test_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., test_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EraseUserResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: int
+    def __init__(self, events: _Optional[int] = ...) -> None: ...
+
+class SetRetentionRequest(_message.Message):
+    __slots__ = ("test_id", "days")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    days: float
+    def __init__(self, test_id: _Optional[str] = ..., days: _Optional[float] = ...) -> None: ...
+
+class SetRetentionResponse(_message.Message):
+    __slots__ = ("experiment",)
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    experiment: _analytics_pb2.Experiment
+    def __init__(self, experiment: _Optional[_Union[_analytics_pb2.Experiment, _Mapping]] = ...) -> None: ...
+
+class ExportEventsRequest(_message.Message):
+    __slots__ = ("test_id", "start_time", "end_time")
+    TEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    test_id: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportEventsResponse(_message.Message):
+    __slots__ = ("arrow_ipc", "events")
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    arrow_ipc: bytes
+    events: int
+    def __init__(self, arrow_ipc: _Optional[bytes] = ..., events: _Optional[int] = ...) -> None: ...
+
 class ImportEventsRequest(_message.Message):
     __slots__ = ("uri", "format", "endpoint_url", "region")
     URI_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,26 @@ class AdminServiceStub:
                 request_serializer=abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.SerializeToString,
                 response_deserializer=abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.FromString,
                 _registered_method=True)
+        self.DeleteTest = channel.unary_unary(
+                '/abstream.v1.AdminService/DeleteTest',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.DeleteTestRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.DeleteTestResponse.FromString,
+                _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/abstream.v1.AdminService/EraseUser',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/abstream.v1.AdminService/SetRetention',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
+                _registered_method=True)
+        self.ExportEvents = channel.unary_stream(
+                '/abstream.v1.AdminService/ExportEvents',
+                request_serializer=abstream_dot_v1_dot_admin__pb2.ExportEventsRequest.SerializeToString,
+                response_deserializer=abstream_dot_v1_dot_admin__pb2.ExportEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -116,6 +136,39 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTest(self, request, context):
+        """DeleteTest removes a test's events, quarantined events and plan; no query sees them from
+        the moment it returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """EraseUser removes every event of one user (of some tests, or of all): from queries when it
+        returns, and from the data directory too (a snapshot without them is written and every
+        older snapshot and log segment deleted before it returns).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRetention(self, request, context):
+        """SetRetention keeps a test's events for so many days (overriding --retention-days); older
+        ones stop being visible at once and are removed by the next sweep.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportEvents(self, request, context):
+        """ExportEvents streams a test's events as stored, as Arrow IPC streams of at most 100,000
+        events each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +201,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ImportEvents,
                     request_deserializer=abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.FromString,
                     response_serializer=abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.SerializeToString,
+            ),
+            'DeleteTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTest,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.DeleteTestRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.DeleteTestResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.EraseUserRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.EraseUserResponse.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.SetRetentionRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.SetRetentionResponse.SerializeToString,
+            ),
+            'ExportEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportEvents,
+                    request_deserializer=abstream_dot_v1_dot_admin__pb2.ExportEventsRequest.FromString,
+                    response_serializer=abstream_dot_v1_dot_admin__pb2.ExportEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +386,114 @@ class AdminService:
             '/abstream.v1.AdminService/ImportEvents',
             abstream_dot_v1_dot_admin__pb2.ImportEventsRequest.SerializeToString,
             abstream_dot_v1_dot_admin__pb2.ImportEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/DeleteTest',
+            abstream_dot_v1_dot_admin__pb2.DeleteTestRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.DeleteTestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/EraseUser',
+            abstream_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abstream.v1.AdminService/SetRetention',
+            abstream_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/abstream.v1.AdminService/ExportEvents',
+            abstream_dot_v1_dot_admin__pb2.ExportEventsRequest.SerializeToString,
+            abstream_dot_v1_dot_admin__pb2.ExportEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

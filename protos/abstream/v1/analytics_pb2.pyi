@@ -412,7 +412,7 @@ class TestInfo(_message.Message):
     def __init__(self, test_id: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., events: _Optional[int] = ..., users: _Optional[int] = ..., first_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("test_id", "control_variant", "split", "start_time", "stop_time", "hypothesis", "created_time", "updated_time")
+    __slots__ = ("test_id", "control_variant", "split", "start_time", "stop_time", "hypothesis", "created_time", "updated_time", "retention_days")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +428,7 @@ class Experiment(_message.Message):
     HYPOTHESIS_FIELD_NUMBER: _ClassVar[int]
     CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     control_variant: str
     split: _containers.ScalarMap[str, float]
@@ -436,7 +437,8 @@ class Experiment(_message.Message):
     hypothesis: str
     created_time: _timestamp_pb2.Timestamp
     updated_time: _timestamp_pb2.Timestamp
-    def __init__(self, test_id: _Optional[str] = ..., control_variant: _Optional[str] = ..., split: _Optional[_Mapping[str, float]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hypothesis: _Optional[str] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retention_days: float
+    def __init__(self, test_id: _Optional[str] = ..., control_variant: _Optional[str] = ..., split: _Optional[_Mapping[str, float]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hypothesis: _Optional[str] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_days: _Optional[float] = ...) -> None: ...
 
 class ListTestsResponse(_message.Message):
     __slots__ = ("tests", "stats")

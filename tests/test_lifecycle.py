@@ -1,0 +1,260 @@
+"""Data lifecycle against real servers and real files: deleting a test, erasing a user (from
+queries at once, from every file in the data directory before the call returns), retention,
+export, and SIGKILL at any moment of a removal leaving the before or the after state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from abstream.clients import Client
+from abstream.core.auth import hash_token
+
+from tests.process import Server
+
+BIN = Path(sys.executable).parent
+NS = 1_000_000_000
+SECRET_USER = "erase-me-7f3a9c"
+
+
+def table(n: int, test_id: str, start_s: int, users: int = 500, seed: int = 1, secret_every: int = 0,
+          spacing_ns: int = NS) -> pa.Table:
+    """`n` events from `start_s` on, one every `spacing_ns` (give or take a second's jitter)."""
+    rng = random.Random(seed)
+    ids = [SECRET_USER if secret_every and i % secret_every == 0 else f"user_{rng.randrange(users)}" for i in range(n)]
+    return pa.table({"timestamp": pa.array([start_s * NS + i * spacing_ns + rng.randrange(spacing_ns) for i in range(n)],
+                                           pa.timestamp("ns", "UTC")),
+                     "user_id": ids, "test_id": [test_id] * n, "variant": [rng.choice("ab") for _ in range(n)],
+                     "event_type": ["view"] * n, "conversion": [rng.random() < 0.2 for _ in range(n)],
+                     "revenue": [round(rng.uniform(0, 50), 2) for _ in range(n)],
+                     "session_id": [f"s{i % 97}" for i in range(n)], "device": ["mobile"] * n, "country": ["DE"] * n})
+
+
+RECENT = int(time.time()) - 5 * 86400
+
+
+def counts(server: Server, token: str | None = None) -> dict[str, int]:
+    with Client(server.address, token=token) as client:
+        return {t.test_id: t.events for t in client.list_tests().rows}
+
+
+def users_of(server: Server, test_id: str, token: str | None = None) -> int:
+    with Client(server.address, token=token) as client:
+        return sum(r.metrics.users for r in client.summary(test_id).rows)
+
+
+def files_hold(data_dir: Path, needle: str) -> list[str]:
+    """Every file of the data directory in which `needle` appears: its bytes searched, and each
+    Arrow file's strings read with pyarrow too."""
+    found = []
+    for path in data_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        if needle.encode() in path.read_bytes():
+            found.append(str(path))
+        elif path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                contents = pa.ipc.open_file(source).read_all()
+            for column in contents.columns:
+                if pa.types.is_string(column.type) and needle in column.to_pylist():
+                    found.append(f"{path}:{column}")
+    return found
+
+
+def ingest(server: Server, *tables: pa.Table, token: str | None = None) -> None:
+    with Client(server.address, token=token) as client:
+        for t in tables:
+            client.ingest_table(t)
+
+
+def test_a_deleted_test_is_gone_from_the_next_query_and_after_restarts(tmp_path):
+    server = Server(tmp_path / "data").start()
+    ingest(server, table(20_000, "doomed", RECENT), table(5_000, "kept", RECENT, seed=2))
+    with Client(server.address) as client:
+        client.create_experiment("doomed", control="a", hypothesis="h")
+        bad = pa.table({"timestamp": pa.array([RECENT * NS], pa.timestamp("ns", "UTC")), "user_id": [""],
+                        "test_id": ["doomed"], "variant": ["a"]})
+        client.ingest_table(bad)  # one quarantined event of the test
+        assert len(client.quarantine("doomed").rows) == 1
+        assert client.delete_test("doomed") == 20_000
+        assert "doomed" not in {t.test_id for t in client.list_tests().rows}  # the very next query
+        assert client.summary("doomed").rows == [] and client.quarantine("doomed").rows == []
+        assert [e.test_id for e in client.list_experiments()] == []
+        assert client.delete_test("doomed") == 0
+    assert counts(server) == {"kept": 5_000}
+    server.kill()  # replayed from the log
+    server = Server(tmp_path / "data").start()
+    assert counts(server) == {"kept": 5_000}
+    server.terminate()  # and from the final snapshot
+    server = Server(tmp_path / "data").start()
+    assert counts(server) == {"kept": 5_000}
+    server.terminate()
+
+
+def test_an_erased_user_is_in_no_query_and_in_no_file_once_the_call_returns(tmp_path):
+    data = tmp_path / "data"
+    server = Server(data, "--snapshot-every-events", "10000").start()
+    sent = {"erase_a": table(30_000, "erase_a", RECENT, secret_every=100),
+            "erase_b": table(10_000, "erase_b", RECENT, seed=3, secret_every=50)}
+    ingest(server, *sent.values())
+    with Client(server.address) as client:
+        client.snapshot()  # snapshots and log segments that hold the user
+        client.ingest_table(pa.table({"timestamp": pa.array([RECENT * NS], pa.timestamp("ns", "UTC")),
+                                      "user_id": [SECRET_USER], "test_id": ["erase_a"], "variant": [""]}))
+        assert client.quarantine().rows  # a rejected event of the user, as sent
+    assert files_hold(data, SECRET_USER)
+    def pairs(t: pa.Table, without: str | None) -> int:  # distinct (variant, user): what Summary's users add up to
+        return len({(v, u) for v, u in zip(t.column("variant").to_pylist(), t.column("user_id").to_pylist())
+                    if u != without})
+
+    assert {t: users_of(server, t) for t in sent} == {t: pairs(x, None) for t, x in sent.items()}
+    with Client(server.address) as client:
+        assert client.erase_user(SECRET_USER) == 300 + 200
+        assert client.quarantine().rows == []
+    assert {t: users_of(server, t) for t in sent} == {t: pairs(x, SECRET_USER) for t, x in sent.items()}
+    assert counts(server) == {"erase_a": 29_700, "erase_b": 9_800}
+    assert files_hold(data, SECRET_USER) == []  # a backup taken now holds no copy
+    server.kill()
+    server = Server(data).start()
+    assert counts(server) == {"erase_a": 29_700, "erase_b": 9_800}
+    assert files_hold(data, SECRET_USER) == []
+    server.terminate()
+
+
+def test_erasing_from_some_tests_leaves_the_others(tmp_path):
+    server = Server(tmp_path / "data").start()
+    ingest(server, table(1_000, "only_a", RECENT, secret_every=10), table(1_000, "only_b", RECENT, secret_every=10))
+    with Client(server.address) as client:
+        assert client.erase_user(SECRET_USER, ["only_a"]) == 100
+        assert client.erase_user("nobody-at-all") == 0
+    assert counts(server) == {"only_a": 900, "only_b": 1_000}
+    server.terminate()
+
+
+@pytest.mark.parametrize("operation", ["delete", "erase"])
+def test_sigkill_during_a_removal_leaves_before_or_after_never_a_mix(tmp_path, operation):
+    data = tmp_path / "data"
+    server = Server(data).start()
+    ingest(server, table(200_000, "big", RECENT, users=5_000, secret_every=7), table(3_000, "other", RECENT, seed=5))
+    expected_before = {"big": 200_000, "other": 3_000}
+    expected_after = {"other": 3_000} if operation == "delete" else {"big": 200_000 - len(range(0, 200_000, 7)),
+                                                                     "other": 3_000}
+    rng = random.Random(7)
+    outcomes = set()
+    for attempt in range(6):
+        def remove() -> None:
+            try:
+                with Client(server.address) as client:
+                    client.delete_test("big") if operation == "delete" else client.erase_user(SECRET_USER)
+            except grpc.RpcError:
+                pass  # the server was killed under it
+
+        caller = threading.Thread(target=remove)
+        caller.start()
+        time.sleep(rng.uniform(0.0, 0.4))
+        server.kill()
+        caller.join(30)
+        server = Server(data).start()
+        now = counts(server)
+        assert now in (expected_before, expected_after), (attempt, now)
+        outcomes.add("after" if now == expected_after else "before")
+        if now == expected_after:
+            if operation == "erase":
+                assert files_hold(data, SECRET_USER) == [], attempt  # a crash mid-purge is finished at start
+            break
+    with Client(server.address) as client:  # done for good now, whatever happened before
+        client.delete_test("big") if operation == "delete" else client.erase_user(SECRET_USER)
+    assert counts(server) == expected_after
+    server.kill()
+    server = Server(data).start()
+    assert counts(server) == expected_after  # nothing comes back
+    server.terminate()
+
+
+def test_export_is_the_events_as_ingested(tmp_path):
+    server = Server(tmp_path / "data").start()
+    sent = table(250_000, "exported", RECENT, users=10_000)
+    ingest(server, sent, table(100, "not_exported", RECENT))
+    out = tmp_path / "exported.parquet"
+    result = subprocess.run([str(BIN / "abstream"), "export", "exported", "--output", str(out), "--addr",
+                             server.address], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "exported: 250,000 events" in result.stderr
+    got = pq.read_table(out)
+    key = [("timestamp", "ascending"), ("user_id", "ascending")]
+    columns = ["timestamp", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id",
+               "device", "country"]
+    expected = sent.select(columns).sort_by(key)
+    got = got.select(columns).sort_by(key)
+    assert got.num_rows == expected.num_rows
+    for name in columns:
+        a, b = got.column(name), expected.column(name)
+        if name == "conversion":
+            a, b = a.cast(pa.int64()), b.cast(pa.int64())
+        assert a.to_pylist() == b.to_pylist(), name
+    ranged = subprocess.run([str(BIN / "abstream"), "export", "exported", "--format", "csv", "--start",
+                             dt.datetime.fromtimestamp(RECENT, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                             "--end", dt.datetime.fromtimestamp(RECENT + 99, dt.timezone.utc).strftime(
+                                 "%Y-%m-%d %H:%M:%S"), "--addr", server.address],
+                            capture_output=True, text=True, timeout=60)
+    assert ranged.returncode == 0 and len(ranged.stdout.splitlines()) == 1 + 100  # a header and 100 seconds' events
+    server.terminate()
+
+
+def test_retention_hides_at_once_and_the_sweep_removes(tmp_path):
+    now = int(time.time())
+    server = Server(tmp_path / "data", "--retention-days", "30", "--retention-sweep-seconds", "1").start()
+    with Client(server.address) as client:
+        client.set_retention("long_kept", 100)
+        old = table(1_000, "short_kept", now - 40 * 86400)
+        soon = table(200, "short_kept", now - 30 * 86400 + 6, seed=4, spacing_ns=1_000_000)  # past it in ~6 s
+        fresh = table(300, "short_kept", now - 86400, seed=5)
+        client.ingest_table(pa.concat_tables([old, soon, fresh]))
+        client.ingest_table(table(1_000, "long_kept", now - 40 * 86400, seed=6))
+        visible = sum(r.metrics.events for r in client.summary("short_kept").rows)
+        assert visible in (500, 300)  # the 40-day-old ones never seen; the others until they age out
+        assert sum(r.metrics.events for r in client.summary("long_kept").rows) == 1_000
+        deadline = time.monotonic() + 30
+        while counts(server).get("short_kept") != 300:
+            assert time.monotonic() < deadline, counts(server)
+            time.sleep(0.2)
+        assert sum(r.metrics.events for r in client.summary("short_kept").rows) == 300
+        assert counts(server)["long_kept"] == 1_000
+        assert client.set_retention("long_kept", 0).retention_days is None  # back to the server's 30 days
+        deadline = time.monotonic() + 30
+        while "long_kept" in counts(server):
+            assert time.monotonic() < deadline, counts(server)
+            time.sleep(0.2)
+    server.kill()
+    server = Server(tmp_path / "data", "--retention-days", "30").start()
+    assert counts(server) == {"short_kept": 300}
+    server.terminate()
+
+
+def test_a_token_for_a_prefix_removes_only_its_own_tests(tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "team"\nsha256 = "{hash_token("team")}"\nscopes = ["admin", "ingest", "query"]\n'
+                      'test_prefix = "team_"\n'
+                      f'[[token]]\nname = "root"\nsha256 = "{hash_token("root")}"\nscopes = ["admin", "ingest", "query"]\n')
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
+    ingest(server, table(100, "team_x", RECENT, secret_every=10), table(100, "other_y", RECENT, secret_every=10),
+           token="root")
+    with Client(server.address, token="team") as client:
+        for call in (lambda: client.delete_test("other_y"), lambda: client.erase_user(SECRET_USER),
+                     lambda: client.erase_user(SECRET_USER, ["other_y"]), lambda: list(client.export("other_y"))):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert client.erase_user(SECRET_USER, ["team_x"]) == 10
+        assert client.delete_test("team_x") == 90
+    assert counts(server, token="root") == {"other_y": 100}
+    server.terminate()
