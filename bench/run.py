@@ -30,7 +30,7 @@ from abstream.store import EventStore
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
 
-from bench import connectors, dataset, hostile, queries
+from bench import connectors, dataset, hostile, lifecycle, queries
 
 INGEST_METHOD = "/abstream.v1.AnalyticsService/IngestEvents"
 RESULTS = Path(__file__).parent / "results"
@@ -480,6 +480,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
     print("connectors ...", file=sys.stderr)
     report["kafka"] = connectors.kafka(table, ServerProcess)
     report["s3"] = connectors.s3(table, ServerProcess, timed_ingest, ColumnarRequests)
+    print("lifecycle ...", file=sys.stderr)
+    report["lifecycle"] = lifecycle.lifecycle(table, ServerProcess, timed_ingest, ColumnarRequests)
     return report
 
 
@@ -706,6 +708,21 @@ def table_text(report: dict) -> str:
         lines += ["", f"s3 import of one Parquet object ({s3['events']:,} events, {s3['bytes'] / 2**20:.0f} MiB, moto's "
                       f"server): median {s3['import_events_per_s']:,.0f} events/s; columnar ingest of the same events "
                       f"from memory {s3['columnar_events_per_s']:,.0f} events/s ({s3['columnar_over_import']:.2f}x)"]
+    lc = report.get("lifecycle")
+    if lc:
+        idle = lc["idle_p50_ms"]
+
+        def busy(x: dict) -> str:
+            return (f"Summary p50 meanwhile {x['busy_p50_ms']:.2f} ms against {idle:.2f} idle "
+                    f"({x['busy_p50_ms'] / idle:.2f}x)" if x["busy_p50_ms"] else "no query finished meanwhile")
+
+        d, e, r = lc["delete_test"], lc["erase_user"], lc["retention"]
+        lines += ["", f"lifecycle, {lc['events']:,} events stored:",
+                  f"  delete {d['test']} ({d['events']:,} events): {d['seconds']:.2f} s; {busy(d)}",
+                  f"  erase the most active user ({e['events']:,} events, and the purge of every older copy on "
+                  f"disk): {e['seconds']:.2f} s; {busy(e)}",
+                  f"  retention sweep of {r['test']}'s first month ({r['events']:,} of {r['of_events']:,} events): "
+                  f"{r['sweep_seconds']:.2f} s; {busy(r)}"]
     page = report["results_page"]
     if "skipped" in page:
         lines += ["", f"results page: skipped ({page['skipped']})"]
