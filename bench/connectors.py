@@ -42,6 +42,10 @@ def _wait_for_events(address: str, expected: int, timeout: float = 600) -> tuple
             if count and first is None:
                 first = (now, count)
             if count >= expected:
+                time.sleep(1.0)  # anything more would be a duplicate
+                final = sum(t.events for t in client.list_tests().rows if t.test_id.startswith("kafka_"))
+                if final != expected:
+                    raise RuntimeError(f"kafka: {final:,} events stored of {expected:,} sent")
                 return first[0], now, count - first[1]
             time.sleep(0.02)
     raise RuntimeError(f"kafka: only {count:,} of {expected:,} events arrived")

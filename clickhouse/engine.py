@@ -157,10 +157,6 @@ class ClickHouseEngine:
     def retain(self, horizons: dict[str, int]) -> int:
         raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
 
-    def export(self, test_id: str, start_ns=None, end_ns=None):
-        raise FailedPrecondition("export from the cluster engine: query ClickHouse itself (SELECT ... FROM "
-                                 "events FORMAT Parquet); ExportEvents works on the embedded engine")
-
     def last_sequence(self, producer_id: str) -> int:
         (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), producer_id))
         return int(last) if seen else 0

@@ -252,7 +252,7 @@ class KafkaSource:
                 lines += value.count(b"\n") + 1
                 if size >= BATCH_BYTES or lines >= BATCH_LINES or i == len(batch) - 1:
                     self._store(consumer, topic, partition, batch[start:i + 1])
-                    start = size = lines = 0
+                    start, size, lines = i + 1, 0, 0
 
     def _store(self, consumer, topic: str, partition: int, messages: list) -> None:
         """Stores the messages (one batch, durable when this returns) and commits past them."""
