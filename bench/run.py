@@ -162,6 +162,19 @@ def timed_ingest(address: str, requests, streams: int) -> dict:
             "seconds": seconds, "events_per_s": accepted / seconds}
 
 
+def null_ceiling(requests) -> dict:
+    """The same row batches sent to a server that only receives them (bench/null_server.py), on
+    one stream and on four: what the transport carries on this machine."""
+    process = subprocess.Popen([sys.executable, "-m", "bench.null_server", "--accepted", str(ROW_BATCH)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        address = f"127.0.0.1:{process.stdout.readline().split()[1]}"
+        return {"one": median_ingest(address, requests, 1), "four": median_ingest(address, requests, 4)}
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 def fresh_ingest(requests) -> dict:
     """One timed single-stream ingest into a new server of its own, stopped afterwards."""
     with tempfile.TemporaryDirectory() as data_dir:
@@ -450,6 +463,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
                 report["ingest_rows_1"] = median_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = median_ingest(server.address, rows, 4)
+                report["ingest_rows_ceiling"] = null_ceiling(rows)
                 row_sample = table.slice(0, row_events)
                 for lines in HTTP_LINES:
                     bodies = http_bodies(row_sample, lines, f"http{lines}_")
@@ -680,6 +694,14 @@ def table_text(report: dict) -> str:
         lines.append(f"| {label} | {r['events']:,} | {r['events_per_s']:,.0f}"
                      + (f" (median of {', '.join(f'{x:,.0f}' for x in runs)})" if runs else "") + " |")
     rows_rate = report["ingest_rows_1"]["events_per_s"]
+    ceiling = report.get("ingest_rows_ceiling")
+    if ceiling:
+        one, four = ceiling["one"]["events_per_s"], ceiling["four"]["events_per_s"]
+        lines.append(f"| row batches of 1,000 to a server that only receives them (the transport's ceiling), 1 stream "
+                     f"| {ceiling['one']['events']:,} | {one:,.0f} (abstream on 1 stream: {rows_rate / one:.0%} of it; "
+                     f"goal 50%) |")
+        lines.append(f"| the same, 4 streams | {ceiling['four']['events']:,} | {four:,.0f} (abstream on 4 streams: "
+                     f"{report['ingest_rows_4']['events_per_s'] / rows_rate:.2f}x its 1 stream; goal 1.5x) |")
     for key, n, c in [("ingest_http_1000", 1_000, 1), ("ingest_http_10000", 10_000, 1), ("ingest_http_1000_4", 1_000, 4)]:
         r = report[key]
         lines.append(f"| HTTP Events API, NDJSON, {n:,} lines per request (wait=true), {c} connection{'s' * (c > 1)} "
