@@ -286,14 +286,13 @@ class Core:
         planned split (for the sample ratio mismatch), the start and, once stopped, the stop
         (events after it are outside the experiment)."""
         plan = self.engine.experiments().get(q.test_id)
+        start_ns = q.start_ns if q.start_ns is not None or plan is None else plan.start_ns
         horizon = self.horizon(q.test_id, plan)
         if horizon is not None:  # events past their retention are not seen, swept or not yet
-            q = dataclasses.replace(q, start_ns=horizon if q.start_ns is None else max(q.start_ns, horizon))
+            start_ns = horizon if start_ns is None else max(start_ns, horizon)
         if plan is None:
-            return q
-        start_ns = q.start_ns if q.start_ns is not None else plan.start_ns
-        changes = {"start_ns": max(start_ns, horizon) if horizon is not None and start_ns is not None else start_ns,
-                   "end_ns": q.end_ns if q.end_ns is not None else plan.stop_ns}
+            return dataclasses.replace(q, start_ns=start_ns) if start_ns != q.start_ns else q
+        changes = {"start_ns": start_ns, "end_ns": q.end_ns if q.end_ns is not None else plan.stop_ns}
         if hasattr(q, "analysis"):
             changes["analysis"] = dataclasses.replace(
                 q.analysis, control_variant=q.analysis.control_variant or plan.control_variant,

@@ -54,6 +54,8 @@ class Settings:
     retention_days: float = _s(0.0, "keep events this many days (fractions allowed; per test: SetRetention); 0: for "
                                     "ever. Older ones stop being visible at once and are removed by a sweep")
     retention_sweep_seconds: float = _s(60.0, "how often events past their retention are removed")
+    import_root: str = _s("", "the server directory under which ImportEvents (abstream import) may read local "
+                              "files; empty: only s3:// imports")
     kafka_bootstrap: str = _s("", "HOST:PORT[,...] of Kafka brokers to consume events from (README: Kafka)")
     kafka_topic: str = _s("", "the topic(s) to consume, comma-separated; each message a JSON event or NDJSON")
     kafka_group: str = _s("", "the Kafka consumer group (default abstream): processes in one group share the "

@@ -19,7 +19,7 @@ from typing import Any
 
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import InvalidArgument, NotFound
+from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
 from abstream.core.types import (
     METRICS,
     Analysis,
@@ -69,6 +69,8 @@ def day_range(p: Params) -> tuple[int | None, int | None]:
         except ValueError:
             raise InvalidArgument(name, f"{text[:64]!r} is not a date: use YYYY-MM-DD") from None
         moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+        if not 2000 <= moment.year <= 2200:
+            raise InvalidArgument(name, f"{text[:64]!r} is outside the years 2000 to 2200")
         ns = int(moment.timestamp()) * NS
         if name == "end" and len(text) <= 10:
             ns += 86_400 * NS - 1
@@ -174,8 +176,11 @@ class ResultsPage:
         for k, t in enumerate(tests):
             row = _test(t)
             if k < STATUS_LIMIT and t.events:
-                r = await self.core.summary(principal, SummaryQuery(t.test_id))
-                row["status"] = status_of(r.analysis, AnalysisOptions().confidence)
+                try:
+                    r = await self.core.summary(principal, SummaryQuery(t.test_id))
+                    row["status"] = status_of(r.analysis, AnalysisOptions().confidence)
+                except AbstreamError:  # deleted meanwhile, or refused: the others are still shown
+                    row["status"] = {"kind": "unknown", "text": "—"}
             else:
                 row["status"] = {"kind": "unknown", "text": "—"}
             rows.append(row)

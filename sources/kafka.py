@@ -32,7 +32,7 @@ import pyarrow as pa
 from abstream.clients import files
 from abstream.core.auth import ANYONE
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, ResourceExhausted, Unavailable
+from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from abstream.core.metrics import Metrics
 from abstream.sources.ingest import Ingest, Outcome
 from prometheus_client import Counter, Gauge
@@ -251,12 +251,14 @@ class KafkaSource:
                 size += len(value)
                 lines += value.count(b"\n") + 1
                 if size >= BATCH_BYTES or lines >= BATCH_LINES or i == len(batch) - 1:
-                    self._store(consumer, topic, partition, batch[start:i + 1])
+                    if not self._store(consumer, topic, partition, batch[start:i + 1]):
+                        return  # stopping, or the partition was taken away meanwhile: the rest is refetched
                     start, size, lines = i + 1, 0, 0
 
-    def _store(self, consumer, topic: str, partition: int, messages: list) -> None:
-        """Stores the messages (one batch, durable when this returns) and commits past them."""
-        from confluent_kafka import TopicPartition
+    def _store(self, consumer, topic: str, partition: int, messages: list) -> bool:
+        """Stores the messages (one batch, durable when this returns) and commits past them;
+        False if it did not (the server is stopping, or the partition was revoked meanwhile)."""
+        from confluent_kafka import KafkaException, TopicPartition
 
         lines = [as_lines(m.value()) for m in messages]
         starts = np.cumsum([0] + [v.count(b"\n") + 1 for v in lines[:-1]]) + 1  # each message's first line
@@ -272,33 +274,50 @@ class KafkaSource:
                                                      lambda warning: None))])
 
         producer, sequence = producer_of(topic, partition), offsets[-1] + 1
-        tp = TopicPartition(topic, partition)
-        paused = False
+        paused: list = []
         while True:
             outcome = self._try(read, producer, sequence, where)
             if isinstance(outcome, Outcome):
                 break
-            if not isinstance(outcome, (ResourceExhausted, Unavailable)):
+            if isinstance(outcome, InvalidArgument):  # these messages can never be stored: said, and passed
                 log.error("kafka: %s[%d] offsets %d to %d skipped: %s", topic, partition, offsets[0],
                           offsets[-1], outcome)
                 outcome = Outcome()
                 break
-            if not paused:
-                consumer.pause([tp])
-                paused = True
+            if not paused:  # every partition: nothing is fetched, and so nothing passed over, meanwhile
+                paused = consumer.assignment()
+                consumer.pause(paused)
                 self._set(False, f"paused: {outcome}")
             deadline = time.monotonic() + (getattr(outcome, "retry_after", None) or RETRY_SECONDS)
             while time.monotonic() < deadline and not self._stop.is_set():
-                consumer.consume(1, timeout=0.1)  # stays in the group; a paused partition delivers nothing
-            if self._stop.is_set():
-                return
+                consumer.consume(1, timeout=0.1)  # stays in the group (a paused partition delivers nothing)
+            if self._stop.is_set() or (topic, partition) not in self._next:
+                return False
         if paused:
-            consumer.resume([tp])
+            consumer.resume(paused)
+            self._rewind(consumer, paused)
             self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
         self._next[(topic, partition)] = sequence
         self.stored.labels(topic).inc(outcome.stored)
         self.quarantined.labels(topic).inc(outcome.quarantined)
-        consumer.commit(offsets=[TopicPartition(topic, partition, sequence)], asynchronous=False)
+        try:
+            consumer.commit(offsets=[TopicPartition(topic, partition, sequence)], asynchronous=False)
+        except KafkaException as error:  # the store's sequence is what resumes the partition, not this
+            log.warning("kafka: committing %s[%d] at %d failed: %s", topic, partition, sequence, error)
+        return True
+
+    def _rewind(self, consumer, partitions) -> None:
+        """Each partition back to the next offset not stored, so that nothing fetched before a
+        pause and dropped is passed over (what is fetched twice is skipped: it is below `_next`)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        for tp in partitions:
+            resume_at = self._next.get((tp.topic, tp.partition))
+            if resume_at:
+                try:
+                    consumer.seek(TopicPartition(tp.topic, tp.partition, resume_at))
+                except KafkaException as error:
+                    log.warning("kafka: seeking %s[%d] to %d failed: %s", tp.topic, tp.partition, resume_at, error)
 
     def _try(self, read, producer: str, sequence: int, where) -> Outcome | Exception:
         try:
@@ -306,6 +325,6 @@ class KafkaSource:
                                                      where=where))
         except (ResourceExhausted, Unavailable) as refused:
             return refused
-        except AbstreamError as error:  # more than a batch may hold: said, and the stream goes on
+        except AbstreamError as error:  # InvalidArgument is skipped; anything else is tried again
             return error
         return outcome.failure if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) else outcome

@@ -53,8 +53,10 @@ class Progress:
     total_quarantined: int = 0
 
 
-def filesystem(uri: str, endpoint_url: str = "", region: str = "") -> tuple[pafs.FileSystem, str, str]:
-    """(the file system, the path in it, the URI's scheme and bucket to name objects by)."""
+def filesystem(uri: str, endpoint_url: str = "", region: str = "", import_root: str = ""
+               ) -> tuple[pafs.FileSystem, str, str]:
+    """(the file system, the path in it, the URI's scheme and bucket to name objects by). A
+    local path must be under `import_root`: nobody imports the server's other files."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
@@ -67,7 +69,13 @@ def filesystem(uri: str, endpoint_url: str = "", region: str = "") -> tuple[pafs
             options.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
         return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}", "s3://"
     if parsed.scheme in ("", "file"):
-        path = os.path.abspath(parsed.path if parsed.scheme == "file" else uri)
+        if not import_root:
+            raise InvalidArgument("uri", "local paths are imported only under the server's --import-root, which is "
+                                         "not set: import from s3://, or start the server with --import-root DIR")
+        path = os.path.realpath(parsed.path if parsed.scheme == "file" else uri)
+        root = os.path.realpath(import_root)
+        if os.path.commonpath([path, root]) != root:
+            raise InvalidArgument("uri", f"{uri[:256]} is not under the server's --import-root {root}")
         return pafs.LocalFileSystem(), path, ""
     raise InvalidArgument("uri", f"{parsed.scheme}:// is not supported: s3://bucket/prefix/ or a local path")
 
@@ -165,8 +173,9 @@ def _final_marked(chunks: Iterator[files.Chunk], final: list) -> Iterator[files.
 class Importer:
     """Imports for the ImportEvents RPC (and `abstream import`)."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, import_root: str = "") -> None:
         self.core = core
+        self.import_root = import_root
         self._ingest = Ingest(core, 2)
 
     def close(self) -> None:
@@ -176,7 +185,7 @@ class Importer:
                   region: str = "") -> AsyncIterator[Progress]:
         if not uri.strip():
             raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
-        fs, path, scheme = await asyncio.to_thread(filesystem, uri, endpoint_url, region)
+        fs, path, scheme = await asyncio.to_thread(filesystem, uri, endpoint_url, region, self.import_root)
         try:
             found = await asyncio.to_thread(objects, fs, path)
         except OSError as error:

@@ -66,6 +66,7 @@ def _without(partition: PartitionView, keep) -> tuple[PartitionView | None, int]
     if not mask.any():
         return None, dropped
     at = np.flatnonzero(mask)
+    at = at[np.argsort(cols["timestamp"][at], kind="stable")]  # parts overlap in time: a part is sorted
     return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}), dropped
 
 
@@ -149,7 +150,7 @@ class Ingest:
 
     def apply_removal(self, change: dict) -> int:
         """Removes events (under the ingest lock, or in replay): `{"delete_test": id}`,
-        `{"erase_user": code, "tests": [ids] or absent}` or `{"horizons": {test id: ns}}` (events
+        `{"erase_user": user id, "tests": [ids] or absent}` or `{"horizons": {test id: ns}}` (events
         before their test's horizon). The tail is sealed first, so every event is in a part, and
         one new view is published: the very next query sees none of them. A part that holds some
         of them is rewritten without them; the memory of what is dropped is freed with the view."""
@@ -168,20 +169,20 @@ class Ingest:
             self.quarantine.remove("test_id", [test_id])
             self.experiments = {k: v for k, v in self.experiments.items() if k != test_id}
         elif "erase_user" in change:
-            user = int(change["erase_user"])
-            only = change.get("tests")
+            name, only = change["erase_user"], change.get("tests")
+            self.quarantine.remove("user_id", [name], only)
+            user = self.dicts["user_id"].code(name)
             codes = None if only is None else {self.tests.code(t) for t in only}
-            for code, partition in list(partitions.items()):
+            for code, partition in list(partitions.items()) if user is not None else ():
                 if (codes is None or code in codes) and partition.has_users(np.array([user], np.int64))[0]:
                     partitions[code], n = _without(partition, lambda c: c["user_id"] != user)
                     removed += n
-            name = self.dicts["user_id"].decode(np.array([user]))[0]
-            self.quarantine.remove("user_id", [name])
-            if only is None:  # no event refers to its code any more: its string goes too
-                values = self.dicts["user_id"].values.to_pylist()
-                values[user] = f"\x00erased:{user}"
-                self.dicts["user_id"] = Dictionary.from_values(pa.array(values, pa.string()),
-                                                               self.dicts["user_id"].capacity)
+            if only is None and user is not None:  # no event refers to its code any more: its string goes too
+                with self._encode_lock:  # the dictionary's one writer: no batch is encoded meanwhile
+                    values = self.dicts["user_id"].values.to_pylist()
+                    values[user] = f"\x00erased:{user}"
+                    self.dicts["user_id"] = Dictionary.from_values(pa.array(values, pa.string()),
+                                                                   self.dicts["user_id"].capacity)
         elif "horizons" in change:
             for test_id, horizon in change["horizons"].items():
                 code = self.tests.code(test_id)

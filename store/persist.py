@@ -86,8 +86,8 @@ def encode_experiment(experiment: dict) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Removal:
-    """A record of events removed: a test deleted, a user erased (by dictionary code: no user id
-    is written), events past a retention horizon. Replay removes them again at the same point."""
+    """A record of events removed: a test deleted, a user erased, events past a retention
+    horizon. Replay removes them again at the same point."""
 
     change: dict
 

@@ -84,13 +84,17 @@ class Quarantine:
             chunks = list(self._chunks)
         return pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()
 
-    def remove(self, column: str, values: list[str]) -> int:
-        """Drops every entry whose `column` (test_id, user_id) is one of `values`; how many."""
+    def remove(self, column: str, values: list[str], tests: list[str] | None = None) -> int:
+        """Drops every entry whose `column` (test_id, user_id) is one of `values` (of `tests`
+        only, if given); how many."""
         wanted = pa.array(values, pa.string())
         with self._lock:
             kept, removed = deque(), 0
             for chunk in self._chunks:
                 hit = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
+                if tests is not None:
+                    hit = pc.and_(hit, pc.fill_null(pc.is_in(chunk.column("test_id"),
+                                                             value_set=pa.array(tests, pa.string())), False))
                 n = pc.sum(hit).as_py() or 0
                 if n:
                     chunk = chunk.filter(pc.invert(hit))

@@ -212,7 +212,12 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
         w.write_table(events(50, "local_test"))
     (folder / "two.csv").write_bytes(csv_bytes(events(25, "local_test", 50)))
     (folder / "notes.txt").write_text("not events")
-    server = Server(tmp_path / "data").start()
+    (tmp_path / "secret.csv").write_bytes(csv_bytes(events(5, "outside")))
+    server = Server(tmp_path / "data", "--import-root", str(folder)).start()
+    outside = abstream_import(server, str(tmp_path / "secret.csv"))
+    assert outside.returncode == 2 and "is not under the server's --import-root" in outside.stderr
+    escape = abstream_import(server, f"{folder}/../secret.csv")
+    assert escape.returncode == 2 and "is not under the server's --import-root" in escape.stderr
     result = abstream_import(server, str(folder))
     assert result.returncode == 1
     assert f"{folder}/one.arrow: 50 stored" in result.stdout and f"{folder}/two.csv: 25 stored" in result.stdout
@@ -220,6 +225,11 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     assert stored(server, "local_test") == 75
     bad = abstream_import(server, "ftp://somewhere/x")
     assert bad.returncode == 2 and "ftp:// is not supported" in bad.stderr
+    server.terminate()
+    server = Server(tmp_path / "data").start()  # without --import-root: no local file at all
+    refused = abstream_import(server, str(folder))
+    assert refused.returncode == 2 and "--import-root" in refused.stderr
+    assert stored(server, "outside") == 0
     server.terminate()
 
 

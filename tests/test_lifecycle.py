@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -257,4 +258,39 @@ def test_a_token_for_a_prefix_removes_only_its_own_tests(tmp_path):
         assert client.erase_user(SECRET_USER, ["team_x"]) == 10
         assert client.delete_test("team_x") == 90
     assert counts(server, token="root") == {"other_y": 100}
+    server.terminate()
+
+
+def test_a_user_erased_from_parts_that_overlap_in_time_leaves_exact_answers(tmp_path):
+    """Two sealed parts of one test covering the same hours (a backfill): the rewritten test is
+    sorted again, so ranged queries still find every event."""
+    server = Server(tmp_path / "data").start()
+    late = table(300_000, "overlap", RECENT + 10_000, users=3_000, secret_every=11, spacing_ns=NS // 10)
+    backfill = table(300_000, "overlap", RECENT, users=3_000, seed=9, secret_every=13, spacing_ns=NS // 5)
+    ingest(server, late, backfill)
+    with Client(server.address) as client:
+        assert client.erase_user(SECRET_USER) == len(range(0, 300_000, 11)) + len(range(0, 300_000, 13))
+        both = pa.concat_tables([late, backfill])
+        ts = both.column("timestamp").cast(pa.int64()).to_numpy()
+        for lo, hi in ((RECENT + 5_000, RECENT + 20_000), (RECENT, RECENT + 60_000), (RECENT + 30_000, RECENT + 40_000)):
+            inside = (ts >= lo * NS) & (ts < (hi + 1) * NS)  # an end to the second takes in that second
+            users = set(zip(np.asarray(both.column("variant"))[inside], np.asarray(both.column("user_id"))[inside]))
+            users = {p for p in users if p[1] != SECRET_USER}
+            start, end = (dt.datetime.fromtimestamp(x, dt.timezone.utc) for x in (lo, hi))
+            rows = client.summary("overlap", start, end).rows
+            assert sum(r.metrics.users for r in rows) == len(users), (lo, hi)
+            events = int(inside.sum()) - sum(1 for u, i in zip(np.asarray(both.column("user_id")), inside)
+                                             if i and u == SECRET_USER)
+            assert sum(r.metrics.events for r in rows) == events, (lo, hi)
+    server.terminate()
+
+
+def test_retention_keeps_the_experiments_start(tmp_path):
+    now = int(time.time())
+    server = Server(tmp_path / "data", "--retention-days", "30").start()
+    with Client(server.address) as client:
+        client.ingest_table(pa.concat_tables([table(100, "planned", now - 10 * 86400),
+                                              table(50, "planned", now - 5 * 86400, seed=2)]))
+        client.create_experiment("planned", start=dt.datetime.fromtimestamp(now - 7 * 86400, dt.timezone.utc))
+        assert sum(r.metrics.events for r in client.summary("planned").rows) == 50
     server.terminate()
