@@ -71,7 +71,7 @@ examples:
   abstream import s3://experiments/events/            # every object under the prefix not imported before
   abstream import s3://experiments/events/ --watch    # and then new ones as they land, every 30 s
   AWS_ENDPOINT_URL=http://127.0.0.1:9000 abstream import s3://bucket/events/ --format parquet
-  abstream import /data/exports/                      # a directory of the server's
+  abstream import /data/exports/                      # a directory under the server's --import-root
 
 The server reads the objects with its own AWS_* environment (credentials, region, endpoint);
 --endpoint-url and --region override the last two. Each object is imported once: re-running, or
