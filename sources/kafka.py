@@ -252,7 +252,11 @@ class KafkaSource:
                 lines += value.count(b"\n") + 1
                 if size >= BATCH_BYTES or lines >= BATCH_LINES or i == len(batch) - 1:
                     if not self._store(consumer, topic, partition, batch[start:i + 1]):
-                        return  # stopping, or the partition was taken away meanwhile: the rest is refetched
+                        # Stopping (a restart resumes from the store), or the partition was taken
+                        # away meanwhile: what this consume fetched for the others is fetched again.
+                        if not self._stop.is_set():
+                            self._rewind(consumer, consumer.assignment())
+                        return
                     start, size, lines = i + 1, 0, 0
 
     def _store(self, consumer, topic: str, partition: int, messages: list) -> bool:
@@ -307,13 +311,22 @@ class KafkaSource:
         return True
 
     def _rewind(self, consumer, partitions) -> None:
-        """Each partition back to the next offset not stored, so that nothing fetched before a
-        pause and dropped is passed over (what is fetched twice is skipped: it is below `_next`)."""
-        from confluent_kafka import KafkaException, TopicPartition
+        """Each partition back to the next offset not stored (where nothing is stored yet: the
+        group's commit, else the beginning), so that nothing fetched and dropped is passed over
+        (what is fetched twice is skipped: it is below `_next`)."""
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+        committed = {}
+        if any(not self._next.get((tp.topic, tp.partition)) for tp in partitions):
+            try:
+                committed = {(c.topic, c.partition): c.offset for c in consumer.committed(partitions, timeout=10)}
+            except KafkaException as error:
+                log.warning("kafka: reading the group's offsets failed: %s", error)
         for tp in partitions:
-            resume_at = self._next.get((tp.topic, tp.partition))
-            if resume_at:
+            key = (tp.topic, tp.partition)
+            resume_at = self._next.get(key) or (committed.get(key, -1) if committed.get(key, -1) >= 0
+                                                 else OFFSET_BEGINNING)
+            if key in self._next:
                 try:
                     consumer.seek(TopicPartition(tp.topic, tp.partition, resume_at))
                 except KafkaException as error:

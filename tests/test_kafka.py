@@ -117,6 +117,25 @@ def test_offsets_the_group_never_committed_are_not_stored_twice(broker, tmp_path
     server.terminate()
 
 
+def test_while_ingest_refuses_it_pauses_and_loses_nothing(broker, tmp_path):
+    """Above the memory high-water mark (here: always) ingest refuses; the connector pauses every
+    partition and says so, stores nothing, and a server without the limit later gets every event
+    exactly once."""
+    broker.create_topic(TOPIC, 3)
+    broker.produce(TOPIC, event_messages(9_000, 3, "paused_test", per_message=3))
+    server = Server(tmp_path / "data", *consuming(broker, "--memory-high-water-bytes", "1")).start()
+    wait_for(lambda: http_health(server)["kafka"]["state"].startswith("paused"), timeout=60, what="paused")
+    assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+    time.sleep(2)
+    assert events_of(server) == 0
+    server.terminate()
+    server = Server(tmp_path / "data", *consuming(broker)).start()
+    wait_for(lambda: events_of(server) >= 9_000, what="9,000 events")
+    time.sleep(1.5)
+    assert events_of(server) == 9_000
+    server.terminate()
+
+
 def test_malformed_messages_are_quarantined_with_their_offsets_and_the_rest_stored(broker, tmp_path):
     broker.create_topic(TOPIC, 1)
     good = event_messages(20, 1, "mixed_test")
