@@ -68,6 +68,8 @@ def parse_datetime(name: str, value: str) -> int:
         raise InvalidArgument(name, f"{value[:64]!r} is not a DateTime: use 'YYYY-MM-DD HH:MM:SS' (UTC)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
+    if not 2000 <= moment.year <= 2200:  # beyond, nanoseconds overflow 64 bits
+        raise InvalidArgument(name, f"{value[:64]!r} is outside the years 2000 to 2200")
     return int(moment.timestamp())
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
+from abstream.core.errors import AbstreamError, NotFound
 from abstream.core.types import (
     METRICS,
     Analysis,
@@ -31,7 +31,7 @@ from abstream.core.types import (
     TestInfo,
     TimeseriesQuery,
 )
-from abstream.rest.pipes import Params
+from abstream.rest.pipes import Params, parse_datetime
 from aiohttp import web
 
 UI = Path(__file__).resolve().parent / "ui"
@@ -64,14 +64,7 @@ def day_range(p: Params) -> tuple[int | None, int | None]:
         if not text:
             out.append(None)
             continue
-        try:
-            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidArgument(name, f"{text[:64]!r} is not a date: use YYYY-MM-DD") from None
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-        if not 2000 <= moment.year <= 2200:
-            raise InvalidArgument(name, f"{text[:64]!r} is outside the years 2000 to 2200")
-        ns = int(moment.timestamp()) * NS
+        ns = parse_datetime(name, text) * NS
         if name == "end" and len(text) <= 10:
             ns += 86_400 * NS - 1
         out.append(ns)

@@ -65,11 +65,16 @@ def at_line(line: int) -> str:
     return f"line {line}"
 
 
+def _lines(chunk: files.Chunk) -> list[int]:
+    """The line of each row `_with_unreadable` makes: the events', then the unreadable ones'."""
+    return np.asarray(chunk.lines).tolist() + [line for line, _, _ in chunk.problems]
+
+
 def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at_line
                      ) -> tuple[pa.Table, list[Rejection], list[int]]:
     """The chunk's events, then a null row for each line that could not be read, refused with
     its reason (after `where(line)`, if given); and each row's line."""
-    lines = np.asarray(chunk.lines).tolist()
+    lines = _lines(chunk)
     if not chunk.problems:
         return chunk.table, [], lines
     n = chunk.table.num_rows
@@ -77,7 +82,7 @@ def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at
     table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), nulls])
     refuse = [Rejection(n + k, name, f"{where(line)}: {why}" if where else why)
               for k, (line, name, why) in enumerate(chunk.problems)]
-    return table, refuse, lines + [line for line, _, _ in chunk.problems]
+    return table, refuse, lines
 
 
 class _Origin(collections.abc.Sequence):
@@ -163,7 +168,7 @@ class Ingest:
         outcome.stored += result.accepted
         if not result.rejections:
             return
-        _, _, lines = _with_unreadable(chunk)
+        lines = _lines(chunk)
         unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
         named = []
         for r in result.rejections:

@@ -156,6 +156,10 @@ class KafkaSource:
             self._thread.join(timeout)
         self._ingest.close()
 
+    @property
+    def _consuming(self) -> str:
+        return f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}"
+
     def _set(self, serving: bool, state: str) -> None:
         if (serving, state) != (self.serving, self.state):
             log.info("kafka: %s", state)
@@ -200,7 +204,7 @@ class KafkaSource:
             self._next[(tp.topic, tp.partition)] = stored
         consumer.assign(partitions)
         log.info("kafka: assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
-        self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+        self._set(True, self._consuming)
 
     def _revoked(self, consumer, partitions) -> None:
         # Nothing is in flight here (batches are stored and committed before the next consume).
@@ -223,7 +227,7 @@ class KafkaSource:
         stats = json.loads(text)
         up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
         if up and not self.serving and self._next:
-            self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+            self._set(True, self._consuming)
         elif not up and self.serving:
             self._set(False, f"broker unreachable ({self.config.bootstrap})")
         for topic, t in stats.get("topics", {}).items():
@@ -300,7 +304,7 @@ class KafkaSource:
         if paused:
             consumer.resume(paused)
             self._rewind(consumer, paused)
-            self._set(True, f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}")
+            self._set(True, self._consuming)
         self._next[(topic, partition)] = sequence
         self.stored.labels(topic).inc(outcome.stored)
         self.quarantined.labels(topic).inc(outcome.quarantined)

@@ -21,6 +21,18 @@ def readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
+def transcript(after: str) -> list[tuple[str, list[str]]]:
+    """(command, the lines it prints) of the README's first ``` block after `after`."""
+    block = (ROOT / "README.md").read_text().split(after)[1].split("```\n")[1].split("```")[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
 def run(command: str, address: str) -> str:
     argv = shlex.split(command.replace("localhost:50051", address))
     argv[0] = str(BIN / argv[0])
@@ -66,14 +78,7 @@ def test_buf_generates_go_and_java_stubs(tmp_path):
 def test_the_readme_transcript_is_what_the_command_prints(server):
     """The README's `$ abstream ...` transcript, run in order against a new server, prints
     exactly what the README shows."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("This transcript, on a server")[1].split("```\n")[1].split("```")[0]
-    steps: list[tuple[str, list[str]]] = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            steps[-1][1].append(line)
+    steps = transcript("This transcript, on a server")
     assert len(steps) == 4
     for command, expected in steps:
         argv = shlex.split(command)
@@ -102,14 +107,7 @@ def test_the_tutorials_commands_in_the_readme_print_what_it_shows(tmp_path):
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     assert Settings.from_args(parser.parse_args([]), {}).http_addr == "127.0.0.1:7181"
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Coming from the tutorial")[1].split("```\n")[1].split("```")[0]
-    steps: list[tuple[str, list[str]]] = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            steps[-1][1].append(line)
+    steps = transcript("## Coming from the tutorial")
     assert len(steps) == 3 and all(command.startswith("curl ") for command, _ in steps)
     server = Server(tmp_path / "data").start()
     try:
