@@ -71,30 +71,32 @@ def _lines(chunk: files.Chunk) -> list[int]:
 
 
 def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at_line
-                     ) -> tuple[pa.Table, list[Rejection], list[int]]:
+                     ) -> tuple[pa.Table, list[Rejection]]:
     """The chunk's events, then a null row for each line that could not be read, refused with
-    its reason (after `where(line)`, if given); and each row's line."""
-    lines = _lines(chunk)
+    its reason (after `where(line)`, if given)."""
     if not chunk.problems:
-        return chunk.table, [], lines
+        return chunk.table, []
     n = chunk.table.num_rows
     nulls = pa.table({f.name: pa.nulls(len(chunk.problems), f.type) for f in files.FILE_SCHEMA})
     table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), nulls])
     refuse = [Rejection(n + k, name, f"{where(line)}: {why}" if where else why)
               for k, (line, name, why) in enumerate(chunk.problems)]
-    return table, refuse, lines
+    return table, refuse
 
 
 class _Origin(collections.abc.Sequence):
-    """Where each row came from, worked out only for the rows that are rejected."""
+    """Where each row came from, worked out only for the rows that are rejected (a list of
+    every row's line would cost more than the rest of a large clean chunk's decoding)."""
 
-    def __init__(self, lines: list[int], where: Callable[[int], str]) -> None:
-        self._lines, self._where = lines, where
+    def __init__(self, chunk: files.Chunk, where: Callable[[int], str]) -> None:
+        self._chunk, self._where, self._lines = chunk, where, None
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return self._chunk.table.num_rows + len(self._chunk.problems)
 
     def __getitem__(self, i):
+        if self._lines is None:
+            self._lines = _lines(self._chunk)
         return self._where(self._lines[i])
 
 
@@ -148,8 +150,8 @@ class Ingest:
         def decode(item) -> DecodedBatch:
             chunk, number = item
             # With `where`, the core says where each rejected event came from (DecodedBatch.origin).
-            table, refuse, lines = _with_unreadable(chunk, None if where else at_line)
-            origin = _Origin(lines, where) if where is not None else None
+            table, refuse = _with_unreadable(chunk, None if where else at_line)
+            origin = _Origin(chunk, where) if where is not None else None
             return DecodedBatch(table, producer, number if producer else 0, refuse, origin=origin)
 
         try:

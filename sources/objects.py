@@ -31,7 +31,7 @@ from abstream.sources.ingest import BATCH_LINES, Ingest
 #: The sequence of an object's last batch: past it, the object is imported.
 FINISHED = 1 << 62
 #: Rows per batch of a columnar object.
-COLUMNAR_ROWS = 65_536
+COLUMNAR_ROWS = 262_144
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
            ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson", ".json": "ndjson"}
 
@@ -116,12 +116,17 @@ def producer_of(uri: str, info: pafs.FileInfo) -> str:
     return "import:" + hashlib.sha256(version.encode()).hexdigest()[:40]
 
 
+#: Read as Parquet stores them (dictionary pages): no strings materialized, and the server's
+#: dictionary encoding then works on the distinct values only.
+_STRINGS = [f.name for f in files.FILE_SCHEMA if f.type == pa.string()]
+
+
 def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression: str | None, name: str,
                 warn) -> Iterator[files.Chunk]:
     if fmt == "parquet" and not compression:
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(fs.open_input_file(info.path))
+        parquet = pq.ParquetFile(fs.open_input_file(info.path), read_dictionary=_STRINGS, pre_buffer=True)
         return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS), name)
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
