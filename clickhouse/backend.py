@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
 
@@ -172,6 +172,47 @@ class Cluster:
                 missing.append(shard.name)
         return results, missing
 
+    def each_replica(self, sql: str) -> tuple[list[Columns], list[str]]:
+        """`sql` on every replica of every shard (what each holds of its own, such as the state
+        of its mutations): the answers, and the replicas that did not answer."""
+        replicas = [r for shard in self.shards for r in shard.replicas]
+        futures = [(r, self._pool.submit(self._on_replica, r, sql)) for r in replicas]
+        results, missing = [], []
+        for replica, future in futures:
+            try:
+                results.append(future.result())
+            except Unavailable:
+                missing.append(str(replica))
+        return results, missing
+
+    def _on_replica(self, replica: Replica, sql: str) -> Columns:
+        client = self._client([replica])
+        try:
+            return _columns(client, sql, {})
+        except Exception as error:  # noqa: BLE001 - the driver's, translated
+            raise translate(error, str(replica)) from error
+        finally:
+            client.disconnect()
+
+    def stream(self, sql: str, rows: int) -> Iterator[Columns]:
+        """`sql` on each shard in turn (one replica of it), `rows` rows at a time as they arrive:
+        a result larger than memory is never held whole."""
+        for shard in self.shards:
+            client = self._client(shard.replicas)
+            try:
+                block: list[tuple] = []
+                for row in client.execute_iter(sql, settings={**self._read, "max_block_size": rows}):
+                    block.append(row)
+                    if len(block) == rows:
+                        yield [list(c) for c in zip(*block)]
+                        block = []
+                if block:
+                    yield [list(c) for c in zip(*block)]
+            except Exception as error:  # noqa: BLE001 - the driver's, translated
+                raise translate(error, shard.name) from error
+            finally:
+                client.disconnect()
+
     def query(self, sql: str) -> Columns:
         """`sql` over the Distributed tables, from any server that answers."""
         everyone = [r for shard in self.shards for r in shard.replicas]
@@ -261,6 +302,14 @@ class Local:
     def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
                    ) -> tuple[list[Columns], list[str]]:
         return [self._columns(sql)], []
+
+    def each_replica(self, sql: str) -> tuple[list[Columns], list[str]]:
+        return [self._columns(sql)], []
+
+    def stream(self, sql: str, rows: int) -> Iterator[Columns]:
+        columns = self._columns(sql)
+        for at in range(0, len(columns[0]) if columns else 0, rows):
+            yield [c[at:at + rows] for c in columns]
 
     def query(self, sql: str) -> Columns:
         return self._columns(sql)

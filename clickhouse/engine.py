@@ -19,10 +19,12 @@ the embedded engine.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +33,8 @@ from abstream.clickhouse import sql
 from abstream.clickhouse.backend import Cluster, Local
 from abstream.core import timezones
 from abstream.core.engine import Gauge
-from abstream.core.errors import AbstreamError, FailedPrecondition, Unavailable
-from abstream.core.events import MAX_STRING_BYTES
+from abstream.core.errors import AbstreamError, Unavailable
+from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES
 from abstream.core.types import (
     Experiment,
     GroupStats,
@@ -63,10 +65,9 @@ class PreparedInsert:
     sequence: int
 
 
-#: Deleting and erasing on the cluster need mutations that take effect at once on every replica,
-#: which ClickHouse 18.16 (the oldest version this engine serves) cannot promise.
-_NOT_ON_THE_CLUSTER = ("not supported by the cluster engine yet: delete, erase and retention work on the embedded "
-                       "engine (README: Data lifecycle)")
+#: How long a removal waits for every replica to have applied it.
+REMOVAL_TIMEOUT_S = 600.0
+_DAY_NS = 86_400 * 10**9
 
 
 class ClickHouseEngine:
@@ -148,14 +149,67 @@ class ClickHouseEngine:
     def commit(self, result: IngestResult) -> None:
         """Nothing left to wait for: `apply` returned once the quorum had the rows."""
 
+    # ---- lifecycle ------------------------------------------------------------------------
+
     def delete_test(self, test_id: str) -> int:
-        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+        """Removes the test's events and rejected events from every replica, and its plan."""
+        removed = self._remove(sql.EVENTS, sql.test_rows(test_id))
+        self._remove(sql.QUARANTINE, sql.test_rows(test_id))
+        if test_id in self.experiments():  # a newer version with no definition: no plan
+            self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""],
+                                                        "updated_ns": [time.time_ns()]})
+            self._plans = (0.0, {})
+        return removed
 
     def erase_user(self, user_id: str, tests=None) -> int:
-        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+        """Removes the user's events (of `tests`, or all) and rejected events from every replica
+        before it returns. ClickHouse deletes the parts they were in once they are replaced
+        (after its old_parts_lifetime, 8 minutes by default)."""
+        removed = self._remove(sql.EVENTS, sql.user_rows(user_id, list(tests) if tests else None))
+        self._remove(sql.QUARANTINE, sql.user_rows(user_id, list(tests) if tests else None))
+        return removed
 
     def retain(self, horizons: dict[str, int]) -> int:
-        raise FailedPrecondition(_NOT_ON_THE_CLUSTER)
+        """Removes each test's events older than its horizon, rounded down to a day: a removal
+        rewrites every part it touches, so the sweep does so at most once a day per test (the
+        core hides what is older than the horizon itself meanwhile)."""
+        days = {t: h // _DAY_NS * _DAY_NS for t, h in horizons.items()}
+        return self._remove(sql.EVENTS, sql.old_rows(days)) if days else 0
+
+    def _remove(self, table: str, condition: str) -> int:
+        """Deletes the rows matching `condition` from each shard's local table, and returns the
+        number removed once every replica has applied the deletion."""
+        local = self._b.local(table)
+        counted, _ = self._b.each_shard(sql.count_rows(local, condition))
+        removed = int(sum(columns[0][0] for columns in counted))
+        if not removed:
+            return 0
+        name = local.split(".", 1)[1]
+        held, _ = self._b.each_shard(sql.partitions(self.database, name))
+        self._b.each_shard(sql.delete_rows(local, condition))
+        if self._b.cluster:  # every partition's last part is to be rewritten: a mark after each
+            for partition in sorted({p for columns in held for p in columns[0]}):
+                self._b.insert_everywhere(table, _mark(table, partition))
+        deadline = time.monotonic() + REMOVAL_TIMEOUT_S
+        while True:
+            answers, missing = self._b.each_replica(sql.mutations_pending(self.database, name))
+            waiting = sum(columns[0][0] for columns in answers)
+            if not waiting and not missing:
+                return removed
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the removal from {table} is not applied yet on every replica "
+                                  f"({', '.join(missing) or f'{waiting} mutations pending'}): each applies it when it "
+                                  "can; calling again is safe")
+            time.sleep(0.2)
+
+    def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
+               rows: int = 100_000) -> Iterator[pa.Table]:
+        """A test's events, shard by shard, each in time order, `rows` at a time."""
+        statement = sql.export(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
+        for columns in self._b.stream(statement, rows):
+            named = dict(zip(sql.EXPORTED, columns))
+            named["timestamp"] = named.pop("ns")
+            yield pa.table({f.name: pa.array(named[f.name], f.type) for f in EVENT_SCHEMA}, schema=EVENT_SCHEMA)
 
     def last_sequence(self, producer_id: str) -> int:
         (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), producer_id))
@@ -300,7 +354,7 @@ class ClickHouseEngine:
                 for test_id, definition, version in zip(test_ids, definitions, versions):
                     if version > latest.get(test_id, (-1, ""))[0]:
                         latest[test_id] = (version, definition)
-            plans = {t: Experiment.from_json(json.loads(d)) for t, (_, d) in latest.items()}
+            plans = {t: Experiment.from_json(json.loads(d)) for t, (_, d) in latest.items() if d}
             self._plans = (time.monotonic(), plans)
         return plans
 
@@ -351,3 +405,18 @@ def _merge(a: list[float] | None, b: list) -> list[float]:
         m2 = a[var_at] * n_a + b[var_at] * n_b + (mean_b - mean_a) ** 2 * n_a * n_b / n
         out.append(m2 / n)
     return out
+
+
+def _mark(table: str, partition: str) -> dict[str, list]:
+    """The row a removal leaves in a partition of `table` (sql.MARK): no test, at the partition's
+    first instant (partitions are months, 'YYYYMM')."""
+    ns = int(dt.datetime(int(partition[:4]), int(partition[4:6]), 1, tzinfo=dt.timezone.utc).timestamp()) * 10**9
+    columns = sql.COLUMNS[table]
+    row = {c: [""] for c in columns if c != "ts"}
+    if table == sql.EVENTS:
+        row.update(ns=[ns], conversion=[0], revenue=[0.0])
+    else:
+        row.update(received_ns=[ns], idx=[-1], timestamp=[None], conversion=[0], revenue=[0.0])
+    row["batch"] = [sql.MARK]
+    row["session_id"] = [uuid.uuid4().hex]  # else the replicas drop it as a retry of the last mark
+    return row

@@ -174,11 +174,11 @@ def first_buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | 
 def tests(local: str) -> str:
     """Per test: its variants, events, distinct users, first and last event."""
     return (f"SELECT test_id, groupUniqArray(variant) AS variants, count() AS events, uniqExact(user_id) AS users, "
-            f"min(ns) AS first, max(ns) AS last FROM {local} GROUP BY test_id")
+            f"min(ns) AS first, max(ns) AS last FROM {local} WHERE batch != {literal(MARK)} GROUP BY test_id")
 
 
 def _quarantine_where(test_id: str, test_prefix: str) -> str:
-    clauses = ["1"]
+    clauses = [f"batch != {literal(MARK)}"]
     if test_id:
         clauses.append(f"test_id = {literal(test_id)}")
     if test_prefix:
@@ -205,3 +205,56 @@ def last_sequence(table: str, producer_id: str) -> str:
 def experiments(table: str) -> str:
     """Each test's latest plan (JSON), and its version."""
     return f"SELECT test_id, argMax(definition, updated_ns), max(updated_ns) FROM {table} GROUP BY test_id"
+
+
+# ---- removals ------------------------------------------------------------------------------
+
+#: The batch of the one row a removal adds to each partition it rewrites, after it: ClickHouse
+#: 18.16 leaves a partition's last part inserted with a quorum out of every mutation until another
+#: part follows it, so a removal would never finish. The rows have no test (no query sees them);
+#: the next removal deletes them with its own rows.
+MARK = "abstream:mark"
+
+
+def test_rows(test_id: str) -> str:
+    return f"test_id = {literal(test_id)}"
+
+
+def user_rows(user_id: str, tests: list[str] | None) -> str:
+    inside = f" AND test_id IN ({', '.join(literal(t) for t in tests)})" if tests else ""
+    return f"user_id = {literal(user_id)}{inside}"
+
+
+def old_rows(horizons: dict[str, int], time_column: str = "ns") -> str:
+    """Each test's rows before its horizon (ns)."""
+    return " OR ".join(f"(test_id = {literal(t)} AND {time_column} < {int(h)})" for t, h in sorted(horizons.items()))
+
+
+def count_rows(table: str, condition: str) -> str:
+    return f"SELECT count() FROM {table} WHERE ({condition}) AND batch != {literal(MARK)}"
+
+
+def delete_rows(table: str, condition: str) -> str:
+    """The rows, and the marks earlier removals left, deleted (a mutation: applied in the background)."""
+    return f"ALTER TABLE {table} DELETE WHERE ({condition}) OR batch = {literal(MARK)}"
+
+
+def partitions(database: str, table: str) -> str:
+    """The partitions of a local table's active parts on one replica."""
+    return (f"SELECT DISTINCT partition FROM system.parts WHERE database = {literal(database)} "
+            f"AND table = {literal(table)} AND active")
+
+
+def mutations_pending(database: str, table: str) -> str:
+    return (f"SELECT count() FROM system.mutations WHERE database = {literal(database)} AND table = {literal(table)} "
+            "AND is_done = 0")
+
+
+#: The stored columns an export gives, in the Event's field names (timestamp for ns).
+EXPORTED = ("ns", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id", "device",
+            "country")
+
+
+def export(local: str, test_id: str, start_ns: int | None, end_ns: int | None) -> str:
+    """A test's events in range on one shard, in time order."""
+    return f"SELECT {', '.join(EXPORTED)} FROM {local} WHERE {_where(test_id, start_ns, end_ns)} ORDER BY ns"

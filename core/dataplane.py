@@ -470,11 +470,7 @@ class Core:
         """A test's events as stored, a piece at a time (each piece read in a worker thread)."""
         self._may_plan(principal, test_id)
         check_range(test_id, start_ns, end_ns)
-        export = getattr(self.engine, "export", None)
-        if export is None:
-            raise FailedPrecondition("the cluster engine does not export yet: query ClickHouse itself (SELECT ... "
-                                     "FORMAT Parquet); ExportEvents works on the embedded engine")
-        pieces = iter(await asyncio.to_thread(export, test_id, start_ns, end_ns))
+        pieces = iter(await asyncio.to_thread(self.engine.export, test_id, start_ns, end_ns))
         while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             at = piece.schema.get_field_index("timestamp")
             if at >= 0 and not pa.types.is_timestamp(piece.schema.field(at).type):  # as the Event has it

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import pyarrow as pa
 from abstream.core import events
@@ -75,8 +75,8 @@ class Engine(Protocol):
     def retain(self, horizons: dict[str, int]) -> int:
         """Removes each named test's events older than its horizon (ns)."""
 
-    # Optional: `export(test_id, start_ns, end_ns) -> Iterator[pa.Table]`, a test's events as
-    # stored (Event field names) a piece at a time; the embedded engine has it.
+    def export(self, test_id: str, start_ns: int | None, end_ns: int | None) -> Iterator[pa.Table]:
+        """A test's events as stored (Event field names), a piece at a time, never all at once."""
 
     def last_sequence(self, producer_id: str) -> int:
         """The sequence of the producer's last applied batch (0: none), where a source that

@@ -170,9 +170,6 @@ class AnalyticsServer:
         self.core = Core(limits, Tokens(tokens), self.metrics)
         if settings.retention_days < 0:
             raise ConfigError("--retention-days must be 0 (keep for ever) or more")
-        if settings.retention_days and settings.engine != "embedded":
-            raise ConfigError("--retention-days: retention is not supported by the cluster engine yet (use ClickHouse "
-                              "TTLs, or the embedded engine)")
         self.core.retention_days = settings.retention_days
         self._server = grpc.aio.server(
             interceptors=[RequestInterceptor(), ErrorInterceptor(), AuthInterceptor(self.core.tokens)],
@@ -283,7 +280,7 @@ class AnalyticsServer:
             engine = self.core.engine
             try:
                 await asyncio.to_thread(engine.maintain)
-                if self.settings.engine == "embedded" and time.monotonic() - swept >= self.settings.retention_sweep_seconds:
+                if time.monotonic() - swept >= self.settings.retention_sweep_seconds:
                     swept = time.monotonic()
                     await self.core.sweep()
             except Exception:  # noqa: BLE001 - logged; the next tick tries again

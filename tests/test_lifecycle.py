@@ -294,3 +294,109 @@ def test_retention_keeps_the_experiments_start(tmp_path):
         client.create_experiment("planned", start=dt.datetime.fromtimestamp(now - 7 * 86400, dt.timezone.utc))
         assert sum(r.metrics.events for r in client.summary("planned").rows) == 50
     server.terminate()
+
+
+@pytest.mark.parametrize("kind", ["many-parts", "chdb", "clickhouse"])
+def test_every_engine_deletes_erases_retains_and_exports_alike(kind, request):
+    """The engine methods behind DeleteTest, EraseUser, retention and ExportEvents, on the
+    embedded engine, on chDB and on the real cluster (2 shards x 2 replicas): each removal is
+    complete when it returns, rejected events go with their test or user, and removals that
+    touch several months (partitions) and follow one another leave nothing behind."""
+    from abstream.core.engine import append
+    from abstream.core.events import Rejection
+    from abstream.core.types import Experiment
+
+    from tests import engines
+
+    engine = engines.make(kind, request)
+    day = 86_400
+    months_ago = (int(time.time()) // day - 70) * day  # events over ~two months, in 2-3 partitions
+
+    def events(test_id: str, n: int, seed: int) -> pa.Table:
+        t = table(n, test_id, months_ago, users=300, seed=seed, secret_every=9, spacing_ns=day * NS * 60 // n)
+        return t.set_column(0, "timestamp", t.column("timestamp").cast(pa.int64())).set_column(
+            5, "conversion", t.column("conversion").cast(pa.int64()))
+
+    def stored() -> dict[str, list]:
+        out = {}
+        for info in engine.list_tests():
+            rows = pa.concat_tables(list(engine.export(info.test_id, rows=700))).to_pylist()
+            assert len(rows) == info.events
+            out[info.test_id] = sorted(rows, key=lambda r: (r["timestamp"], r["user_id"], r["session_id"]))
+        return out
+
+    def rows_of(t: pa.Table) -> list:
+        return sorted(t.to_pylist(), key=lambda r: (r["timestamp"], r["user_id"], r["session_id"]))
+
+    try:
+        sent = {name: events(name, 3_000, seed) for seed, name in enumerate(["keep", "gone", "aged"])}
+        for name, t in sent.items():
+            # two rejected events per test, the first of them the user to erase
+            append(engine, t.slice(0, 1_500), refuse=[Rejection(0, "device", "bad"), Rejection(1, "device", "bad")])
+            append(engine, t.slice(1_500))
+        engine.put_experiment(Experiment("gone", control_variant="a", created_ns=1, updated_ns=1))
+        assert stored() == {name: rows_of(t.slice(2)) for name, t in sent.items()}
+        assert engine.quarantine("gone", 10, "")[1] == 2
+
+        gone = 3_000 - 2
+        assert engine.delete_test("gone") == gone
+        assert "gone" not in {t.test_id for t in engine.list_tests()}
+        assert engine.quarantine("gone", 10, "") == ([], 0)
+        assert "gone" not in engine.experiments()
+        assert engine.delete_test("gone") == 0
+
+        secret_in = {name: sum(1 for r in rows_of(t) if r["user_id"] == SECRET_USER) - 1 for name, t in sent.items()}
+        assert engine.erase_user(SECRET_USER, ["keep"]) == secret_in["keep"]
+        left = stored()
+        assert not any(r["user_id"] == SECRET_USER for r in left["keep"])
+        assert sum(r["user_id"] == SECRET_USER for r in left["aged"]) == secret_in["aged"]
+        assert engine.erase_user(SECRET_USER, None) == secret_in["aged"]
+        assert not any(r["user_id"] == SECRET_USER for rows in stored().values() for r in rows)
+        quarantined, total = engine.quarantine("", 100, "")
+        assert total == 2 and all(q.event["user_id"] != SECRET_USER for q in quarantined)
+
+        horizon = (months_ago + 30 * day) * NS  # a day's start: the cluster removes whole days
+        before = [r for r in stored()["aged"] if r["timestamp"] < horizon]
+        assert 0 < len(before) < 3_000
+        assert engine.retain({"aged": horizon}) == len(before)
+        assert min(r["timestamp"] for r in stored()["aged"]) >= horizon
+        assert engine.retain({"aged": horizon}) == 0
+
+        # after the removals, new events and another removal: nothing but real tests is listed
+        append(engine, events("late", 500, 9))
+        assert engine.delete_test("late") == 500
+        assert sorted(t.test_id for t in engine.list_tests()) == ["aged", "keep"]
+        assert [r for r in stored()["keep"]] == [r for r in rows_of(sent["keep"].slice(2)) if r["user_id"] != SECRET_USER]
+        ranged = pa.concat_tables(list(engine.export("keep", horizon, horizon + 10 * day * NS))).to_pylist()
+        assert ranged and all(horizon <= r["timestamp"] <= horizon + 10 * day * NS for r in ranged)
+    finally:
+        engine.close()
+
+
+def test_the_lifecycle_rpcs_on_the_cluster_engine(tmp_path, request):
+    """DeleteTest, EraseUser, ExportEvents and the retention sweep through a real gateway on the
+    real cluster: what the embedded engine's tests above check, as a client sees it."""
+    from tests.conftest import ServerThread, engine_settings
+
+    now = int(time.time())
+    settings = engine_settings("clickhouse", tmp_path, request, retention_days=30.0, retention_sweep_seconds=1.0)
+    running = ServerThread(settings).start()
+    try:
+        with Client(running.address) as client:
+            client.ingest_table(table(2_000, "kept", now - 3 * 86400, secret_every=10))
+            client.ingest_table(table(1_000, "doomed", now - 3 * 86400, seed=2))
+            client.ingest_table(table(500, "aged", now - 45 * 86400, seed=3))  # hidden at once, swept soon
+            client.ingest_table(table(400, "aged", now - 2 * 86400, seed=4))
+            assert sum(r.metrics.events for r in client.summary("aged").rows) == 400
+            assert client.delete_test("doomed") == 1_000
+            assert client.erase_user(SECRET_USER) == 200
+            exported = pa.concat_tables(list(client.export("kept")))
+            assert exported.num_rows == 1_800 and SECRET_USER not in exported.column("user_id").to_pylist()
+            deadline = time.monotonic() + 120
+            while {t.test_id: t.events for t in client.list_tests().rows} != {"kept": 1_800, "aged": 400}:
+                assert time.monotonic() < deadline, client.list_tests()
+                time.sleep(0.5)
+            pairs = set(zip(exported.column("variant").to_pylist(), exported.column("user_id").to_pylist()))
+            assert sum(r.metrics.users for r in client.summary("kept").rows) == len(pairs)
+    finally:
+        running.stop()

@@ -452,8 +452,6 @@ def test_sorted_with_order_is_numpys_stable_argsort():
 
 def test_export_gives_back_every_event_exactly(store):
     """A test's events as stored, whichever engine holds them (the embedded one streams them)."""
-    if not hasattr(store, "export"):
-        pytest.skip("the cluster engine exports through ClickHouse itself")
     for test_id in TESTS:
         got = pa.concat_tables(list(store.export(test_id, rows=50))).to_pylist() if test_id else []
         mine = [e for e in EVENTS if e["test_id"] == test_id]
