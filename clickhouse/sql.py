@@ -126,12 +126,23 @@ _PER_USER = "count() AS e, countIf(conversion = 1) AS c, sum(revenue) AS r"
 
 
 def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
-                dimension: str | None) -> str:
+                dimension: str | None, without_multi_variant_users: bool = False) -> str:
     """Per variant (and segment value): the per-user sufficient statistics of one shard."""
     keys = "variant" + (f", {dimension}" if dimension else "")
     outer = "variant" + (f", {dimension} AS segment" if dimension else "")
+    where = _where(test_id, start_ns, end_ns, filters)
+    if without_multi_variant_users:  # a user's events are all on one shard: the subquery is shard-local
+        where += (f" AND user_id NOT IN (SELECT user_id FROM {local} WHERE {where} GROUP BY user_id "
+                  "HAVING uniqExact(variant) > 1)")
     return (f"SELECT {outer}, {_PER_GROUP} FROM (SELECT {keys}, user_id, {_PER_USER} FROM {local} "
-            f"WHERE {_where(test_id, start_ns, end_ns, filters)} GROUP BY {keys}, user_id) GROUP BY {keys}")
+            f"WHERE {where} GROUP BY {keys}, user_id) GROUP BY {keys}")
+
+
+def users_across_variants(local: str, test_id: str, start_ns: int | None, end_ns: int | None,
+                          filters: Filters | None) -> str:
+    """One shard's distinct users in range, and how many of them are in more than one variant."""
+    return (f"SELECT count(), countIf(v > 1) FROM (SELECT user_id, uniqExact(variant) AS v FROM {local} "
+            f"WHERE {_where(test_id, start_ns, end_ns, filters)} GROUP BY user_id)")
 
 
 def scanned(local: str, test_id: str, start_ns: int | None, end_ns: int | None) -> str:

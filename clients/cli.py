@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranged(summary)
     filtered(summary)
     analysed(summary)
+    summary.add_argument("--exclude-multi-variant-users", action="store_true",
+                         help="leave out users seen in more than one variant (an assignment bug the health line "
+                              "reports)")
     formatted(summary)
     segments = command("segments", "results per variant and device, country or event type")
     ranged(segments)
@@ -728,6 +731,11 @@ def _analysis_text(analysis, heading: str) -> str:
                                                         "p_value", "chance_to_win"]))
 
 
+def _health_text(health) -> str:
+    """The health line first: the status, then each reason on its own line."""
+    return "\n".join([f"health: {health.status}"] + [f"  - {reason}" for reason in health.reasons])
+
+
 def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
             "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior}
@@ -745,12 +753,16 @@ def _summary(args) -> int:
 
     with _client(args) as client:
         result = client.summary(args.test_id, args.start, args.end, device=args.device, country=args.country,
-                                event_type=args.event_type, **_options(args))
+                                event_type=args.event_type, exclude_multi_variant_users=args.exclude_multi_variant_users,
+                                **_options(args))
     _empty(result.rows, args)
     rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
-        _emit(rows, args.format, columns, {"test_id": result.test_id, "analysis": asdict(result.analysis)})
+        _emit(rows, args.format, columns, {"test_id": result.test_id, "analysis": asdict(result.analysis),
+                                           "health": asdict(result.health)})
         return 0
+    if result.rows:
+        print(_health_text(result.health))
     print(_table(rows, columns))
     if result.analysis.comparisons:
         print(_analysis_text(result.analysis, "each variant"))

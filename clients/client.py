@@ -123,6 +123,27 @@ class Analysis:
     comparisons: list[Comparison]
 
 
+@dataclass(frozen=True)
+class Health:
+    """How the experiment ran (every Summary): read it before the analysis."""
+
+    status: str  # "healthy", "warning" or "unhealthy": the worst of the checks
+    reasons: list[str]  # a sentence per check that is not healthy, the worst first
+    users: int
+    multi_variant_users: int  # users seen in more than one variant
+    multi_variant_users_excluded: bool
+    srm_p_value: float
+    srm: str
+    events_before_start: int
+    future_events: int  # timestamped more than 5 minutes after the server's clock
+
+
+def _health(h: pb.Health) -> Health:
+    return Health(_name(pb.HealthStatus, h.status, "HEALTH_STATUS_"), list(h.reasons), h.users,
+                  h.multi_variant_users, h.multi_variant_users_excluded, h.srm_p_value,
+                  _name(pb.HealthStatus, h.srm, "HEALTH_STATUS_"), h.events_before_start, h.future_events)
+
+
 def _lift(m: pb.Lift) -> Lift:
     return Lift(m.estimate, m.standard_error, m.ci_low, m.ci_high, m.p_value, m.adjusted_p_value,
                 _name(pb.ComparisonStatus, m.status, "COMPARISON_STATUS_"), m.status_message)
@@ -182,6 +203,7 @@ class Summary(_Table):
     rows: list[SummaryRow]
     analysis: Analysis
     events_scanned: int
+    health: Health
 
 
 @dataclass(frozen=True)
@@ -330,9 +352,11 @@ def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tu
 
 def _analysis_options(control: str = "", confidence: float | None = None, sequential: bool = False,
                       correction: str = "", expected_weights: dict[str, float] | None = None,
-                      prior: tuple[float, float] | None = None, **raw: Any) -> pb.AnalysisOptions:
+                      prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
+                      **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
-                                 expected_weights=expected_weights or {})
+                                 expected_weights=expected_weights or {},
+                                 exclude_multi_variant_users=exclude_multi_variant_users)
     if correction:
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, not {correction!r}")
@@ -371,8 +395,9 @@ class Client:
     def summary(self, test_id: str, start: Time = None, end: Time = None, *, device: str | None = None,
                 country: str | None = None, event_type: str | None = None, analysis: dict | None = None,
                 timeout: float | None = None, **options: Any) -> Summary:
-        """Per-variant results and the comparisons with the control. `options`: control,
-        confidence, sequential, correction, expected_weights, prior (mean, variance); `analysis`
+        """Per-variant results, the comparisons with the control and the experiment's health.
+        `options`: control, confidence, sequential, correction, expected_weights, prior (mean,
+        variance), exclude_multi_variant_users; `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))
@@ -380,7 +405,7 @@ class Client:
         _timestamp(end, request.end_time, end=True)
         r = self._call(self._stub.Summary, request, timeout)
         return Summary(r.test_id, [SummaryRow(row.variant, _metrics(row.metrics)) for row in r.rows],
-                       _analysis(r.analysis), r.stats.events_scanned)
+                       _analysis(r.analysis), r.stats.events_scanned, _health(r.health))
 
     def segments(self, test_id: str, dimension: str, start: Time = None, end: Time = None, *,
                  device: str | None = None, country: str | None = None, event_type: str | None = None,

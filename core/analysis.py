@@ -17,6 +17,7 @@ from abstream.core.types import (
     Analysis,
     AnalysisOptions,
     GroupStats,
+    Health,
     MetricComparison,
     MetricPower,
     PowerQuery,
@@ -101,10 +102,52 @@ def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observ
     return PowerResult(q.test_id, control, out)
 
 
-def summary(q: SummaryQuery, g: GroupStats) -> SummaryResult:
-    """An engine's Summary statistics, with the analysis of every variant against the control."""
-    return SummaryResult(test_id=q.test_id, variants=g.variants, metrics=g.metrics, stats=g.stats,
-                         analysis=analyze(g.variants, g.moments, np.arange(len(g.variants)), q.analysis))
+#: Users in several variants, as a share of all users, from which the test is unhealthy.
+MULTI_VARIANT_UNHEALTHY = 0.01
+#: Events this far past the server's clock are counted as from the future (ns).
+FUTURE_NS = 5 * 60 * 1_000_000_000
+_GRADES = ("healthy", "warning", "unhealthy")
+
+
+def health(a: Analysis, g: GroupStats, options: AnalysisOptions, events_before_start: int, future_events: int,
+           start_text: str = "") -> Health:
+    """Grades how the experiment ran: each check healthy, a warning or unhealthy, with a sentence
+    saying what was found and what it means; the status is the worst of them."""
+    found: list[tuple[int, str]] = []
+    srm = 0
+    if a.srm_p_value < options.srm_threshold:
+        srm = 2
+        found.append((2, f"sample ratio mismatch (p = {a.srm_p_value:.2g}): the users per variant are not the "
+                         "planned split; find the cause (assignment, logging, bots) before trusting any result"))
+    elif a.srm_p_value < 10 * options.srm_threshold:
+        srm = 1
+        found.append((1, f"the users per variant are close to a sample ratio mismatch (p = {a.srm_p_value:.2g})"))
+    if g.multi_variant_users:
+        share = g.multi_variant_users / max(g.users, 1)
+        grade = 1 if options.exclude_multi_variant_users or share < MULTI_VARIANT_UNHEALTHY else 2
+        treated = ("left out of the analysis" if options.exclude_multi_variant_users
+                   else "counted in each; exclude_multi_variant_users leaves them out")
+        found.append((grade, f"{g.multi_variant_users:,} users ({share:.2%}) were seen in more than one variant, an "
+                             f"assignment bug: {treated}"))
+    if events_before_start:
+        found.append((1, f"{events_before_start:,} events are before the experiment's start{start_text}, and not in "
+                         "the analysis"))
+    if future_events:
+        found.append((1, f"{future_events:,} events are timestamped more than 5 minutes in the future: a producer's "
+                         "clock or time unit is wrong"))
+    found.sort(key=lambda f: -f[0])
+    worst = found[0][0] if found else 0
+    return Health(_GRADES[worst], [text for _, text in found], g.users, g.multi_variant_users,
+                  options.exclude_multi_variant_users, a.srm_p_value, _GRADES[srm], events_before_start, future_events)
+
+
+def summary(q: SummaryQuery, g: GroupStats, events_before_start: int = 0, future_events: int = 0,
+            start_text: str = "") -> SummaryResult:
+    """An engine's Summary statistics, with the analysis of every variant against the control and
+    the experiment's health."""
+    a = analyze(g.variants, g.moments, np.arange(len(g.variants)), q.analysis)
+    return SummaryResult(test_id=q.test_id, variants=g.variants, metrics=g.metrics, stats=g.stats, analysis=a,
+                         health=health(a, g, q.analysis, events_before_start, future_events, start_text))
 
 
 def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:

@@ -258,7 +258,17 @@ class Core:
         the worker thread too."""
         q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
-        return await self._in_worker("Summary", lambda: respond(analysis.summary(q, engine.summary(q))))
+        plan = engine.experiments().get(q.test_id)
+
+        def work() -> R:
+            g = engine.summary(q)
+            start = plan.start_ns if plan is not None else None
+            before = engine.count_events(q.test_id, None, start - 1) if start is not None else 0
+            future = engine.count_events(q.test_id, self._clock() + analysis.FUTURE_NS, None)
+            start_text = f" ({events.format_ns(start)})" if start is not None else ""
+            return respond(analysis.summary(q, g, before, future, start_text))
+
+        return await self._in_worker("Summary", work)
 
     async def segments(self, principal: Principal, q: SegmentsQuery, timeout: float | None = None,
                        respond: Callable[[SegmentsResult], R] = lambda r: r) -> R:

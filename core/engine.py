@@ -56,11 +56,16 @@ class Engine(Protocol):
 
     def commit(self, result: IngestResult) -> None: ...
 
-    def summary(self, q: SummaryQuery) -> GroupStats: ...
+    def summary(self, q: SummaryQuery) -> GroupStats:
+        """Per variant; also the distinct users and those in several variants (left out of the
+        groups when q.analysis.exclude_multi_variant_users)."""
 
     def segments(self, q: SegmentsQuery) -> GroupStats: ...
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult: ...
+
+    def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
+        """Events of a test in [start_ns, end_ns] (None: unbounded)."""
 
     def list_tests(self) -> list[TestInfo]: ...
 

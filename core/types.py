@@ -83,6 +83,7 @@ class AnalysisOptions:
     expected_weights: dict[str, float] = field(default_factory=dict)  # empty: equal
     srm_threshold: float = 0.001
     correction: str = "none"
+    exclude_multi_variant_users: bool = False  # Summary: users seen in several variants left out
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -317,6 +318,8 @@ class GroupStats:
     metrics: MetricColumns
     moments: UserMoments
     stats: QueryStats
+    users: int = 0  # Summary: distinct users in range, whatever their variant (before any exclusion)
+    multi_variant_users: int = 0  # Summary: of them, those seen in more than one variant
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,21 @@ class Analysis:
 
 
 @dataclass(frozen=True)
+class Health:
+    """What the data say about how the experiment ran (core/analysis.py grades it)."""
+
+    status: str  # "healthy", "warning", "unhealthy": the worst of the checks
+    reasons: list[str]
+    users: int
+    multi_variant_users: int
+    multi_variant_users_excluded: bool
+    srm_p_value: float
+    srm: str
+    events_before_start: int
+    future_events: int
+
+
+@dataclass(frozen=True)
 class SummaryRow:
     variant: str
     metrics: Metrics
@@ -471,6 +489,7 @@ class SummaryResult:
     metrics: MetricColumns
     stats: QueryStats
     analysis: Analysis | None = None
+    health: Health | None = None
 
     def rows(self) -> list[SummaryRow]:
         return [SummaryRow(v, m) for v, m in zip(self.variants, self.metrics.rows())]

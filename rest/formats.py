@@ -13,7 +13,7 @@ from abstream.rest.pipes import Answer
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson",
                  "parquet": "application/vnd.apache.parquet"}
 _ARROW = {"String": pa.string(), "UInt64": pa.uint64(), "UInt8": pa.uint8(), "Int64": pa.int64(),
-          "Float64": pa.float64(), "DateTime": pa.string()}
+          "Float64": pa.float64(), "DateTime": pa.string(), "Array(String)": pa.list_(pa.string())}
 
 
 def _json(answer: Answer) -> bytes:
@@ -25,11 +25,13 @@ def _json(answer: Answer) -> bytes:
 
 def _csv(answer: Answer) -> bytes:
     """Strings and times quoted, numbers bare, a header of quoted names, as ClickHouse writes it."""
-    quoted = {n: t in ("String", "DateTime") for n, t in answer.columns}
+    quoted = {n: t in ("String", "DateTime", "Array(String)") for n, t in answer.columns}
 
     def cell(name: str, value) -> str:
         if value is None:
             return "\\N"
+        if isinstance(value, list):  # an array as ClickHouse writes one: ['a','b'], quoted as a whole
+            value = "[" + ",".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in value) + "]"
         if quoted[name]:
             return '"' + str(value).replace('"', '""') + '"'
         return repr(value) if isinstance(value, float) else str(value)

@@ -129,6 +129,7 @@ class Params:
     def analysis(self) -> AnalysisOptions:
         confidence = self.number("confidence")
         return AnalysisOptions(control_variant=self.get("control"), sequential=self.boolean("sequential"),
+                               exclude_multi_variant_users=self.boolean("exclude_multi_variant_users"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))
@@ -197,7 +198,9 @@ _RESULT_COLUMNS = [
     ("absolute_ci_low", "Float64"), ("absolute_ci_high", "Float64"), ("relative_lift", "Float64"),
     ("relative_ci_low", "Float64"), ("relative_ci_high", "Float64"), ("p_value", "Float64"),
     ("adjusted_p_value", "Float64"), ("chance_to_win", "Float64"), ("status", "String"), ("status_message", "String"),
-    ("srm_p_value", "Float64"), ("sample_ratio_mismatch", "UInt8")]
+    ("srm_p_value", "Float64"), ("sample_ratio_mismatch", "UInt8"), ("health", "String"),
+    ("health_reasons", "Array(String)"), ("multi_variant_users", "UInt64"), ("events_before_start", "UInt64"),
+    ("future_events", "UInt64")]
 
 
 async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
@@ -206,7 +209,7 @@ async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
     test_id = p.test_id()
     start, end = p.range(None, None)
     r = await core.summary(principal, SummaryQuery(test_id, start, end, p.analysis()))
-    a = r.analysis
+    a, h = r.analysis, r.health
     rows = []
     for c in a.comparisons:
         x = c.result
@@ -218,7 +221,9 @@ async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
                      "p_value": x.relative.p_value if x.relative.status == "ok" else x.absolute.p_value,
                      "adjusted_p_value": c.adjusted_relative_p if x.relative.status == "ok" else c.adjusted_absolute_p,
                      "chance_to_win": x.chance_to_win, "status": x.status, "status_message": x.message,
-                     "srm_p_value": a.srm_p_value, "sample_ratio_mismatch": int(a.srm_flagged)})
+                     "srm_p_value": a.srm_p_value, "sample_ratio_mismatch": int(a.srm_flagged),
+                     "health": h.status, "health_reasons": h.reasons, "multi_variant_users": h.multi_variant_users,
+                     "events_before_start": h.events_before_start, "future_events": h.future_events})
     return Answer(_RESULT_COLUMNS, rows, r.stats.events_scanned, r.stats.elapsed_ns / 1e9)
 
 

@@ -25,6 +25,7 @@ from abstream.core.types import (
     Analysis,
     AnalysisOptions,
     Dimension,
+    Health,
     Interval,
     SegmentsQuery,
     SummaryQuery,
@@ -94,6 +95,14 @@ def status_of(analysis: Analysis | None, confidence: float) -> dict[str, str]:
 def _estimate(e) -> dict[str, Any]:
     return {"estimate": finite(e.estimate), "ci_low": finite(e.ci_low), "ci_high": finite(e.ci_high),
             "p_value": finite(e.p_value), "status": e.status, "message": e.message}
+
+
+def _health(h: Health | None) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    return {"status": h.status, "reasons": h.reasons, "users": h.users, "multi_variant_users": h.multi_variant_users,
+            "multi_variant_users_excluded": h.multi_variant_users_excluded, "srm_p_value": finite(h.srm_p_value),
+            "srm": h.srm, "events_before_start": h.events_before_start, "future_events": h.future_events}
 
 
 def _test(t: TestInfo) -> dict[str, Any]:
@@ -210,9 +219,11 @@ class ResultsPage:
             "range": {"start": iso(start) if start is not None else None, "end": iso(end) if end is not None else None},
             "options": {"control": a.control_variant if a else "", "confidence": options.confidence,
                         "sequential": options.sequential, "correction": options.correction,
+                        "exclude_multi_variant_users": options.exclude_multi_variant_users,
                         "interval": interval.name.lower(), "dimension": dimension.value},
             "variants": _metric_rows(summary.variants, summary.metrics),
             "srm": {"p_value": finite(a.srm_p_value) if a else None, "flagged": bool(a and a.srm_flagged)},
+            "health": _health(summary.health),
             "comparisons": comparisons,
             "timeseries": [{"bucket": iso(int(b)), **row} for b, row in
                            zip(series.bucket_start_ns.tolist(), _metric_rows(series.variants, series.metrics))],

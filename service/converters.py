@@ -28,6 +28,7 @@ from abstream.core.types import (
     Dimension,
     Experiment,
     Filters,
+    Health,
     IngestResult,
     Interval,
     MetricColumns,
@@ -223,7 +224,19 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
         expected_weights=dict(o.expected_weights),
         srm_threshold=o.srm_threshold or 0.001,
         correction=_enum(CORRECTIONS, o.correction, "analysis.correction", pb.Correction),
+        exclude_multi_variant_users=o.exclude_multi_variant_users,
     )
+
+
+HEALTH = {"healthy": pb.HEALTH_STATUS_HEALTHY, "warning": pb.HEALTH_STATUS_WARNING,
+          "unhealthy": pb.HEALTH_STATUS_UNHEALTHY}
+
+
+def health_message(h: Health) -> pb.Health:
+    return pb.Health(status=HEALTH[h.status], reasons=h.reasons, users=h.users,
+                     multi_variant_users=h.multi_variant_users,
+                     multi_variant_users_excluded=h.multi_variant_users_excluded, srm_p_value=h.srm_p_value,
+                     srm=HEALTH[h.srm], events_before_start=h.events_before_start, future_events=h.future_events)
 
 
 def _lift(e, adjusted: float) -> pb.Lift:
@@ -293,6 +306,8 @@ def summary_response(result: SummaryResult) -> pb.SummaryResponse:
     response.stats.CopyFrom(_stats(result.stats))
     if result.analysis is not None:
         response.analysis.CopyFrom(analysis_message(result.analysis))
+    if result.health is not None:
+        response.health.CopyFrom(health_message(result.health))
     return response
 
 

@@ -86,6 +86,9 @@ class EventStore:
     def list_tests(self) -> list[TestInfo]:
         return self._queries.list_tests()
 
+    def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
+        return self._queries.count_events(test_id, start_ns, end_ns)
+
     def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
                rows: int = 100_000) -> Iterator[pa.Table]:
         """A test's events as stored, `rows` at a time (see Queries.export)."""

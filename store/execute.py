@@ -58,13 +58,25 @@ class Queries:
                             q.filters, q.deadline)
         cols = scope.cols
         variant_id, variant_codes = self._rank("variant", cols["variant"])
+        across: list = []  # distinct users, and those in several variants
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
-                                      len(variant_codes))
+                                      len(variant_codes), across)
+        users, several = across
+        if q.analysis.exclude_multi_variant_users and len(several):
+            keep = ~np.isin(cols["user_id"], several)
+            cols = {c: a[keep] for c, a in cols.items()}
+            variant_id, variant_codes = self._rank("variant", cols["variant"])
+            totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
+                                          len(variant_codes))
         _in_time(q.deadline)
         moments = user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(),
                                totals)
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
-                          scope.stats())
+                          scope.stats(), users, len(several))
+
+    def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
+        """Events of a test in range (the health checks' events before the start, after now)."""
+        return self._scope(test_id, start_ns, end_ns, ["conversion"], None, None).scanned
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         dim = q.dimension.value

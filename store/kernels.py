@@ -63,32 +63,63 @@ _FLAGS_MAX = 1 << 27
 _FLAGS_PER_EVENT = 64
 
 
-def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int) -> np.ndarray:
-    """Distinct users per group (int64[n_groups]).
+def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, across: bool = False):
+    """Distinct users per group (int64[n_groups]); with `across`, also the distinct users over
+    all groups and the users (codes, ascending) seen in more than one group (Summary's health:
+    users an assignment bug put in several variants), from the same table or sort.
 
     Few groups: set a flag per (group, user) in a dense table and count them. Otherwise sort
     (group, user) keys and count first occurrences; np.unique is avoided, being hash-based and
     far slower on large inputs.
     """
     if len(group) == 0:
-        return np.zeros(n_groups, dtype=np.int64)
+        none = np.zeros(n_groups, dtype=np.int64)
+        return (none, 0, np.zeros(0, dtype=np.int64)) if across else none
     lo = int(user.min())
-    span = int(user.max()) - lo + 1
+    span = -(-(int(user.max()) - lo + 1) // 8) * 8  # whole words per row (the sum across rows below)
     cells = n_groups * span
     if cells <= _FLAGS_MAX and cells <= _FLAGS_PER_EVENT * len(group):
         flags = np.zeros(cells, dtype=bool)
         flags[group.astype(np.int64) * span + (user - lo)] = True
         table = flags.reshape(n_groups, span)
         if n_groups > 256:
-            return np.count_nonzero(table, axis=1).astype(np.int64)
-        # Row by row: count_nonzero without an axis is a fast popcount; with one it sums bools.
-        return np.array([np.count_nonzero(row) for row in table], dtype=np.int64)
+            counts = np.count_nonzero(table, axis=1).astype(np.int64)
+        else:  # row by row: count_nonzero without an axis is a fast popcount; with one it sums bools
+            counts = np.array([np.count_nonzero(row) for row in table], dtype=np.int64)
+        if not across:
+            return counts
+        if n_groups == 1:
+            return counts, int(counts[0]), np.zeros(0, dtype=np.int64)
+        if n_groups == 2:  # most tests: the users in both rows
+            both = np.logical_and(table[0], table[1])
+            several = int(np.count_nonzero(both))
+            return counts, int(counts.sum()) - several, (np.flatnonzero(both) + lo if several else
+                                                         np.zeros(0, dtype=np.int64))
+        if n_groups < 256:  # each user's groups, a byte each, summed eight at a time (no byte overflows)
+            groups_of = flags.view(np.uint64).reshape(n_groups, span // 8).sum(axis=0).view(np.uint8)
+        else:
+            groups_of = table.sum(axis=0, dtype=np.uint16)
+        distinct = int(np.count_nonzero(groups_of))
+        if distinct == counts.sum():  # no one is in two groups: the usual case, and no scan for them
+            return counts, distinct, np.zeros(0, dtype=np.int64)
+        return counts, distinct, np.flatnonzero(groups_of > 1) + lo
     key = pair_keys(group, user - lo, span, n_groups)
     sort_keys(key)
     first = np.empty(len(key), dtype=bool)
     first[0] = True
     np.not_equal(key[1:], key[:-1], out=first[1:])
-    return np.bincount(key[first] // span, minlength=n_groups)
+    pairs = key[first]
+    counts = np.bincount(pairs // span, minlength=n_groups)
+    if not across:
+        return counts
+    users = (pairs % span).astype(np.int64)  # one per (group, user)
+    sort_keys(users)
+    starts = np.empty(len(users), dtype=bool)
+    starts[0] = True
+    np.not_equal(users[1:], users[:-1], out=starts[1:])
+    repeated = np.zeros(len(users), dtype=bool)
+    repeated[:-1] = ~starts[1:]  # the next pair has the same user
+    return counts, int(np.count_nonzero(starts)), np.unique(users[repeated]) + lo
 
 
 def sort_keys(keys: np.ndarray) -> None:
@@ -144,16 +175,21 @@ def first_bucket_per_key(key: np.ndarray, bucket: np.ndarray, n_buckets: int) ->
 
 def group_totals(
     group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,
-    n_groups: int,
+    n_groups: int, across: list | None = None,
 ) -> dict[str, np.ndarray]:
-    """Events, conversions, revenue, distinct users and distinct converted users per group."""
+    """Events, conversions, revenue, distinct users and distinct converted users per group; the
+    distinct users over all groups and those in several are appended to `across` if given."""
     converted = np.flatnonzero(conversion.astype(bool))  # indices: few rows convert, and taking is cheaper
     converted_group = group[converted]
+    users = distinct_per_group(group, user, n_groups, across is not None)
+    if across is not None:
+        users, *found = users
+        across += found
     return {
         "events": np.bincount(group, minlength=n_groups),
         "conversions": np.bincount(converted_group, minlength=n_groups),
         "total_revenue": np.bincount(group, weights=revenue, minlength=n_groups),
-        "users": distinct_per_group(group, user, n_groups),
+        "users": users,
         "converted_users": distinct_per_group(converted_group, user[converted], n_groups),
     }
 

@@ -349,6 +349,15 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
                             "--addr", server.address, "--format", "json").stdout)
     assert sum(r["events"] for r in result["rows"]) == 400  # only mobile
     assert result["analysis"]["control_variant"] == "base" and result["analysis"]["sample_ratio_mismatch"]
+    assert result["health"]["status"] == "unhealthy" and result["health"]["srm"] == "unhealthy"
+    table = run("summary", "opts", "--expected-weights", "base=1,new=3", "--addr", server.address).stdout.splitlines()
+    assert table[0] == "health: unhealthy" and table[1].startswith("  - sample ratio mismatch (p = ")
+    both = [event(5000, "opts", "base"), event(5000, "opts", "new")]  # one user in both variants
+    assert run("ingest", str(write_ndjson(tmp_path / "both.ndjson", both)), "--addr", server.address).returncode == 0
+    kept = json.loads(run("summary", "opts", "--exclude-multi-variant-users", "--addr", server.address,
+                          "--format", "json").stdout)
+    assert kept["health"]["multi_variant_users"] == 1 and kept["health"]["multi_variant_users_excluded"]
+    assert sum(r["users"] for r in kept["rows"]) == 800
     with Client(server.address) as client:
         wide = client.summary("opts", control="base", confidence=0.99, device="mobile")
         narrow = client.summary("opts", control="base", confidence=0.9, device="mobile")

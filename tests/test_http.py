@@ -234,7 +234,16 @@ def test_pipes_answer_what_grpc_answers(http):
         row = ours[(c.variant, c.metric)]
         assert row["control_variant"] == "variant_a" and row["relative_ci_low"] == c.relative.ci_low
         assert row["chance_to_win"] == c.chance_to_win and row["status"] == c.status
+        assert (row["health"], row["health_reasons"], row["multi_variant_users"], row["future_events"]) == (
+            results.health.status, results.health.reasons, results.health.multi_variant_users,
+            results.health.future_events)
     assert len(ours) == len(results.analysis.comparisons) > 0
+    _, excluded = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&exclude_multi_variant_users=1")
+    assert excluded["data"][0]["multi_variant_users"] == results.health.multi_variant_users
+    status, _, body = http.call("GET", "/v0/pipes/test_results.csv?test_id=checkout")
+    header = body.decode().splitlines()[0].split(",")
+    assert status == 200 and header[-5:] == ['"health"', '"health_reasons"', '"multi_variant_users"',
+                                             '"events_before_start"', '"future_events"']
 
 
 def test_every_format_of_a_pipe(http):

@@ -284,9 +284,19 @@ def test_the_sample_ratio_banner_shows_for_a_mismatch_only(page, server):
         assert client.summary("banner_srm").analysis.sample_ratio_mismatch
         assert not client.summary("pricing").analysis.sample_ratio_mismatch
     assert page.locator('h1 [data-status]').get_attribute("data-status") == "srm"
+    # the health block comes first, with the status and reasons the Summary has
+    with grpc(server) as client:
+        health = client.summary("banner_srm").health
+    first = page.locator("#results > *").first
+    assert first.get_attribute("id") == "health" and first.get_attribute("data-status") == health.status == "unhealthy"
+    assert page.locator("#health li").all_inner_texts() == health.reasons
     page.goto(f"{server.base}/tests/pricing")
     rendered(page)
     assert page.locator("#srm").count() == 0
+    with grpc(server) as client:
+        assert client.summary("pricing").health.status == "healthy"
+    assert page.locator("#health").get_attribute("data-status") == "healthy"
+    assert "each in one variant" in page.locator("#health").inner_text()
 
 
 def test_a_wrong_token_is_told_and_the_right_one_asked_for(page, server):

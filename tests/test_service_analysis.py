@@ -275,3 +275,62 @@ def test_a_segment_without_the_control_compares_nothing_and_says_so(stub):
     assert {s.analysis.control_variant for s in named.analyses} == {"t1"}
     assert all(c.variant != "t1" and c.status != pb.COMPARISON_STATUS_NO_CONTROL
                for s in named.analyses for c in s.analysis.comparisons)
+
+
+def test_health_counts_and_grades_what_went_wrong(stub, server):
+    """Every Summary carries the experiment's health: users in two variants, events before the
+    plan's start and from the future counted exactly (on both engines), each graded, the worst
+    first; leaving the multi-variant users out takes them out of the per-variant rows."""
+    import datetime as dt
+    import time
+
+    from abstream.clients import Client
+
+    now_s = int(time.time())
+    start_s = BASE_S + 10 * 86400
+    events = []
+    for u in range(1000):  # an even split after the start
+        variant = ["control", "treatment"][u % 2]
+        events.append(dict(timestamp=(start_s + 3600 + u) * NS, user_id=f"u{u}", test_id="sick", variant=variant,
+                           event_type="view", conversion=int(u % 7 == 0), revenue=0.0, session_id="", device="mobile",
+                           country="US"))
+        if u < 30:  # 3% of users also logged in the other variant: unhealthy
+            events.append(dict(events[-1], variant=["treatment", "control"][u % 2], timestamp=(start_s + 7200 + u) * NS))
+    for k in range(50):  # before the start
+        events.append(dict(events[k * 2], timestamp=(start_s - 86400 + k) * NS))
+    for k in range(3):  # an hour ahead of the server's clock
+        events.append(dict(events[k * 2], timestamp=(now_s + 3600) * NS))
+    ingest(stub, events)
+    with Client(server.address) as client:
+        client.create_experiment("sick", control="control", split={"control": 50, "treatment": 50},
+                                 start=dt.datetime.fromtimestamp(start_s, dt.timezone.utc))
+        h = client.summary("sick").health
+        assert (h.status, h.users, h.multi_variant_users, h.events_before_start, h.future_events) == (
+            "unhealthy", 1000, 30, 50, 3)
+        assert not h.multi_variant_users_excluded and h.srm == "healthy"
+        assert h.reasons[0].startswith("30 users (3.00%) were seen in more than one variant")
+        assert "50 events are before the experiment's start" in h.reasons[1]
+        assert h.reasons[2].startswith("3 events are timestamped more than 5 minutes in the future")
+        kept = client.summary("sick", exclude_multi_variant_users=True)
+        assert kept.health.status == "warning" and kept.health.multi_variant_users_excluded
+        assert sum(r.metrics.users for r in kept.rows) == 1000 - 30
+        assert sum(r.metrics.events for r in kept.rows) == sum(
+            1 for e in events if e["timestamp"] >= start_s * NS and int(e["user_id"][1:]) >= 30)
+
+        # a split of 1000 against 880: a warning band or worse, as the pure function grades it
+        skewed = [dict(timestamp=(BASE_S + u) * NS, user_id=f"s{u}", test_id="skewed",
+                       variant="control" if u < 1000 else "treatment", event_type="view", conversion=0, revenue=0.0,
+                       session_id="", device="mobile", country="US") for u in range(1880)]
+        ingest(stub, skewed)
+        p = srm_p_value([1000, 880])
+        h = client.summary("skewed").health
+        assert h.srm_p_value == pytest.approx(p)
+        assert h.srm == ("unhealthy" if p < 0.001 else "warning" if p < 0.01 else "healthy") != "healthy"
+        assert h.status == h.srm and "sample ratio" in h.reasons[0]
+
+        clean = [dict(e, test_id="clean") for e in skewed[:1000]] + [
+            dict(e, test_id="clean", variant="treatment") for e in skewed[1000:1880]] + [
+            dict(skewed[0], user_id=f"c{u}", test_id="clean", variant="treatment") for u in range(120)]
+        ingest(stub, clean)
+        h = client.summary("clean").health
+        assert (h.status, h.reasons, h.users, h.srm_p_value) == ("healthy", [], 2000, pytest.approx(1.0))

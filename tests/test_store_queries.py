@@ -8,6 +8,7 @@ import math
 import pyarrow as pa
 import pytest
 from abstream.core.engine import append
+from abstream.core.types import AnalysisOptions
 from abstream.store import (
     Dimension,
     EventStore,
@@ -460,3 +461,49 @@ def test_export_gives_back_every_event_exactly(store):
     start, end = sorted(e["timestamp"] for e in EVENTS)[500], sorted(e["timestamp"] for e in EVENTS)[2000]
     ranged = pa.concat_tables(list(store.export(TESTS[0], start, end))).to_pylist()
     assert len(ranged) == sum(1 for e in EVENTS if e["test_id"] == TESTS[0] and start <= e["timestamp"] <= end)
+
+
+@pytest.mark.parametrize("test_id", TESTS)
+def test_users_in_several_variants_are_counted_and_can_be_left_out(store, oracle, test_id):
+    """Summary's health counts, on every engine, against the events themselves: distinct users,
+    users seen in more than one variant, and with those left out, the tutorial's metrics over the
+    other users' events only."""
+    for start, end in ranges():
+        mine = [e for e in EVENTS if e["test_id"] == test_id and (start is None or e["timestamp"] >= start)
+                and (end is None or e["timestamp"] <= end)]
+        variants_of: dict[str, set] = {}
+        for e in mine:
+            variants_of.setdefault(e["user_id"], set()).add(e["variant"])
+        several = {u for u, vs in variants_of.items() if len(vs) > 1}
+        result = store.summary(SummaryQuery(test_id, start, end))
+        assert (result.users, result.multi_variant_users) == (len(variants_of), len(several))
+        if start is None and end is None and len({e["variant"] for e in mine}) > 1:
+            assert several, "the events put some users in several variants"
+        excluded = store.summary(SummaryQuery(test_id, start, end, AnalysisOptions(exclude_multi_variant_users=True)))
+        expected = Oracle([e for e in EVENTS if e["user_id"] not in several or e["test_id"] != test_id]).summary(
+            test_id, start, end)
+        assert excluded.variants == [row["variant"] for row in expected]
+        for ours, theirs in zip(excluded.metrics.rows(), expected):
+            assert_metrics_match(ours, theirs)
+        assert store.count_events(test_id, start, end) == len(mine)
+
+
+def test_users_in_several_groups_agree_between_flag_and_sort_paths():
+    """The dense-flag path and the sort path (user codes too sparse for flags) of the kernel."""
+    import numpy as np
+    from abstream.store import kernels
+
+    rng = np.random.default_rng(3)
+    for n_groups in (1, 2, 3, 7):
+        group = rng.integers(0, n_groups, 20_000)
+        user = rng.integers(0, 5_000, 20_000)
+        for offset in (0, 1 << 40):  # far apart codes take the sort path
+            u = user + np.where(user % 2 == 0, offset, 0)
+            counts, distinct, several = kernels.distinct_per_group(group, u, n_groups, across=True)
+            assert counts.tolist() == [len({x for g, x in zip(group, u) if g == k}) for k in range(n_groups)]
+            pairs = {(int(g), int(x)) for g, x in zip(group, u)}
+            per_user: dict[int, int] = {}
+            for _, x in pairs:
+                per_user[x] = per_user.get(x, 0) + 1
+            assert distinct == len(per_user)
+            assert several.tolist() == sorted(x for x, k in per_user.items() if k > 1)

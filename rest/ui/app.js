@@ -255,7 +255,8 @@ function emptyState() {
 function testQuery() {
   const p = new URL(location.href).searchParams;
   const out = new URLSearchParams();
-  for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension"]) {
+  for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
+                   "exclude_multi_variant_users"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -283,6 +284,9 @@ function controls(data) {
       "Sequential (peeking-safe)"),
     select("correction", "Correction", [["none", "none"], ["holm", "Holm"], ["benjamini_hochberg", "Benjamini–Hochberg"]],
       o.correction),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "exclude_multi_variant_users",
+                                                checked: o.exclude_multi_variant_users }),
+      "Leave out users seen in several variants"),
     select("interval", "Over time by", [["hour", "hour"], ["day", "day"], ["week", "week"]], o.interval));
   form.addEventListener("change", () => {
     const values = {};
@@ -294,6 +298,19 @@ function controls(data) {
     refresh(true);
   });
   return form;
+}
+
+function healthPanel(data) {
+  const health = data.health;
+  if (!health) return null;
+  const title = { healthy: "Healthy", warning: "Check before trusting", unhealthy: "Unhealthy" }[health.status];
+  return h("section", { id: "health", class: `health health-${health.status}`, "data-status": health.status,
+                        "aria-label": "Experiment health" },
+    h("strong", {}, `${title}. `),
+    health.reasons.length
+      ? h("ul", {}, health.reasons.map((r) => h("li", {}, r)))
+      : `${count(health.users)} users, each in one variant; the split matches the plan; no events before the ` +
+        "start or from the future.");
 }
 
 function srmBanner(data) {
@@ -462,6 +479,7 @@ async function showTest(testId, force) {
     `${when(t.first_event)} to ${when(t.last_event)} UTC; ${count(data.events_scanned)} in this range.${split}${ran}`;
   syncControl(data);
   testView.results.replaceChildren(...present(
+    healthPanel(data),
     srmBanner(data),
     h("h2", {}, "Variants"),
     h("div", { class: "scroll" }, variantsTable(data)),

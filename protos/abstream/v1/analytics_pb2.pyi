@@ -50,6 +50,13 @@ class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARISON_STATUS_ZERO_TREATMENT: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_NOT_FINITE: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_NO_CONTROL: _ClassVar[ComparisonStatus]
+
+class HealthStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HEALTH_STATUS_UNSPECIFIED: _ClassVar[HealthStatus]
+    HEALTH_STATUS_HEALTHY: _ClassVar[HealthStatus]
+    HEALTH_STATUS_WARNING: _ClassVar[HealthStatus]
+    HEALTH_STATUS_UNHEALTHY: _ClassVar[HealthStatus]
 DIMENSION_UNSPECIFIED: Dimension
 DIMENSION_DEVICE: Dimension
 DIMENSION_COUNTRY: Dimension
@@ -75,6 +82,10 @@ COMPARISON_STATUS_ZERO_CONTROL_MEAN: ComparisonStatus
 COMPARISON_STATUS_ZERO_TREATMENT: ComparisonStatus
 COMPARISON_STATUS_NOT_FINITE: ComparisonStatus
 COMPARISON_STATUS_NO_CONTROL: ComparisonStatus
+HEALTH_STATUS_UNSPECIFIED: HealthStatus
+HEALTH_STATUS_HEALTHY: HealthStatus
+HEALTH_STATUS_WARNING: HealthStatus
+HEALTH_STATUS_UNHEALTHY: HealthStatus
 
 class Event(_message.Message):
     __slots__ = ("timestamp", "user_id", "test_id", "variant", "event_type", "conversion", "revenue", "session_id", "device", "country")
@@ -175,7 +186,7 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users")
     class ExpectedWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +203,7 @@ class AnalysisOptions(_message.Message):
     EXPECTED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SRM_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_MULTI_VARIANT_USERS_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -201,7 +213,8 @@ class AnalysisOptions(_message.Message):
     expected_weights: _containers.ScalarMap[str, float]
     srm_threshold: float
     correction: Correction
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ...) -> None: ...
+    exclude_multi_variant_users: bool
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ...) -> None: ...
 
 class Lift(_message.Message):
     __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status", "status_message")
@@ -265,6 +278,28 @@ class Analysis(_message.Message):
     comparisons: _containers.RepeatedCompositeFieldContainer[MetricComparison]
     def __init__(self, control_variant: _Optional[str] = ..., srm_p_value: _Optional[float] = ..., sample_ratio_mismatch: _Optional[bool] = ..., comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
 
+class Health(_message.Message):
+    __slots__ = ("status", "reasons", "users", "multi_variant_users", "multi_variant_users_excluded", "srm_p_value", "srm", "events_before_start", "future_events")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_VARIANT_USERS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_VARIANT_USERS_EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    SRM_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SRM_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_BEFORE_START_FIELD_NUMBER: _ClassVar[int]
+    FUTURE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    status: HealthStatus
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    users: int
+    multi_variant_users: int
+    multi_variant_users_excluded: bool
+    srm_p_value: float
+    srm: HealthStatus
+    events_before_start: int
+    future_events: int
+    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., users: _Optional[int] = ..., multi_variant_users: _Optional[int] = ..., multi_variant_users_excluded: _Optional[bool] = ..., srm_p_value: _Optional[float] = ..., srm: _Optional[_Union[HealthStatus, str]] = ..., events_before_start: _Optional[int] = ..., future_events: _Optional[int] = ...) -> None: ...
+
 class SummaryRequest(_message.Message):
     __slots__ = ("test_id", "start_time", "end_time", "analysis", "filters")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -288,16 +323,18 @@ class SummaryRow(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
 class SummaryResponse(_message.Message):
-    __slots__ = ("test_id", "rows", "stats", "analysis")
+    __slots__ = ("test_id", "rows", "stats", "analysis", "health")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     rows: _containers.RepeatedCompositeFieldContainer[SummaryRow]
     stats: QueryStats
     analysis: Analysis
-    def __init__(self, test_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[SummaryRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
+    health: Health
+    def __init__(self, test_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[SummaryRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., health: _Optional[_Union[Health, _Mapping]] = ...) -> None: ...
 
 class SegmentsRequest(_message.Message):
     __slots__ = ("test_id", "start_time", "end_time", "dimension", "filters", "analysis")
