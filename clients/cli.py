@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="planned split for the sample ratio check (default: the experiment's, else equal)")
         a.add_argument("--prior", type=_prior, metavar="MEAN,VARIANCE",
                        help="normal prior on the relative lift for chance to win (default: flat)")
+        a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
+                       help="the relative lift's interval: delta method (default) or Fieller's, which holds "
+                            "where the control's mean is uncertain (heavy-tailed revenue)")
 
     ingest = command("ingest", "send events from files: NDJSON, CSV, Parquet or Arrow (- for standard input)")
     ingest.add_argument("files", nargs="+", metavar="FILE")
@@ -738,7 +741,8 @@ def _health_text(health) -> str:
 
 def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
-            "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior}
+            "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior,
+            "relative_interval": args.relative_interval}
 
 
 def _empty(result_rows, args) -> None:

@@ -353,10 +353,14 @@ def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tu
 def _analysis_options(control: str = "", confidence: float | None = None, sequential: bool = False,
                       correction: str = "", expected_weights: dict[str, float] | None = None,
                       prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
-                      **raw: Any) -> pb.AnalysisOptions:
+                      relative_interval: str = "", **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
                                  expected_weights=expected_weights or {},
                                  exclude_multi_variant_users=exclude_multi_variant_users)
+    if relative_interval:
+        if relative_interval not in ("delta", "fieller"):
+            raise ValueError(f"relative_interval must be delta or fieller, not {relative_interval!r}")
+        options.relative_interval = pb.RelativeInterval.Value(f"RELATIVE_INTERVAL_{relative_interval.upper()}")
     if correction:
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, not {correction!r}")
@@ -397,7 +401,7 @@ class Client:
                 timeout: float | None = None, **options: Any) -> Summary:
         """Per-variant results, the comparisons with the control and the experiment's health.
         `options`: control, confidence, sequential, correction, expected_weights, prior (mean,
-        variance), exclude_multi_variant_users; `analysis`
+        variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"); `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))

@@ -66,7 +66,8 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
             arms = moments.arms(metric, index)
             results = [stats.compare(arms[c], arms[t], confidence=options.confidence, sequential=options.sequential,
                                      n_star=options.n_star, prior_mean=options.prior_mean,
-                                     prior_variance=options.prior_variance) for t in treatments]
+                                     prior_variance=options.prior_variance,
+                                     relative_interval=options.relative_interval) for t in treatments]
             absolute = stats.adjust_p_values([r.absolute.p_value for r in results], options.correction)
             relative = stats.adjust_p_values([r.relative.p_value for r in results], options.correction)
             comparisons += [MetricComparison(variants[t], metric, r, a, rel)

@@ -84,6 +84,7 @@ class AnalysisOptions:
     srm_threshold: float = 0.001
     correction: str = "none"
     exclude_multi_variant_users: bool = False  # Summary: users seen in several variants left out
+    relative_interval: str = "delta"  # or "fieller" (stats.RELATIVE_INTERVALS)
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -92,6 +93,8 @@ class AnalysisOptions:
                                                       f"{MAX_DISTINCT['variant']:,} variants")
         for variant in self.expected_weights:
             check_query_string("expected_weights", variant)
+        if self.relative_interval not in ("delta", "fieller"):
+            raise InvalidArgument("relative_interval", f"must be delta or fieller, not {self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
         if not self.n_star > 0:

@@ -130,6 +130,8 @@ class Params:
         confidence = self.number("confidence")
         return AnalysisOptions(control_variant=self.get("control"), sequential=self.boolean("sequential"),
                                exclude_multi_variant_users=self.boolean("exclude_multi_variant_users"),
+                               relative_interval=self.choice("relative_interval", {"delta": "delta",
+                                                                                   "fieller": "fieller"}, "delta"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))

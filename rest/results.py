@@ -220,6 +220,7 @@ class ResultsPage:
             "options": {"control": a.control_variant if a else "", "confidence": options.confidence,
                         "sequential": options.sequential, "correction": options.correction,
                         "exclude_multi_variant_users": options.exclude_multi_variant_users,
+                        "relative_interval": options.relative_interval,
                         "interval": interval.name.lower(), "dimension": dimension.value},
             "variants": _metric_rows(summary.variants, summary.metrics),
             "srm": {"p_value": finite(a.srm_p_value) if a else None, "flagged": bool(a and a.srm_flagged)},

@@ -207,6 +207,8 @@ def _enum(mapping: dict, value: int, field: str, enum_type) -> Any:
 
 CORRECTIONS = {pb.CORRECTION_UNSPECIFIED: "none", pb.CORRECTION_NONE: "none", pb.CORRECTION_HOLM: "holm",
                pb.CORRECTION_BENJAMINI_HOCHBERG: "benjamini_hochberg"}
+RELATIVE_INTERVALS = {pb.RELATIVE_INTERVAL_UNSPECIFIED: "delta", pb.RELATIVE_INTERVAL_DELTA: "delta",
+                      pb.RELATIVE_INTERVAL_FIELLER: "fieller"}
 METRICS = {"conversion": pb.METRIC_CONVERSION, "revenue_per_user": pb.METRIC_REVENUE_PER_USER,
            "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER}
 STATUSES = {status: pb.ComparisonStatus.Value(f"COMPARISON_STATUS_{status.upper()}") for status in stats.SEVERITY}
@@ -225,6 +227,8 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
         srm_threshold=o.srm_threshold or 0.001,
         correction=_enum(CORRECTIONS, o.correction, "analysis.correction", pb.Correction),
         exclude_multi_variant_users=o.exclude_multi_variant_users,
+        relative_interval=_enum(RELATIVE_INTERVALS, o.relative_interval, "analysis.relative_interval",
+                                pb.RelativeInterval),
     )
 
 

@@ -7,6 +7,7 @@ exception for degenerate data.
 
 from abstream.stats.core import (
     NO_CONTROL,
+    RELATIVE_INTERVALS,
     SEVERITY,
     Arm,
     Comparison,
@@ -15,9 +16,10 @@ from abstream.stats.core import (
     arm_from_sums,
     binomial_arm,
     compare,
+    fieller_interval,
     srm_p_value,
 )
 from abstream.stats.power import detectable_effect, sample_size
 
-__all__ = ["detectable_effect", "sample_size", "NO_CONTROL", "SEVERITY", "Arm", "Comparison", "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare",
-           "srm_p_value"]
+__all__ = ["detectable_effect", "sample_size", "NO_CONTROL", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
+           "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare", "fieller_interval", "srm_p_value"]

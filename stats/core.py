@@ -4,7 +4,8 @@ The experiment unit is the user: an arm's n is its users, and its mean and varia
 of a per-user metric (a user's revenue total, say). Formulas, one line each (README, Statistics):
 
 - absolute lift d = m_t - m_c, se = sqrt(v_c/n_c + v_t/n_t)
-- relative lift r = d / |m_c|, delta-method se = sqrt(v_t/(n_t m_c^2) + v_c m_t^2/(n_c m_c^4))
+- relative lift r = d / |m_c|, delta-method se = sqrt(v_t/(n_t m_c^2) + v_c m_t^2/(n_c m_c^4));
+  or Fieller's interval (`fieller_interval`), whose test of r = 0 is the absolute lift's
 - Welch-Satterthwaite dof = (v_c/n_c + v_t/n_t)^2 / ((v_c/n_c)^2/(n_c-1) + (v_t/n_t)^2/(n_t-1))
 - fixed-horizon interval: estimate +- t_{1-alpha/2, dof} se; p = 2 (1 - T_dof(|estimate| / se))
 - asymptotic confidence sequence (Waudby-Smith et al.), tuned for N* users:
@@ -35,8 +36,10 @@ ZERO_VARIANCE = "zero_variance"  # neither arm varies: nothing to measure uncert
 ZERO_TREATMENT = "zero_treatment"  # the treatment is all zeros: the relative lift's delta-method se is 0
 ZERO_CONTROL_MEAN = "zero_control_mean"  # the control's mean is 0: a relative lift is undefined
 NO_CONTROL = "no_control"  # the control has no users here (a segment): nothing is compared
+UNBOUNDED = "unbounded"  # Fieller's interval has no finite ends: the control's mean is not clearly away from 0
 #: Statuses from the least to the most severe: a comparison takes its worse lift's.
-SEVERITY = (OK, ZERO_CONTROL_MEAN, ZERO_TREATMENT, ZERO_VARIANCE, NOT_FINITE, NOT_ENOUGH_DATA, NO_CONTROL)
+SEVERITY = (OK, UNBOUNDED, ZERO_CONTROL_MEAN, ZERO_TREATMENT, ZERO_VARIANCE, NOT_FINITE, NOT_ENOUGH_DATA, NO_CONTROL)
+RELATIVE_INTERVALS = ("delta", "fieller")
 
 
 @dataclass(frozen=True)
@@ -160,18 +163,39 @@ def _degenerate(control: Arm, treatment: Arm, relative: bool) -> Estimate | None
     return None
 
 
+def _multiplier(dof: float, alpha: float, sequential: bool, n: int, n_star: float) -> float:
+    """How many standard errors an interval reaches either side (the confidence sequence's is
+    linear in the standard error too)."""
+    if sequential:
+        return sequential_half_width(1.0, n, alpha, n_star)
+    # scipy.special's ufuncs: the same functions as scipy.stats.t, without its per-call overhead
+    return float(special.stdtrit(dof, 1 - alpha / 2))
+
+
 def _estimate(value: float, se: float, dof: float, alpha: float, sequential: bool, n: int,
               n_star: float) -> Estimate:
     if not (se > 0 and math.isfinite(se) and math.isfinite(value)):
         return Estimate(status=NOT_FINITE, message="the standard error is not a finite positive number")
-    if sequential:
-        half = sequential_half_width(se, n, alpha, n_star)
-        p_value = _sequential_p_value(value, se, n, n_star)
-    else:
-        # scipy.special's ufuncs: the same functions as scipy.stats.t, without its per-call overhead
-        half = float(special.stdtrit(dof, 1 - alpha / 2)) * se
-        p_value = float(2 * special.stdtr(dof, -abs(value) / se))
+    half = _multiplier(dof, alpha, sequential, n, n_star) * se
+    p_value = _sequential_p_value(value, se, n, n_star) if sequential else float(2 * special.stdtr(dof, -abs(value) / se))
     return Estimate(value, se, value - half, value + half, min(max(p_value, 0.0), 1.0), OK)
+
+
+def fieller_interval(control: Arm, treatment: Arm, q: float) -> tuple[float, float] | None:
+    """Fieller's interval for the relative lift m_t / m_c - 1 (signed by the control's mean,
+    like the lift), reaching q standard errors: the lifts r for which the absolute difference
+    m_t - (1 + r) m_c is within q of its standard error, the roots of
+    (b - rho a)^2 = q^2 (s_b^2 + rho^2 s_a^2) with a, b the means and s^2 = v / n. None when
+    they are not a finite interval (q^2 s_a^2 >= a^2: the control's mean is not clearly away
+    from 0)."""
+    a, b = control.mean, treatment.mean
+    sa2, sb2 = control.variance / control.n, treatment.variance / treatment.n
+    leading = a * a - q * q * sa2
+    if not leading > 0:
+        return None
+    reach = q * math.sqrt(max(a * a * sb2 + b * b * sa2 - q * q * sa2 * sb2, 0.0))
+    low, high = (a * b - reach) / leading, (a * b + reach) / leading
+    return (low - 1, high - 1) if a > 0 else (1 - high, 1 - low)
 
 
 def worse(a: str, b: str) -> str:
@@ -179,8 +203,8 @@ def worse(a: str, b: str) -> str:
 
 
 def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequential: bool = False,
-            n_star: float = 5000, prior_mean: float | None = None, prior_variance: float | None = None
-            ) -> Comparison:
+            n_star: float = 5000, prior_mean: float | None = None, prior_variance: float | None = None,
+            relative_interval: str = "delta") -> Comparison:
     """Lift of `treatment` over `control`: intervals, p-values, chance to win and risk.
 
     A lift whose standard error is not usable has a status that says why, zeros and p = 1;
@@ -197,6 +221,13 @@ def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequentia
     if relative is None:
         rel_var = treatment.variance / (treatment.n * mc * mc) + control.variance * mt * mt / (control.n * mc ** 4)
         relative = _estimate((mt - mc) / abs(mc), math.sqrt(rel_var), dof, alpha, sequential, n, n_star)
+        if relative_interval == "fieller" and relative.status == OK:
+            # Fieller's test of no lift is the absolute lift's: the same p-value, the same decision
+            ends = fieller_interval(control, treatment, _multiplier(dof, alpha, sequential, n, n_star))
+            relative = (Estimate(status=UNBOUNDED, message=(
+                "the control's mean is not clearly away from 0 at this confidence: Fieller's interval for the "
+                "relative lift is unbounded (the absolute lift has one)")) if ends is None else
+                Estimate(relative.estimate, relative.se, ends[0], ends[1], absolute.p_value, OK))
     status = worse(absolute.status, relative.status)
     message = next((e.message for e in (absolute, relative) if e.status == status), "")
     if relative.status != OK:

@@ -358,6 +358,12 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
                           "--format", "json").stdout)
     assert kept["health"]["multi_variant_users"] == 1 and kept["health"]["multi_variant_users_excluded"]
     assert sum(r["users"] for r in kept["rows"]) == 800
+    fieller = json.loads(run("summary", "opts", "--control", "base", "--relative-interval", "fieller",
+                             "--addr", server.address, "--format", "json").stdout)
+    with Client(server.address) as client:
+        expected = client.summary("opts", control="base", relative_interval="fieller").analysis.comparisons
+    assert [(c["relative"]["ci_low"], c["relative"]["ci_high"]) for c in fieller["analysis"]["comparisons"]] == [
+        (c.relative.ci_low, c.relative.ci_high) for c in expected]
     with Client(server.address) as client:
         wide = client.summary("opts", control="base", confidence=0.99, device="mobile")
         narrow = client.summary("opts", control="base", confidence=0.9, device="mobile")

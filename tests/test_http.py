@@ -238,6 +238,12 @@ def test_pipes_answer_what_grpc_answers(http):
             results.health.status, results.health.reasons, results.health.multi_variant_users,
             results.health.future_events)
     assert len(ours) == len(results.analysis.comparisons) > 0
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        fieller = client.summary("checkout", relative_interval="fieller").analysis.comparisons
+    _, f = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&relative_interval=fieller")
+    assert [(r["relative_ci_low"], r["relative_ci_high"]) for r in f["data"]] == [
+        (c.relative.ci_low, c.relative.ci_high) for c in fieller]
+    assert http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&relative_interval=bootstrap")[0] == 400
     _, excluded = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&exclude_multi_variant_users=1")
     assert excluded["data"][0]["multi_variant_users"] == results.health.multi_variant_users
     status, _, body = http.call("GET", "/v0/pipes/test_results.csv?test_id=checkout")

@@ -178,6 +178,10 @@ def assert_same_as_grpc(page, server: Http, test_id: str, start=None, end=None, 
     for c in comparisons:
         row = f'#comparisons tr[data-variant="{c.variant}"][data-metric="{c.metric}"]'
         assert value(page, f'{row} td[data-field="relative_lift"]') == c.relative.estimate
+        if c.relative.status == "ok":
+            interval = page.locator(f'{row} td[data-field="relative_lift"]')
+            assert [float(interval.get_attribute(a)) for a in ("data-ci-low", "data-ci-high")] == [
+                c.relative.ci_low, c.relative.ci_high]
         assert value(page, f'{row} td[data-field="absolute_lift"]') == c.absolute.estimate
         assert value(page, f'{row} td[data-field="p_value"]') == c.relative.adjusted_p_value
         assert value(page, f'{row} td[data-field="chance_to_win"]') == c.chance_to_win
@@ -215,6 +219,12 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     rendered(page, before + 1)
     assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
                         sequential=True)
+    before = renders(page)
+    page.locator('select[name="relative_interval"]').select_option("fieller")
+    rendered(page, before + 1)
+    assert "relative_interval=fieller" in page.url
+    assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
+                        sequential=True, relative_interval="fieller")
 
     with grpc(server) as client:
         hours = client.timeseries("checkout", "hour", "2025-04-03", "2025-04-09", cumulative=True).rows
@@ -243,8 +253,9 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     assert other.locator('select[name="interval"]').input_value() == "hour"
     assert other.locator('input[name="sequential"]').is_checked()
     assert other.locator("#dimension").input_value() == "country"
+    assert other.locator('select[name="relative_interval"]').input_value() == "fieller"
     assert_same_as_grpc(other, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
-                        sequential=True)
+                        sequential=True, relative_interval="fieller")
     other.context.close()
 
     phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()

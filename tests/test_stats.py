@@ -187,3 +187,77 @@ def _daily(rng, experiments, days, per_day):
     buys = rng.random((experiments, days * per_day)) < 0.1
     amounts = np.where(buys, rng.lognormal(3.0, 0.8, (experiments, days * per_day)), 0.0)
     return amounts, amounts ** 2
+
+
+def test_fieller_interval_solves_its_pivot_and_agrees_with_the_absolute_test():
+    """Each end r of Fieller's interval makes the absolute difference exactly q standard errors
+    from 0 under ratio 1 + r (the textbook pivot, written here independently); it contains 0
+    exactly when the absolute interval does; it is unbounded when the control's mean is within
+    q of its standard error of 0; a negative control mean flips it like the lift."""
+    from abstream.stats import fieller_interval
+    from abstream.stats.core import UNBOUNDED
+
+    rng = np.random.default_rng(11)
+    agree = 0
+    for _ in range(2000):
+        c = Arm(int(rng.integers(20, 3000)), float(rng.uniform(0.5, 50)), float(rng.uniform(1, 900)))
+        t = Arm(int(rng.integers(20, 3000)), c.mean * float(rng.uniform(0.8, 1.25)), float(rng.uniform(1, 900)))
+        r = compare(c, t, relative_interval="fieller")
+        if r.relative.status != OK:
+            assert r.relative.status == UNBOUNDED
+            continue
+        q = (r.absolute.ci_high - r.absolute.ci_low) / 2 / r.absolute.se
+        for end in (r.relative.ci_low, r.relative.ci_high):
+            rho = 1 + end
+            pivot = (t.mean - rho * c.mean) ** 2 - q * q * (t.variance / t.n + rho * rho * c.variance / c.n)
+            assert abs(pivot) <= 1e-7 * (t.mean ** 2 + q * q * (t.variance / t.n + rho * rho * c.variance / c.n))
+        assert (r.relative.ci_low <= 0 <= r.relative.ci_high) == (r.absolute.ci_low <= 0 <= r.absolute.ci_high)
+        assert r.relative.p_value == r.absolute.p_value and r.relative.estimate == compare(c, t).relative.estimate
+        agree += 1
+    assert agree > 1500
+    vague = compare(Arm(50, 1.0, 400.0), Arm(50, 2.0, 400.0), relative_interval="fieller")
+    assert vague.relative.status == UNBOUNDED and "unbounded" in vague.relative.message
+    assert vague.absolute.status == OK and vague.status == UNBOUNDED
+    low, high = fieller_interval(Arm(1000, -10.0, 4.0), Arm(1000, -11.0, 4.0), 1.96)
+    assert low < -0.1 < high  # lift (m_t - m_c) / |m_c| = -0.1
+
+
+def test_fieller_holds_where_the_delta_method_under_covers_heavy_tailed_revenue(server):
+    """A/A through the server: 500 tests, 2,000 users per arm, log-normal (sigma 1.5) revenue
+    on 30% of users, 1-5 events each. Printed: false positives and coverage of the absolute
+    lift, the delta-method relative lift and Fieller's; Fieller's coverage is the absolute
+    lift's exactly, and both are within the band a 95% interval must hold over 500 tests."""
+    import pyarrow as pa
+    from abstream.clients import Client
+
+    rng = np.random.default_rng(2024)
+    tests, per_arm = 500, 2000
+    users = tests * 2 * per_arm
+    k = rng.integers(1, 6, users)
+    paying = rng.random(users) < 0.3
+    user = np.repeat(np.arange(users), k)
+    n = len(user)
+    revenue = np.where(np.repeat(paying, k), rng.lognormal(3.0, 1.5, n), 0.0)
+    test = user // (2 * per_arm)
+    variant = np.where((user // per_arm) % 2 == 0, "control", "treatment")
+    table = pa.table({"timestamp": pa.array((1_735_689_600 + (user % 86_400)) * 1_000_000_000, pa.int64()),
+                      "user_id": pa.array(user.astype(str)), "test_id": pa.array(np.char.add("aa_", test.astype(str))),
+                      "variant": pa.array(variant), "event_type": pa.array(np.full(n, "purchase")),
+                      "conversion": pa.array((revenue > 0).astype(np.int64)), "revenue": pa.array(revenue),
+                      "session_id": pa.array(np.full(n, "")), "device": pa.array(np.full(n, "mobile")),
+                      "country": pa.array(np.full(n, "US"))})
+    covered = {"absolute": 0, "delta": 0, "fieller": 0}
+    with Client(server.address, timeout=120) as client:
+        client.ingest_table(table, batch_size=100_000)
+        for i in range(tests):
+            delta = next(c for c in client.summary(f"aa_{i}").analysis.comparisons if c.metric == "revenue_per_user")
+            fieller = next(c for c in client.summary(f"aa_{i}", relative_interval="fieller").analysis.comparisons
+                           if c.metric == "revenue_per_user")
+            covered["absolute"] += delta.absolute.ci_low <= 0 <= delta.absolute.ci_high
+            covered["delta"] += delta.relative.ci_low <= 0 <= delta.relative.ci_high
+            covered["fieller"] += fieller.relative.ci_low <= 0 <= fieller.relative.ci_high
+    coverage = {name: hits / tests for name, hits in covered.items()}
+    print("A/A revenue per user, 500 tests: " + ", ".join(
+        f"{name} coverage {c:.1%}, false positives {1 - c:.1%}" for name, c in coverage.items()))
+    assert coverage["fieller"] == coverage["absolute"]
+    assert 0.93 <= coverage["fieller"] <= 0.97

@@ -256,7 +256,7 @@ function testQuery() {
   const p = new URL(location.href).searchParams;
   const out = new URLSearchParams();
   for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
-                   "exclude_multi_variant_users"]) {
+                   "exclude_multi_variant_users", "relative_interval"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -284,6 +284,8 @@ function controls(data) {
       "Sequential (peeking-safe)"),
     select("correction", "Correction", [["none", "none"], ["holm", "Holm"], ["benjamini_hochberg", "Benjamini–Hochberg"]],
       o.correction),
+    select("relative_interval", "Relative interval", [["delta", "delta method"], ["fieller", "Fieller"]],
+      o.relative_interval),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "exclude_multi_variant_users",
                                                 checked: o.exclude_multi_variant_users }),
       "Leave out users seen in several variants"),
@@ -360,7 +362,8 @@ function comparisonsTable(data) {
            h("span", { class: "ci" }, `${signed(pct(r.ci_low), r.ci_low)} to ${signed(pct(r.ci_high), r.ci_high)}`)]
         : h("span", { class: "muted" }, r.message || "no relative lift");
       return h("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-outcome": kind, class: kind }, head,
-        cell(r.status === "ok" ? r.estimate : "", lift, { "data-field": "relative_lift", class: "num" }),
+        cell(r.status === "ok" ? r.estimate : "", lift, { "data-field": "relative_lift", class: "num",
+                                                         "data-ci-low": r.ci_low ?? "", "data-ci-high": r.ci_high ?? "" }),
         cell(c.absolute.estimate, difference(c.metric, c.absolute), { "data-field": "absolute_lift", class: "num" }),
         cell(c.adjusted_p_value, pValue(c.adjusted_p_value), { "data-field": "p_value", class: "num" }),
         cell(c.chance_to_win, pct(c.chance_to_win), { "data-field": "chance_to_win", class: "num" }));

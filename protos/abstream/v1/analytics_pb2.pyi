@@ -50,6 +50,13 @@ class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARISON_STATUS_ZERO_TREATMENT: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_NOT_FINITE: _ClassVar[ComparisonStatus]
     COMPARISON_STATUS_NO_CONTROL: _ClassVar[ComparisonStatus]
+    COMPARISON_STATUS_UNBOUNDED: _ClassVar[ComparisonStatus]
+
+class RelativeInterval(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELATIVE_INTERVAL_UNSPECIFIED: _ClassVar[RelativeInterval]
+    RELATIVE_INTERVAL_DELTA: _ClassVar[RelativeInterval]
+    RELATIVE_INTERVAL_FIELLER: _ClassVar[RelativeInterval]
 
 class HealthStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -82,6 +89,10 @@ COMPARISON_STATUS_ZERO_CONTROL_MEAN: ComparisonStatus
 COMPARISON_STATUS_ZERO_TREATMENT: ComparisonStatus
 COMPARISON_STATUS_NOT_FINITE: ComparisonStatus
 COMPARISON_STATUS_NO_CONTROL: ComparisonStatus
+COMPARISON_STATUS_UNBOUNDED: ComparisonStatus
+RELATIVE_INTERVAL_UNSPECIFIED: RelativeInterval
+RELATIVE_INTERVAL_DELTA: RelativeInterval
+RELATIVE_INTERVAL_FIELLER: RelativeInterval
 HEALTH_STATUS_UNSPECIFIED: HealthStatus
 HEALTH_STATUS_HEALTHY: HealthStatus
 HEALTH_STATUS_WARNING: HealthStatus
@@ -186,7 +197,7 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval")
     class ExpectedWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +215,7 @@ class AnalysisOptions(_message.Message):
     SRM_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_MULTI_VARIANT_USERS_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -214,7 +226,8 @@ class AnalysisOptions(_message.Message):
     srm_threshold: float
     correction: Correction
     exclude_multi_variant_users: bool
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ...) -> None: ...
+    relative_interval: RelativeInterval
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ...) -> None: ...
 
 class Lift(_message.Message):
     __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status", "status_message")
