@@ -124,6 +124,18 @@ def _split(text: str) -> dict[str, float]:
     return out
 
 
+def _guardrails(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, margin = part.partition("=")
+        try:
+            out[name.strip()] = float(margin.strip().removesuffix("%")) / (100 if margin.strip().endswith("%") else 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: guardrails are metric=margin[,metric=margin...], e.g. "
+                                             "revenue_per_user=2%,conversion=0.01") from None
+    return out
+
+
 def _prior(text: str) -> tuple[float, float]:
     try:
         mean, variance = (float(x) for x in text.split(","))
@@ -171,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="planned split for the sample ratio check (default: the experiment's, else equal)")
         a.add_argument("--prior", type=_prior, metavar="MEAN,VARIANCE",
                        help="normal prior on the relative lift for chance to win (default: flat)")
+        a.add_argument("--guardrails", type=_guardrails, metavar="METRIC=MARGIN,...",
+                       help="guardrail metrics with their non-inferiority margins, relative (revenue_per_user=2%%: "
+                            "at most 2%% worse), each tested one-sided")
         a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
                        help="the relative lift's interval: delta method (default) or Fieller's, which holds "
                             "where the control's mean is uncertain (heavy-tailed revenue)")
@@ -721,8 +736,14 @@ def _comparisons(analysis) -> list[dict[str, Any]]:
                      "p_value": f"{c.absolute.p_value:.4f}", "chance_to_win": lift.status_message}
         else:
             shown = {"lift": "-", "interval": "-", "p_value": "-", "chance_to_win": c.status_message}
-        out.append({"variant": c.variant, "metric": c.metric, "control": c.control_mean, "treatment": c.treatment_mean,
-                    **shown})
+        row = {"variant": c.variant, "metric": c.metric, "control": c.control_mean, "treatment": c.treatment_mean,
+               **shown}
+        if any(x.guardrail for x in analysis.comparisons):
+            g = c.guardrail
+            row["guardrail"] = ("" if g is None else g.status_message if g.status != "ok" else
+                                f"{'non-inferior' if g.non_inferior else 'NOT shown non-inferior'} at -{g.margin:.2%} "
+                                f"(bound {g.lower_bound:+.2%}, p {g.p_value:.4f})")
+        out.append(row)
     return out
 
 
@@ -731,7 +752,9 @@ def _analysis_text(analysis, heading: str) -> str:
     return (f"\n{heading} compared with {analysis.control_variant!r} (sample ratio {srm}, p = "
             f"{analysis.srm_p_value:.4g}):\n" + _table(_comparisons(analysis),
                                                        ["variant", "metric", "control", "treatment", "lift", "interval",
-                                                        "p_value", "chance_to_win"]))
+                                                        "p_value", "chance_to_win"]
+                                                       + (["guardrail"] if any(c.guardrail for c in
+                                                                               analysis.comparisons) else [])))
 
 
 def _health_text(health) -> str:
@@ -742,7 +765,7 @@ def _health_text(health) -> str:
 def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
             "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior,
-            "relative_interval": args.relative_interval}
+            "relative_interval": args.relative_interval, "guardrails": args.guardrails}
 
 
 def _empty(result_rows, args) -> None:

@@ -97,6 +97,18 @@ class Lift:
 
 
 @dataclass(frozen=True)
+class Guardrail:
+    """A guardrail metric's non-inferiority test."""
+
+    margin: float
+    non_inferior: bool
+    p_value: float
+    lower_bound: float
+    status: str
+    status_message: str
+
+
+@dataclass(frozen=True)
 class Comparison:
     """One treatment against the control on one metric."""
 
@@ -113,6 +125,7 @@ class Comparison:
     posterior_mean: float
     status: str
     status_message: str
+    guardrail: Guardrail | None = None  # when the metric is a guardrail
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,13 @@ def _analysis(a: pb.Analysis) -> Analysis:
         Comparison(c.variant, _name(pb.Metric, c.metric, "METRIC_"), c.control_mean, c.treatment_mean,
                    _lift(c.absolute), _lift(c.relative), c.degrees_of_freedom, c.chance_to_win, c.risk_control,
                    c.risk_treatment, c.posterior_mean, _name(pb.ComparisonStatus, c.status, "COMPARISON_STATUS_"),
-                   c.status_message) for c in a.comparisons])
+                   c.status_message, _guardrail(c.guardrail) if c.HasField("guardrail") else None)
+        for c in a.comparisons])
+
+
+def _guardrail(g: pb.Guardrail) -> Guardrail:
+    return Guardrail(g.margin, g.non_inferior, g.p_value, g.lower_bound,
+                     _name(pb.ComparisonStatus, g.status, "COMPARISON_STATUS_"), g.status_message)
 
 
 class _Table:
@@ -353,10 +372,12 @@ def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tu
 def _analysis_options(control: str = "", confidence: float | None = None, sequential: bool = False,
                       correction: str = "", expected_weights: dict[str, float] | None = None,
                       prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
-                      relative_interval: str = "", **raw: Any) -> pb.AnalysisOptions:
+                      relative_interval: str = "", guardrails: dict[str, float] | None = None,
+                      **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
                                  expected_weights=expected_weights or {},
-                                 exclude_multi_variant_users=exclude_multi_variant_users)
+                                 exclude_multi_variant_users=exclude_multi_variant_users,
+                                 guardrail_margins=guardrails or {})
     if relative_interval:
         if relative_interval not in ("delta", "fieller"):
             raise ValueError(f"relative_interval must be delta or fieller, not {relative_interval!r}")
@@ -401,7 +422,8 @@ class Client:
                 timeout: float | None = None, **options: Any) -> Summary:
         """Per-variant results, the comparisons with the control and the experiment's health.
         `options`: control, confidence, sequential, correction, expected_weights, prior (mean,
-        variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"); `analysis`
+        variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"), guardrails
+        ({metric: relative margin}); `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))

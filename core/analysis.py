@@ -70,8 +70,12 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
                                      relative_interval=options.relative_interval) for t in treatments]
             absolute = stats.adjust_p_values([r.absolute.p_value for r in results], options.correction)
             relative = stats.adjust_p_values([r.relative.p_value for r in results], options.correction)
-            comparisons += [MetricComparison(variants[t], metric, r, a, rel)
-                            for t, r, a, rel in zip(treatments, results, absolute, relative)]
+            margin = options.guardrails.get(metric)
+            guardrails = [None if margin is None else stats.non_inferiority(
+                r.relative, margin, r.dof, confidence=options.confidence, sequential=options.sequential,
+                n=arms[c].n + arms[t].n, n_star=options.n_star) for t, r in zip(treatments, results)]
+            comparisons += [MetricComparison(variants[t], metric, r, a, rel, g)
+                            for t, r, a, rel, g in zip(treatments, results, absolute, relative, guardrails)]
     elif control:
         why = f"the control {control!r} has no users here: nothing is compared"
         missing_control = stats.Estimate(status=stats.NO_CONTROL, message=why)

@@ -85,6 +85,7 @@ class AnalysisOptions:
     correction: str = "none"
     exclude_multi_variant_users: bool = False  # Summary: users seen in several variants left out
     relative_interval: str = "delta"  # or "fieller" (stats.RELATIVE_INTERVALS)
+    guardrails: dict[str, float] = field(default_factory=dict)  # metric -> non-inferiority margin (relative)
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -93,6 +94,12 @@ class AnalysisOptions:
                                                       f"{MAX_DISTINCT['variant']:,} variants")
         for variant in self.expected_weights:
             check_query_string("expected_weights", variant)
+        for metric, margin in self.guardrails.items():
+            if metric not in METRICS:
+                raise InvalidArgument("guardrails", f"{metric[:32]!r} is not a metric: use {', '.join(METRICS)}")
+            if not 0 < margin <= 1:
+                raise InvalidArgument("guardrails", f"the margin of {metric} must be a share above 0 and at most 1 "
+                                                    f"(0.02: at most 2% worse), got {margin}")
         if self.relative_interval not in ("delta", "fieller"):
             raise InvalidArgument("relative_interval", f"must be delta or fieller, not {self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:
@@ -454,6 +461,7 @@ class MetricComparison:
     result: stats.Comparison
     adjusted_absolute_p: float
     adjusted_relative_p: float
+    guardrail: stats.NonInferiority | None = None  # when the metric is a guardrail
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from abstream.rest.pipes import Answer
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson",
                  "parquet": "application/vnd.apache.parquet"}
 _ARROW = {"String": pa.string(), "UInt64": pa.uint64(), "UInt8": pa.uint8(), "Int64": pa.int64(),
-          "Float64": pa.float64(), "DateTime": pa.string(), "Array(String)": pa.list_(pa.string())}
+          "Float64": pa.float64(), "DateTime": pa.string(), "Array(String)": pa.list_(pa.string()),
+          "Nullable(Float64)": pa.float64(), "Nullable(UInt8)": pa.uint8()}
 
 
 def _json(answer: Answer) -> bytes:

@@ -120,6 +120,19 @@ class Params:
         except ValueError:
             raise InvalidArgument(name, f"must be a number, not {value[:32]!r}") from None
 
+    def margins(self, name: str) -> dict[str, float]:
+        """metric:margin[,metric:margin...] (a margin a share, 0.02, or a percentage, 2%)."""
+        out = {}
+        for part in filter(None, self.get(name).split(",")):
+            metric, _, margin = part.replace("=", ":").partition(":")
+            text = margin.strip()
+            try:
+                out[metric.strip()] = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+            except ValueError:
+                raise InvalidArgument(name, f"{part[:64]!r}: give metric:margin[,metric:margin...], e.g. "
+                                            "revenue_per_user:0.02") from None
+        return out
+
     def choice(self, name: str, choices: dict[str, Any], default: str) -> Any:
         value = self.get(name, default).strip().lower()
         if value not in choices:
@@ -132,6 +145,7 @@ class Params:
                                exclude_multi_variant_users=self.boolean("exclude_multi_variant_users"),
                                relative_interval=self.choice("relative_interval", {"delta": "delta",
                                                                                    "fieller": "fieller"}, "delta"),
+                               guardrails=self.margins("guardrails"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))
@@ -202,7 +216,8 @@ _RESULT_COLUMNS = [
     ("adjusted_p_value", "Float64"), ("chance_to_win", "Float64"), ("status", "String"), ("status_message", "String"),
     ("srm_p_value", "Float64"), ("sample_ratio_mismatch", "UInt8"), ("health", "String"),
     ("health_reasons", "Array(String)"), ("multi_variant_users", "UInt64"), ("events_before_start", "UInt64"),
-    ("future_events", "UInt64")]
+    ("future_events", "UInt64"), ("guardrail_margin", "Nullable(Float64)"), ("non_inferior", "Nullable(UInt8)"),
+    ("non_inferiority_p_value", "Nullable(Float64)"), ("non_inferiority_lower_bound", "Nullable(Float64)")]
 
 
 async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
@@ -225,8 +240,17 @@ async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
                      "chance_to_win": x.chance_to_win, "status": x.status, "status_message": x.message,
                      "srm_p_value": a.srm_p_value, "sample_ratio_mismatch": int(a.srm_flagged),
                      "health": h.status, "health_reasons": h.reasons, "multi_variant_users": h.multi_variant_users,
-                     "events_before_start": h.events_before_start, "future_events": h.future_events})
+                     "events_before_start": h.events_before_start, "future_events": h.future_events,
+                     **_guardrail_columns(c.guardrail)})
     return Answer(_RESULT_COLUMNS, rows, r.stats.events_scanned, r.stats.elapsed_ns / 1e9)
+
+
+def _guardrail_columns(g) -> dict[str, Any]:
+    if g is None or g.status != "ok":
+        return {"guardrail_margin": g.margin if g else None, "non_inferior": None, "non_inferiority_p_value": None,
+                "non_inferiority_lower_bound": None}
+    return {"guardrail_margin": g.margin, "non_inferior": int(g.non_inferior), "non_inferiority_p_value": g.p_value,
+            "non_inferiority_lower_bound": g.lower_bound}
 
 
 _QUARANTINE_COLUMNS = [("received_at", "DateTime"), ("field", "String"), ("error", "String"),

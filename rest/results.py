@@ -212,7 +212,11 @@ class ResultsPage:
                         "relative": _estimate(c.result.relative), "chance_to_win": finite(c.result.chance_to_win),
                         "adjusted_p_value": finite(c.adjusted_relative_p if c.result.relative.status == "ok"
                                                    else c.adjusted_absolute_p),
-                        "status": c.result.status, "message": c.result.message}
+                        "status": c.result.status, "message": c.result.message,
+                        "guardrail": None if c.guardrail is None else {
+                            "margin": c.guardrail.margin, "non_inferior": c.guardrail.non_inferior,
+                            "p_value": finite(c.guardrail.p_value), "lower_bound": finite(c.guardrail.lower_bound),
+                            "status": c.guardrail.status, "message": c.guardrail.message}}
                        for c in (a.comparisons if a else [])]
         answer = {
             "test": _test(info), "status": status_of(a, options.confidence),
@@ -221,6 +225,7 @@ class ResultsPage:
                         "sequential": options.sequential, "correction": options.correction,
                         "exclude_multi_variant_users": options.exclude_multi_variant_users,
                         "relative_interval": options.relative_interval,
+                        "guardrails": ",".join(f"{m}:{v:g}" for m, v in options.guardrails.items()),
                         "interval": interval.name.lower(), "dimension": dimension.value},
             "variants": _metric_rows(summary.variants, summary.metrics),
             "srm": {"p_value": finite(a.srm_p_value) if a else None, "flagged": bool(a and a.srm_flagged)},

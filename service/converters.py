@@ -229,7 +229,15 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
         exclude_multi_variant_users=o.exclude_multi_variant_users,
         relative_interval=_enum(RELATIVE_INTERVALS, o.relative_interval, "analysis.relative_interval",
                                 pb.RelativeInterval),
+        guardrails=dict(o.guardrail_margins),
     )
+
+
+def _guardrail(g) -> pb.Guardrail | None:
+    if g is None:
+        return None
+    return pb.Guardrail(margin=g.margin, non_inferior=g.non_inferior, p_value=g.p_value, lower_bound=g.lower_bound,
+                        status=STATUSES[g.status], status_message=g.message)
 
 
 HEALTH = {"healthy": pb.HEALTH_STATUS_HEALTHY, "warning": pb.HEALTH_STATUS_WARNING,
@@ -257,7 +265,8 @@ def analysis_message(a: Analysis) -> pb.Analysis:
             relative=_lift(c.result.relative, c.adjusted_relative_p), degrees_of_freedom=c.result.dof,
             chance_to_win=c.result.chance_to_win, risk_control=c.result.risk_control,
             risk_treatment=c.result.risk_treatment, posterior_mean=c.result.posterior_mean,
-            status=STATUSES[c.result.status], status_message=c.result.message) for c in a.comparisons])
+            status=STATUSES[c.result.status], status_message=c.result.message,
+            guardrail=_guardrail(c.guardrail)) for c in a.comparisons])
 
 
 def summary_query(request: pb.SummaryRequest) -> SummaryQuery:

@@ -12,14 +12,17 @@ from abstream.stats.core import (
     Arm,
     Comparison,
     Estimate,
+    NonInferiority,
     adjust_p_values,
     arm_from_sums,
     binomial_arm,
     compare,
     fieller_interval,
+    non_inferiority,
     srm_p_value,
 )
 from abstream.stats.power import detectable_effect, sample_size
 
 __all__ = ["detectable_effect", "sample_size", "NO_CONTROL", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
-           "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare", "fieller_interval", "srm_p_value"]
+           "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare", "fieller_interval", "non_inferiority",
+           "NonInferiority", "srm_p_value"]

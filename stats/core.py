@@ -245,6 +245,38 @@ def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequentia
                       posterior_mean=mean, status=status, message=message)
 
 
+@dataclass(frozen=True)
+class NonInferiority:
+    """A guardrail: whether the treatment is no worse than the control by more than `margin`
+    (relative), by a one-sided test of H0: lift <= -margin."""
+
+    margin: float
+    non_inferior: bool
+    p_value: float  # of H0; non-inferior when below alpha
+    lower_bound: float  # the one-sided (1 - alpha) lower confidence bound of the relative lift
+    status: str = OK
+    message: str = ""
+
+
+def non_inferiority(relative: Estimate, margin: float, dof: float, *, confidence: float = 0.95,
+                    sequential: bool = False, n: int = 0, n_star: float = 5000) -> NonInferiority:
+    """The one-sided test of a relative lift against -margin: t = (r + margin) / se, p = 1 -
+    T_dof(t), bound r - t_{1-alpha, dof} se; sequential, the confidence sequence at 2 alpha
+    (one side of it holds at alpha at every look) and its p-value halved."""
+    if relative.status != OK:
+        return NonInferiority(margin, False, 1.0, 0.0, relative.status, relative.message or
+                              "the relative lift could not be computed")
+    alpha = 1 - confidence
+    r, se = relative.estimate, relative.se
+    if sequential:
+        bound = r - sequential_half_width(se, n, 2 * alpha, n_star)
+        p = _sequential_p_value(r + margin, se, n, n_star) / 2 if r + margin > 0 else 1.0
+    else:
+        bound = r - float(special.stdtrit(dof, confidence)) * se
+        p = float(special.stdtr(dof, -(r + margin) / se))
+    return NonInferiority(margin, bool(bound > -margin), min(max(p, 0.0), 1.0), bound)
+
+
 def srm_p_value(users: list[int] | np.ndarray, weights: list[float] | np.ndarray | None = None) -> float:
     """Pearson chi-square p-value of users per arm against expected weights (equal when None)."""
     users = np.asarray(users, dtype=np.float64)

@@ -364,6 +364,14 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
         expected = client.summary("opts", control="base", relative_interval="fieller").analysis.comparisons
     assert [(c["relative"]["ci_low"], c["relative"]["ci_high"]) for c in fieller["analysis"]["comparisons"]] == [
         (c.relative.ci_low, c.relative.ci_high) for c in expected]
+    guarded = run("summary", "opts", "--control", "base", "--guardrails", "conversion=50%", "--addr", server.address)
+    with Client(server.address) as client:
+        verdict = next(c.guardrail for c in client.summary("opts", control="base", guardrails={"conversion": 0.5})
+                       .analysis.comparisons if c.metric == "conversion")
+    shown = "non-inferior" if verdict.non_inferior else "NOT shown non-inferior"
+    assert f"{shown} at -50.00% (bound {verdict.lower_bound:+.2%}, p {verdict.p_value:.4f})" in guarded.stdout
+    assert "guardrails are metric=margin" in run("summary", "opts", "--guardrails", "conversion", "--addr",
+                                                 server.address).stderr
     with Client(server.address) as client:
         wide = client.summary("opts", control="base", confidence=0.99, device="mobile")
         narrow = client.summary("opts", control="base", confidence=0.9, device="mobile")

@@ -244,12 +244,21 @@ def test_pipes_answer_what_grpc_answers(http):
     assert [(r["relative_ci_low"], r["relative_ci_high"]) for r in f["data"]] == [
         (c.relative.ci_low, c.relative.ci_high) for c in fieller]
     assert http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&relative_interval=bootstrap")[0] == 400
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        guarded = client.summary("checkout", guardrails={"revenue_per_user": 0.05}).analysis.comparisons
+    _, g = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&guardrails=revenue_per_user:5%25")
+    assert [(r["guardrail_margin"], r["non_inferior"], r["non_inferiority_p_value"]) for r in g["data"]] == [
+        (c.guardrail.margin, int(c.guardrail.non_inferior), c.guardrail.p_value) if c.guardrail else (None, None, None)
+        for c in guarded]
+    assert any(c.guardrail for c in guarded)
+    status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&guardrails=revenue_per_user:lots")
+    assert status == 400 and bad["error"].startswith("guardrails:")
     _, excluded = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&exclude_multi_variant_users=1")
     assert excluded["data"][0]["multi_variant_users"] == results.health.multi_variant_users
     status, _, body = http.call("GET", "/v0/pipes/test_results.csv?test_id=checkout")
     header = body.decode().splitlines()[0].split(",")
-    assert status == 200 and header[-5:] == ['"health"', '"health_reasons"', '"multi_variant_users"',
-                                             '"events_before_start"', '"future_events"']
+    assert status == 200 and header[-9:-4] == ['"health"', '"health_reasons"', '"multi_variant_users"',
+                                               '"events_before_start"', '"future_events"']
 
 
 def test_every_format_of_a_pipe(http):

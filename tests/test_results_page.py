@@ -223,6 +223,21 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     page.locator('select[name="relative_interval"]').select_option("fieller")
     rendered(page, before + 1)
     assert "relative_interval=fieller" in page.url
+    before = renders(page)
+    page.locator('input[name="guardrails"]').fill("revenue_per_user:0.05")
+    page.locator('input[name="guardrails"]').press("Enter")
+    page.locator('input[name="guardrails"]').blur()
+    rendered(page, before + 1)
+    with grpc(server) as client:
+        guarded = client.summary("checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
+                                 sequential=True, relative_interval="fieller",
+                                 guardrails={"revenue_per_user": 0.05}).analysis.comparisons
+    for c in guarded:
+        row = f'#comparisons tr[data-variant="{c.variant}"][data-metric="{c.metric}"] td[data-field="guardrail"]'
+        if c.guardrail:
+            assert value(page, row) == int(c.guardrail.non_inferior)
+        else:
+            assert page.locator(row).count() == 0
     assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
                         sequential=True, relative_interval="fieller")
 

@@ -125,6 +125,44 @@ def test_requested_options_are_applied(loaded):
             assert c.posterior_mean == pytest.approx(w.posterior_mean, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_guardrails_are_tested_for_non_inferiority_as_the_pure_function_does(loaded, sequential):
+    """Guardrail metrics get a one-sided non-inferiority verdict per treatment, the others none;
+    what the server says is the pure function's on the same arms (both engines); a bad metric
+    or margin is INVALID_ARGUMENT naming the field."""
+    from abstream.stats import non_inferiority
+
+    stub, events = loaded
+    arms = arms_from_events(events)
+    options = pb.AnalysisOptions(guardrail_margins={"revenue_per_user": 0.05, "conversion": 0.5},
+                                 sequential=sequential)
+    a = stub.Summary(pb.SummaryRequest(test_id="exp", analysis=options), timeout=30).analysis
+    verdicts = {}
+    for c in a.comparisons:
+        metric = METRIC_OF[c.metric]
+        if c.metric == pb.METRIC_CONVERSIONS_PER_USER:
+            assert not c.HasField("guardrail")
+            continue
+        r = compare(arms["control"][metric], arms[c.variant][metric], sequential=sequential)
+        want = non_inferiority(r.relative, options.guardrail_margins[
+            "revenue_per_user" if metric == "revenue" else "conversion"], r.dof, sequential=sequential,
+            n=arms["control"][metric].n + arms[c.variant][metric].n)
+        g = c.guardrail
+        assert (g.margin, g.non_inferior, g.status) == (want.margin, want.non_inferior, pb.COMPARISON_STATUS_OK)
+        assert g.p_value == pytest.approx(want.p_value, rel=1e-9, abs=1e-15)
+        assert g.lower_bound == pytest.approx(want.lower_bound, rel=1e-9, abs=1e-12)
+        assert g.non_inferior == (g.p_value < 0.05) == (g.lower_bound > -g.margin)
+        verdicts[(c.variant, metric)] = g.non_inferior
+    assert verdicts[("faster", "revenue")] and verdicts[("faster", "conversion")]  # faster is better: non-inferior
+    for bad, field in (({"sessions": 0.1}, "guardrails"), ({"conversion": 0.0}, "guardrails"),
+                       ({"conversion": 2.0}, "guardrails")):
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Summary(pb.SummaryRequest(test_id="exp", analysis=pb.AnalysisOptions(guardrail_margins=bad)),
+                         timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(raised.value).field_violations[0].field == field
+
+
 def test_segments_compare_variants_within_each_segment(loaded):
     stub, events = loaded
     response = stub.Segments(pb.SegmentsRequest(test_id="exp", dimension=pb.DIMENSION_DEVICE), timeout=30)

@@ -261,3 +261,46 @@ def test_fieller_holds_where_the_delta_method_under_covers_heavy_tailed_revenue(
         f"{name} coverage {c:.1%}, false positives {1 - c:.1%}" for name, c in coverage.items()))
     assert coverage["fieller"] == coverage["absolute"]
     assert 0.93 <= coverage["fieller"] <= 0.97
+
+
+def test_non_inferiority_is_the_textbook_one_sided_test_and_holds_its_error_at_the_margin():
+    """The one-sided test written here from the formula (scipy.stats.t); then simulations at a
+    true lift of exactly -margin: the share of tests that wrongly declare non-inferiority is
+    alpha, fixed-horizon, and at most alpha for the sequential test looked at 30 times."""
+    from abstream.stats import non_inferiority
+    from scipy import stats as scipy_stats
+
+    c, t = Arm(50_000, 0.10, 0.09), Arm(50_000, 0.101, 0.0908)
+    r = compare(c, t)
+    g = non_inferiority(r.relative, 0.05, r.dof)
+    z = (r.relative.estimate + 0.05) / r.relative.se
+    assert g.p_value == pytest.approx(scipy_stats.t.sf(z, r.dof), rel=1e-9)
+    assert g.lower_bound == pytest.approx(r.relative.estimate - scipy_stats.t.ppf(0.95, r.dof) * r.relative.se)
+    assert g.non_inferior and g.p_value < 0.05
+    assert non_inferiority(compare(Arm(1, 0.1, 0.0), t).relative, 0.05, 0.0).status == NOT_ENOUGH_DATA
+
+    rng = np.random.default_rng(8)
+    margin, p_c, n = 0.05, 0.10, 20_000
+    p_t = p_c * (1 - margin)  # exactly at the margin: non-inferiority must be declared in 5% of tests
+    sims = 4000
+    wrong = 0
+    for _ in range(sims):
+        ca, ta = binomial_arm(n, int(rng.binomial(n, p_c))), binomial_arm(n, int(rng.binomial(n, p_t)))
+        r = compare(ca, ta)
+        wrong += non_inferiority(r.relative, margin, r.dof).non_inferior
+    rate = wrong / sims
+    looks, sequential_wrong, sequential_sims = 30, 0, 400
+    for _ in range(sequential_sims):
+        xc = rng.random(n) < p_c
+        xt = rng.random(n) < p_t
+        for k in range(1, looks + 1):
+            m = n * k // looks
+            ca, ta = binomial_arm(m, int(xc[:m].sum())), binomial_arm(m, int(xt[:m].sum()))
+            r = compare(ca, ta, sequential=True, n_star=2 * n)
+            if non_inferiority(r.relative, margin, r.dof, sequential=True, n=2 * m, n_star=2 * n).non_inferior:
+                sequential_wrong += 1
+                break
+    print(f"non-inferiority at the margin: {rate:.2%} declared (fixed horizon, {sims} tests), "
+          f"{sequential_wrong / sequential_sims:.2%} at any of {looks} looks (sequential)")
+    assert 0.04 <= rate <= 0.06
+    assert sequential_wrong / sequential_sims <= 0.06

@@ -256,7 +256,7 @@ function testQuery() {
   const p = new URL(location.href).searchParams;
   const out = new URLSearchParams();
   for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
-                   "exclude_multi_variant_users", "relative_interval"]) {
+                   "exclude_multi_variant_users", "relative_interval", "guardrails"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -286,6 +286,9 @@ function controls(data) {
       o.correction),
     select("relative_interval", "Relative interval", [["delta", "delta method"], ["fieller", "Fieller"]],
       o.relative_interval),
+    h("label", {}, "Guardrails", h("input", { type: "text", name: "guardrails", value: o.guardrails || "",
+                                              placeholder: "revenue_per_user:0.02", size: 22,
+                                              title: "metric:margin,… — each treatment tested for being at most that much worse" })),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "exclude_multi_variant_users",
                                                 checked: o.exclude_multi_variant_users }),
       "Leave out users seen in several variants"),
@@ -344,10 +347,16 @@ function variantsTable(data) {
 function comparisonsTable(data) {
   const confidence = data.options.confidence;
   const level = `${Math.round(confidence * 100)}%`;
+  const guarded = data.comparisons.some((c) => c.guardrail);
   return h("table", { id: "comparisons" },
     h("thead", {}, h("tr", {}, ["Variant", "Metric", "Control", "Variant's", `Lift (${level} interval)`,
-      "Difference", "p-value", "Chance to win"].map((t) => h("th", { scope: "col" }, t)))),
+      "Difference", "p-value", "Chance to win", ...(guarded ? ["Guardrail"] : [])].map((t) => h("th", { scope: "col" }, t)))),
     h("tbody", {}, data.comparisons.map((c) => {
+      const guard = !guarded ? [] : [c.guardrail
+        ? cell(c.guardrail.non_inferior ? 1 : 0, c.guardrail.status !== "ok" ? (c.guardrail.message || c.guardrail.status)
+          : `${c.guardrail.non_inferior ? "non-inferior" : "not shown non-inferior"} at −${pct(c.guardrail.margin)}`,
+               { "data-field": "guardrail" })
+        : h("td", {}, "")];
       const kind = outcome(c, confidence);
       const r = c.relative;
       const head = [h("th", { scope: "row" }, c.variant), h("td", {}, METRIC_LABELS[c.metric] || c.metric),
@@ -355,7 +364,7 @@ function comparisonsTable(data) {
         cell(c.treatment_mean, metricValue(c.metric, c.treatment_mean), { class: "num" })];
       if (kind === "unavailable") {
         return h("tr", { "data-variant": c.variant, "data-metric": c.metric, class: "unavailable" }, head,
-          h("td", { colspan: 4, class: "message", "data-field": "message" }, c.message || c.status));
+          h("td", { colspan: 4, class: "message", "data-field": "message" }, c.message || c.status), ...guard);
       }
       const lift = r.status === "ok"
         ? [signed(pct(r.estimate), r.estimate),
@@ -366,7 +375,7 @@ function comparisonsTable(data) {
                                                          "data-ci-low": r.ci_low ?? "", "data-ci-high": r.ci_high ?? "" }),
         cell(c.absolute.estimate, difference(c.metric, c.absolute), { "data-field": "absolute_lift", class: "num" }),
         cell(c.adjusted_p_value, pValue(c.adjusted_p_value), { "data-field": "p_value", class: "num" }),
-        cell(c.chance_to_win, pct(c.chance_to_win), { "data-field": "chance_to_win", class: "num" }));
+        cell(c.chance_to_win, pct(c.chance_to_win), { "data-field": "chance_to_win", class: "num" }), ...guard);
     })));
 }
 

@@ -197,8 +197,15 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins")
     class ExpectedWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GuardrailMarginsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +223,7 @@ class AnalysisOptions(_message.Message):
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_MULTI_VARIANT_USERS_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAIL_MARGINS_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -227,7 +235,24 @@ class AnalysisOptions(_message.Message):
     correction: Correction
     exclude_multi_variant_users: bool
     relative_interval: RelativeInterval
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ...) -> None: ...
+    guardrail_margins: _containers.ScalarMap[str, float]
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Guardrail(_message.Message):
+    __slots__ = ("margin", "non_inferior", "p_value", "lower_bound", "status", "status_message")
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    NON_INFERIOR_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    margin: float
+    non_inferior: bool
+    p_value: float
+    lower_bound: float
+    status: ComparisonStatus
+    status_message: str
+    def __init__(self, margin: _Optional[float] = ..., non_inferior: _Optional[bool] = ..., p_value: _Optional[float] = ..., lower_bound: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class Lift(_message.Message):
     __slots__ = ("estimate", "standard_error", "ci_low", "ci_high", "p_value", "adjusted_p_value", "status", "status_message")
@@ -250,7 +275,7 @@ class Lift(_message.Message):
     def __init__(self, estimate: _Optional[float] = ..., standard_error: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., adjusted_p_value: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class MetricComparison(_message.Message):
-    __slots__ = ("variant", "metric", "control_mean", "treatment_mean", "absolute", "relative", "degrees_of_freedom", "chance_to_win", "risk_control", "risk_treatment", "posterior_mean", "status", "status_message")
+    __slots__ = ("variant", "metric", "control_mean", "treatment_mean", "absolute", "relative", "degrees_of_freedom", "chance_to_win", "risk_control", "risk_treatment", "posterior_mean", "status", "status_message", "guardrail")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     CONTROL_MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +289,7 @@ class MetricComparison(_message.Message):
     POSTERIOR_MEAN_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
     variant: str
     metric: Metric
     control_mean: float
@@ -277,7 +303,8 @@ class MetricComparison(_message.Message):
     posterior_mean: float
     status: ComparisonStatus
     status_message: str
-    def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ...) -> None: ...
+    guardrail: Guardrail
+    def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ..., guardrail: _Optional[_Union[Guardrail, _Mapping]] = ...) -> None: ...
 
 class Analysis(_message.Message):
     __slots__ = ("control_variant", "srm_p_value", "sample_ratio_mismatch", "comparisons")
