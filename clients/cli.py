@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     power.add_argument("--power", type=float, default=0.8, help="chance of detecting it (default %(default)s)")
     power.add_argument("--alpha", type=float, default=0.05, help="significance level (default %(default)s)")
     power.add_argument("--control", default="", help="the control variant")
+    power.add_argument("--users", type=int, default=0, dest="users_per_variant",
+                       help="users per variant for the detectable lift and the power (default: the control's so far)")
     formatted(power)
     imports = command("import", "import every new object under an S3 prefix or a server path, exactly once (admin)")
     imports.add_argument("uri", help="s3://bucket/prefix/, s3://bucket/key, or a path on the server")
@@ -854,7 +856,8 @@ def _power(args) -> int:
     from abstream.clients.client import MetricPower
 
     with _client(args) as client:
-        result = client.power(args.test_id, args.mde, power=args.power, alpha=args.alpha, control=args.control)
+        result = client.power(args.test_id, args.mde, power=args.power, alpha=args.alpha, control=args.control,
+                              users_per_variant=args.users_per_variant)
     rows = _flat(result.rows)
     if args.format == "table":
         print(f"to detect a {args.mde:+.1%} relative lift with power {args.power:g} at alpha {args.alpha:g}, "

@@ -330,6 +330,9 @@ class MetricPower:
     users_per_variant: int
     days: float
     status_message: str
+    at_users_per_variant: int = 0  # the users per variant the next two are for
+    detectable_effect: float = 0.0  # the relative lift they detect with the power asked for
+    power: float = 0.0  # their chance to detect the lift asked for
 
 
 @dataclass(frozen=True)
@@ -470,14 +473,18 @@ class Client:
                            for q in r.events], r.total)
 
     def power(self, test_id: str, minimum_detectable_effect: float, *, power: float = 0.8, alpha: float = 0.05,
-              control: str = "", timeout: float | None = None) -> Power:
-        """Users needed per variant to detect a relative lift, from the test's own baseline."""
+              control: str = "", users_per_variant: int = 0, timeout: float | None = None) -> Power:
+        """Users needed per variant to detect a relative lift, from the test's own baseline; and
+        with `users_per_variant` (default: the control's users so far), the lift those users
+        detect and their power to detect the one asked for."""
         r = self._call(self._stub.Power, pb.PowerRequest(test_id=test_id,
                                                          minimum_detectable_effect=minimum_detectable_effect,
-                                                         power=power, alpha=alpha, control_variant=control), timeout)
+                                                         power=power, alpha=alpha, control_variant=control,
+                                                         users_per_variant=users_per_variant), timeout)
         return Power(r.test_id, r.control_variant, [
             MetricPower(_name(pb.Metric, m.metric, "METRIC_"), m.baseline_mean, m.baseline_variance,
-                        m.users_per_variant, m.days, m.status_message) for m in r.metrics])
+                        m.users_per_variant, m.days, m.status_message, m.at_users_per_variant, m.detectable_effect,
+                        m.power) for m in r.metrics])
 
     def ingest_table(self, table: pa.Table, *, producer_id: str = "", sequence: int = 0, batch_size: int = 100_000,
                      timeout: float | None = None) -> list[pb.IngestEventsResponse]:

@@ -103,7 +103,10 @@ def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observ
     for metric in METRICS:
         (arm,) = g.moments.arms(metric, c)
         n, why = stats.sample_size(arm.mean, arm.variance, q.mde, q.alpha, q.power)
-        out.append(MetricPower(metric, arm.mean, arm.variance, n, n / rate if n and rate else 0.0, why))
+        at = q.users_per_variant or users
+        out.append(MetricPower(metric, arm.mean, arm.variance, n, n / rate if n and rate else 0.0, why, at,
+                               stats.detectable_effect(arm.mean, arm.variance, at, q.alpha, q.power),
+                               stats.power_of(arm.mean, arm.variance, at, q.mde, q.alpha)))
     return PowerResult(q.test_id, control, out)
 
 

@@ -287,6 +287,7 @@ class PowerQuery:
     power: float = 0.8
     alpha: float = 0.05
     control_variant: str = ""
+    users_per_variant: int = 0  # for the detectable effect and power (0: the control's users so far)
 
     def check(self) -> None:
         check_range(self.test_id, None, None)
@@ -307,6 +308,9 @@ class MetricPower:
     users_per_variant: int
     days: float
     message: str = ""
+    at_users: int = 0
+    detectable_effect: float = 0.0
+    power: float = 0.0
 
 
 @dataclass(frozen=True)

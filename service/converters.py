@@ -383,13 +383,14 @@ def experiment_message(e: Experiment) -> pb.Experiment:
 
 def power_query(request: pb.PowerRequest) -> PowerQuery:
     return PowerQuery(request.test_id, request.minimum_detectable_effect, request.power or 0.8,
-                      request.alpha or 0.05, request.control_variant)
+                      request.alpha or 0.05, request.control_variant, request.users_per_variant)
 
 
 def power_response(result: PowerResult) -> pb.PowerResponse:
     return pb.PowerResponse(test_id=result.test_id, control_variant=result.control_variant, metrics=[
         pb.MetricPower(metric=METRICS[m.metric], baseline_mean=m.baseline_mean, baseline_variance=m.baseline_variance,
-                       users_per_variant=m.users_per_variant, days=m.days, status_message=m.message)
+                       users_per_variant=m.users_per_variant, days=m.days, status_message=m.message,
+                       at_users_per_variant=m.at_users, detectable_effect=m.detectable_effect, power=m.power)
         for m in result.metrics])
 
 

@@ -21,8 +21,8 @@ from abstream.stats.core import (
     non_inferiority,
     srm_p_value,
 )
-from abstream.stats.power import detectable_effect, sample_size
+from abstream.stats.power import detectable_effect, power_of, sample_size
 
-__all__ = ["detectable_effect", "sample_size", "NO_CONTROL", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
+__all__ = ["detectable_effect", "power_of", "sample_size", "NO_CONTROL", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
            "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare", "fieller_interval", "non_inferiority",
            "NonInferiority", "srm_p_value"]

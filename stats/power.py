@@ -7,7 +7,11 @@ each arm has
 
     n = 2 v (z_{1 - alpha/2} + z_power)^2 / d^2
 
-users (the normal approximation of Welch's test, as the comparisons use for large arms).
+users (the normal approximation of Welch's test, as the comparisons use for large arms). For a
+proportion, v = p (1 - p) of the control's rate. Its two inverses: the relative lift n users per
+arm detect, e = sqrt(2 v / n) (z_{1 - alpha/2} + z_power) / |m|, and the power to detect e with
+n users, Phi(e |m| / sqrt(2 v / n) - z_{1 - alpha/2}) (the far tail, below -d, left out, as in
+n): each undoes the other exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ def sample_size(mean: float, variance: float, mde: float, alpha: float = 0.05, p
 
 def detectable_effect(mean: float, variance: float, users_per_arm: int, alpha: float = 0.05,
                       power: float = 0.8) -> float:
-    """The relative lift that `users_per_arm` users per arm detect with `power`: sample_size's inverse."""
+    """The relative lift that `users_per_arm` users per arm detect with `power`: sample_size's
+    inverse (0 when it cannot be computed: no users, no spread, a zero mean)."""
+    if users_per_arm <= 0 or mean == 0 or not (variance > 0 and math.isfinite(variance)):
+        return 0.0
     z = float(special.ndtri(1 - alpha / 2) + special.ndtri(power))
     return math.sqrt(2 * variance / users_per_arm) * z / abs(mean)
+
+
+def power_of(mean: float, variance: float, users_per_arm: int, mde: float, alpha: float = 0.05) -> float:
+    """The chance that `users_per_arm` users per arm detect a relative lift of `mde` at `alpha`
+    (two-sided): detectable_effect's inverse in `power` (0 when it cannot be computed)."""
+    if users_per_arm <= 0 or mean == 0 or not (variance > 0 and math.isfinite(variance)):
+        return 0.0
+    shift = abs(mde * mean) / math.sqrt(2 * variance / users_per_arm)
+    return float(special.ndtr(shift - special.ndtri(1 - alpha / 2)))

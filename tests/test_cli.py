@@ -628,6 +628,23 @@ def test_sample_size_from_the_tests_own_baseline(server, tmp_path):
     cli = run("power", "power", "--mde", "0.1", "--addr", server.address)
     assert cli.returncode == 0 and f"{expected_conversion:,}" in cli.stdout and "+10.0% relative lift" in cli.stdout
     assert "INVALID_ARGUMENT" in one_line(run("power", "power", "--mde", "0", "--addr", server.address))
+    # the lift the control's 1,000 users (or 5,000) detect, and their power for +10%, as the formula gives
+    conversion = by_metric["conversion"]
+    assert conversion.at_users_per_variant == 1000
+    assert math.isclose(conversion.detectable_effect, math.sqrt(2 * p * (1 - p) / 1000) * z / p, rel_tol=1e-12)
+    assert math.isclose(conversion.power, norm.cdf(0.1 * p / math.sqrt(2 * p * (1 - p) / 1000) - norm.ppf(0.975)),
+                        rel_tol=1e-9)
+    with Client(server.address) as client:
+        at = {m.metric: m for m in client.power("power", 0.1, users_per_variant=5000).rows}
+        # round trip: the lift 5,000 users detect at 80%, asked back, has power 0.8 and needs 5,000 users
+        back = {m.metric: m for m in client.power("power", at["conversion"].detectable_effect,
+                                                  users_per_variant=5000).rows}
+    assert at["conversion"].at_users_per_variant == 5000
+    assert math.isclose(back["conversion"].power, 0.8, rel_tol=1e-12)
+    assert back["conversion"].users_per_variant in (5000, 5001)
+    json_rows = json.loads(run("power", "power", "--mde", "0.1", "--users", "5000", "--addr", server.address,
+                               "--format", "json").stdout)["rows"]
+    assert {r["metric"]: r["power"] for r in json_rows} == {m: at[m].power for m in at}
     empty = json.loads(run("power", "nothing", "--mde", "0.1", "--addr", server.address, "--format", "json").stdout)
     assert all(r["users_per_variant"] == 0 and "no events" in r["status_message"] for r in empty["rows"])
 

@@ -304,3 +304,21 @@ def test_non_inferiority_is_the_textbook_one_sided_test_and_holds_its_error_at_t
           f"{sequential_wrong / sequential_sims:.2%} at any of {looks} looks (sequential)")
     assert 0.04 <= rate <= 0.06
     assert sequential_wrong / sequential_sims <= 0.06
+
+
+@pytest.mark.parametrize("mean,variance", [(0.2, 0.16), (30.0, 2500.0), (0.05, 0.0475), (-4.0, 9.0)])
+def test_power_detectable_effect_and_sample_size_undo_one_another(mean, variance):
+    """mde(power) fed back into the power function gives the power back, for proportions and
+    means, at several sizes and levels; and the sample size for that lift is the size again."""
+    from abstream.stats import detectable_effect, power_of, sample_size
+    from scipy.stats import norm
+
+    for n in (100, 2_000, 50_000):
+        for alpha, power in ((0.05, 0.8), (0.01, 0.9), (0.1, 0.5)):
+            e = detectable_effect(mean, variance, n, alpha, power)
+            assert power_of(mean, variance, n, e, alpha) == pytest.approx(power, rel=1e-12)
+            assert sample_size(mean, variance, e, alpha, power)[0] in (n, n + 1)
+            # and against the textbook normal formula, written out here
+            assert e == pytest.approx((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * math.sqrt(2 * variance / n)
+                                      / abs(mean), rel=1e-12)
+    assert power_of(mean, variance, 0, 0.1) == 0.0 and detectable_effect(0.0, variance, 100) == 0.0

@@ -556,34 +556,42 @@ class ListQuarantineResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[QuarantinedEvent, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class PowerRequest(_message.Message):
-    __slots__ = ("test_id", "minimum_detectable_effect", "power", "alpha", "control_variant")
+    __slots__ = ("test_id", "minimum_detectable_effect", "power", "alpha", "control_variant", "users_per_variant")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _ClassVar[int]
     POWER_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    USERS_PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     minimum_detectable_effect: float
     power: float
     alpha: float
     control_variant: str
-    def __init__(self, test_id: _Optional[str] = ..., minimum_detectable_effect: _Optional[float] = ..., power: _Optional[float] = ..., alpha: _Optional[float] = ..., control_variant: _Optional[str] = ...) -> None: ...
+    users_per_variant: int
+    def __init__(self, test_id: _Optional[str] = ..., minimum_detectable_effect: _Optional[float] = ..., power: _Optional[float] = ..., alpha: _Optional[float] = ..., control_variant: _Optional[str] = ..., users_per_variant: _Optional[int] = ...) -> None: ...
 
 class MetricPower(_message.Message):
-    __slots__ = ("metric", "baseline_mean", "baseline_variance", "users_per_variant", "days", "status_message")
+    __slots__ = ("metric", "baseline_mean", "baseline_variance", "users_per_variant", "days", "status_message", "at_users_per_variant", "detectable_effect", "power")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     BASELINE_MEAN_FIELD_NUMBER: _ClassVar[int]
     BASELINE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     USERS_PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
     DAYS_FIELD_NUMBER: _ClassVar[int]
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AT_USERS_PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DETECTABLE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    POWER_FIELD_NUMBER: _ClassVar[int]
     metric: Metric
     baseline_mean: float
     baseline_variance: float
     users_per_variant: int
     days: float
     status_message: str
-    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., baseline_mean: _Optional[float] = ..., baseline_variance: _Optional[float] = ..., users_per_variant: _Optional[int] = ..., days: _Optional[float] = ..., status_message: _Optional[str] = ...) -> None: ...
+    at_users_per_variant: int
+    detectable_effect: float
+    power: float
+    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., baseline_mean: _Optional[float] = ..., baseline_variance: _Optional[float] = ..., users_per_variant: _Optional[int] = ..., days: _Optional[float] = ..., status_message: _Optional[str] = ..., at_users_per_variant: _Optional[int] = ..., detectable_effect: _Optional[float] = ..., power: _Optional[float] = ...) -> None: ...
 
 class PowerResponse(_message.Message):
     __slots__ = ("test_id", "control_variant", "metrics")
