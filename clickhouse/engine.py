@@ -234,20 +234,23 @@ class ClickHouseEngine:
         across = sql.users_across_variants(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters)
         counts = [columns for columns in self._partials(across, q.deadline)]
         g = self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, None, q.deadline,
-                         q.analysis.exclude_multi_variant_users)
+                         q.analysis.exclude_multi_variant_users, q.analysis.metric_event_type)
         return dataclasses.replace(g, users=int(sum(c[0][0] for c in counts)),
                                    multi_variant_users=int(sum(c[1][0] for c in counts)))
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
-        return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline)
+        return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline,
+                            metric_event_type=q.analysis.metric_event_type)
 
     def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
         statement = sql.scanned(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
         return int(sum(columns[0][0] for columns in self._partials(statement, None)))
 
-    def _groups(self, test_id, start_ns, end_ns, filters, dimension, deadline, exclude: bool = False) -> GroupStats:
+    def _groups(self, test_id, start_ns, end_ns, filters, dimension, deadline, exclude: bool = False,
+                metric_event_type: str = "") -> GroupStats:
         started = time.perf_counter_ns()
-        statement = sql.group_stats(self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension, exclude)
+        statement = sql.group_stats(self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension, exclude,
+                                    metric_event_type)
         merged: dict[tuple, list[float]] = {}
         for columns in self._partials(statement, deadline):
             keys = list(zip(*columns[:2])) if dimension else [(v,) for v in columns[0]]

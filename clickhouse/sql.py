@@ -125,8 +125,16 @@ _PER_GROUP = ("count() AS users, sum(e) AS events, sum(c) AS conversions, sum(r)
 _PER_USER = "count() AS e, countIf(conversion = 1) AS c, sum(revenue) AS r"
 
 
+def _per_user(event_type: str) -> str:
+    """Per user: events, and conversions and revenue (of `event_type` only, if given)."""
+    if not event_type:
+        return _PER_USER
+    t = literal(event_type)
+    return f"count() AS e, countIf(conversion = 1 AND event_type = {t}) AS c, sumIf(revenue, event_type = {t}) AS r"
+
+
 def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
-                dimension: str | None, without_multi_variant_users: bool = False) -> str:
+                dimension: str | None, without_multi_variant_users: bool = False, metric_event_type: str = "") -> str:
     """Per variant (and segment value): the per-user sufficient statistics of one shard."""
     keys = "variant" + (f", {dimension}" if dimension else "")
     outer = "variant" + (f", {dimension} AS segment" if dimension else "")
@@ -134,7 +142,7 @@ def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | No
     if without_multi_variant_users:  # a user's events are all on one shard: the subquery is shard-local
         where += (f" AND user_id NOT IN (SELECT user_id FROM {local} WHERE {where} GROUP BY user_id "
                   "HAVING uniqExact(variant) > 1)")
-    return (f"SELECT {outer}, {_PER_GROUP} FROM (SELECT {keys}, user_id, {_PER_USER} FROM {local} "
+    return (f"SELECT {outer}, {_PER_GROUP} FROM (SELECT {keys}, user_id, {_per_user(metric_event_type)} FROM {local} "
             f"WHERE {where} GROUP BY {keys}, user_id) GROUP BY {keys}")
 
 

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--guardrails", type=_guardrails, metavar="METRIC=MARGIN,...",
                        help="guardrail metrics with their non-inferiority margins, relative (revenue_per_user=2%%: "
                             "at most 2%% worse), each tested one-sided")
+        a.add_argument("--metric-event-type", default="", metavar="TYPE",
+                       help="count conversions and revenue from events of this type only (purchase, say), every "
+                            "user kept; --event-type instead keeps only the users with such events")
         a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
                        help="the relative lift's interval: delta method (default) or Fieller's, which holds "
                             "where the control's mean is uncertain (heavy-tailed revenue)")
@@ -767,7 +770,8 @@ def _health_text(health) -> str:
 def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
             "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior,
-            "relative_interval": args.relative_interval, "guardrails": args.guardrails}
+            "relative_interval": args.relative_interval, "guardrails": args.guardrails,
+            "metric_event_type": args.metric_event_type}
 
 
 def _empty(result_rows, args) -> None:

@@ -376,11 +376,11 @@ def _analysis_options(control: str = "", confidence: float | None = None, sequen
                       correction: str = "", expected_weights: dict[str, float] | None = None,
                       prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
                       relative_interval: str = "", guardrails: dict[str, float] | None = None,
-                      **raw: Any) -> pb.AnalysisOptions:
+                      metric_event_type: str = "", **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
                                  expected_weights=expected_weights or {},
                                  exclude_multi_variant_users=exclude_multi_variant_users,
-                                 guardrail_margins=guardrails or {})
+                                 guardrail_margins=guardrails or {}, metric_event_type=metric_event_type)
     if relative_interval:
         if relative_interval not in ("delta", "fieller"):
             raise ValueError(f"relative_interval must be delta or fieller, not {relative_interval!r}")
@@ -426,7 +426,8 @@ class Client:
         """Per-variant results, the comparisons with the control and the experiment's health.
         `options`: control, confidence, sequential, correction, expected_weights, prior (mean,
         variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"), guardrails
-        ({metric: relative margin}); `analysis`
+        ({metric: relative margin}), metric_event_type (conversions and revenue of that event type
+        only, every user kept); `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))

@@ -86,6 +86,7 @@ class AnalysisOptions:
     exclude_multi_variant_users: bool = False  # Summary: users seen in several variants left out
     relative_interval: str = "delta"  # or "fieller" (stats.RELATIVE_INTERVALS)
     guardrails: dict[str, float] = field(default_factory=dict)  # metric -> non-inferiority margin (relative)
+    metric_event_type: str = ""  # conversions and revenue counted from this event type only; users from all
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -100,6 +101,7 @@ class AnalysisOptions:
             if not 0 < margin <= 1:
                 raise InvalidArgument("guardrails", f"the margin of {metric} must be a share above 0 and at most 1 "
                                                     f"(0.02: at most 2% worse), got {margin}")
+        check_query_string("metric_event_type", self.metric_event_type)
         if self.relative_interval not in ("delta", "fieller"):
             raise InvalidArgument("relative_interval", f"must be delta or fieller, not {self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:

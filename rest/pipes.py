@@ -120,6 +120,10 @@ class Params:
         except ValueError:
             raise InvalidArgument(name, f"must be a number, not {value[:32]!r}") from None
 
+    def of_event_type(self) -> AnalysisOptions:
+        """The tutorial's pipes: the defaults, with conversions and revenue of one event type if asked."""
+        return AnalysisOptions(metric_event_type=self.get("metric_event_type"))
+
     def margins(self, name: str) -> dict[str, float]:
         """metric:margin[,metric:margin...] (a margin a share, 0.02, or a percentage, 2%)."""
         out = {}
@@ -146,6 +150,7 @@ class Params:
                                relative_interval=self.choice("relative_interval", {"delta": "delta",
                                                                                    "fieller": "fieller"}, "delta"),
                                guardrails=self.margins("guardrails"),
+                               metric_event_type=self.get("metric_event_type"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))
@@ -172,7 +177,7 @@ def _rows(columns: dict[str, list], order: list[str]) -> list[dict[str, Any]]:
 async def test_summary(core: Core, principal: Principal, p: Params) -> Answer:
     test_id = p.test_id()
     start, end = p.range()
-    r = await core.summary(principal, SummaryQuery(test_id, start, end))
+    r = await core.summary(principal, SummaryQuery(test_id, start, end, p.of_event_type()))
     columns = {"test_id": [test_id] * len(r.variants), "variant": r.variants, **_metric_columns(r.metrics)}
     return Answer([("test_id", "String"), ("variant", "String"), *_METRICS], _rows(columns, ["variant"]),
                   r.stats.events_scanned, r.stats.elapsed_ns / 1e9)
@@ -186,7 +191,7 @@ async def test_segments(core: Core, principal: Principal, p: Params) -> Answer:
     test_id = p.test_id()
     dimension = p.choice("dimension", DIMENSIONS, "device")
     start, end = p.range()
-    r = await core.segments(principal, SegmentsQuery(test_id, dimension, start, end))
+    r = await core.segments(principal, SegmentsQuery(test_id, dimension, start, end, analysis=p.of_event_type()))
     name = dimension.value
     columns = {"test_id": [test_id] * len(r.variants), "variant": r.variants, name: r.segments,
                **_metric_columns(r.metrics)}

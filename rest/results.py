@@ -205,7 +205,7 @@ class ResultsPage:
         summary, series, segments = await asyncio.gather(
             self.core.summary(principal, SummaryQuery(test_id, start, end, options)),
             self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True)),
-            self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end)))
+            self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end, analysis=options)))
         a = summary.analysis
         comparisons = [{"variant": c.variant, "metric": c.metric, "control_mean": finite(c.result.control_mean),
                         "treatment_mean": finite(c.result.treatment_mean), "absolute": _estimate(c.result.absolute),
@@ -226,6 +226,7 @@ class ResultsPage:
                         "exclude_multi_variant_users": options.exclude_multi_variant_users,
                         "relative_interval": options.relative_interval,
                         "guardrails": ",".join(f"{m}:{v:g}" for m, v in options.guardrails.items()),
+                        "metric_event_type": options.metric_event_type,
                         "interval": interval.name.lower(), "dimension": dimension.value},
             "variants": _metric_rows(summary.variants, summary.metrics),
             "srm": {"p_value": finite(a.srm_p_value) if a else None, "flagged": bool(a and a.srm_flagged)},

@@ -230,6 +230,7 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
         relative_interval=_enum(RELATIVE_INTERVALS, o.relative_interval, "analysis.relative_interval",
                                 pb.RelativeInterval),
         guardrails=dict(o.guardrail_margins),
+        metric_event_type=o.metric_event_type,
     )
 
 

@@ -54,9 +54,9 @@ class Queries:
         self._ingest = ingest
 
     def summary(self, q: SummaryQuery) -> GroupStats:
-        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"],
-                            q.filters, q.deadline)
-        cols = scope.cols
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"]
+                            + (["event_type"] if q.analysis.metric_event_type else []), q.filters, q.deadline)
+        cols = self._of_event_type(scope.cols, q.analysis.metric_event_type)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         across: list = []  # distinct users, and those in several variants
         totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
@@ -74,15 +74,26 @@ class Queries:
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
                           scope.stats(), users, len(several))
 
+    def _of_event_type(self, cols: dict[str, np.ndarray], event_type: str) -> dict[str, np.ndarray]:
+        """Conversions and revenue kept only on events of `event_type` (every event is kept: its
+        user counts whatever the event's type)."""
+        if not event_type:
+            return cols
+        code = self._ingest.dicts["event_type"].code(event_type)
+        of_type = np.zeros(len(cols["event_type"]), dtype=bool) if code is None else cols["event_type"] == code
+        return {**cols, "conversion": np.where(of_type, cols["conversion"], 0).astype(cols["conversion"].dtype),
+                "revenue": np.where(of_type, cols["revenue"], 0.0)}
+
     def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
         """Events of a test in range (the health checks' events before the start, after now)."""
         return self._scope(test_id, start_ns, end_ns, ["conversion"], None, None).scanned
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         dim = q.dimension.value
-        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue", dim],
-                            q.filters, q.deadline)
-        cols = scope.cols
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, list(dict.fromkeys(
+            ["variant", "user_id", "conversion", "revenue", dim]
+            + (["event_type"] if q.analysis.metric_event_type else []))), q.filters, q.deadline)
+        cols = self._of_event_type(scope.cols, q.analysis.metric_event_type)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         segment_id, segment_codes = self._rank(dim, cols[dim])
         n_seg = len(segment_codes)

@@ -370,6 +370,9 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
                        .analysis.comparisons if c.metric == "conversion")
     shown = "non-inferior" if verdict.non_inferior else "NOT shown non-inferior"
     assert f"{shown} at -50.00% (bound {verdict.lower_bound:+.2%}, p {verdict.p_value:.4f})" in guarded.stdout
+    of_type = json.loads(run("summary", "opts", "--metric-event-type", "purchase", "--addr", server.address,
+                             "--format", "json").stdout)
+    assert sum(r["users"] for r in of_type["rows"]) == 802 and sum(r["conversions"] for r in of_type["rows"]) == 0  # all clicks
     assert "guardrails are metric=margin" in run("summary", "opts", "--guardrails", "conversion", "--addr",
                                                  server.address).stderr
     with Client(server.address) as client:

@@ -251,6 +251,13 @@ def test_pipes_answer_what_grpc_answers(http):
         (c.guardrail.margin, int(c.guardrail.non_inferior), c.guardrail.p_value) if c.guardrail else (None, None, None)
         for c in guarded]
     assert any(c.guardrail for c in guarded)
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        purchases = client.summary("checkout", "2025-04-01", "2025-05-31 23:59:59", metric_event_type="purchase")
+    _, p = http.json("GET", "/v0/pipes/test_summary.json?test_id=checkout&metric_event_type=purchase" + dates)
+    assert [(r["variant"], r["users"], r["conversions"], r["total_revenue"]) for r in p["data"]] == [
+        (r.variant, r.metrics.users, r.metrics.conversions, r.metrics.total_revenue) for r in purchases.rows]
+    assert [r["users"] for r in p["data"]] == [r.metrics.users for r in summary.rows]  # every user kept
+    assert sum(r["conversions"] for r in p["data"]) < sum(r.metrics.conversions for r in summary.rows)
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&guardrails=revenue_per_user:lots")
     assert status == 400 and bad["error"].startswith("guardrails:")
     _, excluded = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&exclude_multi_variant_users=1")

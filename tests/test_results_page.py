@@ -238,6 +238,19 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
             assert value(page, row) == int(c.guardrail.non_inferior)
         else:
             assert page.locator(row).count() == 0
+    before = renders(page)
+    page.locator('input[name="metric_event_type"]').fill("purchase")
+    page.locator('input[name="metric_event_type"]').press("Enter")
+    page.locator('input[name="metric_event_type"]').blur()
+    rendered(page, before + 1)
+    assert "metric_event_type=purchase" in page.url
+    assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
+                        sequential=True, relative_interval="fieller", metric_event_type="purchase")
+    before = renders(page)
+    page.locator('input[name="metric_event_type"]').fill("")
+    page.locator('input[name="metric_event_type"]').blur()
+    rendered(page, before + 1)
+    assert "metric_event_type" not in page.url
     assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
                         sequential=True, relative_interval="fieller")
 

@@ -507,3 +507,26 @@ def test_users_in_several_groups_agree_between_flag_and_sort_paths():
                 per_user[x] = per_user.get(x, 0) + 1
             assert distinct == len(per_user)
             assert several.tolist() == sorted(x for x, k in per_user.items() if k > 1)
+
+
+@pytest.mark.parametrize("event_type", ["purchase", "click", "never_seen"])
+def test_metrics_of_one_event_type_keep_every_user(store, event_type):
+    """metric_event_type: conversions and revenue from that type's events only, users from all:
+    the tutorial's metrics over the same events with the others' conversions and revenue zeroed
+    (every engine, Summary and Segments, with a range)."""
+    zeroed = [e if e["event_type"] == event_type else {**e, "conversion": 0, "revenue": 0.0} for e in EVENTS]
+    oracle = Oracle(zeroed)
+    options = AnalysisOptions(metric_event_type=event_type)
+    on_event = sorted(e["timestamp"] for e in EVENTS)
+    for test_id in TESTS:
+        for start, end in ((None, None), (on_event[500], on_event[2000])):
+            result = store.summary(SummaryQuery(test_id, start, end, options))
+            expected = oracle.summary(test_id, start, end)
+            assert result.variants == [row["variant"] for row in expected]
+            for ours, theirs in zip(result.metrics.rows(), expected):
+                assert_metrics_match(ours, theirs)
+    result = store.segments(SegmentsQuery(TESTS[0], Dimension.COUNTRY, analysis=options))
+    expected = {(r["variant"], r["segment"]): r for r in oracle.segments(TESTS[0], "country")}
+    assert len(result.metrics) == len(expected)
+    for variant, segment, ours in zip(result.variants, result.segments, result.metrics.rows()):
+        assert_metrics_match(ours, expected[(variant, segment)])

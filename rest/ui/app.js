@@ -256,7 +256,7 @@ function testQuery() {
   const p = new URL(location.href).searchParams;
   const out = new URLSearchParams();
   for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
-                   "exclude_multi_variant_users", "relative_interval", "guardrails"]) {
+                   "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -286,6 +286,9 @@ function controls(data) {
       o.correction),
     select("relative_interval", "Relative interval", [["delta", "delta method"], ["fieller", "Fieller"]],
       o.relative_interval),
+    h("label", {}, "Conversions from", h("input", { type: "text", name: "metric_event_type",
+                                                    value: o.metric_event_type || "", placeholder: "every event type",
+                                                    size: 14, title: "count conversions and revenue from this event type only; every user stays" })),
     h("label", {}, "Guardrails", h("input", { type: "text", name: "guardrails", value: o.guardrails || "",
                                               placeholder: "revenue_per_user:0.02", size: 22,
                                               title: "metric:margin,… — each treatment tested for being at most that much worse" })),

@@ -197,7 +197,7 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins", "metric_event_type")
     class ExpectedWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class AnalysisOptions(_message.Message):
     EXCLUDE_MULTI_VARIANT_USERS_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_MARGINS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -236,7 +237,8 @@ class AnalysisOptions(_message.Message):
     exclude_multi_variant_users: bool
     relative_interval: RelativeInterval
     guardrail_margins: _containers.ScalarMap[str, float]
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    metric_event_type: str
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ..., metric_event_type: _Optional[str] = ...) -> None: ...
 
 class Guardrail(_message.Message):
     __slots__ = ("margin", "non_inferior", "p_value", "lower_bound", "status", "status_message")
