@@ -74,7 +74,7 @@ $(SDK_STAMP): tests/sdk/package.json tests/sdk/package-lock.json
 	touch $@
 
 test: lint $(NODE_STAMP) $(UI_STAMP) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 run: $(STAMP) $(UI_STAMP)
 	$(VENV)/bin/abstream serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA),--data-dir $(DATA))
