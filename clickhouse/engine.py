@@ -37,6 +37,7 @@ from abstream.core.engine import Gauge
 from abstream.core.errors import AbstreamError, Unavailable
 from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES
 from abstream.core.types import (
+    RATIO_COMOMENT,
     Experiment,
     GroupStats,
     IngestResult,
@@ -258,15 +259,16 @@ class ClickHouseEngine:
             for i, key in enumerate(keys):
                 merged[key] = _merge(merged.get(key), [column[i] for column in values])
         order = sorted(merged)
-        g = np.array([merged[k] for k in order], dtype=np.float64).reshape(len(order), 7)
-        users, events, conversions, revenue, converted, revenue_var, conversions_var = g.T
+        g = np.array([merged[k] for k in order], dtype=np.float64).reshape(len(order), 8)
+        users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
         metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
                                 total_revenue=revenue, users=users.astype(np.int64),
                                 converted_users=converted.astype(np.int64))
         moments = UserMoments(users.astype(np.int64),
                               {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
                                "conversions_per_user": conversions.astype(np.int64)},
-                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users})
+                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
+                               RATIO_COMOMENT: covariance * users})
         scanned = self._scanned(test_id, start_ns, end_ns, filters, int(events.sum()), deadline)
         return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
                           QueryStats(scanned, time.perf_counter_ns() - started))
@@ -417,6 +419,9 @@ def _merge(a: list[float] | None, b: list) -> list[float]:
         mean_a, mean_b = a[total_at] / n_a, b[total_at] / n_b
         m2 = a[var_at] * n_a + b[var_at] * n_b + (mean_b - mean_a) ** 2 * n_a * n_b / n
         out.append(m2 / n)
+    # the covariance of revenue and conversions: co-moments combine the same way
+    dr, dc = b[3] / n_b - a[3] / n_a, b[2] / n_b - a[2] / n_a
+    out.append((a[7] * n_a + b[7] * n_b + dr * dc * n_a * n_b / n) / n)
     return out
 
 

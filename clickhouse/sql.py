@@ -118,10 +118,12 @@ def _where(test_id: str, start_ns: int | None, end_ns: int | None, filters: Filt
     return " AND ".join(clauses)
 
 
-#: Per group: users, events, conversions, revenue, converted users, and the population variance of
-#: each user's revenue and conversions (their centered sums of squares once multiplied by users).
+#: Per group: users, events, conversions, revenue, converted users, the population variance of
+#: each user's revenue and conversions (their centered sums of squares once multiplied by users),
+#: and the population covariance of the two (revenue per conversion's delta method).
 _PER_GROUP = ("count() AS users, sum(e) AS events, sum(c) AS conversions, sum(r) AS revenue, "
-              "countIf(c > 0) AS converted_users, varPopStable(r) AS revenue_var, varPopStable(c) AS conversions_var")
+              "countIf(c > 0) AS converted_users, varPopStable(r) AS revenue_var, varPopStable(c) AS conversions_var, "
+              "covarPopStable(r, c) AS revenue_conversions_cov")
 _PER_USER = "count() AS e, countIf(conversion = 1) AS c, sum(revenue) AS r"
 
 

@@ -64,7 +64,9 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
         treatments = [i for i in range(len(variants)) if i != c]
         for metric in METRICS:
             arms = moments.arms(metric, index)
-            results = [stats.compare(arms[c], arms[t], confidence=options.confidence, sequential=options.sequential,
+            results = [_without_conversions(arms[c], arms[t], variants[c], variants[t]) if metric == RATIO_METRIC
+                       and not (arms[c].n and arms[t].n) else
+                       stats.compare(arms[c], arms[t], confidence=options.confidence, sequential=options.sequential,
                                      n_star=options.n_star, prior_mean=options.prior_mean,
                                      prior_variance=options.prior_variance,
                                      relative_interval=options.relative_interval) for t in treatments]
@@ -87,6 +89,18 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     order = {v: i for i, v in enumerate(variants)}
     comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
     return Analysis(control, srm, srm < options.srm_threshold, comparisons)
+
+
+RATIO_METRIC = "revenue_per_conversion"
+
+
+def _without_conversions(control: stats.Arm, treatment: stats.Arm, control_name: str,
+                         treatment_name: str) -> stats.Comparison:
+    """Revenue per conversion where an arm has no conversion: no ratio, said as such."""
+    arm = control_name if not control.n else treatment_name
+    why = f"{arm!r} has no conversions: its revenue per conversion is undefined"
+    missing = stats.Estimate(status=stats.NOT_ENOUGH_DATA, message=why)
+    return stats.Comparison(control.mean, treatment.mean, missing, missing, status=stats.NOT_ENOUGH_DATA, message=why)
 
 
 def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observed: float = 0.0) -> PowerResult:

@@ -24,7 +24,10 @@ _MINUTE = 60 * NS_PER_SECOND
 _MONDAY_ORIGIN_NS = -3 * 24 * 3600 * NS_PER_SECOND
 
 #: Per-user metrics compared between variants.
-METRICS = ("conversion", "revenue_per_user", "conversions_per_user")
+METRICS = ("conversion", "revenue_per_user", "conversions_per_user", "revenue_per_conversion")
+#: UserMoments.m2's entry for the centered co-moment of each user's revenue and conversions,
+#: the covariance term of revenue per conversion (a ratio of the two per-user totals).
+RATIO_COMOMENT = "revenue_conversions"
 CORRECTIONS = ("none", "holm", "benjamini_hochberg")
 
 
@@ -266,7 +269,12 @@ class UserMoments:
         out = []
         for i in index.tolist():
             n = int(self.users[i])
-            if metric == "conversion":
+            if metric == "revenue_per_conversion":
+                out.append(stats.ratio_arm(n, float(self.sums["revenue_per_user"][i]),
+                                           float(self.sums["conversions_per_user"][i]),
+                                           float(self.m2["revenue_per_user"][i]), float(self.m2["conversions_per_user"][i]),
+                                           float(self.m2[RATIO_COMOMENT][i])))
+            elif metric == "conversion":
                 out.append(stats.binomial_arm(n, int(self.sums[metric][i])))
             else:
                 mean = float(self.sums[metric][i]) / n if n else 0.0

@@ -210,7 +210,8 @@ CORRECTIONS = {pb.CORRECTION_UNSPECIFIED: "none", pb.CORRECTION_NONE: "none", pb
 RELATIVE_INTERVALS = {pb.RELATIVE_INTERVAL_UNSPECIFIED: "delta", pb.RELATIVE_INTERVAL_DELTA: "delta",
                       pb.RELATIVE_INTERVAL_FIELLER: "fieller"}
 METRICS = {"conversion": pb.METRIC_CONVERSION, "revenue_per_user": pb.METRIC_REVENUE_PER_USER,
-           "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER}
+           "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER,
+           "revenue_per_conversion": pb.METRIC_REVENUE_PER_CONVERSION}
 STATUSES = {status: pb.ComparisonStatus.Value(f"COMPARISON_STATUS_{status.upper()}") for status in stats.SEVERITY}
 
 

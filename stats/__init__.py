@@ -7,6 +7,7 @@ exception for degenerate data.
 
 from abstream.stats.core import (
     NO_CONTROL,
+    NOT_ENOUGH_DATA,
     RELATIVE_INTERVALS,
     SEVERITY,
     Arm,
@@ -19,10 +20,11 @@ from abstream.stats.core import (
     compare,
     fieller_interval,
     non_inferiority,
+    ratio_arm,
     srm_p_value,
 )
 from abstream.stats.power import detectable_effect, power_of, sample_size
 
-__all__ = ["detectable_effect", "power_of", "sample_size", "NO_CONTROL", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
+__all__ = ["detectable_effect", "power_of", "sample_size", "NO_CONTROL", "NOT_ENOUGH_DATA", "RELATIVE_INTERVALS", "SEVERITY", "Arm", "Comparison",
            "Estimate", "adjust_p_values", "arm_from_sums", "binomial_arm", "compare", "fieller_interval", "non_inferiority",
-           "NonInferiority", "srm_p_value"]
+           "NonInferiority", "ratio_arm", "srm_p_value"]

@@ -18,6 +18,7 @@ from abstream.core import timezones
 from abstream.core.errors import DeadlineExceeded
 from abstream.core.events import EVENT_SCHEMA
 from abstream.core.types import (
+    RATIO_COMOMENT,
     Filters,
     GroupStats,
     MetricColumns,
@@ -280,4 +281,8 @@ def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, re
             group[converting], user[converting], np.ones(len(converting)), n_users_total, users,
             totals["conversions"].astype(np.float64)),
     }
+    active = np.union1d(converting, paying)
+    m2[RATIO_COMOMENT] = kernels.centered_user_comoment(
+        group[active], user[active], revenue[active], conversion[active].astype(bool), n_users_total, users,
+        totals["total_revenue"].astype(np.float64), totals["conversions"].astype(np.float64))
     return UserMoments(users, sums, m2)

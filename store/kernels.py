@@ -249,3 +249,27 @@ def centered_user_m2(group: np.ndarray, user: np.ndarray, value: np.ndarray, n_u
     deviation = x - mean[g]
     without_rows = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
     return without_rows * mean * mean + np.bincount(g, weights=deviation * deviation, minlength=n_groups)
+
+
+def centered_user_comoment(group: np.ndarray, user: np.ndarray, x: np.ndarray, y: np.ndarray, n_users_total: int,
+                           users: np.ndarray, total_x: np.ndarray, total_y: np.ndarray) -> np.ndarray:
+    """Per group, the sum over its users of (x_u - mean_x)(y_u - mean_y), x_u and y_u a user's
+    totals: the covariance term of a ratio metric's delta method (revenue per conversion).
+
+    Pass only the rows where x or y is nonzero: every other user has x_u = y_u = 0 and adds
+    mean_x mean_y. Deviations from the means, as in centered_user_m2.
+    """
+    n_groups = len(users)
+    mean_x = np.divide(total_x, users, out=np.zeros(n_groups), where=users > 0)
+    mean_y = np.divide(total_y, users, out=np.zeros(n_groups), where=users > 0)
+    if len(group) == 0:
+        return users * mean_x * mean_y
+    key = group.astype(np.int64) * max(n_users_total, 1) + user
+    key, order = sorted_with_order(key)
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    xu = np.add.reduceat(x[order].astype(np.float64), starts)
+    yu = np.add.reduceat(y[order].astype(np.float64), starts)
+    g = key[starts] // max(n_users_total, 1)
+    without_rows = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
+    return without_rows * mean_x * mean_y + np.bincount(g, weights=(xu - mean_x[g]) * (yu - mean_y[g]),
+                                                         minlength=n_groups)

@@ -20,7 +20,7 @@ def server(any_engine_server):
     return any_engine_server
 
 METRIC_OF = {pb.METRIC_CONVERSION: "conversion", pb.METRIC_REVENUE_PER_USER: "revenue",
-             pb.METRIC_CONVERSIONS_PER_USER: "conversions"}
+             pb.METRIC_CONVERSIONS_PER_USER: "conversions", pb.METRIC_REVENUE_PER_CONVERSION: "aov"}
 
 
 def experiment(seed: int = 1, test_id: str = "exp") -> list[dict]:
@@ -51,10 +51,16 @@ def arms_from_events(events: list[dict]) -> dict[str, dict[str, Arm]]:
     for variant, users in per_user.items():
         conversions = [t[0] for t in users.values()]
         revenue = [t[1] for t in users.values()]
+        n = len(users)
+        mx, my = statistics.fmean(revenue), statistics.fmean(conversions)
+        vx, vy, cxy = statistics.variance(revenue), statistics.variance(conversions), statistics.covariance(
+            revenue, conversions)
         out[variant] = {
-            "conversion": binomial_arm(len(users), sum(1 for c in conversions if c > 0)),
-            "revenue": Arm(len(users), statistics.fmean(revenue), statistics.variance(revenue)),
-            "conversions": Arm(len(users), statistics.fmean(conversions), statistics.variance(conversions)),
+            "conversion": binomial_arm(n, sum(1 for c in conversions if c > 0)),
+            "revenue": Arm(n, mx, vx),
+            "conversions": Arm(n, my, vy),
+            # revenue per conversion: sum r / sum c, its delta-method variance times n (the textbook form)
+            "aov": Arm(n, sum(revenue) / sum(conversions), vx / my**2 - 2 * mx * cxy / my**3 + mx**2 * vy / my**4),
         }
     return out
 
@@ -93,7 +99,8 @@ def test_summary_shows_what_the_pure_functions_give(loaded):
     assert not a.sample_ratio_mismatch
     assert [(c.variant, c.metric) for c in a.comparisons] == [
         (v, m) for v in ("faster", "slower") for m in (pb.METRIC_CONVERSION, pb.METRIC_REVENUE_PER_USER,
-                                                        pb.METRIC_CONVERSIONS_PER_USER)]
+                                                        pb.METRIC_CONVERSIONS_PER_USER,
+                                                        pb.METRIC_REVENUE_PER_CONVERSION)]
     for c in a.comparisons:
         metric = METRIC_OF[c.metric]
         want = compare(arms["control"][metric], arms[c.variant][metric])
@@ -140,7 +147,7 @@ def test_guardrails_are_tested_for_non_inferiority_as_the_pure_function_does(loa
     verdicts = {}
     for c in a.comparisons:
         metric = METRIC_OF[c.metric]
-        if c.metric == pb.METRIC_CONVERSIONS_PER_USER:
+        if c.metric in (pb.METRIC_CONVERSIONS_PER_USER, pb.METRIC_REVENUE_PER_CONVERSION):
             assert not c.HasField("guardrail")
             continue
         r = compare(arms["control"][metric], arms[c.variant][metric], sequential=sequential)
@@ -302,7 +309,7 @@ def test_a_segment_without_the_control_compares_nothing_and_says_so(stub):
     assert {c.variant for c in desktop} == {"t1", "t2"} and all(c.status == pb.COMPARISON_STATUS_OK
                                                                for c in desktop if c.metric == pb.METRIC_REVENUE_PER_USER)
     tablet = by_segment["tablet"].comparisons
-    assert {c.variant for c in tablet} == {"t1", "t2"} and len(tablet) == 6
+    assert {c.variant for c in tablet} == {"t1", "t2"} and len(tablet) == 2 * 4  # 4 metrics each
     for c in tablet:
         assert c.status == pb.COMPARISON_STATUS_NO_CONTROL and "'control' has no users here" in c.status_message
         assert_not_computed(c.absolute, pb.COMPARISON_STATUS_NO_CONTROL, "nothing is compared")

@@ -322,3 +322,37 @@ def test_power_detectable_effect_and_sample_size_undo_one_another(mean, variance
             assert e == pytest.approx((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * math.sqrt(2 * variance / n)
                                       / abs(mean), rel=1e-12)
     assert power_of(mean, variance, 0, 0.1) == 0.0 and detectable_effect(0.0, variance, 100) == 0.0
+
+
+def test_revenue_per_conversion_delta_method_covers_in_aa_and_says_when_undefined():
+    """A ratio of per-user totals (revenue over conversions), users as the unit: the delta
+    method's variance with the covariance term, against numpy's per-user computation, and an
+    A/A simulation of its coverage (printed); an arm without conversions has no ratio."""
+    from abstream.stats import ratio_arm
+
+    rng = np.random.default_rng(21)
+
+    def users(n):
+        conversions = rng.poisson(0.4, n)
+        orders = rng.lognormal(3.0, 1.0, int(conversions.sum()))
+        return np.bincount(np.repeat(np.arange(n), conversions), weights=orders, minlength=n), conversions
+
+    r, c = users(3000)
+    n = len(r)
+    arm = ratio_arm(n, r.sum(), c.sum(), ((r - r.mean()) ** 2).sum(), ((c - c.mean()) ** 2).sum(),
+                    ((r - r.mean()) * (c - c.mean())).sum())
+    cov = np.cov(r, c, ddof=1)
+    g = np.array([1 / c.mean(), -r.mean() / c.mean() ** 2])  # gradient of mean_r / mean_c
+    assert arm.mean == pytest.approx(r.sum() / c.sum(), rel=1e-12)
+    assert arm.variance == pytest.approx(g @ cov @ g, rel=1e-9)
+    assert ratio_arm(100, 0.0, 0.0, 0.0, 0.0, 0.0).n == 0
+
+    sims, covered = 1000, 0
+    for _ in range(sims):
+        (rc, cc), (rt, ct) = users(2000), users(2000)
+        arms = [ratio_arm(len(x), x.sum(), y.sum(), ((x - x.mean()) ** 2).sum(), ((y - y.mean()) ** 2).sum(),
+                          ((x - x.mean()) * (y - y.mean())).sum()) for x, y in ((rc, cc), (rt, ct))]
+        result = compare(*arms)
+        covered += result.absolute.ci_low <= 0 <= result.absolute.ci_high
+    print(f"A/A revenue per conversion, {sims} tests: coverage {covered / sims:.1%}")
+    assert 0.93 <= covered / sims <= 0.97

@@ -532,3 +532,25 @@ def test_metrics_of_one_event_type_keep_every_user(store, event_type):
     assert len(result.metrics) == len(expected)
     for variant, segment, ours in zip(result.variants, result.segments, result.metrics.rows()):
         assert_metrics_match(ours, expected[(variant, segment)])
+
+
+@pytest.mark.parametrize("test_id", TESTS)
+def test_the_revenue_conversions_comoment_is_the_per_user_one(store, test_id):
+    """Revenue per conversion's covariance term, from every engine, against numpy over the
+    per-user totals of the events (refunds and revenue without a conversion included)."""
+    import numpy as np
+    from abstream.core.types import RATIO_COMOMENT
+
+    for start, end in ranges():
+        result = store.summary(SummaryQuery(test_id, start, end))
+        for i, variant in enumerate(result.variants):
+            totals: dict[str, list[float]] = {}
+            for e in EVENTS:
+                in_range = (start is None or e["timestamp"] >= start) and (end is None or e["timestamp"] <= end)
+                if e["test_id"] == test_id and e["variant"] == variant and in_range:
+                    t = totals.setdefault(e["user_id"], [0.0, 0.0])
+                    t[0] += e["revenue"]
+                    t[1] += e["conversion"]
+            r, c = np.array(list(totals.values())).T
+            expected = float(((r - r.mean()) * (c - c.mean())).sum())
+            assert result.moments.m2[RATIO_COMOMENT][i] == pytest.approx(expected, rel=1e-9, abs=1e-7)

@@ -9,6 +9,7 @@ const METRIC_LABELS = {
   conversion: "users converting",
   revenue_per_user: "revenue per user",
   conversions_per_user: "conversions per user",
+  revenue_per_conversion: "revenue per conversion",
 };
 const OUTCOME_COLORS = { better: "#1a7f37", worse: "#cf222e", flat: "#6e7781" };
 
@@ -79,7 +80,7 @@ function pValue(p) {
 }
 // A metric's value, and a difference of it, in its own unit.
 function metricValue(metric, x) {
-  return metric === "conversion" ? pct(x) : metric === "revenue_per_user" ? money(x) : decimal(x);
+  return metric === "conversion" ? pct(x) : metric.startsWith("revenue_per") ? money(x) : decimal(x);
 }
 function difference(metric, e) {
   const half = e.ci_high != null && e.ci_low != null ? (e.ci_high - e.ci_low) / 2 : null;
@@ -87,7 +88,7 @@ function difference(metric, e) {
     const pp = (x) => nf("pp", { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(Math.abs(x * 100)) + " pp";
     return `${signed(pp(e.estimate), e.estimate)} ±${half == null ? "–" : pp(half)}`;
   }
-  const unit = metric === "revenue_per_user" ? money : decimal;
+  const unit = metric.startsWith("revenue_per") ? money : decimal;
   return `${signed(unit(Math.abs(e.estimate)), e.estimate)} ±${half == null ? "–" : unit(half)}`;
 }
 function ago(ms) {

@@ -39,6 +39,7 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_CONVERSION: _ClassVar[Metric]
     METRIC_REVENUE_PER_USER: _ClassVar[Metric]
     METRIC_CONVERSIONS_PER_USER: _ClassVar[Metric]
+    METRIC_REVENUE_PER_CONVERSION: _ClassVar[Metric]
 
 class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -81,6 +82,7 @@ METRIC_UNSPECIFIED: Metric
 METRIC_CONVERSION: Metric
 METRIC_REVENUE_PER_USER: Metric
 METRIC_CONVERSIONS_PER_USER: Metric
+METRIC_REVENUE_PER_CONVERSION: Metric
 COMPARISON_STATUS_UNSPECIFIED: ComparisonStatus
 COMPARISON_STATUS_OK: ComparisonStatus
 COMPARISON_STATUS_NOT_ENOUGH_DATA: ComparisonStatus
