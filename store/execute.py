@@ -267,22 +267,14 @@ def _in_time(deadline: float | None) -> None:
 
 def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,
                  n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
-    """Moments of the per-user metrics per group, from the rows that carry a value only."""
+    """Moments of the per-user metrics per group, from the rows that carry a value only (a
+    conversion or revenue: few, and found in a bool mask, the fast case of nonzero)."""
     users = totals["users"]
-    # Indices of the few rows that qualify (found in a bool mask, the fast case of nonzero).
-    converting = np.flatnonzero(conversion.astype(bool))
-    paying = np.flatnonzero(revenue != 0)
+    active = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
     sums = {"conversion": totals["converted_users"], "revenue_per_user": totals["total_revenue"],
             "conversions_per_user": totals["conversions"]}
-    m2 = {
-        "revenue_per_user": kernels.centered_user_m2(group[paying], user[paying], revenue[paying], n_users_total,
-                                                     users, totals["total_revenue"].astype(np.float64)),
-        "conversions_per_user": kernels.centered_user_m2(
-            group[converting], user[converting], np.ones(len(converting)), n_users_total, users,
-            totals["conversions"].astype(np.float64)),
-    }
-    active = np.union1d(converting, paying)
-    m2[RATIO_COMOMENT] = kernels.centered_user_comoment(
+    m2_revenue, m2_conversions, comoment = kernels.centered_user_moments(
         group[active], user[active], revenue[active], conversion[active].astype(bool), n_users_total, users,
         totals["total_revenue"].astype(np.float64), totals["conversions"].astype(np.float64))
-    return UserMoments(users, sums, m2)
+    return UserMoments(users, sums, {"revenue_per_user": m2_revenue, "conversions_per_user": m2_conversions,
+                                     RATIO_COMOMENT: comoment})

@@ -228,48 +228,29 @@ def bucket_index(ts: np.ndarray, origin_ns: int, width_ns: int) -> np.ndarray:
     return np.floor_divide(ts - origin_ns, width_ns)
 
 
-def centered_user_m2(group: np.ndarray, user: np.ndarray, value: np.ndarray, n_users_total: int,
-                     users: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Per group, the sum over its users of (x_u - mean)^2, where x_u is a user's total of `value`.
+def centered_user_moments(group: np.ndarray, user: np.ndarray, x: np.ndarray, y: np.ndarray, n_users_total: int,
+                          users: np.ndarray, total_x: np.ndarray, total_y: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group, over its users' totals x_u and y_u (revenue and conversions): the centered sums
+    of squares of each, and their centered co-moment (revenue per conversion's covariance term),
+    from one sort of the rows.
 
-    Pass only the rows whose value is nonzero (conversions, purchases): users without such rows
-    have x_u = 0, and there are users[g] users in group g with sum total[g], so
-    mean = total / users and those users contribute mean^2 each. Deviations are taken from the
-    mean, never as sum(x^2) - n mean^2, which cancels catastrophically for large means.
-    """
-    n_groups = len(users)
-    mean = np.divide(total, users, out=np.zeros(n_groups), where=users > 0)
-    if len(group) == 0:
-        return users * mean * mean
-    key = group.astype(np.int64) * max(n_users_total, 1) + user
-    key, order = sorted_with_order(key)
-    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    x = np.add.reduceat(value[order].astype(np.float64), starts)
-    g = key[starts] // max(n_users_total, 1)
-    deviation = x - mean[g]
-    without_rows = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
-    return without_rows * mean * mean + np.bincount(g, weights=deviation * deviation, minlength=n_groups)
-
-
-def centered_user_comoment(group: np.ndarray, user: np.ndarray, x: np.ndarray, y: np.ndarray, n_users_total: int,
-                           users: np.ndarray, total_x: np.ndarray, total_y: np.ndarray) -> np.ndarray:
-    """Per group, the sum over its users of (x_u - mean_x)(y_u - mean_y), x_u and y_u a user's
-    totals: the covariance term of a ratio metric's delta method (revenue per conversion).
-
-    Pass only the rows where x or y is nonzero: every other user has x_u = y_u = 0 and adds
-    mean_x mean_y. Deviations from the means, as in centered_user_m2.
+    Pass only the rows where x or y is nonzero: every other user has x_u = y_u = 0, and there are
+    users[g] users in group g with sums total_x[g], total_y[g]. Deviations are taken from the
+    means, never as sum(x^2) - n mean^2, which cancels catastrophically for large means.
     """
     n_groups = len(users)
     mean_x = np.divide(total_x, users, out=np.zeros(n_groups), where=users > 0)
     mean_y = np.divide(total_y, users, out=np.zeros(n_groups), where=users > 0)
     if len(group) == 0:
-        return users * mean_x * mean_y
+        return users * mean_x * mean_x, users * mean_y * mean_y, users * mean_x * mean_y
     key = group.astype(np.int64) * max(n_users_total, 1) + user
     key, order = sorted_with_order(key)
     starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    xu = np.add.reduceat(x[order].astype(np.float64), starts)
-    yu = np.add.reduceat(y[order].astype(np.float64), starts)
     g = key[starts] // max(n_users_total, 1)
-    without_rows = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
-    return without_rows * mean_x * mean_y + np.bincount(g, weights=(xu - mean_x[g]) * (yu - mean_y[g]),
-                                                         minlength=n_groups)
+    dx = np.add.reduceat(x[order].astype(np.float64), starts) - mean_x[g]
+    dy = np.add.reduceat(y[order].astype(np.float64), starts) - mean_y[g]
+    without = np.maximum(users - np.bincount(g, minlength=n_groups), 0)
+    return (without * mean_x * mean_x + np.bincount(g, weights=dx * dx, minlength=n_groups),
+            without * mean_y * mean_y + np.bincount(g, weights=dy * dy, minlength=n_groups),
+            without * mean_x * mean_y + np.bincount(g, weights=dx * dy, minlength=n_groups))

@@ -234,17 +234,31 @@ def test_centered_m2_is_exact_and_stable_for_large_means():
     value = rng.normal(1e9, 0.5, 5000)  # huge mean, tiny spread
     users = np.array([4000, 4000])
     total = np.bincount(group, weights=value, minlength=2)
-    m2 = kernels.centered_user_m2(group, user, value, 3000, users, total)
+    other = rng.normal(1e6, 0.01, 5000)  # near-constant around 1e6 (the co-moment's other side)
+    m2, m2_other, comoment = kernels.centered_user_moments(group, user, value, other, 3000, users, total,
+                                                           np.bincount(group, weights=other, minlength=2))
+    for g in range(2):
+        per_user_other: dict[int, float] = {}
+        for u, v in zip(user[group == g].tolist(), other[group == g].tolist()):
+            per_user_other[u] = per_user_other.get(u, 0.0) + v
+        ys = np.array(list(per_user_other.values()) + [0.0] * (users[g] - len(per_user_other)))
+        assert np.isclose(m2_other[g], ((ys - ys.mean()) ** 2).sum(), rtol=1e-9) and m2_other[g] > 0
     for g in range(2):
         per_user: dict[int, float] = {}
         for u, v in zip(user[group == g].tolist(), value[group == g].tolist()):
             per_user[u] = per_user.get(u, 0.0) + v
         xs = np.array(list(per_user.values()) + [0.0] * (users[g] - len(per_user)))
         assert np.isclose(m2[g], ((xs - xs.mean()) ** 2).sum(), rtol=1e-9)
+        per_user_other = {}
+        for u, v in zip(user[group == g].tolist(), other[group == g].tolist()):
+            per_user_other[u] = per_user_other.get(u, 0.0) + v
+        ys = np.array([per_user_other[u] for u in per_user] + [0.0] * (users[g] - len(per_user)))
+        assert np.isclose(comoment[g], ((xs - xs.mean()) * (ys - ys.mean())).sum(), rtol=1e-9)
     # All users have the same huge value: variance exactly zero, not rounding noise
-    same = kernels.centered_user_m2(np.zeros(100, dtype=np.int64), np.arange(100), np.full(100, 1e12), 100,
-                                    np.array([100]), np.array([1e14]))
-    assert same[0] == 0.0
+    same, same_other, same_co = kernels.centered_user_moments(
+        np.zeros(100, dtype=np.int64), np.arange(100), np.full(100, 1e12), np.full(100, 1e6), 100, np.array([100]),
+        np.array([1e14]), np.array([1e8]))
+    assert same[0] == 0.0 and same_other[0] == 0.0 and same_co[0] == 0.0
 
 
 def test_producer_sequences_dedupe_in_a_memory_only_store():
