@@ -258,9 +258,9 @@ class Core:
         the worker thread too."""
         q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
-        plan = engine.experiments().get(q.test_id)
 
         def work() -> R:
+            plan = engine.experiments().get(q.test_id)
             g = engine.summary(q)
             start = plan.start_ns if plan is not None else None
             before = engine.count_events(q.test_id, None, start - 1) if start is not None else 0

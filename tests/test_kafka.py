@@ -4,6 +4,7 @@ through crashes, rebalances and bad messages, and honest health while the broker
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -159,12 +160,20 @@ def test_malformed_messages_are_quarantined_with_their_offsets_and_the_rest_stor
     server.terminate()
 
 
+def assigned(server: Server) -> int:
+    """How many partitions the server's last assignment gave it (its log says each one)."""
+    lines = [line for line in server.log_path.read_text().splitlines() if "kafka: assigned" in line]
+    return len(re.findall(r"\[\d+\]@", lines[-1])) if lines else 0
+
+
 def test_two_servers_in_one_group_share_the_partitions(broker, tmp_path):
     broker.create_topic(TOPIC, 4)
-    broker.produce(TOPIC, event_messages(40_000, 4, "shared_test", per_message=10))
     group = ("--kafka-group", "shared")
     first = Server(tmp_path / "one", *consuming(broker, *group)).start()
     second = Server(tmp_path / "two", *consuming(broker, *group)).start()
+    # the events are sent once the group has rebalanced between the two (else the first may take all)
+    wait_for(lambda: 0 < assigned(first) < 4 and 0 < assigned(second) < 4, what="both assigned partitions")
+    broker.produce(TOPIC, event_messages(40_000, 4, "shared_test", per_message=10))
     wait_for(lambda: events_of(first) + events_of(second) >= 40_000, what="every event, between the two")
     time.sleep(1.5)
     one, two = events_of(first), events_of(second)
