@@ -127,7 +127,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(fs.open_input_file(info.path), read_dictionary=_STRINGS, pre_buffer=True)
-        return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS), name)
+        return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS, use_threads=False), name)
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
