@@ -14,6 +14,7 @@ from abstream.core.errors import InvalidArgument
 from abstream.core.events import listed
 from abstream.core.types import (
     METRICS,
+    RATIO_METRIC,
     Analysis,
     AnalysisOptions,
     GroupStats,
@@ -89,9 +90,6 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     order = {v: i for i, v in enumerate(variants)}
     comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
     return Analysis(control, srm, srm < options.srm_threshold, comparisons)
-
-
-RATIO_METRIC = "revenue_per_conversion"
 
 
 def _without_conversions(control: stats.Arm, treatment: stats.Arm, control_name: str,

@@ -25,6 +25,8 @@ _MONDAY_ORIGIN_NS = -3 * 24 * 3600 * NS_PER_SECOND
 
 #: Per-user metrics compared between variants.
 METRICS = ("conversion", "revenue_per_user", "conversions_per_user", "revenue_per_conversion")
+#: The metric that is a ratio of two per-user totals (revenue over conversions).
+RATIO_METRIC = METRICS[3]
 #: UserMoments.m2's entry for the centered co-moment of each user's revenue and conversions,
 #: the covariance term of revenue per conversion (a ratio of the two per-user totals).
 RATIO_COMOMENT = "revenue_conversions"
@@ -105,8 +107,9 @@ class AnalysisOptions:
                 raise InvalidArgument("guardrails", f"the margin of {metric} must be a share above 0 and at most 1 "
                                                     f"(0.02: at most 2% worse), got {margin}")
         check_query_string("metric_event_type", self.metric_event_type)
-        if self.relative_interval not in ("delta", "fieller"):
-            raise InvalidArgument("relative_interval", f"must be delta or fieller, not {self.relative_interval[:32]!r}")
+        if self.relative_interval not in stats.RELATIVE_INTERVALS:
+            raise InvalidArgument("relative_interval", f"must be {' or '.join(stats.RELATIVE_INTERVALS)}, not "
+                                                       f"{self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
         if not self.n_star > 0:
@@ -269,7 +272,7 @@ class UserMoments:
         out = []
         for i in index.tolist():
             n = int(self.users[i])
-            if metric == "revenue_per_conversion":
+            if metric == RATIO_METRIC:
                 out.append(stats.ratio_arm(n, float(self.sums["revenue_per_user"][i]),
                                            float(self.sums["conversions_per_user"][i]),
                                            float(self.m2["revenue_per_user"][i]), float(self.m2["conversions_per_user"][i]),

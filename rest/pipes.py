@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import numpy as np
+from abstream import stats
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, NotFound
@@ -147,8 +148,8 @@ class Params:
         confidence = self.number("confidence")
         return AnalysisOptions(control_variant=self.get("control"), sequential=self.boolean("sequential"),
                                exclude_multi_variant_users=self.boolean("exclude_multi_variant_users"),
-                               relative_interval=self.choice("relative_interval", {"delta": "delta",
-                                                                                   "fieller": "fieller"}, "delta"),
+                               relative_interval=self.choice("relative_interval",
+                                                             {i: i for i in stats.RELATIVE_INTERVALS}, "delta"),
                                guardrails=self.margins("guardrails"),
                                metric_event_type=self.get("metric_event_type"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
