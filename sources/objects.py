@@ -23,6 +23,7 @@ from typing import AsyncIterator, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 from abstream.clients import files
+from abstream.clients.client import LOW_CARDINALITY
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -117,8 +118,9 @@ def producer_of(uri: str, info: pafs.FileInfo) -> str:
 
 
 #: Read as Parquet stores them (dictionary pages): no strings materialized, and the server's
-#: dictionary encoding then works on the distinct values only.
-_STRINGS = [f.name for f in files.FILE_SCHEMA if f.type == pa.string()]
+#: dictionary encoding then works on the distinct values only. Not the ids of users and sessions:
+#: nearly every value is distinct, and as dictionaries they cost more to read and to log.
+_DICTIONARIES = list(LOW_CARDINALITY)
 
 
 def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression: str | None, name: str,
@@ -126,7 +128,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "parquet" and not compression:
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(fs.open_input_file(info.path), read_dictionary=_STRINGS, pre_buffer=True)
+        parquet = pq.ParquetFile(fs.open_input_file(info.path), read_dictionary=_DICTIONARIES, pre_buffer=True)
         return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS, use_threads=False), name)
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
