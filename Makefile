@@ -14,7 +14,7 @@ N      ?= 10000000
 
 all: test
 
-$(STAMP): pyproject.toml setup.py store/_dictionary.c store/_kernels.c service/_events.c
+$(STAMP): pyproject.toml setup.py store/_dictionary.c store/_kernels.c service/_events.c clients/_ndjson.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

@@ -6,4 +6,5 @@ setup(ext_modules=[
     Extension("abstream.store._dictionary", ["store/_dictionary.c"], extra_compile_args=["-O3"]),
     Extension("abstream.store._kernels", ["store/_kernels.c"], extra_compile_args=["-O3"]),
     Extension("abstream.service._events", ["service/_events.c"], extra_compile_args=["-O3"]),
+    Extension("abstream.clients._ndjson", ["clients/_ndjson.c"], extra_compile_args=["-O3"]),
 ])

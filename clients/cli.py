@@ -469,7 +469,9 @@ def _ingest(args) -> int:
                     producer = producer.result()
                 return pb.IngestEventsRequest(arrow_ipc=chunk.ipc, producer_id=producer or "",
                                               sequence=chunk.last if producer else 0)
-            _send(stub, _ahead(_encoded(files.read(path, fmt, args.batch_size), arrow_ipc)), request, metadata,
+            # Reading and encoding on threads of their own, well ahead while the file is hashed.
+            chunks = _ahead(_encoded(_ahead(files.read(path, fmt, args.batch_size)), arrow_ipc), 8)
+            _send(stub, chunks, request, metadata,
                   args.timeout, report, path, progress, grpc)
     hashing.shutdown(wait=False)
     progress.done()
@@ -490,7 +492,7 @@ class _Failed:
 
 def _ahead(items, depth: int = 2):
     """`items` made by a thread of their own, up to `depth` ahead: reading, parsing and encoding
-    the next chunks overlaps sending this one (Arrow's readers and encoders release the GIL)."""
+    the next chunks overlaps sending this one (the readers and Arrow's encoders release the GIL)."""
     made: queue.Queue = queue.Queue(depth)
 
     def make() -> None:

@@ -1,9 +1,9 @@
 """Event files read into Arrow batches: NDJSON and CSV as users send them today, Parquet and Arrow.
 
-Each file is read in chunks of up to `lines` events. A chunk is parsed by Arrow's readers in C++
-(the fast path); only when Arrow refuses a chunk (a malformed line, a value of another type) is it
-read again line by line, to find and word the lines that cannot be sent, in the server's words,
-naming their field. What can be sent goes to the server, which judges the rest (a missing
+Each file is read in chunks of up to `lines` events. NDJSON lines are read into columns by
+`_ndjson.c`, CSV by Arrow's reader (the fast paths); the lines a fast path does not take (a
+malformed line, a value of another type) are read again one by one, to find and word the lines
+that cannot be sent, in the server's words, naming their field. What can be sent goes to the server, which judges the rest (a missing
 required field, a value out of range) and quarantines what it rejects.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
+from abstream.clients import _ndjson as _ndjson_c
 from abstream.v1 import analytics_pb2 as pb
 
 STRINGS = tuple(f.name for f in pb.Event.DESCRIPTOR.fields if f.type == f.TYPE_STRING)
@@ -116,46 +116,62 @@ def _open(path: str) -> BinaryIO:
 
 # ---- NDJSON ------------------------------------------------------------------------------
 
-_JSON_OPTIONS = pajson.ParseOptions(explicit_schema=FILE_SCHEMA, unexpected_field_behavior="ignore")
-
-
 #: Bytes per line expected in the first block; then the file's own average so far, a little
 #: less, so that a block holds about `lines` lines (a block of more is cut).
 _BYTES_PER_LINE = 256
+_FIXED = {"timestamp": pa.timestamp("ns", tz="UTC"), "conversion": pa.int64(), "revenue": pa.float64()}
 
 
 def _ndjson(f: BinaryIO, lines: int) -> Iterator[Chunk]:
-    """Whole lines, a block of bytes at a time, parsed by Arrow without splitting them in Python;
-    when Arrow's rows are not the block's lines one for one (a blank line, a line it refuses),
-    the block is read again line by line."""
+    """Whole lines, a block of bytes at a time, read into columns by `_ndjson.c`; the lines it
+    leaves (anything but a plain event line) are read one by one, to find and word the ones
+    that cannot be sent."""
     number, per_line = 0, float(_BYTES_PER_LINE)
     while True:
-        body = bytearray(f.read(max(int(lines * per_line * 0.98), 1)))
+        body = f.read(max(int(lines * per_line * 0.98), 1))
         if not body:
             return
         if not body.endswith(b"\n"):
             body += f.readline()  # to the end of the line the block cut
-        count = body.count(b"\n") + (not body.endswith(b"\n"))
+        table, numbers, problems, count = _ndjson_block(body, number)
         per_line = len(body) / count
-        table = _parsed(body)
-        if table is not None and table.num_rows == count:
-            for at in range(0, count, lines):
-                piece = table.slice(at, lines)
-                yield Chunk(piece, np.arange(number + at + 1, number + at + 1 + piece.num_rows, dtype=np.int64), [],
-                            number + at + piece.num_rows)
-        else:
-            kept = [(number + i + 1, line) for i, line in enumerate(body.splitlines(keepends=True)) if line.strip()]
-            for at in range(0, len(kept), lines):
-                piece = kept[at:at + lines]
-                yield _ndjson_chunk(piece, number + count if at + lines >= len(kept) else piece[-1][0])
         number += count
+        at = 0
+        for start in range(0, max(table.num_rows, 1), lines):
+            piece, rows = table.slice(start, lines), numbers[start:start + lines]
+            last = number if start + lines >= table.num_rows else int(rows[-1])
+            here = [p for p in problems[at:] if p[0] <= last]
+            at += len(here)
+            if piece.num_rows or here:
+                yield Chunk(piece, rows, here, last)
 
 
-def _parsed(body: bytearray) -> pa.Table | None:
-    try:
-        return pajson.read_json(pa.BufferReader(pa.py_buffer(body)), parse_options=_JSON_OPTIONS)
-    except pa.ArrowInvalid:
-        return None  # some line is not what Arrow expects: found line by line
+def _ndjson_block(body: bytes, number: int) -> tuple[pa.Table, np.ndarray, list[tuple[int, str, str]], int]:
+    """(the block's events, their lines, the lines that cannot be sent, the block's lines), the
+    events in line order."""
+    n, line_numbers, timestamp, conversion, revenue, strings, valid, nulls, slow, count = _ndjson_c.parse(body, number)
+    validity = dict(zip((*_ndjson_c.STRINGS, *_FIXED), zip(valid, nulls)))
+
+    def bits(name: str) -> pa.Buffer | None:
+        bitmap, missing = validity[name]
+        return pa.py_buffer(bitmap) if missing else None
+
+    columns = {name: pa.Array.from_buffers(kind, n, [bits(name), pa.py_buffer(data)], validity[name][1])
+               for (name, kind), data in zip(_FIXED.items(), (timestamp, conversion, revenue))}
+    for name, (offsets, data) in zip(_ndjson_c.STRINGS, strings):
+        columns[name] = pa.Array.from_buffers(pa.string(), n, [bits(name), pa.py_buffer(offsets), pa.py_buffer(data)],
+                                              validity[name][1])
+    table = pa.table([columns[f.name] for f in FILE_SCHEMA], schema=FILE_SCHEMA)
+    numbers = np.frombuffer(line_numbers, dtype=np.int64)
+    if not slow:
+        return table, numbers, [], count
+    spans = np.frombuffer(slow, dtype=np.int64).reshape(-1, 3).tolist()
+    read = _ndjson_chunk([(line, bytes(body[a:b])) for line, a, b in spans if body[a:b].strip()], 0)
+    if read.table.num_rows:
+        numbers = np.concatenate([numbers, read.lines])
+        order = np.argsort(numbers, kind="stable")
+        table, numbers = pa.concat_tables([table, read.table]).take(order), numbers[order]
+    return table, numbers, read.problems, count
 
 
 def _ndjson_chunk(piece: list[tuple[int, bytes]], last: int) -> Chunk:
@@ -166,6 +182,9 @@ def _ndjson_chunk(piece: list[tuple[int, bytes]], last: int) -> Chunk:
             value = json.loads(line)
         except ValueError as error:
             problems.append((n, "line", f"is not valid JSON: {str(error).split(':')[0]}"))
+            continue
+        except RecursionError:
+            problems.append((n, "line", "is nested too deeply to read"))
             continue
         if not isinstance(value, dict):
             problems.append((n, "line", "is not a JSON object (one event per line)"))
@@ -185,8 +204,10 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
     row: dict[str, Any] = {}
     for name in STRINGS:
         value = event.get(name)
-        if value is None or isinstance(value, str):
+        if value is None or (isinstance(value, str) and (value.isascii() or _utf8(value))):
             row[name] = value
+        elif isinstance(value, str):
+            return row, (name, f"{name} is not valid UTF-8 (it holds a lone surrogate, {json.dumps(value)[:64]})")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             row[name] = str(value)
         else:
@@ -198,12 +219,9 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
     row["timestamp"] = moment
     conversion = event.get("conversion")
     if conversion is not None:
-        if isinstance(conversion, bool) or (isinstance(conversion, (int, float)) and float(conversion).is_integer()):
-            row["conversion"] = int(conversion)
-        elif isinstance(conversion, str) and conversion.strip().lstrip("-").isdigit():
-            row["conversion"] = int(conversion)
-        else:
+        if (value := _integer(conversion)) is None:
             return row, ("conversion", f"conversion must be 0 or 1, got {json.dumps(conversion)[:64]}")
+        row["conversion"] = value
     revenue = event.get("revenue")
     if revenue is not None:
         try:
@@ -216,6 +234,26 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
 
 
 _BAD = object()
+
+
+def _integer(value: Any) -> int | None:
+    """An integer as JSON or CSV may hold one (1, 1.0, "1", true), within int64, or None."""
+    if isinstance(value, float):
+        value = int(value) if math.isfinite(value) and value.is_integer() else None
+    elif isinstance(value, str):
+        text = value.strip()
+        value = int(text) if len(text) <= 20 and text.lstrip("-").isdigit() else None
+    elif not isinstance(value, int):
+        return None
+    return int(value) if value is not None and -2**63 <= value < 2**63 else None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def parse_time(value: Any):

@@ -112,21 +112,29 @@ class Ingest:
 
     async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = "",
                      sequence: Callable[[files.Chunk, int], int] = lambda chunk, k: k,
-                     where: Callable[[int], str] | None = None, skip_through: int = 0) -> Outcome:
+                     where: Callable[[int], str] | None = None, skip_through: int = 0, whole: bool = False
+                     ) -> Outcome:
         """Stores what `make()` reads (in a worker thread); with `producer`, batch k (from 1) goes
         with `sequence(chunk, k)`, so the same body sent again stores nothing twice, and batches
         up to `skip_through` are not sent at all (stored before). `where(line)` says where a
-        line came from, first in its rejections (the line number's own words if not given)."""
+        line came from, first in its rejections (the line number's own words if not given).
+        `whole`: a small body, read in one step (its chunks are few, the hops between threads
+        per chunk are not)."""
         loop = asyncio.get_running_loop()
         outcome = Outcome()
         in_flight: collections.deque = collections.deque()
-        reader = await loop.run_in_executor(self._readers, make)
+        if whole:
+            read = await loop.run_in_executor(self._readers, _read_whole, make)
+            pull = lambda: _replay(read)  # noqa: E731
+        else:
+            reader = await loop.run_in_executor(self._readers, make)
+            pull = lambda: loop.run_in_executor(self._readers, next, reader, None)  # noqa: E731
 
         async def batches() -> AsyncIterator[tuple[files.Chunk, int]]:
             k = 0
             while True:
                 try:
-                    chunk = await loop.run_in_executor(self._readers, next, reader, None)
+                    chunk = await pull()
                 except (files.FileProblem, AbstreamError, pa.ArrowException, OSError) as error:
                     # What came before is stored; the answer says so, and what stopped the reading.
                     outcome.failure = error
@@ -182,6 +190,24 @@ class Ingest:
                 named.append({"line": lines[r.index], "field": r.field,
                               "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
         outcome.rejections += sorted(named, key=lambda r: r["line"])
+
+
+def _read_whole(make: Callable[[], Iterator[files.Chunk]]) -> collections.deque:
+    """Every chunk, then what stopped the reading (an exception) or None at the end."""
+    read: collections.deque = collections.deque()
+    try:
+        read.extend(make())
+        read.append(None)
+    except Exception as error:  # raised again by _replay, where the chunk that failed would be
+        read.append(error)
+    return read
+
+
+async def _replay(read: collections.deque) -> files.Chunk | None:
+    item = read.popleft() if read else None
+    if isinstance(item, Exception):
+        raise item
+    return item
 
 
 def spooled(body, chunk_bytes: int = 1 << 20):

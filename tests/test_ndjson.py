@@ -1,0 +1,198 @@
+"""The C reader of NDJSON event lines (`clients/_ndjson.c`) agrees with the line-by-line reader
+(Python's json and `typed_event`, which words every problem) on every input: each line it takes
+has the same values, and every line it leaves is read the slow way."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import random
+
+import pyarrow as pa
+from abstream.clients import _ndjson, files
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+EVENT = {"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "test_5", "variant": "variant_a",
+         "event_type": "click", "conversion": 1, "revenue": 84.55, "session_id": "session_3455", "device": "desktop",
+         "country": "AU"}
+
+
+def fast(body: bytes) -> tuple[dict[int, dict], dict[int, tuple[str, str]], int]:
+    """(rows by line, problems by line, lines) as `_ndjson_block` reads the body."""
+    table, numbers, problems, count = files._ndjson_block(body, 0)
+    return dict(zip(numbers.tolist(), table.to_pylist())), {n: (f, why) for n, f, why in problems}, count
+
+
+def slow(body: bytes) -> tuple[dict[int, dict], dict[int, tuple[str, str]]]:
+    """The same, read line by line (what the fast reader must agree with)."""
+    lines = [(n + 1, line) for n, line in enumerate(body.split(b"\n")) if line.strip()]
+    chunk = files._ndjson_chunk(lines, 0)
+    return dict(zip(chunk.lines.tolist(), chunk.table.to_pylist())), {n: (f, why) for n, f, why in chunk.problems}
+
+
+def agree(body: bytes) -> tuple[dict[int, dict], dict[int, tuple[str, str]]]:
+    rows, problems, count = fast(body)
+    assert (rows, problems) == slow(body)
+    assert count == body.count(b"\n") + (not body.endswith(b"\n") and bool(body))
+    return rows, problems
+
+
+def test_the_tutorials_event_is_read_with_every_field():
+    rows, problems = agree((json.dumps(EVENT) + "\n").encode())
+    assert problems == {}
+    assert rows == {1: {**EVENT, "timestamp": dt.datetime(2025, 4, 28, 18, 42, 22, tzinfo=dt.timezone.utc)}}
+
+
+def test_timestamps_keep_nanoseconds_and_offsets():
+    body = "".join(json.dumps({**EVENT, "timestamp": t}) + "\n" for t in (
+        "2025-04-28 18:42:22.123456789", "2025-04-28T18:42:22Z", "2025-04-28T20:42:22.5+02:00",
+        "2025-04-28 16:42:22-02:00", "2024-02-29 23:59:59")).encode()
+    table, numbers, problems, _ = files._ndjson_block(body, 0)
+    assert problems == [] and numbers.tolist() == [1, 2, 3, 4, 5]
+    base = 1_745_865_742 * 10**9
+    assert table.column("timestamp").cast(pa.int64()).to_pylist() == [
+        base + 123_456_789, base, base + 500_000_000, base, 1_709_251_199 * 10**9]
+
+
+def test_lines_it_leaves_are_read_the_slow_way_with_their_messages():
+    lines = [
+        {**EVENT, "timestamp": "2025-04-28"},  # a date alone: the slow way's form
+        {**EVENT, "timestamp": 1745865742},  # seconds since the epoch
+        {**EVENT, "user_id": 455},  # a number where a string goes: sent as its text
+        {**EVENT, "conversion": "yes"},
+        {**EVENT, "conversion": 1.0},
+        {**EVENT, "conversion": True},
+        {**EVENT, "revenue": "12.5"},
+        {**EVENT, "user_id": "\ud800"},  # a lone surrogate
+        {**EVENT, "timestamp": "2025-02-29 00:00:00"},  # no such day
+    ]
+    text = [json.dumps(x) for x in lines] + [
+        '{"revenue": NaN, "user_id": "a"}', '{"revenue": 1e999}', "not json", "[1, 2]", '{"user_id": "a",}',
+        '{"user_id": "a"} {"user_id": "b"}', '{"user_id": "a", "user_id": "b"}', '{"revenue": 007}',
+        '{"extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"conversion": 1180591620717411303424}', '{"conversion": "' + "9" * 5000 + '"}', '{"conversion": 1e400}',
+    ]
+    body = ("\n".join(text) + "\n").encode()
+    rows, problems = agree(body)
+    assert sorted(rows) == [1, 2, 3, 5, 6, 7, 16]
+    assert rows[3]["user_id"] == "455" and rows[5]["conversion"] == 1 and rows[7]["revenue"] == 12.5
+    assert rows[16]["user_id"] == "b"  # the last of a repeated field, as JSON readers take it
+    assert problems == {
+        4: ("conversion", 'conversion must be 0 or 1, got "yes"'),
+        8: ("user_id", 'user_id is not valid UTF-8 (it holds a lone surrogate, "\\ud800")'),
+        9: ("timestamp", "timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 or seconds since the Unix epoch, "
+                         'got "2025-02-29 00:00:00"'),
+        10: ("revenue", "revenue must be a finite number, got NaN"),
+        11: ("revenue", "revenue must be a finite number, got Infinity"),
+        12: ("line", "is not valid JSON: Expecting value"),
+        13: ("line", "is not a JSON object (one event per line)"),
+        14: ("line", "is not valid JSON: Expecting property name enclosed in double quotes"),
+        15: ("line", "is not valid JSON: Extra data"),
+        17: ("line", "is not valid JSON: Expecting ',' delimiter"),
+        18: ("line", "is nested too deeply to read"),
+        19: ("conversion", "conversion must be 0 or 1, got 1180591620717411303424"),
+        20: ("conversion", 'conversion must be 0 or 1, got "' + "9" * 63),
+        21: ("conversion", "conversion must be 0 or 1, got Infinity"),
+    }
+
+
+def test_blank_lines_carriage_returns_and_a_last_line_without_newline():
+    line = json.dumps(EVENT).encode()
+    body = b"\n  \n" + line + b"\r\n\t\n" + line
+    rows, problems = agree(body)
+    assert sorted(rows) == [3, 5] and problems == {}
+
+
+def test_revenue_is_the_nearest_double_of_its_text():
+    rng = random.Random(7)
+    values = [rng.uniform(-1e6, 1e6) for _ in range(3000)] + [rng.random() * 10**rng.randint(-12, 20) for _ in range(3000)]
+    texts = [repr(v) for v in values] + [f"{v:.2f}" for v in values] + ["0", "-0.0", "1E2", "123456789012345678901234",
+                                                                        "0.1", "0.30000000000000004", "5e-324"]
+    body = "".join(f'{{"revenue": {t}}}\n' for t in texts).encode()
+    table, numbers, problems, _ = files._ndjson_block(body, 0)
+    assert problems == [] and len(numbers) == len(texts)
+    assert table.column("revenue").to_pylist() == [float(t) for t in texts]
+
+
+def test_strings_decode_escapes_and_utf8_as_json_does():
+    values = ["café", "日本語", "emoji 😀", 'quote " backslash \\ slash /', "tab\tnewline\ncr\r", "\x00\x01\x1f", "é"]
+    body = b"".join(json.dumps({"user_id": v}, ensure_ascii=ascii).encode() + b"\n" for v in values for ascii in (True, False))
+    rows, problems = agree(body)
+    assert problems == {} and [rows[n]["user_id"] for n in sorted(rows)] == [v for v in values for _ in (0, 1)]
+    for raw in (b'{"user_id": "\xff"}', b'{"user_id": "\xc0\xaf"}', b'{"user_id": "\xed\xa0\x80"}',
+                b'{"user_id": "a\x01b"}', b'{"user_id": "\\x"}', b'{"user_id": "\\ud83d"}'):
+        _, numbers, _, _ = files._ndjson_block(raw + b"\n", 0)
+        assert len(numbers) == 0, raw  # each left to the slow way, which refuses or reads it
+
+
+def test_files_of_many_blocks_number_every_line_once():
+    rng = random.Random(3)
+    text = []
+    for i in range(30_000):
+        text.append("" if rng.random() < 0.01 else "oops" if rng.random() < 0.01 else json.dumps({**EVENT, "user_id": f"u{i}"}))
+    body = ("\n".join(text) + "\n").encode()
+    chunks = list(files.read_stream(io.BytesIO(body), "ndjson", 1_000, "f"))
+    lines = [n for c in chunks for n in c.lines.tolist()]
+    bad = [p[0] for c in chunks for p in c.problems]
+    assert lines == sorted(lines) and not set(lines) & set(bad)
+    assert sorted(lines + bad) == [n + 1 for n, t in enumerate(text) if t]
+    assert all(c.table.num_rows <= 1_000 for c in chunks)
+    assert [c.last for c in chunks] == sorted(c.last for c in chunks) and chunks[-1].last == len(text)
+    users = [u for c in chunks for u in c.table.column("user_id").to_pylist()]
+    assert users == [json.loads(t)["user_id"] for t in text if t and t != "oops"]
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=12)
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False), _text)
+_value = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                      max_leaves=6)
+_timestamp = st.one_of(
+    st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2200, 12, 31)).map(
+        lambda d: d.strftime("%Y-%m-%d %H:%M:%S") + (f".{d.microsecond:06d}" if d.microsecond % 3 else "")),
+    st.datetimes(min_value=dt.datetime(1901, 1, 2), max_value=dt.datetime(2199, 12, 30),
+                 timezones=st.just(dt.timezone(dt.timedelta(hours=-5)))).map(lambda d: d.isoformat()),
+    _value)
+_field = {"timestamp": _timestamp, "conversion": st.one_of(st.integers(-5, 5), _value),
+          "revenue": st.one_of(st.floats(-1e9, 1e9), st.integers(-10**6, 10**6), _value)}
+
+
+@st.composite
+def events(draw) -> str:
+    event = {}
+    for name in ("timestamp", *files.STRINGS, "conversion", "revenue"):
+        if draw(st.booleans()):
+            event[name] = draw(_field.get(name, st.one_of(_text, _value)))
+    for key in draw(st.lists(_text, max_size=2)):
+        event.setdefault(key, draw(_value))
+    keys = draw(st.permutations(list(event)))
+    text = json.dumps({k: event[k] for k in keys}, ensure_ascii=draw(st.booleans()),
+                      separators=draw(st.sampled_from([(",", ":"), (", ", ": "), (" , ", " : ")])))
+    if draw(st.integers(0, 9)) == 0:  # a broken line: cut short, or a byte changed
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(["", "}", '"', "\\", ",", "\x01", "]"])) + text[at + 1:]
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events(), min_size=1, max_size=20), st.sampled_from([b"\n", b"\r\n"]))
+def test_random_lines_are_read_as_the_slow_way_reads_them(lines, newline):
+    agree(newline.join(line.encode("utf-8", "surrogatepass") for line in lines) + newline)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_bytes_are_read_or_left_never_misread(raw):
+    rows, problems, _ = fast(raw)
+    reference_rows, reference_problems = slow(raw)
+    assert rows == reference_rows and problems == reference_problems
+
+
+def test_a_block_costs_memory_in_proportion_to_its_size():
+    body = b"{}\n" * 200_000  # the most rows a block of this size can hold
+    n, *_ = _ndjson.parse(body, 0)
+    assert n == 200_000
+    big = b'{"user_id": "' + b"x" * (8 << 20) + b'"}\n'
+    table, numbers, problems, _ = files._ndjson_block(big, 0)
+    assert numbers.tolist() == [1] and len(table.column("user_id")[0].as_py()) == 8 << 20
