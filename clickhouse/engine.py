@@ -38,6 +38,7 @@ from abstream.core.errors import AbstreamError, Unavailable
 from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES
 from abstream.core.types import (
     RATIO_COMOMENT,
+    CapApplied,
     Experiment,
     GroupStats,
     IngestResult,
@@ -236,8 +237,46 @@ class ClickHouseEngine:
         counts = [columns for columns in self._partials(across, q.deadline)]
         g = self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, None, q.deadline,
                          q.analysis.exclude_multi_variant_users, q.analysis.metric_event_type)
-        return dataclasses.replace(g, users=int(sum(c[0][0] for c in counts)),
-                                   multi_variant_users=int(sum(c[1][0] for c in counts)))
+        g = dataclasses.replace(g, users=int(sum(c[0][0] for c in counts)),
+                                multi_variant_users=int(sum(c[1][0] for c in counts)))
+        return g if q.analysis.revenue_cap is None else self._capped(q, g)
+
+    def _capped(self, q: SummaryQuery, g: GroupStats) -> GroupStats:
+        """Revenue per user capped (RevenueCap), beside it. A percentile's threshold is found from
+        each shard's extremes: the k-th smallest of n pooled values is the (n - k + 1)-th largest,
+        and a high percentile needs only the few largest of each shard."""
+        cap = q.analysis.revenue_cap
+        args = (self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters,
+                q.analysis.exclude_multi_variant_users, q.analysis.metric_event_type)
+        shards = [c for c in self._partials(sql.revenue_counts(*args), q.deadline)]
+        units, nonzero, negative = (int(sum(c[k][0] for c in shards)) for k in range(3))
+        pooled = nonzero if cap.nonzero_only else units
+        if cap.value:
+            threshold = cap.value
+        elif not pooled:
+            return dataclasses.replace(g, revenue_cap=CapApplied(cap, float("nan"), 0, 0))
+        else:
+            k, zeros = cap.rank(pooled), 0 if cap.nonzero_only else units - nonzero
+            if k <= negative:
+                smallest = sorted(r for c in self._partials(sql.revenue_extremes(*args, False, k), q.deadline)
+                                  for r in c[0])
+                threshold = float(smallest[k - 1])
+            elif k <= negative + zeros:
+                threshold = 0.0
+            else:
+                m = pooled - k + 1
+                largest = sorted((r for c in self._partials(sql.revenue_extremes(*args, True, m), q.deadline)
+                                  for r in c[0]), reverse=True)
+                threshold = float(largest[m - 1])
+        merged: dict[str, list[float]] = {}
+        lowered = 0
+        for variant, n, total, var, above in (row for c in self._partials(sql.capped_stats(*args, threshold), q.deadline)
+                                              for row in zip(*c)):
+            lowered += int(above)
+            merged[variant] = _merge_moments(merged.get(variant), float(n), float(total), float(var) * float(n))
+        at = [merged.get(v, [0.0, 0.0, 0.0]) for v in g.variants]
+        moments = g.moments.capped(np.array([m[1] for m in at]), np.array([m[2] for m in at]))
+        return dataclasses.replace(g, moments=moments, revenue_cap=CapApplied(cap, threshold, pooled, lowered))
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline,
@@ -404,6 +443,16 @@ def _strings(column: pa.ChunkedArray, cut: bool = False) -> list[str]:
     if cut:
         column = pc.utf8_slice_codeunits(column, 0, MAX_STRING_BYTES)
     return column.to_pylist()
+
+
+def _merge_moments(a: list[float] | None, n: float, total: float, m2: float) -> list[float]:
+    """[users, sum, centered sum of squares] of two shards' users of a group (Chan's formula)."""
+    if a is None or not a[0]:
+        return [n, total, m2]
+    if not n:
+        return a
+    both = a[0] + n
+    return [both, a[1] + total, a[2] + m2 + (total / n - a[1] / a[0]) ** 2 * a[0] * n / both]
 
 
 def _merge(a: list[float] | None, b: list) -> list[float]:

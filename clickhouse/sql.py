@@ -14,6 +14,8 @@ each shard's.
 
 from __future__ import annotations
 
+import struct
+
 from abstream.core.timezones import Offsets
 from abstream.core.types import Filters, Interval
 
@@ -135,17 +137,53 @@ def _per_user(event_type: str) -> str:
     return f"count() AS e, countIf(conversion = 1 AND event_type = {t}) AS c, sumIf(revenue, event_type = {t}) AS r"
 
 
+def _users(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None, keys: str,
+           without_multi_variant_users: bool, metric_event_type: str) -> str:
+    """One shard's users per group (`keys`), with their events e, conversions c and revenue r."""
+    where = _where(test_id, start_ns, end_ns, filters)
+    if without_multi_variant_users:  # a user's events are all on one shard: the subquery is shard-local
+        where += (f" AND user_id NOT IN (SELECT user_id FROM {local} WHERE {where} GROUP BY user_id "
+                  "HAVING uniqExact(variant) > 1)")
+    return f"SELECT {keys}, user_id, {_per_user(metric_event_type)} FROM {local} WHERE {where} GROUP BY {keys}, user_id"
+
+
 def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
                 dimension: str | None, without_multi_variant_users: bool = False, metric_event_type: str = "") -> str:
     """Per variant (and segment value): the per-user sufficient statistics of one shard."""
     keys = "variant" + (f", {dimension}" if dimension else "")
     outer = "variant" + (f", {dimension} AS segment" if dimension else "")
-    where = _where(test_id, start_ns, end_ns, filters)
-    if without_multi_variant_users:  # a user's events are all on one shard: the subquery is shard-local
-        where += (f" AND user_id NOT IN (SELECT user_id FROM {local} WHERE {where} GROUP BY user_id "
-                  "HAVING uniqExact(variant) > 1)")
-    return (f"SELECT {outer}, {_PER_GROUP} FROM (SELECT {keys}, user_id, {_per_user(metric_event_type)} FROM {local} "
-            f"WHERE {where} GROUP BY {keys}, user_id) GROUP BY {keys}")
+    users = _users(local, test_id, start_ns, end_ns, filters, keys, without_multi_variant_users, metric_event_type)
+    return f"SELECT {outer}, {_PER_GROUP} FROM ({users}) GROUP BY {keys}"
+
+
+def exact_float(value: float) -> str:
+    """A float64 as ClickHouse reads it back bit for bit (its decimal parser may round)."""
+    return f"reinterpretAsFloat64(unhex('{struct.pack('<d', value).hex()}'))"
+
+
+def revenue_counts(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                   without_multi_variant_users: bool, metric_event_type: str) -> str:
+    """One shard's users per variant pooled: how many, with revenue, with negative revenue."""
+    users = _users(local, test_id, start_ns, end_ns, filters, "variant", without_multi_variant_users, metric_event_type)
+    return f"SELECT count(), countIf(r != 0), countIf(r < 0) FROM ({users})"
+
+
+def revenue_extremes(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                     without_multi_variant_users: bool, metric_event_type: str, largest: bool, limit: int) -> str:
+    """One shard's `limit` largest positive (or smallest negative) revenues per user."""
+    users = _users(local, test_id, start_ns, end_ns, filters, "variant", without_multi_variant_users, metric_event_type)
+    return (f"SELECT r FROM ({users}) WHERE r {'>' if largest else '<'} 0 ORDER BY r {'DESC' if largest else 'ASC'} "
+            f"LIMIT {int(limit)}")
+
+
+def capped_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                 without_multi_variant_users: bool, metric_event_type: str, threshold: float) -> str:
+    """Per variant on one shard: users, and the sum and variance of revenue per user capped at
+    `threshold`, and the users above it."""
+    users = _users(local, test_id, start_ns, end_ns, filters, "variant", without_multi_variant_users, metric_event_type)
+    t = exact_float(threshold)
+    return (f"SELECT variant, count(), sum(least(r, {t})), varPopStable(least(r, {t})), countIf(r > {t}) "
+            f"FROM ({users}) GROUP BY variant")
 
 
 def users_across_variants(local: str, test_id: str, start_ns: int | None, end_ns: int | None,

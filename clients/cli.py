@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--exclude-multi-variant-users", action="store_true",
                          help="leave out users seen in more than one variant (an assignment bug the health line "
                               "reports)")
+    capping = summary.add_mutually_exclusive_group()
+    capping.add_argument("--cap-percentile", type=float, metavar="P",
+                         help="compare revenue per user capped at this percentile (99: the top 1%% count as the 99th "
+                              "percentile) of every arm's users pooled")
+    capping.add_argument("--cap-value", type=float, metavar="AMOUNT",
+                         help="compare revenue per user capped at this fixed amount")
+    summary.add_argument("--cap-nonzero-only", action="store_true",
+                         help="take --cap-percentile over the users with revenue only (where most users buy nothing)")
     formatted(summary)
     segments = command("segments", "results per variant and device, country or event type")
     ranged(segments)
@@ -787,9 +795,13 @@ def _summary(args) -> int:
     from abstream.clients.client import SummaryRow
 
     with _client(args) as client:
+        cap = None
+        if args.cap_percentile is not None or args.cap_value is not None or args.cap_nonzero_only:
+            cap = {"percentile": args.cap_percentile or 0, "value": args.cap_value or 0,
+                   "nonzero_only": args.cap_nonzero_only}
         result = client.summary(args.test_id, args.start, args.end, device=args.device, country=args.country,
                                 event_type=args.event_type, exclude_multi_variant_users=args.exclude_multi_variant_users,
-                                **_options(args))
+                                revenue_cap=cap, **_options(args))
     _empty(result.rows, args)
     rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
@@ -801,7 +813,16 @@ def _summary(args) -> int:
     print(_table(rows, columns))
     if result.analysis.comparisons:
         print(_analysis_text(result.analysis, "each variant"))
+    if result.analysis.revenue_cap is not None:
+        print(_cap_text(result.analysis.revenue_cap))
     return 0
+
+
+def _cap_text(cap) -> str:
+    where = (f"a fixed {cap.value:g}" if cap.value else
+             f"the {cap.percentile:g}th percentile of {cap.pooled_users:,} {'paying ' if cap.nonzero_only else ''}users")
+    return (f"\nrevenue_per_user compared capped at {cap.threshold:,.2f} ({where}); {cap.capped_users:,} users were "
+            "above it")
 
 
 def _segments(args) -> int:

@@ -129,11 +129,24 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class RevenueCap:
+    """The capping revenue per user was compared with (revenue_cap={"percentile": 99} asked)."""
+
+    percentile: float
+    value: float
+    nonzero_only: bool
+    threshold: float  # revenue per user above this counted as this
+    pooled_users: int  # the users the percentile was taken over
+    capped_users: int  # users above the threshold
+
+
+@dataclass(frozen=True)
 class Analysis:
     control_variant: str
     srm_p_value: float
     sample_ratio_mismatch: bool
     comparisons: list[Comparison]
+    revenue_cap: RevenueCap | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,11 @@ def _analysis(a: pb.Analysis) -> Analysis:
                    _lift(c.absolute), _lift(c.relative), c.degrees_of_freedom, c.chance_to_win, c.risk_control,
                    c.risk_treatment, c.posterior_mean, _name(pb.ComparisonStatus, c.status, "COMPARISON_STATUS_"),
                    c.status_message, _guardrail(c.guardrail) if c.HasField("guardrail") else None)
-        for c in a.comparisons])
+        for c in a.comparisons], _revenue_cap(a.revenue_cap) if a.HasField("revenue_cap") else None)
+
+
+def _revenue_cap(c: pb.RevenueCapApplied) -> RevenueCap:
+    return RevenueCap(c.cap.percentile, c.cap.value, c.cap.nonzero_only, c.threshold, c.pooled_users, c.capped_users)
 
 
 def _guardrail(g: pb.Guardrail) -> Guardrail:
@@ -376,11 +393,13 @@ def _analysis_options(control: str = "", confidence: float | None = None, sequen
                       correction: str = "", expected_weights: dict[str, float] | None = None,
                       prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
                       relative_interval: str = "", guardrails: dict[str, float] | None = None,
-                      metric_event_type: str = "", **raw: Any) -> pb.AnalysisOptions:
+                      metric_event_type: str = "", revenue_cap: dict | None = None, **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
                                  expected_weights=expected_weights or {},
                                  exclude_multi_variant_users=exclude_multi_variant_users,
                                  guardrail_margins=guardrails or {}, metric_event_type=metric_event_type)
+    if revenue_cap is not None:
+        options.revenue_cap.CopyFrom(pb.RevenueCap(**revenue_cap))
     if relative_interval:
         if relative_interval not in ("delta", "fieller"):
             raise ValueError(f"relative_interval must be delta or fieller, not {relative_interval!r}")
@@ -427,7 +446,8 @@ class Client:
         `options`: control, confidence, sequential, correction, expected_weights, prior (mean,
         variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"), guardrails
         ({metric: relative margin}), metric_event_type (conversions and revenue of that event type
-        only, every user kept); `analysis`
+        only, every user kept), revenue_cap ({"percentile": 99, "nonzero_only": True} or
+        {"value": 500}: revenue per user capped for its comparison); `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))

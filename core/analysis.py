@@ -8,6 +8,8 @@ computed the moments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from abstream import stats
 from abstream.core.errors import InvalidArgument
@@ -165,7 +167,8 @@ def summary(q: SummaryQuery, g: GroupStats, events_before_start: int = 0, future
             start_text: str = "") -> SummaryResult:
     """An engine's Summary statistics, with the analysis of every variant against the control and
     the experiment's health."""
-    a = analyze(g.variants, g.moments, np.arange(len(g.variants)), q.analysis)
+    a = dataclasses.replace(analyze(g.variants, g.moments, np.arange(len(g.variants)), q.analysis),
+                            revenue_cap=g.revenue_cap)
     return SummaryResult(test_id=q.test_id, variants=g.variants, metrics=g.metrics, stats=g.stats, analysis=a,
                          health=health(a, g, q.analysis, events_before_start, future_events, start_text))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,9 @@ RATIO_METRIC = METRICS[3]
 #: UserMoments.m2's entry for the centered co-moment of each user's revenue and conversions,
 #: the covariance term of revenue per conversion (a ratio of the two per-user totals).
 RATIO_COMOMENT = "revenue_conversions"
+#: UserMoments' key of capped revenue per user: what revenue_per_user is compared on when present
+#: (revenue per conversion keeps the revenue as it is).
+CAPPED = "capped_revenue_per_user"
 CORRECTIONS = ("none", "holm", "benjamini_hochberg")
 
 
@@ -76,6 +80,43 @@ class Filters:
 
 
 @dataclass(frozen=True)
+class RevenueCap:
+    """Capping (winsorization) of revenue per user, for its comparison: each user's revenue above
+    a threshold counts as the threshold. The threshold is a fixed `value`, or the `percentile` of
+    revenue per user over the users of every arm pooled (never per arm, which would cap arms
+    differently), of the users with non-zero revenue only when `nonzero_only`."""
+
+    percentile: float = 0.0  # 0 < p < 100, or 0 with a value
+    value: float = 0.0  # a fixed threshold above 0, or 0 with a percentile
+    nonzero_only: bool = False
+
+    def check(self) -> None:
+        if bool(self.percentile) == bool(self.value):
+            raise InvalidArgument("revenue_cap", "give a percentile (0 to 100, exclusive) or a fixed value, one of them")
+        if self.percentile and not 0 < self.percentile < 100:
+            raise InvalidArgument("revenue_cap.percentile", f"must be between 0 and 100 (exclusive), got {self.percentile}")
+        if self.value and not (self.value > 0 and math.isfinite(self.value)):
+            raise InvalidArgument("revenue_cap.value", f"must be a finite number above 0, got {self.value}")
+        if self.value and self.nonzero_only:
+            raise InvalidArgument("revenue_cap.nonzero_only", "applies to a percentile, not to a fixed value")
+
+    def rank(self, n: int) -> int:
+        """The threshold's rank among n pooled values, from 1 (the smallest): the smallest value
+        at or above which `percentile`% of them lie (the inverted CDF), in exact arithmetic."""
+        return min(max(math.ceil(Fraction(repr(self.percentile)) * n / 100), 1), n)
+
+
+@dataclass(frozen=True)
+class CapApplied:
+    """The capping a Summary's revenue per user got: its threshold and whom it touched."""
+
+    cap: RevenueCap
+    threshold: float  # NaN when no user is pooled
+    pooled_users: int  # the users the percentile was taken over
+    capped_users: int  # users whose revenue was above the threshold
+
+
+@dataclass(frozen=True)
 class AnalysisOptions:
     """How to compare variants; the defaults are what a request that sets nothing gets."""
 
@@ -92,6 +133,7 @@ class AnalysisOptions:
     relative_interval: str = "delta"  # or "fieller" (stats.RELATIVE_INTERVALS)
     guardrails: dict[str, float] = field(default_factory=dict)  # metric -> non-inferiority margin (relative)
     metric_event_type: str = ""  # conversions and revenue counted from this event type only; users from all
+    revenue_cap: RevenueCap | None = None  # Summary: revenue per user capped for its comparison
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -107,6 +149,8 @@ class AnalysisOptions:
                 raise InvalidArgument("guardrails", f"the margin of {metric} must be a share above 0 and at most 1 "
                                                     f"(0.02: at most 2% worse), got {margin}")
         check_query_string("metric_event_type", self.metric_event_type)
+        if self.revenue_cap is not None:
+            self.revenue_cap.check()
         if self.relative_interval not in stats.RELATIVE_INTERVALS:
             raise InvalidArgument("relative_interval", f"must be {' or '.join(stats.RELATIVE_INTERVALS)}, not "
                                                        f"{self.relative_interval[:32]!r}")
@@ -168,6 +212,9 @@ class SegmentsQuery:
 
     def check(self) -> None:
         self.analysis.check()
+        if self.analysis.revenue_cap is not None:
+            raise InvalidArgument("revenue_cap", "applies to Summary: a segment's share of a user's revenue is not "
+                                                 "what the threshold is taken over")
         check_range(self.test_id, self.start_ns, self.end_ns)
         self.filters.check()
 
@@ -280,9 +327,14 @@ class UserMoments:
             elif metric == "conversion":
                 out.append(stats.binomial_arm(n, int(self.sums[metric][i])))
             else:
-                mean = float(self.sums[metric][i]) / n if n else 0.0
-                out.append(stats.Arm(n, mean, float(self.m2[metric][i]) / (n - 1) if n > 1 else 0.0))
+                key = CAPPED if metric == "revenue_per_user" and CAPPED in self.sums else metric
+                mean = float(self.sums[key][i]) / n if n else 0.0
+                out.append(stats.Arm(n, mean, float(self.m2[key][i]) / (n - 1) if n > 1 else 0.0))
         return out
+
+    def capped(self, sums: np.ndarray, m2: np.ndarray) -> UserMoments:
+        """These moments with capped revenue per user beside the revenue as it is."""
+        return UserMoments(self.users, {**self.sums, CAPPED: sums}, {**self.m2, CAPPED: m2})
 
 
 @dataclass(frozen=True)
@@ -347,6 +399,7 @@ class GroupStats:
     stats: QueryStats
     users: int = 0  # Summary: distinct users in range, whatever their variant (before any exclusion)
     multi_variant_users: int = 0  # Summary: of them, those seen in more than one variant
+    revenue_cap: CapApplied | None = None  # Summary with a cap: `moments` hold capped revenue as CAPPED
 
 
 @dataclass(frozen=True)
@@ -487,6 +540,7 @@ class Analysis:
     srm_p_value: float
     srm_flagged: bool
     comparisons: list[MetricComparison]
+    revenue_cap: CapApplied | None = None
 
 
 @dataclass(frozen=True)

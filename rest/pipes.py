@@ -20,6 +20,7 @@ Its `timestamp` is a DateTime, to the second: an `end_date` of 18:42:22 takes in
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -33,6 +34,7 @@ from abstream.core.types import (
     Dimension,
     Interval,
     MetricColumns,
+    RevenueCap,
     SegmentsQuery,
     SummaryQuery,
     TimeseriesQuery,
@@ -144,6 +146,15 @@ class Params:
             raise InvalidArgument(name, f"must be one of {', '.join(choices)}, not {value[:32]!r}")
         return choices[value]
 
+    def revenue_cap(self) -> RevenueCap | None:
+        """revenue_cap_percentile (with revenue_cap_nonzero_only) or revenue_cap_value, if given."""
+        percentile, value = self.number("revenue_cap_percentile"), self.number("revenue_cap_value")
+        if percentile is None and value is None:
+            if self.boolean("revenue_cap_nonzero_only"):
+                raise InvalidArgument("revenue_cap_nonzero_only", "needs revenue_cap_percentile")
+            return None
+        return RevenueCap(percentile or 0.0, value or 0.0, self.boolean("revenue_cap_nonzero_only"))
+
     def analysis(self) -> AnalysisOptions:
         confidence = self.number("confidence")
         return AnalysisOptions(control_variant=self.get("control"), sequential=self.boolean("sequential"),
@@ -151,7 +162,7 @@ class Params:
                                relative_interval=self.choice("relative_interval",
                                                              {i: i for i in stats.RELATIVE_INTERVALS}, "delta"),
                                guardrails=self.margins("guardrails"),
-                               metric_event_type=self.get("metric_event_type"),
+                               metric_event_type=self.get("metric_event_type"), revenue_cap=self.revenue_cap(),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))
@@ -223,7 +234,8 @@ _RESULT_COLUMNS = [
     ("srm_p_value", "Float64"), ("sample_ratio_mismatch", "UInt8"), ("health", "String"),
     ("health_reasons", "Array(String)"), ("multi_variant_users", "UInt64"), ("events_before_start", "UInt64"),
     ("future_events", "UInt64"), ("guardrail_margin", "Nullable(Float64)"), ("non_inferior", "Nullable(UInt8)"),
-    ("non_inferiority_p_value", "Nullable(Float64)"), ("non_inferiority_lower_bound", "Nullable(Float64)")]
+    ("non_inferiority_p_value", "Nullable(Float64)"), ("non_inferiority_lower_bound", "Nullable(Float64)"),
+    ("revenue_cap_threshold", "Nullable(Float64)"), ("capped_users", "Nullable(UInt64)")]
 
 
 async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
@@ -247,8 +259,16 @@ async def test_results(core: Core, principal: Principal, p: Params) -> Answer:
                      "srm_p_value": a.srm_p_value, "sample_ratio_mismatch": int(a.srm_flagged),
                      "health": h.status, "health_reasons": h.reasons, "multi_variant_users": h.multi_variant_users,
                      "events_before_start": h.events_before_start, "future_events": h.future_events,
-                     **_guardrail_columns(c.guardrail)})
+                     **_guardrail_columns(c.guardrail), **_cap_columns(a.revenue_cap, c.metric)})
     return Answer(_RESULT_COLUMNS, rows, r.stats.events_scanned, r.stats.elapsed_ns / 1e9)
+
+
+def _cap_columns(cap, metric: str) -> dict[str, Any]:
+    """The threshold revenue per user was capped at, on its rows."""
+    if cap is None or metric != "revenue_per_user":
+        return {"revenue_cap_threshold": None, "capped_users": None}
+    return {"revenue_cap_threshold": cap.threshold if math.isfinite(cap.threshold) else None,
+            "capped_users": cap.capped_users}
 
 
 def _guardrail_columns(g) -> dict[str, Any]:

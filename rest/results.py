@@ -11,6 +11,7 @@ packages `make ui` installs (never a CDN: the page works without the internet).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import math
 import time
@@ -205,7 +206,8 @@ class ResultsPage:
         summary, series, segments = await asyncio.gather(
             self.core.summary(principal, SummaryQuery(test_id, start, end, options)),
             self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True)),
-            self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end, analysis=options)))
+            self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end,
+                                                       analysis=dataclasses.replace(options, revenue_cap=None))))
         a = summary.analysis
         comparisons = [{"variant": c.variant, "metric": c.metric, "control_mean": finite(c.result.control_mean),
                         "treatment_mean": finite(c.result.treatment_mean), "absolute": _estimate(c.result.absolute),
@@ -227,10 +229,16 @@ class ResultsPage:
                         "relative_interval": options.relative_interval,
                         "guardrails": ",".join(f"{m}:{v:g}" for m, v in options.guardrails.items()),
                         "metric_event_type": options.metric_event_type,
+                        "revenue_cap_percentile": options.revenue_cap.percentile if options.revenue_cap else None,
+                        "revenue_cap_value": options.revenue_cap.value if options.revenue_cap else None,
+                        "revenue_cap_nonzero_only": bool(options.revenue_cap and options.revenue_cap.nonzero_only),
                         "interval": interval.name.lower(), "dimension": dimension.value},
             "variants": _metric_rows(summary.variants, summary.metrics),
             "srm": {"p_value": finite(a.srm_p_value) if a else None, "flagged": bool(a and a.srm_flagged)},
             "health": _health(summary.health),
+            "revenue_cap": None if a is None or a.revenue_cap is None else {
+                "threshold": finite(a.revenue_cap.threshold), "pooled_users": a.revenue_cap.pooled_users,
+                "capped_users": a.revenue_cap.capped_users},
             "comparisons": comparisons,
             "timeseries": [{"bucket": iso(int(b)), **row} for b, row in
                            zip(series.bucket_start_ns.tolist(), _metric_rows(series.variants, series.metrics))],

@@ -24,6 +24,7 @@ from abstream.core.events import (
 from abstream.core.types import (
     Analysis,
     AnalysisOptions,
+    CapApplied,
     DecodedBatch,
     Dimension,
     Experiment,
@@ -36,6 +37,7 @@ from abstream.core.types import (
     PowerResult,
     QuarantinedEvent,
     QueryStats,
+    RevenueCap,
     SegmentsQuery,
     SegmentsResult,
     SummaryQuery,
@@ -232,7 +234,17 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
                                 pb.RelativeInterval),
         guardrails=dict(o.guardrail_margins),
         metric_event_type=o.metric_event_type,
+        revenue_cap=RevenueCap(o.revenue_cap.percentile, o.revenue_cap.value, o.revenue_cap.nonzero_only)
+        if o.HasField("revenue_cap") else None,
     )
+
+
+def _cap_applied(c: CapApplied | None) -> pb.RevenueCapApplied | None:
+    if c is None:
+        return None
+    return pb.RevenueCapApplied(cap=pb.RevenueCap(percentile=c.cap.percentile, value=c.cap.value,
+                                                  nonzero_only=c.cap.nonzero_only),
+                                threshold=c.threshold, pooled_users=c.pooled_users, capped_users=c.capped_users)
 
 
 def _guardrail(g) -> pb.Guardrail | None:
@@ -268,7 +280,8 @@ def analysis_message(a: Analysis) -> pb.Analysis:
             chance_to_win=c.result.chance_to_win, risk_control=c.result.risk_control,
             risk_treatment=c.result.risk_treatment, posterior_mean=c.result.posterior_mean,
             status=STATUSES[c.result.status], status_message=c.result.message,
-            guardrail=_guardrail(c.guardrail)) for c in a.comparisons])
+            guardrail=_guardrail(c.guardrail)) for c in a.comparisons],
+        revenue_cap=_cap_applied(a.revenue_cap))
 
 
 def summary_query(request: pb.SummaryRequest) -> SummaryQuery:

@@ -8,6 +8,7 @@ analysis of the groups is the core's, not the engine's (core/analysis.py).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,10 +20,12 @@ from abstream.core.errors import DeadlineExceeded
 from abstream.core.events import EVENT_SCHEMA
 from abstream.core.types import (
     RATIO_COMOMENT,
+    CapApplied,
     Filters,
     GroupStats,
     MetricColumns,
     QueryStats,
+    RevenueCap,
     SegmentsQuery,
     SummaryQuery,
     TestInfo,
@@ -72,8 +75,12 @@ class Queries:
         _in_time(q.deadline)
         moments = user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(),
                                totals)
+        cap = None
+        if q.analysis.revenue_cap is not None:
+            moments, cap = capped_moments(moments, variant_id, cols["user_id"], cols["revenue"], self._n_users(),
+                                          q.analysis.revenue_cap)
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
-                          scope.stats(), users, len(several))
+                          scope.stats(), users, len(several), cap)
 
     def _of_event_type(self, cols: dict[str, np.ndarray], event_type: str) -> dict[str, np.ndarray]:
         """Conversions and revenue kept only on events of `event_type` (every event is kept: its
@@ -278,3 +285,21 @@ def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, re
         totals["total_revenue"].astype(np.float64), totals["conversions"].astype(np.float64))
     return UserMoments(users, sums, {"revenue_per_user": m2_revenue, "conversions_per_user": m2_conversions,
                                      RATIO_COMOMENT: comoment})
+
+
+def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, revenue: np.ndarray,
+                   n_users_total: int, cap: RevenueCap) -> tuple[UserMoments, CapApplied]:
+    """The moments with revenue per user capped beside them: at the cap's value, or at its
+    percentile of every group's users pooled (RevenueCap.rank)."""
+    rows = np.flatnonzero(revenue != 0)
+    group_of, total = kernels.user_sums(group[rows], user[rows], revenue[rows], n_users_total)
+    nonzero = total[total != 0]
+    pooled = len(nonzero) if cap.nonzero_only else int(moments.users.sum())
+    if cap.value:
+        threshold = cap.value
+    elif pooled:
+        threshold = kernels.kth_smallest(nonzero, 0 if cap.nonzero_only else pooled - len(nonzero), cap.rank(pooled))
+    else:
+        return moments, CapApplied(cap, math.nan, 0, 0)
+    sums, m2, lowered = kernels.capped_user_moments(group_of, total, moments.users, threshold)
+    return moments.capped(sums, m2), CapApplied(cap, threshold, pooled, lowered)

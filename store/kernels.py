@@ -254,3 +254,42 @@ def centered_user_moments(group: np.ndarray, user: np.ndarray, x: np.ndarray, y:
     return (without * mean_x * mean_x + np.bincount(g, weights=dx * dx, minlength=n_groups),
             without * mean_y * mean_y + np.bincount(g, weights=dy * dy, minlength=n_groups),
             without * mean_x * mean_y + np.bincount(g, weights=dx * dy, minlength=n_groups))
+
+
+# ---- capping ------------------------------------------------------------------------------
+
+def user_sums(group: np.ndarray, user: np.ndarray, x: np.ndarray, n_users_total: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(the group, the sum of x) of each (group, user) among the rows given."""
+    if len(group) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    key, order = sorted_with_order(group.astype(np.int64) * max(n_users_total, 1) + user)
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    return key[starts] // max(n_users_total, 1), np.add.reduceat(x[order].astype(np.float64), starts)
+
+
+def kth_smallest(values: np.ndarray, zeros: int, k: int) -> float:
+    """The k-th smallest (from 1) of `values` and `zeros` more zeros."""
+    negative = np.sort(values[values < 0])
+    if k <= len(negative):
+        return float(negative[k - 1])
+    if k <= len(negative) + zeros:
+        return 0.0
+    positive = values[values > 0]
+    return float(np.partition(positive, k - len(negative) - zeros - 1)[k - len(negative) - zeros - 1])
+
+
+def capped_user_moments(group: np.ndarray, x: np.ndarray, users: np.ndarray, threshold: float
+                        ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per group of users[g] users, of whom those listed have totals x (the others none): the sum
+    and centered sum of squares of min(total, threshold), and how many users it lowered."""
+    n = len(users)
+    unlisted = np.maximum(users - np.bincount(group, minlength=n), 0)
+    zero = min(0.0, threshold)
+    kept = np.minimum(x, threshold)
+    sums = np.bincount(group, weights=kept, minlength=n) + unlisted * zero
+    mean = np.divide(sums, users, out=np.zeros(n), where=users > 0)
+    d = kept - mean[group]
+    m2 = np.bincount(group, weights=d * d, minlength=n) + unlisted * (zero - mean) ** 2
+    lowered = int(np.count_nonzero(x > threshold)) + (int(unlisted.sum()) if threshold < 0 else 0)
+    return sums, m2, lowered

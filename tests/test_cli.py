@@ -375,6 +375,19 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
     assert sum(r["users"] for r in of_type["rows"]) == 802 and sum(r["conversions"] for r in of_type["rows"]) == 0  # all clicks
     assert "guardrails are metric=margin" in run("summary", "opts", "--guardrails", "conversion", "--addr",
                                                  server.address).stderr
+    spend = [event(i, "caps", "AB"[i % 2], revenue=float(i % 7) * 10) for i in range(300)]
+    assert run("ingest", str(write_ndjson(tmp_path / "spend.ndjson", spend)), "--addr", server.address).returncode == 0
+    capped = run("summary", "caps", "--cap-percentile", "50", "--addr", server.address)
+    with Client(server.address) as client:
+        cap = client.summary("caps", revenue_cap={"percentile": 50}).analysis.revenue_cap
+    assert capped.stdout.rstrip().endswith(f"revenue_per_user compared capped at {cap.threshold:,.2f} (the 50th "
+                                           f"percentile of {cap.pooled_users:,} users); {cap.capped_users:,} users "
+                                           "were above it")
+    assert cap.pooled_users == 300 and cap.threshold == 30.0 and cap.capped_users > 0
+    as_json = json.loads(run("summary", "caps", "--cap-value", "1", "--addr", server.address, "--format", "json").stdout)
+    assert as_json["analysis"]["revenue_cap"]["threshold"] == 1.0
+    refused = run("summary", "caps", "--cap-value", "5", "--cap-nonzero-only", "--addr", server.address)
+    assert refused.returncode != 0 and "revenue_cap.nonzero_only" in refused.stderr
     with Client(server.address) as client:
         wide = client.summary("opts", control="base", confidence=0.99, device="mobile")
         narrow = client.summary("opts", control="base", confidence=0.9, device="mobile")

@@ -264,8 +264,20 @@ def test_pipes_answer_what_grpc_answers(http):
     assert excluded["data"][0]["multi_variant_users"] == results.health.multi_variant_users
     status, _, body = http.call("GET", "/v0/pipes/test_results.csv?test_id=checkout")
     header = body.decode().splitlines()[0].split(",")
-    assert status == 200 and header[-9:-4] == ['"health"', '"health_reasons"', '"multi_variant_users"',
-                                               '"events_before_start"', '"future_events"']
+    assert status == 200 and header[-11:-6] == ['"health"', '"health_reasons"', '"multi_variant_users"',
+                                                '"events_before_start"', '"future_events"']
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        capped = client.summary("checkout", revenue_cap={"percentile": 90, "nonzero_only": True}).analysis
+    _, c = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=90"
+                            "&revenue_cap_nonzero_only=true")
+    assert [(r["treatment_mean"], r["revenue_cap_threshold"], r["capped_users"]) for r in c["data"]] == [
+        (x.treatment_mean, capped.revenue_cap.threshold, capped.revenue_cap.capped_users)
+        if x.metric == "revenue_per_user" else (x.treatment_mean, None, None) for x in capped.comparisons]
+    assert capped.revenue_cap.threshold > 0 and capped.revenue_cap.capped_users > 0
+    status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=100")
+    assert status == 400 and bad["error"].startswith("revenue_cap.percentile:")
+    status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_nonzero_only=1")
+    assert status == 400 and bad["error"].startswith("revenue_cap_nonzero_only:")
 
 
 def test_every_format_of_a_pipe(http):

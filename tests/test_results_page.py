@@ -253,6 +253,30 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     assert "metric_event_type" not in page.url
     assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
                         sequential=True, relative_interval="fieller")
+    assert page.locator("#revenue-cap").count() == 0
+    before = renders(page)
+    page.locator('input[name="revenue_cap_percentile"]').fill("95")
+    page.locator('input[name="revenue_cap_percentile"]').blur()
+    rendered(page, before + 1)
+    before = renders(page)
+    page.locator('input[name="revenue_cap_nonzero_only"]').check()
+    rendered(page, before + 1)
+    assert "revenue_cap_percentile=95" in page.url and "revenue_cap_nonzero_only=true" in page.url
+    cap = {"percentile": 95, "nonzero_only": True}
+    assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
+                        sequential=True, relative_interval="fieller", revenue_cap=cap)
+    with grpc(server) as client:
+        applied = client.summary("checkout", "2025-04-03", "2025-04-09", control="treatment",
+                                 revenue_cap=cap).analysis.revenue_cap
+    assert applied.threshold > 0
+    assert float(page.locator("#revenue-cap").get_attribute("data-threshold")) == applied.threshold
+    assert f"{applied.capped_users:,} users were above it" in page.locator("#revenue-cap").inner_text()
+    before = renders(page)
+    page.locator('input[name="revenue_cap_percentile"]').fill("")
+    page.locator('input[name="revenue_cap_nonzero_only"]').uncheck()
+    page.locator('input[name="revenue_cap_percentile"]').blur()
+    rendered(page, before + 1)
+    page.wait_for_function("!location.search.includes('revenue_cap')")
 
     with grpc(server) as client:
         hours = client.timeseries("checkout", "hour", "2025-04-03", "2025-04-09", cumulative=True).rows

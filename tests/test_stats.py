@@ -225,8 +225,9 @@ def test_fieller_interval_solves_its_pivot_and_agrees_with_the_absolute_test():
 def test_fieller_holds_where_the_delta_method_under_covers_heavy_tailed_revenue(server):
     """A/A through the server: 500 tests, 2,000 users per arm, log-normal (sigma 1.5) revenue
     on 30% of users, 1-5 events each. Printed: false positives and coverage of the absolute
-    lift, the delta-method relative lift and Fieller's; Fieller's coverage is the absolute
-    lift's exactly, and both are within the band a 95% interval must hold over 500 tests."""
+    lift, the delta-method relative lift and Fieller's, and of both lifts with revenue capped at
+    the pooled 99th percentile; Fieller's coverage is the absolute lift's exactly, and each
+    that should hold is within the band a 95% interval must hold over 500 tests."""
     import pyarrow as pa
     from abstream.clients import Client
 
@@ -252,7 +253,7 @@ def test_fieller_holds_where_the_delta_method_under_covers_heavy_tailed_revenue(
                       "event_type": constant("purchase"), "conversion": pa.array((revenue > 0).astype(np.int64)),
                       "revenue": pa.array(revenue), "session_id": constant(""), "device": constant("mobile"),
                       "country": constant("US")})
-    covered = {"absolute": 0, "delta": 0, "fieller": 0}
+    covered = {"absolute": 0, "delta": 0, "fieller": 0, "capped absolute": 0, "capped relative": 0}
     with Client(server.address, timeout=120) as client:
         client.ingest_table(table, batch_size=100_000)
         first = True
@@ -269,11 +270,17 @@ def test_fieller_holds_where_the_delta_method_under_covers_heavy_tailed_revenue(
             covered["absolute"] += fieller.absolute.ci_low <= 0 <= fieller.absolute.ci_high
             covered["delta"] += fieller.relative.estimate - half <= 0 <= fieller.relative.estimate + half
             covered["fieller"] += fieller.relative.ci_low <= 0 <= fieller.relative.ci_high
+            capped = next(c for c in client.summary(f"aa_{i}", revenue_cap={"percentile": 99}).analysis.comparisons
+                          if c.metric == "revenue_per_user")
+            covered["capped absolute"] += capped.absolute.ci_low <= 0 <= capped.absolute.ci_high
+            covered["capped relative"] += capped.relative.ci_low <= 0 <= capped.relative.ci_high
     coverage = {name: hits / tests for name, hits in covered.items()}
     print("A/A revenue per user, 500 tests: " + ", ".join(
         f"{name} coverage {c:.1%}, false positives {1 - c:.1%}" for name, c in coverage.items()))
     assert coverage["fieller"] == coverage["absolute"]
     assert 0.93 <= coverage["fieller"] <= 0.97
+    # Capped at the pooled 99th percentile, both intervals of revenue per user hold their level.
+    assert 0.93 <= coverage["capped absolute"] <= 0.97 and 0.93 <= coverage["capped relative"] <= 0.97
 
 
 def test_non_inferiority_is_the_textbook_one_sided_test_and_holds_its_error_at_the_margin():

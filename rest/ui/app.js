@@ -257,7 +257,8 @@ function testQuery() {
   const p = new URL(location.href).searchParams;
   const out = new URLSearchParams();
   for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
-                   "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type"]) {
+                   "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type",
+                   "revenue_cap_percentile", "revenue_cap_nonzero_only"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -293,6 +294,13 @@ function controls(data) {
     h("label", {}, "Guardrails", h("input", { type: "text", name: "guardrails", value: o.guardrails || "",
                                               placeholder: "revenue_per_user:0.02", size: 22,
                                               title: "metric:margin,… — each treatment tested for being at most that much worse" })),
+    h("label", {}, "Cap revenue at percentile", h("input", { type: "number", name: "revenue_cap_percentile", min: 50,
+                                                             max: 99.99, step: "any", size: 6, placeholder: "none",
+                                                             value: o.revenue_cap_percentile || "",
+                                                             title: "revenue per user above this percentile of every arm's users counts as it" })),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "revenue_cap_nonzero_only",
+                                                checked: o.revenue_cap_nonzero_only }),
+      "of paying users"),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "exclude_multi_variant_users",
                                                 checked: o.exclude_multi_variant_users }),
       "Leave out users seen in several variants"),
@@ -307,6 +315,18 @@ function controls(data) {
     refresh(true);
   });
   return form;
+}
+
+function capNote(data) {
+  const cap = data.revenue_cap;
+  if (!cap) return null;
+  const o = data.options;
+  const where = o.revenue_cap_value ? "a fixed value"
+    : `the ${o.revenue_cap_percentile}th percentile of ${count(cap.pooled_users)} ${o.revenue_cap_nonzero_only ? "paying " : ""}users`;
+  return h("p", { id: "revenue-cap", class: "muted", "data-threshold": cap.threshold ?? "" },
+    cap.threshold == null ? "Revenue per user is not capped: no users to take the percentile over."
+      : `Revenue per user is compared capped at ${cap.threshold.toLocaleString("en-US", { maximumFractionDigits: 2 })} ` +
+        `(${where}); ${count(cap.capped_users)} users were above it.`);
 }
 
 function healthPanel(data) {
@@ -502,6 +522,7 @@ async function showTest(testId, force) {
     h("h2", {}, `Against ${data.options.control}`),
     data.comparisons.length ? h("div", { class: "scroll" }, comparisonsTable(data))
       : h("p", { class: "muted" }, "One variant only: nothing to compare yet."),
+    capNote(data),
     h("div", { id: "forest", class: "chart", role: "img", "aria-label": "Relative lift of each variant and metric with its interval" }),
     h("h2", {}, "Over time (cumulative)"),
     h("div", { class: "pair" },

@@ -199,7 +199,7 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins", "metric_event_type")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins", "metric_event_type", "revenue_cap")
     class ExpectedWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,7 @@ class AnalysisOptions(_message.Message):
     RELATIVE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_MARGINS_FIELD_NUMBER: _ClassVar[int]
     METRIC_EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_CAP_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -240,7 +241,30 @@ class AnalysisOptions(_message.Message):
     relative_interval: RelativeInterval
     guardrail_margins: _containers.ScalarMap[str, float]
     metric_event_type: str
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ..., metric_event_type: _Optional[str] = ...) -> None: ...
+    revenue_cap: RevenueCap
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ..., metric_event_type: _Optional[str] = ..., revenue_cap: _Optional[_Union[RevenueCap, _Mapping]] = ...) -> None: ...
+
+class RevenueCap(_message.Message):
+    __slots__ = ("percentile", "value", "nonzero_only")
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NONZERO_ONLY_FIELD_NUMBER: _ClassVar[int]
+    percentile: float
+    value: float
+    nonzero_only: bool
+    def __init__(self, percentile: _Optional[float] = ..., value: _Optional[float] = ..., nonzero_only: _Optional[bool] = ...) -> None: ...
+
+class RevenueCapApplied(_message.Message):
+    __slots__ = ("cap", "threshold", "pooled_users", "capped_users")
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    POOLED_USERS_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_USERS_FIELD_NUMBER: _ClassVar[int]
+    cap: RevenueCap
+    threshold: float
+    pooled_users: int
+    capped_users: int
+    def __init__(self, cap: _Optional[_Union[RevenueCap, _Mapping]] = ..., threshold: _Optional[float] = ..., pooled_users: _Optional[int] = ..., capped_users: _Optional[int] = ...) -> None: ...
 
 class Guardrail(_message.Message):
     __slots__ = ("margin", "non_inferior", "p_value", "lower_bound", "status", "status_message")
@@ -311,16 +335,18 @@ class MetricComparison(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., control_mean: _Optional[float] = ..., treatment_mean: _Optional[float] = ..., absolute: _Optional[_Union[Lift, _Mapping]] = ..., relative: _Optional[_Union[Lift, _Mapping]] = ..., degrees_of_freedom: _Optional[float] = ..., chance_to_win: _Optional[float] = ..., risk_control: _Optional[float] = ..., risk_treatment: _Optional[float] = ..., posterior_mean: _Optional[float] = ..., status: _Optional[_Union[ComparisonStatus, str]] = ..., status_message: _Optional[str] = ..., guardrail: _Optional[_Union[Guardrail, _Mapping]] = ...) -> None: ...
 
 class Analysis(_message.Message):
-    __slots__ = ("control_variant", "srm_p_value", "sample_ratio_mismatch", "comparisons")
+    __slots__ = ("control_variant", "srm_p_value", "sample_ratio_mismatch", "comparisons", "revenue_cap")
     CONTROL_VARIANT_FIELD_NUMBER: _ClassVar[int]
     SRM_P_VALUE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATIO_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_CAP_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     srm_p_value: float
     sample_ratio_mismatch: bool
     comparisons: _containers.RepeatedCompositeFieldContainer[MetricComparison]
-    def __init__(self, control_variant: _Optional[str] = ..., srm_p_value: _Optional[float] = ..., sample_ratio_mismatch: _Optional[bool] = ..., comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
+    revenue_cap: RevenueCapApplied
+    def __init__(self, control_variant: _Optional[str] = ..., srm_p_value: _Optional[float] = ..., sample_ratio_mismatch: _Optional[bool] = ..., comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ..., revenue_cap: _Optional[_Union[RevenueCapApplied, _Mapping]] = ...) -> None: ...
 
 class Health(_message.Message):
     __slots__ = ("status", "reasons", "users", "multi_variant_users", "multi_variant_users_excluded", "srm_p_value", "srm", "events_before_start", "future_events")
