@@ -54,6 +54,7 @@ from abstream.core.types import (
     UserMoments,
     ValidatedBatch,
 )
+from abstream.store import kernels
 
 #: How long a gateway uses the plans it read before reading them again.
 PLANS_TTL_S = 1.0
@@ -330,10 +331,13 @@ class ClickHouseEngine:
         for (b, v), values in per_bucket.items():
             grid[b_at[b], v_at[v]] = values
         events, conversions, revenue, users, converted = (grid[..., k] for k in range(5))
+        moments = None
         if q.cumulative:
             events, conversions, revenue = (np.cumsum(a, axis=0) for a in (events, conversions, revenue))
             users, converted = (np.cumsum(self._first_seen(q, b_at, v_at, shape, flag, offsets), axis=0)
                                 for flag in (False, True))
+            if q.lift is not None and buckets:
+                moments = self._cumulative_moments(q, offsets, b_at, variants, users, converted, revenue, conversions)
         keep = np.flatnonzero(events.reshape(-1))
         b, v = np.divmod(keep, max(len(variants), 1))
         index = np.array(buckets, dtype=np.int64)[b]
@@ -347,7 +351,30 @@ class ClickHouseEngine:
                                   total_revenue=revenue.reshape(-1)[keep], users=users.reshape(-1)[keep].astype(np.int64),
                                   converted_users=converted.reshape(-1)[keep].astype(np.int64)),
             stats=QueryStats(self._scanned(q.test_id, q.start_ns, q.end_ns, q.filters, int(grid[..., 0].sum()),
-                                           q.deadline), time.perf_counter_ns() - started))
+                                           q.deadline), time.perf_counter_ns() - started),
+            moments=moments.take(keep) if moments is not None else None)
+
+    def _cumulative_moments(self, q: TimeseriesQuery, offsets, b_at: dict, variants: list[str], users: np.ndarray,
+                            converted: np.ndarray, revenue: np.ndarray, conversions: np.ndarray) -> UserMoments:
+        """Per (bucket, variant), flattened, the user moments of everything up to the bucket's end:
+        each shard's changes of the squares about the variants' final means, added up in order
+        (kernels.cumulative_user_moments is the same on one machine)."""
+        n = users.astype(np.float64)
+        cx = np.divide(revenue[-1], n[-1], out=np.zeros(len(variants)), where=n[-1] > 0)
+        cy = np.divide(conversions[-1], n[-1], out=np.zeros(len(variants)), where=n[-1] > 0)
+        n_new = np.diff(n, axis=0, prepend=np.zeros((1, len(variants))))
+        q2 = np.stack([n_new * cx * cx, n_new * cy * cy, n_new * cx * cy])
+        statement = sql.cumulative_squares(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters,
+                                           q.interval, offsets, {v: (cx[i], cy[i]) for i, v in enumerate(variants)})
+        for columns in self._partials(statement, q.deadline):
+            for bucket, variant, *deltas in zip(*columns):
+                q2[:, b_at[int(bucket)], variants.index(variant)] += np.array(deltas, dtype=np.float64)
+        m2x, m2y, co = kernels.centered(n, revenue, conversions.astype(np.float64), *np.cumsum(q2, axis=1), cx, cy)
+        return UserMoments(n.reshape(-1).astype(np.int64),
+                           {"conversion": converted.reshape(-1).astype(np.int64), "revenue_per_user": revenue.reshape(-1),
+                            "conversions_per_user": conversions.reshape(-1).astype(np.int64)},
+                           {"revenue_per_user": m2x.reshape(-1), "conversions_per_user": m2y.reshape(-1),
+                            RATIO_COMOMENT: co.reshape(-1)})
 
     def _zone_offsets(self, q: TimeseriesQuery) -> timezones.Offsets | None:
         """The time zone's offsets over the test's events in range (None in UTC)."""

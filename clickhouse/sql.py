@@ -230,6 +230,28 @@ def first_buckets(local: str, test_id: str, start_ns: int | None, end_ns: int | 
             f"AS first FROM {local} WHERE {where} GROUP BY variant, user_id) GROUP BY first, variant")
 
 
+def cumulative_squares(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                       interval: Interval, offsets: Offsets | None, centers: dict[str, tuple[float, float]]) -> str:
+    """Per (bucket, variant) on one shard: what the (user, bucket)s with revenue or a conversion
+    change of sum((x - c)^2), sum((y - d)^2) and sum((x - c)(y - d)) over users' running totals
+    of revenue x and conversions y (c, d: the variant's `centers`), from each user's total before
+    the bucket to after it."""
+    names = "[" + ", ".join(literal(v) for v in centers) + "]"
+    c = f"transform(variant, {names}, [{', '.join(repr(float(x)) for x, _ in centers.values())}], 0.)"
+    d = f"transform(variant, {names}, [{', '.join(repr(float(y)) for _, y in centers.values())}], 0.)"
+    where = _where(test_id, start_ns, end_ns, filters) + " AND (conversion = 1 OR revenue != 0)"
+    per_bucket = (f"SELECT variant, user_id, {_bucket(interval, offsets)} AS bucket, sum(revenue) AS dx, "
+                  f"countIf(conversion = 1) AS dy FROM {local} WHERE {where} GROUP BY variant, user_id, bucket")
+    per_user = (f"SELECT variant, arraySort(groupArray((bucket, dx, dy))) AS steps FROM ({per_bucket}) "
+                "GROUP BY variant, user_id")
+    steps = (f"SELECT variant, tupleElement(step, 1) AS b, after_x - {c} AS ax, after_x - tupleElement(step, 2) - {c} "
+             f"AS bx, after_y - {d} AS ay, after_y - tupleElement(step, 3) - {d} AS by FROM ({per_user}) "
+             "ARRAY JOIN steps AS step, arrayCumSum(arrayMap(s -> tupleElement(s, 2), steps)) AS after_x, "
+             "arrayCumSum(arrayMap(s -> tupleElement(s, 3), steps)) AS after_y")
+    return (f"SELECT b, variant, sum(ax * ax - bx * bx), sum(ay * ay - by * by), sum(ax * ay - bx * by) "
+            f"FROM ({steps}) GROUP BY b, variant")
+
+
 def tests(local: str) -> str:
     """Per test: its variants, events, distinct users, first and last event."""
     return (f"SELECT test_id, groupUniqArray(variant) AS variants, count() AS events, uniqExact(user_id) AS users, "

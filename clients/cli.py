@@ -236,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(an IANA name, e.g. Europe/Madrid; default UTC)")
     filtered(timeseries)
     formatted(timeseries)
+    lift = command("lift", "each treatment's cumulative lift over the control at the end of each bucket, its "
+                           "intervals confidence sequences (valid over the whole curve at once)")
+    ranged(lift)
+    lift.add_argument("--interval", choices=["hour", "day", "week"], default="day",
+                      help="bucket width (default %(default)s)")
+    lift.add_argument("--time-zone", default="", help="day and week buckets start at this zone's midnight")
+    filtered(lift)
+    analysed(lift)
+    formatted(lift)
     tests = command("tests", "every test with its variants, events, users and plan")
     formatted(tests)
     quarantine = command("quarantine", "rejected events and why, newest first")
@@ -856,6 +865,17 @@ def _timeseries(args) -> int:
     return 0
 
 
+def _lift(args) -> int:
+    with _client(args) as client:
+        result = client.timeseries(args.test_id, args.interval, args.start, args.end, cumulative=True, lift=True,
+                                   device=args.device, country=args.country, event_type=args.event_type,
+                                   time_zone=args.time_zone, **_options(args))
+    _empty(result.rows, args)
+    rows = [{"bucket": str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
+    _emit(rows, args.format, ["bucket", "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
+    return 0
+
+
 def _tests(args) -> int:
     from abstream.clients.client import TestInfo
 
@@ -1018,7 +1038,7 @@ def _experiment(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": _ingest, "summary": _summary, "segments": _segments, "timeseries": _timeseries,
+COMMANDS = {"ingest": _ingest, "summary": _summary, "segments": _segments, "timeseries": _timeseries, "lift": _lift,
             "tests": _tests, "quarantine": _quarantine, "snapshot": _snapshot, "power": _power,
             "experiment": _experiment, "import": _import, "delete-test": _delete_test, "erase-user": _erase_user,
             "retention": _retention, "export": _export}

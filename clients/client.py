@@ -265,6 +265,7 @@ class Timeseries(_Table):
     cumulative: bool
     rows: list[TimeseriesRow]
     events_scanned: int
+    lifts: list[tuple[dt.datetime, Analysis]] = field(default_factory=list)  # with lift=True: per bucket
 
 
 @dataclass(frozen=True)
@@ -472,15 +473,22 @@ class Client:
 
     def timeseries(self, test_id: str, interval: str = "day", start: Time = None, end: Time = None, *,
                    cumulative: bool = False, device: str | None = None, country: str | None = None,
-                   event_type: str | None = None, time_zone: str = "", timeout: float | None = None) -> Timeseries:
+                   event_type: str | None = None, time_zone: str = "", lift: bool = False,
+                   analysis: dict | None = None, timeout: float | None = None, **options: Any) -> Timeseries:
+        """Per bucket and variant; with `lift` (and `cumulative`), each bucket's lift of every
+        treatment over the control by confidence sequences (`options` as Summary's: control,
+        confidence, correction, prior, expected_weights)."""
         request = pb.TimeseriesRequest(test_id=test_id, interval=INTERVALS.get(interval, 0), cumulative=cumulative,
-                                       filters=_filters(device, country, event_type), time_zone=time_zone)
+                                       filters=_filters(device, country, event_type), time_zone=time_zone, lift=lift)
+        if lift:
+            request.analysis.CopyFrom(_analysis_options(**options, **(analysis or {})))
         _timestamp(start, request.start_time)
         _timestamp(end, request.end_time, end=True)
         r = self._call(self._stub.Timeseries, request, timeout)
         return Timeseries(r.test_id, interval, r.cumulative,
                           [TimeseriesRow(_utc(row.bucket_start), row.variant, _metrics(row.metrics))
-                           for row in r.rows], r.stats.events_scanned)
+                           for row in r.rows], r.stats.events_scanned,
+                          [(_utc(lift.bucket_start), _analysis(lift.analysis)) for lift in r.lifts])
 
     def list_tests(self, *, timeout: float | None = None) -> Tests:
         r = self._call(self._stub.ListTests, pb.ListTestsRequest(), timeout)

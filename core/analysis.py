@@ -29,6 +29,8 @@ from abstream.core.types import (
     SegmentsResult,
     SummaryQuery,
     SummaryResult,
+    TimeseriesQuery,
+    TimeseriesResult,
     UserMoments,
 )
 
@@ -183,3 +185,18 @@ def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:
         analyses.append((name, analyze([g.variants[r] for r in rows.tolist()], g.moments, rows, q.analysis, control)))
     return SegmentsResult(test_id=q.test_id, dimension=q.dimension, variants=g.variants, segments=segment_names,
                           metrics=g.metrics, stats=g.stats, analyses=analyses)
+
+
+def lift(q: TimeseriesQuery, r: TimeseriesResult) -> TimeseriesResult:
+    """Each bucket's cumulative lifts, by confidence sequences whatever `sequential` says: the
+    curve is looked at once per bucket, so its intervals must hold at every look at once."""
+    options = dataclasses.replace(q.lift, sequential=True)
+    control = choose_control(sorted(set(r.variants)), options.control_variant)
+    lifts = []
+    starts = r.bucket_start_ns
+    edges = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1], [True])))
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        index = np.arange(lo, hi)
+        lifts.append((int(starts[lo]), analyze([r.variants[i] for i in range(lo, hi)], r.moments, index, options,
+                                               control)))
+    return dataclasses.replace(r, lifts=lifts)

@@ -303,17 +303,21 @@ class Core:
         if plan is None:
             return dataclasses.replace(q, start_ns=start_ns) if start_ns != q.start_ns else q
         changes = {"start_ns": start_ns, "end_ns": q.end_ns if q.end_ns is not None else plan.stop_ns}
-        if hasattr(q, "analysis"):
-            changes["analysis"] = dataclasses.replace(
-                q.analysis, control_variant=q.analysis.control_variant or plan.control_variant,
-                expected_weights=q.analysis.expected_weights or dict(plan.split))
+        for name in ("analysis", "lift"):
+            options = getattr(q, name, None)
+            if options is not None:
+                changes[name] = dataclasses.replace(
+                    options, control_variant=options.control_variant or plan.control_variant,
+                    expected_weights=options.expected_weights or dict(plan.split))
         return dataclasses.replace(q, **changes)
 
     async def timeseries(self, principal: Principal, q: TimeseriesQuery, timeout: float | None = None,
                          respond: Callable[[TimeseriesResult], R] = lambda r: r) -> R:
         q = self._planned(self._admit(principal, q, timeout))
         engine = self.engine
-        return await self._in_worker("Timeseries", lambda: respond(engine.timeseries(q)))
+        if q.lift is None:
+            return await self._in_worker("Timeseries", lambda: respond(engine.timeseries(q)))
+        return await self._in_worker("Timeseries", lambda: respond(analysis.lift(q, engine.timeseries(q))))
 
     async def last_sequence(self, producer_id: str) -> int:
         """Where a source's producer resumes (a server-side source: no token to check)."""

@@ -229,10 +229,18 @@ class TimeseriesQuery:
     filters: Filters = field(default_factory=Filters)
     deadline: float | None = None
     time_zone: str = ""  # IANA name: day and week buckets start at its midnights; empty: UTC
+    lift: AnalysisOptions | None = None  # with cumulative: each bucket's lifts, by confidence sequences
 
     def check(self) -> None:
         check_range(self.test_id, self.start_ns, self.end_ns)
         self.filters.check()
+        if self.lift is not None:
+            self.lift.check()
+            if not self.cumulative:
+                raise InvalidArgument("lift", "is the cumulative lift: ask for cumulative buckets")
+            for name in ("revenue_cap", "exclude_multi_variant_users", "metric_event_type", "guardrails"):
+                if getattr(self.lift, name):
+                    raise InvalidArgument(f"analysis.{name}", "applies to Summary, not to the lift over time")
         if self.time_zone:
             from abstream.core.timezones import zone
 
@@ -620,6 +628,8 @@ class TimeseriesResult:
     variants: list[str]
     metrics: MetricColumns
     stats: QueryStats
+    moments: UserMoments | None = None  # with lift: each row's cumulative user moments (the engine's)
+    lifts: list[tuple[int, Analysis]] | None = None  # with lift: (bucket start, its analysis) (the core's)
 
     def rows(self) -> list[TimeseriesRow]:
         return [TimeseriesRow(b, v, m) for b, v, m in

@@ -310,4 +310,4 @@ class HttpApi:
 
     async def sql(self, request: web.Request) -> web.Response:
         raise InvalidArgument("q", "SQL is not supported: query the pipes (test_summary, test_segments, "
-                                   "test_timeseries, test_results; docs/http.md)")
+                                   "test_timeseries, test_results, test_lift; docs/http.md)")

@@ -225,6 +225,32 @@ async def test_timeseries(core: Core, principal: Principal, p: Params) -> Answer
                   r.stats.elapsed_ns / 1e9)
 
 
+_LIFT_COLUMNS = [
+    ("test_id", "String"), ("bucket", "DateTime"), ("control_variant", "String"), ("variant", "String"),
+    ("metric", "String"), ("control_mean", "Float64"), ("treatment_mean", "Float64"), ("absolute_lift", "Float64"),
+    ("absolute_ci_low", "Float64"), ("absolute_ci_high", "Float64"), ("relative_lift", "Float64"),
+    ("relative_ci_low", "Float64"), ("relative_ci_high", "Float64"), ("status", "String"),
+    ("status_message", "String")]
+
+
+async def test_lift(core: Core, principal: Principal, p: Params) -> Answer:
+    """Each treatment's cumulative lift at the end of each bucket, by confidence sequences: one
+    row per bucket, treatment and metric (the range defaults to the whole test, or its plan)."""
+    test_id = p.test_id()
+    start, end = p.range(None, None)
+    options = p.analysis()
+    r = await core.timeseries(principal, TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end,
+                                                         True, time_zone=p.get("time_zone"), lift=options))
+    rows = [{"test_id": test_id, "bucket": datetime_text(bucket), "control_variant": a.control_variant,
+             "variant": c.variant, "metric": c.metric, "control_mean": c.result.control_mean,
+             "treatment_mean": c.result.treatment_mean, "absolute_lift": c.result.absolute.estimate,
+             "absolute_ci_low": c.result.absolute.ci_low, "absolute_ci_high": c.result.absolute.ci_high,
+             "relative_lift": c.result.relative.estimate, "relative_ci_low": c.result.relative.ci_low,
+             "relative_ci_high": c.result.relative.ci_high, "status": c.result.status, "status_message": c.result.message}
+            for bucket, a in r.lifts for c in a.comparisons]
+    return Answer(_LIFT_COLUMNS, rows, r.stats.events_scanned, r.stats.elapsed_ns / 1e9)
+
+
 _RESULT_COLUMNS = [
     ("test_id", "String"), ("control_variant", "String"), ("variant", "String"), ("metric", "String"),
     ("control_mean", "Float64"), ("treatment_mean", "Float64"), ("absolute_lift", "Float64"),
@@ -304,6 +330,7 @@ PIPES: dict[str, tuple[str, Callable[[Core, Principal, Params], Awaitable[Answer
     "test_summary": ("query", test_summary),
     "test_segments": ("query", test_segments),
     "test_timeseries": ("query", test_timeseries),
+    "test_lift": ("query", test_lift),
     "test_results": ("query", test_results),
     "ab_test_events_quarantine": ("query", ab_test_events_quarantine),
 }

@@ -309,6 +309,7 @@ def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
         cumulative=request.cumulative,
         filters=_filters(request),
         time_zone=request.time_zone,
+        lift=analysis_options(request.analysis) if request.lift else None,
     )
 
 
@@ -364,6 +365,9 @@ def timeseries_response(result: TimeseriesResult) -> pb.TimeseriesResponse:
     response.interval = next(k for k, v in INTERVALS.items() if v is result.interval)
     response.cumulative = result.cumulative
     response.stats.CopyFrom(_stats(result.stats))
+    for start, analysis in result.lifts or ():
+        lift = response.lifts.add(analysis=analysis_message(analysis))
+        lift.bucket_start.FromNanoseconds(start)
     return response
 
 

@@ -131,9 +131,13 @@ class Queries:
             starts = buckets * interval.width_ns + interval.origin_ns
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         n_b, n_v = len(buckets), len(variant_codes)
+        moments = None
         if q.cumulative:
             totals = kernels.cumulative_totals(bucket_id, variant_id, cols["user_id"], cols["conversion"],
                                                cols["revenue"], n_b, n_v, self._n_users())
+            if q.lift is not None and n_b:
+                moments = cumulative_moments(bucket_id, variant_id, cols["user_id"], cols["conversion"],
+                                             cols["revenue"], self._n_users(), totals)
             totals = {name: a.reshape(-1) for name, a in totals.items()}
         else:
             totals = kernels.group_totals(bucket_id * n_v + variant_id, cols["user_id"], cols["conversion"],
@@ -148,6 +152,7 @@ class Queries:
             variants=self._ingest.dicts["variant"].decode(variant_codes[v]),
             metrics=MetricColumns(**totals).take(keep),
             stats=scope.stats(),
+            moments=moments.take(keep) if moments is not None else None,
         )
 
     def list_tests(self) -> list[TestInfo]:
@@ -303,3 +308,17 @@ def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, re
         return moments, CapApplied(cap, math.nan, 0, 0)
     sums, m2, lowered = kernels.capped_user_moments(group_of, total, moments.users, threshold)
     return moments.capped(sums, m2), CapApplied(cap, threshold, pooled, lowered)
+
+
+def cumulative_moments(bucket: np.ndarray, variant: np.ndarray, user: np.ndarray, conversion: np.ndarray,
+                       revenue: np.ndarray, n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
+    """Per (bucket, variant), flattened, the user moments of everything up to the bucket's end."""
+    active = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
+    m2_revenue, m2_conversions, comoment = kernels.cumulative_user_moments(
+        bucket[active], variant[active], user[active], revenue[active], conversion[active].astype(bool),
+        n_users_total, totals["users"], totals["total_revenue"], totals["conversions"].astype(np.float64))
+    flat = {name: a.reshape(-1) for name, a in totals.items()}
+    return UserMoments(flat["users"], {"conversion": flat["converted_users"], "revenue_per_user": flat["total_revenue"],
+                                       "conversions_per_user": flat["conversions"]},
+                       {"revenue_per_user": m2_revenue.reshape(-1), "conversions_per_user": m2_conversions.reshape(-1),
+                        RATIO_COMOMENT: comoment.reshape(-1)})

@@ -293,3 +293,56 @@ def capped_user_moments(group: np.ndarray, x: np.ndarray, users: np.ndarray, thr
     m2 = np.bincount(group, weights=d * d, minlength=n) + unlisted * (zero - mean) ** 2
     lowered = int(np.count_nonzero(x > threshold)) + (int(unlisted.sum()) if threshold < 0 else 0)
     return sums, m2, lowered
+
+
+def cumulative_user_moments(bucket: np.ndarray, variant: np.ndarray, user: np.ndarray, x: np.ndarray, y: np.ndarray,
+                            n_users: int, users: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (bucket, variant), over the users seen by the end of the bucket, of their totals so
+    far x_u, y_u: the centered sums of squares of each and their co-moment, each shaped
+    (n_buckets, n_variants), as `users`, `sum_x` and `sum_y` are (the running count of users
+    seen and running sums: cumulative_totals').
+
+    Rows are the events with x or y nonzero. A user's running totals change only in the buckets
+    of those rows, so each such (user, bucket) adds what it changes of sum((x - c)^2) (from its
+    total before to after); a user seen with nothing yet adds (0 - c)^2, counted with `users`.
+    Centering on each variant's final means `c` keeps the squares from cancelling."""
+    shape = n_buckets, n_variants = users.shape
+    n = users.astype(np.float64)
+    center_x = np.divide(sum_x[-1], n[-1], out=np.zeros(n_variants), where=n[-1] > 0)
+    center_y = np.divide(sum_y[-1], n[-1], out=np.zeros(n_variants), where=n[-1] > 0)
+    n_new = np.diff(users, axis=0, prepend=np.zeros((1, n_variants), dtype=users.dtype)).astype(np.float64)
+    cx, cy = center_x[None, :], center_y[None, :]
+    qx, qy, qxy = n_new * cx * cx, n_new * cy * cy, n_new * cx * cy
+    if len(bucket):
+        key = (variant.astype(np.int64) * n_users + user) * n_buckets + bucket
+        key, order = sorted_with_order(key)
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        k = key[starts]
+        b, vu = k % n_buckets, k // n_buckets
+        v = vu // n_users
+        dx = np.add.reduceat(x[order].astype(np.float64), starts)
+        dy = np.add.reduceat(y[order].astype(np.float64), starts)
+        new_user = np.concatenate(([True], vu[1:] != vu[:-1]))
+        run = np.cumsum(new_user) - 1  # which user each (user, bucket) belongs to
+        after_x = np.cumsum(dx) - np.concatenate(([0.0], np.cumsum(dx)))[np.flatnonzero(new_user)][run]
+        after_y = np.cumsum(dy) - np.concatenate(([0.0], np.cumsum(dy)))[np.flatnonzero(new_user)][run]
+        before_x, before_y = after_x - dx, after_y - dy
+        ax, bx = after_x - center_x[v], before_x - center_x[v]
+        ay, by = after_y - center_y[v], before_y - center_y[v]
+        group = b * n_variants + v
+        cells = n_buckets * n_variants
+        qx = qx + np.bincount(group, weights=ax * ax - bx * bx, minlength=cells).reshape(shape)
+        qy = qy + np.bincount(group, weights=ay * ay - by * by, minlength=cells).reshape(shape)
+        qxy = qxy + np.bincount(group, weights=ax * ay - bx * by, minlength=cells).reshape(shape)
+    return centered(n, sum_x, sum_y, np.cumsum(qx, axis=0), np.cumsum(qy, axis=0), np.cumsum(qxy, axis=0),
+                    center_x, center_y)
+
+
+def centered(n: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray, qx: np.ndarray, qy: np.ndarray, qxy: np.ndarray,
+             center_x: np.ndarray, center_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums of squares and the co-moment about the means, from those about centers c (per
+    variant, the last axis): sum (x - mean)^2 = sum (x - c)^2 - n (mean - c)^2."""
+    mx = np.divide(sum_x, n, out=np.zeros(n.shape), where=n > 0) - center_x
+    my = np.divide(sum_y, n, out=np.zeros(n.shape), where=n > 0) - center_y
+    return np.maximum(qx - n * mx * mx, 0), np.maximum(qy - n * my * my, 0), qxy - n * mx * my

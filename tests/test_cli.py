@@ -386,6 +386,12 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
     assert cap.pooled_users == 300 and cap.threshold == 30.0 and cap.capped_users > 0
     as_json = json.loads(run("summary", "caps", "--cap-value", "1", "--addr", server.address, "--format", "json").stdout)
     assert as_json["analysis"]["revenue_cap"]["threshold"] == 1.0
+    lifted = json.loads(run("lift", "opts", "--control", "base", "--interval", "hour", "--addr", server.address,
+                            "--format", "json").stdout)["rows"]
+    with Client(server.address) as client:
+        over_time = client.timeseries("opts", "hour", cumulative=True, lift=True, control="base").lifts
+    assert [(r["bucket"], r["variant"], r["metric"]) for r in lifted] == [
+        (str(when), c.variant, c.metric) for when, a in over_time for c in a.comparisons] and lifted
     refused = run("summary", "caps", "--cap-value", "5", "--cap-nonzero-only", "--addr", server.address)
     assert refused.returncode != 0 and "revenue_cap.nonzero_only" in refused.stderr
     with Client(server.address) as client:

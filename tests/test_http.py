@@ -274,6 +274,15 @@ def test_pipes_answer_what_grpc_answers(http):
         (x.treatment_mean, capped.revenue_cap.threshold, capped.revenue_cap.capped_users)
         if x.metric == "revenue_per_user" else (x.treatment_mean, None, None) for x in capped.comparisons]
     assert capped.revenue_cap.threshold > 0 and capped.revenue_cap.capped_users > 0
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        over_time = client.timeseries("checkout", "day", cumulative=True, lift=True, control="variant_a").lifts
+    _, lifted = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&interval=day&control=variant_a")
+    assert [(r["bucket"], r["variant"], r["metric"], r["relative_ci_low"], r["relative_ci_high"]) for r in
+            lifted["data"]] == [(when.strftime("%Y-%m-%d %H:%M:%S"), c.variant, c.metric, c.relative.ci_low,
+                                 c.relative.ci_high) for when, a in over_time for c in a.comparisons]
+    assert len(over_time) > 1 and lifted["data"][0]["control_variant"] == "variant_a"
+    status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&revenue_cap_percentile=99")
+    assert status == 400 and bad["error"].startswith("analysis.revenue_cap:")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=100")
     assert status == 400 and bad["error"].startswith("revenue_cap.percentile:")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_nonzero_only=1")

@@ -455,7 +455,7 @@ class SegmentAnalysis(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters", "time_zone")
+    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters", "time_zone", "lift", "analysis")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +463,8 @@ class TimeseriesRequest(_message.Message):
     CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    LIFT_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
@@ -470,7 +472,17 @@ class TimeseriesRequest(_message.Message):
     cumulative: bool
     filters: Filters
     time_zone: str
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., time_zone: _Optional[str] = ...) -> None: ...
+    lift: bool
+    analysis: AnalysisOptions
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., time_zone: _Optional[str] = ..., lift: _Optional[bool] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
+
+class BucketLift(_message.Message):
+    __slots__ = ("bucket_start", "analysis")
+    BUCKET_START_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    bucket_start: _timestamp_pb2.Timestamp
+    analysis: Analysis
+    def __init__(self, bucket_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRow(_message.Message):
     __slots__ = ("bucket_start", "variant", "metrics")
@@ -483,18 +495,20 @@ class TimeseriesRow(_message.Message):
     def __init__(self, bucket_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variant: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
 class TimeseriesResponse(_message.Message):
-    __slots__ = ("test_id", "interval", "cumulative", "rows", "stats")
+    __slots__ = ("test_id", "interval", "cumulative", "rows", "stats", "lifts")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    LIFTS_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     interval: Interval
     cumulative: bool
     rows: _containers.RepeatedCompositeFieldContainer[TimeseriesRow]
     stats: QueryStats
-    def __init__(self, test_id: _Optional[str] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., rows: _Optional[_Iterable[_Union[TimeseriesRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+    lifts: _containers.RepeatedCompositeFieldContainer[BucketLift]
+    def __init__(self, test_id: _Optional[str] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., rows: _Optional[_Iterable[_Union[TimeseriesRow, _Mapping]]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., lifts: _Optional[_Iterable[_Union[BucketLift, _Mapping]]] = ...) -> None: ...
 
 class ListTestsRequest(_message.Message):
     __slots__ = ()
