@@ -313,7 +313,56 @@ class ClickHouseEngine:
         return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
                           QueryStats(scanned, time.perf_counter_ns() - started))
 
+    def _by_exposure(self, q: TimeseriesQuery) -> TimeseriesResult:
+        """Per age and variant, what the embedded engine's _by_exposure gives: each shard's users
+        by age and the statistics of those with events at each age, the others added as zeros."""
+        started = time.perf_counter_ns()
+        local, width = self._b.local(sql.EVENTS), q.interval.width_ns
+        until = q.end_ns
+        if until is None:
+            spans = [c for c in self._partials(sql.time_span(local, q.test_id, q.start_ns, q.end_ns, q.filters),
+                                               q.deadline) if c[2][0]]
+            until = max((int(c[1][0]) for c in spans), default=0)
+        ages: dict[str, dict[int, int]] = {}
+        for columns in self._partials(sql.exposure_ages(local, q.test_id, q.start_ns, q.end_ns, q.filters, width,
+                                                        until), q.deadline):
+            for variant, age, users in zip(*columns):
+                ages.setdefault(variant, {})[int(age)] = ages.get(variant, {}).get(int(age), 0) + int(users)
+        merged: dict[tuple[int, str], list[float]] = {}
+        for columns in self._partials(sql.exposure_stats(local, q.test_id, q.start_ns, q.end_ns, q.filters, width),
+                                      q.deadline):
+            for k, variant, *values in zip(*columns):
+                merged[(int(k), variant)] = _merge(merged.get((int(k), variant)), values)
+        variants = sorted(ages)
+        n_k = max((k for k, _ in merged), default=-1) + 1
+        rows = []
+        for k in range(n_k):
+            for v in variants:
+                eligible = sum(n for age, n in ages[v].items() if age >= k)
+                if not eligible:
+                    continue
+                active = merged.get((k, v))
+                zeros = eligible - (int(active[0]) if active else 0)
+                rows.append((k, v, _merge(active, [zeros, 0, 0, 0.0, 0, 0.0, 0.0, 0.0]) if zeros else active))
+        g = np.array([r[2] for r in rows], dtype=np.float64).reshape(len(rows), 8)
+        users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
+        metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
+                                total_revenue=revenue, users=users.astype(np.int64),
+                                converted_users=converted.astype(np.int64))
+        moments = UserMoments(users.astype(np.int64),
+                              {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
+                               "conversions_per_user": conversions.astype(np.int64)},
+                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
+                               RATIO_COMOMENT: covariance * users})
+        return TimeseriesResult(test_id=q.test_id, interval=q.interval, cumulative=False,
+                                bucket_start_ns=np.array([r[0] * width for r in rows], dtype=np.int64),
+                                variants=[r[1] for r in rows], metrics=metrics,
+                                stats=QueryStats(int(events.sum()), time.perf_counter_ns() - started),
+                                moments=moments, since_first_exposure=True)
+
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        if q.since_first_exposure:
+            return self._by_exposure(q)
         started = time.perf_counter_ns()
         local = self._b.local(sql.EVENTS)
         offsets = self._zone_offsets(q)

@@ -252,6 +252,28 @@ def cumulative_squares(local: str, test_id: str, start_ns: int | None, end_ns: i
             f"FROM ({steps}) GROUP BY b, variant")
 
 
+def _firsts(local: str, where: str) -> str:
+    return f"SELECT variant, user_id, min(ns) AS first FROM {local} WHERE {where} GROUP BY variant, user_id"
+
+
+def exposure_ages(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                  width_ns: int, until_ns: int) -> str:
+    """Per variant and age (whole widths from a user's first event to `until_ns`): users."""
+    firsts = _firsts(local, _where(test_id, start_ns, end_ns, filters))
+    return f"SELECT variant, intDiv({int(until_ns)} - first, {int(width_ns)}) AS age, count() FROM ({firsts}) GROUP BY variant, age"
+
+
+def exposure_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                   width_ns: int) -> str:
+    """Per age k and variant: the per-user sufficient statistics of the users' events at age k
+    (the users with any), as group_stats has them."""
+    where = _where(test_id, start_ns, end_ns, filters)
+    per_user = (f"SELECT variant, user_id, intDiv(ns - first, {int(width_ns)}) AS k, {_PER_USER} FROM {local} "
+                f"ANY INNER JOIN ({_firsts(local, where)}) USING (variant, user_id) WHERE {where} "
+                "GROUP BY variant, user_id, k")
+    return f"SELECT k, variant, {_PER_GROUP} FROM ({per_user}) GROUP BY k, variant"
+
+
 def tests(local: str) -> str:
     """Per test: its variants, events, distinct users, first and last event."""
     return (f"SELECT test_id, groupUniqArray(variant) AS variants, count() AS events, uniqExact(user_id) AS users, "

@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     lift.add_argument("--interval", choices=["hour", "day", "week"], default="day",
                       help="bucket width (default %(default)s)")
     lift.add_argument("--time-zone", default="", help="day and week buckets start at this zone's midnight")
+    lift.add_argument("--since-first-exposure", action="store_true",
+                      help="buckets are ages since each user's first event (novelty effects), not dates")
     filtered(lift)
     analysed(lift)
     formatted(lift)
@@ -867,12 +869,15 @@ def _timeseries(args) -> int:
 
 def _lift(args) -> int:
     with _client(args) as client:
-        result = client.timeseries(args.test_id, args.interval, args.start, args.end, cumulative=True, lift=True,
-                                   device=args.device, country=args.country, event_type=args.event_type,
-                                   time_zone=args.time_zone, **_options(args))
-    _empty(result.rows, args)
-    rows = [{"bucket": str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
-    _emit(rows, args.format, ["bucket", "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
+        result = client.timeseries(args.test_id, args.interval, args.start, args.end,
+                                   cumulative=not args.since_first_exposure, lift=True,
+                                   since_first_exposure=args.since_first_exposure, device=args.device,
+                                   country=args.country, event_type=args.event_type, time_zone=args.time_zone,
+                                   **_options(args))
+    _empty(result.lifts, args)
+    head = "age" if args.since_first_exposure else "bucket"
+    rows = [{head: str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
+    _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
     return 0
 
 

@@ -265,7 +265,7 @@ class Timeseries(_Table):
     cumulative: bool
     rows: list[TimeseriesRow]
     events_scanned: int
-    lifts: list[tuple[dt.datetime, Analysis]] = field(default_factory=list)  # with lift=True: per bucket
+    lifts: list[tuple[dt.datetime | dt.timedelta, Analysis]] = field(default_factory=list)  # with lift=True
 
 
 @dataclass(frozen=True)
@@ -474,12 +474,15 @@ class Client:
     def timeseries(self, test_id: str, interval: str = "day", start: Time = None, end: Time = None, *,
                    cumulative: bool = False, device: str | None = None, country: str | None = None,
                    event_type: str | None = None, time_zone: str = "", lift: bool = False,
-                   analysis: dict | None = None, timeout: float | None = None, **options: Any) -> Timeseries:
+                   since_first_exposure: bool = False, analysis: dict | None = None, timeout: float | None = None,
+                   **options: Any) -> Timeseries:
         """Per bucket and variant; with `lift` (and `cumulative`), each bucket's lift of every
         treatment over the control by confidence sequences (`options` as Summary's: control,
-        confidence, correction, prior, expected_weights)."""
+        confidence, correction, prior, expected_weights); with `since_first_exposure` instead of
+        `cumulative`, the lift at each age (a timedelta) since users' first events."""
         request = pb.TimeseriesRequest(test_id=test_id, interval=INTERVALS.get(interval, 0), cumulative=cumulative,
-                                       filters=_filters(device, country, event_type), time_zone=time_zone, lift=lift)
+                                       filters=_filters(device, country, event_type), time_zone=time_zone, lift=lift,
+                                       since_first_exposure=since_first_exposure)
         if lift:
             request.analysis.CopyFrom(_analysis_options(**options, **(analysis or {})))
         _timestamp(start, request.start_time)
@@ -488,7 +491,8 @@ class Client:
         return Timeseries(r.test_id, interval, r.cumulative,
                           [TimeseriesRow(_utc(row.bucket_start), row.variant, _metrics(row.metrics))
                            for row in r.rows], r.stats.events_scanned,
-                          [(_utc(lift.bucket_start), _analysis(lift.analysis)) for lift in r.lifts])
+                          [(lift.exposure.ToTimedelta() if since_first_exposure else _utc(lift.bucket_start),
+                            _analysis(lift.analysis)) for lift in r.lifts])
 
     def list_tests(self, *, timeout: float | None = None) -> Tests:
         r = self._call(self._stub.ListTests, pb.ListTestsRequest(), timeout)

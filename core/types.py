@@ -230,17 +230,25 @@ class TimeseriesQuery:
     deadline: float | None = None
     time_zone: str = ""  # IANA name: day and week buckets start at its midnights; empty: UTC
     lift: AnalysisOptions | None = None  # with cumulative: each bucket's lifts, by confidence sequences
+    since_first_exposure: bool = False  # with lift: buckets are ages since each user's first event
 
     def check(self) -> None:
         check_range(self.test_id, self.start_ns, self.end_ns)
         self.filters.check()
         if self.lift is not None:
             self.lift.check()
-            if not self.cumulative:
-                raise InvalidArgument("lift", "is the cumulative lift: ask for cumulative buckets")
+            if not self.cumulative and not self.since_first_exposure:
+                raise InvalidArgument("lift", "is the cumulative lift: ask for cumulative buckets (or for ages since "
+                                              "first exposure)")
             for name in ("revenue_cap", "exclude_multi_variant_users", "metric_event_type", "guardrails"):
                 if getattr(self.lift, name):
                     raise InvalidArgument(f"analysis.{name}", "applies to Summary, not to the lift over time")
+        if self.since_first_exposure:
+            if self.lift is None or self.cumulative:
+                raise InvalidArgument("since_first_exposure", "is a lift by each user's age in the test: ask for "
+                                                              "the lift, not cumulative buckets")
+            if self.time_zone or self.interval is Interval.MINUTE:
+                raise InvalidArgument("since_first_exposure", "ages are hours, days or weeks, in no time zone")
         if self.time_zone:
             from abstream.core.timezones import zone
 
@@ -629,6 +637,7 @@ class TimeseriesResult:
     metrics: MetricColumns
     stats: QueryStats
     moments: UserMoments | None = None  # with lift: each row's cumulative user moments (the engine's)
+    since_first_exposure: bool = False  # bucket_start_ns are then ages: k widths since each user's first event
     lifts: list[tuple[int, Analysis]] | None = None  # with lift: (bucket start, its analysis) (the core's)
 
     def rows(self) -> list[TimeseriesRow]:

@@ -226,7 +226,8 @@ async def test_timeseries(core: Core, principal: Principal, p: Params) -> Answer
 
 
 _LIFT_COLUMNS = [
-    ("test_id", "String"), ("bucket", "DateTime"), ("control_variant", "String"), ("variant", "String"),
+    ("test_id", "String"), ("bucket", "Nullable(DateTime)"), ("age_seconds", "Nullable(Int64)"),
+    ("control_variant", "String"), ("variant", "String"),
     ("metric", "String"), ("control_mean", "Float64"), ("treatment_mean", "Float64"), ("absolute_lift", "Float64"),
     ("absolute_ci_low", "Float64"), ("absolute_ci_high", "Float64"), ("relative_lift", "Float64"),
     ("relative_ci_low", "Float64"), ("relative_ci_high", "Float64"), ("status", "String"),
@@ -235,13 +236,17 @@ _LIFT_COLUMNS = [
 
 async def test_lift(core: Core, principal: Principal, p: Params) -> Answer:
     """Each treatment's cumulative lift at the end of each bucket, by confidence sequences: one
-    row per bucket, treatment and metric (the range defaults to the whole test, or its plan)."""
+    row per bucket, treatment and metric (the range defaults to the whole test, or its plan);
+    with since_first_exposure, per age since users' first events instead."""
     test_id = p.test_id()
     start, end = p.range(None, None)
     options = p.analysis()
+    by_age = p.boolean("since_first_exposure")
     r = await core.timeseries(principal, TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end,
-                                                         True, time_zone=p.get("time_zone"), lift=options))
-    rows = [{"test_id": test_id, "bucket": datetime_text(bucket), "control_variant": a.control_variant,
+                                                         not by_age, time_zone=p.get("time_zone"), lift=options,
+                                                         since_first_exposure=by_age))
+    rows = [{"test_id": test_id, "bucket": None if by_age else datetime_text(bucket),
+             "age_seconds": bucket // NS if by_age else None, "control_variant": a.control_variant,
              "variant": c.variant, "metric": c.metric, "control_mean": c.result.control_mean,
              "treatment_mean": c.result.treatment_mean, "absolute_lift": c.result.absolute.estimate,
              "absolute_ci_low": c.result.absolute.ci_low, "absolute_ci_high": c.result.absolute.ci_high,

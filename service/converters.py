@@ -310,6 +310,7 @@ def timeseries_query(request: pb.TimeseriesRequest) -> TimeseriesQuery:
         filters=_filters(request),
         time_zone=request.time_zone,
         lift=analysis_options(request.analysis) if request.lift else None,
+        since_first_exposure=request.since_first_exposure,
     )
 
 
@@ -354,20 +355,24 @@ def segments_response(result: SegmentsResult) -> pb.SegmentsResponse:
 
 
 def timeseries_response(result: TimeseriesResult) -> pb.TimeseriesResponse:
-    seconds, nanos = np.divmod(result.bucket_start_ns, _NS)
-    n = len(result.metrics)
-    bucket = wire.Message.of(timestamp_pb2.Timestamp.DESCRIPTOR, {"seconds": seconds, "nanos": nanos}, n)
-    rows = wire.Message.of(pb.TimeseriesRow.DESCRIPTOR, {"bucket_start": bucket,
-                                                         "variant": wire.string_table(result.variants),
-                                                         "metrics": _metrics(result.metrics)}, n)
-    response = pb.TimeseriesResponse.FromString(wire.encode_repeated(pb.TimeseriesResponse.DESCRIPTOR, "rows", rows))
+    if result.since_first_exposure:  # ages are not instants: the lifts only
+        response = pb.TimeseriesResponse()
+    else:
+        seconds, nanos = np.divmod(result.bucket_start_ns, _NS)
+        n = len(result.metrics)
+        bucket = wire.Message.of(timestamp_pb2.Timestamp.DESCRIPTOR, {"seconds": seconds, "nanos": nanos}, n)
+        rows = wire.Message.of(pb.TimeseriesRow.DESCRIPTOR, {"bucket_start": bucket,
+                                                             "variant": wire.string_table(result.variants),
+                                                             "metrics": _metrics(result.metrics)}, n)
+        response = pb.TimeseriesResponse.FromString(wire.encode_repeated(pb.TimeseriesResponse.DESCRIPTOR, "rows",
+                                                                         rows))
     response.test_id = result.test_id
     response.interval = next(k for k, v in INTERVALS.items() if v is result.interval)
     response.cumulative = result.cumulative
     response.stats.CopyFrom(_stats(result.stats))
     for start, analysis in result.lifts or ():
         lift = response.lifts.add(analysis=analysis_message(analysis))
-        lift.bucket_start.FromNanoseconds(start)
+        (lift.exposure if result.since_first_exposure else lift.bucket_start).FromNanoseconds(start)
     return response
 
 

@@ -117,6 +117,8 @@ class Queries:
                           moments.take(keep), scope.stats())
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
+        if q.since_first_exposure:
+            return self._by_exposure(q)
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["timestamp", "variant", "user_id", "conversion",
                                                                "revenue"], q.filters, q.deadline)
         cols = scope.cols
@@ -154,6 +156,34 @@ class Queries:
             stats=scope.stats(),
             moments=moments.take(keep) if moments is not None else None,
         )
+
+    def _by_exposure(self, q: TimeseriesQuery) -> TimeseriesResult:
+        """Per age k (k widths since a user's first event in the variant) and variant: the users
+        old enough to have an age k by the end of the range, and their day-k metrics (zero for
+        those without events then), with the moments the lift needs."""
+        scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["timestamp", "variant", "user_id", "conversion",
+                                                               "revenue"], q.filters, q.deadline)
+        cols, width = scope.cols, q.interval.width_ns
+        ts = cols["timestamp"]
+        variant_id, variant_codes = self._rank("variant", cols["variant"])
+        n_v, n_users = len(variant_codes), self._n_users()
+        unit_of, first, unit_variant = kernels.first_per_key(variant_id * n_users + cols["user_id"], ts, n_users)
+        age = ((q.end_ns if q.end_ns is not None else int(ts.max()) if len(ts) else 0) - first) // width
+        k = (ts - first[unit_of]) // width
+        n_k = int(k.max()) + 1 if len(k) else 0
+        eligible = np.bincount(np.minimum(age, n_k - 1) * n_v + unit_variant, minlength=n_k * n_v).reshape(n_k, n_v)
+        users = np.cumsum(eligible[::-1], axis=0)[::-1].reshape(-1)  # old enough for age k: age >= k
+        group = k * n_v + variant_id
+        totals = kernels.group_totals(group, cols["user_id"], cols["conversion"], cols["revenue"], n_k * n_v)
+        totals["users"] = users
+        _in_time(q.deadline)
+        moments = user_moments(group, cols["user_id"], cols["conversion"], cols["revenue"], n_users, totals)
+        keep = np.flatnonzero(users)
+        ages, v = np.divmod(keep, max(n_v, 1))
+        return TimeseriesResult(test_id=q.test_id, interval=q.interval, cumulative=False,
+                                bucket_start_ns=ages * width, variants=self._ingest.dicts["variant"].decode(
+                                    variant_codes[v]), metrics=MetricColumns(**totals).take(keep),
+                                stats=scope.stats(), moments=moments.take(keep), since_first_exposure=True)
 
     def list_tests(self) -> list[TestInfo]:
         """Every test with its variants, events, distinct users and first and last event time, from

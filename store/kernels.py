@@ -346,3 +346,16 @@ def centered(n: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray, qx: np.ndarray
     mx = np.divide(sum_x, n, out=np.zeros(n.shape), where=n > 0) - center_x
     my = np.divide(sum_y, n, out=np.zeros(n.shape), where=n > 0) - center_y
     return np.maximum(qx - n * mx * mx, 0), np.maximum(qy - n * my * my, 0), qxy - n * mx * my
+
+
+def first_per_key(key: np.ndarray, ts: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(each row's dense key index, each key's smallest ts, each key's key // n_users)."""
+    if len(key) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    sorted_keys, order = sorted_with_order(key.astype(np.int64))
+    starts = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+    at = np.flatnonzero(starts)
+    index = np.empty(len(key), dtype=np.int64)
+    index[order] = np.cumsum(starts) - 1
+    return index, np.minimum.reduceat(ts[order], at), sorted_keys[at] // n_users

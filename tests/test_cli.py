@@ -392,6 +392,12 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
         over_time = client.timeseries("opts", "hour", cumulative=True, lift=True, control="base").lifts
     assert [(r["bucket"], r["variant"], r["metric"]) for r in lifted] == [
         (str(when), c.variant, c.metric) for when, a in over_time for c in a.comparisons] and lifted
+    aged = json.loads(run("lift", "opts", "--control", "base", "--interval", "hour", "--since-first-exposure",
+                          "--addr", server.address, "--format", "json").stdout)["rows"]
+    with Client(server.address) as client:
+        by_age = client.timeseries("opts", "hour", lift=True, since_first_exposure=True, control="base").lifts
+    assert [(r["age"], r["variant"], r["metric"]) for r in aged] == [
+        (str(age), c.variant, c.metric) for age, a in by_age for c in a.comparisons] and aged
     refused = run("summary", "caps", "--cap-value", "5", "--cap-nonzero-only", "--addr", server.address)
     assert refused.returncode != 0 and "revenue_cap.nonzero_only" in refused.stderr
     with Client(server.address) as client:

@@ -281,6 +281,12 @@ def test_pipes_answer_what_grpc_answers(http):
             lifted["data"]] == [(when.strftime("%Y-%m-%d %H:%M:%S"), c.variant, c.metric, c.relative.ci_low,
                                  c.relative.ci_high) for when, a in over_time for c in a.comparisons]
     assert len(over_time) > 1 and lifted["data"][0]["control_variant"] == "variant_a"
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        by_age = client.timeseries("checkout", "day", lift=True, since_first_exposure=True, control="variant_a").lifts
+    _, aged = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&control=variant_a&since_first_exposure=1")
+    assert [(r["bucket"], r["age_seconds"], r["variant"], r["relative_lift"]) for r in aged["data"]] == [
+        (None, int(age.total_seconds()), c.variant, c.relative.estimate) for age, a in by_age for c in a.comparisons]
+    assert by_age and aged["data"]
     status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&revenue_cap_percentile=99")
     assert status == 400 and bad["error"].startswith("analysis.revenue_cap:")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=100")

@@ -9,6 +9,7 @@ import random
 import grpc
 import numpy as np
 import pytest
+from abstream.stats import binomial_arm, compare
 from abstream.v1 import analytics_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -137,3 +138,62 @@ def test_the_lift_curve_holds_at_every_look_at_once(server, stub, request):
     print(f"A/A revenue per user, {tests} tests, {days} daily looks: any look excluding 0 — confidence sequence "
           f"{rates['sequential']:.1%}, fixed-horizon interval {rates['fixed']:.1%}")
     assert rates["sequential"] <= 0.05 < rates["fixed"]
+
+
+def novelty(test_id: str, users: int = 2000, days: int = 8, seed: int = 8) -> list[dict]:
+    """The treatment converts more on a user's first day only (a novelty effect)."""
+    rng = random.Random(seed)
+    events = []
+    for u in range(users):
+        variant = "AB"[u % 2]
+        first = rng.randint(0, days * DAY - 1)
+        for age in range(days):
+            at = first + age * DAY + rng.randint(0, 3600)
+            if at >= days * DAY or (age and rng.random() < 0.3):
+                continue
+            p = 0.3 if variant == "B" and age == 0 else 0.1
+            converted = rng.random() < p
+            events.append(dict(timestamp=(BASE_S + at) * NS, user_id=f"u{u}", test_id=test_id, variant=variant,
+                               event_type="visit", conversion=int(converted),
+                               revenue=round(rng.expovariate(1 / 20), 2) if converted else 0.0, session_id="",
+                               device="mobile", country="US"))
+    return events
+
+
+def test_the_lift_by_age_since_first_exposure_compares_users_old_enough(stub):
+    events = novelty("novel")
+    ingest(stub, events, size=1000)
+    r = stub.Timeseries(pb.TimeseriesRequest(test_id="novel", interval=pb.INTERVAL_DAY, lift=True,
+                                             since_first_exposure=True, analysis=pb.AnalysisOptions(control_variant="A")))
+    assert len(r.rows) == 0 and len(r.lifts) >= 6
+    end = max(e["timestamp"] for e in events)
+    first: dict[str, int] = {}
+    for e in events:
+        first[e["user_id"]] = min(first.get(e["user_id"], e["timestamp"]), e["timestamp"])
+    variant = {e["user_id"]: e["variant"] for e in events}
+    for lift in r.lifts:
+        assert not lift.HasField("bucket_start")
+        k = lift.exposure.ToNanoseconds() // (DAY * NS)
+        old = [u for u in first if (end - first[u]) // (DAY * NS) >= k]
+        conversions = dict.fromkeys(old, 0)
+        for e in events:
+            if e["user_id"] in conversions and (e["timestamp"] - first[e["user_id"]]) // (DAY * NS) == k:
+                conversions[e["user_id"]] += e["conversion"]
+        arms = {}
+        for name in "AB":
+            values = [min(c, 1) for u, c in conversions.items() if variant[u] == name]
+            arms[name] = binomial_arm(len(values), sum(values))
+        want = compare(arms["A"], arms["B"], sequential=True)
+        got = next(c for c in lift.analysis.comparisons if c.metric == pb.METRIC_CONVERSION)
+        assert got.control_mean == pytest.approx(arms["A"].mean, rel=1e-12)
+        assert got.treatment_mean == pytest.approx(arms["B"].mean, rel=1e-12)
+        assert (got.relative.ci_low, got.relative.ci_high) == pytest.approx((want.relative.ci_low, want.relative.ci_high),
+                                                                            rel=1e-9)
+    day0 = next(c for c in r.lifts[0].analysis.comparisons if c.metric == pb.METRIC_CONVERSION)
+    later = [next(c for c in lift.analysis.comparisons if c.metric == pb.METRIC_CONVERSION) for lift in r.lifts[1:4]]
+    assert day0.relative.ci_low > 0.5  # the first day's lift is large and sure
+    assert all(c.relative.ci_low < 0 < c.relative.ci_high for c in later)  # and then gone
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Timeseries(pb.TimeseriesRequest(test_id="novel", interval=pb.INTERVAL_DAY, lift=True, cumulative=True,
+                                             since_first_exposure=True))
+    assert [v.field for v in bad_request(error.value).field_violations] == ["since_first_exposure"]

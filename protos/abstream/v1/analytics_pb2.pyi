@@ -455,7 +455,7 @@ class SegmentAnalysis(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRequest(_message.Message):
-    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters", "time_zone", "lift", "analysis")
+    __slots__ = ("test_id", "start_time", "end_time", "interval", "cumulative", "filters", "time_zone", "lift", "analysis", "since_first_exposure")
     TEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -465,6 +465,7 @@ class TimeseriesRequest(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     LIFT_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIRST_EXPOSURE_FIELD_NUMBER: _ClassVar[int]
     test_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
@@ -474,15 +475,18 @@ class TimeseriesRequest(_message.Message):
     time_zone: str
     lift: bool
     analysis: AnalysisOptions
-    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., time_zone: _Optional[str] = ..., lift: _Optional[bool] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
+    since_first_exposure: bool
+    def __init__(self, test_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval: _Optional[_Union[Interval, str]] = ..., cumulative: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., time_zone: _Optional[str] = ..., lift: _Optional[bool] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., since_first_exposure: _Optional[bool] = ...) -> None: ...
 
 class BucketLift(_message.Message):
-    __slots__ = ("bucket_start", "analysis")
+    __slots__ = ("bucket_start", "analysis", "exposure")
     BUCKET_START_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    EXPOSURE_FIELD_NUMBER: _ClassVar[int]
     bucket_start: _timestamp_pb2.Timestamp
     analysis: Analysis
-    def __init__(self, bucket_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
+    exposure: _duration_pb2.Duration
+    def __init__(self, bucket_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., exposure: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class TimeseriesRow(_message.Message):
     __slots__ = ("bucket_start", "variant", "metrics")
