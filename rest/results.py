@@ -141,6 +141,7 @@ class ResultsPage:
         app.router.add_get("/static/vendor/{name}", route("static", None, self.vendor))
         app.router.add_get("/api/tests", route("api_tests", "query", self.tests))
         app.router.add_get("/api/tests/{test_id}", route("api_test", "query", self.test))
+        app.router.add_get("/api/tests/{test_id}/lift", route("api_test_lift", "query", self.lift))
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -189,6 +190,23 @@ class ResultsPage:
             rows.append(row)
         return web.json_response({"tests": rows, "as_of": iso(time.time_ns()),
                                   "elapsed_ms": (time.perf_counter() - started) * 1000})
+
+    async def lift(self, request: web.Request) -> web.Response:
+        """A test's cumulative lift at the end of each bucket, by confidence sequences (the page
+        draws it after the rest: it is one more query)."""
+        started = time.perf_counter()
+        p = Params(request.query)
+        start, end = day_range(p)
+        options = p.analysis()
+        interval = p.choice("interval", {i: Interval[i.upper()] for i in ("hour", "day", "week")}, "day")
+        keep = {"control_variant": options.control_variant, "confidence": options.confidence,
+                "correction": options.correction}  # what the lift takes of the page's options
+        r = await self.core.timeseries(request["principal"], TimeseriesQuery(
+            request.match_info["test_id"], interval, start, end, True, lift=AnalysisOptions(**keep)))
+        lifts = [{"bucket": iso(bucket), "comparisons": [
+            {"variant": c.variant, "metric": c.metric, "relative": _estimate(c.result.relative)}
+            for c in a.comparisons]} for bucket, a in r.lifts]
+        return web.json_response({"lifts": lifts, "elapsed_ms": (time.perf_counter() - started) * 1000})
 
     async def test(self, request: web.Request) -> web.Response:
         """One test: its variants and comparisons, cumulative rates over time, one breakdown."""

@@ -194,6 +194,12 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     assert page.locator('#comparisons tr[data-metric="conversion"]').get_attribute("data-outcome") == "better"
     assert page.locator("#forest svg").count() == 1 and page.locator("#ts-revenue svg").count() == 1
     assert page.locator("#srm").count() == 0
+    page.wait_for_selector('#lift-chart[data-drawn="true"] svg')
+    with grpc(server) as client:
+        lifts = client.timeseries("checkout", "day", cumulative=True, lift=True).lifts
+    drawn = sum(1 for _, a in lifts for c in a.comparisons
+                if c.metric in ("conversion", "revenue_per_user") and c.relative.status == "ok")
+    assert int(page.locator("#lift-chart").get_attribute("data-points")) == drawn > 0
     screenshot(page, "test-desktop")
 
     before = renders(page)

@@ -524,6 +524,11 @@ async function showTest(testId, force) {
       : h("p", { class: "muted" }, "One variant only: nothing to compare yet."),
     capNote(data),
     h("div", { id: "forest", class: "chart", role: "img", "aria-label": "Relative lift of each variant and metric with its interval" }),
+    h("h2", {}, "Lift over time"),
+    h("p", { class: "muted" }, "Each day's cumulative lift with its confidence sequence: the whole curve holds at " +
+      "once, so reading it every day is safe."),
+    h("div", { id: "lift-chart", class: "chart", role: "img",
+               "aria-label": "Cumulative relative lift per variant with its confidence sequence" }),
     h("h2", {}, "Over time (cumulative)"),
     h("div", { class: "pair" },
       h("div", { id: "ts-conversion", class: "chart", role: "img", "aria-label": "Cumulative conversion rate per variant",
@@ -540,6 +545,49 @@ async function showTest(testId, force) {
     chart("segments-chart", segmentsSpec(data)),
   ]);
   rendered();
+  drawLift(testId);
+}
+
+// One more query, drawn once the rest is: the page's first render does not wait for it.
+async function drawLift(testId) {
+  const target = document.getElementById("lift-chart");
+  if (!target) return;
+  const q = new URLSearchParams(testQuery());
+  for (const k of ["sequential", "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type",
+                   "revenue_cap_percentile", "revenue_cap_nonzero_only", "dimension"]) q.delete(k);
+  let data;
+  try {
+    data = await api(`/api/tests/${encodeURIComponent(testId)}/lift?${q.toString()}`);
+  } catch (error) {
+    target.replaceChildren(h("p", { class: "muted" }, `The lift over time could not be computed: ${error.message || error}`));
+    return;
+  }
+  const values = [];
+  for (const bucket of data.lifts) {
+    for (const c of bucket.comparisons) {
+      if (!["conversion", "revenue_per_user"].includes(c.metric) || c.relative.status !== "ok") continue;
+      values.push({ bucket: bucket.bucket, series: `${c.variant} · ${METRIC_LABELS[c.metric] || c.metric}`,
+                    estimate: c.relative.estimate, low: c.relative.ci_low, high: c.relative.ci_high });
+    }
+  }
+  target.dataset.points = String(values.length);
+  const x = { field: "bucket", type: "temporal", title: null };
+  const color = { field: "series", type: "nominal", legend: { orient: "bottom", title: null } };
+  await chart("lift-chart", {
+    height: 220,
+    data: { values },
+    layer: [
+      { mark: { type: "area", opacity: 0.15, interpolate: "step-after" },
+        encoding: { x, y: { field: "low", type: "quantitative", title: "relative lift", axis: { format: "+.0%" } },
+                    y2: { field: "high" }, color } },
+      { mark: { type: "line", interpolate: "step-after" },
+        encoding: { x, y: { field: "estimate", type: "quantitative" }, color,
+                    tooltip: [{ field: "bucket", type: "temporal" }, { field: "series" },
+                              { field: "estimate", format: "+.2%" }, { field: "low", format: "+.2%" },
+                              { field: "high", format: "+.2%" }] } },
+    ],
+  });
+  target.dataset.drawn = "true";
 }
 
 function syncControl(data) {
