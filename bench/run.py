@@ -204,6 +204,8 @@ def file_ingest(table: pa.Table) -> dict:
                 for r in batch.to_pylist():
                     r["timestamp"] = r["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
                     f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk, as a file to import is: its writeback would stall the servers' fsyncs
         size = path.stat().st_size
         cli_s, client_s = [], []
         for _ in range(FILE_RUNS):

@@ -451,12 +451,20 @@ static int line(cur_t *c, out_t *o, buf_t *key, buf_t *scratch) {
         for (;;) {
             if (c->p >= c->end || *c->p != '"')
                 goto slow;
-            key->len = 0;
-            int r = string(c, key);
-            if (r == -2)
-                return -2;
-            if (r)
-                goto slow;
+            int f, r, next = hint + 1 < N_FIELDS ? hint + 1 : 0;
+            size_t k = FIELD_LENGTHS[next];
+            if ((size_t)(c->end - c->p) > k + 1 && c->p[k + 1] == '"' && !memcmp(c->p + 1, FIELD_NAMES[next], k)) {
+                f = next; /* the key the previous one's order predicts, as plain bytes */
+                c->p += k + 2;
+            } else {
+                key->len = 0;
+                r = string(c, key);
+                if (r == -2)
+                    return -2;
+                if (r)
+                    goto slow;
+                f = field_of(key, hint);
+            }
             ws(c);
             if (c->p >= c->end || *c->p != ':')
                 goto slow;
@@ -464,7 +472,6 @@ static int line(cur_t *c, out_t *o, buf_t *key, buf_t *scratch) {
             ws(c);
             if (c->p >= c->end)
                 goto slow;
-            int f = field_of(key, hint);
             hint = f >= 0 ? f : hint;
             if (f >= 0 && (seen & (1u << f)))
                 goto slow; /* which one counts is the slow way's to say */
@@ -490,12 +497,21 @@ static int line(cur_t *c, out_t *o, buf_t *key, buf_t *scratch) {
             } else if (f == F_TIMESTAMP) {
                 if (*c->p != '"')
                     goto slow;
-                scratch->len = 0;
-                r = string(c, scratch);
-                if (r == -2)
-                    return -2;
-                if (r || timestamp((const uint8_t *)scratch->p, scratch->len, &o->ts[i]))
-                    goto slow;
+                const uint8_t *text = c->p + 1, *close = text;
+                while (close < c->end && PLAIN[*close])
+                    close++;
+                if (close < c->end && *close == '"') { /* no escapes: read in place */
+                    c->p = close + 1;
+                    if (timestamp(text, close - text, &o->ts[i]))
+                        goto slow;
+                } else {
+                    scratch->len = 0;
+                    r = string(c, scratch);
+                    if (r == -2)
+                        return -2;
+                    if (r || timestamp((const uint8_t *)scratch->p, scratch->len, &o->ts[i]))
+                        goto slow;
+                }
             } else {
                 const uint8_t *start;
                 int integer;

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
 import json
 import math
-import mmap
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,17 +55,6 @@ def format_of(path: str, requested: str = "auto") -> str:
     suffix = Path(path).suffix.lower()
     return {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}.get(
         suffix, "ndjson")
-
-
-def content_id(path: str) -> str:
-    """A name for a file's content (SHA-256 of its bytes, ~1 GB/s where the CPU has SHA
-    instructions): the producer id that makes re-sending it a no-op, whatever it is called."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if Path(path).stat().st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                digest.update(view)
-    return digest.hexdigest()[:32]
 
 
 def _warn(message: str) -> None:
