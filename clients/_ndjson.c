@@ -57,6 +57,11 @@ typedef struct {
     int64_t *slow;            /* (line, start, end) of each line left to the slow way */
     Py_ssize_t n_slow;
     int out_of_memory;
+    /* Low-cardinality columns dictionary-encoded: each row's index, and the distinct values. */
+    int32_t *index[N_STRINGS];
+    int32_t *dict_offsets[N_STRINGS];
+    buf_t dict_data[N_STRINGS];
+    int32_t distinct[N_STRINGS];
 } out_t;
 
 typedef struct {
@@ -576,11 +581,77 @@ slow:
     return -1;
 }
 
+/* Strings with few distinct values (tests, variants, event types, devices, countries): sent as
+ * dictionaries, each value hashed once here instead of again by Arrow before sending. */
+enum { MAX_DICTIONARY = 4096 };
+static const int LOW_CARDINALITY[N_STRINGS] = {0, 1, 1, 1, 0, 1, 1};
+
+/* Column s as (index per row, distinct values): 0, 1 when it has too many distinct values to
+ * be worth it (left plain), -1 out of memory. */
+static int dictionary(out_t *o, int s) {
+    enum { SLOTS = 2 * MAX_DICTIONARY };
+    int32_t slot_of[SLOTS];
+    memset(slot_of, -1, sizeof slot_of);
+    Py_ssize_t n = o->n;
+    int32_t m = 0;
+    int32_t *index = malloc((size_t)n * 4 + 4), *offsets = malloc((MAX_DICTIONARY + 1) * 4);
+    buf_t values = {0};
+    if (!index || !offsets) {
+        free(index);
+        free(offsets);
+        return -1;
+    }
+    offsets[0] = 0;
+    const char *data = o->data[s].p;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *v = data + o->offsets[s][i];
+        int32_t len = o->offsets[s][i + 1] - o->offsets[s][i];
+        uint32_t h = 2166136261u;
+        for (int32_t k = 0; k < len; k++)
+            h = (h ^ (uint8_t)v[k]) * 16777619u;
+        uint32_t at = h % SLOTS;
+        for (;;) {
+            int32_t d = slot_of[at];
+            if (d < 0) {
+                if (m == MAX_DICTIONARY) {
+                    free(index);
+                    free(offsets);
+                    free(values.p);
+                    return 1;
+                }
+                if (grow(&values, (size_t)len)) {
+                    free(index);
+                    free(offsets);
+                    free(values.p);
+                    return -1;
+                }
+                memcpy(values.p + values.len, v, (size_t)len);
+                values.len += (size_t)len;
+                offsets[m + 1] = (int32_t)values.len;
+                slot_of[at] = d = m++;
+                index[i] = d;
+                break;
+            }
+            if (offsets[d + 1] - offsets[d] == len && !memcmp(values.p + offsets[d], v, (size_t)len)) {
+                index[i] = d;
+                break;
+            }
+            at = (at + 1) % SLOTS;
+        }
+    }
+    o->index[s] = index;
+    o->dict_offsets[s] = offsets;
+    o->dict_data[s] = values;
+    o->distinct[s] = m;
+    return 0;
+}
+
 static PyObject *bytes_of(const void *p, size_t n) { return PyBytes_FromStringAndSize(p ? p : "", (Py_ssize_t)n); }
 
 /* parse(block, first_line) -> (rows, lines, timestamp, conversion, revenue, strings, valid, nulls,
  * slow, count): the rows' 1-based line numbers (from first_line + 1), the fixed columns and
- * per string field (offsets, data), as bytes; the validity bitmaps of every field (strings first,
+ * per string field (offsets, data), or for one with few distinct values (values' offsets, values'
+ * data, each row's int32 index), as bytes; the validity bitmaps of every field (strings first,
  * then timestamp, conversion, revenue) and their null counts; (line, start, end) of each line
  * for the slow way, as int64 triples; the block's lines. */
 static PyObject *parse(PyObject *self, PyObject *args) {
@@ -636,6 +707,9 @@ static PyObject *parse(PyObject *self, PyObject *args) {
         }
         p = nl ? nl + 1 : end;
     }
+    for (int s = 0; s < N_STRINGS && !o.out_of_memory; s++)
+        if (LOW_CARDINALITY[s] && dictionary(&o, s) < 0)
+            o.out_of_memory = 1;
     Py_END_ALLOW_THREADS
     if (o.out_of_memory) {
         PyErr_NoMemory();
@@ -645,7 +719,11 @@ static PyObject *parse(PyObject *self, PyObject *args) {
     PyObject *strings = PyTuple_New(N_STRINGS), *valid = PyTuple_New(N_FIELDS), *nulls = PyTuple_New(N_FIELDS);
     int built = strings && valid && nulls;
     for (int s = 0; s < N_STRINGS && built; s++) {
-        PyObject *pair = Py_BuildValue("(NN)", bytes_of(o.offsets[s], (n + 1) * 4), bytes_of(o.data[s].p, o.data[s].len));
+        int32_t m = o.distinct[s];
+        PyObject *pair = o.index[s]
+            ? Py_BuildValue("(NNN)", bytes_of(o.dict_offsets[s], ((size_t)m + 1) * 4),
+                            bytes_of(o.dict_data[s].p, o.dict_data[s].len), bytes_of(o.index[s], (size_t)n * 4))
+            : Py_BuildValue("(NN)", bytes_of(o.offsets[s], (n + 1) * 4), bytes_of(o.data[s].p, o.data[s].len));
         built = pair != NULL;
         if (built)
             PyTuple_SET_ITEM(strings, s, pair);
@@ -678,6 +756,9 @@ done:
     for (int s = 0; s < N_STRINGS; s++) {
         free(o.offsets[s]);
         free(o.data[s].p);
+        free(o.index[s]);
+        free(o.dict_offsets[s]);
+        free(o.dict_data[s].p);
     }
     free(key.p);
     free(scratch.p);

@@ -486,29 +486,35 @@ def _ingest(args) -> int:
                 print("abstream ingest: standard input is sent at least once; give --producer-id to send it exactly "
                       "once", file=sys.stderr)
         producers.append(producer)
-    import grpc
     from abstream.clients import files
-    from abstream.clients.client import arrow_ipc, channel_for
-    from abstream.v1 import analytics_pb2 as pb
-    from abstream.v1 import analytics_pb2_grpc as pb_grpc
+    from abstream.clients.columnar import arrow_ipc
 
     plan = [(path, files.format_of(path, args.input_format), producer)
             for path, producer in zip(args.files, producers)]
+
+    def reading(path: str, fmt: str):
+        """Reading and encoding on threads of their own, well ahead while the file is hashed."""
+        return _ahead(_encoded(_ahead(files.read(path, fmt, args.batch_size)), arrow_ipc), 8)
+
+    first = reading(*plan[0][:2]) if plan else None  # started before grpc is even loaded
+    import grpc
+    from abstream.clients.client import channel_for
+    from abstream.v1 import analytics_pb2 as pb
+    from abstream.v1 import analytics_pb2_grpc as pb_grpc
+
     report = Report()
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     progress = Progress(args, plan)
     with channel_for(args.addr, **_tls(args)) as channel:
         stub = pb_grpc.AnalyticsServiceStub(channel)
-        for path, fmt, producer in plan:
+        for k, (path, fmt, producer) in enumerate(plan):
             def request(chunk, producer=producer):
                 if isinstance(producer, concurrent.futures.Future):
                     producer = producer.result()
                 return pb.IngestEventsRequest(arrow_ipc=chunk.ipc, producer_id=producer or "",
                                               sequence=chunk.last if producer else 0)
-            # Reading and encoding on threads of their own, well ahead while the file is hashed.
-            chunks = _ahead(_encoded(_ahead(files.read(path, fmt, args.batch_size)), arrow_ipc), 8)
-            _send(stub, chunks, request, metadata,
-                  args.timeout, report, path, progress, grpc)
+            _send(stub, first if k == 0 else reading(path, fmt), request, metadata, args.timeout, report, path,
+                  progress, grpc)
     hashing.shutdown(wait=False)
     progress.done()
     return report.print()
@@ -539,7 +545,11 @@ def _ahead(items, depth: int = 2):
         except Exception as error:  # noqa: BLE001 - raised again where the items are taken
             made.put(_Failed(error))
 
-    threading.Thread(target=make, name="abstream-read", daemon=True).start()
+    threading.Thread(target=make, name="abstream-read", daemon=True).start()  # now, not at the first item
+    return _taken(made)
+
+
+def _taken(made: queue.Queue):
     while True:
         item = made.get()
         if item is StopIteration:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 import pyarrow as pa
-import pyarrow.compute as pc
+from abstream.clients.columnar import LOW_CARDINALITY, arrow_ipc  # noqa: F401 - where they were
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -595,33 +595,6 @@ class Client:
         return [_experiment(e) for e in r.experiments]
 
 
-#: Columns with few distinct values: sent dictionary-encoded, so the server encodes each value once.
-LOW_CARDINALITY = ("test_id", "variant", "event_type", "device", "country")
-
-
-def arrow_ipc(table: pa.Table, compression: str | None = "lz4") -> bytes:
-    """Events as the columnar path takes them fastest: low-cardinality strings dictionary-encoded
-    with the narrowest indices, `conversion` as int8, buffers LZ4-compressed (about 30 bytes per
-    event instead of 100 for plain strings: less to send, to log and to checksum)."""
-    columns = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if name in LOW_CARDINALITY and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            encoded = col.combine_chunks().dictionary_encode()
-            size = len(encoded.dictionary)
-            index_type = pa.int8() if size <= 127 else pa.int16() if size <= 32767 else pa.int32()
-            col = pa.DictionaryArray.from_arrays(encoded.indices.cast(index_type), encoded.dictionary.cast(pa.string()))
-        elif name == "conversion" and pa.types.is_integer(col.type):
-            low_high = pc.min_max(col).values()
-            if all(v.is_valid and 0 <= v.as_py() <= 1 for v in low_high):  # others must reach the server as sent
-                col = col.cast(pa.int8())
-        columns[name] = col
-    sink = pa.BufferOutputStream()
-    encoded_table = pa.table(columns)
-    options = pa.ipc.IpcWriteOptions(compression=compression)
-    with pa.ipc.new_stream(sink, encoded_table.schema, options=options) as writer:
-        writer.write_table(encoded_table)
-    return sink.getvalue().to_pybytes()
 
 
 def _plan(test_id: str, control: str, split: dict[str, float] | None, start: Time, hypothesis: str) -> pb.Experiment:

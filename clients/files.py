@@ -42,7 +42,7 @@ class FileProblem(Exception):
 class Chunk:
     """Up to `lines` events of one file: what can be sent, and the lines that cannot."""
 
-    table: pa.Table  # FILE_SCHEMA
+    table: pa.Table  # FILE_SCHEMA (its low-cardinality strings may come dictionary-encoded)
     lines: np.ndarray  # the line (or row) number of each of `table`'s rows
     problems: list[tuple[int, str, str]] = field(default_factory=list)  # (line, field, why)
     last: int = 0  # the last line the chunk covers: its sequence number when sent exactly once
@@ -145,10 +145,18 @@ def _ndjson_block(body: bytes, number: int) -> tuple[pa.Table, np.ndarray, list[
 
     columns = {name: pa.Array.from_buffers(kind, n, [bits(name), pa.py_buffer(data)], validity[name][1])
                for (name, kind), data in zip(_FIXED.items(), (timestamp, conversion, revenue))}
-    for name, (offsets, data) in zip(_ndjson_c.STRINGS, strings):
-        columns[name] = pa.Array.from_buffers(pa.string(), n, [bits(name), pa.py_buffer(offsets), pa.py_buffer(data)],
-                                              validity[name][1])
-    table = pa.table([columns[f.name] for f in FILE_SCHEMA], schema=FILE_SCHEMA)
+    for name, buffers in zip(_ndjson_c.STRINGS, strings):
+        if len(buffers) == 2:
+            offsets, data = buffers
+            columns[name] = pa.Array.from_buffers(pa.string(), n, [bits(name), pa.py_buffer(offsets),
+                                                                   pa.py_buffer(data)], validity[name][1])
+        else:  # few distinct values: as a dictionary, which the server and arrow_ipc take as it is
+            offsets, data, index = buffers
+            values = pa.Array.from_buffers(pa.string(), len(offsets) // 4 - 1, [None, pa.py_buffer(offsets),
+                                                                                 pa.py_buffer(data)])
+            columns[name] = pa.DictionaryArray.from_arrays(pa.Array.from_buffers(
+                pa.int32(), n, [bits(name), pa.py_buffer(index)], validity[name][1]), values)
+    table = pa.table({f.name: columns[f.name] for f in FILE_SCHEMA})
     numbers = np.frombuffer(line_numbers, dtype=np.int64)
     if not slow:
         return table, numbers, [], count
@@ -157,7 +165,7 @@ def _ndjson_block(body: bytes, number: int) -> tuple[pa.Table, np.ndarray, list[
     if read.table.num_rows:
         numbers = np.concatenate([numbers, read.lines])
         order = np.argsort(numbers, kind="stable")
-        table, numbers = pa.concat_tables([table, read.table]).take(order), numbers[order]
+        table, numbers = pa.concat_tables([table.cast(FILE_SCHEMA), read.table]).take(order), numbers[order]
     return table, numbers, read.problems, count
 
 

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 from abstream.clients import files
-from abstream.clients.client import LOW_CARDINALITY
+from abstream.clients.columnar import LOW_CARDINALITY
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, ResourceExhausted, Unavailable
