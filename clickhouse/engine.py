@@ -299,17 +299,8 @@ class ClickHouseEngine:
             for i, key in enumerate(keys):
                 merged[key] = _merge(merged.get(key), [column[i] for column in values])
         order = sorted(merged)
-        g = np.array([merged[k] for k in order], dtype=np.float64).reshape(len(order), 8)
-        users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
-        metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
-                                total_revenue=revenue, users=users.astype(np.int64),
-                                converted_users=converted.astype(np.int64))
-        moments = UserMoments(users.astype(np.int64),
-                              {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
-                               "conversions_per_user": conversions.astype(np.int64)},
-                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
-                               RATIO_COMOMENT: covariance * users})
-        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(events.sum()), deadline)
+        metrics, moments = _group_columns([merged[k] for k in order])
+        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(metrics.events.sum()), deadline)
         return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
                           QueryStats(scanned, time.perf_counter_ns() - started))
 
@@ -344,20 +335,11 @@ class ClickHouseEngine:
                 active = merged.get((k, v))
                 zeros = eligible - (int(active[0]) if active else 0)
                 rows.append((k, v, _merge(active, [zeros, 0, 0, 0.0, 0, 0.0, 0.0, 0.0]) if zeros else active))
-        g = np.array([r[2] for r in rows], dtype=np.float64).reshape(len(rows), 8)
-        users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
-        metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
-                                total_revenue=revenue, users=users.astype(np.int64),
-                                converted_users=converted.astype(np.int64))
-        moments = UserMoments(users.astype(np.int64),
-                              {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
-                               "conversions_per_user": conversions.astype(np.int64)},
-                              {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
-                               RATIO_COMOMENT: covariance * users})
+        metrics, moments = _group_columns([r[2] for r in rows])
         return TimeseriesResult(test_id=q.test_id, interval=q.interval, cumulative=False,
                                 bucket_start_ns=np.array([r[0] * width for r in rows], dtype=np.int64),
                                 variants=[r[1] for r in rows], metrics=metrics,
-                                stats=QueryStats(int(events.sum()), time.perf_counter_ns() - started),
+                                stats=QueryStats(int(metrics.events.sum()), time.perf_counter_ns() - started),
                                 moments=moments, since_first_exposure=True)
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
@@ -519,6 +501,21 @@ def _strings(column: pa.ChunkedArray, cut: bool = False) -> list[str]:
     if cut:
         column = pc.utf8_slice_codeunits(column, 0, MAX_STRING_BYTES)
     return column.to_pylist()
+
+
+def _group_columns(groups: list[list[float]]) -> tuple[MetricColumns, UserMoments]:
+    """Merged per-group statistics (group_stats' columns: users, events, conversions, revenue,
+    converted users, the per-user variances and covariance) as an answer's metrics and moments."""
+    g = np.array(groups, dtype=np.float64).reshape(len(groups), 8)
+    users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
+    metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
+                            total_revenue=revenue, users=users.astype(np.int64), converted_users=converted.astype(np.int64))
+    moments = UserMoments(users.astype(np.int64),
+                          {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
+                           "conversions_per_user": conversions.astype(np.int64)},
+                          {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
+                           RATIO_COMOMENT: covariance * users})
+    return metrics, moments
 
 
 def _merge_moments(a: list[float] | None, n: float, total: float, m2: float) -> list[float]:

@@ -583,11 +583,12 @@ slow:
 
 /* Strings with few distinct values (tests, variants, event types, devices, countries): sent as
  * dictionaries, each value hashed once here instead of again by Arrow before sending. */
-enum { MAX_DICTIONARY = 4096 };
+enum { MAX_DICTIONARY = 4096, MAX_PROBES = 32 };
 static const int LOW_CARDINALITY[N_STRINGS] = {0, 1, 1, 1, 0, 1, 1};
 
 /* Column s as (index per row, distinct values): 0, 1 when it has too many distinct values to
- * be worth it (left plain), -1 out of memory. */
+ * be worth it, or values that collide more than MAX_PROBES times (left plain: crafted values
+ * cost no more than MAX_PROBES comparisons each), -1 out of memory. */
 static int dictionary(out_t *o, int s) {
     enum { SLOTS = 2 * MAX_DICTIONARY };
     int32_t slot_of[SLOTS];
@@ -610,10 +611,10 @@ static int dictionary(out_t *o, int s) {
         for (int32_t k = 0; k < len; k++)
             h = (h ^ (uint8_t)v[k]) * 16777619u;
         uint32_t at = h % SLOTS;
-        for (;;) {
+        for (int probes = 0;; probes++) {
             int32_t d = slot_of[at];
-            if (d < 0) {
-                if (m == MAX_DICTIONARY) {
+            if (d < 0 || probes == MAX_PROBES) {
+                if (m == MAX_DICTIONARY || d >= 0) {
                     free(index);
                     free(offsets);
                     free(values.p);

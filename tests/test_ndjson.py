@@ -9,6 +9,7 @@ import io
 import json
 import random
 
+import numpy as np
 import pyarrow as pa
 from abstream.clients import _ndjson, files
 from hypothesis import given, settings
@@ -196,3 +197,32 @@ def test_a_block_costs_memory_in_proportion_to_its_size():
     big = b'{"user_id": "' + b"x" * (8 << 20) + b'"}\n'
     table, numbers, problems, _ = files._ndjson_block(big, 0)
     assert numbers.tolist() == [1] and len(table.column("user_id")[0].as_py()) == 8 << 20
+
+
+def _fnv1a(words: np.ndarray) -> np.ndarray:
+    """32-bit FNV-1a of each row of a uint8 matrix (the reader's hash of dictionary values)."""
+    h = np.full(len(words), 2166136261, dtype=np.uint32)
+    for column in words.T:
+        h = (h ^ column.astype(np.uint32)) * np.uint32(16777619)
+    return h
+
+
+def test_low_cardinality_strings_come_as_dictionaries_unless_many_or_colliding():
+    few = b"".join(json.dumps({**EVENT, "variant": f"v{i % 3}"}).encode() + b"\n" for i in range(300))
+    table, _, _, _ = files._ndjson_block(few, 0)
+    assert pa.types.is_dictionary(table.schema.field("variant").type)
+    assert table.column("variant").to_pylist() == [f"v{i % 3}" for i in range(300)]
+    many = b"".join(json.dumps({**EVENT, "variant": f"v{i}"}).encode() + b"\n" for i in range(5000))
+    table, _, _, _ = files._ndjson_block(many, 0)
+    assert table.schema.field("variant").type == pa.string()  # too many distinct values: plain
+    assert table.column("variant").to_pylist() == [f"v{i}" for i in range(5000)]
+    # Values crafted to share one slot of the reader's table: plain after a bounded number of probes.
+    rng = np.random.default_rng(1)
+    words = rng.integers(97, 123, size=(1 << 21, 6), dtype=np.uint8)
+    slot = _fnv1a(words) % 8192
+    crafted = [bytes(w).decode() for w in words[slot == slot[0]][:64]]
+    body = b"".join(json.dumps({**EVENT, "device": d}).encode() + b"\n" for d in crafted * 50)
+    table, _, _, _ = files._ndjson_block(body, 0)
+    assert table.schema.field("device").type == pa.string()
+    assert table.column("device").to_pylist() == crafted * 50
+    assert pa.types.is_dictionary(table.schema.field("variant").type)  # the other columns still are
