@@ -339,7 +339,14 @@ static void request(reader_t *r, int pass, columns_t *c, request_t *q) {
         } else if (field == F.arrow_ipc && wire == 2) {
             q->ipc_len = delimited(r, &q->ipc);
         } else if (field == F.producer_id && wire == 2) {
-            q->producer_len = delimited(r, &q->producer);
+            /* Repeated, the last wins, but one that is not UTF-8 stays: protobuf refuses the
+             * message for it, and the caller refuses the producer id it is handed. */
+            const uint8_t *bytes;
+            int64_t n = delimited(r, &bytes);
+            if (!r->error && (!q->producer || utf8_valid(q->producer, q->producer_len))) {
+                q->producer = bytes;
+                q->producer_len = n;
+            }
         } else if (field == F.sequence && wire == 0) {
             q->sequence = varint(r);
         } else {

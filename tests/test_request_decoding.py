@@ -244,3 +244,15 @@ def test_arbitrary_bytes_are_accepted_or_refused_as_protobuf_does(data):
         if row["revenue"] != row["revenue"]:
             row["revenue"] = "nan"
     assert rows == [{k: row[k] for k in decoded_order()} for row in expected]
+
+
+def test_a_producer_id_that_is_not_utf8_is_refused_even_when_repeated_after():
+    """Protobuf refuses a message holding any producer_id that is not UTF-8, a later valid one
+    notwithstanding (found by the test above)."""
+    raw = bytes.fromhex("1a0939000000000000f03f" "0a00" "1a0130")
+    with pytest.raises(Exception):
+        pb.IngestEventsRequest.FromString(raw)
+    with pytest.raises(InvalidArgument) as error:
+        decode_request(raw)
+    assert error.value.field == "producer_id"
+    assert decode_request(bytes.fromhex("1a0130" "1a0131")).producer_id == "1"  # else the last one wins
