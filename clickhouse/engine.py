@@ -37,7 +37,6 @@ from abstream.core.engine import Gauge
 from abstream.core.errors import AbstreamError, Unavailable
 from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES
 from abstream.core.types import (
-    RATIO_COMOMENT,
     CapApplied,
     Experiment,
     GroupStats,
@@ -53,8 +52,8 @@ from abstream.core.types import (
     TimeseriesResult,
     UserMoments,
     ValidatedBatch,
+    about_means,
 )
-from abstream.store import kernels
 
 #: How long a gateway uses the plans it read before reading them again.
 PLANS_TTL_S = 1.0
@@ -400,12 +399,8 @@ class ClickHouseEngine:
         for columns in self._partials(statement, q.deadline):
             for bucket, variant, *deltas in zip(*columns):
                 q2[:, b_at[int(bucket)], variants.index(variant)] += np.array(deltas, dtype=np.float64)
-        m2x, m2y, co = kernels.centered(n, revenue, conversions.astype(np.float64), *np.cumsum(q2, axis=1), cx, cy)
-        return UserMoments(n.reshape(-1).astype(np.int64),
-                           {"conversion": converted.reshape(-1).astype(np.int64), "revenue_per_user": revenue.reshape(-1),
-                            "conversions_per_user": conversions.reshape(-1).astype(np.int64)},
-                           {"revenue_per_user": m2x.reshape(-1), "conversions_per_user": m2y.reshape(-1),
-                            RATIO_COMOMENT: co.reshape(-1)})
+        m2 = about_means(n, revenue, conversions.astype(np.float64), *np.cumsum(q2, axis=1), cx, cy)
+        return UserMoments.of(n, converted, revenue, conversions, *m2)
 
     def _zone_offsets(self, q: TimeseriesQuery) -> timezones.Offsets | None:
         """The time zone's offsets over the test's events in range (None in UTC)."""
@@ -510,12 +505,8 @@ def _group_columns(groups: list[list[float]]) -> tuple[MetricColumns, UserMoment
     users, events, conversions, revenue, converted, revenue_var, conversions_var, covariance = g.T
     metrics = MetricColumns(events=events.astype(np.int64), conversions=conversions.astype(np.int64),
                             total_revenue=revenue, users=users.astype(np.int64), converted_users=converted.astype(np.int64))
-    moments = UserMoments(users.astype(np.int64),
-                          {"conversion": converted.astype(np.int64), "revenue_per_user": revenue,
-                           "conversions_per_user": conversions.astype(np.int64)},
-                          {"revenue_per_user": revenue_var * users, "conversions_per_user": conversions_var * users,
-                           RATIO_COMOMENT: covariance * users})
-    return metrics, moments
+    return metrics, UserMoments.of(users, converted, revenue, conversions, revenue_var * users,
+                                   conversions_var * users, covariance * users)
 
 
 def _merge_moments(a: list[float] | None, n: float, total: float, m2: float) -> list[float]:

@@ -317,6 +317,15 @@ class MetricColumns:
 COUNT_COLUMNS = ("events", "conversions", "total_revenue", "users", "converted_users")
 
 
+def about_means(n: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray, qx: np.ndarray, qy: np.ndarray, qxy: np.ndarray,
+                center_x: np.ndarray, center_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums of squares and the co-moment about the means, from those about centers c (per
+    variant, the last axis): sum (x - mean)^2 = sum (x - c)^2 - n (mean - c)^2."""
+    mx = np.divide(sum_x, n, out=np.zeros(n.shape), where=n > 0) - center_x
+    my = np.divide(sum_y, n, out=np.zeros(n.shape), where=n > 0) - center_y
+    return np.maximum(qx - n * mx * mx, 0), np.maximum(qy - n * my * my, 0), qxy - n * mx * my
+
+
 @dataclass(frozen=True)
 class UserMoments:
     """Per group: users, and per metric the sum and centered sum of squares of per-user values:
@@ -347,6 +356,21 @@ class UserMoments:
                 mean = float(self.sums[key][i]) / n if n else 0.0
                 out.append(stats.Arm(n, mean, float(self.m2[key][i]) / (n - 1) if n > 1 else 0.0))
         return out
+
+    @staticmethod
+    def of(users: np.ndarray, converted: np.ndarray, revenue: np.ndarray, conversions: np.ndarray,
+           m2_revenue: np.ndarray, m2_conversions: np.ndarray, comoment: np.ndarray) -> UserMoments:
+        """Each group's users, converted users, sums of revenue and conversions, their centered
+        sums of squares and co-moment (arrays of any shape, one value per group: flattened)."""
+        def flat(a: np.ndarray, dtype=None) -> np.ndarray:
+            a = np.asarray(a).reshape(-1)
+            return a.astype(dtype, copy=False) if dtype is not None else a
+
+        return UserMoments(flat(users, np.int64),
+                           {"conversion": flat(converted, np.int64), "revenue_per_user": flat(revenue),
+                            "conversions_per_user": flat(conversions, np.int64)},
+                           {"revenue_per_user": flat(m2_revenue), "conversions_per_user": flat(m2_conversions),
+                            RATIO_COMOMENT: flat(comoment)})
 
     def capped(self, sums: np.ndarray, m2: np.ndarray) -> UserMoments:
         """These moments with capped revenue per user beside the revenue as it is."""

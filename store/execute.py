@@ -19,7 +19,6 @@ from abstream.core import timezones
 from abstream.core.errors import DeadlineExceeded
 from abstream.core.events import EVENT_SCHEMA
 from abstream.core.types import (
-    RATIO_COMOMENT,
     CapApplied,
     Filters,
     GroupStats,
@@ -311,15 +310,11 @@ def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, re
                  n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
     """Moments of the per-user metrics per group, from the rows that carry a value only (a
     conversion or revenue: few, and found in a bool mask, the fast case of nonzero)."""
-    users = totals["users"]
     active = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
-    sums = {"conversion": totals["converted_users"], "revenue_per_user": totals["total_revenue"],
-            "conversions_per_user": totals["conversions"]}
-    m2_revenue, m2_conversions, comoment = kernels.centered_user_moments(
-        group[active], user[active], revenue[active], conversion[active].astype(bool), n_users_total, users,
+    m2 = kernels.centered_user_moments(
+        group[active], user[active], revenue[active], conversion[active].astype(bool), n_users_total, totals["users"],
         totals["total_revenue"].astype(np.float64), totals["conversions"].astype(np.float64))
-    return UserMoments(users, sums, {"revenue_per_user": m2_revenue, "conversions_per_user": m2_conversions,
-                                     RATIO_COMOMENT: comoment})
+    return UserMoments.of(totals["users"], totals["converted_users"], totals["total_revenue"], totals["conversions"], *m2)
 
 
 def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, revenue: np.ndarray,
@@ -344,11 +339,7 @@ def cumulative_moments(bucket: np.ndarray, variant: np.ndarray, user: np.ndarray
                        revenue: np.ndarray, n_users_total: int, totals: dict[str, np.ndarray]) -> UserMoments:
     """Per (bucket, variant), flattened, the user moments of everything up to the bucket's end."""
     active = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
-    m2_revenue, m2_conversions, comoment = kernels.cumulative_user_moments(
+    m2 = kernels.cumulative_user_moments(
         bucket[active], variant[active], user[active], revenue[active], conversion[active].astype(bool),
         n_users_total, totals["users"], totals["total_revenue"], totals["conversions"].astype(np.float64))
-    flat = {name: a.reshape(-1) for name, a in totals.items()}
-    return UserMoments(flat["users"], {"conversion": flat["converted_users"], "revenue_per_user": flat["total_revenue"],
-                                       "conversions_per_user": flat["conversions"]},
-                       {"revenue_per_user": m2_revenue.reshape(-1), "conversions_per_user": m2_conversions.reshape(-1),
-                        RATIO_COMOMENT: comoment.reshape(-1)})
+    return UserMoments.of(totals["users"], totals["converted_users"], totals["total_revenue"], totals["conversions"], *m2)

@@ -7,6 +7,7 @@ all per-event arrays of one call have the same length.
 from __future__ import annotations
 
 import numpy as np
+from abstream.core.types import about_means
 from abstream.store import _kernels
 
 _INT64_SAFE = 1 << 62
@@ -335,17 +336,9 @@ def cumulative_user_moments(bucket: np.ndarray, variant: np.ndarray, user: np.nd
         qx = qx + np.bincount(group, weights=ax * ax - bx * bx, minlength=cells).reshape(shape)
         qy = qy + np.bincount(group, weights=ay * ay - by * by, minlength=cells).reshape(shape)
         qxy = qxy + np.bincount(group, weights=ax * ay - bx * by, minlength=cells).reshape(shape)
-    return centered(n, sum_x, sum_y, np.cumsum(qx, axis=0), np.cumsum(qy, axis=0), np.cumsum(qxy, axis=0),
+    return about_means(n, sum_x, sum_y, np.cumsum(qx, axis=0), np.cumsum(qy, axis=0), np.cumsum(qxy, axis=0),
                     center_x, center_y)
 
-
-def centered(n: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray, qx: np.ndarray, qy: np.ndarray, qxy: np.ndarray,
-             center_x: np.ndarray, center_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sums of squares and the co-moment about the means, from those about centers c (per
-    variant, the last axis): sum (x - mean)^2 = sum (x - c)^2 - n (mean - c)^2."""
-    mx = np.divide(sum_x, n, out=np.zeros(n.shape), where=n > 0) - center_x
-    my = np.divide(sum_y, n, out=np.zeros(n.shape), where=n > 0) - center_y
-    return np.maximum(qx - n * mx * mx, 0), np.maximum(qy - n * my * my, 0), qxy - n * mx * my
 
 
 def first_per_key(key: np.ndarray, ts: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
