@@ -78,6 +78,32 @@ def test_client_sends_arrow_tables_in_the_compact_columnar_format(server):
                 [(e["variant"], e["users"], e["events"], e["conversions"]) for e in expected]
 
 
+def test_a_read_file_is_encoded_without_loading_pyarrow_compute_or_pandas(tmp_path):
+    """`abstream ingest` narrows the reader's dictionaries and conversions itself: Arrow's casts
+    would load pyarrow.compute (and pandas where installed), a fifth of a second before the
+    first batch. What is sent decodes to what was read, at every offset of the file."""
+    lines = [json.dumps({"timestamp": "2025-04-28 18:42:22", "user_id": f"u{i}", "test_id": f"t{i % 3}",
+                         "variant": "AB"[i % 2], "event_type": "click", "conversion": i % 2, "revenue": i / 4,
+                         "session_id": f"s{i}", "device": "mobile", "country": "ES"}) for i in range(2_500)]
+    path = tmp_path / "e.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    script = f"""
+import sys
+import pyarrow as pa
+from abstream.clients import files
+from abstream.clients.columnar import arrow_ipc
+chunks = [(chunk, arrow_ipc(chunk.table)) for chunk in files.read({str(path)!r}, "ndjson", 1_000)]
+print(sorted(m for m in ("pyarrow.compute", "pandas") if m in sys.modules))
+for chunk, ipc in chunks:
+    sent = pa.ipc.open_stream(ipc).read_all()
+    assert sent.schema.field("conversion").type == pa.int8() and sent.schema.field("variant").type.index_type == pa.int8()
+    assert sent.to_pylist() == chunk.table.to_pylist(), chunk.lines[0]
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_producer_resolves_every_event(server):
     good = {"timestamp": "2025-04-28 18:42:22", "user_id": "user_455", "test_id": "prod", "variant": "variant_a",
             "event_type": "click", "conversion": 1, "revenue": 84.55}
