@@ -236,7 +236,8 @@ class ClickHouseEngine:
         across = sql.users_across_variants(self._b.local(sql.EVENTS), q.test_id, q.start_ns, q.end_ns, q.filters)
         counts = [columns for columns in self._partials(across, q.deadline)]
         g = self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, None, q.deadline,
-                         q.analysis.exclude_multi_variant_users, q.analysis.metric_event_type)
+                         q.analysis.exclude_multi_variant_users, q.analysis.metric_event_type,
+                         q.analysis.session_metrics)
         g = dataclasses.replace(g, users=int(sum(c[0][0] for c in counts)),
                                 multi_variant_users=int(sum(c[1][0] for c in counts)))
         return g if q.analysis.revenue_cap is None else self._capped(q, g)
@@ -280,28 +281,38 @@ class ClickHouseEngine:
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline,
-                            metric_event_type=q.analysis.metric_event_type)
+                            metric_event_type=q.analysis.metric_event_type, sessions=q.analysis.session_metrics)
 
     def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
         statement = sql.scanned(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
         return int(sum(columns[0][0] for columns in self._partials(statement, None)))
 
     def _groups(self, test_id, start_ns, end_ns, filters, dimension, deadline, exclude: bool = False,
-                metric_event_type: str = "") -> GroupStats:
+                metric_event_type: str = "", sessions: bool = False) -> GroupStats:
         started = time.perf_counter_ns()
-        statement = sql.group_stats(self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension, exclude,
-                                    metric_event_type)
+        args = (self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension, exclude, metric_event_type)
+        merged = self._merged(sql.group_stats(*args), dimension, deadline, _merge)
+        order = sorted(merged)
+        metrics, moments = _group_columns([merged[k] for k in order])
+        if sessions:
+            by_user = self._merged(sql.session_stats(*args), dimension, deadline, _merge_sessions)
+            at = np.array([by_user[k] for k in order], dtype=np.float64).reshape(len(order), 8)
+            n, events, session_sums, _, events_var, sessions_var, conversions_cov, events_cov = at.T
+            moments = moments.with_sessions(events, session_sums, events_var * n, sessions_var * n,
+                                            conversions_cov * n, events_cov * n)
+        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(metrics.events.sum()), deadline)
+        return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
+                          QueryStats(scanned, time.perf_counter_ns() - started))
+
+    def _merged(self, statement: str, dimension: str | None, deadline, merge) -> dict[tuple, list[float]]:
+        """Each group's (variant, and segment value) partials of every shard, merged."""
         merged: dict[tuple, list[float]] = {}
         for columns in self._partials(statement, deadline):
             keys = list(zip(*columns[:2])) if dimension else [(v,) for v in columns[0]]
             values = columns[2 if dimension else 1:]
             for i, key in enumerate(keys):
-                merged[key] = _merge(merged.get(key), [column[i] for column in values])
-        order = sorted(merged)
-        metrics, moments = _group_columns([merged[k] for k in order])
-        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(metrics.events.sum()), deadline)
-        return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
-                          QueryStats(scanned, time.perf_counter_ns() - started))
+                merged[key] = merge(merged.get(key), [column[i] for column in values])
+        return merged
 
     def _by_exposure(self, q: TimeseriesQuery) -> TimeseriesResult:
         """Per age and variant, what the embedded engine's _by_exposure gives: each shard's users
@@ -536,6 +547,26 @@ def _merge(a: list[float] | None, b: list) -> list[float]:
     dr, dc = b[3] / n_b - a[3] / n_a, b[2] / n_b - a[2] / n_a
     out.append((a[7] * n_a + b[7] * n_b + dr * dc * n_a * n_b / n) / n)
     return out
+
+
+def _merge_sessions(a: list[float] | None, b: list) -> list[float]:
+    """Two shards' session_stats of one group: sums add; variances and covariances combine by
+    Chan's formula, as centered sums of squares and co-moments."""
+    b = [float(x) for x in b]
+    if a is None or not a[0]:
+        return b
+    if not b[0]:
+        return a
+    n_a, n_b = a[0], b[0]
+    n = n_a + n_b
+    d = [b[k] / n_b - a[k] / n_a for k in (1, 2, 3)]  # events, sessions, conversions: difference of means
+    joint = n_a * n_b / n
+
+    def combined(at: int, dx: float, dy: float) -> float:
+        return (a[at] * n_a + b[at] * n_b + dx * dy * joint) / n
+
+    return [n, a[1] + b[1], a[2] + b[2], a[3] + b[3], combined(4, d[0], d[0]), combined(5, d[1], d[1]),
+            combined(6, d[2], d[1]), combined(7, d[0], d[1])]
 
 
 def _mark(table: str, partition: str) -> dict[str, list]:

@@ -138,13 +138,15 @@ def _per_user(event_type: str) -> str:
 
 
 def _users(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None, keys: str,
-           without_multi_variant_users: bool, metric_event_type: str) -> str:
-    """One shard's users per group (`keys`), with their events e, conversions c and revenue r."""
+           without_multi_variant_users: bool, metric_event_type: str, sessions: bool = False) -> str:
+    """One shard's users per group (`keys`), with their events e, conversions c and revenue r
+    (and with `sessions`, their distinct session ids s)."""
     where = _where(test_id, start_ns, end_ns, filters)
     if without_multi_variant_users:  # a user's events are all on one shard: the subquery is shard-local
         where += (f" AND user_id NOT IN (SELECT user_id FROM {local} WHERE {where} GROUP BY user_id "
                   "HAVING uniqExact(variant) > 1)")
-    return f"SELECT {keys}, user_id, {_per_user(metric_event_type)} FROM {local} WHERE {where} GROUP BY {keys}, user_id"
+    per_user = _per_user(metric_event_type) + (", uniqExact(session_id) AS s" if sessions else "")
+    return f"SELECT {keys}, user_id, {per_user} FROM {local} WHERE {where} GROUP BY {keys}, user_id"
 
 
 def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
@@ -154,6 +156,19 @@ def group_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | No
     outer = "variant" + (f", {dimension} AS segment" if dimension else "")
     users = _users(local, test_id, start_ns, end_ns, filters, keys, without_multi_variant_users, metric_event_type)
     return f"SELECT {outer}, {_PER_GROUP} FROM ({users}) GROUP BY {keys}"
+
+
+def session_stats(local: str, test_id: str, start_ns: int | None, end_ns: int | None, filters: Filters | None,
+                  dimension: str | None, without_multi_variant_users: bool = False, metric_event_type: str = "") -> str:
+    """Per variant (and segment value) on one shard: users, the sums of each user's events,
+    sessions and conversions, the population variances of events and sessions per user and the
+    covariances of conversions and of events with sessions (the session metrics' delta method)."""
+    keys = "variant" + (f", {dimension}" if dimension else "")
+    outer = "variant" + (f", {dimension} AS segment" if dimension else "")
+    users = _users(local, test_id, start_ns, end_ns, filters, keys, without_multi_variant_users, metric_event_type,
+                   sessions=True)
+    return (f"SELECT {outer}, count(), sum(e), sum(s), sum(c), varPopStable(e), varPopStable(s), "
+            f"covarPopStable(c, s), covarPopStable(e, s) FROM ({users}) GROUP BY {keys}")
 
 
 def exact_float(value: float) -> str:

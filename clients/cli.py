@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--metric-event-type", default="", metavar="TYPE",
                        help="count conversions and revenue from events of this type only (purchase, say), every "
                             "user kept; --event-type instead keeps only the users with such events")
+        a.add_argument("--session-metrics", action="store_true",
+                       help="compare conversions per session and events per session too (each user's distinct "
+                            "session ids; reads every event's session id)")
         a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
                        help="the relative lift's interval: delta method (default) or Fieller's, which holds "
                             "where the control's mean is uncertain (heavy-tailed revenue)")
@@ -821,7 +824,7 @@ def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
             "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior,
             "relative_interval": args.relative_interval, "guardrails": args.guardrails,
-            "metric_event_type": args.metric_event_type}
+            "metric_event_type": args.metric_event_type, "session_metrics": args.session_metrics}
 
 
 def _empty(result_rows, args) -> None:

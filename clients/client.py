@@ -394,11 +394,13 @@ def _analysis_options(control: str = "", confidence: float | None = None, sequen
                       correction: str = "", expected_weights: dict[str, float] | None = None,
                       prior: tuple[float, float] | None = None, exclude_multi_variant_users: bool = False,
                       relative_interval: str = "", guardrails: dict[str, float] | None = None,
-                      metric_event_type: str = "", revenue_cap: dict | None = None, **raw: Any) -> pb.AnalysisOptions:
+                      metric_event_type: str = "", revenue_cap: dict | None = None, session_metrics: bool = False,
+                      **raw: Any) -> pb.AnalysisOptions:
     options = pb.AnalysisOptions(control_variant=control, confidence_level=confidence or 0, sequential=sequential,
                                  expected_weights=expected_weights or {},
                                  exclude_multi_variant_users=exclude_multi_variant_users,
-                                 guardrail_margins=guardrails or {}, metric_event_type=metric_event_type)
+                                 guardrail_margins=guardrails or {}, metric_event_type=metric_event_type,
+                                 session_metrics=session_metrics)
     if revenue_cap is not None:
         options.revenue_cap.CopyFrom(pb.RevenueCap(**revenue_cap))
     if relative_interval:
@@ -448,7 +450,8 @@ class Client:
         variance), exclude_multi_variant_users, relative_interval ("delta" or "fieller"), guardrails
         ({metric: relative margin}), metric_event_type (conversions and revenue of that event type
         only, every user kept), revenue_cap ({"percentile": 99, "nonzero_only": True} or
-        {"value": 500}: revenue per user capped for its comparison); `analysis`
+        {"value": 500}: revenue per user capped for its comparison), session_metrics (conversions
+        and events per session compared too); `analysis`
         takes AnalysisOptions fields by their protobuf names."""
         request = pb.SummaryRequest(test_id=test_id, filters=_filters(device, country, event_type),
                                     analysis=_analysis_options(**options, **(analysis or {})))

@@ -16,7 +16,8 @@ from abstream.core.errors import InvalidArgument
 from abstream.core.events import listed
 from abstream.core.types import (
     METRICS,
-    RATIO_METRIC,
+    RATIOS,
+    SESSION_METRICS,
     Analysis,
     AnalysisOptions,
     GroupStats,
@@ -67,9 +68,9 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     if control in variants:
         c = variants.index(control)
         treatments = [i for i in range(len(variants)) if i != c]
-        for metric in METRICS:
+        for metric in moments.metrics:
             arms = moments.arms(metric, index)
-            results = [_without_conversions(arms[c], arms[t], variants[c], variants[t]) if metric == RATIO_METRIC
+            results = [_undefined_ratio(metric, arms[c], arms[t], variants[c], variants[t]) if metric in RATIOS
                        and not (arms[c].n and arms[t].n) else
                        stats.compare(arms[c], arms[t], confidence=options.confidence, sequential=options.sequential,
                                      n_star=options.n_star, prior_mean=options.prior_mean,
@@ -86,21 +87,22 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     elif control:
         why = f"the control {control!r} has no users here: nothing is compared"
         missing_control = stats.Estimate(status=stats.NO_CONTROL, message=why)
-        for metric in METRICS:
+        for metric in moments.metrics:
             for variant, arm in zip(variants, moments.arms(metric, index)):
                 result = stats.Comparison(0.0, arm.mean, missing_control, missing_control, status=stats.NO_CONTROL,
                                           message=why)
                 comparisons.append(MetricComparison(variant, metric, result, 1.0, 1.0))
     order = {v: i for i, v in enumerate(variants)}
-    comparisons.sort(key=lambda c: (order[c.variant], METRICS.index(c.metric)))
+    comparisons.sort(key=lambda c: (order[c.variant], (METRICS + SESSION_METRICS).index(c.metric)))
     return Analysis(control, srm, srm < options.srm_threshold, comparisons)
 
 
-def _without_conversions(control: stats.Arm, treatment: stats.Arm, control_name: str,
-                         treatment_name: str) -> stats.Comparison:
-    """Revenue per conversion where an arm has no conversion: no ratio, said as such."""
+def _undefined_ratio(metric: str, control: stats.Arm, treatment: stats.Arm, control_name: str,
+                     treatment_name: str) -> stats.Comparison:
+    """A ratio where an arm has none of its denominator (revenue per conversion without a
+    conversion): no ratio, said as such."""
     arm = control_name if not control.n else treatment_name
-    why = f"{arm!r} has no conversions: its revenue per conversion is undefined"
+    why = f"{arm!r} has no {RATIOS[metric][3]}: its {metric.replace('_', ' ')} is undefined"
     missing = stats.Estimate(status=stats.NOT_ENOUGH_DATA, message=why)
     return stats.Comparison(control.mean, treatment.mean, missing, missing, status=stats.NOT_ENOUGH_DATA, message=why)
 
@@ -111,12 +113,12 @@ def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observ
     control = choose_control(g.variants, summary_query.analysis.control_variant)
     if control not in g.variants:
         return PowerResult(q.test_id, control, [MetricPower(m, 0.0, 0.0, 0, 0.0, "the test has no events yet")
-                                                for m in METRICS])
+                                                for m in g.moments.metrics])
     c = np.array([g.variants.index(control)])
     users = int(g.moments.users[c[0]])
     rate = users / days_observed if days_observed > 0 else 0.0
     out = []
-    for metric in METRICS:
+    for metric in g.moments.metrics:
         (arm,) = g.moments.arms(metric, c)
         n, why = stats.sample_size(arm.mean, arm.variance, q.mde, q.alpha, q.power)
         at = q.users_per_variant or users

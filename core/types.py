@@ -26,11 +26,19 @@ _MONDAY_ORIGIN_NS = -3 * 24 * 3600 * NS_PER_SECOND
 
 #: Per-user metrics compared between variants.
 METRICS = ("conversion", "revenue_per_user", "conversions_per_user", "revenue_per_conversion")
+#: Metrics over each user's sessions (distinct session ids), compared when asked
+#: (AnalysisOptions.session_metrics): reading session ids costs more than the rest of a query.
+SESSION_METRICS = ("conversions_per_session", "events_per_session")
 #: The metric that is a ratio of two per-user totals (revenue over conversions).
 RATIO_METRIC = METRICS[3]
 #: UserMoments.m2's entry for the centered co-moment of each user's revenue and conversions,
 #: the covariance term of revenue per conversion (a ratio of the two per-user totals).
 RATIO_COMOMENT = "revenue_conversions"
+#: Each ratio of two per-user totals: (numerator, denominator, their co-moment in UserMoments.m2,
+#: what an arm without the denominator lacks).
+RATIOS = {RATIO_METRIC: ("revenue_per_user", "conversions_per_user", RATIO_COMOMENT, "conversions"),
+          "conversions_per_session": ("conversions_per_user", "sessions_per_user", "conversions_sessions", "sessions"),
+          "events_per_session": ("events_per_user", "sessions_per_user", "events_sessions", "sessions")}
 #: UserMoments' key of capped revenue per user: what revenue_per_user is compared on when present
 #: (revenue per conversion keeps the revenue as it is).
 CAPPED = "capped_revenue_per_user"
@@ -134,6 +142,7 @@ class AnalysisOptions:
     guardrails: dict[str, float] = field(default_factory=dict)  # metric -> non-inferiority margin (relative)
     metric_event_type: str = ""  # conversions and revenue counted from this event type only; users from all
     revenue_cap: RevenueCap | None = None  # Summary: revenue per user capped for its comparison
+    session_metrics: bool = False  # SESSION_METRICS compared too
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)
@@ -143,8 +152,11 @@ class AnalysisOptions:
         for variant in self.expected_weights:
             check_query_string("expected_weights", variant)
         for metric, margin in self.guardrails.items():
-            if metric not in METRICS:
-                raise InvalidArgument("guardrails", f"{metric[:32]!r} is not a metric: use {', '.join(METRICS)}")
+            if metric not in METRICS + SESSION_METRICS:
+                raise InvalidArgument("guardrails", f"{metric[:32]!r} is not a metric: use "
+                                                    f"{', '.join(METRICS + SESSION_METRICS)}")
+            if metric in SESSION_METRICS and not self.session_metrics:
+                raise InvalidArgument("guardrails", f"{metric} is a session metric: ask for session_metrics too")
             if not 0 < margin <= 1:
                 raise InvalidArgument("guardrails", f"the margin of {metric} must be a share above 0 and at most 1 "
                                                     f"(0.02: at most 2% worse), got {margin}")
@@ -240,7 +252,8 @@ class TimeseriesQuery:
             if not self.cumulative and not self.since_first_exposure:
                 raise InvalidArgument("lift", "is the cumulative lift: ask for cumulative buckets (or for ages since "
                                               "first exposure)")
-            for name in ("revenue_cap", "exclude_multi_variant_users", "metric_event_type", "guardrails"):
+            for name in ("revenue_cap", "exclude_multi_variant_users", "metric_event_type", "guardrails",
+                         "session_metrics"):
                 if getattr(self.lift, name):
                     raise InvalidArgument(f"analysis.{name}", "applies to Summary, not to the lift over time")
         if self.since_first_exposure:
@@ -340,15 +353,19 @@ class UserMoments:
         return UserMoments(self.users[index], {k: v[index] for k, v in self.sums.items()},
                            {k: v[index] for k, v in self.m2.items()})
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics these moments compare: the session metrics where sessions were counted."""
+        return METRICS + SESSION_METRICS if "sessions_per_user" in self.sums else METRICS
+
     def arms(self, metric: str, index: np.ndarray) -> list[stats.Arm]:
         out = []
         for i in index.tolist():
             n = int(self.users[i])
-            if metric == RATIO_METRIC:
-                out.append(stats.ratio_arm(n, float(self.sums["revenue_per_user"][i]),
-                                           float(self.sums["conversions_per_user"][i]),
-                                           float(self.m2["revenue_per_user"][i]), float(self.m2["conversions_per_user"][i]),
-                                           float(self.m2[RATIO_COMOMENT][i])))
+            if metric in RATIOS:
+                x, y, co, _ = RATIOS[metric]
+                out.append(stats.ratio_arm(n, float(self.sums[x][i]), float(self.sums[y][i]), float(self.m2[x][i]),
+                                           float(self.m2[y][i]), float(self.m2[co][i])))
             elif metric == "conversion":
                 out.append(stats.binomial_arm(n, int(self.sums[metric][i])))
             else:
@@ -375,6 +392,14 @@ class UserMoments:
     def capped(self, sums: np.ndarray, m2: np.ndarray) -> UserMoments:
         """These moments with capped revenue per user beside the revenue as it is."""
         return UserMoments(self.users, {**self.sums, CAPPED: sums}, {**self.m2, CAPPED: m2})
+
+    def with_sessions(self, events: np.ndarray, sessions: np.ndarray, m2_events: np.ndarray, m2_sessions: np.ndarray,
+                      conversions_sessions: np.ndarray, events_sessions: np.ndarray) -> UserMoments:
+        """These moments with each group's sums of per-user events and sessions, their centered
+        sums of squares, and their co-moments with sessions (SESSION_METRICS' delta method)."""
+        return UserMoments(self.users, {**self.sums, "events_per_user": events, "sessions_per_user": sessions},
+                           {**self.m2, "events_per_user": m2_events, "sessions_per_user": m2_sessions,
+                            "conversions_sessions": conversions_sessions, "events_sessions": events_sessions})
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,7 @@ class Params:
                                                              {i: i for i in stats.RELATIVE_INTERVALS}, "delta"),
                                guardrails=self.margins("guardrails"),
                                metric_event_type=self.get("metric_event_type"), revenue_cap=self.revenue_cap(),
+                               session_metrics=self.boolean("session_metrics"),
                                correction=self.choice("correction", {c: c for c in ("none", "holm",
                                                                                     "benjamini_hochberg")}, "none"),
                                **({"confidence": confidence} if confidence is not None else {}))

@@ -247,6 +247,7 @@ class ResultsPage:
                         "relative_interval": options.relative_interval,
                         "guardrails": ",".join(f"{m}:{v:g}" for m, v in options.guardrails.items()),
                         "metric_event_type": options.metric_event_type,
+                        "session_metrics": options.session_metrics,
                         "revenue_cap_percentile": options.revenue_cap.percentile if options.revenue_cap else None,
                         "revenue_cap_value": options.revenue_cap.value if options.revenue_cap else None,
                         "revenue_cap_nonzero_only": bool(options.revenue_cap and options.revenue_cap.nonzero_only),

@@ -213,7 +213,9 @@ RELATIVE_INTERVALS = {pb.RELATIVE_INTERVAL_UNSPECIFIED: "delta", pb.RELATIVE_INT
                       pb.RELATIVE_INTERVAL_FIELLER: "fieller"}
 METRICS = {"conversion": pb.METRIC_CONVERSION, "revenue_per_user": pb.METRIC_REVENUE_PER_USER,
            "conversions_per_user": pb.METRIC_CONVERSIONS_PER_USER,
-           "revenue_per_conversion": pb.METRIC_REVENUE_PER_CONVERSION}
+           "revenue_per_conversion": pb.METRIC_REVENUE_PER_CONVERSION,
+           "conversions_per_session": pb.METRIC_CONVERSIONS_PER_SESSION,
+           "events_per_session": pb.METRIC_EVENTS_PER_SESSION}
 STATUSES = {status: pb.ComparisonStatus.Value(f"COMPARISON_STATUS_{status.upper()}") for status in stats.SEVERITY}
 
 
@@ -236,6 +238,7 @@ def analysis_options(o: pb.AnalysisOptions) -> AnalysisOptions:
         metric_event_type=o.metric_event_type,
         revenue_cap=RevenueCap(o.revenue_cap.percentile, o.revenue_cap.value, o.revenue_cap.nonzero_only)
         if o.HasField("revenue_cap") else None,
+        session_metrics=o.session_metrics,
     )
 
 

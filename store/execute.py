@@ -34,7 +34,7 @@ from abstream.core.types import (
 )
 from abstream.store import kernels
 from abstream.store.ingest import Ingest
-from abstream.store.partition import NUMERIC, PartitionView
+from abstream.store.partition import NUMERIC, PartitionView, rows_of
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -58,7 +58,8 @@ class Queries:
 
     def summary(self, q: SummaryQuery) -> GroupStats:
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"]
-                            + (["event_type"] if q.analysis.metric_event_type else []), q.filters, q.deadline)
+                            + (["event_type"] if q.analysis.metric_event_type else [])
+                            + (["session_id"] if q.analysis.session_metrics else []), q.filters, q.deadline)
         cols = self._of_event_type(scope.cols, q.analysis.metric_event_type)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         across: list = []  # distinct users, and those in several variants
@@ -67,7 +68,7 @@ class Queries:
         users, several = across
         if q.analysis.exclude_multi_variant_users and len(several):
             keep = ~np.isin(cols["user_id"], several)
-            cols = {c: a[keep] for c, a in cols.items()}
+            cols = {c: rows_of(a, keep) for c, a in cols.items()}
             variant_id, variant_codes = self._rank("variant", cols["variant"])
             totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
                                           len(variant_codes))
@@ -78,6 +79,8 @@ class Queries:
         if q.analysis.revenue_cap is not None:
             moments, cap = capped_moments(moments, variant_id, cols["user_id"], cols["revenue"], self._n_users(),
                                           q.analysis.revenue_cap)
+        if q.analysis.session_metrics:
+            moments = session_moments(moments, variant_id, cols, self._n_users())
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
                           scope.stats(), users, len(several), cap)
 
@@ -99,7 +102,8 @@ class Queries:
         dim = q.dimension.value
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, list(dict.fromkeys(
             ["variant", "user_id", "conversion", "revenue", dim]
-            + (["event_type"] if q.analysis.metric_event_type else []))), q.filters, q.deadline)
+            + (["event_type"] if q.analysis.metric_event_type else [])
+            + (["session_id"] if q.analysis.session_metrics else []))), q.filters, q.deadline)
         cols = self._of_event_type(scope.cols, q.analysis.metric_event_type)
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         segment_id, segment_codes = self._rank(dim, cols[dim])
@@ -109,6 +113,8 @@ class Queries:
                                       len(variant_codes) * n_seg)
         _in_time(q.deadline)
         moments = user_moments(group, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(), totals)
+        if q.analysis.session_metrics:
+            moments = session_moments(moments, group, cols, self._n_users())
         keep = np.flatnonzero(totals["events"])
         v, s = np.divmod(keep, max(n_seg, 1))
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes[v]),
@@ -282,7 +288,7 @@ class Queries:
             for name, value in filters.items():
                 code = ingest.dicts[name].code(value)
                 mask &= False if code is None else cols[name] == code
-            cols = {c: cols[c][mask] for c in names}
+            cols = {c: rows_of(cols[c], mask) for c in names}
         _in_time(deadline)
         return _Scope(cols, scanned, started)
 
@@ -333,6 +339,14 @@ def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, re
         return moments, CapApplied(cap, math.nan, 0, 0)
     sums, m2, lowered = kernels.capped_user_moments(group_of, total, moments.users, threshold)
     return moments.capped(sums, m2), CapApplied(cap, threshold, pooled, lowered)
+
+
+def session_moments(moments: UserMoments, group: np.ndarray, cols: dict, n_users_total: int) -> UserMoments:
+    """The moments with each group's per-user events and sessions beside them (SESSION_METRICS):
+    sessions are the distinct session ids of each user's events here."""
+    session = np.asarray(cols["session_id"].dictionary_encode().indices.to_numpy(zero_copy_only=False), np.int64)
+    return moments.with_sessions(*kernels.session_user_moments(group, cols["user_id"], session, cols["conversion"],
+                                                               n_users_total, len(moments.users)))
 
 
 def cumulative_moments(bucket: np.ndarray, variant: np.ndarray, user: np.ndarray, conversion: np.ndarray,

@@ -256,7 +256,8 @@ class Ingest:
             self.wait_sealed()
             test_codes, cols = self.tail.drain()
             with self._view_lock:
-                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"}}
+                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
+                                 **{c: cols[c] for c in STRINGS}}
             self._sealed = self._sealer.submit(self._seal, test_codes, cols)
         self.publish_view()
 

@@ -259,6 +259,42 @@ def centered_user_moments(group: np.ndarray, user: np.ndarray, x: np.ndarray, y:
 
 # ---- capping ------------------------------------------------------------------------------
 
+def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarray, conversion: np.ndarray,
+                         n_users_total: int, n_groups: int) -> tuple[np.ndarray, ...]:
+    """Per group, over the per-user totals of these rows (each user's events e_u, distinct
+    sessions s_u, conversions c_u): the sums of e and s, the centered sums of squares of e and s,
+    and the centered co-moments of c and of e with s: the delta method's terms of conversions
+    and events per session. `session` holds non-negative codes, one per distinct session id."""
+    zeros = np.zeros(n_groups)
+    if len(group) == 0:
+        return zeros, zeros, zeros, zeros, zeros, zeros
+    unit = group.astype(np.int64) * max(n_users_total, 1) + user
+    n_sessions = int(session.max()) + 1
+    if int(unit.max()) < (1 << 62) // n_sessions:
+        key, order = sorted_with_order(unit * n_sessions + session)
+        unit_sorted, new_pair = key // n_sessions, np.concatenate(([True], key[1:] != key[:-1]))
+    else:
+        order = np.lexsort((session, unit))
+        unit_sorted, session_sorted = unit[order], session[order]
+        new_pair = np.concatenate(([True], (unit_sorted[1:] != unit_sorted[:-1])
+                                   | (session_sorted[1:] != session_sorted[:-1])))
+    starts = np.flatnonzero(np.concatenate(([True], unit_sorted[1:] != unit_sorted[:-1])))
+    g = unit_sorted[starts] // max(n_users_total, 1)
+    e = np.diff(np.append(starts, len(order))).astype(np.float64)
+    s = np.add.reduceat(new_pair, starts).astype(np.float64)
+    c = np.add.reduceat(conversion[order].astype(np.float64), starts)
+    users = np.bincount(g, minlength=n_groups)
+
+    def centered(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = np.bincount(g, weights=x, minlength=n_groups)
+        return total, x - np.divide(total, users, out=np.zeros(n_groups), where=users > 0)[g]
+
+    (sum_e, de), (sum_s, ds), (_, dc) = centered(e), centered(s), centered(c)
+    return (sum_e, sum_s, np.bincount(g, weights=de * de, minlength=n_groups),
+            np.bincount(g, weights=ds * ds, minlength=n_groups), np.bincount(g, weights=dc * ds, minlength=n_groups),
+            np.bincount(g, weights=de * ds, minlength=n_groups))
+
+
 def user_sums(group: np.ndarray, user: np.ndarray, x: np.ndarray, n_users_total: int
               ) -> tuple[np.ndarray, np.ndarray]:
     """(the group, the sum of x) of each (group, user) among the rows given."""

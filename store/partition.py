@@ -9,7 +9,7 @@ range and scans only the tail.
 
 Readers never lock: every change publishes a new immutable `StoreView`; arrays a published
 view refers to are never written again, except the tail's, and those only past the length the
-view can see.
+view can see (its string chunks are a list only appended to, of which a view sees a prefix).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from abstream.store import kernels
 from abstream.store.schema import STORED_SCHEMA
 
 COLUMNS = STORED_SCHEMA.names
-#: Columns held as numpy arrays; the others (session_id) stay Arrow strings no query reads.
+#: Columns held as numpy arrays; the others (session_id) stay Arrow strings, read only by the
+#: session metrics.
 NUMERIC = [f.name for f in STORED_SCHEMA if not pa.types.is_string(f.type)]
 STRINGS = [f.name for f in STORED_SCHEMA if pa.types.is_string(f.type)]
 #: Numeric columns holding dictionary codes or flags, kept in the narrowest type that fits.
@@ -51,10 +52,11 @@ class _Chunk(NamedTuple):
 
 
 class PackedStrings:
-    """A string column no query reads, kept LZ4-compressed in chunks: lengths (uint16) and bytes.
+    """A string column only the session metrics read, kept LZ4-compressed in chunks: lengths
+    (uint16) and bytes.
 
     Session ids take ~18 bytes per event as Arrow strings and ~6 packed; they are unpacked only
-    to hand the events out whole, or to merge parts that overlap in time. Parts merged end to
+    to hand the events out whole, to count sessions, or to merge parts that overlap in time. Parts merged end to
     end keep their chunks as they are (repacked into one while chunks are small).
     """
 
@@ -211,8 +213,9 @@ class Part:
         lo, hi, _ = rows.indices(self.num_rows)
         return self._strings[name].slice(lo, hi)
 
-    def rows_between(self, start_ns: int, end_ns: int, names: list[str]) -> list[np.ndarray]:
-        return [self.column(c, self._time_slice(start_ns, end_ns)) for c in names]
+    def rows_between(self, start_ns: int, end_ns: int, names: list[str]) -> list[np.ndarray | pa.Array]:
+        rows = self._time_slice(start_ns, end_ns)
+        return [self.strings(c, rows) if c in self._strings else self.column(c, rows) for c in names]
 
     def time_slice(self, start_ns: int, end_ns: int) -> slice:
         return self._time_slice(start_ns, end_ns)
@@ -383,8 +386,9 @@ class Tail:
             cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
         return cols.pop("test"), cols
 
-    def view(self) -> dict[str, np.ndarray]:
-        return {c: a[: self.rows] for c, a in self._cols.items()}
+    def view(self) -> dict[str, np.ndarray | TailStrings]:
+        return {**{c: a[: self.rows] for c, a in self._cols.items()},
+                **{c: TailStrings(chunks, len(chunks)) for c, chunks in self._strings.items()}}
 
     def drain(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
         """(test codes, columns) of every row, and an empty tail in new arrays."""
@@ -393,6 +397,35 @@ class Tail:
             cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
         self.__init__(self._capacity)
         return cols.pop("test"), cols
+
+
+class TailStrings(NamedTuple):
+    """A string column of the tail as a view saw it: the first `count` of its chunks (appended
+    to, never changed, until the tail drains into new lists)."""
+
+    chunks: list[pa.Array]
+    count: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks[: self.count])
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The strings at these rows (ascending)."""
+        pieces, at = [], 0
+        for chunk in self.chunks[: self.count]:
+            lo, hi = np.searchsorted(rows, [at, at + len(chunk)])
+            if hi > lo:
+                pieces.append(chunk.take(pa.array(rows[lo:hi] - at, pa.int64())))
+            at += len(chunk)
+        return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
+
+
+def rows_of(values: np.ndarray | pa.Array | TailStrings, mask: np.ndarray) -> np.ndarray | pa.Array:
+    """values[mask] for a numpy column or a string column alike."""
+    if isinstance(values, np.ndarray):
+        return values[mask]
+    return values.take(np.flatnonzero(mask)) if isinstance(values, TailStrings) else take(values, np.flatnonzero(mask))
 
 
 @dataclass(frozen=True)
@@ -408,7 +441,7 @@ class StoreView:
         """Every unsorted row, as one set of columns (a copy when a tail is being sealed)."""
         if len(self.tails) == 1:
             return self.tails[0]
-        return {c: np.concatenate([t[c] for t in self.tails]) for c in self.tails[0]}
+        return {c: np.concatenate([t[c] for t in self.tails]) for c in self.tails[0] if c not in STRINGS}
 
     @property
     def tail_rows(self) -> int:
@@ -423,9 +456,10 @@ class StoreView:
             if len(ts):
                 mask = (tail["test"] == test) & (ts >= start_ns) & (ts <= end_ns)
                 if mask.any():
-                    pieces.append([tail[c][mask] for c in names])
+                    pieces.append([rows_of(tail[c], mask) for c in names])
         if not pieces:
-            return {c: np.zeros(0, dtype=DTYPES[c]) for c in names}
+            return {c: pa.array([], pa.string()) if c in STRINGS else np.zeros(0, dtype=DTYPES[c]) for c in names}
         if len(pieces) == 1:
             return dict(zip(names, pieces[0]))
-        return {c: np.concatenate([piece[i] for piece in pieces]) for i, c in enumerate(names)}
+        return {c: pa.concat_arrays([piece[i] for piece in pieces]) if c in STRINGS else
+                np.concatenate([piece[i] for piece in pieces]) for i, c in enumerate(names)}

@@ -12,7 +12,7 @@ from abstream.core.events import MAX_DISTINCT
 
 #: Stored columns: string fields that queries group or count by become codes into a dictionary,
 #: sized to fit; low-cardinality fields get 16-bit codes (at most 65,535 distinct values each).
-#: session_id, which no query reads and which is nearly unique per few events, stays a string:
+#: session_id, read only by the session metrics and nearly unique per few events, stays a string:
 #: a dictionary would cost more memory and ingest time than it saves.
 CODE_TYPES = {
     "user_id": pa.int32(),

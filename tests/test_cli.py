@@ -384,6 +384,12 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
                                            f"percentile of {cap.pooled_users:,} users); {cap.capped_users:,} users "
                                            "were above it")
     assert cap.pooled_users == 300 and cap.threshold == 30.0 and cap.capped_users > 0
+    sessions = json.loads(run("summary", "opts", "--session-metrics", "--addr", server.address, "--format",
+                              "json").stdout)["analysis"]["comparisons"]
+    with Client(server.address) as client:
+        expected = client.summary("opts", session_metrics=True).analysis.comparisons
+    assert [(c["metric"], c["relative"]["estimate"]) for c in sessions] == [
+        (c.metric, c.relative.estimate) for c in expected] and "events_per_session" in {c["metric"] for c in sessions}
     as_json = json.loads(run("summary", "caps", "--cap-value", "1", "--addr", server.address, "--format", "json").stdout)
     assert as_json["analysis"]["revenue_cap"]["threshold"] == 1.0
     lifted = json.loads(run("lift", "opts", "--control", "base", "--interval", "hour", "--addr", server.address,

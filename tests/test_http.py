@@ -287,6 +287,15 @@ def test_pipes_answer_what_grpc_answers(http):
     assert [(r["bucket"], r["age_seconds"], r["variant"], r["relative_lift"]) for r in aged["data"]] == [
         (None, int(age.total_seconds()), c.variant, c.relative.estimate) for age, a in by_age for c in a.comparisons]
     assert by_age and aged["data"]
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        per_session = [c for c in client.summary("checkout", session_metrics=True).analysis.comparisons
+                       if c.metric.endswith("_per_session")]
+    _, sessions = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&session_metrics=1")
+    assert [(r["variant"], r["metric"], r["relative_lift"]) for r in sessions["data"]
+            if r["metric"].endswith("_per_session")] == [(c.variant, c.metric, c.relative.estimate)
+                                                         for c in per_session] and per_session
+    status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&session_metrics=1")
+    assert status == 400 and bad["error"].startswith("analysis.session_metrics:")
     status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&revenue_cap_percentile=99")
     assert status == 400 and bad["error"].startswith("analysis.revenue_cap:")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=100")

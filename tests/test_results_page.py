@@ -283,6 +283,17 @@ def test_a_tests_page_shows_the_grpc_numbers_and_its_controls_change_them(page, 
     page.locator('input[name="revenue_cap_percentile"]').blur()
     rendered(page, before + 1)
     page.wait_for_function("!location.search.includes('revenue_cap')")
+    assert page.locator('#comparisons tr[data-metric="events_per_session"]').count() == 0
+    before = renders(page)
+    page.locator('input[name="session_metrics"]').check()
+    rendered(page, before + 1)
+    assert "session_metrics=true" in page.url
+    assert page.locator('#comparisons tr[data-metric="events_per_session"]').count() == 1
+    assert_same_as_grpc(page, server, "checkout", "2025-04-03", "2025-04-09", control="treatment", confidence=0.99,
+                        sequential=True, relative_interval="fieller", session_metrics=True)
+    before = renders(page)
+    page.locator('input[name="session_metrics"]').uncheck()
+    rendered(page, before + 1)
 
     with grpc(server) as client:
         hours = client.timeseries("checkout", "hour", "2025-04-03", "2025-04-09", cumulative=True).rows

@@ -10,6 +10,8 @@ const METRIC_LABELS = {
   revenue_per_user: "revenue per user",
   conversions_per_user: "conversions per user",
   revenue_per_conversion: "revenue per conversion",
+  conversions_per_session: "conversions per session",
+  events_per_session: "events per session",
 };
 const OUTCOME_COLORS = { better: "#1a7f37", worse: "#cf222e", flat: "#6e7781" };
 
@@ -258,7 +260,7 @@ function testQuery() {
   const out = new URLSearchParams();
   for (const k of ["start", "end", "control", "confidence", "sequential", "correction", "interval", "dimension",
                    "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type",
-                   "revenue_cap_percentile", "revenue_cap_nonzero_only"]) {
+                   "revenue_cap_percentile", "revenue_cap_nonzero_only", "session_metrics"]) {
     if (p.get(k)) out.set(k, p.get(k));
   }
   return out.toString();
@@ -301,6 +303,9 @@ function controls(data) {
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "revenue_cap_nonzero_only",
                                                 checked: o.revenue_cap_nonzero_only }),
       "of paying users"),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "session_metrics", checked: o.session_metrics,
+                                                title: "compare conversions and events per session (each user's distinct session ids)" }),
+      "Per session"),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "exclude_multi_variant_users",
                                                 checked: o.exclude_multi_variant_users }),
       "Leave out users seen in several variants"),
@@ -554,7 +559,7 @@ async function drawLift(testId) {
   if (!target) return;
   const q = new URLSearchParams(testQuery());
   for (const k of ["sequential", "exclude_multi_variant_users", "relative_interval", "guardrails", "metric_event_type",
-                   "revenue_cap_percentile", "revenue_cap_nonzero_only", "dimension"]) q.delete(k);
+                   "revenue_cap_percentile", "revenue_cap_nonzero_only", "session_metrics", "dimension"]) q.delete(k);
   let data;
   try {
     data = await api(`/api/tests/${encodeURIComponent(testId)}/lift?${q.toString()}`);

@@ -40,6 +40,8 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_REVENUE_PER_USER: _ClassVar[Metric]
     METRIC_CONVERSIONS_PER_USER: _ClassVar[Metric]
     METRIC_REVENUE_PER_CONVERSION: _ClassVar[Metric]
+    METRIC_CONVERSIONS_PER_SESSION: _ClassVar[Metric]
+    METRIC_EVENTS_PER_SESSION: _ClassVar[Metric]
 
 class ComparisonStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -83,6 +85,8 @@ METRIC_CONVERSION: Metric
 METRIC_REVENUE_PER_USER: Metric
 METRIC_CONVERSIONS_PER_USER: Metric
 METRIC_REVENUE_PER_CONVERSION: Metric
+METRIC_CONVERSIONS_PER_SESSION: Metric
+METRIC_EVENTS_PER_SESSION: Metric
 COMPARISON_STATUS_UNSPECIFIED: ComparisonStatus
 COMPARISON_STATUS_OK: ComparisonStatus
 COMPARISON_STATUS_NOT_ENOUGH_DATA: ComparisonStatus
@@ -199,7 +203,7 @@ class QueryStats(_message.Message):
     def __init__(self, events_scanned: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins", "metric_event_type", "revenue_cap")
+    __slots__ = ("control_variant", "confidence_level", "sequential", "sequential_tuning", "prior_mean", "prior_variance", "expected_weights", "srm_threshold", "correction", "exclude_multi_variant_users", "relative_interval", "guardrail_margins", "metric_event_type", "revenue_cap", "session_metrics")
     class ExpectedWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +232,7 @@ class AnalysisOptions(_message.Message):
     GUARDRAIL_MARGINS_FIELD_NUMBER: _ClassVar[int]
     METRIC_EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     REVENUE_CAP_FIELD_NUMBER: _ClassVar[int]
+    SESSION_METRICS_FIELD_NUMBER: _ClassVar[int]
     control_variant: str
     confidence_level: float
     sequential: bool
@@ -242,7 +247,8 @@ class AnalysisOptions(_message.Message):
     guardrail_margins: _containers.ScalarMap[str, float]
     metric_event_type: str
     revenue_cap: RevenueCap
-    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ..., metric_event_type: _Optional[str] = ..., revenue_cap: _Optional[_Union[RevenueCap, _Mapping]] = ...) -> None: ...
+    session_metrics: bool
+    def __init__(self, control_variant: _Optional[str] = ..., confidence_level: _Optional[float] = ..., sequential: _Optional[bool] = ..., sequential_tuning: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_variance: _Optional[float] = ..., expected_weights: _Optional[_Mapping[str, float]] = ..., srm_threshold: _Optional[float] = ..., correction: _Optional[_Union[Correction, str]] = ..., exclude_multi_variant_users: _Optional[bool] = ..., relative_interval: _Optional[_Union[RelativeInterval, str]] = ..., guardrail_margins: _Optional[_Mapping[str, float]] = ..., metric_event_type: _Optional[str] = ..., revenue_cap: _Optional[_Union[RevenueCap, _Mapping]] = ..., session_metrics: _Optional[bool] = ...) -> None: ...
 
 class RevenueCap(_message.Message):
     __slots__ = ("percentile", "value", "nonzero_only")
