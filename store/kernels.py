@@ -257,8 +257,6 @@ def centered_user_moments(group: np.ndarray, user: np.ndarray, x: np.ndarray, y:
             without * mean_x * mean_y + np.bincount(g, weights=dx * dy, minlength=n_groups))
 
 
-# ---- capping ------------------------------------------------------------------------------
-
 def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarray, conversion: np.ndarray,
                          n_users_total: int, n_groups: int) -> tuple[np.ndarray, ...]:
     """Per group, over the per-user totals of these rows (each user's events e_u, distinct
@@ -294,6 +292,8 @@ def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarra
             np.bincount(g, weights=ds * ds, minlength=n_groups), np.bincount(g, weights=dc * ds, minlength=n_groups),
             np.bincount(g, weights=de * ds, minlength=n_groups))
 
+
+# ---- capping ------------------------------------------------------------------------------
 
 def user_sums(group: np.ndarray, user: np.ndarray, x: np.ndarray, n_users_total: int
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -56,8 +56,9 @@ class PackedStrings:
     (uint16) and bytes.
 
     Session ids take ~18 bytes per event as Arrow strings and ~6 packed; they are unpacked only
-    to hand the events out whole, to count sessions, or to merge parts that overlap in time. Parts merged end to
-    end keep their chunks as they are (repacked into one while chunks are small).
+    to hand the events out whole, to count sessions, or to merge parts that overlap in time.
+    Parts merged end to end keep their chunks as they are (repacked into one while chunks are
+    small).
     """
 
     __slots__ = ("length", "_chunks")
