@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from abstream.core import analysis
+from abstream.core.types import AnalysisOptions
 from abstream.store import Dimension, EventStore, Interval, SegmentsQuery, SummaryQuery, TimeseriesQuery
 from abstream.v1 import analytics_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -145,6 +146,118 @@ def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
                f"GROUP BY bucket, variant ORDER BY bucket, variant")
     return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run,
                  rpc)
+
+
+def _means(analysis, metric) -> list[tuple]:
+    """(variant, mean of `metric`) for the control and each treatment, from an analysis's
+    comparisons: the server's message (`metric` its enum) or the core's (`metric` its name)."""
+    out = []
+    for c in analysis.comparisons:
+        if c.metric == metric:
+            result = getattr(c, "result", c)
+            if not out:
+                out.append((analysis.control_variant, result.control_mean))
+            out.append((c.variant, result.treatment_mean))
+    return sorted(out)
+
+
+def summary_sessions(test_id: str) -> Query:
+    """Summary with conversions and events per session: every event's session id is read."""
+    request = pb.SummaryRequest(test_id=test_id, analysis=pb.AnalysisOptions(session_metrics=True))
+
+    def rpc(stub):
+        return stub.Summary(request, timeout=60)
+
+    def pairs(a, conversions, events):
+        return [(v, c, e) for (v, c), (_, e) in zip(_means(a, conversions), _means(a, events))]
+
+    def grpc_call(stub):
+        return pairs(rpc(stub).analysis, pb.METRIC_CONVERSIONS_PER_SESSION, pb.METRIC_EVENTS_PER_SESSION)
+
+    def local(store):
+        return pairs(run(store).analysis, "conversions_per_session", "events_per_session")
+
+    def run(store):
+        q = SummaryQuery(test_id, analysis=AnalysisOptions(session_metrics=True))
+        return analysis.summary(q, store.summary(q))
+
+    # Ratios of per-user sums, as the delta method's means are.
+    sql = f"""
+        WITH u AS (SELECT variant, user_id, count(*) FILTER (WHERE conversion = 1) AS c, count(*) AS e,
+                          count(DISTINCT session_id) AS s
+                   FROM ab_test_events WHERE {_where(test_id, None, None)} GROUP BY variant, user_id)
+        SELECT variant, sum(c) / sum(s), sum(e) / sum(s) FROM u GROUP BY variant ORDER BY variant"""
+    return Query("summary_sessions", test_id, grpc_call, local, sql, run, rpc)
+
+
+def lift(test_id: str, interval: str) -> Query:
+    """The cumulative lift per bucket: its rows are cumulative Timeseries' (checked against
+    DuckDB's), and each bucket's conversion means must be those rows' converted users / users."""
+    iv, pb_iv = _INTERVALS[interval]
+    cumulative = timeseries(test_id, interval, cumulative=True)
+
+    def rpc(stub):
+        return stub.Timeseries(pb.TimeseriesRequest(test_id=test_id, interval=pb_iv, cumulative=True, lift=True),
+                               timeout=60)
+
+    def checked(rows: list[tuple], lifts: list[tuple[int, list[tuple]]]) -> list[tuple]:
+        rate = {(b, v): converted / users for b, v, users, _, _, _, converted in rows}
+        agree = [b for b, means in lifts if all(abs(rate[(b, v)] - m) <= 1e-12 for v, m in means)]
+        return rows if len(agree) == len({r[0] for r in rows}) else []
+
+    def grpc_call(stub):
+        r = rpc(stub)
+        return checked([(x.bucket_start.ToNanoseconds(), x.variant, *_m(x.metrics)) for x in r.rows],
+                       [(x.bucket_start.ToNanoseconds(), _means(x.analysis, pb.METRIC_CONVERSION)) for x in r.lifts])
+
+    def local(store):
+        r = run(store)
+        return checked([(x.bucket_start_ns, x.variant, *_m(x.metrics)) for x in r.rows()],
+                       [(b, _means(a, "conversion")) for b, a in r.lifts])
+
+    def run(store):
+        q = TimeseriesQuery(test_id, iv, cumulative=True, lift=AnalysisOptions())
+        return analysis.lift(q, store.timeseries(q))
+
+    return Query(f"lift_{interval}", test_id, grpc_call, local, cumulative.sql, run, rpc)
+
+
+def lift_by_exposure(test_id: str, interval: str) -> Query:
+    """The lift by age since each user's first event: per age k, the conversion of the users old
+    enough to have one (the range's last event at least k widths after their first), up to the
+    oldest age any event has."""
+    iv, pb_iv = _INTERVALS[interval]
+    width = iv.width_ns
+
+    def rpc(stub):
+        return stub.Timeseries(pb.TimeseriesRequest(test_id=test_id, interval=pb_iv, lift=True,
+                                                    since_first_exposure=True), timeout=60)
+
+    def grpc_call(stub):
+        return [(x.exposure.ToNanoseconds(), v, m) for x in rpc(stub).lifts
+                for v, m in _means(x.analysis, pb.METRIC_CONVERSION)]
+
+    def local(store):
+        return [(b, v, m) for b, a in run(store).lifts for v, m in _means(a, "conversion")]
+
+    def run(store):
+        q = TimeseriesQuery(test_id, iv, lift=AnalysisOptions(), since_first_exposure=True)
+        return analysis.lift(q, store.timeseries(q))
+
+    sql = f"""
+        WITH ev AS (SELECT variant, user_id, epoch_ns(timestamp) AS t, conversion FROM ab_test_events
+                    WHERE {_where(test_id, None, None)}),
+        f AS (SELECT variant, user_id, min(t) AS first FROM ev GROUP BY variant, user_id),
+        old AS (SELECT variant, user_id, first, ((SELECT max(t) FROM ev) - first) // {width} AS age FROM f),
+        aged AS (SELECT ev.variant, ev.user_id, ev.conversion, (ev.t - f.first) // {width} AS k
+                 FROM ev JOIN f USING (variant, user_id)),
+        conv AS (SELECT DISTINCT variant, user_id, k FROM aged WHERE conversion = 1),
+        per AS (SELECT k.k, old.variant, count(*) AS users, count(conv.k) AS converted
+                FROM old JOIN range(0, (SELECT max(k) FROM aged) + 1) AS k(k) ON k.k <= old.age
+                LEFT JOIN conv ON conv.variant = old.variant AND conv.user_id = old.user_id AND conv.k = k.k
+                GROUP BY k.k, old.variant)
+        SELECT k * {width} AS age_ns, variant, converted / users FROM per ORDER BY age_ns, variant"""
+    return Query(f"lift_{interval}_since_first_exposure", test_id, grpc_call, local, sql, run, rpc)
 
 
 def list_tests() -> Query:

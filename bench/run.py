@@ -406,6 +406,9 @@ def query_set(typical: str, largest: str, mid_ns: int) -> list[queries.Query]:
             queries.timeseries(test_id, "hour"),
             queries.timeseries(test_id, "day"),
             queries.timeseries(test_id, "day", cumulative=True),
+            queries.summary_sessions(test_id),
+            queries.lift(test_id, "day"),
+            queries.lift_by_exposure(test_id, "day"),
         ]
     return out + [queries.list_tests()]
 
