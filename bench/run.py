@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from abstream.clients import arrow_ipc
 from abstream.store import EventStore
+from abstream.store.engine import ROLLUP_EVENTS
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
 
@@ -465,6 +466,8 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
                 report["queries"], held = compare_and_time(stub, table, qs, reps)
                 report["memory"]["store_bytes_per_event"] = held
+                if not only:
+                    report["rollups"] = rollups(table, [typical, largest], mid_ns, reps)
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
                 report["ingest_rows_1"] = median_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = median_ingest(server.address, rows, 4)
@@ -639,6 +642,27 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
     return out, held
 
 
+def rollups(table: pa.Table, tests: list[str], mid_ns: int, reps: int) -> dict:
+    """Summary with its analysis, in-process, from a store that keeps rollups (the default) and
+    from one that scans: the whole test (the rollup's case) and 7 days (a scan on both), and what
+    the rollups cost in bytes per event."""
+    print("rollups against scans ...", file=sys.stderr)
+    week = 7 * 86400 * queries.NS
+    out: dict = {"tests": {}}
+    for name, events in (("rolled", ROLLUP_EVENTS), ("scanned", None)):
+        store = EventStore(rollup_events=events)
+        for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
+            store.append(batch)
+        store.wait_sealed()
+        out[f"{name}_bytes_per_event"] = store.nbytes / max(store.event_count, 1)
+        for test_id in tests:
+            figures = out["tests"].setdefault(test_id, {})
+            for q in (queries.summary(test_id), queries.summary(test_id, mid_ns, mid_ns + week, name="summary_7d")):
+                figures[f"{q.name}_{name}"] = timed(lambda: q.run(store), reps)
+        store.close()
+    return out
+
+
 def under_ingest(stub, address: str, rows: list[bytes], typical: str, largest: str, reps: int,
                  seconds: float) -> dict:
     """Query latency while another process streams row batches as fast as it can."""
@@ -689,6 +713,15 @@ def table_text(report: dict) -> str:
         lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
                      f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
                      f"| {q['duckdb']['p50_ms']:.2f} | {q['duckdb_over_in_process']:.1f}x |")
+    ru = report.get("rollups")
+    if ru:
+        lines += ["", f"Summary with its analysis in-process, p50 ms, from rollups and from a scan of the events "
+                      f"(store bytes per event {ru['rolled_bytes_per_event']:.1f} with rollups, "
+                      f"{ru['scanned_bytes_per_event']:.1f} without; goal for the whole test: <= 5 ms at 10M):"]
+        for test_id, f in ru["tests"].items():
+            lines.append(f"  {test_id}: whole test {f['summary_rolled']['p50_ms']:.2f} against "
+                         f"{f['summary_scanned']['p50_ms']:.2f} ({f['summary_scanned']['p50_ms'] / f['summary_rolled']['p50_ms']:.1f}x); "
+                         f"7 days {f['summary_7d_rolled']['p50_ms']:.2f} against {f['summary_7d_scanned']['p50_ms']:.2f}")
     lines += ["", "| ingest (acked after fsync) | events | events/s |", "|---|---|---|"]
     for key, label in [("ingest_columnar", "columnar (Arrow IPC as `arrow_ipc` writes it, 100k/batch), 1 stream"),
                        ("ingest_columnar_plain", "columnar (Arrow IPC, plain strings, 100k/batch), 1 stream"),

@@ -36,6 +36,10 @@ from abstream.store.durability import Durability, Persistence
 from abstream.store.execute import Queries
 from abstream.store.ingest import Ingest, PreparedBatch
 
+#: A test keeps per-(variant, user) totals (store/rollup.py) from this many sealed events: below
+#: it, scanning its events costs about what merging the tail into the totals would.
+ROLLUP_EVENTS = 65_536
+
 
 class EventStore:
     """Append-only, in-memory event store partitioned by test; with `durability`, it first
@@ -45,9 +49,10 @@ class EventStore:
     name = "embedded"
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
-                 clock: Callable[[], int] = time.time_ns, durability: Durability | None = None) -> None:
+                 clock: Callable[[], int] = time.time_ns, durability: Durability | None = None,
+                 rollup_events: int | None = ROLLUP_EVENTS) -> None:
         self._clock = clock
-        self._ingest = Ingest(seal_rows, quarantine_limit)
+        self._ingest = Ingest(seal_rows, quarantine_limit, rollup_events)
         self._queries = Queries(self._ingest)
         self._persistence = Persistence(self._ingest, durability) if durability is not None else None
         self._erasing = threading.Lock()

@@ -35,6 +35,7 @@ from abstream.core.types import (
 from abstream.store import kernels
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
+from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -57,6 +58,9 @@ class Queries:
         self._ingest = ingest
 
     def summary(self, q: SummaryQuery) -> GroupStats:
+        rolled = self._rolled_up(q)
+        if rolled is not None:
+            return rolled
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["variant", "user_id", "conversion", "revenue"]
                             + (["event_type"] if q.analysis.metric_event_type else [])
                             + (["session_id"] if q.analysis.session_metrics else []), q.filters, q.deadline)
@@ -83,6 +87,40 @@ class Queries:
             moments = session_moments(moments, variant_id, cols, self._n_users())
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes), None, MetricColumns(**totals), moments,
                           scope.stats(), users, len(several), cap)
+
+    def _rolled_up(self, q: SummaryQuery) -> GroupStats | None:
+        """Summary from the test's rollup and its rows in the tail, when the range holds every
+        sealed event and no option needs the events themselves (None: scan)."""
+        a = q.analysis
+        if (q.filters and q.filters.items()) or a.metric_event_type or a.revenue_cap is not None or a.session_metrics:
+            return None
+        started = time.perf_counter_ns()
+        view = self._ingest.view
+        test = self._ingest.tests.code(q.test_id)
+        partition = view.partitions.get(test) if test is not None else None
+        if partition is None or partition.rollup is None:
+            return None
+        start = _NO_START if q.start_ns is None else q.start_ns
+        end = _NO_END if q.end_ns is None else q.end_ns
+        if partition.first_ns < start or partition.last_ns > end:
+            return None
+        pieces = [[tail[c][at] for c in ROLLUP_COLUMNS] for tail in view.tails if len(tail["timestamp"])
+                  for at in [np.flatnonzero((tail["test"] == test) & (tail["timestamp"] >= start)
+                                            & (tail["timestamp"] <= end))]]
+        rollup = partition.rollup.merged({c: np.concatenate([piece[i] for piece in pieces]) if pieces else
+                                          np.zeros(0, np.int64) for i, c in enumerate(ROLLUP_COLUMNS)}, kept=False)
+        if a.exclude_multi_variant_users and rollup.several:
+            return None
+        _in_time(q.deadline)
+        _, codes = self._rank("variant", np.array(sorted(rollup.variants), dtype=np.int64))
+        (users, converted, conversions, revenue, m2_revenue, m2_conversions, comoment,
+         events) = (np.array(column) for column in zip(*(rollup.variants[c].moments() for c in codes.tolist())))
+        totals = {"events": events, "conversions": conversions, "total_revenue": revenue, "users": users,
+                  "converted_users": converted}
+        return GroupStats(self._ingest.dicts["variant"].decode(codes), None, MetricColumns(**totals),
+                          UserMoments.of(users, converted, revenue, conversions, m2_revenue, m2_conversions, comoment),
+                          QueryStats(int(events.sum()), time.perf_counter_ns() - started), rollup.users,
+                          rollup.several)
 
     def _of_event_type(self, cols: dict[str, np.ndarray], event_type: str) -> dict[str, np.ndarray]:
         """Conversions and revenue kept only on events of `event_type` (every event is kept: its

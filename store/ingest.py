@@ -53,7 +53,7 @@ class PreparedBatch:
         return len(self.test_codes) + len(self.rejections)
 
 
-def _without(partition: PartitionView, keep) -> tuple[PartitionView | None, int]:
+def _without(partition: PartitionView, keep, rollup_events: int | None) -> tuple[PartitionView | None, int]:
     """The partition rebuilt from the rows `keep(columns)` selects, and how many it dropped
     (None when nothing is left)."""
     batches = [part.batch() for part in partition.parts]
@@ -67,7 +67,7 @@ def _without(partition: PartitionView, keep) -> tuple[PartitionView | None, int]
         return None, dropped
     at = np.flatnonzero(mask)
     at = at[np.argsort(cols["timestamp"][at], kind="stable")]  # parts overlap in time: a part is sorted
-    return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}), dropped
+    return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}, rollup_events), dropped
 
 
 @dataclass
@@ -80,8 +80,9 @@ class Ingest:
     """The store's mutable state and the one path that changes it. Appends are serialized by
     one lock; every change publishes a new immutable view."""
 
-    def __init__(self, seal_rows: int, quarantine_limit: int) -> None:
+    def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None) -> None:
         self.seal_rows = seal_rows
+        self.rollup_events = rollup_events  # a test's events from which it keeps a rollup (rollup.py)
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
         self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
@@ -159,7 +160,7 @@ class Ingest:
         test_codes, cols = self.tail.drain()
         if len(test_codes):
             for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
-                partitions[code] = partitions.get(code, PartitionView()).with_rows(rows)
+                partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_events)
         removed = 0
         if "delete_test" in change:
             test_id = change["delete_test"]
@@ -175,7 +176,7 @@ class Ingest:
             codes = None if only is None else {self.tests.code(t) for t in only}
             for code, partition in list(partitions.items()) if user is not None else ():
                 if (codes is None or code in codes) and partition.has_users(np.array([user], np.int64))[0]:
-                    partitions[code], n = _without(partition, lambda c: c["user_id"] != user)
+                    partitions[code], n = _without(partition, lambda c: c["user_id"] != user, self.rollup_events)
                     removed += n
             if only is None and user is not None:  # no event refers to its code any more: its string goes too
                 with self._encode_lock:  # the dictionary's one writer: no batch is encoded meanwhile
@@ -188,7 +189,8 @@ class Ingest:
                 code = self.tests.code(test_id)
                 partition = partitions.get(code) if code is not None else None
                 if partition is not None and partition.first_ns < horizon:
-                    partitions[code], n = _without(partition, lambda c, h=horizon: c["timestamp"] >= h)
+                    partitions[code], n = _without(partition, lambda c, h=horizon: c["timestamp"] >= h,
+                                                  self.rollup_events)
                     removed += n
         partitions = {code: p for code, p in partitions.items() if p is not None}
         with self._view_lock:
@@ -276,7 +278,7 @@ class Ingest:
         """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
         partitions = dict(self.partitions)
         for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
-            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows)
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_events)
         with self._view_lock:
             # The tail views appends published stay valid: only the sealed rows move.
             self.partitions, self._sealing = partitions, None
@@ -298,6 +300,7 @@ class Ingest:
         """Bytes held by stored events and dictionaries (not counting the allocator's slack)."""
         view = self.view
         parts = sum(p.nbytes for partition in view.partitions.values() for p in partition.parts)
-        bits = sum(partition.user_bits.nbytes for partition in view.partitions.values())
+        bits = sum(partition.user_bits.nbytes + (partition.rollup.nbytes if partition.rollup else 0)
+                   for partition in view.partitions.values())
         tail = sum(a.nbytes for t in view.tails for a in t.values())
         return parts + bits + tail + sum(d.nbytes for d in [self.tests, *self.dicts.values()])

@@ -46,6 +46,33 @@ def distinct_values(values: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
+def add_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """A new bitset (little-endian bits over user codes): `bits` with `users` set."""
+    if len(users) == 0:
+        return bits
+    top = int(users.max()) + 1
+    size = max(len(bits), (top + 7) // 8)
+    out = np.zeros(size, dtype=np.uint8)
+    out[: len(bits)] = bits
+    if len(users) * 64 > top:  # many users: flag them all, pack once
+        flags = np.zeros(size * 8, dtype=bool)
+        flags[users] = True
+        out |= np.packbits(flags, bitorder="little")
+    else:
+        users = distinct_values(users)
+        np.bitwise_or.at(out, users >> 3, (1 << (users & 7)).astype(np.uint8))
+    return out
+
+
+def has_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Which of these user codes are set in the bitset."""
+    inside = (users >> 3) < len(bits)
+    seen = np.zeros(len(users), dtype=bool)
+    u = users[inside]
+    seen[inside] = (bits[u >> 3] & (1 << (u & 7)).astype(np.uint8)) != 0
+    return seen
+
+
 def dense_ids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense ids for small non-negative ints, in value order: (id per event, distinct values)."""
     if len(values) == 0:

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 from abstream.core.events import NS_PER_SECOND
 from abstream.store import kernels
+from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
+from abstream.store.rollup import Rollup
 from abstream.store.schema import STORED_SCHEMA
 
 COLUMNS = STORED_SCHEMA.names
@@ -305,18 +307,26 @@ class PartitionView:
     first_ns: int = np.iinfo(np.int64).max
     last_ns: int = np.iinfo(np.int64).min
     user_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # bitset of user codes
+    rollup: Rollup | None = None  # per-(variant, user) totals, once the test has rollup_events events
 
     def select(self, start_ns: int, end_ns: int, names: list[str]) -> list[list[np.ndarray]]:
         """Pieces (one list of columns per part) of the events with start_ns <= timestamp <= end_ns."""
         return [p.rows_between(start_ns, end_ns, names) for p in self.parts
                 if not (p.last_ns < start_ns or p.first_ns > end_ns)]
 
-    def with_rows(self, cols: dict[str, np.ndarray | pa.Array]) -> PartitionView:
-        """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged."""
+    def with_rows(self, cols: dict[str, np.ndarray | pa.Array], rollup_events: int | None = None) -> PartitionView:
+        """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged; its
+        rollup folded from every part once it holds `rollup_events` events (None: never)."""
+        rollup = self.rollup
+        if rollup is not None:
+            rollup = rollup.merged(cols)
+        elif rollup_events is not None and self.events + len(cols["timestamp"]) >= rollup_events:
+            rollup = Rollup().merged({c: np.concatenate([*(p.column(c) for p in self.parts), cols[c]])
+                                      for c in ROLLUP_COLUMNS})
         parts = [*self.parts, Part(cols)]
         while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
             parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
-        ts, bits = cols["timestamp"], add_users(self.user_bits, cols["user_id"])
+        ts, bits = cols["timestamp"], kernels.add_users(self.user_bits, cols["user_id"])
         return PartitionView(
             parts=tuple(parts),
             variants=self.variants | frozenset(kernels.distinct_values(cols["variant"]).tolist()),
@@ -325,31 +335,12 @@ class PartitionView:
             first_ns=min(self.first_ns, int(ts.min())),
             last_ns=max(self.last_ns, int(ts.max())),
             user_bits=bits,
+            rollup=rollup,
         )
 
     def has_users(self, users: np.ndarray) -> np.ndarray:
         """Which of these user codes already have events in this view's parts."""
-        inside = (users >> 3) < len(self.user_bits)
-        seen = np.zeros(len(users), dtype=bool)
-        u = users[inside]
-        seen[inside] = (self.user_bits[u >> 3] & (1 << (u & 7)).astype(np.uint8)) != 0
-        return seen
-
-
-def add_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
-    """A new bitset (little-endian bits over user codes): `bits` with `users` set."""
-    top = int(users.max()) + 1
-    size = max(len(bits), (top + 7) // 8)
-    out = np.zeros(size, dtype=np.uint8)
-    out[: len(bits)] = bits
-    if len(users) * 64 > top:  # many users: flag them all, pack once
-        flags = np.zeros(size * 8, dtype=bool)
-        flags[users] = True
-        out |= np.packbits(flags, bitorder="little")
-    else:
-        users = kernels.distinct_values(users)
-        np.bitwise_or.at(out, users >> 3, (1 << (users & 7)).astype(np.uint8))
-    return out
+        return kernels.has_users(self.user_bits, users)
 
 
 class Tail:

@@ -9,12 +9,15 @@ from abstream.clickhouse.backend import Cluster, Local
 from abstream.clickhouse.engine import ClickHouseEngine
 from abstream.store import EventStore
 
-SEALS = {"many-parts": 64, "tail-only": 1_000_000}
+#: The embedded engine's layouts: events spread over merged parts and a tail, all in the tail,
+#: and over parts with every test's whole-test Summary from its rollup (store/rollup.py).
+SEALS = {"many-parts": (64, None), "tail-only": (1_000_000, None), "rolled-up": (64, 0)}
 
 
 def make(kind: str, request):
     if kind in SEALS:
-        return EventStore(seal_rows=SEALS[kind])
+        seal_rows, rollup_events = SEALS[kind]
+        return EventStore(seal_rows=seal_rows, rollup_events=rollup_events)
     database = f"t_{uuid.uuid4().hex[:12]}"
     if kind == "chdb":
         engine = ClickHouseEngine(Local(database))

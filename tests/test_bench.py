@@ -22,7 +22,10 @@ def test_bench_smoke(tmp_path):
     report = json.loads(path.read_text())
     assert report["queries"] and all(q["verified"] for q in report["queries"])
     assert {q["query"] for q in report["queries"]} >= {"summary", "segments_country", "timeseries_hour",
-                                                       "timeseries_day_cumulative", "list_tests"}
+                                                       "timeseries_day_cumulative", "list_tests", "summary_sessions",
+                                                       "lift_day", "lift_day_since_first_exposure"}
+    assert len(report["rollups"]["tests"]) == 2 and report["rollups"]["rolled_bytes_per_event"] > 0
+    assert "from rollups and from a scan of the events" in result.stdout
     assert report["ingest_columnar"]["events"] == 50000 and report["ingest_columnar"]["rejected"] == 0
     assert len(report["ingest_columnar"]["runs_events_per_s"]) == 3  # the median of three fresh servers
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000

@@ -296,7 +296,7 @@ def test_retention_keeps_the_experiments_start(tmp_path):
     server.terminate()
 
 
-@pytest.mark.parametrize("kind", ["many-parts", "chdb", "clickhouse"])
+@pytest.mark.parametrize("kind", ["many-parts", "rolled-up", "chdb", "clickhouse"])
 def test_every_engine_deletes_erases_retains_and_exports_alike(kind, request):
     """The engine methods behind DeleteTest, EraseUser, retention and ExportEvents, on the
     embedded engine, on chDB and on the real cluster (2 shards x 2 replicas): each removal is

@@ -37,10 +37,11 @@ def assert_metrics_match(ours, expected: dict) -> None:
     assert ours.user_conversion_rate == pytest.approx(expected["converted_users"] / expected["users"], rel=1e-12)
 
 
-@pytest.fixture(scope="module", params=["many-parts", "tail-only", "chdb", "clickhouse"])
+@pytest.fixture(scope="module", params=["many-parts", "tail-only", "rolled-up", "chdb", "clickhouse"])
 def store(request):
     """Every engine answers every query alike. The embedded one with a small seal size (events
-    spread over merged parts and a tail) and a large one (all in the tail); the cluster engine
+    spread over merged parts and a tail), the same with rollups (whole-test Summary from them)
+    and a large one (all in the tail); the cluster engine
     on chDB (current ClickHouse) and on a real 2 x 2 cluster (18.16)."""
     s = engines.make(request.param, request)
     for i in range(0, len(EVENTS), 97):  # several batches, uneven
@@ -209,7 +210,7 @@ def test_parts_give_back_every_column_exactly():
 
 def test_user_bitsets_count_each_user_once_on_both_paths():
     import numpy as np
-    from abstream.store.partition import add_users
+    from abstream.store.kernels import add_users
 
     rng = np.random.default_rng(5)
     bits = np.zeros(0, dtype=np.uint8)
