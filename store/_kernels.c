@@ -78,8 +78,86 @@ static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Distinct values per run, for the session metrics: each user's rows (a run) carry the 128-bit
+ * hashes of their session ids, and a user's sessions are the distinct hashes of the run. A run
+ * is sorted in a scratch copy (insertion sort while short, as most are) and its changes counted:
+ * O(n log r) whatever the values, so no input can make it slow. */
+typedef struct {
+    uint64_t hi, lo;
+} hash128;
+
+static int before128(const hash128 *a, const hash128 *b) {
+    return a->hi < b->hi || (a->hi == b->hi && a->lo < b->lo);
+}
+
+static int compare128(const void *a, const void *b) {
+    return before128(a, b) ? -1 : before128(b, a) ? 1 : 0;
+}
+
+static int64_t distinct_in(hash128 *run, size_t n) {
+    if (n < 2)
+        return (int64_t)n;
+    if (n <= 16) {
+        for (size_t i = 1; i < n; i++) {
+            hash128 x = run[i];
+            size_t j = i;
+            for (; j > 0 && before128(&x, &run[j - 1]); j--)
+                run[j] = run[j - 1];
+            run[j] = x;
+        }
+    } else {
+        qsort(run, n, sizeof(hash128), compare128);
+    }
+    int64_t count = 1;
+    for (size_t i = 1; i < n; i++)
+        count += run[i].hi != run[i - 1].hi || run[i].lo != run[i - 1].lo;
+    return count;
+}
+
+/* distinct_in_runs(hashes uint64[n, 2], bounds int64[k + 1], out int64[k]): out[i] is the number
+ * of distinct hashes among rows bounds[i]..bounds[i + 1] - 1. */
+static PyObject *distinct_in_runs(PyObject *self, PyObject *args) {
+    Py_buffer hashes, bounds, out;
+    if (!PyArg_ParseTuple(args, "y*y*w*", &hashes, &bounds, &out))
+        return NULL;
+    Py_ssize_t n = hashes.len / (Py_ssize_t)sizeof(hash128), k = out.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *b = (const int64_t *)bounds.buf;
+    int bad = bounds.len != (k + 1) * (Py_ssize_t)sizeof(int64_t) || hashes.len % (Py_ssize_t)sizeof(hash128);
+    size_t longest = 0;
+    for (Py_ssize_t i = 0; !bad && i < k; i++) {
+        if (b[i] < 0 || b[i + 1] < b[i] || b[i + 1] > n)
+            bad = 1;
+        else if ((size_t)(b[i + 1] - b[i]) > longest)
+            longest = (size_t)(b[i + 1] - b[i]);
+    }
+    hash128 *scratch = bad ? NULL : malloc(longest ? longest * sizeof(hash128) : 1);
+    if (!bad && scratch != NULL) {
+        const hash128 *h = (const hash128 *)hashes.buf;
+        int64_t *o = (int64_t *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < k; i++) {
+            size_t len = (size_t)(b[i + 1] - b[i]);
+            memcpy(scratch, h + b[i], len * sizeof(hash128));
+            o[i] = distinct_in(scratch, len);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    free(scratch);
+    PyBuffer_Release(&hashes);
+    PyBuffer_Release(&bounds);
+    PyBuffer_Release(&out);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "bounds must rise within the rows, one more than the outputs");
+        return NULL;
+    }
+    if (scratch == NULL)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sort_unsigned", sort_unsigned, METH_VARARGS, "Sort 4- or 8-byte unsigned keys in place."},
+    {"distinct_in_runs", distinct_in_runs, METH_VARARGS, "Distinct 128-bit hashes in each run of rows."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,7 @@ analysis of the groups is the core's, not the engine's (core/analysis.py).
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,11 +34,15 @@ from abstream.core.types import (
     UserMoments,
 )
 from abstream.store import kernels
+from abstream.store.dictionary import hash_strings
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
 
 _NO_START = np.iinfo(np.int64).min
+#: The key session ids are hashed under to be told apart (sorted, never put in a table: no id
+#: can make counting them slow).
+_SESSION_KEY = secrets.token_bytes(16)
 _NO_END = np.iinfo(np.int64).max
 
 
@@ -382,7 +387,7 @@ def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, re
 def session_moments(moments: UserMoments, group: np.ndarray, cols: dict, n_users_total: int) -> UserMoments:
     """The moments with each group's per-user events and sessions beside them (SESSION_METRICS):
     sessions are the distinct session ids of each user's events here."""
-    session = np.asarray(cols["session_id"].dictionary_encode().indices.to_numpy(zero_copy_only=False), np.int64)
+    session = hash_strings(cols["session_id"], _SESSION_KEY)
     return moments.with_sessions(*kernels.session_user_moments(group, cols["user_id"], session, cols["conversion"],
                                                                n_users_total, len(moments.users)))
 

@@ -189,3 +189,21 @@ def _strings(user: np.ndarray, session: np.ndarray):
     import pyarrow as pa
 
     return pa.array([f"{u}:{s}" for u, s in zip(user.tolist(), session.tolist())], pa.string())
+
+
+def test_distinct_sessions_per_user_are_counted_exactly_from_their_hashes():
+    """The C kernel behind the session counts: runs short (insertion sort) and long (qsort),
+    hashes equal in one half and not the other, against Python sets; bad bounds refused."""
+    from abstream.store import _kernels
+
+    rng = np.random.default_rng(5)
+    lengths = [0, 1, 2, 16, 17, 300, 5]
+    hashes = rng.integers(0, 4, (sum(lengths), 2)).astype(np.uint64)  # few values: many repeats
+    hashes[::7, 0] = 3  # the same high half with differing low halves
+    bounds = np.cumsum([0, *lengths]).astype(np.int64)
+    out = np.zeros(len(lengths), dtype=np.int64)
+    _kernels.distinct_in_runs(hashes, bounds, out)
+    assert out.tolist() == [len({tuple(h) for h in hashes[lo:hi].tolist()}) for lo, hi in zip(bounds, bounds[1:])]
+    for bad in ([0, 5, 3], [0, 2, len(hashes) + 1]):
+        with pytest.raises(ValueError):
+            _kernels.distinct_in_runs(hashes, np.array(bad, np.int64), np.zeros(2, np.int64))
