@@ -162,7 +162,7 @@ class Persistence:
         for batch in contents.events:
             code = int(batch.column("test")[0].as_py())
             cols = {c: batch.column(c) if c in ("session_id",) else batch.column(c).to_numpy() for c in COLUMNS}
-            partitions[code] = partitions.get(code, PartitionView()).with_rows(cols, ingest.rollup_events)
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(cols, ingest.rollup_threshold(code))
         ingest.partitions = partitions
         ingest.publish_view()
         ingest.quarantine.restore(contents.quarantine)

@@ -36,8 +36,9 @@ from abstream.store.durability import Durability, Persistence
 from abstream.store.execute import Queries
 from abstream.store.ingest import Ingest, PreparedBatch
 
-#: A test keeps per-(variant, user) totals (store/rollup.py) from this many sealed events: below
-#: it, scanning its events costs about what merging the tail into the totals would.
+#: A test whose whole-test Summary is asked for keeps per-(variant, user) totals (store/rollup.py)
+#: from this many sealed events: below it, scanning its events costs about what merging the tail
+#: into the totals would.
 ROLLUP_EVENTS = 65_536
 
 
@@ -76,6 +77,10 @@ class EventStore:
 
     def wait_sealed(self) -> None:
         self._ingest.wait_sealed()
+
+    def wait_rollups(self) -> None:
+        """Returns once the rollups whole-test queries asked for are in place (store/rollup.py)."""
+        self._ingest.wait_rollups()
 
     # ---- queries --------------------------------------------------------------------------
 

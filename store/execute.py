@@ -103,11 +103,14 @@ class Queries:
         view = self._ingest.view
         test = self._ingest.tests.code(q.test_id)
         partition = view.partitions.get(test) if test is not None else None
-        if partition is None or partition.rollup is None:
+        if partition is None:
             return None
         start = _NO_START if q.start_ns is None else q.start_ns
         end = _NO_END if q.end_ns is None else q.end_ns
         if partition.first_ns < start or partition.last_ns > end:
+            return None
+        if partition.rollup is None:
+            self._ingest.want_rollup(test)
             return None
         pieces = [[tail[c][at] for c in ROLLUP_COLUMNS] for tail in view.tails if len(tail["timestamp"])
                   for at in [np.flatnonzero((tail["test"] == test) & (tail["timestamp"] >= start)

@@ -82,7 +82,9 @@ class Ingest:
 
     def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None) -> None:
         self.seal_rows = seal_rows
-        self.rollup_events = rollup_events  # a test's events from which it keeps a rollup (rollup.py)
+        self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
+        self.rolled: set[int] = set()  # the tests whose whole-test answers were asked for: they keep one
+        self._rolling: Future | None = None
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
         self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
@@ -160,7 +162,7 @@ class Ingest:
         test_codes, cols = self.tail.drain()
         if len(test_codes):
             for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
-                partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_events)
+                partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
         removed = 0
         if "delete_test" in change:
             test_id = change["delete_test"]
@@ -176,7 +178,8 @@ class Ingest:
             codes = None if only is None else {self.tests.code(t) for t in only}
             for code, partition in list(partitions.items()) if user is not None else ():
                 if (codes is None or code in codes) and partition.has_users(np.array([user], np.int64))[0]:
-                    partitions[code], n = _without(partition, lambda c: c["user_id"] != user, self.rollup_events)
+                    partitions[code], n = _without(partition, lambda c: c["user_id"] != user,
+                                                   self.rollup_threshold(code))
                     removed += n
             if only is None and user is not None:  # no event refers to its code any more: its string goes too
                 with self._encode_lock:  # the dictionary's one writer: no batch is encoded meanwhile
@@ -190,7 +193,7 @@ class Ingest:
                 partition = partitions.get(code) if code is not None else None
                 if partition is not None and partition.first_ns < horizon:
                     partitions[code], n = _without(partition, lambda c, h=horizon: c["timestamp"] >= h,
-                                                  self.rollup_events)
+                                                  self.rollup_threshold(code))
                     removed += n
         partitions = {code: p for code, p in partitions.items() if p is not None}
         with self._view_lock:
@@ -269,6 +272,37 @@ class Ingest:
             tails = (self.tail.view(),) if self._sealing is None else (self._sealing, self.tail.view())
             self.view = StoreView(self.partitions, tails)
 
+    # ---- rollups ------------------------------------------------------------------------------
+
+    def rollup_threshold(self, code: int) -> int | None:
+        """The events from which a test keeps a rollup: only tests whose whole-test answers were
+        asked for keep one, so that ingest pays for the tests dashboards watch, not for all."""
+        return self.rollup_events if code in self.rolled else None
+
+    def want_rollup(self, code: int) -> None:
+        """A whole-test answer was asked for: from now on the test keeps a rollup, the first one
+        folded from its parts in the sealer thread (the asking query scans meanwhile)."""
+        if self.rollup_events is None or code in self.rolled:
+            return
+        self.rolled.add(code)
+        self._rolling = self._sealer.submit(self._roll_up, code)
+
+    def _roll_up(self, code: int) -> None:
+        partition = self.partitions.get(code)
+        if partition is None or partition.rollup is not None or partition.events < self.rollup_events:
+            return
+        rolled = partition.rolled_up()
+        with self._view_lock:
+            if self.partitions.get(code) is partition:  # not changed meanwhile (a removal would have)
+                self.partitions = {**self.partitions, code: rolled}
+                self.view = StoreView(self.partitions, self.view.tails)
+
+    def wait_rollups(self) -> None:
+        """Returns once the rollups asked for so far are in place."""
+        self.wait_sealed()
+        if self._rolling is not None:
+            self._rolling.result()
+
     def wait_sealed(self) -> None:
         """Returns once no tail is being sealed (re-raising what sealing raised)."""
         if self._sealed is not None:
@@ -278,7 +312,7 @@ class Ingest:
         """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
         partitions = dict(self.partitions)
         for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
-            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_events)
+            partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
         with self._view_lock:
             # The tail views appends published stay valid: only the sealed rows move.
             self.partitions, self._sealing = partitions, None

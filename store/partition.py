@@ -14,7 +14,7 @@ view can see (its string chunks are a list only appended to, of which a view see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -321,8 +321,7 @@ class PartitionView:
         if rollup is not None:
             rollup = rollup.merged(cols)
         elif rollup_events is not None and self.events + len(cols["timestamp"]) >= rollup_events:
-            rollup = Rollup().merged({c: np.concatenate([*(p.column(c) for p in self.parts), cols[c]])
-                                      for c in ROLLUP_COLUMNS})
+            rollup = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}])
         parts = [*self.parts, Part(cols)]
         while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
             parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
@@ -337,6 +336,14 @@ class PartitionView:
             user_bits=bits,
             rollup=rollup,
         )
+
+    def rolled_up(self) -> PartitionView:
+        """This view with a rollup folded from its parts."""
+        return replace(self, rollup=self._folded([]))
+
+    def _folded(self, more: list[dict[str, np.ndarray]]) -> Rollup:
+        pieces = [{c: p.column(c) for c in ROLLUP_COLUMNS} for p in self.parts] + more
+        return Rollup().merged({c: np.concatenate([piece[c] for piece in pieces]) for c in ROLLUP_COLUMNS})
 
     def has_users(self, users: np.ndarray) -> np.ndarray:
         """Which of these user codes already have events in this view's parts."""

@@ -44,6 +44,14 @@ def per_user(user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray
             np.add.reduceat(revenue[order].astype(np.float64), starts))
 
 
+def _distinct(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct user codes ascending, how often each occurs), by a radix sort."""
+    keys = users.astype(np.uint32)  # a copy, sorted in place
+    kernels.sort_keys(keys)
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1]))) if len(keys) else np.zeros(0, np.int64)
+    return keys[starts].astype(_CODES), np.diff(np.append(starts, len(keys)))
+
+
 def _inserted(values: np.ndarray, at: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(values, at, new) if len(new) else values
 
@@ -65,7 +73,7 @@ class VariantTotals:
         """These totals with the rows (of this variant) added, and the users new to it; arrays
         copied, never written. Without `kept` (an answer's, not a part's), the users' bitset is
         left as it was: only their count is needed."""
-        seen = kernels.distinct_values(user.astype(_CODES))
+        seen = _distinct(user)[0]
         fresh = seen[~kernels.has_users(self.bits, seen)]
         valued = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
         au, ac, ar = per_user(user[valued], conversion[valued], revenue[valued])
@@ -113,19 +121,19 @@ class Rollup:
         variant, user = cols["variant"], cols["user_id"]
         if len(user) == 0:
             return self
-        seen = kernels.distinct_values(user.astype(_CODES))
-        before = np.zeros(len(seen), dtype=np.int64)  # the variants each user has events in
-        for totals in self.variants.values():
-            before += kernels.has_users(totals.bits, seen)
-        after = before.copy()
         variants = dict(self.variants)
-        for code in kernels.distinct_values(variant).tolist():
+        fresh = []  # per variant, its new users: only they change how many variants a user is in
+        for code in np.flatnonzero(np.bincount(variant)).tolist():
             rows = np.flatnonzero(variant == code)
-            variants[code], fresh = variants.get(code, VariantTotals()).merged(
+            variants[code], new = variants.get(code, VariantTotals()).merged(
                 user[rows], cols["conversion"][rows], cols["revenue"][rows], kept)
-            after[np.searchsorted(seen, fresh)] += 1
+            fresh.append(new)
+        users, gained = _distinct(np.concatenate(fresh))  # each user new to a variant, and to how many
+        before = np.zeros(len(users), dtype=np.int64)  # the variants each had events in
+        for totals in self.variants.values():
+            before += kernels.has_users(totals.bits, users)
         return Rollup(variants, self.users + int(np.count_nonzero(before == 0)),
-                      self.several + int(np.count_nonzero(after > 1)) - int(np.count_nonzero(before > 1)))
+                      self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))))
 
     @property
     def nbytes(self) -> int:

@@ -25,7 +25,11 @@ def sticky(events: list[dict]) -> list[dict]:
 
 
 def assert_same(rolled: EventStore, scanned: EventStore, test_ids=TESTS, analyses: bool = True) -> int:
-    """Every test's Summary (with its analysis) alike on both stores; how many came from a rollup."""
+    """Every test's Summary (with its analysis) alike on both stores, once each has been asked
+    for on the first (so that it keeps a rollup); how many came from a rollup."""
+    for test_id in test_ids:
+        rolled.summary(SummaryQuery(test_id))
+    rolled.wait_rollups()
     used = 0
     for test_id in test_ids:
         for options in OPTIONS:
@@ -65,6 +69,31 @@ def test_a_rollup_answers_like_the_scan_after_every_batch(events):
     assert used == len(TESTS)
     several = [rolled.summary(SummaryQuery(t)).multi_variant_users for t in TESTS]
     assert any(several) if events is EVENTS else not any(several)
+
+
+def test_only_tests_asked_for_whole_keep_a_rollup():
+    """Ingest pays for the rollups of the tests whose whole-test Summary was asked for, no other;
+    the first answer scans while its rollup is folded from the parts."""
+    store = EventStore(seal_rows=64, rollup_events=0)
+    append(store, to_table(EVENTS))
+    store.wait_sealed()
+
+    def rolled() -> set[str]:
+        return {t for t in TESTS if store._ingest.view.partitions[store._ingest.tests.code(t)].rollup is not None}
+
+    assert rolled() == set()
+    middle = sorted(e["timestamp"] for e in EVENTS)[len(EVENTS) // 2]
+    store.summary(SummaryQuery(TESTS[0], middle, None))  # a range: no rollup wanted
+    store.wait_rollups()
+    assert rolled() == set()
+    first = store.summary(SummaryQuery(TESTS[0]))
+    store.wait_rollups()
+    assert rolled() == {TESTS[0]}
+    assert store.summary(SummaryQuery(TESTS[0])).metrics.users.tolist() == first.metrics.users.tolist()
+    append(store, to_table(EVENTS[:500]))  # kept up at sealing from now on
+    store.wait_sealed()
+    assert rolled() == {TESTS[0]}
+    assert store.nbytes > 0
 
 
 def test_a_range_that_leaves_out_sealed_events_is_scanned():
@@ -118,7 +147,9 @@ def test_a_store_counts_its_rollups_bytes():
     rolled, scanned = EventStore(seal_rows=256, rollup_events=0), EventStore(seal_rows=256, rollup_events=None)
     append(rolled, to_table(EVENTS))
     append(scanned, to_table(EVENTS))
-    rolled.wait_sealed()
+    for test_id in TESTS:
+        rolled.summary(SummaryQuery(test_id))
+    rolled.wait_rollups()
     scanned.wait_sealed()
     rollups = [p.rollup for p in rolled._ingest.view.partitions.values()]
     assert all(r is not None for r in rollups)

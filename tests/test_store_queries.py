@@ -47,6 +47,10 @@ def store(request):
     for i in range(0, len(EVENTS), 97):  # several batches, uneven
         result = append(s, to_table(EVENTS[i:i + 97]))
         assert result.rejections == []
+    if request.param == "rolled-up":  # asked for whole once: each test keeps a rollup from now on
+        for test_id in TESTS:
+            s.summary(SummaryQuery(test_id))
+        s.wait_rollups()
     yield s
     s.close()
 
