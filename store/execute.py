@@ -23,6 +23,7 @@ from abstream.core.types import (
     CapApplied,
     Filters,
     GroupStats,
+    Interval,
     MetricColumns,
     QueryStats,
     RevenueCap,
@@ -38,6 +39,7 @@ from abstream.store.dictionary import hash_strings
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
+from abstream.store.rollup import HOUR_NS, Rollup, VariantTotals
 
 _NO_START = np.iinfo(np.int64).min
 #: The key session ids are hashed under to be told apart (sorted, never put in a table: no id
@@ -94,33 +96,20 @@ class Queries:
                           scope.stats(), users, len(several), cap)
 
     def _rolled_up(self, q: SummaryQuery) -> GroupStats | None:
-        """Summary from the test's rollup and its rows in the tail, when the range holds every
-        sealed event and no option needs the events themselves (None: scan)."""
+        """Summary from the test's rollup and its rows in the tail, when no option needs the
+        events themselves (None: scan)."""
         a = q.analysis
         if (q.filters and q.filters.items()) or a.metric_event_type or a.revenue_cap is not None or a.session_metrics:
             return None
         started = time.perf_counter_ns()
-        view = self._ingest.view
-        test = self._ingest.tests.code(q.test_id)
-        partition = view.partitions.get(test) if test is not None else None
-        if partition is None:
+        found = self._rollup(q.test_id, q.start_ns, q.end_ns)
+        if found is None:
             return None
-        start = _NO_START if q.start_ns is None else q.start_ns
-        end = _NO_END if q.end_ns is None else q.end_ns
-        if partition.first_ns < start or partition.last_ns > end:
-            return None
-        if partition.rollup is None:
-            self._ingest.want_rollup(test)
-            return None
-        pieces = [[tail[c][at] for c in ROLLUP_COLUMNS] for tail in view.tails if len(tail["timestamp"])
-                  for at in [np.flatnonzero((tail["test"] == test) & (tail["timestamp"] >= start)
-                                            & (tail["timestamp"] <= end))]]
-        rollup = partition.rollup.merged({c: np.concatenate([piece[i] for piece in pieces]) if pieces else
-                                          np.zeros(0, np.int64) for i, c in enumerate(ROLLUP_COLUMNS)}, kept=False)
+        rollup = found[0].merged(found[1], kept=False)
         if a.exclude_multi_variant_users and rollup.several:
             return None
         _in_time(q.deadline)
-        _, codes = self._rank("variant", np.array(sorted(rollup.variants), dtype=np.int64))
+        codes = self._variant_order(rollup.variants)
         (users, converted, conversions, revenue, m2_revenue, m2_conversions, comoment,
          events) = (np.array(column) for column in zip(*(rollup.variants[c].moments() for c in codes.tolist())))
         totals = {"events": events, "conversions": conversions, "total_revenue": revenue, "users": users,
@@ -129,6 +118,74 @@ class Queries:
                           UserMoments.of(users, converted, revenue, conversions, m2_revenue, m2_conversions, comoment),
                           QueryStats(int(events.sum()), time.perf_counter_ns() - started), rollup.users,
                           rollup.several)
+
+    def _rolled_up_series(self, q: TimeseriesQuery) -> TimeseriesResult | None:
+        """Cumulative UTC hour, day or week buckets from the test's rollup and its rows in the
+        tail: users count from the bucket of their first hour, converted users from that of
+        their first conversion, events, conversions and revenue from each hour's (None: scan)."""
+        if (not q.cumulative or q.lift is not None or q.since_first_exposure or q.time_zone
+                or q.interval is Interval.MINUTE or (q.filters and q.filters.items())):
+            return None
+        started = time.perf_counter_ns()
+        found = self._rollup(q.test_id, q.start_ns, q.end_ns, hourly=True)
+        if found is None:
+            return None
+        rollup, tail = found
+        width, origin = q.interval.width_ns, q.interval.origin_ns
+
+        def bucket(hours: np.ndarray) -> np.ndarray:
+            return (hours.astype(np.int64) * HOUR_NS - origin) // width
+
+        codes = self._variant_order(set(rollup.variants) | set(np.unique(tail["variant"]).tolist()))
+        series = []
+        for code in codes.tolist():
+            rows = np.flatnonzero(tail["variant"] == code)
+            series.append(rollup.variants.get(code, VariantTotals()).series(
+                *(tail[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), bucket))
+        buckets = kernels.distinct_values(np.concatenate([b for b, _ in series])) if series else np.zeros(0, np.int64)
+        n_b, n_v = len(buckets), len(series)
+        totals = {name: np.zeros((n_b, n_v), dtype=np.float64 if name == "total_revenue" else np.int64)
+                  for name in ("events", "conversions", "total_revenue", "users", "converted_users")}
+        for j, (own, values) in enumerate(series):
+            at = np.searchsorted(buckets, own)
+            for name, a in values.items():
+                totals[name][at, j] = a
+        totals = {name: np.cumsum(a, axis=0).reshape(-1) for name, a in totals.items()}
+        keep = np.flatnonzero(totals["events"])
+        b, v = np.divmod(keep, max(n_v, 1))
+        return TimeseriesResult(test_id=q.test_id, interval=q.interval, cumulative=True,
+                                bucket_start_ns=buckets[b] * width + origin,
+                                variants=self._ingest.dicts["variant"].decode(codes[v]),
+                                metrics=MetricColumns(**totals).take(keep),
+                                stats=QueryStats(int(totals["events"][-n_v:].sum()) if n_b else 0,
+                                                 time.perf_counter_ns() - started))
+
+    def _rollup(self, test_id: str, start_ns: int | None, end_ns: int | None, hourly: bool = False
+                ) -> tuple[Rollup, dict[str, np.ndarray]] | None:
+        """The test's rollup and its rows in the tail (ROLLUP_COLUMNS), when the range holds all
+        its sealed events; None when it does not, or when the test keeps no rollup yet (one is
+        then asked for: whole-test answers are wanted)."""
+        view = self._ingest.view
+        test = self._ingest.tests.code(test_id)
+        partition = view.partitions.get(test) if test is not None else None
+        if partition is None:
+            return None
+        start = _NO_START if start_ns is None else start_ns
+        end = _NO_END if end_ns is None else end_ns
+        if partition.first_ns < start or partition.last_ns > end:
+            return None
+        if partition.rollup is None or partition.rollup.hourly < hourly:
+            self._ingest.want_rollup(test, hourly)
+            return None
+        pieces = [[tail[c][at] for c in ROLLUP_COLUMNS] for tail in view.tails if len(tail["timestamp"])
+                  for at in [np.flatnonzero((tail["test"] == test) & (tail["timestamp"] >= start)
+                                            & (tail["timestamp"] <= end))]]
+        return partition.rollup, {c: np.concatenate([piece[i] for piece in pieces]) if pieces else
+                                  np.zeros(0, np.int64) for i, c in enumerate(ROLLUP_COLUMNS)}
+
+    def _variant_order(self, codes) -> np.ndarray:
+        """Variant codes, in the order of their names."""
+        return self._rank("variant", np.array(sorted(codes), dtype=np.int64))[1]
 
     def _of_event_type(self, cols: dict[str, np.ndarray], event_type: str) -> dict[str, np.ndarray]:
         """Conversions and revenue kept only on events of `event_type` (every event is kept: its
@@ -170,6 +227,9 @@ class Queries:
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
         if q.since_first_exposure:
             return self._by_exposure(q)
+        rolled = self._rolled_up_series(q)
+        if rolled is not None:
+            return rolled
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, ["timestamp", "variant", "user_id", "conversion",
                                                                "revenue"], q.filters, q.deadline)
         cols = scope.cols

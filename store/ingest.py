@@ -31,6 +31,7 @@ from abstream.store.partition import (
     take,
 )
 from abstream.store.quarantine import Quarantine
+from abstream.store.rollup import RollupWanted
 from abstream.store.schema import CODE_TYPES
 from abstream.store.wal import Payload, WriteAheadLog
 
@@ -53,7 +54,7 @@ class PreparedBatch:
         return len(self.test_codes) + len(self.rejections)
 
 
-def _without(partition: PartitionView, keep, rollup_events: int | None) -> tuple[PartitionView | None, int]:
+def _without(partition: PartitionView, keep, rollup: RollupWanted | None) -> tuple[PartitionView | None, int]:
     """The partition rebuilt from the rows `keep(columns)` selects, and how many it dropped
     (None when nothing is left)."""
     batches = [part.batch() for part in partition.parts]
@@ -67,7 +68,7 @@ def _without(partition: PartitionView, keep, rollup_events: int | None) -> tuple
         return None, dropped
     at = np.flatnonzero(mask)
     at = at[np.argsort(cols["timestamp"][at], kind="stable")]  # parts overlap in time: a part is sorted
-    return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}, rollup_events), dropped
+    return PartitionView().with_rows({c: take(a, at) for c, a in cols.items()}, rollup), dropped
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Ingest:
     def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None) -> None:
         self.seal_rows = seal_rows
         self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
-        self.rolled: set[int] = set()  # the tests whose whole-test answers were asked for: they keep one
+        self.rolled: dict[int, bool] = {}  # tests whose whole-test answers were asked for: hourly or not
         self._rolling: Future | None = None
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
@@ -274,24 +275,29 @@ class Ingest:
 
     # ---- rollups ------------------------------------------------------------------------------
 
-    def rollup_threshold(self, code: int) -> int | None:
-        """The events from which a test keeps a rollup: only tests whose whole-test answers were
-        asked for keep one, so that ingest pays for the tests dashboards watch, not for all."""
-        return self.rollup_events if code in self.rolled else None
+    def rollup_threshold(self, code: int) -> RollupWanted | None:
+        """The rollup a test keeps: only tests whose whole-test answers were asked for keep one
+        (hourly once a cumulative Timeseries was), so that ingest pays for what dashboards
+        watch, not for every test."""
+        hourly = self.rolled.get(code)
+        return None if hourly is None or self.rollup_events is None else RollupWanted(self.rollup_events, hourly)
 
-    def want_rollup(self, code: int) -> None:
-        """A whole-test answer was asked for: from now on the test keeps a rollup, the first one
-        folded from its parts in the sealer thread (the asking query scans meanwhile)."""
-        if self.rollup_events is None or code in self.rolled:
+    def want_rollup(self, code: int, hourly: bool) -> None:
+        """A whole-test answer was asked for: from now on the test keeps a rollup (hourly: with
+        what Timeseries reads), the first one folded from its parts in the sealer thread (the
+        asking query scans meanwhile)."""
+        had = self.rolled.get(code)
+        if self.rollup_events is None or (had is not None and (had or not hourly)):
             return
-        self.rolled.add(code)
+        self.rolled[code] = hourly or bool(had)
         self._rolling = self._sealer.submit(self._roll_up, code)
 
     def _roll_up(self, code: int) -> None:
-        partition = self.partitions.get(code)
-        if partition is None or partition.rollup is not None or partition.events < self.rollup_events:
+        partition, wanted = self.partitions.get(code), self.rollup_threshold(code)
+        if partition is None or wanted is None or partition.events < wanted.events or (
+                partition.rollup is not None and partition.rollup.hourly >= wanted.hourly):
             return
-        rolled = partition.rolled_up()
+        rolled = partition.rolled_up(wanted.hourly)
         with self._view_lock:
             if self.partitions.get(code) is partition:  # not changed meanwhile (a removal would have)
                 self.partitions = {**self.partitions, code: rolled}

@@ -22,7 +22,7 @@ import pyarrow as pa
 from abstream.core.events import NS_PER_SECOND
 from abstream.store import kernels
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
-from abstream.store.rollup import Rollup
+from abstream.store.rollup import Rollup, RollupWanted
 from abstream.store.schema import STORED_SCHEMA
 
 COLUMNS = STORED_SCHEMA.names
@@ -307,21 +307,23 @@ class PartitionView:
     first_ns: int = np.iinfo(np.int64).max
     last_ns: int = np.iinfo(np.int64).min
     user_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # bitset of user codes
-    rollup: Rollup | None = None  # per-(variant, user) totals, once the test has rollup_events events
+    rollup: Rollup | None = None  # per-(variant, user) totals, kept for tests whose whole answers are asked for
 
     def select(self, start_ns: int, end_ns: int, names: list[str]) -> list[list[np.ndarray]]:
         """Pieces (one list of columns per part) of the events with start_ns <= timestamp <= end_ns."""
         return [p.rows_between(start_ns, end_ns, names) for p in self.parts
                 if not (p.last_ns < start_ns or p.first_ns > end_ns)]
 
-    def with_rows(self, cols: dict[str, np.ndarray | pa.Array], rollup_events: int | None = None) -> PartitionView:
+    def with_rows(self, cols: dict[str, np.ndarray | pa.Array], rollup: RollupWanted | None = None
+                  ) -> PartitionView:
         """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged; its
-        rollup folded from every part once it holds `rollup_events` events (None: never)."""
-        rollup = self.rollup
-        if rollup is not None:
-            rollup = rollup.merged(cols)
-        elif rollup_events is not None and self.events + len(cols["timestamp"]) >= rollup_events:
-            rollup = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}])
+        rollup kept up, or folded from every part once it holds the events `rollup` asks for.
+        (None: no rollup is wanted)."""
+        folded = self.rollup
+        if folded is not None:
+            folded = folded.merged(cols)
+        elif rollup is not None and self.events + len(cols["timestamp"]) >= rollup.events:
+            folded = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}], rollup.hourly)
         parts = [*self.parts, Part(cols)]
         while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
             parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
@@ -334,16 +336,16 @@ class PartitionView:
             first_ns=min(self.first_ns, int(ts.min())),
             last_ns=max(self.last_ns, int(ts.max())),
             user_bits=bits,
-            rollup=rollup,
+            rollup=folded,
         )
 
-    def rolled_up(self) -> PartitionView:
+    def rolled_up(self, hourly: bool) -> PartitionView:
         """This view with a rollup folded from its parts."""
-        return replace(self, rollup=self._folded([]))
+        return replace(self, rollup=self._folded([], hourly))
 
-    def _folded(self, more: list[dict[str, np.ndarray]]) -> Rollup:
+    def _folded(self, more: list[dict[str, np.ndarray]], hourly: bool) -> Rollup:
         pieces = [{c: p.column(c) for c in ROLLUP_COLUMNS} for p in self.parts] + more
-        return Rollup().merged({c: np.concatenate([piece[c] for piece in pieces]) for c in ROLLUP_COLUMNS})
+        return Rollup(hourly=hourly).merged({c: np.concatenate([piece[c] for piece in pieces]) for c in ROLLUP_COLUMNS})
 
     def has_users(self, users: np.ndarray) -> np.ndarray:
         """Which of these user codes already have events in this view's parts."""

@@ -16,13 +16,19 @@ deletion, erasure, recovery from a snapshot) rebuilds them with the parts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from abstream.store import kernels
 
 #: The columns the totals are folded from.
-COLUMNS = ("variant", "user_id", "conversion", "revenue")
+COLUMNS = ("timestamp", "variant", "user_id", "conversion", "revenue")
+HOUR_NS = 3600 * 1_000_000_000
+#: The first conversion hour of a user who has revenue but no conversion.
+NO_HOUR = np.iinfo(np.int32).max
 _CODES = np.int32
+#: Buckets counted in a dense array up to this span of bucket numbers (else searched for).
+_DENSE_BUCKETS = 1 << 20
 
 
 def contains(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -33,15 +39,47 @@ def contains(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_values[at] == x
 
 
-def per_user(user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct users ascending, their conversions, their revenue) of these rows."""
-    if len(user) == 0:
-        return np.zeros(0, _CODES), np.zeros(0, np.int64), np.zeros(0, np.float64)
-    key, order = kernels.sorted_with_order(user.astype(np.int64))
-    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    return (key[starts].astype(_CODES), np.add.reduceat(conversion[order].astype(np.int64), starts),
-            np.add.reduceat(revenue[order].astype(np.float64), starts))
+def runs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct keys ascending, the permutation that sorts the rows, where each key's rows start)."""
+    key, order = kernels.sorted_with_order(key.astype(np.int64))
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))) if len(key) else np.zeros(0, np.int64)
+    return key[starts], order, starts
+
+
+def per_user(user: np.ndarray, hour: np.ndarray, conversion: np.ndarray, revenue: np.ndarray
+             ) -> tuple[np.ndarray, ...]:
+    """(distinct users ascending, their first hour, conversions, revenue, first conversion hour)."""
+    users, order, starts = runs(user)
+    if len(users) == 0:
+        return (np.zeros(0, _CODES), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32))
+    converting = conversion[order].astype(bool)
+    return (users.astype(_CODES), np.minimum.reduceat(hour[order], starts).astype(np.int32),
+            np.add.reduceat(conversion[order].astype(np.int64), starts),
+            np.add.reduceat(revenue[order].astype(np.float64), starts),
+            np.minimum.reduceat(np.where(converting, hour[order], NO_HOUR), starts).astype(np.int32))
+
+
+def first_per_user(user: np.ndarray, hour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct users ascending, the first hour of each)."""
+    users, order, starts = runs(user)
+    if len(users) == 0:
+        return np.zeros(0, _CODES), np.zeros(0, np.int32)
+    return users.astype(_CODES), np.minimum.reduceat(hour[order], starts).astype(np.int32)
+
+
+def ranks(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """For each user code, how many codes below it are set in the bitset (uint8, whole 64-bit
+    words): a set user's position among the set ones, an unset one's insertion point."""
+    words = bits.view(np.uint64)
+    counts = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum(np.bitwise_count(words), out=counts[1:])
+    u = users.astype(np.int64)
+    w = np.minimum(u >> 6, len(words))
+    out = counts[w]
+    inside = w < len(words)
+    below = words[w[inside]] & ((np.uint64(1) << (u[inside] & 63).astype(np.uint64)) - np.uint64(1))
+    out[inside] += np.bitwise_count(below)
+    return out
 
 
 def _distinct(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,42 +90,132 @@ def _distinct(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[starts].astype(_CODES), np.diff(np.append(starts, len(keys)))
 
 
+def _words(bits: np.ndarray) -> np.ndarray:
+    """The bitset padded to whole 64-bit words (what `ranks` reads)."""
+    return bits if len(bits) % 8 == 0 else np.concatenate([bits, np.zeros(-len(bits) % 8, np.uint8)])
+
+
 def _inserted(values: np.ndarray, at: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(values, at, new) if len(new) else values
 
 
+class RollupWanted(NamedTuple):
+    """A test's rollup, as asked for: from how many sealed events, and whether hourly."""
+
+    events: int
+    hourly: bool
+
+
 @dataclass(frozen=True)
 class VariantTotals:
-    """One variant's users (a bitset over user codes, as PartitionView's), and per user with a
-    conversion or revenue their totals."""
+    """One variant's users: a bitset over user codes (as PartitionView's) and each one's first
+    hour, in code order; per user with a conversion or revenue, their totals and first
+    conversion hour; and per hour with events, its events, conversions and revenue."""
 
     bits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     users: int = 0
+    first_hour: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per user, in code order
     active: np.ndarray = field(default_factory=lambda: np.zeros(0, _CODES))  # ascending codes
     conversions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per active user
     revenue: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # per active user
+    first_conversion_hour: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # or NO_HOUR
+    hours: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ascending, each with events
+    hour_events: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    hour_conversions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    hour_revenue: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     events: int = 0
 
-    def merged(self, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray, kept: bool
-               ) -> tuple[VariantTotals, np.ndarray]:
+    def merged(self, ts: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray, kept: bool,
+               hourly: bool) -> tuple[VariantTotals, np.ndarray]:
         """These totals with the rows (of this variant) added, and the users new to it; arrays
-        copied, never written. Without `kept` (an answer's, not a part's), the users' bitset is
-        left as it was: only their count is needed."""
-        seen = _distinct(user)[0]
-        fresh = seen[~kernels.has_users(self.bits, seen)]
+        copied, never written. Without `kept` (one Summary's, not a part's), only what Summary
+        reads is merged: the users' count and the per-user totals; without `hourly`, the users'
+        bitset too, but no first hours and no hours (what Timeseries reads)."""
+        hour = ts // HOUR_NS
+        seen, seen_first = first_per_user(user, hour)
+        present = kernels.has_users(self.bits, seen)
+        fresh = seen[~present]
         valued = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
-        au, ac, ar = per_user(user[valued], conversion[valued], revenue[valued])
+        au, _, ac, ar, af = per_user(user[valued], hour[valued], conversion[valued], revenue[valued])
         at = np.searchsorted(self.active, au)
         found = contains(self.active, au)
-        conversions, values = self.conversions, self.revenue
+        conversions, values, converted = self.conversions, self.revenue, self.first_conversion_hour
         if found.any():
             conversions, values = conversions.copy(), values.copy()
             conversions[at[found]] += ac[found].astype(conversions.dtype)  # each user once: no repeated index
             values[at[found]] += ar[found]
         new = ~found
-        return VariantTotals(kernels.add_users(self.bits, fresh) if kept else self.bits, self.users + len(fresh),
-                             _inserted(self.active, at[new], au[new]), _inserted(conversions, at[new], ac[new]),
-                             _inserted(values, at[new], ar[new]), self.events + len(user)), fresh
+        totals = dict(users=self.users + len(fresh), active=_inserted(self.active, at[new], au[new]),
+                      conversions=_inserted(conversions, at[new], ac[new]),
+                      revenue=_inserted(values, at[new], ar[new]), events=self.events + len(user))
+        if not kept:
+            return VariantTotals(**totals), fresh
+        if not hourly:
+            return VariantTotals(bits=_words(kernels.add_users(self.bits, fresh)), **totals), fresh
+        if found.any():
+            converted = converted.copy()
+            converted[at[found]] = np.minimum(converted[at[found]], af[found])
+        where = ranks(self.bits, seen)
+        first = self.first_hour
+        if present.any():
+            first = first.copy()
+            first[where[present]] = np.minimum(first[where[present]], seen_first[present])
+        hours, order, starts = runs(hour)
+        new_hours = hours[~contains(self.hours, hours)]
+        merged_hours = _inserted(self.hours, np.searchsorted(self.hours, new_hours), new_hours)
+        old, added = np.searchsorted(merged_hours, self.hours), np.searchsorted(merged_hours, hours)
+
+        def per_hour(before: np.ndarray, more: np.ndarray) -> np.ndarray:
+            out = np.zeros(len(merged_hours), dtype=more.dtype)
+            out[old] = before
+            out[added] += more
+            return out
+
+        return VariantTotals(
+            bits=_words(kernels.add_users(self.bits, fresh)),
+            first_hour=_inserted(first, where[~present], seen_first[~present]),
+            first_conversion_hour=_inserted(converted, at[new], af[new]), hours=merged_hours,
+            hour_events=per_hour(self.hour_events, np.diff(np.append(starts, len(order)))),
+            hour_conversions=per_hour(self.hour_conversions, np.add.reduceat(conversion[order].astype(np.int64), starts)
+                                      if len(order) else np.zeros(0, np.int64)),
+            hour_revenue=per_hour(self.hour_revenue, np.add.reduceat(revenue[order].astype(np.float64), starts)
+                                  if len(order) else np.zeros(0)),
+            **totals), fresh
+
+    def series(self, ts: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray, bucket
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per bucket (`bucket` maps hours to bucket numbers) of these totals with the rows added:
+        (the buckets with events, ascending; their events, conversions, revenue, users first seen
+        and users first converting), without merging the rows in."""
+        hour = ts // HOUR_NS
+        seen, seen_first = first_per_user(user, hour)
+        present = kernels.has_users(self.bits, seen)
+        old = self.first_hour[ranks(self.bits, seen[present])]
+        earlier = seen_first[present] < old  # users whose first event came late
+        converting = np.flatnonzero(conversion.astype(bool))
+        cu, cf = per_user(user[converting], hour[converting], conversion[converting], revenue[converting])[::4]
+        at = np.searchsorted(self.active, cu)
+        found = contains(self.active, cu)
+        was = np.where(found, self.first_conversion_hour[np.minimum(at, max(len(self.active) - 1, 0))]
+                       if len(self.active) else NO_HOUR, NO_HOUR)
+        moved = cf < was
+        buckets = kernels.distinct_values(bucket(np.concatenate([self.hours, hour])))
+
+        lo, span = (int(buckets[0]), int(buckets[-1] - buckets[0]) + 1) if len(buckets) else (0, 0)
+
+        def count(hours: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+            if span <= _DENSE_BUCKETS:  # counted by bucket number, then the buckets with events picked
+                return np.bincount(bucket(hours) - lo, weights=weights, minlength=span)[buckets - lo]
+            return np.bincount(np.searchsorted(buckets, bucket(hours)), weights=weights, minlength=len(buckets))
+
+        first_converted = self.first_conversion_hour[self.first_conversion_hour != NO_HOUR]
+        out = {"events": count(self.hours, self.hour_events) + count(hour),
+               "conversions": count(self.hours, self.hour_conversions) + count(hour[converting]),
+               "total_revenue": count(self.hours, self.hour_revenue) + count(hour, revenue.astype(np.float64)),
+               "users": count(self.first_hour) + count(seen_first[~present]) + count(seen_first[present][earlier])
+               - count(old[earlier]),
+               "converted_users": count(first_converted) + count(cf[moved]) - count(was[moved & (was != NO_HOUR)])}
+        return buckets, {k: v if k == "total_revenue" else np.rint(v).astype(np.int64) for k, v in out.items()}
 
     def moments(self) -> tuple[int, int, int, float, float, float, float, int]:
         """(users, converted users, conversions, revenue, centered sums of squares of revenue and
@@ -104,7 +232,9 @@ class VariantTotals:
 
     @property
     def nbytes(self) -> int:
-        return self.bits.nbytes + self.active.nbytes + self.conversions.nbytes + self.revenue.nbytes
+        return sum(a.nbytes for a in (self.bits, self.first_hour, self.active, self.conversions, self.revenue,
+                                      self.first_conversion_hour, self.hours, self.hour_events,
+                                      self.hour_conversions, self.hour_revenue))
 
 
 @dataclass(frozen=True)
@@ -115,6 +245,7 @@ class Rollup:
     variants: dict[int, VariantTotals] = field(default_factory=dict)
     users: int = 0
     several: int = 0
+    hourly: bool = False  # with first hours and hours: cumulative Timeseries can be answered from it
 
     def merged(self, cols: dict[str, np.ndarray], kept: bool = True) -> Rollup:
         """These totals with rows added (COLUMNS of them); without `kept`, for one answer only."""
@@ -126,14 +257,15 @@ class Rollup:
         for code in np.flatnonzero(np.bincount(variant)).tolist():
             rows = np.flatnonzero(variant == code)
             variants[code], new = variants.get(code, VariantTotals()).merged(
-                user[rows], cols["conversion"][rows], cols["revenue"][rows], kept)
+                cols["timestamp"][rows], user[rows], cols["conversion"][rows], cols["revenue"][rows], kept,
+                self.hourly)
             fresh.append(new)
         users, gained = _distinct(np.concatenate(fresh))  # each user new to a variant, and to how many
         before = np.zeros(len(users), dtype=np.int64)  # the variants each had events in
         for totals in self.variants.values():
             before += kernels.has_users(totals.bits, users)
         return Rollup(variants, self.users + int(np.count_nonzero(before == 0)),
-                      self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))))
+                      self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))), self.hourly)
 
     @property
     def nbytes(self) -> int:

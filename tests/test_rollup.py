@@ -1,6 +1,7 @@
-"""The embedded engine's rollups (store/rollup.py): Summary over a whole test from per-(variant,
-user) totals must equal Summary from a scan of the events, after every batch, through every
-removal, and after recovery from a snapshot; and a store must count their bytes."""
+"""The embedded engine's rollups (store/rollup.py): Summary and cumulative Timeseries over a
+whole test from per-(variant, user) totals must equal the same from a scan of the events, after
+every batch, through every removal, and after recovery from a snapshot; and a store must count
+their bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from abstream.core import analysis
 from abstream.core.engine import append
 from abstream.core.types import AnalysisOptions
-from abstream.store import EventStore, SummaryQuery
+from abstream.store import EventStore, Interval, SummaryQuery, TimeseriesQuery
 from abstream.store.durability import Durability
 
 from tests.events import TESTS, VARIANTS, random_events, to_table
@@ -29,6 +30,7 @@ def assert_same(rolled: EventStore, scanned: EventStore, test_ids=TESTS, analyse
     for on the first (so that it keeps a rollup); how many came from a rollup."""
     for test_id in test_ids:
         rolled.summary(SummaryQuery(test_id))
+        rolled.timeseries(TimeseriesQuery(test_id, Interval.DAY, cumulative=True))  # and hourly
     rolled.wait_rollups()
     used = 0
     for test_id in test_ids:
@@ -52,6 +54,15 @@ def assert_same(rolled: EventStore, scanned: EventStore, test_ids=TESTS, analyse
             for c, d in zip(a.comparisons, b.comparisons):
                 assert (c.result.relative.ci_low, c.result.relative.ci_high) == pytest.approx(
                     (d.result.relative.ci_low, d.result.relative.ci_high), rel=1e-9, abs=1e-12)
+        for interval, zone in [(Interval.HOUR, ""), (Interval.DAY, ""), (Interval.WEEK, ""),
+                               (Interval.DAY, "Asia/Kolkata"), (Interval.MINUTE, "")]:
+            q = TimeseriesQuery(test_id, interval, cumulative=True, time_zone=zone)
+            x, y = rolled.timeseries(q), scanned.timeseries(q)
+            assert (x.bucket_start_ns.tolist(), x.variants) == (y.bucket_start_ns.tolist(), y.variants)
+            for name in ("events", "conversions", "users", "converted_users"):
+                assert getattr(x.metrics, name).tolist() == getattr(y.metrics, name).tolist(), (interval, name)
+            assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12, abs=1e-9)
+            assert x.stats.events_scanned == y.stats.events_scanned
         used += rolled._ingest.view.partitions.get(rolled._ingest.tests.code(test_id)) is not None and \
             rolled._ingest.view.partitions[rolled._ingest.tests.code(test_id)].rollup is not None
     return used
@@ -90,9 +101,19 @@ def test_only_tests_asked_for_whole_keep_a_rollup():
     store.wait_rollups()
     assert rolled() == {TESTS[0]}
     assert store.summary(SummaryQuery(TESTS[0])).metrics.users.tolist() == first.metrics.users.tolist()
+
+    def hourly() -> set[str]:
+        return {t for t in rolled() if store._ingest.view.partitions[store._ingest.tests.code(t)].rollup.hourly}
+
+    assert hourly() == set()  # Summary's rollup holds no hours: the list of tests asks only for it
+    series = TimeseriesQuery(TESTS[0], Interval.DAY, cumulative=True)
+    scanned = store.timeseries(series)
+    store.wait_rollups()
+    assert hourly() == {TESTS[0]}
+    assert store.timeseries(series).metrics.users.tolist() == scanned.metrics.users.tolist()
     append(store, to_table(EVENTS[:500]))  # kept up at sealing from now on
     store.wait_sealed()
-    assert rolled() == {TESTS[0]}
+    assert rolled() == {TESTS[0]} and hourly() == {TESTS[0]}
     assert store.nbytes > 0
 
 
@@ -148,7 +169,7 @@ def test_a_store_counts_its_rollups_bytes():
     append(rolled, to_table(EVENTS))
     append(scanned, to_table(EVENTS))
     for test_id in TESTS:
-        rolled.summary(SummaryQuery(test_id))
+        rolled.timeseries(TimeseriesQuery(test_id, Interval.HOUR, cumulative=True))
     rolled.wait_rollups()
     scanned.wait_sealed()
     rollups = [p.rollup for p in rolled._ingest.view.partitions.values()]
