@@ -124,6 +124,8 @@ def test_the_list_shows_every_test_with_its_status_and_searches(page, server, br
     assert page.locator('tr[data-test-id="banner_srm"] [data-status]').get_attribute("data-status") == "srm"
     assert page.locator('tr[data-test-id="pricing"] [data-status]').get_attribute("data-status") == "collecting"
     screenshot(page, "list-desktop")
+    # The list has no charts: the charting library (~800 kB of script) is not loaded for it.
+    assert not page.evaluate("[...document.scripts].some(s => s.src.includes('/static/vendor/'))")
 
     page.locator("#search").fill("pri")
     assert page.locator("#tests tbody tr:visible").evaluate_all("rs => rs.map(r => r.dataset.testId)") == ["pricing"]
@@ -138,6 +140,7 @@ def test_the_list_shows_every_test_with_its_status_and_searches(page, server, br
     page.keyboard.press("Enter")  # every link and control works from the keyboard
     page.wait_for_url(re.compile(r"/tests/checkout$"))
     rendered(page)
+    assert page.evaluate("[...document.scripts].some(s => s.src.includes('/static/vendor/vega'))")
 
     phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
     phone.goto(f"{server.base}/?token={QUERY}")

@@ -174,19 +174,24 @@ function setQuery(params) {
   history.replaceState(null, "", url);
 }
 
-// The charting library loads while the first data request is answered, not before it starts.
-const charting = ["vega.min.js", "vega-lite.min.js", "vega-embed.min.js"].reduce((previous, name) => {
-  const script = h("script", { src: `/static/vendor/${name}` });
-  script.async = false; // in order: each needs the one before
-  const loaded = new Promise((resolve) => { script.onload = resolve; script.onerror = resolve; });
-  document.head.append(script);
-  return previous.then(() => loaded);
-}, Promise.resolve());
+// The charting library loads on a test's page only (the list has no charts), while its first
+// data request is answered, not before it starts.
+let charting = null;
+function chartingLoaded() {
+  charting ||= ["vega.min.js", "vega-lite.min.js", "vega-embed.min.js"].reduce((previous, name) => {
+    const script = h("script", { src: `/static/vendor/${name}` });
+    script.async = false; // in order: each needs the one before
+    const loaded = new Promise((resolve) => { script.onload = resolve; script.onerror = resolve; });
+    document.head.append(script);
+    return previous.then(() => loaded);
+  }, Promise.resolve());
+  return charting;
+}
 
 async function chart(id, spec) {
   const target = document.getElementById(id);
   if (!target) return;
-  await charting;
+  await chartingLoaded();
   if (typeof window.vegaEmbed !== "function") {
     target.replaceChildren(h("p", { class: "muted" }, "Charts need the charting library: run `make ui` on the server."));
     return;
@@ -648,4 +653,5 @@ function start() {
 }
 
 setInterval(tick, 1000);
+if (route()) chartingLoaded();
 start();
