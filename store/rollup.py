@@ -1,13 +1,14 @@
-"""A test's running per-(variant, user) totals, so that Summary over the whole test costs
-O(its users), not O(its events).
+"""A test's running per-(variant, user) totals, so that whole-test Summary and cumulative
+Timeseries cost O(its users), not O(its events).
 
 Dashboards mostly ask for a whole test so far, and grouping its events by (variant, user) is
-most of such a query's time. A test's sealed events are folded into these totals as each part
-is sealed (PartitionView.with_rows): per variant, the sorted codes of its users, and the
-conversions and revenue of the users who have any (most have neither, and cost 4 bytes). A
-query merges only the tail's rows of the test into them. The answers are the scan's: the same
-counts, and sums and centered moments of the same per-user totals (the float sums added in
-another order).
+most of such a query's time. Once a test's whole answers have been asked for (Ingest.want_rollup),
+its sealed events are folded into these totals as each part is sealed (PartitionView.with_rows):
+per variant, a bitset of its users, and the conversions and revenue of the users who have any
+(most have neither); hourly, also each user's first hour, first conversion hour and per-hour
+totals. A query merges only the tail's rows of the test into them. The answers are the scan's:
+the same counts, and sums and centered moments of the same per-user totals (the float sums
+added in another order).
 
 They are derived from the parts alone, so every change that rewrites a test's parts (retention,
 deletion, erasure, recovery from a snapshot) rebuilds them with the parts.
