@@ -42,10 +42,10 @@ from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
 from abstream.store.rollup import HOUR_NS, Rollup, VariantTotals
 
 _NO_START = np.iinfo(np.int64).min
+_NO_END = np.iinfo(np.int64).max
 #: The key session ids are hashed under to be told apart (sorted, never put in a table: no id
 #: can make counting them slow).
 _SESSION_KEY = secrets.token_bytes(16)
-_NO_END = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)

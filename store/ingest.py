@@ -289,8 +289,11 @@ class Ingest:
         had = self.rolled.get(code)
         if self.rollup_events is None or (had is not None and (had or not hourly)):
             return
-        self.rolled[code] = hourly or bool(had)
-        self._rolling = self._sealer.submit(self._roll_up, code)
+        self.rolled[code] = hourly or bool(had)  # before the task reads it
+        try:
+            self._rolling = self._sealer.submit(self._roll_up, code)
+        except RuntimeError:  # the store is closed: nothing more is sealed or rolled up
+            pass
 
     def _roll_up(self, code: int) -> None:
         partition, wanted = self.partitions.get(code), self.rollup_threshold(code)

@@ -317,7 +317,7 @@ class PartitionView:
     def with_rows(self, cols: dict[str, np.ndarray | pa.Array], rollup: RollupWanted | None = None
                   ) -> PartitionView:
         """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged; its
-        rollup kept up, or folded from every part once it holds the events `rollup` asks for.
+        rollup kept up, or folded from every part once it holds the events `rollup` asks for
         (None: no rollup is wanted)."""
         folded = self.rollup
         if folded is not None:
