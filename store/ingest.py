@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,8 @@ from abstream.store.partition import (
     take,
 )
 from abstream.store.quarantine import Quarantine
-from abstream.store.rollup import RollupWanted
+from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
+from abstream.store.rollup import Rollup, RollupWanted
 from abstream.store.schema import CODE_TYPES
 from abstream.store.wal import Payload, WriteAheadLog
 
@@ -85,7 +86,9 @@ class Ingest:
         self.seal_rows = seal_rows
         self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
         self.rolled: dict[int, bool] = {}  # tests whose whole-test answers were asked for: hourly or not
-        self._rolling: Future | None = None
+        self._folding: dict[int, list[dict]] = {}  # tests whose first rollup is being folded: rows sealed since
+        self._folder = ThreadPoolExecutor(1, thread_name_prefix="abstream-rollup")
+        self._removals = 0  # removals applied: a rollup folded across one is not attached
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
         self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
@@ -159,6 +162,7 @@ class Ingest:
         one new view is published: the very next query sees none of them. A part that holds some
         of them is rewritten without them; the memory of what is dropped is freed with the view."""
         self.wait_sealed()
+        self._removals += 1
         partitions = dict(self.partitions)
         test_codes, cols = self.tail.drain()
         if len(test_codes):
@@ -278,39 +282,63 @@ class Ingest:
     def rollup_threshold(self, code: int) -> RollupWanted | None:
         """The rollup a test keeps: only tests whose whole-test answers were asked for keep one
         (hourly once a cumulative Timeseries was), so that ingest pays for what dashboards
-        watch, not for every test."""
+        watch, not for every test. None while its first one is being folded."""
         hourly = self.rolled.get(code)
-        return None if hourly is None or self.rollup_events is None else RollupWanted(self.rollup_events, hourly)
+        if hourly is None or self.rollup_events is None or code in self._folding:
+            return None
+        return RollupWanted(self.rollup_events, hourly)
 
     def want_rollup(self, code: int, hourly: bool) -> None:
-        """A whole-test answer was asked for: from now on the test keeps a rollup (hourly: with
-        what Timeseries reads), the first one folded from its parts in the sealer thread (the
-        asking query scans meanwhile)."""
-        had = self.rolled.get(code)
-        if self.rollup_events is None or (had is not None and (had or not hourly)):
+        """A whole-test answer was asked for, and the test has no rollup of that kind: from now
+        on it keeps one (hourly: with what Timeseries reads), the first one folded from its
+        parts in a thread of its own (the asking query scans meanwhile)."""
+        if self.rollup_events is None:
             return
-        self.rolled[code] = hourly or bool(had)  # before the task reads it
+        self.rolled[code] = hourly or self.rolled.get(code, False)
         try:
-            self._rolling = self._sealer.submit(self._roll_up, code)
+            self._sealer.submit(self._start_folding, code)
         except RuntimeError:  # the store is closed: nothing more is sealed or rolled up
             pass
 
-    def _roll_up(self, code: int) -> None:
+    def _start_folding(self, code: int) -> None:
+        """In the sealer: folds the test's parts as they are now, in the folding thread, so that
+        sealing goes on meanwhile; the rows sealed since are kept to be folded in after."""
         partition, wanted = self.partitions.get(code), self.rollup_threshold(code)
         if partition is None or wanted is None or partition.events < wanted.events or (
                 partition.rollup is not None and partition.rollup.hourly >= wanted.hourly):
             return
-        rolled = partition.rolled_up(wanted.hourly)
+        self._folding[code] = []
+        removals = self._removals
+
+        def fold() -> None:
+            rollup = partition.folded(wanted.hourly)
+            self._sealer.submit(self._attach, code, partition, rollup, removals)
+
+        self._folder.submit(fold)
+
+    def _attach(self, code: int, base: PartitionView, rollup: Rollup, removals: int) -> None:
+        """In the sealer: the rows sealed while `rollup` was folded from `base` are folded in,
+        and it is attached to the test's partition, unless a removal rewrote the partition
+        meanwhile (the next whole-test query asks again)."""
+        sealed = self._folding.pop(code, [])
+        current = self.partitions.get(code)
+        if (current is None or removals != self._removals
+                or (current.rollup is not None and current.rollup.hourly >= rollup.hourly)
+                or current.events != base.events + sum(len(rows["timestamp"]) for rows in sealed)):
+            return
+        for rows in sealed:
+            rollup = rollup.merged(rows)
         with self._view_lock:
-            if self.partitions.get(code) is partition:  # not changed meanwhile (a removal would have)
-                self.partitions = {**self.partitions, code: rolled}
-                self.view = StoreView(self.partitions, self.view.tails)
+            self.partitions = {**self.partitions, code: replace(current, rollup=rollup)}
+            self.view = StoreView(self.partitions, self.view.tails)
 
     def wait_rollups(self) -> None:
-        """Returns once the rollups asked for so far are in place."""
+        """Returns once the rollups asked for so far are in place: every task queued before
+        has run in both threads (each runs its tasks in order)."""
         self.wait_sealed()
-        if self._rolling is not None:
-            self._rolling.result()
+        self._sealer.submit(lambda: None).result()
+        self._folder.submit(lambda: None).result()
+        self._sealer.submit(lambda: None).result()
 
     def wait_sealed(self) -> None:
         """Returns once no tail is being sealed (re-raising what sealing raised)."""
@@ -322,12 +350,15 @@ class Ingest:
         partitions = dict(self.partitions)
         for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
             partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
+            if code in self._folding:
+                self._folding[code].append({c: rows[c] for c in ROLLUP_COLUMNS})
         with self._view_lock:
             # The tail views appends published stay valid: only the sealed rows move.
             self.partitions, self._sealing = partitions, None
             self.view = StoreView(partitions, self.view.tails[-1:])
 
     def close(self) -> None:
+        self._folder.shutdown()  # first: its last task hands its rollup to the sealer
         self.wait_sealed()
         self._sealer.shutdown()
 

@@ -14,7 +14,8 @@ view can see (its string chunks are a list only appended to, of which a view see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import itertools
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -339,13 +340,15 @@ class PartitionView:
             rollup=folded,
         )
 
-    def rolled_up(self, hourly: bool) -> PartitionView:
-        """This view with a rollup folded from its parts."""
-        return replace(self, rollup=self._folded([], hourly))
+    def folded(self, hourly: bool) -> Rollup:
+        """A rollup of this view's parts, folded in one at a time (no copy of them all at once)."""
+        return self._folded([], hourly)
 
     def _folded(self, more: list[dict[str, np.ndarray]], hourly: bool) -> Rollup:
-        pieces = [{c: p.column(c) for c in ROLLUP_COLUMNS} for p in self.parts] + more
-        return Rollup(hourly=hourly).merged({c: np.concatenate([piece[c] for piece in pieces]) for c in ROLLUP_COLUMNS})
+        rollup = Rollup(hourly=hourly)
+        for piece in itertools.chain(({c: p.column(c) for c in ROLLUP_COLUMNS} for p in self.parts), more):
+            rollup = rollup.merged(piece)  # one part's columns at a time
+        return rollup
 
     def has_users(self, users: np.ndarray) -> np.ndarray:
         """Which of these user codes already have events in this view's parts."""

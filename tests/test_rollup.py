@@ -191,3 +191,30 @@ def test_a_rollup_keeps_large_near_constant_revenue_stable():
     for test_id in TESTS:
         m2 = rolled.summary(SummaryQuery(test_id)).moments.m2["revenue_per_user"]
         assert (m2 > 0).all()
+
+
+def test_rows_sealed_while_a_first_rollup_is_folded_are_folded_in_after():
+    """The first rollup is folded beside sealing: what is sealed meanwhile is kept and folded in
+    before the rollup is attached (here the folding thread is held until batches were sealed)."""
+    import threading
+
+    rolled, scanned = EventStore(seal_rows=64, rollup_events=0), EventStore(seal_rows=64, rollup_events=None)
+    for store in (rolled, scanned):
+        append(store, to_table(EVENTS[:1500]))
+    rolled.wait_sealed()
+    release = threading.Event()
+    rolled._ingest._folder.submit(release.wait)  # the folding thread is busy until released
+    rolled.summary(SummaryQuery(TESTS[0]))
+    rolled._ingest._sealer.submit(lambda: None).result()  # the fold is queued behind the block
+    assert rolled._ingest._folding  # and the test's sealed rows are now kept aside
+    for store in (rolled, scanned):
+        append(store, to_table(EVENTS[1500:]))
+    rolled.wait_sealed()
+    assert sum(len(r["timestamp"]) for rows in rolled._ingest._folding.values() for r in rows) > 0
+    release.set()
+    rolled.wait_rollups()
+    assert rolled._ingest.view.partitions[rolled._ingest.tests.code(TESTS[0])].rollup is not None
+    x, y = rolled.summary(SummaryQuery(TESTS[0])), scanned.summary(SummaryQuery(TESTS[0]))
+    assert (x.metrics.events.tolist(), x.metrics.users.tolist()) == (y.metrics.events.tolist(), y.metrics.users.tolist())
+    assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12)
+    assert assert_same(rolled, scanned, [TESTS[0]]) == 1
