@@ -49,13 +49,12 @@ def runs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def per_user(user: np.ndarray, hour: np.ndarray, conversion: np.ndarray, revenue: np.ndarray
              ) -> tuple[np.ndarray, ...]:
-    """(distinct users ascending, their first hour, conversions, revenue, first conversion hour)."""
+    """(distinct users ascending, their conversions, revenue and first conversion hour)."""
     users, order, starts = runs(user)
     if len(users) == 0:
-        return (np.zeros(0, _CODES), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32))
+        return np.zeros(0, _CODES), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32)
     converting = conversion[order].astype(bool)
-    return (users.astype(_CODES), np.minimum.reduceat(hour[order], starts).astype(np.int32),
-            np.add.reduceat(conversion[order].astype(np.int64), starts),
+    return (users.astype(_CODES), np.add.reduceat(conversion[order].astype(np.int64), starts),
             np.add.reduceat(revenue[order].astype(np.float64), starts),
             np.minimum.reduceat(np.where(converting, hour[order], NO_HOUR), starts).astype(np.int32))
 
@@ -137,7 +136,7 @@ class VariantTotals:
         present = kernels.has_users(self.bits, seen)
         fresh = seen[~present]
         valued = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
-        au, _, ac, ar, af = per_user(user[valued], hour[valued], conversion[valued], revenue[valued])
+        au, ac, ar, af = per_user(user[valued], hour[valued], conversion[valued], revenue[valued])
         at = np.searchsorted(self.active, au)
         found = contains(self.active, au)
         conversions, values, converted = self.conversions, self.revenue, self.first_conversion_hour
@@ -194,11 +193,10 @@ class VariantTotals:
         old = self.first_hour[ranks(self.bits, seen[present])]
         earlier = seen_first[present] < old  # users whose first event came late
         converting = np.flatnonzero(conversion.astype(bool))
-        cu, cf = per_user(user[converting], hour[converting], conversion[converting], revenue[converting])[::4]
-        at = np.searchsorted(self.active, cu)
+        cu, _, _, cf = per_user(user[converting], hour[converting], conversion[converting], revenue[converting])
         found = contains(self.active, cu)
-        was = np.where(found, self.first_conversion_hour[np.minimum(at, max(len(self.active) - 1, 0))]
-                       if len(self.active) else NO_HOUR, NO_HOUR)
+        was = np.full(len(cu), NO_HOUR, dtype=np.int32)  # each one's first conversion hour so far
+        was[found] = self.first_conversion_hour[np.searchsorted(self.active, cu[found])]
         moved = cf < was
         buckets = kernels.distinct_values(bucket(np.concatenate([self.hours, hour])))
 
