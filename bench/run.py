@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from abstream.clients import arrow_ipc
-from abstream.store import EventStore, Interval, SummaryQuery, TimeseriesQuery
+from abstream.store import EventStore
 from abstream.store.engine import ROLLUP_EVENTS
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc
@@ -644,9 +644,10 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
 
 
 def rollups(table: pa.Table, tests: list[str], mid_ns: int, reps: int) -> dict:
-    """Summary with its analysis and cumulative Timeseries, in-process, from a store that keeps
-    rollups (the default, once asked for) and from one that scans: the whole test (the rollup's
-    case) and 7 days (a scan on both), and what the rollups cost in bytes per event."""
+    """Summary with its analysis, cumulative Timeseries and Segments with their analyses,
+    in-process, from a store that keeps rollups (the default, once asked for) and from one that
+    scans: the whole test (the rollup's case) and 7 days (a scan on both), and what the rollups
+    cost in bytes per event."""
     print("rollups against scans ...", file=sys.stderr)
     week = 7 * 86400 * queries.NS
     out: dict = {"tests": {}}
@@ -654,16 +655,16 @@ def rollups(table: pa.Table, tests: list[str], mid_ns: int, reps: int) -> dict:
         store = EventStore(rollup_events=events)
         for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
             store.append(batch)
-        for test_id in tests:  # asked for once, as a dashboard would: the tests keep rollups from then on
-            store.timeseries(TimeseriesQuery(test_id, Interval.DAY, cumulative=True))
-            store.summary(SummaryQuery(test_id))
+        qs = [q for test_id in tests for q in (
+            queries.summary(test_id), queries.summary(test_id, mid_ns, mid_ns + week, name="summary_7d"),
+            queries.timeseries(test_id, "day", cumulative=True), queries.segments(test_id, "device"),
+            queries.segments(test_id, "country"))]
+        for q in qs:  # asked for once, as a dashboard would: the tests keep rollups from then on
+            q.run(store)
         store.wait_rollups()
         out[f"{name}_bytes_per_event"] = store.nbytes / max(store.event_count, 1)
-        for test_id in tests:
-            figures = out["tests"].setdefault(test_id, {})
-            for q in (queries.summary(test_id), queries.summary(test_id, mid_ns, mid_ns + week, name="summary_7d"),
-                      queries.timeseries(test_id, "day", cumulative=True)):
-                figures[f"{q.name}_{name}"] = timed(lambda: q.run(store), reps)
+        for q in qs:
+            out["tests"].setdefault(q.test_id, {})[f"{q.name}_{name}"] = timed(lambda: q.run(store), reps)
         store.close()
     return out
 
@@ -728,7 +729,10 @@ def table_text(report: dict) -> str:
                          f"{f['summary_scanned']['p50_ms']:.2f} ({f['summary_scanned']['p50_ms'] / f['summary_rolled']['p50_ms']:.1f}x); "
                          f"7 days {f['summary_7d_rolled']['p50_ms']:.2f} against {f['summary_7d_scanned']['p50_ms']:.2f}; "
                          f"cumulative days (Timeseries, no analysis) {f['timeseries_day_cumulative_rolled']['p50_ms']:.2f} "
-                         f"against {f['timeseries_day_cumulative_scanned']['p50_ms']:.2f}")
+                         f"against {f['timeseries_day_cumulative_scanned']['p50_ms']:.2f}; Segments by device "
+                         f"{f['segments_device_rolled']['p50_ms']:.2f} against {f['segments_device_scanned']['p50_ms']:.2f}, "
+                         f"by country {f['segments_country_rolled']['p50_ms']:.2f} against "
+                         f"{f['segments_country_scanned']['p50_ms']:.2f}")
     lines += ["", "| ingest (acked after fsync) | events | events/s |", "|---|---|---|"]
     for key, label in [("ingest_columnar", "columnar (Arrow IPC as `arrow_ipc` writes it, 100k/batch), 1 stream"),
                        ("ingest_columnar_plain", "columnar (Arrow IPC, plain strings, 100k/batch), 1 stream"),

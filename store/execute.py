@@ -39,7 +39,7 @@ from abstream.store.dictionary import hash_strings
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
-from abstream.store.rollup import HOUR_NS, Rollup, VariantTotals
+from abstream.store.rollup import HOUR_NS, HOURLY, Rollup, VariantTotals
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -58,6 +58,15 @@ class _Scope:
 
     def stats(self) -> QueryStats:
         return QueryStats(self.scanned, time.perf_counter_ns() - self.started_ns)
+
+
+def _rolled_up_stats(groups: list[VariantTotals]) -> tuple[MetricColumns, UserMoments]:
+    """The metrics and user moments of each group's rolled-up totals, in order."""
+    (users, converted, conversions, revenue, m2_revenue, m2_conversions, comoment,
+     events) = (np.array(column) for column in zip(*(g.moments() for g in groups)))
+    return (MetricColumns(events=events, conversions=conversions, total_revenue=revenue, users=users,
+                          converted_users=converted),
+            UserMoments.of(users, converted, revenue, conversions, m2_revenue, m2_conversions, comoment))
 
 
 class Queries:
@@ -109,14 +118,10 @@ class Queries:
         if a.exclude_multi_variant_users and rollup.several:
             return None
         _in_time(q.deadline)
-        codes = self._variant_order(rollup.variants)
-        (users, converted, conversions, revenue, m2_revenue, m2_conversions, comoment,
-         events) = (np.array(column) for column in zip(*(rollup.variants[c].moments() for c in codes.tolist())))
-        totals = {"events": events, "conversions": conversions, "total_revenue": revenue, "users": users,
-                  "converted_users": converted}
-        return GroupStats(self._ingest.dicts["variant"].decode(codes), None, MetricColumns(**totals),
-                          UserMoments.of(users, converted, revenue, conversions, m2_revenue, m2_conversions, comoment),
-                          QueryStats(int(events.sum()), time.perf_counter_ns() - started), rollup.users,
+        codes = self._name_order("variant", rollup.variants)
+        metrics, moments = _rolled_up_stats([rollup.variants[c] for c in codes.tolist()])
+        return GroupStats(self._ingest.dicts["variant"].decode(codes), None, metrics, moments,
+                          QueryStats(int(metrics.events.sum()), time.perf_counter_ns() - started), rollup.users,
                           rollup.several)
 
     def _rolled_up_series(self, q: TimeseriesQuery) -> TimeseriesResult | None:
@@ -127,7 +132,7 @@ class Queries:
                 or q.interval is Interval.MINUTE or (q.filters and q.filters.items())):
             return None
         started = time.perf_counter_ns()
-        found = self._rollup(q.test_id, q.start_ns, q.end_ns, hourly=True)
+        found = self._rollup(q.test_id, q.start_ns, q.end_ns, frozenset([HOURLY]))
         if found is None:
             return None
         rollup, tail = found
@@ -136,7 +141,7 @@ class Queries:
         def bucket(hours: np.ndarray) -> np.ndarray:
             return (hours.astype(np.int64) * HOUR_NS - origin) // width
 
-        codes = self._variant_order(set(rollup.variants) | set(np.unique(tail["variant"]).tolist()))
+        codes = self._name_order("variant", set(rollup.variants) | set(np.unique(tail["variant"]).tolist()))
         series = []
         for code in codes.tolist():
             rows = np.flatnonzero(tail["variant"] == code)
@@ -160,11 +165,11 @@ class Queries:
                                 stats=QueryStats(int(totals["events"][-n_v:].sum()) if n_b else 0,
                                                  time.perf_counter_ns() - started))
 
-    def _rollup(self, test_id: str, start_ns: int | None, end_ns: int | None, hourly: bool = False
+    def _rollup(self, test_id: str, start_ns: int | None, end_ns: int | None, holds: frozenset[str] = frozenset()
                 ) -> tuple[Rollup, dict[str, np.ndarray]] | None:
         """The test's rollup and its rows in the tail (ROLLUP_COLUMNS), when the range holds all
-        its sealed events; None when it does not, or when the test keeps no rollup yet (one is
-        then asked for: whole-test answers are wanted)."""
+        its sealed events; None when it does not, or when the test keeps no rollup holding
+        `holds` yet (one is then asked for: whole-test answers are wanted)."""
         view = self._ingest.view
         test = self._ingest.tests.code(test_id)
         if test is None:
@@ -172,14 +177,14 @@ class Queries:
         partition = view.partitions.get(test)
         if partition is None:  # nothing sealed yet: asked for whole, it keeps one from a seal on
             if start_ns is None and end_ns is None:
-                self._ingest.want_rollup(test, hourly)
+                self._ingest.want_rollup(test, holds)
             return None
         start = _NO_START if start_ns is None else start_ns
         end = _NO_END if end_ns is None else end_ns
         if partition.first_ns < start or partition.last_ns > end:
             return None
-        if partition.rollup is None or partition.rollup.hourly < hourly:
-            self._ingest.want_rollup(test, hourly)
+        if partition.rollup is None or not holds <= partition.rollup.holds:
+            self._ingest.want_rollup(test, holds)
             return None
         pieces = [[tail[c][at] for c in ROLLUP_COLUMNS] for tail in view.tails if len(tail["timestamp"])
                   for at in [np.flatnonzero((tail["test"] == test) & (tail["timestamp"] >= start)
@@ -187,9 +192,9 @@ class Queries:
         return partition.rollup, {c: np.concatenate([piece[i] for piece in pieces]) if pieces else
                                   np.zeros(0, np.int64) for i, c in enumerate(ROLLUP_COLUMNS)}
 
-    def _variant_order(self, codes) -> np.ndarray:
-        """Variant codes, in the order of their names."""
-        return self._rank("variant", np.array(sorted(codes), dtype=np.int64))[1]
+    def _name_order(self, name: str, codes) -> np.ndarray:
+        """One column's codes, in the order of their strings."""
+        return self._rank(name, np.array(sorted(codes), dtype=np.int64))[1]
 
     def _of_event_type(self, cols: dict[str, np.ndarray], event_type: str) -> dict[str, np.ndarray]:
         """Conversions and revenue kept only on events of `event_type` (every event is kept: its
@@ -206,6 +211,9 @@ class Queries:
         return self._scope(test_id, start_ns, end_ns, ["conversion"], None, None).scanned
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
+        rolled = self._rolled_up_segments(q)
+        if rolled is not None:
+            return rolled
         dim = q.dimension.value
         scope = self._scope(q.test_id, q.start_ns, q.end_ns, list(dict.fromkeys(
             ["variant", "user_id", "conversion", "revenue", dim]
@@ -227,6 +235,29 @@ class Queries:
         return GroupStats(self._ingest.dicts["variant"].decode(variant_codes[v]),
                           self._ingest.dicts[dim].decode(segment_codes[s]), MetricColumns(**totals).take(keep),
                           moments.take(keep), scope.stats())
+
+    def _rolled_up_segments(self, q: SegmentsQuery) -> GroupStats | None:
+        """Segments from the test's per-(variant, segment) totals and its rows in the tail, when
+        no option needs the events themselves (None: scan)."""
+        a = q.analysis
+        if (q.filters and q.filters.items()) or a.metric_event_type or a.session_metrics:
+            return None
+        started = time.perf_counter_ns()
+        dim = q.dimension.value
+        found = self._rollup(q.test_id, q.start_ns, q.end_ns, frozenset([dim]))
+        if found is None:
+            return None
+        groups = found[0].segment_totals(dim, found[1])
+        _in_time(q.deadline)
+        variant_codes = self._name_order("variant", {v for v, _ in groups})
+        segment_codes = self._name_order(dim, {s for _, s in groups})
+        keys = [(v, s) for v in variant_codes.tolist() for s in segment_codes.tolist() if (v, s) in groups]
+        if not keys:
+            return None
+        metrics, moments = _rolled_up_stats([groups[k] for k in keys])
+        return GroupStats(self._ingest.dicts["variant"].decode(np.array([v for v, _ in keys], dtype=np.int64)),
+                          self._ingest.dicts[dim].decode(np.array([s for _, s in keys], dtype=np.int64)),
+                          metrics, moments, QueryStats(int(metrics.events.sum()), time.perf_counter_ns() - started))
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:
         if q.since_first_exposure:

@@ -85,7 +85,7 @@ class Ingest:
     def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None) -> None:
         self.seal_rows = seal_rows
         self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
-        self.rolled: dict[int, bool] = {}  # tests whose whole-test answers were asked for: hourly or not
+        self.rolled: dict[int, frozenset[str]] = {}  # tests whose whole-test answers were asked for: what they need
         self._folding: dict[int, list[dict]] = {}  # tests whose first rollup is being folded: rows sealed since
         self._folder = ThreadPoolExecutor(1, thread_name_prefix="abstream-rollup")
         self._removals = 0  # removals applied: a rollup folded across one is not attached
@@ -281,20 +281,21 @@ class Ingest:
 
     def rollup_threshold(self, code: int) -> RollupWanted | None:
         """The rollup a test keeps: only tests whose whole-test answers were asked for keep one
-        (hourly once a cumulative Timeseries was), so that ingest pays for what dashboards
-        watch, not for every test. None while its first one is being folded."""
-        hourly = self.rolled.get(code)
-        if hourly is None or self.rollup_events is None or code in self._folding:
+        (hourly once a cumulative Timeseries was, by a dimension once its Segments was), so
+        that ingest pays for what dashboards watch, not for every test. None while its first
+        one is being folded."""
+        holds = self.rolled.get(code)
+        if holds is None or self.rollup_events is None or code in self._folding:
             return None
-        return RollupWanted(self.rollup_events, hourly)
+        return RollupWanted(self.rollup_events, holds)
 
-    def want_rollup(self, code: int, hourly: bool) -> None:
-        """A whole-test answer was asked for, and the test has no rollup of that kind: from now
-        on it keeps one (hourly: with what Timeseries reads), the first one folded from its
-        parts in a thread of its own (the asking query scans meanwhile)."""
+    def want_rollup(self, code: int, holds: frozenset[str]) -> None:
+        """A whole-test answer was asked for, and the test has no rollup holding what it reads:
+        from now on it keeps one (with `holds`, and what was asked for before), the first one
+        folded from its parts in a thread of its own (the asking query scans meanwhile)."""
         if self.rollup_events is None:
             return
-        self.rolled[code] = hourly or self.rolled.get(code, False)
+        self.rolled[code] = holds | self.rolled.get(code, frozenset())
         try:
             self._sealer.submit(self._start_folding, code)
         except RuntimeError:  # the store is closed: nothing more is sealed or rolled up
@@ -305,13 +306,13 @@ class Ingest:
         sealing goes on meanwhile; the rows sealed since are kept to be folded in after."""
         partition, wanted = self.partitions.get(code), self.rollup_threshold(code)
         if partition is None or wanted is None or partition.events < wanted.events or (
-                partition.rollup is not None and partition.rollup.hourly >= wanted.hourly):
+                partition.rollup is not None and wanted.holds <= partition.rollup.holds):
             return
         self._folding[code] = []
         removals = self._removals
 
         def fold() -> None:
-            rollup = partition.folded(wanted.hourly)
+            rollup = partition.folded(wanted.holds)
             self._sealer.submit(self._attach, code, partition, rollup, removals)
 
         self._folder.submit(fold)
@@ -323,7 +324,7 @@ class Ingest:
         sealed = self._folding.pop(code, [])
         current = self.partitions.get(code)
         if (current is None or removals != self._removals
-                or (current.rollup is not None and current.rollup.hourly >= rollup.hourly)
+                or (current.rollup is not None and rollup.holds <= current.rollup.holds)
                 or current.events != base.events + sum(len(rows["timestamp"]) for rows in sealed)):
             return
         for rows in sealed:

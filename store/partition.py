@@ -324,7 +324,7 @@ class PartitionView:
         if folded is not None:
             folded = folded.merged(cols)
         elif rollup is not None and self.events + len(cols["timestamp"]) >= rollup.events:
-            folded = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}], rollup.hourly)
+            folded = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}], rollup.holds)
         parts = [*self.parts, Part(cols)]
         while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
             parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
@@ -340,12 +340,12 @@ class PartitionView:
             rollup=folded,
         )
 
-    def folded(self, hourly: bool) -> Rollup:
+    def folded(self, holds: frozenset[str]) -> Rollup:
         """A rollup of this view's parts, folded in one at a time (no copy of them all at once)."""
-        return self._folded([], hourly)
+        return self._folded([], holds)
 
-    def _folded(self, more: list[dict[str, np.ndarray]], hourly: bool) -> Rollup:
-        rollup = Rollup(hourly=hourly)
+    def _folded(self, more: list[dict[str, np.ndarray]], holds: frozenset[str]) -> Rollup:
+        rollup = Rollup(holds=holds)
         for piece in itertools.chain(({c: p.column(c) for c in ROLLUP_COLUMNS} for p in self.parts), more):
             rollup = rollup.merged(piece)  # one part's columns at a time
         return rollup

@@ -1,12 +1,12 @@
-"""A test's running per-(variant, user) totals, so that whole-test Summary and cumulative
-Timeseries cost O(its users), not O(its events).
+"""A test's running per-(variant, user) totals, so that whole-test Summary, cumulative
+Timeseries and Segments cost O(its users), not O(its events).
 
 Dashboards mostly ask for a whole test so far, and grouping its events by (variant, user) is
 most of such a query's time. Once a test's whole answers have been asked for (Ingest.want_rollup),
 its sealed events are folded into these totals as each part is sealed (PartitionView.with_rows):
 per variant, a bitset of its users, and the conversions and revenue of the users who have any
 (most have neither); hourly, also each user's first hour, first conversion hour and per-hour
-totals. A query merges only the tail's rows of the test into them. The answers are the scan's:
+totals; per dimension Segments was asked for, the same per (variant, segment). A query merges only the tail's rows of the test into them. The answers are the scan's:
 the same counts, and sums and centered moments of the same per-user totals (the float sums
 added in another order).
 
@@ -22,8 +22,13 @@ from typing import NamedTuple
 import numpy as np
 from abstream.store import kernels
 
+#: What Segments splits a test by (the event fields, as core.types.Dimension's values).
+DIMENSIONS = ("device", "country", "event_type")
 #: The columns the totals are folded from.
-COLUMNS = ("timestamp", "variant", "user_id", "conversion", "revenue")
+COLUMNS = ("timestamp", "variant", "user_id", "conversion", "revenue", *DIMENSIONS)
+#: What a rollup may hold beyond per-variant totals: hours (what cumulative Timeseries reads), and
+#: per (variant, segment) totals for each dimension Segments was asked for.
+HOURLY = "hourly"
 HOUR_NS = 3600 * 1_000_000_000
 #: The first conversion hour of a user who has revenue but no conversion.
 NO_HOUR = np.iinfo(np.int32).max
@@ -100,10 +105,11 @@ def _inserted(values: np.ndarray, at: np.ndarray, new: np.ndarray) -> np.ndarray
 
 
 class RollupWanted(NamedTuple):
-    """A test's rollup, as asked for: from how many sealed events, and whether hourly."""
+    """A test's rollup, as asked for: from how many sealed events, and what it holds (HOURLY,
+    DIMENSIONS)."""
 
     events: int
-    hourly: bool
+    holds: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -236,15 +242,35 @@ class VariantTotals:
                                       self.hour_conversions, self.hour_revenue))
 
 
+def _grouped(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, cols: dict[str, np.ndarray],
+             kept: bool) -> dict[tuple[int, int], VariantTotals]:
+    """Per (variant code, segment code) totals with the rows added (no hours: Segments reads none)."""
+    out = dict(groups)
+    keys, order, starts = runs(cols["variant"].astype(np.int64) << 32 | segment.astype(np.int64))
+    bounds = np.append(starts, len(order))
+    for k, key in enumerate(keys.tolist()):
+        rows = order[bounds[k]:bounds[k + 1]]
+        group = (key >> 32, key & 0xFFFFFFFF)
+        out[group] = out.get(group, VariantTotals()).merged(
+            *(cols[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), kept, False)[0]
+    return out
+
+
 @dataclass(frozen=True)
 class Rollup:
     """A test's totals per variant (by variant code), its distinct users and those seen in more
-    than one variant."""
+    than one variant; per dimension it holds, per (variant, segment) totals."""
 
     variants: dict[int, VariantTotals] = field(default_factory=dict)
     users: int = 0
     several: int = 0
-    hourly: bool = False  # with first hours and hours: cumulative Timeseries can be answered from it
+    holds: frozenset[str] = frozenset()  # HOURLY and DIMENSIONS: what it can answer beside Summary
+    segments: dict[str, dict[tuple[int, int], VariantTotals]] = field(default_factory=dict)
+
+    @property
+    def hourly(self) -> bool:
+        """With first hours and hours: cumulative Timeseries can be answered from it."""
+        return HOURLY in self.holds
 
     def merged(self, cols: dict[str, np.ndarray], kept: bool = True) -> Rollup:
         """These totals with rows added (COLUMNS of them); without `kept`, for one answer only."""
@@ -263,9 +289,16 @@ class Rollup:
         before = np.zeros(len(users), dtype=np.int64)  # the variants each had events in
         for totals in self.variants.values():
             before += kernels.has_users(totals.bits, users)
+        segments = self.segments if not kept else {  # one Summary's reads no segments
+            dim: _grouped(self.segments.get(dim, {}), cols[dim], cols, kept) for dim in DIMENSIONS if dim in self.holds}
         return Rollup(variants, self.users + int(np.count_nonzero(before == 0)),
-                      self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))), self.hourly)
+                      self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))), self.holds,
+                      segments)
+
+    def segment_totals(self, dimension: str, cols: dict[str, np.ndarray]) -> dict[tuple[int, int], VariantTotals]:
+        """Per (variant, segment) totals of `dimension` with rows added, for one answer."""
+        return _grouped(self.segments[dimension], cols[dimension], cols, False)
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.variants.values())
+        return sum(v.nbytes for groups in (self.variants, *self.segments.values()) for v in groups.values())

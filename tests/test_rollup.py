@@ -1,7 +1,7 @@
-"""The embedded engine's rollups (store/rollup.py): Summary and cumulative Timeseries over a
-whole test from per-(variant, user) totals must equal the same from a scan of the events, after
-every batch, through every removal, and after recovery from a snapshot; and a store must count
-their bytes."""
+"""The embedded engine's rollups (store/rollup.py): Summary, cumulative Timeseries and Segments
+over a whole test from per-(variant, user) totals must equal the same from a scan of the events,
+after every batch, through every removal, and after recovery from a snapshot; and a store must
+count their bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from abstream.core import analysis
 from abstream.core.engine import append
-from abstream.core.types import AnalysisOptions
+from abstream.core.types import AnalysisOptions, Dimension, SegmentsQuery
 from abstream.store import EventStore, Interval, SummaryQuery, TimeseriesQuery
 from abstream.store.durability import Durability
 
@@ -25,28 +25,36 @@ def sticky(events: list[dict]) -> list[dict]:
             for e in events]
 
 
+def assert_same_groups(x, y) -> None:
+    """Two answers' groups alike: their counts exactly, their sums and moments but for rounding."""
+    assert x.variants == y.variants
+    for name in ("events", "conversions", "users", "converted_users"):
+        assert getattr(x.metrics, name).tolist() == getattr(y.metrics, name).tolist(), name
+    assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12, abs=1e-9)
+    assert x.moments.users.tolist() == y.moments.users.tolist()
+    for name, values in y.moments.sums.items():
+        assert x.moments.sums[name] == pytest.approx(values, rel=1e-12, abs=1e-9), name
+    for name, values in y.moments.m2.items():
+        assert x.moments.m2[name] == pytest.approx(values, rel=1e-9, abs=1e-6), name
+    assert x.stats.events_scanned == y.stats.events_scanned
+
+
 def assert_same(rolled: EventStore, scanned: EventStore, test_ids=TESTS, analyses: bool = True) -> int:
     """Every test's Summary (with its analysis) alike on both stores, once each has been asked
     for on the first (so that it keeps a rollup); how many came from a rollup."""
     for test_id in test_ids:
         rolled.summary(SummaryQuery(test_id))
         rolled.timeseries(TimeseriesQuery(test_id, Interval.DAY, cumulative=True))  # and hourly
+        for dimension in Dimension:  # and by each dimension
+            rolled.segments(SegmentsQuery(test_id, dimension))
     rolled.wait_rollups()
     used = 0
     for test_id in test_ids:
         for options in OPTIONS:
             q = SummaryQuery(test_id, analysis=options)
             x, y = rolled.summary(q), scanned.summary(q)
-            assert (x.variants, x.users, x.multi_variant_users) == (y.variants, y.users, y.multi_variant_users)
-            for name in ("events", "conversions", "users", "converted_users"):
-                assert getattr(x.metrics, name).tolist() == getattr(y.metrics, name).tolist(), name
-            assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12, abs=1e-9)
-            assert x.moments.users.tolist() == y.moments.users.tolist()
-            for name, values in y.moments.sums.items():
-                assert x.moments.sums[name] == pytest.approx(values, rel=1e-12, abs=1e-9), name
-            for name, values in y.moments.m2.items():
-                assert x.moments.m2[name] == pytest.approx(values, rel=1e-9, abs=1e-6), name
-            assert x.stats.events_scanned == y.stats.events_scanned
+            assert (x.users, x.multi_variant_users) == (y.users, y.multi_variant_users)
+            assert_same_groups(x, y)
             if not analyses:
                 continue
             a, b = analysis.summary(q, x).analysis, analysis.summary(q, y).analysis
@@ -63,6 +71,11 @@ def assert_same(rolled: EventStore, scanned: EventStore, test_ids=TESTS, analyse
                 assert getattr(x.metrics, name).tolist() == getattr(y.metrics, name).tolist(), (interval, name)
             assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12, abs=1e-9)
             assert x.stats.events_scanned == y.stats.events_scanned
+        for dimension in Dimension:
+            q = SegmentsQuery(test_id, dimension)
+            x, y = rolled.segments(q), scanned.segments(q)
+            assert_same_groups(x, y)
+            assert x.segments == y.segments, dimension
         used += rolled._ingest.view.partitions.get(rolled._ingest.tests.code(test_id)) is not None and \
             rolled._ingest.view.partitions[rolled._ingest.tests.code(test_id)].rollup is not None
     return used
@@ -111,6 +124,14 @@ def test_only_tests_asked_for_whole_keep_a_rollup():
     store.wait_rollups()
     assert hourly() == {TESTS[0]}
     assert store.timeseries(series).metrics.users.tolist() == scanned.metrics.users.tolist()
+    holds = store._ingest.view.partitions[store._ingest.tests.code(TESTS[0])].rollup.holds
+    assert holds == {"hourly"}  # no segments: no Segments was asked for
+    segments = SegmentsQuery(TESTS[0], Dimension.COUNTRY)
+    scanned = store.segments(segments)
+    store.wait_rollups()
+    holds = store._ingest.view.partitions[store._ingest.tests.code(TESTS[0])].rollup.holds
+    assert holds == {"hourly", "country"}  # by country only, and the hours kept
+    assert store.segments(segments).metrics.users.tolist() == scanned.metrics.users.tolist()
     append(store, to_table(EVENTS[:500]))  # kept up at sealing from now on
     store.wait_sealed()
     assert rolled() == {TESTS[0]} and hourly() == {TESTS[0]}
