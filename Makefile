@@ -30,14 +30,19 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 
 NODE_STAMP := clients/node/node_modules/.installed-stamp
-## The results page's charting library (Vega-Lite and vega-embed), served by the server itself.
+## The results page's charts, served by the server itself: Vega, and the page's Vega-Lite specs
+## compiled to Vega here (so the browser loads and compiles no Vega-Lite).
 UI_STAMP := rest/ui/node_modules/.installed-stamp
+CHARTS := rest/ui/build/charts.json
 
 $(UI_STAMP): rest/ui/package.json rest/ui/package-lock.json
 	cd rest/ui && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-ui: $(UI_STAMP)
+$(CHARTS): rest/ui/charts.mjs rest/ui/build.mjs $(UI_STAMP)
+	cd rest/ui && node build.mjs
+
+ui: $(CHARTS)
 
 $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
@@ -73,10 +78,10 @@ $(SDK_STAMP): tests/sdk/package.json tests/sdk/package-lock.json
 	cd tests/sdk && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: lint $(NODE_STAMP) $(UI_STAMP) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
+test: lint $(NODE_STAMP) $(CHARTS) $(SDK_STAMP) $(TB_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-run: $(STAMP) $(UI_STAMP)
+run: $(STAMP) $(CHARTS)
 	$(VENV)/bin/abstream serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA),--data-dir $(DATA))
 
 ## A local ClickHouse cluster (2 shards x 2 replicas, ZooKeeper) with abstream serving on it at ADDR.
@@ -84,7 +89,7 @@ cluster: $(STAMP) $(DEBS_STAMP)
 	$(PY) -m abstream.clickhouse.cluster $(if $(ADDR),--addr $(ADDR)) $(if $(DIR),--dir $(DIR))
 
 ## Benchmark against DuckDB on N generated events (cached in bench/data); report in bench/results.
-bench: $(STAMP) $(UI_STAMP) $(if $(filter clickhouse,$(ENGINE)),$(DEBS_STAMP))
+bench: $(STAMP) $(CHARTS) $(if $(filter clickhouse,$(ENGINE)),$(DEBS_STAMP))
 	$(PY) -m bench.run --events $(N) $(if $(ENGINE),--engine $(ENGINE)) $(BENCH_ARGS)
 
 clean:

@@ -4,8 +4,9 @@ answers the page draws (every test; one test's results), on the HTTP API's port.
 The page is static; what it shows comes from `/api/tests` and `/api/tests/<id>`, which take the
 API's tokens (the page sends the one its user typed, kept in the browser's session storage only)
 and answer from the same core calls as gRPC's Summary, Timeseries and Segments, so the page shows
-the numbers any client gets. Charts are Vega-Lite specs drawn by vega-embed, served from the npm
-packages `make ui` installs (never a CDN: the page works without the internet).
+the numbers any client gets. Charts are Vega-Lite specs compiled to Vega by `make ui` and drawn by
+Vega, both served from what `make ui` installs and builds (never a CDN: the page works without the
+internet).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from abstream.rest.pipes import Params, parse_datetime
 from aiohttp import web
 
 UI = Path(__file__).resolve().parent / "ui"
-#: The charting library's browser builds, by the name the page asks for.
-VENDOR = {"vega.min.js": "vega/build/vega.min.js", "vega-lite.min.js": "vega-lite/build/vega-lite.min.js",
-          "vega-embed.min.js": "vega-embed/build/vega-embed.min.js"}
+#: What `make ui` installs and builds for the page's charts, by the name the page asks for: Vega's
+#: browser build and the charts (Vega-Lite specs compiled to Vega), with their types.
+VENDOR = {"vega.min.js": ("node_modules/vega/build/vega.min.js", "application/javascript"),
+          "charts.json": ("build/charts.json", "application/json")}
 STATIC = {"app.js": "application/javascript", "app.css": "text/css"}
 #: Tests whose status the list computes (by latest activity); the rest show their counts only.
 STATUS_LIMIT = 200
@@ -162,10 +164,11 @@ class ResultsPage:
         name = request.match_info["name"]
         if name not in VENDOR:
             raise NotFound(f"no file {name[:64]!r} here")
-        path = UI / "node_modules" / VENDOR[name]
+        relative, kind = VENDOR[name]
+        path = UI / relative
         if not path.is_file():
-            raise NotFound(f"{name} is not installed: run `make ui` (npm ci in rest/ui) for the page's charts")
-        return web.FileResponse(path, headers={"Content-Type": "application/javascript; charset=utf-8",
+            raise NotFound(f"{name} is not built: run `make ui` for the page's charts")
+        return web.FileResponse(path, headers={"Content-Type": f"{kind}; charset=utf-8",
                                                "Cache-Control": "public, max-age=86400",
                                                "X-Content-Type-Options": "nosniff"})
 

@@ -1,6 +1,6 @@
 // The results page: every test at "/", one test at "/tests/<id>". Everything shown comes from
-// /api/tests and /api/tests/<id>; charts are Vega-Lite specs drawn by vega-embed. Every choice is
-// in the URL, so a view can be shared; the token is kept in this tab's session storage only.
+// /api/tests and /api/tests/<id>; charts are Vega-Lite specs (charts.mjs) drawn by Vega. Every
+// choice is in the URL, so a view can be shared; the token is kept in this tab's session storage.
 "use strict";
 
 const TOKEN_KEY = "abstream-token";
@@ -13,7 +13,6 @@ const METRIC_LABELS = {
   conversions_per_session: "conversions per session",
   events_per_session: "events per session",
 };
-const OUTCOME_COLORS = { better: "#1a7f37", worse: "#cf222e", flat: "#6e7781" };
 
 let lastFetched = 0;
 let lastShown = "";
@@ -174,30 +173,33 @@ function setQuery(params) {
   history.replaceState(null, "", url);
 }
 
-// The charting library loads on a test's page only (the list has no charts), while its first
-// data request is answered, not before it starts.
+// The charting library and the page's charts (Vega-Lite specs compiled to Vega by `make ui`) load
+// on a test's page only (the list has no charts), while its first data request is answered.
 let charting = null;
 function chartingLoaded() {
-  charting ||= ["vega.min.js", "vega-lite.min.js", "vega-embed.min.js"].reduce((previous, name) => {
-    const script = h("script", { src: `/static/vendor/${name}` });
-    script.async = false; // in order: each needs the one before
-    const loaded = new Promise((resolve) => { script.onload = resolve; script.onerror = resolve; });
-    document.head.append(script);
-    return previous.then(() => loaded);
-  }, Promise.resolve());
+  charting ||= Promise.all([
+    new Promise((resolve) => {
+      const script = h("script", { src: "/static/vendor/vega.min.js" });
+      script.onload = resolve;
+      script.onerror = resolve;
+      document.head.append(script);
+    }),
+    fetch("/static/vendor/charts.json").then((r) => (r.ok ? r.json() : null)).catch(() => null),
+  ]).then(([, specs]) => specs);
   return charting;
 }
 
-async function chart(id, spec) {
+async function chart(id, name, values) {
   const target = document.getElementById(id);
   if (!target) return;
-  await chartingLoaded();
-  if (typeof window.vegaEmbed !== "function") {
+  const specs = await chartingLoaded();
+  if (!window.vega || !specs) {
     target.replaceChildren(h("p", { class: "muted" }, "Charts need the charting library: run `make ui` on the server."));
     return;
   }
-  await window.vegaEmbed(target, { width: "container", ...spec },
-    { mode: "vega-lite", actions: false, renderer: "svg", logLevel: window.vega ? window.vega.Error : 0 });
+  const view = new window.vega.View(window.vega.parse(specs[name]),
+    { container: target, renderer: "svg", logLevel: window.vega.Error });
+  await view.data("values", values).runAsync();
 }
 
 // ---- every test ----------------------------------------------------------------------------
@@ -427,60 +429,20 @@ function segmentsTable(data) {
         cell(s.revenue_per_user, money(s.revenue_per_user), { "data-metric": "revenue_per_user", class: "num" })))));
 }
 
-function forestSpec(data) {
+// The rows each chart draws (its spec is in charts.mjs).
+function forestRows(data) {
   const confidence = data.options.confidence;
-  const values = data.comparisons.filter((c) => c.relative.status === "ok").map((c) => ({
+  return data.comparisons.filter((c) => c.relative.status === "ok").map((c) => ({
     row: `${c.variant} · ${METRIC_LABELS[c.metric] || c.metric}`, estimate: c.relative.estimate,
     low: c.relative.ci_low, high: c.relative.ci_high, outcome: outcome(c, confidence) }));
-  const color = { field: "outcome", type: "nominal", legend: null,
-                  scale: { domain: Object.keys(OUTCOME_COLORS), range: Object.values(OUTCOME_COLORS) } };
-  const y = { field: "row", type: "nominal", title: null, sort: null };
-  const x = { type: "quantitative", title: "relative lift", axis: { format: "+.1%" } };
-  return {
-    height: { step: 26 },
-    layer: [
-      { data: { values: [{ zero: 0 }] }, mark: { type: "rule", strokeDash: [4, 4], color: "#8c959f" },
-        encoding: { x: { field: "zero", ...x } } },
-      { data: { values }, mark: { type: "rule", strokeWidth: 2 },
-        encoding: { y, x: { field: "low", ...x }, x2: { field: "high" }, color } },
-      { data: { values }, mark: { type: "point", filled: true, size: 70 },
-        encoding: { y, x: { field: "estimate", ...x }, color,
-                    tooltip: [{ field: "row" }, { field: "estimate", format: "+.2%" }, { field: "low", format: "+.2%" },
-                              { field: "high", format: "+.2%" }] } },
-    ],
-  };
 }
 
-function seriesSpec(data, field, title, format) {
-  return {
-    height: 220,
-    data: { values: data.timeseries },
-    mark: { type: "line", interpolate: "step-after", point: false },
-    encoding: {
-      x: { field: "bucket", type: "temporal", title: null },
-      y: { field, type: "quantitative", title, axis: { format } },
-      color: { field: "variant", type: "nominal", legend: { orient: "bottom", title: null } },
-      tooltip: [{ field: "bucket", type: "temporal" }, { field: "variant" }, { field, format }],
-    },
-  };
-}
-
-function segmentsSpec(data) {
+// The 12 segments with the most users, ranked by them.
+function segmentRows(data) {
   const users = {};
   for (const s of data.segments) users[s.segment] = (users[s.segment] || 0) + s.users;
-  const top = Object.entries(users).sort((a, b) => b[1] - a[1]).slice(0, 12).map(([k]) => k);
-  return {
-    height: { step: 14 },
-    data: { values: data.segments.filter((s) => top.includes(s.segment)) },
-    mark: "bar",
-    encoding: {
-      y: { field: "segment", type: "nominal", title: null, sort: top },
-      yOffset: { field: "variant" },
-      x: { field: "conversion_rate", type: "quantitative", title: "conversion rate", axis: { format: ".1%" } },
-      color: { field: "variant", type: "nominal", legend: { orient: "bottom", title: null } },
-      tooltip: [{ field: "segment" }, { field: "variant" }, { field: "users" }, { field: "conversion_rate", format: ".2%" }],
-    },
-  };
+  const rank = new Map(Object.entries(users).sort((a, b) => b[1] - a[1]).slice(0, 12).map(([k], i) => [k, i]));
+  return data.segments.filter((s) => rank.has(s.segment)).map((s) => ({ ...s, rank: rank.get(s.segment) }));
 }
 
 let testView = null; // the test's page once built: its controls stay, its results are redrawn
@@ -549,10 +511,10 @@ async function showTest(testId, force) {
       h("div", { class: "scroll" }, segmentsTable(data)),
       h("div", { id: "segments-chart", class: "chart", role: "img", "aria-label": "Conversion rate by segment" }))));
   await Promise.all([
-    data.comparisons.some((c) => c.relative.status === "ok") ? chart("forest", forestSpec(data)) : null,
-    chart("ts-conversion", seriesSpec(data, "conversion_rate", "conversion rate", ".1%")),
-    chart("ts-revenue", seriesSpec(data, "revenue_per_user", "revenue per user", ",.2f")),
-    chart("segments-chart", segmentsSpec(data)),
+    data.comparisons.some((c) => c.relative.status === "ok") ? chart("forest", "forest", forestRows(data)) : null,
+    chart("ts-conversion", "conversion", data.timeseries),
+    chart("ts-revenue", "revenue", data.timeseries),
+    chart("segments-chart", "segments", segmentRows(data)),
   ]);
   rendered();
   drawLift(testId);
@@ -581,22 +543,7 @@ async function drawLift(testId) {
     }
   }
   target.dataset.points = String(values.length);
-  const x = { field: "bucket", type: "temporal", title: null };
-  const color = { field: "series", type: "nominal", legend: { orient: "bottom", title: null } };
-  await chart("lift-chart", {
-    height: 220,
-    data: { values },
-    layer: [
-      { mark: { type: "area", opacity: 0.15, interpolate: "step-after" },
-        encoding: { x, y: { field: "low", type: "quantitative", title: "relative lift", axis: { format: "+.0%" } },
-                    y2: { field: "high" }, color } },
-      { mark: { type: "line", interpolate: "step-after" },
-        encoding: { x, y: { field: "estimate", type: "quantitative" }, color,
-                    tooltip: [{ field: "bucket", type: "temporal" }, { field: "series" },
-                              { field: "estimate", format: "+.2%" }, { field: "low", format: "+.2%" },
-                              { field: "high", format: "+.2%" }] } },
-    ],
-  });
+  await chart("lift-chart", "lift", values);
   target.dataset.drawn = "true";
 }
 
