@@ -39,7 +39,7 @@ from abstream.store.dictionary import hash_strings
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
-from abstream.store.rollup import HOUR_NS, HOURLY, Rollup, VariantTotals
+from abstream.store.rollup import HOUR_NS, HOURLY, Moments, Rollup, VariantTotals
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
@@ -60,10 +60,10 @@ class _Scope:
         return QueryStats(self.scanned, time.perf_counter_ns() - self.started_ns)
 
 
-def _rolled_up_stats(groups: list[VariantTotals]) -> tuple[MetricColumns, UserMoments]:
-    """The metrics and user moments of each group's rolled-up totals, in order."""
+def _rolled_up_stats(groups: list[Moments]) -> tuple[MetricColumns, UserMoments]:
+    """The metrics and user moments of groups, from their rolled-up moments, in order."""
     (users, converted, conversions, revenue, m2_revenue, m2_conversions, comoment,
-     events) = (np.array(column) for column in zip(*(g.moments() for g in groups)))
+     events) = (np.array(column) for column in zip(*groups))
     return (MetricColumns(events=events, conversions=conversions, total_revenue=revenue, users=users,
                           converted_users=converted),
             UserMoments.of(users, converted, revenue, conversions, m2_revenue, m2_conversions, comoment))
@@ -119,7 +119,7 @@ class Queries:
             return None
         _in_time(q.deadline)
         codes = self._name_order("variant", rollup.variants)
-        metrics, moments = _rolled_up_stats([rollup.variants[c] for c in codes.tolist()])
+        metrics, moments = _rolled_up_stats([rollup.variants[c].moments() for c in codes.tolist()])
         return GroupStats(self._ingest.dicts["variant"].decode(codes), None, metrics, moments,
                           QueryStats(int(metrics.events.sum()), time.perf_counter_ns() - started), rollup.users,
                           rollup.several)
@@ -247,7 +247,7 @@ class Queries:
         found = self._rollup(q.test_id, q.start_ns, q.end_ns, frozenset([dim]))
         if found is None:
             return None
-        groups = found[0].segment_totals(dim, found[1])
+        groups = found[0].segment_moments(dim, found[1])
         _in_time(q.deadline)
         variant_codes = self._name_order("variant", {v for v, _ in groups})
         segment_codes = self._name_order(dim, {s for _, s in groups})

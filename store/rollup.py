@@ -6,9 +6,10 @@ most of such a query's time. Once a test's whole answers have been asked for (In
 its sealed events are folded into these totals as each part is sealed (PartitionView.with_rows):
 per variant, a bitset of its users, and the conversions and revenue of the users who have any
 (most have neither); hourly, also each user's first hour, first conversion hour and per-hour
-totals; per dimension Segments was asked for, the same per (variant, segment). A query merges only the tail's rows of the test into them. The answers are the scan's:
-the same counts, and sums and centered moments of the same per-user totals (the float sums
-added in another order).
+totals; per dimension Segments was asked for, the same (without hours) per (variant, segment).
+A query merges only the tail's rows of the test into them. The answers are the scan's: the same
+counts, and sums and centered moments of the same per-user totals (the float sums added in
+another order).
 
 They are derived from the parts alone, so every change that rewrites a test's parts (retention,
 deletion, erasure, recovery from a snapshot) rebuilds them with the parts.
@@ -26,8 +27,8 @@ from abstream.store import kernels
 DIMENSIONS = ("device", "country", "event_type")
 #: The columns the totals are folded from.
 COLUMNS = ("timestamp", "variant", "user_id", "conversion", "revenue", *DIMENSIONS)
-#: What a rollup may hold beyond per-variant totals: hours (what cumulative Timeseries reads), and
-#: per (variant, segment) totals for each dimension Segments was asked for.
+#: What a rollup holds beside per-variant totals (Rollup.holds) is named by HOURLY (hours, which
+#: cumulative Timeseries reads) and by DIMENSIONS (per (variant, segment) totals, which Segments reads).
 HOURLY = "hourly"
 HOUR_NS = 3600 * 1_000_000_000
 #: The first conversion hour of a user who has revenue but no conversion.
@@ -102,6 +103,24 @@ def _words(bits: np.ndarray) -> np.ndarray:
 
 def _inserted(values: np.ndarray, at: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(values, at, new) if len(new) else values
+
+
+#: (users, converted users, conversions, revenue, centered sums of squares of revenue and of
+#: conversions per user, their co-moment, events).
+Moments = tuple[int, int, int, float, float, float, float, int]
+
+
+def moments(users: int, conversions: np.ndarray, revenue: np.ndarray, events: int) -> Moments:
+    """The moments of `users` users, those with a value having these totals: every user counted,
+    those without a value by their deviation from the mean, as kernels.centered_user_moments does."""
+    n = users
+    total_conversions, total_revenue = int(conversions.sum(dtype=np.int64)), float(revenue.sum())
+    mean_x, mean_y = (total_revenue / n, total_conversions / n) if n else (0.0, 0.0)
+    dx, dy = revenue - mean_x, conversions - mean_y
+    without = n - len(revenue)
+    return (n, int(np.count_nonzero(conversions)), total_conversions, total_revenue,
+            without * mean_x * mean_x + float(dx @ dx), without * mean_y * mean_y + float(dy @ dy),
+            without * mean_x * mean_y + float(dx @ dy), events)
 
 
 class RollupWanted(NamedTuple):
@@ -222,18 +241,8 @@ class VariantTotals:
                "converted_users": count(first_converted) + count(cf[moved]) - count(was[moved & (was != NO_HOUR)])}
         return buckets, {k: v if k == "total_revenue" else np.rint(v).astype(np.int64) for k, v in out.items()}
 
-    def moments(self) -> tuple[int, int, int, float, float, float, float, int]:
-        """(users, converted users, conversions, revenue, centered sums of squares of revenue and
-        of conversions per user, their co-moment, events), every user counted: those without a
-        value contribute their deviation from the mean, as kernels.centered_user_moments does."""
-        n = self.users
-        conversions, revenue = int(self.conversions.sum(dtype=np.int64)), float(self.revenue.sum())
-        mean_x, mean_y = (revenue / n, conversions / n) if n else (0.0, 0.0)
-        dx, dy = self.revenue - mean_x, self.conversions - mean_y
-        without = n - len(self.active)
-        return (n, int(np.count_nonzero(self.conversions)), conversions, revenue,
-                without * mean_x * mean_x + float(dx @ dx), without * mean_y * mean_y + float(dy @ dy),
-                without * mean_x * mean_y + float(dx @ dy), self.events)
+    def moments(self) -> Moments:
+        return moments(self.users, self.conversions, self.revenue, self.events)
 
     @property
     def nbytes(self) -> int:
@@ -242,8 +251,8 @@ class VariantTotals:
                                       self.hour_conversions, self.hour_revenue))
 
 
-def _grouped(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, cols: dict[str, np.ndarray],
-             kept: bool) -> dict[tuple[int, int], VariantTotals]:
+def _grouped(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, cols: dict[str, np.ndarray]
+             ) -> dict[tuple[int, int], VariantTotals]:
     """Per (variant code, segment code) totals with the rows added (no hours: Segments reads none)."""
     out = dict(groups)
     keys, order, starts = runs(cols["variant"].astype(np.int64) << 32 | segment.astype(np.int64))
@@ -252,8 +261,40 @@ def _grouped(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, 
         rows = order[bounds[k]:bounds[k + 1]]
         group = (key >> 32, key & 0xFFFFFFFF)
         out[group] = out.get(group, VariantTotals()).merged(
-            *(cols[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), kept, False)[0]
+            *(cols[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), True, False)[0]
     return out
+
+
+def _grouped_moments(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, cols: dict[str, np.ndarray]
+                     ) -> dict[tuple[int, int], Moments]:
+    """Per (variant code, segment code) the moments of its totals with the rows added, merged
+    for one answer only: the rows are summed per (group, user) once, for every group at once,
+    and each group's users with a value updated from them (a tail spreads over many groups)."""
+    out = {}
+    if len(cols["user_id"]):
+        # variant and segment codes are 16-bit, user codes 31-bit: one key per (group, user)
+        keys, order, starts = runs(cols["variant"].astype(np.int64) << 47 | segment.astype(np.int64) << 31
+                                   | cols["user_id"].astype(np.int64))
+        conversions = np.add.reduceat(cols["conversion"][order].astype(np.int64), starts)
+        revenue = np.add.reduceat(cols["revenue"][order].astype(np.float64), starts)
+        events = np.diff(np.append(starts, len(order)))
+        users, group = (keys & ((1 << 31) - 1)).astype(_CODES), keys >> 31
+        bounds = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1], [True])))
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            key = (int(group[a]) >> 16, int(group[a]) & 0xFFFF)
+            old = groups.get(key, VariantTotals())
+            u, c, r = users[a:b], conversions[a:b], revenue[a:b]
+            new_users = int(np.count_nonzero(~kernels.has_users(old.bits, u)))
+            valued = np.flatnonzero((c != 0) | (r != 0))
+            u, c, r = u[valued], c[valued], r[valued]
+            found = contains(old.active, u)
+            at = np.searchsorted(old.active, u[found])
+            x, y = old.revenue.copy(), old.conversions.astype(np.int64)
+            x[at] += r[found]  # each user once: no repeated index
+            y[at] += c[found]
+            out[key] = moments(old.users + new_users, np.concatenate([y, c[~found]]), np.concatenate([x, r[~found]]),
+                               old.events + int(events[a:b].sum()))
+    return out | {key: g.moments() for key, g in groups.items() if key not in out}
 
 
 @dataclass(frozen=True)
@@ -290,14 +331,14 @@ class Rollup:
         for totals in self.variants.values():
             before += kernels.has_users(totals.bits, users)
         segments = self.segments if not kept else {  # one Summary's reads no segments
-            dim: _grouped(self.segments.get(dim, {}), cols[dim], cols, kept) for dim in DIMENSIONS if dim in self.holds}
+            dim: _grouped(self.segments.get(dim, {}), cols[dim], cols) for dim in DIMENSIONS if dim in self.holds}
         return Rollup(variants, self.users + int(np.count_nonzero(before == 0)),
                       self.several + int(np.count_nonzero((before + gained > 1) & (before < 2))), self.holds,
                       segments)
 
-    def segment_totals(self, dimension: str, cols: dict[str, np.ndarray]) -> dict[tuple[int, int], VariantTotals]:
-        """Per (variant, segment) totals of `dimension` with rows added, for one answer."""
-        return _grouped(self.segments[dimension], cols[dimension], cols, False)
+    def segment_moments(self, dimension: str, cols: dict[str, np.ndarray]) -> dict[tuple[int, int], Moments]:
+        """Per (variant, segment) of `dimension`, the moments of its totals with rows added."""
+        return _grouped_moments(self.segments[dimension], cols[dimension], cols)
 
     @property
     def nbytes(self) -> int:
