@@ -189,6 +189,8 @@ function chartingLoaded() {
   return charting;
 }
 
+const views = new Map(); // by chart id: each redraw finalizes the view before (its listeners go with it)
+
 async function chart(id, name, values) {
   const target = document.getElementById(id);
   if (!target) return;
@@ -197,8 +199,10 @@ async function chart(id, name, values) {
     target.replaceChildren(h("p", { class: "muted" }, "Charts need the charting library: run `make ui` on the server."));
     return;
   }
+  if (views.has(id)) views.get(id).finalize();
   const view = new window.vega.View(window.vega.parse(specs[name]),
     { container: target, renderer: "svg", logLevel: window.vega.Error });
+  views.set(id, view);
   await view.data("values", values).runAsync();
 }
 
