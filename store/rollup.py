@@ -251,15 +251,28 @@ class VariantTotals:
                                       self.hour_conversions, self.hour_revenue))
 
 
+_SEGMENT_BITS = 16  # variant and segment codes are uint16
+_USER_BITS = 31  # user codes are non-negative int32
+
+
+def _group_keys(cols: dict[str, np.ndarray], segment: np.ndarray) -> np.ndarray:
+    """Each row's (variant, segment) group as one int64."""
+    return cols["variant"].astype(np.int64) << _SEGMENT_BITS | segment.astype(np.int64)
+
+
+def _group(key: int) -> tuple[int, int]:
+    return key >> _SEGMENT_BITS, key & ((1 << _SEGMENT_BITS) - 1)
+
+
 def _grouped(groups: dict[tuple[int, int], VariantTotals], segment: np.ndarray, cols: dict[str, np.ndarray]
              ) -> dict[tuple[int, int], VariantTotals]:
     """Per (variant code, segment code) totals with the rows added (no hours: Segments reads none)."""
     out = dict(groups)
-    keys, order, starts = runs(cols["variant"].astype(np.int64) << 32 | segment.astype(np.int64))
+    keys, order, starts = runs(_group_keys(cols, segment))
     bounds = np.append(starts, len(order))
     for k, key in enumerate(keys.tolist()):
         rows = order[bounds[k]:bounds[k + 1]]
-        group = (key >> 32, key & 0xFFFFFFFF)
+        group = _group(key)
         out[group] = out.get(group, VariantTotals()).merged(
             *(cols[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), True, False)[0]
     return out
@@ -272,16 +285,14 @@ def _grouped_moments(groups: dict[tuple[int, int], VariantTotals], segment: np.n
     and each group's users with a value updated from them (a tail spreads over many groups)."""
     out = {}
     if len(cols["user_id"]):
-        # variant and segment codes are 16-bit, user codes 31-bit: one key per (group, user)
-        keys, order, starts = runs(cols["variant"].astype(np.int64) << 47 | segment.astype(np.int64) << 31
-                                   | cols["user_id"].astype(np.int64))
+        keys, order, starts = runs(_group_keys(cols, segment) << _USER_BITS | cols["user_id"].astype(np.int64))
         conversions = np.add.reduceat(cols["conversion"][order].astype(np.int64), starts)
         revenue = np.add.reduceat(cols["revenue"][order].astype(np.float64), starts)
         events = np.diff(np.append(starts, len(order)))
-        users, group = (keys & ((1 << 31) - 1)).astype(_CODES), keys >> 31
+        users, group = (keys & ((1 << _USER_BITS) - 1)).astype(_CODES), keys >> _USER_BITS
         bounds = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1], [True])))
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            key = (int(group[a]) >> 16, int(group[a]) & 0xFFFF)
+            key = _group(int(group[a]))
             old = groups.get(key, VariantTotals())
             u, c, r = users[a:b], conversions[a:b], revenue[a:b]
             new_users = int(np.count_nonzero(~kernels.has_users(old.bits, u)))
