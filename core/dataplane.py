@@ -64,6 +64,10 @@ R = TypeVar("R")
 
 #: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
 PIPELINE_DEPTH = 8
+#: At most this many requests, and events, of one stream that queued up while the batch before
+#: them was stored are stored together as one batch (Core._store).
+GROUP_REQUESTS = 16
+GROUP_EVENTS = 65_536
 #: Requests up to this size are measured on the event loop (well under a millisecond).
 INLINE_MEASURE_BYTES = 1 << 20
 #: Longest an ingest step waits for running queries to finish (see _yield_to_queries).
@@ -75,6 +79,26 @@ QUARANTINE_MAX_LIMIT = 10_000
 def _in_thread(pool: ThreadPoolExecutor, fn, *args):
     """`fn(*args)` in `pool`, with the caller's context (request id, principal), as to_thread does."""
     return asyncio.get_running_loop().run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
+
+
+def split_result(result: IngestResult, sizes: list[int]) -> list[IngestResult]:
+    """One result per request of a batch that stored requests of `sizes` events together, each
+    with its own rejections (indexed within it); all share the batch's commit token."""
+    if len(sizes) == 1:
+        return [result]
+    if result.duplicate:
+        return [result] * len(sizes)
+    rejections = sorted(result.rejections, key=lambda r: r.index)
+    out, at, k = [], 0, 0
+    for n in sizes:
+        mine = []
+        while k < len(rejections) and rejections[k].index < at + n:
+            r = rejections[k]
+            mine.append(Rejection(r.index - at, r.field, r.message))
+            k += 1
+        out.append(IngestResult(n - len(mine), mine, token=result.token))
+        at += n
+    return out
 
 
 class Core:
@@ -95,11 +119,10 @@ class Core:
         self._queries = 0
         self._no_queries = threading.Event()
         self._no_queries.set()
-        # One thread prepares batches and one applies them, for every stream: with a thread per
-        # step from the shared pool, up to 8 prepares per stream fought over the GIL (~555 futex
-        # calls per 1,000-event batch under strace, against ~117 with these two).
-        self._preparing = ThreadPoolExecutor(1, thread_name_prefix="abstream-prepare")
-        self._applying = ThreadPoolExecutor(1, thread_name_prefix="abstream-apply")
+        # One thread stores batches, for every stream: with a thread per step from the shared pool,
+        # up to 8 prepares per stream fought over the GIL (~555 futex calls per 1,000-event batch
+        # under strace), and a thread to prepare and one to apply cost a round trip each.
+        self._storing = ThreadPoolExecutor(1, thread_name_prefix="abstream-store")
 
     @property
     def engine(self) -> Engine:
@@ -123,16 +146,16 @@ class Core:
 
     def close(self) -> None:
         """Ends the ingest threads (once no stream is open)."""
-        self._preparing.shutdown(wait=False)
-        self._applying.shutdown(wait=False)
+        self._storing.shutdown(wait=False)
 
     # ---- ingest ---------------------------------------------------------------------------
 
     async def ingest(self, principal: Principal, requests: AsyncIterator[T], measure: Callable[[T], RequestSize],
                      decode: Callable[[T], DecodedBatch]) -> AsyncIterator[IngestResult]:
         """Decodes, checks, applies and acks a stream's requests in order, pipelined: while one
-        batch waits for its fsync, the next is applied and later ones are decoded. `measure` and
-        `decode` are the transport's: the size of a request without decoding it, and its events."""
+        batch waits for its fsync, the next is stored. Requests that queued up meanwhile are
+        stored together, as one batch (`_store`), and acked one by one. `measure` and `decode`
+        are the transport's: the size of a request without decoding it, and its events."""
         engine = self.engine
         if self.draining:
             raise Unavailable("the server is shutting down; send to another server or retry later")
@@ -141,7 +164,7 @@ class Core:
                                     "send on an open stream or retry", retry_after=1.0)
         self._streams += 1
         self.metrics.active_streams.inc()
-        decoding: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+        arrived: asyncio.Queue = asyncio.Queue(maxsize=2 * GROUP_REQUESTS)
         acking: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         cut_short = False
         held: list[int] = []  # budget this stream holds, one entry per request not yet acked, in order
@@ -156,58 +179,127 @@ class Core:
                     size = measure(raw) if len(raw) <= INLINE_MEASURE_BYTES else await asyncio.to_thread(measure, raw)
                     self._check_memory()
                     held.append(await self._budget.acquire(admission.cost(size)))
-                    await decoding.put((started, asyncio.ensure_future(
-                        _in_thread(self._preparing, self._prepare, engine, raw, decode, principal))))
-                    del raw  # the prepare thread holds it now, and lets go of it once done
+                    await arrived.put((started, raw))
+                    del raw  # the queue holds it now, and the store thread once it takes it
                     if self.draining:
                         cut_short = True
                         break
             finally:
-                await decoding.put(None)
+                await arrived.put(None)
 
-        async def apply_all() -> None:
+        async def store_all() -> None:
             try:
-                while (item := await decoding.get()) is not None:
-                    started, prepared = item
-                    prepared, n = await prepared
-                    result = await _in_thread(self._applying, self._apply, engine, prepared, n, principal)
-                    durable = asyncio.ensure_future(asyncio.to_thread(engine.commit, result))
-                    await acking.put((result, durable, started))
+                ended = False
+                while not ended:
+                    taken = [await arrived.get()]
+                    while taken[-1] is not None and len(taken) < GROUP_REQUESTS and not arrived.empty():
+                        taken.append(arrived.get_nowait())
+                    if ended := taken[-1] is None:
+                        taken.pop()
+                    if not taken:
+                        continue
+                    stored, error = await _in_thread(self._storing, self._store, engine, [raw for _, raw in taken],
+                                                     decode, principal)
+                    starts = iter(started for started, _ in taken)
+                    del taken
+                    for result, sizes in stored:
+                        self.metrics.stored_together.observe(len(sizes))
+                        durable = asyncio.ensure_future(asyncio.to_thread(engine.commit, result))
+                        await acking.put((split_result(result, sizes), durable, [next(starts) for _ in sizes]))
+                    if error is not None:
+                        raise error
             finally:
                 await acking.put(None)
 
-        reading, applying = asyncio.create_task(read_all()), asyncio.create_task(apply_all())
+        reading, storing = asyncio.create_task(read_all()), asyncio.create_task(store_all())
         try:
             while (item := await acking.get()) is not None:
-                result, durable, started = item
+                results, durable, starts = item
                 await durable
-                await self._budget.release(held.pop(0))
-                self.events_acked += result.accepted
-                self.metrics.acked(result, time.perf_counter() - started)
-                yield result
-            await applying  # raises what decoding or applying a batch raised, after every earlier ack
+                for result, started in zip(results, starts):
+                    await self._budget.release(held.pop(0))
+                    self.events_acked += result.accepted
+                    self.metrics.acked(result, time.perf_counter() - started)
+                    yield result
+            await storing  # raises what decoding or storing a batch raised, after every earlier ack
             await reading
         finally:
             reading.cancel()
-            applying.cancel()
+            storing.cancel()
             await self._budget.release(sum(held))
             self._streams -= 1
             self.metrics.active_streams.dec()
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _prepare(self, engine: Engine, raw, decode: Callable, principal: Principal):
-        """Decodes and checks one request, and has the engine prepare it (beside the batch being
-        applied). Returns (the engine's prepared batch, its events)."""
+    def _store(self, engine: Engine, raws: list, decode: Callable, principal: Principal
+               ) -> tuple[list[tuple[IngestResult, list[int]]], BaseException | None]:
+        """Decodes requests of one stream and stores them, consecutive ones that may go together
+        as one batch (one check, one log record, one view, one fsync): per request, a batch costs
+        ~3 ms however few its events. Returns each batch's result with the events of each of its
+        requests, and what stopped it early (raised after the acks of the requests before)."""
         self._yield_to_queries()
-        batch = decode(raw)
-        refuse = batch.refuse + self._refused_tests(batch.table, principal)
+        groups: list[list[DecodedBatch]] = []
+        error: BaseException | None = None
+        for raw in raws:
+            try:
+                batch = decode(raw)
+            except Exception as e:  # noqa: BLE001 -- raised once the requests before it are acked
+                error = e
+                break
+            if groups and self._joins(engine, groups[-1], batch):
+                groups[-1].append(batch)
+            else:
+                groups.append([batch])
+        del raws
+        stored = []
+        for group in groups:
+            try:
+                validated = self._validated(group, principal)
+                wait = self._rates.wait_for(principal, validated.table.num_rows)
+                if wait > 0:
+                    raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
+                                            f"{principal.ingest_rate:g} events/s", retry_after=wait)
+                prepared = engine.prepare(validated)
+                self._yield_to_queries()
+                stored.append((engine.apply(prepared), [b.table.num_rows for b in group]))
+            except Exception as e:  # noqa: BLE001 -- as above
+                return stored, e
+        return stored, error
+
+    @staticmethod
+    def _joins(engine: Engine, group: list[DecodedBatch], batch: DecodedBatch) -> bool:
+        """Whether `batch` may be stored with the requests before it: rows with rows (a columnar
+        request is logged as it came), one producer's next sequences (where the engine takes such
+        a batch), not too many events, and never a batch its producer sent before (the engine
+        answers that one as a duplicate, on its own)."""
+        first, last = group[0], group[-1]
+        if batch.ipc is not None or first.ipc is not None or batch.producer_id != first.producer_id \
+                or (batch.origin is None) != (first.origin is None) \
+                or sum(b.table.num_rows for b in group) + batch.table.num_rows > GROUP_EVENTS \
+                or not batch.table.schema.equals(first.table.schema):
+            return False
+        if not batch.producer_id:
+            return True
+        return engine.groups_producer_batches and batch.sequence > last.sequence \
+            and first.sequence > engine.last_sequence(first.producer_id)
+
+    def _validated(self, group: list[DecodedBatch], principal: Principal) -> ValidatedBatch:
+        """The checked events of requests stored together; rejections by index among them all."""
+        first = group[0]
+        table, refuse, origin = first.table, first.refuse, first.origin
+        if len(group) > 1:
+            table = pa.concat_tables([b.table for b in group])
+            offsets = np.cumsum([0] + [b.table.num_rows for b in group[:-1]]).tolist()
+            refuse = [Rejection(r.index + at, r.field, r.message) for b, at in zip(group, offsets) for r in b.refuse]
+            origin = [o for b in group for o in b.origin] if first.origin is not None else None
+        refuse = refuse + self._refused_tests(table, principal)
         now = self._clock()
-        table, rejections = events.check(batch.table, now, refuse)
-        if batch.origin is not None and rejections:
-            rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
-        validated = ValidatedBatch(table, rejections, now, batch.producer_id, batch.sequence, batch.ipc)
-        return engine.prepare(validated), table.num_rows
+        table, rejections = events.check(table, now, refuse)
+        if origin is not None and rejections:
+            rejections = [Rejection(r.index, r.field, f"{origin[r.index]}: {r.message}") for r in rejections]
+        return ValidatedBatch(table, rejections, now, first.producer_id, group[-1].sequence, first.ipc,
+                              first.sequence if len(group) > 1 and first.producer_id else 0)
 
     @staticmethod
     def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
@@ -221,14 +313,6 @@ class Core:
                    else np.zeros(table.num_rows, dtype=bool))
         why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
         return [Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist()]
-
-    def _apply(self, engine: Engine, prepared, events_in_batch: int, principal: Principal) -> IngestResult:
-        self._yield_to_queries()
-        wait = self._rates.wait_for(principal, events_in_batch)
-        if wait > 0:
-            raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
-                                    f"{principal.ingest_rate:g} events/s", retry_after=wait)
-        return engine.apply(prepared)
 
     def _check_memory(self) -> None:
         """Refuses ingest while the process is above its memory high-water mark."""

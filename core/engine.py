@@ -49,6 +49,9 @@ class Engine(Protocol):
     Queries return per-group metrics with the moments of the per-user values (`GroupStats`)."""
 
     name: str
+    #: Whether one batch may hold several requests of one producer (ValidatedBatch.first_sequence):
+    #: the engine then refuses such a batch unless all of them or none were applied before.
+    groups_producer_batches: bool
 
     def prepare(self, batch: ValidatedBatch) -> Any: ...
 

@@ -29,6 +29,9 @@ class Metrics:
         self.batches = Counter("abstream_batches", "Batches acknowledged, by outcome", ["outcome"], registry=r)
         self.ack_seconds = Histogram("abstream_batch_ack_seconds", "From a batch's arrival to its ack",
                                      buckets=_LATENCY, registry=r)
+        self.stored_together = Histogram("abstream_requests_per_stored_batch",
+                                         "Requests of one stream stored as one batch (they queued up meanwhile)",
+                                         buckets=(1, 2, 4, 8, 16), registry=r)
         self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
                                        registry=r)
         self.removed = Counter("abstream_events_removed", "Events removed, by operation (delete_test, erase_user, "

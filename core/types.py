@@ -564,6 +564,8 @@ class ValidatedBatch:
     producer_id: str = ""
     sequence: int = 0
     ipc: pa.Buffer | bytes | None = None  # the Arrow IPC stream the batch was read from, to log as is
+    # Requests of one producer stored together carry sequences first_sequence..sequence (0: one request)
+    first_sequence: int = 0
 
     @property
     def valid(self) -> np.ndarray:

@@ -48,6 +48,7 @@ class EventStore:
     every batch before it is acknowledged."""
 
     name = "embedded"
+    groups_producer_batches = True
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
                  clock: Callable[[], int] = time.time_ns, durability: Durability | None = None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+from abstream.core.errors import Unavailable
 from abstream.core.events import Rejection
 from abstream.core.types import Experiment, IngestResult, ValidatedBatch
 from abstream.store import persist
@@ -48,6 +49,7 @@ class PreparedBatch:
     received: int
     producer_id: str
     sequence: int
+    first_sequence: int  # of the producer's first request in the batch (0: the batch is one request)
     payload: Payload | None  # the log record, when the store has a log
 
     @property
@@ -119,17 +121,22 @@ class Ingest:
                 persist.Record(batch.table, rejections, batch.producer_id, batch.sequence, batch.received_ns),
                 batch.ipc))
         return PreparedBatch(test_codes, cols, rejected, rejections, batch.received_ns, batch.producer_id,
-                             batch.sequence, payload)
+                             batch.sequence, batch.first_sequence, payload)
 
     def apply(self, p: PreparedBatch) -> IngestResult:
         """Logs a prepared batch and makes it visible, in one critical section; its `token` is the
         log record to be durable before the ack. A batch tagged with a producer id is applied at
-        most once per sequence: one not above the producer's last is a duplicate."""
+        most once per sequence: one not above the producer's last is a duplicate. A batch of several
+        of its requests is applied whole or not at all."""
         with self.lock:
-            if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None \
-                    and p.sequence <= previous.sequence:
-                # Applied before: wait for that batch to be durable, store nothing now.
-                return IngestResult(0, [], duplicate=True, token=(previous.lsn or None) if self.wal else None)
+            if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None:
+                if p.sequence <= previous.sequence:
+                    # Applied before: wait for that batch to be durable, store nothing now.
+                    return IngestResult(0, [], duplicate=True, token=(previous.lsn or None) if self.wal else None)
+                if p.first_sequence and p.first_sequence <= previous.sequence:
+                    raise Unavailable(f"producer {p.producer_id!r} had batches up to sequence {previous.sequence} "
+                                      f"applied while batches {p.first_sequence} to {p.sequence} were on their way "
+                                      "(two streams at once?); send them again", retry_after=0.1)
             lsn = None if self.wal is None else self.wal.append(p.payload)
             self.publish(p.test_codes, p.cols, p.rejected, p.rejections, p.received, p.producer_id, p.sequence, lsn)
             return IngestResult(accepted=len(p.test_codes), rejections=p.rejections, token=lsn)
