@@ -27,6 +27,7 @@ class Metrics:
         self.rejected = Counter("abstream_events_rejected", "Events rejected, by the field that failed", ["field"],
                                 registry=r)
         self.batches = Counter("abstream_batches", "Batches acknowledged, by outcome", ["outcome"], registry=r)
+        self._stored, self._duplicate = self.batches.labels("stored"), self.batches.labels("duplicate")
         self.ack_seconds = Histogram("abstream_batch_ack_seconds", "From a batch's arrival to its ack",
                                      buckets=_LATENCY, registry=r)
         self.stored_together = Histogram("abstream_requests_per_stored_batch",
@@ -47,10 +48,11 @@ class Metrics:
 
     def acked(self, result: IngestResult, seconds: float) -> None:
         self.ack_seconds.observe(seconds)
-        self.batches.labels("duplicate" if result.duplicate else "stored").inc()
+        (self._duplicate if result.duplicate else self._stored).inc()
         self.ingested.inc(result.accepted)
-        for field, count in collections.Counter(r.field for r in result.rejections).items():
-            self.rejected.labels(field).inc(count)
+        if result.rejections:
+            for field, count in collections.Counter(r.field for r in result.rejections).items():
+                self.rejected.labels(field).inc(count)
 
     def watch(self, engine: Engine) -> None:
         """Gauges read from the engine, and the process's resident memory, when scraped."""
@@ -71,6 +73,14 @@ class Metrics:
             self._http.shutdown()
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_statm: tuple[int, int] | None = None  # (the process that opened it, the descriptor)
+
+
 def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Read before every ingest request (admission), so from a descriptor kept open: opening the
+    file each time cost more than the rest of the check."""
+    global _statm
+    if _statm is None or _statm[0] != os.getpid():  # a descriptor opened before a fork reads the parent
+        _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+    return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE

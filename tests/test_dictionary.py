@@ -111,6 +111,21 @@ def test_encode_roundtrips_and_is_stable_across_batches():
     assert d.code("never seen") is None
 
 
+def test_short_values_repeated_through_a_batch_keep_codes_of_their_own():
+    """Values of up to 16 bytes are looked up by their bytes first (the memo in _dictionary.c):
+    ones alike but for their last byte, a NUL or their length keep their own codes."""
+    values = ["", "a" * 15, "a" * 16, "a" * 15 + "b", "b" + "a" * 15, "a" * 17, "a" * 16 + "b", "日本",
+              *[f"c{i}" for i in range(300)],  # alike in their second 8 bytes (none)
+              *[f"aaaaaaaa{i:08d}" for i in range(300)],  # alike in their first 8
+              *[c + "\x00" * k for c in "abcdefghijklmnopqrstuvwxyz" for k in range(16)]]  # alike but in length
+    rng = random.Random(5)
+    d = Dictionary(capacity=10**9)
+    for _ in range(3):
+        batch = [rng.choice(values) for _ in range(20_000)]
+        assert d.decode(d.encode(pa.array(batch))) == batch
+    assert len(d) == len(values)
+
+
 def test_sliced_large_and_chunked_inputs_hash_like_plain_strings():
     values = awkward_strings(300, seed=3)
     plain = hash_strings(pa.array(values), KEY)
