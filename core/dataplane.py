@@ -238,10 +238,10 @@ class Core:
         as one batch (one check, one log record, one view, one fsync): per request, a batch costs
         ~3 ms however few its events. Returns each batch's result with the events of each of its
         requests, and what stopped it early (raised after the acks of the requests before)."""
-        self._yield_to_queries()
         groups: list[list[DecodedBatch]] = []
         error: BaseException | None = None
         for raw in raws:
+            self._yield_to_queries()  # before each step of ~0.1-10 ms, so a query waits for no more
             try:
                 batch = decode(raw)
             except Exception as e:  # noqa: BLE001 -- raised once the requests before it are acked
@@ -255,6 +255,7 @@ class Core:
         stored = []
         for group in groups:
             try:
+                self._yield_to_queries()
                 validated = self._validated(group, principal)
                 wait = self._rates.wait_for(principal, validated.table.num_rows)
                 if wait > 0:
@@ -323,7 +324,7 @@ class Core:
 
     def _yield_to_queries(self) -> None:
         """Ingest waits while queries run, up to QUERY_PRIORITY_WAIT_S per step (in the ingest
-        threads, at the start of preparing and of applying each batch).
+        thread, before decoding each request, and before checking and before applying each batch).
 
         A query is someone waiting for an answer; a batch is a producer with a buffer. On two
         cores, a stream ingesting at full speed would otherwise take the core (and the GIL) a
