@@ -290,7 +290,8 @@ class Core:
         first = group[0]
         table, refuse, origin = first.table, first.refuse, first.origin
         if len(group) > 1:
-            table = pa.concat_tables([b.table for b in group])
+            # One chunk per column: checking and encoding it costs a call per chunk, copying it less.
+            table = pa.concat_tables([b.table for b in group]).combine_chunks()
             offsets = np.cumsum([0] + [b.table.num_rows for b in group[:-1]]).tolist()
             refuse = [Rejection(r.index + at, r.field, r.message) for b, at in zip(group, offsets) for r in b.refuse]
             origin = [o for b in group for o in b.origin] if first.origin is not None else None
