@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -54,12 +55,14 @@ class ServerProcess:
             [sys.executable, "-m", "abstream.clients.cli", "serve", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
              "--data-dir", data_dir,
              "--max-message-bytes", str(256 << 20), "--snapshot-every-events", "0", "--snapshot-every-seconds", "0",
-             *args], stderr=subprocess.PIPE, text=True)
+             "--metrics-addr", "127.0.0.1:0", *args], stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
             self.lines.append(line)
-            if match := re.search(r"serving abstream\S+ on port (\d+)", line):
+            if match := re.search(r"metrics on (http://\S+/metrics)", line):
+                self.metrics_url = match.group(1)
+            elif match := re.search(r"serving abstream\S+ on port (\d+)", line):
                 self.address = f"127.0.0.1:{match.group(1)}"
             elif match := re.search(r"serving HTTP on port (\d+)", line):
                 self.http_address = f"127.0.0.1:{match.group(1)}"
@@ -68,6 +71,11 @@ class ServerProcess:
             if not line and self.process.poll() is not None:
                 break
         raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def metric(self, name: str) -> float:
+        """A sample of the server's Prometheus metrics (0 when absent)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=30).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
 
     def _drain(self) -> None:
         for line in self.process.stderr:
@@ -474,8 +482,12 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 if not only:
                     report["rollups"] = rollups(table, [typical, largest], mid_ns, reps)
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
+                stored = [server.metric(f"abstream_requests_per_stored_batch_{k}") for k in ("count", "sum")]
                 report["ingest_rows_1"] = median_ingest(server.address, rows, 1)
                 report["ingest_rows_4"] = median_ingest(server.address, rows, 4)
+                batches, requests = (server.metric(f"abstream_requests_per_stored_batch_{k}") - was
+                                     for k, was in zip(("count", "sum"), stored))
+                report["ingest_rows_grouped"] = {"requests": requests, "stored_batches": batches}
                 report["ingest_rows_ceiling"] = null_ceiling(rows)
                 row_sample = table.slice(0, row_events)
                 for lines in HTTP_LINES:
@@ -756,6 +768,10 @@ def table_text(report: dict) -> str:
                      f"goal 50%) |")
         lines.append(f"| the same, 4 streams | {ceiling['four']['events']:,} | {four:,.0f} (abstream on 4 streams: "
                      f"{report['ingest_rows_4']['events_per_s'] / rows_rate:.2f}x its 1 stream; goal 1.5x) |")
+    if grouped := report.get("ingest_rows_grouped"):
+        lines.append(f"| (the row batches above: {grouped['requests']:,.0f} requests stored as "
+                     f"{grouped['stored_batches']:,.0f} batches, {grouped['requests'] / grouped['stored_batches']:.1f} "
+                     "requests each, those that queued up while the one before was stored) | | |")
     for key, n, c in [("ingest_http_1000", 1_000, 1), ("ingest_http_10000", 10_000, 1), ("ingest_http_1000_4", 1_000, 4)]:
         r = report[key]
         lines.append(f"| HTTP Events API, NDJSON, {n:,} lines per request (wait=true), {c} connection{'s' * (c > 1)} "

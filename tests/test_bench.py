@@ -29,6 +29,9 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_columnar"]["events"] == 50000 and report["ingest_columnar"]["rejected"] == 0
     assert len(report["ingest_columnar"]["runs_events_per_s"]) == 3  # the median of three fresh servers
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
+    grouped = report["ingest_rows_grouped"]  # 5,000 events in 5 requests, six times (rows_1, rows_4: 3 runs each)
+    assert grouped["requests"] == 30 and 1 <= grouped["stored_batches"] <= 30
+    assert "requests stored as" in result.stdout
     assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0
     assert "`abstream ingest` of 50,000 NDJSON lines" in result.stdout
     assert report["ingest_http_1000"]["events"] == report["ingest_http_10000"]["events"] == 5000
