@@ -35,12 +35,18 @@ PER_EVENT = 700
 
 @dataclass(frozen=True)
 class RequestSize:
-    """What preparing a request will hold, known without decoding it (each transport measures
-    its own requests: service/converters.py for gRPC)."""
+    """What preparing a request will hold, and whether it may be stored with the requests before
+    it, known without decoding it (each transport measures its own requests:
+    service/converters.py for gRPC)."""
 
     wire_bytes: int
     events: int  # as messages and as Arrow rows
     decoded_bytes: int  # what its Arrow IPC stream decompresses to; 0 without one
+    producer_id: str = ""
+    sequence: int = 0
+    #: Requests of equal shapes (their transport's choice: the same columns and types) may be
+    #: decoded and stored together as one batch; None: alone (an Arrow stream, logged as it came).
+    shape: object = None
 
 
 @dataclass(frozen=True)

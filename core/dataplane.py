@@ -10,6 +10,7 @@ whichever the server opened (core/engine.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import functools
@@ -70,6 +71,8 @@ GROUP_REQUESTS = 16
 GROUP_EVENTS = 65_536
 #: Requests up to this size are measured on the event loop (well under a millisecond).
 INLINE_MEASURE_BYTES = 1 << 20
+#: How old a reading of the resident memory the high-water mark is checked against may be.
+MEMORY_CHECK_S = 0.01
 #: Longest an ingest step waits for running queries to finish (see _yield_to_queries).
 QUERY_PRIORITY_WAIT_S = 0.05
 QUARANTINE_DEFAULT_LIMIT = 100
@@ -114,6 +117,7 @@ class Core:
         self.events_acked = 0  # events stored by this process's ingest since it started
         self._clock = clock
         self._rates = RateLimiter()
+        self._resident = (-math.inf, 0)  # (when, resident bytes): the last reading _check_memory made
         self._budget = IngestBudget(limits.max_ingest_bytes)
         self._streams = 0
         self._queries = 0
@@ -151,11 +155,12 @@ class Core:
     # ---- ingest ---------------------------------------------------------------------------
 
     async def ingest(self, principal: Principal, requests: AsyncIterator[T], measure: Callable[[T], RequestSize],
-                     decode: Callable[[T], DecodedBatch]) -> AsyncIterator[IngestResult]:
+                     decode: Callable[[list[T]], DecodedBatch]) -> AsyncIterator[IngestResult]:
         """Decodes, checks, applies and acks a stream's requests in order, pipelined: while one
         batch waits for its fsync, the next is stored. Requests that queued up meanwhile are
         stored together, as one batch (`_store`), and acked one by one. `measure` and `decode`
-        are the transport's: the size of a request without decoding it, and its events."""
+        are the transport's: the size and sender of a request without decoding it, and the
+        events of requests stored together, as one batch (rejections indexed among them all)."""
         engine = self.engine
         if self.draining:
             raise Unavailable("the server is shutting down; send to another server or retry later")
@@ -179,7 +184,7 @@ class Core:
                     size = measure(raw) if len(raw) <= INLINE_MEASURE_BYTES else await asyncio.to_thread(measure, raw)
                     self._check_memory()
                     held.append(await self._budget.acquire(admission.cost(size)))
-                    await arrived.put((started, raw))
+                    await arrived.put((started, raw, size))
                     del raw  # the queue holds it now, and the store thread once it takes it
                     if self.draining:
                         cut_short = True
@@ -198,9 +203,9 @@ class Core:
                         taken.pop()
                     if not taken:
                         continue
-                    stored, error = await _in_thread(self._storing, self._store, engine, [raw for _, raw in taken],
-                                                     decode, principal)
-                    starts = iter(started for started, _ in taken)
+                    stored, error = await _in_thread(self._storing, self._store, engine,
+                                                     [(raw, size) for _, raw, size in taken], decode, principal)
+                    starts = iter(started for started, _, _ in taken)
                     del taken
                     for result, sizes in stored:
                         self.metrics.stored_together.observe(len(sizes))
@@ -232,76 +237,73 @@ class Core:
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _store(self, engine: Engine, raws: list, decode: Callable, principal: Principal
+    def _store(self, engine: Engine, requests: list[tuple[T, RequestSize]], decode: Callable, principal: Principal
                ) -> tuple[list[tuple[IngestResult, list[int]]], BaseException | None]:
-        """Decodes requests of one stream and stores them, consecutive ones that may go together
-        as one batch (one check, one log record, one view, one fsync): per request, a batch costs
-        ~3 ms however few its events. Returns each batch's result with the events of each of its
+        """Stores requests of one stream, consecutive ones that may go together as one batch
+        (one decoding, check, log record, view and fsync): per request, a batch costs ~3 ms
+        however few its events. Returns each batch's result with the events of each of its
         requests, and what stopped it early (raised after the acks of the requests before)."""
-        groups: list[list[DecodedBatch]] = []
-        error: BaseException | None = None
-        for raw in raws:
-            self._yield_to_queries()  # before each step of ~0.1-10 ms, so a query waits for no more
-            try:
-                batch = decode(raw)
-            except Exception as e:  # noqa: BLE001 -- raised once the requests before it are acked
-                error = e
-                break
-            if groups and self._joins(engine, groups[-1], batch):
-                groups[-1].append(batch)
+        groups: collections.deque[list[tuple[T, RequestSize]]] = collections.deque()
+        for request in requests:
+            if groups and self._joins(engine, [size for _, size in groups[-1]], request[1]):
+                groups[-1].append(request)
             else:
-                groups.append([batch])
-        del raws
+                groups.append([request])
+        del requests
         stored = []
-        for group in groups:
+        while groups:
+            group = groups.popleft()
             try:
-                self._yield_to_queries()
-                validated = self._validated(group, principal)
+                self._yield_to_queries()  # before each step of ~0.1-10 ms, so a query waits for no more
+                try:
+                    batch = decode([raw for raw, _ in group])
+                except Exception:  # noqa: BLE001 -- one of them cannot be read: the ones before it are stored
+                    if len(group) == 1:
+                        raise
+                    groups.extendleft([request] for request in reversed(group))
+                    continue
+                sizes = [size.events for _, size in group] if len(group) > 1 else [batch.table.num_rows]
+                if sum(sizes) != batch.table.num_rows:
+                    raise RuntimeError(f"requests measured as {sum(sizes)} events were decoded as "
+                                       f"{batch.table.num_rows}")
+                first = group[0][1]
+                validated = self._validated(batch, principal, first.sequence if len(group) > 1 and first.producer_id
+                                            else 0)
                 wait = self._rates.wait_for(principal, validated.table.num_rows)
                 if wait > 0:
                     raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
                                             f"{principal.ingest_rate:g} events/s", retry_after=wait)
                 prepared = engine.prepare(validated)
                 self._yield_to_queries()
-                stored.append((engine.apply(prepared), [b.table.num_rows for b in group]))
-            except Exception as e:  # noqa: BLE001 -- as above
+                stored.append((engine.apply(prepared), sizes))
+            except Exception as e:  # noqa: BLE001 -- raised once the requests before it are acked
                 return stored, e
-        return stored, error
+        return stored, None
 
     @staticmethod
-    def _joins(engine: Engine, group: list[DecodedBatch], batch: DecodedBatch) -> bool:
-        """Whether `batch` may be stored with the requests before it: rows with rows (a columnar
-        request is logged as it came), one producer's next sequences (where the engine takes such
-        a batch), not too many events, and never a batch its producer sent before (the engine
-        answers that one as a duplicate, on its own)."""
+    def _joins(engine: Engine, group: list[RequestSize], size: RequestSize) -> bool:
+        """Whether a request may be stored with the requests before it: of the same shape (a
+        columnar request is logged as it came), one producer's next sequences (where the engine
+        takes such a batch), not too many events, and never a batch its producer sent before
+        (the engine answers that one as a duplicate, on its own)."""
         first, last = group[0], group[-1]
-        if batch.ipc is not None or first.ipc is not None or batch.producer_id != first.producer_id \
-                or (batch.origin is None) != (first.origin is None) \
-                or sum(b.table.num_rows for b in group) + batch.table.num_rows > GROUP_EVENTS \
-                or not batch.table.schema.equals(first.table.schema):
+        if size.shape is None or size.shape != first.shape or size.producer_id != first.producer_id \
+                or sum(s.events for s in group) + size.events > GROUP_EVENTS:
             return False
-        if not batch.producer_id:
+        if not size.producer_id:
             return True
-        return engine.groups_producer_batches and batch.sequence > last.sequence \
+        return engine.groups_producer_batches and size.sequence > last.sequence \
             and first.sequence > engine.last_sequence(first.producer_id)
 
-    def _validated(self, group: list[DecodedBatch], principal: Principal) -> ValidatedBatch:
-        """The checked events of requests stored together; rejections by index among them all."""
-        first = group[0]
-        table, refuse, origin = first.table, first.refuse, first.origin
-        if len(group) > 1:
-            # One chunk per column: checking and encoding it costs a call per chunk, copying it less.
-            table = pa.concat_tables([b.table for b in group]).combine_chunks()
-            offsets = np.cumsum([0] + [b.table.num_rows for b in group[:-1]]).tolist()
-            refuse = [Rejection(r.index + at, r.field, r.message) for b, at in zip(group, offsets) for r in b.refuse]
-            origin = [o for b in group for o in b.origin] if first.origin is not None else None
-        refuse = refuse + self._refused_tests(table, principal)
+    def _validated(self, batch: DecodedBatch, principal: Principal, first_sequence: int = 0) -> ValidatedBatch:
+        """The checked events of a request, or of requests stored together (`first_sequence`: the
+        first one's, when they are one producer's)."""
+        refuse = batch.refuse + self._refused_tests(batch.table, principal)
         now = self._clock()
-        table, rejections = events.check(table, now, refuse)
-        if origin is not None and rejections:
-            rejections = [Rejection(r.index, r.field, f"{origin[r.index]}: {r.message}") for r in rejections]
-        return ValidatedBatch(table, rejections, now, first.producer_id, group[-1].sequence, first.ipc,
-                              first.sequence if len(group) > 1 and first.producer_id else 0)
+        table, rejections = events.check(batch.table, now, refuse)
+        if batch.origin is not None and rejections:
+            rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
+        return ValidatedBatch(table, rejections, now, batch.producer_id, batch.sequence, batch.ipc, first_sequence)
 
     @staticmethod
     def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
@@ -317,9 +319,15 @@ class Core:
         return [Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist()]
 
     def _check_memory(self) -> None:
-        """Refuses ingest while the process is above its memory high-water mark."""
+        """Refuses ingest while the process is above its memory high-water mark, as read at most
+        every MEMORY_CHECK_S: read for every request, the read (a system call, the GIL let go
+        and taken back) cost the event loop ~30 µs a request."""
         mark = self.limits.memory_high_water_bytes
-        if mark and (resident := resident_bytes()) > mark:
+        if not mark:
+            return
+        if (now := time.monotonic()) - self._resident[0] >= MEMORY_CHECK_S:
+            self._resident = (now, resident_bytes())
+        if (resident := self._resident[1]) > mark:
             raise ResourceExhausted(f"the server holds {resident:,} bytes, above its memory high-water mark of "
                                     f"{mark:,}; retry later", retry_after=1.0)
 

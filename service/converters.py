@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -91,11 +91,16 @@ def _refusals(problems: bytes) -> list[Rejection]:
             for row, slot, kind, length in found.tolist()]
 
 
+#: The shape of requests of events alone (no arrow_ipc): any two of them may be read and stored together.
+EVENTS_SHAPE = "events"
+
+
 def measure_request(raw: bytes, max_events: int) -> RequestSize:
-    """The size of a serialized IngestEventsRequest from a walk that allocates nothing per event;
-    InvalidArgument when it holds more than `max_events` or an Arrow stream that is too big."""
+    """The size and sender of a serialized IngestEventsRequest from a walk over its top level that
+    allocates nothing per event; InvalidArgument when it holds more than `max_events`, an Arrow
+    stream that is too big or a producer_id that is not UTF-8."""
     try:
-        n, span = _events.count(raw)
+        n, span, producer, sequence = _events.count(raw)
     except ValueError as error:
         raise InvalidArgument("request", f"is not a valid IngestEventsRequest: {error}") from None
     if n > max_events:
@@ -105,23 +110,31 @@ def measure_request(raw: bytes, max_events: int) -> RequestSize:
         start, length = span
         size = ipc.checked_size(pa.py_buffer(raw)[start:start + length], "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
         rows, decoded = size.rows, size.decoded_bytes
-    return RequestSize(len(raw), n + rows, decoded)
+    return RequestSize(len(raw), n + rows, decoded, _producer_id(producer), sequence,
+                       EVENTS_SHAPE if span is None else None)
 
 
-def decode_request(raw: bytes, max_events: int) -> DecodedBatch:
+def _producer_id(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("producer_id", "is not valid UTF-8") from None
+
+
+def decode_request(raws: bytes | Sequence[bytes], max_events: int) -> DecodedBatch:
     """A serialized IngestEventsRequest as one EVENT_SCHEMA table: its `events`, then the rows of
     its `arrow_ipc`; InvalidArgument, before anything is allocated for them, when it holds more
-    than `max_events`. The messages are read into columns by `_events.c`."""
+    than `max_events`. The messages are read into columns by `_events.c`. Requests of events alone
+    (EVENTS_SHAPE) given together are read as one batch, each holding at most `max_events`."""
+    if not isinstance(raws, bytes):
+        raws = raws[0] if len(raws) == 1 else tuple(raws)
     try:
-        d = _events.decode(raw, max_events, MAX_STRING_BYTES)
+        d = _events.decode(raws, max_events * (1 if isinstance(raws, bytes) else len(raws)), MAX_STRING_BYTES)
     except _events.BatchTooLarge as error:
         raise InvalidArgument("events", f"a batch of {error.args[0]} events; at most {max_events}") from None
     except ValueError as error:
         raise InvalidArgument("request", f"is not a valid IngestEventsRequest: {error}") from None
-    try:
-        producer_id = d.producer_id.decode()
-    except UnicodeDecodeError:
-        raise InvalidArgument("producer_id", "is not valid UTF-8") from None
+    producer_id = _producer_id(d.producer_id)
     n = d.events
     absent = np.frombuffer(d.timestamp_set, dtype=np.bool_) == 0
     columns: dict[str, Any] = {
@@ -137,7 +150,7 @@ def decode_request(raw: bytes, max_events: int) -> DecodedBatch:
     source = None
     if d.arrow_ipc is not None:
         start, length = d.arrow_ipc
-        source = pa.py_buffer(raw)[start:start + length]
+        source = pa.py_buffer(raws)[start:start + length]
         columnar = ipc.read_bounded(source, "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
         if n == 0:
             table = columnar

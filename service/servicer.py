@@ -29,7 +29,7 @@ class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
         max_events = self._core.limits.max_batch_events
         results = self._core.ingest(PRINCIPAL.get(), request_iterator,
                                     lambda raw: converters.measure_request(raw, max_events),
-                                    lambda raw: converters.decode_request(raw, max_events))
+                                    lambda raws: converters.decode_request(raws, max_events))
         batch = 0
         async for result in results:
             yield converters.ingest_response(batch, result)

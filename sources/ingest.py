@@ -11,6 +11,7 @@ rejected event; the answer names every rejected line with its field and reason.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import collections.abc
 import tempfile
@@ -85,19 +86,22 @@ def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at
 
 
 class _Origin(collections.abc.Sequence):
-    """Where each row came from, worked out only for the rows that are rejected (a list of
-    every row's line would cost more than the rest of a large clean chunk's decoding)."""
+    """Where each row of chunks decoded together came from (their rows start at `starts`), worked
+    out only for the rows that are rejected (a list of every row's line would cost more than the
+    rest of a large clean chunk's decoding)."""
 
-    def __init__(self, chunk: files.Chunk, where: Callable[[int], str]) -> None:
-        self._chunk, self._where, self._lines = chunk, where, None
+    def __init__(self, chunks: list[files.Chunk], starts: list[int], where: Callable[[int], str]) -> None:
+        self._chunks, self._starts, self._where = chunks, starts, where
+        self._lines: dict[int, list] = {}
 
     def __len__(self) -> int:
-        return self._chunk.table.num_rows + len(self._chunk.problems)
+        return self._starts[-1]
 
     def __getitem__(self, i):
-        if self._lines is None:
-            self._lines = _lines(self._chunk)
-        return self._where(self._lines[i])
+        k = bisect.bisect_right(self._starts, i) - 1
+        if k not in self._lines:
+            self._lines[k] = _lines(self._chunks[k])
+        return self._where(self._lines[k][i - self._starts[k]])
 
 
 class Ingest:
@@ -152,15 +156,20 @@ class Ingest:
                 yield chunk, number
 
         def measure(item) -> RequestSize:
-            chunk, _ = item
-            return RequestSize(chunk.table.nbytes, chunk.table.num_rows + len(chunk.problems), chunk.table.nbytes)
-
-        def decode(item) -> DecodedBatch:
             chunk, number = item
+            # Chunks whose tables come out of `_with_unreadable` alike are decoded as one.
+            return RequestSize(chunk.table.nbytes, chunk.table.num_rows + len(chunk.problems), chunk.table.nbytes,
+                               producer, number if producer else 0, (chunk.table.schema, bool(chunk.problems)))
+
+        def decode(items) -> DecodedBatch:
             # With `where`, the core says where each rejected event came from (DecodedBatch.origin).
-            table, refuse = _with_unreadable(chunk, None if where else at_line)
-            origin = _Origin(chunk, where) if where is not None else None
-            return DecodedBatch(table, producer, number if producer else 0, refuse, origin=origin)
+            pieces = [_with_unreadable(chunk, None if where else at_line) for chunk, _ in items]
+            starts = np.cumsum([0] + [table.num_rows for table, _ in pieces]).tolist()
+            table = pieces[0][0] if len(pieces) == 1 else \
+                pa.concat_tables([table for table, _ in pieces]).combine_chunks()
+            refuse = [Rejection(r.index + at, r.field, r.message) for (_, rs), at in zip(pieces, starts) for r in rs]
+            origin = _Origin([chunk for chunk, _ in items], starts, where) if where is not None else None
+            return DecodedBatch(table, producer, items[-1][1] if producer else 0, refuse, origin=origin)
 
         try:
             async for result in self._core.ingest(principal, batches(), measure, decode):

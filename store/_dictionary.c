@@ -144,6 +144,24 @@ typedef struct {
     int64_t code;
 } memo_t;
 
+/* A value of at most 16 bytes as two words, zero past its end: two loads and masks where the
+ * buffer holds 16 bytes from the value on (`room`), else a copy. */
+static inline void short_words(const uint8_t *s, int64_t len, int64_t room, uint64_t w[2]) {
+    if (room < 16) {
+        w[0] = w[1] = 0;
+        memcpy(w, s, (size_t)len);
+        return;
+    }
+    memcpy(&w[0], s, 8);
+    memcpy(&w[1], s + 8, 8);
+    if (len < 8) {
+        w[0] = len ? w[0] & (~0ULL >> (64 - 8 * len)) : 0;
+        w[1] = 0;
+    } else if (len < 16) {
+        w[1] = len > 8 ? w[1] & (~0ULL >> (64 - 8 * (len - 8))) : 0;
+    }
+}
+
 static inline int memo_slot(const uint64_t w[2], int64_t len) {
     uint64_t x = (w[0] ^ ROTL(w[1], 29) ^ (uint64_t)len) * 0x9E3779B97F4A7C15ull;
     return (int)(x >> 58);
@@ -199,8 +217,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             seen[i] = -1;
             at_memo[i] = -1;
             if (hi - lo <= 16) {
-                word[i][0] = word[i][1] = 0;
-                memcpy(word[i], bytes + lo, (size_t)(hi - lo));
+                short_words(bytes + lo, hi - lo, data.len - lo, word[i]);
                 int m = memo_slot(word[i], hi - lo);
                 if (memo[m].len == hi - lo && memo[m].w[0] == word[i][0] && memo[m].w[1] == word[i][1]) {
                     seen[i] = memo[m].code;

@@ -36,9 +36,12 @@ def ranked_codes(codes: np.ndarray, cardinality: int, rank_of_present) -> tuple[
 
 
 def distinct_values(values: np.ndarray) -> np.ndarray:
-    """The sorted distinct values of a small array (cheaper than np.unique's hash table there)."""
+    """The sorted distinct values of a small array (cheaper than np.unique's hash table there);
+    of 8- and 16-bit codes (a part's variants), counted rather than sorted."""
     if len(values) == 0:
         return values
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        return np.flatnonzero(np.bincount(values)).astype(values.dtype)
     s = np.sort(values)
     keep = np.empty(len(s), dtype=bool)
     keep[0] = True

@@ -58,11 +58,35 @@ class Record:
     received_ns: int
 
 
-def _ipc(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+class _Pieces:
+    """A sink that keeps what an Arrow writer hands it: its metadata as bytes, and the table's
+    own buffers, not copies of them."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes | pa.Buffer] = []
+        self.size = 0
+
+    def write(self, piece: bytes | pa.Buffer) -> int:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        return len(piece)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _ipc(table: pa.Table) -> _Pieces:
+    """The table as an Arrow IPC stream, in pieces: writing it into one buffer copied every
+    event's bytes once more before the log wrote them."""
+    sink = _Pieces()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue()
+    return sink
 
 
 def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[bytes | pa.Buffer]:
@@ -74,8 +98,9 @@ def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
                          "rejections": record.rejections}, separators=(",", ":"), check_circular=False).encode()
-    body = _ipc(record.batch) if ipc is None else ipc
-    return [_SIZES.pack(len(header), memoryview(body).nbytes) + header, body]
+    body = _ipc(record.batch) if ipc is None else None
+    pieces, size = (body.pieces, body.size) if body is not None else ([ipc], memoryview(ipc).nbytes)
+    return [_SIZES.pack(len(header), size) + header, *pieces]
 
 
 def encode_experiment(experiment: dict) -> list[bytes]:

@@ -126,6 +126,24 @@ def test_short_values_repeated_through_a_batch_keep_codes_of_their_own():
     assert len(d) == len(values)
 
 
+def test_short_values_at_the_end_of_their_buffer_are_looked_up_like_the_others():
+    """A short value is read as two words when 16 bytes of its buffer follow its start, else copied
+    (its buffer ends sooner): both readings of a value find one code, and bytes past a value
+    never count."""
+    d = Dictionary(capacity=10**9)
+    values = ["x" * k for k in range(17)] + ["y" * k for k in range(1, 17)]
+    codes = {v: c for v, c in zip(values, d.encode(pa.array(values)).tolist())}
+    assert len(set(codes.values())) == len(values)
+    for value in values:
+        for before in ("", "z", "x" * 16, "y" * 30):
+            data = (before + value).encode()  # the value's bytes end the buffer, exactly
+            offsets = np.array([0, len(before), len(data)], dtype=np.int32)
+            array = pa.StringArray.from_buffers(2, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data))
+            assert array.buffers()[2].size == len(data)
+            assert d.encode(array).tolist()[1] == codes[value], (before, value)
+    assert len(d) == len(values) + 2  # "z" and "y" * 30 only
+
+
 def test_sliced_large_and_chunked_inputs_hash_like_plain_strings():
     values = awkward_strings(300, seed=3)
     plain = hash_strings(pa.array(values), KEY)

@@ -404,3 +404,27 @@ def test_quarantine_survives_restarts(data_dir):
         q = server.stub(ch).ListQuarantine(pb.ListQuarantineRequest(), timeout=10)
     assert q.total == 1 and q.events[0].field == "conversion" and q.events[0].event.conversion == 3
     server.kill()
+
+
+def test_records_are_written_by_the_commit_that_syncs_them_or_by_a_rotation_or_the_close(tmp_path):
+    """With fsync="always" the storing thread only queues a record: the commit that fsyncs it
+    writes it first, and a rotation (for a snapshot) or the close writes what is still queued,
+    each into the segment its LSN belongs to."""
+    from abstream.store.wal import Payload, WriteAheadLog
+
+    def record(k: int) -> Payload:
+        return Payload.of([f"record {k} ".encode(), bytes(range(256)) * k])
+
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    lsns = [wal.append(record(k)) for k in range(3)]
+    wal.commit(lsns[1])  # it writes, and its fsync covers, every record queued so far
+    assert [lsn for lsn, _ in WriteAheadLog(tmp_path).replay(0)] == lsns
+    first_of_next = wal.rotate()
+    lsns += [wal.append(record(k)) for k in range(3, 5)]
+    wal.close()
+    segments = WriteAheadLog(tmp_path).segments()
+    assert [first for first, _ in segments] == [lsns[0], first_of_next] and first_of_next == lsns[3]
+    replayed = list(WriteAheadLog(tmp_path).replay(0))
+    assert [lsn for lsn, _ in replayed] == lsns
+    assert [payload for _, payload in replayed] == [b"".join(bytes(p) for p in record(k).pieces) for k in range(5)]

@@ -4,12 +4,13 @@ each ack still says what became of its own request, exactly once per producer se
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
 from abstream.core.auth import ANYONE
 from abstream.core.dataplane import GROUP_REQUESTS, Core
-from abstream.core.errors import Unavailable
+from abstream.core.errors import InvalidArgument, Unavailable
 from abstream.core.events import check
 from abstream.core.types import ValidatedBatch
 from abstream.service import converters
@@ -143,6 +144,39 @@ def test_a_request_that_cannot_be_read_ends_the_stream_after_the_ones_before(ser
     assert events_of(stub, "cut") == sum(EVENTS - len(bad_at(i)) for i in range(30))
 
 
+def test_a_request_whose_events_cannot_be_read_ends_the_stream_after_the_ones_stored_with_it():
+    """Requests are read together, as one batch: when one of them cannot be read (only inside its
+    events, so it was measured), those before it, in its batch too, are stored and acked, one by one
+    in that batch's case, and the stream ends with its error."""
+    core = Core()
+    core.engine = EventStore()
+    unreadable = b"\x0a\x03\x0a\x01\x08"  # an event whose timestamp ends inside a varint
+    requests = [request_bytes(i, "unreadable") for i in range(20)] + [unreadable] \
+        + [request_bytes(i, "unreadable") for i in range(20, 30)]
+    results = []
+
+    async def ingest() -> None:
+        async def arriving():
+            for r in requests:
+                yield r
+        async for r in core.ingest(ANYONE, arriving(), lambda raw: converters.measure_request(raw, 10_000),
+                                   lambda raws: converters.decode_request(raws, 10_000)):
+            results.append(r)
+    try:
+        with pytest.raises(InvalidArgument, match="truncated varint"):
+            asyncio.run(ingest())
+        batches, stored = (core.metrics.registry.get_sample_value(f"abstream_requests_per_stored_batch_{k}")
+                           for k in ("count", "sum"))
+    finally:
+        core.close()
+    assert [r.accepted for r in results] == [EVENTS - len(bad_at(i)) for i in range(20)]
+    assert [[(x.index, x.field) for x in r.rejections] for r in results] == [sorted(bad_at(i).items())
+                                                                           for i in range(20)]
+    # The first GROUP_REQUESTS went together; the rest of the batch the unreadable one was in, one by one.
+    assert (batches, stored) == (1 + 20 - GROUP_REQUESTS, 20)
+    assert sum(t.events for t in core.engine.list_tests()) == sum(EVENTS - len(bad_at(i)) for i in range(20))
+
+
 def test_a_batch_of_a_producers_requests_is_applied_whole_or_not_at_all(tmp_path):
     """Two streams of one producer at once: a batch whose first sequence was applied meanwhile
     is refused (the stream is told to send again), none of it stored."""
@@ -159,3 +193,33 @@ def test_a_batch_of_a_producers_requests_is_applied_whole_or_not_at_all(tmp_path
     assert store.apply(store.prepare(batch(6, 9))).accepted == 4
     assert store.last_sequence("p") == 9
     assert sum(t.events for t in store.list_tests() if t.test_id == "race") == 7
+
+
+def test_chunks_of_a_file_stored_together_name_the_line_of_each_rejected_event(tmp_path):
+    """Chunks of a file read before they are stored go together, as one batch each time: every
+    rejected event is still named by its own file and line, in the answer and in the quarantine."""
+    from abstream.clients import files
+    from abstream.sources.ingest import Ingest
+
+    path = tmp_path / "events.ndjson"
+    bad = {3: "not json", 1_204: '{"user_id": "u", "test_id": "lines", "variant": ""}', 2_999: "[1, 2"}
+    with open(path, "w") as f:
+        for line in range(1, 3_001):
+            e = event(line // 40, line % 40, "lines")
+            f.write(bad.get(line, json.dumps({**e, "timestamp": e["timestamp"] // NS})) + "\n")
+    core = Core()
+    core.engine = EventStore()
+    sources = Ingest(core, 1)
+    try:
+        outcome = asyncio.run(sources.chunks(ANYONE, lambda: files.read(str(path), "ndjson", 500),
+                                             where=lambda line: f"events.ndjson line {line}", whole=True))
+        batches = core.metrics.registry.get_sample_value("abstream_requests_per_stored_batch_count")
+    finally:
+        sources.close()
+        core.close()
+    assert batches < 6  # six chunks of 500 lines, stored in fewer batches
+    assert (outcome.stored, outcome.quarantined) == (3_000 - len(bad), len(bad))
+    assert [r["line"] for r in outcome.rejections] == sorted(bad)
+    quarantined, total = core.engine.quarantine("", 100)
+    assert total == len(bad)
+    assert sorted(int(q.message.split(" line ")[1].split(":")[0]) for q in quarantined) == sorted(bad)

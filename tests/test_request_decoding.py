@@ -256,3 +256,78 @@ def test_a_producer_id_that_is_not_utf8_is_refused_even_when_repeated_after():
         decode_request(raw)
     assert error.value.field == "producer_id"
     assert decode_request(bytes.fromhex("1a0130" "1a0131")).producer_id == "1"  # else the last one wins
+
+
+# ---- requests read together ---------------------------------------------------------------------
+
+bad_text = st.binary(max_size=6).filter(lambda b: not _utf8(b))
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _request(events: list, producer: str, sequence: int, spoiled: list[tuple[int, bytes]]) -> bytes:
+    """A request of `events`, the strings of some replaced by bytes that are not UTF-8 or too long."""
+    raw = b""
+    for k, e in enumerate(events):
+        body = e.SerializeToString()
+        for at, value in spoiled:
+            if at == k:
+                body += field(2, value)  # user_id: the last value wins, and this one is refused
+        raw += field(1, body)
+    return raw + pb.IngestEventsRequest(producer_id=producer, sequence=sequence).SerializeToString()
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests=st.lists(st.tuples(st.lists(events, max_size=6),
+                                   st.lists(st.tuples(st.integers(0, 5), bad_text | st.just(b"y" * 300)),
+                                            max_size=2)),
+                         min_size=1, max_size=5),
+       producer=text)
+def test_requests_read_together_are_the_requests_read_one_by_one(requests, producer):
+    """Requests stored together are read in one call: the same rows, in order, each refusal at
+    its row among them all, and the last request's producer and sequence."""
+    raws = [_request(evs, producer, i + 1, spoiled) for i, (evs, spoiled) in enumerate(requests)]
+    together = decode_request(raws)
+    alone = [decode_request(raw) for raw in raws]
+    assert together.table.to_pylist() == [row for batch in alone for row in batch.table.to_pylist()]
+    starts = [0]
+    for batch in alone:
+        starts.append(starts[-1] + batch.table.num_rows)
+    assert together.refuse == [Rejection(r.index + at, r.field, r.message)
+                               for batch, at in zip(alone, starts) for r in batch.refuse]
+    assert (together.producer_id, together.sequence) == (producer, len(raws))
+    sizes = [converters.measure_request(raw, MAX_EVENTS) for raw in raws]
+    assert [s.events for s in sizes] == [batch.table.num_rows for batch in alone]
+    assert all((s.producer_id, s.sequence, s.shape) == (producer, i + 1, converters.EVENTS_SHAPE)
+               for i, s in enumerate(sizes))
+
+
+def test_a_request_that_cannot_be_read_is_named_among_those_read_together():
+    good = pb.IngestEventsRequest(events=[pb.Event(user_id="u", test_id="t")]).SerializeToString()
+    bad = field(1, field(1, b"\x08"))  # a truncated varint inside an event's timestamp
+    converters.measure_request(bad, MAX_EVENTS)  # its top level reads: only reading its events fails
+    with pytest.raises(InvalidArgument) as caught:
+        decode_request([good, bad, good])
+    assert caught.value.field == "request" and "truncated varint at byte" in caught.value.reason
+    assert caught.value.reason.endswith("of request 1")
+
+
+def test_a_request_with_arrow_ipc_is_measured_to_be_read_alone():
+    from abstream.clients import arrow_ipc
+    from tests.events import to_table
+
+    columnar = pb.IngestEventsRequest(arrow_ipc=arrow_ipc(to_table([dict(
+        timestamp=1_700_000_000 * _NS, user_id="u", test_id="t", variant="A", event_type="click", conversion=0,
+        revenue=0.0, session_id="s", device="d", country="US")]))).SerializeToString()
+    size = converters.measure_request(columnar, MAX_EVENTS)
+    assert (size.events, size.shape) == (1, None)
+    rows = pb.IngestEventsRequest(events=[pb.Event(user_id="u")]).SerializeToString()
+    with pytest.raises(InvalidArgument, match="arrow_ipc is read on its own"):
+        decode_request([rows, columnar])
+    assert decode_request([columnar]).table.num_rows == 1
