@@ -66,9 +66,9 @@ R = TypeVar("R")
 #: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
 PIPELINE_DEPTH = 8
 #: At most this many requests, and events, of one stream that queued up while the batch before
-#: them was stored are stored together as one batch (Core._store). Requests of 1,000 events
-#: fill a batch by their count: 64 of them went ~6% faster than 16 in six alternated runs each.
-GROUP_REQUESTS = 64
+#: them was stored are stored together as one batch (Core._store). 64 requests of 1,000 events
+#: stored ~6% faster than 16, but Summary during full-speed ingest took 16-17 ms against 10-12.
+GROUP_REQUESTS = 16
 GROUP_EVENTS = 65_536
 #: Requests up to this size are measured on the event loop (well under a millisecond).
 INLINE_MEASURE_BYTES = 1 << 20
