@@ -98,8 +98,11 @@ def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
                          "rejections": record.rejections}, separators=(",", ":"), check_circular=False).encode()
-    body = _ipc(record.batch) if ipc is None else None
-    pieces, size = (body.pieces, body.size) if body is not None else ([ipc], memoryview(ipc).nbytes)
+    if ipc is None:
+        body = _ipc(record.batch)
+        pieces, size = body.pieces, body.size
+    else:
+        pieces, size = [ipc], memoryview(ipc).nbytes
     return [_SIZES.pack(len(header), size) + header, *pieces]
 
 

@@ -428,3 +428,19 @@ def test_records_are_written_by_the_commit_that_syncs_them_or_by_a_rotation_or_t
     replayed = list(WriteAheadLog(tmp_path).replay(0))
     assert [lsn for lsn, _ in replayed] == lsns
     assert [payload for _, payload in replayed] == [b"".join(bytes(p) for p in record(k).pieces) for k in range(5)]
+
+
+def test_records_queued_in_more_pieces_than_one_writev_takes_are_written_whole(tmp_path):
+    """A commit writes every record queued before it: together they may hold more buffers than
+    one writev takes (1,024 on Linux)."""
+    from abstream.store.wal import Payload, WriteAheadLog
+
+    records = [Payload.of([bytes([k, j]) * (j + 1) for j in range(50)]) for k in range(40)]  # 2,000+ pieces
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    lsns = [wal.append(r) for r in records]
+    wal.commit(lsns[-1])
+    wal.close()
+    replayed = list(WriteAheadLog(tmp_path).replay(0))
+    assert [lsn for lsn, _ in replayed] == lsns
+    assert [payload for _, payload in replayed] == [b"".join(r.pieces) for r in records]
