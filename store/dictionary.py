@@ -116,20 +116,23 @@ class Dictionary:
         return codes
 
     def _grow(self, needed: int) -> None:
-        """Room for `needed` codes: hashes grow by half, the table stays at most half full."""
+        """Room for `needed` codes: hashes grow by half, the table doubles to stay at most half
+        full. The table follows the codes, not the hashes' room: sized to twice the room, 2M
+        user ids had 4 slots each (32 MiB) where 2 do (16 MiB)."""
         slots, hashes = self._table
         if needed <= min(len(hashes), len(slots) // 2):
             return
-        size = max(needed, len(hashes) * 3 // 2)
-        grown = np.zeros((size, 2), dtype=np.uint64)
-        grown[: self._n] = hashes[: self._n]
+        if needed > len(hashes):
+            grown = np.zeros((max(needed, len(hashes) * 3 // 2), 2), dtype=np.uint64)
+            grown[: self._n] = hashes[: self._n]
+            hashes = grown
         table_size = len(slots)
-        while size * 2 > table_size:
+        while needed * 2 > table_size:
             table_size *= 2
         if table_size != len(slots):
             slots = np.full(table_size, _EMPTY, dtype=np.int32)
-            _dictionary.place(slots, grown, 0, self._n)
-        self._table = (slots, grown)  # readers switch to the complete new table in one assignment
+            _dictionary.place(slots, hashes, 0, self._n)
+        self._table = (slots, hashes)  # readers switch to the complete new table in one assignment
 
     @property
     def nbytes(self) -> int:
