@@ -96,7 +96,9 @@ class Ingest:
         self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
         self.dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                       for name, t in CODE_TYPES.items()}
-        self.tail = Tail(min(seal_rows, 1 << 22))  # a tail's room up front, within reason
+        # Room up front for a full tail and a batch as large (pages are touched only as rows
+        # arrive), within reason.
+        self.tail = Tail(min(2 * seal_rows, 1 << 23))
         self.partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
         self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
@@ -266,17 +268,27 @@ class Ingest:
     def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         if len(test_codes) == 0:
             return
+        if self.tail.rows and self.tail.rows + len(test_codes) > self.tail.capacity:
+            # Sealed a batch early rather than grown: growing copied the tail into arrays twice
+            # its size, 17 MiB of them for each seal of 100,000-event batches.
+            self._seal_tail()
         self.tail.append(test_codes, cols)
         if self.tail.rows >= self.seal_rows:
-            # Sealing (sorting, packing, merging parts) runs in the sealer thread, beside the
-            # next appends; one tail at a time, so a sealer that falls behind slows ingest down.
-            self.wait_sealed()
-            test_codes, cols = self.tail.drain()
-            with self._view_lock:
-                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
-                                 **{c: cols[c] for c in STRINGS}}
-            self._sealed = self._sealer.submit(self._seal, test_codes, cols)
+            self._seal_tail()
         self.publish_view()
+
+    def _seal_tail(self) -> None:
+        """Hands the tail to the sealer (sorting, packing, merging parts), which runs beside the
+        next appends; one tail at a time, so a sealer that falls behind slows ingest down."""
+        self.wait_sealed()
+        test_codes, cols = self.tail.drain()
+        with self._view_lock:
+            self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
+                             **{c: cols[c] for c in STRINGS}}
+            # Published before the sealer starts: its view keeps the newest tail view, which must
+            # not be one that still holds the rows it seals.
+            self.view = StoreView(self.partitions, (self._sealing, self.tail.view()))
+        self._sealed = self._sealer.submit(self._seal, test_codes, cols)
 
     def publish_view(self) -> None:
         """One new view: everything applied so far becomes visible at once."""

@@ -360,6 +360,25 @@ def test_a_tail_being_sealed_stays_visible_exactly_once():
         assert_metrics_match(ours, expected)
 
 
+def test_a_batch_that_would_outgrow_the_tail_seals_it_first():
+    """The tail never grows (growing copied it into arrays twice its size): a batch that would
+    take it past its room seals it first, and every event is still counted once."""
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:300]
+    s = EventStore(seal_rows=100)
+    tail_room = lambda: len(s._ingest.tail.view()["test"].base)  # noqa: E731 -- the tail's arrays, whole
+    room = tail_room()
+    assert room >= 100
+    for lo, hi in [(0, 50), (50, 50 + room - 20), (50 + room - 20, 300)]:
+        s.append(to_table(events[lo:hi]))
+        assert tail_room() == room and s.event_count == hi
+    s.wait_sealed()
+    parts = s._ingest.view.partitions[s._ingest.tests.code(TESTS[0])].parts
+    assert [p.num_rows for p in parts] == [50, room - 20] and s._ingest.view.tail_rows == 300 - (30 + room)
+    for expected, ours in zip(Oracle(events).summary(TESTS[0], None, None),
+                              s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
+        assert_metrics_match(ours, expected)
+
+
 def test_a_part_holds_memory_only_for_its_own_rows():
     """A part sealed from a slice of a larger sorted tail copies its rows (a view would keep the
     whole tail alive after its siblings merge), and packed strings hold their compressed size,
