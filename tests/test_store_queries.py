@@ -360,6 +360,25 @@ def test_a_tail_being_sealed_stays_visible_exactly_once():
         assert_metrics_match(ours, expected)
 
 
+def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once():
+    """The sealer publishes its parts beside the newest tail view: the appender publishes the
+    view of the drained tail before the sealer may run, so a sealer that wins the race never
+    pairs its parts with a tail view that still holds their rows."""
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:120]
+    s = EventStore(seal_rows=100)
+    s.append(to_table(events[:60]))
+    publish, seen = s._ingest.publish_view, []
+
+    def sealer_first() -> None:
+        s._ingest.wait_sealed()  # the sealer wins: its view is published before the appender's
+        seen.append(s.event_count)
+        publish()
+
+    s._ingest.publish_view = sealer_first
+    s.append(to_table(events[60:]))
+    assert seen == [120] and s.event_count == 120
+
+
 def test_a_batch_that_would_outgrow_the_tail_seals_it_first():
     """The tail never grows (growing copied it into arrays twice its size): a batch that would
     take it past its room seals it first, and every event is still counted once."""
