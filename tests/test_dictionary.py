@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-import pytest
 from abstream.store.dictionary import Dictionary, hash_strings
 
 from bench.hostile import crafted_ids
@@ -180,17 +179,6 @@ def test_growth_through_many_resizes():
         assert codes.tolist() == list(range(start, start + 50_000))
     again = d.encode(pa.array([f"k{i}" for i in range(0, 300_000, 7)]))
     assert again.tolist() == list(range(0, 300_000, 7))
-
-
-@pytest.mark.parametrize("distinct", [8_000, 16_000, 130_000])
-def test_the_table_holds_two_to_four_slots_per_value(distinct):
-    """At most half full, and no more than twice that: the table grows with the codes, not
-    with the hashes' spare room (which had it at 4.1 slots per value for these counts)."""
-    d = Dictionary(10**9)
-    d.encode(pa.array([f"user_{i}" for i in range(distinct)]))
-    slots, _ = d._table
-    assert 2 * len(d) <= len(slots) <= 4 * len(d)
-    assert d.encode(pa.array([f"user_{i}" for i in range(0, distinct, 3)])).tolist() == list(range(0, distinct, 3))
 
 
 def test_readers_racing_a_growing_writer_see_known_codes_or_none():
