@@ -4,9 +4,10 @@ A value's identity is its 128-bit SipHash-2-4 under a key of 16 random bytes dra
 dictionary when it is made (`secrets`), never stored and never shown; an open-addressing table of
 int32 codes (linear probing from the hash's low bits, load <= 1/2) finds them. The loops that
 hash and probe a batch are in C (`_dictionary.c`): done as numpy passes they were most of the
-cost of ingest. The index costs 8-24 bytes per distinct value besides its 16 bytes of hash: the
-table is sized to twice the hashes' room, so it is often a quarter full, not half (2M user ids in
-8M slots encoded 6-15 ns per event faster than in 4M, where each extra probe reads a hash).
+cost of ingest. The index costs 8-24 bytes per distinct value besides its 16 bytes of hash (and
+the hashes' room, up to half as many more): the table is the smallest power of two at least twice
+that room, so it is often a quarter full, not half (2M user ids in 8M slots encoded 6-15 ns per
+event faster than in 4M, where each extra probe reads a hash).
 
 Why the hash is keyed: with a fixed mix anyone could compute ids that share a slot's low bits,
 and every such id made each later lookup walk the whole chain (60,000 crafted ids took 370x as

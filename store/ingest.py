@@ -97,7 +97,8 @@ class Ingest:
         self.dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                       for name, t in CODE_TYPES.items()}
         # Room up front for a full tail and a batch as large (pages are touched only as rows
-        # arrive), within reason.
+        # arrive), within reason: with room for the seal size alone, a 100,000-event batch at
+        # 200,000 rows copied the tail into arrays twice its size before every seal.
         self.tail = Tail(min(2 * seal_rows, 1 << 23))
         self.partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
         self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
@@ -269,8 +270,8 @@ class Ingest:
         if len(test_codes) == 0:
             return
         if self.tail.rows and self.tail.rows + len(test_codes) > self.tail.capacity:
-            # Sealed a batch early rather than grown: growing copied the tail into arrays twice
-            # its size, 17 MiB of them for each seal of 100,000-event batches.
+            # Sealed a batch early rather than grown (growing copies the tail into arrays twice
+            # its size); with the default limits every batch fits the room, this is for larger.
             self._seal_tail()
         self.tail.append(test_codes, cols)
         if self.tail.rows >= self.seal_rows:

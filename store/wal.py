@@ -72,7 +72,8 @@ def fsync_dir(path: Path) -> None:
 
 #: The most buffers one writev takes (Linux: 1,024); records queued for a commit come in many
 #: pieces (an IPC record is ~40 of its table's buffers).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in getattr(os, "sysconf_names", {}) else -1
+_IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 1024  # -1: no stated limit
 
 
 def _write_all(fd: int, pieces: list) -> None:

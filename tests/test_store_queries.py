@@ -380,19 +380,22 @@ def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once
 
 
 def test_a_batch_that_would_outgrow_the_tail_seals_it_first():
-    """The tail never grows (growing copied it into arrays twice its size): a batch that would
-    take it past its room seals it first, and every event is still counted once."""
-    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:300]
+    """A batch that would take the tail past its room (a full tail and a batch as large) seals
+    the tail first, instead of copying it into larger arrays; a batch larger than the room goes
+    into a tail of its own, sealed at once. Every event is counted once."""
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]]
     s = EventStore(seal_rows=100)
-    tail_room = lambda: len(s._ingest.tail.view()["test"].base)  # noqa: E731 -- the tail's arrays, whole
-    room = tail_room()
-    assert room >= 100
-    for lo, hi in [(0, 50), (50, 50 + room - 20), (50 + room - 20, 300)]:
-        s.append(to_table(events[lo:hi]))
-        assert tail_room() == room and s.event_count == hi
+    room = len(s._ingest.tail.view()["test"].base)  # the tail's arrays, whole
+    sizes = [50, room - 20, 30, room + 50]  # the second and the fourth would outgrow the room
+    events = events[:sum(sizes)]
+    at = 0
+    for size in sizes:
+        s.append(to_table(events[at:at + size]))
+        at += size
+        assert s.event_count == at
     s.wait_sealed()
     parts = s._ingest.view.partitions[s._ingest.tests.code(TESTS[0])].parts
-    assert [p.num_rows for p in parts] == [50, room - 20] and s._ingest.view.tail_rows == 300 - (30 + room)
+    assert [p.num_rows for p in parts] == sizes and s._ingest.view.tail_rows == 0
     for expected, ours in zip(Oracle(events).summary(TESTS[0], None, None),
                               s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
         assert_metrics_match(ours, expected)
