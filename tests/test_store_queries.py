@@ -364,7 +364,7 @@ def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once
     """The sealer publishes its parts beside the newest tail view: the appender publishes the
     view of the drained tail before the sealer may run, so a sealer that wins the race never
     pairs its parts with a tail view that still holds their rows."""
-    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:120]
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:100]
     s = EventStore(seal_rows=100)
     s.append(to_table(events[:60]))
     publish, seen = s._ingest.publish_view, []
@@ -375,8 +375,8 @@ def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once
         publish()
 
     s._ingest.publish_view = sealer_first
-    s.append(to_table(events[60:]))
-    assert seen == [120] and s.event_count == 120
+    s.append(to_table(events[60:]))  # the tail reaches 100 events: sealed
+    assert seen == [100] and s.event_count == 100
 
 
 def test_a_batch_that_would_outgrow_the_tail_seals_it_first():
