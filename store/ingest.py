@@ -266,29 +266,20 @@ class Ingest:
     def _append_by_test(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         if len(test_codes) == 0:
             return
-        if self.tail.rows and self.tail.rows + len(test_codes) > self.tail.capacity:
-            # Sealed early rather than grown: growing copied the tail into arrays twice its size,
-            # and sealed larger tails, whose transient arrays the heap then kept (100,000-event
-            # batches were sealed at 300,000 events: 54.4 bytes per event resident at the last ack
-            # of 10M, against 49.5 sealed at 200,000; five alternated runs each).
-            self._seal_tail()
         self.tail.append(test_codes, cols)
         if self.tail.rows >= self.seal_rows:
-            self._seal_tail()
+            # Sealing (sorting, packing, merging parts) runs in the sealer thread, beside the
+            # next appends; one tail at a time, so a sealer that falls behind slows ingest down.
+            self.wait_sealed()
+            test_codes, cols = self.tail.drain()
+            with self._view_lock:
+                self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
+                                 **{c: cols[c] for c in STRINGS}}
+                # Published before the sealer may run: it pairs its parts with the newest tail
+                # view, which must not be one that still holds the rows they hold.
+                self.view = StoreView(self.partitions, (self._sealing, self.tail.view()))
+            self._sealed = self._sealer.submit(self._seal, test_codes, cols)
         self.publish_view()
-
-    def _seal_tail(self) -> None:
-        """Hands the tail to the sealer (sorting, packing, merging parts), which runs beside the
-        next appends; one tail at a time, so a sealer that falls behind slows ingest down."""
-        self.wait_sealed()
-        test_codes, cols = self.tail.drain()
-        with self._view_lock:
-            self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
-                             **{c: cols[c] for c in STRINGS}}
-            # Published before the sealer starts: its view keeps the newest tail view, which must
-            # not be one that still holds the rows it seals.
-            self.view = StoreView(self.partitions, (self._sealing, self.tail.view()))
-        self._sealed = self._sealer.submit(self._seal, test_codes, cols)
 
     def publish_view(self) -> None:
         """One new view: everything applied so far becomes visible at once."""

@@ -368,7 +368,7 @@ class Tail:
 
     def append(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         end = self.rows + len(test_codes)
-        capacity = self.capacity
+        capacity = len(self._cols["test"])
         if end > capacity:
             # A new array: views already published keep the old one, which is never written again.
             size = max(end, 2 * capacity)
@@ -382,10 +382,6 @@ class Tail:
         for c in STRINGS:
             self._strings[c].append(cols[c])
         self.rows = end
-
-    @property
-    def capacity(self) -> int:
-        return len(self._cols["test"])
 
     def copy(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
         """(test codes, columns) of every row, leaving the tail as it is."""

@@ -364,7 +364,7 @@ def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once
     """The sealer publishes its parts beside the newest tail view: the appender publishes the
     view of the drained tail before the sealer may run, so a sealer that wins the race never
     pairs its parts with a tail view that still holds their rows."""
-    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:100]
+    events = [e for e in EVENTS if e["test_id"] == TESTS[0]][:120]
     s = EventStore(seal_rows=100)
     s.append(to_table(events[:60]))
     publish, seen = s._ingest.publish_view, []
@@ -375,30 +375,8 @@ def test_a_sealer_finishing_before_the_appender_publishes_counts_each_event_once
         publish()
 
     s._ingest.publish_view = sealer_first
-    s.append(to_table(events[60:]))  # the tail reaches 100 events: sealed
-    assert seen == [100] and s.event_count == 100
-
-
-def test_a_batch_that_would_outgrow_the_tail_seals_it_first():
-    """A batch that would take the tail past its room (a full tail and a batch as large) seals
-    the tail first, instead of copying it into larger arrays; a batch larger than the room goes
-    into a tail of its own, sealed at once. Every event is counted once."""
-    events = [e for e in EVENTS if e["test_id"] == TESTS[0]]
-    s = EventStore(seal_rows=100)
-    room = len(s._ingest.tail.view()["test"].base)  # the tail's arrays, whole
-    sizes = [50, room - 20, 30, room + 50]  # the second and the fourth would outgrow the room
-    events = events[:sum(sizes)]
-    at = 0
-    for size in sizes:
-        s.append(to_table(events[at:at + size]))
-        at += size
-        assert s.event_count == at
-    s.wait_sealed()
-    parts = s._ingest.view.partitions[s._ingest.tests.code(TESTS[0])].parts
-    assert [p.num_rows for p in parts] == sizes and s._ingest.view.tail_rows == 0
-    for expected, ours in zip(Oracle(events).summary(TESTS[0], None, None),
-                              s.summary(SummaryQuery(TESTS[0])).metrics.rows()):
-        assert_metrics_match(ours, expected)
+    s.append(to_table(events[60:]))  # the tail reaches 120 events: sealed
+    assert seen == [120] and s.event_count == 120
 
 
 def test_a_part_holds_memory_only_for_its_own_rows():
