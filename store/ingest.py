@@ -276,7 +276,7 @@ class Ingest:
                 self._sealing = {"test": test_codes, **{c: cols[c] for c in DTYPES if c != "test"},
                                  **{c: cols[c] for c in STRINGS}}
                 # Published before the sealer may run: it pairs its parts with the newest tail
-                # view, which must not be one that still holds the rows they hold.
+                # view, which must not be the one that still holds their rows.
                 self.view = StoreView(self.partitions, (self._sealing, self.tail.view()))
             self._sealed = self._sealer.submit(self._seal, test_codes, cols)
         self.publish_view()
