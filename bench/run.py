@@ -488,9 +488,10 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
             at_ack = sorted((m["rss_at_last_ack"] - m["rss_before"]) / n for m in memory)
             time.sleep(SETTLE_SECONDS)  # the server hands freed pages back after a quiet second
             # At the last ack: the median over the fresh servers. Settled: this one, the last.
-            report["memory"] = {**memory[-1], "rss_after": server.rss_bytes(), "at_last_ack_runs": at_ack,
-                                "bytes_per_event_at_last_ack": at_ack[len(at_ack) // 2]}
-            report["memory"]["bytes_per_event"] = (report["memory"]["rss_after"] - memory[-1]["rss_before"]) / n
+            settled = server.rss_bytes()
+            report["memory"] = {**memory[-1], "rss_after": settled, "at_last_ack_runs": at_ack,
+                                "bytes_per_event_at_last_ack": at_ack[len(at_ack) // 2],
+                                "bytes_per_event": (settled - memory[-1]["rss_before"]) / n}
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
                 qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
