@@ -45,7 +45,7 @@ def take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Ar
 
 
 class _Chunk(NamedTuple):
-    """Rows of a packed string column: LZ4 lengths (uint16) and bytes, and their raw sizes."""
+    """Rows of a packed string column: compressed lengths (uint16) and bytes, and their raw sizes."""
 
     rows: int
     lengths_size: int
@@ -55,17 +55,19 @@ class _Chunk(NamedTuple):
 
 
 class PackedStrings:
-    """A string column only the session metrics read, kept LZ4-compressed in chunks: lengths
+    """A string column only the session metrics read, kept compressed in chunks: lengths
     (uint16) and bytes.
 
-    Session ids take ~18 bytes per event as Arrow strings and ~6 packed; they are unpacked only
-    to hand the events out whole, to count sessions, or to merge parts that overlap in time.
-    Parts merged end to end keep their chunks as they are (repacked into one while chunks are
-    small).
+    Session ids take ~18 bytes per event as Arrow strings, ~7 packed with LZ4 and ~4 with zstd
+    (level 1), whose entropy coding suits ids drawn from a small alphabet (at 10M events: 3.4
+    bytes per event less than LZ4; sealing compresses at ~40 ns per event against ~20 and
+    unpacking takes ~10 ns per event either way). They are unpacked only to hand the events out
+    whole, to count sessions, or to merge parts that overlap in time. Parts merged end to end keep
+    their chunks as they are (repacked into one while chunks are small).
     """
 
     __slots__ = ("length", "_chunks")
-    CODEC = "lz4"
+    CODEC = "zstd"
     #: Chunks merged end to end are repacked into one while they average fewer raw bytes.
     REPACK_BELOW = 64 << 10
 
