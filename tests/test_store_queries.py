@@ -319,6 +319,62 @@ def test_compacted_parts_answer_like_the_events_they_hold():
                 assert_metrics_match(ours, theirs)
 
 
+def test_small_codes_share_a_byte_and_come_back_as_they_went_in():
+    """The narrowest code columns that fit in 8 bits together share one byte per event; every
+    column, whole or sliced, comes back with its values and type, also from parts packed
+    differently and merged end to end (packed anew) or packed alike (their bytes concatenated)."""
+    import numpy as np
+    from abstream.store.partition import COLUMNS, DTYPES, Part
+
+    rng = np.random.default_rng(7)
+
+    def part(first_s: int, n: int, variants: int, countries: int, event_types: int) -> tuple[Part, dict]:
+        cols = {"timestamp": (first_s + np.arange(n, dtype=np.int64)) * NS,
+                "variant": rng.integers(0, variants, n).astype(np.uint16),
+                "user_id": rng.integers(0, 70_000, n).astype(np.int32),
+                "conversion": rng.integers(0, 2, n).astype(np.uint8), "revenue": np.zeros(n),
+                "event_type": rng.integers(0, event_types, n).astype(np.uint16),
+                "device": rng.integers(0, 3, n).astype(np.uint16),
+                "country": rng.integers(0, countries, n).astype(np.uint16),
+                "session_id": pa.array([f"s{i % 97}" for i in range(n)])}
+        cols["variant"][-1], cols["country"][-1] = variants - 1, countries - 1  # the widest values are there
+        return Part(cols), cols
+
+    def assert_holds(p: Part, cols: dict) -> None:
+        for c in COLUMNS:
+            if c in DTYPES:
+                assert p.column(c).dtype == DTYPES[c] and p.column(c).tolist() == cols[c].tolist(), c
+                assert p.column(c, slice(3, 50)).tolist() == cols[c][3:50].tolist(), c
+        assert p.strings("session_id", slice(0, p.num_rows)).equals(cols["session_id"])
+
+    # conversion 1 bit, variant 2, device 2, event type 3 share a byte; country (8 bits) does not fit.
+    a, cols_a = part(0, 500, variants=4, countries=200, event_types=5)
+    assert a._layout == {"conversion": (0, 1), "device": (1, 2), "variant": (3, 2), "event_type": (5, 3)}
+    assert set(a._cols) == {"packed", "country", "user_id", "timestamp"} and a._cols["packed"].nbytes == 500
+    assert_holds(a, cols_a)
+    # One event type only: its column takes no bits, and country (now 7 bits) does not fit beside the rest.
+    b, cols_b = part(1_000, 300, variants=8, countries=100, event_types=1)
+    assert b._layout == {"event_type": (0, 0), "conversion": (0, 1), "device": (1, 2), "variant": (3, 3)}
+    assert_holds(b, cols_b)
+    merged = Part.merge([a, b])
+    # Event types take 3 bits again, and variant (3 bits) no longer fits.
+    assert merged._layout == {"conversion": (0, 1), "device": (1, 2), "event_type": (3, 3)}
+    assert_holds(merged, {c: pa.concat_arrays([cols_a[c], cols_b[c]]) if c == "session_id" else
+                          np.concatenate([cols_a[c], cols_b[c]]) for c in COLUMNS})
+    c, cols_c = part(2_000, 400, variants=4, countries=200, event_types=5)
+    alike = Part.merge([a, c])
+    assert alike._layout == a._layout and alike._cols["packed"].tolist() == a._cols["packed"].tolist() + \
+        c._cols["packed"].tolist()
+    assert_holds(alike, {c: pa.concat_arrays([cols_a[c], cols_c[c]]) if c == "session_id" else
+                         np.concatenate([cols_a[c], cols_c[c]]) for c in COLUMNS})
+    # Nothing is packed when fewer than two columns would share the byte.
+    wide, cols_w = part(3_000, 200, variants=300, countries=300, event_types=300)
+    cols_w["device"] = cols_w["device"] * 100
+    wide = Part(cols_w)
+    assert wide._layout == {} and "packed" not in wide._cols
+    assert_holds(wide, cols_w)
+
+
 def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
     import numpy as np
     from abstream.store.partition import Part
