@@ -418,7 +418,7 @@ class Tail:
 
     def append(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         end = self.rows + len(test_codes)
-        capacity = len(self._cols["test"])
+        capacity = self.room
         if end > capacity:
             # A new array: views already published keep the old one, which is never written again.
             size = max(end, 2 * capacity)
@@ -432,6 +432,11 @@ class Tail:
         for c in STRINGS:
             self._strings[c].append(cols[c])
         self.rows = end
+
+    @property
+    def room(self) -> int:
+        """The rows the tail's arrays hold before they are grown."""
+        return len(self._cols["test"])
 
     def copy(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
         """(test codes, columns) of every row, leaving the tail as it is."""

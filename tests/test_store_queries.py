@@ -392,6 +392,24 @@ def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
     assert far._ts_base is None and far.column("timestamp").tolist() == [0, NS, (1 << 32) * NS]
 
 
+def test_a_tail_is_sealed_when_the_next_batch_like_the_last_would_not_fit():
+    """Batches of 400 into a tail with room for 1,000: sealed at 800 rows, never grown (a grown
+    tail is copied into arrays twice its size); every event is counted once."""
+    events = EVENTS[:1_600]
+    s = EventStore(seal_rows=1_000)
+    rooms, tail_rows = [], []
+    for i in range(0, 1_600, 400):
+        s.append(to_table(events[i:i + 400]))
+        s.wait_sealed()
+        rooms.append(s._ingest.tail.room)
+        tail_rows.append(s._ingest.view.tail_rows)
+    assert tail_rows == [400, 0, 400, 0] and rooms == [1_000] * 4
+    oracle = Oracle(events)
+    for test_id in TESTS:
+        assert s.summary(SummaryQuery(test_id)).metrics.events.tolist() == [
+            row["events"] for row in oracle.summary(test_id)]
+
+
 def test_a_tail_being_sealed_stays_visible_exactly_once():
     """While the sealer works on a full tail, queries see it beside the new tail; after, in parts."""
     import threading
