@@ -294,8 +294,8 @@ def test_a_query_past_its_deadline_stops():
 
 
 def test_compacted_parts_answer_like_the_events_they_hold():
-    """Whole-second timestamps are kept as uint32 offsets and small codes as uint8: range bounds
-    one nanosecond either side of an event, and every column, come out as with wide parts."""
+    """Whole-second timestamps are kept as 16- or 32-bit offsets and small codes as uint8: range
+    bounds one nanosecond either side of an event, and every column, come out as with wide parts."""
     import numpy as np
 
     whole = [{**e, "timestamp": e["timestamp"] // NS * NS} for e in EVENTS]
@@ -304,7 +304,8 @@ def test_compacted_parts_answer_like_the_events_they_hold():
         s.append(to_table(whole[i:i + 97]))
     s.wait_sealed()
     parts = [p for partition in s._ingest.view.partitions.values() for p in partition.parts]
-    assert parts and all(p._ts_base is not None and p._cols["timestamp"].dtype == np.uint32 for p in parts)
+    assert parts and all(p._ts_base is not None for p in parts)
+    assert {p._cols["timestamp"].dtype for p in parts} == {np.dtype(np.uint16), np.dtype(np.uint32)}
     assert all(p._cols["variant"].dtype == np.uint8 and p.column("variant").dtype == np.uint16 for p in parts)
     oracle = Oracle(whole)
     on_event = sorted(e["timestamp"] for e in whole)
@@ -373,6 +374,47 @@ def test_small_codes_share_a_byte_and_come_back_as_they_went_in():
     wide = Part(cols_w)
     assert wide._layout == {} and "packed" not in wide._cols
     assert_holds(wide, cols_w)
+
+
+def test_timestamps_kept_in_16_bits_by_block_find_every_range_as_a_search_of_the_events_would():
+    """Offsets of 65,535, 65,536 and 65,537 seconds, an empty block between two full ones, ties:
+    the 16-bit offsets with the first row of each 65,536-second block give back every timestamp,
+    whole and in slices, and the rows of any range, in a part and in parts merged end to end."""
+    import numpy as np
+    from abstream.store.partition import Part
+
+    rng = np.random.default_rng(11)
+    base = 1_700_000_000
+    offsets = np.sort(np.concatenate([rng.integers(0, 65_536 * 2, 3_000), [65_535, 65_536, 65_536, 65_537],
+                                      rng.integers(65_536 * 3, 65_536 * 4 + 10, 2_000)]))  # block 2 empty
+    n = len(offsets)
+
+    def part(seconds: np.ndarray) -> Part:
+        k = len(seconds)
+        return Part({"timestamp": (base + seconds) * NS, "variant": np.zeros(k, np.uint16),
+                     "user_id": np.arange(k, dtype=np.int32), "conversion": np.zeros(k, np.uint8),
+                     "revenue": np.zeros(k), "event_type": np.zeros(k, np.uint16), "device": np.zeros(k, np.uint16),
+                     "country": np.zeros(k, np.uint16), "session_id": pa.array([""] * k)})
+
+    ts = (base + offsets) * NS
+    whole, halves = part(offsets), Part.merge([part(offsets[:2_500]), part(offsets[2_500:])])
+    for p in (whole, halves):
+        assert p._cols["timestamp"].dtype == np.uint16 and p._ts_edges.tolist()[-1] == n
+        assert p.column("timestamp").tolist() == ts.tolist()
+        assert p.column("timestamp", slice(2_990, 3_010)).tolist() == ts[2_990:3_010].tolist()
+        picks = [*rng.choice(ts, 40), *((base + np.array([0, 65_535, 65_536, 65_537, 65_536 * 2, 65_536 * 3]))
+                                        * NS)]
+        for start in picks:
+            for end in picks:
+                for d, e in ((-1, 0), (0, 0), (1, 1), (-NS, NS)):
+                    expected = np.flatnonzero((ts >= start + d) & (ts <= end + e))
+                    rows = p.time_slice(start + d, end + e)
+                    assert (rows.start, rows.stop) == ((expected[0], expected[-1] + 1) if len(expected) else
+                                                       (rows.start, rows.start)), (start + d, end + e)
+    # Few events over many blocks: 32-bit offsets, as blocks would cost more than they save.
+    sparse = part(np.arange(0, 65_536 * 40, 65_536 * 2))
+    assert sparse._cols["timestamp"].dtype == np.uint32 and sparse._ts_edges is None
+    assert sparse.column("timestamp").tolist() == ((base + np.arange(0, 65_536 * 40, 65_536 * 2)) * NS).tolist()
 
 
 def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
