@@ -365,7 +365,8 @@ class Queries:
                rows: int = 100_000) -> Iterator[pa.Table]:
         """A test's events as stored (event field names, strings decoded), `rows` at a time: part
         by part in time order, then the unsorted tail, so that no more than `rows` events are
-        decoded at once. A consistent cut: the parts and a copy of the tail are taken under the
+        decoded at once (and the dictionaries' packed values they name unpacked once, for the
+        whole export). A consistent cut: the parts and a copy of the tail are taken under the
         ingest lock (for as long as copying the tail takes)."""
         ingest = self._ingest
         with ingest.lock:
@@ -378,6 +379,7 @@ class Queries:
         start = _NO_START if start_ns is None else start_ns
         end = _NO_END if end_ns is None else end_ns
         partition = view.partitions.get(test)
+        unpacked: dict[str, dict[int, pa.Array]] = {}  # at most every value of each dictionary, once
         for part in partition.parts if partition else ():
             if part.last_ns < start or part.first_ns > end:
                 continue
@@ -385,20 +387,22 @@ class Queries:
             for lo in range(span.start, span.stop, rows):
                 piece = slice(lo, min(lo + rows, span.stop))
                 yield self._decoded(test_id, {c: part.column(c, piece) for c in NUMERIC},
-                                    part.strings("session_id", piece))
+                                    part.strings("session_id", piece), unpacked)
         ts = tail["timestamp"]
         picked = np.flatnonzero((tail_tests == test) & (ts >= start) & (ts <= end))
         for lo in range(0, len(picked), rows):
             at = picked[lo:lo + rows]
             yield self._decoded(test_id, {c: tail[c][at] for c in NUMERIC},
-                                tail["session_id"].take(pa.array(at, pa.int64())))
+                                tail["session_id"].take(pa.array(at, pa.int64())), unpacked)
 
-    def _decoded(self, test_id: str, cols: dict[str, np.ndarray], sessions: pa.Array) -> pa.Table:
+    def _decoded(self, test_id: str, cols: dict[str, np.ndarray], sessions: pa.Array,
+                 unpacked: dict[str, dict[int, pa.Array]]) -> pa.Table:
+        """One page of events as sent; `unpacked`: dictionary chunks unpacked for earlier pages."""
         dicts = self._ingest.dicts
         n = len(cols["timestamp"])
         columns = {
             "timestamp": pa.array(cols["timestamp"], pa.int64()),
-            **{name: dicts[name].values.take(pa.array(cols[name].astype(np.int64))) for name in
+            **{name: dicts[name].take(cols[name], unpacked.setdefault(name, {})) for name in
                ("user_id", "variant", "event_type", "device", "country")},
             "test_id": pa.array([test_id] * n, pa.string()),
             "conversion": pa.array(cols["conversion"].astype(np.int64)),

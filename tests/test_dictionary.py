@@ -182,30 +182,39 @@ def test_growth_through_many_resizes():
 
 
 def test_readers_racing_a_growing_writer_see_known_codes_or_none():
+    """Readers look values up while batches are encoded (the table grows, values are packed by
+    the chunk): a code found is the value's own, and once its batch is encoded it decodes back."""
     d = Dictionary(10**9)
     d.encode(pa.array([f"k{i}" for i in range(1000)]))
-    stop, seen_wrong = threading.Event(), []
+    stop, seen_wrong, encoded = threading.Event(), [], [1000]
 
     def read() -> None:
         rng = random.Random(4)
         while not stop.is_set():
+            done = encoded[0]
             i = rng.randrange(0, 200_000)
-            code = d.code(f"k{i}")
-            if code is not None and code != i:
-                seen_wrong.append((i, code))
+            try:
+                code = d.code(f"k{i}")
+                if code is not None and code != i or i < done and d.decode(np.array([i])) != [f"k{i}"]:
+                    seen_wrong.append((i, code))
+            except Exception as e:  # noqa: BLE001 - a failed lookup is what this test looks for
+                seen_wrong.append((i, repr(e)))
 
     readers = [threading.Thread(target=read) for _ in range(2)]
     for t in readers:
         t.start()
     try:
         for start in range(1000, 200_000, 997):  # many small batches: many growths under the readers
-            d.encode(pa.array([f"k{i}" for i in range(start, min(start + 997, 200_000))]))
+            end = min(start + 997, 200_000)
+            d.encode(pa.array([f"k{i}" for i in range(start, end)]))
+            encoded[0] = end
     finally:
         stop.set()
         for t in readers:
             t.join()
     assert seen_wrong == []
     assert [d.code(f"k{i}") for i in (0, 999, 1000, 199_999)] == [0, 999, 1000, 199_999]
+    assert len(d._packed) == 3
 
 
 def test_from_values_gives_the_same_codes():
@@ -217,3 +226,26 @@ def test_from_values_gives_the_same_codes():
     assert np.array_equal(restored.encode(pa.array(values)), codes)
     assert len(restored) == len(d)
     assert restored.encode(pa.array(["brand new"])).tolist() == [len(d)]
+
+
+def test_values_packed_by_the_chunk_decode_as_they_were_added():
+    """150,000 values in batches that end inside chunks: two chunks of 65,536 are packed (in
+    less room than the strings took), the rest kept as added; any codes decode to their values,
+    unpacking only the chunks that hold them, and a dictionary rebuilt from them packs alike."""
+    ids = [f"user_{i * 7919 % 300_007}" for i in range(150_000)]  # distinct: 7919 is invertible mod the prime
+    d = Dictionary(10**9)
+    for lo in range(0, len(ids), 40_000):
+        assert d.encode(pa.array(ids[lo:lo + 40_000])).tolist() == list(range(lo, min(lo + 40_000, len(ids))))
+    assert len(d._packed) == 2 and sum(len(c) for c in d._chunks) == 150_000 - 2 * Dictionary.CHUNK
+    assert d.values.to_pylist() == ids
+    slots, hashes = d._table
+    assert d.nbytes - slots.nbytes - hashes.nbytes < pa.array(ids).nbytes / 2
+    codes = np.random.default_rng(5).integers(0, len(ids), 5_000)
+    assert d.decode(codes) == [ids[c] for c in codes]
+    unpacked: dict = {}
+    assert d.take(np.array([70_000, 3, 149_999]), unpacked).to_pylist() == [ids[70_000], ids[3], ids[149_999]]
+    assert sorted(unpacked) == [0, 1]
+    assert d.take(np.array([140_000, 65_535]), unpacked).to_pylist() == [ids[140_000], ids[65_535]]
+    assert d.decode(np.zeros(0, np.int64)) == [] and Dictionary(10).decode(np.zeros(0, np.int64)) == []
+    restored = Dictionary.from_values(d.values, 10**9)
+    assert len(restored._packed) == 2 and restored.decode(codes) == [ids[c] for c in codes]
