@@ -187,7 +187,7 @@ def test_a_server_killed_mid_import_resumes_without_storing_twice(bucket, tmp_pa
             return sum(t.events for t in c.list_tests().rows)
 
     deadline = time.monotonic() + 60
-    while count() < 100_000:
+    while count() < 200_000:
         assert time.monotonic() < deadline and running.poll() is None, running.communicate()
         time.sleep(0.1)
     server.kill()
@@ -195,7 +195,10 @@ def test_a_server_killed_mid_import_resumes_without_storing_twice(bucket, tmp_pa
     assert running.returncode == 2  # the CLI says the server went away
     server = Server(tmp_path / "data", "--tokens-file", str(tokens)).start()
     before = count()
-    assert 100_000 <= before < rows
+    # A batch is visible before its fsync returns (its ack waits for it), so the kill may take
+    # the newest visible batches of 50,000 with it (killed at 100,000 visible, under the load of
+    # the whole suite, it once left 50,000): the kill lands inside the object all the same.
+    assert 50_000 <= before < rows
     result = abstream_import(server, f"s3://{name}/big/", token="tok")
     assert result.returncode == 0, result.stderr
     assert f"{rows - before:,} stored, 0 quarantined, {before:,} stored before" in result.stdout
