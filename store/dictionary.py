@@ -63,6 +63,8 @@ class Dictionary:
 
     #: Values packed together.
     CHUNK = 1 << 16
+    #: The newest values (as many arrays as batches brought new ones) are concatenated past this.
+    MERGE_AFTER = 64
 
     def __init__(self, capacity: int, key: bytes | None = None) -> None:
         """`key`: the 16-byte hash key; random unless given (tests give one to craft collisions)."""
@@ -72,7 +74,8 @@ class Dictionary:
         self._table = (np.full(2048, _EMPTY, dtype=np.int32), np.zeros((1024, 2), dtype=np.uint64))
         self._values_lock = threading.Lock()  # readers take the two lists as one
         self._packed: list[PackedStrings] = []  # values 0 .. CHUNK * len - 1
-        self._chunks: list[pa.Array] = []  # the values after them
+        self._chunks: list[pa.Array] = []  # the values after them, at most MERGE_AFTER arrays
+        self._unpacked = 0  # how many
 
     def __len__(self) -> int:
         return self._n
@@ -127,18 +130,17 @@ class Dictionary:
         return codes
 
     def _add_values(self, values: pa.Array) -> None:
-        """New values after the others; a full chunk's worth is packed."""
-        chunks = [*self._chunks, values]
-        if sum(len(c) for c in chunks) >= self.CHUNK:
+        """New values after the others; a full chunk's worth is packed (the writer only)."""
+        chunks, packed = [*self._chunks, values], []
+        self._unpacked += len(values)
+        if self._unpacked >= self.CHUNK or len(chunks) > self.MERGE_AFTER:
             unpacked = pa.concat_arrays(chunks)
             full = len(unpacked) - len(unpacked) % self.CHUNK
             packed = [PackedStrings(unpacked.slice(lo, self.CHUNK)) for lo in range(0, full, self.CHUNK)]
-            with self._values_lock:
-                self._packed = [*self._packed, *packed]
-                self._chunks = [pa.concat_arrays([unpacked.slice(full)])]  # not the whole buffer
-            return
-        with self._values_lock:
-            self._chunks = chunks
+            chunks = [pa.concat_arrays([unpacked.slice(full)])]  # not the whole buffer
+            self._unpacked = len(chunks[0])
+        with self._values_lock:  # readers take both lists as one
+            self._packed, self._chunks = [*self._packed, *packed], chunks
 
     def _grow(self, needed: int) -> None:
         """Room for `needed` codes: hashes grow by half, the table stays at most half full."""
@@ -175,7 +177,8 @@ class Dictionary:
     def values(self) -> pa.Array:
         """Every value, in code order (index it with codes): all of them unpacked."""
         with self._values_lock:
-            arrays = [p.array() for p in self._packed] + self._chunks
+            packed, chunks = self._packed, self._chunks
+        arrays = [p.array() for p in packed] + chunks
         return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
     def take(self, codes: np.ndarray, unpacked: dict[int, pa.Array] | None = None) -> pa.Array:
@@ -185,18 +188,25 @@ class Dictionary:
         unpacked = {} if unpacked is None else unpacked
         with self._values_lock:
             packed, chunks = self._packed, self._chunks
-        wanted = np.unique(codes[codes < len(packed) * self.CHUNK] // self.CHUNK).tolist()
-        for k in wanted:
-            if k not in unpacked:
-                unpacked[k] = packed[k].array()
-        arrays = [unpacked[k] for k in wanted] + chunks
-        if not arrays:
+        if len(codes) == 0:
             return pa.array([], pa.string())
-        # Where each chunk's values start among the arrays (the unpacked values: after the others).
-        starts = np.full(len(packed) + 1, len(wanted) * self.CHUNK, dtype=np.int64)
-        starts[wanted] = np.arange(len(wanted), dtype=np.int64) * self.CHUNK
+        # Codes grouped by chunk (the newest values are chunk len(packed)), each group taken
+        # from its chunk alone, then put back in the order asked.
         chunk = np.minimum(codes // self.CHUNK, len(packed))
-        return pa.concat_arrays(arrays).take(pa.array(starts[chunk] + codes - chunk * self.CHUNK))
+        order = np.argsort(chunk, kind="stable")
+        ks, firsts = np.unique(chunk[order], return_index=True)
+        pieces = []
+        for k, lo, hi in zip(ks.tolist(), firsts.tolist(), [*firsts[1:].tolist(), len(codes)]):
+            if k == len(packed):
+                source = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+            elif k in unpacked:
+                source = unpacked[k]
+            else:
+                source = unpacked[k] = packed[k].array()
+            pieces.append(source.take(pa.array(codes[order[lo:hi]] - k * self.CHUNK)))
+        if len(pieces) == 1:
+            return pieces[0]
+        return pa.concat_arrays(pieces).take(pa.array(np.argsort(order)))
 
     def decode(self, codes: np.ndarray) -> list[str]:
         return self.take(codes).to_pylist()

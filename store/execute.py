@@ -35,7 +35,7 @@ from abstream.core.types import (
     UserMoments,
 )
 from abstream.store import kernels
-from abstream.store.dictionary import hash_strings
+from abstream.store.dictionary import Dictionary, hash_strings
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
@@ -379,7 +379,7 @@ class Queries:
         start = _NO_START if start_ns is None else start_ns
         end = _NO_END if end_ns is None else end_ns
         partition = view.partitions.get(test)
-        unpacked: dict[str, dict[int, pa.Array]] = {}  # at most every value of each dictionary, once
+        unpacked: dict[Dictionary, dict[int, pa.Array]] = {}  # at most every value of each, once
         for part in partition.parts if partition else ():
             if part.last_ns < start or part.first_ns > end:
                 continue
@@ -396,13 +396,14 @@ class Queries:
                                 tail["session_id"].take(pa.array(at, pa.int64())), unpacked)
 
     def _decoded(self, test_id: str, cols: dict[str, np.ndarray], sessions: pa.Array,
-                 unpacked: dict[str, dict[int, pa.Array]]) -> pa.Table:
-        """One page of events as sent; `unpacked`: dictionary chunks unpacked for earlier pages."""
+                 unpacked: dict[Dictionary, dict[int, pa.Array]]) -> pa.Table:
+        """One page of events as sent; `unpacked`: dictionary chunks unpacked for earlier pages
+        (by dictionary: an erasure meanwhile replaces the user ids' one)."""
         dicts = self._ingest.dicts
         n = len(cols["timestamp"])
         columns = {
             "timestamp": pa.array(cols["timestamp"], pa.int64()),
-            **{name: dicts[name].take(cols[name], unpacked.setdefault(name, {})) for name in
+            **{name: dicts[name].take(cols[name], unpacked.setdefault(dicts[name], {})) for name in
                ("user_id", "variant", "event_type", "device", "country")},
             "test_id": pa.array([test_id] * n, pa.string()),
             "conversion": pa.array(cols["conversion"].astype(np.int64)),

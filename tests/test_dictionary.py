@@ -249,3 +249,8 @@ def test_values_packed_by_the_chunk_decode_as_they_were_added():
     assert d.decode(np.zeros(0, np.int64)) == [] and Dictionary(10).decode(np.zeros(0, np.int64)) == []
     restored = Dictionary.from_values(d.values, 10**9)
     assert len(restored._packed) == 2 and restored.decode(codes) == [ids[c] for c in codes]
+    # A new value per batch: the newest values are concatenated rather than kept one array each.
+    for i in range(3 * Dictionary.MERGE_AFTER):
+        assert d.encode(pa.array([f"one_{i}", ids[i]])).tolist() == [len(ids) + i, i]
+    assert len(d._chunks) <= Dictionary.MERGE_AFTER
+    assert d.decode(np.arange(len(ids), len(d))) == [f"one_{i}" for i in range(3 * Dictionary.MERGE_AFTER)]

@@ -10,6 +10,7 @@ import pytest
 from abstream.core.engine import append
 from abstream.core.types import AnalysisOptions
 from abstream.store import (
+    EVENT_SCHEMA,
     Dimension,
     EventStore,
     Filters,
@@ -412,9 +413,19 @@ def test_timestamps_kept_in_16_bits_by_block_find_every_range_as_a_search_of_the
                     assert (rows.start, rows.stop) == ((expected[0], expected[-1] + 1) if len(expected) else
                                                        (rows.start, rows.start)), (start + d, end + e)
     # Few events over many blocks: 32-bit offsets, as blocks would cost more than they save.
-    sparse = part(np.arange(0, 65_536 * 40, 65_536 * 2))
+    sparse_s = np.arange(0, 65_536 * 40, 65_536 * 2)
+    sparse = part(sparse_s)
     assert sparse._cols["timestamp"].dtype == np.uint32 and sparse._ts_edges is None
-    assert sparse.column("timestamp").tolist() == ((base + np.arange(0, 65_536 * 40, 65_536 * 2)) * NS).tolist()
+    assert sparse.column("timestamp").tolist() == ((base + sparse_s) * NS).tolist()
+    # Merged end to end with 16-bit parts, before and after them: back to 16 bits, every time.
+    later = offsets + int(sparse_s[-1]) + 1
+    both = Part.merge([sparse, part(later)])
+    both_s = np.concatenate([sparse_s, later])
+    assert both._cols["timestamp"].dtype == np.uint16
+    assert both.column("timestamp").tolist() == ((base + both_s) * NS).tolist()
+    for second in (0, int(sparse_s[-1]), int(later[0]), int(later[2_999]), int(later[-1])):
+        rows = both.time_slice((base + second) * NS, (base + second) * NS)
+        assert both_s[rows].tolist() == [second] * int((both_s == second).sum())
 
 
 def test_a_part_with_sub_second_or_wide_values_keeps_them_exactly():
@@ -615,6 +626,33 @@ def test_export_gives_back_every_event_exactly(store):
     start, end = sorted(e["timestamp"] for e in EVENTS)[500], sorted(e["timestamp"] for e in EVENTS)[2000]
     ranged = pa.concat_tables(list(store.export(TESTS[0], start, end))).to_pylist()
     assert len(ranged) == sum(1 for e in EVENTS if e["test_id"] == TESTS[0] and start <= e["timestamp"] <= end)
+
+
+def test_export_names_users_from_packed_values_and_none_erased_meanwhile():
+    """150,000 users (two chunks of packed values and the newest unpacked), exported 20,000 at a
+    time: every event with its own user id, in order; a user erased after the first page is not
+    named by the pages after it."""
+    n = 150_000
+    users = [f"u{i * 7919 % 300_007}" for i in range(n)]  # distinct
+    table = pa.table({"timestamp": pa.array([(BASE_S + i) * NS for i in range(n)], pa.timestamp("ns", tz="UTC")),
+                      "user_id": users, "test_id": ["big"] * n, "variant": ["a", "b"] * (n // 2),
+                      "event_type": ["click"] * n, "conversion": pa.array([0] * n, pa.int64()),
+                      "revenue": [0.0] * n, "session_id": [""] * n, "device": [""] * n, "country": [""] * n})
+    s = EventStore(seal_rows=40_000)
+    for piece in table.to_batches(max_chunksize=25_000):
+        s.append(pa.Table.from_batches([piece]).cast(EVENT_SCHEMA))
+    s.wait_sealed()
+    assert len(s._ingest.dicts["user_id"]._packed) == 2
+    pages = s.export("big", rows=20_000)
+    first = next(pages)
+    assert first.column("user_id").to_pylist() == users[:len(first)]
+    secret = users[30_000]  # in the first chunk of values, unpacked for the first page
+    assert s.erase_user(secret) == 1
+    rest = pa.concat_tables(list(pages)).column("user_id").to_pylist()
+    assert len(first) + len(rest) == n and secret not in rest
+    at = 30_000 - len(first)
+    assert rest[:at] + rest[at + 1:] == users[len(first):30_000] + users[30_001:]
+    assert rest[at].startswith("\x00erased:")
 
 
 @pytest.mark.parametrize("test_id", TESTS)
