@@ -495,7 +495,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
                 qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
-                report["queries"], held = compare_and_time(stub, table, qs, reps)
+                report["queries"], held, report["tests"]["unsealed"] = compare_and_time(stub, table, qs, reps)
                 report["memory"]["store_bytes_per_event"] = held
                 if not only:
                     report["rollups"] = rollups(table, [typical, largest], mid_ns, reps)
@@ -578,7 +578,7 @@ def run_clickhouse(n: int, reps: int, row_events: int, only: set[str] | None = N
             with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:
                 stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
                 qs = [q for q in query_set(typical, largest, mid_ns) if not only or q.name in only]
-                report["queries"], _ = compare_and_time(stub, table, qs, reps, cluster_engine=engine)
+                report["queries"], _, _ = compare_and_time(stub, table, qs, reps, cluster_engine=engine)
                 report["ingest_rows_1"] = timed_ingest(server.address, rows, 1)
                 report["freshness"] = freshness(stub, reps)
         finally:
@@ -643,9 +643,10 @@ def take_snapshot(address: str) -> dict:
 
 
 def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, cluster_engine=None
-                     ) -> tuple[list[dict], float]:
+                     ) -> tuple[list[dict], float, int]:
     """Per query: whether the answers agree (over gRPC, in-process, DuckDB), and their times.
-    Also the embedded store's bytes per event. With `cluster_engine`, the server serves the
+    Also the embedded store's bytes per event, and its events not yet sealed into parts (where
+    the load stops decides how many, and every query scans them). With `cluster_engine`, the server serves the
     cluster engine: in-process is that engine, and the embedded engine is timed beside it."""
     print("loading the in-process store and DuckDB ...", file=sys.stderr)
     store = EventStore()
@@ -675,7 +676,7 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
         entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
         print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
               f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms", file=sys.stderr)
-    return out, held
+    return out, held, embedded.unsealed_events
 
 
 def rollups(table: pa.Table, tests: list[str], mid_ns: int, reps: int) -> dict:
@@ -745,7 +746,9 @@ def table_text(report: dict) -> str:
              f"numpy {report['machine']['numpy']}, pyarrow {report['machine']['pyarrow']}, "
              f"grpcio {report['machine']['grpcio']}, duckdb {report['machine']['duckdb']}",
              f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
-             f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events)", "",
+             f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events); "
+             f"{report['tests']['unsealed']:,} events not yet sealed into parts when the queries ran "
+             "(every query scans them)", "",
              "| query | test | rows | verified | gRPC p50 / p95 / p99 ms | in-process p50 ms | DuckDB p50 ms "
              "| DuckDB / in-process |",
              "|---|---|---|---|---|---|---|---|"]

@@ -184,6 +184,11 @@ class EventStore:
         return self._ingest.nbytes
 
     @property
+    def unsealed_events(self) -> int:
+        """Events in the tail, not yet sealed into their tests' parts: every query scans them."""
+        return self._ingest.view.tail_rows
+
+    @property
     def last_snapshot_at(self) -> float:
         return self._persistence.last_snapshot_at if self._persistence else time.monotonic()
 

@@ -21,6 +21,8 @@ def test_bench_smoke(tmp_path):
     (path,) = (tmp_path / "results").glob("bench-50000-*.json")
     report = json.loads(path.read_text())
     assert report["queries"] and all(q["verified"] for q in report["queries"])
+    # 50,000 events in batches of 100,000: one batch, not sealed, scanned by every query.
+    assert report["tests"]["unsealed"] == 50000 and "50,000 events not yet sealed into parts" in result.stdout
     assert {q["query"] for q in report["queries"]} >= {"summary", "segments_country", "timeseries_hour",
                                                        "timeseries_day_cumulative", "list_tests", "summary_sessions",
                                                        "lift_day", "lift_day_since_first_exposure"}
