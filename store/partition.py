@@ -130,13 +130,14 @@ class Part:
 
     Compaction is chosen per part from its values and undone by `column`, so queries always see
     the stored schema's types: timestamps in whole seconds become offsets from the part's first
-    event (`_compact_seconds`: 16 bits and where each 65,536-second block begins), small codes share a byte (`_packed_codes`) and other codes that fit become uint8,
-    `revenue` (zero for most events) is kept sparse (positions and values) when that is smaller,
-    and string columns are packed.
+    event (`_compact_seconds`: 16 bits, and where each 65,536-second block begins), small codes
+    share a byte (`_packed_codes`) and other codes that fit become uint8, `revenue` (zero for
+    most events) is kept sparse (positions and values) when that is smaller, and string columns
+    are packed.
     """
 
-    __slots__ = ("num_rows", "first_ns", "last_ns", "_cols", "_layout", "_ts_base", "_ts_edges", "_revenue_at",
-                 "_revenue", "_strings")
+    __slots__ = ("num_rows", "first_ns", "last_ns", "_cols", "_layout", "_ts_base", "_ts_edges",
+                 "_revenue_at", "_revenue", "_strings")
 
     def __init__(self, cols: dict[str, np.ndarray | pa.Array]) -> None:
         ts = np.asarray(cols["timestamp"])
@@ -182,7 +183,8 @@ class Part:
             part._cols.update((c, _concatenated(parts, c)) for c in parts[0]._cols if c not in part._cols
                               and c != "timestamp")
         else:  # packed differently (a part lacked the widest values of a column): packed anew
-            packed, part._layout = _packed_codes({c: np.concatenate([p.column(c) for p in parts]) for c in SMALL_CODES})
+            dense = {c: np.concatenate([p.column(c) for p in parts]) for c in SMALL_CODES}
+            packed, part._layout = _packed_codes(dense)
             part._cols.update(packed)
         if all(p._ts_base is not None for p in parts) and part.last_ns - part.first_ns < _MAX_OFFSET_NS:
             part._ts_base = part.first_ns
@@ -291,8 +293,8 @@ _MAX_OFFSET_NS = (1 << 32) * NS_PER_SECOND
 def _compact_seconds(seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted whole-second offsets (int64) as a part keeps them: their low 16 bits, and the first
     row of each 65,536-second block (then the number of rows), unless the blocks would take more
-    room than they save (then 32 bits each, and None). 2 bytes per event instead of 4 for the
-    price of a repeat when they are read whole and a search in one block to find a time range."""
+    room than they save (then 32 bits each, and None). 2 bytes per event instead of 4, for an
+    add per block when they are read and a search in one block to find a time range."""
     blocks = (int(seconds[-1]) >> 16) + 1
     if blocks * 8 >= len(seconds) * 2:
         return seconds.astype(np.uint32), None

@@ -392,10 +392,10 @@ def test_timestamps_kept_in_16_bits_by_block_find_every_range_as_a_search_of_the
 
     def part(seconds: np.ndarray) -> Part:
         k = len(seconds)
-        return Part({"timestamp": (base + seconds) * NS, "variant": np.zeros(k, np.uint16),
-                     "user_id": np.arange(k, dtype=np.int32), "conversion": np.zeros(k, np.uint8),
-                     "revenue": np.zeros(k), "event_type": np.zeros(k, np.uint16), "device": np.zeros(k, np.uint16),
-                     "country": np.zeros(k, np.uint16), "session_id": pa.array([""] * k)})
+        zeros = np.zeros(k, np.uint16)
+        return Part({"timestamp": (base + seconds) * NS, "user_id": np.arange(k, dtype=np.int32),
+                     "conversion": np.zeros(k, np.uint8), "revenue": np.zeros(k), "variant": zeros,
+                     "event_type": zeros, "device": zeros, "country": zeros, "session_id": pa.array([""] * k)})
 
     ts = (base + offsets) * NS
     whole, halves = part(offsets), Part.merge([part(offsets[:2_500]), part(offsets[2_500:])])
@@ -634,7 +634,8 @@ def test_export_names_users_from_packed_values_and_none_erased_meanwhile():
     named by the pages after it."""
     n = 150_000
     users = [f"u{i * 7919 % 300_007}" for i in range(n)]  # distinct
-    table = pa.table({"timestamp": pa.array([(BASE_S + i) * NS for i in range(n)], pa.timestamp("ns", tz="UTC")),
+    seconds = pa.array([(BASE_S + i) * NS for i in range(n)], pa.timestamp("ns", tz="UTC"))
+    table = pa.table({"timestamp": seconds,
                       "user_id": users, "test_id": ["big"] * n, "variant": ["a", "b"] * (n // 2),
                       "event_type": ["click"] * n, "conversion": pa.array([0] * n, pa.int64()),
                       "revenue": [0.0] * n, "session_id": [""] * n, "device": [""] * n, "country": [""] * n})
