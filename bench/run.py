@@ -646,8 +646,9 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
                      ) -> tuple[list[dict], float, int]:
     """Per query: whether the answers agree (over gRPC, in-process, DuckDB), and their times.
     Also the embedded store's bytes per event, and its events not yet sealed into parts (where
-    the load stops decides how many, and every query scans them). With `cluster_engine`, the server serves the
-    cluster engine: in-process is that engine, and the embedded engine is timed beside it."""
+    the load stops decides how many, and every query scans them). With `cluster_engine`, the
+    server serves the cluster engine: in-process is that engine, and the embedded engine is
+    timed beside it."""
     print("loading the in-process store and DuckDB ...", file=sys.stderr)
     store = EventStore()
     for batch in table.to_batches(max_chunksize=COLUMNAR_BATCH):
