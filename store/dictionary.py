@@ -75,7 +75,6 @@ class Dictionary:
         self._values_lock = threading.Lock()  # readers take the two lists as one
         self._packed: list[PackedStrings] = []  # values 0 .. CHUNK * len - 1
         self._chunks: list[pa.Array] = []  # the values after them, at most MERGE_AFTER arrays
-        self._unpacked = 0  # how many
 
     def __len__(self) -> int:
         return self._n
@@ -132,13 +131,11 @@ class Dictionary:
     def _add_values(self, values: pa.Array) -> None:
         """New values after the others; a full chunk's worth is packed (the writer only)."""
         chunks, packed = [*self._chunks, values], []
-        self._unpacked += len(values)
-        if self._unpacked >= self.CHUNK or len(chunks) > self.MERGE_AFTER:
+        if len(chunks) > self.MERGE_AFTER or sum(len(c) for c in chunks) >= self.CHUNK:
             unpacked = pa.concat_arrays(chunks)
             full = len(unpacked) - len(unpacked) % self.CHUNK
             packed = [PackedStrings(unpacked.slice(lo, self.CHUNK)) for lo in range(0, full, self.CHUNK)]
             chunks = [pa.concat_arrays([unpacked.slice(full)])]  # not the whole buffer
-            self._unpacked = len(chunks[0])
         with self._values_lock:  # readers take both lists as one
             self._packed, self._chunks = [*self._packed, *packed], chunks
 

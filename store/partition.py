@@ -258,6 +258,8 @@ class Part:
         last = (self.last_ns - self._ts_base) // NS_PER_SECOND
         if hi < max(lo, 0) or lo > last:
             return slice(0, 0)
+        if self._ts_edges is None:
+            return kernels.time_slice(self._cols["timestamp"], max(lo, 0), min(hi, last))
         first, end = self._rank(max(lo, 0), "left"), self._rank(min(hi, last), "right")
         return slice(first, max(first, end))
 
@@ -278,10 +280,9 @@ class Part:
         return seconds
 
     def _rank(self, second: int, side: str) -> int:
-        """The rows before (side "left") or up to (side "right") an offset within the part's span."""
+        """The rows before (side "left") or up to (side "right") an offset within the part's span,
+        searched for in its 65,536-second block."""
         stored = self._cols["timestamp"]
-        if self._ts_edges is None:
-            return int(np.searchsorted(stored, second, side))
         a, b = int(self._ts_edges[second >> 16]), int(self._ts_edges[(second >> 16) + 1])
         return a + int(np.searchsorted(stored[a:b], second & 0xFFFF, side))
 
