@@ -155,7 +155,48 @@ static PyObject *distinct_in_runs(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_bits(bits uint8[m], users int32 or int64[n]) -> newly set: sets each user's bit (little-endian
+ * bits over codes) in place, counting the bits that were not set before, so that a bitset's count
+ * of users grows by what a batch adds instead of by a count over the whole bitset (~30 ns per
+ * event of sealing for a test of 2M users, done with numpy passes). */
+static PyObject *set_bits(PyObject *self, PyObject *args) {
+    Py_buffer bits, users;
+    if (!PyArg_ParseTuple(args, "w*y*", &bits, &users))
+        return NULL;
+    PyObject *result = NULL;
+    if (users.itemsize != 4 && users.itemsize != 8) {
+        PyErr_SetString(PyExc_TypeError, "users must be 4- or 8-byte integers");
+        goto done;
+    }
+    Py_ssize_t n = users.len / users.itemsize;
+    uint64_t limit = (uint64_t)bits.len * 8, added = 0;
+    int outside = 0;
+    uint8_t *b = (uint8_t *)bits.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t u = users.itemsize == 4 ? (uint64_t)(uint32_t)((const int32_t *)users.buf)[i]
+                                         : (uint64_t)((const int64_t *)users.buf)[i];
+        if (u >= limit) { /* a negative code reads as a huge one */
+            outside = 1;
+            break;
+        }
+        uint8_t mask = (uint8_t)(1u << (u & 7));
+        added += !(b[u >> 3] & mask);
+        b[u >> 3] |= mask;
+    }
+    Py_END_ALLOW_THREADS
+    if (outside)
+        PyErr_SetString(PyExc_ValueError, "a user code is outside the bitset");
+    else
+        result = PyLong_FromUnsignedLongLong(added);
+done:
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&users);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"set_bits", set_bits, METH_VARARGS, "Set users' bits in a bitset; returns how many were not set."},
     {"sort_unsigned", sort_unsigned, METH_VARARGS, "Sort 4- or 8-byte unsigned keys in place."},
     {"distinct_in_runs", distinct_in_runs, METH_VARARGS, "Distinct 128-bit hashes in each run of rows."},
     {NULL, NULL, 0, NULL},

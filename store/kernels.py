@@ -49,22 +49,16 @@ def distinct_values(values: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
-def add_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:
-    """A new bitset (little-endian bits over user codes): `bits` with `users` set."""
+def add_users(bits: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, int]:
+    """(a new bitset: `bits` with `users` set, how many of them were not set before); the bits
+    are little-endian over user codes."""
     if len(users) == 0:
-        return bits
+        return bits, 0
     top = int(users.max()) + 1
-    size = max(len(bits), (top + 7) // 8)
-    out = np.zeros(size, dtype=np.uint8)
+    out = np.zeros(max(len(bits), (top + 7) // 8), dtype=np.uint8)
     out[: len(bits)] = bits
-    if len(users) * 64 > top:  # many users: flag them all, pack once
-        flags = np.zeros(size * 8, dtype=bool)
-        flags[users] = True
-        out |= np.packbits(flags, bitorder="little")
-    else:
-        users = distinct_values(users)
-        np.bitwise_or.at(out, users >> 3, (1 << (users & 7)).astype(np.uint8))
-    return out
+    added = _kernels.set_bits(out, users if users.dtype in (np.int32, np.int64) else users.astype(np.int64))
+    return out, added
 
 
 def has_users(bits: np.ndarray, users: np.ndarray) -> np.ndarray:

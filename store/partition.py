@@ -421,12 +421,12 @@ class PartitionView:
         parts = [*self.parts, Part(cols)]
         while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
             parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
-        ts, bits = cols["timestamp"], kernels.add_users(self.user_bits, cols["user_id"])
+        ts, (bits, added) = cols["timestamp"], kernels.add_users(self.user_bits, cols["user_id"])
         return PartitionView(
             parts=tuple(parts),
             variants=self.variants | frozenset(kernels.distinct_values(cols["variant"]).tolist()),
             events=self.events + len(ts),
-            users=int(np.bitwise_count(bits).sum()),
+            users=self.users + added,
             first_ns=min(self.first_ns, int(ts.min())),
             last_ns=max(self.last_ns, int(ts.max())),
             user_bits=bits,

@@ -176,7 +176,7 @@ class VariantTotals:
         if not kept:
             return VariantTotals(**totals), fresh
         if not hourly:
-            return VariantTotals(bits=_words(kernels.add_users(self.bits, fresh)), **totals), fresh
+            return VariantTotals(bits=_words(kernels.add_users(self.bits, fresh)[0]), **totals), fresh
         if found.any():
             converted = converted.copy()
             converted[at[found]] = np.minimum(converted[at[found]], af[found])
@@ -197,7 +197,7 @@ class VariantTotals:
             return out
 
         return VariantTotals(
-            bits=_words(kernels.add_users(self.bits, fresh)),
+            bits=_words(kernels.add_users(self.bits, fresh)[0]),
             first_hour=_inserted(first, where[~present], seen_first[~present]),
             first_conversion_hour=_inserted(converted, at[new], af[new]), hours=merged_hours,
             hour_events=per_hour(self.hour_events, np.diff(np.append(starts, len(order)))),

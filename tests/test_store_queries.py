@@ -213,20 +213,26 @@ def test_parts_give_back_every_column_exactly():
         assert sorted(got) == sorted(expected)
 
 
-def test_user_bitsets_count_each_user_once_on_both_paths():
+def test_user_bitsets_count_each_user_once_and_say_how_many_were_new():
     import numpy as np
     from abstream.store.kernels import add_users
 
     rng = np.random.default_rng(5)
     bits = np.zeros(0, dtype=np.uint8)
     seen: set[int] = set()
-    for size, top in [(10, 2_000_000), (50_000, 100_000), (3, 5), (1000, 3_000_000), (20_000, 20_000)]:
-        users = rng.integers(0, top, size)
-        bits = add_users(bits, users)
+    for size, top, dtype in [(10, 2_000_000, np.int64), (50_000, 100_000, np.int32), (3, 5, np.uint8),
+                             (1000, 3_000_000, np.int64), (20_000, 20_000, np.uint16)]:
+        users = rng.integers(0, top, size).astype(dtype)
+        old, before = bits, bits.copy()
+        bits, added = add_users(old, users)
+        assert added == len(set(users.tolist()) - seen)
         seen |= set(users.tolist())
         assert int(np.bitwise_count(bits).sum()) == len(seen)
         flags = np.unpackbits(bits, bitorder="little")
         assert set(np.flatnonzero(flags).tolist()) == seen
+        assert np.array_equal(old, before)  # a published view's bitset is never written
+    with pytest.raises(ValueError, match="outside the bitset"):
+        add_users(bits, np.array([5, -1], dtype=np.int64))
 
 
 def test_centered_m2_is_exact_and_stable_for_large_means():
