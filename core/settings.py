@@ -28,6 +28,9 @@ class Settings:
                               "every --fsync-interval-ms (a power loss may lose that much)", ("always", "interval"))
     fsync_interval_ms: int = _s(50, "with --fsync interval, how often")
     snapshot_every_events: int = _s(1_000_000, "write a snapshot after this many events (0: never by count)")
+    snapshot_log_ratio: float = _s(0.5, "by count, also wait until the events since the last snapshot are this "
+                                        "share of the events it holds (a snapshot writes them all); 0: every "
+                                        "--snapshot-every-events")
     snapshot_every_seconds: float = _s(300.0, "write a snapshot after this long (0: never by time)")
     snapshot_compression: str = _s("none", "snapshot files' compression (none: restarts memory-map them)",
                                    ("none", "lz4", "zstd"))
@@ -77,6 +80,8 @@ class Settings:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
+        if self.snapshot_log_ratio < 0:
+            raise ValueError(f"--snapshot-log-ratio must be 0 or more, not {self.snapshot_log_ratio}")
         if self.engine == "clickhouse" and not (self.clickhouse and self.clickhouse_cluster):
             raise ValueError("--engine clickhouse needs --clickhouse HOST:PORT[,...] and --clickhouse-cluster NAME")
 

@@ -95,7 +95,8 @@ def open_engine(settings: Settings) -> Engine:
     durability = None if not s.data_dir else Durability(
         Path(s.data_dir), fsync=s.fsync, fsync_interval_ms=s.fsync_interval_ms,
         snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,
-        snapshot_every_events=s.snapshot_every_events, snapshot_every_seconds=s.snapshot_every_seconds)
+        snapshot_every_events=s.snapshot_every_events, snapshot_log_ratio=s.snapshot_log_ratio,
+        snapshot_every_seconds=s.snapshot_every_seconds)
     return EventStore(quarantine_limit=s.quarantine_limit, durability=durability)
 
 

@@ -105,6 +105,10 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert serve.returncode != 0 and "Traceback" not in serve.stderr
     assert "/proc/nope" in serve.stderr and len(serve.stderr.strip().splitlines()) <= 3, serve.stderr
+    ratio = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--snapshot-log-ratio", "-1"],
+                           capture_output=True, text=True, timeout=60)
+    assert ratio.returncode == 2 and "Traceback" not in ratio.stderr
+    assert "--snapshot-log-ratio must be 0 or more, not -1.0" in ratio.stderr
     line = one_line(run("summary", "", "--addr", server.address))
     assert "INVALID_ARGUMENT" in line and "test_id" in line
 

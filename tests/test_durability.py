@@ -444,3 +444,37 @@ def test_records_queued_in_more_pieces_than_one_writev_takes_are_written_whole(t
     replayed = list(WriteAheadLog(tmp_path).replay(0))
     assert [lsn for lsn, _ in replayed] == lsns
     assert [payload for _, payload in replayed] == [b"".join(r.pieces) for r in records]
+
+
+def test_snapshots_by_count_wait_for_a_share_of_the_store_and_a_restart_replays_the_rest(tmp_path, caplog):
+    """With --snapshot-every-events 1000 and --snapshot-log-ratio 1, snapshots come at 1,000,
+    2,000 and 4,000 events (each once the events since the last one are as many as it holds),
+    not at every 1,000 as with a ratio of 0. A restart replays what came after the last one."""
+    import logging
+    import re
+
+    from abstream.core.engine import append
+    from abstream.store import Durability, EventStore
+    from tests.events import random_events, to_table
+
+    events = random_events(5000, seed=3)  # 5,250 events, every one valid
+
+    def snapshots_at(ratio: float, data: Path) -> list[int]:
+        caplog.clear()
+        store = EventStore(durability=Durability(data, snapshot_every_events=1000, snapshot_log_ratio=ratio,
+                                                 snapshot_every_seconds=0))
+        for i in range(0, len(events), 500):
+            append(store, to_table(events[i:i + 500]))  # acked: on disk
+            store.maintain()  # what the server runs once a second
+        # Left as a crash leaves it: no final snapshot.
+        return [int(m.group(1)) for r in caplog.records if (m := re.search(r"written: (\d+) events", r.getMessage()))]
+
+    caplog.set_level(logging.INFO, logger="abstream.store")
+    assert snapshots_at(1.0, tmp_path / "proportional") == [1000, 2000, 4000]
+    assert snapshots_at(0.0, tmp_path / "fixed") == [1000, 2000, 3000, 4000, 5000]
+    caplog.clear()
+    store = EventStore(durability=Durability(tmp_path / "proportional"))
+    assert store.event_count == len(events) == 5250
+    assert any(f"recovered {len(events)} events (snapshot" in r.getMessage() and "3 log records replayed" in r.getMessage()
+               for r in caplog.records)  # the 1,250 events after the snapshot of 4,000
+    store.close()
