@@ -4,8 +4,9 @@ Segments `wal-<first lsn>.log` hold records, each a header (magic, payload lengt
 payload and LSN) and the payload. The CRC is computed by the thread that writes the record, outside
 the lock that orders records (with fsync="always", the committing thread: ~35 ns per event of
 checksumming off the thread that stores every batch). A record is complete only if its CRC
-matches, so a crash in the middle of a write leaves a tail that replay detects, logs and cuts off. A bad record with
-good records after it is not a torn write but damage; replay refuses to guess and says where.
+matches, so a crash in the middle of a write leaves a tail that replay detects, logs and cuts
+off. A bad record with good records after it is not a torn write but damage; replay refuses to
+guess and says where.
 
 Durability: with `fsync="always"`, `commit(lsn)` returns once an fsync covering the record has
 finished; concurrent writers share fsyncs (group commit). The records are written by the
