@@ -64,3 +64,25 @@ def test_bench_smoke(tmp_path):
     assert report["snapshot"]["events"] >= 50000
     assert report["restart"]["verified"] and report["restart"]["events"] == report["snapshot"]["events"]
     assert "| summary |" in result.stdout
+
+
+def test_each_send_of_row_batches_carries_the_next_events_of_the_dataset():
+    """Rows sent as a live stream sends them: each send the events after the last one's, so that
+    their parts follow each other (the same events again would make every merge a sort)."""
+    import pyarrow as pa
+    from abstream.v1 import analytics_pb2 as pb
+    from bench.run import row_sends
+
+    ts = pa.array([1_700_000_000_000_000_000 + i * 1_000_000_000 for i in range(12_000)], pa.timestamp("ns", "UTC"))
+    table = pa.table({"timestamp": ts, "user_id": [f"u{i}" for i in range(12_000)], "test_id": ["t"] * 12_000,
+                      "variant": ["a"] * 12_000, "event_type": ["click"] * 12_000, "conversion": [0] * 12_000,
+                      "revenue": [0.0] * 12_000, "session_id": ["s"] * 12_000, "device": ["d"] * 12_000,
+                      "country": ["US"] * 12_000})
+
+    def users(requests: list[bytes]) -> list[str]:
+        return [e.user_id for r in requests for e in pb.IngestEventsRequest.FromString(r).events]
+
+    sends = row_sends(table, 5_000, 4, "rows_")  # two slices of 5,000 fit: then they repeat
+    assert [users(s)[0] for s in sends] == ["u0", "u5000", "u0", "u5000"]
+    assert users(sends[0]) == [f"u{i}" for i in range(5_000)] and users(sends[1])[-1] == "u9999"
+    assert pb.IngestEventsRequest.FromString(sends[1][0]).events[0].test_id == "rows_t"
