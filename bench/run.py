@@ -187,22 +187,62 @@ def row_sends(table: pa.Table, row_events: int, count: int, prefix: str) -> list
     return [built[k % slices] for k in range(count)]
 
 
-def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3) -> dict:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds the threads of process `pid` have run, summed by the name the operating
+    system knows each by (the server names its pools: core/threads.py); its main thread, which
+    runs the event loop, as "event loop"."""
+    seconds: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = "event loop" if int(tid) == pid else f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        seconds[name] = seconds.get(name, 0.0) + ns / 1e9
+    return seconds
+
+
+def cpu_per_event(pid: int, run) -> tuple[dict, dict[str, float]]:
+    """`run()`'s result and the CPU it cost per event stored, in microseconds: each thread name
+    of process `pid`, "server" for all of them, and "client" for this process (the sender)."""
+    before, client = thread_cpu(pid), time.process_time()
+    result = run()
+    after, client = thread_cpu(pid), time.process_time() - client
+    per = 1e6 / max(result["events"], 1)
+    cpu = {name: (after[name] - before.get(name, 0.0)) * per for name in after}
+    return result, {**cpu, "server": sum(cpu.values()), "client": client * per}
+
+
+def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3, pid: int | None = None) -> dict:
     """Row batches into abstream and into a server that only receives them (bench/null_server.py:
     what the transport carries on this machine), in turns: each round sends a set of them to
     abstream and then the same set to the null server, on one stream, and another set on four
     (`sends`: 2 per round, from `row_sends`). This machine's speed drifts (the null server's own
     runs ranged from 1.9M to 5.0M events/s within one run), so each round's share is taken of
-    that round's ceiling."""
+    that round's ceiling.
+
+    With `pid` (abstream's), where the CPU went on one stream is measured too: per event, each
+    of abstream's threads, the null server's, and the sender's own against each (`cpu`: the
+    median of the rounds, per name)."""
     process = subprocess.Popen([sys.executable, "-m", "bench.null_server", "--accepted", str(ROW_BATCH)],
                                stdout=subprocess.PIPE, text=True)
     runs: dict[str, list[dict]] = {"rows_1": [], "null_1": [], "rows_4": [], "null_4": []}
+    cpu: dict[str, list[dict[str, float]]] = {"abstream": [], "null": []}
     try:
         null = f"127.0.0.1:{process.stdout.readline().split()[1]}"
         for r in range(rounds):
             for streams, requests in zip((1, 4), sends[2 * r: 2 * r + 2]):
-                runs[f"rows_{streams}"].append(timed_ingest(address, requests, streams))
-                runs[f"null_{streams}"].append(timed_ingest(null, requests, streams))
+                for key, target, server_pid in (("rows", address, pid), ("null", null, process.pid)):
+                    def run(target=target, requests=requests, streams=streams):
+                        return timed_ingest(target, requests, streams)
+                    if streams == 1 and pid is not None:
+                        result, used = cpu_per_event(server_pid, run)
+                        cpu["abstream" if key == "rows" else "null"].append(used)
+                    else:
+                        result = run()
+                    runs[f"{key}_{streams}"].append(result)
     finally:
         process.kill()
         process.wait(10)
@@ -210,7 +250,18 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
     return {"rows_1": median_run(runs["rows_1"]), "rows_4": median_run(runs["rows_4"]),
             "ceiling": {"one": median_run(runs["null_1"]), "four": median_run(runs["null_4"]),
                         "shares": [a / b for a, b in zip(rate["rows_1"], rate["null_1"])],
-                        "four_over_one": [a / b for a, b in zip(rate["rows_4"], rate["rows_1"])]}}
+                        "four_over_one": [a / b for a, b in zip(rate["rows_4"], rate["rows_1"])]},
+            "cpu_us_per_event": {side: _median_by_name(used) for side, used in cpu.items() if used}}
+
+
+def _median_by_name(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per name, the median of the runs (a name absent from a run counts 0 in it): the threads
+    that used a hundredth of a microsecond or more, largest first, then "server" and "client"."""
+    names = {name for run in runs for name in run}
+    medians = {name: float(np.median([run.get(name, 0.0) for run in runs])) for name in names}
+    threads = sorted(((k, v) for k, v in medians.items() if k not in ("server", "client") and v >= 0.005),
+                     key=lambda kv: -kv[1])
+    return {**dict(threads), "server": medians["server"], "client": medians["client"]}
 
 
 def fresh_ingest(requests) -> dict:
@@ -519,9 +570,10 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                     report["rollups"] = rollups(table, [typical, largest], mid_ns, reps)
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
                 stored = [server.metric(f"abstream_requests_per_stored_batch_{k}") for k in ("count", "sum")]
-                against = rows_against_ceiling(server.address, sends, CEILING_ROUNDS)
+                against = rows_against_ceiling(server.address, sends, CEILING_ROUNDS, server.process.pid)
                 report["ingest_rows_1"], report["ingest_rows_4"] = against["rows_1"], against["rows_4"]
                 report["ingest_rows_ceiling"] = against["ceiling"]
+                report["ingest_rows_cpu"] = against["cpu_us_per_event"]
                 batches, requests = (server.metric(f"abstream_requests_per_stored_batch_{k}") - was
                                      for k, was in zip(("count", "sum"), stored))
                 report["ingest_rows_grouped"] = {"requests": requests, "stored_batches": batches}
@@ -824,6 +876,10 @@ def table_text(report: dict) -> str:
                      f"| {r['events']:,} "
                      f"| {r['events_per_s']:,.0f} (median of {', '.join(f'{x:,.0f}' for x in r['runs_events_per_s'])};"
                      f" gRPC row batches of 1,000 on 1 stream go {rows_rate / r['events_per_s']:.2f}x as fast) |")
+    if cpu := report.get("ingest_rows_cpu"):
+        lines += ["", "Where the CPU went, row batches of 1,000 on 1 stream, in µs per event (medians of the rounds): "
+                  + "; ".join(f"{'abstream' if side == 'abstream' else 'the null server'}: "
+                              + ", ".join(f"{name} {us:.2f}" for name, us in used.items()) for side, used in cpu.items())]
     h = report["http_summary"]
     lines += ["", f"test_summary.json over HTTP against gRPC Summary ({h['test']}, every event; "
                   f"{'same rows' if h['verified'] else 'rows DIFFER'}): p50 {h['http']['p50_ms']:.2f} ms against "

@@ -13,10 +13,10 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from abstream.core import threads
 from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
 
 log = logging.getLogger("abstream.clickhouse")
@@ -96,7 +96,7 @@ class Cluster:
         self._seeds = [_replica(s) for s in seeds]
         self._lock = threading.Lock()
         self.shards = self._discover()
-        self._pool = ThreadPoolExecutor(max(len(self.shards), 1), thread_name_prefix="abstream-clickhouse")
+        self._pool = threads.pool("abstream-shards", max(len(self.shards), 1))
 
     # ---- topology ---------------------------------------------------------------------------
 

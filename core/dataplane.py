@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from abstream.core import admission, analysis, events
+from abstream.core import admission, analysis, events, threads
 from abstream.core.admission import IngestBudget, Limits, RateLimiter, RequestSize
 from abstream.core.auth import Principal, Tokens
 from abstream.core.engine import Engine
@@ -127,7 +127,7 @@ class Core:
         # One thread stores batches, for every stream: with a thread per step from the shared pool,
         # up to 8 prepares per stream fought over the GIL (~555 futex calls per 1,000-event batch
         # under strace), and a thread to prepare and one to apply cost a round trip each.
-        self._storing = ThreadPoolExecutor(1, thread_name_prefix="abstream-store")
+        self._storing = threads.pool("abstream-store")
 
     @property
     def engine(self) -> Engine:

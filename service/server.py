@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pyarrow as pa
-from abstream.core import admission
+from abstream.core import admission, threads
 from abstream.core.admission import Limits
 from abstream.core.auth import Tokens, load_tokens
 from abstream.core.dataplane import Core
@@ -351,6 +351,8 @@ async def serve(settings: Settings) -> None:
     sys.setswitchinterval(0.001)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Commits (the log's writes and fsyncs) and queries run here: named, as the other pools are.
+    loop.set_default_executor(threads.pool("abstream-work", min(32, (os.cpu_count() or 1) + 4)))
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal right after it must not kill us
         loop.add_signal_handler(sig, stopping.set)
     server = AnalyticsServer(settings)

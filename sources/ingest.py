@@ -15,13 +15,13 @@ import bisect
 import collections
 import collections.abc
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from abstream.clients import files
+from abstream.core import threads
 from abstream.core.admission import RequestSize
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
@@ -109,7 +109,7 @@ class Ingest:
 
     def __init__(self, core: Core, max_bodies: int) -> None:
         self._core = core
-        self._readers = ThreadPoolExecutor(max_bodies, thread_name_prefix="abstream-http-read")
+        self._readers = threads.pool("abstream-read", max_bodies)
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 from abstream.clients import files
+from abstream.core import threads
 from abstream.core.auth import ANYONE
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
@@ -169,6 +170,8 @@ class KafkaSource:
 
     def _run(self) -> None:
         from confluent_kafka import Consumer
+
+        threads.name_native("abstream-kafka")
 
         settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats}
         try:

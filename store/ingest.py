@@ -11,11 +11,12 @@ rejected events to the quarantine, its producer's sequence to the producers, the
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+from abstream.core import threads
 from abstream.core.errors import Unavailable
 from abstream.core.events import Rejection
 from abstream.core.types import Experiment, IngestResult, ValidatedBatch
@@ -89,7 +90,7 @@ class Ingest:
         self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
         self.rolled: dict[int, frozenset[str]] = {}  # tests whose whole-test answers were asked for: what they need
         self._folding: dict[int, list[dict]] = {}  # tests whose first rollup is being folded: rows sealed since
-        self._folder = ThreadPoolExecutor(1, thread_name_prefix="abstream-rollup")
+        self._folder = threads.pool("abstream-rollup")
         self._removals = 0  # removals applied: a rollup folded across one is not attached
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
@@ -99,7 +100,7 @@ class Ingest:
         self.tail = Tail(min(seal_rows, 1 << 22))  # a tail's room up front, within reason
         self.partitions: dict[int, PartitionView] = {}  # written by the sealer (and recovery) only
         self._sealing: dict[str, np.ndarray] | None = None  # a full tail the sealer is working on
-        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="abstream-seal")
+        self._sealer = threads.pool("abstream-seal")
         self._sealed: Future | None = None
         self._view_lock = threading.Lock()  # publishing views: appends and the sealer
         self.view = StoreView({}, (self.tail.view(),))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from abstream.core import threads
 from abstream.core.errors import AbstreamError
 
 log = logging.getLogger("abstream.store.wal")
@@ -190,7 +191,7 @@ class WriteAheadLog:
         """Start writing after the records replay found, in a new segment."""
         self._start_segment()
         if self.policy == "interval":
-            self._flusher = threading.Thread(target=self._flush_every_interval, name="wal-flusher", daemon=True)
+            self._flusher = threading.Thread(target=self._flush_every_interval, name="abstream-flush", daemon=True)
             self._flusher.start()
 
     def _start_segment(self) -> None:
@@ -255,6 +256,7 @@ class WriteAheadLog:
                 self._synced.notify_all()
 
     def _flush_every_interval(self) -> None:
+        threads.name_native("abstream-flush")
         while not self._closed.wait(self.interval_ms / 1000):
             self.sync()
 

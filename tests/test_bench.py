@@ -48,6 +48,11 @@ def test_bench_smoke(tmp_path):
     assert ceiling["one"]["events"] == ceiling["four"]["events"] == 5000
     assert len(ceiling["shares"]) == len(ceiling["four_over_one"]) == 3 and all(x > 0 for x in ceiling["shares"])
     assert "the transport's ceiling" in result.stdout and "the median of each round's share" in result.stdout
+    cpu = report["ingest_rows_cpu"]  # per event, by the threads' names, against the null server's
+    assert cpu["abstream"]["abstream-store"] > 0 and cpu["abstream"]["event loop"] > 0, cpu
+    assert cpu["abstream"]["server"] >= cpu["abstream"]["abstream-store"] + cpu["abstream"]["event loop"]
+    assert cpu["null"]["server"] > 0 and cpu["abstream"]["client"] > 0 and cpu["null"]["client"] > 0
+    assert "Where the CPU went, row batches of 1,000 on 1 stream" in result.stdout
     lc = report["lifecycle"]
     assert lc["delete_test"]["events"] > 0 and lc["erase_user"]["events"] > 0 and lc["retention"]["events"] > 0, lc
     assert "lifecycle, 50,000 events stored" in result.stdout

@@ -581,6 +581,17 @@ def test_experiments_survive_a_crash_of_the_server_process(tmp_path):
     assert [p["control_variant"] for p in json.loads(listed.stdout)["rows"]] == ["c"]
 
 
+def test_the_servers_threads_carry_their_names_where_the_system_shows_them(tmp_path):
+    """top -H, perf and /proc name each thread of the server by what it does, not "python"."""
+    server = Server(tmp_path / "data").start()
+    path = write_ndjson(tmp_path / "e.ndjson", [event(i, "named", "AB"[i % 2]) for i in range(1000)])
+    assert run("ingest", str(path), "--addr", server.address).returncode == 0
+    assert events_of(server.address, "named") == 1000
+    tasks = Path(f"/proc/{server.process.pid}/task")
+    names = {(task / "comm").read_text().strip() for task in tasks.iterdir()}
+    assert {"abstream-store", "abstream-seal", "abstream-work"} <= names, names  # a pool starts its thread when used
+
+
 # ---- time zones and sample sizes ------------------------------------------------------------------------
 
 MADRID = ZoneInfo("Europe/Madrid")
