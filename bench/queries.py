@@ -1,6 +1,7 @@
-"""The benchmark's queries, each asked three ways: abstream over gRPC, abstream in-process, DuckDB.
+"""The benchmark's queries, each asked three ways: abstream over gRPC, abstream in-process, DuckDB;
+and most of them a fourth, ClickHouse (chDB), in its own SQL.
 
-Every way returns rows as tuples of plain values in the same order, so the three answers can be
+Every way returns rows as tuples of plain values in the same order, so the answers can be
 compared before any of their times is reported.
 """
 
@@ -18,6 +19,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 NS = 1_000_000_000
 _METRICS_SQL = """count(DISTINCT user_id), count(*) FILTER (WHERE conversion = 1), sum(revenue), count(*),
     count(DISTINCT user_id) FILTER (WHERE conversion = 1)"""
+#: The same metrics in ClickHouse's SQL; exact distinct counts, as abstream's and DuckDB's are.
+_CH_METRICS = ("uniqExact(user_id), countIf(conversion = 1), sum(revenue), count(), "
+               "uniqExactIf(user_id, conversion = 1)")
 _DIMENSIONS = {"device": (Dimension.DEVICE, pb.DIMENSION_DEVICE), "country": (Dimension.COUNTRY, pb.DIMENSION_COUNTRY),
                "event_type": (Dimension.EVENT_TYPE, pb.DIMENSION_EVENT_TYPE)}
 _INTERVALS = {"hour": (Interval.HOUR, pb.INTERVAL_HOUR), "day": (Interval.DAY, pb.INTERVAL_DAY)}
@@ -32,6 +36,7 @@ class Query:
     sql: str
     run: Callable[[EventStore], Any]  # the store's call alone, without turning its result into tuples
     rpc: Callable[[Any], Any]  # the RPC alone, without turning its response into tuples
+    clickhouse: str | None = None  # the same question in ClickHouse's SQL, where it is written
 
 
 def _m(m) -> tuple:
@@ -48,6 +53,16 @@ def _where(test_id: str, start_ns: int | None, end_ns: int | None) -> str:
         clauses.append(f"timestamp >= make_timestamp({start_ns // 1000})")
     if end_ns is not None:
         clauses.append(f"timestamp <= make_timestamp({end_ns // 1000})")
+    return " AND ".join(clauses)
+
+
+def _ch_where(test_id: str, start_ns: int | None, end_ns: int | None) -> str:
+    """`_where` in ClickHouse's SQL (microseconds, as DuckDB's `make_timestamp` takes)."""
+    clauses = [f"test_id = '{test_id}'"]
+    if start_ns is not None:
+        clauses.append(f"timestamp >= fromUnixTimestamp64Micro(toInt64({start_ns // 1000}), 'UTC')")
+    if end_ns is not None:
+        clauses.append(f"timestamp <= fromUnixTimestamp64Micro(toInt64({end_ns // 1000}), 'UTC')")
     return " AND ".join(clauses)
 
 
@@ -73,7 +88,9 @@ def summary(test_id: str, start_ns: int | None = None, end_ns: int | None = None
 
     sql = (f"SELECT variant, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, start_ns, end_ns)} "
            "GROUP BY variant ORDER BY variant")
-    return Query(name, test_id, grpc_call, local, sql, run, rpc)
+    clickhouse = (f"SELECT variant, {_CH_METRICS} FROM ab_test_events WHERE {_ch_where(test_id, start_ns, end_ns)} "
+                  "GROUP BY variant ORDER BY variant")
+    return Query(name, test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
 def segments(test_id: str, dimension: str) -> Query:
@@ -94,7 +111,9 @@ def segments(test_id: str, dimension: str) -> Query:
 
     sql = (f"SELECT variant, {dimension}, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, None, None)} "
            f"GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
-    return Query(f"segments_{dimension}", test_id, grpc_call, local, sql, run, rpc)
+    clickhouse = (f"SELECT variant, {dimension}, {_CH_METRICS} FROM ab_test_events "
+                  f"WHERE {_ch_where(test_id, None, None)} GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
+    return Query(f"segments_{dimension}", test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
 def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
@@ -141,11 +160,16 @@ def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
             SELECT epoch_ns(b) AS bucket, variant, users::BIGINT, conversions::BIGINT, revenue, events::BIGINT,
                    converted::BIGINT
             FROM running WHERE events > 0 ORDER BY bucket, variant"""
-    else:
+    clickhouse = None
+    if not cumulative:
         sql = (f"SELECT epoch_ns({trunc}) AS bucket, variant, {_METRICS_SQL} FROM ab_test_events WHERE {where} "
                f"GROUP BY bucket, variant ORDER BY bucket, variant")
+        start = {"hour": "toStartOfHour", "day": "toStartOfDay"}[interval]
+        clickhouse = (f"SELECT toInt64(toUnixTimestamp({start}(timestamp))) * 1000000000 AS bucket, variant, "
+                      f"{_CH_METRICS} FROM ab_test_events WHERE {_ch_where(test_id, None, None)} "
+                      "GROUP BY bucket, variant ORDER BY bucket, variant")
     return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run,
-                 rpc)
+                 rpc, clickhouse)
 
 
 def _means(analysis, metric) -> list[tuple]:
@@ -187,7 +211,11 @@ def summary_sessions(test_id: str) -> Query:
                           count(DISTINCT session_id) AS s
                    FROM ab_test_events WHERE {_where(test_id, None, None)} GROUP BY variant, user_id)
         SELECT variant, sum(c) / sum(s), sum(e) / sum(s) FROM u GROUP BY variant ORDER BY variant"""
-    return Query("summary_sessions", test_id, grpc_call, local, sql, run, rpc)
+    clickhouse = f"""
+        WITH u AS (SELECT variant, user_id, countIf(conversion = 1) AS c, count() AS e, uniqExact(session_id) AS s
+                   FROM ab_test_events WHERE {_ch_where(test_id, None, None)} GROUP BY variant, user_id)
+        SELECT variant, sum(c) / sum(s), sum(e) / sum(s) FROM u GROUP BY variant ORDER BY variant"""
+    return Query("summary_sessions", test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
 def lift(test_id: str, interval: str) -> Query:
@@ -277,7 +305,10 @@ def list_tests() -> Query:
 
     sql = ("SELECT test_id, list_sort(list(DISTINCT variant)), count(*), count(DISTINCT user_id), "
            "epoch_ns(min(timestamp)), epoch_ns(max(timestamp)) FROM ab_test_events GROUP BY test_id ORDER BY test_id")
-    return Query("list_tests", "*", grpc_call, local, sql, run, rpc)
+    clickhouse = ("SELECT test_id, arraySort(groupUniqArray(variant)), count(), uniqExact(user_id), "
+                  "toUnixTimestamp64Nano(min(timestamp)), toUnixTimestamp64Nano(max(timestamp)) FROM ab_test_events "
+                  "GROUP BY test_id ORDER BY test_id")
+    return Query("list_tests", "*", grpc_call, local, sql, run, rpc, clickhouse)
 
 
 def same(ours: list[tuple], theirs: list[tuple]) -> bool:

@@ -1,7 +1,9 @@
-"""`make bench`: abstream's ingest, queries, memory and freshness, side by side with DuckDB.
+"""`make bench`: abstream's ingest, queries, memory and freshness, side by side with DuckDB and
+ClickHouse (chDB).
 
 The server runs as its own process; this process is the client. Each query is first answered by
-abstream (over gRPC and in-process) and by DuckDB, the answers are compared, and only then timed.
+abstream (over gRPC and in-process), by DuckDB and (where its SQL is written) by chDB, the answers
+are compared, and only then timed.
 Prints a table and writes a JSON report to bench/results/.
 """
 
@@ -513,12 +515,14 @@ def query_set(typical: str, largest: str, mid_ns: int) -> list[queries.Query]:
 # ---- the run -----------------------------------------------------------------------------
 
 def machine() -> dict:
+    import chdb
     import google.protobuf
 
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
     return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
             "platform": platform.platform(), "numpy": np.__version__, "pyarrow": pa.__version__,
-            "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__, "duckdb": duckdb.__version__}
+            "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__, "duckdb": duckdb.__version__,
+            "chdb": chdb.__version__}
 
 
 def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] | None = None) -> dict:
@@ -682,11 +686,12 @@ def clickhouse_text(report: dict) -> str:
              f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
              f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events)", "",
              "| query | test | rows | verified | gateway gRPC p50 ms | cluster engine in-process p50 ms "
-             "| embedded in-process p50 ms | DuckDB p50 ms |", "|---|---|---|---|---|---|---|---|"]
+             "| embedded in-process p50 ms | DuckDB p50 ms | chDB p50 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for q in report["queries"]:
         lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
                      f"| {q['grpc']['p50_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
-                     f"| {q['embedded_in_process']['p50_ms']:.2f} | {q['duckdb']['p50_ms']:.2f} |")
+                     f"| {q['embedded_in_process']['p50_ms']:.2f} | {q['duckdb']['p50_ms']:.2f} "
+                     + (f"| {q['chdb']['p50_ms']:.2f} |" if "chdb" in q else "| — |"))
     m, f = report["memory"], report["freshness"]
     lines += ["", f"columnar ingest (100k/batch, 1 stream, acked on the quorum): "
                   f"{report['ingest_columnar']['events_per_s']:,.0f} events/s; row batches of 1,000: "
@@ -712,9 +717,41 @@ def take_snapshot(address: str) -> dict:
         return {"seconds": time.perf_counter() - started, "events": response.events}
 
 
+class ChdbEvents:
+    """The events in ClickHouse, in-process (chDB): the tutorial's columns in a MergeTree, by month
+    as the tutorial's datasource is, sorted by test and time (the tutorial's own key leads with
+    the time, which leaves a per-test query to read every month's parts whole)."""
+
+    def __init__(self, table: pa.Table, directory: str) -> None:
+        import pyarrow.parquet as pq
+        from chdb import session
+
+        path = os.path.join(directory, "events.parquet")
+        pq.write_table(table, path)
+        self.session = session.Session(os.path.join(directory, "chdb"))
+        self.session.query("""
+            CREATE TABLE ab_test_events (timestamp DateTime64(9, 'UTC'), user_id String, test_id String,
+              variant String, event_type String, conversion UInt8, revenue Float64, session_id String,
+              device String, country String)
+            ENGINE = MergeTree PARTITION BY toYYYYMM(timestamp) ORDER BY (test_id, timestamp)""")
+        names = ", ".join(f.name for f in table.schema)
+        self.session.query(f"INSERT INTO ab_test_events ({names}) SELECT {names} FROM file('{path}', Parquet)")
+        os.remove(path)
+
+    def arrow(self, sql: str) -> pa.Table:
+        return self.session.query(sql, "ArrowTable")
+
+    def rows(self, sql: str) -> list[tuple]:
+        result = self.arrow(sql)
+        return list(zip(*(column.to_pylist() for column in result.columns)))
+
+    def close(self) -> None:
+        self.session.close()
+
+
 def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, cluster_engine=None
                      ) -> tuple[list[dict], float, int]:
-    """Per query: whether the answers agree (over gRPC, in-process, DuckDB), and their times.
+    """Per query: whether the answers agree (over gRPC, in-process, DuckDB, chDB), and their times.
     Also the embedded store's bytes per event, and its events not yet sealed into parts (where
     the load stops decides how many, and every query scans them). With `cluster_engine`, the
     server serves the cluster engine: in-process is that engine, and the embedded engine is
@@ -727,14 +764,27 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
     db = duckdb.connect()
     db.execute("SET TimeZone = 'UTC'")
     db.register("ab_test_events", table)
+    workdir = tempfile.TemporaryDirectory()
+    ch = ChdbEvents(table, workdir.name)
+    try:
+        return _compare_and_time(stub, qs, reps, store, embedded, cluster_engine, db, ch)
+    finally:
+        ch.close()
+        workdir.cleanup()
+
+
+def _compare_and_time(stub, qs: list[queries.Query], reps: int, store, embedded: EventStore, cluster_engine, db,
+                      ch: ChdbEvents) -> tuple[list[dict], float, int]:
     out = []
     for q in qs:  # every answer checked first: a dashboard's first look, which asks for the rollups too
         theirs = [tuple(r) for r in db.execute(q.sql).fetchall()]
         grpc_rows, local_rows = q.grpc(stub), q.local(store)
-        out.append({"query": q.name, "test": q.test_id, "rows": len(theirs),
-                    "verified": queries.same(grpc_rows, theirs) and queries.same(local_rows, theirs)})
+        agree = [queries.same(grpc_rows, theirs), queries.same(local_rows, theirs)]
+        if q.clickhouse is not None:
+            agree.append(queries.same(ch.rows(q.clickhouse), theirs))
+        out.append({"query": q.name, "test": q.test_id, "rows": len(theirs), "verified": all(agree)})
         if not out[-1]["verified"]:
-            print(f"MISMATCH in {q.name} on {q.test_id}", file=sys.stderr)
+            print(f"MISMATCH in {q.name} on {q.test_id} (gRPC, in-process, chDB: {agree})", file=sys.stderr)
     embedded.wait_rollups()
     held = embedded.nbytes / max(embedded.event_count, 1)  # with the rollups the queries asked for
     for q, entry in zip(qs, out):
@@ -745,8 +795,12 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
             entry["embedded_in_process"] = timed(lambda: q.run(embedded), reps)
         entry["duckdb"] = timed(lambda: db.sql(q.sql).to_arrow_table(), max(3, reps // 3))
         entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
+        if q.clickhouse is not None:
+            entry["chdb"] = timed(lambda: ch.arrow(q.clickhouse), max(3, reps // 3))
+            entry["chdb_over_in_process"] = entry["chdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
         print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
-              f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms", file=sys.stderr)
+              f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms"
+              + (f"  chdb {entry['chdb']['p50_ms']:8.2f} ms" if "chdb" in entry else ""), file=sys.stderr)
     return out, held, embedded.unsealed_events
 
 
@@ -815,19 +869,24 @@ def table_text(report: dict) -> str:
     lines = [f"abstream benchmark: {report['events']:,} events; {report['machine']['cores']} cores, "
              f"{report['machine']['memory_gib']} GiB, Python {report['machine']['python']}, "
              f"numpy {report['machine']['numpy']}, pyarrow {report['machine']['pyarrow']}, "
-             f"grpcio {report['machine']['grpcio']}, duckdb {report['machine']['duckdb']}",
+             f"grpcio {report['machine']['grpcio']}, duckdb {report['machine']['duckdb']}, "
+             f"chdb {report['machine'].get('chdb', '?')}",
              f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
              f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events); "
              f"{report['tests']['unsealed']:,} events not yet sealed into parts when the queries ran "
              "(every query scans them)", "",
              "| query | test | rows | verified | gRPC p50 / p95 / p99 ms | in-process p50 ms | DuckDB p50 ms "
-             "| DuckDB / in-process |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| DuckDB / in-process | chDB p50 ms | chDB / in-process |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for q in report["queries"]:
         g = q["grpc"]
+        ch = (f"{q['chdb']['p50_ms']:.2f} | {q['chdb_over_in_process']:.1f}x" if "chdb" in q
+              else "— | (its SQL not written)")
         lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
                      f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
-                     f"| {q['duckdb']['p50_ms']:.2f} | {q['duckdb_over_in_process']:.1f}x |")
+                     f"| {q['duckdb']['p50_ms']:.2f} | {q['duckdb_over_in_process']:.1f}x | {ch} |")
+    lines += ["", "chDB: ClickHouse in this process, the events in a MergeTree by month sorted by test and time, "
+                  "from the table DuckDB reads; its SQL is written for the queries it has a time for"]
     ru = report.get("rollups")
     if ru:
         lines += ["", f"In-process p50 ms, from rollups and from a scan of the events "
