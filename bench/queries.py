@@ -47,22 +47,16 @@ def _ts(ns: int) -> Timestamp:
     return Timestamp(seconds=ns // NS, nanos=ns % NS)
 
 
-def _where(test_id: str, start_ns: int | None, end_ns: int | None) -> str:
-    clauses = [f"test_id = '{test_id}'"]
-    if start_ns is not None:
-        clauses.append(f"timestamp >= make_timestamp({start_ns // 1000})")
-    if end_ns is not None:
-        clauses.append(f"timestamp <= make_timestamp({end_ns // 1000})")
-    return " AND ".join(clauses)
+#: An instant from microseconds since the epoch, in DuckDB's SQL and in ClickHouse's.
+_MICROS = {"duckdb": "make_timestamp({})", "clickhouse": "fromUnixTimestamp64Micro(toInt64({}), 'UTC')"}
 
 
-def _ch_where(test_id: str, start_ns: int | None, end_ns: int | None) -> str:
-    """`_where` in ClickHouse's SQL (microseconds, as DuckDB's `make_timestamp` takes)."""
+def _where(test_id: str, start_ns: int | None, end_ns: int | None, dialect: str = "duckdb") -> str:
     clauses = [f"test_id = '{test_id}'"]
     if start_ns is not None:
-        clauses.append(f"timestamp >= fromUnixTimestamp64Micro(toInt64({start_ns // 1000}), 'UTC')")
+        clauses.append(f"timestamp >= {_MICROS[dialect].format(start_ns // 1000)}")
     if end_ns is not None:
-        clauses.append(f"timestamp <= fromUnixTimestamp64Micro(toInt64({end_ns // 1000}), 'UTC')")
+        clauses.append(f"timestamp <= {_MICROS[dialect].format(end_ns // 1000)}")
     return " AND ".join(clauses)
 
 
@@ -88,8 +82,8 @@ def summary(test_id: str, start_ns: int | None = None, end_ns: int | None = None
 
     sql = (f"SELECT variant, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, start_ns, end_ns)} "
            "GROUP BY variant ORDER BY variant")
-    clickhouse = (f"SELECT variant, {_CH_METRICS} FROM ab_test_events WHERE {_ch_where(test_id, start_ns, end_ns)} "
-                  "GROUP BY variant ORDER BY variant")
+    clickhouse = (f"SELECT variant, {_CH_METRICS} FROM ab_test_events "
+                  f"WHERE {_where(test_id, start_ns, end_ns, 'clickhouse')} GROUP BY variant ORDER BY variant")
     return Query(name, test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
@@ -112,7 +106,8 @@ def segments(test_id: str, dimension: str) -> Query:
     sql = (f"SELECT variant, {dimension}, {_METRICS_SQL} FROM ab_test_events WHERE {_where(test_id, None, None)} "
            f"GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
     clickhouse = (f"SELECT variant, {dimension}, {_CH_METRICS} FROM ab_test_events "
-                  f"WHERE {_ch_where(test_id, None, None)} GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
+                  f"WHERE {_where(test_id, None, None, 'clickhouse')} "
+                  f"GROUP BY variant, {dimension} ORDER BY variant, {dimension}")
     return Query(f"segments_{dimension}", test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
@@ -166,7 +161,7 @@ def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
                f"GROUP BY bucket, variant ORDER BY bucket, variant")
         start = {"hour": "toStartOfHour", "day": "toStartOfDay"}[interval]
         clickhouse = (f"SELECT toInt64(toUnixTimestamp({start}(timestamp))) * 1000000000 AS bucket, variant, "
-                      f"{_CH_METRICS} FROM ab_test_events WHERE {_ch_where(test_id, None, None)} "
+                      f"{_CH_METRICS} FROM ab_test_events WHERE {_where(test_id, None, None, 'clickhouse')} "
                       "GROUP BY bucket, variant ORDER BY bucket, variant")
     return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run,
                  rpc, clickhouse)
@@ -213,7 +208,7 @@ def summary_sessions(test_id: str) -> Query:
         SELECT variant, sum(c) / sum(s), sum(e) / sum(s) FROM u GROUP BY variant ORDER BY variant"""
     clickhouse = f"""
         WITH u AS (SELECT variant, user_id, countIf(conversion = 1) AS c, count() AS e, uniqExact(session_id) AS s
-                   FROM ab_test_events WHERE {_ch_where(test_id, None, None)} GROUP BY variant, user_id)
+                   FROM ab_test_events WHERE {_where(test_id, None, None, 'clickhouse')} GROUP BY variant, user_id)
         SELECT variant, sum(c) / sum(s), sum(e) / sum(s) FROM u GROUP BY variant ORDER BY variant"""
     return Query("summary_sessions", test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
