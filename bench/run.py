@@ -192,12 +192,16 @@ def row_sends(table: pa.Table, row_events: int, count: int, prefix: str) -> list
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds the threads of process `pid` have run, summed by the name the operating
     system knows each by (the server names its pools: core/threads.py); its main thread, which
-    runs the event loop, as "event loop"."""
+    runs the event loop, as "event loop", and threads that kept the process's name (gRPC's
+    poller) as "unnamed"."""
+    with open(f"/proc/{pid}/comm") as f:
+        process = f.read().strip()
     seconds: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = "event loop" if int(tid) == pid else f.read().strip()
+            name = "unnamed" if name == process else name
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 ns = int(f.read().split()[0])
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
