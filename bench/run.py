@@ -240,14 +240,13 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
         null = f"127.0.0.1:{process.stdout.readline().split()[1]}"
         for r in range(rounds):
             for streams, requests in zip((1, 4), sends[2 * r: 2 * r + 2]):
-                for key, target, server_pid in (("rows", address, pid), ("null", null, process.pid)):
-                    def run(target=target, requests=requests, streams=streams):
-                        return timed_ingest(target, requests, streams)
+                for key, side, target, server_pid in (("rows", "abstream", address, pid),
+                                                      ("null", "null", null, process.pid)):
                     if streams == 1 and pid is not None:
-                        result, used = cpu_per_event(server_pid, run)
-                        cpu["abstream" if key == "rows" else "null"].append(used)
+                        result, used = cpu_per_event(server_pid, lambda: timed_ingest(target, requests, streams))
+                        cpu[side].append(used)
                     else:
-                        result = run()
+                        result = timed_ingest(target, requests, streams)
                     runs[f"{key}_{streams}"].append(result)
     finally:
         process.kill()
@@ -724,15 +723,17 @@ def take_snapshot(address: str) -> dict:
 class ChdbEvents:
     """The events in ClickHouse, in-process (chDB): the tutorial's columns in a MergeTree, by month
     as the tutorial's datasource is, sorted by test and time (the tutorial's own key leads with
-    the time, which leaves a per-test query to read every month's parts whole)."""
+    the time, which leaves a per-test query to read every month's parts whole). Its files live in
+    a directory of its own until it is closed."""
 
-    def __init__(self, table: pa.Table, directory: str) -> None:
+    def __init__(self, table: pa.Table) -> None:
         import pyarrow.parquet as pq
         from chdb import session
 
-        path = os.path.join(directory, "events.parquet")
+        self._directory = tempfile.TemporaryDirectory()
+        path = os.path.join(self._directory.name, "events.parquet")
         pq.write_table(table, path)
-        self.session = session.Session(os.path.join(directory, "chdb"))
+        self.session = session.Session(os.path.join(self._directory.name, "chdb"))
         self.session.query("""
             CREATE TABLE ab_test_events (timestamp DateTime64(9, 'UTC'), user_id String, test_id String,
               variant String, event_type String, conversion UInt8, revenue Float64, session_id String,
@@ -749,8 +750,12 @@ class ChdbEvents:
         result = self.arrow(sql)
         return list(zip(*(column.to_pylist() for column in result.columns)))
 
-    def close(self) -> None:
+    def __enter__(self) -> ChdbEvents:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.session.close()
+        self._directory.cleanup()
 
 
 def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, cluster_engine=None
@@ -768,44 +773,34 @@ def compare_and_time(stub, table: pa.Table, qs: list[queries.Query], reps: int, 
     db = duckdb.connect()
     db.execute("SET TimeZone = 'UTC'")
     db.register("ab_test_events", table)
-    workdir = tempfile.TemporaryDirectory()
-    ch = ChdbEvents(table, workdir.name)
-    try:
-        return _compare_and_time(stub, qs, reps, store, embedded, cluster_engine, db, ch)
-    finally:
-        ch.close()
-        workdir.cleanup()
-
-
-def _compare_and_time(stub, qs: list[queries.Query], reps: int, store, embedded: EventStore, cluster_engine, db,
-                      ch: ChdbEvents) -> tuple[list[dict], float, int]:
-    out = []
-    for q in qs:  # every answer checked first: a dashboard's first look, which asks for the rollups too
-        theirs = [tuple(r) for r in db.execute(q.sql).fetchall()]
-        grpc_rows, local_rows = q.grpc(stub), q.local(store)
-        agree = [queries.same(grpc_rows, theirs), queries.same(local_rows, theirs)]
-        if q.clickhouse is not None:
-            agree.append(queries.same(ch.rows(q.clickhouse), theirs))
-        out.append({"query": q.name, "test": q.test_id, "rows": len(theirs), "verified": all(agree)})
-        if not out[-1]["verified"]:
-            print(f"MISMATCH in {q.name} on {q.test_id} (gRPC, in-process, chDB: {agree})", file=sys.stderr)
-    embedded.wait_rollups()
-    held = embedded.nbytes / max(embedded.event_count, 1)  # with the rollups the queries asked for
-    for q, entry in zip(qs, out):
-        entry["grpc"] = timed(lambda: q.rpc(stub), reps)
-        # Timed as each engine hands results to a program: columnar (the store's result, DuckDB's Arrow).
-        entry["in_process"] = timed(lambda: q.run(store), reps)
-        if cluster_engine is not None:
-            entry["embedded_in_process"] = timed(lambda: q.run(embedded), reps)
-        entry["duckdb"] = timed(lambda: db.sql(q.sql).to_arrow_table(), max(3, reps // 3))
-        entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
-        if q.clickhouse is not None:
-            entry["chdb"] = timed(lambda: ch.arrow(q.clickhouse), max(3, reps // 3))
-            entry["chdb_over_in_process"] = entry["chdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
-        print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
-              f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms"
-              + (f"  chdb {entry['chdb']['p50_ms']:8.2f} ms" if "chdb" in entry else ""), file=sys.stderr)
-    return out, held, embedded.unsealed_events
+    with ChdbEvents(table) as ch:
+        out = []
+        for q in qs:  # every answer checked first: a dashboard's first look, which asks for the rollups too
+            theirs = [tuple(r) for r in db.execute(q.sql).fetchall()]
+            grpc_rows, local_rows = q.grpc(stub), q.local(store)
+            agree = [queries.same(grpc_rows, theirs), queries.same(local_rows, theirs)]
+            if q.clickhouse is not None:
+                agree.append(queries.same(ch.rows(q.clickhouse), theirs))
+            out.append({"query": q.name, "test": q.test_id, "rows": len(theirs), "verified": all(agree)})
+            if not out[-1]["verified"]:
+                print(f"MISMATCH in {q.name} on {q.test_id} (gRPC, in-process, chDB: {agree})", file=sys.stderr)
+        embedded.wait_rollups()
+        held = embedded.nbytes / max(embedded.event_count, 1)  # with the rollups the queries asked for
+        for q, entry in zip(qs, out):
+            entry["grpc"] = timed(lambda: q.rpc(stub), reps)
+            # Timed as each engine hands results to a program: columnar (the store's result, DuckDB's Arrow).
+            entry["in_process"] = timed(lambda: q.run(store), reps)
+            if cluster_engine is not None:
+                entry["embedded_in_process"] = timed(lambda: q.run(embedded), reps)
+            entry["duckdb"] = timed(lambda: db.sql(q.sql).to_arrow_table(), max(3, reps // 3))
+            entry["duckdb_over_in_process"] = entry["duckdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
+            if q.clickhouse is not None:
+                entry["chdb"] = timed(lambda: ch.arrow(q.clickhouse), max(3, reps // 3))
+                entry["chdb_over_in_process"] = entry["chdb"]["p50_ms"] / entry["in_process"]["p50_ms"]
+            print(f"  {q.name:28s} {q.test_id:8s} grpc {entry['grpc']['p50_ms']:8.2f} ms  in-process "
+                  f"{entry['in_process']['p50_ms']:8.2f} ms  duckdb {entry['duckdb']['p50_ms']:8.2f} ms"
+                  + (f"  chdb {entry['chdb']['p50_ms']:8.2f} ms" if "chdb" in entry else ""), file=sys.stderr)
+        return out, held, embedded.unsealed_events
 
 
 def rollups(table: pa.Table, tests: list[str], mid_ns: int, reps: int) -> dict:
