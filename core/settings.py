@@ -28,10 +28,11 @@ class Settings:
                               "every --fsync-interval-ms (a power loss may lose that much)", ("always", "interval"))
     fsync_interval_ms: int = _s(50, "with --fsync interval, how often")
     snapshot_every_events: int = _s(1_000_000, "write a snapshot after this many events (0: never by count)")
-    snapshot_log_ratio: float = _s(0.5, "by count, also wait until the events since the last snapshot are this "
-                                        "share of the events it holds (a snapshot writes them all); 0: every "
-                                        "--snapshot-every-events")
-    snapshot_every_seconds: float = _s(300.0, "write a snapshot after this long (0: never by time)")
+    snapshot_log_ratio: float = _s(0.5, "by count or time, also wait until the events since the last snapshot are "
+                                        "this share of the events it holds (a snapshot writes them all); 0: every "
+                                        "--snapshot-every-events or --snapshot-every-seconds")
+    snapshot_every_seconds: float = _s(300.0, "write a snapshot after this long, with the events since as "
+                                              "--snapshot-log-ratio says (0: never by time)")
     snapshot_compression: str = _s("none", "snapshot files' compression (none: restarts memory-map them)",
                                    ("none", "lz4", "zstd"))
     snapshots_kept: int = _s(2, "snapshots kept (the log is kept back to the oldest)")

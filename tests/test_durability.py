@@ -478,3 +478,33 @@ def test_snapshots_by_count_wait_for_a_share_of_the_store_and_a_restart_replays_
     recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovered")]
     assert len(recovered) == 1 and "3 log records replayed" in recovered[0]  # the 1,250 after 4,000
     store.close()
+
+
+def test_snapshots_by_time_wait_for_a_share_of_the_store_too(tmp_path, caplog):
+    """With --snapshot-every-seconds and a ratio of 0.5, a trickle of events does not have the
+    whole store written again each interval: 1,000 events are snapshotted, 100 more are not
+    (a tenth of it), 500 more are. With a ratio of 0, every interval with an event is."""
+    import logging
+    import re
+
+    from abstream.core.engine import append
+    from abstream.store import Durability, EventStore
+    from tests.events import random_events, to_table
+
+    events = random_events(1600, seed=4)[:1600]  # every one valid (with duplicates: more than asked)
+
+    def snapshots_at(ratio: float, data: Path) -> list[int]:
+        caplog.clear()
+        store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_log_ratio=ratio,
+                                                 snapshot_every_seconds=0.05))
+        for lo, hi in ((0, 1000), (1000, 1100), (1100, 1600)):
+            append(store, to_table(events[lo:hi]))
+            time.sleep(0.06)  # the interval has passed
+            store.maintain()  # what the server runs once a second
+        store.close(final_snapshot=False)
+        return [int(m.group(1)) for r in caplog.records if (m := re.search(r"written: (\d+) events", r.getMessage()))]
+
+    caplog.set_level(logging.INFO, logger="abstream.store")
+    assert len(events) == 1600
+    assert snapshots_at(0.5, tmp_path / "proportional") == [1000, 1600]
+    assert snapshots_at(0.0, tmp_path / "every_interval") == [1000, 1100, 1600]
