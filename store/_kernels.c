@@ -78,10 +78,13 @@ static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Distinct values per run, for the session metrics: each user's rows (a run) carry the 128-bit
- * hashes of their session ids, and a user's sessions are the distinct hashes of the run. A run
- * is sorted in a scratch copy (insertion sort while short, as most are) and its changes counted:
- * O(n log r) whatever the values, so no input can make it slow. */
+/* Sessions and conversions per run, for the session metrics: each user's rows (a run of the
+ * rows sorted by group and user) carry the 128-bit hashes of their session ids and their
+ * conversions, and a user's sessions are the distinct hashes of the run. The rows are read where
+ * they are, through the sorting permutation, in one pass (prefetched ahead: the reads are
+ * random), instead of gathering the hashes and the conversions into sorted copies first. A run's
+ * hashes are sorted in a scratch copy (insertion sort while short, as most are) and its changes
+ * counted: O(n log r) whatever the values, so no input can make it slow. */
 typedef struct {
     uint64_t hi, lo;
 } hash128;
@@ -114,40 +117,72 @@ static int64_t distinct_in(hash128 *run, size_t n) {
     return count;
 }
 
-/* distinct_in_runs(hashes uint64[n, 2], bounds int64[k + 1], out int64[k]): out[i] is the number
- * of distinct hashes among rows bounds[i]..bounds[i + 1] - 1. */
-static PyObject *distinct_in_runs(PyObject *self, PyObject *args) {
-    Py_buffer hashes, bounds, out;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &hashes, &bounds, &out))
+#define AHEAD 16 /* rows prefetched ahead of the one read */
+
+/* sessions_in_runs(hashes uint64[n, 2], conversion uint8[n], order int64[m], bounds int64[k + 1],
+ *                  sessions int64[k], conversions float64[k]): run i is rows order[bounds[i]] ..
+ * order[bounds[i + 1] - 1]; sessions[i] is the number of distinct hashes among them and
+ * conversions[i] the sum of their conversions. */
+static PyObject *sessions_in_runs(PyObject *self, PyObject *args) {
+    Py_buffer hashes, conversion, order, bounds, sessions, conversions;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*", &hashes, &conversion, &order, &bounds, &sessions, &conversions))
         return NULL;
-    Py_ssize_t n = hashes.len / (Py_ssize_t)sizeof(hash128), k = out.len / (Py_ssize_t)sizeof(int64_t);
-    const int64_t *b = (const int64_t *)bounds.buf;
-    int bad = bounds.len != (k + 1) * (Py_ssize_t)sizeof(int64_t) || hashes.len % (Py_ssize_t)sizeof(hash128);
+    Py_ssize_t n = hashes.len / (Py_ssize_t)sizeof(hash128), m = order.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t k = sessions.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *b = (const int64_t *)bounds.buf, *o = (const int64_t *)order.buf;
+    int bad = bounds.len != (k + 1) * (Py_ssize_t)sizeof(int64_t) || hashes.len % (Py_ssize_t)sizeof(hash128) ||
+              conversion.len != n || order.len % (Py_ssize_t)sizeof(int64_t) ||
+              conversions.len != k * (Py_ssize_t)sizeof(double);
     size_t longest = 0;
     for (Py_ssize_t i = 0; !bad && i < k; i++) {
-        if (b[i] < 0 || b[i + 1] < b[i] || b[i + 1] > n)
+        if (b[i] < 0 || b[i + 1] < b[i] || b[i + 1] > m)
             bad = 1;
         else if ((size_t)(b[i + 1] - b[i]) > longest)
             longest = (size_t)(b[i + 1] - b[i]);
     }
     hash128 *scratch = bad ? NULL : malloc(longest ? longest * sizeof(hash128) : 1);
+    int outside = 0; /* a row number past the rows */
     if (!bad && scratch != NULL) {
         const hash128 *h = (const hash128 *)hashes.buf;
-        int64_t *o = (int64_t *)out.buf;
+        const uint8_t *c = (const uint8_t *)conversion.buf;
+        int64_t *s_out = (int64_t *)sessions.buf;
+        double *c_out = (double *)conversions.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < k; i++) {
+        for (Py_ssize_t i = 0; i < k && !outside; i++) {
             size_t len = (size_t)(b[i + 1] - b[i]);
-            memcpy(scratch, h + b[i], len * sizeof(hash128));
-            o[i] = distinct_in(scratch, len);
+            int64_t converted = 0;
+            for (size_t j = 0; j < len; j++) {
+                Py_ssize_t at = b[i] + (Py_ssize_t)j;
+                if (at + AHEAD < m && (uint64_t)o[at + AHEAD] < (uint64_t)n) {
+                    __builtin_prefetch(&h[o[at + AHEAD]]);
+                    __builtin_prefetch(&c[o[at + AHEAD]]);
+                }
+                int64_t row = o[at];
+                if ((uint64_t)row >= (uint64_t)n) {
+                    outside = 1;
+                    break;
+                }
+                scratch[j] = h[row];
+                converted += c[row];
+            }
+            if (!outside) {
+                s_out[i] = distinct_in(scratch, len);
+                c_out[i] = (double)converted;
+            }
         }
         Py_END_ALLOW_THREADS
     }
     free(scratch);
     PyBuffer_Release(&hashes);
+    PyBuffer_Release(&conversion);
+    PyBuffer_Release(&order);
     PyBuffer_Release(&bounds);
-    PyBuffer_Release(&out);
-    if (bad) {
-        PyErr_SetString(PyExc_ValueError, "bounds must rise within the rows, one more than the outputs");
+    PyBuffer_Release(&sessions);
+    PyBuffer_Release(&conversions);
+    if (bad || outside) {
+        PyErr_SetString(PyExc_ValueError, bad ? "bounds must rise within the order, one more than the outputs, "
+                                                "with one conversion byte per hash"
+                                              : "the order names a row past the hashes");
         return NULL;
     }
     if (scratch == NULL)
@@ -198,7 +233,7 @@ done:
 static PyMethodDef methods[] = {
     {"set_bits", set_bits, METH_VARARGS, "Set users' bits in a bitset; returns how many were not set."},
     {"sort_unsigned", sort_unsigned, METH_VARARGS, "Sort 4- or 8-byte unsigned keys in place."},
-    {"distinct_in_runs", distinct_in_runs, METH_VARARGS, "Distinct 128-bit hashes in each run of rows."},
+    {"sessions_in_runs", sessions_in_runs, METH_VARARGS, "Distinct 128-bit hashes and conversions in each run of rows."},
     {NULL, NULL, 0, NULL},
 };
 

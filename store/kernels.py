@@ -295,12 +295,12 @@ def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarra
     unit_sorted, order = sorted_with_order(group.astype(np.int64) * max(n_users_total, 1) + user)
     starts = np.flatnonzero(np.concatenate(([True], unit_sorted[1:] != unit_sorted[:-1])))
     g = unit_sorted[starts] // max(n_users_total, 1)
-    e = np.diff(np.append(starts, len(order))).astype(np.float64)
-    s = np.empty(len(starts), dtype=np.int64)
-    # np.take: indexing a 2-D array by rows is ~10x slower than taking along axis 0
-    _kernels.distinct_in_runs(np.take(session, order, axis=0), np.append(starts, len(order)).astype(np.int64), s)
+    bounds = np.append(starts, len(order)).astype(np.int64)
+    e = np.diff(bounds).astype(np.float64)
+    s, c = np.empty(len(starts), dtype=np.int64), np.empty(len(starts), dtype=np.float64)
+    _kernels.sessions_in_runs(np.ascontiguousarray(session, np.uint64), np.ascontiguousarray(conversion, np.uint8),
+                              order.astype(np.int64, copy=False), bounds, s, c)
     s = s.astype(np.float64)
-    c = np.add.reduceat(conversion[order].astype(np.float64), starts)
     users = np.bincount(g, minlength=n_groups)
 
     def centered(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -191,19 +191,27 @@ def _strings(user: np.ndarray, session: np.ndarray):
     return pa.array([f"{u}:{s}" for u, s in zip(user.tolist(), session.tolist())], pa.string())
 
 
-def test_distinct_sessions_per_user_are_counted_exactly_from_their_hashes():
-    """The C kernel behind the session counts: runs short (insertion sort) and long (qsort),
-    hashes equal in one half and not the other, against Python sets; bad bounds refused."""
+def test_distinct_sessions_and_conversions_per_user_are_counted_exactly_from_their_hashes():
+    """The C kernel behind the session counts: runs short (insertion sort) and long (qsort) of
+    rows read through a permutation, hashes equal in one half and not the other, against Python
+    sets and sums; bad bounds and rows past the hashes refused."""
     from abstream.store import _kernels
 
     rng = np.random.default_rng(5)
     lengths = [0, 1, 2, 16, 17, 300, 5]
     hashes = rng.integers(0, 4, (sum(lengths), 2)).astype(np.uint64)  # few values: many repeats
     hashes[::7, 0] = 3  # the same high half with differing low halves
+    conversion = rng.integers(0, 2, len(hashes)).astype(np.uint8)
+    order = rng.permutation(len(hashes)).astype(np.int64)
     bounds = np.cumsum([0, *lengths]).astype(np.int64)
-    out = np.zeros(len(lengths), dtype=np.int64)
-    _kernels.distinct_in_runs(hashes, bounds, out)
-    assert out.tolist() == [len({tuple(h) for h in hashes[lo:hi].tolist()}) for lo, hi in zip(bounds, bounds[1:])]
-    for bad in ([0, 5, 3], [0, 2, len(hashes) + 1]):
+    sessions, conversions = np.zeros(len(lengths), np.int64), np.zeros(len(lengths))
+    _kernels.sessions_in_runs(hashes, conversion, order, bounds, sessions, conversions)
+    runs = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    assert sessions.tolist() == [len({tuple(h) for h in hashes[rows].tolist()}) for rows in runs]
+    assert conversions.tolist() == [float(conversion[rows].sum()) for rows in runs]
+    for bad_bounds, bad_order in (([0, 5, 3], order), ([0, 2, len(hashes) + 1], order),
+                                  ([0, 2, 4], np.array([0, 1, 2, len(hashes)], np.int64)),
+                                  ([0, 2, 4], np.array([0, 1, 2, -1], np.int64))):
         with pytest.raises(ValueError):
-            _kernels.distinct_in_runs(hashes, np.array(bad, np.int64), np.zeros(2, np.int64))
+            _kernels.sessions_in_runs(hashes, conversion, bad_order, np.array(bad_bounds, np.int64),
+                                      np.zeros(2, np.int64), np.zeros(2))
