@@ -14,8 +14,12 @@
 #define DIGIT_BITS 11
 #define BUCKETS (1 << DIGIT_BITS)
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "text_at reads words as little-endian"
+#endif
+
 #define RADIX_SORT(NAME, T)                                                                        \
-    static int NAME(T *keys, size_t n) {                                                           \
+    static int NAME(T *keys, size_t n, unsigned skip) {                                            \
         T top = 0;                                                                                 \
         for (size_t i = 0; i < n; i++)                                                             \
             top |= keys[i];                                                                        \
@@ -24,7 +28,7 @@
             return -1;                                                                             \
         T *src = keys, *dst = tmp;                                                                 \
         size_t count[BUCKETS];                                                                     \
-        for (unsigned shift = 0; shift < 8 * sizeof(T) && (top >> shift) != 0; shift += DIGIT_BITS) { \
+        for (unsigned shift = skip; shift < 8 * sizeof(T) && (top >> shift) != 0; shift += DIGIT_BITS) { \
             memset(count, 0, sizeof(count));                                                       \
             for (size_t i = 0; i < n; i++)                                                         \
                 count[(src[i] >> shift) & (BUCKETS - 1)]++;                                        \
@@ -51,11 +55,15 @@
 RADIX_SORT(sort32, uint32_t)
 RADIX_SORT(sort64, uint64_t)
 
-/* sort_unsigned(keys): sorts a writable, contiguous array of 4- or 8-byte integers in place, as
- * unsigned numbers (signed keys must be non-negative for that to be their order). */
+/* sort_unsigned(keys, skip=0): sorts a writable, contiguous array of 4- or 8-byte integers in
+ * place, as unsigned numbers (signed keys must be non-negative for that to be their order). The
+ * sort is stable and LSD: with `skip`, the lowest `skip` bits are taken as already in order (a
+ * row number the keys carry, ascending), and only the bits above them are sorted by, in fewer
+ * passes. */
 static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "O", &obj))
+    unsigned skip = 0;
+    if (!PyArg_ParseTuple(args, "O|I", &obj, &skip))
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
@@ -65,11 +73,16 @@ static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "keys must be 4- or 8-byte integers");
         return NULL;
     }
+    if (skip >= 8 * (unsigned)view.itemsize) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "skip must be fewer bits than a key has");
+        return NULL;
+    }
     size_t n = (size_t)(view.len / view.itemsize);
     int failed = 0;
     if (n > 1) {
         Py_BEGIN_ALLOW_THREADS
-        failed = view.itemsize == 4 ? sort32((uint32_t *)view.buf, n) : sort64((uint64_t *)view.buf, n);
+        failed = view.itemsize == 4 ? sort32((uint32_t *)view.buf, n, skip) : sort64((uint64_t *)view.buf, n, skip);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&view);
@@ -79,113 +92,179 @@ static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
 }
 
 /* Sessions and conversions per run, for the session metrics: each user's rows (a run of the
- * rows sorted by group and user) carry the 128-bit hashes of their session ids and their
- * conversions, and a user's sessions are the distinct hashes of the run. The rows are read where
- * they are, through the sorting permutation, in one pass (prefetched ahead: the reads are
- * random), instead of gathering the hashes and the conversions into sorted copies first. A run's
- * hashes are sorted in a scratch copy (insertion sort while short, as most are) and its changes
- * counted: O(n log r) whatever the values, so no input can make it slow. */
+ * rows sorted by group and user) carry their session ids and conversions, and a user's sessions
+ * are the distinct ids of the run. The rows are read where they are, through the sorting
+ * permutation, in one pass (prefetched ahead: the reads are random), and the ids are compared
+ * as bytes: no hash of every id is computed first, and a user's only event (the most common run)
+ * reads no id at all. A run's ids are sorted in a scratch array (insertion sort while short, as
+ * most are) and its changes counted: O(r log r) comparisons of at most 256 bytes (schema.py)
+ * whatever the values, so no input can make it slow. */
 typedef struct {
-    uint64_t hi, lo;
-} hash128;
+    uint64_t w[2]; /* the id's first 16 bytes, zero past its end: most ids are told apart by them */
+    const uint8_t *p;
+    int64_t len;
+} text_t;
 
-static int before128(const hash128 *a, const hash128 *b) {
-    return a->hi < b->hi || (a->hi == b->hi && a->lo < b->lo);
+/* Any order in which equal ids are together will do: the words first (in the scratch array,
+ * where sorting finds them), then the length, then the bytes past the sixteenth. */
+static int compare_text(const void *a, const void *b) {
+    const text_t *x = a, *y = b;
+    if (x->w[0] != y->w[0])
+        return x->w[0] < y->w[0] ? -1 : 1;
+    if (x->w[1] != y->w[1])
+        return x->w[1] < y->w[1] ? -1 : 1;
+    if (x->len != y->len)
+        return x->len < y->len ? -1 : 1;
+    return x->len > 16 ? memcmp(x->p + 16, y->p + 16, (size_t)(x->len - 16)) : 0;
 }
 
-static int compare128(const void *a, const void *b) {
-    return before128(a, b) ? -1 : before128(b, a) ? 1 : 0;
+/* `room`: the bytes the data holds from the id on (16 are read at once where it has them). */
+static inline void text_at(text_t *t, const uint8_t *p, int64_t len, int64_t room) {
+    t->p = p;
+    t->len = len;
+    if (room < 16) {
+        t->w[0] = t->w[1] = 0;
+        memcpy(t->w, p, (size_t)(len < 16 ? len : 16));
+        return;
+    }
+    memcpy(t->w, p, 16);
+    if (len < 8) {
+        t->w[0] = len ? t->w[0] & (~0ULL >> (64 - 8 * len)) : 0;
+        t->w[1] = 0;
+    } else if (len < 16) {
+        t->w[1] = len > 8 ? t->w[1] & (~0ULL >> (64 - 8 * (len - 8))) : 0;
+    }
 }
 
-static int64_t distinct_in(hash128 *run, size_t n) {
+static int64_t distinct_in(text_t *run, size_t n) {
     if (n < 2)
         return (int64_t)n;
     if (n <= 16) {
         for (size_t i = 1; i < n; i++) {
-            hash128 x = run[i];
+            text_t x = run[i];
             size_t j = i;
-            for (; j > 0 && before128(&x, &run[j - 1]); j--)
+            for (; j > 0 && compare_text(&x, &run[j - 1]) < 0; j--)
                 run[j] = run[j - 1];
             run[j] = x;
         }
     } else {
-        qsort(run, n, sizeof(hash128), compare128);
+        qsort(run, n, sizeof(text_t), compare_text);
     }
     int64_t count = 1;
     for (size_t i = 1; i < n; i++)
-        count += run[i].hi != run[i - 1].hi || run[i].lo != run[i - 1].lo;
+        count += compare_text(&run[i], &run[i - 1]) != 0;
     return count;
 }
 
 #define AHEAD 16 /* rows prefetched ahead of the one read */
 
-/* sessions_in_runs(hashes uint64[n, 2], conversion uint8[n], order int64[m], bounds int64[k + 1],
- *                  sessions int64[k], conversions float64[k]): run i is rows order[bounds[i]] ..
- * order[bounds[i + 1] - 1]; sessions[i] is the number of distinct hashes among them and
- * conversions[i] the sum of their conversions. */
-static PyObject *sessions_in_runs(PyObject *self, PyObject *args) {
-    Py_buffer hashes, conversion, order, bounds, sessions, conversions;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*", &hashes, &conversion, &order, &bounds, &sessions, &conversions))
+/* session_moments(offsets int32[n + 1], data, conversion uint8[n], order int64[m], bounds int64[k + 1],
+ *                 groups int64[k], out float64[6, g]): the rows' session ids are an Arrow string
+ * array's offsets and data; run i (a user in group groups[i]) is rows order[bounds[i]] ..
+ * order[bounds[i + 1] - 1], with e_i events, s_i distinct ids and c_i conversions. Per group,
+ * out holds the sums of e and s, the centered sums of squares of e and s, and the centered
+ * co-moments of c with s and of e with s (the delta method's terms of conversions and events
+ * per session), summed run by run in order, as numpy's bincount sums its weights. */
+static PyObject *session_moments(PyObject *self, PyObject *args) {
+    Py_buffer offsets, data, conversion, order, bounds, groups, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*", &offsets, &data, &conversion, &order, &bounds, &groups, &out))
         return NULL;
-    Py_ssize_t n = hashes.len / (Py_ssize_t)sizeof(hash128), m = order.len / (Py_ssize_t)sizeof(int64_t);
-    Py_ssize_t k = sessions.len / (Py_ssize_t)sizeof(int64_t);
-    const int64_t *b = (const int64_t *)bounds.buf, *o = (const int64_t *)order.buf;
-    int bad = bounds.len != (k + 1) * (Py_ssize_t)sizeof(int64_t) || hashes.len % (Py_ssize_t)sizeof(hash128) ||
-              conversion.len != n || order.len % (Py_ssize_t)sizeof(int64_t) ||
-              conversions.len != k * (Py_ssize_t)sizeof(double);
+    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int32_t) - 1, m = order.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t k = groups.len / (Py_ssize_t)sizeof(int64_t), n_groups = out.len / (6 * (Py_ssize_t)sizeof(double));
+    const int64_t *b = (const int64_t *)bounds.buf, *o = (const int64_t *)order.buf, *g = (const int64_t *)groups.buf;
+    int bad = n < 0 || offsets.len % (Py_ssize_t)sizeof(int32_t) || conversion.len != n ||
+              order.len % (Py_ssize_t)sizeof(int64_t) || groups.len % (Py_ssize_t)sizeof(int64_t) ||
+              bounds.len != (k + 1) * (Py_ssize_t)sizeof(int64_t) || out.len != 6 * n_groups * (Py_ssize_t)sizeof(double);
     size_t longest = 0;
     for (Py_ssize_t i = 0; !bad && i < k; i++) {
-        if (b[i] < 0 || b[i + 1] < b[i] || b[i + 1] > m)
+        if (b[i] < 0 || b[i + 1] < b[i] || b[i + 1] > m || g[i] < 0 || g[i] >= n_groups)
             bad = 1;
         else if ((size_t)(b[i + 1] - b[i]) > longest)
             longest = (size_t)(b[i + 1] - b[i]);
     }
-    hash128 *scratch = bad ? NULL : malloc(longest ? longest * sizeof(hash128) : 1);
-    int outside = 0; /* a row number past the rows */
-    if (!bad && scratch != NULL) {
-        const hash128 *h = (const hash128 *)hashes.buf;
-        const uint8_t *c = (const uint8_t *)conversion.buf;
-        int64_t *s_out = (int64_t *)sessions.buf;
-        double *c_out = (double *)conversions.buf;
+    text_t *scratch = bad ? NULL : malloc(longest ? longest * sizeof(text_t) : 1);
+    double *runs = bad ? NULL : malloc(k ? 2 * (size_t)k * sizeof(double) : 1); /* s_i, c_i */
+    double *per = bad ? NULL : calloc(n_groups ? 4 * (size_t)n_groups : 1, sizeof(double)); /* users, means */
+    int outside = 0; /* a row past the rows, or a string past the data */
+    if (!bad && scratch != NULL && runs != NULL && per != NULL) {
+        const int32_t *off = (const int32_t *)offsets.buf;
+        const uint8_t *bytes = (const uint8_t *)data.buf, *c = (const uint8_t *)conversion.buf;
+        double *sum_e = (double *)out.buf, *sum_s = sum_e + n_groups, *m2_e = sum_s + n_groups,
+               *m2_s = m2_e + n_groups, *co_cs = m2_s + n_groups, *co_es = co_cs + n_groups;
+        double *users = per, *mean_e = per + n_groups, *mean_s = mean_e + n_groups, *mean_c = mean_s + n_groups;
         Py_BEGIN_ALLOW_THREADS
+        memset(out.buf, 0, (size_t)out.len);
         for (Py_ssize_t i = 0; i < k && !outside; i++) {
             size_t len = (size_t)(b[i + 1] - b[i]);
             int64_t converted = 0;
             for (size_t j = 0; j < len; j++) {
                 Py_ssize_t at = b[i] + (Py_ssize_t)j;
+                /* Two stages: a row's offsets and conversion, then (its offsets read by now) its id. */
                 if (at + AHEAD < m && (uint64_t)o[at + AHEAD] < (uint64_t)n) {
-                    __builtin_prefetch(&h[o[at + AHEAD]]);
+                    __builtin_prefetch(&off[o[at + AHEAD]]);
                     __builtin_prefetch(&c[o[at + AHEAD]]);
                 }
+                if (at + AHEAD / 2 < m && (uint64_t)o[at + AHEAD / 2] < (uint64_t)n)
+                    __builtin_prefetch(bytes + off[o[at + AHEAD / 2]]);
                 int64_t row = o[at];
                 if ((uint64_t)row >= (uint64_t)n) {
                     outside = 1;
                     break;
                 }
-                scratch[j] = h[row];
                 converted += c[row];
+                if (len == 1)
+                    break; /* one event: one session, whatever its id */
+                int64_t lo = off[row], hi = off[row + 1];
+                if (lo < 0 || hi < lo || hi > data.len) {
+                    outside = 1;
+                    break;
+                }
+                text_at(&scratch[j], bytes + lo, hi - lo, data.len - lo);
             }
-            if (!outside) {
-                s_out[i] = distinct_in(scratch, len);
-                c_out[i] = (double)converted;
+            if (outside)
+                break;
+            runs[2 * i] = (double)distinct_in(scratch, len);
+            runs[2 * i + 1] = (double)converted;
+            users[g[i]] += 1;
+            sum_e[g[i]] += (double)len;
+            sum_s[g[i]] += runs[2 * i];
+            mean_c[g[i]] += runs[2 * i + 1]; /* summed here, divided below */
+        }
+        if (!outside) {
+            for (Py_ssize_t j = 0; j < n_groups; j++) {
+                mean_e[j] = users[j] > 0 ? sum_e[j] / users[j] : 0.0;
+                mean_s[j] = users[j] > 0 ? sum_s[j] / users[j] : 0.0;
+                mean_c[j] = users[j] > 0 ? mean_c[j] / users[j] : 0.0;
+            }
+            for (Py_ssize_t i = 0; i < k; i++) {
+                Py_ssize_t j = g[i];
+                double de = (double)(b[i + 1] - b[i]) - mean_e[j], ds = runs[2 * i] - mean_s[j],
+                       dc = runs[2 * i + 1] - mean_c[j];
+                m2_e[j] += de * de;
+                m2_s[j] += ds * ds;
+                co_cs[j] += dc * ds;
+                co_es[j] += de * ds;
             }
         }
         Py_END_ALLOW_THREADS
     }
     free(scratch);
-    PyBuffer_Release(&hashes);
+    free(runs);
+    free(per);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
     PyBuffer_Release(&conversion);
     PyBuffer_Release(&order);
     PyBuffer_Release(&bounds);
-    PyBuffer_Release(&sessions);
-    PyBuffer_Release(&conversions);
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&out);
     if (bad || outside) {
-        PyErr_SetString(PyExc_ValueError, bad ? "bounds must rise within the order, one more than the outputs, "
-                                                "with one conversion byte per hash"
-                                              : "the order names a row past the hashes");
+        PyErr_SetString(PyExc_ValueError, bad ? "bounds must rise within the order, one more than the runs' groups, "
+                                                "each group within the output, with one conversion byte per string"
+                                              : "the order names a row past the strings, or a string past the data");
         return NULL;
     }
-    if (scratch == NULL)
+    if (scratch == NULL || runs == NULL || per == NULL)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -233,7 +312,7 @@ done:
 static PyMethodDef methods[] = {
     {"set_bits", set_bits, METH_VARARGS, "Set users' bits in a bitset; returns how many were not set."},
     {"sort_unsigned", sort_unsigned, METH_VARARGS, "Sort 4- or 8-byte unsigned keys in place."},
-    {"sessions_in_runs", sessions_in_runs, METH_VARARGS, "Distinct 128-bit hashes and conversions in each run of rows."},
+    {"session_moments", session_moments, METH_VARARGS, "Per group, the moments of users' events, sessions and conversions."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,6 @@ analysis of the groups is the core's, not the engine's (core/analysis.py).
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from abstream.core import timezones
 from abstream.core.errors import DeadlineExceeded
-from abstream.core.events import EVENT_SCHEMA
+from abstream.core.events import EVENT_SCHEMA, string_buffers
 from abstream.core.types import (
     CapApplied,
     Filters,
@@ -35,7 +34,7 @@ from abstream.core.types import (
     UserMoments,
 )
 from abstream.store import kernels
-from abstream.store.dictionary import Dictionary, hash_strings
+from abstream.store.dictionary import Dictionary
 from abstream.store.ingest import Ingest
 from abstream.store.partition import NUMERIC, PartitionView, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
@@ -43,9 +42,6 @@ from abstream.store.rollup import HOUR_NS, HOURLY, Moments, Rollup, VariantTotal
 
 _NO_START = np.iinfo(np.int64).min
 _NO_END = np.iinfo(np.int64).max
-#: The key session ids are hashed under to be told apart (sorted, never put in a table: no id
-#: can make counting them slow).
-_SESSION_KEY = secrets.token_bytes(16)
 
 
 @dataclass(frozen=True)
@@ -490,8 +486,8 @@ def capped_moments(moments: UserMoments, group: np.ndarray, user: np.ndarray, re
 def session_moments(moments: UserMoments, group: np.ndarray, cols: dict, n_users_total: int) -> UserMoments:
     """The moments with each group's per-user events and sessions beside them (SESSION_METRICS):
     sessions are the distinct session ids of each user's events here."""
-    session = hash_strings(cols["session_id"], _SESSION_KEY)
-    return moments.with_sessions(*kernels.session_user_moments(group, cols["user_id"], session, cols["conversion"],
+    sessions = string_buffers(cols["session_id"])
+    return moments.with_sessions(*kernels.session_user_moments(group, cols["user_id"], sessions, cols["conversion"],
                                                                n_users_total, len(moments.users)))
 
 

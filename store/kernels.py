@@ -147,11 +147,12 @@ def distinct_per_group(group: np.ndarray, user: np.ndarray, n_groups: int, acros
     return counts, int(np.count_nonzero(starts)), np.unique(users[repeated]) + lo
 
 
-def sort_keys(keys: np.ndarray) -> None:
+def sort_keys(keys: np.ndarray, in_order_bits: int = 0) -> None:
     """Sorts non-negative integer keys in place: a radix sort in C (`_kernels.c`), several
-    times faster than numpy's sort on these machines, for the 32- and 64-bit keys here."""
+    times faster than numpy's sort on these machines, for the 32- and 64-bit keys here. The
+    lowest `in_order_bits` bits ascend already among keys equal above them (a row number)."""
     if keys.dtype in (np.uint32, np.uint64, np.int64, np.int32) and keys.flags.c_contiguous and keys.flags.writeable:
-        _kernels.sort_unsigned(keys)
+        _kernels.sort_unsigned(keys, in_order_bits)
     else:
         keys.sort()
 
@@ -166,7 +167,7 @@ def sorted_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return keys[order], order
     packed = keys.astype(np.int64) << row_bits
     packed |= np.arange(len(keys), dtype=np.int64)
-    sort_keys(packed)
+    sort_keys(packed, row_bits)  # the rows ascend as they are: a stable sort of the keys above them
     return packed >> row_bits, packed & ((1 << row_bits) - 1)
 
 
@@ -281,14 +282,13 @@ def centered_user_moments(group: np.ndarray, user: np.ndarray, x: np.ndarray, y:
             without * mean_x * mean_y + np.bincount(g, weights=dx * dy, minlength=n_groups))
 
 
-def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarray, conversion: np.ndarray,
-                         n_users_total: int, n_groups: int) -> tuple[np.ndarray, ...]:
+def session_user_moments(group: np.ndarray, user: np.ndarray, sessions: tuple[np.ndarray, object],
+                         conversion: np.ndarray, n_users_total: int, n_groups: int) -> tuple[np.ndarray, ...]:
     """Per group, over the per-user totals of these rows (each user's events e_u, distinct
     sessions s_u, conversions c_u): the sums of e and s, the centered sums of squares of e and s,
     and the centered co-moments of c and of e with s: the delta method's terms of conversions
-    and events per session. `session` holds each row's session id as its 128-bit hash
-    (uint64[n, 2], dictionary.hash_strings): equal ids, equal hashes, as the store's dictionaries
-    take them."""
+    and events per session. `sessions` holds each row's session id as an Arrow string array's
+    (int32 offsets[n + 1], data), as `core.events.string_buffers` gives them."""
     zeros = np.zeros(n_groups)
     if len(group) == 0:
         return zeros, zeros, zeros, zeros, zeros, zeros
@@ -296,21 +296,11 @@ def session_user_moments(group: np.ndarray, user: np.ndarray, session: np.ndarra
     starts = np.flatnonzero(np.concatenate(([True], unit_sorted[1:] != unit_sorted[:-1])))
     g = unit_sorted[starts] // max(n_users_total, 1)
     bounds = np.append(starts, len(order)).astype(np.int64)
-    e = np.diff(bounds).astype(np.float64)
-    s, c = np.empty(len(starts), dtype=np.int64), np.empty(len(starts), dtype=np.float64)
-    _kernels.sessions_in_runs(np.ascontiguousarray(session, np.uint64), np.ascontiguousarray(conversion, np.uint8),
-                              order.astype(np.int64, copy=False), bounds, s, c)
-    s = s.astype(np.float64)
-    users = np.bincount(g, minlength=n_groups)
-
-    def centered(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        total = np.bincount(g, weights=x, minlength=n_groups)
-        return total, x - np.divide(total, users, out=np.zeros(n_groups), where=users > 0)[g]
-
-    (sum_e, de), (sum_s, ds), (_, dc) = centered(e), centered(s), centered(c)
-    return (sum_e, sum_s, np.bincount(g, weights=de * de, minlength=n_groups),
-            np.bincount(g, weights=ds * ds, minlength=n_groups), np.bincount(g, weights=dc * ds, minlength=n_groups),
-            np.bincount(g, weights=de * ds, minlength=n_groups))
+    moments = np.zeros((6, n_groups))
+    offsets, data = sessions
+    _kernels.session_moments(np.ascontiguousarray(offsets, np.int32), data, np.ascontiguousarray(conversion, np.uint8),
+                             order.astype(np.int64, copy=False), bounds, g.astype(np.int64, copy=False), moments)
+    return tuple(moments)
 
 
 # ---- capping ------------------------------------------------------------------------------

@@ -191,27 +191,49 @@ def _strings(user: np.ndarray, session: np.ndarray):
     return pa.array([f"{u}:{s}" for u, s in zip(user.tolist(), session.tolist())], pa.string())
 
 
-def test_distinct_sessions_and_conversions_per_user_are_counted_exactly_from_their_hashes():
-    """The C kernel behind the session counts: runs short (insertion sort) and long (qsort) of
-    rows read through a permutation, hashes equal in one half and not the other, against Python
-    sets and sums; bad bounds and rows past the hashes refused."""
+def test_session_moments_count_each_users_distinct_ids_and_conversions_exactly():
+    """The C kernel behind the session metrics: runs short (insertion sort) and long (qsort) of
+    rows read through a permutation, ids that share a prefix or 16 bytes, empty ones and ones not
+    ASCII, in three groups (one without users), against Python sets and sums and numpy's centered
+    moments of them; bad bounds and groups, rows past the strings and strings past the data
+    refused."""
+    import pyarrow as pa
+    from abstream.core.events import string_buffers
     from abstream.store import _kernels
 
     rng = np.random.default_rng(5)
-    lengths = [0, 1, 2, 16, 17, 300, 5]
-    hashes = rng.integers(0, 4, (sum(lengths), 2)).astype(np.uint64)  # few values: many repeats
-    hashes[::7, 0] = 3  # the same high half with differing low halves
-    conversion = rng.integers(0, 2, len(hashes)).astype(np.uint8)
-    order = rng.permutation(len(hashes)).astype(np.int64)
+    lengths = [1, 2, 16, 17, 300, 5, 1, 40]
+    groups = np.array([0, 2, 0, 2, 0, 2, 2, 0], np.int64)  # group 1 has no users
+    choices = ["a", "ab", "abc", "", "b", "ab\x00", "séance", "session_1", "session_10", "x" * 256,
+               "0123456789abcdefA", "0123456789abcdefB", "0123456789abcdef"]
+    ids = [choices[i] for i in rng.integers(0, len(choices), sum(lengths))]
+    offsets, data = string_buffers(pa.array(["pad", *ids], pa.string()).slice(1))  # an array that starts past 0
+    conversion = rng.integers(0, 2, len(ids)).astype(np.uint8)
+    order = rng.permutation(len(ids)).astype(np.int64)
     bounds = np.cumsum([0, *lengths]).astype(np.int64)
-    sessions, conversions = np.zeros(len(lengths), np.int64), np.zeros(len(lengths))
-    _kernels.sessions_in_runs(hashes, conversion, order, bounds, sessions, conversions)
+    got = np.zeros((6, 3))
+    _kernels.session_moments(offsets, data, conversion, order, bounds, groups, got)
+
     runs = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
-    assert sessions.tolist() == [len({tuple(h) for h in hashes[rows].tolist()}) for rows in runs]
-    assert conversions.tolist() == [float(conversion[rows].sum()) for rows in runs]
-    for bad_bounds, bad_order in (([0, 5, 3], order), ([0, 2, len(hashes) + 1], order),
-                                  ([0, 2, 4], np.array([0, 1, 2, len(hashes)], np.int64)),
-                                  ([0, 2, 4], np.array([0, 1, 2, -1], np.int64))):
+    e = np.array(lengths, np.float64)
+    s = np.array([len({ids[i] for i in rows.tolist()}) for rows in runs], np.float64)
+    c = np.array([conversion[rows].sum() for rows in runs], np.float64)
+    assert s[4] > 1 and s.max() < e.max() and c[4] > 0  # the long run: distinct ids, repeated ones, conversions
+    users = np.bincount(groups, minlength=3)
+    mean = {name: np.divide(np.bincount(groups, x, 3), users, out=np.zeros(3), where=users > 0)
+            for name, x in (("e", e), ("s", s), ("c", c))}
+    de, ds, dc = e - mean["e"][groups], s - mean["s"][groups], c - mean["c"][groups]
+    expected = [np.bincount(groups, x, 3) for x in (e, s, de * de, ds * ds, dc * ds, de * ds)]
+    np.testing.assert_allclose(got, np.array(expected), rtol=1e-12, atol=0)
+    assert got[:, 1].tolist() == [0.0] * 6
+
+    two = np.array([0, 1], np.int64)
+    for bad in ((offsets, order, [0, 5, 3], [0, 0]), (offsets, order, [0, 2, len(ids) + 1], [0, 0]),
+                (offsets, order, [0, 2, 4], [0, 3]), (offsets, order, [0, 2, 4], [-1, 0]),
+                (offsets, np.array([0, 1, 2, len(ids)], np.int64), [0, 2, 4], [0, 0]),
+                (offsets, np.array([0, 1, 2, -1], np.int64), [0, 2, 4], [0, 0]),
+                (np.array([0, 3, 1 << 30], np.int32), two, [0, 2], [0]), (np.array([0, 3, 2], np.int32), two, [0, 2], [0])):
+        bad_offsets, bad_order, bad_bounds, bad_groups = bad
         with pytest.raises(ValueError):
-            _kernels.sessions_in_runs(hashes, conversion, bad_order, np.array(bad_bounds, np.int64),
-                                      np.zeros(2, np.int64), np.zeros(2))
+            _kernels.session_moments(bad_offsets, data, conversion[:len(bad_offsets) - 1], bad_order,
+                                     np.array(bad_bounds, np.int64), np.array(bad_groups, np.int64), np.zeros((6, 3)))

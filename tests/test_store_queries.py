@@ -608,6 +608,29 @@ def test_radix_sort_orders_keys_like_numpy():
         assert np.array_equal(keys, expected) and keys.dtype == expected.dtype
 
 
+def test_radix_sort_skipping_low_bits_sorts_stably_by_the_bits_above():
+    """With `in_order_bits`, the sort orders keys by the bits above them only, stably: low bits
+    that ascend already (row numbers) end up fully sorted in fewer passes, and low bits that do
+    not are left in their order; as many bits as a key has are refused."""
+    import numpy as np
+    import pytest
+    from abstream.store import _kernels, kernels
+
+    rng = np.random.default_rng(11)
+    high = rng.integers(0, 2**30, 50_000, dtype=np.int64)
+    rows = (high << 20) | np.arange(50_000, dtype=np.int64)
+    expected = np.sort(rows)
+    kernels.sort_keys(rows, 20)
+    assert np.array_equal(rows, expected)
+    scrambled = (high << 20) | rng.integers(0, 2**20, 50_000, dtype=np.int64)
+    expected = scrambled[np.argsort(scrambled >> 20, kind="stable")]
+    assert not np.array_equal(expected, np.sort(scrambled))  # the low bits are not sorted by
+    kernels.sort_keys(scrambled, 20)
+    assert np.array_equal(scrambled, expected)
+    with pytest.raises(ValueError):
+        _kernels.sort_unsigned(np.zeros(4, np.uint32), 32)
+
+
 def test_sorted_with_order_is_numpys_stable_argsort():
     """Row numbers packed under the keys give the stable order (ties keep row order); keys too
     large to share 63 bits with them take numpy's argsort."""
