@@ -1,5 +1,5 @@
-"""The benchmark's queries, each asked three ways: abstream over gRPC, abstream in-process, DuckDB;
-and most of them a fourth, ClickHouse (chDB), in its own SQL.
+"""The benchmark's queries, each asked four ways: abstream over gRPC, abstream in-process, DuckDB,
+and ClickHouse (chDB) in its own SQL.
 
 Every way returns rows as tuples of plain values in the same order, so the answers can be
 compared before any of their times is reported.
@@ -36,7 +36,7 @@ class Query:
     sql: str
     run: Callable[[EventStore], Any]  # the store's call alone, without turning its result into tuples
     rpc: Callable[[Any], Any]  # the RPC alone, without turning its response into tuples
-    clickhouse: str | None = None  # the same question in ClickHouse's SQL, where it is written
+    clickhouse: str  # the same question in ClickHouse's SQL
 
 
 def _m(m) -> tuple:
@@ -155,13 +155,39 @@ def timeseries(test_id: str, interval: str, cumulative: bool = False) -> Query:
             SELECT epoch_ns(b) AS bucket, variant, users::BIGINT, conversions::BIGINT, revenue, events::BIGINT,
                    converted::BIGINT
             FROM running WHERE events > 0 ORDER BY bucket, variant"""
-    clickhouse = None
-    if not cumulative:
+    start = {"hour": "toStartOfHour", "day": "toStartOfDay"}[interval]
+    ch_where = _where(test_id, None, None, "clickhouse")
+    if cumulative:
+        # The same in ClickHouse's SQL (its LEFT JOIN gives 0 where nothing matches).
+        clickhouse = f"""
+            WITH ev AS (SELECT variant, user_id, conversion, revenue, {start}(timestamp) AS b
+                        FROM ab_test_events WHERE {ch_where}),
+            per AS (SELECT b, variant, count() AS n_events, countIf(conversion = 1) AS n_conversions,
+                           sum(revenue) AS n_revenue FROM ev GROUP BY b, variant),
+            firsts AS (SELECT first_b AS b, variant, count() AS n_users FROM
+                         (SELECT variant, user_id, min(b) AS first_b FROM ev GROUP BY variant, user_id)
+                       GROUP BY b, variant),
+            conv AS (SELECT first_b AS b, variant, count() AS n_converted FROM
+                       (SELECT variant, user_id, min(b) AS first_b FROM ev WHERE conversion = 1
+                        GROUP BY variant, user_id)
+                     GROUP BY b, variant),
+            grid AS (SELECT b, variant
+                     FROM (SELECT DISTINCT b FROM ev) AS bs CROSS JOIN (SELECT DISTINCT variant FROM ev) AS vs),
+            running AS (
+              SELECT b, variant, sum(n_users) OVER w AS users, sum(n_conversions) OVER w AS conversions,
+                     sum(n_revenue) OVER w AS revenue, sum(n_events) OVER w AS events,
+                     sum(n_converted) OVER w AS converted
+              FROM grid LEFT JOIN per USING (b, variant) LEFT JOIN firsts USING (b, variant)
+                LEFT JOIN conv USING (b, variant)
+              WINDOW w AS (PARTITION BY variant ORDER BY b ROWS UNBOUNDED PRECEDING))
+            SELECT toInt64(toUnixTimestamp(b)) * 1000000000 AS bucket, variant, toInt64(users), toInt64(conversions),
+                   revenue, toInt64(events), toInt64(converted)
+            FROM running WHERE events > 0 ORDER BY bucket, variant"""
+    else:
         sql = (f"SELECT epoch_ns({trunc}) AS bucket, variant, {_METRICS_SQL} FROM ab_test_events WHERE {where} "
                f"GROUP BY bucket, variant ORDER BY bucket, variant")
-        start = {"hour": "toStartOfHour", "day": "toStartOfDay"}[interval]
         clickhouse = (f"SELECT toInt64(toUnixTimestamp({start}(timestamp))) * 1000000000 AS bucket, variant, "
-                      f"{_CH_METRICS} FROM ab_test_events WHERE {_where(test_id, None, None, 'clickhouse')} "
+                      f"{_CH_METRICS} FROM ab_test_events WHERE {ch_where} "
                       "GROUP BY bucket, variant ORDER BY bucket, variant")
     return Query(f"timeseries_{interval}{'_cumulative' if cumulative else ''}", test_id, grpc_call, local, sql, run,
                  rpc, clickhouse)
@@ -242,7 +268,7 @@ def lift(test_id: str, interval: str) -> Query:
         q = TimeseriesQuery(test_id, iv, cumulative=True, lift=AnalysisOptions())
         return analysis.lift(q, store.timeseries(q))
 
-    return Query(f"lift_{interval}", test_id, grpc_call, local, cumulative.sql, run, rpc)
+    return Query(f"lift_{interval}", test_id, grpc_call, local, cumulative.sql, run, rpc, cumulative.clickhouse)
 
 
 def lift_by_exposure(test_id: str, interval: str) -> Query:
@@ -280,7 +306,25 @@ def lift_by_exposure(test_id: str, interval: str) -> Query:
                 LEFT JOIN conv ON conv.variant = old.variant AND conv.user_id = old.user_id AND conv.k = k.k
                 GROUP BY k.k, old.variant)
         SELECT k * {width} AS age_ns, variant, converted / users FROM per ORDER BY age_ns, variant"""
-    return Query(f"lift_{interval}_since_first_exposure", test_id, grpc_call, local, sql, run, rpc)
+    # The same in ClickHouse's SQL, without a row per user and age: the users old enough for age k
+    # are a running sum of the users by age (capped at the oldest), from the oldest down.
+    clickhouse = f"""
+        WITH ev AS (SELECT variant, user_id, toUnixTimestamp64Nano(timestamp) AS t, conversion FROM ab_test_events
+                    WHERE {_where(test_id, None, None, 'clickhouse')}),
+        f AS (SELECT variant, user_id, min(t) AS first_t FROM ev GROUP BY variant, user_id),
+        aged AS (SELECT variant, user_id, conversion, toUInt64(intDiv(t - first_t, {width})) AS k
+                 FROM ev INNER JOIN f USING (variant, user_id)),
+        conv AS (SELECT k, variant, count() AS converted
+                 FROM (SELECT DISTINCT variant, user_id, k FROM aged WHERE conversion = 1) GROUP BY k, variant),
+        ages AS (SELECT least(toUInt64(intDiv((SELECT max(t) FROM ev) - first_t, {width})), (SELECT max(k) FROM aged))
+                          AS k, variant, count() AS n FROM f GROUP BY k, variant),
+        grid AS (SELECT arrayJoin(range((SELECT max(k) FROM aged) + 1)) AS k, variant
+                 FROM (SELECT DISTINCT variant FROM f)),
+        per AS (SELECT k, variant, sum(n) OVER (PARTITION BY variant ORDER BY k DESC ROWS UNBOUNDED PRECEDING) AS users
+                FROM grid LEFT JOIN ages USING (k, variant))
+        SELECT toInt64(k) * {width} AS age_ns, variant, converted / users
+        FROM per LEFT JOIN conv USING (k, variant) WHERE users > 0 ORDER BY age_ns, variant"""
+    return Query(f"lift_{interval}_since_first_exposure", test_id, grpc_call, local, sql, run, rpc, clickhouse)
 
 
 def list_tests() -> Query:

@@ -21,10 +21,8 @@ def test_bench_smoke(tmp_path):
     (path,) = (tmp_path / "results").glob("bench-50000-*.json")
     report = json.loads(path.read_text())
     assert report["queries"] and all(q["verified"] for q in report["queries"])
-    # ClickHouse (chDB) answers the same in its own SQL, checked before it is timed.
-    in_clickhouse = {"summary", "summary_7d", "segments_device", "segments_country", "segments_event_type",
-                     "timeseries_hour", "timeseries_day", "summary_sessions", "list_tests"}
-    assert {q["query"] for q in report["queries"] if q.get("chdb", {}).get("p50_ms", 0) > 0} == in_clickhouse
+    # ClickHouse (chDB) answers every query the same in its own SQL, checked before it is timed.
+    assert all(q["chdb"]["p50_ms"] > 0 for q in report["queries"])
     assert "chDB: ClickHouse in this process" in result.stdout and report["machine"]["chdb"]
     # 50,000 events in batches of 100,000: one batch, not sealed, scanned by every query.
     assert report["tests"]["unsealed"] == 50000 and "50,000 events not yet sealed into parts" in result.stdout
