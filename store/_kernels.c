@@ -97,8 +97,8 @@ static PyObject *sort_unsigned(PyObject *self, PyObject *args) {
  * permutation, in one pass (prefetched ahead: the reads are random), and the ids are compared
  * as bytes: no hash of every id is computed first, and a user's only event (the most common run)
  * reads no id at all. A run's ids are sorted in a scratch array (insertion sort while short, as
- * most are) and its changes counted: O(r log r) comparisons of at most 256 bytes (schema.py)
- * whatever the values, so no input can make it slow. */
+ * most are) and its changes counted: O(r log r) comparisons of at most 256 bytes (core/events.py's
+ * MAX_STRING_BYTES) whatever the values, so no input can make it slow. */
 typedef struct {
     uint64_t w[2]; /* the id's first 16 bytes, zero past its end: most ids are told apart by them */
     const uint8_t *p;

@@ -232,8 +232,13 @@ def test_session_moments_count_each_users_distinct_ids_and_conversions_exactly()
                 (offsets, order, [0, 2, 4], [0, 3]), (offsets, order, [0, 2, 4], [-1, 0]),
                 (offsets, np.array([0, 1, 2, len(ids)], np.int64), [0, 2, 4], [0, 0]),
                 (offsets, np.array([0, 1, 2, -1], np.int64), [0, 2, 4], [0, 0]),
-                (np.array([0, 3, 1 << 30], np.int32), two, [0, 2], [0]), (np.array([0, 3, 2], np.int32), two, [0, 2], [0])):
+                (np.array([0, 3, 1 << 30], np.int32), two, [0, 2], [0]),  # a string past the data
+                (np.array([0, 3, 2], np.int32), two, [0, 2], [0]),  # a string that ends before it starts
+                (np.array([0, -8, 3], np.int32), np.array([1, 0], np.int64), [0, 2], [0])):  # one before the data
         bad_offsets, bad_order, bad_bounds, bad_groups = bad
         with pytest.raises(ValueError):
             _kernels.session_moments(bad_offsets, data, conversion[:len(bad_offsets) - 1], bad_order,
                                      np.array(bad_bounds, np.int64), np.array(bad_groups, np.int64), np.zeros((6, 3)))
+    for bad_conversion, bad_out in ((conversion[:-1], np.zeros((6, 3))), (conversion, np.zeros((5, 3)))):
+        with pytest.raises(ValueError):
+            _kernels.session_moments(offsets, data, bad_conversion, order, bounds, groups, bad_out)
