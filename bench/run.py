@@ -2,8 +2,8 @@
 ClickHouse (chDB).
 
 The server runs as its own process; this process is the client. Each query is first answered by
-abstream (over gRPC and in-process), by DuckDB and by chDB, the answers
-are compared, and only then timed.
+abstream (over gRPC and in-process), by DuckDB and by chDB, the answers are compared, and only
+then timed.
 Prints a table and writes a JSON report to bench/results/.
 """
 
@@ -694,7 +694,7 @@ def clickhouse_text(report: dict) -> str:
         lines.append(f"| {q['query']} | {q['test']} | {q['rows']} | {'yes' if q['verified'] else 'NO'} "
                      f"| {q['grpc']['p50_ms']:.2f} | {q['in_process']['p50_ms']:.2f} "
                      f"| {q['embedded_in_process']['p50_ms']:.2f} | {q['duckdb']['p50_ms']:.2f} "
-                     + (f"| {q['chdb']['p50_ms']:.2f} |" if "chdb" in q else "| — |"))
+                     f"| {q['chdb']['p50_ms']:.2f} |")
     m, f = report["memory"], report["freshness"]
     lines += ["", f"columnar ingest (100k/batch, 1 stream, acked on the quorum): "
                   f"{report['ingest_columnar']['events_per_s']:,.0f} events/s; row batches of 1,000: "
@@ -867,7 +867,7 @@ def table_text(report: dict) -> str:
              f"{report['machine']['memory_gib']} GiB, Python {report['machine']['python']}, "
              f"numpy {report['machine']['numpy']}, pyarrow {report['machine']['pyarrow']}, "
              f"grpcio {report['machine']['grpcio']}, duckdb {report['machine']['duckdb']}, "
-             f"chdb {report['machine'].get('chdb', '?')}",
+             f"chdb {report['machine']['chdb']}",
              f"tests: typical {report['tests']['typical'][0]} ({report['tests']['typical'][1]:,} events), "
              f"largest {report['tests']['largest'][0]} ({report['tests']['largest'][1]:,} events); "
              f"{report['tests']['unsealed']:,} events not yet sealed into parts when the queries ran "
