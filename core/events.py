@@ -40,6 +40,9 @@ MAX_STRING_BYTES = 256
 #: The most one valid event can take in any Arrow layout a sender may use: three 8-byte numbers,
 #: seven strings with 8-byte offsets, validity bits. Bounds what a columnar batch may decompress to.
 MAX_EVENT_BYTES = 3 * 8 + 7 * (8 + MAX_STRING_BYTES) + 2
+#: The most one value of a string column's dictionary can take and be of use (an 8-byte offset
+#: and an accepted string): a longer one can only reject the events that refer to it.
+MAX_VALUE_BYTES = 8 + MAX_STRING_BYTES
 
 NS_PER_SECOND = 1_000_000_000
 #: Earliest accepted event time: 2000-01-01T00:00:00Z.

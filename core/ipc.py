@@ -127,31 +127,36 @@ def measure(source: pa.Buffer) -> StreamSize:
     return StreamSize(rows, dictionary_rows, decoded)
 
 
-def byte_limit(size: StreamSize, row_bytes: int) -> int:
-    """The most a stream of valid events of this many rows may decompress to: `row_bytes` per row
-    and per dictionary value, and a mebibyte for schemas and padding."""
-    return (size.rows + size.dictionary_rows) * row_bytes + (1 << 20)
+def byte_limit(size: StreamSize, row_bytes: int, value_bytes: int) -> int:
+    """The most a stream of valid events of this many rows may decompress to: `row_bytes` per row,
+    `value_bytes` per dictionary value, and a mebibyte for schemas and padding."""
+    return size.rows * row_bytes + size.dictionary_rows * value_bytes + (1 << 20)
 
 
-def checked_size(source: pa.Buffer, field: str, max_rows: int, row_bytes: int) -> StreamSize:
-    """`measure`, refusing (InvalidArgument naming `field`) a stream of more than `max_rows` rows,
-    one that would decompress to more than valid rows can take (`byte_limit`), or one that is not
-    IPC at all."""
+def checked_size(source: pa.Buffer, field: str, max_rows: int, row_bytes: int, value_bytes: int) -> StreamSize:
+    """`measure`, refusing (InvalidArgument naming `field`) a stream of more than `max_rows` rows
+    or more than `max_rows` dictionary values, one that would decompress to more than valid rows
+    can take (`byte_limit`), or one that is not IPC at all. Dictionary values are bounded too: a
+    one-row stream whose dictionary held 600,000 values of 1,800 bytes was 2 MB and decompressed
+    to 1 GB."""
     try:
         size = measure(source)
     except (pa.ArrowInvalid, OSError, ValueError) as error:
         raise InvalidArgument(field, f"is not a readable Arrow IPC stream: {error}") from None
     if size.rows > max_rows:
         raise InvalidArgument(field, f"a batch of {size.rows} events; at most {max_rows}")
-    if size.decoded_bytes > (limit := byte_limit(size, row_bytes)):
+    if size.dictionary_rows > max_rows:
+        raise InvalidArgument(field, f"dictionaries of {size.dictionary_rows} values in all; at most {max_rows} "
+                                     "(as many as the events a batch may hold)")
+    if size.decoded_bytes > (limit := byte_limit(size, row_bytes, value_bytes)):
         raise InvalidArgument(field, f"decompresses to {size.decoded_bytes:,} bytes, more than {size.rows:,} valid "
-                                     f"events can take ({limit:,})")
+                                     f"events and {size.dictionary_rows:,} dictionary values can take ({limit:,})")
     return size
 
 
-def read_bounded(source: pa.Buffer, field: str, max_rows: int, row_bytes: int) -> pa.Table:
+def read_bounded(source: pa.Buffer, field: str, max_rows: int, row_bytes: int, value_bytes: int) -> pa.Table:
     """The table an IPC stream holds, once `checked_size` has found it within its limits."""
-    checked_size(source, field, max_rows, row_bytes)
+    checked_size(source, field, max_rows, row_bytes, value_bytes)
     try:
         table = pa.ipc.open_stream(source).read_all()
         table.validate(full=True)  # offsets, dictionary indices, UTF-8: the store reads them as given

@@ -16,6 +16,7 @@ from abstream.core.errors import InvalidArgument
 from abstream.core.events import (
     EVENT_SCHEMA,
     MAX_EVENT_BYTES,
+    MAX_VALUE_BYTES,
     MAX_STRING_BYTES,
     Rejection,
     normalize,
@@ -108,7 +109,8 @@ def measure_request(raw: bytes, max_events: int) -> RequestSize:
     rows = decoded = 0
     if span is not None:
         start, length = span
-        size = ipc.checked_size(pa.py_buffer(raw)[start:start + length], "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
+        size = ipc.checked_size(pa.py_buffer(raw)[start:start + length], "arrow_ipc", max_events - n,
+                                MAX_EVENT_BYTES, MAX_VALUE_BYTES)
         rows, decoded = size.rows, size.decoded_bytes
     return RequestSize(len(raw), n + rows, decoded, _producer_id(producer), sequence,
                        EVENTS_SHAPE if span is None else None)
@@ -151,7 +153,7 @@ def decode_request(raws: bytes | Sequence[bytes], max_events: int) -> DecodedBat
     if d.arrow_ipc is not None:
         start, length = d.arrow_ipc
         source = pa.py_buffer(raws)[start:start + length]
-        columnar = ipc.read_bounded(source, "arrow_ipc", max_events - n, MAX_EVENT_BYTES)
+        columnar = ipc.read_bounded(source, "arrow_ipc", max_events - n, MAX_EVENT_BYTES, MAX_VALUE_BYTES)
         if n == 0:
             table = columnar
         else:

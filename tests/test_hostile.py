@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from abstream.core import admission
+from abstream.core.events import MAX_EVENT_BYTES, MAX_VALUE_BYTES
 from abstream.v1 import analytics_pb2 as pb
 
 from tests.events import random_events, to_message
@@ -115,6 +116,46 @@ def ipc_bomb(rows: int, row_bytes: int) -> bytes:
     return pb.IngestEventsRequest(arrow_ipc=sink.getvalue().to_pybytes()).SerializeToString()
 
 
+def dictionary_bomb(values: int, value_bytes: int, rows: int = 1) -> bytes:
+    """A zstd-compressed Arrow stream of `rows` events whose `variant` dictionary holds `values`
+    more values of `value_bytes` each, none of them used: a few MiB that decompress to
+    values x value_bytes."""
+    dictionary = pa.array(["a", *["v" * value_bytes] * values], pa.string())
+    table = pa.table({"timestamp": pa.array([1_700_000_000 * 10**9] * rows, pa.int64()), "user_id": ["u"] * rows,
+                      "test_id": ["t"] * rows,
+                      "variant": pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), dictionary)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    return pb.IngestEventsRequest(arrow_ipc=sink.getvalue().to_pybytes()).SerializeToString()
+
+
+def measured(raw: bytes) -> admission.RequestSize:
+    from abstream.service.converters import measure_request
+    return measure_request(raw, MAX_EVENTS)
+
+
+def test_a_dictionary_of_more_values_than_a_batch_holds_is_refused_before_it_is_read():
+    with pytest.raises(Exception) as refused:
+        measured(dictionary_bomb(MAX_EVENTS, 8))
+    assert str(refused.value) == (f"arrow_ipc: dictionaries of {MAX_EVENTS + 1} values in all; at most {MAX_EVENTS} "
+                                  "(as many as the events a batch may hold)")
+
+
+def test_dictionary_values_longer_than_an_accepted_string_are_refused_before_they_are_read():
+    raw = dictionary_bomb(2_000, 1_800)
+    assert len(raw) < 64 << 10  # 3.6 MB of values in a few KiB
+    limit = MAX_EVENT_BYTES + 2_001 * MAX_VALUE_BYTES + (1 << 20)
+    with pytest.raises(Exception, match=r"^arrow_ipc: decompresses to 3,6\d\d,\d{3} bytes, more than 1 valid events "
+                                        rf"and 2,001 dictionary values can take \({limit:,}\)$"):
+        measured(raw)
+
+
+def test_a_dictionary_with_values_no_event_uses_is_taken_within_its_limits():
+    size = measured(dictionary_bomb(300, 40, rows=10))
+    assert (size.events, size.decoded_bytes > 300 * 40) == (10, True)
+
+
 def valid_events(max_bytes: int) -> bytes:
     """As many typical events as fit in `max_bytes` and in a batch."""
     events = [to_message(e) for e in random_events(MAX_EVENTS, seed=3)[:MAX_EVENTS]]
@@ -128,6 +169,7 @@ SHAPES = {
     "the most empty events a batch may hold": (lambda: b"\x0a\x00" * MAX_EVENTS, "OK"),
     "one event holding one huge string": (lambda: event_with(2, b"x" * (MAX_MESSAGE - 64)), "OK"),
     "an Arrow stream that decompresses 100-fold": (lambda: ipc_bomb(2_000, 100_000), "INVALID_ARGUMENT"),
+    "an Arrow dictionary that decompresses 500-fold": (lambda: dictionary_bomb(20_000, 1_800), "INVALID_ARGUMENT"),
     "valid events": (lambda: valid_events(MAX_MESSAGE), "OK"),
 }
 #: What 64 concurrent requests may hold, README (Limits): each as gRPC receives it, up to three
