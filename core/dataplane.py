@@ -516,6 +516,8 @@ class Core:
     @staticmethod
     def _may_plan(principal: Principal, test_id: str) -> None:
         events.check_query_string("test_id", test_id)
+        if not test_id:
+            raise InvalidArgument("test_id", "is required")
         if not principal.may_use(test_id):
             raise PermissionDenied(f"token {principal.name!r} may only plan tests whose id starts with "
                                    f"{principal.test_prefix!r}")
@@ -551,7 +553,12 @@ class Core:
     def horizon(self, test_id: str, plan: Experiment | None) -> int | None:
         """The oldest instant of a test's events that queries see (None: every event)."""
         days = (plan.retention_days if plan is not None else None) or self.retention_days
-        return self._clock() - int(days * 86_400e9) if days else None
+        if not days:
+            return None
+        now = self._clock()
+        # A retention longer than the oldest event that may be stored keeps every event: 1e300
+        # days has no instant (int(inf) raised, in every query of its test and in the sweep).
+        return None if days * 86_400e9 >= now - events.MIN_TIMESTAMP_NS else now - int(days * 86_400e9)
 
     async def sweep(self) -> int:
         """Removes events past their test's retention (the server calls it periodically)."""

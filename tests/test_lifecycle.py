@@ -241,6 +241,31 @@ def test_retention_hides_at_once_and_the_sweep_removes(tmp_path):
     server.terminate()
 
 
+def test_a_retention_past_the_oldest_storable_event_keeps_them_all_and_the_sweep_goes_on(tmp_path):
+    now = int(time.time())
+    server = Server(tmp_path / "data", "--retention-days", "30", "--retention-sweep-seconds", "1").start()
+    with Client(server.address) as client:
+        assert client.set_retention("for_ever", 1e300).retention_days == 1e300
+        client.set_retention("ten_thousand_years", 3_652_500)
+        client.ingest_table(pa.concat_tables([table(100, "for_ever", now - 40 * 86400),
+                                              table(100, "ten_thousand_years", now - 40 * 86400, seed=2),
+                                              table(100, "short_kept", now - 40 * 86400, seed=3)]))
+        assert sum(r.metrics.events for r in client.summary("for_ever").rows) == 100
+        assert sum(r.metrics.events for r in client.summary("ten_thousand_years").rows) == 100
+        deadline = time.monotonic() + 30
+        while "short_kept" in counts(server):  # the server's 30 days still apply to the others
+            assert time.monotonic() < deadline, counts(server)
+            time.sleep(0.2)
+        assert counts(server) == {"for_ever": 100, "ten_thousand_years": 100}
+        for call in (lambda: client.set_retention("", 3), lambda: client.delete_test("")):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                       "test_id: is required")
+        assert "" not in {e.test_id for e in client.list_experiments()}
+    server.terminate()
+
+
 def test_a_token_for_a_prefix_removes_only_its_own_tests(tmp_path):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(f'[[token]]\nname = "team"\nsha256 = "{hash_token("team")}"\nscopes = ["admin", "ingest", "query"]\n'
