@@ -337,6 +337,7 @@ class ClickHouseEngine:
                 merged[(int(k), variant)] = _merge(merged.get((int(k), variant)), values)
         variants = sorted(ages)
         n_k = max((k for k, _ in merged), default=-1) + 1
+        q.check_points(n_k, len(variants))
         rows = []
         for k in range(n_k):
             for v in variants:
@@ -368,6 +369,7 @@ class ClickHouseEngine:
         buckets = sorted({b for b, _ in per_bucket})
         variants = sorted({v for _, v in per_bucket})
         shape = (len(buckets), len(variants))
+        q.check_points(*shape)
         b_at, v_at = {b: i for i, b in enumerate(buckets)}, {v: i for i, v in enumerate(variants)}
         grid = np.zeros((*shape, 5))
         for (b, v), values in per_bucket.items():

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 from abstream import stats
-from abstream.core.errors import InvalidArgument
+from abstream.core.errors import InvalidArgument, in_time
 from abstream.core.events import listed
 from abstream.core.types import (
     METRICS,
@@ -198,6 +198,7 @@ def lift(q: TimeseriesQuery, r: TimeseriesResult) -> TimeseriesResult:
     starts = r.bucket_start_ns
     edges = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1], [True])))
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        in_time(q.deadline)
         index = np.arange(lo, hi)
         lifts.append((int(starts[lo]), analyze([r.variants[i] for i in range(lo, hi)], r.moments, index, options,
                                                control)))

@@ -10,6 +10,7 @@ the caller as INTERNAL, without detail.
 from __future__ import annotations
 
 import enum
+import time
 
 
 class Kind(enum.Enum):
@@ -100,6 +101,13 @@ class DeadlineExceeded(AbstreamError):
     """The caller's deadline passed; the work stopped where it noticed."""
 
     kind = Kind.DEADLINE_EXCEEDED
+
+
+def in_time(deadline: float | None) -> None:
+    """Stops work whose caller has stopped waiting (`deadline`: time.monotonic()), checked
+    between its stages."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the caller's deadline passed; the query was stopped")
 
 
 class RecoveryError(AbstreamError):

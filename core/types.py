@@ -231,6 +231,14 @@ class SegmentsQuery:
         self.filters.check()
 
 
+#: The most (bucket, variant) points a Timeseries is computed over ((age, variant) points by
+#: exposure): engines compute every pair, so a test that gained a variant every minute grew its
+#: answer with the square of its events (600 events: 180,000 points, and 14 s with lifts).
+MAX_SERIES_POINTS = 2_000_000
+#: The most with lifts, where each point is an analysis of its own (~80 µs).
+MAX_LIFT_POINTS = 100_000
+
+
 @dataclass(frozen=True)
 class TimeseriesQuery:
     test_id: str
@@ -243,6 +251,17 @@ class TimeseriesQuery:
     time_zone: str = ""  # IANA name: day and week buckets start at its midnights; empty: UTC
     lift: AnalysisOptions | None = None  # with cumulative: each bucket's lifts, by confidence sequences
     since_first_exposure: bool = False  # with lift: buckets are ages since each user's first event
+
+    def check_points(self, periods: int, variants: int) -> None:
+        """Refuses, before they are computed, more (bucket or age, variant) points than an
+        answer may have (engines call it once they know both)."""
+        most = MAX_SERIES_POINTS if self.lift is None else MAX_LIFT_POINTS
+        if periods * variants > most:
+            what = "ages" if self.since_first_exposure else "buckets"
+            raise InvalidArgument("interval", f"{periods:,} {what} x {variants:,} variants would be "
+                                              f"{periods * variants:,} points, more than the {most:,} a series "
+                                              f"{'with lifts ' if self.lift is not None else ''}may have: ask for a "
+                                              "wider interval or a shorter range")
 
     def check(self) -> None:
         check_range(self.test_id, self.start_ns, self.end_ns)

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 from abstream.core import timezones
-from abstream.core.errors import DeadlineExceeded
+from abstream.core.errors import in_time
 from abstream.core.events import EVENT_SCHEMA, string_buffers
 from abstream.core.types import (
     CapApplied,
@@ -88,7 +88,7 @@ class Queries:
             variant_id, variant_codes = self._rank("variant", cols["variant"])
             totals = kernels.group_totals(variant_id, cols["user_id"], cols["conversion"], cols["revenue"],
                                           len(variant_codes))
-        _in_time(q.deadline)
+        in_time(q.deadline)
         moments = user_moments(variant_id, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(),
                                totals)
         cap = None
@@ -113,7 +113,7 @@ class Queries:
         rollup = found[0].merged(found[1], kept=False)
         if a.exclude_multi_variant_users and rollup.several:
             return None
-        _in_time(q.deadline)
+        in_time(q.deadline)
         codes = self._name_order("variant", rollup.variants)
         metrics, moments = _rolled_up_stats([rollup.variants[c].moments() for c in codes.tolist()])
         return GroupStats(self._ingest.dicts["variant"].decode(codes), None, metrics, moments,
@@ -145,6 +145,7 @@ class Queries:
                 *(tail[c][rows] for c in ("timestamp", "user_id", "conversion", "revenue")), bucket))
         buckets = kernels.distinct_values(np.concatenate([b for b, _ in series])) if series else np.zeros(0, np.int64)
         n_b, n_v = len(buckets), len(series)
+        q.check_points(n_b, n_v)
         totals = {name: np.zeros((n_b, n_v), dtype=np.float64 if name == "total_revenue" else np.int64)
                   for name in ("events", "conversions", "total_revenue", "users", "converted_users")}
         for j, (own, values) in enumerate(series):
@@ -222,7 +223,7 @@ class Queries:
         group = variant_id * n_seg + segment_id
         totals = kernels.group_totals(group, cols["user_id"], cols["conversion"], cols["revenue"],
                                       len(variant_codes) * n_seg)
-        _in_time(q.deadline)
+        in_time(q.deadline)
         moments = user_moments(group, cols["user_id"], cols["conversion"], cols["revenue"], self._n_users(), totals)
         if q.analysis.session_metrics:
             moments = session_moments(moments, group, cols, self._n_users())
@@ -244,7 +245,7 @@ class Queries:
         if found is None:
             return None
         groups = found[0].segment_moments(dim, found[1])
-        _in_time(q.deadline)
+        in_time(q.deadline)
         variant_codes = self._name_order("variant", {v for v, _ in groups})
         segment_codes = self._name_order(dim, {s for _, s in groups})
         keys = [(v, s) for v in variant_codes.tolist() for s in segment_codes.tolist() if (v, s) in groups]
@@ -275,6 +276,7 @@ class Queries:
             starts = buckets * interval.width_ns + interval.origin_ns
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         n_b, n_v = len(buckets), len(variant_codes)
+        q.check_points(n_b, n_v)
         moments = None
         if q.cumulative:
             totals = kernels.cumulative_totals(bucket_id, variant_id, cols["user_id"], cols["conversion"],
@@ -313,12 +315,13 @@ class Queries:
         age = ((q.end_ns if q.end_ns is not None else int(ts.max()) if len(ts) else 0) - first) // width
         k = (ts - first[unit_of]) // width
         n_k = int(k.max()) + 1 if len(k) else 0
+        q.check_points(n_k, n_v)
         eligible = np.bincount(np.minimum(age, n_k - 1) * n_v + unit_variant, minlength=n_k * n_v).reshape(n_k, n_v)
         users = np.cumsum(eligible[::-1], axis=0)[::-1].reshape(-1)  # old enough for age k: age >= k
         group = k * n_v + variant_id
         totals = kernels.group_totals(group, cols["user_id"], cols["conversion"], cols["revenue"], n_k * n_v)
         totals["users"] = users
-        _in_time(q.deadline)
+        in_time(q.deadline)
         moments = user_moments(group, cols["user_id"], cols["conversion"], cols["revenue"], n_users, totals)
         keep = np.flatnonzero(users)
         ages, v = np.divmod(keep, max(n_v, 1))
@@ -431,7 +434,7 @@ class Queries:
                 code = ingest.dicts[name].code(value)
                 mask &= False if code is None else cols[name] == code
             cols = {c: rows_of(cols[c], mask) for c in names}
-        _in_time(deadline)
+        in_time(deadline)
         return _Scope(cols, scanned, started)
 
     def _rank(self, name: str, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -448,10 +451,6 @@ class Queries:
         return max(len(self._ingest.dicts["user_id"]), 1)
 
 
-def _in_time(deadline: float | None) -> None:
-    """Stops a query whose caller has stopped waiting (checked between its stages)."""
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("the caller's deadline passed; the query was stopped")
 
 
 def user_moments(group: np.ndarray, user: np.ndarray, conversion: np.ndarray, revenue: np.ndarray,

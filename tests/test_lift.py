@@ -87,6 +87,34 @@ def test_lift_options_are_checked(stub):
     assert len(plain.lifts) == 0 and len(plain.rows) > 0
 
 
+def test_a_series_of_more_points_than_an_answer_may_have_is_refused_before_it_is_computed(stub):
+    """A variant more every minute: buckets x variants grows with the square of the events."""
+    n = 1_500
+    ingest(stub, [dict(timestamp=(BASE_S + 60 * i) * NS, user_id=f"u{i}", test_id="sprawl",
+                       variant="control" if i == 0 else f"v{i:04d}", conversion=i % 2, revenue=float(i % 7))
+                  for i in range(n)], size=500)
+    cases = [(pb.TimeseriesRequest(test_id="sprawl", interval=pb.INTERVAL_MINUTE, cumulative=True),
+              f"interval: 1,500 buckets x 1,500 variants would be 2,250,000 points, more than the 2,000,000 a "
+              "series may have: ask for a wider interval or a shorter range"),
+             (pb.TimeseriesRequest(test_id="sprawl", interval=pb.INTERVAL_MINUTE),
+              "interval: 1,500 buckets x 1,500 variants would be 2,250,000 points, more than the 2,000,000 a "
+              "series may have: ask for a wider interval or a shorter range"),
+             (pb.TimeseriesRequest(test_id="sprawl", interval=pb.INTERVAL_MINUTE, cumulative=True, lift=True,
+                                   start_time=at((BASE_S + 60 * 1_100) * NS)),
+              "interval: 400 buckets x 400 variants would be 160,000 points, more than the 100,000 a series with "
+              "lifts may have: ask for a wider interval or a shorter range")]
+    for request, message in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Timeseries(request, timeout=60)
+        assert (error.value.code(), error.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    narrower = stub.Timeseries(pb.TimeseriesRequest(test_id="sprawl", interval=pb.INTERVAL_MINUTE, cumulative=True,
+                                                    start_time=at((BASE_S + 60 * 1_200) * NS)), timeout=60)
+    assert len(narrower.rows) == 300 * 301 // 2  # each variant in its own minute and every one after
+    hourly = stub.Timeseries(pb.TimeseriesRequest(test_id="sprawl", interval=pb.INTERVAL_HOUR, cumulative=True,
+                                                  lift=True, start_time=at((BASE_S + 60 * 1_440) * NS)), timeout=60)
+    assert len(hourly.lifts) == len({r.bucket_start.ToNanoseconds() for r in hourly.rows}) >= 1
+
+
 def test_the_lift_curve_holds_at_every_look_at_once(server, stub, request):
     """A/A: 200 tests, 300 users per arm arriving over 30 days. A test is a false positive when
     any of its 30 daily intervals leaves out 0. With the confidence sequence it must stay under
@@ -197,3 +225,23 @@ def test_the_lift_by_age_since_first_exposure_compares_users_old_enough(stub):
         stub.Timeseries(pb.TimeseriesRequest(test_id="novel", interval=pb.INTERVAL_DAY, lift=True, cumulative=True,
                                              since_first_exposure=True))
     assert [v.field for v in bad_request(error.value).field_violations] == ["since_first_exposure"]
+
+
+def test_the_lifts_stop_between_buckets_once_the_callers_deadline_has_passed():
+    import dataclasses
+    import time
+
+    import pyarrow as pa
+    from abstream.core import analysis
+    from abstream.core.errors import DeadlineExceeded
+    from abstream.core.types import AnalysisOptions, Interval, TimeseriesQuery
+    from abstream.store import EventStore
+
+    store = EventStore()
+    store.append(pa.Table.from_pylist(shop("late", users=300, days=3)))
+    q = TimeseriesQuery("late", Interval.DAY, cumulative=True, lift=AnalysisOptions())
+    series = store.timeseries(q)
+    assert len(analysis.lift(q, series).lifts) == len(set(series.bucket_start_ns.tolist())) >= 3
+    with pytest.raises(DeadlineExceeded):
+        analysis.lift(dataclasses.replace(q, deadline=time.monotonic() - 1), series)
+    store.close()
