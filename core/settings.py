@@ -55,6 +55,9 @@ class Settings:
     http_max_body_bytes: int = _s(16 << 20, "largest HTTP request body taken whole (an Events API request), "
                                             "compressed or not")
     http_max_upload_bytes: int = _s(4 << 30, "largest file a Data Sources API append streams in, compressed or not")
+    http_body_idle_seconds: float = _s(30.0, "an HTTP request body that sends nothing for this long is answered 408 "
+                                             "(batches stored before it stay stored): a body being read holds one "
+                                             "of --max-ingest-streams readers; 0: no limit")
     retention_days: float = _s(0.0, "keep events this many days (fractions allowed; per test: SetRetention); 0: for "
                                     "ever. Older ones stop being visible at once and are removed by a sweep")
     retention_sweep_seconds: float = _s(60.0, "how often events past their retention are removed")

@@ -16,7 +16,7 @@ import logging
 import ssl
 import time
 import uuid
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import pyarrow as pa
 from abstream.clients import files
@@ -39,6 +39,7 @@ DATASOURCE = "ab_test_events"
 QUARANTINE = "ab_test_events_quarantine"
 HOW = "send 'Authorization: Bearer <token>' or add ?token=<token> (docs/http.md)"
 PRINCIPAL_KEY = "principal"
+T = TypeVar("T")
 #: An Events API body up to this size is read whole before it is parsed.
 SMALL_BODY_BYTES = 1 << 20
 
@@ -170,7 +171,7 @@ class HttpApi:
         if length is not None and length <= min(SMALL_BODY_BYTES, limit) \
                 and request.headers.get("Content-Encoding", "").lower() in ("", "identity"):
             # Read on the loop and parsed in one step: a small body's cost is its hops between threads.
-            stream, whole = io.BytesIO(await request.read()), True
+            stream, whole = io.BytesIO(await self._within(request.read(), "the body")), True
         else:
             stream, whole = self._body(request, request.content.readany, limit, "the body"), False
         outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for("ndjson", stream, "body", []),
@@ -193,8 +194,18 @@ class HttpApi:
         encoding = request.headers.get("Content-Encoding", "").lower()
         if encoding not in ("", "identity", "gzip"):
             raise HttpError(415, f"Content-Encoding {encoding[:32]!r} is not supported: send gzip or nothing")
-        return body.stream(lambda: read(), asyncio.get_running_loop(), limit, what,
+        return body.stream(lambda: self._within(read(), what), asyncio.get_running_loop(), limit, what,
                            gzip=True if encoding == "gzip" else None)
+
+    async def _within(self, reading: Awaitable[T], what: str) -> T:
+        """A piece of a body, or 408 when none comes within --http-body-idle-seconds: a body being
+        read holds a reader, and 64 clients that sent a few bytes and then nothing held every one,
+        stopping all HTTP ingest for as long as they stayed connected."""
+        idle = self.settings.http_body_idle_seconds
+        try:
+            return await asyncio.wait_for(reading, idle if idle > 0 else None)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"{what} stalled: nothing came for {idle:g} s (--http-body-idle-seconds)") from None
 
     @staticmethod
     def _raise_failure(outcome: Outcome) -> None:
@@ -259,14 +270,14 @@ class HttpApi:
         name = "the upload"
         if request.content_type.startswith("multipart/"):
             parts = await request.multipart()
-            part = await parts.next()
+            part = await self._within(parts.next(), name)
             while part is not None and part.name not in ("csv", "ndjson", "file", "parquet"):
-                part = await parts.next()
+                part = await self._within(parts.next(), name)
             if part is None:
                 raise InvalidArgument("body", "no file part: send the file as the form field csv or ndjson")
             read, name = (lambda: part.read_chunk(1 << 16)), part.filename or part.name
         elif request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) < 1 << 16:
-            small = await request.read()  # a form (url=...), or a small file sent by curl --data-binary
+            small = await self._within(request.read(), name)  # a form (url=...), or a small file (curl --data-binary)
             if small.startswith(b"url="):
                 raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")
             pieces = iter([small, b""])

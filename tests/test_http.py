@@ -416,6 +416,40 @@ def test_no_length_is_411_and_a_long_chunked_body_is_cut_off(tmp_path):
         server.stop()
 
 
+def test_bodies_that_stall_are_answered_408_and_never_hold_every_reader(tmp_path):
+    """Every reader held by a client that sent a few bytes and then nothing: other bodies wait
+    only until those are timed out, and the stalled ones learn why."""
+    import socket
+    import time
+
+    server = Http(tmp_path, max_ingest_streams=2, http_body_idle_seconds=1.0)
+    stalled = []
+    try:
+        port = server.thread.server.http_port
+        for path in ("/v0/events?name=ab_test_events", "/v0/datasources?name=ab_test_events&format=ndjson"):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['admin']}\r\n"
+                      f"Content-Length: 5000000\r\n\r\n".encode() + ndjson([TUTORIAL_EVENT]))
+            stalled.append(s)
+        time.sleep(0.3)  # both readers are taken, waiting for the rest of their bodies
+        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true",
+                                     ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]))
+        assert (status, answer.get("successful_rows")) == (200, 1), answer
+        for s, what in zip(stalled, ("the body", "the upload")):
+            reply = b""
+            while b"}" not in reply:
+                piece = s.recv(4096)
+                assert piece, reply
+                reply += piece
+            head, _, payload = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), head
+            assert json.loads(payload)["error"] == f"{what} stalled: nothing came for 1 s (--http-body-idle-seconds)"
+    finally:
+        for s in stalled:
+            s.close()
+        server.stop()
+
+
 def test_rate_limits_say_when_to_retry(tmp_path):
     server = Http(tmp_path, tokens_file=str(tokens_file(tmp_path / "slow.toml", rates={"ingest": 10})))
     try:
