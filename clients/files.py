@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import math
 import sys
@@ -211,6 +212,9 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
     if moment is _BAD:
         return row, ("timestamp", f"timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 or seconds since the "
                                   f"Unix epoch, got {json.dumps(event.get('timestamp'))[:64]}")
+    if moment is not None and not _EARLIEST <= moment <= _LATEST:
+        return row, ("timestamp", f"timestamp {json.dumps(event.get('timestamp'))[:64]} is outside the accepted "
+                                  "window (from 2000-01-01 to the server's time + 24h)")
     row["timestamp"] = moment
     conversion = event.get("conversion")
     if conversion is not None:
@@ -229,6 +233,10 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
 
 
 _BAD = object()
+#: The instants a timestamp[ns] holds (int64 nanoseconds since the epoch): one outside them cannot
+#: be sent at all (Arrow refused the whole chunk of its line), so it is refused here, by line.
+_EARLIEST = dt.datetime(1677, 9, 22, tzinfo=dt.timezone.utc)
+_LATEST = dt.datetime(2262, 4, 11, tzinfo=dt.timezone.utc)
 
 
 def _integer(value: Any) -> int | None:
@@ -295,7 +303,15 @@ def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]
     return delimiter, found, extra
 
 
+#: A CSV block is cut at a row's end; an open quote (an odd number of them) extends it to the
+#: next line's end, up to this many blocks' bytes.
+_MOST_BLOCKS_PER_ROW = 16
+
+
 def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Iterator[Chunk]:
+    """Blocks of whole rows, each read by Arrow; a block with a row Arrow cannot take (another
+    number of fields than the header's, bytes that are not UTF-8) is read again row by row, so
+    that only those rows are refused, each naming its row."""
     header = f.readline()
     if not header.strip():
         raise FileProblem(f"{path}: is empty; a CSV needs a header line naming its columns")
@@ -304,21 +320,76 @@ def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Ite
         warn(f"{path}: ignoring columns that are not event fields: {', '.join(repr(n) for n in extra)}")
     names = next(csv.reader([header.decode("utf-8", "replace").rstrip("\r\n")], delimiter=delimiter))
     renames = {original: field for field, original in found.items()}
-    if not f.peek(1):
-        return  # a header and no rows: Arrow's reader would call the file empty
-    reader = pacsv.open_csv(
-        f, read_options=pacsv.ReadOptions(column_names=names, block_size=max(lines, 1) * 200),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                             include_columns=list(found.values()), strings_can_be_null=True))
+    size = max(lines, 1) * 200
     number = 1  # the header
-    for batch in reader:
-        table = pa.Table.from_batches([batch]).rename_columns([renames[n] for n in batch.schema.names])
-        for at in range(0, table.num_rows, lines):
-            piece = table.slice(at, lines)
-            numbers = np.arange(number + 1, number + 1 + piece.num_rows, dtype=np.int64)
-            number += piece.num_rows
-            yield _csv_chunk(piece, numbers)
+    while block := _csv_block(f, size):
+        bad: list = []
+        try:
+            table = pacsv.read_csv(pa.py_buffer(block), read_options=pacsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=len(block) + 1),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: bad.append(
+                    row) or "skip"), convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names}, include_columns=list(found.values()),
+                    strings_can_be_null=True))
+        except pa.ArrowInvalid:
+            bad.append(None)
+        if bad:  # read again row by row: each row that cannot be sent is named, the others sent
+            yield from _csv_rows(block, delimiter, names, found, number, lines)
+        else:
+            table = table.rename_columns([renames[n] for n in table.schema.names])
+            for start in range(0, table.num_rows, lines):
+                piece = table.slice(start, lines)
+                yield _csv_chunk(piece, np.arange(number + 1 + start, number + 1 + start + piece.num_rows,
+                                                  dtype=np.int64))
+        number += _rows_in(block, delimiter) if bad else table.num_rows
+
+
+def _csv_block(f: BinaryIO, size: int) -> bytes:
+    """About `size` bytes of whole rows: to the end of a line, and on while a quoted field may be
+    open (a quote inside an unquoted field, which Arrow takes as it is, only makes it longer)."""
+    block = f.read(size)
+    if block and not block.endswith(b"\n"):
+        block += f.readline()
+    while block.count(b'"') % 2 and len(block) <= _MOST_BLOCKS_PER_ROW * size and (more := f.readline()):
+        block += more
+    return block
+
+
+def _csv_reader(block: bytes, delimiter: str):
+    return csv.reader(io.StringIO(block.decode("utf-8", "surrogateescape"), newline=""), delimiter=delimiter)
+
+
+def _rows_in(block: bytes, delimiter: str) -> int:
+    """The rows of a block as `_csv_rows` numbers them (empty lines are no rows, as in Arrow)."""
+    return sum(1 for row in _csv_reader(block, delimiter) if row)
+
+
+def _csv_rows(block: bytes, delimiter: str, names: list[str], found: dict[str, str], number: int, lines: int
+              ) -> Iterator[Chunk]:
+    """A block's rows one by one, numbered from `number` + 1: each row of as many fields as the
+    header names in the file's types (bytes that are not UTF-8 refused by field, as
+    `typed_event` words it), and why each other row cannot be sent."""
+    at = {field: names.index(original) for field, original in found.items()}
+    rows, kept, problems = [], [], []
+    for row in _csv_reader(block, delimiter):
+        if not row:
+            continue
+        number += 1
+        if len(row) != len(names):
+            problems.append((number, "line", f"has {len(row)} fields where the header names {len(names)}"))
+        else:
+            event, why = typed_event({field: row[i] for field, i in at.items() if row[i] != ""})
+            if why:
+                problems.append((number, *why))
+            else:
+                rows.append(event)
+                kept.append(number)
+        if len(rows) == lines:
+            yield Chunk(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), np.array(kept, dtype=np.int64), problems,
+                        number)
+            rows, kept, problems = [], [], []
+    if rows or problems:
+        yield Chunk(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), np.array(kept, dtype=np.int64), problems, number)
 
 
 def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:

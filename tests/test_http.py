@@ -432,8 +432,13 @@ def test_bodies_that_stall_are_answered_408_and_never_hold_every_reader(tmp_path
                       f"Content-Length: 5000000\r\n\r\n".encode() + ndjson([TUTORIAL_EVENT]))
             stalled.append(s)
         time.sleep(0.3)  # both readers are taken, waiting for the rest of their bodies
-        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true",
-                                     ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]))
+        deadline = time.monotonic() + 20
+        while True:  # told to retry (429) while the stalled bodies hold both streams, then stored
+            status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true",
+                                         ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]))
+            if status != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert (status, answer.get("successful_rows")) == (200, 1), answer
         for s, what in zip(stalled, ("the body", "the upload")):
             reply = b""

@@ -226,3 +226,49 @@ def test_low_cardinality_strings_come_as_dictionaries_unless_many_or_colliding()
     assert table.schema.field("device").type == pa.string()
     assert table.column("device").to_pylist() == crafted * 50
     assert pa.types.is_dictionary(table.schema.field("variant").type)  # the other columns still are
+
+
+def chunks_of(body: bytes, fmt: str, lines: int = 3) -> tuple[dict[int, dict], dict[int, tuple[str, str]], list[int]]:
+    """(rows by line, problems by line, each chunk's last line) as a body of `fmt` is read."""
+    rows, problems, lasts = {}, {}, []
+    for chunk in files.read_stream(io.BufferedReader(io.BytesIO(body)), fmt, lines, "body", lambda _: None):
+        rows.update(zip(chunk.lines.tolist(), chunk.table.to_pylist()))
+        problems.update({n: (f, why) for n, f, why in chunk.problems})
+        lasts.append(chunk.last)
+    return rows, problems, lasts
+
+
+def test_a_timestamp_no_nanosecond_instant_holds_rejects_its_line_alone():
+    far = ['"2263-01-01 00:00:00"', '"1677-01-01T00:00:00Z"', "1e11", '"9999-12-31 23:59:59"']
+    text = [json.dumps({**EVENT, "user_id": "ok1"})]
+    text += [json.dumps({**EVENT, "user_id": "bad"})[:-1] + f', "timestamp": {t}}}' for t in far]
+    text += [json.dumps({**EVENT, "user_id": "ok2"})]
+    rows, problems, _ = chunks_of(("\n".join(text) + "\n").encode(), "ndjson", lines=100)
+    assert [r["user_id"] for _, r in sorted(rows.items())] == ["ok1", "ok2"]
+    assert problems == {n: ("timestamp", f"timestamp {json.dumps(json.loads(t))} is outside the accepted window "
+                                         "(from 2000-01-01 to the server's time + 24h)") for n, t in zip(range(2, 6), far)}
+    body = ("timestamp,user_id,test_id,variant\n2023-07-06 10:00:00,c1,tc,a\n2263-01-01 00:00:00,c2,tc,a\n"
+            "2023-07-06 10:00:01,c3,tc,a\n").encode()
+    rows, problems, _ = chunks_of(body, "csv")
+    assert sorted((n, r["user_id"]) for n, r in rows.items()) == [(2, "c1"), (4, "c3")]
+    assert problems == {3: ("timestamp", 'timestamp "2263-01-01 00:00:00" is outside the accepted window (from '
+                                         "2000-01-01 to the server's time + 24h)")}
+
+
+def test_a_csv_row_of_another_width_or_not_utf8_rejects_that_row_alone():
+    rows_in = ["2023-07-06 10:00:00,c1,tc,a", "broken", '2023-07-06 10:00:02,"c,3",tc,a', "1,2,3,4,5",
+               '2023-07-06 10:00:04,"c\n5",tc,b', "", "2023-07-06 10:00:05,c6,tc,\xe9"]
+    body = ("timestamp,user_id,test_id,variant\n" + "\n".join(rows_in) + "\n").encode("utf-8")
+    body = body.replace("c6".encode(), b"c\xff6")
+    rows, problems, lasts = chunks_of(body, "csv", lines=2)
+    assert {n: r["user_id"] for n, r in rows.items()} == {2: "c1", 4: "c,3", 6: "c\n5"}
+    assert rows[6]["variant"] == "b"
+    assert problems == {3: ("line", "has 1 fields where the header names 4"),
+                        5: ("line", "has 5 fields where the header names 4"),
+                        7: ("user_id", 'user_id is not valid UTF-8 (it holds a lone surrogate, "c\\udcff6")')}
+    assert lasts == sorted(lasts) and lasts[-1] == 7
+    many = "timestamp,user_id,test_id,variant\n" + "".join(
+        f"2023-07-06 10:00:00,u{i},tc,a\n" if i != 90_000 else "broken\n" for i in range(100_000))
+    rows, problems, _ = chunks_of(many.encode(), "csv", lines=5_000)
+    assert (len(rows), problems) == (99_999, {90_002: ("line", "has 1 fields where the header names 4")})
+    assert rows[90_001]["user_id"] == "u89999" and rows[90_003]["user_id"] == "u90001"
