@@ -4,6 +4,7 @@ JSON format), .csv (CSVWithNames), .ndjson (JSONEachRow) or .parquet."""
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,20 +14,43 @@ from abstream.rest.pipes import Answer
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson",
                  "parquet": "application/vnd.apache.parquet"}
 _ARROW = {"String": pa.string(), "UInt64": pa.uint64(), "UInt8": pa.uint8(), "Int64": pa.int64(),
-          "Float64": pa.float64(), "DateTime": pa.string(), "Array(String)": pa.list_(pa.string()),
-          "Nullable(Float64)": pa.float64(), "Nullable(UInt8)": pa.uint8()}
+          "Float64": pa.float64(), "DateTime": pa.string(), "Array(String)": pa.list_(pa.string())}
+
+
+def _base(t: str) -> str:
+    """A column's type without Nullable(...): nulls are what every Arrow type and CSV cell can hold."""
+    return t[len("Nullable("):-1] if t.startswith("Nullable(") else t
+
+
+def _dumps(value) -> str:
+    """JSON as ClickHouse writes it: a number that is not finite (a sum past the largest double,
+    a ratio of infinities) is null, never the Infinity or NaN that JSON parsers refuse."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json(answer: Answer) -> bytes:
-    return json.dumps({"meta": [{"name": n, "type": t} for n, t in answer.columns], "data": answer.rows,
-                       "rows": len(answer.rows), "rows_before_limit_at_least": len(answer.rows),
-                       "statistics": {"elapsed": answer.elapsed_s, "rows_read": answer.rows_read, "bytes_read": 0}},
-                      ensure_ascii=False).encode()
+    return _dumps({"meta": [{"name": n, "type": t} for n, t in answer.columns], "data": answer.rows,
+                   "rows": len(answer.rows), "rows_before_limit_at_least": len(answer.rows),
+                   "statistics": {"elapsed": answer.elapsed_s, "rows_read": answer.rows_read, "bytes_read": 0}}
+                  ).encode()
 
 
 def _csv(answer: Answer) -> bytes:
     """Strings and times quoted, numbers bare, a header of quoted names, as ClickHouse writes it."""
-    quoted = {n: t in ("String", "DateTime", "Array(String)") for n, t in answer.columns}
+    quoted = {n: _base(t) in ("String", "DateTime", "Array(String)") for n, t in answer.columns}
 
     def cell(name: str, value) -> str:
         if value is None:
@@ -43,11 +67,11 @@ def _csv(answer: Answer) -> bytes:
 
 
 def _ndjson(answer: Answer) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answer.rows).encode()
+    return "".join(_dumps(row) + "\n" for row in answer.rows).encode()
 
 
 def _parquet(answer: Answer) -> bytes:
-    table = pa.table({n: pa.array([r[n] for r in answer.rows], _ARROW[t]) for n, t in answer.columns})
+    table = pa.table({n: pa.array([r[n] for r in answer.rows], _ARROW[_base(t)]) for n, t in answer.columns})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()

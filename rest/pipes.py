@@ -119,9 +119,12 @@ class Params:
         if not value:
             return None
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise InvalidArgument(name, f"must be a number, not {value[:32]!r}") from None
+        if not math.isfinite(number):
+            raise InvalidArgument(name, f"must be a finite number, not {value[:32]!r}")
+        return number
 
     def of_event_type(self) -> AnalysisOptions:
         """The tutorial's pipes: the defaults, with conversions and revenue of one event type if asked."""
@@ -320,6 +323,8 @@ _QUARANTINE_COLUMNS = [("received_at", "DateTime"), ("field", "String"), ("error
 async def ab_test_events_quarantine(core: Core, principal: Principal, p: Params) -> Answer:
     """Rejected events, newest first, with why (`test_id` and `limit` optional)."""
     limit = p.number("limit")
+    if limit is not None and not (limit >= 1 and limit.is_integer()):
+        raise InvalidArgument("limit", f"must be a whole number of 1 or more, not {p.get('limit')[:32]!r}")
     events, _total = await core.quarantine(principal, p.get("test_id"), int(limit or 100))
     rows = []
     for q in events:

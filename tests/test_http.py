@@ -329,6 +329,40 @@ def test_every_format_of_a_pipe(http):
     assert status == 200 and posted["data"] == as_json["data"]  # the CLI posts a form for long URLs
 
 
+def test_every_pipe_answers_in_every_format_and_its_json_is_json(http):
+    """Four revenues of 1e308 are each accepted, and their sum is not finite: JSON says null
+    there, as ClickHouse writes it (Infinity is no JSON)."""
+    events = tutorial_format(random_events(300, seed=9))
+    huge = [{**TUTORIAL_EVENT, "test_id": "huge", "user_id": f"h{i}", "variant": v, "revenue": 1e308}
+            for i, v in enumerate(["control"] * 4 + ["variant_b"] * 4)]
+    bad = [{**TUTORIAL_EVENT, "test_id": "huge", "conversion": 7}]
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events + huge + bad))[0] == 200
+
+    def strict(payload: bytes):
+        return json.loads(payload, parse_constant=lambda c: pytest.fail(f"{c} in {payload[:200]!r}"))
+
+    window = "start_date=2025-04-01+00:00:00&end_date=2025-05-31+23:59:59"
+    for test_id in ("checkout", "huge"):
+        for pipe in ("test_summary", "test_segments", "test_timeseries", "test_lift", "test_results",
+                     "ab_test_events_quarantine"):
+            path = f"/v0/pipes/{pipe}.{{}}?test_id={test_id}&{window}"
+            status, _, as_json = http.call("GET", path.format("json"))
+            assert status == 200, (pipe, as_json)
+            data = strict(as_json)["data"]
+            status, _, nd = http.call("GET", path.format("ndjson"))
+            assert status == 200 and [strict(line) for line in nd.splitlines()] == data, pipe
+            status, _, parquet = http.call("GET", path.format("parquet"))
+            assert status == 200 and pq.read_table(io.BytesIO(parquet)).num_rows == len(data), (pipe, parquet[:300])
+            status, _, csv_body = http.call("GET", path.format("csv"))
+            assert status == 200 and len(csv_body.decode().splitlines()) == 1 + len(data), pipe
+            if pipe == "test_summary" and test_id == "huge":
+                assert [row["total_revenue"] for row in data] == [None, None]
+                assert "inf" in csv_body.decode()
+    for limit in ("nan", "inf", "-inf", "1e400", "-1", "0", "1.5"):
+        status, error = http.json("GET", f"/v0/pipes/ab_test_events_quarantine.json?limit={limit}")
+        assert status == 400 and error["error"].startswith("limit: must be a "), (limit, error)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):
