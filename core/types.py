@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -168,13 +169,14 @@ class AnalysisOptions:
                                                        f"{self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
-        if not self.n_star > 0:
-            raise InvalidArgument("sequential_tuning", f"must be positive, got {self.n_star}")
+        if not (1 <= self.n_star < math.inf):
+            raise InvalidArgument("sequential_tuning", f"must be a number of users, 1 or more, got {self.n_star}")
         if (self.prior_mean is None) != (self.prior_variance is None):
             raise InvalidArgument("prior", "needs both a mean and a variance")
-        if self.prior_variance is not None and not (self.prior_variance > 0 and math.isfinite(self.prior_variance)
+        if self.prior_variance is not None and not (sys.float_info.min <= self.prior_variance < math.inf
                                                     and math.isfinite(self.prior_mean)):
-            raise InvalidArgument("prior", "variance must be positive and both values finite")
+            raise InvalidArgument("prior", f"variance must be positive (at least {sys.float_info.min:g}) and both "
+                                           "values finite")
         for variant, weight in self.expected_weights.items():
             if not (weight > 0 and math.isfinite(weight)):
                 raise InvalidArgument("expected_weights", f"weight of {variant!r} must be positive, got {weight}")

@@ -254,6 +254,10 @@ def compare(control: Arm, treatment: Arm, *, confidence: float = 0.95, sequentia
         precision = 1 / prior_variance + 1 / variance
         mean, variance = (prior_mean / prior_variance + mean / variance) / precision, 1 / precision
     sd = math.sqrt(variance)
+    if not sd > 0:  # a prior so sure that nothing is left uncertain: the limits as sd goes to 0
+        return Comparison(mc, mt, absolute, relative, dof, chance_to_win=0.5 if mean == 0 else float(mean > 0),
+                          risk_control=max(mean, 0.0), risk_treatment=max(-mean, 0.0), posterior_mean=mean,
+                          status=status, message=message)
     z = mean / sd
     density, below = math.exp(-z * z / 2) / math.sqrt(2 * math.pi), 0.5 * math.erfc(-z / math.sqrt(2))
     return Comparison(mc, mt, absolute, relative, dof, chance_to_win=below,
@@ -304,6 +308,7 @@ def srm_p_value(users: list[int] | np.ndarray, weights: list[float] | np.ndarray
     w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
     if len(w) != k or np.any(w <= 0):
         return 1.0
+    w = w / w.max()  # weights of 1e308 summed to infinity, and every expected count to 0
     expected = total * w / w.sum()
     statistic = float(((users - expected) ** 2 / expected).sum())
     return float(special.chdtrc(k - 1, statistic))  # scipy.stats.chi2.sf, without its per-call overhead

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from scipy import special
+
+#: The most users per arm a size is given as (far more than any test has; a count that fits
+#: the answer's 64 bits).
+MAX_USERS = 1e18
 
 
 def sample_size(mean: float, variance: float, mde: float, alpha: float = 0.05, power: float = 0.8
@@ -30,7 +35,12 @@ def sample_size(mean: float, variance: float, mde: float, alpha: float = 0.05, p
     if not (variance > 0 and math.isfinite(variance)):
         return 0, "the control's values do not vary yet: there is no spread to size the test against"
     z = float(special.ndtri(1 - alpha / 2) + special.ndtri(power))
-    return int(math.ceil(2 * variance * z * z / (difference * difference))), ""
+    with np.errstate(all="ignore"):
+        users = np.float64(2 * variance) * z * z / (np.float64(difference) * difference)
+    if not users < MAX_USERS:
+        return 0, (f"a lift of {mde:g} at this alpha and power needs more than {MAX_USERS:.0e} users per arm: ask for "
+                   "a larger effect")
+    return int(math.ceil(users)), ""
 
 
 def detectable_effect(mean: float, variance: float, users_per_arm: int, alpha: float = 0.05,

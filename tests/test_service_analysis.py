@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 
 import grpc
 import pytest
@@ -202,6 +203,9 @@ def test_tiny_and_degenerate_arms_report_a_status_not_nan(stub):
     (pb.AnalysisOptions(control_variant="nope"), "control_variant"),
     (pb.AnalysisOptions(correction=17), "analysis.correction"),
     (pb.AnalysisOptions(sequential_tuning=-5), "sequential_tuning"),
+    (pb.AnalysisOptions(sequential=True, sequential_tuning=float("inf")), "sequential_tuning"),
+    (pb.AnalysisOptions(sequential=True, sequential_tuning=0.5), "sequential_tuning"),
+    (pb.AnalysisOptions(prior_mean=0.0, prior_variance=1e-320), "prior"),
 ])
 def test_bad_options_are_invalid_argument(loaded, options, field):
     stub, _ = loaded
