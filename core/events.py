@@ -89,41 +89,81 @@ def format_ns(ns: int) -> str:
     return f"{text}.{nanos:09d}Z".replace(".000000000Z", "Z")
 
 
-def normalize(batch: pa.Table) -> pa.Table:
+def normalize(batch: pa.Table) -> tuple[pa.Table, list[Rejection]]:
     """The batch with EVENT_SCHEMA's columns and types, except that string columns may stay
     dictionary-encoded (dictionary<int, string>): their dictionaries are encoded once, not
-    every row.
+    every row; and a Rejection for each event with a value that cannot be converted (a uint64
+    past int64, seconds past what nanoseconds hold), that value taken as absent.
 
     Absent or null optional columns take their defaults; absent required ones become nulls, which
-    `validate` rejects row by row. A column that cannot be converted fails the whole batch.
+    `validate` rejects row by row. A column of a type that cannot be converted at all (a list
+    where a number goes), or an event field twice, fails the whole batch.
     """
-    columns = {}
+    names = batch.column_names
+    if twice := [n for n in EVENT_SCHEMA.names if names.count(n) > 1]:
+        raise InvalidArgument(twice[0], "is a column the batch has twice")
+    columns, refused = {}, []
     for f in EVENT_SCHEMA:
-        if f.name in batch.column_names:
+        if f.name in names:
             col = batch.column(f.name)
         else:
             col = pa.nulls(batch.num_rows, f.type)
         if col.type != f.type and not is_dictionary_string(col.type):
-            col = _convert(col, f)
+            col, unreadable = _convert(col, f)
+            refused += unreadable
         if col.null_count and f.name in OPTIONAL_STRINGS:
             col = col.fill_null("")
         elif col.null_count and f.name in ("conversion", "revenue"):
             col = col.fill_null(0)
         columns[f.name] = col
-    return pa.table(columns)
+    return pa.table(columns), sorted(refused, key=lambda r: r.index)
 
 
 def is_dictionary_string(t: pa.DataType) -> bool:
     return pa.types.is_dictionary(t) and t.value_type == pa.string()
 
 
-def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> pa.ChunkedArray | pa.Array:
+def _cast(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> pa.ChunkedArray | pa.Array:
+    if f.name == "timestamp" and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        try:  # 'YYYY-MM-DD HH:MM:SS' (UTC), as the tutorial sends it
+            col = col.cast(pa.timestamp("ns"))
+        except pa.ArrowInvalid:  # RFC 3339, with its offset
+            col = col.cast(pa.timestamp("ns", tz="UTC"))
+    if f.name == "timestamp" and pa.types.is_timestamp(col.type):
+        return col.cast(pa.timestamp("ns", tz=col.type.tz)).cast(pa.int64())
+    return col.cast(f.type)
+
+
+#: Why a value could not be converted, in the words of the rule it would have broken.
+_UNREADABLE = {
+    "timestamp": "timestamp {value} is no instant in nanoseconds since the Unix epoch: send 'YYYY-MM-DD HH:MM:SS' "
+                 "(UTC), RFC 3339 or a timestamp column, within the accepted window",
+    "conversion": "conversion must be 0 or 1, got {value}",
+    "revenue": "revenue must be a finite number, got {value}",
+}
+
+
+def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> tuple[pa.Array, list[Rejection]]:
+    """The column as `f.type`; when some of its values cannot be, those read one by one, each a
+    Rejection and absent in the column (its neighbours kept)."""
     try:
-        if f.name == "timestamp" and pa.types.is_timestamp(col.type):
-            return col.cast(pa.timestamp("ns", tz=col.type.tz)).cast(pa.int64())
-        return col.cast(f.type)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+        return _cast(col, f), []
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
         raise InvalidArgument(f.name, f"column of type {col.type} cannot be read as {f.type}: {error}") from error
+    except pa.ArrowInvalid:
+        pass
+    values, refused = [], []
+    for i in range(len(col)):
+        piece = col.slice(i, 1)  # its own type: far timestamps have no Python datetime
+        try:
+            values.append(None if piece.null_count else _cast(piece, f)[0].as_py())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+            values.append(None)
+            value = (f"{piece.cast(pa.int64())[0].as_py()} ({piece.type.unit})" if pa.types.is_timestamp(piece.type)
+                     else str(piece[0].as_py())[:64])
+            refused.append(Rejection(i, f.name, _UNREADABLE.get(f.name, "{name} {value} cannot be read as a string")
+                                     .format(name=f.name, value=value)))
+    return pa.array(values, f.type), refused
 
 
 def _bad_string_masks(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -249,7 +289,8 @@ def check(batch: pa.Table | pa.RecordBatch, now_ns: int, refuse: Sequence[Reject
     before the rules; a row's first entry is its reason."""
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
-    batch = normalize(batch)
+    batch, unreadable = normalize(batch)
+    refuse = [*refuse, *unreadable]
     _, rejections = validate(batch, now_ns)
     if refuse:
         refused, refusals = np.zeros(batch.num_rows, dtype=bool), []

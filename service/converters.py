@@ -157,7 +157,9 @@ def decode_request(raws: bytes | Sequence[bytes], max_events: int) -> DecodedBat
         if n == 0:
             table = columnar
         else:
-            table = pa.concat_tables([table, normalize(columnar).cast(EVENT_SCHEMA)])
+            columnar, unreadable = normalize(columnar)
+            table = pa.concat_tables([table, columnar.cast(EVENT_SCHEMA)])
+            refuse += [Rejection(r.index + n, r.field, r.message) for r in unreadable]
             source = None
     return DecodedBatch(table, producer_id, d.sequence, refuse, source)
 

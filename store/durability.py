@@ -145,7 +145,7 @@ class Persistence:
 
     def _replay(self, record: persist.Record, lsn: int) -> None:
         """Stores exactly what a logged batch stored the first time."""
-        batch = ValidatedBatch(normalize(record.batch), list(record.rejections), record.received_ns,
+        batch = ValidatedBatch(normalize(record.batch)[0], list(record.rejections), record.received_ns,
                                record.producer_id, record.sequence)
         rejections = list(batch.rejections)
         test_codes, cols, rejected = self._ingest.encode(batch.table, batch.valid, rejections)

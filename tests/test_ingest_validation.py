@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 import time
 
@@ -132,6 +133,43 @@ def test_unreadable_columnar_payloads_fail_the_call_clearly(stub):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timestamp" in caught.value.details()
     # the server is still fine
     assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []
+
+
+def test_a_value_that_cannot_be_converted_rejects_its_event_alone(stub):
+    """Values of a convertible type that do not fit (seconds past what nanoseconds hold, a uint64
+    past int64, a conversion of 1.5, text that is no time) reject their own events; timestamps
+    as text, as the tutorial writes them or in RFC 3339, are read; the message events of the same
+    request are kept."""
+    import grpc
+    import pyarrow as pa
+
+    table = pa.table({
+        "timestamp": pa.array([BASE_S, 10**15, BASE_S + 2, BASE_S + 3], pa.timestamp("s")),
+        "user_id": ["a", "b", "c", "d"], "test_id": ["conv"] * 4, "variant": ["x"] * 4,
+        "conversion": pa.array([1, 0, 2**64 - 1, 0], pa.uint64()),
+    })
+    request = pb.IngestEventsRequest(events=[to_message({**GOOD, "test_id": "conv"})], arrow_ipc=ipc(table))
+    (ack,) = list(stub.IngestEvents(iter([request]), timeout=30))
+    assert (ack.accepted, ack.rejected) == (3, 2)
+    assert [(r.index, r.field, r.message) for r in ack.rejections] == [
+        (2, "timestamp", "timestamp 1000000000000000 (s) is no instant in nanoseconds since the Unix epoch: send "
+                         "'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 or a timestamp column, within the accepted window"),
+        (3, "conversion", f"conversion must be 0 or 1, got {2**64 - 1}")]
+    when = dt.datetime.fromtimestamp(BASE_S, dt.timezone.utc)
+    text = pa.table({"timestamp": [when.strftime("%Y-%m-%d %H:%M:%S"), when.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
+                                   "yesterday"],
+                     "user_id": ["e", "f", "g"], "test_id": ["text"] * 3, "variant": ["x"] * 3,
+                     "conversion": pa.array([1.0, 1.5, 0.0])})
+    (ack,) = list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(text))]), timeout=30))
+    assert (ack.accepted, [(r.index, r.field) for r in ack.rejections]) == (1, [(1, "conversion"), (2, "timestamp")])
+    rows = stub.Summary(pb.SummaryRequest(test_id="text"), timeout=10).rows
+    assert [(r.variant, r.metrics.events, r.metrics.conversions) for r in rows] == [("x", 1, 1)]
+    twice = pa.Table.from_arrays([pa.array(["u"]), pa.array(["u2"]), pa.array(["t"]), pa.array(["v"])],
+                                 names=["user_id", "user_id", "test_id", "variant"])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(twice))]), timeout=30))
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                             "user_id: is a column the batch has twice")
 
 
 def dictionary_encoded(table, seed: int):
