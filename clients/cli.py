@@ -112,6 +112,19 @@ def _time(end: bool = False):
     return parse
 
 
+def _whole(least: int, most: int):
+    """A whole number from `least` to `most`, or a usage error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text[:32]!r}: a whole number from {least:,} to {most:,}")
+        return value
+    return parse
+
+
 def _split(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
@@ -200,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("files", nargs="+", metavar="FILE")
     ingest.add_argument("--input-format", choices=["auto", "ndjson", "csv", "parquet", "arrow"], default="auto",
                         help="auto (default): by the file's extension; .csv, .parquet, .arrow, anything else NDJSON")
-    ingest.add_argument("--batch-size", type=int, default=20_000,
+    ingest.add_argument("--batch-size", type=_whole(1, 2**31 - 1), default=20_000,
                         help="events per batch (default %(default)s); a re-run is recognised with the same size")
     ingest.add_argument("--producer-id", help="the id that makes a re-run store nothing twice (default: one "
                                               "derived from each file's content)")
@@ -254,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     formatted(tests)
     quarantine = command("quarantine", "rejected events and why, newest first")
     quarantine.add_argument("--test-id", default="", help="only this test's")
-    quarantine.add_argument("--limit", type=int, default=100, help="at most this many (default %(default)s)")
+    quarantine.add_argument("--limit", type=_whole(1, 2**32 - 1), default=100, help="at most this many (default %(default)s)")
     formatted(quarantine)
     power = command("power", "users each variant needs to detect a lift, from the test's own baseline")
     power.add_argument("test_id", help="the test whose control is the baseline")
@@ -262,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     power.add_argument("--power", type=float, default=0.8, help="chance of detecting it (default %(default)s)")
     power.add_argument("--alpha", type=float, default=0.05, help="significance level (default %(default)s)")
     power.add_argument("--control", default="", help="the control variant")
-    power.add_argument("--users", type=int, default=0, dest="users_per_variant",
+    power.add_argument("--users", type=_whole(0, 2**63 - 1), default=0, dest="users_per_variant",
                        help="users per variant for the detectable lift and the power (default: the control's so far)")
     formatted(power)
     imports = command("import", "import every new object under an S3 prefix or a server path, exactly once (admin)")
@@ -473,8 +486,6 @@ def content_id(path: str) -> str:
 
 
 def _ingest(args) -> int:
-    if args.batch_size <= 0:
-        raise ValueError("--batch-size must be positive")
     # Files are hashed from the start: while grpc, pyarrow and numpy load, and the first chunks are parsed.
     hashing = concurrent.futures.ThreadPoolExecutor(1)
     producers = []

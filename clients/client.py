@@ -60,10 +60,12 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
         moment, fractional = value, value.microsecond != 0
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    if end and whole_day:
-        return moment + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
-    if end and not fractional:
-        return moment + dt.timedelta(seconds=1) - dt.timedelta(microseconds=1)
+    if end and (whole_day or not fractional):
+        try:
+            return moment + dt.timedelta(days=1 if whole_day else 0, seconds=0 if whole_day else 1,
+                                         microseconds=-1)
+        except OverflowError:  # the calendar's last day or second: its last instant is the calendar's
+            return dt.datetime.max.replace(tzinfo=dt.timezone.utc)
     return moment
 
 

@@ -111,6 +111,16 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     assert "--snapshot-log-ratio must be 0 or more, not -1.0" in ratio.stderr
     line = one_line(run("summary", "", "--addr", server.address))
     assert "INVALID_ARGUMENT" in line and "test_id" in line
+    for args, words in [(("quarantine", "--limit", "-1"), "argument --limit: '-1': a whole number from 1 to "),
+                        (("quarantine", "--limit", "99999999999"), "'99999999999': a whole number from 1 to 4,294,967,295"),
+                        (("ingest", "x.ndjson", "--batch-size", "0"), "argument --batch-size: '0': a whole number"),
+                        (("power", "t", "--users", "-3"), "argument --users: '-3': a whole number from 0 to ")]:
+        usage = run(*args, "--addr", server.address)
+        assert usage.returncode == 2 and "Traceback" not in usage.stderr and words in usage.stderr, usage.stderr
+    for end in ("9999-12-31", "9999-12-31 23:59:59"):  # the calendar's last day and second: to its last instant
+        answer = run("summary", "nothing_here", "--end", end, "--addr", server.address)
+        assert answer.returncode == 0 and "Traceback" not in answer.stderr, answer.stderr
+        assert "no events for test 'nothing_here'" in answer.stderr, answer.stderr
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(server, tmp_path):
