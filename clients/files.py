@@ -39,6 +39,16 @@ class FileProblem(Exception):
     """A file that cannot be read at all (missing, unreadable, a CSV without the columns needed)."""
 
 
+class Problem(tuple):
+    """(line, field, why) of a line that cannot be sent, and what of its event could be read
+    (`partial`: the fields before the one refused), for the quarantine to show."""
+
+    def __new__(cls, line: int, name: str, why: str, partial: dict[str, Any] | None = None) -> Problem:
+        problem = super().__new__(cls, (line, name, why))
+        problem.partial = partial or {}
+        return problem
+
+
 @dataclass
 class Chunk:
     """Up to `lines` events of one file: what can be sent, and the lines that cannot."""
@@ -187,7 +197,7 @@ def _ndjson_chunk(piece: list[tuple[int, bytes]], last: int) -> Chunk:
             continue
         row, why = typed_event(value)
         if why:
-            problems.append((n, *why))
+            problems.append(Problem(n, *why, row))
         else:
             rows.append(row)
             kept.append(n)
@@ -380,7 +390,7 @@ def _csv_rows(block: bytes, delimiter: str, names: list[str], found: dict[str, s
         else:
             event, why = typed_event({field: row[i] for field, i in at.items() if row[i] != ""})
             if why:
-                problems.append((number, *why))
+                problems.append(Problem(number, *why, event))
             else:
                 rows.append(event)
                 kept.append(number)
@@ -409,7 +419,7 @@ def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:
     for n, event in zip(numbers.tolist(), strings.to_pylist()):
         row, why = typed_event({k: v for k, v in event.items() if v is not None})
         if why:
-            problems.append((n, *why))
+            problems.append(Problem(n, *why, row))
         else:
             rows.append(row)
             kept.append(n)

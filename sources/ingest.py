@@ -73,13 +73,14 @@ def _lines(chunk: files.Chunk) -> list[int]:
 
 def _with_unreadable(chunk: files.Chunk, where: Callable[[int], str] | None = at_line
                      ) -> tuple[pa.Table, list[Rejection]]:
-    """The chunk's events, then a null row for each line that could not be read, refused with
-    its reason (after `where(line)`, if given)."""
+    """The chunk's events, then a row for each line that could not be read, of what of it could
+    be (`files.Problem.partial`; nulls for the rest), refused with its reason (after
+    `where(line)`, if given): the quarantine shows its test, user and the rest as sent."""
     if not chunk.problems:
         return chunk.table, []
     n = chunk.table.num_rows
-    nulls = pa.table({f.name: pa.nulls(len(chunk.problems), f.type) for f in files.FILE_SCHEMA})
-    table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), nulls])
+    read = pa.Table.from_pylist([getattr(p, "partial", None) or {} for p in chunk.problems], schema=files.FILE_SCHEMA)
+    table = pa.concat_tables([chunk.table.cast(files.FILE_SCHEMA), read])
     refuse = [Rejection(n + k, name, f"{where(line)}: {why}" if where else why)
               for k, (line, name, why) in enumerate(chunk.problems)]
     return table, refuse

@@ -383,6 +383,12 @@ def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):
     _, q = http.json("GET", "/v0/pipes/ab_test_events_quarantine.json?limit=10")
     assert len(q["data"]) == 6 and {r["field"] for r in q["data"]} == {"line", "conversion", "user_id", "revenue",
                                                                        "timestamp"}
+    # a line read up to its bad value is quarantined with the fields read before it: found by its test
+    _, of_test = http.json("GET", "/v0/pipes/ab_test_events_quarantine.json?test_id=test_5")
+    assert sorted(r["field"] for r in of_test["data"]) == ["conversion", "revenue", "timestamp", "user_id"]
+    revenue = next(r for r in of_test["data"] if r["field"] == "revenue")
+    assert (revenue["user_id"], revenue["variant"], revenue["timestamp"]) == ("user_455", "variant_a",
+                                                                               "2025-04-28 18:42:22")
 
 
 def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_path):
