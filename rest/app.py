@@ -44,6 +44,15 @@ T = TypeVar("T")
 SMALL_BODY_BYTES = 1 << 20
 
 
+def _pieces(data: bytes) -> Callable[[], Awaitable[bytes]]:
+    """A body already read, as `body.stream` reads one: all of it, then its end."""
+    pieces = iter([data, b""])
+
+    async def read() -> bytes:
+        return next(pieces, b"")
+    return read
+
+
 def _token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
@@ -160,7 +169,7 @@ class HttpApi:
     # ---- Events API ----------------------------------------------------------------------------
 
     async def events(self, request: web.Request) -> web.Response:
-        """NDJSON (or one JSON object) whatever the Content-Type says (curl -d sends a form type);
+        """NDJSON (an event per line) whatever the Content-Type says (curl -d sends a form type);
         200 with wait=true, 202 without, either way once the rows are durable."""
         self._datasource(request.query.get("name", ""))
         wait = pipes.Params(request.query).boolean("wait")
@@ -171,7 +180,10 @@ class HttpApi:
         if length is not None and length <= min(SMALL_BODY_BYTES, limit) \
                 and request.headers.get("Content-Encoding", "").lower() in ("", "identity"):
             # Read on the loop and parsed in one step: a small body's cost is its hops between threads.
-            stream, whole = io.BytesIO(await self._within(request.read(), "the body")), True
+            raw = await self._within(request.read(), "the body")
+            stream, whole = io.BytesIO(raw), True
+            if raw.startswith(body.GZIP_MAGIC):  # gzip without its header: inflated, as a larger body is
+                stream, whole = self._body(request, _pieces(raw), limit, "the body"), False
         else:
             stream, whole = self._body(request, request.content.readany, limit, "the body"), False
         outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for("ndjson", stream, "body", []),
@@ -280,10 +292,7 @@ class HttpApi:
             small = await self._within(request.read(), name)  # a form (url=...), or a small file (curl --data-binary)
             if small.startswith(b"url="):
                 raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")
-            pieces = iter([small, b""])
-
-            async def read() -> bytes:
-                return next(pieces, b"")
+            read = _pieces(small)
         stream = self._body(request, read, limit, name)
         warnings: list[str] = []
         outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for(fmt, stream, name, warnings),

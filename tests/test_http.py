@@ -416,6 +416,11 @@ def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_
         assert status == 413 and "inflated" in error["error"]
         status, error = http.json("POST", events, b"not gzip", headers={"Content-Encoding": "gzip"})
         assert status == 400 and "gzip" in error["error"]
+        status, error = http.json("POST", events, bomb)  # gzip without its header, small: sniffed all the same
+        assert status == 413 and "inflated" in error["error"]
+        small = gzip.compress(ndjson([{**TUTORIAL_EVENT, "user_id": "sniffed"}]))
+        status, answer = http.json("POST", events + "&wait=true", small)
+        assert (status, answer.get("successful_rows")) == (200, 1), answer
         status, error = http.json("POST", "/v0/sql", b"SELECT 1")
         assert status == 400 and "pipes" in error["error"]
         assert http.json("GET", "/v0/pipes/test_summary.json")[1]["error"].startswith("test_id: is required")
