@@ -324,7 +324,10 @@ class HttpApi:
         if params.get("q"):
             raise InvalidArgument("q", "SQL over a pipe is not supported: the pipe's parameters are (docs/http.md)")
         scope, run = pipes.pipe(name)
-        answer = await run(self.core, request[PRINCIPAL_KEY], params)
+        try:
+            answer = await run(self.core, request[PRINCIPAL_KEY], params)
+        except InvalidArgument as error:
+            raise pipes.as_parameter(error) from None
         payload, content_type = formats.render(answer, fmt)
         return web.Response(body=payload, headers={"Content-Type": content_type})
 

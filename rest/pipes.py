@@ -347,6 +347,24 @@ PIPES: dict[str, tuple[str, Callable[[Core, Principal, Params], Awaitable[Answer
 }
 
 
+#: The core's names of what a query got wrong, as the pipes' parameters spell them.
+PARAMETERS = {"start_time": "start_date", "end_time": "end_date", "confidence_level": "confidence",
+              "control_variant": "control", "revenue_cap.percentile": "revenue_cap_percentile",
+              "revenue_cap.value": "revenue_cap_value", "revenue_cap.nonzero_only": "revenue_cap_nonzero_only",
+              "analysis.correction": "correction"}
+
+
+def as_parameter(error: InvalidArgument) -> InvalidArgument:
+    """`error` naming the pipe's parameter where the core named its own field."""
+    name = PARAMETERS.get(error.field)
+    if name is None:
+        return error
+    reason = error.reason
+    for field, parameter in PARAMETERS.items():
+        reason = reason.replace(field, parameter)
+    return InvalidArgument(name, reason)
+
+
 def pipe(name: str):
     if name not in PIPES:
         raise NotFound(f"The pipe '{name[:64]}' does not exist; the pipes are {', '.join(PIPES)}")

@@ -426,6 +426,12 @@ def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_
         assert http.json("GET", "/v0/pipes/test_summary.json")[1]["error"].startswith("test_id: is required")
         status, error = http.json("GET", "/v0/pipes/test_summary.json?test_id=t&end_date=2025-13-40")
         assert status == 400 and error["error"].startswith("end_date")
+        for query, message in [
+                ("start_date=2025-05-01&end_date=2025-04-01", "end_date: is before start_date"),
+                ("confidence=2", "confidence: must be between 0 and 1 (exclusive), got 2.0"),
+                ("revenue_cap_percentile=150", "revenue_cap_percentile: ")]:
+            status, error = http.json("GET", f"/v0/pipes/test_results.json?test_id=checkout&{query}")
+            assert status == 400 and error["error"].startswith(message), (query, error)
         status, error = http.json("POST", "/v0/datasources?name=ab_test_events&mode=append&url=http://x/y.csv", b"")
         assert status == 400 and error["error"].startswith("url")
         assert http.json("POST", "/v0/datasources?name=ab_test_events&mode=replace", b"")[0] == 400
