@@ -351,7 +351,9 @@ PIPES: dict[str, tuple[str, Callable[[Core, Principal, Params], Awaitable[Answer
 PARAMETERS = {"start_time": "start_date", "end_time": "end_date", "confidence_level": "confidence",
               "control_variant": "control", "revenue_cap.percentile": "revenue_cap_percentile",
               "revenue_cap.value": "revenue_cap_value", "revenue_cap.nonzero_only": "revenue_cap_nonzero_only",
-              "analysis.correction": "correction"}
+              "analysis.correction": "correction", "analysis.session_metrics": "session_metrics",
+              "analysis.exclude_multi_variant_users": "exclude_multi_variant_users",
+              "analysis.metric_event_type": "metric_event_type", "analysis.guardrails": "guardrails"}
 
 
 def as_parameter(error: InvalidArgument) -> InvalidArgument:

@@ -295,11 +295,11 @@ def test_pipes_answer_what_grpc_answers(http):
             if r["metric"].endswith("_per_session")] == [(c.variant, c.metric, c.relative.estimate)
                                                          for c in per_session] and per_session
     status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&session_metrics=1")
-    assert status == 400 and bad["error"].startswith("analysis.session_metrics:")
+    assert status == 400 and bad["error"].startswith("session_metrics: applies to Summary")
     status, bad = http.json("GET", "/v0/pipes/test_lift.json?test_id=checkout&revenue_cap_percentile=99")
     assert status == 400 and bad["error"].startswith("analysis.revenue_cap:")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_percentile=100")
-    assert status == 400 and bad["error"].startswith("revenue_cap.percentile:")
+    assert status == 400 and bad["error"].startswith("revenue_cap_percentile: must be between 0 and 100")
     status, bad = http.json("GET", "/v0/pipes/test_results.json?test_id=checkout&revenue_cap_nonzero_only=1")
     assert status == 400 and bad["error"].startswith("revenue_cap_nonzero_only:")
 
