@@ -29,7 +29,7 @@
 #include <string.h>
 
 enum { N_STRINGS = 7, MAX_DEPTH = 100 };
-enum { NOT_UTF8 = 0, TOO_LONG = 1 }; /* kinds of problems, as returned */
+enum { NOT_UTF8 = 0, TOO_LONG = 1, BAD_NANOS = 2 }; /* kinds of problems, as returned */
 static const int64_t MAX_SECONDS = 9000000000LL, NS = 1000000000LL;
 
 /* The contract's field numbers, set once from the generated descriptors (`configure`). */
@@ -332,6 +332,8 @@ static void event(reader_t *outer, const uint8_t *base, const uint8_t *p, int64_
     if (seconds < -MAX_SECONDS) seconds = -MAX_SECONDS;
     c->ts[i] = seconds * NS + nanos;
     c->ts_set[i] = (uint8_t)has_ts;
+    if (has_ts && (nanos < 0 || nanos >= NS)) /* a Timestamp's nanos are 0 to 999,999,999 */
+        add_problem(c, i, -1, BAD_NANOS, nanos);
     c->conversion[i] = conversion;
     c->revenue[i] = revenue;
     for (int s = 0; s < N_STRINGS; s++) {
@@ -454,7 +456,7 @@ static PyStructSequence_Field decoded_fields[] = {
     {"conversion", "int64 per event (bytes)"},
     {"revenue", "float64 per event (bytes)"},
     {"strings", "per string field, in `configure` order: (int32 offsets, data) bytes"},
-    {"problems", "int64 quadruples (event, string field, kind, length): 0 not UTF-8, 1 too long"},
+    {"problems", "int64 quadruples (event, string field, kind, length): 0 not UTF-8, 1 too long, 2 a timestamp's nanos out of range (field -1, length the nanos)"},
     {"arrow_ipc", "(start, length) of arrow_ipc within the request, or None"},
     {"producer_id", "bytes"},
     {"sequence", "int"},
@@ -780,7 +782,8 @@ PyMODINIT_FUNC PyInit__events(void) {
                                               PyExc_ValueError, NULL);
     if (!DecodedType || !BufferType || !BatchTooLarge || PyModule_AddObjectRef(m, "BatchTooLarge", BatchTooLarge) < 0 ||
         PyModule_AddObjectRef(m, "Decoded", (PyObject *)DecodedType) < 0 ||
-        PyModule_AddIntConstant(m, "NOT_UTF8", NOT_UTF8) < 0 || PyModule_AddIntConstant(m, "TOO_LONG", TOO_LONG) < 0) {
+        PyModule_AddIntConstant(m, "NOT_UTF8", NOT_UTF8) < 0 || PyModule_AddIntConstant(m, "TOO_LONG", TOO_LONG) < 0 ||
+        PyModule_AddIntConstant(m, "BAD_NANOS", BAD_NANOS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

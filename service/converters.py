@@ -87,7 +87,9 @@ _events.configure(_numbers(pb.IngestEventsRequest.DESCRIPTOR),
 
 def _refusals(problems: bytes) -> list[Rejection]:
     found = np.frombuffer(problems, dtype=np.int64).reshape(-1, 4)
-    return [Rejection(row, EVENT_STRINGS[slot], f"{EVENT_STRINGS[slot]} is not valid UTF-8" if kind == _events.NOT_UTF8
+    return [Rejection(row, "timestamp", f"timestamp nanos must be 0 to 999,999,999, got {length}")
+            if kind == _events.BAD_NANOS else
+            Rejection(row, EVENT_STRINGS[slot], f"{EVENT_STRINGS[slot]} is not valid UTF-8" if kind == _events.NOT_UTF8
                       else too_long(EVENT_STRINGS[slot], length))
             for row, slot, kind, length in found.tolist()]
 

@@ -68,6 +68,15 @@ def test_every_bad_event_is_rejected_by_field_and_neighbours_are_kept(stub):
     assert only_val.total == len(BAD) - 2 and len(only_val.events) == 2  # two had an empty test_id
 
 
+def test_a_timestamp_whose_nanos_are_out_of_range_rejects_its_event(stub):
+    events = [to_message({**GOOD, "user_id": f"n{i}"}) for i in range(4)]
+    events[1].timestamp.nanos, events[2].timestamp.nanos = 2_000_000_000, -1
+    (ack,) = list(stub.IngestEvents(iter([pb.IngestEventsRequest(events=events)]), timeout=30))
+    assert (ack.accepted, [(r.index, r.field, r.message) for r in ack.rejections]) == (2, [
+        (1, "timestamp", "timestamp nanos must be 0 to 999,999,999, got 2000000000"),
+        (2, "timestamp", "timestamp nanos must be 0 to 999,999,999, got -1")])
+
+
 def test_a_batch_of_only_bad_events_is_acked_and_the_stream_goes_on(stub):
     requests = [
         pb.IngestEventsRequest(events=[to_message({**GOOD, "conversion": 7})] * 3),

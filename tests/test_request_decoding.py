@@ -36,7 +36,10 @@ def reference(raw: bytes) -> list[dict]:
 
 def decoded(raw: bytes) -> list[dict]:
     batch = decode_request(raw)
-    assert batch.refuse == []
+    request = pb.IngestEventsRequest.FromString(raw)
+    assert [(r.index, r.field, r.message) for r in batch.refuse] == [  # a Timestamp's nanos are 0 to 999,999,999
+        (i, "timestamp", f"timestamp nanos must be 0 to 999,999,999, got {e.timestamp.nanos}")
+        for i, e in enumerate(request.events) if e.HasField("timestamp") and not 0 <= e.timestamp.nanos < _NS]
     rows = batch.table.to_pylist()
     for row in rows:
         if row["revenue"] != row["revenue"]:
