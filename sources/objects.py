@@ -192,6 +192,8 @@ class Importer:
                   region: str = "") -> AsyncIterator[Progress]:
         if not uri.strip():
             raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
+        if fmt:
+            format_of("", fmt)  # a format no object can have is refused before any is listed
         fs, path, scheme = await asyncio.to_thread(filesystem, uri, endpoint_url, region, self.import_root)
         try:
             found = await asyncio.to_thread(objects, fs, path)

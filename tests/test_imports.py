@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -228,6 +229,10 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     assert stored(server, "local_test") == 75
     bad = abstream_import(server, "ftp://somewhere/x")
     assert bad.returncode == 2 and "ftp:// is not supported" in bad.stderr
+    with Client(server.address) as client, pytest.raises(grpc.RpcError) as xml:
+        list(client.import_events(str(folder), format="xml"))
+    assert (xml.value.code(), xml.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                       "format: must be parquet, arrow, csv or ndjson, not 'xml'")
     server.terminate()
     server = Server(tmp_path / "data").start()  # without --import-root: no local file at all
     refused = abstream_import(server, str(folder))
