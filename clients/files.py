@@ -235,7 +235,8 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
     if revenue is not None:
         try:
             row["revenue"] = float(revenue)
-            if isinstance(revenue, bool) or not math.isfinite(row["revenue"]):
+            if isinstance(revenue, bool) or not math.isfinite(row["revenue"]) or (
+                    isinstance(revenue, str) and "_" in revenue):  # Python's 1_000, which no JSON or CSV writer means
                 raise ValueError
         except (TypeError, ValueError):
             return row, ("revenue", f"revenue must be a finite number, got {json.dumps(revenue)[:64]}")

@@ -57,7 +57,11 @@ def finite(x: float) -> float | None:
 
 
 def iso(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns / NS, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    """RFC 3339 to the microsecond, rounded down (ns / 1e9 as a float rounded the last nanosecond
+    of a day up to the next day)."""
+    seconds, rest = divmod(ns, NS)
+    moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc) + dt.timedelta(microseconds=rest // 1000)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def day_range(p: Params) -> tuple[int | None, int | None]:

@@ -363,6 +363,14 @@ def test_every_pipe_answers_in_every_format_and_its_json_is_json(http):
         assert status == 400 and error["error"].startswith("limit: must be a "), (limit, error)
 
 
+def test_instants_are_written_to_the_microsecond_rounded_down():
+    from abstream.rest.results import iso
+
+    last_of_day = int(dt.datetime(2023, 6, 1, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()) * 10**9 + 999_999_999
+    assert iso(last_of_day) == "2023-06-01T23:59:59.999999Z"  # a float made it 2023-06-02T00:00:00Z
+    assert iso(0) == "1970-01-01T00:00:00Z"
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):

@@ -74,6 +74,7 @@ def test_lines_it_leaves_are_read_the_slow_way_with_their_messages():
         '{"user_id": "a"} {"user_id": "b"}', '{"user_id": "a", "user_id": "b"}', '{"revenue": 007}',
         '{"extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
         '{"conversion": 1180591620717411303424}', '{"conversion": "' + "9" * 5000 + '"}', '{"conversion": 1e400}',
+        '{"revenue": "1_000"}',
     ]
     body = ("\n".join(text) + "\n").encode()
     rows, problems = agree(body)
@@ -96,6 +97,7 @@ def test_lines_it_leaves_are_read_the_slow_way_with_their_messages():
         19: ("conversion", "conversion must be 0 or 1, got 1180591620717411303424"),
         20: ("conversion", 'conversion must be 0 or 1, got "' + "9" * 63),
         21: ("conversion", "conversion must be 0 or 1, got Infinity"),
+        22: ("revenue", 'revenue must be a finite number, got "1_000"'),  # Python's own spelling of 1000
     }
 
 
