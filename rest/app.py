@@ -40,6 +40,8 @@ QUARANTINE = "ab_test_events_quarantine"
 HOW = "send 'Authorization: Bearer <token>' or add ?token=<token> (docs/http.md)"
 PRINCIPAL_KEY = "principal"
 T = TypeVar("T")
+#: The longest request line or header the parser takes (a long parameter is then refused in JSON).
+MAX_LINE_BYTES = 64 << 10
 #: An Events API body up to this size is read whole before it is parsed.
 SMALL_BODY_BYTES = 1 << 20
 
@@ -69,7 +71,10 @@ class HttpApi:
         self.started = dt.datetime.now(dt.timezone.utc)
         self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
         self.workspace_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"abstream:{settings.data_dir or settings.addr}"))
-        app = web.Application(middlewares=[self._middleware], client_max_size=settings.http_max_body_bytes)
+        # A request line or header up to 64 KiB reaches the handlers, which refuse a long parameter
+        # in JSON (aiohttp's parser answers past 8 KiB itself, in text).
+        app = web.Application(middlewares=[self._middleware], client_max_size=settings.http_max_body_bytes,
+                              handler_args={"max_line_size": MAX_LINE_BYTES, "max_field_size": MAX_LINE_BYTES})
         route = self._route
         app.router.add_get("/v0/workspace", route("workspace", "", self.workspace))
         app.router.add_get("/v1/workspace", route("workspace", "", self.workspace))

@@ -434,6 +434,8 @@ def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_
         assert http.json("GET", "/v0/pipes/test_summary.json")[1]["error"].startswith("test_id: is required")
         status, error = http.json("GET", "/v0/pipes/test_summary.json?test_id=t&end_date=2025-13-40")
         assert status == 400 and error["error"].startswith("end_date")
+        status, error = http.json("GET", "/v0/pipes/test_summary.json?test_id=" + "t" * 9_000)  # past aiohttp's 8 KiB
+        assert status == 400 and error["error"] == "test_id: is 9,000 characters long; at most 4,096", error
         for query, message in [
                 ("start_date=2025-05-01&end_date=2025-04-01", "end_date: is before start_date"),
                 ("confidence=2", "confidence: must be between 0 and 1 (exclusive), got 2.0"),
