@@ -259,3 +259,21 @@ def test_a_columnar_batch_whose_dictionary_indices_point_nowhere_is_invalid_argu
         list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(corrupt))]), timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "arrow_ipc" in caught.value.details()
     assert stub.Summary(pb.SummaryRequest(test_id="t"), timeout=10).rows == []
+
+
+def test_values_that_cannot_be_converted_are_found_among_many_and_only_they_are_rejected():
+    import pyarrow as pa
+    from abstream.core import events
+
+    now = time.time_ns()
+    n, bad = 100_000, {5: 2**63, 77_777: 2**64 - 1, 99_999: 2**63 + 1}
+    conversion = [i % 2 if i not in bad else bad[i] for i in range(n)]
+    table = pa.table({"timestamp": pa.array([now // 10**9 - i for i in range(n)], pa.timestamp("s")),
+                      "user_id": ["u"] * n, "test_id": ["t"] * n, "variant": ["v"] * n,
+                      "conversion": pa.array(conversion, pa.uint64())})
+    checked, rejections = events.check(table, now)
+    assert [(r.index, r.field, r.message) for r in rejections] == [
+        (i, "conversion", f"conversion must be 0 or 1, got {v}") for i, v in sorted(bad.items())]
+    kept = [i for i in range(n) if i not in bad]
+    assert checked.column("conversion").take(kept).to_pylist() == [i % 2 for i in kept]
+    assert checked.column("timestamp").to_pylist()[:3] == [(now // 10**9 - i) * 10**9 for i in range(3)]
