@@ -499,7 +499,8 @@ class Core:
         return plan
 
     async def stop_experiment(self, principal: Principal, test_id: str, stop_ns: int | None = None) -> Experiment:
-        return await self.update_experiment(principal, Experiment(test_id, stop_ns=stop_ns or self._clock()))
+        return await self.update_experiment(principal, Experiment(test_id, stop_ns=self._clock() if stop_ns is None
+                                                                  else stop_ns))
 
     async def list_experiments(self, principal: Principal) -> list[Experiment]:
         plans = self.engine.experiments()

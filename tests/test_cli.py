@@ -564,6 +564,8 @@ def test_experiments_carry_their_plan_into_every_query(engine, tmp_path):
         updated = json.loads(run("experiment", "update", "plan", "--hypothesis", "it converts 10% more",
                                  "--addr", server.address, "--format", "json").stdout)["rows"][0]
         assert updated["control_variant"] == "z_base" and updated["hypothesis"] == "it converts 10% more"
+        epoch = run("experiment", "stop", "plan", "--at", "1970-01-01T00:00:00Z", "--addr", server.address)
+        assert epoch.returncode == 2 and "stop_time: is before the experiment's start_time" in epoch.stderr, epoch.stderr
         stopped = json.loads(run("experiment", "stop", "plan", "--at", "2025-04-28 18:42:21", "--addr",
                                  server.address, "--format", "json").stdout)["rows"][0]
         assert stopped["stop_time"].startswith("2025-04-28T18:42:21")
