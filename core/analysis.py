@@ -192,10 +192,12 @@ def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:
 def lift(q: TimeseriesQuery, r: TimeseriesResult) -> TimeseriesResult:
     """Each bucket's cumulative lifts, by confidence sequences whatever `sequential` says: the
     curve is looked at once per bucket, so its intervals must hold at every look at once."""
+    starts = r.bucket_start_ns
+    if not len(starts):  # no events in the range: no buckets, no lifts
+        return dataclasses.replace(r, lifts=[])
     options = dataclasses.replace(q.lift, sequential=True)
     control = choose_control(sorted(set(r.variants)), options.control_variant)
     lifts = []
-    starts = r.bucket_start_ns
     edges = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1], [True])))
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
         in_time(q.deadline)

@@ -245,3 +245,14 @@ def test_the_lifts_stop_between_buckets_once_the_callers_deadline_has_passed():
     with pytest.raises(DeadlineExceeded):
         analysis.lift(dataclasses.replace(q, deadline=time.monotonic() - 1), series)
     store.close()
+
+
+def test_a_range_without_events_has_no_lifts(stub):
+    ingest(stub, shop("quiet", users=60, days=2), size=1000)
+    for request in [pb.TimeseriesRequest(test_id="nosuch", interval=pb.INTERVAL_DAY, cumulative=True, lift=True),
+                    pb.TimeseriesRequest(test_id="quiet", interval=pb.INTERVAL_DAY, cumulative=True, lift=True,
+                                         start_time=at((BASE_S + 400 * DAY) * NS)),
+                    pb.TimeseriesRequest(test_id="quiet", interval=pb.INTERVAL_DAY, since_first_exposure=True,
+                                         lift=True, start_time=at((BASE_S + 400 * DAY) * NS))]:
+        answer = stub.Timeseries(request, timeout=30)
+        assert (len(answer.rows), len(answer.lifts)) == (0, 0)
