@@ -420,6 +420,21 @@ def _analysis_options(control: str = "", confidence: float | None = None, sequen
     return options
 
 
+class NotReady(grpc.RpcError):
+    """The server did not become ready (connected, TLS and HTTP/2 set up) within the timeout:
+    DEADLINE_EXCEEDED, as a call past its deadline is."""
+
+    def __init__(self, addr: str, seconds: float) -> None:
+        super().__init__(f"{addr} was not ready within {seconds:g}s")
+        self._details = f"{addr} was not ready within {seconds:g}s"
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._details
+
+
 class Client:
     """Queries over one channel. Every call has a deadline (`timeout` seconds, per call or default)."""
 
@@ -443,6 +458,17 @@ class Client:
 
     def _call(self, method, request, timeout: float | None):
         return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+
+    def _stream(self, method, request, timeout: float | None):
+        """A stream from the server, which may run for as long as it has to send (no deadline
+        unless `timeout`), once the channel is ready within the client's timeout: a server that
+        accepts connections and never answers no longer holds it for ever."""
+        if timeout is None:
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
+            except grpc.FutureTimeoutError:
+                raise NotReady(self.addr, self.timeout) from None
+        return method(request, timeout=timeout, metadata=self._metadata)
 
     def summary(self, test_id: str, start: Time = None, end: Time = None, *, device: str | None = None,
                 country: str | None = None, event_type: str | None = None, analysis: dict | None = None,
@@ -543,7 +569,7 @@ class Client:
         """Has the server import every object under `uri` (s3://bucket/prefix/ or its own path)
         that it has not imported before; yields each object's progress as it starts and ends."""
         request = admin_pb2.ImportEventsRequest(uri=uri, format=format, endpoint_url=endpoint_url, region=region)
-        for r in self._admin.ImportEvents(request, timeout=timeout, metadata=self._metadata):
+        for r in self._stream(self._admin.ImportEvents, request, timeout):
             yield Imported(r.uri, _name(admin_pb2.ImportState, r.state, "IMPORT_STATE_"), r.size, r.accepted,
                            r.quarantined, r.already_stored, r.error, r.objects_total, r.objects_done,
                            r.total_accepted, r.total_quarantined)
@@ -571,7 +597,7 @@ class Client:
         request = admin_pb2.ExportEventsRequest(test_id=test_id)
         _timestamp(start, request.start_time)
         _timestamp(end, request.end_time, end=True)
-        for r in self._admin.ExportEvents(request, timeout=timeout, metadata=self._metadata):
+        for r in self._stream(self._admin.ExportEvents, request, timeout):
             yield pa.ipc.open_stream(r.arrow_ipc).read_all()
 
     # ---- experiments --------------------------------------------------------------------

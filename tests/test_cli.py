@@ -123,6 +123,18 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
         assert "no events for test 'nothing_here'" in answer.stderr, answer.stderr
 
 
+def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_by_streams_too():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        for args in (("export", "x"), ("import", "s3://bucket/prefix/")):
+            started = time.monotonic()
+            line = one_line(run(*args, "--addr", address, "--timeout", "2", timeout=60))
+            assert line == f"abstream {args[0]}: the server at {address} did not answer within 2s (--timeout)", line
+            assert time.monotonic() - started < 30
+
+
 def test_a_reader_that_stops_early_ends_the_command_quietly(server, tmp_path):
     events = [event(i, "pipe", "AB"[i % 2], when=f"2025-04-{1 + i // 1440:02d} {i % 1440 // 60:02d}:{i % 60:02d}:00")
               for i in range(4000)]
