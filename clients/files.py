@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import json
 import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,23 +214,23 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
         if value is None or (isinstance(value, str) and (value.isascii() or _utf8(value))):
             row[name] = value
         elif isinstance(value, str):
-            return row, (name, f"{name} is not valid UTF-8 (it holds a lone surrogate, {json.dumps(value)[:64]})")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return row, (name, f"{name} is not valid UTF-8 (it holds a lone surrogate, {_shown(value)})")
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # NumPy numbers too
             row[name] = str(value)
         else:
-            return row, (name, f"{name} must be a string, got {json.dumps(value)[:64]}")
+            return row, (name, f"{name} must be a string, got {_shown(value)}")
     moment = parse_time(event.get("timestamp"))
     if moment is _BAD:
         return row, ("timestamp", f"timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 or seconds since the "
-                                  f"Unix epoch, got {json.dumps(event.get('timestamp'))[:64]}")
+                                  f"Unix epoch, got {_shown(event.get('timestamp'))}")
     if moment is not None and not _EARLIEST <= moment <= _LATEST:
-        return row, ("timestamp", f"timestamp {json.dumps(event.get('timestamp'))[:64]} is outside the accepted "
+        return row, ("timestamp", f"timestamp {_shown(event.get('timestamp'))} is outside the accepted "
                                   "window (from 2000-01-01 to the server's time + 24h)")
     row["timestamp"] = moment
     conversion = event.get("conversion")
     if conversion is not None:
         if (value := _integer(conversion)) is None:
-            return row, ("conversion", f"conversion must be 0 or 1, got {json.dumps(conversion)[:64]}")
+            return row, ("conversion", f"conversion must be 0 or 1, got {_shown(conversion)}")
         row["conversion"] = value
     revenue = event.get("revenue")
     if revenue is not None:
@@ -239,8 +240,14 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
                     isinstance(revenue, str) and "_" in revenue):  # Python's 1_000, which no JSON or CSV writer means
                 raise ValueError
         except (TypeError, ValueError):
-            return row, ("revenue", f"revenue must be a finite number, got {json.dumps(revenue)[:64]}")
+            return row, ("revenue", f"revenue must be a finite number, got {_shown(revenue)}")
     return row, None
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, as JSON writes it (the text of what JSON cannot hold: a date, a
+    NumPy number, a UUID), at most 64 characters."""
+    return json.dumps(value, default=str)[:64]
 
 
 _BAD = object()
@@ -257,6 +264,8 @@ def _integer(value: Any) -> int | None:
     elif isinstance(value, str):
         text = value.strip()
         value = int(text) if len(text) <= 20 and text.lstrip("-").isdigit() else None
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # a NumPy integer too
     elif not isinstance(value, int):
         return None
     return int(value) if value is not None and -2**63 <= value < 2**63 else None

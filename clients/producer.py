@@ -11,7 +11,9 @@
 sends batches of up to `batch_size` events, or whatever arrived within `linger_ms`, each tagged
 with the producer's id and the next sequence number. A batch that meets UNAVAILABLE,
 RESOURCE_EXHAUSTED or a lost connection is sent again, with the same sequence, after an
-exponential backoff with full jitter: the server applies it once however often it arrives. When
+exponential backoff with full jitter: the server applies it once however often it arrives. A
+batch larger than the server takes in one request is sent in halves; an event too large alone is
+rejected (field "event"). When
 the buffer is full, `send` blocks (`when_full="block"`, the default) or raises `BufferFull`;
 no event is ever dropped without its future saying so.
 """
@@ -152,17 +154,28 @@ class Producer:
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Sends what is buffered, then stops. Events still unsent after `timeout` fail."""
+        """Sends what is buffered, then stops; every future has its outcome when it returns.
+        Events still unsent after `timeout` fail with ProducerClosed. Closing again does nothing."""
+        if self._closing.is_set():
+            return
         self.flush(timeout)
         self._closing.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5)  # a batch being retried gives up after a few more attempts
+        self._fail_buffered()
+        self._channel.close()  # a call still in flight ends now: its batch fails with ProducerClosed
+        self._thread.join()
+        self._fail_buffered()
+
+    def _fail_buffered(self) -> None:
+        failed = 0
         while True:
             try:
                 _, future = self._buffer.get_nowait()
             except queue.Empty:
                 break
             future.set_exception(ProducerClosed("closed before this event was sent"))
-        self._channel.close()
+            failed += 1
+        self._done(failed)
 
     # ---- the background thread ---------------------------------------------------------------
 
@@ -175,8 +188,7 @@ class Producer:
         while not self._closing.is_set() or not self._buffer.empty():
             batch = self._gather()
             if batch:
-                self._sequence += 1
-                self._deliver(batch, self._sequence)
+                self._deliver(batch)
 
     def _gather(self) -> list[tuple[pb.Event, Future]]:
         batch = []
@@ -194,9 +206,13 @@ class Producer:
                 break
         return batch
 
-    def _deliver(self, batch: list[tuple[pb.Event, Future]], sequence: int) -> None:
+    def _deliver(self, batch: list[tuple[pb.Event, Future]]) -> None:
+        """Sends a batch under the next sequence until it is acked, retrying what may pass later;
+        a batch larger than the server takes is sent again in halves (each under a sequence of
+        its own: the server never read it), down to the one event too large to send."""
+        self._sequence += 1
         request = pb.IngestEventsRequest(events=[e for e, _ in batch], producer_id=self.producer_id,
-                                         sequence=sequence)
+                                         sequence=self._sequence)
         initial, ceiling, give_up = self._retry
         started, attempt = time.monotonic(), 0
         while True:
@@ -206,20 +222,42 @@ class Producer:
                 _drain(responses)  # a server going away may end the stream with UNAVAILABLE after the ack
                 break
             except grpc.RpcError as error:
+                if _too_large(error):
+                    if len(batch) > 1:
+                        self._deliver(batch[: len(batch) // 2])
+                        self._deliver(batch[len(batch) // 2:])
+                    else:
+                        batch[0][1].set_result(Delivery(False, "event", f"is larger than the server takes in one "
+                                                                        f"request ({error.details()})"))
+                        self._done(1)
+                    return
                 retriable = error.code() in RETRIED
                 if not retriable or time.monotonic() - started > give_up or self._closing.is_set() and attempt > 3:
-                    for _, future in batch:
-                        future.set_exception(error)
-                    self._done(len(batch))
+                    self._fail(batch, ProducerClosed("closed before this event was sent")
+                               if error.code() == grpc.StatusCode.CANCELLED and self._closing.is_set() else error)
                     return
                 # Full jitter: anywhere up to the exponential step, so retries spread out.
                 time.sleep(random.uniform(0, min(ceiling, initial * 2 ** attempt)))
                 attempt += 1
+            except ValueError:  # the channel was closed under it (close() after its timeout)
+                self._fail(batch, ProducerClosed("closed before this event was sent"))
+                return
         rejected = {r.index: r for r in ack.rejections}
         for i, (_, future) in enumerate(batch):
             r = rejected.get(i)
             future.set_result(Delivery(False, r.field, r.message) if r else Delivery(True, duplicate=ack.duplicate))
         self._done(len(batch))
+
+    def _fail(self, batch: list[tuple[pb.Event, Future]], error: BaseException) -> None:
+        for _, future in batch:
+            future.set_exception(error)
+        self._done(len(batch))
+
+
+def _too_large(error: grpc.RpcError) -> bool:
+    """The request was more than the server (or this channel) takes in one message: sending it
+    again cannot pass."""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or "")
 
 
 def _drain(responses) -> None:

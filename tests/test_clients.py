@@ -137,6 +137,62 @@ def test_producer_buffer_full_raises_when_asked_to(tmp_path):
     producer.close(timeout=10)
 
 
+def test_closing_before_everything_is_sent_resolves_every_future_and_closing_again_does_nothing():
+    from abstream.clients import ProducerClosed
+
+    event = {"timestamp": "2025-04-28 18:42:22", "user_id": "u", "test_id": "t", "variant": "v"}
+    closed = threading.Event()
+
+    def body() -> None:
+        with Producer(f"127.0.0.1:{free_port()}", batch_size=10, retry_max_s=0.2) as producer:
+            futures = [producer.send({**event, "user_id": f"u{i}"}) for i in range(100)]
+            producer.close(timeout=1)
+            assert all(f.done() for f in futures)
+            assert all(isinstance(f.exception(), (ProducerClosed, grpc.RpcError)) for f in futures)
+            assert producer.flush(timeout=1)
+        closed.set()  # the with-block's own close() returned
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert closed.is_set()
+
+
+def test_a_batch_larger_than_the_server_takes_is_sent_in_halves_and_only_an_event_too_large_fails(tmp_path):
+    server = Server(tmp_path / "data", "--max-message-bytes", str(256 << 10)).start()
+    event = {"timestamp": "2025-04-28 18:42:22", "test_id": "halves", "variant": "v", "event_type": "e" * 200}
+    with Producer(server.address, batch_size=5_000, linger_ms=200) as producer:
+        futures = [producer.send({**event, "user_id": f"u{i}"}) for i in range(1_000)]  # ~500 KB in one batch
+        huge = producer.send({**event, "user_id": "x" * (300 << 10)})  # more than the server takes alone
+        futures += [producer.send({**event, "user_id": f"u{i}"}) for i in range(1_000, 2_000)]
+        assert producer.flush(timeout=120)
+    assert [f.result() for f in futures] == [Delivery(True)] * 2_000
+    assert (huge.result().accepted, huge.result().field) == (False, "event")
+    assert huge.result().message.startswith("is larger than the server takes in one request (")
+    with Client(server.address) as client:
+        assert sum(r.metrics.events for r in client.summary("halves").rows) == 2_000
+    server.terminate()
+
+
+def test_values_of_other_python_types_are_taken_or_rejected_never_raised(server):
+    import datetime as dt
+    import uuid
+
+    import numpy as np
+
+    event = {"timestamp": "2025-04-28 18:42:22", "user_id": "u", "test_id": "types", "variant": "v"}
+    with Producer(server.address, linger_ms=5) as producer:
+        taken = producer.send({**event, "conversion": np.int64(1), "revenue": np.float64(2.5), "user_id": np.int64(7)})
+        by_date = producer.send({**event, "timestamp": dt.date(2025, 4, 28)})
+        by_uuid = producer.send({**event, "user_id": uuid.UUID(int=5)})
+        assert producer.flush(timeout=30)
+    assert taken.result() == Delivery(True)
+    assert by_date.result() == Delivery(False, "timestamp", "timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 "
+                                                            'or seconds since the Unix epoch, got "2025-04-28"')
+    assert by_uuid.result() == Delivery(False, "user_id", 'user_id must be a string, got '
+                                                          '"00000000-0000-0000-0000-000000000005"')
+
+
 def test_producer_survives_a_server_restart_without_loss_or_duplicates(tmp_path):
     port = free_port()
     server = Server(tmp_path / "data", "--addr", f"127.0.0.1:{port}").start()  # the same port after a restart
