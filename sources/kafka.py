@@ -115,7 +115,10 @@ def one_chunk(chunks) -> files.Chunk:
     chunks = list(chunks)
     if len(chunks) == 1:
         return chunks[0]
-    return files.Chunk(pa.concat_tables([c.table for c in chunks]) if chunks else files.FILE_SCHEMA.empty_table(),
+    tables = [c.table for c in chunks]
+    if len({t.schema for t in tables}) > 1:  # blocks read apart may differ in encoding (dictionary or not)
+        tables = [t.cast(files.FILE_SCHEMA) for t in tables]
+    return files.Chunk(pa.concat_tables(tables) if chunks else files.FILE_SCHEMA.empty_table(),
                        np.concatenate([np.asarray(c.lines) for c in chunks]) if chunks else np.zeros(0, np.int64),
                        [p for c in chunks for p in c.problems], max((c.last for c in chunks), default=0))
 

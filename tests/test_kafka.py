@@ -160,6 +160,20 @@ def test_malformed_messages_are_quarantined_with_their_offsets_and_the_rest_stor
     server.terminate()
 
 
+def test_messages_read_apart_in_one_batch_are_stored_together(broker, tmp_path):
+    """A message the fast reader leaves (a timestamp in epoch seconds) makes its block's columns
+    plain strings where the others' are dictionaries: one batch holds both."""
+    broker.create_topic(TOPIC, 1)
+    events = [{"timestamp": "2025-04-02 10:00:00", "user_id": f"u{i}", "test_id": "apart", "variant": "a",
+               "event_type": "click", "session_id": "s" * 100, "device": "desktop", "country": "AU"} for i in range(30)]
+    events[20]["timestamp"] = 1743500000
+    broker.produce(TOPIC, [(0, json.dumps(e).encode()) for e in events])
+    server = Server(tmp_path / "data", *consuming(broker)).start()
+    wait_for(lambda: events_of(server, "apart") >= 30, what="every event")
+    assert kafka_health(server) == 1
+    server.terminate()
+
+
 def assigned(server: Server) -> int:
     """How many partitions the server's last assignment gave it (its log says each one)."""
     lines = [line for line in server.log_path.read_text().splitlines() if "kafka: assigned" in line]
