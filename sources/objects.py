@@ -128,7 +128,9 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "parquet" and not compression:
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(fs.open_input_file(info.path), read_dictionary=_DICTIONARIES, pre_buffer=True)
+        source = fs.open_input_file(info.path)
+        present = set(pq.ParquetFile(source).schema_arrow.names)  # its footer: optional columns may be absent
+        parquet = pq.ParquetFile(source, read_dictionary=[c for c in _DICTIONARIES if c in present], pre_buffer=True)
         return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS, use_threads=False), name)
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
@@ -236,7 +238,8 @@ class Importer:
                 outcome = await self._ingest.chunks(
                     principal, read, producer, sequence=lambda chunk, k: FINISHED if final and chunk is final[0] else k,
                     where=lambda line: f"{name} line {line}", skip_through=stored)
-            except (OSError, pa.ArrowException, files.FileProblem) as error:
+            except (OSError, pa.ArrowException, files.FileProblem, InvalidArgument) as error:
+                # This object cannot be read (a column of a type no event field takes): the others still are.
                 return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: {error}")
             accepted, quarantined = accepted + outcome.stored, quarantined + outcome.quarantined
             already = outcome.already_stored if already is None else already

@@ -131,6 +131,25 @@ def test_every_object_once_then_only_the_new_ones(bucket, tmp_path):
     server.terminate()
 
 
+def test_parquet_without_optional_columns_is_read_and_an_unreadable_one_fails_alone(bucket, tmp_path):
+    client, name = bucket
+    required = events(40, "narrow").select(["timestamp", "user_id", "test_id", "variant"])
+    client.put_object(Bucket=name, Key="n/1-required-only.parquet", Body=parquet_bytes(required))
+    listed = required.set_column(1, "user_id", pa.array([[u] for u in required.column("user_id").to_pylist()]))
+    client.put_object(Bucket=name, Key="n/2-list-users.parquet", Body=parquet_bytes(listed))
+    client.put_object(Bucket=name, Key="n/3-after.ndjson.gz", Body=ndjson_gz(events(10, "narrow", 40)))
+    server = Server(tmp_path / "data").start()
+    result = abstream_import(server, f"s3://{name}/n/")
+    assert result.returncode == 1, result.stdout + result.stderr  # one object failed, the others imported
+    lines = result.stdout.splitlines()
+    assert f"s3://{name}/n/1-required-only.parquet: 40 stored, 0 quarantined" in lines, lines
+    assert f"s3://{name}/n/3-after.ndjson.gz: 10 stored, 0 quarantined" in lines, lines
+    failed = next(line for line in lines if "2-list-users" in line)
+    assert "FAILED: cannot read" in failed and "user_id: column of type list<element: string> cannot be read as string" in failed
+    assert stored(server, "narrow") == 50
+    server.terminate()
+
+
 def test_watch_imports_objects_as_they_land(bucket, tmp_path):
     client, name = bucket
     client.put_object(Bucket=name, Key="landing/1.parquet", Body=parquet_bytes(events(10, "watch_test")))
