@@ -274,3 +274,19 @@ def test_a_csv_row_of_another_width_or_not_utf8_rejects_that_row_alone():
     rows, problems, _ = chunks_of(many.encode(), "csv", lines=5_000)
     assert (len(rows), problems) == (99_999, {90_002: ("line", "has 1 fields where the header names 4")})
     assert rows[90_001]["user_id"] == "u89999" and rows[90_003]["user_id"] == "u90001"
+
+
+def test_a_long_line_does_not_make_the_next_blocks_long():
+    long_line = json.dumps({**EVENT, "user_id": "x" * (12 << 20)})
+    body = "\n".join([long_line] + [json.dumps({**EVENT, "user_id": f"u{i}"}) for i in range(3)]) + "\n"
+    asked = []
+
+    class Counted(io.BytesIO):
+        def readinto(self, buffer):
+            asked.append(len(buffer))
+            return super().readinto(buffer)
+
+    chunks = list(files.read_stream(io.BufferedReader(Counted(body.encode())), "ndjson", 5_000, "body", lambda _: None))
+    got = {n: r["user_id"] for c in chunks for n, r in zip(c.lines.tolist(), c.table.to_pylist())}
+    assert {n: u for n, u in got.items() if n > 1} == {2: "u0", 3: "u1", 4: "u2"} and len(got[1]) == 12 << 20
+    assert max(asked) <= 16 << 20, asked  # 5,000 lines of the long one's average were 15 GB
