@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -84,6 +85,9 @@ class Settings:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan or inf: no duration, share or count
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
         if self.snapshot_log_ratio < 0:
             raise ValueError(f"--snapshot-log-ratio must be 0 or more, not {self.snapshot_log_ratio}")
         if self.engine == "clickhouse" and not (self.clickhouse and self.clickhouse_cluster):

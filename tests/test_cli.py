@@ -109,6 +109,11 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert ratio.returncode == 2 and "Traceback" not in ratio.stderr
     assert "--snapshot-log-ratio must be 0 or more, not -1.0" in ratio.stderr
+    for flag in ("--retention-days", "--retention-sweep-seconds"):
+        nan = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", flag, "nan"],
+                             capture_output=True, text=True, timeout=60)
+        assert nan.returncode == 2 and "Traceback" not in nan.stderr, nan.stderr
+        assert f"{flag} must be a finite number, not nan" in nan.stderr, nan.stderr
     line = one_line(run("summary", "", "--addr", server.address))
     assert "INVALID_ARGUMENT" in line and "test_id" in line
     for args, words in [(("quarantine", "--limit", "-1"), "argument --limit: '-1': a whole number from 1 to "),
