@@ -65,7 +65,8 @@ def iso(ns: int) -> str:
 
 
 def day_range(p: Params) -> tuple[int | None, int | None]:
-    """`start` and `end` (a date, inclusive to its last nanosecond, or a date and time), UTC."""
+    """`start` and `end` (a date, or a date and time to the second), UTC; an end takes in its
+    whole day or second, as the pipes' and the Client's do."""
     out: list[int | None] = []
     for name in ("start", "end"):
         text = p.get(name).strip()
@@ -73,8 +74,8 @@ def day_range(p: Params) -> tuple[int | None, int | None]:
             out.append(None)
             continue
         ns = parse_datetime(name, text) * NS
-        if name == "end" and len(text) <= 10:
-            ns += 86_400 * NS - 1
+        if name == "end":
+            ns += (86_400 * NS if len(text) <= 10 else NS) - 1
         out.append(ns)
     return out[0], out[1]
 

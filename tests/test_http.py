@@ -363,6 +363,17 @@ def test_every_pipe_answers_in_every_format_and_its_json_is_json(http):
         assert status == 400 and error["error"].startswith("limit: must be a "), (limit, error)
 
 
+def test_an_end_to_the_second_takes_in_its_whole_second_on_the_results_page_too(http):
+    events = [{**TUTORIAL_EVENT, "test_id": "frac", "user_id": "a", "timestamp": "2025-04-28 18:43:20"},
+              {**TUTORIAL_EVENT, "test_id": "frac", "user_id": "b", "timestamp": "2025-04-28 18:43:21.500"}]
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))[0] == 200
+    _, page = http.json("GET", "/api/tests/frac?end=2025-04-28%2018:43:21")
+    _, pipe = http.json("GET", "/v0/pipes/test_summary.json?test_id=frac&start_date=2025-04-28+00:00:00"
+                               "&end_date=2025-04-28+18:43:21")
+    assert sum(v["users"] for v in page["variants"]) == sum(r["users"] for r in pipe["data"]) == 2
+    assert page["range"]["end"] == "2025-04-28T18:43:21.999999Z"
+
+
 def test_instants_are_written_to_the_microsecond_rounded_down():
     from abstream.rest.results import iso
 
