@@ -14,6 +14,7 @@ import concurrent.futures
 import csv
 import io
 import json
+import math
 import os
 import queue
 import sys
@@ -123,6 +124,17 @@ def _whole(least: int, most: int):
             raise argparse.ArgumentTypeError(f"{text[:32]!r}: a whole number from {least:,} to {most:,}")
         return value
     return parse
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds: a finite number above 0, or a usage error saying so."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a number of seconds above 0")
+    return value
 
 
 def _split(text: str) -> dict[str, float]:
@@ -289,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the bucket's region (env AWS_REGION, AWS_DEFAULT_REGION; default us-east-1)")
     imports.add_argument("--watch", action="store_true", help="keep importing new objects as they land, until "
                                                               "interrupted")
-    imports.add_argument("--interval", type=float, default=30.0, help="with --watch, seconds between looks "
+    imports.add_argument("--interval", type=_seconds, default=30.0, help="with --watch, seconds between looks "
                                                                       "(default %(default)s)")
     imports.add_argument("--quiet", action="store_true", help="no progress on standard error")
     delete = command("delete-test", "remove a test's events, quarantined events and plan (admin)")
@@ -337,7 +349,7 @@ def _subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
                             help="the server's host:port (env ABSTREAM_ADDR; default %(default)s)")
     connection.add_argument("--token", default=os.environ.get("ABSTREAM_TOKEN"),
                             help="bearer token, when the server has a tokens file (env ABSTREAM_TOKEN)")
-    connection.add_argument("--timeout", type=float, default=60.0,
+    connection.add_argument("--timeout", type=_seconds, default=60.0,
                             help="seconds each call, and all retries of an ingest, may take (default %(default)s)")
     connection.add_argument("--tls", action="store_true", help="TLS, trusting the system's certificates")
     connection.add_argument("--ca", help="TLS, trusting this CA certificate (PEM file)")

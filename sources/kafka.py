@@ -78,7 +78,11 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
             section = tomllib.loads(Path(path).read_text()).get("kafka", {})
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise KafkaConfigError(f"kafka config {path}: {error}") from None
-    names = [t.strip() for t in topics.split(",") if t.strip()] or list(section.get("topics", []))
+    listed = section.get("topics", [])
+    if not isinstance(listed, list) or not all(isinstance(t, str) and t for t in listed):
+        raise KafkaConfigError(f"kafka config {path}: topics must be a list of topic names, as topics = "
+                               f"[\"events\"], not {listed!r}"[:200])
+    names = [t.strip() for t in topics.split(",") if t.strip()] or listed
     bootstrap = bootstrap or section.get("bootstrap", "")
     if not names and not bootstrap:
         return None
@@ -87,8 +91,11 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
     if not bootstrap:
         raise KafkaConfigError("--kafka-topic needs --kafka-bootstrap HOST:PORT (or bootstrap in [kafka])")
     client = {str(k): str(v) for k, v in section.get("client", {}).items()}
-    return KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"),
-                       int(section.get("session_timeout_ms", session_timeout_ms)), client)
+    timeout = section.get("session_timeout_ms", session_timeout_ms)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise KafkaConfigError(f"kafka config {path}: session_timeout_ms must be a whole number of milliseconds, "
+                               f"not {timeout!r}"[:200])
+    return KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"), timeout, client)
 
 
 def producer_of(topic: str, partition: int) -> str:

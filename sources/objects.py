@@ -99,7 +99,7 @@ def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 def format_of(name: str, requested: str) -> tuple[str, str | None]:
     """(format, compression) of an object."""
-    compression = "gzip" if name.endswith(".gz") else None
+    compression = "gzip" if name.lower().endswith(".gz") else None
     stem = name[:-3] if compression else name
     if requested:
         if requested not in ("parquet", "arrow", "csv", "ndjson"):

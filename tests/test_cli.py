@@ -119,7 +119,11 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     for args, words in [(("quarantine", "--limit", "-1"), "argument --limit: '-1': a whole number from 1 to "),
                         (("quarantine", "--limit", "99999999999"), "'99999999999': a whole number from 1 to 4,294,967,295"),
                         (("ingest", "x.ndjson", "--batch-size", "0"), "argument --batch-size: '0': a whole number"),
-                        (("power", "t", "--users", "-3"), "argument --users: '-3': a whole number from 0 to ")]:
+                        (("power", "t", "--users", "-3"), "argument --users: '-3': a whole number from 0 to "),
+                        (("tests", "--timeout", "nan"), "argument --timeout: 'nan': a number of seconds above 0"),
+                        (("tests", "--timeout", "-1"), "argument --timeout: '-1': a number of seconds above 0"),
+                        (("import", "s3://b/p/", "--watch", "--interval", "-1"),
+                         "argument --interval: '-1': a number of seconds above 0")]:
         usage = run(*args, "--addr", server.address)
         assert usage.returncode == 2 and "Traceback" not in usage.stderr and words in usage.stderr, usage.stderr
     for end in ("9999-12-31", "9999-12-31 23:59:59"):  # the calendar's last day and second: to its last instant

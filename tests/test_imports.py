@@ -138,6 +138,7 @@ def test_parquet_without_optional_columns_is_read_and_an_unreadable_one_fails_al
     listed = required.set_column(1, "user_id", pa.array([[u] for u in required.column("user_id").to_pylist()]))
     client.put_object(Bucket=name, Key="n/2-list-users.parquet", Body=parquet_bytes(listed))
     client.put_object(Bucket=name, Key="n/3-after.ndjson.gz", Body=ndjson_gz(events(10, "narrow", 40)))
+    client.put_object(Bucket=name, Key="n/4-UPPER.NDJSON.GZ", Body=ndjson_gz(events(5, "narrow", 50)))
     server = Server(tmp_path / "data").start()
     result = abstream_import(server, f"s3://{name}/n/")
     assert result.returncode == 1, result.stdout + result.stderr  # one object failed, the others imported
@@ -146,7 +147,8 @@ def test_parquet_without_optional_columns_is_read_and_an_unreadable_one_fails_al
     assert f"s3://{name}/n/3-after.ndjson.gz: 10 stored, 0 quarantined" in lines, lines
     failed = next(line for line in lines if "2-list-users" in line)
     assert "FAILED: cannot read" in failed and "user_id: column of type list<element: string> cannot be read as string" in failed
-    assert stored(server, "narrow") == 50
+    assert f"s3://{name}/n/4-UPPER.NDJSON.GZ: 5 stored, 0 quarantined" in lines, lines
+    assert stored(server, "narrow") == 55
     server.terminate()
 
 

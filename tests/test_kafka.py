@@ -232,5 +232,12 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
     assert kafka_config("", "", "abstream", 3000, "") is None
     with pytest.raises(KafkaConfigError, match="needs --kafka-bootstrap"):
         kafka_config("", "t", "abstream", 3000, "")
+    for line, words in [('topics = "r8"', "topics must be a list of topic names"),
+                        ('topics = ["a"]\nsession_timeout_ms = "abc"', "session_timeout_ms must be a whole number")]:
+        path.write_text(f'[kafka]\nbootstrap = "k1:9092"\n{line}\n')
+        with pytest.raises(KafkaConfigError, match=words):
+            kafka_config("", "", "", 3000, str(path))
+        code, log = Server(tmp_path / "data", "--kafka-config", str(path)).start_expecting_failure()
+        assert code != 0 and words in log and "Traceback" not in log, log
     code, log = Server(tmp_path / "data", "--kafka-topic", "t").start_expecting_failure()
     assert code != 0 and "needs --kafka-bootstrap" in log
