@@ -54,11 +54,19 @@ function unary(client, method, request, timeoutMs = 30000) {
   });
 }
 
-/** A google.protobuf.Timestamp from a Date or 'YYYY-MM-DD HH:MM:SS' (UTC). */
+/**
+ * A google.protobuf.Timestamp from a Date, 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339; a TypeError
+ * for anything else (an invalid time used to be sent as the epoch).
+ */
 function timestamp(value) {
-  const date = value instanceof Date ? value : new Date(`${String(value).replace(' ', 'T')}Z`);
+  let date = value;
+  if (!(value instanceof Date)) {
+    const text = String(value).trim().replace(' ', 'T');
+    date = new Date(/([zZ]|[+-]\d\d:\d\d)$/.test(text) ? text : `${text}Z`);
+  }
   const millis = date.getTime();
-  return { seconds: Math.floor(millis / 1000), nanos: (millis % 1000) * 1e6 };
+  if (Number.isNaN(millis)) throw new TypeError(`${JSON.stringify(String(value))} is not a time: use 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339`);
+  return { seconds: Math.floor(millis / 1000), nanos: (((millis % 1000) + 1000) % 1000) * 1e6 };
 }
 
 module.exports = { abstream, analyticsClient, fieldViolations, grpc, ingest, timestamp, unary };

@@ -33,4 +33,11 @@ test('a validation error names the field in its google.rpc.BadRequest', async ()
   });
 });
 
+test('times as users write them, and a clear error for one that is not', () => {
+  assert.deepEqual(timestamp('2025-04-28 18:42:22'), { seconds: 1745865742, nanos: 0 });
+  assert.deepEqual(timestamp('2025-04-28T18:42:22Z'), { seconds: 1745865742, nanos: 0 });
+  assert.deepEqual(timestamp('2025-04-28T20:42:22.5+02:00'), { seconds: 1745865742, nanos: 500000000 });
+  assert.throws(() => timestamp('yesterday'), /"yesterday" is not a time/);
+});
+
 test.after(() => client.close());
