@@ -55,7 +55,10 @@ class Delivery:
     accepted: bool
     field: str = ""  # for a rejected event: which field, and why
     message: str = ""
-    duplicate: bool = False  # its batch had been applied before (a retry after a lost ack)
+    # Its batch had been applied before (a retry after a lost ack). The server keeps no per-event
+    # outcome of a batch, so `accepted` then means sent and applied, not taken: an event the
+    # server rejected the first time is in its quarantine, not in the results.
+    duplicate: bool = False
 
 
 class Unsendable(Exception):
