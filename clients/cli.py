@@ -427,6 +427,11 @@ def explain(error: BaseException, args) -> str | None:
 def _client(args):
     from abstream.clients.client import Client
 
+    if not args.addr.strip():
+        raise ValueError("--addr (ABSTREAM_ADDR) is empty: give the server's HOST:PORT")
+    if args.token is not None and not args.token.isprintable():
+        raise ValueError("--token (ABSTREAM_TOKEN) holds a line break or another control character: give the token "
+                         "alone")
     return Client(args.addr, token=args.token, timeout=args.timeout, **_tls(args))
 
 
@@ -502,6 +507,8 @@ def _ingest(args) -> int:
     hashing = concurrent.futures.ThreadPoolExecutor(1)
     producers = []
     for path in args.files:
+        if path != "-" and os.path.isdir(path):
+            raise IsADirectoryError(21, "is a directory: give the files in it", path)
         if path != "-" and not os.path.isfile(path):
             raise FileNotFoundError(2, "No such file", path)
         producer = None

@@ -126,6 +126,11 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
                          "argument --interval: '-1': a number of seconds above 0")]:
         usage = run(*args, "--addr", server.address)
         assert usage.returncode == 2 and "Traceback" not in usage.stderr and words in usage.stderr, usage.stderr
+    assert one_line(run("ingest", str(tmp_path), "--addr", server.address)) == \
+        f"abstream ingest: cannot read {tmp_path}: is a directory: give the files in it"
+    assert one_line(run("tests", "--addr", "")) == \
+        "abstream tests: --addr (ABSTREAM_ADDR) is empty: give the server's HOST:PORT"
+    assert "holds a line break" in one_line(run("tests", "--addr", server.address, "--token", "abc\ndef"))
     for end in ("9999-12-31", "9999-12-31 23:59:59"):  # the calendar's last day and second: to its last instant
         answer = run("summary", "nothing_here", "--end", end, "--addr", server.address)
         assert answer.returncode == 0 and "Traceback" not in answer.stderr, answer.stderr
