@@ -153,7 +153,7 @@ def _convert(col: pa.ChunkedArray | pa.Array, f: pa.Field) -> tuple[pa.Array, li
         raise InvalidArgument(f.name, f"column of type {col.type} cannot be read as {f.type}: {error}") from error
     except pa.ArrowInvalid:
         pass
-    pieces: list[pa.Array] = []
+    pieces: list[tuple[int, pa.Array | pa.ChunkedArray]] = []  # (first row, converted), in any order
     refused: list[Rejection] = []
     halves = [(0, len(col))]
     while halves:
