@@ -88,6 +88,10 @@ def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
         return [info]
     if info.type == pafs.FileType.NotFound and isinstance(fs, pafs.LocalFileSystem):
         raise InvalidArgument("uri", f"{path[:256]} does not exist on the server")
+    bucket = path.split("/", 1)[0]
+    if not isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        # Listing a missing bucket finds nothing, as an empty one does: said, not "nothing to import".
+        raise InvalidArgument("uri", f"there is no bucket {bucket[:64]!r} (or these credentials cannot see it)")
     if info.type == pafs.FileType.NotFound and not path.endswith("/"):  # a key prefix: s3://bucket/events/2025-
         prefix = path.rsplit("/", 1)[0]
         found = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))

@@ -148,6 +148,8 @@ def test_parquet_without_optional_columns_is_read_and_an_unreadable_one_fails_al
     failed = next(line for line in lines if "2-list-users" in line)
     assert "FAILED: cannot read" in failed and "user_id: column of type list<element: string> cannot be read as string" in failed
     assert f"s3://{name}/n/4-UPPER.NDJSON.GZ: 5 stored, 0 quarantined" in lines, lines
+    missing = abstream_import(server, "s3://no-such-bucket-here/x/")
+    assert missing.returncode == 2 and "there is no bucket 'no-such-bucket-here'" in missing.stderr, missing.stderr
     assert stored(server, "narrow") == 55
     server.terminate()
 
