@@ -56,8 +56,11 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
     elif whole_day:
         moment = dt.datetime.combine(value, dt.time())
         fractional = False
-    else:
+    elif isinstance(value, dt.datetime):
         moment, fractional = value, value.microsecond != 0
+    else:
+        raise ValueError(f"{value!r} is not a date and time: give a datetime, a date, or text as 'YYYY-MM-DD', "
+                         "'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     if end and (whole_day or not fractional):
@@ -532,6 +535,8 @@ class Client:
                       for t in r.tests])
 
     def quarantine(self, test_id: str = "", limit: int = 100, *, timeout: float | None = None) -> Quarantine:
+        if not (isinstance(limit, int) and 1 <= limit < 2**32):
+            raise ValueError(f"limit must be a whole number from 1 to {2**32 - 1:,}, not {limit!r}")
         r = self._call(self._stub.ListQuarantine, pb.ListQuarantineRequest(test_id=test_id, limit=limit), timeout)
         return Quarantine([QuarantinedEvent(_utc(q.received_time), q.index, q.field, q.message, _dict(q.event))
                            for q in r.events], r.total)
@@ -555,6 +560,8 @@ class Client:
         """Sends an Arrow table of events (Event's field names) on one stream, `batch_size` rows
         per batch in the columnar format (`arrow_ipc`); returns the acks. With `producer_id`,
         batch k is sent with sequence `sequence` + k, so sending the table again stores nothing."""
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a whole number of events, 1 or more, not {batch_size!r}")
         requests = (pb.IngestEventsRequest(arrow_ipc=arrow_ipc(table.slice(at, batch_size)), producer_id=producer_id,
                                            sequence=sequence + k if producer_id else 0)
                     for k, at in enumerate(range(0, table.num_rows, batch_size)))

@@ -47,6 +47,18 @@ def test_client_returns_typed_results(server, stub):
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_callers_wrong_arguments_are_named_before_anything_is_sent(server):
+    import pyarrow as pa
+
+    with Client(server.address) as client:
+        for call, words in [(lambda: client.summary("x", start=12345), "12345 is not a date and time: give a datetime"),
+                            (lambda: client.quarantine(limit=-1), "limit must be a whole number from 1 to"),
+                            (lambda: client.ingest_table(pa.table({"user_id": ["u"]}), batch_size=0),
+                             "batch_size must be a whole number of events, 1 or more, not 0")]:
+            with pytest.raises(ValueError, match=words):
+                call()
+
+
 def test_client_sends_arrow_tables_in_the_compact_columnar_format(server):
     """Dictionary-encoded, int8, LZ4-compressed batches store what the plain table holds; a bad
     conversion still reaches the server as sent; resending with the same producer stores nothing."""
