@@ -370,12 +370,14 @@ def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Ite
 def _csv_block(f: BinaryIO, size: int) -> bytes:
     """About `size` bytes of whole rows: to the end of a line, and on while a quoted field may be
     open (a quote inside an unquoted field, which Arrow takes as it is, only makes it longer)."""
-    block = f.read(size)
-    if block and not block.endswith(b"\n"):
-        block += f.readline()
-    while block.count(b'"') % 2 and len(block) <= _MOST_BLOCKS_PER_ROW * size and (more := f.readline()):
-        block += more
-    return block
+    pieces = [f.read(size)]
+    if pieces[0] and not pieces[0].endswith(b"\n"):
+        pieces.append(f.readline())
+    odd, length = sum(p.count(b'"') for p in pieces) % 2, sum(map(len, pieces))
+    while odd and length <= _MOST_BLOCKS_PER_ROW * size and (more := f.readline()):
+        pieces.append(more)  # only the new line's quotes counted: a stray quote costs no rescans
+        odd, length = (odd + more.count(b'"')) % 2, length + len(more)
+    return b"".join(pieces)
 
 
 def _csv_reader(block: bytes, delimiter: str):
