@@ -6,6 +6,9 @@ got. When a partition is assigned (at start, after a crash, after a rebalance) c
 resumes from there, whatever offset the group had committed; so what was stored but not
 committed before a crash is neither lost nor stored twice, without Kafka transactions. Offsets
 are committed after the events they cover are durable, for the group's lag and for other tools.
+A partition whose log ends below the stored offset (the topic was deleted and created again, or a
+broker lost its storage) is read again from its start as a new producer,
+`kafka:<topic>:<partition>#<n>`: under the old one every new message would look stored.
 
 Messages are JSON events as the tutorial sends them, one per message or NDJSON in a message. One
 that cannot be read or fails validation is quarantined with its topic, partition and offset, and
@@ -46,6 +49,7 @@ BATCH_BYTES = 8 << 20
 BATCH_LINES = 50_000  # below the core's --max-batch-events
 #: How long to wait before trying refused messages again when ingest gave no time.
 RETRY_SECONDS = 1.0
+RESTART_SECONDS = 5.0  # a partition's log ends below what was stored from it this long: it started again
 
 
 class KafkaConfigError(ValueError):
@@ -98,8 +102,9 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
     return KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"), timeout, client)
 
 
-def producer_of(topic: str, partition: int) -> str:
-    return f"kafka:{topic}:{partition}"
+def producer_of(topic: str, partition: int, generation: int = 0) -> str:
+    """The producer of a partition's offsets; `generation` counts the times its log started again."""
+    return f"kafka:{topic}:{partition}" + (f"#{generation}" if generation else "")
 
 
 def as_lines(value: bytes | None) -> bytes:
@@ -144,6 +149,8 @@ class KafkaSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ingest = Ingest(core, 2)
         self._next: dict[tuple[str, int], int] = {}  # the next offset to store, per assigned partition
+        self._generation: dict[tuple[str, int], int] = {}  # of each assigned partition's log (producer_of)
+        self._below: dict[tuple[str, int], float] = {}  # since when each one's log ends below _next
         r = metrics.registry
         self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed, by topic", ["topic"], registry=r)
         self.stored = Counter("abstream_kafka_events", "Events stored from Kafka, by topic", ["topic"], registry=r)
@@ -152,6 +159,8 @@ class KafkaSource:
         self.lag = Gauge("abstream_kafka_lag", "Messages not yet consumed, by topic and partition",
                          ["topic", "partition"], registry=r)
         self.connected = Gauge("abstream_kafka_connected", "1 when a broker is reachable", registry=r)
+        self.restarted = Counter("abstream_kafka_partition_restarts", "Partitions whose log ended below the offset "
+                                 "already stored from them (recreated), by topic", ["topic"], registry=r)
 
     # ---- the thread ------------------------------------------------------------------------
 
@@ -192,11 +201,15 @@ class KafkaSource:
         self._set(False, f"connecting to {self.config.bootstrap}")
         consumer.subscribe(list(self.config.topics), on_assign=self._assigned, on_revoke=self._revoked,
                            on_lost=self._revoked)
+        checked = time.monotonic()
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(BATCH_MESSAGES, timeout=0.2)
                 if messages:
                     self._handle(consumer, messages)
+                if time.monotonic() - checked >= 1:
+                    self._check_restarts(consumer)
+                    checked = time.monotonic()
         except Exception:  # noqa: BLE001 - logged; health says so
             log.exception("kafka consumer failed")
             self._set(False, "failed: see the server's log")
@@ -209,12 +222,16 @@ class KafkaSource:
     # ---- the group -------------------------------------------------------------------------
 
     def _assigned(self, consumer, partitions) -> None:
-        """Each partition resumes after what the store has of it."""
+        """Each partition resumes after what the store has of it, in its latest generation (one
+        the store has offsets of, or the first)."""
         for tp in partitions:
+            generation = 0
             stored = self._call(self.core.last_sequence(producer_of(tp.topic, tp.partition)))
+            while later := self._call(self.core.last_sequence(producer_of(tp.topic, tp.partition, generation + 1))):
+                generation, stored = generation + 1, later
             if stored:
                 tp.offset = stored
-            self._next[(tp.topic, tp.partition)] = stored
+            self._next[(tp.topic, tp.partition)], self._generation[(tp.topic, tp.partition)] = stored, generation
         consumer.assign(partitions)
         log.info("kafka: assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
         self._set(True, self._consuming)
@@ -223,6 +240,8 @@ class KafkaSource:
         # Nothing is in flight here (batches are stored and committed before the next consume).
         for tp in partitions:
             self._next.pop((tp.topic, tp.partition), None)
+            self._generation.pop((tp.topic, tp.partition), None)
+            self._below.pop((tp.topic, tp.partition), None)
             try:
                 self.lag.remove(tp.topic, str(tp.partition))
             except KeyError:
@@ -258,7 +277,7 @@ class KafkaSource:
                 continue
             key = (m.topic(), m.partition())
             if m.offset() < self._next.get(key, 0):
-                continue  # stored before (a redelivery)
+                continue  # stored before (a redelivery), or a log that started again (`_check_restarts`)
             groups.setdefault(key, []).append(m)
         for (topic, partition), batch in groups.items():
             self.consumed.labels(topic).inc(len(batch))
@@ -275,6 +294,43 @@ class KafkaSource:
                             self._rewind(consumer, consumer.assignment())
                         return
                     start, size, lines = i + 1, 0, 0
+
+    def _check_restarts(self, consumer) -> None:
+        """Notices partitions whose log started again: the end the broker gives in its fetch
+        answers is below the offset stored from them (the topic was created again, or its
+        broker lost its storage), for `RESTART_SECONDS` on end (a new leader's end may lag for
+        a moment) and by the end it lists too. Each one is read again from its first offset as
+        its log's next generation (`producer_of`): under the old producer its offsets would all
+        look stored. A topic created again and grown past the stored offset while no server
+        consumed it cannot be told apart by offsets."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        now = time.monotonic()
+        for key, stored in list(self._next.items()):
+            low, end = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
+            if not 0 <= end < stored:
+                self._below.pop(key, None)
+                continue
+            if now - self._below.setdefault(key, now) < RESTART_SECONDS:
+                continue
+            try:
+                _, listed = consumer.get_watermark_offsets(TopicPartition(*key), timeout=10, cached=False)
+            except KafkaException as error:
+                log.warning("kafka: reading where %s[%d] ends failed: %s", *key, error)
+                continue
+            if listed >= stored:
+                continue
+            generation = self._generation.get(key, 0) + 1
+            log.error("kafka: %s[%d] ends at offset %d, below the %d already stored from it: the topic was created "
+                      "again or its broker lost its storage. It is read again from offset %d, as producer %s",
+                      *key, end, stored, low, producer_of(*key, generation))
+            self.restarted.labels(key[0]).inc()
+            self._generation[key], self._next[key] = generation, 0
+            self._below.pop(key, None)
+            try:
+                consumer.seek(TopicPartition(*key, max(low, 0)))
+            except KafkaException as error:  # checked again once it is assigned again
+                log.warning("kafka: seeking %s[%d] to %d failed: %s", *key, low, error)
 
     def _store(self, consumer, topic: str, partition: int, messages: list) -> bool:
         """Stores the messages (one batch, durable when this returns) and commits past them;
@@ -294,7 +350,7 @@ class KafkaSource:
             return iter([one_chunk(files.read_stream(io.BytesIO(body), "ndjson", total + 1, f"{topic}[{partition}]",
                                                      lambda warning: None))])
 
-        producer, sequence = producer_of(topic, partition), offsets[-1] + 1
+        producer, sequence = producer_of(topic, partition, self._generation.get((topic, partition), 0)), offsets[-1] + 1
         paused: list = []
         while True:
             outcome = self._try(read, producer, sequence, where)
@@ -342,7 +398,7 @@ class KafkaSource:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             resume_at = self._next.get(key) or (committed.get(key, -1) if committed.get(key, -1) >= 0
-                                                 else OFFSET_BEGINNING)
+                                                 and not self._generation.get(key) else OFFSET_BEGINNING)
             if key in self._next:
                 try:
                     consumer.seek(TopicPartition(tp.topic, tp.partition, resume_at))

@@ -174,6 +174,42 @@ def test_messages_read_apart_in_one_batch_are_stored_together(broker, tmp_path):
     server.terminate()
 
 
+def test_a_partition_whose_offsets_start_again_is_stored_not_skipped(tmp_path):
+    """A topic created again (here: a broker keeping its log in memory, restarted) numbers its
+    messages from offset 0 again, below the offset already stored from it: its messages are
+    stored (not taken for ones stored before), the restart is logged and counted, and a server
+    restarted afterwards resumes the new offsets, storing nothing twice."""
+    broker = Broker(tmp_path / "tansu.log").start()
+    metrics = free_port()
+    try:
+        broker.create_topic(TOPIC, 1)
+        broker.produce(TOPIC, event_messages(1_000, 1, "again_test", per_message=10))  # offsets 0 to 99
+        server = Server(tmp_path / "data", *consuming(broker, "--metrics-addr", f"127.0.0.1:{metrics}")).start()
+        wait_for(lambda: events_of(server) >= 1_000, what="the first 1,000 events")
+        broker.stop()
+        broker = Broker(tmp_path / "tansu.log", port=broker.port).start()
+        broker.create_topic(TOPIC, 1)
+        broker.produce(TOPIC, event_messages(200, 1, "again_test", per_message=10, start_user=1_000))  # 0 to 19
+        wait_for(lambda: events_of(server) >= 1_200, what="the events after the restart")
+        time.sleep(1.5)
+        assert events_of(server) == 1_200
+        # where it ends when it is looked at: the broker may be part way through the 20 messages
+        assert re.search(rf"kafka: {TOPIC}\[0\] ends at offset \d+, below the 100 already stored from it", server.log())
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            assert f'abstream_kafka_partition_restarts_total{{topic="{TOPIC}"}} 1.0' in response.read().decode()
+        server.terminate()
+        broker.produce(TOPIC, event_messages(100, 1, "again_test", per_message=10, start_user=1_200))  # 20 to 29
+        server = Server(tmp_path / "data", *consuming(broker)).start()
+        wait_for(lambda: events_of(server) >= 1_300, what="the events sent while it was down")
+        time.sleep(1.5)
+        assert events_of(server) == 1_300
+        with Client(server.address) as client:
+            assert sum(r.metrics.users for r in client.summary("again_test").rows) == 1_300  # each user once
+        server.terminate()
+    finally:
+        broker.stop()
+
+
 def assigned(server: Server) -> int:
     """How many partitions the server's last assignment gave it (its log says each one)."""
     lines = [line for line in server.log_path.read_text().splitlines() if "kafka: assigned" in line]
