@@ -121,6 +121,10 @@ _BYTES_PER_LINE = 256
 #: A block is at most this many bytes however long the lines so far: after a 12 MB line, the
 #: average asked a reader for 5,000 lines of 3 MB at once (a MemoryError).
 _MOST_BLOCK_BYTES = 16 << 20
+#: The line a block cuts is read to its end up to this: a longer one is skipped unread, said to be
+#: too long, so that a line without end (a 4 GiB upload of one line) costs no more memory than a
+#: block does.
+_MOST_LINE_BYTES = 4 << 20
 _FIXED = {"timestamp": pa.timestamp("ns", tz="UTC"), "conversion": pa.int64(), "revenue": pa.float64()}
 
 
@@ -133,10 +137,23 @@ def _ndjson(f: BinaryIO, lines: int) -> Iterator[Chunk]:
         body = f.read(min(max(int(lines * per_line * 0.98), 1), _MOST_BLOCK_BYTES))
         if not body:
             return
-        if not body.endswith(b"\n"):
-            body += f.readline()  # to the end of the line the block cut
-        table, numbers, problems, count = _ndjson_block(body, number)
-        per_line = len(body) / count
+        too_long = False
+        if not body.endswith(b"\n"):  # to the end of the line the block cut, unless it is far longer than any event
+            rest = f.readline(_MOST_LINE_BYTES)
+            start = body.rfind(b"\n") + 1
+            if len(body) - start + len(rest) >= _MOST_LINE_BYTES and not rest.endswith(b"\n"):
+                body, too_long = body[:start], True
+                while rest and not rest.endswith(b"\n"):  # the rest of it, skipped a piece at a time
+                    rest = f.readline(_MOST_LINE_BYTES)
+            else:
+                body += rest
+        table, numbers, problems, count = _ndjson_block(body, number) if body else (
+            FILE_SCHEMA.empty_table(), np.zeros(0, np.int64), [], 0)
+        if too_long:
+            count += 1
+            problems = [*problems, (number + count, "line", f"is longer than {_MOST_LINE_BYTES >> 20} MiB, far more "
+                                                             "than an event takes: it was skipped")]
+        per_line = (len(body) or _MOST_LINE_BYTES) / count
         number += count
         at = 0
         for start in range(0, max(table.num_rows, 1), lines):

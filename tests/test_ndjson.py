@@ -288,5 +288,40 @@ def test_a_long_line_does_not_make_the_next_blocks_long():
 
     chunks = list(files.read_stream(io.BufferedReader(Counted(body.encode())), "ndjson", 5_000, "body", lambda _: None))
     got = {n: r["user_id"] for c in chunks for n, r in zip(c.lines.tolist(), c.table.to_pylist())}
-    assert {n: u for n, u in got.items() if n > 1} == {2: "u0", 3: "u1", 4: "u2"} and len(got[1]) == 12 << 20
+    assert got == {2: "u0", 3: "u1", 4: "u2"}
+    assert [p[:2] for c in chunks for p in c.problems] == [(1, "line")]  # too long: below
     assert max(asked) <= 16 << 20, asked  # 5,000 lines of the long one's average were 15 GB
+
+
+def test_a_line_far_longer_than_an_event_is_skipped_unread_and_the_lines_around_it_kept():
+    """Memory stays that of a block: a line without end (here 64 MiB without a newline) is not
+    read whole; it is reported by its number, and the lines before and after it are events."""
+    def lines(*middle: bytes) -> bytes:
+        return b"\n".join([json.dumps({**EVENT, "user_id": "before"}).encode(), *middle,
+                           json.dumps({**EVENT, "user_id": "after"}).encode()]) + b"\n"
+
+    class Counted(io.BytesIO):
+        most = 0
+
+        def read(self, size=-1):
+            piece = super().read(size)
+            Counted.most = max(Counted.most, len(piece))
+            return piece
+
+        def readline(self, size=-1):
+            piece = super().readline(size)
+            Counted.most = max(Counted.most, len(piece))
+            return piece
+
+    for long_line, skipped in [(b"x" * (64 << 20), True), (json.dumps({**EVENT, "user_id": "y" * (3 << 20)}).encode(),
+                                                           False)]:
+        Counted.most = 0
+        chunks = list(files._ndjson(Counted(lines(long_line)), 1_000))
+        got = {n: r["user_id"][:8] for c in chunks for n, r in zip(c.lines.tolist(), c.table.to_pylist())}
+        problems = [p for c in chunks for p in c.problems]
+        if skipped:
+            assert got == {1: "before", 3: "after"}
+            assert problems == [(2, "line", "is longer than 4 MiB, far more than an event takes: it was skipped")]
+            assert Counted.most <= 4 << 20
+        else:  # 3 MiB: read, and left to the server's checks
+            assert got == {1: "before", 2: "y" * 8, 3: "after"} and not problems
