@@ -13,6 +13,8 @@ It imports neither the engine nor the statistics: only gRPC, the generated code 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import inspect
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Iterator, Sequence
 
@@ -438,6 +440,34 @@ class NotReady(grpc.RpcError):
         return self._details
 
 
+def _text_arguments(cls: type) -> type:
+    """Each public method's text arguments (annotated `str` or `str | None`) checked before a
+    request is built: protobuf's own error for `summary(123)` names neither the argument nor
+    what it should be."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not callable(method):
+            continue
+        signature = inspect.signature(method)
+        texts = [p for p, param in signature.parameters.items() if param.annotation in ("str", "str | None")]
+        if texts:
+            setattr(cls, name, _checking(method, signature, texts))
+    return cls
+
+
+def _checking(method, signature: inspect.Signature, texts: list[str]):
+    @functools.wraps(method)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in texts:
+            value = bound.arguments.get(name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, not {type(value).__name__} ({value!r:.64})")
+        return method(*args, **kwargs)
+
+    return checked
+
+
+@_text_arguments
 class Client:
     """Queries over one channel. Every call has a deadline (`timeout` seconds, per call or default)."""
 

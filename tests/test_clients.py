@@ -57,6 +57,11 @@ def test_a_callers_wrong_arguments_are_named_before_anything_is_sent(server):
                              "batch_size must be a whole number of events, 1 or more, not 0")]:
             with pytest.raises(ValueError, match=words):
                 call()
+        for call, words in [(lambda: client.summary(123), r"test_id must be a string, not int \(123\)"),
+                            (lambda: client.segments("x", "device", country=7), "country must be a string, not int"),
+                            (lambda: client.erase_user(b"u1"), "user_id must be a string, not bytes")]:
+            with pytest.raises(TypeError, match=words):
+                call()
 
 
 def test_client_sends_arrow_tables_in_the_compact_columnar_format(server):
