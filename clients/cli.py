@@ -790,10 +790,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(map(str, value))
+        return _printable(", ".join(map(str, value)))
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
-    return str(value)
+    return _printable(str(value))
+
+
+def _printable(text: str) -> str:
+    """Text as a table shows it: a character that is not printable (a newline, a terminal's
+    escape sequence in a test id) as its escape, so that it neither splits a row nor acts on the
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -801,6 +810,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
         return "(no rows)"
     columns = columns or list(rows[0])
     cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    columns = [_printable(c) for c in columns]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
 

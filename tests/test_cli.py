@@ -377,6 +377,19 @@ def test_output_says_what_is_empty_unknown_or_not_computable(server, tmp_path):
     assert tests[0].split(",")[:2] == ["test_id", "variants"] and tests[1].startswith("thin,control;variant_a,")
 
 
+def test_a_table_shows_control_characters_in_ids_as_escapes(server, tmp_path):
+    """A newline in a test id does not split its row, and a terminal escape sequence in a variant
+    (here: clear the screen) is shown, not acted on."""
+    events = [event(1, "two\nlines", "a\x1b[2J"), event(2, "two\nlines", "b")]
+    assert run("ingest", str(write_ndjson(tmp_path / "e.ndjson", events)), "--addr", server.address).returncode == 0
+    tests = run("tests", "--addr", server.address)
+    row = [line for line in tests.stdout.splitlines() if "two" in line]
+    assert len(row) == 1 and row[0].startswith("two\\nlines  ") and "a\\x1b[2J, b" in row[0], tests.stdout
+    assert "\x1b" not in tests.stdout
+    summary = run("summary", "two\nlines", "--addr", server.address)
+    assert "a\\x1b[2J" in summary.stdout and "\x1b" not in summary.stdout
+
+
 def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp_path):
     events = ([event(i, "opts", "base", device="mobile" if i % 2 else "desktop", conversion=i % 4 == 0)
                for i in range(400)]
