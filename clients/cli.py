@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -436,15 +437,21 @@ def _client(args):
 
 
 def _tls(args) -> dict:
-    def read(path: str | None) -> bytes | None:
+    def read(option: str, path: str | None, holds: bytes) -> bytes | None:
+        """The PEM file's bytes, checked here: gRPC would print its own log lines and fail the
+        call as UNAVAILABLE, and an empty CA file meant the system's CAs."""
         if not path:
             return None
         with open(path, "rb") as f:
-            return f.read()
+            pem = f.read()
+        if not re.search(rb"-----BEGIN [A-Z ]*" + holds + rb"-----", pem):
+            raise ValueError(f"{option} {path}: not a PEM file holding a {holds.decode().lower()} (no '-----BEGIN "
+                             f"{holds.decode()}-----' line)")
+        return pem
 
-    ca = read(args.ca)
-    return {"tls": ca if ca else (True if args.tls or args.cert else None), "cert": read(args.cert),
-            "key": read(args.key)}
+    ca = read("--ca", args.ca, b"CERTIFICATE")
+    return {"tls": ca if ca else (True if args.tls or args.cert else None),
+            "cert": read("--cert", args.cert, b"CERTIFICATE"), "key": read("--key", args.key, b"PRIVATE KEY")}
 
 
 # ---- ingest ----------------------------------------------------------------------------------

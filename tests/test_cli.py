@@ -131,6 +131,14 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     assert one_line(run("tests", "--addr", "")) == \
         "abstream tests: --addr (ABSTREAM_ADDR) is empty: give the server's HOST:PORT"
     assert "holds a line break" in one_line(run("tests", "--addr", server.address, "--token", "abc\ndef"))
+    (tmp_path / "empty.pem").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"not a certificate\n")
+    for option, name, holds in [("--ca", "empty.pem", "CERTIFICATE"), ("--ca", "notes.txt", "CERTIFICATE"),
+                                ("--cert", "notes.txt", "CERTIFICATE")]:
+        line = one_line(run("tests", "--addr", server.address, option, str(tmp_path / name),
+                            *(("--key", str(tmp_path / "notes.txt")) if option == "--cert" else ())))
+        assert line == (f"abstream tests: {option} {tmp_path / name}: not a PEM file holding a {holds.lower()} "
+                        f"(no '-----BEGIN {holds}-----' line)"), line
     for end in ("9999-12-31", "9999-12-31 23:59:59"):  # the calendar's last day and second: to its last instant
         answer = run("summary", "nothing_here", "--end", end, "--addr", server.address)
         assert answer.returncode == 0 and "Traceback" not in answer.stderr, answer.stderr
