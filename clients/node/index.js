@@ -34,13 +34,17 @@ function fieldViolations(error) {
     .flatMap((detail) => BadRequest.toObject(BadRequest.decode(detail.value)).field_violations || []);
 }
 
-/** Sends batches of events on one IngestEvents stream; resolves with one ack per batch, in order. */
+/**
+ * Sends batches of events on one IngestEvents stream; resolves with one ack per batch, in order.
+ * When the stream fails, rejects with its error, whose `acks` are those received before it: the
+ * batches they answer are stored, the others are to be sent again.
+ */
 function ingest(client, batches, options = {}) {
   return new Promise((resolve, reject) => {
     const acks = [];
     const call = client.IngestEvents(options.metadata || new grpc.Metadata(), { deadline: Date.now() + (options.timeoutMs || 30000) });
     call.on('data', (ack) => acks.push(ack));
-    call.on('error', reject);
+    call.on('error', (error) => reject(Object.assign(error, { acks })));
     call.on('end', () => resolve(acks));
     for (const events of batches) call.write({ events });
     call.end();

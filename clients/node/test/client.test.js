@@ -33,6 +33,20 @@ test('a validation error names the field in its google.rpc.BadRequest', async ()
   });
 });
 
+test('a stream that fails rejects with the acks received before it', async () => {
+  const event = {
+    timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'user_1', test_id: 'node_failed_stream', variant: 'a',
+  };
+  const tooMany = Array.from({ length: 100001 }, (_, i) => ({ ...event, user_id: `user_${i}` }));
+  await assert.rejects(ingest(client, [[event], tooMany]), (error) => {
+    assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(error.details, /a batch of 100001 events; at most 100000/);
+    assert.equal(error.acks.length, 1);
+    assert.equal(error.acks[0].accepted, 1);
+    return true;
+  });
+});
+
 test('times as users write them, and a clear error for one that is not', () => {
   assert.deepEqual(timestamp('2025-04-28 18:42:22'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28T18:42:22Z'), { seconds: 1745865742, nanos: 0 });
