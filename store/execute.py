@@ -36,7 +36,7 @@ from abstream.core.types import (
 from abstream.store import kernels
 from abstream.store.dictionary import Dictionary
 from abstream.store.ingest import Ingest
-from abstream.store.partition import NUMERIC, PartitionView, rows_of
+from abstream.store.partition import NUMERIC, PartitionView, no_rows, rows_of
 from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
 from abstream.store.rollup import HOUR_NS, HOURLY, Moments, Rollup, VariantTotals
 
@@ -424,7 +424,7 @@ class Queries:
         filter_names = [name for name, _ in filters.items()] if filters else []
         wanted = list(dict.fromkeys(names + filter_names))
         if test is None:
-            cols = {c: np.zeros(0, dtype=np.int64) for c in wanted}
+            cols = no_rows(wanted)
         else:
             cols = view.select(test, start, end, wanted)
         scanned = len(cols[wanted[0]])

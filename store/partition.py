@@ -560,8 +560,13 @@ class StoreView:
                 if mask.any():
                     pieces.append([rows_of(tail[c], mask) for c in names])
         if not pieces:
-            return {c: pa.array([], pa.string()) if c in STRINGS else np.zeros(0, dtype=DTYPES[c]) for c in names}
+            return no_rows(names)
         if len(pieces) == 1:
             return dict(zip(names, pieces[0]))
         return {c: pa.concat_arrays([piece[i] for piece in pieces]) if c in STRINGS else
                 np.concatenate([piece[i] for piece in pieces]) for i, c in enumerate(names)}
+
+
+def no_rows(names: list[str]) -> dict[str, np.ndarray | pa.Array]:
+    """The named columns of no events, each of its stored type."""
+    return {c: pa.array([], pa.string()) if c in STRINGS else np.zeros(0, dtype=DTYPES[c]) for c in names}

@@ -151,6 +151,12 @@ def test_session_metrics_through_the_server(server, stub):
     assert by_metric[pb.METRIC_CONVERSIONS_PER_SESSION].guardrail.non_inferior
     plain = stub.Summary(pb.SummaryRequest(test_id="visits"), timeout=30).analysis
     assert pb.METRIC_EVENTS_PER_SESSION not in {c.metric for c in plain.comparisons}
+    # a test with no events: no rows (it was INTERNAL: the columns of no events lacked their types)
+    empty = stub.Summary(pb.SummaryRequest(test_id="no_such_test", analysis=options), timeout=30)
+    assert list(empty.rows) == []
+    segments = stub.Segments(pb.SegmentsRequest(test_id="no_such_test", dimension=pb.DIMENSION_DEVICE,
+                                                analysis=options), timeout=30)
+    assert list(segments.rows) == []
     with pytest.raises(grpc.RpcError) as caught:
         stub.Summary(pb.SummaryRequest(test_id="visits", analysis=pb.AnalysisOptions(
             guardrail_margins={"events_per_session": 0.1})), timeout=30)
