@@ -19,6 +19,7 @@ from abstream.core import admission, threads
 from abstream.core.admission import Limits
 from abstream.core.auth import Tokens, load_tokens
 from abstream.core.dataplane import Core
+from abstream.core.errors import Unavailable
 from abstream.core.engine import Engine
 from abstream.core.metrics import Metrics
 from abstream.core.settings import Settings
@@ -277,14 +278,23 @@ class AnalyticsServer:
 
     async def _every_second(self) -> None:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
-        once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused)."""
-        seen, trimmed = None, True
+        once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused).
+        Health says NOT_SERVING for good once the engine can store nothing more (its log failed)."""
+        seen, trimmed, failed = None, True, False
         swept = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             engine = self.core.engine
             try:
                 await asyncio.to_thread(engine.maintain)
+            except Unavailable:  # the engine can store nothing more (its log failed, and said why)
+                if not failed:
+                    failed = True
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                continue
+            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+                log.exception("periodic maintenance failed")
+            try:
                 if time.monotonic() - swept >= self.settings.retention_sweep_seconds:
                     swept = time.monotonic()
                     await self.core.sweep()

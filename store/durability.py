@@ -232,7 +232,7 @@ class Persistence:
         ingest = self._ingest
         ingest.wait_sealed()
         if ingest.wal is not None:
-            if final_snapshot:
+            if final_snapshot and ingest.wal.failure is None:  # after a failure: what was never logged stays out
                 self.snapshot()
             ingest.wal.close()
             ingest.wal = None

@@ -164,8 +164,11 @@ class EventStore:
         return self._persistence.snapshot()
 
     def maintain(self) -> None:
-        """Periodic work (once a second): a snapshot when one is due."""
+        """Periodic work (once a second): a snapshot when one is due; Unavailable once the log
+        has failed (the server then says NOT_SERVING)."""
         if self._persistence is not None:
+            if (wal := self._ingest.wal) is not None and wal.failure is not None:
+                raise wal.refusal()
             self._persistence.maybe_snapshot()
 
     def close(self, final_snapshot: bool = True) -> None:

@@ -16,6 +16,12 @@ the next batch; in the committing thread it overlaps with it. With `fsync="inter
 writes the record, a background thread fsyncs every `interval_ms` and `commit` returns at once:
 a process crash loses nothing (the kernel has the bytes), a power loss may lose the last
 interval.
+
+A write or fsync that fails (a full disk, an I/O error) stops the log for good: the bytes it left
+are cut off, every commit waiting and every later append or commit raises `Unavailable`, and
+nothing is written after the failure, so the log on disk stays a clean prefix of what was
+acknowledged and a restart (once the disk is fixed) recovers exactly that. Batches applied but
+not yet durable were never acknowledged, and are gone after the restart.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from abstream.core import threads
-from abstream.core.errors import AbstreamError
+from abstream.core.errors import AbstreamError, Unavailable
 
 log = logging.getLogger("abstream.store.wal")
 
@@ -85,6 +91,20 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in getattr(os, "sysconf_name
 _IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 1024  # -1: no stated limit
 
 
+def _write_or_undo(fd: int, pieces: list) -> None:
+    """`_write_all`, or none of it: a failed write's bytes are cut off (best effort) before its
+    error is raised."""
+    size = os.fstat(fd).st_size  # O_APPEND: where the write begins
+    try:
+        _write_all(fd, pieces)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:  # a torn tail with nothing after it: replay cuts it off
+            pass
+        raise
+
+
 def _write_all(fd: int, pieces: list) -> None:
     """Writes the pieces in order, IOV_MAX buffers per writev; a short write (a signal, a full
     disk) continues after it."""
@@ -118,6 +138,27 @@ class WriteAheadLog:
         self.next_lsn = 1
         self._closed = threading.Event()
         self._flusher: threading.Thread | None = None
+        self.failure: OSError | None = None  # the write or fsync that stopped the log
+
+    def _failed(self, error: OSError) -> None:
+        """Stops the log after a failed write or fsync (see the module's docstring)."""
+        with self._lock:
+            self._stopped(error)
+        with self._synced:
+            self._synced.notify_all()
+
+    def _stopped(self, error: OSError) -> None:
+        """`_failed`, under `_lock`."""
+        if self.failure is None:
+            log.error("the write-ahead log could not be written: %s. This server stores no more events until it is "
+                      "restarted; the events it acknowledged are safe", error)
+            self.failure = error
+        self._pending = []  # after the failed records: never written
+
+    def refusal(self) -> Unavailable:
+        return Unavailable(f"the write-ahead log could not be written ({self.failure}): this server stores no more "
+                           "events until it is restarted (what it acknowledged is safe); send them to another server "
+                           "or retry once it is back", retry_after=5.0)
 
     # ---- reading (at start) ----------------------------------------------------------------
 
@@ -210,11 +251,17 @@ class WriteAheadLog:
         if payload.size > _MAX_RECORD:
             raise AbstreamError(f"a log record of {payload.size} bytes; at most {_MAX_RECORD}")
         with self._lock:
+            if self.failure is not None:
+                raise self.refusal()
             lsn = self.next_lsn
             if self.policy == "always":
                 self._pending.append((lsn, payload))
             else:
-                _write_all(self._fd, payload.record(lsn))
+                try:
+                    _write_or_undo(self._fd, payload.record(lsn))
+                except OSError as error:
+                    self._stopped(error)
+                    raise self.refusal() from error
             self.next_lsn = lsn + 1
             return lsn
 
@@ -223,14 +270,29 @@ class WriteAheadLog:
         segment they are in (the caller closes it)."""
         with self._writing:
             with self._lock:
+                if self.failure is not None:
+                    raise self.refusal()
                 pending, self._pending = self._pending, []
                 target, fd = self.next_lsn - 1, os.dup(self._fd)
             try:
-                _write_all(fd, _records(pending))
-            except BaseException:
+                _write_or_undo(fd, _records(pending))
+            except BaseException as error:
                 os.close(fd)
+                if isinstance(error, OSError):
+                    self._failed(error)
+                    raise self.refusal() from error
                 raise
             return target, fd
+
+    def _synced_to(self, fd: int) -> None:
+        """fsync, then close, `fd`; a failed fsync stops the log (the kernel may have dropped the pages)."""
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            self._failed(error)
+            raise self.refusal() from error
+        finally:
+            os.close(fd)
 
     def commit(self, lsn: int) -> None:
         """Returns once record `lsn` is as durable as the policy promises."""
@@ -238,6 +300,8 @@ class WriteAheadLog:
             return
         with self._synced:
             while self._durable_lsn < lsn:
+                if self.failure is not None:
+                    raise self.refusal()
                 if self._syncing:
                     self._synced.wait()
                     continue
@@ -245,29 +309,26 @@ class WriteAheadLog:
                 self._synced.release()
                 try:
                     target, fd = self._written()  # everything appended so far rides on this fsync
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    self._synced_to(fd)
                 finally:
                     self._synced.acquire()
                     self._syncing = False
+                    self._synced.notify_all()  # the waiters: durable now, or the log failed
                 self._durable_lsn = max(self._durable_lsn, target)
-                self._synced.notify_all()
 
     def _flush_every_interval(self) -> None:
         threads.name_native("abstream-flush")
-        while not self._closed.wait(self.interval_ms / 1000):
-            self.sync()
+        while not self._closed.wait(self.interval_ms / 1000) and self.failure is None:
+            try:
+                self.sync()
+            except Unavailable:  # the log failed: said once, by _failed
+                return
 
     def sync(self) -> None:
         if self._fd is None:
             return
         target, fd = self._written()
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._synced_to(fd)
         with self._synced:
             self._durable_lsn = max(self._durable_lsn, target)
             self._synced.notify_all()
@@ -275,9 +336,15 @@ class WriteAheadLog:
     def rotate(self) -> int:
         """Starts a new segment (the old one written and synced); returns the first LSN the new one holds."""
         with self._writing, self._lock:
-            _write_all(self._fd, _records(self._pending))
-            self._pending = []
-            self._start_segment()
+            if self.failure is not None:
+                raise self.refusal()
+            try:
+                _write_or_undo(self._fd, _records(self._pending))
+                self._pending = []
+                self._start_segment()
+            except OSError as error:
+                self._stopped(error)
+                raise self.refusal() from error
             first = self.next_lsn
         with self._synced:
             self._durable_lsn = max(self._durable_lsn, first - 1)
@@ -298,8 +365,11 @@ class WriteAheadLog:
             self._flusher.join(timeout=5)
         with self._writing, self._lock:
             if self._fd is not None:
-                _write_all(self._fd, _records(self._pending))
-                self._pending = []
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
+                try:
+                    if self.failure is None:  # after a failure, nothing more is written
+                        _write_or_undo(self._fd, _records(self._pending))
+                        os.fsync(self._fd)
+                finally:
+                    self._pending = []
+                    os.close(self._fd)
+                    self._fd = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import resource
 import threading
 import time
 from pathlib import Path
@@ -386,6 +387,52 @@ def test_interval_fsync_survives_a_process_crash(data_dir):
     server.kill()  # the kernel has every write: a process crash loses nothing
     server.start()
     assert totals(server) == (5 * BATCH, 5 * BATCH)
+    server.kill()
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_a_log_that_cannot_be_written_stops_ingest_and_a_restart_recovers_what_was_acknowledged(data_dir, fsync):
+    """A full disk, made here by a file size limit on the server's process (a write past it fails
+    with EFBIG as one on a full disk does with ENOSPC): the batch whose record could not be
+    written is refused UNAVAILABLE, and so is every later one, even once there is room again (a
+    record written after the failed one would sit behind a hole), and health says NOT_SERVING.
+    After a restart the server holds exactly the batches it acknowledged, its log has no torn
+    bytes to cut, and the refused batch is stored when sent again (not taken for a duplicate)."""
+    server = Server(data_dir, "--fsync", fsync, "--fsync-interval-ms", "20").start()
+    segment = max((data_dir / "wal").glob("wal-*.log"))
+    full = segment.stat().st_size + 30_000  # the soft limit: raised again below, as a freed disk
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (full, resource.RLIM_INFINITY))
+    acked, refused = [], None
+    with server.channel() as ch:
+        stub = server.stub(ch)
+        for seq in range(1, 100):
+            try:
+                assert send(stub, "full", seq).accepted == BATCH
+            except grpc.RpcError as error:
+                refused = seq
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                assert "the write-ahead log could not be written (" in error.details(), error.details()
+                break
+            acked.append(seq)
+        assert refused is not None and len(acked) >= 3
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)  # room again
+        for seq in (refused, refused + 1):
+            with pytest.raises(grpc.RpcError) as later:
+                send(stub, "full", seq)
+            assert later.value.code() == grpc.StatusCode.UNAVAILABLE and "write-ahead log" in later.value.details()
+        deadline = time.monotonic() + 10
+        while server.health(ch) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.terminate() == 0  # no last snapshot: what the log does not hold stays out
+    server.start()
+    assert totals(server) == (len(acked) * BATCH, len(acked) * BATCH)
+    assert "cutting a torn" not in server.log()
+    with server.channel() as ch:
+        assert server.health(ch) == health_pb2.HealthCheckResponse.SERVING
+        ack = send(server.stub(ch), "full", refused)
+    assert ack.accepted == BATCH and not ack.duplicate
+    assert totals(server) == ((len(acked) + 1) * BATCH, (len(acked) + 1) * BATCH)
     server.kill()
 
 
