@@ -10,7 +10,9 @@ and queries.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -60,7 +62,12 @@ class Persistence:
         self._d = d
         self._lock = threading.Lock()
         self._last = _SnapshotClock()
-        self._recover()
+        self._held: int | None = _hold(Path(d.data_dir))
+        try:
+            self._recover()
+        except BaseException:
+            os.close(self._held)
+            raise
         if self._purge_mark.exists():  # an erasure whose older copies were not all gone yet
             self.purge()
 
@@ -236,6 +243,27 @@ class Persistence:
                 self.snapshot()
             ingest.wal.close()
             ingest.wal = None
+        if self._held is not None:
+            os.close(self._held)  # the lock goes with it
+            self._held = None
+
+
+def _hold(data_dir: Path) -> int:
+    """An exclusive lock on the data directory (its file `lock`, holding this process's id), held
+    while the store is open: two servers on one directory would each write their own record
+    under the same number, and neither could start again."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RecoveryError(f"{data_dir} is in use by another abstream server (process {holder}); one server per "
+                            "data directory: stop it, or give this one its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 class _LazyBatches:

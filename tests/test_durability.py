@@ -144,6 +144,19 @@ def test_a_resent_batch_is_a_duplicate_across_restarts(data_dir):
     server.kill()
 
 
+def test_a_second_server_on_the_same_data_directory_refuses_to_start(data_dir):
+    """Each would write its own records under the same numbers, and neither could start again."""
+    first = Server(data_dir).start()
+    with first.channel() as ch:
+        assert send(first.stub(ch), "one", 1).accepted == BATCH
+    code, said = Server(data_dir).start_expecting_failure()
+    assert code == 2 and f"{data_dir} is in use by another abstream server (process {first.process.pid})" in said, said
+    first.kill()  # the lock goes with the process, however it ends
+    second = Server(data_dir).start()
+    assert totals(second) == (BATCH, BATCH)
+    second.kill()
+
+
 def test_torn_tail_is_cut_off_and_logged(data_dir):
     server = Server(data_dir).start()
     with server.channel() as ch:
@@ -513,7 +526,7 @@ def test_snapshots_by_count_wait_for_a_share_of_the_store_and_a_restart_replays_
         for i in range(0, len(events), 500):
             append(store, to_table(events[i:i + 500]))  # acked: on disk
             store.maintain()  # what the server runs once a second
-        # Left as a crash leaves it: no final snapshot.
+        store.close(final_snapshot=False)  # left as a crash leaves it: no final snapshot
         return [int(m.group(1)) for r in caplog.records if (m := re.search(r"written: (\d+) events", r.getMessage()))]
 
     caplog.set_level(logging.INFO, logger="abstream.store")
