@@ -192,9 +192,17 @@ class Persistence:
             root = Path(d.data_dir) / "snapshots"
             path = persist.write_snapshot(root, contents, d.snapshot_compression)
             self._last = _SnapshotClock(events=events_at)
-            kept = persist.list_snapshots(root)[: max(d.snapshots_kept if keep is None else keep, 1)]
-            for _, old in persist.list_snapshots(root)[len(kept):]:
-                shutil.rmtree(old, ignore_errors=True)
+            # The newest ones up to this one. One numbered past the log is not this log's (a copy
+            # gone wrong): kept by number, it had this one deleted.
+            found = persist.list_snapshots(root)
+            kept = [(lsn, p) for lsn, p in found if lsn <= contents.lsn][: max(d.snapshots_kept if keep is None
+                                                                            else keep, 1)]
+            for lsn, old in found:
+                if (lsn, old) not in kept:
+                    if lsn > contents.lsn:
+                        log.warning("deleting %s: numbered past the log's record %d, it is not this log's", old,
+                                    contents.lsn)
+                    shutil.rmtree(old, ignore_errors=True)
             for tmp in root.glob("tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
             # Keep the log back to the oldest kept snapshot, so any of them can be fallen back on.

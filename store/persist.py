@@ -198,11 +198,32 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     for path in tmp.iterdir():
         _fsync_file(path)
     fsync_dir(tmp)
-    if final.exists():  # the same LSN again (nothing was ingested since): replace it
-        shutil.rmtree(final)
+    if final.exists():  # the same LSN again (nothing was logged since): the same store
+        if _matches_manifest(final):  # already whole on disk: kept (removing it first left none for a moment)
+            shutil.rmtree(tmp)
+            return final
+        shutil.rmtree(final)  # damaged: replaced
     tmp.rename(final)
     fsync_dir(root)
     return final
+
+
+def _matches_manifest(path: Path) -> bool:
+    """Whether a snapshot's files are those its manifest lists (sizes and CRC-32s)."""
+    try:
+        _check_manifest(path)
+        return True
+    except (SnapshotError, OSError, ValueError, KeyError):
+        return False
+
+
+def _check_manifest(path: Path) -> dict:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if file.stat().st_size != expected["size"] or _crc_file(file) != expected["crc32"]:
+            raise SnapshotError(f"{file} does not match the manifest (size or CRC-32)")
+    return manifest
 
 
 def list_snapshots(root: Path) -> list[tuple[int, Path]]:
@@ -219,11 +240,7 @@ def list_snapshots(root: Path) -> list[tuple[int, Path]]:
 def load_snapshot(path: Path) -> SnapshotContents:
     """Reads and checks one snapshot; raises SnapshotError when anything is off."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        for name, expected in manifest["files"].items():
-            file = path / name
-            if file.stat().st_size != expected["size"] or _crc_file(file) != expected["crc32"]:
-                raise SnapshotError(f"{file} does not match the manifest (size or CRC-32)")
+        manifest = _check_manifest(path)
 
         def read(name: str) -> pa.Table:
             # Memory-mapped: uncompressed columns are used where they lie, without a copy.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import threading
@@ -155,6 +156,46 @@ def test_a_second_server_on_the_same_data_directory_refuses_to_start(data_dir):
     second = Server(data_dir).start()
     assert totals(second) == (BATCH, BATCH)
     second.kill()
+
+
+def test_a_snapshot_at_the_same_log_position_keeps_the_one_on_disk(data_dir):
+    """A stop with nothing logged since the last snapshot writes one at the same position: the
+    one on disk is kept (it was deleted before the new one was renamed in, leaving, for a moment,
+    no snapshot at all while the log before it was already gone)."""
+    server = Server(data_dir).start()
+    with server.channel() as ch:
+        assert send(server.stub(ch), "same", 1).accepted == BATCH
+    assert server.terminate() == 0
+    [first] = (data_dir / "snapshots").glob("snap-*")
+    written = json.loads((first / "manifest.json").read_text())["created_ns"]
+    server.start()
+    assert server.terminate() == 0  # nothing logged since: the same position
+    assert list((data_dir / "snapshots").glob("snap-*")) == [first]
+    assert json.loads((first / "manifest.json").read_text())["created_ns"] == written
+    server.start()
+    assert totals(server) == (BATCH, BATCH)
+    server.kill()
+
+
+def test_a_snapshot_directory_numbered_past_the_log_is_not_kept_in_place_of_the_new_one(data_dir):
+    """An unusable snapshot directory numbered past the log (a restore copied halfway) is
+    skipped at start; the next snapshot deletes it rather than itself (kept by number, it was the
+    newest, and an erasure's purge, which keeps one, deleted the snapshot it had just written)."""
+    server = Server(data_dir).start()
+    with server.channel() as ch:
+        assert send(server.stub(ch), "junk", 1).accepted == BATCH
+    server.kill()
+    junk = data_dir / "snapshots" / f"snap-{99999:020d}"
+    junk.mkdir(parents=True)
+    server.start()
+    with server.channel() as ch:
+        assert server.admin(ch).EraseUser(admin_pb2.EraseUserRequest(user_id="junk-1-0"), timeout=60).events == 1
+        assert send(server.stub(ch), "junk", 2).accepted == BATCH
+    assert not junk.exists()
+    server.kill()
+    server.start()
+    assert totals(server) == (2 * BATCH - 1, 2 * BATCH - 1)
+    server.kill()
 
 
 def test_torn_tail_is_cut_off_and_logged(data_dir):
