@@ -52,6 +52,8 @@ class PreparedBatch:
     sequence: int
     first_sequence: int  # of the producer's first request in the batch (0: the batch is one request)
     payload: Payload | None  # the log record, when the store has a log
+    batch: ValidatedBatch  # as checked: encoded again if the dictionaries were rebuilt since (an erasure)
+    generation: int  # of the dictionaries the codes are of
 
     @property
     def events(self) -> int:
@@ -94,6 +96,7 @@ class Ingest:
         self._removals = 0  # removals applied: a rollup folded across one is not attached
         self.lock = threading.Lock()  # applying batches: the log's order is the order they become visible
         self._encode_lock = threading.Lock()  # the dictionaries' one writer
+        self._generation = 0  # of the dictionaries: rebuilt by an erasure (under both locks)
         self.tests = Dictionary(capacity=np.iinfo(np.int32).max)
         self.dicts = {name: Dictionary(capacity=int(np.iinfo(t.to_pandas_dtype()).max))
                       for name, t in CODE_TYPES.items()}
@@ -116,13 +119,14 @@ class Ingest:
         rejections = list(batch.rejections)
         with self._encode_lock:
             test_codes, cols, rejected = self.encode(batch.table, batch.valid, rejections)
+            generation = self._generation
         payload = None
         if self.wal is not None:
             payload = Payload.of(persist.encode_record(
                 persist.Record(batch.table, rejections, batch.producer_id, batch.sequence, batch.received_ns),
                 batch.ipc))
         return PreparedBatch(test_codes, cols, rejected, rejections, batch.received_ns, batch.producer_id,
-                             batch.sequence, batch.first_sequence, payload)
+                             batch.sequence, batch.first_sequence, payload, batch, generation)
 
     def apply(self, p: PreparedBatch) -> IngestResult:
         """Logs a prepared batch and makes it visible, in one critical section; its `token` is the
@@ -130,6 +134,8 @@ class Ingest:
         most once per sequence: one not above the producer's last is a duplicate. A batch of several
         of its requests is applied whole or not at all."""
         with self.lock:
+            if p.generation != self._generation:  # encoded before an erasure rebuilt the dictionaries
+                p = self.prepare(p.batch)  # (under the ingest lock: no other erasure meanwhile)
             if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None:
                 if p.sequence <= previous.sequence:
                     # Applied before: wait for that batch to be durable, store nothing now.
@@ -200,6 +206,7 @@ class Ingest:
                     values[user] = f"\x00erased:{user}"
                     self.dicts["user_id"] = Dictionary.from_values(pa.array(values, pa.string()),
                                                                    self.dicts["user_id"].capacity)
+                    self._generation += 1  # batches encoded before are encoded again when applied
         elif "horizons" in change:
             for test_id, horizon in change["horizons"].items():
                 code = self.tests.code(test_id)

@@ -286,6 +286,32 @@ def test_a_token_for_a_prefix_removes_only_its_own_tests(tmp_path):
     server.terminate()
 
 
+def test_a_batch_encoded_before_an_erasure_and_applied_after_it_keeps_its_users(tmp_path):
+    """A stream encodes its next batch while another is applied: an erasure in between rebuilt
+    the user dictionary, and the batch's events were stored under the erased user's old code,
+    as the placeholder that replaced its name, for good (a second erasure did not find them)."""
+    from abstream.core import events
+    from abstream.core.engine import append
+    from abstream.core.types import ValidatedBatch
+    from abstream.store import Durability, EventStore
+
+    store = EventStore(durability=Durability(tmp_path / "data"))
+    append(store, table(200, "race", 1_745_000_000, secret_every=4))
+    now = time.time_ns()
+    checked, rejections = events.check(table(100, "race", 1_745_001_000, seed=2, secret_every=2), now)
+    prepared = store.prepare(ValidatedBatch(checked, rejections, now, "", 0))  # encoded: the user still known
+    assert store.erase_user(SECRET_USER) == 50
+    store.commit(store.apply(prepared))
+    users = set(pa.concat_tables(store.export("race")).column("user_id").to_pylist())
+    assert SECRET_USER in users and not [u for u in users if u.startswith("\x00")]
+    assert store.erase_user(SECRET_USER) == 50  # the batch's events, erased in turn
+    store.close()
+    store = EventStore(durability=Durability(tmp_path / "data"))
+    assert store.event_count == 200 and SECRET_USER not in set(pa.concat_tables(store.export("race")).column(
+        "user_id").to_pylist())
+    store.close()
+
+
 def test_a_user_erased_from_parts_that_overlap_in_time_leaves_exact_answers(tmp_path):
     """Two sealed parts of one test covering the same hours (a backfill): the rewritten test is
     sorted again, so ranged queries still find every event."""
