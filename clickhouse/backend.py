@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,17 @@ _RETRIABLE = {
 
 #: Codes that mean ZooKeeper cannot be reached.
 _ZOOKEEPER = {999, 225, 242}
+#: The longest statement a server parses, sent with every query: a statement lists a test's
+#: variants (a lift), or the tests a removal names, and ClickHouse refuses one past 256 KiB.
+MAX_QUERY_BYTES = 16 << 20
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _said(error: BaseException) -> str:
+    """What ClickHouse said, on one line, without its stack trace (some versions give only
+    "Code: 62." on the first line, and the reason on the next)."""
+    said = " ".join(str(error).split("Stack trace")[0].split())
+    return said[:400] or type(error).__name__
 
 
 def translate(error: BaseException, where: str) -> AbstreamError:
@@ -53,11 +65,10 @@ def translate(error: BaseException, where: str) -> AbstreamError:
         return DeadlineExceeded(f"{where}: the query ran past the caller's deadline and was stopped")
     if isinstance(error, (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError)) or code in _RETRIABLE:
         why = _RETRIABLE.get(code, "the server went away")
-        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        unavailable = Unavailable(f"{where}: {why} ({first_line})", retry_after=1.0)
+        unavailable = Unavailable(f"{where}: {why} ({_said(error)})", retry_after=1.0)
         unavailable.code = code
         return unavailable
-    return AbstreamError(f"{where}: ClickHouse refused the statement: {str(error).strip().splitlines()[0][:300]}")
+    return AbstreamError(f"{where}: ClickHouse refused the statement: {_said(error)}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,10 @@ class Cluster:
 
     def __init__(self, seeds: Sequence[str], cluster: str, database: str, *, insert_quorum: int = 2,
                  user: str = "default", password: str = "", connect_timeout: float = 2.0) -> None:
+        for option, name in (("--clickhouse-cluster", cluster), ("--clickhouse-database", database)):
+            if not _NAME.fullmatch(name):  # written into statements as it is
+                raise AbstreamError(f"{option} must be a name of letters, digits and underscores, not starting "
+                                    f"with a digit, not {name[:64]!r}")
         self.cluster, self.database = cluster, database
         self.insert_quorum = insert_quorum
         # Reads see every acked batch at once only if batches are acked on a quorum: sequential
@@ -105,7 +120,7 @@ class Cluster:
 
         first, rest = replicas[0], replicas[1:]
         return Client(first.host, first.port, alt_hosts=",".join(map(str, rest)) or None,
-                      settings=settings or {}, **self._credentials)
+                      settings={"max_query_size": MAX_QUERY_BYTES, **(settings or {})}, **self._credentials)
 
     def _discover(self) -> list[Shard]:
         """The shards and replicas of the cluster, as its servers know them."""
@@ -291,6 +306,7 @@ class Local:
 
         self.database = database
         self._session = session.Session(path) if path else session.Session()
+        self._session.query(f"SET max_query_size = {MAX_QUERY_BYTES}")  # a session's setting, kept
         self._lock = threading.Lock()
         self.shards = [Shard(1, [Replica("chdb", 0)])]
 

@@ -169,8 +169,10 @@ class ClickHouseEngine:
         """Removes the user's events (of `tests`, or all) and rejected events from every replica
         before it returns. ClickHouse deletes the parts they were in once they are replaced
         (after its old_parts_lifetime, 8 minutes by default)."""
-        removed = self._remove(sql.EVENTS, sql.user_rows(user_id, list(tests) if tests else None))
-        self._remove(sql.QUARANTINE, sql.user_rows(user_id, list(tests) if tests else None))
+        rows = sql.user_rows(user_id, list(tests) if tests else None)
+        removed = sum(self._remove(sql.EVENTS, condition) for condition in rows)
+        for condition in rows:
+            self._remove(sql.QUARANTINE, condition)
         return removed
 
     def retain(self, horizons: dict[str, int]) -> int:
@@ -178,7 +180,7 @@ class ClickHouseEngine:
         rewrites every part it touches, so the sweep does so at most once a day per test (the
         core hides what is older than the horizon itself meanwhile)."""
         days = {t: h // _DAY_NS * _DAY_NS for t, h in horizons.items()}
-        return self._remove(sql.EVENTS, sql.old_rows(days)) if days else 0
+        return sum(self._remove(sql.EVENTS, condition) for condition in sql.old_rows(days)) if days else 0
 
     def _remove(self, table: str, condition: str) -> int:
         """Deletes the rows matching `condition` from each shard's local table, and returns the
@@ -529,8 +531,8 @@ def _merge_moments(a: list[float] | None, n: float, total: float, m2: float) -> 
         return [n, total, m2]
     if not n:
         return a
-    both = a[0] + n
-    return [both, a[1] + total, a[2] + m2 + (total / n - a[1] / a[0]) ** 2 * a[0] * n / both]
+    both, d = a[0] + n, total / n - a[1] / a[0]
+    return [both, a[1] + total, a[2] + m2 + d * d * a[0] * n / both]  # d * d: inf past the float range, as numpy
 
 
 def _merge(a: list[float] | None, b: list) -> list[float]:
@@ -543,8 +545,8 @@ def _merge(a: list[float] | None, b: list) -> list[float]:
     n = n_a + n_b
     out = [n, a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4]]
     for var_at, total_at in ((5, 3), (6, 2)):  # revenue's variance with revenue, conversions' with conversions
-        mean_a, mean_b = a[total_at] / n_a, b[total_at] / n_b
-        m2 = a[var_at] * n_a + b[var_at] * n_b + (mean_b - mean_a) ** 2 * n_a * n_b / n
+        d = b[total_at] / n_b - a[total_at] / n_a  # squared as d * d: ** raises OverflowError where numpy gives inf
+        m2 = a[var_at] * n_a + b[var_at] * n_b + d * d * n_a * n_b / n
         out.append(m2 / n)
     # the covariance of revenue and conversions: co-moments combine the same way
     dr, dc = b[3] / n_b - a[3] / n_a, b[2] / n_b - a[2] / n_a

@@ -15,6 +15,7 @@ each shard's.
 from __future__ import annotations
 
 import struct
+from typing import Iterator
 
 from abstream.core.timezones import Offsets
 from abstream.core.types import Filters, Interval
@@ -252,8 +253,8 @@ def cumulative_squares(local: str, test_id: str, start_ns: int | None, end_ns: i
     of revenue x and conversions y (c, d: the variant's `centers`), from each user's total before
     the bucket to after it."""
     names = "[" + ", ".join(literal(v) for v in centers) + "]"
-    c = f"transform(variant, {names}, [{', '.join(repr(float(x)) for x, _ in centers.values())}], 0.)"
-    d = f"transform(variant, {names}, [{', '.join(repr(float(y)) for _, y in centers.values())}], 0.)"
+    c = f"transform(variant, {names}, [{', '.join(exact_float(x) for x, _ in centers.values())}], 0.)"
+    d = f"transform(variant, {names}, [{', '.join(exact_float(y) for _, y in centers.values())}], 0.)"
     where = _where(test_id, start_ns, end_ns, filters) + " AND (conversion = 1 OR revenue != 0)"
     per_bucket = (f"SELECT variant, user_id, {_bucket(interval, offsets)} AS bucket, sum(revenue) AS dx, "
                   f"countIf(conversion = 1) AS dy FROM {local} WHERE {where} GROUP BY variant, user_id, bucket")
@@ -338,14 +339,35 @@ def test_rows(test_id: str) -> str:
     return f"test_id = {literal(test_id)}"
 
 
-def user_rows(user_id: str, tests: list[str] | None) -> str:
-    inside = f" AND test_id IN ({', '.join(literal(t) for t in tests)})" if tests else ""
-    return f"user_id = {literal(user_id)}{inside}"
+def user_rows(user_id: str, tests: list[str] | None) -> list[str]:
+    """The user's rows (of `tests`), as conditions of at most MOST_CONDITION_BYTES each."""
+    if not tests:
+        return [f"user_id = {literal(user_id)}"]
+    return [f"user_id = {literal(user_id)} AND test_id IN ({names})" for names in _in_pieces(map(literal, tests), ", ")]
 
 
-def old_rows(horizons: dict[str, int], time_column: str = "ns") -> str:
-    """Each test's rows before its horizon (ns)."""
-    return " OR ".join(f"(test_id = {literal(t)} AND {time_column} < {int(h)})" for t, h in sorted(horizons.items()))
+def old_rows(horizons: dict[str, int], time_column: str = "ns") -> list[str]:
+    """Each test's rows before its horizon (ns), as conditions of at most MOST_CONDITION_BYTES each."""
+    return list(_in_pieces((f"(test_id = {literal(t)} AND {time_column} < {int(h)})"
+                            for t, h in sorted(horizons.items())), " OR "))
+
+
+#: A removal's condition is cut into pieces of at most this many bytes, one statement each: a
+#: retention sweep over thousands of tests made one statement past what a server parses.
+MOST_CONDITION_BYTES = 1 << 20
+
+
+def _in_pieces(terms, joiner: str) -> Iterator[str]:
+    piece: list[str] = []
+    size = 0
+    for term in terms:
+        if piece and size + len(term) + len(joiner) > MOST_CONDITION_BYTES:
+            yield joiner.join(piece)
+            piece, size = [], 0
+        piece.append(term)
+        size += len(term) + len(joiner)
+    if piece:
+        yield joiner.join(piece)
 
 
 def count_rows(table: str, condition: str) -> str:

@@ -261,6 +261,53 @@ def test_quarantine_and_producers_live_in_the_cluster(kind, request):
     engine.close()
 
 
+@pytest.mark.parametrize("kind", ["chdb", "clickhouse"])
+def test_long_statements_and_extreme_numbers_are_answered_as_the_embedded_engine_does(kind, request):
+    """A retention sweep over 1,100 tests of long ids, an erasure from 600 long test ids and a cumulative
+    lift over 300 long variant names made statements past the 256 KiB a server parses by
+    default (refused: 'Code: 62.'); a revenue of 1e160 overflowed the merge of two shards'
+    variances (INTERNAL), and a mean revenue of 1e-310 was written as a number ClickHouse 18.16
+    does not read (refused)."""
+    from abstream.core.types import AnalysisOptions, Interval, SummaryQuery, TimeseriesQuery
+    from abstream.store import EventStore
+
+    def event(i: int, test_id: str, **fields) -> dict:
+        return {"timestamp": (BASE_S + i) * NS, "user_id": f"u{i}", "test_id": test_id, "variant": "A",
+                "event_type": "click", "conversion": 1, "revenue": 1.0, "session_id": "s", "device": "mobile",
+                "country": "DE", **fields}
+
+    variants = [f"{i:03d}" + "v" * 250 for i in range(300)]
+    rows = ([event(i, "many", variant=v) for i, v in enumerate(variants)]
+            + [event(i, "huge", variant="AB"[i % 2], revenue=1e160 if i == 0 else 1.0) for i in range(40)]
+            + [event(i, "tiny", variant="AB"[i % 2], revenue=1e-310) for i in range(8)]
+            + [event(0, "victim_test", user_id="victim")]
+            + [event(i, f"{i:05d}" + "o" * 240) for i in range(1_100)])
+    cluster, embedded = engines.make(kind, request), EventStore()
+    try:
+        for engine in (cluster, embedded):
+            for i in range(0, len(rows), 1_000):
+                assert append(engine, to_table(rows[i:i + 1_000])).rejections == []
+        lift = TimeseriesQuery("many", Interval.DAY, cumulative=True, lift=AnalysisOptions())
+        huge, tiny = SummaryQuery("huge"), TimeseriesQuery("tiny", Interval.DAY, cumulative=True, lift=AnalysisOptions())
+        for engine in (cluster, embedded):
+            assert len(engine.timeseries(lift).variants) == 300
+            assert list(engine.summary(huge).metrics.total_revenue) == [1e160, 20.0]
+            assert len(engine.timeseries(tiny).bucket_start_ns) == 2
+            assert engine.erase_user("victim", ["victim_test"] + [f"{i:05d}" + "'" * 250 for i in range(600)]) == 1
+            assert engine.retain({f"{i:05d}" + "o" * 240: (BASE_S + 10 ** 6) * NS for i in range(1_100)}) == 1_100
+    finally:
+        cluster.close()
+        embedded.close()
+
+
+def test_a_cluster_or_database_name_that_is_not_a_plain_name_is_refused_before_any_statement():
+    from abstream.core.errors import AbstreamError
+
+    for cluster, name, option in [("c", "ab-test", "--clickhouse-database"), ("x'y", "abstream", "--clickhouse-cluster")]:
+        with pytest.raises(AbstreamError, match=f"{option} must be a name of letters, digits and underscores"):
+            Backend(["127.0.0.1:1"], cluster, name)
+
+
 def test_make_cluster_serves_and_stops_everything(tmp_path):
     """`make cluster` in the foreground: grpcurl ingests and queries; SIGTERM stops all it started."""
     port = free_port()
