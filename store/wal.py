@@ -175,16 +175,21 @@ class WriteAheadLog:
         """Records with LSN > after_lsn, in order; cuts a torn tail off the last segment."""
         segments = self.segments()
         expected: int | None = None
+        # The torn tail a crash leaves may be followed by empty segments: those a restart opened
+        # before the next crash (with fsync="interval" the tail's pages could be lost after that).
+        written = [i for i, (_, path) in enumerate(segments) if path.stat().st_size]
         for i, (first, path) in enumerate(segments):
-            last_segment = i == len(segments) - 1
+            if i + 1 < len(segments) and segments[i + 1][0] <= after_lsn + 1:
+                continue  # every record in it is before the snapshot: not read (damage there loses nothing)
+            last_segment = not written or i >= written[-1]
             data = path.read_bytes()
             offset = 0
             while offset < len(data):
                 record = self._read(data, offset)
                 if record is None:
                     if last_segment and not self._valid_record_after(data, offset):
-                        log.warning("cutting a torn or corrupt tail off %s at byte %d (%d bytes): "
-                                    "a write the process did not finish; it was never acknowledged",
+                        log.warning("cutting a torn or corrupt tail off %s at byte %d (%d bytes): a write the "
+                                    "process did not finish (with --fsync always, never acknowledged)",
                                     path, offset, len(data) - offset)
                         with open(path, "r+b") as f:
                             f.truncate(offset)

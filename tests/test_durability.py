@@ -252,6 +252,47 @@ def test_flipped_bytes_before_good_records_refuse_to_start_and_say_where(data_di
     assert "refusing to start" in log and str(segment) in log and "damaged at byte 0" in log
 
 
+def test_damage_in_a_log_segment_the_newest_snapshot_holds_does_not_stop_a_start(data_dir):
+    """The log is kept back to the oldest snapshot kept; damage in a segment whose every record
+    the newest snapshot holds loses nothing, and the start goes on (it refused)."""
+    server = Server(data_dir).start()
+    with server.channel() as ch:
+        for seq in range(1, 4):
+            send(server.stub(ch), "p", seq)
+            snapshot(server)
+        send(server.stub(ch), "p", 4)
+    server.kill()
+    covered = sorted((data_dir / "wal").glob("wal-*.log"))[0]  # before the newest snapshot
+    assert covered.stat().st_size > 200
+    flip(covered, 200)
+    server.start()
+    assert totals(server) == (4 * BATCH, 4 * BATCH)
+    server.kill()
+
+
+def test_a_torn_tail_followed_only_by_empty_segments_is_cut(data_dir):
+    """With --fsync interval a crash after a restart, then the loss of the old segment's last
+    unsynced pages, leaves a torn tail followed by the empty segment the restart opened: it is
+    cut like any torn tail (the start refused: 'holds records after the damage')."""
+    args = ("--fsync", "interval", "--fsync-interval-ms", "20")
+    server = Server(data_dir, *args).start()
+    with server.channel() as ch:
+        for seq in range(1, 4):
+            send(server.stub(ch), "p", seq)
+    server.kill()
+    server.start()
+    server.kill()
+    old, empty = sorted((data_dir / "wal").glob("wal-*.log"))
+    assert empty.stat().st_size == 0
+    with open(old, "r+b") as f:  # the last record's last bytes, as pages that never reached the disk
+        f.seek(old.stat().st_size - 100)
+        f.write(b"\0" * 100)
+    server.start()
+    assert totals(server) == (2 * BATCH, 2 * BATCH)
+    assert "cutting a torn or corrupt tail" in server.log()
+    server.kill()
+
+
 def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_the_log(data_dir):
     server = Server(data_dir).start()
     with server.channel() as ch:
