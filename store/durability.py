@@ -264,7 +264,7 @@ def _hold(data_dir: Path) -> int:
     fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held (other errors: the directory cannot be used, said as such)
         holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RecoveryError(f"{data_dir} is in use by another abstream server (process {holder}); one server per "
