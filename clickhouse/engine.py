@@ -228,9 +228,10 @@ class ClickHouseEngine:
         results, _ = self._b.each_shard(statement, timeout=timeout)
         return results
 
-    def _scanned(self, test_id, start_ns, end_ns, filters, events: int, deadline: float | None) -> int:
-        """Events in range before the filters: without filters, the events counted anyway."""
-        if not filters or not filters.items():
+    def _scanned(self, test_id, start_ns, end_ns, filters, events: int | None, deadline: float | None) -> int:
+        """Events in range before the filters: the events counted anyway, when no filter left any
+        out (`events` None: something else did, as an exclusion of users or an event type)."""
+        if events is not None and (not filters or not filters.items()):
             return events
         statement = sql.scanned(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
         return int(sum(columns[0][0] for columns in self._partials(statement, deadline)))
@@ -303,7 +304,8 @@ class ClickHouseEngine:
             n, events, session_sums, _, events_var, sessions_var, conversions_cov, events_cov = at.T
             moments = moments.with_sessions(events, session_sums, events_var * n, sessions_var * n,
                                             conversions_cov * n, events_cov * n)
-        scanned = self._scanned(test_id, start_ns, end_ns, filters, int(metrics.events.sum()), deadline)
+        counted = None if exclude or metric_event_type else int(metrics.events.sum())
+        scanned = self._scanned(test_id, start_ns, end_ns, filters, counted, deadline)
         return GroupStats([k[0] for k in order], [k[1] for k in order] if dimension else None, metrics, moments,
                           QueryStats(scanned, time.perf_counter_ns() - started))
 
@@ -353,7 +355,9 @@ class ClickHouseEngine:
         return TimeseriesResult(test_id=q.test_id, interval=q.interval, cumulative=False,
                                 bucket_start_ns=np.array([r[0] * width for r in rows], dtype=np.int64),
                                 variants=[r[1] for r in rows], metrics=metrics,
-                                stats=QueryStats(int(metrics.events.sum()), time.perf_counter_ns() - started),
+                                stats=QueryStats(self._scanned(q.test_id, q.start_ns, q.end_ns, q.filters,
+                                                               int(metrics.events.sum()), q.deadline),
+                                                 time.perf_counter_ns() - started),
                                 moments=moments, since_first_exposure=True)
 
     def timeseries(self, q: TimeseriesQuery) -> TimeseriesResult:

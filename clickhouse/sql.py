@@ -285,7 +285,7 @@ def exposure_stats(local: str, test_id: str, start_ns: int | None, end_ns: int |
     (the users with any), as group_stats has them."""
     where = _where(test_id, start_ns, end_ns, filters)
     per_user = (f"SELECT variant, user_id, intDiv(ns - first, {int(width_ns)}) AS k, {_PER_USER} FROM {local} "
-                f"ANY INNER JOIN ({_firsts(local, where)}) USING (variant, user_id) WHERE {where} "
+                f"ANY INNER JOIN ({_firsts(local, where)}) AS firsts USING (variant, user_id) WHERE {where} "
                 "GROUP BY variant, user_id, k")
     return f"SELECT k, variant, {_PER_GROUP} FROM ({per_user}) GROUP BY k, variant"
 

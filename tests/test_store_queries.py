@@ -139,6 +139,17 @@ def test_unknown_test_is_empty_not_an_error(store):
     assert len(store.timeseries(TimeseriesQuery("no-such-test", Interval.HOUR)).bucket_start_ns) == 0
 
 
+def test_events_scanned_are_the_ranges_events_whatever_filters_and_exclusions_leave_out(store):
+    """As every engine counts them (the cluster engine gave the events left after excluding users
+    seen in several variants, and a first-exposure series' filtered events)."""
+    everything = store.summary(SummaryQuery("checkout")).stats.events_scanned
+    excluded = store.summary(SummaryQuery("checkout", analysis=AnalysisOptions(exclude_multi_variant_users=True)))
+    assert excluded.multi_variant_users > 0 and excluded.stats.events_scanned == everything
+    exposure = store.timeseries(TimeseriesQuery("checkout", Interval.DAY, filters=Filters(device="mobile"),
+                                                lift=AnalysisOptions(), since_first_exposure=True))
+    assert 0 < exposure.metrics.events.sum() < everything and exposure.stats.events_scanned == everything
+
+
 def test_filter_on_unseen_value_is_empty(store):
     result = store.segments(SegmentsQuery("checkout", Dimension.COUNTRY, filters=Filters(country="ZZ")))
     assert result.variants == [] and result.stats.events_scanned > 0
