@@ -159,10 +159,11 @@ class ClickHouseEngine:
         """Removes the test's events and rejected events from every replica, and its plan."""
         removed = self._remove(sql.EVENTS, sql.test_rows(test_id))
         self._remove(sql.QUARANTINE, sql.test_rows(test_id))
-        if test_id in self.experiments():  # a newer version with no definition: no plan
-            self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""],
-                                                        "updated_ns": [time.time_ns()]})
-            self._plans = (0.0, {})
+        # A newer version with no definition: no plan. Written whether or not this gateway knows
+        # of a plan: its copy of the plans may be a second old, and another gateway's newer.
+        self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""],
+                                                    "updated_ns": [time.time_ns()]})
+        self._plans = (0.0, {})
         return removed
 
     def erase_user(self, user_id: str, tests=None) -> int:

@@ -300,6 +300,26 @@ def test_long_statements_and_extreme_numbers_are_answered_as_the_embedded_engine
         embedded.close()
 
 
+def test_a_test_deleted_through_one_gateway_loses_the_plan_another_gateway_just_made(request):
+    """Gateways read the plans at most once a second: one that had read them before another
+    created a plan deleted the test's events and left the plan."""
+    from abstream.core.types import Experiment
+
+    first, cluster = engines.make("clickhouse", request), request.getfixturevalue("clickhouse_cluster")
+    second = ClickHouseEngine(Backend(cluster.hosts().split(","), cluster.cluster_name, first.database))
+    try:
+        append(first, to_table([{"timestamp": BASE_S * NS, "user_id": "u", "test_id": "gone", "variant": "A"}]))
+        assert first.experiments() == {}  # read now: known for a second
+        now = time.time_ns()
+        second.put_experiment(Experiment("gone", control_variant="A", created_ns=now, updated_ns=now))
+        assert first.delete_test("gone") == 1
+        time.sleep(1.2)
+        assert first.experiments() == {} and second.experiments() == {}
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_cluster_or_database_name_that_is_not_a_plain_name_is_refused_before_any_statement():
     from abstream.core.errors import AbstreamError
 
