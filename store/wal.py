@@ -281,11 +281,12 @@ class WriteAheadLog:
                 target, fd = self.next_lsn - 1, os.dup(self._fd)
             try:
                 _write_or_undo(fd, _records(pending))
-            except BaseException as error:
+            except OSError as error:
                 os.close(fd)
-                if isinstance(error, OSError):
-                    self._failed(error)
-                    raise self.refusal() from error
+                self._failed(error)
+                raise self.refusal() from error
+            except BaseException:
+                os.close(fd)
                 raise
             return target, fd
 
