@@ -68,13 +68,15 @@ class PackedStrings:
     bytes per event less than LZ4; sealing compresses at ~40 ns per event against ~20 and
     unpacking takes ~10 ns per event either way). They are unpacked only to hand the events out
     whole, to count sessions, or to merge parts that overlap in time. Parts merged end to end keep
-    their chunks as they are (repacked into one while chunks are small).
+    their chunks as they are, joined into one while chunks are small: zstd reads frames one after
+    the other as one stream, so joining is concatenating the compressed bytes (compressing the
+    joined rows again, as sealing once did, cost ~6% of the sealer's CPU for 0.2% fewer bytes).
     """
 
     __slots__ = ("length", "_chunks")
     CODEC = "zstd"
-    #: Chunks merged end to end are repacked into one while they average fewer raw bytes.
-    REPACK_BELOW = 64 << 10
+    #: Chunks merged end to end are joined into one while they average fewer raw bytes.
+    JOIN_BELOW = 64 << 10
 
     def __init__(self, values: pa.Array) -> None:
         values = values.cast(pa.string()) if values.type != pa.string() else values
@@ -91,8 +93,10 @@ class PackedStrings:
     @classmethod
     def concat(cls, packs: list[PackedStrings]) -> PackedStrings:
         chunks = tuple(c for p in packs for c in p._chunks)
-        if sum(c.lengths_size + c.data_size for c in chunks) < cls.REPACK_BELOW * len(chunks):
-            return cls(pa.concat_arrays([p.array() for p in packs]))
+        if sum(c.lengths_size + c.data_size for c in chunks) < cls.JOIN_BELOW * len(chunks):
+            chunks = (_Chunk(sum(c.rows for c in chunks), sum(c.lengths_size for c in chunks),
+                             sum(c.data_size for c in chunks), b"".join(c.lengths for c in chunks),
+                             b"".join(c.data for c in chunks)),)
         out = cls.__new__(cls)
         out.length, out._chunks = sum(p.length for p in packs), chunks
         return out

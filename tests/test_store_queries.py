@@ -569,7 +569,7 @@ def test_merged_parts_equal_their_events_sorted(overlap):
         if sub_second:
             ts[n // 2:] += 1
         top = 1000 if wide else 4
-        text = "x" * 240 if long_strings else ""  # long: a chunk is past PackedStrings.REPACK_BELOW
+        text = "x" * 240 if long_strings else ""  # long: a chunk is past PackedStrings.JOIN_BELOW
         return {"timestamp": ts, "variant": rng.integers(0, top, n).astype(np.uint16),
                 "user_id": rng.integers(0, 10**6, n).astype(np.int32), "conversion": (rng.random(n) < 0.3).astype(np.uint8),
                 "revenue": np.where(rng.random(n) < (0.9 if dense else 0.02), rng.random(n), 0.0),
@@ -595,9 +595,9 @@ def test_merged_parts_equal_their_events_sorted(overlap):
         expected = Part.sorted_from(whole).batch()
         assert merged.batch().equals(expected)
         assert (merged.first_ns, merged.last_ns) == (int(whole["timestamp"].min()), int(whole["timestamp"].max()))
-        if not overlap and order == [0, 3]:  # two large chunks: kept as they are, not repacked
+        if not overlap and order == [0, 3]:  # two large chunks: kept as they are, not joined
             assert len(merged._strings["session_id"]._chunks) == 2
-        if order == [2, 2]:  # small chunks: repacked into one
+        if order == [2, 2]:  # small chunks: joined into one (their zstd frames one after the other)
             assert len(merged._strings["session_id"]._chunks) == 1
 
 
