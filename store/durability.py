@@ -10,6 +10,7 @@ and queries.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from abstream.core.errors import AbstreamError, RecoveryError
+from abstream.core.errors import AbstreamError, FailedPrecondition, RecoveryError, ResourceExhausted
 from abstream.core.events import normalize
 from abstream.core.types import Experiment, SnapshotInfo, ValidatedBatch
 from abstream.store import persist
@@ -190,7 +191,14 @@ class Persistence:
                 contents = self._capture()
                 events_at = ingest.event_count
             root = Path(d.data_dir) / "snapshots"
-            path = persist.write_snapshot(root, contents, d.snapshot_compression)
+            try:
+                path = persist.write_snapshot(root, contents, d.snapshot_compression)
+            except OSError as error:  # said as what it is: the log still holds everything
+                message = (f"the snapshot could not be written ({error.strerror or error}); the write-ahead log "
+                           "still holds every acknowledged event")
+                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise ResourceExhausted(message, retry_after=60.0) from error
+                raise FailedPrecondition(message) from error
             self._last = _SnapshotClock(events=events_at)
             # The newest ones up to this one. One numbered past the log is not this log's (a copy
             # gone wrong): kept by number, it had this one deleted.

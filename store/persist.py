@@ -181,6 +181,23 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     tmp = root / f"tmp-{contents.lsn:020d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_files(tmp, contents, codec, compression)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: what was written is given back at once
+        raise
+    if final.exists():  # the same LSN again (nothing was logged since): the same store
+        if _matches_manifest(final):  # already whole on disk: kept (removing it first left none for a moment)
+            shutil.rmtree(tmp)
+            return final
+        shutil.rmtree(final)  # damaged: replaced
+    tmp.rename(final)
+    fsync_dir(root)
+    return final
+
+
+def _write_files(tmp: Path, contents: SnapshotContents, codec: str | None, compression: str) -> None:
+    """A snapshot's files and their manifest, each fsynced, in `tmp`."""
     files = {"events.arrow": (SNAPSHOT_SCHEMA, contents.events),
              "quarantine.arrow": (quarantine.SCHEMA, contents.quarantine.to_batches())}
     for name, values in contents.dictionaries.items():
@@ -198,14 +215,6 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     for path in tmp.iterdir():
         _fsync_file(path)
     fsync_dir(tmp)
-    if final.exists():  # the same LSN again (nothing was logged since): the same store
-        if _matches_manifest(final):  # already whole on disk: kept (removing it first left none for a moment)
-            shutil.rmtree(tmp)
-            return final
-        shutil.rmtree(final)  # damaged: replaced
-    tmp.rename(final)
-    fsync_dir(root)
-    return final
 
 
 def _matches_manifest(path: Path) -> bool:

@@ -531,6 +531,36 @@ def test_a_log_that_cannot_be_written_stops_ingest_and_a_restart_recovers_what_w
     server.kill()
 
 
+def test_a_snapshot_that_cannot_be_written_leaves_nothing_behind(data_dir):
+    """A snapshot that fails half-written (a full disk: here a file size limit on the server,
+    which fails writes as a full disk does) is refused with its reason, and its partial copy
+    is deleted at once, not left to take the room until the next snapshot succeeds; the server
+    goes on serving, and the next snapshot, with room again, is whole."""
+    server = Server(data_dir).start()
+    with server.channel() as ch:
+        stub = server.stub(ch)
+        for seq in range(1, 51):
+            assert send(stub, "snap", seq).accepted == BATCH
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    with pytest.raises(grpc.RpcError) as failed:
+        snapshot(server)
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value
+    assert failed.value.details().startswith("the snapshot could not be written ("), failed.value.details()
+    assert "File too large" in failed.value.details() and "log still holds" in failed.value.details()
+    snapshots = data_dir / "snapshots"
+    assert not list(snapshots.glob("tmp-*")) and not list(snapshots.glob("snap-*"))
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    with server.channel() as ch:
+        assert server.health(ch) == health_pb2.HealthCheckResponse.SERVING
+        assert send(server.stub(ch), "snap", 51).accepted == BATCH
+    assert snapshot(server).events == 51 * BATCH
+    assert [p.name[:5] for p in snapshots.iterdir()] == ["snap-"]
+    server.kill()
+    server.start()
+    assert totals(server) == (51 * BATCH, 51 * BATCH)
+    server.kill()
+
+
 def test_quarantine_survives_restarts(data_dir):
     server = Server(data_dir).start()
     bad = {**batch_events("q", 0)[0], "conversion": 3}
