@@ -49,6 +49,10 @@ class Durability:
     snapshot_every_seconds: float = 300.0
 
 
+#: A periodic snapshot that failed (a full disk) is tried again this much later.
+SNAPSHOT_RETRY_SECONDS = 60.0
+
+
 @dataclass
 class _SnapshotClock:
     at: float = field(default_factory=time.monotonic)
@@ -63,6 +67,8 @@ class Persistence:
         self._d = d
         self._lock = threading.Lock()
         self._last = _SnapshotClock()
+        self._retry_at = 0.0  # of periodic snapshots, after one failed
+        self.snapshot_failures = 0  # snapshots that could not be written, since the start
         self._held: int | None = _hold(Path(d.data_dir))
         try:
             self._recover()
@@ -194,6 +200,7 @@ class Persistence:
             try:
                 path = persist.write_snapshot(root, contents, d.snapshot_compression)
             except OSError as error:  # said as what it is: the log still holds everything
+                self.snapshot_failures += 1
                 message = (f"the snapshot could not be written ({error.strerror or error}); the write-ahead log "
                            "still holds every acknowledged event")
                 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -248,7 +255,13 @@ class Persistence:
         worth = since > 0 and since >= d.snapshot_log_ratio * self._last.events
         due = worth and ((d.snapshot_every_events > 0 and since >= d.snapshot_every_events) or (
             d.snapshot_every_seconds > 0 and time.monotonic() - self._last.at >= d.snapshot_every_seconds))
-        return self.snapshot() if due else None
+        if not due or time.monotonic() < self._retry_at:
+            return None
+        try:
+            return self.snapshot()
+        except (ResourceExhausted, FailedPrecondition):
+            self._retry_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS  # a full disk is not written every second
+            raise
 
     def close(self, final_snapshot: bool = True) -> None:
         """A last snapshot (so a restart replays nothing), then the log closed."""

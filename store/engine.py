@@ -202,6 +202,8 @@ class EventStore:
             Gauge("abstream_stored_bytes", "Bytes the store's arrays and dictionaries hold", lambda: self.nbytes),
             Gauge("abstream_snapshot_age_seconds", "Seconds since the last snapshot was written",
                   lambda: time.monotonic() - self.last_snapshot_at),
+            Gauge("abstream_snapshot_failures", "Snapshots that could not be written (a full disk) since the start",
+                  lambda: self._persistence.snapshot_failures if self._persistence else 0),
             Gauge("abstream_wal_bytes", "Size of the write-ahead log on disk",
                   lambda: sum(p.stat().st_size for p in Path(wal).glob("*.log")) if wal and wal.is_dir() else 0),
         ]
