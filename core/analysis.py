@@ -61,7 +61,10 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
         missing = [v for v in variants if v not in options.expected_weights]
         if missing:
             raise InvalidArgument("expected_weights", f"has no weight for {listed(missing)}")
-        srm = stats.srm_p_value(users, [options.expected_weights[v] for v in variants])
+        # A planned variant nobody reached is the plainest mismatch of all: counted, with 0 users.
+        absent = sorted(set(options.expected_weights) - set(variants))
+        srm = stats.srm_p_value(np.concatenate([users, np.zeros(len(absent))]),
+                                [options.expected_weights[v] for v in [*variants, *absent]])
     else:
         srm = stats.srm_p_value(users)
     comparisons: list[MetricComparison] = []

@@ -133,6 +133,19 @@ def test_requested_options_are_applied(loaded):
             assert c.posterior_mean == pytest.approx(w.posterior_mean, rel=1e-9, abs=1e-12)
 
 
+def test_a_planned_variant_nobody_reached_is_a_sample_ratio_mismatch(loaded):
+    """Weights naming a variant with no users at all (its assignment or its logging broke) count
+    it with 0 users: the worst mismatch there is, not a perfect split of the others."""
+    stub, events = loaded
+    arms = arms_from_events(events)
+    users = [arms[v]["revenue"].n for v in ("control", "faster", "slower")]
+    options = pb.AnalysisOptions(expected_weights={"control": 1, "faster": 1, "slower": 1, "lost": 1})
+    a = stub.Summary(pb.SummaryRequest(test_id="exp", analysis=options), timeout=30).analysis
+    assert a.srm_p_value == pytest.approx(srm_p_value([*users, 0], [1, 1, 1, 1]), rel=1e-9, abs=1e-300)
+    assert a.srm_p_value < 1e-100 and a.sample_ratio_mismatch
+    assert {c.variant for c in a.comparisons} == {"faster", "slower"}
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_guardrails_are_tested_for_non_inferiority_as_the_pure_function_does(loaded, sequential):
     """Guardrail metrics get a one-sided non-inferiority verdict per treatment, the others none;
