@@ -381,7 +381,11 @@ class Core:
 
         def work() -> R:
             info = next((t for t in engine.list_tests() if t.test_id == q.test_id), None)
-            days = (info.last_event_ns - info.first_event_ns) / 86_400e9 if info else 0.0
+            days = 0.0
+            if info is not None:  # the span the control's users were counted over: the plan's, within the events'
+                first = info.first_event_ns if summary.start_ns is None else max(info.first_event_ns, summary.start_ns)
+                last = info.last_event_ns if summary.end_ns is None else min(info.last_event_ns, summary.end_ns)
+                days = max(last - first, 0) / 86_400e9
             return respond(analysis.power(q, summary, engine.summary(summary), days))
 
         return await self._in_worker("Power", work)

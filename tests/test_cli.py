@@ -755,6 +755,16 @@ def test_sample_size_from_the_tests_own_baseline(server, tmp_path):
     assert {r["metric"]: r["power"] for r in json_rows} == {m: at[m].power for m in at}
     empty = json.loads(run("power", "nothing", "--mde", "0.1", "--addr", server.address, "--format", "json").stdout)
     assert all(r["users_per_variant"] == 0 and "no events" in r["status_message"] for r in empty["rows"])
+    # planned to start Apr 29: the users and the days they took are both counted from then
+    with Client(server.address) as client:
+        client.create_experiment("power", control="control", start="2025-04-29 00:00:00")
+        planned = {m.metric: m for m in client.power("power", 0.1).rows}["conversion"]
+    since = [e for e in control if e["timestamp"] >= "2025-04-29"]
+    p = sum(e["conversion"] for e in since) / len(since)
+    n = math.ceil(2 * p * (1 - p) * z * z / (0.1 * p) ** 2)
+    days = 3 + 10 / 24  # Apr 29 00:00 to May 2 10:00
+    assert planned.at_users_per_variant == len(since) and planned.users_per_variant == n
+    assert math.isclose(planned.days, n / (len(since) / days), rel_tol=1e-9)
 
 
 def test_the_documented_trial_certificates_work(tmp_path):
