@@ -64,21 +64,27 @@ def arm_from_sums(n: int, total: float, sum_squares: float) -> Arm:
     return Arm(n, mean, variance)
 
 
+#: Var(x - R y) below this share of its terms is their rounding, not a spread: none.
+RATIO_ROUNDING = 1e-9
+
+
 def ratio_arm(n: int, total_x: float, total_y: float, m2_x: float, m2_y: float, comoment: float) -> Arm:
     """A ratio metric's arm (sum x / sum y over users, say revenue per conversion) as an Arm whose
     variance over n is the delta method's variance of the ratio, with the covariance term:
-    Var(R) = (V_x / ybar^2 - 2 xbar C / ybar^3 + xbar^2 V_y / ybar^4) / n, from the users' centered
-    sums of squares and co-moment. The unit stays the user. An arm without any y (no conversions)
-    has no ratio: n = 0."""
+    Var(R) = (V_x / ybar^2 - 2 xbar C / ybar^3 + xbar^2 V_y / ybar^4) / n = Var(x - R y) / ybar^2 / n,
+    from the users' centered sums of squares and co-moment. The unit stays the user. An arm
+    without any y (no conversions) has no ratio: n = 0."""
     if n < 1 or total_y == 0:
         return Arm(0, 0.0, 0.0)
-    mx, my = total_x / n, total_y / n
+    my = total_y / n
     ratio = total_x / total_y
     if n < 2:
         return Arm(n, ratio, 0.0)
     vx, vy, c = m2_x / (n - 1), m2_y / (n - 1), comoment / (n - 1)
-    variance = vx / my ** 2 - 2 * mx * c / my ** 3 + mx * mx * vy / my ** 4
-    return Arm(n, ratio, max(variance, 0.0))
+    spread = vx - 2 * ratio * c + ratio * ratio * vy  # Var(x - R y): 0 when every user's x is R times their y
+    if spread <= RATIO_ROUNDING * (vx + 2 * abs(ratio * c) + ratio * ratio * vy):
+        spread = 0.0  # within its terms' rounding (a fixed price: 9.99 per conversion made 1e-14, and p = 1e-22)
+    return Arm(n, ratio, spread / (my * my))
 
 
 def binomial_arm(n: int, successes: int) -> Arm:

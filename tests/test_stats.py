@@ -344,6 +344,30 @@ def test_power_detectable_effect_and_sample_size_undo_one_another(mean, variance
     assert power_of(mean, variance, 0, 0.1) == 0.0 and detectable_effect(0.0, variance, 100) == 0.0
 
 
+def test_a_fixed_price_per_conversion_has_no_spread_and_claims_no_certainty():
+    """Every conversion in an arm worth the same price: revenue is R times conversions for every
+    user, so the ratio has no spread, and comparing two such arms claims nothing (ZERO_VARIANCE,
+    p = 1), whatever the prices (9.99 against 10.01 left rounding of 1e-14 and said p = 1e-22).
+    One order at another price is a spread, and it is kept."""
+    from abstream.stats import ratio_arm
+    from abstream.stats.core import ZERO_VARIANCE
+
+    def arm(x, y):
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        return ratio_arm(len(x), x.sum(), y.sum(), ((x - x.mean()) ** 2).sum(), ((y - y.mean()) ** 2).sum(),
+                         ((x - x.mean()) * (y - y.mean())).sum())
+
+    for price_c, price_t in ((9.99, 10.01), (10.0, 20.0), (0.1, 0.3), (1234.57, 1234.58)):
+        control = arm([price_c] * 3 + [2 * price_c] + [0, 0], [1, 1, 1, 2, 0, 0])
+        treatment = arm([price_t] * 3 + [0] * 3, [1, 1, 1, 0, 0, 0])
+        assert control.variance == 0.0 and treatment.variance == 0.0, (price_c, control, treatment)
+        result = compare(control, treatment)
+        assert result.status == ZERO_VARIANCE and result.absolute.p_value == 1.0
+    x, y = np.array([9.99, 9.99, 10.99, 0.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    spread = np.var(x - x.sum() / y.sum() * y, ddof=1) / y.mean() ** 2
+    assert arm(x, y).variance == pytest.approx(spread, rel=1e-9) and spread > 0
+
+
 def test_revenue_per_conversion_delta_method_covers_in_aa_and_says_when_undefined():
     """A ratio of per-user totals (revenue over conversions), users as the unit: the delta
     method's variance with the covariance term, against numpy's per-user computation, and an
