@@ -169,6 +169,10 @@ class AnalysisOptions:
                                                        f"{self.relative_interval[:32]!r}")
         if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
+        if self.guardrails and self.sequential and self.confidence <= 0.5:
+            raise InvalidArgument("confidence_level", f"must be above 0.5 for sequential guardrails (their bound is "
+                                                      f"one side of the sequence at 2 (1 - confidence)), got "
+                                                      f"{self.confidence}")
         if not (1 <= self.n_star < math.inf):
             raise InvalidArgument("sequential_tuning", f"must be a number of users, 1 or more, got {self.n_star}")
         if (self.prior_mean is None) != (self.prior_variance is None):

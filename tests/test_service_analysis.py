@@ -208,6 +208,8 @@ def test_tiny_and_degenerate_arms_report_a_status_not_nan(stub):
 
 @pytest.mark.parametrize("options,field", [
     (pb.AnalysisOptions(confidence_level=1.5), "confidence_level"),
+    (pb.AnalysisOptions(confidence_level=0.4, sequential=True, guardrail_margins={"conversion": 0.05}),
+     "confidence_level"),  # its bound's 2 (1 - confidence) past 1 once raised a math domain error
     (pb.AnalysisOptions(prior_mean=0.1), "prior"),
     (pb.AnalysisOptions(prior_mean=0.1, prior_variance=-1), "prior"),
     (pb.AnalysisOptions(expected_weights={"control": 1}), "expected_weights"),
