@@ -36,7 +36,7 @@ from abstream.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from abstream.core.events import Rejection
+from abstream.core.events import EVENT_SCHEMA, Rejection
 from abstream.core.metrics import Metrics, resident_bytes
 from abstream.core.types import (
     AnalysisOptions,
@@ -588,15 +588,20 @@ class Core:
 
     async def export(self, principal: Principal, test_id: str, start_ns: int | None, end_ns: int | None
                      ) -> AsyncIterator[pa.Table]:
-        """A test's events as stored, a piece at a time (each piece read in a worker thread)."""
+        """A test's events as stored, a piece at a time (each piece read in a worker thread); no
+        events are one empty piece, so that what is written of them is a file with the columns."""
         self._may_plan(principal, test_id)
         check_range(test_id, start_ns, end_ns)
         pieces = iter(await asyncio.to_thread(self.engine.export, test_id, start_ns, end_ns))
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+        piece = await asyncio.to_thread(next, pieces, None)
+        if piece is None:
+            piece = EVENT_SCHEMA.empty_table()
+        while piece is not None:
             at = piece.schema.get_field_index("timestamp")
             if at >= 0 and not pa.types.is_timestamp(piece.schema.field(at).type):  # as the Event has it
                 piece = piece.set_column(at, "timestamp", piece.column(at).cast(pa.timestamp("ns", "UTC")))
             yield piece
+            piece = await asyncio.to_thread(next, pieces, None)
 
     # ---- operations -----------------------------------------------------------------------
 

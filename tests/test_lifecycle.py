@@ -208,6 +208,16 @@ def test_export_is_the_events_as_ingested(tmp_path):
                                  "%Y-%m-%d %H:%M:%S"), "--addr", server.address],
                             capture_output=True, text=True, timeout=60)
     assert ranged.returncode == 0 and len(ranged.stdout.splitlines()) == 1 + 100  # a header and 100 seconds' events
+    # a test with no events: files with the columns and no rows, as readable as any other
+    empty = tmp_path / "empty.parquet"
+    nothing = subprocess.run([str(BIN / "abstream"), "export", "planned_only", "--output", str(empty), "--addr",
+                              server.address], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 0 and "planned_only: 0 events" in nothing.stderr, nothing.stderr
+    assert pq.read_table(empty).num_rows == 0 and pq.read_table(empty).schema.names[:len(columns)] == columns
+    header = subprocess.run([str(BIN / "abstream"), "export", "planned_only", "--format", "csv", "--addr",
+                             server.address], capture_output=True, text=True, timeout=60)
+    assert header.returncode == 0 and header.stdout.splitlines()[0].startswith('"timestamp","user_id"'), header
+    assert len(header.stdout.splitlines()) == 1
     server.terminate()
 
 
