@@ -41,6 +41,15 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_
 KAFKA_HEALTH = "abstream.kafka"
 
 
+class _Health(health.aio.HealthServicer):
+    """grpc_health's servicer, with `List` answered (the package leaves it unimplemented, and
+    health clients that list the services got INTERNAL)."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={  # the package's own table, the one Check reads
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+
+
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -165,7 +174,7 @@ class AnalyticsServer:
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if settings.tls_client_ca and not settings.tls_cert:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        self.health = health.aio.HealthServicer()
+        self.health = _Health()
         self.metrics = Metrics(None)
         self.port = 0
         self.http_port = 0

@@ -24,6 +24,10 @@ def test_health_reports_serving(channel):
     for service in ("", "abstream.v1.AnalyticsService"):
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert {name: s.status for name, s in listed.items()} == {
+        name: health_pb2.HealthCheckResponse.SERVING for name in ("", "abstream.v1.AnalyticsService",
+                                                                   "abstream.v1.AdminService")}
 
 
 def grpcurl(*args: str) -> str:
