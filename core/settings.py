@@ -55,6 +55,9 @@ class Settings:
                         serve_default="127.0.0.1:7181")
     http_max_body_bytes: int = _s(16 << 20, "largest HTTP request body taken whole (an Events API request), "
                                             "compressed or not")
+    http_cors_origins: str = _s("*", "web pages (origins, comma-separated, e.g. https://dash.example.com) whose "
+                                     "scripts may call the HTTP API with a token, as the tutorial's platform lets "
+                                     "any; '*': any; empty: none")
     http_max_upload_bytes: int = _s(4 << 30, "largest file a Data Sources API append streams in, compressed or not")
     http_body_idle_seconds: float = _s(30.0, "an HTTP request body that sends nothing for this long is answered 408 "
                                              "(batches stored before it stay stored): a body being read holds one "

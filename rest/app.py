@@ -46,6 +46,15 @@ MAX_LINE_BYTES = 64 << 10
 SMALL_BODY_BYTES = 1 << 20
 
 
+#: What a browser's preflight is told: any route, these methods and headers, for a day.
+_PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+              "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Idempotency-Key, "
+                                              "X-Request-Id",
+              "Access-Control-Max-Age": "86400"}
+#: Response headers a page's script may read.
+_EXPOSED = "X-Request-Id, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+
+
 def _pieces(data: bytes) -> Callable[[], Awaitable[bytes]]:
     """A body already read, as `body.stream` reads one: all of it, then its end."""
     pieces = iter([data, b""])
@@ -104,13 +113,30 @@ class HttpApi:
             return await handler(request)
         return handle
 
+    def _cors_origin(self, request: web.Request) -> str | None:
+        """What Access-Control-Allow-Origin says to a page's script, if its origin may call: any
+        (`*`) or the ones listed. A token is sent by the script, never a cookie, so answering any
+        page lets no page act as a visitor without the visitor's token."""
+        origin = request.headers.get("Origin")
+        allowed = self.settings.http_cors_origins.strip()
+        if origin is None or not allowed:
+            return None
+        if allowed == "*":
+            return "*"
+        return origin if origin in {o.strip() for o in allowed.split(",")} else None
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        """Request ids, errors as JSON, a log line and metrics for every request."""
+        """Request ids, errors as JSON, CORS, a log line and metrics for every request."""
         REQUEST_ID.set(request_id := new_request_id(request.headers.get("X-Request-Id", "")))
         started = time.perf_counter()
+        cors = self._cors_origin(request)
         try:
-            response = await handler(request)
+            if cors and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                request["route"] = "preflight"  # a browser asking before a call: answered for every route
+                response = web.Response(status=204, headers=_PREFLIGHT)
+            else:
+                response = await handler(request)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every error is answered, the unexpected ones logged
@@ -119,6 +145,10 @@ class HttpApi:
             principal = request.get(PRINCIPAL_KEY)
             response = error_response(error, principal.ingest_rate if principal else 0.0)
         response.headers["X-Request-Id"] = request_id
+        if cors:
+            response.headers.update({"Access-Control-Allow-Origin": cors, "Access-Control-Expose-Headers": _EXPOSED})
+            if cors != "*":
+                response.headers["Vary"] = "Origin"
         route = request.get("route", "unknown")
         self.metrics.http_requests.labels(route, str(response.status)).inc()
         self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)

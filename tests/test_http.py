@@ -464,6 +464,43 @@ def test_limits_tokens_and_routes_answer_with_their_status_and_a_json_error(tmp_
         http.stop()
 
 
+def test_web_pages_may_call_the_api_with_a_token_as_the_platform_lets_them(tmp_path):
+    """CORS: a browser's preflight for any route is answered (204, the methods and headers a call
+    uses) and every answer, errors too, lets the page's script read it; a server given a list of
+    origins answers only those, and a request without Origin (curl, servers) gets no CORS headers."""
+    page = {"Origin": "https://dash.example.com"}
+    preflight = {**page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    http = Http(tmp_path)
+    try:
+        status, headers, body = http.call("OPTIONS", "/v0/events?name=ab_test_events", headers=preflight, token=None)
+        assert status == 204 and body == b"" and headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
+                                                     headers["Access-Control-Allow-Headers"].split(",")}
+        status, headers, body = http.call("POST", "/v0/events?name=ab_test_events&wait=true", ndjson([TUTORIAL_EVENT]),
+                                          headers=page)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*" and json.loads(body)["successful_rows"] == 1
+        assert "X-Request-Id" in headers["Access-Control-Expose-Headers"]
+        status, headers, _ = http.call("GET", "/v0/pipes/test_summary.json?test_id=test_5", headers=page, token="wrong")
+        assert status == 403 and headers["Access-Control-Allow-Origin"] == "*"  # the page can read why
+        status, headers, _ = http.call("GET", "/v0/pipes/test_summary.json?test_id=test_5")
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    finally:
+        http.stop()
+    (tmp_path / "listed").mkdir()
+    http = Http(tmp_path / "listed", http_cors_origins="https://dash.example.com, https://other.example.com")
+    try:
+        status, headers, _ = http.call("OPTIONS", "/v0/pipes/test_summary.json", headers=preflight, token=None)
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://dash.example.com"
+        assert headers["Vary"] == "Origin"
+        stranger = {**preflight, "Origin": "https://evil.example.com"}
+        status, headers, _ = http.call("OPTIONS", "/v0/pipes/test_summary.json", headers=stranger, token=None)
+        assert status == 405 and "Access-Control-Allow-Origin" not in headers
+    finally:
+        http.stop()
+
+
 def test_no_length_is_411_and_a_long_chunked_body_is_cut_off(tmp_path):
     import http.client
 
