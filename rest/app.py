@@ -93,6 +93,7 @@ class HttpApi:
         app.router.add_get("/v0/datasources", route("datasources", "", self.datasources))
         app.router.add_post("/v0/datasources", route("append", "ingest", self.append))
         app.router.add_get("/v0/datasources/{name}", route("datasource", "", self.datasource))
+        app.router.add_get("/v0/pipes", route("pipes", "", self.pipes))
         app.router.add_route("GET", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
         app.router.add_route("POST", "/v0/pipes/{name}.{fmt}", route("pipe", "query", self.pipe))
         app.router.add_route("*", "/v0/sql", route("sql", "query", self.sql))
@@ -349,6 +350,14 @@ class HttpApi:
         return web.json_response(answer)
 
     # ---- pipes ------------------------------------------------------------------------------
+
+    async def pipes(self, request: web.Request) -> web.Response:
+        """The pipes as the platform lists its published endpoints (its CLI's `tb pipe ls`)."""
+        stamp = self.started.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return web.json_response({"pipes": [
+            {"id": f"t_{name}", "name": name, "description": pipes.DESCRIPTIONS[name], "type": "endpoint",
+             "endpoint": f"t_{name}", "created_at": stamp, "updated_at": stamp, "nodes": [{"name": name}],
+             "url": f"/v0/pipes/{name}.json"} for name in pipes.PIPES]})
 
     async def pipe(self, request: web.Request) -> web.Response:
         name, fmt = request.match_info["name"], request.match_info["fmt"].lower()

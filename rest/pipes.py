@@ -346,6 +346,16 @@ PIPES: dict[str, tuple[str, Callable[[Core, Principal, Params], Awaitable[Answer
     "ab_test_events_quarantine": ("query", ab_test_events_quarantine),
 }
 
+#: What each pipe answers, as the pipes list (GET /v0/pipes) describes it.
+DESCRIPTIONS = {
+    "test_summary": "users, conversions, conversion rate and revenue per variant (the tutorial's)",
+    "test_segments": "test_summary per variant and device, country or event type (the tutorial's)",
+    "test_timeseries": "test_summary per variant and time bucket (the tutorial's)",
+    "test_lift": "each treatment's cumulative lift over time, with confidence sequences",
+    "test_results": "each treatment against the control: lifts, intervals, p-values, health",
+    "ab_test_events_quarantine": "rejected events, newest first, with which field and why",
+}
+
 
 #: The core's names of what a query got wrong, as the pipes' parameters spell them.
 PARAMETERS = {"start_time": "start_date", "end_time": "end_date", "confidence_level": "confidence",

@@ -698,6 +698,10 @@ def test_the_platforms_cli_works_against_it(http, tmp_path):
     assert json.loads((home / ".tinyb").read_text())["host"] == http.base
     listed = tb(home, "datasource", "ls")
     assert listed.returncode == 0 and "ab_test_events" in listed.stdout, listed.stdout + listed.stderr
+    pipes_listed = tb(home, "pipe", "ls", "--format", "json")
+    assert pipes_listed.returncode == 0, pipes_listed.stdout + pipes_listed.stderr
+    assert {p["name"] for p in json.loads(pipes_listed.stdout)["pipes"]} == {
+        "test_summary", "test_segments", "test_timeseries", "test_lift", "test_results", "ab_test_events_quarantine"}
     events = home / "events.ndjson"
     events.write_bytes(ndjson([TUTORIAL_EVENT, {**TUTORIAL_EVENT, "user_id": "user_456", "variant": "variant_b",
                                                 "conversion": 0}]))
