@@ -79,6 +79,7 @@ class HttpApi:
         self.port = 0
         self.started = dt.datetime.now(dt.timezone.utc)
         self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
+        self._cors_origins = frozenset(o.strip() for o in settings.http_cors_origins.split(",") if o.strip())
         self.workspace_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"abstream:{settings.data_dir or settings.addr}"))
         # A request line or header up to 64 KiB reaches the handlers, which refuse a long parameter
         # in JSON (aiohttp's parser answers past 8 KiB itself, in text).
@@ -119,12 +120,11 @@ class HttpApi:
         (`*`) or the ones listed. A token is sent by the script, never a cookie, so answering any
         page lets no page act as a visitor without the visitor's token."""
         origin = request.headers.get("Origin")
-        allowed = self.settings.http_cors_origins.strip()
-        if origin is None or not allowed:
+        if origin is None or not self._cors_origins:
             return None
-        if allowed == "*":
+        if "*" in self._cors_origins:
             return "*"
-        return origin if origin in {o.strip() for o in allowed.split(",")} else None
+        return origin if origin in self._cors_origins else None
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:

@@ -204,7 +204,7 @@ class Persistence:
                 message = (f"the snapshot could not be written ({error.strerror or error}); the write-ahead log "
                            "still holds every acknowledged event")
                 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise ResourceExhausted(message, retry_after=60.0) from error
+                    raise ResourceExhausted(message, retry_after=SNAPSHOT_RETRY_SECONDS) from error
                 raise FailedPrecondition(message) from error
             self._last = _SnapshotClock(events=events_at)
             # The newest ones up to this one. One numbered past the log is not this log's (a copy
