@@ -363,6 +363,8 @@ static Py_ssize_t request(reader_t *r, Py_ssize_t i, columns_t *c, request_t *q)
             i++;
         } else if (field == F.arrow_ipc && wire == 2) {
             q->ipc_len = delimited(r, &q->ipc);
+            if (q->ipc_len == 0)
+                q->ipc_len = -1; /* empty bytes are proto3's default: no arrow_ipc, as protobuf reads it */
         } else if (field == F.producer_id && wire == 2) {
             /* Repeated, the last wins, but one that is not UTF-8 stays: protobuf refuses the
              * message for it, and the caller refuses the producer id it is handed. */

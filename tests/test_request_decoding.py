@@ -111,6 +111,17 @@ def test_repeated_fields_unknown_fields_and_merged_timestamps_follow_the_wire_ru
     assert decoded(raw)[1]["timestamp"] is None
 
 
+def test_an_empty_arrow_ipc_is_no_arrow_ipc_as_protobuf_reads_it():
+    """Empty bytes are proto3's default: a request whose arrow_ipc is present but empty holds no
+    Arrow stream (it was refused as an unreadable one), alone, after a filled one (the last
+    wins), or beside events; it is measured as a request of events alone."""
+    event = field(1, field(2, b"u1"))
+    for raw in (field(2, b""), field(2, b"not arrow") + field(2, b""), event + field(2, b"")):
+        assert pb.IngestEventsRequest.FromString(raw).arrow_ipc == b""
+        assert decoded(raw) == [{k: row[k] for k in decoded_order()} for row in reference(raw)]
+        assert converters.measure_request(raw, MAX_EVENTS).shape == converters.EVENTS_SHAPE
+
+
 def test_a_string_that_is_not_utf8_rejects_only_its_event():
     good = field(2, b"u1") + field(3, b"t")
     bad = field(2, b"u\xff") + field(9, b"\xc3")
