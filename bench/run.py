@@ -253,10 +253,16 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
         process.wait(10)
     rate = {k: [r["events_per_s"] for r in v] for k, v in runs.items()}
     return {"rows_1": median_run(runs["rows_1"]), "rows_4": median_run(runs["rows_4"]),
+            "events": sum(r["events"] for k in ("rows_1", "rows_4") for r in runs[k]),  # sent to abstream
             "ceiling": {"one": median_run(runs["null_1"]), "four": median_run(runs["null_4"]),
                         "shares": [a / b for a, b in zip(rate["rows_1"], rate["null_1"])],
                         "four_over_one": [a / b for a, b in zip(rate["rows_4"], rate["rows_1"])]},
             "cpu_us_per_event": {side: _median_by_name(used) for side, used in cpu.items() if used}}
+
+
+def log_bytes(data_dir: str) -> int:
+    """The bytes of the server's write-ahead log segments."""
+    return sum(p.stat().st_size for p in Path(data_dir, "wal").glob("wal-*.log"))
 
 
 def _median_by_name(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -577,7 +583,9 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                     report["rollups"] = rollups(table, [typical, largest], mid_ns, reps)
                 report["ingest_columnar_plain"] = timed_ingest(server.address, plain, 1)
                 stored = [server.metric(f"abstream_requests_per_stored_batch_{k}") for k in ("count", "sum")]
+                logged = log_bytes(data_dir)  # the bench's server writes no snapshot: its log only grows
                 against = rows_against_ceiling(server.address, sends, CEILING_ROUNDS, server.process.pid)
+                report["ingest_rows_log_bytes_per_event"] = (log_bytes(data_dir) - logged) / against["events"]
                 report["ingest_rows_1"], report["ingest_rows_4"] = against["rows_1"], against["rows_4"]
                 report["ingest_rows_ceiling"] = against["ceiling"]
                 report["ingest_rows_cpu"] = against["cpu_us_per_event"]
@@ -925,6 +933,8 @@ def table_text(report: dict) -> str:
         lines.append(f"| (the row batches above: {grouped['requests']:,.0f} requests stored as "
                      f"{grouped['stored_batches']:,.0f} batches, {grouped['requests'] / grouped['stored_batches']:.1f} "
                      "requests each, those that queued up while the one before was stored) | | |")
+    if "ingest_rows_log_bytes_per_event" in report:
+        lines.append(f"| (their write-ahead log: {report['ingest_rows_log_bytes_per_event']:.1f} bytes per event) | | |")
     for key, n, c in [("ingest_http_1000", 1_000, 1), ("ingest_http_10000", 10_000, 1), ("ingest_http_1000_4", 1_000, 4)]:
         r = report[key]
         lines.append(f"| HTTP Events API, NDJSON, {n:,} lines per request (wait=true), {c} connection{'s' * (c > 1)} "

@@ -111,6 +111,7 @@ class Ingest:
         self.producers: dict[str, Producer] = {}
         self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered
+        self._logged_values: dict[str, tuple[Dictionary, int, pa.Array]] = {}  # for `_logged`
 
     # ---- the ingest path --------------------------------------------------------------------
 
@@ -120,13 +121,32 @@ class Ingest:
         with self._encode_lock:
             test_codes, cols, rejected = self.encode(batch.table, batch.valid, rejections)
             generation = self._generation
+            logged = batch.table
+            if self.wal is not None and batch.ipc is None and len(test_codes) == logged.num_rows:
+                logged = self._logged(logged, test_codes, cols)  # every row stored, in order
         payload = None
         if self.wal is not None:
             payload = Payload.of(persist.encode_record(
-                persist.Record(batch.table, rejections, batch.producer_id, batch.sequence, batch.received_ns),
+                persist.Record(logged, rejections, batch.producer_id, batch.sequence, batch.received_ns),
                 batch.ipc))
         return PreparedBatch(test_codes, cols, rejected, rejections, batch.received_ns, batch.producer_id,
                              batch.sequence, batch.first_sequence, payload, batch, generation)
+
+    def _logged(self, table: pa.Table, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> pa.Table:
+        """A batch stored whole, as logged: each column of few values as the codes just given
+        them and their dictionary's values (cached until it grows), where those values take at
+        most a quarter of the column's bytes as sent."""
+        few = {}
+        for name in persist.FEW_VALUES:
+            d, column = (self.tests if name == "test_id" else self.dicts[name]), table.column(name)
+            if len(d) > persist.LOGGED_DICTIONARY or column.type != pa.string():
+                continue
+            cached = self._logged_values.get(name)
+            if cached is None or cached[0] is not d or cached[1] != len(d):
+                cached = self._logged_values[name] = (d, len(d), d.values)
+            if 4 * cached[2].nbytes <= column.nbytes:
+                few[name] = (test_codes if name == "test_id" else cols[name], cached[2])
+        return persist.logged_table(table, few, cols["conversion"])
 
     def apply(self, p: PreparedBatch) -> IngestResult:
         """Logs a prepared batch and makes it visible, in one critical section; its `token` is the

@@ -37,6 +37,10 @@ def test_bench_smoke(tmp_path):
     grouped = report["ingest_rows_grouped"]  # 5,000 events in 5 requests, six times (rows_1, rows_4: 3 runs each)
     assert grouped["requests"] == 30 and 1 <= grouped["stored_batches"] <= 30
     assert "requests stored as" in result.stdout
+    # Stored whole, with their tests, variants, event types, devices and countries logged as codes
+    # (113 bytes per event as sent): 30,000 events, ~56 bytes each, and a record header per batch.
+    assert 40 < report["ingest_rows_log_bytes_per_event"] < 80, report["ingest_rows_log_bytes_per_event"]
+    assert "their write-ahead log:" in result.stdout
     assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0
     assert "`abstream ingest` of 50,000 NDJSON lines" in result.stdout
     assert report["ingest_http_1000"]["events"] == report["ingest_http_10000"]["events"] == 5000

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
 import pytest
 from abstream.v1 import admin_pb2
 from abstream.v1 import analytics_pb2 as pb
@@ -598,6 +599,53 @@ def test_quarantine_survives_restarts(data_dir):
         q = server.stub(ch).ListQuarantine(pb.ListQuarantineRequest(), timeout=10)
     assert q.total == 1 and q.events[0].field == "conversion" and q.events[0].event.conversion == 3
     server.kill()
+
+
+def test_row_batches_logged_with_their_few_values_as_codes_replay_as_sent(data_dir):
+    """A row batch stored whole is logged with its tests, variants, event types, devices and
+    countries as codes and their values, later batches bringing new ones (past 127 tests, codes
+    of two bytes); a batch with a rejected event, or a column whose dictionary would outweigh
+    its values as sent, is logged as sent. A restart from the log alone stores every event as
+    sent."""
+    from abstream.store import persist
+    from abstream.store.wal import WriteAheadLog
+
+    server = Server(data_dir).start()
+    sent = []
+    with server.channel() as ch:
+        for seq in range(12):
+            events = [dict(timestamp=(BASE_S + seq) * NS + i, user_id=f"u{seq}-{i}", test_id=f"log-{seq}-{i % 13}",
+                           variant=f"v{seq % 4}-{i % 2}", event_type=f"e{seq}", conversion=i % 2,
+                           revenue=float(i), session_id=f"s{seq}-{i % 3}", device=f"d{seq % 5}",
+                           country="ABCDEFGHIJKL"[seq] + "Z") for i in range(20 if seq == 11 else 600)]
+            if seq == 5:
+                events[3]["conversion"] = 3
+            ack = send(server.stub(ch), "p", seq, events)
+            assert (ack.accepted, ack.rejected) == (len(events) - (seq == 5), seq == 5)
+            sent += [e for e in events if e["conversion"] in (0, 1)]
+    server.kill()
+
+    def logged_as(batch: pa.Table, name: str) -> str:
+        t = batch.schema.field(name).type
+        return str(t.index_type) if pa.types.is_dictionary(t) else str(t)
+
+    logged = [persist.decode_record(payload).batch for _, payload in WriteAheadLog(data_dir / "wal").replay(0)]
+    # 13 new tests a batch: 130 from the 10th; the 12th batch has 20 events, fewer bytes than 143 tests.
+    assert [logged_as(b, "test_id") for b in logged] == ["int8"] * 5 + ["string"] + ["int8"] * 3 + ["int16"] * 2 + [
+        "string"]
+    assert [logged_as(b, "country") for b in logged] == ["int8"] * 5 + ["string"] + ["int8"] * 5 + ["string"]
+    assert [logged_as(b, "conversion") for b in logged] == ["uint8"] * 5 + ["int64"] + ["uint8"] * 6
+
+    server.start()
+    stored = []
+    with server.channel() as ch:
+        for test_id in sorted({e["test_id"] for e in sent}):
+            for piece in server.admin(ch).ExportEvents(admin_pb2.ExportEventsRequest(test_id=test_id), timeout=30):
+                table = pa.ipc.open_stream(piece.arrow_ipc).read_all()
+                stored += table.set_column(0, "timestamp", table.column("timestamp").cast(pa.int64())).to_pylist()
+    server.kill()
+    key = lambda e: (e["test_id"], e["user_id"])  # noqa: E731
+    assert sorted(stored, key=key) == sorted(sent, key=key)
 
 
 def test_records_are_written_by_the_commit_that_syncs_them_or_by_a_rotation_or_the_close(tmp_path):
