@@ -363,7 +363,7 @@ class Queries:
     def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
                rows: int = 100_000) -> Iterator[pa.Table]:
         """A test's events as stored (event field names, strings decoded), `rows` at a time: part
-        by part in time order, then the unsorted tail, so that no more than `rows` events are
+        by part (each in time order), then the unsorted tail, so that no more than `rows` events are
         decoded at once (and the dictionaries' packed values they name unpacked once, for the
         whole export). A consistent cut: the parts and a copy of the tail are taken under the
         ingest lock (for as long as copying the tail takes)."""

@@ -394,11 +394,26 @@ def _level(part: Part) -> int:
     return (max(part.num_rows, 1).bit_length() - 1) // 2
 
 
+def _merge_newest(parts: list[Part]) -> None:
+    """Merges a run's newest MERGE_FAN_IN parts while they are of one size class."""
+    while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
+        parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
+
+
+def _head(values: np.ndarray | pa.Array, n: int) -> np.ndarray | pa.Array:
+    return values[:n] if isinstance(values, np.ndarray) else values.slice(0, n)
+
+
+def _tail(values: np.ndarray | pa.Array, n: int) -> np.ndarray | pa.Array:
+    return values[n:] if isinstance(values, np.ndarray) else values.slice(n)
+
+
 @dataclass(frozen=True)
 class PartitionView:
     """One test's sealed events and their running totals; never changes after it is published."""
 
     parts: tuple[Part, ...] = ()
+    late: int = 0  # the last `late` parts are the late run (`with_rows`)
     variants: frozenset[int] = frozenset()
     events: int = 0
     users: int = 0
@@ -416,18 +431,32 @@ class PartitionView:
                   ) -> PartitionView:
         """A new view holding these rows (sorted by timestamp) too, equal-sized parts merged; its
         rollup kept up, or folded from every part once it holds the events `rollup` asks for
-        (None: no rollup is wanted)."""
+        (None: no rollup is wanted).
+
+        Parts form two runs. The main one follows time: each part begins where the one before it
+        ends, so merging them is a concatenation. Rows older than the main run's last event
+        (late ones: a stream that lags the others, a backfill) go to the late run, whose parts
+        merge among themselves, sorted where they overlap. Merging overlapping parts unpacks,
+        sorts and packs every row of them again: with one run, the few late rows of each seal
+        made every merge of four streams' parts do so (~0.57 µs per event)."""
         folded = self.rollup
         if folded is not None:
             folded = folded.merged(cols)
         elif rollup is not None and self.events + len(cols["timestamp"]) >= rollup.events:
             folded = self._folded([{c: cols[c] for c in ROLLUP_COLUMNS}], rollup.holds)
-        parts = [*self.parts, Part(cols)]
-        while len(parts) >= MERGE_FAN_IN and len({_level(p) for p in parts[-MERGE_FAN_IN:]}) == 1:
-            parts[-MERGE_FAN_IN:] = [Part.merge(parts[-MERGE_FAN_IN:])]
-        ts, (bits, added) = cols["timestamp"], kernels.add_users(self.user_bits, cols["user_id"])
+        ts = cols["timestamp"]
+        main, late = list(self.parts[:len(self.parts) - self.late]), list(self.parts[len(self.parts) - self.late:])
+        cut = int(np.searchsorted(ts, main[-1].last_ns)) if main else 0  # rows before it are late
+        if cut:
+            late.append(Part(cols if cut == len(ts) else {c: _head(a, cut) for c, a in cols.items()}))
+            _merge_newest(late)
+        if cut < len(ts):
+            main.append(Part(cols if not cut else {c: _tail(a, cut) for c, a in cols.items()}))
+            _merge_newest(main)
+        bits, added = kernels.add_users(self.user_bits, cols["user_id"])
         return PartitionView(
-            parts=tuple(parts),
+            parts=(*main, *late),
+            late=len(late),
             variants=self.variants | frozenset(kernels.distinct_values(cols["variant"]).tolist()),
             events=self.events + len(ts),
             users=self.users + added,
