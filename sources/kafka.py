@@ -23,6 +23,7 @@ import bisect
 import io
 import json
 import logging
+import re
 import threading
 import time
 import tomllib
@@ -49,6 +50,9 @@ BATCH_BYTES = 8 << 20
 BATCH_LINES = 50_000  # below the core's --max-batch-events
 #: How long to wait before trying refused messages again when ingest gave no time.
 RETRY_SECONDS = 1.0
+#: A broker's address as librdkafka takes it: an optional protocol, a host name or an address
+#: ([bracketed] for IPv6), an optional port (9092).
+_BROKER = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[^\s:,/\[\]]+)(?::(\d{1,5}))?")
 RESTART_SECONDS = 5.0  # a partition's log ends below what was stored from it this long: it started again
 
 
@@ -94,6 +98,11 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
         raise KafkaConfigError("--kafka-bootstrap needs --kafka-topic (or topics in the [kafka] section)")
     if not bootstrap:
         raise KafkaConfigError("--kafka-topic needs --kafka-bootstrap HOST:PORT (or bootstrap in [kafka])")
+    for broker in bootstrap.split(","):
+        address = _BROKER.fullmatch(broker.strip())
+        if address is None or not 0 < int(address.group(1) or 9092) < 65536:
+            raise KafkaConfigError(f"kafka bootstrap: {broker.strip()[:100]!r} is not HOST:PORT (a port of 1 to "
+                                   "65535; brokers separated by commas)")
     client = {str(k): str(v) for k, v in section.get("client", {}).items()}
     timeout = section.get("session_timeout_ms", session_timeout_ms)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
@@ -115,10 +124,9 @@ def as_lines(value: bytes | None) -> bytes:
         return b"null"
     if b"\n" in value and value[:1] == b"{":
         try:
-            event = json.loads(value)
-        except ValueError:
-            return value  # NDJSON: one event per line
-        return json.dumps(event, separators=(",", ":")).encode()
+            return json.dumps(json.loads(value), separators=(",", ":")).encode()
+        except (ValueError, RecursionError):  # NDJSON, one event per line; or nested too deeply
+            return value  # to read as one: its lines are read (and refused) one by one
     return value
 
 

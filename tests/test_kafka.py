@@ -143,16 +143,19 @@ def test_malformed_messages_are_quarantined_with_their_offsets_and_the_rest_stor
     bad = [(0, b"not json at all"), (0, b""), (0, json.dumps({"user_id": "u", "test_id": "mixed_test",
                                                                "variant": "a"}).encode()),
            (0, json.dumps({"timestamp": "2025-04-02 10:00:00", "user_id": "u", "test_id": "mixed_test",
-                           "variant": "a", "conversion": 7}).encode())]
-    broker.produce(TOPIC, good[:10] + bad + good[10:])  # offsets 10..13 are the bad ones
+                           "variant": "a", "conversion": 7}).encode()),
+           (0, b'{"a":\n' + b"[" * 100_000 + b"]" * 100_000 + b"}")]  # past Python's recursion limit
+    broker.produce(TOPIC, good[:10] + bad + good[10:])  # offsets 10..14 are the bad ones
     server = Server(tmp_path / "data", *consuming(broker)).start()
     wait_for(lambda: events_of(server, "mixed_test") >= 20, what="the good events")
     with Client(server.address) as client:
-        wait_for(lambda: len(client.quarantine().rows) >= 4, what="the quarantined ones")
+        wait_for(lambda: len(client.quarantine().rows) >= 6, what="the quarantined ones")
         rows = client.quarantine().rows
     messages = sorted(r.message for r in rows)
-    assert len(rows) == 4
-    for offset in (10, 11, 12, 13):
+    assert len(rows) == 6  # the deep one's two lines, each refused
+    assert any("offset 14:" in m and "nested too deeply" in m for m in messages), messages
+    assert kafka_health(server) == 1  # the consumer goes on
+    for offset in (10, 11, 12, 13, 14):
         assert any(f"kafka {TOPIC} partition 0 offset {offset}:" in m for m in messages), (offset, messages)
     assert any("conversion must be 0 or 1" in m for m in messages)
     assert any("timestamp" in r.field for r in rows)
@@ -277,3 +280,11 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
         assert code != 0 and words in log and "Traceback" not in log, log
     code, log = Server(tmp_path / "data", "--kafka-topic", "t").start_expecting_failure()
     assert code != 0 and "needs --kafka-bootstrap" in log
+    for bootstrap in ("127.0.0.1:notaport", "k1:9092,k2:70000", "k1:9092,,k2:9092", "a b:9092"):
+        with pytest.raises(KafkaConfigError, match="is not HOST:PORT"):
+            kafka_config(bootstrap, "t", "abstream", 3000, "")
+    for bootstrap in ("k1", "k1:9092,k2:9093", "SASL_SSL://k1:9093", "[::1]:9092", "10.0.0.1:1"):
+        assert kafka_config(bootstrap, "t", "abstream", 3000, "").bootstrap == bootstrap
+    code, log = Server(tmp_path / "data", "--kafka-bootstrap", "127.0.0.1:notaport", "--kafka-topic", "t"
+                       ).start_expecting_failure()
+    assert code != 0 and "is not HOST:PORT" in log and "Traceback" not in log, log
