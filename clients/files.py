@@ -352,9 +352,12 @@ def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Ite
     """Blocks of whole rows, each read by Arrow; a block with a row Arrow cannot take (another
     number of fields than the header's, bytes that are not UTF-8) is read again row by row, so
     that only those rows are refused, each naming its row."""
-    header = f.readline()
+    header = f.readline(_MOST_LINE_BYTES)
     if not header.strip():
         raise FileProblem(f"{path}: is empty; a CSV needs a header line naming its columns")
+    if len(header) >= _MOST_LINE_BYTES and not header.endswith(b"\n"):
+        raise FileProblem(f"{path}: its first line is longer than {_MOST_LINE_BYTES >> 20} MiB; a CSV's first line "
+                          "is a header naming its columns")
     delimiter, found, extra = csv_columns(header.decode("utf-8", "replace").rstrip("\r\n"), path)
     if extra:
         warn(f"{path}: ignoring columns that are not event fields: {', '.join(repr(n) for n in extra)}")
@@ -362,39 +365,75 @@ def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Ite
     renames = {original: field for field, original in found.items()}
     size = max(lines, 1) * 200
     number = 1  # the header
-    while block := _csv_block(f, size):
-        bad: list = []
-        try:
-            table = pacsv.read_csv(pa.py_buffer(block), read_options=pacsv.ReadOptions(
-                column_names=names, use_threads=False, block_size=len(block) + 1),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: bad.append(
-                    row) or "skip"), convert_options=pacsv.ConvertOptions(
-                    column_types={n: pa.string() for n in names}, include_columns=list(found.values()),
-                    strings_can_be_null=True))
-        except pa.ArrowInvalid:
-            bad.append(None)
-        if bad:  # read again row by row: each row that cannot be sent is named, the others sent
-            yield from _csv_rows(block, delimiter, names, found, number, lines)
-        else:
-            table = table.rename_columns([renames[n] for n in table.schema.names])
-            for start in range(0, table.num_rows, lines):
-                piece = table.slice(start, lines)
-                yield _csv_chunk(piece, np.arange(number + 1 + start, number + 1 + start + piece.num_rows,
-                                                  dtype=np.int64))
-        number += _rows_in(block, delimiter) if bad else table.num_rows
+    while True:
+        block, too_long = _csv_block(f, size)
+        if not block and not too_long:
+            return
+        if block:
+            number += yield from _csv_read(block, names, found, renames, delimiter, number, lines)
+        if too_long:  # the line after the block, skipped
+            number += 1
+            yield Chunk(FILE_SCHEMA.empty_table(), np.zeros(0, np.int64), [
+                (number, "line", f"is longer than {_MOST_LINE_BYTES >> 20} MiB, far more than an event takes: it was "
+                                 "skipped")], number)
 
 
-def _csv_block(f: BinaryIO, size: int) -> bytes:
+def _csv_read(block: bytes, names: list[str], found: dict[str, str], renames: dict[str, str], delimiter: str,
+              number: int, lines: int) -> Iterator[Chunk]:
+    """A block's rows, numbered from `number` + 1, read by Arrow, or row by row when Arrow cannot;
+    returns how many rows it had."""
+    bad: list = []
+    try:
+        table = pacsv.read_csv(pa.py_buffer(block), read_options=pacsv.ReadOptions(
+            column_names=names, use_threads=False, block_size=len(block) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: bad.append(
+                row) or "skip"), convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, include_columns=list(found.values()),
+                strings_can_be_null=True))
+    except pa.ArrowInvalid:
+        bad.append(None)
+    if bad:  # read again row by row: each row that cannot be sent is named, the others sent
+        yield from _csv_rows(block, delimiter, names, found, number, lines)
+        return _rows_in(block, delimiter)
+    table = table.rename_columns([renames[n] for n in table.schema.names])
+    for start in range(0, table.num_rows, lines):
+        piece = table.slice(start, lines)
+        yield _csv_chunk(piece, np.arange(number + 1 + start, number + 1 + start + piece.num_rows, dtype=np.int64))
+    return table.num_rows
+
+
+def _csv_block(f: BinaryIO, size: int) -> tuple[bytes, bool]:
     """About `size` bytes of whole rows: to the end of a line, and on while a quoted field may be
-    open (a quote inside an unquoted field, which Arrow takes as it is, only makes it longer)."""
+    open (a quote inside an unquoted field, which Arrow takes as it is, only makes it longer);
+    and whether a line after them was longer than _MOST_LINE_BYTES (skipped unread, as NDJSON's
+    are: a 512 MiB line took 4 GiB to read)."""
     pieces = [f.read(size)]
     if pieces[0] and not pieces[0].endswith(b"\n"):
-        pieces.append(f.readline())
+        pieces.append(f.readline(_MOST_LINE_BYTES))
     odd, length = sum(p.count(b'"') for p in pieces) % 2, sum(map(len, pieces))
-    while odd and length <= _MOST_BLOCKS_PER_ROW * size and (more := f.readline()):
+    while odd and length <= _MOST_BLOCKS_PER_ROW * size and (more := f.readline(_MOST_LINE_BYTES)):
         pieces.append(more)  # only the new line's quotes counted: a stray quote costs no rescans
         odd, length = (odd + more.count(b'"')) % 2, length + len(more)
-    return b"".join(pieces)
+    block = b"".join(pieces)
+    if len(pieces) == 1 or len(pieces[-1]) < _MOST_LINE_BYTES or pieces[-1].endswith(b"\n"):
+        return block, False
+    rest = pieces[-1]
+    while rest and not rest.endswith(b"\n"):  # the rest of the long line, a piece at a time
+        rest = f.readline(_MOST_LINE_BYTES)
+    return block[:block.rfind(b"\n") + 1], True
+
+
+def _csv_records(block: bytes, delimiter: str) -> Iterator[list[str] | str]:
+    """A block's rows, or why a row cannot be read (the reader goes on after it)."""
+    reader = _csv_reader(block, delimiter)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            yield (f"has a field longer than {csv.field_size_limit():,} characters, far more than an event field "
+                   "takes" if "field limit" in str(error) else f"cannot be read as CSV ({error})")
 
 
 def _csv_reader(block: bytes, delimiter: str):
@@ -403,7 +442,7 @@ def _csv_reader(block: bytes, delimiter: str):
 
 def _rows_in(block: bytes, delimiter: str) -> int:
     """The rows of a block as `_csv_rows` numbers them (empty lines are no rows, as in Arrow)."""
-    return sum(1 for row in _csv_reader(block, delimiter) if row)
+    return sum(1 for row in _csv_records(block, delimiter) if row)
 
 
 def _csv_rows(block: bytes, delimiter: str, names: list[str], found: dict[str, str], number: int, lines: int
@@ -413,11 +452,13 @@ def _csv_rows(block: bytes, delimiter: str, names: list[str], found: dict[str, s
     `typed_event` words it), and why each other row cannot be sent."""
     at = {field: names.index(original) for field, original in found.items()}
     rows, kept, problems = [], [], []
-    for row in _csv_reader(block, delimiter):
+    for row in _csv_records(block, delimiter):
         if not row:
             continue
         number += 1
-        if len(row) != len(names):
+        if isinstance(row, str):
+            problems.append((number, "line", row))
+        elif len(row) != len(names):
             problems.append((number, "line", f"has {len(row)} fields where the header names {len(names)}"))
         else:
             event, why = typed_event({field: row[i] for field, i in at.items() if row[i] != ""})

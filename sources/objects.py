@@ -15,10 +15,12 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import logging
 import os
+import tempfile
 import urllib.parse
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,8 +28,10 @@ from abstream.clients import files
 from abstream.clients.columnar import LOW_CARDINALITY
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from abstream.sources.ingest import BATCH_LINES, Ingest
+
+log = logging.getLogger("abstream.sources.objects")
 
 #: The sequence of an object's last batch: past it, the object is imported.
 FINISHED = 1 << 62
@@ -140,14 +144,25 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
     stream = fs.open_input_stream(info.path, compression=compression)
-    if fmt == "parquet":  # gzipped: read from its end only once inflated, so inflated whole
+    if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
 
-        return files._columnar(pq.ParquetFile(pa.BufferReader(stream.read())).iter_batches(COLUMNAR_ROWS), name)
+        return files._columnar(pq.ParquetFile(_inflated(stream)).iter_batches(COLUMNAR_ROWS), name)
     if fmt == "arrow":
-        reader = pa.ipc.open_file(pa.BufferReader(stream.read()))
+        reader = pa.ipc.open_file(_inflated(stream))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
     return files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn)
+
+
+def _inflated(stream) -> BinaryIO:
+    """A compressed Parquet or Arrow file inflated into a temporary file (unlinked: gone once
+    closed), as these are read from their ends. Inflated in memory, a 780 KB object of zeros
+    took 768 MiB."""
+    spill = tempfile.TemporaryFile()
+    while piece := stream.read(1 << 20):
+        spill.write(piece)
+    spill.seek(0)
+    return spill
 
 
 class _Raw(io.RawIOBase):
@@ -245,6 +260,12 @@ class Importer:
             except (OSError, pa.ArrowException, files.FileProblem, InvalidArgument) as error:
                 # This object cannot be read (a column of a type no event field takes): the others still are.
                 return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: {error}")
+            except AbstreamError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a defect reading this object; the others still are read
+                log.exception("importing %s failed", name)
+                return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: internal error "
+                                                                           f"({type(error).__name__}; see the server log)")
             accepted, quarantined = accepted + outcome.stored, quarantined + outcome.quarantined
             already = outcome.already_stored if already is None else already
             if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining:

@@ -179,19 +179,43 @@ def test_a_corrupt_object_is_reported_and_the_rest_imported(bucket, tmp_path):
     bad_lines = b'{"timestamp": "2025-04-01 00:00:00", "user_id": "u1", "test_id": "corrupt_test", "variant": "a"}\n' \
                 b'not json\n{"timestamp": "2025-04-01 00:00:01", "user_id": "u2", "test_id": "corrupt_test"}\n'
     client.put_object(Bucket=name, Key="in/c.ndjson", Body=bad_lines)
+    header, *row = csv_bytes(events(2, "corrupt_test", 200)).split(b"\n")[:3]
+    # A field past Python's CSV reader's limit (and an extra column); a line past 4 MiB.
+    client.put_object(Bucket=name, Key="in/d.csv", Body=header + b"\n" + row[0] + b"\n" + b"x" * 200_000
+                      + b",1\n" + row[1] + b"\n")
+    client.put_object(Bucket=name, Key="in/e.csv", Body=header + b"\n" + row[0].replace(b"user_200", b"user_300")
+                      + b"\n" + b"y" * (5 << 20) + b"\n" + row[1].replace(b"user_201", b"user_301") + b"\n")
+    client.put_object(Bucket=name, Key="in/f.parquet.gz", Body=gzip.compress(parquet_bytes(events(10, "corrupt_test",
+                                                                                                  400))))
+    client.put_object(Bucket=name, Key="in/g.parquet.gz", Body=gzip.compress(bytes(256 << 20), compresslevel=1))
     server = Server(tmp_path / "data").start()
+    peak = resident_peak(server)
     result = abstream_import(server, f"s3://{name}/in/")
-    assert result.returncode == 1  # one object failed
+    assert result.returncode == 1  # two objects failed
     out = result.stdout
     assert f"s3://{name}/in/a.parquet: 100 stored" in out
     assert f"s3://{name}/in/b.parquet: FAILED: cannot read s3://{name}/in/b.parquet" in out
     assert f"s3://{name}/in/c.ndjson: 1 stored, 2 quarantined" in out
-    assert stored(server, "corrupt_test") == 101
+    assert f"s3://{name}/in/d.csv: 2 stored, 1 quarantined" in out, out
+    assert f"s3://{name}/in/e.csv: 2 stored, 1 quarantined" in out, out
+    assert f"s3://{name}/in/f.parquet.gz: 10 stored" in out, out
+    assert f"s3://{name}/in/g.parquet.gz: FAILED: cannot read s3://{name}/in/g.parquet.gz" in out, out
+    assert resident_peak(server) - peak < 64 << 20  # inflated into a temporary file, not into memory (256 MiB)
+    assert stored(server, "corrupt_test") == 115
     with Client(server.address) as c:
         reasons = [r.message for r in c.quarantine().rows]
     assert any(m.startswith(f"s3://{name}/in/c.ndjson line 2: ") for m in reasons), reasons
     assert any(m.startswith(f"s3://{name}/in/c.ndjson line 3: ") and "variant" in m for m in reasons), reasons
+    assert any(m.startswith(f"s3://{name}/in/d.csv line 3: ") and "longer than 131,072 characters" in m
+               for m in reasons), reasons
+    assert any(m.startswith(f"s3://{name}/in/e.csv line 3: ") and "longer than 4 MiB" in m for m in reasons), reasons
     server.terminate()
+
+
+def resident_peak(server: Server) -> int:
+    """The server process's peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 def test_a_server_killed_mid_import_resumes_without_storing_twice(bucket, tmp_path):
