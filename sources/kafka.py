@@ -192,7 +192,6 @@ class KafkaSource:
         if (serving, state) != (self.serving, self.state):
             log.info("kafka: %s", state)
             self.serving, self.state = serving, state
-            self.connected.set(1 if serving else 0)
             self._on_state(serving, state)
 
     def _run(self) -> None:
@@ -259,6 +258,7 @@ class KafkaSource:
         from confluent_kafka import KafkaError
 
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            self.connected.set(0)
             self._set(False, f"broker unreachable ({self.config.bootstrap}): {error.str()}")
         else:
             log.warning("kafka: %s", error.str())
@@ -266,6 +266,7 @@ class KafkaSource:
     def _stats(self, text: str) -> None:
         stats = json.loads(text)
         up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
+        self.connected.set(1 if up else 0)
         if up and not self.serving and self._next:
             self._set(True, self._consuming)
         elif not up and self.serving:
@@ -278,10 +279,15 @@ class KafkaSource:
     # ---- messages --------------------------------------------------------------------------
 
     def _handle(self, consumer, messages) -> None:
+        from confluent_kafka import KafkaError
+
         groups: dict[tuple[str, int], list] = {}
         for m in messages:
             if m.error():
-                log.warning("kafka: %s", m.error().str())
+                if m.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART and not self._next:
+                    self._set(False, f"topic {m.topic()} does not exist on {self.config.bootstrap}; waiting for it")
+                else:
+                    log.warning("kafka: %s", m.error().str())
                 continue
             key = (m.topic(), m.partition())
             if m.offset() < self._next.get(key, 0):

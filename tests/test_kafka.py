@@ -257,6 +257,23 @@ def test_health_says_the_broker_is_missing_then_it_connects_when_it_appears(tmp_
         waiting.stop()
 
 
+def test_health_says_the_topic_is_missing_while_the_broker_answers(broker, tmp_path):
+    metrics = free_port()
+    server = Server(tmp_path / "data", "--kafka-bootstrap", broker.bootstrap, "--kafka-topic", "no_such_topic",
+                    "--metrics-addr", f"127.0.0.1:{metrics}", *SESSION).start()
+    wait_for(lambda: "does not exist" in http_health(server)["kafka"]["state"], timeout=30, what="the topic missing")
+    assert http_health(server)["kafka"]["state"] == \
+        f"topic no_such_topic does not exist on {broker.bootstrap}; waiting for it"
+    assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def connected() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            return "abstream_kafka_connected 1.0" in response.read().decode()
+
+    wait_for(connected, timeout=30, what="the broker counted as connected")
+    server.terminate()
+
+
 def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
     from abstream.sources.kafka import KafkaConfigError, kafka_config
 
