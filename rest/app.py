@@ -266,6 +266,8 @@ class HttpApi:
             raise HttpError(error.status, f"{error}{stored}")
         if isinstance(error, (files.FileProblem, pa.ArrowException, OSError)):
             raise InvalidArgument("body", f"{error}{stored}")
+        if stored and isinstance(error, AbstreamError):  # a refusal (a rate, draining) after some rows went in
+            error.args = (f"{error}{stored}",)
         raise error
 
     @staticmethod

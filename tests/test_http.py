@@ -587,6 +587,22 @@ def test_rate_limits_say_when_to_retry(tmp_path):
         server.stop()
 
 
+def test_a_body_refused_part_way_says_how_many_rows_went_in(tmp_path):
+    """A body read in chunks of 5,000 lines: the first goes in (a full bucket takes a batch above
+    its rate alone), the next is over the token's rate. The 429 says how many rows were stored,
+    so that the client can send only the rest."""
+    server = Http(tmp_path, tokens_file=str(tokens_file(tmp_path / "slow.toml", rates={"ingest": 1000})))
+    try:
+        body = ndjson([{**TUTORIAL_EVENT, "user_id": f"u{i}"} for i in range(12_000)])
+        status, headers, payload = server.call("POST", "/v0/events?name=ab_test_events&wait=true", body,
+                                               token=TOKENS["ingest"])
+        error = json.loads(payload)["error"]
+        assert status == 429 and "over its ingest rate" in error and error.endswith("(5,000 rows before it were stored)")
+        assert int(headers["Retry-After"]) >= 1
+    finally:
+        server.stop()
+
+
 # ---- exactly once, files ---------------------------------------------------------------------------
 
 def test_an_idempotency_key_stores_a_request_once_across_restarts(tmp_path):
