@@ -31,7 +31,7 @@ from abstream.rest import body, formats, pipes
 from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status_of
 from abstream.rest.results import ResultsPage
 from abstream.sources.ingest import Ingest, Outcome, reader_for
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 log = logging.getLogger("abstream.http")
 
@@ -53,6 +53,32 @@ _PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
               "Access-Control-Max-Age": "86400"}
 #: Response headers a page's script may read.
 _EXPOSED = "X-Request-Id, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+
+
+#: What aiohttp raises for a form it cannot read: no or a wrong boundary, bytes its charset cannot
+#: decode, a charset nobody knows, a part cut short.
+_UNREADABLE_FORM = (ValueError, LookupError, AssertionError)
+
+
+async def _form(request: web.Request):
+    """A POSTed form's fields, or 400 (415 when compressed: a form is read as sent)."""
+    if request.headers.get("Content-Encoding", "").lower() not in ("", "identity"):
+        raise HttpError(415, "a form is read as sent: send it without a Content-Encoding")
+    try:
+        return await request.post()
+    except _UNREADABLE_FORM as error:
+        raise InvalidArgument("body", f"is not a form the server can read ({error})"[:300]) from None
+
+
+def _part_reader(part: BodyPartReader):
+    """The file part's next piece, as the body reader asks for it; a part the form cannot give
+    whole (its closing boundary malformed) is a 400 for the rows after what was stored."""
+    async def read() -> bytes:
+        try:
+            return await part.read_chunk(1 << 16)
+        except _UNREADABLE_FORM as error:
+            raise HttpError(400, f"the form's file part cannot be read ({error})"[:300]) from None
+    return read
 
 
 def _pieces(data: bytes) -> Callable[[], Awaitable[bytes]]:
@@ -319,13 +345,17 @@ class HttpApi:
         read = request.content.readany
         name = "the upload"
         if request.content_type.startswith("multipart/"):
-            parts = await request.multipart()
-            part = await self._within(parts.next(), name)
-            while part is not None and part.name not in ("csv", "ndjson", "file", "parquet"):
+            try:
+                parts = await request.multipart()
                 part = await self._within(parts.next(), name)
+                while part is not None and (not isinstance(part, BodyPartReader)
+                                            or part.name not in ("csv", "ndjson", "file", "parquet")):
+                    part = await self._within(parts.next(), name)  # (a form nested in the form: skipped)
+            except _UNREADABLE_FORM as error:
+                raise InvalidArgument("body", f"is not a multipart form the server can read ({error})"[:300]) from None
             if part is None:
                 raise InvalidArgument("body", "no file part: send the file as the form field csv or ndjson")
-            read, name = (lambda: part.read_chunk(1 << 16)), part.filename or part.name
+            read, name = _part_reader(part), part.filename or part.name
         elif request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) < 1 << 16:
             small = await self._within(request.read(), name)  # a form (url=...), or a small file (curl --data-binary)
             if small.startswith(b"url="):
@@ -365,7 +395,7 @@ class HttpApi:
         name, fmt = request.match_info["name"], request.match_info["fmt"].lower()
         values = request.query.copy()
         if request.method == "POST":  # the platform's CLI posts a form when the URL would be long
-            values.extend(await request.post())
+            values.extend(await _form(request))
         params = pipes.Params(values)
         if params.get("q"):
             raise InvalidArgument("q", "SQL over a pipe is not supported: the pipe's parameters are (docs/http.md)")

@@ -5,6 +5,8 @@ A file of millions of rows is never held whole: the reader asks the loop for the
 only when it has parsed the last, so the client is slowed to the pace of ingest (TCP's own
 backpressure). A gzip member is inflated at most `_INFLATE` bytes at a time, and the inflated
 total counts against the same limit as the wire's, so a small bomb costs what its limit allows.
+Members follow one another (as `gzip >>`, pigz and log shippers write them), and a body that
+ends inside one is refused: it was cut short.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class _Pieces(io.RawIOBase):
         self._read, self._loop, self._limit, self._what = read, loop, limit, what
         self._gzip = gzip  # None: decided by the first bytes
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        self._inflating = False  # the member being inflated has begun
         self._pending = b""  # compressed input not inflated yet
         self._out = b""
         self._eof = False
@@ -47,11 +50,18 @@ class _Pieces(io.RawIOBase):
     def _fill(self) -> bool:
         """More output, or False at the end."""
         if self._gzip and self._pending:
+            if not self._inflating and not self._pending.strip(b"\0"):
+                self._pending = b""  # zeros padding the end, as gzip allows
+                return True
             try:
                 self._emit(self._inflate.decompress(self._pending, _INFLATE))
             except zlib.error as error:
                 raise HttpError(400, f"{self._what} is not valid gzip ({error})") from None
-            self._pending = self._inflate.unconsumed_tail
+            if self._inflate.eof:  # a member ended: what follows it is the next one (`gzip >>` appends)
+                self._pending, self._inflating = self._inflate.unused_data, False
+                self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            else:
+                self._pending, self._inflating = self._inflate.unconsumed_tail, True
             return True
         if self._eof:
             return False
@@ -60,6 +70,8 @@ class _Pieces(io.RawIOBase):
             self._eof = True
             if self._gzip:
                 self._emit(self._inflate.flush())
+                if self._inflating and not self._inflate.eof:
+                    raise HttpError(400, f"{self._what} is not valid gzip (it ends inside a gzip member: cut short?)")
             return bool(self._out)
         self.wire_bytes += len(piece)
         if self.wire_bytes > self._limit:

@@ -88,6 +88,8 @@ class Params:
 
     def get(self, name: str, default: str = "") -> str:
         value = self._values.get(name, default)
+        if not isinstance(value, str):  # a file in a posted form
+            raise InvalidArgument(name, "must be text, not a file")
         if len(value) > 4096:
             raise InvalidArgument(name, f"is {len(value):,} characters long; at most 4,096")
         return value

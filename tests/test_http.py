@@ -587,6 +587,73 @@ def test_rate_limits_say_when_to_retry(tmp_path):
         server.stop()
 
 
+def test_gzip_bodies_of_several_members_are_read_whole_and_a_cut_one_is_refused(tmp_path):
+    """`gzip >>`, pigz and log shippers write gzip files of several members, one after the
+    other: every member's rows go in (the members after the first were dropped, and the answer
+    said 200). A body that ends inside a member was cut short: 400."""
+    server = Http(tmp_path, tokens_file="")
+    try:
+        events = "/v0/events?name=ab_test_events&wait=true"
+        first = ndjson([{**TUTORIAL_EVENT, "user_id": f"m1-{i}"} for i in range(3)])
+        second = ndjson([{**TUTORIAL_EVENT, "user_id": f"m2-{i}"} for i in range(4)])
+        members = gzip.compress(first) + gzip.compress(second)
+        for headers in ({"Content-Encoding": "gzip"}, {}):  # declared, or sniffed from its first bytes
+            status, answer = server.json("POST", events, members, headers=headers, token=None)
+            assert (status, answer["successful_rows"]) == (200, 7), answer
+        many = ndjson([{**TUTORIAL_EVENT, "user_id": f"m3-{i}"} for i in range(5000)])
+        padded = gzip.compress(many) + gzip.compress(second) + b"\0" * 512  # zeros after the last: allowed
+        status, answer = server.json("POST", events, padded, headers={"Content-Encoding": "gzip"}, token=None)
+        assert (status, answer["successful_rows"]) == (200, 5004), answer
+        status, answer = server.json("POST", "/v0/datasources?name=ab_test_events&format=ndjson", members, token=None)
+        assert (status, answer["successful_rows"]) == (200, 7), answer
+        for cut in (members[:-20], b"\x1f\x8b"):
+            status, error = server.json("POST", events, cut, headers={"Content-Encoding": "gzip"}, token=None)
+            assert status == 400 and "ends inside a gzip member: cut short?" in error["error"], error
+        status, error = server.json("POST", events, members + b"not gzip", headers={"Content-Encoding": "gzip"},
+                                    token=None)
+        assert status == 400 and "is not valid gzip" in error["error"], error
+    finally:
+        server.stop()
+
+
+def test_forms_the_server_cannot_read_are_refused_with_what_is_wrong(tmp_path):
+    """Forms without a boundary or with a wrong one, bytes their charset cannot decode, a charset
+    nobody knows, a file where a parameter goes, a compressed form: 400 (415), never 500; a form
+    nested in the upload's form is passed over for the file part after it."""
+    server = Http(tmp_path, tokens_file="")
+    event = ndjson([{**TUTORIAL_EVENT, "user_id": "formed"}])
+    append, summary = "/v0/datasources?name=ab_test_events&format=ndjson", "/v0/pipes/test_summary.json"
+
+    def form(*parts: tuple[str, str, bytes]) -> bytes:
+        return b"".join(b"--OUT\r\n" + f"Content-Disposition: form-data; {disposition}\r\nContent-Type: {kind}\r\n\r\n"
+                        .encode() + data + b"\r\n" for disposition, kind, data in parts) + b"--OUT--\r\n"
+
+    nested = b"--IN\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nhello\r\n--IN--\r\n"
+    try:
+        for path, kind, body, status, words in [
+                (append, "multipart/form-data", event, 400, "body: is not a multipart form"),
+                (append, "multipart/form-data; boundary=XX", b"hello world no boundary here", 400, "body: is not a "),
+                (append, "multipart/whatever; boundary=XX", event, 400, "body: is not a "),
+                (summary, "multipart/form-data; boundary=OUT",
+                 form(('name="test_id"; filename="t.txt"', "text/plain", b"x")), 400, "test_id: must be text, not a file"),
+                (summary, "multipart/form-data", b"test_id=x", 400, "body: is not a form"),
+                (summary, "application/x-www-form-urlencoded", b"test_id=\xff", 400, "body: is not a form"),
+                (summary, "application/x-www-form-urlencoded; charset=bogus", b"test_id=x", 400, "body: is not a form"),
+                (summary, "multipart/form-data; boundary=OUT",
+                 form(('name="test_id"', "text/plain; charset=nonexistent", b"x")), 400, "body: is not a form")]:
+            status_got, _, payload = server.call("POST", path, body, headers={"Content-Type": kind}, token=None)
+            assert (status_got, json.loads(payload)["error"].startswith(words)) == (status, True), (path, kind, payload)
+        status, _, payload = server.call("POST", summary, gzip.compress(b"test_id=x"), token=None, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"})
+        assert status == 415 and "without a Content-Encoding" in json.loads(payload)["error"]
+        status, answer = server.json("POST", append, form(('name="inner"', "multipart/mixed; boundary=IN", nested),
+                                                          ('name="ndjson"; filename="e.ndjson"', "text/plain", event)),
+                                     headers={"Content-Type": "multipart/form-data; boundary=OUT"}, token=None)
+        assert (status, answer.get("successful_rows")) == (200, 1), answer
+    finally:
+        server.stop()
+
+
 def test_a_body_refused_part_way_says_how_many_rows_went_in(tmp_path):
     """A body read in chunks of 5,000 lines: the first goes in (a full bucket takes a batch above
     its rate alone), the next is over the token's rate. The 429 says how many rows were stored,
