@@ -21,7 +21,7 @@ from typing import Any
 
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, NotFound
+from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
 from abstream.core.types import (
     METRICS,
     Analysis,
@@ -77,6 +77,8 @@ def day_range(p: Params) -> tuple[int | None, int | None]:
         if name == "end":
             ns += (86_400 * NS if len(text) <= 10 else NS) - 1
         out.append(ns)
+    if out[0] is not None and out[1] is not None and out[1] < out[0]:
+        raise InvalidArgument("end", "is before start")  # named as the page's (the core says end_time)
     return out[0], out[1]
 
 

@@ -413,3 +413,5 @@ def test_everything_the_page_loads_comes_from_the_server(server):
     assert status == 404 and "no_such_test" in answer["error"]
     status, answer = server.json("GET", "/api/tests/checkout?start=yesterday", token=QUERY)
     assert status == 400 and "start" in answer["error"]
+    status, answer = server.json("GET", "/api/tests/checkout?start=2025-04-29&end=2025-04-28", token=QUERY)
+    assert (status, answer["error"]) == (400, "end: is before start")
