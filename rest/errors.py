@@ -46,6 +46,8 @@ def error_response(error: BaseException, rate: float = 0.0) -> web.Response:
     status = status_of(error)
     if isinstance(error, web.HTTPNotFound):
         message = "API method not found, check docs/http.md for the methods there are"
+    elif isinstance(error, web.HTTPRequestEntityTooLarge):  # a form past what aiohttp reads into memory
+        message = f"{error.text.rstrip('.')} (--http-max-body-bytes)"
     elif isinstance(error, web.HTTPMethodNotAllowed):
         message = f"{error.method} is not allowed here: use {', '.join(sorted(error.allowed_methods))}"
     elif isinstance(error, web.HTTPException):

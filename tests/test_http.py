@@ -643,6 +643,9 @@ def test_forms_the_server_cannot_read_are_refused_with_what_is_wrong(tmp_path):
                  form(('name="test_id"', "text/plain; charset=nonexistent", b"x")), 400, "body: is not a form")]:
             status_got, _, payload = server.call("POST", path, body, headers={"Content-Type": kind}, token=None)
             assert (status_got, json.loads(payload)["error"].startswith(words)) == (status, True), (path, kind, payload)
+        status, _, payload = server.call("POST", summary, b"test_id=" + b"x" * (17 << 20), token=None,
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 413 and json.loads(payload)["error"].endswith("exceeded (--http-max-body-bytes)"), payload
         status, _, payload = server.call("POST", summary, gzip.compress(b"test_id=x"), token=None, headers={
             "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"})
         assert status == 415 and "without a Content-Encoding" in json.loads(payload)["error"]
