@@ -657,6 +657,26 @@ def test_forms_the_server_cannot_read_are_refused_with_what_is_wrong(tmp_path):
         server.stop()
 
 
+def test_a_body_of_mostly_unreadable_lines_is_read_no_further_than_the_quarantine_holds(tmp_path):
+    """Each unreadable line costs ~15 times an event to store (its rejection, its quarantine row):
+    past MOST_UNREADABLE_LINES of them a body is read no further, 400, saying what went in."""
+    from abstream.sources.ingest import MOST_UNREADABLE_LINES
+
+    server = Http(tmp_path, tokens_file="")
+    try:
+        junk = b"not an event at all\n" * (MOST_UNREADABLE_LINES + 20_000)  # streamed: past SMALL_BODY_BYTES
+        lines = ndjson([{**TUTORIAL_EVENT, "user_id": "before"}]) + junk + ndjson([{**TUTORIAL_EVENT, "user_id": "x"}])
+        status, error = server.json("POST", "/v0/events?name=ab_test_events&wait=true", lines, token=None)
+        assert (status, error["error"]) == (400, f"body: more than {MOST_UNREADABLE_LINES:,} lines of body could not "
+                                                 "be read as events: the rest of it was not read (1 rows before it "
+                                                 "were stored)"), error
+        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true",
+                                     b"x\n" * 1000 + ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]), token=None)
+        assert (status, answer["successful_rows"], answer["quarantined_rows"]) == (200, 1, 1000), answer
+    finally:
+        server.stop()
+
+
 def test_a_body_refused_part_way_says_how_many_rows_went_in(tmp_path):
     """A body read in chunks of 5,000 lines: the first goes in (a full bucket takes a batch above
     its rate alone), the next is over the token's rate. The 429 says how many rows were stored,
