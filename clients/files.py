@@ -424,7 +424,12 @@ def _csv_block(f: BinaryIO, size: int) -> tuple[bytes, bool]:
 
 
 def _csv_records(block: bytes, delimiter: str) -> Iterator[list[str] | str]:
-    """A block's rows, or why a row cannot be read (the reader goes on after it)."""
+    """A block's rows, or why a row cannot be read (the reader goes on after it). No field is
+    longer than its block: the csv module's field limit (131,072 characters by default, for every
+    reader in the process) is raised to the block's size, as a field cut there left the reader
+    inside a quoted field, taking the rows after it for its lines."""
+    if csv.field_size_limit() < len(block):
+        csv.field_size_limit(len(block))
     reader = _csv_reader(block, delimiter)
     while True:
         try:
@@ -432,8 +437,7 @@ def _csv_records(block: bytes, delimiter: str) -> Iterator[list[str] | str]:
         except StopIteration:
             return
         except csv.Error as error:
-            yield (f"has a field longer than {csv.field_size_limit():,} characters, far more than an event field "
-                   "takes" if "field limit" in str(error) else f"cannot be read as CSV ({error})")
+            yield f"cannot be read as CSV ({error})"
 
 
 def _csv_reader(block: bytes, delimiter: str):

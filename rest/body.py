@@ -19,6 +19,10 @@ from typing import Awaitable, Callable
 from abstream.rest.errors import BodyTooLarge, HttpError
 
 _INFLATE = 1 << 20
+#: Compressed bytes handed to the inflater at a time: a member's end leaves the rest of them over,
+#: copied, so that a body of many tiny members cost time in the square of a piece's size (1.66 s
+#: for 1 MiB of empty members in one piece).
+_FEED = 8 << 10
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -29,7 +33,7 @@ class _Pieces(io.RawIOBase):
         self._gzip = gzip  # None: decided by the first bytes
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
         self._inflating = False  # the member being inflated has begun
-        self._pending = b""  # compressed input not inflated yet
+        self._pending = memoryview(b"")  # compressed input not inflated yet
         self._out = b""
         self._eof = False
         self.wire_bytes = 0
@@ -50,18 +54,20 @@ class _Pieces(io.RawIOBase):
     def _fill(self) -> bool:
         """More output, or False at the end."""
         if self._gzip and self._pending:
-            if not self._inflating and not self._pending.strip(b"\0"):
-                self._pending = b""  # zeros padding the end, as gzip allows
+            feed = self._pending[:_FEED]  # a view: what a member leaves over is copied, at most this
+            if not self._inflating and feed[0] == 0 and not bytes(feed).strip(b"\0"):
+                self._pending = self._pending[len(feed):]  # zeros padding the end, as gzip allows
                 return True
             try:
-                self._emit(self._inflate.decompress(self._pending, _INFLATE))
+                self._emit(self._inflate.decompress(feed, _INFLATE))
             except zlib.error as error:
                 raise HttpError(400, f"{self._what} is not valid gzip ({error})") from None
             if self._inflate.eof:  # a member ended: what follows it is the next one (`gzip >>` appends)
-                self._pending, self._inflating = self._inflate.unused_data, False
-                self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                self._pending = self._pending[len(feed) - len(self._inflate.unused_data):]
+                self._inflate, self._inflating = zlib.decompressobj(zlib.MAX_WBITS | 16), False
             else:
-                self._pending, self._inflating = self._inflate.unconsumed_tail, True
+                self._pending = self._pending[len(feed) - len(self._inflate.unconsumed_tail):]
+                self._inflating = True
             return True
         if self._eof:
             return False
@@ -79,7 +85,7 @@ class _Pieces(io.RawIOBase):
         if self._gzip is None:
             self._gzip = piece.startswith(GZIP_MAGIC)
         if self._gzip:
-            self._pending = piece
+            self._pending = memoryview(piece)
         else:
             self._emit(piece)
         return True

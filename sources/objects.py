@@ -147,20 +147,34 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
 
-        return files._columnar(pq.ParquetFile(_inflated(stream)).iter_batches(COLUMNAR_ROWS), name)
+        return files._columnar(pq.ParquetFile(_inflated(stream, info.size, name)).iter_batches(COLUMNAR_ROWS), name)
     if fmt == "arrow":
-        reader = pa.ipc.open_file(_inflated(stream))
+        reader = pa.ipc.open_file(_inflated(stream, info.size, name))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
     return files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn)
 
 
-def _inflated(stream) -> BinaryIO:
+#: A compressed Parquet or Arrow object may inflate to at most this many times its size (Parquet
+#: and Arrow are compressed within already: gzip gains them little; zeros gain it 1,000 times).
+MOST_INFLATION = 100
+
+
+def _inflated(stream, size: int, name: str) -> BinaryIO:
     """A compressed Parquet or Arrow file inflated into a temporary file (unlinked: gone once
     closed), as these are read from their ends. Inflated in memory, a 780 KB object of zeros
     took 768 MiB."""
+    limit, written = MOST_INFLATION * size + (64 << 20), 0
     spill = tempfile.TemporaryFile()
-    while piece := stream.read(1 << 20):
-        spill.write(piece)
+    try:
+        while piece := stream.read(1 << 20):
+            written += len(piece)
+            if written > limit:
+                raise files.FileProblem(f"{name} inflates to more than {limit:,} bytes ({MOST_INFLATION} times its "
+                                        "size, and 64 MiB): not read")
+            spill.write(piece)
+    except BaseException:
+        spill.close()
+        raise
     spill.seek(0)
     return spill
 

@@ -1,7 +1,7 @@
 """What goes to disk: write-ahead log records, and snapshots as Arrow IPC files.
 
 A log record is one acknowledged batch: the events that were stored (as EVENT_SCHEMA strings,
-so replay re-encodes them exactly as the first time; columns of few values may be dictionary
+so replay encodes the same strings again; columns of few values may be dictionary
 arrays, `logged_table`), the rejected ones with their reasons, and the producer's id and
 sequence. Replay trusts records; it never validates again, since a batch's validity depended
 on the server's clock when it arrived.
