@@ -220,11 +220,19 @@ async def _replay(read: collections.deque) -> files.Chunk | None:
     return item
 
 
-def spooled(body, chunk_bytes: int = 1 << 20):
-    """A body copied to a temporary file (a Parquet file is read from its end), in a worker thread."""
-    spool = tempfile.TemporaryFile()
-    while piece := body.read(chunk_bytes):
-        spool.write(piece)
+def spooled(body, chunk_bytes: int = 1 << 20, most: int | None = None, name: str = "the body"):
+    """A body copied to a temporary file (unlinked: gone once closed; a Parquet file is read from
+    its end), in a worker thread; refused past `most` bytes."""
+    spool, written = tempfile.TemporaryFile(), 0
+    try:
+        while piece := body.read(chunk_bytes):
+            written += len(piece)
+            if most is not None and written > most:
+                raise files.FileProblem(f"{name} is more than {most:,} bytes: not read")
+            spool.write(piece)
+    except BaseException:
+        spool.close()
+        raise
     spool.seek(0)
     return spool
 

@@ -17,7 +17,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from typing import AsyncIterator, BinaryIO, Iterator
@@ -29,7 +28,7 @@ from abstream.clients.columnar import LOW_CARDINALITY
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
-from abstream.sources.ingest import BATCH_LINES, Ingest
+from abstream.sources.ingest import BATCH_LINES, Ingest, spooled
 
 log = logging.getLogger("abstream.sources.objects")
 
@@ -154,29 +153,15 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     return files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn)
 
 
-#: A compressed Parquet or Arrow object may inflate to at most this many times its size (Parquet
-#: and Arrow are compressed within already: gzip gains them little; zeros gain it 1,000 times).
+#: A compressed Parquet or Arrow object may inflate to at most this many times its size, and 64
+#: MiB (Parquet and Arrow are compressed within already: gzip gains them little; zeros gain it
+#: 1,000 times). It is inflated into a temporary file, as these are read from their ends:
+#: inflated in memory, a 780 KB object of zeros took 768 MiB.
 MOST_INFLATION = 100
 
 
 def _inflated(stream, size: int, name: str) -> BinaryIO:
-    """A compressed Parquet or Arrow file inflated into a temporary file (unlinked: gone once
-    closed), as these are read from their ends. Inflated in memory, a 780 KB object of zeros
-    took 768 MiB."""
-    limit, written = MOST_INFLATION * size + (64 << 20), 0
-    spill = tempfile.TemporaryFile()
-    try:
-        while piece := stream.read(1 << 20):
-            written += len(piece)
-            if written > limit:
-                raise files.FileProblem(f"{name} inflates to more than {limit:,} bytes ({MOST_INFLATION} times its "
-                                        "size, and 64 MiB): not read")
-            spill.write(piece)
-    except BaseException:
-        spill.close()
-        raise
-    spill.seek(0)
-    return spill
+    return spooled(stream, most=MOST_INFLATION * size + (64 << 20), name=f"{name} inflated")
 
 
 class _Raw(io.RawIOBase):
