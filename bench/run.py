@@ -236,6 +236,7 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
                                stdout=subprocess.PIPE, text=True)
     runs: dict[str, list[dict]] = {"rows_1": [], "null_1": [], "rows_4": [], "null_4": []}
     cpu: dict[str, list[dict[str, float]]] = {"abstream": [], "null": []}
+    busy: dict[str, list[float]] = {"abstream": [], "null": []}  # cores the server and its sender kept busy
     try:
         null = f"127.0.0.1:{process.stdout.readline().split()[1]}"
         for r in range(rounds):
@@ -245,6 +246,7 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
                     if streams == 1 and pid is not None:
                         result, used = cpu_per_event(server_pid, lambda: timed_ingest(target, requests, streams))
                         cpu[side].append(used)
+                        busy[side].append((used["server"] + used["client"]) * result["events_per_s"] / 1e6)
                     else:
                         result = timed_ingest(target, requests, streams)
                     runs[f"{key}_{streams}"].append(result)
@@ -257,7 +259,8 @@ def rows_against_ceiling(address: str, sends: list[list[bytes]], rounds: int = 3
             "ceiling": {"one": median_run(runs["null_1"]), "four": median_run(runs["null_4"]),
                         "shares": [a / b for a, b in zip(rate["rows_1"], rate["null_1"])],
                         "four_over_one": [a / b for a, b in zip(rate["rows_4"], rate["rows_1"])]},
-            "cpu_us_per_event": {side: _median_by_name(used) for side, used in cpu.items() if used}}
+            "cpu_us_per_event": {side: _median_by_name(used) for side, used in cpu.items() if used},
+            "cores_busy_one_stream": {side: float(np.median(b)) for side, b in busy.items() if b}}
 
 
 def log_bytes(data_dir: str) -> int:
@@ -589,6 +592,7 @@ def run(n: int, reps: int, row_events: int, load_seconds: float, only: set[str] 
                 report["ingest_rows_1"], report["ingest_rows_4"] = against["rows_1"], against["rows_4"]
                 report["ingest_rows_ceiling"] = against["ceiling"]
                 report["ingest_rows_cpu"] = against["cpu_us_per_event"]
+                report["ingest_rows_cores_busy"] = against["cores_busy_one_stream"]
                 batches, requests = (server.metric(f"abstream_requests_per_stored_batch_{k}") - was
                                      for k, was in zip(("count", "sum"), stored))
                 report["ingest_rows_grouped"] = {"requests": requests, "stored_batches": batches}
@@ -929,6 +933,10 @@ def table_text(report: dict) -> str:
         lines.append(f"| the same, 4 streams | {four['events']:,} | {four['events_per_s']:,.0f} (median of {runs(four)}; "
                      f"abstream on 4 streams: {ratios[len(ratios) // 2]:.2f}x its 1 stream, the median of each round's, "
                      f"{', '.join(f'{x:.2f}' for x in ratios)}; goal 1.5x) |")
+        if busy := report.get("ingest_rows_cores_busy", {}).get("abstream"):
+            cores = report["machine"]["cores"]
+            lines.append(f"| (on 1 stream abstream and its sender kept {busy:.2f} of the {cores} cores busy: 4 streams "
+                         f"can go at most {cores / busy:.2f}x as fast unless each event costs less CPU on them) | | |")
     if grouped := report.get("ingest_rows_grouped"):
         lines.append(f"| (the row batches above: {grouped['requests']:,.0f} requests stored as "
                      f"{grouped['stored_batches']:,.0f} batches, {grouped['requests'] / grouped['stored_batches']:.1f} "

@@ -66,10 +66,14 @@ R = TypeVar("R")
 #: Batches of one stream applied but not yet acknowledged (waiting for their fsync).
 PIPELINE_DEPTH = 8
 #: At most this many requests, and events, of one stream that queued up while the batch before
-#: them was stored are stored together as one batch (Core._store). 64 requests of 1,000 events
-#: stored ~6% faster than 16, but Summary during full-speed ingest took 16-17 ms against 10-12.
-GROUP_REQUESTS = 16
+#: them was stored are stored together as one batch (Core._store): each batch costs the store
+#: thread a few hundred hand-offs of the GIL whatever its size. One stream of 1,000-event
+#: requests ran 25-60% faster with 64 than with 16 (docs/performance.md).
+GROUP_REQUESTS = 64
 GROUP_EVENTS = 65_536
+#: ... and this many while queries run: a larger batch is a longer step between the points
+#: where ingest yields to them, and queries during full-speed ingest took ~1.5-2x as long.
+GROUP_REQUESTS_WHILE_QUERIED = 16
 #: Requests up to this size are measured on the event loop (well under a millisecond).
 INLINE_MEASURE_BYTES = 1 << 20
 #: How old a reading of the resident memory the high-water mark is checked against may be.
@@ -198,7 +202,8 @@ class Core:
                 ended = False
                 while not ended:
                     taken = [await arrived.get()]
-                    while taken[-1] is not None and len(taken) < GROUP_REQUESTS and not arrived.empty():
+                    most = GROUP_REQUESTS_WHILE_QUERIED if self._queries else GROUP_REQUESTS
+                    while taken[-1] is not None and len(taken) < most and not arrived.empty():
                         taken.append(arrived.get_nowait())
                     if ended := taken[-1] is None:
                         taken.pop()
@@ -268,6 +273,7 @@ class Core:
                     raise RuntimeError(f"requests measured as {sum(sizes)} events were decoded as "
                                        f"{batch.table.num_rows}")
                 first = group[0][1]
+                self._yield_to_queries()
                 validated = self._validated(batch, principal, first.sequence if len(group) > 1 and first.producer_id
                                             else 0)
                 wait = self._rates.wait_for(principal, validated.table.num_rows)

@@ -60,6 +60,9 @@ def test_bench_smoke(tmp_path):
     assert cpu["abstream"]["server"] >= cpu["abstream"]["abstream-store"] + cpu["abstream"]["event loop"]
     assert cpu["null"]["server"] > 0 and cpu["abstream"]["client"] > 0 and cpu["null"]["client"] > 0
     assert "Where the CPU went, row batches of 1,000 on 1 stream" in result.stdout
+    busy = report["ingest_rows_cores_busy"]  # the cores one stream kept busy, server and sender
+    assert 0 < busy["abstream"] <= 1.1 * os.cpu_count() and 0 < busy["null"] <= 1.1 * os.cpu_count(), busy
+    assert f"4 streams can go at most {os.cpu_count() / busy['abstream']:.2f}x as fast" in result.stdout
     lc = report["lifecycle"]
     assert lc["delete_test"]["events"] > 0 and lc["erase_user"]["events"] > 0 and lc["retention"]["events"] > 0, lc
     assert "lifecycle, 50,000 events stored" in result.stdout
