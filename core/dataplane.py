@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import json
 import functools
 import logging
 import math
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from abstream.core import admission, analysis, events, threads
 from abstream.core.admission import IngestBudget, Limits, RateLimiter, RequestSize
-from abstream.core.auth import Principal, Tokens
+from abstream.core.auth import ANYONE, Principal, Tokens
 from abstream.core.engine import Engine
 from abstream.core.errors import (
     FailedPrecondition,
@@ -87,6 +88,16 @@ QUARANTINE_MAX_LIMIT = 10_000
 def _in_thread(pool: ThreadPoolExecutor, fn, *args):
     """`fn(*args)` in `pool`, with the caller's context (request id, principal), as to_thread does."""
     return asyncio.get_running_loop().run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
+
+
+def producer_of(principal: Principal, producer_id: str) -> str:
+    """The producer a caller's producer id names: its own, in its token's name (tokens of one
+    name share them, as a token and its replacement do), so that no token can claim another's
+    sequence and have that one's next batches taken for duplicates. Without tokens everyone is
+    the same caller, as are the server's own sources."""
+    if principal is ANYONE:
+        return producer_id
+    return f"@{json.dumps(principal.name)}:{producer_id}"
 
 
 def split_result(result: IngestResult, sizes: list[int]) -> list[IngestResult]:
@@ -187,6 +198,8 @@ class Core:
                     # A walk over the request that allocates nothing per event: inline for small
                     # ones, in a thread for large.
                     size = measure(raw) if len(raw) <= INLINE_MEASURE_BYTES else await asyncio.to_thread(measure, raw)
+                    if size.producer_id and principal is not ANYONE:
+                        size = dataclasses.replace(size, producer_id=producer_of(principal, size.producer_id))
                     self._check_memory()
                     held.append(await self._budget.acquire(admission.cost(size)))
                     await arrived.put((started, raw, size))
@@ -310,7 +323,8 @@ class Core:
         table, rejections = events.check(batch.table, now, refuse)
         if batch.origin is not None and rejections:
             rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
-        return ValidatedBatch(table, rejections, now, batch.producer_id, batch.sequence, batch.ipc, first_sequence)
+        producer_id = producer_of(principal, batch.producer_id) if batch.producer_id else ""
+        return ValidatedBatch(table, rejections, now, producer_id, batch.sequence, batch.ipc, first_sequence)
 
     @staticmethod
     def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
@@ -424,10 +438,10 @@ class Core:
             return await self._in_worker("Timeseries", lambda: respond(engine.timeseries(q)))
         return await self._in_worker("Timeseries", lambda: respond(analysis.lift(q, engine.timeseries(q))))
 
-    async def last_sequence(self, producer_id: str) -> int:
-        """Where a source's producer resumes (a server-side source: no token to check)."""
+    async def last_sequence(self, principal: Principal, producer_id: str) -> int:
+        """Where a source's producer, sending as `principal`, resumes."""
         engine = self.engine
-        return await asyncio.to_thread(engine.last_sequence, producer_id)
+        return await asyncio.to_thread(engine.last_sequence, producer_of(principal, producer_id))
 
     async def list_tests(self, principal: Principal,
                          respond: Callable[[list[TestInfo], QueryStats], R] = lambda t, s: t) -> R:

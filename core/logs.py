@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -39,6 +40,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _WithoutQueries(logging.Filter):
+    """aiohttp logs a request it could not parse (a raw space, a byte that is no character) with
+    its request line, query and all: a token may be in it. Its error is kept, to its first line,
+    and every query string in it cut."""
+
+    QUERY = re.compile(r"\?[^\s'\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = self.QUERY.sub("?…", f"{record.getMessage()}: {type(error).__name__}: {error}")
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
@@ -47,4 +63,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _WithoutQueries) for f in server.filters):
+        server.addFilter(_WithoutQueries())
     root.setLevel(level.upper())

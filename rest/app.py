@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import ipaddress
 import logging
 import ssl
 import time
@@ -22,7 +23,7 @@ import pyarrow as pa
 from abstream.clients import files
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
+from abstream.core.errors import AbstreamError, InvalidArgument, NotFound, PermissionDenied
 from abstream.core.events import check_query_string
 from abstream.core.logs import REQUEST_ID, new_request_id
 from abstream.core.metrics import Metrics
@@ -106,6 +107,11 @@ class HttpApi:
         self.started = dt.datetime.now(dt.timezone.utc)
         self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
         self._cors_origins = frozenset(o.strip() for o in settings.http_cors_origins.split(",") if o.strip())
+        # Without a tokens file every caller may do anything, so a page of another site must not
+        # be one (see _refused_without_tokens).
+        self._open = not core.tokens.enabled
+        if self._open:
+            self._cors_origins -= {"*"}
         self.workspace_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"abstream:{settings.data_dir or settings.addr}"))
         # A request line or header up to 64 KiB reaches the handlers, which refuse a long parameter
         # in JSON (aiohttp's parser answers past 8 KiB itself, in text).
@@ -152,6 +158,28 @@ class HttpApi:
             return "*"
         return origin if origin in self._cors_origins else None
 
+    def _refused_without_tokens(self, request: web.Request) -> str | None:
+        """Why a server without tokens refuses a request a browser may have made for another site.
+
+        Such a server answers anyone who reaches it, which on loopback is its own machine's users
+        and programs, but a browser on that machine also reaches it for any site it visits: a
+        page's form or script can post events (a form needs no CORS) or, through a DNS name the
+        site points at 127.0.0.1, read answers. So a request that names another site as its
+        origin is refused, unless that origin is listed in --http-cors-origins; and one addressed
+        to a name that is not loopback is refused, unless the server was told to listen beyond
+        loopback (--insecure)."""
+        # (Browsers always send Host; without one, aiohttp names the machine, which is no site.)
+        if not self.settings.insecure and "Host" in request.headers and not _loopback_name(request.url.host):
+            return (f"this server has no tokens file, so it answers only requests addressed to a loopback name "
+                    f"(localhost, 127.0.0.1, [::1]), not {request.host!r}: a page on another site could reach it "
+                    "through a name of its own")
+        origin = request.headers.get("Origin")
+        own = f"{request.scheme}://{request.host}"
+        if origin is not None and origin.lower() != own.lower() and origin not in self._cors_origins:
+            return (f"this server has no tokens file, so pages of other sites may not call it ({origin!r} is not "
+                    f"{own!r}); list the page's origin in --http-cors-origins, or give the server a tokens file")
+        return None
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         """Request ids, errors as JSON, CORS, a log line and metrics for every request."""
@@ -159,6 +187,8 @@ class HttpApi:
         started = time.perf_counter()
         cors = self._cors_origin(request)
         try:
+            if self._open and (why := self._refused_without_tokens(request)):
+                raise PermissionDenied(why)
             if cors and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
                 request["route"] = "preflight"  # a browser asking before a call: answered for every route
                 response = web.Response(status=204, headers=_PREFLIGHT)
@@ -255,12 +285,13 @@ class HttpApi:
         return web.json_response(answer, status=200 if wait else 202)
 
     def _idempotency(self, request: web.Request) -> str:
-        """The producer id an Idempotency-Key makes: the same key, from the same token, stores once."""
+        """The producer id an Idempotency-Key makes: the same key, from the same token (the core
+        keeps each token's producers apart), stores once."""
         key = request.headers.get("Idempotency-Key", "")
         if not key:
             return ""
         check_query_string("Idempotency-Key", key)
-        return f"http:{request[PRINCIPAL_KEY].name}:{key}"
+        return f"http:{key}"
 
     def _body(self, request: web.Request, read, limit: int, what: str):
         if request.content_length is not None and request.content_length > limit:
@@ -410,3 +441,14 @@ class HttpApi:
     async def sql(self, request: web.Request) -> web.Response:
         raise InvalidArgument("q", "SQL is not supported: query the pipes (test_summary, test_segments, "
                                    "test_timeseries, test_results, test_lift; docs/http.md)")
+
+
+def _loopback_name(host: str | None) -> bool:
+    """Whether a request's host (its Host header, without the port) names this machine's loopback."""
+    name = (host or "").lower().rstrip(".").strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -233,8 +233,10 @@ class KafkaSource:
         the store has offsets of, or the first)."""
         for tp in partitions:
             generation = 0
-            stored = self._call(self.core.last_sequence(producer_of(tp.topic, tp.partition)))
-            while later := self._call(self.core.last_sequence(producer_of(tp.topic, tp.partition, generation + 1))):
+            def stored_of(generation: int) -> int:
+                return self._call(self.core.last_sequence(ANYONE, producer_of(tp.topic, tp.partition, generation)))
+            stored = stored_of(0)
+            while later := stored_of(generation + 1):
                 generation, stored = generation + 1, later
             if stored:
                 tp.offset = stored

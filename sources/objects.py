@@ -77,11 +77,17 @@ def filesystem(uri: str, endpoint_url: str = "", region: str = "", import_root: 
             raise InvalidArgument("uri", "local paths are imported only under the server's --import-root, which is "
                                          "not set: import from s3://, or start the server with --import-root DIR")
         path = os.path.realpath(parsed.path if parsed.scheme == "file" else uri)
-        root = os.path.realpath(import_root)
-        if os.path.commonpath([path, root]) != root:
-            raise InvalidArgument("uri", f"{uri[:256]} is not under the server's --import-root {root}")
+        if not under_root(path, import_root):
+            raise InvalidArgument("uri", f"{uri[:256]} is not under the server's --import-root "
+                                         f"{os.path.realpath(import_root)}")
         return pafs.LocalFileSystem(), path, ""
     raise InvalidArgument("uri", f"{parsed.scheme}:// is not supported: s3://bucket/prefix/ or a local path")
+
+
+def under_root(path: str, import_root: str) -> bool:
+    """Whether a local path, its links followed, is under `import_root`."""
+    path, root = os.path.realpath(path), os.path.realpath(import_root)
+    return os.path.commonpath([path, root]) == root
 
 
 def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
@@ -224,8 +230,13 @@ class Importer:
             name = f"{scheme}{info.path}"
             progress = dataclasses.replace(totals, uri=name, state="started", size=info.size)
             producer = producer_of(name, info)
-            stored = await self.core.last_sequence(producer)
-            if stored == FINISHED:
+            stored = await self.core.last_sequence(principal, producer)
+            if not scheme and not under_root(info.path, self.import_root):
+                # A link in a directory imported leads out of it: the root bounds every file read.
+                progress = dataclasses.replace(progress, state="failed",
+                                               error=f"{name[:256]} is a link to a file outside the server's "
+                                                     "--import-root: not read")
+            elif stored == FINISHED:
                 progress.state = "skipped"
             else:
                 yield progress
@@ -270,7 +281,7 @@ class Importer:
             if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining:
                 # Refused for now (a rate, the memory high-water mark): resume after what is stored.
                 await asyncio.sleep(getattr(outcome.failure, "retry_after", None) or 1.0)
-                stored = await self.core.last_sequence(producer)
+                stored = await self.core.last_sequence(principal, producer)
                 continue
             break
         error = outcome.failure

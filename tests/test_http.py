@@ -11,8 +11,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -501,6 +503,41 @@ def test_web_pages_may_call_the_api_with_a_token_as_the_platform_lets_them(tmp_p
         http.stop()
 
 
+def test_without_tokens_pages_of_other_sites_may_not_call_and_only_loopback_names_are_answered(tmp_path):
+    """A server without tokens answers anyone, so a browser visiting another site must not be
+    anyone: a page's form posting events (text/plain needs no CORS), its script reading answers,
+    or a DNS name of the site's pointed at 127.0.0.1 (Host) are refused 403 and nothing is
+    stored; the server's own pages, listed origins and callers without Origin (curl, SDKs) are
+    answered."""
+    http = Http(tmp_path, tokens_file="", http_cors_origins="*, https://dash.example.com")
+    port = http.base.rsplit(":", 1)[1]
+    form = (json.dumps(TUTORIAL_EVENT)[:-1] + ', "x": "="}\r\n').encode()  # what <form enctype="text/plain"> posts
+    try:
+        for headers in ({"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                        {"Origin": "null", "Content-Type": "text/plain"},
+                        {"Host": f"rebind.attacker.example:{port}", "Content-Type": "text/plain"}):
+            status, answer, body = http.call("POST", "/v0/events?name=ab_test_events&wait=true", form, headers=headers,
+                                             token=None)
+            assert status == 403 and "no tokens file" in json.loads(body)["error"], (headers, body)
+            assert "Access-Control-Allow-Origin" not in answer
+        for path in ("/api/tests", "/v0/pipes/test_summary.json?test_id=test_5"):
+            status, answer, _ = http.call("GET", path, headers={"Origin": "https://evil.example"}, token=None)
+            assert status == 403 and "Access-Control-Allow-Origin" not in answer
+            status, _, _ = http.call("GET", path, headers={"Host": f"rebind.attacker.example:{port}"}, token=None)
+            assert status == 403
+        assert Client(http.grpc).list_tests().rows == []  # none of the posts above stored anything
+        for headers in ({}, {"Origin": f"http://127.0.0.1:{port}"}, {"Host": f"localhost:{port}"},
+                        {"Origin": "https://dash.example.com"}):
+            status, answer, body = http.call("POST", "/v0/events?name=ab_test_events&wait=true",
+                                             ndjson([TUTORIAL_EVENT]), headers=headers, token=None)
+            assert status == 200 and json.loads(body)["successful_rows"] == 1, (headers, body)
+            assert answer.get("Access-Control-Allow-Origin") == headers.get("Origin") if "dash" in str(headers) \
+                else "Access-Control-Allow-Origin" not in answer
+        assert [t.events for t in Client(http.grpc).list_tests().rows] == [4]
+    finally:
+        http.stop()
+
+
 def test_no_length_is_411_and_a_long_chunked_body_is_cut_off(tmp_path):
     import http.client
 
@@ -905,7 +942,18 @@ def test_metrics_and_logs_cover_http_and_never_show_a_token(tmp_path):
             urllib.request.urlopen(base + path, timeout=10).read()
         except urllib.error.HTTPError as error:
             assert error.code == 403
+    # Request lines aiohttp's parser refuses itself, logged by it: a character that is not ASCII,
+    # a raw space, a control byte.
+    for line in (f"GET /api/tests/caf\u00e9?token={TOKENS['query']} HTTP/1.1".encode(),
+                 f"GET /v0/pipes/x.json?token={TOKENS['query']}&q=a b HTTP/1.1".encode(),
+                 f"GET /v0/pipes/x.json?token={TOKENS['query']}\x7f HTTP/1.1".encode()):
+        host, port = server.http_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b" 400 " in raw.recv(1000).split(b"\r\n")[0]
+    time.sleep(0.5)
     log = server.log_path.read_text()
+    assert "Error handling request" in log  # the refusals are logged, without what they refused
     assert TOKENS["query"] not in log and "not-a-real-token" not in log
     lines = [json.loads(line) for line in log.splitlines() if '"abstream.http"' in line]
     assert any("GET /v0/pipes/test_summary.json 200" in line["message"] and line.get("request_id") for line in lines)

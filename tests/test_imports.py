@@ -261,6 +261,10 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     (folder / "two.csv").write_bytes(csv_bytes(events(25, "local_test", 50)))
     (folder / "notes.txt").write_text("not events")
     (tmp_path / "secret.csv").write_bytes(csv_bytes(events(5, "outside")))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "more.csv").write_bytes(csv_bytes(events(5, "outside")))
+    (folder / "link.csv").symlink_to(tmp_path / "secret.csv")  # links in the root that lead out of it
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     server = Server(tmp_path / "data", "--import-root", str(folder)).start()
     outside = abstream_import(server, str(tmp_path / "secret.csv"))
     assert outside.returncode == 2 and "is not under the server's --import-root" in outside.stderr
@@ -270,7 +274,9 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     assert result.returncode == 1
     assert f"{folder}/one.arrow: 50 stored" in result.stdout and f"{folder}/two.csv: 25 stored" in result.stdout
     assert f"{folder}/notes.txt: FAILED: " in result.stdout and "cannot tell the format" in result.stdout
-    assert stored(server, "local_test") == 75
+    for link in (f"{folder}/link.csv", f"{folder}/linked/more.csv"):
+        assert f"{link}: FAILED: {link} is a link to a file outside the server's --import-root" in result.stdout
+    assert stored(server, "local_test") == 75 and stored(server, "outside") == 0
     bad = abstream_import(server, "ftp://somewhere/x")
     assert bad.returncode == 2 and "ftp:// is not supported" in bad.stderr
     with Client(server.address) as client, pytest.raises(grpc.RpcError) as xml:

@@ -138,6 +138,27 @@ def test_a_token_restricted_to_a_prefix_sees_and_writes_only_its_tests(secured):
         assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-query"), timeout=10).total == 1
 
 
+def test_a_token_cannot_claim_another_tokens_producer(secured):
+    """Producer ids are each token's own: a token that sends under another's producer id, with a
+    sequence far ahead, must not make that producer's next batches duplicates (dropped, acked)."""
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+
+        def send(secret: str, test_id: str, sequence: int) -> pb.IngestEventsResponse:
+            (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event(test_id)], producer_id="order-42",
+                                                                    sequence=sequence)]),
+                                       metadata=metadata(secret), timeout=10)
+            return ack
+
+        squat = send("tok-team", "chk_squat", 2**40)
+        assert (squat.accepted, squat.duplicate) == (1, False)
+        first = send("tok-ingest", "victim", 1)
+        assert (first.accepted, first.duplicate) == (1, False)  # its own producer: sequence 1 is new
+        assert send("tok-ingest", "victim", 1).duplicate and send("tok-team", "chk_squat", 2**40).duplicate
+        summary = stub.Summary(pb.SummaryRequest(test_id="victim"), metadata=metadata("tok-query"), timeout=10)
+        assert sum(r.metrics.events for r in summary.rows) == 1
+
+
 def test_reflection_is_open_or_off_as_configured(secured, tmp_path):
     listed = subprocess.run([str(BIN / "grpcurl"), "-plaintext", secured.address, "list"], capture_output=True,
                             text=True, timeout=30)
