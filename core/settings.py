@@ -91,8 +91,14 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan or inf: no duration, share or count
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
-        if self.snapshot_log_ratio < 0:
-            raise ValueError(f"--snapshot-log-ratio must be 0 or more, not {self.snapshot_log_ratio}")
+        for name in _POSITIVE + _NOT_NEGATIVE:
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and name in _POSITIVE):
+                raise ValueError(f"--{name.replace('_', '-')} must be {'more than' if name in _POSITIVE else 'at least'} "
+                                 f"0, not {value}")
+        if self.memory_high_water_bytes < -1:
+            raise ValueError(f"--memory-high-water-bytes must be -1 (the default share), 0 (off) or a size, not "
+                             f"{self.memory_high_water_bytes}")
         if self.engine == "clickhouse" and not (self.clickhouse and self.clickhouse_cluster):
             raise ValueError("--engine clickhouse needs --clickhouse HOST:PORT[,...] and --clickhouse-cluster NAME")
 
@@ -103,7 +109,11 @@ class Settings:
         for f in fields(cls):
             raw = environ.get("ABSTREAM_" + f.name.upper())
             if raw is not None:
-                values[f.name] = _parse(f.default, raw)
+                try:
+                    values[f.name] = _parse(f.default, raw)
+                except ValueError:
+                    kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(f.default), "text")
+                    raise ValueError(f"ABSTREAM_{f.name.upper()}={raw[:64]!r} is not {kind}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -130,6 +140,15 @@ class Settings:
                     and "ABSTREAM_" + f.name.upper() not in environ:
                 values[f.name] = f.metadata["serve_default"]
         return cls.from_env(environ, **values)
+
+
+#: Settings a value of 0 or less would leave the server refusing everything or misbehaving.
+_POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "http_max_body_bytes",
+             "http_max_upload_bytes", "fsync_interval_ms", "snapshots_kept", "retention_sweep_seconds",
+             "kafka_session_timeout_ms", "clickhouse_insert_quorum")
+#: Settings where 0 means none (or never) and less means nothing.
+_NOT_NEGATIVE = ("grace_seconds", "quarantine_limit", "snapshot_every_events", "snapshot_log_ratio",
+                 "snapshot_every_seconds", "http_body_idle_seconds", "retention_days")
 
 
 def _parse(default, raw: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from abstream.core.settings import Settings
@@ -51,13 +52,16 @@ def main(argv: list[str]) -> int:
 
 
 def _cluster_arguments(p: argparse.ArgumentParser, flag: str = "--clickhouse") -> None:
-    defaults = Settings.from_env()
-    p.add_argument(flag, dest="clickhouse", default=defaults.clickhouse or None, required=not defaults.clickhouse,
+    # Their variables only: the parser is built for every command, and another setting's variable
+    # that does not parse is for `serve` to refuse, by name.
+    hosts, cluster = os.environ.get("ABSTREAM_CLICKHOUSE", ""), os.environ.get("ABSTREAM_CLICKHOUSE_CLUSTER", "")
+    database = os.environ.get("ABSTREAM_CLICKHOUSE_DATABASE", Settings.clickhouse_database)
+    p.add_argument(flag, dest="clickhouse", default=hosts or None, required=not hosts,
                    help="host:port[,host:port...] of the cluster's servers (env ABSTREAM_CLICKHOUSE)")
-    p.add_argument("--clickhouse-cluster", default=defaults.clickhouse_cluster or None,
-                   required=not defaults.clickhouse_cluster, help="the cluster's name (env ABSTREAM_CLICKHOUSE_CLUSTER)")
-    p.add_argument("--clickhouse-database", default=defaults.clickhouse_database,
-                   help=f"(env ABSTREAM_CLICKHOUSE_DATABASE, default {defaults.clickhouse_database!r})")
+    p.add_argument("--clickhouse-cluster", default=cluster or None, required=not cluster,
+                   help="the cluster's name (env ABSTREAM_CLICKHOUSE_CLUSTER)")
+    p.add_argument("--clickhouse-database", default=database,
+                   help=f"(env ABSTREAM_CLICKHOUSE_DATABASE, default {database!r})")
 
 
 def _on_cluster(args) -> int:

@@ -108,7 +108,25 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     ratio = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--snapshot-log-ratio", "-1"],
                            capture_output=True, text=True, timeout=60)
     assert ratio.returncode == 2 and "Traceback" not in ratio.stderr
-    assert "--snapshot-log-ratio must be 0 or more, not -1.0" in ratio.stderr
+    assert "--snapshot-log-ratio must be at least 0, not -1.0" in ratio.stderr
+    for args, words in [(("--max-batch-events", "0"), "--max-batch-events must be more than 0, not 0"),
+                        (("--max-ingest-streams", "0"), "--max-ingest-streams must be more than 0, not 0"),
+                        (("--max-message-bytes", "-5"), "--max-message-bytes must be more than 0, not -5"),
+                        (("--grace-seconds", "-3"), "--grace-seconds must be at least 0, not -3.0")]:
+        refused = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", "", *args],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr and words in refused.stderr, refused.stderr
+    # A variable that does not parse is named, for serve and for the commands that read none.
+    for command, variable, words in [
+            (["serve", "--data-dir", ""], "ABSTREAM_MAX_MESSAGE_BYTES=16MiB",
+             "ABSTREAM_MAX_MESSAGE_BYTES='16MiB' is not a whole number"),
+            (["serve", "--data-dir", ""], "ABSTREAM_INSECURE=maybe", "ABSTREAM_INSECURE='maybe' is not true or false"),
+            (["token", "someone"], "ABSTREAM_GRACE_SECONDS=soon", "")]:
+        name, value = variable.split("=")
+        done = subprocess.run([str(BIN / "abstream"), *command], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, name: value})
+        assert "Traceback" not in done.stderr, done.stderr
+        assert (done.returncode == 2 and words in done.stderr) if words else done.returncode == 0, done.stderr
     for flag in ("--retention-days", "--retention-sweep-seconds"):
         nan = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", flag, "nan"],
                              capture_output=True, text=True, timeout=60)
