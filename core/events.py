@@ -108,6 +108,8 @@ def normalize(batch: pa.Table) -> tuple[pa.Table, list[Rejection]]:
             col = batch.column(f.name)
         else:
             col = pa.nulls(batch.num_rows, f.type)
+        if pa.types.is_dictionary(col.type) and f.type != pa.string():  # timestamps, numbers: read as their values
+            col = col.cast(col.type.value_type)
         if col.type != f.type and not is_dictionary_string(col.type):
             col, unreadable = _convert(col, f)
             refused += unreadable

@@ -31,7 +31,7 @@ from abstream.core.settings import Settings
 from abstream.rest import body, formats, pipes
 from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status_of
 from abstream.rest.results import ResultsPage
-from abstream.sources.ingest import Ingest, Outcome, reader_for
+from abstream.sources.ingest import BATCH_LINES, Ingest, Outcome, reader_for
 from aiohttp import BodyPartReader, web
 
 log = logging.getLogger("abstream.http")
@@ -106,6 +106,8 @@ class HttpApi:
         self.port = 0
         self.started = dt.datetime.now(dt.timezone.utc)
         self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
+        # A body is stored in batches of at most --max-batch-events, as gRPC's are.
+        self._batch_lines = min(BATCH_LINES, settings.max_batch_events)
         self._cors_origins = frozenset(o.strip() for o in settings.http_cors_origins.split(",") if o.strip())
         # Without a tokens file every caller may do anything, so a page of another site must not
         # be one (see _refused_without_tokens).
@@ -278,7 +280,8 @@ class HttpApi:
                 stream, whole = self._body(request, _pieces(raw), limit, "the body"), False
         else:
             stream, whole = self._body(request, request.content.readany, limit, "the body"), False
-        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for("ndjson", stream, "body", []),
+        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY],
+                                           lambda: reader_for("ndjson", stream, "body", [], self._batch_lines),
                                            producer, whole=whole)
         self._raise_failure(outcome)
         answer = {"successful_rows": outcome.stored, "quarantined_rows": outcome.quarantined, **outcome.details()}
@@ -394,7 +397,8 @@ class HttpApi:
             read = _pieces(small)
         stream = self._body(request, read, limit, name)
         warnings: list[str] = []
-        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY], lambda: reader_for(fmt, stream, name, warnings),
+        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY],
+                                           lambda: reader_for(fmt, stream, name, warnings, self._batch_lines),
                                            self._idempotency(request))
         outcome.warnings = warnings
         self._raise_failure(outcome)

@@ -26,7 +26,7 @@ from abstream.core.admission import RequestSize
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
-from abstream.core.events import Rejection
+from abstream.core.events import EVENT_SCHEMA, MAX_EVENT_BYTES, Rejection
 from abstream.core.types import DecodedBatch
 
 #: Rejected lines named one by one in an answer; past this only counted.
@@ -255,11 +255,34 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
 
         spool = spooled(body)
         try:
-            parquet = pq.ParquetFile(spool)
+            schema = pq.ParquetFile(spool).schema_arrow
+            # Strings are read as the file keeps them when it keeps them once per value (a
+            # dictionary): one 20 KB value in 5,000 rows is then 20 KB, not 100 MB, and refused
+            # by its length as any too-long string is.
+            strings = [f.name for f in schema if f.name in EVENT_SCHEMA.names and pa.types.is_string(f.type)
+                       and EVENT_SCHEMA.field(f.name).type == pa.string()]
+            parquet = pq.ParquetFile(spool, read_dictionary=strings)
         except pa.ArrowInvalid as error:
             raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None
-        return files._columnar(parquet.iter_batches(batch_size=batch_lines), name)
+        columns = [n for n in schema.names if n in EVENT_SCHEMA.names]  # the others are never read
+        _check_parquet_sizes(parquet.metadata, columns, name)
+        return files._columnar(parquet.iter_batches(batch_size=batch_lines, columns=columns), name)
     raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")
+
+
+def _check_parquet_sizes(metadata, columns: list[str], name: str) -> None:
+    """Refuses a Parquet file any of whose row groups holds, uncompressed, more bytes of the event
+    columns than its rows could as events: compressed, a few KB can decode to gigabytes, held
+    while its batches are read."""
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        size = sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                   if group.column(j).path_in_schema.split(".")[0] in columns)
+        most = group.num_rows * MAX_EVENT_BYTES + (1 << 20)
+        if size > most:
+            raise InvalidArgument("body", f"row group {i} of {name} holds {size:,} bytes of event columns "
+                                          f"uncompressed, more than its {group.num_rows:,} rows could as events "
+                                          f"({most:,}): not read")
 
 
 def _readable(chunks: Iterator[files.Chunk], name: str) -> Iterator[files.Chunk]:

@@ -28,6 +28,11 @@ def _as_sent(rejected: pa.Table) -> list[pa.Array]:
     for f in EVENT_SCHEMA:
         col = rejected.column(f.name).combine_chunks() if f.name in rejected.column_names else pa.nulls(
             rejected.num_rows, f.type)
+        if pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type) and len(col.dictionary) \
+                and (pc.max(pc.binary_length(col.dictionary)).as_py() or 0) > MAX_STRING_BYTES:
+            # Cut once per value, before each row gets its copy: one long value in many rows.
+            col = pa.DictionaryArray.from_arrays(col.indices, pc.utf8_slice_codeunits(col.dictionary, 0,
+                                                                                     MAX_STRING_BYTES))
         if col.type != f.type:
             col = col.cast(f.type)
         if pa.types.is_string(f.type) and len(col) and (pc.max(pc.binary_length(col)).as_py() or 0) > MAX_STRING_BYTES:

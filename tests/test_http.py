@@ -755,6 +755,67 @@ def test_an_idempotency_key_stores_a_request_once_across_restarts(tmp_path):
         assert sum(r.metrics.events for r in client.summary("test_5").rows) == 60
 
 
+def test_a_parquet_upload_is_read_within_what_its_rows_could_hold_and_in_batches_of_the_servers_limit(tmp_path):
+    """A Parquet upload of a few KB can decode to gigabytes: a 20 KB value kept once in a
+    dictionary for 5,000 rows is read as that dictionary (its rows refused for its length, the
+    server's memory unmoved), and row groups whose event columns uncompress to more than their
+    rows could hold as events are refused unread. Bodies are stored in batches of at most
+    --max-batch-events, as gRPC's are."""
+    from tests.test_hostile import peak_growth
+
+    long = "x" * 20_000
+    repeated = tmp_path / "repeated.parquet"  # one value, a dictionary page: ~20 KB on disk, 100 MB read plain
+    pq.write_table(pa.table({**{k: [v] * 5_000 for k, v in TUTORIAL_EVENT.items()}, "user_id": [long] * 5_000}),
+                   repeated, compression="zstd")
+    distinct = tmp_path / "distinct.parquet"  # 5,000 values, plain: 100 MB uncompressed, compressed to little
+    pq.write_table(pa.table({**{k: [v] * 5_000 for k, v in TUTORIAL_EVENT.items()},
+                             "session_id": [f"{i:06d}{long}" for i in range(5_000)]}),
+                   distinct, compression="zstd", use_dictionary=False)
+    assert repeated.stat().st_size < 1 << 20 and distinct.stat().st_size < 4 << 20
+    server = Server(tmp_path / "data").start()
+    base = f"http://{server.http_address}"
+
+    def post(path: Path) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{base}/v0/datasources?name=ab_test_events&mode=append&format=parquet",
+                                         data=path.read_bytes(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        answers = []
+        assert peak_growth(server, lambda: answers.append(post(repeated))) < 64 << 20
+        status, answer = answers[0]
+        assert status == 200 and answer["quarantine_rows"] == 5_000, answer
+        status, answer = post(distinct)
+        assert status == 400 and "row group 0 of" in answer["error"], answer
+        assert "bytes of event columns uncompressed, more than its 5,000 rows could as events" in answer["error"]
+    finally:
+        server.terminate()
+    server = Server(tmp_path / "limited", "--max-batch-events", "10").start()
+    base = f"http://{server.http_address}"
+    try:
+        lines = ndjson([{**TUTORIAL_EVENT, "user_id": f"u{i}"} for i in range(25)])
+
+        def send(body: bytes) -> dict:
+            request = urllib.request.Request(f"{base}/v0/events?name=ab_test_events&wait=true", data=body,
+                                             method="POST", headers={"Idempotency-Key": "k"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        # In batches of at most 10, each a sequence of the key's producer: all 25 lines after the
+        # first 15 are those batches again (stored already) and at least one more, of the lines
+        # after them (one batch of 5,000 lines would be the first body's again, a duplicate whole).
+        assert send(b"".join(lines.splitlines(keepends=True)[:15]))["successful_rows"] == 15
+        again = send(lines)
+        assert again["successful_rows"] + again["already_stored_rows"] == 25, again
+        assert 0 < again["successful_rows"] <= 10 and again["already_stored_rows"] >= 15, again
+    finally:
+        server.terminate()
+
+
 def test_a_large_upload_streams_in_without_being_held_whole(tmp_path):
     server = Server(tmp_path / "data", "--http-max-upload-bytes", str(1 << 30)).start()
     path = tmp_path / "big.ndjson"

@@ -129,6 +129,23 @@ def test_columnar_batch_with_loose_types_missing_columns_and_a_bad_row(stub):
     assert {r.bucket_start.ToSeconds() for r in series.rows} == {BASE_S - BASE_S % 60}
 
 
+def test_timestamps_as_dictionary_encoded_text_are_read_as_text_is(stub):
+    """A dictionary of strings is kept as one for a string field; a timestamp sent so (as Parquet
+    readers and Arrow writers may) is text to read as an instant, each unreadable one its event's
+    rejection: it was taken for a string field's and failed the whole batch (INTERNAL)."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    when = dt.datetime.fromtimestamp(BASE_S, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    table = pa.table({"timestamp": pa.array([when, when, "yesterday"]).dictionary_encode(),
+                      "user_id": ["a", "b", "c"], "test_id": ["dictts"] * 3, "variant": ["x", "y", "x"]})
+    (ack,) = list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(table))]), timeout=30))
+    assert (ack.accepted, ack.rejected) == (2, 1) and (ack.rejections[0].index, ack.rejections[0].field) == (2, "timestamp")
+    rows = stub.Summary(pb.SummaryRequest(test_id="dictts"), timeout=10).rows
+    assert [(r.variant, r.metrics.events) for r in rows] == [("x", 1), ("y", 1)]
+
+
 def test_unreadable_columnar_payloads_fail_the_call_clearly(stub):
     import grpc
     import pyarrow as pa
