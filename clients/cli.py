@@ -535,8 +535,9 @@ def _ingest(args) -> int:
             for path, producer in zip(args.files, producers)]
 
     def reading(path: str, fmt: str):
-        """Reading and encoding on threads of their own, well ahead while the file is hashed."""
-        return _ahead(_encoded(_ahead(files.read(path, fmt, args.batch_size)), arrow_ipc), 8)
+        """Reading and encoding on threads of their own, well ahead while the file is hashed; a row
+        no request could carry (`files.sendable`) is kept back, lest the server refuse its batch."""
+        return _ahead(_encoded(map(files.sendable, _ahead(files.read(path, fmt, args.batch_size))), arrow_ipc), 8)
 
     first = reading(*plan[0][:2]) if plan else None  # started before grpc is even loaded
     import grpc

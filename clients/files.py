@@ -504,6 +504,66 @@ def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:
                  int(numbers[-1]) if len(numbers) else 0)
 
 
+# ---- what one request can carry ----------------------------------------------------------
+
+#: The longest string the server accepts, in UTF-8 bytes: core/events.py's, not imported from
+#: there (the core loads pyarrow.compute, which reading a clean file never needs).
+MAX_STRING_BYTES = 256
+#: The server refuses a whole arrow_ipc batch that decompresses to more than its rows can take
+#: as valid events (seven strings of MAX_STRING_BYTES each, and their numbers) and a mebibyte: one
+#: line holding a string of 1.5 MB sank its batch, and with it every good line of a small file.
+#: A row whose strings take more than this is not sent (the server would reject it anyway); one
+#: less long is sent, for the server to reject and quarantine as it does every invalid event.
+_MOST_STRING_BYTES_PER_ROW = 7 * MAX_STRING_BYTES
+_EVENT_FIELDS = frozenset(FILE_SCHEMA.names)
+
+
+def sendable(chunk: Chunk) -> Chunk:
+    """The chunk without the rows that would have the server refuse its whole request, each of
+    them then a line that cannot be sent, naming its longest field and that field's length.
+    Each string column's longest value is read from its offsets; rows are looked at one by one
+    only when those add up to more than a row may take, which no clean file's do."""
+    names = [f.name for f in chunk.table.schema if f.name in _EVENT_FIELDS and _is_text(f.type)]
+    if sum(_longest(chunk.table.column(name)) for name in names) <= _MOST_STRING_BYTES_PER_ROW:
+        return chunk
+    import pyarrow.compute as pc
+
+    table, lengths = chunk.table, []
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):  # plain: its dictionary may hold the values of rows not sent
+            column = column.cast(column.type.value_type)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        lengths.append(pc.binary_length(column).fill_null(0).to_numpy())
+    lengths = np.stack(lengths)
+    over = lengths.sum(axis=0) > _MOST_STRING_BYTES_PER_ROW
+    longest = lengths.argmax(axis=0)
+    problems = [(int(chunk.lines[i]), names[longest[i]], f"{names[longest[i]]} is {int(lengths[longest[i], i]):,} "
+                 f"bytes long; at most {MAX_STRING_BYTES} are accepted") for i in np.flatnonzero(over)]
+    return Chunk(table.filter(pa.array(~over)), chunk.lines[~over],
+                 sorted([*chunk.problems, *problems], key=lambda p: p[0]), chunk.last)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _longest(column: pa.ChunkedArray) -> int:
+    """The most bytes one value of a string column takes (of a dictionary's values: all of
+    them, as all are sent), read from its offsets."""
+    most = 0
+    for values in column.chunks:
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary
+        if len(values):
+            width = np.dtype(np.int64 if pa.types.is_large_string(values.type) else np.int32)
+            offsets = np.frombuffer(values.buffers()[1], width, len(values) + 1, values.offset * width.itemsize)
+            most = max(most, int(np.diff(offsets).max()))
+    return most
+
+
 # ---- Parquet and Arrow -------------------------------------------------------------------
 
 def _columnar(batches, path: str) -> Iterator[Chunk]:

@@ -214,6 +214,37 @@ def test_every_rejected_line_is_counted_once_in_the_servers_words(server, tmp_pa
         assert client.quarantine("bad").total == 2  # what the server rejected, nothing the command kept back
 
 
+def test_a_line_too_long_for_any_request_is_not_sent_and_every_other_line_is_stored(server, tmp_path):
+    """A string of a megabyte or more made the server refuse the whole batch (its Arrow stream
+    decompressed to more than its rows may take): no line of the file was stored."""
+    huge = 1_500_000
+    lines = [event(1, "huge", "A"), event(2, "huge", "A"), event(3, "huge", "B", session_id="s" * huge),
+             event(4, "huge", "B"), event(5, "huge", "A", event_type="e" * huge),  # a dictionary-encoded column
+             event(6, "huge", "B", country="c" * 300),  # sent: the server rejects it, into its quarantine
+             event(7, "huge", "A")]
+    path = write_ndjson(tmp_path / "huge.ndjson", lines)
+    result = run("ingest", str(path), "--addr", server.address)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[0] == ("accepted 4, rejected 3 (1 by the server, kept in its quarantine; "
+                                             "2 not sent)"), result.stdout
+    assert f"not sent: session_id: session_id is {huge:,} bytes long; at most 256 are accepted  ({path}:3)" \
+        in result.stdout
+    assert f"not sent: event_type: event_type is {huge:,} bytes long; at most 256 are accepted  ({path}:5)" \
+        in result.stdout
+    assert f"country: country is 300 bytes long; at most 256 are accepted  ({path}:6)" in result.stdout
+    assert events_of(server.address, "huge") == 4
+
+    rows = ["timestamp,user_id,test_id,variant"] + [f"2025-04-28 18:42:{i:02},u{i},huge_csv,A" for i in range(5)]
+    rows[3] = rows[3].replace(",u2,", ",u" + "2" * 1_200_000 + ",")
+    csv_path = tmp_path / "huge.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    result = run("ingest", str(csv_path), "--addr", server.address)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[0] == "accepted 4, rejected 1 (not sent: not readable as events)", result.stdout
+    assert f"user_id: user_id is 1,200,001 bytes long; at most 256 are accepted  ({csv_path}:4)" in result.stdout
+    assert events_of(server.address, "huge_csv") == 4
+
+
 def test_a_file_is_stored_once_however_often_it_is_sent(server, tmp_path):
     path = write_ndjson(tmp_path / "e.ndjson", [event(i, "once", "AB"[i % 2]) for i in range(50_000)])
     first = run("ingest", str(path), "--addr", server.address, "--batch-size", "5000")

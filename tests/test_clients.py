@@ -109,7 +109,7 @@ import sys
 import pyarrow as pa
 from abstream.clients import files
 from abstream.clients.columnar import arrow_ipc
-chunks = [(chunk, arrow_ipc(chunk.table)) for chunk in files.read({str(path)!r}, "ndjson", 1_000)]
+chunks = [(chunk, arrow_ipc(chunk.table)) for chunk in map(files.sendable, files.read({str(path)!r}, "ndjson", 1_000))]
 print(sorted(m for m in ("pyarrow.compute", "pandas") if m in sys.modules))
 for chunk, ipc in chunks:
     sent = pa.ipc.open_stream(ipc).read_all()
