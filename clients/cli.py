@@ -1066,14 +1066,16 @@ def _retention(args) -> int:
 
 
 def _export(args) -> int:
-    """Streams the pieces to the file as they come: a large test is never held whole."""
+    """Streams the pieces to the file as they come: a large test is never held whole. The file is
+    written under another name beside it and renamed once whole: a failed export (the server
+    away, a deadline) leaves what the file held, a previous export, as it was."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     fmt = args.format or next((f for f in ("parquet", "csv", "ndjson") if args.output.endswith("." + f)), "ndjson")
     if fmt == "parquet" and args.output == "-":
         raise ValueError("a Parquet export needs --output FILE")
-    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
+    out, partial = (sys.stdout.buffer, None) if args.output == "-" else _beside(args.output)
     writer = None
     events = 0
     try:
@@ -1092,12 +1094,38 @@ def _export(args) -> int:
                         out.write(json.dumps(row).encode() + b"\n")
         if writer is not None:
             writer.close()
+        if partial is not None:
+            out.close()
+            os.replace(partial, os.path.realpath(args.output))
+            partial = None
     finally:
         if out is not sys.stdout.buffer:
             out.close()
+        if partial is not None:
+            os.unlink(partial)
     if args.output != "-":
         print(f"{args.test_id}: {events:,} events to {args.output}", file=sys.stderr)
     return 0
+
+
+def _beside(path: str):
+    """(the file to write, its temporary name, None when it is written as it is): a new file in
+    `path`'s directory, as a file made there would be, or `path` itself when it is no regular
+    file (/dev/null, a pipe)."""
+    import tempfile
+
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        return open(path, "wb"), None
+    directory, name = os.path.split(target)
+    try:
+        fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    except OSError as error:  # named by the file asked for, not the temporary one
+        raise type(error)(error.errno, error.strerror, path) from None
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp's are the owner's alone
+    return os.fdopen(fd, "wb"), partial
 
 
 def _snapshot(args) -> int:

@@ -175,6 +175,26 @@ def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_b
             assert time.monotonic() - started < 30
 
 
+def test_a_failed_export_leaves_the_file_as_it_was_and_one_that_succeeds_replaces_it(server, tmp_path):
+    """The file was opened, and emptied, before the server was reached: an export that then
+    failed left a previous good export as 0 bytes."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    out = exports / "events.csv"
+    out.write_text("the previous export\n")
+    line = one_line(run("export", "t", "--output", str(out), "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2"))
+    assert line.startswith("abstream export: "), line
+    assert out.read_text() == "the previous export\n"
+    assert [p.name for p in exports.iterdir()] == ["events.csv"]  # nothing of the failed one left beside it
+    assert run("ingest", str(write_ndjson(exports / "e.ndjson", [event(1, "t", "A")])), "--addr",
+               server.address).returncode == 0
+    done = run("export", "t", "--output", str(out), "--addr", server.address)
+    assert done.returncode == 0 and "t: 1 events" in done.stderr, done.stderr
+    assert out.read_text().splitlines()[0].startswith('"timestamp","user_id"') and len(out.read_text().splitlines()) == 2
+    assert sorted(p.name for p in exports.iterdir()) == ["e.ndjson", "events.csv"]
+    assert out.stat().st_mode & 0o777 == (exports / "e.ndjson").stat().st_mode & 0o777  # as any new file's
+
+
 def test_a_reader_that_stops_early_ends_the_command_quietly(server, tmp_path):
     events = [event(i, "pipe", "AB"[i % 2], when=f"2025-04-{1 + i // 1440:02d} {i % 1440 // 60:02d}:{i % 60:02d}:00")
               for i in range(4000)]
