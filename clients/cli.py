@@ -94,6 +94,11 @@ examples:
 }
 
 
+#: The --timeout of the commands that write a snapshot and remove files (snapshot, delete-test,
+#: erase-user), which may take minutes on a large store: the client's own default for them.
+LONG_CALL = 3600.0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -179,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in SERVER_COMMANDS.items():  # listed here, parsed by the service's own command
         commands.add_parser(name, help=help, add_help=False)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return _subcommand(commands, name, help)
+    def command(name: str, help: str, timeout: float = 60.0) -> argparse.ArgumentParser:
+        return _subcommand(commands, name, help, timeout)
 
     def formatted(p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=["table", "json", "csv", "ndjson"], default="table",
@@ -305,10 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--interval", type=_seconds, default=30.0, help="with --watch, seconds between looks "
                                                                       "(default %(default)s)")
     imports.add_argument("--quiet", action="store_true", help="no progress on standard error")
-    delete = command("delete-test", "remove a test's events, quarantined events and plan (admin)")
+    delete = command("delete-test", "remove a test's events, quarantined events and plan (admin)", LONG_CALL)
     delete.add_argument("test_id")
     delete.add_argument("--yes", action="store_true", help="yes, remove them (required: it cannot be undone)")
-    erase = command("erase-user", "remove every event of a user, from queries and from the server's disk (admin)")
+    erase = command("erase-user", "remove every event of a user, from queries and from the server's disk (admin)",
+                    LONG_CALL)
     erase.add_argument("user_id")
     erase.add_argument("--test", action="append", default=[], dest="tests", metavar="TEST_ID",
                        help="only from this test (repeatable; default: every test)")
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["parquet", "csv", "ndjson"], default=None,
                         help="default: from --output's extension, else ndjson")
     export.add_argument("--output", "-o", default="-", help="the file (default: standard output; not for parquet)")
-    command("snapshot", "write a snapshot now (admin scope)")
+    command("snapshot", "write a snapshot now (admin scope)", LONG_CALL)
     experiment = commands.add_parser("experiment", help="a test's plan: control, split, start, hypothesis (admin)",
                                      epilog=EXAMPLES["experiment"], formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = experiment.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -341,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
+def _subcommand(commands, name: str, help: str, timeout: float = 60.0) -> argparse.ArgumentParser:
     """A client command, with its examples and the options every client command takes."""
     p = commands.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,7 +356,7 @@ def _subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
                             help="the server's host:port (env ABSTREAM_ADDR; default %(default)s)")
     connection.add_argument("--token", default=os.environ.get("ABSTREAM_TOKEN"),
                             help="bearer token, when the server has a tokens file (env ABSTREAM_TOKEN)")
-    connection.add_argument("--timeout", type=_seconds, default=60.0,
+    connection.add_argument("--timeout", type=_seconds, default=timeout,
                             help="seconds each call, and all retries of an ingest, may take (default %(default)s)")
     connection.add_argument("--tls", action="store_true", help="TLS, trusting the system's certificates")
     connection.add_argument("--ca", help="TLS, trusting this CA certificate (PEM file)")
@@ -1043,7 +1049,7 @@ def _delete_test(args) -> int:
     if not args.yes:
         raise ValueError(f"this removes every event of {args.test_id!r} for good: add --yes")
     with _client(args) as client:
-        print(f"{args.test_id}: {client.delete_test(args.test_id):,} events removed")
+        print(f"{args.test_id}: {client.delete_test(args.test_id, timeout=args.timeout):,} events removed")
     return 0
 
 
@@ -1051,7 +1057,7 @@ def _erase_user(args) -> int:
     if not args.yes:
         raise ValueError("this removes every event of the user for good: add --yes")
     with _client(args) as client:
-        removed = client.erase_user(args.user_id, args.tests)
+        removed = client.erase_user(args.user_id, args.tests, timeout=args.timeout)
     where = f"from {', '.join(args.tests)}" if args.tests else "from every test and from the server's disk"
     print(f"{removed:,} events erased {where}")
     return 0
@@ -1130,7 +1136,7 @@ def _beside(path: str):
 
 def _snapshot(args) -> int:
     with _client(args) as client:
-        s = client.snapshot()
+        s = client.snapshot(timeout=args.timeout)
     print(f"snapshot {s.path}: {s.events:,} events in {s.elapsed}")
     return 0
 

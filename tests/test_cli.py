@@ -164,11 +164,14 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
 
 
 def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_by_streams_too():
+    """And by the calls that may take minutes (snapshot, delete-test, erase-user): they waited an
+    hour, whatever --timeout said."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         address = f"127.0.0.1:{silent.getsockname()[1]}"
-        for args in (("export", "x"), ("import", "s3://bucket/prefix/")):
+        for args in (("export", "x"), ("import", "s3://bucket/prefix/"), ("snapshot",), ("delete-test", "x", "--yes"),
+                     ("erase-user", "u", "--yes")):
             started = time.monotonic()
             line = one_line(run(*args, "--addr", address, "--timeout", "2", timeout=60))
             assert line == f"abstream {args[0]}: the server at {address} did not answer within 2s (--timeout)", line
