@@ -137,7 +137,9 @@ def test_erasing_from_some_tests_leaves_the_others(tmp_path):
     with Client(server.address) as client:
         assert client.erase_user(SECRET_USER, ["only_a"]) == 100
         assert client.erase_user("nobody-at-all") == 0
-    assert counts(server) == {"only_a": 900, "only_b": 1_000}
+        assert counts(server) == {"only_a": 900, "only_b": 1_000}
+        assert client.erase_user(SECRET_USER, "only_b") == 100  # one test by its id alone, not its letters
+    assert counts(server) == {"only_a": 900, "only_b": 900}
     server.terminate()
 
 
