@@ -53,7 +53,7 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
         except ValueError:
             raise ValueError(f"{value!r} is not a date and time: use 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' (UTC) "
                              "or RFC 3339 ('2025-04-28T18:42:22Z')") from None
-        whole_day = len(text) == 10
+        whole_day = _is_date(text)
         fractional = "." in text
     elif whole_day:
         moment = dt.datetime.combine(value, dt.time())
@@ -72,6 +72,16 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
         except OverflowError:  # the calendar's last day or second: its last instant is the calendar's
             return dt.datetime.max.replace(tzinfo=dt.timezone.utc)
     return moment
+
+
+def _is_date(text: str) -> bool:
+    """Whether text names a day alone, in any of the forms it may take ('2025-05-01', '20250501',
+    '2025-W18-4'): counting 10 characters took '20250501' for a time, its end a second past midnight."""
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _timestamp(value: Time, message, end: bool = False) -> None:

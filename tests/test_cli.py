@@ -433,7 +433,10 @@ def test_a_date_only_end_includes_that_day_and_an_end_to_the_second_that_second(
     assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:22") == 2  # 18:42:22.700 is inside
     assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:21") == 1
     assert events("--end", "2025-04-30") == 1
+    assert events("--start", "20250501", "--end", "20250501") == 3  # every form of a date: its whole day
+    assert events("--end", "2025-W18-4") == events("--end", "2025W184") == 4  # Thursday 2025-05-01
     assert events_of(server.address, "ends", start="2025-05-01", end="2025-05-01") == 3  # the client too
+    assert events_of(server.address, "ends", start="20250501", end="20250501") == 3
     assert "a date means the end of that day" in " ".join(run("summary", "--help").stdout.split())
 
 
