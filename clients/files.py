@@ -343,6 +343,8 @@ def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]
     return delimiter, found, extra
 
 
+#: What Excel's "CSV UTF-8" and others write before the header: not part of its first name.
+_BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8
 #: A CSV block is cut at a row's end; an open quote (an odd number of them) extends it to the
 #: next line's end, up to this many blocks' bytes.
 _MOST_BLOCKS_PER_ROW = 16
@@ -352,7 +354,7 @@ def _csv(f: BinaryIO, path: str, lines: int, warn: Callable[[str], None]) -> Ite
     """Blocks of whole rows, each read by Arrow; a block with a row Arrow cannot take (another
     number of fields than the header's, bytes that are not UTF-8) is read again row by row, so
     that only those rows are refused, each naming its row."""
-    header = f.readline(_MOST_LINE_BYTES)
+    header = f.readline(_MOST_LINE_BYTES).removeprefix(_BOM)
     if not header.strip():
         raise FileProblem(f"{path}: is empty; a CSV needs a header line naming its columns")
     if len(header) >= _MOST_LINE_BYTES and not header.endswith(b"\n"):

@@ -388,6 +388,12 @@ def test_csv_headers_are_checked_before_any_row_is_sent(server, tmp_path):
         rows = {r.variant: r.metrics for r in client.summary("csv").rows}
     assert rows["A"].conversions == 1 and rows["A"].total_revenue == 10.5 and rows["B"].users == 1
 
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8": a byte-order mark, read as the first name's
+    excel.write_bytes("\ufeffTimestamp,User_ID,Test_ID,Variant\r\n2025-04-28 18:42:22,u1,bom,A\r\n".encode())
+    result = run("ingest", str(excel), "--addr", server.address)
+    assert result.returncode == 0 and result.stdout.startswith("accepted 1, rejected 0"), result.stdout + result.stderr
+    assert events_of(server.address, "bom") == 1
+
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert "is empty; a CSV needs a header line" in one_line(run("ingest", str(empty), "--addr", server.address))

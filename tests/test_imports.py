@@ -259,6 +259,7 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     with pa.OSFile(str(folder / "one.arrow"), "wb") as sink, pa.ipc.new_file(sink, events(50, "local_test").schema) as w:
         w.write_table(events(50, "local_test"))
     (folder / "two.csv").write_bytes(csv_bytes(events(25, "local_test", 50)))
+    (folder / "three.csv").write_bytes("\ufeff".encode() + csv_bytes(events(10, "local_test", 75)))  # a BOM
     (folder / "notes.txt").write_text("not events")
     (tmp_path / "secret.csv").write_bytes(csv_bytes(events(5, "outside")))
     (tmp_path / "elsewhere").mkdir()
@@ -273,10 +274,11 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     result = abstream_import(server, str(folder))
     assert result.returncode == 1
     assert f"{folder}/one.arrow: 50 stored" in result.stdout and f"{folder}/two.csv: 25 stored" in result.stdout
+    assert f"{folder}/three.csv: 10 stored" in result.stdout, result.stdout
     assert f"{folder}/notes.txt: FAILED: " in result.stdout and "cannot tell the format" in result.stdout
     for link in (f"{folder}/link.csv", f"{folder}/linked/more.csv"):
         assert f"{link}: FAILED: {link} is a link to a file outside the server's --import-root" in result.stdout
-    assert stored(server, "local_test") == 75 and stored(server, "outside") == 0
+    assert stored(server, "local_test") == 85 and stored(server, "outside") == 0
     bad = abstream_import(server, "ftp://somewhere/x")
     assert bad.returncode == 2 and "ftp:// is not supported" in bad.stderr
     with Client(server.address) as client, pytest.raises(grpc.RpcError) as xml:
