@@ -318,9 +318,11 @@ class Core:
     def _validated(self, batch: DecodedBatch, principal: Principal, first_sequence: int = 0) -> ValidatedBatch:
         """The checked events of a request, or of requests stored together (`first_sequence`: the
         first one's, when they are one producer's)."""
-        refuse = batch.refuse + self._refused_tests(batch.table, principal)
         now = self._clock()
-        table, rejections = events.check(batch.table, now, refuse)
+        table, rejections = events.check(batch.table, now, batch.refuse)
+        if refused := self._refused_tests(table, principal):  # the test ids as they are stored
+            rejected = {r.index for r in rejections}
+            rejections = sorted(rejections + [r for r in refused if r.index not in rejected], key=lambda r: r.index)
         if batch.origin is not None and rejections:
             rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
         producer_id = producer_of(principal, batch.producer_id) if batch.producer_id else ""
@@ -328,14 +330,14 @@ class Core:
 
     @staticmethod
     def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
-        """Events for tests the token may not write, rejected one by one (the others are stored)."""
+        """Events for tests the token may not write, rejected one by one (the others are stored),
+        read from a checked batch, whose test ids are strings (or a dictionary of them)."""
         if not principal.test_prefix:
             return []
-        tests = table.column("test_id").fill_null("") if "test_id" in table.column_names else None
-        if tests is not None and pa.types.is_dictionary(tests.type):
+        tests = table.column("test_id")
+        if pa.types.is_dictionary(tests.type):
             tests = tests.cast(pa.string())
-        allowed = (pc.starts_with(tests, principal.test_prefix).to_numpy(zero_copy_only=False) if tests is not None
-                   else np.zeros(table.num_rows, dtype=bool))
+        allowed = pc.starts_with(tests.fill_null(""), principal.test_prefix).to_numpy(zero_copy_only=False)
         why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
         return [Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist()]
 

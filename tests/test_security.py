@@ -138,6 +138,30 @@ def test_a_token_restricted_to_a_prefix_sees_and_writes_only_its_tests(secured):
         assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-query"), timeout=10).total == 1
 
 
+def test_a_prefix_holds_whatever_type_the_test_ids_come_as(secured):
+    """A columnar batch's test ids are checked against the token's prefix as they are stored:
+    string views, large strings, binary and dictionaries alike (a string view failed the whole
+    batch with INTERNAL)."""
+    import pyarrow as pa
+
+    from tests.test_ingest_validation import ipc
+
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        for k, kind in enumerate([pa.string_view(), pa.large_string(), pa.binary(), pa.dictionary(pa.int8(), pa.string())]):
+            ids = pa.array([f"chk_typed{k}", f"other_typed{k}", None], pa.string()).cast(kind)
+            table = pa.table({"timestamp": pa.array([BASE_S * NS] * 3), "user_id": ["a", "b", "c"], "test_id": ids,
+                              "variant": ["x", "y", "x"]})
+            (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(table))]),
+                                       metadata=metadata("tok-team"), timeout=10)
+            assert (ack.accepted, ack.rejected) == (1, 2), (kind, ack)
+            assert "test_id is required" in ack.rejections[1].message, kind  # absent: the rule's reason
+            assert (ack.rejections[0].index, ack.rejections[0].field) == (1, "test_id"), kind
+            assert "may only write tests whose id starts with 'chk_'" in ack.rejections[0].message, kind
+        everyone = stub.ListTests(pb.ListTestsRequest(), metadata=metadata("tok-query"), timeout=10)
+        assert [t.test_id for t in everyone.tests] == [f"chk_typed{k}" for k in range(4)]
+
+
 def test_a_token_cannot_claim_another_tokens_producer(secured):
     """Producer ids are each token's own: a token that sends under another's producer id, with a
     sequence far ahead, must not make that producer's next batches duplicates (dropped, acked)."""
