@@ -490,7 +490,8 @@ class Report:
         elif local:
             line += " (not sent: not readable as events)"
         if self.duplicates:
-            line += f"; {self.duplicates:,} already stored (sent before: nothing was stored twice)"
+            line += (f"; {self.duplicates:,} already stored (sent before: nothing was stored twice; removed since? "
+                     "--allow-duplicates sends them again)")
         print(line)
         merged = [(k, v, "") for k, v in self.by_server.items()] + [(k, v, "not sent: ") for k, v in self.not_sent.items()]
         for (field, why), where, label in sorted(merged, key=lambda m: -len(m[1])):
@@ -554,16 +555,24 @@ def _ingest(args) -> int:
     report = Report()
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     progress = Progress(args, plan)
-    with channel_for(args.addr, **_tls(args)) as channel:
-        stub = pb_grpc.AnalyticsServiceStub(channel)
-        for k, (path, fmt, producer) in enumerate(plan):
-            def request(chunk, producer=producer):
-                if isinstance(producer, concurrent.futures.Future):
-                    producer = producer.result()
-                return pb.IngestEventsRequest(arrow_ipc=chunk.ipc, producer_id=producer or "",
-                                              sequence=chunk.last if producer else 0)
-            _send(stub, first if k == 0 else reading(path, fmt), request, metadata, args.timeout, report, path,
-                  progress, grpc)
+    try:
+        with channel_for(args.addr, **_tls(args)) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            for k, (path, fmt, producer) in enumerate(plan):
+                def request(chunk, producer=producer):
+                    if isinstance(producer, concurrent.futures.Future):
+                        producer = producer.result()
+                    return pb.IngestEventsRequest(arrow_ipc=chunk.ipc, producer_id=producer or "",
+                                                  sequence=chunk.last if producer else 0)
+                _send(stub, first if k == 0 else reading(path, fmt), request, metadata, args.timeout, report, path,
+                      progress, grpc)
+    except BaseException:
+        # A file that failed (or Ctrl-C) ends the command, but what the ones before it stored is said,
+        # lest it be sent again as if nothing had been.
+        if report.accepted or report.duplicates or report.by_server or report.not_sent:
+            progress.done()
+            report.print()
+        raise
     hashing.shutdown(wait=False)
     progress.done()
     return report.print()

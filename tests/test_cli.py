@@ -342,7 +342,7 @@ def test_an_interrupted_import_resumes_without_storing_anything_twice(tmp_path):
     assert 0 < stored_before < total
     rerun = run(*command[1:2], str(second), *command[3:])
     assert rerun.returncode == 0, rerun.stderr
-    accepted, already = rerun.stdout.split(";")
+    accepted, already = rerun.stdout.split(";", 1)
     assert accepted.startswith(f"accepted {total - stored_before:,}") and f"{stored_before:,} already stored" in already
     assert events_of(server.address, "resume2") == total
 
@@ -400,6 +400,20 @@ def test_csv_headers_are_checked_before_any_row_is_sent(server, tmp_path):
     header_only = tmp_path / "header.csv"
     header_only.write_text("timestamp,user_id,test_id,variant\n")
     assert run("ingest", str(header_only), "--addr", server.address).stdout.startswith("accepted 0, rejected 0")
+
+
+def test_a_file_that_fails_after_others_were_stored_leaves_their_report_said(server, tmp_path):
+    """Several files: when a later one cannot be read, the command ends (exit 2) but says first
+    what the ones before it stored, which a rerun would otherwise send again unawares."""
+    good = tmp_path / "good.ndjson"
+    good.write_text(json.dumps(event(1, "partly", "A")) + "\n")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is no parquet file PAR1")
+    result = run("ingest", str(good), str(tmp_path / "broken.parquet"), "--addr", server.address)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("accepted 1, rejected 0"), result.stdout
+    assert "broken.parquet" in result.stderr
+    again = run("ingest", str(good), "--addr", server.address)
+    assert again.returncode == 0 and "1 already stored" in again.stdout and "--allow-duplicates" in again.stdout
 
 
 def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
