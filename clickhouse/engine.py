@@ -511,12 +511,11 @@ class ClickHouseEngine:
 def _strings(column: pa.ChunkedArray, cut: bool = False) -> list[str]:
     """A string column as Python strings, nulls as '' (and, for rejected events, cut like the
     embedded quarantine cuts them)."""
+    if cut:
+        column = cut_to_limit(column)
     if pa.types.is_dictionary(column.type):
         column = column.cast(pa.string())
-    column = column.fill_null("")
-    if cut:
-        column = pc.utf8_slice_codeunits(column, 0, MAX_STRING_BYTES)
-    return column.to_pylist()
+    return column.fill_null("").to_pylist()
 
 
 def _group_columns(groups: list[list[float]]) -> tuple[MetricColumns, UserMoments]:

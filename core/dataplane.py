@@ -171,13 +171,17 @@ class Core:
     # ---- ingest ---------------------------------------------------------------------------
 
     async def ingest(self, principal: Principal, requests: AsyncIterator[T], measure: Callable[[T], RequestSize],
-                     decode: Callable[[list[T]], DecodedBatch]) -> AsyncIterator[IngestResult]:
+                     decode: Callable[[list[T]], DecodedBatch], own_producers: bool = True
+                     ) -> AsyncIterator[IngestResult]:
         """Decodes, checks, applies and acks a stream's requests in order, pipelined: while one
         batch waits for its fsync, the next is stored. Requests that queued up meanwhile are
         stored together, as one batch (`_store`), and acked one by one. `measure` and `decode`
         are the transport's: the size and sender of a request without decoding it, and the
         events of requests stored together, as one batch (rejections indexed among them all)."""
         engine = self.engine
+        # Whose producer ids the requests carry: the caller's own, or (`own_producers` False: an
+        # import's, named after the objects) nobody's.
+        owner = principal if own_producers else ANYONE
         if self.draining:
             raise Unavailable("the server is shutting down; send to another server or retry later")
         if self._streams >= self.limits.max_ingest_streams:
@@ -198,8 +202,8 @@ class Core:
                     # A walk over the request that allocates nothing per event: inline for small
                     # ones, in a thread for large.
                     size = measure(raw) if len(raw) <= INLINE_MEASURE_BYTES else await asyncio.to_thread(measure, raw)
-                    if size.producer_id and principal is not ANYONE:
-                        size = dataclasses.replace(size, producer_id=producer_of(principal, size.producer_id))
+                    if size.producer_id and owner is not ANYONE:
+                        size = dataclasses.replace(size, producer_id=producer_of(owner, size.producer_id))
                     self._check_memory()
                     held.append(await self._budget.acquire(admission.cost(size)))
                     await arrived.put((started, raw, size))
@@ -223,7 +227,7 @@ class Core:
                     if not taken:
                         continue
                     stored, error = await _in_thread(self._storing, self._store, engine,
-                                                     [(raw, size) for _, raw, size in taken], decode, principal)
+                                                     [(raw, size) for _, raw, size in taken], decode, principal, owner)
                     starts = iter(started for started, _, _ in taken)
                     del taken
                     for result, sizes in stored:
@@ -256,8 +260,8 @@ class Core:
         if cut_short:  # the batches in hand are acked; send the rest elsewhere
             raise Unavailable("the server is shutting down; send the remaining batches again")
 
-    def _store(self, engine: Engine, requests: list[tuple[T, RequestSize]], decode: Callable, principal: Principal
-               ) -> tuple[list[tuple[IngestResult, list[int]]], BaseException | None]:
+    def _store(self, engine: Engine, requests: list[tuple[T, RequestSize]], decode: Callable, principal: Principal,
+               owner: Principal) -> tuple[list[tuple[IngestResult, list[int]]], BaseException | None]:
         """Stores requests of one stream, consecutive ones that may go together as one batch
         (one decoding, check, log record, view and fsync): per request, a batch costs ~3 ms
         however few its events. Returns each batch's result with the events of each of its
@@ -287,8 +291,8 @@ class Core:
                                        f"{batch.table.num_rows}")
                 first = group[0][1]
                 self._yield_to_queries()
-                validated = self._validated(batch, principal, first.sequence if len(group) > 1 and first.producer_id
-                                            else 0)
+                validated = self._validated(batch, principal, owner,
+                                            first.sequence if len(group) > 1 and first.producer_id else 0)
                 wait = self._rates.wait_for(principal, validated.table.num_rows)
                 if wait > 0:
                     raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
@@ -315,7 +319,8 @@ class Core:
         return engine.groups_producer_batches and size.sequence > last.sequence \
             and first.sequence > engine.last_sequence(first.producer_id)
 
-    def _validated(self, batch: DecodedBatch, principal: Principal, first_sequence: int = 0) -> ValidatedBatch:
+    def _validated(self, batch: DecodedBatch, principal: Principal, owner: Principal, first_sequence: int = 0
+                   ) -> ValidatedBatch:
         """The checked events of a request, or of requests stored together (`first_sequence`: the
         first one's, when they are one producer's)."""
         now = self._clock()
@@ -325,7 +330,7 @@ class Core:
             rejections = sorted(rejections + [r for r in refused if r.index not in rejected], key=lambda r: r.index)
         if batch.origin is not None and rejections:
             rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
-        producer_id = producer_of(principal, batch.producer_id) if batch.producer_id else ""
+        producer_id = producer_of(owner, batch.producer_id) if batch.producer_id else ""
         return ValidatedBatch(table, rejections, now, producer_id, batch.sequence, batch.ipc, first_sequence)
 
     @staticmethod
@@ -334,10 +339,12 @@ class Core:
         read from a checked batch, whose test ids are strings (or a dictionary of them)."""
         if not principal.test_prefix:
             return []
-        tests = table.column("test_id")
-        if pa.types.is_dictionary(tests.type):
-            tests = tests.cast(pa.string())
-        allowed = pc.starts_with(tests.fill_null(""), principal.test_prefix).to_numpy(zero_copy_only=False)
+        allowed = np.concatenate([np.zeros(0, dtype=bool)] + [
+            # A dictionary's values are checked, and their rows take the answer: no row copies them.
+            pc.starts_with(c.dictionary, principal.test_prefix).fill_null(False).take(c.indices).fill_null(False)
+            .to_numpy(zero_copy_only=False) if pa.types.is_dictionary(c.type) else
+            pc.starts_with(c.fill_null(""), principal.test_prefix).to_numpy(zero_copy_only=False)
+            for c in table.column("test_id").chunks])
         why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
         return [Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist()]
 

@@ -42,15 +42,18 @@ class JsonFormatter(logging.Formatter):
 
 class _WithoutQueries(logging.Filter):
     """aiohttp logs a request it could not parse (a raw space, a byte that is no character) with
-    its request line, query and all: a token may be in it. Its error is kept, to its first line,
-    and every query string in it cut."""
+    the line it stopped at, a request line's query or an Authorization header: a token may be in
+    it. That error is logged without a traceback, each query and credential in it cut; any other
+    error aiohttp logs keeps its traceback."""
 
-    QUERY = re.compile(r"\?[^\s'\"]*")
+    SECRETS = re.compile(r"\?\S*|(?i:(bearer|basic)\s+)\S+|(?i:authorization:\s*)[^\r\n]*")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
             error = record.exc_info[1]
-            record.msg = self.QUERY.sub("?…", f"{record.getMessage()}: {type(error).__name__}: {error}")
+            record.msg = self.SECRETS.sub("…", f"{record.getMessage()}: {type(error).__name__}: {error}")
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 

@@ -57,7 +57,8 @@ class Settings:
                                             "compressed or not")
     http_cors_origins: str = _s("*", "web pages (origins, comma-separated, e.g. https://dash.example.com) whose "
                                      "scripts may call the HTTP API with a token, as the tutorial's platform lets "
-                                     "any; '*': any; empty: none")
+                                     "any; '*': any page with a token (without a tokens file, none but those "
+                                     "listed); empty: none")
     http_max_upload_bytes: int = _s(4 << 30, "largest file a Data Sources API append streams in, compressed or not")
     http_body_idle_seconds: float = _s(30.0, "an HTTP request body that sends nothing for this long is answered 408 "
                                              "(batches stored before it stay stored): a body being read holds one "

@@ -112,8 +112,11 @@ class HttpApi:
         # Without a tokens file every caller may do anything, so a page of another site must not
         # be one (see _refused_without_tokens).
         self._open = not core.tokens.enabled
-        if self._open:
+        if self._open and "*" in self._cors_origins:
             self._cors_origins -= {"*"}
+            if settings.http_cors_origins.strip() != "*":  # '*' among others: given, not the default
+                log.warning("without a tokens file, --http-cors-origins '*' lets no other site's page call the HTTP "
+                            "API; the origins listed with it still may")
         self.workspace_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"abstream:{settings.data_dir or settings.addr}"))
         # A request line or header up to 64 KiB reaches the handlers, which refuse a long parameter
         # in JSON (aiohttp's parser answers past 8 KiB itself, in text).
@@ -171,7 +174,7 @@ class HttpApi:
         to a name that is not loopback is refused, unless the server was told to listen beyond
         loopback (--insecure)."""
         # (Browsers always send Host; without one, aiohttp names the machine, which is no site.)
-        if not self.settings.insecure and "Host" in request.headers and not _loopback_name(request.url.host):
+        if not self.settings.insecure and "Host" in request.headers and not _loopback_name(_host_of(request)):
             return (f"this server has no tokens file, so it answers only requests addressed to a loopback name "
                     f"(localhost, 127.0.0.1, [::1]), not {request.host!r}: a page on another site could reach it "
                     "through a name of its own")
@@ -294,7 +297,7 @@ class HttpApi:
         if not key:
             return ""
         check_query_string("Idempotency-Key", key)
-        return f"http:{key}"
+        return f"http:{request[PRINCIPAL_KEY].name}:{key}"
 
     def _body(self, request: web.Request, read, limit: int, what: str):
         if request.content_length is not None and request.content_length > limit:
@@ -445,6 +448,14 @@ class HttpApi:
     async def sql(self, request: web.Request) -> web.Response:
         raise InvalidArgument("q", "SQL is not supported: query the pipes (test_summary, test_segments, "
                                    "test_timeseries, test_results, test_lift; docs/http.md)")
+
+
+def _host_of(request: web.Request) -> str | None:
+    """The host a request's Host header names, or None when it names none (`x:y:z`)."""
+    try:
+        return request.url.host
+    except ValueError:
+        return None
 
 
 def _loopback_name(host: str | None) -> bool:

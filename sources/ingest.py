@@ -117,8 +117,8 @@ class Ingest:
 
     async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = "",
                      sequence: Callable[[files.Chunk, int], int] = lambda chunk, k: k,
-                     where: Callable[[int], str] | None = None, skip_through: int = 0, whole: bool = False
-                     ) -> Outcome:
+                     where: Callable[[int], str] | None = None, skip_through: int = 0, whole: bool = False,
+                     own_producers: bool = True) -> Outcome:
         """Stores what `make()` reads (in a worker thread); with `producer`, batch k (from 1) goes
         with `sequence(chunk, k)`, so the same body sent again stores nothing twice, and batches
         up to `skip_through` are not sent at all (stored before). `where(line)` says where a
@@ -173,7 +173,7 @@ class Ingest:
             return DecodedBatch(table, producer, items[-1][1] if producer else 0, refuse, origin=origin)
 
         try:
-            async for result in self._core.ingest(principal, batches(), measure, decode):
+            async for result in self._core.ingest(principal, batches(), measure, decode, own_producers):
                 self._tally(outcome, in_flight.popleft(), result, where)
         except (ResourceExhausted, Unavailable) as refused:  # the batches before it are stored
             outcome.failure = refused
@@ -259,8 +259,8 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
             # Strings are read as the file keeps them when it keeps them once per value (a
             # dictionary): one 20 KB value in 5,000 rows is then 20 KB, not 100 MB, and refused
             # by its length as any too-long string is.
-            strings = [f.name for f in schema if f.name in EVENT_SCHEMA.names and pa.types.is_string(f.type)
-                       and EVENT_SCHEMA.field(f.name).type == pa.string()]
+            strings = [f.name for f in schema if f.name in EVENT_SCHEMA.names and (
+                pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type))]
             parquet = pq.ParquetFile(spool, read_dictionary=strings)
         except pa.ArrowInvalid as error:
             raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from abstream.clients import files
 from abstream.clients.columnar import LOW_CARDINALITY
-from abstream.core.auth import Principal
+from abstream.core.auth import ANYONE, Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from abstream.sources.ingest import BATCH_LINES, Ingest, spooled
@@ -230,7 +230,7 @@ class Importer:
             name = f"{scheme}{info.path}"
             progress = dataclasses.replace(totals, uri=name, state="started", size=info.size)
             producer = producer_of(name, info)
-            stored = await self.core.last_sequence(principal, producer)
+            stored = await self.core.last_sequence(ANYONE, producer)
             if not scheme and not under_root(info.path, self.import_root):
                 # A link in a directory imported leads out of it: the root bounds every file read.
                 progress = dataclasses.replace(progress, state="failed",
@@ -266,7 +266,7 @@ class Importer:
             try:
                 outcome = await self._ingest.chunks(
                     principal, read, producer, sequence=lambda chunk, k: FINISHED if final and chunk is final[0] else k,
-                    where=lambda line: f"{name} line {line}", skip_through=stored)
+                    where=lambda line: f"{name} line {line}", skip_through=stored, own_producers=False)
             except (OSError, pa.ArrowException, files.FileProblem, InvalidArgument) as error:
                 # This object cannot be read (a column of a type no event field takes): the others still are.
                 return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: {error}")
@@ -281,7 +281,7 @@ class Importer:
             if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining:
                 # Refused for now (a rate, the memory high-water mark): resume after what is stored.
                 await asyncio.sleep(getattr(outcome.failure, "retry_after", None) or 1.0)
-                stored = await self.core.last_sequence(principal, producer)
+                stored = await self.core.last_sequence(ANYONE, producer)
                 continue
             break
         error = outcome.failure

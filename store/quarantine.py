@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES, Rejection
+from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES, Rejection, cut_to_limit
 from abstream.core.types import QuarantinedEvent
 
 SCHEMA = pa.schema([pa.field("received_ns", pa.int64()), pa.field("index", pa.int64()),
@@ -30,9 +30,7 @@ def _as_sent(rejected: pa.Table) -> list[pa.Array]:
             rejected.num_rows, f.type)
         if pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type) and len(col.dictionary) \
                 and (pc.max(pc.binary_length(col.dictionary)).as_py() or 0) > MAX_STRING_BYTES:
-            # Cut once per value, before each row gets its copy: one long value in many rows.
-            col = pa.DictionaryArray.from_arrays(col.indices, pc.utf8_slice_codeunits(col.dictionary, 0,
-                                                                                     MAX_STRING_BYTES))
+            col = cut_to_limit(col)
         if col.type != f.type:
             col = col.cast(f.type)
         if pa.types.is_string(f.type) and len(col) and (pc.max(pc.binary_length(col)).as_py() or 0) > MAX_STRING_BYTES:

@@ -138,10 +138,15 @@ def test_timestamps_as_dictionary_encoded_text_are_read_as_text_is(stub):
     import pyarrow as pa
 
     when = dt.datetime.fromtimestamp(BASE_S, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    table = pa.table({"timestamp": pa.array([when, when, "yesterday"]).dictionary_encode(),
-                      "user_id": ["a", "b", "c"], "test_id": ["dictts"] * 3, "variant": ["x", "y", "x"]})
+    long = "9" * 20_000  # one value for many rows: converted once, not copied to each row first
+    table = pa.table({"timestamp": pa.array([when, when, "yesterday"] + [long] * 1_000).dictionary_encode(),
+                      "user_id": ["a", "b", "c"] + ["d"] * 1_000, "test_id": ["dictts"] * 1_003,
+                      "variant": ["x", "y", "x"] + ["x"] * 1_000})
     (ack,) = list(stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(table))]), timeout=30))
-    assert (ack.accepted, ack.rejected) == (2, 1) and (ack.rejections[0].index, ack.rejections[0].field) == (2, "timestamp")
+    assert (ack.accepted, ack.rejected) == (2, 1_001)
+    assert [(r.index, r.field) for r in ack.rejections] == [(i, "timestamp") for i in range(2, 1_003)]
+    assert "timestamp yesterday is no instant" in ack.rejections[0].message
+    assert all(r.message == ack.rejections[1].message and "9999" in r.message for r in ack.rejections[1:])
     rows = stub.Summary(pb.SummaryRequest(test_id="dictts"), timeout=10).rows
     assert [(r.variant, r.metrics.events) for r in rows] == [("x", 1), ("y", 1)]
 
