@@ -29,13 +29,12 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from abstream.clickhouse import sql
 from abstream.clickhouse.backend import Cluster, Local
 from abstream.core import timezones
 from abstream.core.engine import Gauge
 from abstream.core.errors import AbstreamError, Unavailable
-from abstream.core.events import EVENT_SCHEMA, MAX_STRING_BYTES
+from abstream.core.events import EVENT_SCHEMA, cut_to_limit
 from abstream.core.types import (
     CapApplied,
     Experiment,
