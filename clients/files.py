@@ -62,9 +62,11 @@ class Chunk:
 
 
 def format_of(path: str, requested: str = "auto") -> str:
+    """A file's format, by its name's suffix (before a `.gz`: NDJSON and CSV are read gzipped)."""
     if requested != "auto":
         return requested
-    suffix = Path(path).suffix.lower()
+    name = path[:-3] if path.lower().endswith(".gz") else path
+    suffix = Path(name).suffix.lower()
     return {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}.get(
         suffix, "ndjson")
 
@@ -95,6 +97,8 @@ def read(path: str, fmt: str, lines: int, warn: Callable[[str], None] = _warn) -
                 yield from _columnar(batches, path)
     except OSError as error:
         raise FileProblem(f"cannot read {path}: {error.strerror or error}") from None
+    except EOFError:
+        raise FileProblem(f"cannot read {path}: it ends inside its gzip data (cut short?)") from None
     except pa.ArrowInvalid as error:
         raise FileProblem(f"{path} is not a readable {fmt} file: {error}") from None
 
@@ -110,7 +114,17 @@ def read_stream(f: BinaryIO, fmt: str, lines: int, name: str, warn: Callable[[st
 
 
 def _open(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
+    """The file (or standard input), inflated as it is read when it is gzip (by its first bytes,
+    whatever its name: log shippers and `gzip` write NDJSON so)."""
+    f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    if f.peek(2)[:2] != b"\x1f\x8b":
+        return f
+    import gzip
+
+    if path != "-":
+        f.close()
+        return io.BufferedReader(gzip.open(path, "rb"), 1 << 20)
+    return io.BufferedReader(gzip.GzipFile(fileobj=f, mode="rb"), 1 << 20)
 
 
 # ---- NDJSON ------------------------------------------------------------------------------

@@ -416,6 +416,27 @@ def test_a_file_that_fails_after_others_were_stored_leaves_their_report_said(ser
     assert again.returncode == 0 and "1 already stored" in again.stdout and "--allow-duplicates" in again.stdout
 
 
+def test_gzipped_ndjson_and_csv_are_read_inflated_from_files_and_standard_input(server, tmp_path):
+    """NDJSON and CSV as log shippers and gzip write them: by their first bytes, whatever their
+    name, from files and standard input; one cut short says so (exit 2)."""
+    import gzip
+
+    lines = [json.dumps(event(i, "zipped", "AB"[i % 2])) for i in range(30)]
+    (tmp_path / "e.ndjson.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    rows = ["timestamp,user_id,test_id,variant"] + [f"2025-04-28 18:42:22,c{i},zipped,A" for i in range(20)]
+    (tmp_path / "e.csv.gz").write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    for name, accepted in (("e.ndjson.gz", 30), ("e.csv.gz", 20)):
+        result = run("ingest", str(tmp_path / name), "--addr", server.address)
+        assert result.returncode == 0 and result.stdout.startswith(f"accepted {accepted}, rejected 0"), result
+    piped = subprocess.run([str(BIN / "abstream"), "ingest", "-", "--addr", server.address, "--allow-duplicates"],
+                           input=gzip.compress(lines[0].encode() + b"\n"), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.startswith(b"accepted 1, rejected 0"), piped
+    assert events_of(server.address, "zipped") == 51
+    (tmp_path / "cut.ndjson.gz").write_bytes((tmp_path / "e.ndjson.gz").read_bytes()[:60])
+    assert "it ends inside its gzip data (cut short?)" in one_line(run("ingest", str(tmp_path / "cut.ndjson.gz"),
+                                                                       "--addr", server.address))
+
+
 def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
     import pyarrow as pa
     import pyarrow.feather as feather
