@@ -42,7 +42,7 @@ function fieldViolations(error) {
 function ingest(client, batches, options = {}) {
   return new Promise((resolve, reject) => {
     const acks = [];
-    const call = client.IngestEvents(options.metadata || new grpc.Metadata(), { deadline: Date.now() + (options.timeoutMs || 30000) });
+    const call = client.IngestEvents(options.metadata || bearer(options.token), { deadline: Date.now() + (options.timeoutMs || 30000) });
     call.on('data', (ack) => acks.push(ack));
     call.on('error', (error) => reject(Object.assign(error, { acks })));
     call.on('end', () => resolve(acks));
@@ -51,10 +51,25 @@ function ingest(client, batches, options = {}) {
   });
 }
 
-/** A unary call as a promise, with a deadline. */
-function unary(client, method, request, timeoutMs = 30000) {
+/**
+ * Metadata that carries a bearer token, for a server with a tokens file (none when no token is
+ * given). Metadata, not call credentials: grpc-js refuses those on a plaintext channel.
+ */
+function bearer(token) {
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set('authorization', `Bearer ${token}`);
+  return metadata;
+}
+
+/**
+ * A unary call as a promise, with a deadline. `options`: { timeoutMs, token, metadata }, or the
+ * timeout in milliseconds alone.
+ */
+function unary(client, method, request, options = {}) {
+  const { timeoutMs = 30000, token, metadata } = typeof options === 'number' ? { timeoutMs: options } : options;
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: Date.now() + timeoutMs }, (error, response) => (error ? reject(error) : resolve(response)));
+    client[method](request, metadata || bearer(token), { deadline: Date.now() + timeoutMs },
+      (error, response) => (error ? reject(error) : resolve(response)));
   });
 }
 
@@ -64,13 +79,16 @@ function unary(client, method, request, timeoutMs = 30000) {
  */
 function timestamp(value) {
   let date = value;
+  let fraction = null; // a text's digits past the second: a Date keeps milliseconds only
   if (!(value instanceof Date)) {
     const text = String(value).trim().replace(' ', 'T');
     date = new Date(/([zZ]|[+-]\d\d:\d\d)$/.test(text) ? text : `${text}Z`);
+    fraction = /:\d\d\.(\d+)/.exec(text);
   }
   const millis = date.getTime();
   if (Number.isNaN(millis)) throw new TypeError(`${JSON.stringify(String(value))} is not a time: use 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339`);
-  return { seconds: Math.floor(millis / 1000), nanos: (((millis % 1000) + 1000) % 1000) * 1e6 };
+  const nanos = fraction ? Number(`${fraction[1]}000000000`.slice(0, 9)) : (((millis % 1000) + 1000) % 1000) * 1e6;
+  return { seconds: Math.floor(millis / 1000), nanos };
 }
 
-module.exports = { abstream, analyticsClient, fieldViolations, grpc, ingest, timestamp, unary };
+module.exports = { abstream, analyticsClient, bearer, fieldViolations, grpc, ingest, timestamp, unary };

@@ -6,6 +6,7 @@ const assert = require('node:assert/strict');
 const { analyticsClient, fieldViolations, grpc, ingest, timestamp, unary } = require('..');
 
 const address = process.env.ABSTREAM_ADDR;
+const token = process.env.ABSTREAM_TOKEN; // the server has a tokens file: every call carries it
 const client = analyticsClient(address);
 
 test('ingest the tutorial event, then read the summary', async () => {
@@ -13,12 +14,12 @@ test('ingest the tutorial event, then read the summary', async () => {
     timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'user_455', test_id: 'node_test', variant: 'variant_a',
     event_type: 'click', conversion: 1, revenue: 84.55, session_id: 'session_3455', device: 'desktop', country: 'AU',
   };
-  const acks = await ingest(client, [[event], [{ ...event, user_id: 'user_456', variant: 'variant_b', conversion: 2 }]]);
+  const acks = await ingest(client, [[event], [{ ...event, user_id: 'user_456', variant: 'variant_b', conversion: 2 }]], { token });
   assert.equal(acks.length, 2);
   assert.equal(acks[0].accepted, 1);
   assert.equal(acks[1].rejected, 1);
   assert.equal(acks[1].rejections[0].field, 'conversion');
-  const summary = await unary(client, 'Summary', { test_id: 'node_test' });
+  const summary = await unary(client, 'Summary', { test_id: 'node_test' }, { token });
   assert.deepEqual(summary.rows.map((r) => r.variant), ['variant_a']);
   assert.equal(summary.rows[0].metrics.users, 1);
   assert.equal(summary.rows[0].metrics.total_revenue, 84.55);
@@ -26,7 +27,7 @@ test('ingest the tutorial event, then read the summary', async () => {
 });
 
 test('a validation error names the field in its google.rpc.BadRequest', async () => {
-  await assert.rejects(unary(client, 'Summary', { test_id: '' }), (error) => {
+  await assert.rejects(unary(client, 'Summary', { test_id: '' }, { token, timeoutMs: 10000 }), (error) => {
     assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
     assert.deepEqual(fieldViolations(error), [{ field: 'test_id', description: 'is required' }]);
     return true;
@@ -38,7 +39,7 @@ test('a stream that fails rejects with the acks received before it', async () =>
     timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'user_1', test_id: 'node_failed_stream', variant: 'a',
   };
   const tooMany = Array.from({ length: 100001 }, (_, i) => ({ ...event, user_id: `user_${i}` }));
-  await assert.rejects(ingest(client, [[event], tooMany]), (error) => {
+  await assert.rejects(ingest(client, [[event], tooMany], { token }), (error) => {
     assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
     assert.match(error.details, /a batch of 100001 events; at most 100000/);
     assert.equal(error.acks.length, 1);
@@ -51,7 +52,16 @@ test('times as users write them, and a clear error for one that is not', () => {
   assert.deepEqual(timestamp('2025-04-28 18:42:22'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28T18:42:22Z'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28T20:42:22.5+02:00'), { seconds: 1745865742, nanos: 500000000 });
+  assert.deepEqual(timestamp('2025-04-28T18:42:22.123456789Z'), { seconds: 1745865742, nanos: 123456789 });
+  assert.deepEqual(timestamp('1969-12-31 23:59:59.25'), { seconds: -1, nanos: 250000000 });
   assert.throws(() => timestamp('yesterday'), /"yesterday" is not a time/);
+});
+
+test('a call without the token is refused, one with it answered', async () => {
+  await assert.rejects(unary(client, 'ListTests', {}), (error) => error.code === grpc.status.UNAUTHENTICATED);
+  const timedOnly = await unary(client, 'ListTests', {}, 10000).catch((error) => error); // a timeout alone, as before
+  assert.equal(timedOnly.code, grpc.status.UNAUTHENTICATED);
+  assert.ok(Array.isArray((await unary(client, 'ListTests', {}, { token })).tests));
 });
 
 test.after(() => client.close());
