@@ -84,6 +84,14 @@ def _is_date(text: str) -> bool:
     return True
 
 
+def _named(values: dict[str, int], what: str, name: str) -> int:
+    """The contract's number for a name, or ValueError naming the ones there are: an unknown one
+    went as 0, which the server refused as unspecified, naming no name the caller used."""
+    if name not in values:
+        raise ValueError(f"{what} must be one of {', '.join(values)}, not {name!r}")
+    return values[name]
+
+
 def _timestamp(value: Time, message, end: bool = False) -> None:
     moment = parse_time(value, end)
     if moment is not None:
@@ -535,7 +543,7 @@ class Client:
     def segments(self, test_id: str, dimension: str, start: Time = None, end: Time = None, *,
                  device: str | None = None, country: str | None = None, event_type: str | None = None,
                  analysis: dict | None = None, timeout: float | None = None, **options: Any) -> Segments:
-        request = pb.SegmentsRequest(test_id=test_id, dimension=DIMENSIONS.get(dimension, 0),
+        request = pb.SegmentsRequest(test_id=test_id, dimension=_named(DIMENSIONS, "dimension", dimension),
                                      filters=_filters(device, country, event_type),
                                      analysis=_analysis_options(**options, **(analysis or {})))
         _timestamp(start, request.start_time)
@@ -554,7 +562,8 @@ class Client:
         treatment over the control by confidence sequences (`options` as Summary's: control,
         confidence, correction, prior, expected_weights); with `since_first_exposure` instead of
         `cumulative`, the lift at each age (a timedelta) since users' first events."""
-        request = pb.TimeseriesRequest(test_id=test_id, interval=INTERVALS.get(interval, 0), cumulative=cumulative,
+        request = pb.TimeseriesRequest(test_id=test_id, interval=_named(INTERVALS, "interval", interval),
+                                       cumulative=cumulative,
                                        filters=_filters(device, country, event_type), time_zone=time_zone, lift=lift,
                                        since_first_exposure=since_first_exposure)
         if lift:

@@ -96,7 +96,7 @@ class Producer:
                  producer_id: str | None = None, first_sequence: int | None = None, batch_size: int = 1000,
                  linger_ms: float = 50, max_buffered: int = 100_000, when_full: str = "block",
                  retry_initial_s: float = 0.1, retry_max_s: float = 10.0, give_up_after_s: float = 300.0,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, cert: bytes | None = None, key: bytes | None = None) -> None:
         """`producer_id` names this producer for exactly-once ingest (a new one by default).
         Reusing an id across runs needs sequences that keep increasing: they start at
         `first_sequence`, by default the current time in nanoseconds, which a later run exceeds."""
@@ -109,7 +109,7 @@ class Producer:
         self._retry = (retry_initial_s, retry_max_s, give_up_after_s)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel_for(addr, tls)
+        self._channel = channel_for(addr, tls, cert=cert, key=key)  # cert and key (PEM): mutual TLS, as Client's
         self._stub = pb_grpc.AnalyticsServiceStub(self._channel)
         self._buffer: queue.Queue = queue.Queue(maxsize=max_buffered)
         self._unfinished = 0

@@ -54,7 +54,11 @@ def test_a_callers_wrong_arguments_are_named_before_anything_is_sent(server):
         for call, words in [(lambda: client.summary("x", start=12345), "12345 is not a date and time: give a datetime"),
                             (lambda: client.quarantine(limit=-1), "limit must be a whole number from 1 to"),
                             (lambda: client.ingest_table(pa.table({"user_id": ["u"]}), batch_size=0),
-                             "batch_size must be a whole number of events, 1 or more, not 0")]:
+                             "batch_size must be a whole number of events, 1 or more, not 0"),
+                            (lambda: client.timeseries("x", interval="days"),
+                             "interval must be one of minute, hour, day, week, not 'days'"),
+                            (lambda: client.segments("x", "countries"),
+                             "dimension must be one of device, country, event_type, not 'countries'")]:
             with pytest.raises(ValueError, match=words):
                 call()
         for call, words in [(lambda: client.summary(123), r"test_id must be a string, not int \(123\)"),

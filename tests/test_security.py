@@ -281,6 +281,11 @@ def test_tls_and_mutual_tls(tmp_path):
         with_cert = grpc.ssl_channel_credentials(root, pki["client_key"].read_bytes(), pki["client_cert"].read_bytes())
         with grpc.secure_channel(f"localhost:{mutual.server.port}", with_cert) as channel:
             assert health_over(channel) == health_pb2.HealthCheckResponse.SERVING
+        # The Producer speaks mutual TLS as the Client does.
+        with Producer(f"localhost:{mutual.server.port}", tls=root, cert=pki["client_cert"].read_bytes(),
+                      key=pki["client_key"].read_bytes(), linger_ms=1) as producer:
+            sent = producer.send({"timestamp": BASE_S, "user_id": "m1", "test_id": "mtls", "variant": "A"})
+            assert producer.flush(timeout=30) and sent.result(timeout=30).accepted
     finally:
         mutual.stop()
 
