@@ -890,11 +890,23 @@ def _options(args) -> dict[str, Any]:
             "metric_event_type": args.metric_event_type, "session_metrics": args.session_metrics}
 
 
-def _empty(result_rows, args) -> None:
-    if not result_rows:
-        where = "in that range" if args.start or args.end else "(no such test?)"
-        print(f"abstream {args.command}: no events for test {args.test_id!r} {where}; `abstream tests` lists "
-              "every test", file=sys.stderr)
+def _empty(result_rows, args, client) -> None:
+    """Says why an answer has no rows: a test the server does not know, or what the question
+    narrowed it to (a range, filters, the window of its experiment's plan)."""
+    if result_rows:
+        return
+    known = {t.test_id: t for t in client.list_tests(timeout=args.timeout).rows}
+    if args.test_id not in known:
+        print(f"abstream {args.command}: there is no test {args.test_id!r}; `abstream tests` lists every test",
+              file=sys.stderr)
+        return
+    narrowed = [what for what, given in (("in that range", args.start or args.end),
+                                        ("with those filters", args.device or args.country or args.event_type))
+                if given]
+    if known[args.test_id].experiment is not None:
+        narrowed.append("within its experiment's start and stop (`abstream tests` shows them)")
+    why = " and ".join(narrowed) or "to answer this"
+    print(f"abstream {args.command}: no events of test {args.test_id!r} {why}", file=sys.stderr)
 
 
 def _summary(args) -> int:
@@ -908,7 +920,7 @@ def _summary(args) -> int:
         result = client.summary(args.test_id, args.start, args.end, device=args.device, country=args.country,
                                 event_type=args.event_type, exclude_multi_variant_users=args.exclude_multi_variant_users,
                                 revenue_cap=cap, **_options(args))
-    _empty(result.rows, args)
+        _empty(result.rows, args, client)
     rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
         _emit(rows, args.format, columns, {"test_id": result.test_id, "analysis": asdict(result.analysis),
@@ -937,7 +949,7 @@ def _segments(args) -> int:
     with _client(args) as client:
         result = client.segments(args.test_id, args.dimension, args.start, args.end, device=args.device,
                                  country=args.country, event_type=args.event_type, **_options(args))
-    _empty(result.rows, args)
+        _empty(result.rows, args, client)
     rows, columns = _flat(result.rows), _columns_of(SegmentRow)
     if args.format != "table":
         _emit(rows, args.format, columns, {"test_id": result.test_id,
@@ -957,7 +969,7 @@ def _timeseries(args) -> int:
         result = client.timeseries(args.test_id, args.interval, args.start, args.end, cumulative=args.cumulative,
                                    device=args.device, country=args.country, event_type=args.event_type,
                                    time_zone=args.time_zone)
-    _empty(result.rows, args)
+        _empty(result.rows, args, client)
     _emit(_flat(result.rows), args.format, _columns_of(TimeseriesRow))
     return 0
 
@@ -969,7 +981,7 @@ def _lift(args) -> int:
                                    since_first_exposure=args.since_first_exposure, device=args.device,
                                    country=args.country, event_type=args.event_type, time_zone=args.time_zone,
                                    **_options(args))
-    _empty(result.lifts, args)
+        _empty(result.lifts, args, client)
     head = "age" if args.since_first_exposure else "bucket"
     rows = [{head: str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
     _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])

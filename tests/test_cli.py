@@ -160,7 +160,7 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     for end in ("9999-12-31", "9999-12-31 23:59:59"):  # the calendar's last day and second: to its last instant
         answer = run("summary", "nothing_here", "--end", end, "--addr", server.address)
         assert answer.returncode == 0 and "Traceback" not in answer.stderr, answer.stderr
-        assert "no events for test 'nothing_here'" in answer.stderr, answer.stderr
+        assert "there is no test 'nothing_here'" in answer.stderr, answer.stderr
 
 
 def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_by_streams_too():
@@ -494,9 +494,12 @@ def test_output_says_what_is_empty_unknown_or_not_computable(server, tmp_path):
     assert unknown.returncode == 0 and unknown.stdout.splitlines() == [
         "variant,users,conversions,conversion_rate,total_revenue,revenue_per_user,events,converted_users,"
         "user_conversion_rate"]
-    assert "no events for test 'no_such_test'" in unknown.stderr and "abstream tests" in unknown.stderr
+    assert "there is no test 'no_such_test'" in unknown.stderr and "abstream tests" in unknown.stderr
     segments = run("segments", "thin", "country", "--addr", server.address, "--start", "2030-01-01", "--format", "csv")
     assert segments.stdout.splitlines()[0].startswith("variant,segment,users") and len(segments.stdout.splitlines()) == 1
+    assert "no events of test 'thin' in that range" in segments.stderr, segments.stderr
+    filtered = run("summary", "thin", "--device", "no_such_device", "--addr", server.address)
+    assert filtered.returncode == 0 and "no events of test 'thin' with those filters" in filtered.stderr, filtered.stderr
     tests = run("tests", "--addr", server.address, "--format", "csv").stdout.splitlines()
     assert tests[0].split(",")[:2] == ["test_id", "variants"] and tests[1].startswith("thin,control;variant_a,")
 
