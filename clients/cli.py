@@ -983,9 +983,30 @@ def _lift(args) -> int:
                                    **_options(args))
         _empty(result.lifts, args, client)
     head = "age" if args.since_first_exposure else "bucket"
-    rows = [{head: str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
-    _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
+    if args.format == "table":
+        rows = [{head: str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
+        _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
+        return 0
+    rows = [{head: start.isoformat() if hasattr(start, "isoformat") else str(start), **row}  # ages: timedeltas
+            for start, analysis in result.lifts for row in _comparison_values(analysis)]
+    _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high",
+                              "p_value", "chance_to_win", "status"])
     return 0
+
+
+def _comparison_values(analysis) -> list[dict[str, Any]]:
+    """The comparisons for programs (json, csv, ndjson): the relative lift and its interval as
+    numbers, none where it could not be computed, and why (its status) then."""
+    out = []
+    for c in analysis.comparisons:
+        lift = c.relative
+        ok = lift.status == "ok"
+        out.append({"variant": c.variant, "metric": c.metric, "control": c.control_mean, "treatment": c.treatment_mean,
+                    "lift": lift.estimate if ok else None, "ci_low": lift.ci_low if ok else None,
+                    "ci_high": lift.ci_high if ok else None, "p_value": lift.p_value if ok else None,
+                    "chance_to_win": c.chance_to_win if ok else None,
+                    "status": lift.status if ok else (lift.status_message or c.status_message or lift.status)})
+    return out
 
 
 def _tests(args) -> int:

@@ -577,7 +577,12 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
     with Client(server.address) as client:
         over_time = client.timeseries("opts", "hour", cumulative=True, lift=True, control="base").lifts
     assert [(r["bucket"], r["variant"], r["metric"]) for r in lifted] == [
-        (str(when), c.variant, c.metric) for when, a in over_time for c in a.comparisons] and lifted
+        (when.isoformat(), c.variant, c.metric) for when, a in over_time for c in a.comparisons] and lifted
+    # Numbers as numbers for programs: the relative lift and its interval, or none and why.
+    assert [(r["lift"], r["ci_low"], r["ci_high"], r["p_value"]) for r in lifted] == [
+        (c.relative.estimate, c.relative.ci_low, c.relative.ci_high, c.relative.p_value) if c.relative.status == "ok"
+        else (None, None, None, None) for _, a in over_time for c in a.comparisons]
+    assert all(isinstance(r["lift"], float) or r["status"] != "ok" for r in lifted)
     aged = json.loads(run("lift", "opts", "--control", "base", "--interval", "hour", "--since-first-exposure",
                           "--addr", server.address, "--format", "json").stdout)["rows"]
     with Client(server.address) as client:
