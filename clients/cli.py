@@ -391,6 +391,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _first_line(details: str) -> str:
+    """gRPC's reason, to its first line: OpenSSL's reason name where it gave one (it comes last)."""
+    if match := re.search(r"OPENSSL_internal:([A-Z_]+)", details):
+        return f"TLS: {match.group(1)}"
+    return details.splitlines()[0][:160]
+
+
+def _tls_hint(lowered: str, args) -> str:
+    """What to change, by what the handshake said and what was asked."""
+    tls = args.ca or args.tls or args.cert
+    if "wrong_version_number" in lowered:
+        return "it does not seem to serve TLS: drop --tls, --ca, --cert and --key"
+    if "certificate_verify_failed" in lowered:
+        return ("its certificate is not signed by the CA given with --ca" if args.ca else
+                "its certificate is not signed by a CA this system trusts: pass --ca with the one that signed it")
+    if "security handshaker" in lowered and args.cert:
+        return "the client certificate and key given do not go together (--cert and --key)"
+    if tls and not args.cert:
+        return "it may require a client certificate: --cert and --key"
+    if tls:
+        return "it may not trust the client certificate given (--cert)"
+    return "if it serves TLS, pass --tls or --ca (and --cert and --key if it requires client certificates)"
+
+
 def explain(error: BaseException, args) -> str | None:
     """One readable line for an error a user can cause or fix; None for a bug (shown in full)."""
     import grpc
@@ -402,9 +426,7 @@ def explain(error: BaseException, args) -> str | None:
         lowered = details.lower()
         if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("socket closed", "ssl", "handshake",
                                                                                 "certificate", "tls")):
-            hint = ("it may require a client certificate: --cert and --key" if args.ca or args.tls else
-                    "if it serves TLS, pass --tls or --ca (and --cert and --key if it requires client certificates)")
-            return f"{where} closed the connection ({details.splitlines()[0][:160]}): {hint}"
+            return f"{where} closed the connection ({_first_line(details)}): {_tls_hint(lowered, args)}"
         if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "refused" in details.lower()
                                                      or "dns" in details.lower() or "unavailable" in details.lower()):
             return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "

@@ -675,6 +675,17 @@ def test_cli_and_client_over_tls_and_mutual_tls(tmp_path):
         assert "closed the connection" in plaintext and "pass --tls or --ca" in plaintext
         half = run("tests", "--addr", addr, "--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]))
         assert "needs both a client certificate and its key" in one_line(half)
+        untrusted = one_line(run("tests", "--addr", addr, "--tls", "--timeout", "5"))  # the system's roots only
+        assert "(TLS: CERTIFICATE_VERIFY_FAILED)" in untrusted and "pass --ca with the one that signed it" in untrusted
+        mismatched = run("tests", "--addr", addr, "--timeout", "5", *auth[:4], "--key", str(pki["server_key"]))
+        assert mismatched.returncode == 2 and "Traceback" not in mismatched.stderr
+        assert "the client certificate and key given do not go together" in mismatched.stderr, mismatched.stderr
+        plain = ServerThread(Settings(addr="127.0.0.1:0", data_dir="")).start()
+        try:
+            not_tls = one_line(run("tests", "--addr", plain.address, "--tls", "--timeout", "5"))
+            assert "(TLS: WRONG_VERSION_NUMBER)" in not_tls and "it does not seem to serve TLS: drop --tls" in not_tls
+        finally:
+            plain.stop()
         with Client(addr, tls=pki["ca"].read_bytes(), cert=pki["client_cert"].read_bytes(),
                     key=pki["client_key"].read_bytes()) as client:
             assert [t.test_id for t in client.list_tests().rows] == ["secure"]
