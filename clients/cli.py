@@ -76,7 +76,8 @@ examples:
   abstream import /data/exports/                      # a directory under the server's --import-root
 
 The server reads the objects with its own AWS_* environment (credentials, region, endpoint);
---endpoint-url and --region override the last two. Each object is imported once: re-running, or
+--endpoint-url and --region override the last two (an endpoint only if it is the server's own or
+one listed with its --import-endpoints). Each object is imported once: re-running, or
 restarting the server mid-import, stores nothing twice.""",
     "snapshot": """\
 examples:

@@ -198,7 +198,7 @@ class AnalyticsServer:
             ],
         )
         add_analytics_service(AnalyticsServicer(self.core), self._server)
-        self.importer = Importer(self.core, settings.import_root)
+        self.importer = Importer(self.core, settings.import_root, settings.import_endpoints)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, settings.data_dir, self.importer),
                                                           self._server)
         self.http = None

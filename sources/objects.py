@@ -84,6 +84,25 @@ def filesystem(uri: str, endpoint_url: str = "", region: str = "", import_root: 
     raise InvalidArgument("uri", f"{parsed.scheme}:// is not supported: s3://bucket/prefix/ or a local path")
 
 
+def _endpoint(url: str) -> str:
+    """An endpoint as compared: its scheme, host and port, in lower case (https when none is said)."""
+    e = urllib.parse.urlparse(url if "://" in url else f"https://{url}")
+    return f"{e.scheme.lower()}://{(e.netloc or '').lower()}"
+
+
+def check_endpoint(endpoint_url: str, allowed: str) -> None:
+    """A request may name an S3 endpoint only if the server's operator allowed it: an admin token
+    is not the operator, and the endpoint named is where the server connects (a host on its
+    network, a port scan from its errors)."""
+    if not endpoint_url:
+        return
+    own = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    listed = {_endpoint(e.strip()) for e in [own, *allowed.split(",")] if e.strip()}
+    if _endpoint(endpoint_url) not in listed:
+        raise InvalidArgument("endpoint_url", f"{endpoint_url[:128]!r} is not an endpoint this server imports from: "
+                                              "its operator lists them with --import-endpoints")
+
+
 def under_root(path: str, import_root: str) -> bool:
     """Whether a local path, its links followed, is under `import_root`."""
     path, root = os.path.realpath(path), os.path.realpath(import_root)
@@ -206,9 +225,10 @@ def _final_marked(chunks: Iterator[files.Chunk], final: list) -> Iterator[files.
 class Importer:
     """Imports for the ImportEvents RPC (and `abstream import`)."""
 
-    def __init__(self, core: Core, import_root: str = "") -> None:
+    def __init__(self, core: Core, import_root: str = "", endpoints: str = "") -> None:
         self.core = core
         self.import_root = import_root
+        self.endpoints = endpoints
         self._ingest = Ingest(core, 2)
 
     def close(self) -> None:
@@ -220,6 +240,7 @@ class Importer:
             raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
         if fmt:
             format_of("", fmt)  # a format no object can have is refused before any is listed
+        check_endpoint(endpoint_url, self.endpoints)
         fs, path, scheme = await asyncio.to_thread(filesystem, uri, endpoint_url, region, self.import_root)
         try:
             found = await asyncio.to_thread(objects, fs, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -291,6 +292,30 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     assert refused.returncode == 2 and "--import-root" in refused.stderr
     assert stored(server, "outside") == 0
     server.terminate()
+
+
+def test_a_request_names_only_an_s3_endpoint_the_operator_allowed(bucket, tmp_path):
+    """The endpoint an import names is where the server connects: its own (AWS_ENDPOINT_URL) and
+    those listed with --import-endpoints only, so that an admin token cannot make it reach other
+    hosts of its network."""
+    client, name = bucket
+    client.put_object(Bucket=name, Key="e/one.parquet", Body=parquet_bytes(events(10, "endpoint_test")))
+    own = os.environ["AWS_ENDPOINT_URL"]
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    server = Server(tmp_path / "data").start()
+    try:
+        assert abstream_import(server, f"s3://{name}/e/", "--endpoint-url", own).returncode == 0
+        refused = abstream_import(server, f"s3://{name}/e/", "--endpoint-url", elsewhere)
+        assert refused.returncode == 2 and f"'{elsewhere}' is not an endpoint this server imports from" in refused.stderr
+        assert "--import-endpoints" in refused.stderr and stored(server, "endpoint_test") == 10
+    finally:
+        server.terminate()
+    server = Server(tmp_path / "data", "--import-endpoints", f"{elsewhere},https://s3.example.com").start()
+    try:  # listed: tried (nothing listens there)
+        tried = abstream_import(server, f"s3://{name}/e/", "--endpoint-url", elsewhere)
+        assert tried.returncode != 0 and "is not an endpoint this server imports from" not in tried.stderr
+    finally:
+        server.terminate()
 
 
 def test_import_needs_the_admin_scope(tmp_path):
