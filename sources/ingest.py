@@ -265,12 +265,12 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
         except pa.ArrowInvalid as error:
             raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None
         columns = [n for n in schema.names if n in EVENT_SCHEMA.names]  # the others are never read
-        _check_parquet_sizes(parquet.metadata, columns, name)
+        check_parquet_sizes(parquet.metadata, columns, name)
         return files._columnar(parquet.iter_batches(batch_size=batch_lines, columns=columns), name)
     raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")
 
 
-def _check_parquet_sizes(metadata, columns: list[str], name: str) -> None:
+def check_parquet_sizes(metadata, columns: list[str], name: str, field: str = "body") -> None:
     """Refuses a Parquet file any of whose row groups holds, uncompressed, more bytes of the event
     columns than its rows could as events: compressed, a few KB can decode to gigabytes, held
     while its batches are read."""
@@ -280,7 +280,7 @@ def _check_parquet_sizes(metadata, columns: list[str], name: str) -> None:
                    if group.column(j).path_in_schema.split(".")[0] in columns)
         most = group.num_rows * MAX_EVENT_BYTES + (1 << 20)
         if size > most:
-            raise InvalidArgument("body", f"row group {i} of {name} holds {size:,} bytes of event columns "
+            raise InvalidArgument(field, f"row group {i} of {name} holds {size:,} bytes of event columns "
                                           f"uncompressed, more than its {group.num_rows:,} rows could as events "
                                           f"({most:,}): not read")
 

@@ -294,6 +294,28 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     server.terminate()
 
 
+def test_a_parquet_object_that_decodes_past_what_its_rows_could_hold_fails_alone_unread(bucket, tmp_path):
+    """A few MB of compressed, distinct long strings decode to gigabytes: such an object fails
+    alone, its row groups' sizes read from its footer, and the objects beside it are imported."""
+    client, name = bucket
+    n, long = 5_000, "x" * 20_000
+    bomb = events(n, "bomb_test").set_column(7, "session_id", pa.array([f"{i:06d}{long}" for i in range(n)]))
+    sink = io.BytesIO()
+    pq.write_table(bomb, sink, compression="zstd", use_dictionary=False)
+    assert len(sink.getvalue()) < 4 << 20  # 100 MB of strings
+    client.put_object(Bucket=name, Key="b/a_bomb.parquet", Body=sink.getvalue())
+    client.put_object(Bucket=name, Key="b/b_fine.parquet", Body=parquet_bytes(events(20, "fine_test")))
+    server = Server(tmp_path / "data").start()
+    try:
+        result = abstream_import(server, f"s3://{name}/b/")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "a_bomb.parquet: FAILED: " in result.stdout and "bytes of event columns uncompressed, more than its " \
+            "5,000 rows could as events" in result.stdout, result.stdout
+        assert stored(server, "fine_test") == 20 and stored(server, "bomb_test") == 0
+    finally:
+        server.terminate()
+
+
 def test_a_request_names_only_an_s3_endpoint_the_operator_allowed(bucket, tmp_path):
     """The endpoint an import names is where the server connects: its own (AWS_ENDPOINT_URL) and
     those listed with --import-endpoints only, so that an admin token cannot make it reach other
