@@ -13,8 +13,8 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
-import json
 import functools
+import json
 import logging
 import math
 import threading

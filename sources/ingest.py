@@ -264,10 +264,18 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
             parquet = pq.ParquetFile(spool, read_dictionary=strings)
         except pa.ArrowInvalid as error:
             raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None
-        columns = [n for n in schema.names if n in EVENT_SCHEMA.names]  # the others are never read
-        check_parquet_sizes(parquet.metadata, columns, name)
-        return files._columnar(parquet.iter_batches(batch_size=batch_lines, columns=columns), name)
+        return parquet_chunks(parquet, batch_lines, name)
     raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")
+
+
+def parquet_chunks(parquet, rows: int, name: str, field: str = "body", use_threads: bool = True
+                   ) -> Iterator[files.Chunk]:
+    """A Parquet file's event columns (the others are never read) in chunks of `rows`, once its row
+    groups are found to hold no more than their rows could as events (InvalidArgument naming
+    `field` otherwise)."""
+    columns = [c for c in EVENT_SCHEMA.names if c in parquet.schema_arrow.names]
+    check_parquet_sizes(parquet.metadata, columns, name, field)
+    return files._columnar(parquet.iter_batches(batch_size=rows, columns=columns, use_threads=use_threads), name)
 
 
 def check_parquet_sizes(metadata, columns: list[str], name: str, field: str = "body") -> None:

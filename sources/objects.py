@@ -28,8 +28,7 @@ from abstream.clients.columnar import LOW_CARDINALITY
 from abstream.core.auth import ANYONE, Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
-from abstream.core.events import EVENT_SCHEMA
-from abstream.sources.ingest import BATCH_LINES, Ingest, check_parquet_sizes, spooled
+from abstream.sources.ingest import BATCH_LINES, Ingest, parquet_chunks, spooled
 
 log = logging.getLogger("abstream.sources.objects")
 
@@ -156,15 +155,6 @@ def producer_of(uri: str, info: pafs.FileInfo) -> str:
 _DICTIONARIES = list(LOW_CARDINALITY)
 
 
-def _parquet_batches(parquet, present: set[str], name: str) -> Iterator[files.Chunk]:
-    """A Parquet object's event columns (the others are never read), once its row groups are
-    found to hold no more than their rows could as events: a few MB of compressed, distinct long
-    strings decode to gigabytes."""
-    columns = [c for c in EVENT_SCHEMA.names if c in present]
-    check_parquet_sizes(parquet.metadata, columns, name, "uri")
-    return files._columnar(parquet.iter_batches(batch_size=COLUMNAR_ROWS, columns=columns, use_threads=False), name)
-
-
 def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression: str | None, name: str,
                 warn) -> Iterator[files.Chunk]:
     if fmt == "parquet" and not compression:
@@ -173,7 +163,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         source = fs.open_input_file(info.path)
         present = set(pq.ParquetFile(source).schema_arrow.names)  # its footer: optional columns may be absent
         parquet = pq.ParquetFile(source, read_dictionary=[c for c in _DICTIONARIES if c in present], pre_buffer=True)
-        return _parquet_batches(parquet, present, name)
+        return parquet_chunks(parquet, COLUMNAR_ROWS, name, "uri", use_threads=False)
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
@@ -181,8 +171,8 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(_inflated(stream, info.size, name))
-        return _parquet_batches(parquet, set(parquet.schema_arrow.names), name)
+        return parquet_chunks(pq.ParquetFile(_inflated(stream, info.size, name)), COLUMNAR_ROWS, name, "uri",
+                              use_threads=False)
     if fmt == "arrow":
         reader = pa.ipc.open_file(_inflated(stream, info.size, name))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)

@@ -28,14 +28,14 @@ def _as_sent(rejected: pa.Table) -> list[pa.Array]:
     for f in EVENT_SCHEMA:
         col = rejected.column(f.name).combine_chunks() if f.name in rejected.column_names else pa.nulls(
             rejected.num_rows, f.type)
-        if pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type) and len(col.dictionary) \
-                and (pc.max(pc.binary_length(col.dictionary)).as_py() or 0) > MAX_STRING_BYTES:
-            col = cut_to_limit(col)
-        if col.type != f.type:
+        strings = pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type)
+        if col.type != f.type and not strings:
             col = col.cast(f.type)
-        if pa.types.is_string(f.type) and len(col) and (pc.max(pc.binary_length(col)).as_py() or 0) > MAX_STRING_BYTES:
-            col = pc.utf8_slice_codeunits(col, 0, MAX_STRING_BYTES)
-        columns.append(col)
+        values = col.dictionary if strings else col  # a dictionary's values are cut before rows copy them
+        if pa.types.is_string(f.type) and len(values) and (pc.max(pc.binary_length(values)).as_py() or 0) \
+                > MAX_STRING_BYTES:
+            col = cut_to_limit(col)
+        columns.append(col.cast(f.type) if col.type != f.type else col)
     return columns
 
 
