@@ -43,7 +43,9 @@ COLUMNAR_RUNS = 3
 SETTLE_SECONDS = 2.5  # after loading, before resident memory is read
 PLAIN_EVENTS = 1_000_000  # the second columnar run, plain strings, into tests of their own
 ROW_BATCH = 1_000
-CEILING_ROUNDS = 3  # rounds of row batches sent to abstream and to the null server in turns
+#: Rounds of row batches sent to abstream and to the null server in turns. Five: one round's share
+#: of the null server ranged from 40% to 59% within one run, and the median of three moved with it.
+CEILING_ROUNDS = 5
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
 

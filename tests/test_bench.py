@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.run import CEILING_ROUNDS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,8 +36,9 @@ def test_bench_smoke(tmp_path):
     assert report["ingest_columnar"]["events"] == 50000 and report["ingest_columnar"]["rejected"] == 0
     assert len(report["ingest_columnar"]["runs_events_per_s"]) == 3  # the median of three fresh servers
     assert report["ingest_rows_1"]["events"] == report["ingest_rows_4"]["events"] == 5000
-    grouped = report["ingest_rows_grouped"]  # 5,000 events in 5 requests, six times (rows_1, rows_4: 3 runs each)
-    assert grouped["requests"] == 30 and 1 <= grouped["stored_batches"] <= 30
+    # 5,000 events in 5 requests, twice per round (rows_1 and rows_4)
+    grouped = report["ingest_rows_grouped"]
+    assert grouped["requests"] == 2 * 5 * CEILING_ROUNDS and 1 <= grouped["stored_batches"] <= grouped["requests"]
     assert "requests stored as" in result.stdout
     # Stored whole, with their tests, variants, event types, devices and countries logged as codes
     # (113 bytes per event as sent): 30,000 events, ~56 bytes each, and a record header per batch.
@@ -51,9 +54,10 @@ def test_bench_smoke(tmp_path):
     assert report["kafka"]["ndjson_100_per_message"]["broker_events_per_s"] > 0
     assert report["s3"]["events"] == 50000 and report["s3"]["columnar_over_import"] > 0, report["s3"]
     assert "kafka through one partition" in result.stdout and "s3 import of one Parquet object" in result.stdout
-    ceiling = report["ingest_rows_ceiling"]  # abstream and the null server in turns, three rounds
+    ceiling = report["ingest_rows_ceiling"]  # abstream and the null server in turns, CEILING_ROUNDS rounds
     assert ceiling["one"]["events"] == ceiling["four"]["events"] == 5000
-    assert len(ceiling["shares"]) == len(ceiling["four_over_one"]) == 3 and all(x > 0 for x in ceiling["shares"])
+    assert len(ceiling["shares"]) == len(ceiling["four_over_one"]) == CEILING_ROUNDS
+    assert all(x > 0 for x in ceiling["shares"])
     assert "the transport's ceiling" in result.stdout and "the median of each round's share" in result.stdout
     cpu = report["ingest_rows_cpu"]  # per event, by the threads' names, against the null server's
     assert cpu["abstream"]["abstream-store"] > 0 and cpu["abstream"]["event loop"] > 0, cpu
