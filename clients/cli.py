@@ -51,11 +51,13 @@ examples:
 examples:
   abstream summary checkout --start 2025-04-01 --end 2025-04-30   # --end of a day includes that whole day
   abstream summary checkout --control control --confidence 0.99 --correction holm
-  abstream summary checkout --sequential --device mobile --format json""",
+  abstream summary checkout --sequential --device mobile --format json
+  abstream summary checkout --comparisons --format csv           # lift, interval, p-value per treatment and metric""",
     "segments": """\
 examples:
   abstream segments checkout country
-  abstream segments checkout device --control control --format csv""",
+  abstream segments checkout device --control control --format csv
+  abstream segments checkout country --comparisons --format ndjson""",
     "timeseries": """\
 examples:
   abstream timeseries checkout --interval hour --cumulative
@@ -188,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, timeout: float = 60.0) -> argparse.ArgumentParser:
         return _subcommand(commands, name, help, timeout)
 
+    def compared(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--comparisons", action="store_true",
+                       help="print the comparisons with the control (each treatment, metric by metric: lift, its "
+                            "interval, p-value, chance to win), a row each, instead of the per-variant results: "
+                            "with --format csv or ndjson, the analysis as a table programs read")
+
     def formatted(p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=["table", "json", "csv", "ndjson"], default="table",
                        help="output format (default %(default)s)")
@@ -255,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="compare revenue per user capped at this fixed amount")
     summary.add_argument("--cap-nonzero-only", action="store_true",
                          help="take --cap-percentile over the users with revenue only (where most users buy nothing)")
+    compared(summary)
     formatted(summary)
     segments = command("segments", "results per variant and device, country or event type")
     ranged(segments)
     segments.add_argument("dimension", choices=["device", "country", "event_type"], help="what to split by")
     filtered(segments)
     analysed(segments)
+    compared(segments)
     formatted(segments)
     timeseries = command("timeseries", "results per time bucket and variant")
     ranged(timeseries)
@@ -944,6 +954,9 @@ def _summary(args) -> int:
                                 event_type=args.event_type, exclude_multi_variant_users=args.exclude_multi_variant_users,
                                 revenue_cap=cap, **_options(args))
         _empty(result.rows, args, client)
+    if args.comparisons:
+        _emit_comparisons(args.format, "", [("", result.analysis)])
+        return 0
     rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
         _emit(rows, args.format, columns, {"test_id": result.test_id, "analysis": asdict(result.analysis),
@@ -973,6 +986,9 @@ def _segments(args) -> int:
         result = client.segments(args.test_id, args.dimension, args.start, args.end, device=args.device,
                                  country=args.country, event_type=args.event_type, **_options(args))
         _empty(result.rows, args, client)
+    if args.comparisons:
+        _emit_comparisons(args.format, "segment", list(result.analyses.items()))
+        return 0
     rows, columns = _flat(result.rows), _columns_of(SegmentRow)
     if args.format != "table":
         _emit(rows, args.format, columns, {"test_id": result.test_id,
@@ -1006,15 +1022,27 @@ def _lift(args) -> int:
                                    **_options(args))
         _empty(result.lifts, args, client)
     head = "age" if args.since_first_exposure else "bucket"
-    if args.format == "table":
-        rows = [{head: str(start), **row} for start, analysis in result.lifts for row in _comparisons(analysis)]
-        _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "interval", "p_value"])
-        return 0
-    rows = [{head: start.isoformat() if hasattr(start, "isoformat") else str(start), **row}  # ages: timedeltas
-            for start, analysis in result.lifts for row in _comparison_values(analysis)]
-    _emit(rows, args.format, [head, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high",
-                              "p_value", "chance_to_win", "status"])
+    _emit_comparisons(args.format, head, [(str(start) if args.format == "table" or not hasattr(start, "isoformat")
+                                           else start.isoformat(), analysis)  # ages: timedeltas
+                                          for start, analysis in result.lifts])
     return 0
+
+
+def _emit_comparisons(fmt: str, head: str, analyses: list[tuple[str, Any]]) -> None:
+    """Comparisons with the control, a row each, under what each analysis is of (`head`: a
+    bucket, an age, a segment; none for a whole test): as text for people, as numbers and a
+    status for programs."""
+    heads = [head] if head else []
+    if fmt == "table":
+        rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses for row in _comparisons(analysis)]
+        guarded = ["guardrail"] if any("guardrail" in row for row in rows) else []
+        _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "interval", "p_value",
+                          "chance_to_win", *guarded])
+        return
+    rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses
+            for row in _comparison_values(analysis)]
+    _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value",
+                      "chance_to_win", "status"])
 
 
 def _comparison_values(analysis) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ experiments with their plan, time zones and sample sizes, on real servers."""
 from __future__ import annotations
 
 import collections
+import csv
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -589,6 +591,25 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
         by_age = client.timeseries("opts", "hour", lift=True, since_first_exposure=True, control="base").lifts
     assert [(r["age"], r["variant"], r["metric"]) for r in aged] == [
         (str(age), c.variant, c.metric) for age, a in by_age for c in a.comparisons] and aged
+    # --comparisons: the analysis itself, a row per treatment and metric (and segment), numbers for programs.
+    with Client(server.address) as client:
+        whole = client.summary("opts", control="base").analysis.comparisons
+        by_device = client.segments("opts", "device", control="base").analyses
+    rows = list(csv.DictReader(io.StringIO(run("summary", "opts", "--control", "base", "--comparisons", "--format",
+                                               "csv", "--addr", server.address).stdout)))
+    assert [(r["variant"], r["metric"], float(r["lift"]) if r["lift"] else None) for r in rows] == [
+        (c.variant, c.metric, c.relative.estimate if c.relative.status == "ok" else None) for c in whole]
+    assert any(r["lift"] for r in rows) and all(r["status"] == "ok" for r in rows if r["lift"])
+    lines = [json.loads(line) for line in run("segments", "opts", "device", "--control", "base", "--comparisons",
+                                              "--format", "ndjson", "--addr", server.address).stdout.splitlines()]
+    assert [(r["segment"], r["variant"], r["metric"], r["lift"], r["p_value"]) for r in lines] == [
+        (segment, c.variant, c.metric, *((c.relative.estimate, c.relative.p_value) if c.relative.status == "ok"
+                                          else (None, None)))
+        for segment, a in by_device.items() for c in a.comparisons] and {r["segment"] for r in lines} >= {
+        "mobile", "desktop"}
+    shown = run("summary", "opts", "--control", "base", "--comparisons", "--addr", server.address).stdout.splitlines()
+    assert shown[0].split() == ["variant", "metric", "control", "treatment", "lift", "interval", "p_value",
+                                "chance_to_win"] and len(shown) == 2 + len(whole)
     refused = run("summary", "caps", "--cap-value", "5", "--cap-nonzero-only", "--addr", server.address)
     assert refused.returncode != 0 and "revenue_cap.nonzero_only" in refused.stderr
     with Client(server.address) as client:
