@@ -954,8 +954,12 @@ def _summary(args) -> int:
                                 event_type=args.event_type, exclude_multi_variant_users=args.exclude_multi_variant_users,
                                 revenue_cap=cap, **_options(args))
         _empty(result.rows, args, client)
-    if args.comparisons:
+    if args.comparisons:  # for people, the health line before them, and the cap after, as below
+        if args.format == "table" and result.rows:
+            print(_health_text(result.health))
         _emit_comparisons(args.format, "", [("", result.analysis)])
+        if args.format == "table" and result.analysis.revenue_cap is not None:
+            print(_cap_text(result.analysis.revenue_cap))
         return 0
     rows, columns = _flat(result.rows), _columns_of(SummaryRow)
     if args.format != "table":
