@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -496,6 +496,9 @@ class ClickHouseEngine:
     def snapshot(self) -> SnapshotInfo:
         raise AbstreamError("the cluster engine keeps no snapshots: its data lives in the ClickHouse replicas "
                             "(back them up with ClickHouse's own tools)")
+
+    def between_steps(self, wait: Callable[[], None]) -> None:
+        """Nothing in the background here: merges are the cluster's."""
 
     def maintain(self) -> None:
         """Nothing periodic: replication and merges are the cluster's."""

@@ -154,6 +154,8 @@ class Core:
     @engine.setter
     def engine(self, engine: Engine) -> None:
         self._engine = engine
+        if engine is not None:  # its sealing and merging yield to queries as ingest does
+            engine.between_steps(self._yield_to_queries)
 
     @property
     def engine_open(self) -> bool:
@@ -363,7 +365,8 @@ class Core:
 
     def _yield_to_queries(self) -> None:
         """Ingest waits while queries run, up to QUERY_PRIORITY_WAIT_S per step (in the ingest
-        thread, before decoding each request, and before checking and before applying each batch).
+        thread, before decoding each request, and before checking and before applying each batch;
+        in the engine's sealer, before each test's rows become parts: `Engine.between_steps`).
 
         A query is someone waiting for an answer; a batch is a producer with a buffer. On two
         cores, a stream ingesting at full speed would otherwise take the core (and the GIL) a

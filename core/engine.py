@@ -98,6 +98,11 @@ class Engine(Protocol):
 
     def snapshot(self) -> SnapshotInfo: ...
 
+    def between_steps(self, wait: Callable[[], None]) -> None:
+        """`wait` is called by the engine's background work (sealing, merging) between its steps,
+        and returns once no query runs (or after a bounded wait): the core's, so that a query
+        gets the core and the GIL it needs while ingest runs."""
+
     def maintain(self) -> None:
         """Periodic work, once a second (the embedded engine: a snapshot when one is due)."""
 

@@ -163,6 +163,9 @@ class EventStore:
             raise AbstreamError("this store has no data directory to snapshot to")
         return self._persistence.snapshot()
 
+    def between_steps(self, wait: Callable[[], None]) -> None:
+        self._ingest.between_steps = wait
+
     def maintain(self) -> None:
         """Periodic work (once a second): a snapshot when one is due; Unavailable once the log
         has failed (the server then says NOT_SERVING)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -111,6 +112,8 @@ class Ingest:
         self.producers: dict[str, Producer] = {}
         self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered
+        #: Called by the sealer before each test's rows become parts (see EventStore.between_steps).
+        self.between_steps: Callable[[], None] = lambda: None
         self._logged_values: dict[str, tuple[Dictionary, int, pa.Array]] = {}  # for `_logged`
 
     # ---- the ingest path --------------------------------------------------------------------
@@ -393,6 +396,7 @@ class Ingest:
         """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
         partitions = dict(self.partitions)
         for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
+            self.between_steps()
             partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
             if code in self._folding:
                 self._folding[code].append({c: rows[c] for c in ROLLUP_COLUMNS})

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import grpc
 import pytest
+from abstream.core.auth import ANYONE
+from abstream.core.dataplane import QUERY_PRIORITY_WAIT_S, Core
+from abstream.core.types import SummaryQuery
+from abstream.store import EventStore
 from abstream.v1 import analytics_pb2 as pb
 
-from tests.events import BASE_S, NS, to_message
+from tests.events import BASE_S, NS, to_message, to_table
 
 SECONDS, STREAMS, READERS, BATCH, MAX_BATCHES = 4.0, 4, 2, 200, 400  # every loop stops by itself
 
@@ -119,3 +124,39 @@ def test_ingest_yields_to_queries_but_never_stalls(server, stub, query):
     assert 0 < waited < 40 * 2 * 0.05 + 1e-9  # it waited, and at most 50 ms per step
     rows = stub.Summary(pb.SummaryRequest(test_id="priority"), timeout=10).rows
     assert sum(r.metrics.events for r in rows) == 2000
+
+
+def test_sealing_yields_to_running_queries():
+    """The sealer waits while a query runs, before each test's rows become parts (up to
+    QUERY_PRIORITY_WAIT_S each, as ingest's own steps do), and finishes once the query has."""
+    core, store = Core(), EventStore(seal_rows=300)
+    core.engine = store
+    events = [dict(timestamp=(BASE_S + i) * NS, user_id=f"s{i}", test_id=f"sealed_{i % 3}", variant="AB"[i % 2],
+                   event_type="e", conversion=0, revenue=0.0, session_id="", device="", country="")
+              for i in range(300)]
+    running, release = threading.Event(), threading.Event()
+
+    def answer(result):  # the query stays running until released
+        running.set()
+        release.wait(30)
+        return result
+
+    async def scenario() -> float:
+        query = asyncio.create_task(core.summary(ANYONE, SummaryQuery("sealed_0"), respond=answer))
+        await asyncio.to_thread(running.wait, 30)
+        before = core.metrics.registry.get_sample_value("abstream_ingest_yield_seconds_total")
+        await asyncio.to_thread(store.append, to_table(events))  # a full tail of three tests: sealed now
+        await asyncio.sleep(3 * QUERY_PRIORITY_WAIT_S + 0.1)  # more than the sealer may wait in all
+        release.set()
+        await query
+        await asyncio.to_thread(store.wait_sealed)
+        return core.metrics.registry.get_sample_value("abstream_ingest_yield_seconds_total") - before
+
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        release.set()
+        store.close()
+    # Each of the three tests' steps waited out QUERY_PRIORITY_WAIT_S (the query ran throughout).
+    assert 3 * QUERY_PRIORITY_WAIT_S * 0.9 <= waited <= 3 * QUERY_PRIORITY_WAIT_S + 1.0, waited
+    assert sum(t.events for t in store.list_tests()) == 300
