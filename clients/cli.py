@@ -957,7 +957,10 @@ def _summary(args) -> int:
     if args.comparisons:  # for people, the health line before them, and the cap after, as below
         if args.format == "table" and result.rows:
             print(_health_text(result.health))
-        _emit_comparisons(args.format, "", [("", result.analysis)])
+        a = result.analysis
+        _emit_comparisons(args.format, "", [("", a)], {"test_id": result.test_id, "control_variant": a.control_variant,
+                                                        "sample_ratio_mismatch": a.sample_ratio_mismatch,
+                                                        "health": asdict(result.health)})
         if args.format == "table" and result.analysis.revenue_cap is not None:
             print(_cap_text(result.analysis.revenue_cap))
         return 0
@@ -991,7 +994,7 @@ def _segments(args) -> int:
                                  country=args.country, event_type=args.event_type, **_options(args))
         _empty(result.rows, args, client)
     if args.comparisons:
-        _emit_comparisons(args.format, "segment", list(result.analyses.items()))
+        _emit_comparisons(args.format, "segment", list(result.analyses.items()), {"test_id": result.test_id})
         return 0
     rows, columns = _flat(result.rows), _columns_of(SegmentRow)
     if args.format != "table":
@@ -1032,10 +1035,11 @@ def _lift(args) -> int:
     return 0
 
 
-def _emit_comparisons(fmt: str, head: str, analyses: list[tuple[str, Any]]) -> None:
+def _emit_comparisons(fmt: str, head: str, analyses: list[tuple[str, Any]], extra: dict[str, Any] | None = None
+                      ) -> None:
     """Comparisons with the control, a row each, under what each analysis is of (`head`: a
     bucket, an age, a segment; none for a whole test): as text for people, as numbers and a
-    status for programs."""
+    status for programs (`extra` beside the rows in JSON)."""
     heads = [head] if head else []
     if fmt == "table":
         rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses for row in _comparisons(analysis)]
@@ -1046,7 +1050,7 @@ def _emit_comparisons(fmt: str, head: str, analyses: list[tuple[str, Any]]) -> N
     rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses
             for row in _comparison_values(analysis)]
     _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value",
-                      "chance_to_win", "status"])
+                      "chance_to_win", "status"], extra)
 
 
 def _comparison_values(analysis) -> list[dict[str, Any]]:

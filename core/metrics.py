@@ -42,8 +42,9 @@ class Metrics:
                                      ["route", "status"], registry=r)
         self.http_seconds = Histogram("abstream_http_seconds", "HTTP request latency by route", ["route"],
                                       buckets=_LATENCY, registry=r)
-        self.ingest_yield_seconds = Counter("abstream_ingest_yield_seconds", "Time ingest waited for running queries",
-                                            registry=r)
+        self.ingest_yield_seconds = Counter("abstream_ingest_yield_seconds",
+                                            "Time ingest waited for running queries: its store thread's and its "
+                                            "sealer's, added (the two may wait at once)", registry=r)
         self._store_gauges: list[PromGauge] = []
 
     def acked(self, result: IngestResult, seconds: float) -> None:

@@ -11,6 +11,7 @@ rejected events to the quarantine, its producer's sequence to the producers, the
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -38,6 +39,10 @@ from abstream.store.rollup import COLUMNS as ROLLUP_COLUMNS
 from abstream.store.rollup import Rollup, RollupWanted
 from abstream.store.schema import CODE_TYPES
 from abstream.store.wal import Payload, WriteAheadLog
+
+#: The most a tail's sealing waits for running queries, in all (`Ingest.between_steps`): a full
+#: tail waits for its seal, under the ingest lock, and queries scan it until it is sealed.
+SEAL_WAIT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,8 @@ class Ingest:
         self.producers: dict[str, Producer] = {}
         self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered
-        #: Called by the sealer before each test's rows become parts (see EventStore.between_steps).
+        #: Called by the sealer before each test's rows become parts, while the seal has waited
+        #: less than SEAL_WAIT_S in all (see EventStore.between_steps).
         self.between_steps: Callable[[], None] = lambda: None
         self._logged_values: dict[str, tuple[Dictionary, int, pa.Array]] = {}  # for `_logged`
 
@@ -395,8 +401,12 @@ class Ingest:
     def _seal(self, test_codes: np.ndarray, cols: dict[str, np.ndarray | pa.Array]) -> None:
         """Moves a drained tail into each test's parts and publishes them (in the sealer)."""
         partitions = dict(self.partitions)
+        waited = 0.0
         for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
-            self.between_steps()
+            if waited < SEAL_WAIT_S:  # in all: a tail of thousands of tests must not wait a step each
+                step = time.perf_counter()
+                self.between_steps()
+                waited += time.perf_counter() - step
             partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
             if code in self._folding:
                 self._folding[code].append({c: rows[c] for c in ROLLUP_COLUMNS})

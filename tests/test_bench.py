@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.run import CEILING_ROUNDS
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_smoke(tmp_path):
+    from bench.run import CEILING_ROUNDS
+
     env = {**os.environ, "ABSTREAM_BENCH_DATA": str(tmp_path / "data")}
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--events", "50000", "--reps", "2", "--row-events", "5000",
@@ -41,7 +41,7 @@ def test_bench_smoke(tmp_path):
     assert grouped["requests"] == 2 * 5 * CEILING_ROUNDS and 1 <= grouped["stored_batches"] <= grouped["requests"]
     assert "requests stored as" in result.stdout
     # Stored whole, with their tests, variants, event types, devices and countries logged as codes
-    # (113 bytes per event as sent): 30,000 events, ~56 bytes each, and a record header per batch.
+    # (113 bytes per event as sent): 50,000 events, ~56 bytes each, and a record header per batch.
     assert 40 < report["ingest_rows_log_bytes_per_event"] < 80, report["ingest_rows_log_bytes_per_event"]
     assert "their write-ahead log:" in result.stdout
     assert report["ingest_file"]["events"] == 50000 and report["ingest_file"]["cli_over_ingest_table"] > 0

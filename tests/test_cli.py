@@ -607,6 +607,10 @@ def test_summary_and_segments_take_every_analysis_option_and_filters(server, tmp
                                           else (None, None)))
         for segment, a in by_device.items() for c in a.comparisons] and {r["segment"] for r in lines} >= {
         "mobile", "desktop"}
+    as_json = json.loads(run("summary", "opts", "--control", "base", "--comparisons", "--format", "json", "--addr",
+                             server.address).stdout)  # with what to read them by
+    assert as_json["test_id"] == "opts" and as_json["control_variant"] == "base" and len(as_json["rows"]) == len(whole)
+    assert as_json["health"]["status"] in ("healthy", "warning", "unhealthy") and "sample_ratio_mismatch" in as_json
     shown = run("summary", "opts", "--control", "base", "--comparisons", "--addr", server.address).stdout.splitlines()
     assert shown[0].startswith("health: ")  # for people, as the per-variant table has it
     head = next(i for i, line in enumerate(shown) if line.startswith("variant "))

@@ -12,6 +12,7 @@ from abstream.core.auth import ANYONE
 from abstream.core.dataplane import QUERY_PRIORITY_WAIT_S, Core
 from abstream.core.types import SummaryQuery
 from abstream.store import EventStore
+from abstream.store.ingest import SEAL_WAIT_S
 from abstream.v1 import analytics_pb2 as pb
 
 from tests.events import BASE_S, NS, to_message, to_table
@@ -128,10 +129,11 @@ def test_ingest_yields_to_queries_but_never_stalls(server, stub, query):
 
 def test_sealing_yields_to_running_queries():
     """The sealer waits while a query runs, before each test's rows become parts (up to
-    QUERY_PRIORITY_WAIT_S each, as ingest's own steps do), and finishes once the query has."""
+    QUERY_PRIORITY_WAIT_S each, as ingest's own steps do, and SEAL_WAIT_S in all: a tail of
+    thousands of tests must not wait a step each), and finishes once the query has."""
     core, store = Core(), EventStore(seal_rows=300)
     core.engine = store
-    events = [dict(timestamp=(BASE_S + i) * NS, user_id=f"s{i}", test_id=f"sealed_{i % 3}", variant="AB"[i % 2],
+    events = [dict(timestamp=(BASE_S + i) * NS, user_id=f"s{i}", test_id=f"sealed_{i % 6}", variant="AB"[i % 2],
                    event_type="e", conversion=0, revenue=0.0, session_id="", device="", country="")
               for i in range(300)]
     running, release = threading.Event(), threading.Event()
@@ -145,8 +147,8 @@ def test_sealing_yields_to_running_queries():
         query = asyncio.create_task(core.summary(ANYONE, SummaryQuery("sealed_0"), respond=answer))
         await asyncio.to_thread(running.wait, 30)
         before = core.metrics.registry.get_sample_value("abstream_ingest_yield_seconds_total")
-        await asyncio.to_thread(store.append, to_table(events))  # a full tail of three tests: sealed now
-        await asyncio.sleep(3 * QUERY_PRIORITY_WAIT_S + 0.1)  # more than the sealer may wait in all
+        await asyncio.to_thread(store.append, to_table(events))  # a full tail of six tests: sealed now
+        await asyncio.sleep(6 * QUERY_PRIORITY_WAIT_S + 0.5)  # more than six steps' waits
         release.set()
         await query
         await asyncio.to_thread(store.wait_sealed)
@@ -157,6 +159,8 @@ def test_sealing_yields_to_running_queries():
     finally:
         release.set()
         store.close()
-    # Each of the three tests' steps waited out QUERY_PRIORITY_WAIT_S (the query ran throughout).
-    assert 3 * QUERY_PRIORITY_WAIT_S * 0.9 <= waited <= 3 * QUERY_PRIORITY_WAIT_S + 1.0, waited
+        core.close()
+    # The query ran throughout: steps waited out QUERY_PRIORITY_WAIT_S each until SEAL_WAIT_S was
+    # reached (two of the six), and no more.
+    assert 0.9 * SEAL_WAIT_S <= waited < SEAL_WAIT_S + QUERY_PRIORITY_WAIT_S, waited
     assert sum(t.events for t in store.list_tests()) == 300
