@@ -1041,16 +1041,15 @@ def _emit_comparisons(fmt: str, head: str, analyses: list[tuple[str, Any]], extr
     bucket, an age, a segment; none for a whole test): as text for people, as numbers and a
     status for programs (`extra` beside the rows in JSON)."""
     heads = [head] if head else []
+    shown = _comparisons if fmt == "table" else _comparison_values
+    rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses for row in shown(analysis)]
     if fmt == "table":
-        rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses for row in _comparisons(analysis)]
         guarded = ["guardrail"] if any("guardrail" in row for row in rows) else []
         _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "interval", "p_value",
                           "chance_to_win", *guarded])
-        return
-    rows = [{**({head: of} if head else {}), **row} for of, analysis in analyses
-            for row in _comparison_values(analysis)]
-    _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value",
-                      "chance_to_win", "status"], extra)
+    else:
+        _emit(rows, fmt, [*heads, "variant", "metric", "control", "treatment", "lift", "ci_low", "ci_high",
+                          "p_value", "chance_to_win", "status"], extra)
 
 
 def _comparison_values(analysis) -> list[dict[str, Any]]:

@@ -154,8 +154,7 @@ class Core:
     @engine.setter
     def engine(self, engine: Engine) -> None:
         self._engine = engine
-        if engine is not None:  # its sealing and merging yield to queries as ingest does
-            engine.between_steps(self._yield_to_queries)
+        engine.between_steps(self._yield_to_queries)  # its sealing yields to queries as ingest does
 
     @property
     def engine_open(self) -> bool:
