@@ -82,6 +82,9 @@ def test_bench_smoke(tmp_path):
     assert report["hostile_ids"]["ids"] >= 1000 and report["hostile_ids"]["secret_over_random"] > 0
     assert report["snapshot"]["events"] >= 50000
     assert report["restart"]["verified"] and report["restart"]["events"] == report["snapshot"]["events"]
+    loaded = report["restart_loaded"]  # a fresh server of the dataset alone, restarted once loaded
+    assert loaded["verified"] and loaded["events"] == 50000 and loaded["start_to_serving_seconds"] > 0, loaded
+    assert "restart of a fresh server once loaded: recovery" in result.stdout and "50,000 events, the same" in result.stdout
     assert "| summary |" in result.stdout
 
 
