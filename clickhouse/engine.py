@@ -118,13 +118,13 @@ class ClickHouseEngine:
             "batch": [tag] * len(valid),
         }
         quarantine = {}
-        if rejections:
-            rejected = table.take(pa.array([r.index for r in rejections], pa.int64()))
-            n = len(rejections)
+        if kept := [r for r in rejections if r.quarantined]:
+            rejected = table.take(pa.array([r.index for r in kept], pa.int64()))
+            n = len(kept)
             quarantine = {
                 "received_ns": [batch.received_ns] * n,
-                "idx": [r.index for r in rejections], "field": [r.field for r in rejections],
-                "message": [r.message for r in rejections],
+                "idx": [r.index for r in kept], "field": [r.field for r in kept],
+                "message": [r.message for r in kept],
                 "timestamp": rejected.column("timestamp").to_pylist(),
                 **{name: _strings(rejected.column(name), cut=True) for name in (
                     "user_id", "test_id", "variant", "event_type", "session_id", "device", "country")},

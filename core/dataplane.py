@@ -327,27 +327,31 @@ class Core:
         now = self._clock()
         table, rejections = events.check(batch.table, now, batch.refuse)
         if refused := self._refused_tests(table, principal):  # the test ids as they are stored
-            rejected = {r.index for r in rejections}
-            rejections = sorted(rejections + [r for r in refused if r.index not in rejected], key=lambda r: r.index)
+            # The refusal is what the ack says of such an event, even one that broke a rule too:
+            # it keeps the event out of the quarantine, which shows each token events by their
+            # test ids, and so would show this one to the token whose tests it names.
+            out = {r.index for r in refused}
+            rejections = sorted([r for r in rejections if r.index not in out] + refused, key=lambda r: r.index)
         if batch.origin is not None and rejections:
-            rejections = [Rejection(r.index, r.field, f"{batch.origin[r.index]}: {r.message}") for r in rejections]
+            rejections = [r._replace(message=f"{batch.origin[r.index]}: {r.message}") for r in rejections]
         producer_id = producer_of(owner, batch.producer_id) if batch.producer_id else ""
         return ValidatedBatch(table, rejections, now, producer_id, batch.sequence, batch.ipc, first_sequence)
 
     @staticmethod
     def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
-        """Events for tests the token may not write, rejected one by one (the others are stored),
-        read from a checked batch, whose test ids are strings (or a dictionary of them)."""
+        """Events for tests the token may not write, rejected one by one (the others are stored)
+        and not quarantined, read from a checked batch, whose test ids are strings (or a
+        dictionary of them). An event without a test id is not one: the rules reject it."""
         if not principal.test_prefix:
             return []
         allowed = np.concatenate([np.zeros(0, dtype=bool)] + [
             # A dictionary's values are checked, and their rows take the answer: no row copies them.
-            pc.starts_with(c.dictionary, principal.test_prefix).fill_null(False).take(c.indices).fill_null(False)
+            pc.starts_with(c.dictionary, principal.test_prefix).take(c.indices).fill_null(True)
             .to_numpy(zero_copy_only=False) if pa.types.is_dictionary(c.type) else
-            pc.starts_with(c.fill_null(""), principal.test_prefix).to_numpy(zero_copy_only=False)
+            pc.starts_with(c, principal.test_prefix).fill_null(True).to_numpy(zero_copy_only=False)
             for c in table.column("test_id").chunks])
         why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
-        return [Rejection(i, "test_id", why) for i in np.flatnonzero(~allowed).tolist()]
+        return [Rejection(i, "test_id", why, quarantined=False) for i in np.flatnonzero(~allowed).tolist()]
 
     def _check_memory(self) -> None:
         """Refuses ingest while the process is above its memory high-water mark, as read at most

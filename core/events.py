@@ -61,6 +61,9 @@ class Rejection(NamedTuple):
     index: int
     field: str
     message: str
+    #: False for an event its sender may not write (a test outside its token's prefix): said in
+    #: the ack, not kept in the quarantine, whose entries each token sees by their test ids.
+    quarantined: bool = True
 
 
 def string_buffers(values: pa.Array) -> tuple[np.ndarray, pa.Buffer | bytes]:

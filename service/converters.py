@@ -171,7 +171,7 @@ def ingest_response(batch: int, result: IngestResult) -> pb.IngestEventsResponse
     response = pb.IngestEventsResponse(batch=batch, accepted=result.accepted, rejected=len(rejections),
                                        duplicate=result.duplicate)
     if rejections:  # column by column (see wire.py): a batch may reject 100,000 events
-        indices, fields, messages = zip(*rejections)
+        indices, fields, messages, _ = zip(*rejections)
         rows = wire.Message.of(pb.Rejection.DESCRIPTOR, {"index": np.array(indices, dtype=np.int64),
                                                          "field": wire.string_table(fields),
                                                          "message": wire.string_table(messages)}, len(rejections))

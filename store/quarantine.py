@@ -53,6 +53,9 @@ class Quarantine:
 
     def add(self, received_ns: int, rejections: list[Rejection], rejected: pa.Table) -> None:
         """Keeps the rejected rows (`rejected`, in the order of `rejections`) with their reasons."""
+        if not all(r.quarantined for r in rejections):
+            kept = [i for i, r in enumerate(rejections) if r.quarantined]
+            rejected, rejections = rejected.take(pa.array(kept, pa.int64())), [rejections[i] for i in kept]
         if not rejections or self.limit <= 0:
             return
         if len(rejections) > self.limit:  # only the newest can stay

@@ -21,6 +21,7 @@ from abstream.clickhouse.cluster import Cluster
 from abstream.clickhouse.engine import ClickHouseEngine
 from abstream.clients import Client
 from abstream.core.engine import append
+from abstream.core.events import Rejection
 from abstream.v1 import analytics_pb2 as pb
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -252,6 +253,9 @@ def test_quarantine_and_producers_live_in_the_cluster(kind, request):
     assert append(engine, to_table(events), producer_id="q", sequence=3).duplicate
     assert append(engine, to_table(events), producer_id="q", sequence=2).duplicate
     assert append(engine, to_table(events[:5]), producer_id="q", sequence=4).accepted == 4
+    # An event its sender may not write is said in the ack, not quarantined (core/events.py's Rejection).
+    refused = append(engine, to_table(events[:2]), refuse=[Rejection(1, "test_id", "not yours", quarantined=False)])
+    assert refused.accepted == 1 and [(r.index, r.quarantined) for r in refused.rejections] == [(1, False)]
     entries, total = engine.quarantine("", 10, "")
     assert total == 3 and [(e.index, e.field) for e in entries] == [(3, "conversion"), (7, "test_id"), (3, "conversion")]
     assert entries[0].event["conversion"] == 5 and entries[0].received_ns >= entries[1].received_ns

@@ -31,7 +31,7 @@ from tests.process import Server
 BIN = Path(sys.executable).parent
 TOKENS = {"ingester": ("tok-ingest", ["ingest"], ""), "reader": ("tok-query", ["query"], ""),
           "admin": ("tok-admin", ["admin"], ""), "team": ("tok-team", ["ingest", "query"], "chk_"),
-          "slow": ("tok-slow", ["ingest", "query"], "")}
+          "slow": ("tok-slow", ["ingest", "query"], ""), "rival": ("tok-rival", ["ingest", "query"], "other_")}
 
 
 def tokens_file(path: Path, rates: dict[str, float] | None = None) -> Path:
@@ -134,8 +134,45 @@ def test_a_token_restricted_to_a_prefix_sees_and_writes_only_its_tests(secured):
         everyone = stub.ListTests(pb.ListTestsRequest(), metadata=metadata("tok-query"), timeout=10)
         assert [t.test_id for t in team.tests] == ["chk_1"]
         assert [t.test_id for t in everyone.tests] == ["chk_1", "other_2"]
-        assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-team"), timeout=10).total == 0
-        assert stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata("tok-query"), timeout=10).total == 1
+
+        def quarantine(secret: str) -> list[tuple[str, str]]:
+            listed = stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata(secret), timeout=10)
+            assert listed.total == len(listed.events)
+            return [(e.event.test_id, e.field) for e in listed.events]
+
+        # A refused event is said in the ack and not quarantined, even one that broke a rule too:
+        # the quarantine shows each token events by their test ids, and so would show the team's
+        # events for other_ tests to the rival token, whose tests they name.
+        (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event("chk_2", conversion=7),
+                                                                        event("other_3", conversion=7)])]),
+                                   metadata=metadata("tok-team"), timeout=10)
+        assert [(r.index, r.field) for r in ack.rejections] == [(0, "conversion"), (1, "test_id")]
+        assert "may only write tests whose id starts with 'chk_'" in ack.rejections[1].message
+        assert quarantine("tok-team") == [("chk_2", "conversion")]
+        assert quarantine("tok-rival") == []
+        assert quarantine("tok-query") == [("chk_2", "conversion")]
+
+
+def test_a_refused_event_stays_out_of_the_quarantine_when_the_log_is_replayed(tmp_path):
+    """What the quarantine keeps of a batch is decided again by a restart that replays the log:
+    the refusal is logged with the batch, and its event stays out of the quarantine."""
+    server = Server(tmp_path / "data", "--tokens-file", str(tokens_file(tmp_path / "tokens.toml"))).start()
+    try:
+        with server.channel() as channel:
+            (ack,) = pb_grpc.AnalyticsServiceStub(channel).IngestEvents(
+                iter([pb.IngestEventsRequest(events=[event("chk_1", conversion=7), event("other_1")])]),
+                metadata=metadata("tok-team"), timeout=10)
+        assert [(r.index, r.field) for r in ack.rejections] == [(0, "conversion"), (1, "test_id")]
+        server.kill()  # no snapshot: the restart replays the log
+        server.start()
+        with server.channel() as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            for secret in ("tok-query", "tok-rival", "tok-team"):
+                listed = stub.ListQuarantine(pb.ListQuarantineRequest(), metadata=metadata(secret), timeout=10)
+                expected = [] if secret == "tok-rival" else [("chk_1", "conversion")]
+                assert [(e.event.test_id, e.field) for e in listed.events] == expected, secret
+    finally:
+        server.kill()
 
 
 def test_a_prefix_holds_whatever_type_the_test_ids_come_as(secured):
