@@ -64,6 +64,11 @@ class Tokens:
     def enabled(self) -> bool:
         return self._by_hash is not None
 
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The test-id prefixes tokens are limited to."""
+        return tuple(sorted({p.test_prefix for p in (self._by_hash or {}).values() if p.test_prefix}))
+
     def principal(self, token: str, scope: str, how: str) -> Principal:
         """The caller behind `token`, if it has `scope` (any scope for ""); `how` says how to send
         a token (the transport's words) in the error when none came."""

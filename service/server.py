@@ -90,8 +90,9 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def open_engine(settings: Settings) -> Engine:
-    """The engine the settings ask for, open (the embedded one recovered from its data directory)."""
+def open_engine(settings: Settings, namespaces: tuple[str, ...] = ()) -> Engine:
+    """The engine the settings ask for, open (the embedded one recovered from its data directory);
+    `namespaces`, the test-id prefixes tokens are limited to, each keep a share of its quarantine."""
     s = settings
     if s.engine == "clickhouse":
         from abstream.clickhouse.backend import Cluster
@@ -107,7 +108,7 @@ def open_engine(settings: Settings) -> Engine:
         snapshot_compression=s.snapshot_compression, snapshots_kept=s.snapshots_kept,
         snapshot_every_events=s.snapshot_every_events, snapshot_log_ratio=s.snapshot_log_ratio,
         snapshot_every_seconds=s.snapshot_every_seconds)
-    return EventStore(quarantine_limit=s.quarantine_limit, durability=durability)
+    return EventStore(quarantine_limit=s.quarantine_limit, durability=durability, quarantine_namespaces=namespaces)
 
 
 def add_analytics_service(servicer: AnalyticsServicer, server: grpc.aio.Server) -> None:
@@ -255,7 +256,7 @@ class AnalyticsServer:
                 raise BindError(str(error)) from error
         log.info("port %d bound; recovering %s", self.port, self.settings.data_dir or "nothing (memory only)")
         try:
-            self.core.engine = await asyncio.to_thread(open_engine, self.settings)
+            self.core.engine = await asyncio.to_thread(open_engine, self.settings, self.core.tokens.prefixes)
         except BaseException:
             await self._server.stop(0)
             if self.http is not None:

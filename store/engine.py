@@ -52,9 +52,10 @@ class EventStore:
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
                  clock: Callable[[], int] = time.time_ns, durability: Durability | None = None,
-                 rollup_events: int | None = ROLLUP_EVENTS) -> None:
+                 rollup_events: int | None = ROLLUP_EVENTS, quarantine_namespaces: tuple[str, ...] = ()) -> None:
         self._clock = clock
-        self._ingest = Ingest(seal_rows, quarantine_limit, rollup_events)
+        # The test-id prefixes tokens are limited to: each keeps its share of the quarantine.
+        self._ingest = Ingest(seal_rows, quarantine_limit, rollup_events, quarantine_namespaces)
         self._queries = Queries(self._ingest)
         self._persistence = Persistence(self._ingest, durability) if durability is not None else None
         self._erasing = threading.Lock()

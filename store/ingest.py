@@ -93,7 +93,8 @@ class Ingest:
     """The store's mutable state and the one path that changes it. Appends are serialized by
     one lock; every change publishes a new immutable view."""
 
-    def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None) -> None:
+    def __init__(self, seal_rows: int, quarantine_limit: int, rollup_events: int | None = None,
+                 quarantine_namespaces: tuple[str, ...] = ()) -> None:
         self.seal_rows = seal_rows
         self.rollup_events = rollup_events  # a test's events from which it may keep a rollup (rollup.py)
         self.rolled: dict[int, frozenset[str]] = {}  # tests whose whole-test answers were asked for: what they need
@@ -113,7 +114,7 @@ class Ingest:
         self._sealed: Future | None = None
         self._view_lock = threading.Lock()  # publishing views: appends and the sealer
         self.view = StoreView({}, (self.tail.view(),))
-        self.quarantine = Quarantine(quarantine_limit)
+        self.quarantine = Quarantine(quarantine_limit, quarantine_namespaces)
         self.producers: dict[str, Producer] = {}
         self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered

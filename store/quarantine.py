@@ -1,7 +1,7 @@
 """The quarantine: the newest rejected events as they were sent, with why, kept as Arrow chunks.
 
-One chunk per batch with rejections, in arrival order; the oldest rows are dropped past the
-limit. Kept columnar because a batch can reject 100,000 events at once: as Python objects that
+One chunk per batch with rejections (per namespace: `Quarantine`), in arrival order; past the
+limit, the oldest rows of the namespaces holding the most are dropped. Kept columnar because a batch can reject 100,000 events at once: as Python objects that
 was ~1 KB per event created under the ingest lock; as Arrow it is the events' own bytes. A string
 too long to be accepted is kept cut to its first MAX_STRING_BYTES characters, so that no rejected
 event holds more memory than an accepted one could.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -39,14 +40,35 @@ def _as_sent(rejected: pa.Table) -> list[pa.Array]:
     return columns
 
 
-class Quarantine:
-    """Bounded, thread-safe: one writer (the ingest lock's holder), any number of readers."""
+def water_level(counts: list[int], limit: int) -> int:
+    """The most rows any one namespace may keep so that all keep at most `limit` in all, each as
+    many as it has up to that level (max-min fair: the largest lose rows first)."""
+    remaining, counts = limit, sorted(counts)
+    for i, count in enumerate(counts):
+        share = remaining // (len(counts) - i)
+        if count > share:
+            return share
+        remaining -= count
+    return counts[-1] if counts else 0
 
-    def __init__(self, limit: int) -> None:
+
+class Quarantine:
+    """Bounded, thread-safe: one writer (the ingest lock's holder), any number of readers.
+
+    Entries are kept by namespace: the longest of `namespaces` (the test-id prefixes tokens are
+    limited to) that an entry's test id starts with, "" for the rest. Past the limit, the
+    namespaces holding the most lose their oldest entries first, down to a level at which all
+    fit: a token sending bad events without end pushes out its own entries, not another's.
+    """
+
+    def __init__(self, limit: int, namespaces: Iterable[str] = ()) -> None:
         self.limit = limit
+        self._prefixes = sorted({p for p in namespaces if p}, key=len)  # a longer match is applied later: it wins
         self._lock = threading.Lock()
-        self._chunks: deque[pa.Table] = deque()
+        self._chunks: dict[str, deque[tuple[int, pa.Table]]] = {}  # (arrival, rows), oldest first
+        self._rows_of: dict[str, int] = {}
         self._rows = 0
+        self._arrived = 0
 
     def __len__(self) -> int:
         return self._rows
@@ -70,24 +92,59 @@ class Quarantine:
         ], schema=SCHEMA)
         self._append(chunk)
 
+    def _by_namespace(self, chunk: pa.Table) -> list[tuple[str, pa.Table]]:
+        """The chunk's rows by namespace, in the order each namespace first appears in it."""
+        if not self._prefixes:
+            return [("", chunk)]
+        tests, codes = chunk.column("test_id"), np.zeros(chunk.num_rows, dtype=np.int32)
+        for k, prefix in enumerate(self._prefixes, 1):
+            codes[pc.starts_with(tests, prefix).fill_null(False).to_numpy(zero_copy_only=False)] = k
+        present, first = np.unique(codes, return_index=True)
+        if len(present) == 1:
+            return [(self._prefixes[present[0] - 1] if present[0] else "", chunk)]
+        return [(self._prefixes[k - 1] if k else "", chunk.filter(pa.array(codes == k)))
+                for k in present[np.argsort(first)].tolist()]
+
     def _append(self, chunk: pa.Table) -> None:
+        parts = self._by_namespace(chunk)
         with self._lock:
-            self._chunks.append(chunk)
-            self._rows += chunk.num_rows
-            while self._rows > self.limit:
-                oldest = self._chunks[0]
-                extra = self._rows - self.limit
-                if oldest.num_rows <= extra:
-                    self._chunks.popleft()
-                    self._rows -= oldest.num_rows
-                else:
-                    self._chunks[0] = oldest.slice(extra)
-                    self._rows -= extra
+            for namespace, part in parts:
+                self._chunks.setdefault(namespace, deque()).append((self._arrived, part))
+                self._arrived += 1
+                self._rows_of[namespace] = self._rows_of.get(namespace, 0) + part.num_rows
+                self._rows += part.num_rows
+            if self._rows > self.limit:
+                level = water_level(list(self._rows_of.values()), self.limit)
+                for namespace, rows in list(self._rows_of.items()):
+                    if rows > level:
+                        self._drop_oldest(namespace, rows - level)
+
+    def _drop_oldest(self, namespace: str, n: int) -> None:
+        chunks = self._chunks[namespace]
+        self._rows_of[namespace] -= n
+        self._rows -= n
+        while n:
+            arrived, oldest = chunks[0]
+            if oldest.num_rows <= n:
+                chunks.popleft()
+                n -= oldest.num_rows
+            else:
+                chunks[0] = (arrived, oldest.slice(n))
+                n = 0
+        if not chunks:
+            del self._chunks[namespace], self._rows_of[namespace]
+
+    def _in_order(self) -> list[pa.Table]:
+        """Every chunk, oldest first."""
+        with self._lock:
+            if len(self._chunks) <= 1:
+                return [t for chunks in self._chunks.values() for _, t in chunks]
+            entries = [e for chunks in self._chunks.values() for e in chunks]
+        return [t for _, t in sorted(entries, key=lambda e: e[0])]
 
     def table(self) -> pa.Table:
         """Every entry, oldest first (SCHEMA)."""
-        with self._lock:
-            chunks = list(self._chunks)
+        chunks = self._in_order()
         return pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()
 
     def remove(self, column: str, values: list[str], tests: list[str] | None = None) -> int:
@@ -95,19 +152,26 @@ class Quarantine:
         only, if given); how many."""
         wanted = pa.array(values, pa.string())
         with self._lock:
-            kept, removed = deque(), 0
-            for chunk in self._chunks:
-                hit = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
-                if tests is not None:
-                    hit = pc.and_(hit, pc.fill_null(pc.is_in(chunk.column("test_id"),
-                                                             value_set=pa.array(tests, pa.string())), False))
-                n = pc.sum(hit).as_py() or 0
-                if n:
-                    chunk = chunk.filter(pc.invert(hit))
-                    removed += n
-                if chunk.num_rows:
-                    kept.append(chunk)
-            self._chunks, self._rows = kept, self._rows - removed
+            removed = 0
+            for namespace, chunks in list(self._chunks.items()):
+                kept = deque()
+                for arrived, chunk in chunks:
+                    hit = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
+                    if tests is not None:
+                        hit = pc.and_(hit, pc.fill_null(pc.is_in(chunk.column("test_id"),
+                                                                 value_set=pa.array(tests, pa.string())), False))
+                    n = pc.sum(hit).as_py() or 0
+                    if n:
+                        chunk = chunk.filter(pc.invert(hit))
+                        removed += n
+                        self._rows_of[namespace] -= n
+                    if chunk.num_rows:
+                        kept.append((arrived, chunk))
+                if kept:
+                    self._chunks[namespace] = kept
+                else:
+                    del self._chunks[namespace], self._rows_of[namespace]
+            self._rows -= removed
         return removed
 
     def restore(self, table: pa.Table) -> None:
@@ -118,8 +182,7 @@ class Quarantine:
     def newest(self, test_id: str = "", limit: int = 100, test_prefix: str = "") -> tuple[list[QuarantinedEvent], int]:
         """Up to `limit` entries, newest first, and how many match in all (of one test when
         `test_id` is given, of tests starting with `test_prefix`)."""
-        with self._lock:
-            chunks = list(self._chunks)
+        chunks = self._in_order()
         picked: list[pa.Table] = []
         total = wanted = 0
         for chunk in reversed(chunks):

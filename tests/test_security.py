@@ -175,6 +175,45 @@ def test_a_refused_event_stays_out_of_the_quarantine_when_the_log_is_replayed(tm
         server.kill()
 
 
+def test_a_token_sending_bad_events_without_end_pushes_out_only_its_own_from_the_quarantine(tmp_path):
+    """The quarantine keeps 10 here: the team's 100 bad events leave the rival's 3 and the
+    unrestricted token's 2 alone and keep the team's newest 5, through a restart too (from the
+    snapshot of a graceful stop)."""
+    settings = Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "data"), quarantine_limit=10,
+                        tokens_file=str(tokens_file(tmp_path / "tokens.toml")))
+
+    def quarantined(running: ServerThread) -> dict[str, list[tuple[str, int]]]:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            listed = {secret: stub.ListQuarantine(pb.ListQuarantineRequest(limit=100), metadata=metadata(secret),
+                                                  timeout=10) for secret in ("tok-team", "tok-rival", "tok-query")}
+        return {secret: [(e.event.test_id, e.index) for e in q.events] for secret, q in listed.items()}
+
+    running = ServerThread(settings).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.AnalyticsServiceStub(channel)
+            for secret, test_id, batches in [("tok-rival", "other_1", 1), ("tok-ingest", "plain_1", 1),
+                                             ("tok-team", "chk_1", 5)]:
+                n = {"other_1": 3, "plain_1": 2, "chk_1": 20}[test_id]
+                for _ in range(batches):
+                    (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event(test_id, conversion=7)] * n)]),
+                                               metadata=metadata(secret), timeout=10)
+                    assert ack.rejected == n
+        before = quarantined(running)
+        assert before["tok-rival"] == [("other_1", i) for i in (2, 1, 0)]
+        assert before["tok-team"] == [("chk_1", i) for i in (19, 18, 17, 16, 15)]  # the newest of its last batch
+        assert sorted(before["tok-query"]) == sorted(before["tok-rival"] + before["tok-team"]
+                                                     + [("plain_1", 1), ("plain_1", 0)])
+    finally:
+        running.stop()
+    running = ServerThread(settings).start()
+    try:
+        assert quarantined(running) == before
+    finally:
+        running.stop()
+
+
 def test_a_prefix_holds_whatever_type_the_test_ids_come_as(secured):
     """A columnar batch's test ids are checked against the token's prefix as they are stored:
     string views, large strings, binary and dictionaries alike (a string view failed the whole
