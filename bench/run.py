@@ -309,9 +309,13 @@ def timed_restart(server: ServerProcess, data_dir: str) -> tuple[dict, ServerPro
     report = {"shutdown_seconds": time.perf_counter() - started}
     started = time.perf_counter()
     server = ServerProcess(data_dir)
-    report["start_to_serving_seconds"] = time.perf_counter() - started
-    report["recovery_seconds"] = server.recovery_seconds()
-    after = list_tests(server)
+    try:
+        report["start_to_serving_seconds"] = time.perf_counter() - started
+        report["recovery_seconds"] = server.recovery_seconds()
+        after = list_tests(server)
+    except BaseException:
+        server.stop()
+        raise
     report["events"] = sum(t[2] for t in after)
     report["verified"] = after == before
     return report, server

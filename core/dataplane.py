@@ -113,7 +113,7 @@ def split_result(result: IngestResult, sizes: list[int]) -> list[IngestResult]:
         mine = []
         while k < len(rejections) and rejections[k].index < at + n:
             r = rejections[k]
-            mine.append(Rejection(r.index - at, r.field, r.message))
+            mine.append(r._replace(index=r.index - at))
             k += 1
         out.append(IngestResult(n - len(mine), mine, token=result.token))
         at += n
@@ -326,32 +326,37 @@ class Core:
         first one's, when they are one producer's)."""
         now = self._clock()
         table, rejections = events.check(batch.table, now, batch.refuse)
-        if refused := self._refused_tests(table, principal):  # the test ids as they are stored
-            # The refusal is what the ack says of such an event, even one that broke a rule too:
-            # it keeps the event out of the quarantine, which shows each token events by their
-            # test ids, and so would show this one to the token whose tests it names.
-            out = {r.index for r in refused}
-            rejections = sorted([r for r in rejections if r.index not in out] + refused, key=lambda r: r.index)
+        if principal.test_prefix:
+            rejections = self._within_prefix(table, rejections, principal)
         if batch.origin is not None and rejections:
             rejections = [r._replace(message=f"{batch.origin[r.index]}: {r.message}") for r in rejections]
         producer_id = producer_of(owner, batch.producer_id) if batch.producer_id else ""
         return ValidatedBatch(table, rejections, now, producer_id, batch.sequence, batch.ipc, first_sequence)
 
     @staticmethod
-    def _refused_tests(table: pa.Table, principal: Principal) -> list[Rejection]:
-        """Events for tests the token may not write, rejected one by one (the others are stored)
-        and not quarantined, read from a checked batch, whose test ids are strings (or a
-        dictionary of them). An event without a test id is not one: the rules reject it."""
-        if not principal.test_prefix:
-            return []
-        allowed = np.concatenate([np.zeros(0, dtype=bool)] + [
-            # A dictionary's values are checked, and their rows take the answer: no row copies them.
-            pc.starts_with(c.dictionary, principal.test_prefix).take(c.indices).fill_null(True)
-            .to_numpy(zero_copy_only=False) if pa.types.is_dictionary(c.type) else
-            pc.starts_with(c, principal.test_prefix).fill_null(True).to_numpy(zero_copy_only=False)
-            for c in table.column("test_id").chunks])
+    def _within_prefix(table: pa.Table, rejections: list[Rejection], principal: Principal) -> list[Rejection]:
+        """A checked batch's rejections, from a token limited to a test prefix: an event for a
+        test outside it is rejected for that (whatever else it broke: that is what the ack says),
+        the others are stored. Neither it nor an event without a test id (the rules reject those)
+        is quarantined: the quarantine shows each token the events of its tests by their ids,
+        and keeps a share per prefix; an event outside the prefix would be shown to the token
+        whose tests it names, and one without a test id would fill the share of no prefix. The
+        test ids are read as stored: strings, or a dictionary of them (its values checked, and
+        its rows take the answer: no row copies them)."""
+        def of_rows(column: pa.Array, kernel) -> np.ndarray:
+            if pa.types.is_dictionary(column.type):
+                return kernel(column.dictionary).take(column.indices).fill_null(False).to_numpy(zero_copy_only=False)
+            return kernel(column).fill_null(False).to_numpy(zero_copy_only=False)
+
+        chunks, empty = table.column("test_id").chunks, np.zeros(0, dtype=bool)
+        inside = np.concatenate([empty] + [of_rows(c, lambda v: pc.starts_with(v, principal.test_prefix))
+                                           for c in chunks])
+        named = np.concatenate([empty] + [of_rows(c, lambda v: pc.greater(pc.binary_length(v), 0)) for c in chunks])
+        outside = named & ~inside
         why = f"token {principal.name!r} may only write tests whose id starts with {principal.test_prefix!r}"
-        return [Rejection(i, "test_id", why, quarantined=False) for i in np.flatnonzero(~allowed).tolist()]
+        kept = [r if named[r.index] else r._replace(quarantined=False) for r in rejections if not outside[r.index]]
+        refused = [Rejection(i, "test_id", why, quarantined=False) for i in np.flatnonzero(outside).tolist()]
+        return sorted(kept + refused, key=lambda r: r.index) if refused else kept
 
     def _check_memory(self) -> None:
         """Refuses ingest while the process is above its memory high-water mark, as read at most

@@ -23,7 +23,8 @@ class Settings:
     max_message_bytes: int = _s(16 * 1024 * 1024, "largest request taken (100,000 typical events are ~8 MB as "
                                                   "messages, ~3 MB columnar); gRPC holds each whole while receiving it")
     grace_seconds: float = _s(10.0, "on SIGTERM, how long open ingest streams get to finish")
-    quarantine_limit: int = _s(100_000, "rejected events kept for ListQuarantine (the newest)")
+    quarantine_limit: int = _s(100_000, "rejected events kept for ListQuarantine (the newest, shared fairly among "
+                                        "the test prefixes tokens are limited to)")
     log_level: str = _s("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
     fsync: str = _s("always", "always: every ack waits for an fsync of its log record; interval: a thread fsyncs "
                               "every --fsync-interval-ms (a power loss may lose that much)", ("always", "interval"))

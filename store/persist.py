@@ -118,7 +118,9 @@ def encode_record(record: Record, ipc: pa.Buffer | bytes | None = None) -> list[
     """
     header = json.dumps({"producer_id": record.producer_id, "sequence": record.sequence,
                          "received_ns": record.received_ns,
-                         "rejections": record.rejections}, separators=(",", ":"), check_circular=False).encode()
+                         # [index, field, message], and false after them for one not quarantined
+                         "rejections": [r if not r.quarantined else r[:3] for r in record.rejections]},
+                        separators=(",", ":"), check_circular=False).encode()
     if ipc is None:
         body = _ipc(record.batch)
         pieces, size = body.pieces, body.size

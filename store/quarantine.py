@@ -9,6 +9,7 @@ event holds more memory than an accepted one could.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections import deque
 from typing import Iterable
@@ -40,16 +41,20 @@ def _as_sent(rejected: pa.Table) -> list[pa.Array]:
     return columns
 
 
-def water_level(counts: list[int], limit: int) -> int:
-    """The most rows any one namespace may keep so that all keep at most `limit` in all, each as
-    many as it has up to that level (max-min fair: the largest lose rows first)."""
-    remaining, counts = limit, sorted(counts)
-    for i, count in enumerate(counts):
-        share = remaining // (len(counts) - i)
-        if count > share:
-            return share
-        remaining -= count
-    return counts[-1] if counts else 0
+def fair_shares(rows: dict[str, int], limit: int, newest: dict[str, int]) -> dict[str, int]:
+    """How many rows each namespace keeps of `rows`, `limit` in all: each all it has up to a
+    level (max-min fair: those holding the most lose rows first), and the rows the level leaves
+    over one each to those above it whose newest rows came last (`newest`: arrival numbers)."""
+    remaining, by_size = limit, sorted(rows, key=lambda k: (rows[k], newest[k]))
+    for i, namespace in enumerate(by_size):
+        above = len(by_size) - i
+        level = remaining // above
+        if rows[namespace] > level:  # it and all after it are cut to the level, some to one more
+            left_over = remaining - level * above
+            latest = sorted(by_size[i:], key=newest.get)[above - left_over:]
+            return {**rows, **{k: level for k in by_size[i:]}, **{k: level + 1 for k in latest}}
+        remaining -= rows[namespace]
+    return dict(rows)
 
 
 class Quarantine:
@@ -93,31 +98,30 @@ class Quarantine:
         self._append(chunk)
 
     def _by_namespace(self, chunk: pa.Table) -> list[tuple[str, pa.Table]]:
-        """The chunk's rows by namespace, in the order each namespace first appears in it."""
+        """The chunk cut into runs of rows of one namespace, in order (slices: no copy). A
+        snapshot's entries come back in runs as they went, whatever their namespaces."""
         if not self._prefixes:
             return [("", chunk)]
         tests, codes = chunk.column("test_id"), np.zeros(chunk.num_rows, dtype=np.int32)
         for k, prefix in enumerate(self._prefixes, 1):
             codes[pc.starts_with(tests, prefix).fill_null(False).to_numpy(zero_copy_only=False)] = k
-        present, first = np.unique(codes, return_index=True)
-        if len(present) == 1:
-            return [(self._prefixes[present[0] - 1] if present[0] else "", chunk)]
-        return [(self._prefixes[k - 1] if k else "", chunk.filter(pa.array(codes == k)))
-                for k in present[np.argsort(first)].tolist()]
+        starts = [0, *(np.flatnonzero(np.diff(codes)) + 1).tolist()]
+        return [(self._prefixes[codes[lo] - 1] if codes[lo] else "", chunk.slice(lo, hi - lo))
+                for lo, hi in zip(starts, [*starts[1:], chunk.num_rows])]
 
     def _append(self, chunk: pa.Table) -> None:
-        parts = self._by_namespace(chunk)
+        runs = self._by_namespace(chunk)
         with self._lock:
-            for namespace, part in parts:
-                self._chunks.setdefault(namespace, deque()).append((self._arrived, part))
+            for namespace, run in runs:
+                self._chunks.setdefault(namespace, deque()).append((self._arrived, run))
                 self._arrived += 1
-                self._rows_of[namespace] = self._rows_of.get(namespace, 0) + part.num_rows
-                self._rows += part.num_rows
+                self._rows_of[namespace] = self._rows_of.get(namespace, 0) + run.num_rows
+                self._rows += run.num_rows
             if self._rows > self.limit:
-                level = water_level(list(self._rows_of.values()), self.limit)
-                for namespace, rows in list(self._rows_of.items()):
-                    if rows > level:
-                        self._drop_oldest(namespace, rows - level)
+                newest = {namespace: chunks[-1][0] for namespace, chunks in self._chunks.items()}
+                for namespace, keep in fair_shares(self._rows_of, self.limit, newest).items():
+                    if keep < self._rows_of[namespace]:
+                        self._drop_oldest(namespace, self._rows_of[namespace] - keep)
 
     def _drop_oldest(self, namespace: str, n: int) -> None:
         chunks = self._chunks[namespace]
@@ -135,12 +139,12 @@ class Quarantine:
             del self._chunks[namespace], self._rows_of[namespace]
 
     def _in_order(self) -> list[pa.Table]:
-        """Every chunk, oldest first."""
-        with self._lock:
-            if len(self._chunks) <= 1:
-                return [t for chunks in self._chunks.values() for _, t in chunks]
-            entries = [e for chunks in self._chunks.values() for e in chunks]
-        return [t for _, t in sorted(entries, key=lambda e: e[0])]
+        """Every chunk, oldest first: each namespace's are, and they are merged by arrival."""
+        with self._lock:  # copies of the lists only: the writer waits for no more
+            held = [list(chunks) for chunks in self._chunks.values()]
+        if len(held) <= 1:
+            return [t for chunks in held for _, t in chunks]
+        return [t for _, t in heapq.merge(*held, key=lambda e: e[0])]
 
     def table(self) -> pa.Table:
         """Every entry, oldest first (SCHEMA)."""

@@ -176,9 +176,14 @@ def test_a_refused_event_stays_out_of_the_quarantine_when_the_log_is_replayed(tm
 
 
 def test_a_token_sending_bad_events_without_end_pushes_out_only_its_own_from_the_quarantine(tmp_path):
-    """The quarantine keeps 10 here: the team's 100 bad events leave the rival's 3 and the
-    unrestricted token's 2 alone and keep the team's newest 5, through a restart too (from the
-    snapshot of a graceful stop)."""
+    """The quarantine keeps 10 here: the team's 100 bad events leave the rival's 2 and the
+    unrestricted token's 2 alone and keep the team's newest 6, listed in the order they came,
+    through a restart too (from the snapshot of a graceful stop); events without a test id
+    from a prefixed token are not kept (they would take the share of the tests of no prefix)."""
+    import pyarrow as pa
+
+    from tests.test_ingest_validation import ipc
+
     settings = Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "data"), quarantine_limit=10,
                         tokens_file=str(tokens_file(tmp_path / "tokens.toml")))
 
@@ -193,18 +198,25 @@ def test_a_token_sending_bad_events_without_end_pushes_out_only_its_own_from_the
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.AnalyticsServiceStub(channel)
-            for secret, test_id, batches in [("tok-rival", "other_1", 1), ("tok-ingest", "plain_1", 1),
-                                             ("tok-team", "chk_1", 5)]:
-                n = {"other_1": 3, "plain_1": 2, "chk_1": 20}[test_id]
-                for _ in range(batches):
-                    (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event(test_id, conversion=7)] * n)]),
-                                               metadata=metadata(secret), timeout=10)
-                    assert ack.rejected == n
+            sends = [("tok-rival", "other_1", 1), *[("tok-team", "chk_1", 20)] * 5, ("tok-team", "", 3),
+                     ("tok-ingest", "plain_1", 2), ("tok-rival", "other_2", 1)]
+            for secret, test_id, n in sends:
+                (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event(test_id, conversion=7)] * n)]),
+                                           metadata=metadata(secret), timeout=10)
+                assert ack.rejected == n
+                if not test_id:  # the rules' reason, not the prefix's
+                    assert all("test_id is required" in r.message for r in ack.rejections), ack
+            # Absent test ids, columnar: the same.
+            absent = pa.table({"timestamp": pa.array([BASE_S * NS] * 2), "user_id": ["a", "b"],
+                               "test_id": pa.array([None, None], pa.string()), "variant": ["x", "y"]})
+            (ack,) = stub.IngestEvents(iter([pb.IngestEventsRequest(arrow_ipc=ipc(absent))]),
+                                       metadata=metadata("tok-team"), timeout=10)
+            assert ack.rejected == 2 and all("test_id is required" in r.message for r in ack.rejections), ack
         before = quarantined(running)
-        assert before["tok-rival"] == [("other_1", i) for i in (2, 1, 0)]
-        assert before["tok-team"] == [("chk_1", i) for i in (19, 18, 17, 16, 15)]  # the newest of its last batch
-        assert sorted(before["tok-query"]) == sorted(before["tok-rival"] + before["tok-team"]
-                                                     + [("plain_1", 1), ("plain_1", 0)])
+        team = [("chk_1", i) for i in range(19, 13, -1)]  # the newest of its last batch
+        assert before["tok-rival"] == [("other_2", 0), ("other_1", 0)]
+        assert before["tok-team"] == team
+        assert before["tok-query"] == [("other_2", 0), ("plain_1", 1), ("plain_1", 0), *team, ("other_1", 0)]
     finally:
         running.stop()
     running = ServerThread(settings).start()
