@@ -182,6 +182,17 @@ class ClickHouseEngine:
         days = {t: h // _DAY_NS * _DAY_NS for t, h in horizons.items()}
         return sum(self._remove(sql.EVENTS, condition) for condition in sql.old_rows(days)) if days else 0
 
+    def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
+        """Removes quarantined events received before their test's horizon, rounded down to a
+        day as `retain` does; a test without one, before `others` (unless its own horizon is
+        earlier: it keeps its events longer)."""
+        days = {t: h // _DAY_NS * _DAY_NS for t, h in horizons.items()}
+        removed = sum(self._remove(sql.QUARANTINE, c) for c in sql.old_rows(days, "received_ns")) if days else 0
+        if others is not None:
+            day = others // _DAY_NS * _DAY_NS
+            removed += self._remove(sql.QUARANTINE, sql.received_before(day, [t for t, h in days.items() if h < day]))
+        return removed
+
     def _remove(self, table: str, condition: str) -> int:
         """Deletes the rows matching `condition` from each shard's local table, and returns the
         number removed once every replica has applied the deletion."""

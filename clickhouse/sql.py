@@ -352,6 +352,13 @@ def old_rows(horizons: dict[str, int], time_column: str = "ns") -> list[str]:
                             for t, h in sorted(horizons.items())), " OR "))
 
 
+def received_before(ns: int, except_tests: list[str]) -> str:
+    """Quarantined rows received before `ns`, but for those of `except_tests`."""
+    if not except_tests:
+        return f"received_ns < {int(ns)}"
+    return f"received_ns < {int(ns)} AND test_id NOT IN ({', '.join(map(literal, sorted(except_tests)))})"
+
+
 #: A removal's condition is cut into pieces of at most this many bytes, one statement each: a
 #: retention sweep over thousands of tests made one statement past what a server parses.
 MOST_CONDITION_BYTES = 1 << 20

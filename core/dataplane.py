@@ -606,11 +606,18 @@ class Core:
         return None if days * 86_400e9 >= now - events.MIN_TIMESTAMP_NS else now - int(days * 86_400e9)
 
     async def sweep(self) -> int:
-        """Removes events past their test's retention (the server calls it periodically)."""
+        """Removes events past their test's retention, and quarantined events received before
+        it (they hold user ids as much as stored ones do); the server calls it periodically.
+        Returns the stored events removed."""
         engine = self.engine
         plans = engine.experiments()
         if not self.retention_days and not any(p.retention_days for p in plans.values()):
             return 0
+        # A test's own retention, else the server's (None: kept), for quarantined events too,
+        # whether or not their test has stored events; 0 keeps them all (none was received before).
+        own = {t: self.horizon(t, p) or 0 for t, p in plans.items() if p.retention_days}
+        await self._removing("quarantine_retention", lambda: engine.retain_quarantine(own, self.horizon("", None)),
+                             say_none=False)
         tests = await asyncio.to_thread(engine.list_tests)
         horizons = {t.test_id: h for t in tests if (h := self.horizon(t.test_id, plans.get(t.test_id))) is not None
                     and t.first_event_ns < h}
@@ -618,12 +625,13 @@ class Core:
             return 0
         return await self._removing("retention", lambda: engine.retain(horizons))
 
-    async def _removing(self, operation: str, work: Callable[[], int]) -> int:
+    async def _removing(self, operation: str, work: Callable[[], int], say_none: bool = True) -> int:
         started = time.perf_counter()
         removed = await asyncio.to_thread(work)
         seconds = time.perf_counter() - started
         self.metrics.removed.labels(operation).inc(removed)
-        log.info("%s removed %d events in %.3fs", operation, removed, seconds)
+        if removed or say_none:
+            log.info("%s removed %d events in %.3fs", operation, removed, seconds)
         return removed
 
     async def export(self, principal: Principal, test_id: str, start_ns: int | None, end_ns: int | None

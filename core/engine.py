@@ -83,6 +83,10 @@ class Engine(Protocol):
     def retain(self, horizons: dict[str, int]) -> int:
         """Removes each named test's events older than its horizon (ns)."""
 
+    def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
+        """Removes quarantined events received before their test's horizon (ns): `horizons[test
+        id]`, else `others` (None: kept); how many."""
+
     def export(self, test_id: str, start_ns: int | None, end_ns: int | None) -> Iterator[pa.Table]:
         """A test's events as stored (Event field names), a piece at a time, never all at once."""
 

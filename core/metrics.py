@@ -36,7 +36,7 @@ class Metrics:
         self.query_seconds = Histogram("abstream_query_seconds", "Query latency by RPC", ["rpc"], buckets=_LATENCY,
                                        registry=r)
         self.removed = Counter("abstream_events_removed", "Events removed, by operation (delete_test, erase_user, "
-                               "retention)", ["operation"], registry=r)
+                               "retention; quarantine_retention: quarantined events)", ["operation"], registry=r)
         self.active_streams = PromGauge("abstream_active_ingest_streams", "Open IngestEvents streams", registry=r)
         self.http_requests = Counter("abstream_http_requests", "HTTP requests, by route and status",
                                      ["route", "status"], registry=r)

@@ -66,7 +66,8 @@ class Settings:
                                              "of --max-ingest-streams readers; 0: no limit")
     retention_days: float = _s(0.0, "keep events this many days (fractions allowed; per test: SetRetention); 0: for "
                                     "ever. Older ones stop being visible at once and are removed by a sweep")
-    retention_sweep_seconds: float = _s(60.0, "how often events past their retention are removed")
+    retention_sweep_seconds: float = _s(60.0, "how often events past their retention (and quarantined events "
+                                              "received before it) are removed")
     import_endpoints: str = _s("", "S3 endpoints (http[s]://host[:port], comma-separated) an ImportEvents request "
                                    "may name besides the server's own AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; "
                                    "empty: only that one")

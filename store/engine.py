@@ -143,6 +143,12 @@ class EventStore:
                 self._persistence.purge()
         return removed
 
+    def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
+        """Removes quarantined events received before their test's horizon (ns), logged when any
+        is due (the sweep asks every minute)."""
+        change = {"quarantine_horizons": horizons, "quarantine_others": others}
+        return self._ingest.remove(change) if self._ingest.quarantine.received_before(horizons, others) else 0
+
     def retain(self, horizons: dict[str, int]) -> int:
         """Removes each test's events older than its horizon (ns), if it has any."""
         ingest, view = self._ingest, self._ingest.view

@@ -204,7 +204,12 @@ class Ingest:
         `{"erase_user": user id, "tests": [ids] or absent}` or `{"horizons": {test id: ns}}` (events
         before their test's horizon). The tail is sealed first, so every event is in a part, and
         one new view is published: the very next query sees none of them. A part that holds some
-        of them is rewritten without them; the memory of what is dropped is freed with the view."""
+        of them is rewritten without them; the memory of what is dropped is freed with the view.
+        `{"quarantine_horizons": {test id: ns}, "quarantine_others": ns or None}` removes
+        quarantined events received before their test's horizon (`Quarantine.remove_received_before`)
+        and nothing else."""
+        if "quarantine_horizons" in change:
+            return self.quarantine.remove_received_before(change["quarantine_horizons"], change["quarantine_others"])
         self.wait_sealed()
         self._removals += 1
         partitions = dict(self.partitions)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import deque
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,18 @@ def fair_shares(rows: dict[str, int], limit: int, newest: dict[str, int]) -> dic
             return {**rows, **{k: level for k in by_size[i:]}, **{k: level + 1 for k in latest}}
         remaining -= rows[namespace]
     return dict(rows)
+
+
+def _received_before(chunk: pa.Table, horizons: dict[str, int], others: int | None) -> np.ndarray:
+    """Which rows were received before their test's horizon (`horizons`, else `others`)."""
+    never = np.iinfo(np.int64).min
+    received = chunk.column("received_ns").to_numpy()
+    if not horizons:
+        return received < (never if others is None else others)
+    ids = pc.dictionary_encode(chunk.column("test_id").combine_chunks())
+    default = never if others is None else others
+    thresholds = np.array([horizons.get(t, default) for t in ids.dictionary.to_pylist()] + [default], np.int64)
+    return received < thresholds[ids.indices.fill_null(len(ids.dictionary)).to_numpy(zero_copy_only=False)]
 
 
 class Quarantine:
@@ -154,19 +166,36 @@ class Quarantine:
     def remove(self, column: str, values: list[str], tests: list[str] | None = None) -> int:
         """Drops every entry whose `column` (test_id, user_id) is one of `values` (of `tests`
         only, if given); how many."""
-        wanted = pa.array(values, pa.string())
+        wanted, of = pa.array(values, pa.string()), None if tests is None else pa.array(tests, pa.string())
+
+        def hit(chunk: pa.Table) -> pa.Array:
+            matches = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
+            if of is None:
+                return matches
+            return pc.and_(matches, pc.fill_null(pc.is_in(chunk.column("test_id"), value_set=of), False))
+
+        return self._drop_where(hit)
+
+    def received_before(self, horizons: dict[str, int], others: int | None) -> int:
+        """How many entries were received before their test's horizon (ns since the epoch):
+        `horizons[test id]`, else `others` (None: never)."""
+        return sum(int(np.count_nonzero(_received_before(c, horizons, others))) for c in self._in_order())
+
+    def remove_received_before(self, horizons: dict[str, int], others: int | None) -> int:
+        """Drops the entries `received_before` counts (past their test's retention); how many."""
+        return self._drop_where(lambda chunk: pa.array(_received_before(chunk, horizons, others)))
+
+    def _drop_where(self, hit: Callable[[pa.Table], pa.Array]) -> int:
+        """Drops the rows `hit` selects (a boolean array per chunk); how many."""
         with self._lock:
             removed = 0
             for namespace, chunks in list(self._chunks.items()):
                 kept = deque()
                 for arrived, chunk in chunks:
-                    hit = pc.fill_null(pc.is_in(chunk.column(column), value_set=wanted), False)
-                    if tests is not None:
-                        hit = pc.and_(hit, pc.fill_null(pc.is_in(chunk.column("test_id"),
-                                                                 value_set=pa.array(tests, pa.string())), False))
-                    n = pc.sum(hit).as_py() or 0
+                    selected = hit(chunk)
+                    n = pc.sum(selected).as_py() or 0
                     if n:
-                        chunk = chunk.filter(pc.invert(hit))
+                        chunk = chunk.filter(pc.invert(selected))
                         removed += n
                         self._rows_of[namespace] -= n
                     if chunk.num_rows:

@@ -253,6 +253,32 @@ def test_retention_hides_at_once_and_the_sweep_removes(tmp_path):
     server.terminate()
 
 
+def test_the_sweep_removes_quarantined_events_past_their_tests_retention_for_good(tmp_path):
+    """Rejected events hold user ids as stored ones do: past their test's retention (by when
+    they were received) the sweep removes them, logged, so a restart from the log has them gone
+    too; a test without a retention (and no server default) keeps its own."""
+    server = Server(tmp_path / "data", "--retention-sweep-seconds", "0.2").start()
+
+    def quarantined() -> list[str]:
+        with Client(server.address) as client:
+            return sorted(q.event["test_id"] for q in client.quarantine(limit=100).rows)
+
+    with Client(server.address) as client:
+        assert client.set_retention("q_short", 2 / 86_400).retention_days == 2 / 86_400  # two seconds
+        bad = table(6, "q_short", int(time.time()) - 60).set_column(5, "conversion", pa.array([7] * 6, pa.int64()))
+        assert [ack.rejected for ack in client.ingest_table(bad)] == [6]
+        assert [ack.rejected for ack in client.ingest_table(bad.set_column(2, "test_id", pa.array(["q_other"] * 6)))] == [6]
+    deadline = time.monotonic() + 30
+    while quarantined() != ["q_other"] * 6:
+        assert time.monotonic() < deadline, quarantined()
+        time.sleep(0.2)
+    assert "quarantine_retention removed 6 events" in server.log()
+    server.kill()  # no snapshot: the restart replays the log, the removal included
+    server = Server(tmp_path / "data").start()
+    assert quarantined() == ["q_other"] * 6
+    server.terminate()
+
+
 def test_a_retention_past_the_oldest_storable_event_keeps_them_all_and_the_sweep_goes_on(tmp_path):
     now = int(time.time())
     server = Server(tmp_path / "data", "--retention-days", "30", "--retention-sweep-seconds", "1").start()
@@ -424,6 +450,15 @@ def test_every_engine_deletes_erases_retains_and_exports_alike(kind, request):
         assert engine.retain({"aged": horizon}) == len(before)
         assert min(r["timestamp"] for r in stored()["aged"]) >= horizon
         assert engine.retain({"aged": horizon}) == 0
+
+        # Quarantined events go by when they were received, past their test's horizon or the
+        # others' ("keep" and "aged" have one left each, received just now; a horizon of 0 keeps).
+        later = (time.time_ns() // (day * NS) + 2) * day * NS  # a day's start after now
+        assert engine.retain_quarantine({}, (time.time_ns() // (day * NS) - 1) * day * NS) == 0
+        assert engine.retain_quarantine({"keep": 0}, later) == 1
+        assert [q.event["test_id"] for q in engine.quarantine("", 100, "")[0]] == ["keep"]
+        assert engine.retain_quarantine({"keep": later}, None) == 1
+        assert engine.quarantine("", 100, "") == ([], 0)
 
         # after the removals, new events and another removal: nothing but real tests is listed
         append(engine, events("late", 500, 9))
