@@ -16,6 +16,9 @@ import pyarrow.compute as pc
 REPS = 30
 
 
+#: The line the retention sweep logs for stored events (not quarantine_retention's).
+SWEPT = re.compile(r"(?<![_\w])retention removed (\d+) events in ([0-9.]+)s")
+
 def _summary_ms(address: str, test_id: str, stop: threading.Event | None = None, reps: int = REPS) -> list[float]:
     from abstream.clients import Client
 
@@ -83,14 +86,13 @@ def lifecycle(table: pa.Table, server_process, timed_ingest, columnar_requests) 
                     client.set_retention(second, days)
                     deadline = time.monotonic() + 600
                     while time.monotonic() < deadline:
-                        if any("retention removed" in line for line in server.lines[lines_before:]):
+                        if any(SWEPT.search(line) for line in server.lines[lines_before:]):
                             return
                         time.sleep(0.05)
                     raise RuntimeError("no retention sweep was logged")
 
                 seconds, busy = _during(server.address, typical, sweep)
-                logged = next(line for line in server.lines[lines_before:] if "retention removed" in line)
-                match = re.search(r"retention removed (\d+) events in ([0-9.]+)s", logged)
+                match = next(m for line in server.lines[lines_before:] if (m := SWEPT.search(line)))
                 out["retention"] = {"test": second, "events": int(match.group(1)), "sweep_seconds": float(match.group(2)),
                                     "busy_p50_ms": float(np.median(busy)) if busy else None,
                                     "of_events": before[second]}

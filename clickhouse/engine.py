@@ -183,15 +183,18 @@ class ClickHouseEngine:
         return sum(self._remove(sql.EVENTS, condition) for condition in sql.old_rows(days)) if days else 0
 
     def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
-        """Removes quarantined events received before their test's horizon, rounded down to a
-        day as `retain` does; a test without one, before `others` (unless its own horizon is
-        earlier: it keeps its events longer)."""
+        """Removes quarantined events received before their test's horizon, else before
+        `others`, each rounded down to a day as `retain` does: the tests with any received
+        before the latest of them are asked of each shard first (a short query when none is
+        due), and only theirs are removed."""
         days = {t: h // _DAY_NS * _DAY_NS for t, h in horizons.items()}
-        removed = sum(self._remove(sql.QUARANTINE, c) for c in sql.old_rows(days, "received_ns")) if days else 0
-        if others is not None:
-            day = others // _DAY_NS * _DAY_NS
-            removed += self._remove(sql.QUARANTINE, sql.received_before(day, [t for t, h in days.items() if h < day]))
-        return removed
+        other_day = None if others is None else others // _DAY_NS * _DAY_NS
+        latest = max([*days.values(), other_day or 0], default=0)
+        if latest <= 0:
+            return 0
+        found, _ = self._b.each_shard(sql.tests_received_before(self._b.local(sql.QUARANTINE), latest))
+        due = {t: h for columns in found for t in columns[0] if (h := days.get(t, other_day)) is not None and h > 0}
+        return sum(self._remove(sql.QUARANTINE, c) for c in sql.old_rows(due, "received_ns")) if due else 0
 
     def _remove(self, table: str, condition: str) -> int:
         """Deletes the rows matching `condition` from each shard's local table, and returns the

@@ -352,11 +352,9 @@ def old_rows(horizons: dict[str, int], time_column: str = "ns") -> list[str]:
                             for t, h in sorted(horizons.items())), " OR "))
 
 
-def received_before(ns: int, except_tests: list[str]) -> str:
-    """Quarantined rows received before `ns`, but for those of `except_tests`."""
-    if not except_tests:
-        return f"received_ns < {int(ns)}"
-    return f"received_ns < {int(ns)} AND test_id NOT IN ({', '.join(map(literal, sorted(except_tests)))})"
+def tests_received_before(table: str, ns: int) -> str:
+    """The tests of the quarantined rows received before `ns`."""
+    return f"SELECT DISTINCT test_id FROM {table} WHERE received_ns < {int(ns)} AND batch != {literal(MARK)}"
 
 
 #: A removal's condition is cut into pieces of at most this many bytes, one statement each: a

@@ -613,17 +613,20 @@ class Core:
         plans = engine.experiments()
         if not self.retention_days and not any(p.retention_days for p in plans.values()):
             return 0
-        # A test's own retention, else the server's (None: kept), for quarantined events too,
-        # whether or not their test has stored events; 0 keeps them all (none was received before).
-        own = {t: self.horizon(t, p) or 0 for t, p in plans.items() if p.retention_days}
-        await self._removing("quarantine_retention", lambda: engine.retain_quarantine(own, self.horizon("", None)),
-                             say_none=False)
         tests = await asyncio.to_thread(engine.list_tests)
         horizons = {t.test_id: h for t in tests if (h := self.horizon(t.test_id, plans.get(t.test_id))) is not None
                     and t.first_event_ns < h}
-        if not horizons:
-            return 0
-        return await self._removing("retention", lambda: engine.retain(horizons))
+        try:
+            return await self._removing("retention", lambda: engine.retain(horizons)) if horizons else 0
+        finally:  # whether or not that failed: each is a duty of its own
+            # A test's own retention, else the server's (None: kept), for quarantined events too,
+            # whether or not their test has stored events; 0 keeps them all (none came before).
+            own = {t: self.horizon(t, p) or 0 for t, p in plans.items() if p.retention_days}
+            try:
+                await self._removing("quarantine_retention",
+                                     lambda: engine.retain_quarantine(own, self.horizon("", None)), say_none=False)
+            except Exception:  # noqa: BLE001 - said; the next sweep tries again
+                log.exception("removing quarantined events past their retention failed")
 
     async def _removing(self, operation: str, work: Callable[[], int], say_none: bool = True) -> int:
         started = time.perf_counter()

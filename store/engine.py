@@ -145,9 +145,12 @@ class EventStore:
 
     def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
         """Removes quarantined events received before their test's horizon (ns), logged when any
-        is due (the sweep asks every minute)."""
-        change = {"quarantine_horizons": horizons, "quarantine_others": others}
-        return self._ingest.remove(change) if self._ingest.quarantine.received_before(horizons, others) else 0
+        is due (the sweep asks every minute), with the horizons of the tests it may touch only."""
+        due, tests = self._ingest.quarantine.received_before(horizons, others)
+        if not due:
+            return 0
+        return self._ingest.remove({"quarantine_horizons": {t: h for t, h in horizons.items() if t in tests},
+                                    "quarantine_others": others})
 
     def retain(self, horizons: dict[str, int]) -> int:
         """Removes each test's events older than its horizon (ns), if it has any."""

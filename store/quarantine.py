@@ -69,6 +69,12 @@ def _received_before(chunk: pa.Table, horizons: dict[str, int], others: int | No
     return received < thresholds[ids.indices.fill_null(len(ids.dictionary)).to_numpy(zero_copy_only=False)]
 
 
+def _latest(horizons: dict[str, int], others: int | None) -> int:
+    """The latest of the horizons: no entry received at or after it is past its test's."""
+    return max([*horizons.values(), others if others is not None else np.iinfo(np.int64).min],
+               default=np.iinfo(np.int64).min)
+
+
 class Quarantine:
     """Bounded, thread-safe: one writer (the ingest lock's holder), any number of readers.
 
@@ -82,7 +88,8 @@ class Quarantine:
         self.limit = limit
         self._prefixes = sorted({p for p in namespaces if p}, key=len)  # a longer match is applied later: it wins
         self._lock = threading.Lock()
-        self._chunks: dict[str, deque[tuple[int, pa.Table]]] = {}  # (arrival, rows), oldest first
+        # (arrival number, rows, when the oldest of them was received at the latest), oldest first
+        self._chunks: dict[str, deque[tuple[int, pa.Table, int]]] = {}
         self._rows_of: dict[str, int] = {}
         self._rows = 0
         self._arrived = 0
@@ -107,7 +114,7 @@ class Quarantine:
             pa.array([r.message for r in rejections], pa.string()),
             *_as_sent(rejected),
         ], schema=SCHEMA)
-        self._append(chunk)
+        self._append(chunk, received_ns)
 
     def _by_namespace(self, chunk: pa.Table) -> list[tuple[str, pa.Table]]:
         """The chunk cut into runs of rows of one namespace, in order (slices: no copy). A
@@ -121,11 +128,14 @@ class Quarantine:
         return [(self._prefixes[codes[lo] - 1] if codes[lo] else "", chunk.slice(lo, hi - lo))
                 for lo, hi in zip(starts, [*starts[1:], chunk.num_rows])]
 
-    def _append(self, chunk: pa.Table) -> None:
-        runs = self._by_namespace(chunk)
+    def _append(self, chunk: pa.Table, received_ns: int | None = None) -> None:
+        """Keeps a chunk's rows, each run of them with its arrival number and when its oldest row
+        was received (`received_ns`, when every row was received then)."""
+        runs = [(namespace, run, received_ns if received_ns is not None else pc.min(run.column("received_ns")).as_py())
+                for namespace, run in self._by_namespace(chunk)]
         with self._lock:
-            for namespace, run in runs:
-                self._chunks.setdefault(namespace, deque()).append((self._arrived, run))
+            for namespace, run, oldest in runs:
+                self._chunks.setdefault(namespace, deque()).append((self._arrived, run, oldest))
                 self._arrived += 1
                 self._rows_of[namespace] = self._rows_of.get(namespace, 0) + run.num_rows
                 self._rows += run.num_rows
@@ -140,12 +150,12 @@ class Quarantine:
         self._rows_of[namespace] -= n
         self._rows -= n
         while n:
-            arrived, oldest = chunks[0]
-            if oldest.num_rows <= n:
+            arrived, first, received = chunks[0]
+            if first.num_rows <= n:
                 chunks.popleft()
-                n -= oldest.num_rows
+                n -= first.num_rows
             else:
-                chunks[0] = (arrived, oldest.slice(n))
+                chunks[0] = (arrived, first.slice(n), received)  # received no later: a bound still
                 n = 0
         if not chunks:
             del self._chunks[namespace], self._rows_of[namespace]
@@ -155,8 +165,8 @@ class Quarantine:
         with self._lock:  # copies of the lists only: the writer waits for no more
             held = [list(chunks) for chunks in self._chunks.values()]
         if len(held) <= 1:
-            return [t for chunks in held for _, t in chunks]
-        return [t for _, t in heapq.merge(*held, key=lambda e: e[0])]
+            return [t for chunks in held for _, t, _ in chunks]
+        return [t for _, t, _ in heapq.merge(*held, key=lambda e: e[0])]
 
     def table(self) -> pa.Table:
         """Every entry, oldest first (SCHEMA)."""
@@ -176,36 +186,55 @@ class Quarantine:
 
         return self._drop_where(hit)
 
-    def received_before(self, horizons: dict[str, int], others: int | None) -> int:
+    def received_before(self, horizons: dict[str, int], others: int | None) -> tuple[int, set[str | None]]:
         """How many entries were received before their test's horizon (ns since the epoch):
-        `horizons[test id]`, else `others` (None: never)."""
-        return sum(int(np.count_nonzero(_received_before(c, horizons, others))) for c in self._in_order())
+        `horizons[test id]`, else `others` (None: never); and the test ids of every entry that
+        may be (of chunks whose oldest row came before the latest horizon: the others are
+        skipped, a comparison each)."""
+        latest = _latest(horizons, others)
+        with self._lock:
+            held = [list(chunks) for chunks in self._chunks.values()]
+        due, tests = 0, set()
+        for _, chunk, oldest in (entry for chunks in held for entry in chunks):
+            if oldest < latest:
+                due += int(np.count_nonzero(_received_before(chunk, horizons, others)))
+                tests.update(chunk.column("test_id").unique().to_pylist())
+        return due, tests
 
     def remove_received_before(self, horizons: dict[str, int], others: int | None) -> int:
         """Drops the entries `received_before` counts (past their test's retention); how many."""
-        return self._drop_where(lambda chunk: pa.array(_received_before(chunk, horizons, others)))
+        latest = _latest(horizons, others)
+        return self._drop_where(lambda chunk: pa.array(_received_before(chunk, horizons, others)),
+                                lambda oldest: oldest < latest)
 
-    def _drop_where(self, hit: Callable[[pa.Table], pa.Array]) -> int:
-        """Drops the rows `hit` selects (a boolean array per chunk); how many."""
+    def _drop_where(self, hit: Callable[[pa.Table], pa.Array],
+                    may_hit: Callable[[int], bool] = lambda oldest: True) -> int:
+        """Drops the rows `hit` selects (a boolean array per chunk; only in the chunks whose oldest
+        row's time `may_hit`); how many. By the one writer: the lists are rebuilt outside the
+        lock, which readers take only to copy them."""
         with self._lock:
-            removed = 0
-            for namespace, chunks in list(self._chunks.items()):
-                kept = deque()
-                for arrived, chunk in chunks:
+            held = {namespace: list(chunks) for namespace, chunks in self._chunks.items()}
+        rebuilt, removed_of = {}, {}
+        for namespace, chunks in held.items():
+            kept, removed = deque(), 0
+            for arrived, chunk, oldest in chunks:
+                if may_hit(oldest):
                     selected = hit(chunk)
-                    n = pc.sum(selected).as_py() or 0
-                    if n:
-                        chunk = chunk.filter(pc.invert(selected))
-                        removed += n
-                        self._rows_of[namespace] -= n
-                    if chunk.num_rows:
-                        kept.append((arrived, chunk))
+                    if n := pc.sum(selected).as_py() or 0:
+                        chunk, removed = chunk.filter(pc.invert(selected)), removed + n
+                if chunk.num_rows:
+                    kept.append((arrived, chunk, oldest))  # received no later: a bound still
+            if removed:
+                rebuilt[namespace], removed_of[namespace] = kept, removed
+        with self._lock:
+            for namespace, kept in rebuilt.items():
+                self._rows_of[namespace] -= removed_of[namespace]
                 if kept:
                     self._chunks[namespace] = kept
                 else:
                     del self._chunks[namespace], self._rows_of[namespace]
-            self._rows -= removed
-        return removed
+            self._rows -= sum(removed_of.values())
+        return sum(removed_of.values())
 
     def restore(self, table: pa.Table) -> None:
         """Puts back what `table` returned (from a snapshot)."""
