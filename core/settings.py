@@ -29,7 +29,8 @@ class Settings:
     fsync: str = _s("always", "always: every ack waits for an fsync of its log record; interval: a thread fsyncs "
                               "every --fsync-interval-ms (a power loss may lose that much)", ("always", "interval"))
     fsync_interval_ms: int = _s(50, "with --fsync interval, how often")
-    snapshot_every_events: int = _s(1_000_000, "write a snapshot after this many events (0: never by count)")
+    snapshot_every_events: int = _s(1_000_000, "write a snapshot after this many events, stored or rejected (0: "
+                                               "never by count)")
     snapshot_log_ratio: float = _s(0.5, "by count or time, also wait until the events since the last snapshot are "
                                         "this share of the events it holds (a snapshot writes them all); 0: every "
                                         "--snapshot-every-events or --snapshot-every-seconds")

@@ -56,7 +56,8 @@ SNAPSHOT_RETRY_SECONDS = 60.0
 @dataclass
 class _SnapshotClock:
     at: float = field(default_factory=time.monotonic)
-    events: int = 0
+    events: int = 0  # stored then
+    logged: int = 0  # Ingest.logged_events then
 
 
 class Persistence:
@@ -153,7 +154,7 @@ class Persistence:
         ingest.wait_sealed()
         wal.open()
         ingest.wal = wal
-        self._last = _SnapshotClock(events=in_snapshot)
+        self._last = _SnapshotClock(events=in_snapshot)  # what was replayed is since it
         log.info("recovered %d events (%s, %d log records replayed) in %.2fs", ingest.event_count,
                  f"snapshot {start_lsn}" if contents else "no snapshot", replayed, time.monotonic() - started)
 
@@ -195,7 +196,7 @@ class Persistence:
         with self._lock:
             with ingest.lock:
                 contents = self._capture()
-                events_at = ingest.event_count
+                events_at, logged_at = ingest.event_count, ingest.logged_events
             root = Path(d.data_dir) / "snapshots"
             try:
                 path = persist.write_snapshot(root, contents, d.snapshot_compression)
@@ -206,7 +207,7 @@ class Persistence:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise ResourceExhausted(message, retry_after=SNAPSHOT_RETRY_SECONDS) from error
                 raise FailedPrecondition(message) from error
-            self._last = _SnapshotClock(events=events_at)
+            self._last = _SnapshotClock(events=events_at, logged=logged_at)
             # The newest ones up to this one. One numbered past the log is not this log's (a copy
             # gone wrong): kept by number, it had this one deleted.
             found = persist.list_snapshots(root)
@@ -249,9 +250,11 @@ class Persistence:
         store written every five minutes. Rising with the store, snapshots write at most
         1 / ratio + 1 times the events ingested, and a restart replays at most `ratio` of the
         store from the log (11M events: replayed in 2.7 s, loaded from a snapshot in 1.3 s).
+        The events since are those the log holds since, rejected ones too: a producer sending
+        only bad events grew the log without end, never snapshotted.
         """
         d = self._d
-        since = self._ingest.event_count - self._last.events
+        since = self._ingest.logged_events - self._last.logged
         worth = since > 0 and since >= d.snapshot_log_ratio * self._last.events
         due = worth and ((d.snapshot_every_events > 0 and since >= d.snapshot_every_events) or (
             d.snapshot_every_seconds > 0 and time.monotonic() - self._last.at >= d.snapshot_every_seconds))

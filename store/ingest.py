@@ -118,6 +118,7 @@ class Ingest:
         self.producers: dict[str, Producer] = {}
         self.experiments: dict[str, Experiment] = {}
         self.wal: WriteAheadLog | None = None  # set by durability once recovered
+        self.logged_events = 0  # events of the batches published since the start (stored or rejected): the log's growth
         #: Called by the sealer before each test's rows become parts, while the seal has waited
         #: less than SEAL_WAIT_S in all (see EventStore.between_steps).
         self.between_steps: Callable[[], None] = lambda: None
@@ -301,6 +302,7 @@ class Ingest:
         `rejections`) in quarantine, and its producer's sequence (under the ingest lock)."""
         self._append_by_test(test_codes, cols)
         self.quarantine.add(received, rejections, rejected)
+        self.logged_events += len(test_codes) + len(rejections)
         if producer_id:
             self.producers[producer_id] = Producer(sequence, lsn or 0)
 

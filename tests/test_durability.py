@@ -722,6 +722,32 @@ def test_snapshots_by_count_wait_for_a_share_of_the_store_and_a_restart_replays_
     store.close()
 
 
+def test_a_log_of_rejected_events_alone_is_snapshotted_too(tmp_path, caplog):
+    """The events since the last snapshot are those the log holds, rejected ones too: a producer
+    sending only bad events grew the log without end, never snapshotted (none was stored)."""
+    import logging
+
+    from abstream.core.engine import append
+    from abstream.store import Durability, EventStore
+    from tests.events import random_events, to_table
+
+    bad = to_table([{**e, "conversion": 7} for e in random_events(600, seed=5)])
+    caplog.set_level(logging.INFO, logger="abstream.store")
+    store = EventStore(durability=Durability(tmp_path, snapshot_every_events=1000, snapshot_every_seconds=0))
+    for _ in range(2):
+        assert append(store, bad).accepted == 0
+        store.maintain()  # what the server runs once a second
+    written = [r.getMessage() for r in caplog.records if "written: 0 events" in r.getMessage()]
+    assert len(written) == 1, [r.getMessage() for r in caplog.records]
+    store.close(final_snapshot=False)  # as a crash leaves it
+    caplog.clear()
+    store = EventStore(durability=Durability(tmp_path))
+    recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovered")]
+    assert len(recovered) == 1 and "0 log records replayed" in recovered[0], recovered
+    assert store.quarantine("", 1, "")[1] == 2 * bad.num_rows
+    store.close()
+
+
 def test_snapshots_by_time_wait_for_a_share_of_the_store_too(tmp_path, caplog):
     """With --snapshot-every-seconds and a ratio of 0.5, a trickle of events does not have the
     whole store written again each interval: 1,000 events are snapshotted, 100 more are not
