@@ -297,7 +297,8 @@ def _integer(value: Any) -> int | None:
         value = int(value) if math.isfinite(value) and value.is_integer() else None
     elif isinstance(value, str):
         text = value.strip()
-        value = int(text) if len(text) <= 20 and text.lstrip("-").isdigit() else None
+        digits = text[1:] if text[:1] == "-" else text  # ASCII: "²" and "①" are digits to str.isdigit
+        value = int(text) if len(text) <= 20 and digits.isascii() and digits.isdigit() else None
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)  # a NumPy integer too
     elif not isinstance(value, int):
@@ -334,11 +335,17 @@ def parse_time(value: Any):
 
 # ---- CSV ---------------------------------------------------------------------------------
 
+#: What of a CSV header tells its delimiter: the ten columns' names take ~100.
+SNIFF_CHARS = 1024
+
+
 def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]:
     """(delimiter, the file's name of each event field it has, the names it has that are not
     event fields) from a CSV header line; FileProblem when required columns are missing."""
     try:
-        delimiter = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
+        # Its first SNIFF_CHARS only: the sniffer's patterns take time in the square of what
+        # they read, holding the GIL (a 4 MiB header of `,"` would have stopped the process for hours).
+        delimiter = csv.Sniffer().sniff(header[:SNIFF_CHARS], delimiters=",;\t|").delimiter
     except csv.Error:
         delimiter = ","
     names = next(csv.reader([header], delimiter=delimiter))

@@ -46,7 +46,9 @@ PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """Its SHA-256; a token not UTF-8 as sent (an HTTP header's bytes kept as surrogates) is
+    hashed as its bytes, and so is no token of the file's."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_token() -> str:

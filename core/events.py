@@ -311,7 +311,10 @@ def _message(key: str, batch: pa.Table, i: int, ts: int, max_ns: int) -> str:
 def check_query_string(field: str, value: str) -> None:
     """Strings a query names (a test, a filter value, a variant) are bounded like events' strings:
     nothing longer can match, and an error never repeats what it refuses."""
-    length = len(value.encode())
+    try:
+        length = len(value.encode())
+    except UnicodeEncodeError:  # an HTTP header's bytes that were not UTF-8, kept as surrogates
+        raise InvalidArgument(field, "must be UTF-8 text") from None
     if length > MAX_STRING_BYTES:
         raise InvalidArgument(field, too_long(field, length).split(" ", 1)[1])
 

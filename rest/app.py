@@ -33,6 +33,7 @@ from abstream.rest.errors import BodyTooLarge, HttpError, error_response, status
 from abstream.rest.results import ResultsPage
 from abstream.sources.ingest import BATCH_LINES, Ingest, Outcome, reader_for
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("abstream.http")
 
@@ -57,8 +58,8 @@ _EXPOSED = "X-Request-Id, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining,
 
 
 #: What aiohttp raises for a form it cannot read: no or a wrong boundary, bytes its charset cannot
-#: decode, a charset nobody knows, a part cut short.
-_UNREADABLE_FORM = (ValueError, LookupError, AssertionError)
+#: decode, a charset nobody knows, a part cut short, a part's headers malformed, too many or too long.
+_UNREADABLE_FORM = (ValueError, LookupError, AssertionError, HttpProcessingError)
 
 
 async def _form(request: web.Request):
@@ -393,7 +394,8 @@ class HttpApi:
             if part is None:
                 raise InvalidArgument("body", "no file part: send the file as the form field csv or ndjson")
             read, name = _part_reader(part), part.filename or part.name
-        elif request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) < 1 << 16:
+        elif request.content_type == "application/x-www-form-urlencoded" and request.content_length is not None \
+                and request.content_length < 1 << 16:  # a chunked body may be of any size: streamed
             small = await self._within(request.read(), name)  # a form (url=...), or a small file (curl --data-binary)
             if small.startswith(b"url="):
                 raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")

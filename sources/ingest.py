@@ -262,7 +262,7 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
             strings = [f.name for f in schema if f.name in EVENT_SCHEMA.names and (
                 pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type))]
             parquet = pq.ParquetFile(spool, read_dictionary=strings)
-        except pa.ArrowInvalid as error:
+        except (pa.ArrowInvalid, OSError) as error:  # a footer pyarrow cannot read is an OSError
             raise InvalidArgument("format", f"the body is not a Parquet file: {error}") from None
         return parquet_chunks(parquet, batch_lines, name)
     raise InvalidArgument("format", f"must be csv, ndjson or parquet, not {fmt[:32]!r}")

@@ -695,6 +695,62 @@ def test_forms_the_server_cannot_read_are_refused_with_what_is_wrong(tmp_path):
         server.stop()
 
 
+def test_requests_that_froze_the_server_or_answered_500_are_answered_as_documented(tmp_path):
+    """A CSV header of 2 MB of `,"` (the delimiter's sniffing took time in its length squared,
+    holding the GIL: hours); conversions of Unicode digits or two minus signs (int() raised:
+    500, the rest of the body unread); header bytes that are not UTF-8 in a token or an
+    Idempotency-Key; a multipart part with a malformed header; a Parquet file whose footer
+    pyarrow cannot read; a chunked form-encoded append larger than a body taken whole."""
+    import http.client
+
+    server = Http(tmp_path, http_max_body_bytes=1 << 20)
+    append = "/v0/datasources?name=ab_test_events&format="
+    try:
+        status, answer = server.json("POST", append + "csv", gzip.compress(b',"' * (1 << 20) + b"\n"),
+                                     headers={"Content-Encoding": "gzip"})
+        assert status == 400 and "column" in answer["error"], answer
+
+        lines = [{**TUTORIAL_EVENT, "user_id": f"digits_{k}", "conversion": c} for k, c in enumerate(["--1", "\u00b2", 1])]
+        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(lines))
+        assert (status, answer["successful_rows"], answer["quarantined_rows"]) == (200, 1, 2), answer
+        assert all(q["field"] == "conversion" for q in answer["quarantined"]), answer
+
+        def raw(path: str, headers: dict[str, bytes], body: bytes = b"") -> tuple[int, dict]:
+            connection = http.client.HTTPConnection(server.base.split("//")[1], timeout=60)
+            connection.putrequest("POST" if body else "GET", path)
+            for name, value in {**headers, "Content-Length": str(len(body)).encode()}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+
+        status, answer = raw("/v0/workspace", {"Authorization": b"Bearer tok-\xffadmin"})
+        assert status in (401, 403) and "token" in answer["error"], (status, answer)
+        status, answer = raw("/v0/events?name=ab_test_events", {"Authorization": f"Bearer {TOKENS['admin']}".encode(),
+                                                                 "Idempotency-Key": b"k\xfe"}, ndjson([TUTORIAL_EVENT]))
+        assert status == 400 and answer["error"].startswith("Idempotency-Key") and "UTF-8" in answer["error"], answer
+
+        part = b'--BB\r\nContent-Disposition: form-data; name="test_id"\r\ngarbage\r\n\r\nx\r\n--BB--\r\n'
+        for path in ("/v0/pipes/test_summary.json", append + "csv"):
+            status, answer = server.json("POST", path, part, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+            assert status == 400 and answer["error"].startswith("body: is not a"), (path, answer)
+
+        status, answer = server.json("POST", append + "parquet", b"PAR1" + b"\0" * 20 + b"\x14\0\0\0" + b"PAR1")
+        assert status == 400 and "not a Parquet file" in answer["error"], answer
+
+        csv_text = "timestamp,user_id,test_id,variant\n" + "".join(
+            f"2025-04-28 18:42:22,chunked_{k},chunked_test,a\n" for k in range(40_000))  # ~1.8 MB
+        assert len(csv_text) > 1 << 20
+        request = urllib.request.Request(server.base + append + "csv", data=iter([csv_text.encode()]), method="POST",
+                                         headers={"Authorization": f"Bearer {TOKENS['admin']}",
+                                                  "Content-Type": "application/x-www-form-urlencoded",
+                                                  "Transfer-Encoding": "chunked"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert (response.status, json.loads(response.read())["successful_rows"]) == (200, 40_000)
+    finally:
+        server.stop()
+
+
 def test_a_body_of_mostly_unreadable_lines_is_read_no_further_than_the_quarantine_holds(tmp_path):
     """Each unreadable line costs ~15 times an event to store (its rejection, its quarantine row):
     past MOST_UNREADABLE_LINES of them a body is read no further, 400, saying what went in."""
