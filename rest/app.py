@@ -444,7 +444,8 @@ class HttpApi:
             answer = await run(self.core, request[PRINCIPAL_KEY], params)
         except InvalidArgument as error:
             raise pipes.as_parameter(error) from None
-        payload, content_type = formats.render(answer, fmt)
+        # In a thread: an answer may be millions of rows (a cumulative series), seconds to write.
+        payload, content_type = await asyncio.to_thread(formats.render, answer, fmt)
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def sql(self, request: web.Request) -> web.Response:

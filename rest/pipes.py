@@ -221,14 +221,17 @@ async def test_timeseries(core: Core, principal: Principal, p: Params) -> Answer
     test_id = p.test_id()
     interval = p.choice("interval", INTERVALS, "day")
     start, end = p.range()
-    r = await core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, p.boolean("cumulative"),
-                                                         time_zone=p.get("time_zone")))
-    columns = {"test_id": [test_id] * len(r.variants), "variant": r.variants,
-               "bucket": [datetime_text(int(b)) for b in r.bucket_start_ns], **_metric_columns(r.metrics),
-               "events": r.metrics.events.tolist()}
-    return Answer([("test_id", "String"), ("variant", "String"), ("bucket", "DateTime"), *_METRICS,
-                   ("events", "UInt64")], _rows(columns, ["bucket", "variant"]), r.stats.events_scanned,
-                  r.stats.elapsed_ns / 1e9)
+
+    def answer(r) -> Answer:  # in the core's worker thread: up to MAX_SERIES_POINTS rows, seconds of Python
+        columns = {"test_id": [test_id] * len(r.variants), "variant": r.variants,
+                   "bucket": [datetime_text(int(b)) for b in r.bucket_start_ns], **_metric_columns(r.metrics),
+                   "events": r.metrics.events.tolist()}
+        return Answer([("test_id", "String"), ("variant", "String"), ("bucket", "DateTime"), *_METRICS,
+                       ("events", "UInt64")], _rows(columns, ["bucket", "variant"]), r.stats.events_scanned,
+                      r.stats.elapsed_ns / 1e9)
+
+    return await core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, p.boolean("cumulative"),
+                                                            time_zone=p.get("time_zone")), None, answer)
 
 
 _LIFT_COLUMNS = [
@@ -248,9 +251,13 @@ async def test_lift(core: Core, principal: Principal, p: Params) -> Answer:
     start, end = p.range(None, None)
     options = p.analysis()
     by_age = p.boolean("since_first_exposure")
-    r = await core.timeseries(principal, TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end,
-                                                         not by_age, time_zone=p.get("time_zone"), lift=options,
-                                                         since_first_exposure=by_age))
+    query = TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end, not by_age,
+                            time_zone=p.get("time_zone"), lift=options, since_first_exposure=by_age)
+    return await core.timeseries(principal, query, None, lambda r: _lift_answer(test_id, by_age, r))
+
+
+def _lift_answer(test_id: str, by_age: bool, r) -> Answer:
+    """In the core's worker thread: a row per bucket, treatment and metric."""
     rows = [{"test_id": test_id, "bucket": None if by_age else datetime_text(bucket),
              "age_seconds": bucket // NS if by_age else None, "control_variant": a.control_variant,
              "variant": c.variant, "metric": c.metric, "control_mean": c.result.control_mean,

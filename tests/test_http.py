@@ -384,6 +384,19 @@ def test_instants_are_written_to_the_microsecond_rounded_down():
     assert iso(0) == "1970-01-01T00:00:00Z"
 
 
+def test_a_json_answer_written_in_pieces_is_the_answer_whole():
+    """Pipes' JSON is written 10,000 rows per call of the encoder (one call held the GIL for
+    seconds with a million rows): the pieces make one document, an infinite value null in any."""
+    from abstream.rest import formats
+    from abstream.rest.pipes import Answer
+
+    for n in (0, 1, formats._PIECE, 2 * formats._PIECE + 1):
+        rows = [{"variant": f"v{i}é", "value": math.inf if i == n - 1 else i / 3} for i in range(n)]
+        written = json.loads(formats._json(Answer([("variant", "String"), ("value", "Float64")], rows, 5, 0.5)))
+        assert written["data"] == [{**r, "value": None if r["value"] == math.inf else r["value"]} for r in rows]
+        assert (written["rows"], written["statistics"]["rows_read"], written["meta"][1]["name"]) == (n, 5, "value")
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):
