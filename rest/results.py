@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import math
 import time
 from pathlib import Path
@@ -236,6 +237,14 @@ class ResultsPage:
             self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True)),
             self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end,
                                                        analysis=dataclasses.replace(options, revenue_cap=None))))
+        # The answer is built and written in a thread: an hourly series of many variants is up to
+        # MAX_SERIES_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
+        return web.Response(text=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,
+                                                         dimension, summary, series, segments, started),
+                            content_type="application/json")
+
+    @staticmethod
+    def _test_answer(info, options, start, end, interval, dimension, summary, series, segments, started) -> str:
         a = summary.analysis
         comparisons = [{"variant": c.variant, "metric": c.metric, "control_mean": finite(c.result.control_mean),
                         "treatment_mean": finite(c.result.treatment_mean), "absolute": _estimate(c.result.absolute),
@@ -275,4 +284,4 @@ class ResultsPage:
                          zip(segments.segments, _metric_rows(segments.variants, segments.metrics))],
             "events_scanned": summary.stats.events_scanned,
             "as_of": iso(time.time_ns()), "elapsed_ms": (time.perf_counter() - started) * 1000}
-        return web.json_response(answer)
+        return json.dumps(answer)
