@@ -348,7 +348,10 @@ def csv_columns(header: str, path: str) -> tuple[str, dict[str, str], list[str]]
         delimiter = csv.Sniffer().sniff(header[:SNIFF_CHARS], delimiters=",;\t|").delimiter
     except csv.Error:
         delimiter = ","
-    names = next(csv.reader([header], delimiter=delimiter))
+    try:
+        names = next(csv.reader([header], delimiter=delimiter))
+    except csv.Error as error:  # a quoted name past the csv module's field limit, among others
+        raise FileProblem(f"{path}: the header line cannot be read as CSV ({error})") from None
     fields = [f.name for f in pb.Event.DESCRIPTOR.fields]
     found = {}
     for name in names:

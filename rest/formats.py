@@ -43,12 +43,12 @@ def _finite(value):
 
 #: Rows written by one call of the JSON encoder: it holds the GIL throughout, and a million
 #: rows at once held every other thread (the event loop among them) for two seconds.
-_PIECE = 10_000
+PIECE = 10_000
 
 
 def _json(answer: Answer) -> bytes:
     rows = answer.rows
-    data = ", ".join(_dumps(rows[i:i + _PIECE])[1:-1] for i in range(0, len(rows), _PIECE))
+    data = ", ".join(_dumps(rows[i:i + PIECE])[1:-1] for i in range(0, len(rows), PIECE))
     rest = _dumps({"rows": len(rows), "rows_before_limit_at_least": len(rows),
                    "statistics": {"elapsed": answer.elapsed_s, "rows_read": answer.rows_read, "bytes_read": 0}})
     meta = _dumps([{"name": n, "type": t} for n, t in answer.columns])

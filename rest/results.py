@@ -36,6 +36,7 @@ from abstream.core.types import (
     TimeseriesQuery,
 )
 from abstream.rest.pipes import Params, parse_datetime
+from abstream.rest.formats import PIECE
 from aiohttp import web
 
 UI = Path(__file__).resolve().parent / "ui"
@@ -239,12 +240,12 @@ class ResultsPage:
                                                        analysis=dataclasses.replace(options, revenue_cap=None))))
         # The answer is built and written in a thread: an hourly series of many variants is up to
         # MAX_SERIES_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
-        return web.Response(text=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,
+        return web.Response(body=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,
                                                          dimension, summary, series, segments, started),
-                            content_type="application/json")
+                            content_type="application/json", charset="utf-8")
 
     @staticmethod
-    def _test_answer(info, options, start, end, interval, dimension, summary, series, segments, started) -> str:
+    def _test_answer(info, options, start, end, interval, dimension, summary, series, segments, started) -> bytes:
         a = summary.analysis
         comparisons = [{"variant": c.variant, "metric": c.metric, "control_mean": finite(c.result.control_mean),
                         "treatment_mean": finite(c.result.treatment_mean), "absolute": _estimate(c.result.absolute),
@@ -278,10 +279,12 @@ class ResultsPage:
                 "threshold": finite(a.revenue_cap.threshold), "pooled_users": a.revenue_cap.pooled_users,
                 "capped_users": a.revenue_cap.capped_users},
             "comparisons": comparisons,
-            "timeseries": [{"bucket": iso(int(b)), **row} for b, row in
-                           zip(series.bucket_start_ns.tolist(), _metric_rows(series.variants, series.metrics))],
             "segments": [{"segment": s, **row} for s, row in
                          zip(segments.segments, _metric_rows(segments.variants, segments.metrics))],
             "events_scanned": summary.stats.events_scanned,
             "as_of": iso(time.time_ns()), "elapsed_ms": (time.perf_counter() - started) * 1000}
-        return json.dumps(answer)
+        series_rows = [{"bucket": iso(int(b)), **row} for b, row in
+                       zip(series.bucket_start_ns.tolist(), _metric_rows(series.variants, series.metrics))]
+        # The series 10,000 rows per call of the encoder, which holds the GIL throughout.
+        pieces = ", ".join(json.dumps(series_rows[i:i + PIECE])[1:-1] for i in range(0, len(series_rows), PIECE))
+        return (json.dumps(answer)[:-1] + f', "timeseries": [{pieces}]}}').encode()

@@ -390,7 +390,7 @@ def test_a_json_answer_written_in_pieces_is_the_answer_whole():
     from abstream.rest import formats
     from abstream.rest.pipes import Answer
 
-    for n in (0, 1, formats._PIECE, 2 * formats._PIECE + 1):
+    for n in (0, 1, formats.PIECE, 2 * formats.PIECE + 1):
         rows = [{"variant": f"v{i}é", "value": math.inf if i == n - 1 else i / 3} for i in range(n)]
         written = json.loads(formats._json(Answer([("variant", "String"), ("value", "Float64")], rows, 5, 0.5)))
         assert written["data"] == [{**r, "value": None if r["value"] == math.inf else r["value"]} for r in rows]
@@ -722,6 +722,8 @@ def test_requests_that_froze_the_server_or_answered_500_are_answered_as_document
         status, answer = server.json("POST", append + "csv", gzip.compress(b',"' * (1 << 20) + b"\n"),
                                      headers={"Content-Encoding": "gzip"})
         assert status == 400 and "column" in answer["error"], answer
+        status, answer = server.json("POST", append + "csv", b'"' + b"x" * 200_000 + b'",timestamp\n')
+        assert status == 400 and "header line cannot be read as CSV" in answer["error"], answer
 
         lines = [{**TUTORIAL_EVENT, "user_id": f"digits_{k}", "conversion": c} for k, c in enumerate(["--1", "\u00b2", 1])]
         status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(lines))
