@@ -40,6 +40,15 @@ def agree(body: bytes) -> tuple[dict[int, dict], dict[int, tuple[str, str]]]:
     return rows, problems
 
 
+def test_the_readers_longest_string_is_the_servers():
+    """clients/files.py keeps its own copy (the core loads pyarrow.compute, which reading a file
+    never needs): a reader that let longer strings through would send rows the server rejects,
+    and one that held them back would refuse rows the server takes."""
+    from abstream.core import events
+
+    assert files.MAX_STRING_BYTES == events.MAX_STRING_BYTES
+
+
 def test_the_tutorials_event_is_read_with_every_field():
     rows, problems = agree((json.dumps(EVENT) + "\n").encode())
     assert problems == {}
