@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,13 +47,17 @@ def _finite(value):
 PIECE = 10_000
 
 
+def json_array(rows: list, dumps: Callable[[Any], str] = json.dumps) -> str:
+    """`dumps(rows)`, written PIECE rows per call of the encoder."""
+    return "[" + ", ".join(dumps(rows[i:i + PIECE])[1:-1] for i in range(0, len(rows), PIECE)) + "]"
+
+
 def _json(answer: Answer) -> bytes:
     rows = answer.rows
-    data = ", ".join(_dumps(rows[i:i + PIECE])[1:-1] for i in range(0, len(rows), PIECE))
     rest = _dumps({"rows": len(rows), "rows_before_limit_at_least": len(rows),
                    "statistics": {"elapsed": answer.elapsed_s, "rows_read": answer.rows_read, "bytes_read": 0}})
     meta = _dumps([{"name": n, "type": t} for n, t in answer.columns])
-    return f'{{"meta": {meta}, "data": [{data}], {rest[1:]}'.encode()
+    return f'{{"meta": {meta}, "data": {json_array(rows, _dumps)}, {rest[1:]}'.encode()
 
 
 def _csv(answer: Answer) -> bytes:

@@ -36,7 +36,7 @@ from abstream.core.types import (
     TimeseriesQuery,
 )
 from abstream.rest.pipes import Params, parse_datetime
-from abstream.rest.formats import PIECE
+from abstream.rest.formats import json_array
 from aiohttp import web
 
 UI = Path(__file__).resolve().parent / "ui"
@@ -285,6 +285,4 @@ class ResultsPage:
             "as_of": iso(time.time_ns()), "elapsed_ms": (time.perf_counter() - started) * 1000}
         series_rows = [{"bucket": iso(int(b)), **row} for b, row in
                        zip(series.bucket_start_ns.tolist(), _metric_rows(series.variants, series.metrics))]
-        # The series 10,000 rows per call of the encoder, which holds the GIL throughout.
-        pieces = ", ".join(json.dumps(series_rows[i:i + PIECE])[1:-1] for i in range(0, len(series_rows), PIECE))
-        return (json.dumps(answer)[:-1] + f', "timeseries": [{pieces}]}}').encode()
+        return (json.dumps(answer)[:-1] + f', "timeseries": {json_array(series_rows)}}}').encode()

@@ -1,8 +1,9 @@
 """The quarantine: the newest rejected events as they were sent, with why, kept as Arrow chunks.
 
 One chunk per batch with rejections (per namespace: `Quarantine`), in arrival order; past the
-limit, the oldest rows of the namespaces holding the most are dropped. Kept columnar because a batch can reject 100,000 events at once: as Python objects that
-was ~1 KB per event created under the ingest lock; as Arrow it is the events' own bytes. A string
+limit, the oldest rows of the namespaces holding the most are dropped. Kept columnar because a
+batch can reject 100,000 events at once: as Python objects that was ~1 KB per event created
+under the ingest lock; as Arrow it is the events' own bytes. A string
 too long to be accepted is kept cut to its first MAX_STRING_BYTES characters, so that no rejected
 event holds more memory than an accepted one could.
 """
@@ -57,22 +58,24 @@ def fair_shares(rows: dict[str, int], limit: int, newest: dict[str, int]) -> dic
     return dict(rows)
 
 
+#: A horizon nothing was received before.
+_NEVER = int(np.iinfo(np.int64).min)
+
+
 def _received_before(chunk: pa.Table, horizons: dict[str, int], others: int | None) -> np.ndarray:
     """Which rows were received before their test's horizon (`horizons`, else `others`)."""
-    never = np.iinfo(np.int64).min
     received = chunk.column("received_ns").to_numpy()
+    default = _NEVER if others is None else others
     if not horizons:
-        return received < (never if others is None else others)
+        return received < default
     ids = pc.dictionary_encode(chunk.column("test_id").combine_chunks())
-    default = never if others is None else others
     thresholds = np.array([horizons.get(t, default) for t in ids.dictionary.to_pylist()] + [default], np.int64)
     return received < thresholds[ids.indices.fill_null(len(ids.dictionary)).to_numpy(zero_copy_only=False)]
 
 
 def _latest(horizons: dict[str, int], others: int | None) -> int:
     """The latest of the horizons: no entry received at or after it is past its test's."""
-    return max([*horizons.values(), others if others is not None else np.iinfo(np.int64).min],
-               default=np.iinfo(np.int64).min)
+    return max([*horizons.values(), _NEVER if others is None else others])
 
 
 class Quarantine:
@@ -160,10 +163,15 @@ class Quarantine:
         if not chunks:
             del self._chunks[namespace], self._rows_of[namespace]
 
+    def _held(self) -> dict[str, list[tuple[int, pa.Table, int]]]:
+        """Each namespace's chunks as they are now: copies of the lists only, the writer waits
+        for no more."""
+        with self._lock:
+            return {namespace: list(chunks) for namespace, chunks in self._chunks.items()}
+
     def _in_order(self) -> list[pa.Table]:
         """Every chunk, oldest first: each namespace's are, and they are merged by arrival."""
-        with self._lock:  # copies of the lists only: the writer waits for no more
-            held = [list(chunks) for chunks in self._chunks.values()]
+        held = list(self._held().values())
         if len(held) <= 1:
             return [t for chunks in held for _, t, _ in chunks]
         return [t for _, t, _ in heapq.merge(*held, key=lambda e: e[0])]
@@ -192,10 +200,8 @@ class Quarantine:
         may be (of chunks whose oldest row came before the latest horizon: the others are
         skipped, a comparison each)."""
         latest = _latest(horizons, others)
-        with self._lock:
-            held = [list(chunks) for chunks in self._chunks.values()]
         due, tests = 0, set()
-        for _, chunk, oldest in (entry for chunks in held for entry in chunks):
+        for _, chunk, oldest in (entry for chunks in self._held().values() for entry in chunks):
             if oldest < latest:
                 due += int(np.count_nonzero(_received_before(chunk, horizons, others)))
                 tests.update(chunk.column("test_id").unique().to_pylist())
@@ -212,10 +218,8 @@ class Quarantine:
         """Drops the rows `hit` selects (a boolean array per chunk; only in the chunks whose oldest
         row's time `may_hit`); how many. By the one writer: the lists are rebuilt outside the
         lock, which readers take only to copy them."""
-        with self._lock:
-            held = {namespace: list(chunks) for namespace, chunks in self._chunks.items()}
         rebuilt, removed_of = {}, {}
-        for namespace, chunks in held.items():
+        for namespace, chunks in self._held().items():
             kept, removed = deque(), 0
             for arrived, chunk, oldest in chunks:
                 if may_hit(oldest):
