@@ -128,6 +128,7 @@ class Core:
         self.metrics = metrics or Metrics(None)
         self._engine: Engine | None = None  # set once the engine is open (recovered)
         self.draining = False
+        self.stopped: Unavailable | None = None  # why the engine can store nothing more (its log failed)
         self.retention_days = 0.0  # --retention-days: 0 keeps events for ever
         self.sources: dict = {}  # the server's own sources (Kafka) by name: each has `serving` and `state`
         self.events_acked = 0  # events stored by this process's ingest since it started
@@ -159,6 +160,11 @@ class Core:
     @property
     def engine_open(self) -> bool:
         return self._engine is not None
+
+    @property
+    def serving(self) -> bool:
+        """What health checks say, on every transport."""
+        return self.engine_open and not self.draining and self.stopped is None
 
     @property
     def streams(self) -> int:

@@ -258,8 +258,9 @@ class HttpApi:
         return web.json_response({"regions": []})  # only this server: a client never tries another host
 
     async def health(self, request: web.Request) -> web.Response:
-        serving = self.core.engine_open and not self.core.draining
+        serving = self.core.serving
         answer = {"status": "SERVING" if serving else "NOT_SERVING",
+                  **({"error": str(self.core.stopped)} if self.core.stopped is not None else {}),
                   **{name: {"status": "SERVING" if s.serving else "NOT_SERVING", "state": s.state}
                      for name, s in self.core.sources.items()}}
         return web.json_response(answer, status=200 if serving else 503)

@@ -290,16 +290,16 @@ class AnalyticsServer:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
         once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused).
         Health says NOT_SERVING for good once the engine can store nothing more (its log failed)."""
-        seen, trimmed, failed = None, True, False
+        seen, trimmed = None, True
         swept = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             engine = self.core.engine
             try:
                 await asyncio.to_thread(engine.maintain)
-            except Unavailable:  # the engine can store nothing more (its log failed, and said why)
-                if not failed:
-                    failed = True
+            except Unavailable as error:  # the engine can store nothing more (its log failed, and said why)
+                if self.core.stopped is None:
+                    self.core.stopped = error
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 continue
             except Exception:  # noqa: BLE001 - logged; the next tick tries again

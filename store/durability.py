@@ -97,8 +97,12 @@ class Persistence:
         at any moment after leaves a mark the next start acts on (the erasure itself is in the
         log, and replayed), until `purge` is done."""
         mark = self._purge_mark
-        mark.write_bytes(b"")
-        fsync_dir(mark.parent)
+        try:
+            mark.write_bytes(b"")
+            fsync_dir(mark.parent)
+        except OSError as error:
+            raise _disk_refusal(error, f"the erasure's mark {mark} could not be written ({error.strerror or error}); "
+                                       "nothing was erased") from error
 
     def purge(self) -> SnapshotInfo:
         """A snapshot now, and every older snapshot and log segment deleted: after an erasure,
@@ -135,6 +139,8 @@ class Persistence:
                 + (f"the newest usable snapshot ends before record {start_lsn}" if contents else "no snapshot was found")
                 + (f" (unusable: {', '.join(skipped)})" if skipped else f" in {snapshots_dir}")
                 + "; the events in between are gone. Restore the snapshots directory from a backup.")
+        for tmp in snapshots_dir.glob("tmp-*"):  # a snapshot a crash left half-written: its room given back
+            shutil.rmtree(tmp, ignore_errors=True)
         if contents is not None:
             self._restore(contents)
         in_snapshot = ingest.event_count
@@ -202,11 +208,8 @@ class Persistence:
                 path = persist.write_snapshot(root, contents, d.snapshot_compression)
             except OSError as error:  # said as what it is: the log still holds everything
                 self.snapshot_failures += 1
-                message = (f"the snapshot could not be written ({error.strerror or error}); the write-ahead log "
-                           "still holds every acknowledged event")
-                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise ResourceExhausted(message, retry_after=SNAPSHOT_RETRY_SECONDS) from error
-                raise FailedPrecondition(message) from error
+                raise _disk_refusal(error, f"the snapshot could not be written ({error.strerror or error}); the "
+                                           "write-ahead log still holds every acknowledged event") from error
             self._last = _SnapshotClock(events=events_at, logged=logged_at)
             # The newest ones up to this one. One numbered past the log is not this log's (a copy
             # gone wrong): kept by number, it had this one deleted.
@@ -222,7 +225,11 @@ class Persistence:
             for tmp in root.glob("tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
             # Keep the log back to the oldest kept snapshot, so any of them can be fallen back on.
-            ingest.wal.drop_before(kept[-1][0])
+            try:
+                ingest.wal.drop_before(kept[-1][0])
+            except OSError as error:  # the snapshot is whole: the next one deletes them
+                log.warning("snapshot %s written, but the log segments it makes unneeded could not be deleted: %s",
+                            path.name, error)
             log.info("snapshot %s written: %d events", path.name, events_at)
             return SnapshotInfo(path, events_at)
 
@@ -272,12 +279,22 @@ class Persistence:
         ingest.wait_sealed()
         if ingest.wal is not None:
             if final_snapshot and ingest.wal.failure is None:  # after a failure: what was never logged stays out
-                self.snapshot()
+                try:
+                    self.snapshot()
+                except (ResourceExhausted, FailedPrecondition) as error:  # the log holds it all: replayed at the start
+                    log.warning("%s: the next start replays it", error)
             ingest.wal.close()
             ingest.wal = None
         if self._held is not None:
             os.close(self._held)  # the lock goes with it
             self._held = None
+
+
+def _disk_refusal(error: OSError, message: str) -> ResourceExhausted | FailedPrecondition:
+    """A file that could not be written, as a client's error: a full disk is retried later."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceExhausted(message, retry_after=SNAPSHOT_RETRY_SECONDS)
+    return FailedPrecondition(message)
 
 
 def _hold(data_dir: Path) -> int:

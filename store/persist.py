@@ -206,15 +206,15 @@ def write_snapshot(root: Path, contents: SnapshotContents, compression: str) -> 
     tmp.mkdir()
     try:
         _write_files(tmp, contents, codec, compression)
+        if final.exists():  # the same LSN again (nothing was logged since): the same store
+            if _matches_manifest(final):  # already whole on disk: kept (removing it first left none for a moment)
+                shutil.rmtree(tmp)
+                return final
+            shutil.rmtree(final)  # damaged: replaced
+        tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: what was written is given back at once
         raise
-    if final.exists():  # the same LSN again (nothing was logged since): the same store
-        if _matches_manifest(final):  # already whole on disk: kept (removing it first left none for a moment)
-            shutil.rmtree(tmp)
-            return final
-        shutil.rmtree(final)  # damaged: replaced
-    tmp.rename(final)
     fsync_dir(root)
     return final
 

@@ -129,6 +129,8 @@ class WriteAheadLog:
         self.interval_ms = interval_ms
         self._lock = threading.Lock()  # orders records: LSNs, the records not yet written, the segment
         self._writing = threading.Lock()  # one writer of pending records at a time, in LSN order
+        self._fsyncing = threading.Lock()  # one fsync of the log at a time (`_fsync`)
+        self._fsync_error: OSError | None = None
         self._pending: list[tuple[int, Payload]] = []  # records appended, not yet written (fsync="always")
         self._synced = threading.Condition(threading.Lock())
         self._syncing = False
@@ -151,14 +153,36 @@ class WriteAheadLog:
         """`_failed`, under `_lock`."""
         if self.failure is None:
             log.error("the write-ahead log could not be written: %s. This server stores no more events until it is "
-                      "restarted; the events it acknowledged are safe", error)
+                      "restarted; %s", error, self._safe)
             self.failure = error
         self._pending = []  # after the failed records: never written
 
+    @property
+    def _safe(self) -> str:
+        """What a failure leaves of the acknowledged events: with fsync="interval" the last
+        interval's were acknowledged before any fsync, and a failed fsync may have lost them."""
+        if self.policy == "always":
+            return "the events it acknowledged are safe"
+        return f"the events it acknowledged up to {self.interval_ms} ms before the failure are safe"
+
     def refusal(self) -> Unavailable:
         return Unavailable(f"the write-ahead log could not be written ({self.failure}): this server stores no more "
-                           "events until it is restarted (what it acknowledged is safe); send them to another server "
-                           "or retry once it is back", retry_after=5.0)
+                           f"events until it is restarted ({self._safe}); send them to another server or retry once "
+                           "it is back", retry_after=5.0)
+
+    def _fsync(self, fd: int) -> None:
+        """fsync of the log's segment, one at a time, and none after one failed. Linux reports a
+        failed writeback to one fsync of an open file (and a descriptor and its dup share one):
+        a commit's fsync racing the rotation's failed one could return success for pages that
+        were lost, and acknowledge them."""
+        with self._fsyncing:
+            if self._fsync_error is None:
+                try:
+                    os.fsync(fd)
+                except OSError as error:
+                    self._fsync_error = error
+            if self._fsync_error is not None:
+                raise self._fsync_error
 
     # ---- reading (at start) ----------------------------------------------------------------
 
@@ -243,8 +267,9 @@ class WriteAheadLog:
     def _start_segment(self) -> None:
         """A new segment from the next LSN on (under `_writing` and `_lock`, nothing pending)."""
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
+            self._fsync(self._fd)
+            fd, self._fd = self._fd, None  # closed once: close() must not close its number again
+            os.close(fd)
         self._segment_first = self.next_lsn
         path = self.directory / f"wal-{self.next_lsn:020d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -277,8 +302,13 @@ class WriteAheadLog:
             with self._lock:
                 if self.failure is not None:
                     raise self.refusal()
+                try:
+                    fd = os.dup(self._fd)
+                except OSError as error:  # out of descriptors, say: the records stay queued for the next commit
+                    raise Unavailable(f"the write-ahead log cannot be written now ({error.strerror or error})",
+                                      retry_after=1.0) from error
                 pending, self._pending = self._pending, []
-                target, fd = self.next_lsn - 1, os.dup(self._fd)
+                target = self.next_lsn - 1
             try:
                 _write_or_undo(fd, _records(pending))
             except OSError as error:
@@ -293,7 +323,7 @@ class WriteAheadLog:
     def _synced_to(self, fd: int) -> None:
         """fsync, then close, `fd`; a failed fsync stops the log (the kernel may have dropped the pages)."""
         try:
-            os.fsync(fd)
+            self._fsync(fd)
         except OSError as error:
             self._failed(error)
             raise self.refusal() from error
@@ -327,8 +357,8 @@ class WriteAheadLog:
         while not self._closed.wait(self.interval_ms / 1000) and self.failure is None:
             try:
                 self.sync()
-            except Unavailable:  # the log failed: said once, by _failed
-                return
+            except Unavailable:  # the log failed (said once, by _failed: the loop ends), or no descriptor is free now
+                pass
 
     def sync(self) -> None:
         if self._fd is None:
@@ -374,7 +404,7 @@ class WriteAheadLog:
                 try:
                     if self.failure is None:  # after a failure, nothing more is written
                         _write_or_undo(self._fd, _records(self._pending))
-                        os.fsync(self._fd)
+                        self._fsync(self._fd)
                 finally:
                     self._pending = []
                     os.close(self._fd)

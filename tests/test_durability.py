@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import resource
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -522,6 +524,11 @@ def test_a_log_that_cannot_be_written_stops_ingest_and_a_restart_recovers_what_w
         while server.health(ch) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(urllib.error.HTTPError) as http_health:  # the HTTP API's health says so too
+        urllib.request.urlopen(f"http://{server.http_address}/health", timeout=10)
+    answer = json.loads(http_health.value.read())
+    assert http_health.value.code == 503 and answer["status"] == "NOT_SERVING", answer
+    assert answer["error"].startswith("the write-ahead log could not be written ("), answer
     assert server.terminate() == 0  # no last snapshot: what the log does not hold stays out
     server.start()
     assert totals(server) == (len(acked) * BATCH, len(acked) * BATCH)
@@ -561,6 +568,29 @@ def test_a_snapshot_that_cannot_be_written_leaves_nothing_behind(data_dir):
     server.kill()
     server.start()
     assert totals(server) == (51 * BATCH, 51 * BATCH)
+    server.kill()
+
+
+def test_a_stop_whose_last_snapshot_cannot_be_written_is_clean_and_a_half_written_one_is_cleared_at_start(data_dir):
+    """A graceful stop on a full disk (a file size limit here) cannot write its last snapshot:
+    the log holds every event, so the stop says so and exits 0 (it exited 1, saying the engine
+    could not be opened). A snapshot a crash left half-written is deleted by the next start,
+    not kept until a later snapshot succeeds (its room may be what makes them fail)."""
+    server = Server(data_dir).start()
+    with server.channel() as ch:
+        for seq in range(1, 6):
+            assert send(server.stub(ch), "stop", seq).accepted == BATCH
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    assert server.terminate() == 0
+    said = server.log()
+    assert "the snapshot could not be written (" in said and "File too large" in said, said
+    assert "the next start replays it" in said
+    half = data_dir / "snapshots" / f"tmp-{99:020d}"
+    half.mkdir(parents=True)
+    (half / "events.arrow").write_bytes(b"\0" * 1_000_000)
+    server.start()
+    assert not half.exists()
+    assert totals(server) == (5 * BATCH, 5 * BATCH)
     server.kill()
 
 
@@ -670,6 +700,65 @@ def test_records_are_written_by_the_commit_that_syncs_them_or_by_a_rotation_or_t
     replayed = list(WriteAheadLog(tmp_path).replay(0))
     assert [lsn for lsn, _ in replayed] == lsns
     assert [payload for _, payload in replayed] == [b"".join(bytes(p) for p in record(k).pieces) for k in range(5)]
+
+
+def test_a_commit_whose_fsync_follows_a_failed_one_is_not_acknowledged(tmp_path, monkeypatch):
+    """Linux reports a failed writeback to one fsync of an open file: a commit whose fsync comes
+    after the rotation's failed one (both of the same segment) gets success for pages that may
+    be lost. Here the OS's fsync fails once, for the rotation, as the kernel's would, and the
+    commit that wrote its record before must still be refused."""
+    import errno
+    import os
+
+    from abstream.core.errors import Unavailable
+    from abstream.store import wal as wal_module
+
+    log = wal_module.WriteAheadLog(tmp_path)
+    log.open()
+    log.append(wal_module.Payload.of([b"a record"]))
+    target, fd = log._written()  # a commit's write; its fsync comes next
+    fsync, failures = os.fsync, [OSError(errno.EIO, "Input/output error")]
+
+    def fsync_failing_once(descriptor: int) -> None:
+        if failures:
+            raise failures.pop()
+        fsync(descriptor)
+
+    monkeypatch.setattr(wal_module.os, "fsync", fsync_failing_once)
+    with pytest.raises(Unavailable, match="Input/output error"):
+        log.rotate()
+    assert not failures  # the rotation's fsync took the error; the OS would now report success
+    with pytest.raises(Unavailable, match="write-ahead log could not be written"):
+        log._synced_to(fd)
+    log.close()  # no fsync after the failure, and its descriptor closed once
+
+
+def test_a_log_out_of_file_descriptors_refuses_for_now_and_loses_nothing(data_dir):
+    """A commit that finds no free descriptor (the process's limit lowered below what it uses)
+    is refused UNAVAILABLE, and its record stays queued: the next commit writes it, and a
+    restart after SIGKILL recovers every batch (before, the record was dropped, the next
+    commit's fsync taken for it, and the log had a hole a restart refused to replay past)."""
+    server = Server(data_dir).start()
+    pid = server.process.pid
+    with server.channel() as ch:
+        stub = server.stub(ch)
+        assert send(stub, "fd", 1).accepted == BATCH
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor at all
+        with pytest.raises(grpc.RpcError) as refused:
+            send(stub, "fd", 2)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert "the write-ahead log cannot be written now (Too many open files)" in refused.value.details()
+        assert send(stub, "fd", 3).accepted == BATCH
+        assert send(stub, "fd", 2).duplicate  # applied before its refusal, and durable with the next commit
+        assert server.health(ch) == health_pb2.HealthCheckResponse.SERVING
+    server.kill()
+    server.start()
+    assert totals(server) == (3 * BATCH, 3 * BATCH)
+    server.kill()
 
 
 def test_records_queued_in_more_pieces_than_one_writev_takes_are_written_whole(tmp_path):
