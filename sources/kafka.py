@@ -159,6 +159,7 @@ class KafkaSource:
         self._next: dict[tuple[str, int], int] = {}  # the next offset to store, per assigned partition
         self._generation: dict[tuple[str, int], int] = {}  # of each assigned partition's log (producer_of)
         self._below: dict[tuple[str, int], float] = {}  # since when each one's log ends below _next
+        self._paused = False  # every assigned partition, while ingest refuses (`_store`)
         r = metrics.registry
         self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed, by topic", ["topic"], registry=r)
         self.stored = Counter("abstream_kafka_events", "Events stored from Kafka, by topic", ["topic"], registry=r)
@@ -230,7 +231,10 @@ class KafkaSource:
 
     def _assigned(self, consumer, partitions) -> None:
         """Each partition resumes after what the store has of it, in its latest generation (one
-        the store has offsets of, or the first)."""
+        the store has offsets of, or the first), or at the group's commit where that is further:
+        another server of the group stored (in its own store) what came between, while it had
+        the partition."""
+        committed = self._committed(consumer, partitions)
         for tp in partitions:
             generation = 0
             def stored_of(generation: int) -> int:
@@ -238,12 +242,32 @@ class KafkaSource:
             stored = stored_of(0)
             while later := stored_of(generation + 1):
                 generation, stored = generation + 1, later
+            key = (tp.topic, tp.partition)
+            if stored and not generation and committed.get(key, -1) > stored:
+                log.info("kafka: %s[%d] resumes at the group's offset %d: the store holds it up to %d, the rest "
+                         "was stored by another server of the group", *key, committed[key], stored)
+                stored = committed[key]
             if stored:
                 tp.offset = stored
-            self._next[(tp.topic, tp.partition)], self._generation[(tp.topic, tp.partition)] = stored, generation
+            self._next[key], self._generation[key] = stored, generation
         consumer.assign(partitions)
+        if self._paused:  # a rebalance while ingest refuses: nothing fetched meanwhile from these either
+            consumer.pause(partitions)
+        else:  # a partition paused before, revoked and given back, stays paused in librdkafka
+            consumer.resume(partitions)
         log.info("kafka: assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
-        self._set(True, self._consuming)
+        if not self._paused:
+            self._set(True, self._consuming)
+
+    def _committed(self, consumer, partitions) -> dict[tuple[str, int], int]:
+        """The group's committed offsets of `partitions` ({} if they cannot be read)."""
+        from confluent_kafka import KafkaException
+
+        try:
+            return {(c.topic, c.partition): c.offset for c in consumer.committed(partitions, timeout=10)}
+        except KafkaException as error:
+            log.warning("kafka: reading the group's offsets failed: %s", error)
+            return {}
 
     def _revoked(self, consumer, partitions) -> None:
         # Nothing is in flight here (batches are stored and committed before the next consume).
@@ -269,7 +293,7 @@ class KafkaSource:
         stats = json.loads(text)
         up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
         self.connected.set(1 if up else 0)
-        if up and not self.serving and self._next:
+        if up and not self.serving and self._next and not self._paused:
             self._set(True, self._consuming)
         elif not up and self.serving:
             self._set(False, f"broker unreachable ({self.config.bootstrap})")
@@ -367,7 +391,6 @@ class KafkaSource:
                                                      lambda warning: None))])
 
         producer, sequence = producer_of(topic, partition, self._generation.get((topic, partition), 0)), offsets[-1] + 1
-        paused: list = []
         while True:
             outcome = self._try(read, producer, sequence, where)
             if isinstance(outcome, Outcome):
@@ -377,19 +400,19 @@ class KafkaSource:
                           offsets[-1], outcome)
                 outcome = Outcome()
                 break
-            if not paused:  # every partition: nothing is fetched, and so nothing passed over, meanwhile
-                paused = consumer.assignment()
-                consumer.pause(paused)
+            if not self._paused:  # every partition (and those assigned meanwhile): nothing is fetched
+                self._paused = True
+                consumer.pause(consumer.assignment())
                 self._set(False, f"paused: {outcome}")
             deadline = time.monotonic() + (getattr(outcome, "retry_after", None) or RETRY_SECONDS)
             while time.monotonic() < deadline and not self._stop.is_set():
                 consumer.consume(1, timeout=0.1)  # stays in the group (a paused partition delivers nothing)
             if self._stop.is_set() or (topic, partition) not in self._next:
+                self._resume(consumer)
                 return False
-        if paused:
-            consumer.resume(paused)
-            self._rewind(consumer, paused)
-            self._set(True, self._consuming)
+        if self._paused:
+            self._resume(consumer)
+            self._rewind(consumer, consumer.assignment())
         self._next[(topic, partition)] = sequence
         self.stored.labels(topic).inc(outcome.stored)
         self.quarantined.labels(topic).inc(outcome.quarantined)
@@ -399,6 +422,14 @@ class KafkaSource:
             log.warning("kafka: committing %s[%d] at %d failed: %s", topic, partition, sequence, error)
         return True
 
+    def _resume(self, consumer) -> None:
+        """Ends a pause: every partition assigned now (those assigned later are resumed by
+        `_assigned`: a pause outlives a partition's revocation and reassignment)."""
+        if self._paused:
+            self._paused = False
+            consumer.resume(consumer.assignment())
+            self._set(True, self._consuming)
+
     def _rewind(self, consumer, partitions) -> None:
         """Each partition back to the next offset not stored (where nothing is stored yet: the
         group's commit, else the beginning), so that nothing fetched and dropped is passed over
@@ -407,10 +438,7 @@ class KafkaSource:
 
         committed = {}
         if any(not self._next.get((tp.topic, tp.partition)) for tp in partitions):
-            try:
-                committed = {(c.topic, c.partition): c.offset for c in consumer.committed(partitions, timeout=10)}
-            except KafkaException as error:
-                log.warning("kafka: reading the group's offsets failed: %s", error)
+            committed = self._committed(consumer, partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             resume_at = self._next.get(key) or (committed.get(key, -1) if committed.get(key, -1) >= 0

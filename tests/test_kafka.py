@@ -129,6 +129,9 @@ def test_while_ingest_refuses_it_pauses_and_loses_nothing(broker, tmp_path):
     assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
     time.sleep(2)
     assert events_of(server) == 0
+    # Still said seconds later (the broker's statistics, every second, said SERVING again).
+    assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert http_health(server)["kafka"]["state"].startswith("paused")
     server.terminate()
     server = Server(tmp_path / "data", *consuming(broker)).start()
     wait_for(lambda: events_of(server) >= 9_000, what="9,000 events")
@@ -219,19 +222,83 @@ def assigned(server: Server) -> int:
     return len(re.findall(r"\[\d+\]@", lines[-1])) if lines else 0
 
 
-def test_two_servers_in_one_group_share_the_partitions(broker, tmp_path):
+def test_two_servers_in_one_group_share_the_partitions_and_hand_them_back(broker, tmp_path):
+    """The first server stores from every partition, shares them with a second, and takes them
+    back when it leaves: it resumes each at the group's offset (the second stored what came
+    between, in its own store), not after the offsets its own store holds, which would store
+    the second's share again."""
     broker.create_topic(TOPIC, 4)
     group = ("--kafka-group", "shared")
     first = Server(tmp_path / "one", *consuming(broker, *group)).start()
+    broker.produce(TOPIC, event_messages(4_000, 4, "shared_test", per_message=10))
+    wait_for(lambda: events_of(first) >= 4_000, what="the first server's events from every partition")
     second = Server(tmp_path / "two", *consuming(broker, *group)).start()
     # the events are sent once the group has rebalanced between the two (else the first may take all)
     wait_for(lambda: 0 < assigned(first) < 4 and 0 < assigned(second) < 4, what="both assigned partitions")
-    broker.produce(TOPIC, event_messages(40_000, 4, "shared_test", per_message=10))
-    wait_for(lambda: events_of(first) + events_of(second) >= 40_000, what="every event, between the two")
+    broker.produce(TOPIC, event_messages(40_000, 4, "shared_test", per_message=10, start_user=4_000))
+    wait_for(lambda: events_of(first) + events_of(second) >= 44_000, what="every event, between the two")
     time.sleep(1.5)
     one, two = events_of(first), events_of(second)
-    assert one + two == 40_000
-    assert one > 0 and two > 0  # both had partitions
+    assert one + two == 44_000
+    assert one > 4_000 and two > 0  # both had partitions
+    second.terminate()
+    wait_for(lambda: assigned(first) == 4, what="the first server taking every partition back")
+    broker.produce(TOPIC, event_messages(4_000, 4, "shared_test", per_message=10, start_user=44_000))
+    wait_for(lambda: events_of(first) + two >= 48_000, what="the events sent after the second left")
+    time.sleep(1.5)
+    assert events_of(first) + two == 48_000
+    first.terminate()
+
+
+def test_a_rebalance_while_paused_loses_nothing_and_stalls_nothing(broker, tmp_path):
+    """Ingest refuses the first server (its one ingest stream is taken) while a second joins the
+    group: the partitions it keeps or gets stay paused until ingest takes batches again, then
+    every one resumes (a revoked batch's partition left the others paused for good), and
+    between the two every event is stored once."""
+    import threading
+
+    from abstream.v1 import analytics_pb2 as pb
+    from abstream.v1 import analytics_pb2_grpc
+
+    from tests.events import to_message
+
+    broker.create_topic(TOPIC, 2)
+    group = ("--kafka-group", "moving")
+    first = Server(tmp_path / "one", *consuming(broker, *group, "--max-ingest-streams", "1")).start()
+    wait_for(lambda: assigned(first) == 2, what="the first server's partitions")
+    release = threading.Event()
+
+    def held():
+        yield pb.IngestEventsRequest(events=[to_message(dict(
+            timestamp=1_743_500_000_000_000_000, user_id="u", test_id="held", variant="a", event_type="click",
+            conversion=0, revenue=0.0, session_id="s", device="d", country="AU"))])
+        release.wait(120)
+
+    channel = grpc.insecure_channel(first.address)
+    responses = analytics_pb2_grpc.AnalyticsServiceStub(channel).IngestEvents(held(), timeout=180)
+    stream = threading.Thread(target=lambda: list(responses), daemon=True)
+    stream.start()
+    try:
+        wait_for(lambda: events_of(first, "held") == 1, what="the held stream's event")
+        broker.produce(TOPIC, event_messages(2_000, 2, "moving_test", per_message=10))
+        wait_for(lambda: http_health(first)["kafka"]["state"].startswith("paused"), what="paused")
+        second = Server(tmp_path / "two", *consuming(broker, *group)).start()
+        wait_for(lambda: assigned(first) == 1 and assigned(second) == 1, what="one partition each")
+        # Its partition's next batch is refused again (or the one in hand still is, if it kept it).
+        wait_for(lambda: http_health(first)["kafka"]["state"].startswith("paused"), what="paused again")
+        assert kafka_health(first) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert events_of(first, "moving_test") == 0
+    finally:
+        release.set()
+        stream.join(30)
+        channel.close()
+    broker.produce(TOPIC, event_messages(2_000, 2, "moving_test", per_message=10, start_user=2_000))
+    wait_for(lambda: events_of(first, "moving_test") + events_of(second, "moving_test") >= 4_000,
+             what="every event, between the two")
+    time.sleep(1.5)
+    assert events_of(first, "moving_test") + events_of(second, "moving_test") == 4_000
+    assert events_of(first, "moving_test") > 0 and events_of(second, "moving_test") > 0
+    assert kafka_health(first) == health_pb2.HealthCheckResponse.SERVING
     first.terminate()
     second.terminate()
 
