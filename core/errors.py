@@ -97,6 +97,11 @@ class Unavailable(AbstreamError):
         self.retry_after = retry_after
 
 
+class Stopped(Unavailable):
+    """The engine stores nothing more until the server is restarted (its log failed): work that
+    waits and retries on this server (an import) gives up; a producer sends elsewhere."""
+
+
 class DeadlineExceeded(AbstreamError):
     """The caller's deadline passed; the work stopped where it noticed."""
 

@@ -249,7 +249,7 @@ def reader_for(fmt: str, body, name: str, warnings: list[str], batch_lines: int 
                ) -> Iterator[files.Chunk]:
     """The chunks of a body in `fmt` (runs in the worker thread)."""
     if fmt in ("ndjson", "csv"):
-        return _readable(files.read_stream(body, fmt, batch_lines, name, warnings.append), name)
+        return readable(files.read_stream(body, fmt, batch_lines, name, warnings.append), name)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -293,7 +293,7 @@ def check_parquet_sizes(metadata, columns: list[str], name: str, field: str = "b
                                           f"({most:,}): not read")
 
 
-def _readable(chunks: Iterator[files.Chunk], name: str) -> Iterator[files.Chunk]:
+def readable(chunks: Iterator[files.Chunk], name: str) -> Iterator[files.Chunk]:
     """The chunks, until more than MOST_UNREADABLE_LINES of their lines could not be read."""
     unreadable = 0
     for chunk in chunks:

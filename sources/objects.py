@@ -27,8 +27,8 @@ from abstream.clients import files
 from abstream.clients.columnar import LOW_CARDINALITY
 from abstream.core.auth import ANYONE, Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
-from abstream.sources.ingest import BATCH_LINES, Ingest, parquet_chunks, spooled
+from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Stopped, Unavailable
+from abstream.sources.ingest import BATCH_LINES, Ingest, parquet_chunks, readable, spooled
 
 log = logging.getLogger("abstream.sources.objects")
 
@@ -176,7 +176,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "arrow":
         reader = pa.ipc.open_file(_inflated(stream, info.size, name))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
-    return files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn)
+    return readable(files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn), name)
 
 
 #: A compressed Parquet or Arrow object may inflate to at most this many times its size, and 64
@@ -237,6 +237,8 @@ class Importer:
 
     async def run(self, principal: Principal, uri: str, fmt: str = "", endpoint_url: str = "",
                   region: str = "") -> AsyncIterator[Progress]:
+        if self.core.stopped is not None:  # its producers' sequences may count what was never made durable
+            raise self.core.stopped
         if not uri.strip():
             raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
         if fmt:
@@ -300,13 +302,17 @@ class Importer:
                                                                            f"({type(error).__name__}; see the server log)")
             accepted, quarantined = accepted + outcome.stored, quarantined + outcome.quarantined
             already = outcome.already_stored if already is None else already
-            if isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining:
-                # Refused for now (a rate, the memory high-water mark): resume after what is stored.
+            if (isinstance(outcome.failure, (ResourceExhausted, Unavailable)) and not self.core.draining
+                    and not isinstance(outcome.failure, Stopped)):
+                # Refused for now (a rate, the memory high-water mark): resume after what is stored
+                # (not after a failed log: what it applied last is not durable, and never will be).
                 await asyncio.sleep(getattr(outcome.failure, "retry_after", None) or 1.0)
                 stored = await self.core.last_sequence(ANYONE, producer)
                 continue
             break
         error = outcome.failure
+        refused = isinstance(error, (ResourceExhausted, Unavailable))  # the server's state, not the object's
         return dataclasses.replace(progress, state="failed" if error else "imported", accepted=accepted,
                                    quarantined=quarantined, already_stored=already or 0,
-                                   error=f"cannot read {name}: {error}" if error else "")
+                                   error="" if not error else f"{name} not imported: {error}" if refused
+                                   else f"cannot read {name}: {error}")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from abstream.core import threads
-from abstream.core.errors import AbstreamError, Unavailable
+from abstream.core.errors import AbstreamError, Stopped, Unavailable
 
 log = logging.getLogger("abstream.store.wal")
 
@@ -165,8 +165,8 @@ class WriteAheadLog:
             return "the events it acknowledged are safe"
         return f"the events it acknowledged up to {self.interval_ms} ms before the failure are safe"
 
-    def refusal(self) -> Unavailable:
-        return Unavailable(f"the write-ahead log could not be written ({self.failure}): this server stores no more "
+    def refusal(self) -> Stopped:
+        return Stopped(f"the write-ahead log could not be written ({self.failure}): this server stores no more "
                            f"events until it is restarted ({self._safe}); send them to another server or retry once "
                            "it is back", retry_after=5.0)
 

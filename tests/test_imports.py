@@ -294,6 +294,56 @@ def test_a_directory_on_the_server_and_arrow_files(tmp_path):
     server.terminate()
 
 
+def test_an_import_when_the_log_fails_fails_and_is_imported_after_a_restart(tmp_path):
+    """The log fails (a full disk: a file size limit on the server) under an import: the object
+    is reported failed, with the log's reason, not "imported" (the sequence the failed batch
+    left in memory was taken for what is stored, and the rest skipped), nor retried for ever;
+    the next import on that server is refused at once, and after a restart the object is
+    imported whole."""
+    import resource
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "one.csv").write_bytes(csv_bytes(events(50, "logfail")))
+    server = Server(tmp_path / "data", "--import-root", str(folder)).start()
+    segment = max((tmp_path / "data" / "wal").glob("wal-*.log"))
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (segment.stat().st_size + 100, resource.RLIM_INFINITY))
+    result = abstream_import(server, str(folder))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"{folder}/one.csv: FAILED: {folder}/one.csv not imported: the write-ahead log could not be written (" \
+        in result.stdout, result.stdout
+    time.sleep(1.5)  # the server's next tick notices the log failed
+    again = abstream_import(server, str(folder))
+    assert again.returncode != 0 and "the write-ahead log could not be written" in again.stderr, again
+    resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert server.terminate() == 0
+    server.start()
+    assert stored(server, "logfail") == 0
+    result = abstream_import(server, str(folder))
+    assert result.returncode == 0 and f"{folder}/one.csv: 50 stored" in result.stdout, result.stdout
+    assert stored(server, "logfail") == 50
+    server.terminate()
+
+
+def test_an_object_of_unreadable_lines_fails_past_the_limit_and_the_others_are_imported(tmp_path):
+    """150,000 lines of junk (1.2 KB gzipped) fail their object after 100,000, as an HTTP body's
+    do, rather than each going to the quarantine (pushing out what it held) through the one
+    thread that stores every stream's events; the object beside it is imported."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "junk.ndjson.gz").write_bytes(gzip.compress(b"x\n" * 150_000))
+    (folder / "good.csv").write_bytes(csv_bytes(events(20, "beside_junk")))
+    server = Server(tmp_path / "data", "--import-root", str(folder)).start()
+    result = abstream_import(server, str(folder))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"{folder}/junk.ndjson.gz: FAILED: cannot read {folder}/junk.ndjson.gz: more than 100,000 lines of " \
+        in result.stdout, result.stdout
+    assert f"{folder}/good.csv: 20 stored" in result.stdout
+    with Client(server.address) as client:
+        assert client.quarantine().total <= 100_000
+    server.terminate()
+
+
 def test_a_parquet_object_that_decodes_past_what_its_rows_could_hold_fails_alone_unread(bucket, tmp_path):
     """A few MB of compressed, distinct long strings decode to gigabytes: such an object fails
     alone, its row groups' sizes read from its footer, and the objects beside it are imported."""
