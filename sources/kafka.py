@@ -54,6 +54,12 @@ RETRY_SECONDS = 1.0
 #: ([bracketed] for IPv6), an optional port (9092).
 _BROKER = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[^\s:,/\[\]]+)(?::(\d{1,5}))?")
 RESTART_SECONDS = 5.0  # a partition's log ends below what was stored from it this long: it started again
+#: A topic name Kafka takes.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: librdkafka properties the connector sets itself: exactly once rests on committing only what is
+#: durable (auto commit off), and health on the statistics.
+_OWN_PROPERTIES = ("bootstrap.servers", "group.id", "enable.auto.commit", "statistics.interval.ms", "error_cb",
+                   "stats_cb", "logger", "on_commit")
 
 
 class KafkaConfigError(ValueError):
@@ -86,6 +92,14 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
             section = tomllib.loads(Path(path).read_text()).get("kafka", {})
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise KafkaConfigError(f"kafka config {path}: {error}") from None
+        if not isinstance(section, dict):
+            raise KafkaConfigError(f"kafka config {path}: kafka must be a table ([kafka]), not {section!r}"[:200])
+        for key in ("bootstrap", "group"):
+            if not isinstance(section.get(key, ""), str):
+                raise KafkaConfigError(f"kafka config {path}: {key} must be a string, not {section[key]!r}"[:200])
+        if not isinstance(section.get("client", {}), dict):
+            raise KafkaConfigError(f"kafka config {path}: client must be a table of librdkafka properties "
+                                   f"([kafka.client]), not {section['client']!r}"[:200])
     listed = section.get("topics", [])
     if not isinstance(listed, list) or not all(isinstance(t, str) and t for t in listed):
         raise KafkaConfigError(f"kafka config {path}: topics must be a list of topic names, as topics = "
@@ -103,12 +117,34 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
         if address is None or not 0 < int(address.group(1) or 9092) < 65536:
             raise KafkaConfigError(f"kafka bootstrap: {broker.strip()[:100]!r} is not HOST:PORT (a port of 1 to "
                                    "65535; brokers separated by commas)")
-    client = {str(k): str(v) for k, v in section.get("client", {}).items()}
+    for name in names:
+        if not _TOPIC.fullmatch(name) or name in (".", ".."):
+            raise KafkaConfigError(f"kafka topic {name[:100]!r}: a topic name is 1 to 249 letters, digits, '.', "
+                                   "'_' or '-'")
+    client = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in section.get("client", {}).items()}
+    if own := [k for k in client if k in _OWN_PROPERTIES]:
+        raise KafkaConfigError(f"kafka config {path}: {', '.join(own)} cannot be set in [kafka.client]: the "
+                               "connector sets it (bootstrap and group: their own keys or flags)")
     timeout = section.get("session_timeout_ms", session_timeout_ms)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
         raise KafkaConfigError(f"kafka config {path}: session_timeout_ms must be a whole number of milliseconds, "
                                f"not {timeout!r}"[:200])
-    return KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"), timeout, client)
+    config = KafkaConfig(bootstrap, tuple(names), group or section.get("group", "abstream"), timeout, client)
+    _check_properties(config, path)
+    return config
+
+
+def _check_properties(config: KafkaConfig, path: str) -> None:
+    """librdkafka's own checks of the properties, at start: a client made and closed, without
+    subscribing (an unknown property or value, a certificate it cannot read)."""
+    from confluent_kafka import Consumer, KafkaException
+
+    try:
+        Consumer({**config.consumer(), "logger": log}).close()
+    except KafkaException as error:
+        raise KafkaConfigError(f"kafka config {path or '(flags)'}: {error.args[0].str()}"[:500]) from None
+    except (ValueError, TypeError) as error:
+        raise KafkaConfigError(f"kafka config {path or '(flags)'}: {error}"[:500]) from None
 
 
 def producer_of(topic: str, partition: int, generation: int = 0) -> str:
@@ -200,7 +236,7 @@ class KafkaSource:
 
         threads.name_native("abstream-kafka")
 
-        settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats}
+        settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats, "logger": log}
         try:
             consumer = Consumer(settings)
         except Exception as error:  # noqa: BLE001 - a bad property: said, and the server goes on

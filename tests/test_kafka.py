@@ -346,7 +346,8 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
 
     path = tmp_path / "kafka.toml"
     path.write_text('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a", "b"]\ngroup = "g"\n'
-                    '[kafka.client]\n"security.protocol" = "SASL_SSL"\n')
+                    '[kafka.client]\n"security.protocol" = "SASL_SSL"\n"sasl.mechanisms" = "PLAIN"\n'
+                    '"sasl.username" = "u"\n"sasl.password" = "p"\n')
     config = kafka_config("", "", "", 3000, str(path))
     assert (config.bootstrap, config.topics, config.group) == ("k1:9092", ("a", "b"), "g")
     assert config.consumer()["security.protocol"] == "SASL_SSL" and config.consumer()["enable.auto.commit"] is False
@@ -355,13 +356,24 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
     assert kafka_config("", "", "abstream", 3000, "") is None
     with pytest.raises(KafkaConfigError, match="needs --kafka-bootstrap"):
         kafka_config("", "t", "abstream", 3000, "")
-    for line, words in [('topics = "r8"', "topics must be a list of topic names"),
-                        ('topics = ["a"]\nsession_timeout_ms = "abc"', "session_timeout_ms must be a whole number")]:
-        path.write_text(f'[kafka]\nbootstrap = "k1:9092"\n{line}\n')
-        with pytest.raises(KafkaConfigError, match=words):
+    for text, words in [('[kafka]\nbootstrap = "k1:9092"\ntopics = "r8"', "topics must be a list of topic names"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\nsession_timeout_ms = "abc"',
+                         "session_timeout_ms must be a whole number"),
+                        ('kafka = 5', "kafka must be a table"),
+                        ('[kafka]\nbootstrap = 9092\ntopics = ["a"]', "bootstrap must be a string"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\nclient = "x"', "client must be a table"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["bad topic!"]', "a topic name is 1 to 249"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"bogus.prop" = "1"',
+                         'No such configuration property: "bogus.prop"'),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"enable.auto.commit" = true',
+                         "enable.auto.commit cannot be set in [kafka.client]")]:
+        path.write_text(text + "\n")
+        with pytest.raises(KafkaConfigError, match=re.escape(words)):
             kafka_config("", "", "", 3000, str(path))
         code, log = Server(tmp_path / "data", "--kafka-config", str(path)).start_expecting_failure()
         assert code != 0 and words in log and "Traceback" not in log, log
+    path.write_text('[kafka]\ntopics = ["a"]\n[kafka.client]\n"fetch.wait.max.ms" = 50\n"check.crcs" = true\n')
+    assert kafka_config("k1:9092", "", "", 3000, str(path)).consumer()["check.crcs"] == "true"  # TOML's types taken
     code, log = Server(tmp_path / "data", "--kafka-topic", "t").start_expecting_failure()
     assert code != 0 and "needs --kafka-bootstrap" in log
     for bootstrap in ("127.0.0.1:notaport", "k1:9092,k2:70000", "k1:9092,,k2:9092", "a b:9092"):
