@@ -125,6 +125,9 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
     if own := [k for k in client if k in _OWN_PROPERTIES]:
         raise KafkaConfigError(f"kafka config {path}: {', '.join(own)} cannot be set in [kafka.client]: the "
                                "connector sets it (bootstrap and group: their own keys or flags)")
+    if "cooperative" in client.get("partition.assignment.strategy", ""):
+        raise KafkaConfigError(f"kafka config {path}: partition.assignment.strategy: the connector takes its "
+                               "partitions eagerly (range or roundrobin), not cooperatively")
     timeout = section.get("session_timeout_ms", session_timeout_ms)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
         raise KafkaConfigError(f"kafka config {path}: session_timeout_ms must be a whole number of milliseconds, "

@@ -366,7 +366,9 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
                         ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"bogus.prop" = "1"',
                          'No such configuration property: "bogus.prop"'),
                         ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"enable.auto.commit" = true',
-                         "enable.auto.commit cannot be set in [kafka.client]")]:
+                         "enable.auto.commit cannot be set in [kafka.client]"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n'
+                         '"partition.assignment.strategy" = "cooperative-sticky"', "not cooperatively")]:
         path.write_text(text + "\n")
         with pytest.raises(KafkaConfigError, match=re.escape(words)):
             kafka_config("", "", "", 3000, str(path))
