@@ -21,13 +21,17 @@ from abstream.core import threads
 from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
 
 log = logging.getLogger("abstream.clickhouse")
+# The driver logs each failed connection with its stack trace; what failed is said once, by us.
+logging.getLogger("clickhouse_driver.connection").setLevel(logging.ERROR)
 
 Columns = list[list[Any]]  # a result, column by column
 INSERT_QUORUM_TIMEOUT_MS = 10_000
+SILENT_SECONDS = 30.0  # a replica that did not answer is tried last this long
 
 #: ClickHouse error codes, and what they are to a caller.
-_TIMEOUT = {159, 209}  # TIMEOUT_EXCEEDED, SOCKET_TIMEOUT
+_TIMEOUT = {159}  # TIMEOUT_EXCEEDED: max_execution_time, the caller's deadline
 _RETRIABLE = {
+    209: "a server did not answer in time",  # SOCKET_TIMEOUT (a server hung, or its machine)
     210: "a server is unreachable",  # NETWORK_ERROR
     242: "a table is read-only: its replica has lost ZooKeeper",  # TABLE_IS_READ_ONLY
     279: "no replica answered",  # ALL_CONNECTION_TRIES_FAILED
@@ -95,7 +99,8 @@ class Cluster:
     """A ClickHouse cluster reached through `seeds` (host:port, …), as `cluster` in its config."""
 
     def __init__(self, seeds: Sequence[str], cluster: str, database: str, *, insert_quorum: int = 2,
-                 user: str = "default", password: str = "", connect_timeout: float = 2.0) -> None:
+                 user: str = "default", password: str = "", connect_timeout: float = 2.0,
+                 timeout: float = 30.0) -> None:
         for option, name in (("--clickhouse-cluster", cluster), ("--clickhouse-database", database)):
             if not _NAME.fullmatch(name):  # written into statements as it is
                 raise AbstreamError(f"{option} must be a name of letters, digits and underscores, not starting "
@@ -106,21 +111,40 @@ class Cluster:
         # consistency shows data up to the last quorum insert, and would hide later inserts made
         # without one. With a quorum of 1, a read may miss a batch a replica has not fetched yet.
         self._read = {"select_sequential_consistency": 1} if insert_quorum > 1 else {}
+        # `timeout`: the longest a server may stay silent, from its handshake on (a hung server,
+        # or a stopped one, still accepts connections: only this fails it over to the next
+        # replica); ClickHouse reports a running query's progress meanwhile.
         self._credentials = {"user": user, "password": password, "connect_timeout": connect_timeout,
-                             "send_receive_timeout": 300, "sync_request_timeout": 5}
+                             "send_receive_timeout": timeout, "sync_request_timeout": 5}
         self._seeds = [_replica(s) for s in seeds]
         self._lock = threading.Lock()
+        self._silent: dict[Replica, float] = {}  # replicas that did not answer: tried last until then
+        self.timeout = timeout
         self.shards = self._discover()
         self._pool = threads.pool("abstream-shards", max(len(self.shards), 1))
 
     # ---- topology ---------------------------------------------------------------------------
 
     def _client(self, replicas: Sequence[Replica], settings: dict | None = None):
+        """A client of the first of `replicas` that answers (the driver tries each in turn),
+        those that did not answer lately last: each costs `timeout` when hung."""
         from clickhouse_driver import Client
 
-        first, rest = replicas[0], replicas[1:]
-        return Client(first.host, first.port, alt_hosts=",".join(map(str, rest)) or None,
-                      settings={"max_query_size": MAX_QUERY_BYTES, **(settings or {})}, **self._credentials)
+        now = time.monotonic()
+        order = sorted(replicas, key=lambda r: self._silent.get(r, 0.0) > now)
+        client = Client(order[0].host, order[0].port, alt_hosts=",".join(map(str, order[1:])) or None,
+                        settings={"max_query_size": MAX_QUERY_BYTES, **(settings or {})}, **self._credentials)
+        client.abstream_order = order
+        return client
+
+    def _answered(self, client) -> None:
+        """Notes which replica `client` reached: the ones it tried before did not answer."""
+        connection, order = client.connection, client.abstream_order
+        reached = Replica(connection.host, connection.port) if connection.connected else None
+        for replica in order[:order.index(reached)] if reached in order else ():
+            if self._silent.get(replica, 0.0) < time.monotonic():
+                log.warning("ClickHouse at %s did not answer: tried last for the next %.0f s", replica, SILENT_SECONDS)
+            self._silent[replica] = time.monotonic() + SILENT_SECONDS
 
     def _discover(self) -> list[Shard]:
         """The shards and replicas of the cluster, as its servers know them."""
@@ -162,11 +186,12 @@ class Cluster:
                 client = self._client(shard.replicas)
             try:
                 result = _columns(client, sql, settings)
+                self._answered(client)
                 shard._idle.put(client)
                 return result
             except Exception as error:  # noqa: BLE001 - the driver's, translated
                 client.disconnect()
-                if attempt or getattr(error, "code", None) not in (None, 210):
+                if attempt or getattr(error, "code", None) not in (None, 209, 210):
                     raise translate(error, shard.name) from error
 
     def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
@@ -233,7 +258,10 @@ class Cluster:
         everyone = [r for shard in self.shards for r in shard.replicas]
         for settings in (self._read, {}):
             try:
-                return _columns(self._client(everyone), sql, settings)
+                client = self._client(everyone)
+                result = _columns(client, sql, settings)
+                self._answered(client)
+                return result
             except Exception as error:  # noqa: BLE001 - the driver's, translated
                 translated = translate(error, f"cluster {self.cluster}")
                 if not settings or getattr(translated, "code", None) not in _ZOOKEEPER:
@@ -262,8 +290,10 @@ class Cluster:
         deadline = time.monotonic() + INSERT_QUORUM_TIMEOUT_MS / 1000
         while True:
             try:
-                self._client(replicas).execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES",
-                                               list(columns.values()), columnar=True, settings=settings)
+                client = self._client(replicas)
+                client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", list(columns.values()),
+                               columnar=True, settings=settings)
+                self._answered(client)
                 return
             except Exception as error:  # noqa: BLE001 - the driver's, translated
                 # One quorum insert at a time per partition (18.16): another gateway's (or stream's)
@@ -276,7 +306,9 @@ class Cluster:
         """A statement (DDL) on any server."""
         everyone = [r for shard in self.shards for r in shard.replicas]
         try:
-            self._client(everyone).execute(sql)
+            client = self._client(everyone)
+            client.execute(sql)
+            self._answered(client)
         except Exception as error:  # noqa: BLE001 - the driver's, translated
             raise translate(error, f"cluster {self.cluster}") from error
 

@@ -89,6 +89,8 @@ class Settings:
     clickhouse_database: str = _s("ab", "the database `abstream clickhouse init` created")
     clickhouse_insert_quorum: int = _s(2, "replicas of each shard a batch is on before its ack (the same on every "
                                           "gateway)")
+    clickhouse_timeout_seconds: float = _s(30.0, "the longest a ClickHouse server may stay silent before the next "
+                                                 "replica is tried (a hung server still accepts connections)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -152,7 +154,8 @@ class Settings:
 #: Settings a value of 0 or less would leave the server refusing everything or misbehaving.
 _POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "http_max_body_bytes",
              "http_max_upload_bytes", "fsync_interval_ms", "snapshots_kept", "retention_sweep_seconds",
-             "kafka_session_timeout_ms", "clickhouse_insert_quorum")
+             "kafka_session_timeout_ms", "clickhouse_insert_quorum",
+             "clickhouse_timeout_seconds")
 #: Settings where 0 means none (or never) and less means nothing.
 _NOT_NEGATIVE = ("grace_seconds", "quarantine_limit", "snapshot_every_events", "snapshot_log_ratio",
                  "snapshot_every_seconds", "http_body_idle_seconds", "retention_days")

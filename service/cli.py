@@ -70,7 +70,8 @@ def _on_cluster(args) -> int:
     from abstream.core.errors import AbstreamError
 
     try:
-        backend = Cluster(args.clickhouse.split(","), args.clickhouse_cluster, args.clickhouse_database)
+        # Schema changes ON CLUSTER wait for every server, silently: not the gateway's timeout.
+        backend = Cluster(args.clickhouse.split(","), args.clickhouse_cluster, args.clickhouse_database, timeout=300)
         engine = ClickHouseEngine(backend)
         try:
             if args.command == "clickhouse":

@@ -218,6 +218,30 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
         cluster.start_node(1)
 
 
+def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(cluster, tmp_path):
+    """A server that hangs (SIGSTOP: it still accepts connections, and answers nothing) is given
+    up after --clickhouse-timeout-seconds, not the driver's 300 s, and its shard answered by the
+    other replica; then it is tried last, so the next calls do not wait for it at all."""
+    _, args = database(cluster)
+    g = gateway(tmp_path, [*args, "--clickhouse-timeout-seconds", "2"], "hung")
+    assert send(g.address, "h", 1).accepted == BATCH
+    assert totals(g.address) == (BATCH, BATCH)
+    hung = cluster.nodes[0]  # shard 1, replica 1: the first tried
+    os.kill(hung.process.pid, signal.SIGSTOP)
+    try:
+        assert totals(g.address) == (BATCH, BATCH)  # within the call's 30 s deadline
+        started = time.monotonic()
+        for _ in range(3):
+            assert totals(g.address) == (BATCH, BATCH)
+        waited = time.monotonic() - started
+        assert f"ClickHouse at 127.0.0.1:{hung.tcp_port} did not answer: tried last" in g.log()
+    finally:
+        os.kill(hung.process.pid, signal.SIGCONT)
+    assert waited < 2 * 3, f"three queries took {waited:.1f} s: each waited for the hung replica"
+    assert totals(g.address) == (BATCH, BATCH)
+    g.terminate()
+
+
 def test_zookeeper_down_refuses_ingest_with_retry_info_and_answers_queries(cluster, tmp_path):
     _, args = database(cluster)
     g = gateway(tmp_path, args, "z")
