@@ -12,6 +12,7 @@ import argparse
 import collections
 import concurrent.futures
 import csv
+import datetime
 import io
 import json
 import math
@@ -656,6 +657,7 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
     acked, until --timeout has passed: exactly once when sent with a producer id."""
     pending: collections.deque = collections.deque()  # sent, not yet acked, oldest first
     source = iter(chunks)
+    unreadable: list[BaseException] = []  # where the file could not be read: whichever call read that far
     lock = threading.Lock()  # a failed call's request thread may still be reading when the next call starts
     deadline, backoff = None, 0.1
     retriable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -671,10 +673,12 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                     if at < len(pending):  # resend what the last call left unacked
                         chunk = pending[at]
                     else:
+                        if unreadable:  # the reader stopped there: not the end of the file
+                            return
                         try:
                             chunk = next(source, None)
                         except Exception as error:  # noqa: BLE001 - raised again on the main thread
-                            attempt.error = error  # gRPC would only say "Exception iterating requests!"
+                            unreadable.append(error)  # gRPC would only say "Exception iterating requests!"
                             return
                         if chunk is None:
                             return
@@ -702,8 +706,8 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                 report.acked(path, chunk, ack)
                 progress.add(chunk)
                 deadline, backoff = None, 0.1
-            if attempt.error is not None:  # what came before the unreadable part is stored
-                raise attempt.error
+            if attempt.error is not None or unreadable:  # what came before the unreadable part is stored
+                raise attempt.error or unreadable[0]
             return
         except grpc.RpcError as error:
             if watchdog.fired:
@@ -822,12 +826,35 @@ def _columns_of(row_type) -> list[str]:
     return out
 
 
+def _iso(ns: int) -> str:
+    """A time in nanoseconds as ISO 8601 in UTC, its fraction as precise as it is (pyarrow
+    gives nanosecond times to Python only through pandas, which is not a dependency)."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    text = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += f".{fraction // 1000:06d}" if fraction % 1000 == 0 else f".{fraction:09d}"
+    return text + "Z"
+
+
+def _finite(value):
+    """JSON as the HTTP API writes it: a number that is not finite (a sum past the largest double)
+    is null, never the Infinity or NaN that JSON parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str], extra: dict[str, Any] | None = None) -> None:
     if fmt == "json":
-        print(json.dumps({"rows": rows, **(extra or {})}, indent=2, ensure_ascii=False, default=str))
+        print(json.dumps(_finite({"rows": rows, **(extra or {})}), indent=2, ensure_ascii=False, default=str,
+                         allow_nan=False))
     elif fmt == "ndjson":
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False, default=str))
+            print(json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -1175,6 +1202,7 @@ def _export(args) -> int:
     """Streams the pieces to the file as they come: a large test is never held whole. The file is
     written under another name beside it and renamed once whole: a failed export (the server
     away, a deadline) leaves what the file held, a previous export, as it was."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -1195,9 +1223,9 @@ def _export(args) -> int:
                     writer = writer or pacsv.CSVWriter(out, piece.schema)
                     writer.write_table(piece)
                 else:
-                    for row in piece.to_pylist():
-                        row["timestamp"] = row["timestamp"].isoformat().replace("+00:00", "Z")
-                        out.write(json.dumps(row).encode() + b"\n")
+                    times = [_iso(ns) for ns in piece.column("timestamp").cast(pa.int64()).to_pylist()]
+                    for row, at in zip(piece.drop_columns(["timestamp"]).to_pylist(), times):
+                        out.write(json.dumps({"timestamp": at, **row}).encode() + b"\n")
         if writer is not None:
             writer.close()
         if partial is not None:

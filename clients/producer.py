@@ -176,7 +176,8 @@ class Producer:
                 _, future = self._buffer.get_nowait()
             except queue.Empty:
                 break
-            future.set_exception(ProducerClosed("closed before this event was sent"))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ProducerClosed("closed before this event was sent"))
             failed += 1
         self._done(failed)
 
@@ -190,8 +191,10 @@ class Producer:
     def _run(self) -> None:
         while not self._closing.is_set() or not self._buffer.empty():
             batch = self._gather()
-            if batch:
-                self._deliver(batch)
+            taken = [(e, f) for e, f in batch if f.set_running_or_notify_cancel()]  # cancelled: not sent
+            self._done(len(batch) - len(taken))
+            if taken:
+                self._deliver(taken)
 
     def _gather(self) -> list[tuple[pb.Event, Future]]:
         batch = []

@@ -439,6 +439,62 @@ def test_gzipped_ndjson_and_csv_are_read_inflated_from_files_and_standard_input(
                                                                        "--addr", server.address))
 
 
+def test_a_file_cut_short_is_an_error_even_when_the_call_that_read_the_cut_was_refused_and_retried(tmp_path):
+    """A token's ingest rate refuses the file's second batch while the reader, ahead of the
+    acks, has already reached where the gzip data ends: the call is retried with what was not
+    acked, and the cut must still be said (exit 2), not lost with the refused call (it printed
+    "accepted" and exited 0)."""
+    import gzip
+
+    secured = ServerThread(Settings(addr="127.0.0.1:0", data_dir="",
+                                    tokens_file=str(tokens_file(tmp_path / "tokens.toml", {"slow": 3_000})))).start()
+    try:
+        # Read through a buffer of 1 MiB: ~2.4 MB, so that batches are sent before the cut is read.
+        rows = ["timestamp,user_id,test_id,variant,session_id"] + [
+            f"2025-04-28 18:42:22,user_{i},cut_rate,{'AB'[i % 2]},session_{i:08d}" for i in range(40_000)]
+        whole = gzip.compress(("\n".join(rows) + "\n").encode())
+        (tmp_path / "cut.csv.gz").write_bytes(whole[:len(whole) * 3 // 4])
+        result = run("ingest", str(tmp_path / "cut.csv.gz"), "--addr", secured.address, "--token",
+                     TOKENS["slow"][0], "--batch-size", "500")
+        assert "it ends inside its gzip data (cut short?)" in one_line(result)
+        assert 10_000 <= events_of_token(secured.address, "cut_rate", TOKENS["slow"][0]) < 40_000
+    finally:
+        secured.stop()
+
+
+def events_of_token(address: str, test_id: str, token: str) -> int:
+    with Client(address, token=token) as client:
+        return sum(r.metrics.events for r in client.summary(test_id).rows)
+
+
+def test_json_output_is_json_when_a_total_is_not_finite_and_ndjson_exports_need_no_pandas(server, tmp_path):
+    """Two revenues of 1e308 sum past the largest double: --format json and ndjson say null (as
+    the HTTP API does), never Infinity, which JSON parsers refuse. An NDJSON export of times
+    with nanoseconds is written without pandas (pyarrow gives such times to Python only
+    through it, and it is not a dependency)."""
+    path = write_ndjson(tmp_path / "huge.ndjson", [{**event(i, "huge", "A"), "revenue": 1e308} for i in range(2)]
+                        + [event(9, "huge", "A", when="2025-04-28T18:42:22.123456789Z")])
+    assert run("ingest", str(path), "--addr", server.address).returncode == 0
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+
+    result = run("summary", "huge", "--addr", server.address, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    (row,) = strict(result.stdout)["rows"]
+    assert row["total_revenue"] is None and row["events"] == 3
+    result = run("summary", "huge", "--addr", server.address, "--format", "ndjson")
+    assert strict(result.stdout.splitlines()[0])["total_revenue"] is None
+    blocked = tmp_path / "blocked"
+    (blocked / "pandas").mkdir(parents=True)
+    (blocked / "pandas" / "__init__.py").write_text('raise ImportError("pandas is not installed here")\n')
+    result = run("export", "huge", "--addr", server.address, "--output", "-", "--format", "ndjson",
+                 env={"PYTHONPATH": str(blocked)})
+    assert result.returncode == 0, result.stderr
+    times = sorted(strict(line)["timestamp"] for line in result.stdout.splitlines())
+    assert times == ["2025-04-28T18:42:22.123456789Z", "2025-04-28T18:42:22Z", "2025-04-28T18:42:22Z"]
+
+
 def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
     import pyarrow as pa
     import pyarrow.feather as feather

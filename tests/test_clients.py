@@ -140,6 +140,24 @@ def test_producer_resolves_every_event(server):
         assert sum(r.metrics.events for r in client.summary("prod").rows) == 120
 
 
+def test_a_future_cancelled_before_its_batch_is_sent_is_not_sent_and_the_producer_goes_on(server):
+    """A caller may cancel a future it no longer waits for (asyncio.wait_for on a wrapped one
+    does): its event is not sent, and the producer's thread, which resolved it regardless and
+    died of the InvalidStateError, sends the events after it."""
+    good = {"timestamp": "2025-04-28 18:42:22", "user_id": "u", "test_id": "cancelled", "variant": "a",
+            "event_type": "click", "conversion": 0, "revenue": 1.0}
+    with Producer(server.address, batch_size=50, linger_ms=500) as producer:
+        gone = producer.send({**good, "user_id": "gone"})
+        assert gone.cancel()  # still lingering in its batch
+        kept = [producer.send({**good, "user_id": f"kept{i}"}) for i in range(3)]
+        assert producer.flush(timeout=30)
+        later = producer.send({**good, "user_id": "later"})
+        assert producer.flush(timeout=30)
+    assert gone.cancelled() and all(f.result() == Delivery(True) for f in [*kept, later])
+    with Client(server.address) as client:
+        assert sum(r.metrics.events for r in client.summary("cancelled").rows) == 4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
