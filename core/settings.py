@@ -89,6 +89,10 @@ class Settings:
     clickhouse_database: str = _s("ab", "the database `abstream clickhouse init` created")
     clickhouse_insert_quorum: int = _s(2, "replicas of each shard a batch is on before its ack (the same on every "
                                           "gateway)")
+    clickhouse_user: str = _s("default", "the ClickHouse user the gateway connects as")
+    clickhouse_password: str = field(default="", repr=False, metadata={
+        "help": "its password: better in ABSTREAM_CLICKHOUSE_PASSWORD (a flag shows in the process list)",
+        "choices": (), "serve_default": None})
     clickhouse_timeout_seconds: float = _s(30.0, "the longest a ClickHouse server may stay silent before the next "
                                                  "replica is tried (a hung server still accepts connections)")
 

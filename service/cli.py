@@ -60,6 +60,10 @@ def _cluster_arguments(p: argparse.ArgumentParser, flag: str = "--clickhouse") -
                    help="host:port[,host:port...] of the cluster's servers (env ABSTREAM_CLICKHOUSE)")
     p.add_argument("--clickhouse-cluster", default=cluster or None, required=not cluster,
                    help="the cluster's name (env ABSTREAM_CLICKHOUSE_CLUSTER)")
+    p.add_argument("--clickhouse-user", default=os.environ.get("ABSTREAM_CLICKHOUSE_USER", "default"),
+                   help="the user to connect as (env ABSTREAM_CLICKHOUSE_USER, default 'default')")
+    p.add_argument("--clickhouse-password", default=os.environ.get("ABSTREAM_CLICKHOUSE_PASSWORD", ""),
+                   help="its password: better in ABSTREAM_CLICKHOUSE_PASSWORD (a flag shows in the process list)")
     p.add_argument("--clickhouse-database", default=database,
                    help=f"(env ABSTREAM_CLICKHOUSE_DATABASE, default {database!r})")
 
@@ -71,7 +75,8 @@ def _on_cluster(args) -> int:
 
     try:
         # Schema changes ON CLUSTER wait for every server, silently: not the gateway's timeout.
-        backend = Cluster(args.clickhouse.split(","), args.clickhouse_cluster, args.clickhouse_database, timeout=300)
+        backend = Cluster(args.clickhouse.split(","), args.clickhouse_cluster, args.clickhouse_database, timeout=300,
+                          user=args.clickhouse_user, password=args.clickhouse_password)
         engine = ClickHouseEngine(backend)
         try:
             if args.command == "clickhouse":

@@ -99,7 +99,8 @@ def open_engine(settings: Settings, namespaces: tuple[str, ...] = ()) -> Engine:
         from abstream.clickhouse.engine import ClickHouseEngine
 
         backend = Cluster(s.clickhouse.split(","), s.clickhouse_cluster, s.clickhouse_database,
-                          insert_quorum=s.clickhouse_insert_quorum, timeout=s.clickhouse_timeout_seconds)
+                          insert_quorum=s.clickhouse_insert_quorum, timeout=s.clickhouse_timeout_seconds,
+                          user=s.clickhouse_user, password=s.clickhouse_password)
         return ClickHouseEngine.opened(backend)
     from abstream.store import Durability, EventStore
 

@@ -242,6 +242,24 @@ def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(clu
     g.terminate()
 
 
+def test_the_gateway_connects_with_the_user_and_password_it_is_given(cluster, tmp_path, monkeypatch):
+    """The user and password go to every server (here: a password the cluster's `default` user
+    does not have, refused by name, and never printed); with none given, `default` without one."""
+    _, args = database(cluster)
+    monkeypatch.setenv("ABSTREAM_CLICKHOUSE_PASSWORD", "not-its-password")
+    code, said = Server(tmp_path / "refused", *args).start_expecting_failure()
+    assert code == 1 and re.search("Wrong password for user default|Authentication failed", said), said
+    assert "not-its-password" not in said
+    init = subprocess.run([str(Path(sys.executable).parent / "abstream"), "clickhouse", "init", "--clickhouse",
+                           cluster.hosts(), "--clickhouse-cluster", cluster.cluster_name, "--clickhouse-user",
+                           "nobody_here"], capture_output=True, text=True, timeout=120)
+    assert init.returncode != 0 and "nobody_here" in init.stderr and "Traceback" not in init.stderr, init.stderr
+    monkeypatch.delenv("ABSTREAM_CLICKHOUSE_PASSWORD")
+    g = gateway(tmp_path, args, "allowed")
+    assert send(g.address, "c", 1).accepted == BATCH
+    g.terminate()
+
+
 def test_zookeeper_down_refuses_ingest_with_retry_info_and_answers_queries(cluster, tmp_path):
     _, args = database(cluster)
     g = gateway(tmp_path, args, "z")
