@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, fields
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 #: Commands of the server side (service/cli.py).
 SERVER_COMMANDS = {"serve": "run the server (abstream serve --help lists every setting)",
@@ -468,12 +468,17 @@ def explain(error: BaseException, args) -> str | None:
 def _client(args):
     from abstream.clients.client import Client
 
+    _check_connection_args(args)
+    return Client(args.addr, token=args.token, timeout=args.timeout, **_tls(args))
+
+
+def _check_connection_args(args) -> None:
+    """What gRPC would refuse with its own multi-line log: said in one line, for every command."""
     if not args.addr.strip():
         raise ValueError("--addr (ABSTREAM_ADDR) is empty: give the server's HOST:PORT")
-    if args.token is not None and not args.token.isprintable():
-        raise ValueError("--token (ABSTREAM_TOKEN) holds a line break or another control character: give the token "
-                         "alone")
-    return Client(args.addr, token=args.token, timeout=args.timeout, **_tls(args))
+    if args.token is not None and not (args.token.isprintable() and args.token.isascii()):
+        raise ValueError("--token (ABSTREAM_TOKEN) holds a line break, a control character or a character other than "
+                         "ASCII: give the token alone, as it was made")
 
 
 def _tls(args) -> dict:
@@ -586,6 +591,7 @@ def _ingest(args) -> int:
     from abstream.v1 import analytics_pb2 as pb
     from abstream.v1 import analytics_pb2_grpc as pb_grpc
 
+    _check_connection_args(args)
     report = Report()
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     progress = Progress(args, plan)
@@ -658,8 +664,12 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
     pending: collections.deque = collections.deque()  # sent, not yet acked, oldest first
     source = iter(chunks)
     unreadable: list[BaseException] = []  # where the file could not be read: whichever call read that far
-    lock = threading.Lock()  # a failed call's request thread may still be reading when the next call starts
-    deadline, backoff = None, 0.1
+    lock = threading.Lock()  # the queue and the calls' counts
+    # The file, read by one call's request thread at a time: a failed call's may still be reading
+    # (standard input may wait for a line) when the next call starts, and it must not hold up
+    # the main thread, which takes `lock`, meanwhile.
+    reading = threading.Lock()
+    deadline, backoff, answered = None, 0.1, False
     retriable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
     while True:
         attempt = _Attempt()
@@ -670,9 +680,14 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                     if not attempt.live:
                         return
                     at = attempt.sent - attempt.acked
-                    if at < len(pending):  # resend what the last call left unacked
-                        chunk = pending[at]
-                    else:
+                    chunk = pending[at] if at < len(pending) else None  # resend what the last call left unacked
+                    if chunk is not None:
+                        attempt.sent += 1
+                if chunk is None:
+                    with reading:  # read and queued in the file's order
+                        with lock:
+                            if attempt.sent - attempt.acked < len(pending):  # queued by the call before: first
+                                continue
                         if unreadable:  # the reader stopped there: not the end of the file
                             return
                         try:
@@ -686,8 +701,11 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                         if not chunk.table.num_rows:
                             progress.add(chunk)
                             continue
-                        pending.append(chunk)
-                    attempt.sent += 1
+                        with lock:
+                            pending.append(chunk)
+                            if not attempt.live:  # ended while this was read: the next call sends it
+                                return
+                            attempt.sent += 1
                 try:
                     message = request(chunk)
                 except Exception as error:  # noqa: BLE001 - as above
@@ -696,10 +714,11 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
                 yield message
 
         call = stub.IngestEvents(requests(), metadata=metadata)
-        watchdog = _Watchdog(call, timeout)
+        watchdog = _Watchdog(call, timeout, lambda attempt=attempt: attempt.sent > attempt.acked)
         try:
             for ack in call:
                 watchdog.progress()
+                answered = True
                 with lock:
                     chunk = pending.popleft()
                     attempt.acked += 1
@@ -712,8 +731,8 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
         except grpc.RpcError as error:
             if watchdog.fired:
                 raise _Stalled(timeout) from None
-            if error.code() not in retriable:
-                raise
+            if error.code() not in retriable or not answered and _unreached(error, grpc):
+                raise  # nothing there, or not speaking TLS as we do: not something waiting fixes
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() + backoff > deadline:
                 raise
@@ -740,19 +759,30 @@ class _Stalled(ValueError):
                          "and running the same command again sends the rest")
 
 
-class _Watchdog:
-    """Cancels a call that makes no progress (no ack) for `timeout` seconds."""
+def _unreached(error, grpc) -> bool:
+    """The call failed before reaching a server: none listens, or it does not speak as we do."""
+    lowered = (error.details() or "").lower()
+    return error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        w in lowered for w in ("failed to connect", "connection refused", "dns", "socket closed", "ssl", "handshake",
+                               "certificate", "tls"))
 
-    def __init__(self, call, timeout: float) -> None:
+
+class _Watchdog:
+    """Cancels a call that makes no progress (no ack) for `timeout` seconds while it has sent
+    something to ack (`waiting`): input that is slow to come is not the server's stall."""
+
+    def __init__(self, call, timeout: float, waiting: Callable[[], bool] = lambda: True) -> None:
         self.fired = False
-        self._call, self._timeout = call, timeout
+        self._call, self._timeout, self._waiting = call, timeout, waiting
         self._last = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            if time.monotonic() - self._last > self._timeout:
+            if not self._waiting():
+                self._last = time.monotonic()
+            elif time.monotonic() - self._last > self._timeout:
                 self.fired = True
                 self._call.cancel()
                 return

@@ -495,6 +495,27 @@ def test_json_output_is_json_when_a_total_is_not_finite_and_ndjson_exports_need_
     assert times == ["2025-04-28T18:42:22.123456789Z", "2025-04-28T18:42:22Z", "2025-04-28T18:42:22Z"]
 
 
+def test_input_slow_to_come_is_not_taken_for_a_stalled_server_and_a_token_gets_checked(server, tmp_path):
+    """Standard input with a pause longer than --timeout before its last line (a producer piping
+    events as they happen): nothing was waiting for an ack meanwhile, so it is stored, not
+    failed as "the server acknowledged nothing". A token gRPC could not send is said in one
+    line by ingest as by every command."""
+    sending = subprocess.Popen([str(BIN / "abstream"), "ingest", "-", "--addr", server.address, "--producer-id",
+                                "piped", "--timeout", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    sending.stdin.write(json.dumps(event(1, "piped", "A")) + "\n")
+    sending.stdin.flush()
+    time.sleep(4)
+    sending.stdin.write(json.dumps(event(2, "piped", "B")) + "\n")
+    out, err = sending.communicate(timeout=60)  # closes its input: the end of the file
+    assert sending.returncode == 0 and out.startswith("accepted 2, rejected 0"), (out, err)
+    assert events_of(server.address, "piped") == 2
+    path = write_ndjson(tmp_path / "e.ndjson", [event(1, "t", "A")])
+    for token in ("abc\n", "tökén"):
+        line = one_line(run("ingest", str(path), "--addr", server.address, "--token", token))
+        assert "--token (ABSTREAM_TOKEN) holds a line break, a control character or a character other" in line
+
+
 def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
     import pyarrow as pa
     import pyarrow.feather as feather
@@ -756,6 +777,10 @@ def test_cli_and_client_over_tls_and_mutual_tls(tmp_path):
         assert "closed the connection" in no_cert and "--cert and --key" in no_cert
         plaintext = one_line(run("tests", "--addr", addr, "--timeout", "5"))
         assert "closed the connection" in plaintext and "pass --tls or --ca" in plaintext
+        started = time.monotonic()  # ingest says so at once too: no retrying for --timeout
+        plaintext = one_line(run("ingest", str(path), "--addr", addr, "--timeout", "30"))
+        assert "closed the connection" in plaintext and "pass --tls or --ca" in plaintext
+        assert time.monotonic() - started < 20, "ingest retried a TLS mismatch until its --timeout"
         half = run("tests", "--addr", addr, "--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]))
         assert "needs both a client certificate and its key" in one_line(half)
         untrusted = one_line(run("tests", "--addr", addr, "--tls", "--timeout", "5"))  # the system's roots only
