@@ -439,6 +439,9 @@ def explain(error: BaseException, args) -> str | None:
         if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("socket closed", "ssl", "handshake",
                                                                                 "certificate", "tls")):
             return f"{where} closed the connection ({_first_line(details)}): {_tls_hint(lowered, args)}"
+        if code == grpc.StatusCode.UNAVAILABLE and ("keepalive" in lowered or "ping timeout" in lowered):
+            return (f"{where} stopped answering (its connection did not answer a ping within 10 s): is it stopped or "
+                    "overloaded? What it acknowledged before is stored")
         if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "refused" in details.lower()
                                                      or "dns" in details.lower() or "unavailable" in details.lower()):
             return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "

@@ -400,12 +400,20 @@ def _experiment(e: pb.Experiment) -> Experiment:
                       _utc(e.updated_time) if e.HasField("updated_time") else None, e.retention_days or None)
 
 
+KEEPALIVE_MS = 20_000
+
+
 def channel_for(addr: str, tls: bool | bytes | None = None, options: Sequence[tuple[str, Any]] = (),
                 cert: bytes | None = None, key: bytes | None = None) -> grpc.Channel:
     """A channel: plaintext by default; `tls=True` for the system's roots, or a CA certificate (PEM);
     `cert` and `key` (PEM) for mutual TLS."""
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-               *options]
+               # While a call is open, a ping every 20 s that must be answered within 10: a server
+               # that hangs (or its machine) ends a stream without a deadline (an export, an
+               # import) instead of holding it for ever; pings go on however long the call is silent.
+               ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 10_000),
+               ("grpc.http2.ping_timeout_ms", 10_000),  # gRPC's own bound on a ping's answer, else a minute
+               ("grpc.http2.max_pings_without_data", 0), *options]
     if bool(cert) != bool(key):
         raise ValueError("mutual TLS needs both a client certificate and its key")
     if not tls and not cert:

@@ -197,6 +197,10 @@ class AnalyticsServer:
                 # Answers are ours and bounded by what was asked (an ack of 100,000 rejections is
                 # ~8 MB, a minute-by-minute series of a quarter ~30 MB): not by what clients may send.
                 ("grpc.max_send_message_length", max(settings.max_message_bytes, MAX_RESPONSE_BYTES)),
+                # Clients' keepalive pings (ours: every 20 s while a call is open, clients/client.py)
+                # are welcome during a long silent call (an import watching for objects); gRPC's
+                # default, one per 5 minutes, answers them with GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
         add_analytics_service(AnalyticsServicer(self.core), self._server)

@@ -344,6 +344,35 @@ def test_an_object_of_unreadable_lines_fails_past_the_limit_and_the_others_are_i
     server.terminate()
 
 
+def test_an_import_watching_a_server_that_hangs_ends_with_one_line_instead_of_waiting_for_ever(tmp_path):
+    """A stream without a deadline (an import, an export) on a server that hangs (SIGSTOP: its
+    connection stays open, and nothing answers) ends once a keepalive ping goes unanswered:
+    within 30 s, not never."""
+    import signal
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "one.csv").write_bytes(csv_bytes(events(10, "hang_watch")))
+    server = Server(tmp_path / "data", "--import-root", str(folder)).start()
+    watching = subprocess.Popen([str(BIN / "abstream"), "import", str(folder), "--addr", server.address, "--watch",
+                                 "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while stored(server, "hang_watch") < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            out, err = watching.communicate(timeout=120)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+    finally:
+        watching.kill()
+    assert watching.returncode == 2 and "Traceback" not in err, (out, err)
+    assert f"the server at {server.address} stopped answering" in err, err
+    server.terminate()
+
+
 def test_a_parquet_object_that_decodes_past_what_its_rows_could_hold_fails_alone_unread(bucket, tmp_path):
     """A few MB of compressed, distinct long strings decode to gigabytes: such an object fails
     alone, its row groups' sizes read from its footer, and the objects beside it are imported."""
