@@ -515,7 +515,10 @@ class ClickHouseEngine:
         """Nothing in the background here: merges are the cluster's."""
 
     def maintain(self) -> None:
-        """Nothing periodic: replication and merges are the cluster's."""
+        """Once a second: Unavailable, naming it, while a shard has no replica that answers (health
+        then says NOT_SERVING: no call that needs that shard can be answered); replication and
+        merges are the cluster's."""
+        self._b.each_shard("SELECT 1", timeout=5)
 
     def gauges(self) -> list[Gauge]:
         return [Gauge("abstream_clickhouse_shards", "Shards of the ClickHouse cluster", lambda: len(self._b.shards))]

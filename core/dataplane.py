@@ -128,7 +128,7 @@ class Core:
         self.metrics = metrics or Metrics(None)
         self._engine: Engine | None = None  # set once the engine is open (recovered)
         self.draining = False
-        self.stopped: Unavailable | None = None  # why the engine can store nothing more (its log failed)
+        self.stopped: Unavailable | None = None  # why the engine cannot store now (its log failed, a shard is down)
         self.retention_days = 0.0  # --retention-days: 0 keeps events for ever
         self.sources: dict = {}  # the server's own sources (Kafka) by name: each has `serving` and `state`
         self.events_acked = 0  # events stored by this process's ingest since it started

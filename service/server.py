@@ -294,7 +294,8 @@ class AnalyticsServer:
     async def _every_second(self) -> None:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
         once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused).
-        Health says NOT_SERVING for good once the engine can store nothing more (its log failed)."""
+        Health says NOT_SERVING while the engine cannot store: for good once its log failed, until
+        its shards answer again for the cluster's."""
         seen, trimmed = None, True
         swept = time.monotonic()
         while True:
@@ -302,8 +303,14 @@ class AnalyticsServer:
             engine = self.core.engine
             try:
                 await asyncio.to_thread(engine.maintain)
-            except Unavailable as error:  # the engine can store nothing more (its log failed, and said why)
+                if self.core.stopped is not None:  # the cluster's shard is back (a failed log never is)
+                    log.info("health: SERVING again (it was NOT_SERVING: %s)", self.core.stopped)
+                    self.core.stopped = None
+                    if not self.core.draining:
+                        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            except Unavailable as error:  # the engine cannot store now (its log failed, a shard is down)
                 if self.core.stopped is None:
+                    log.warning("health: NOT_SERVING: %s", error)
                     self.core.stopped = error
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 continue

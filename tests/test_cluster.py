@@ -4,6 +4,7 @@ ZooKeeper down, `make cluster` queried with grpcurl. Every statement runs on chD
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -92,6 +95,18 @@ def retry_delay(error: grpc.RpcError) -> float | None:
         if detail.Unpack(info):
             return info.retry_delay.ToTimedelta().total_seconds()
     return None
+
+
+def wait_for_health(g: Server, status: str, timeout: float = 30) -> None:
+    """The gateway's gRPC health becomes `status` (it checks its shards every second)."""
+    from grpc_health.v1 import health_pb2
+
+    want = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+    deadline = time.monotonic() + timeout
+    with g.channel() as channel:
+        while g.health(channel) != want:
+            assert time.monotonic() < deadline, f"health did not become {status}"
+            time.sleep(0.2)
 
 
 def test_a_retry_after_a_gateway_crash_is_stored_once_through_another_gateway(cluster, tmp_path):
@@ -180,6 +195,11 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
     cluster.kill_node(2)
     cluster.kill_node(3)  # both replicas of shard 2
     try:
+        wait_for_health(g, "NOT_SERVING")  # a load balancer sends its calls elsewhere
+        with pytest.raises(urllib.error.HTTPError) as http_health:
+            urllib.request.urlopen(f"http://{g.http_address}/health", timeout=10)
+        said = json.loads(http_health.value.read())
+        assert http_health.value.code == 503 and "shard 2" in said["error"], said
         with grpc.insecure_channel(g.address) as channel:
             with pytest.raises(grpc.RpcError) as refused:
                 pb_stub(channel).Summary(pb.SummaryRequest(test_id="dur"), timeout=30)
@@ -196,6 +216,7 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
     finally:
         cluster.start_node(2)
         cluster.start_node(3)
+    wait_for_health(g, "SERVING")
     assert totals(g.address) == (BATCH, BATCH)
     with Client(g.address, timeout=30) as client:
         deadline = time.monotonic() + 60
@@ -237,6 +258,10 @@ def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(clu
         assert f"ClickHouse at 127.0.0.1:{hung.tcp_port} did not answer: tried last" in g.log()
     finally:
         os.kill(hung.process.pid, signal.SIGCONT)
+        # Restarted: its ZooKeeper session expired while it was stopped, and the next test's
+        # schema statements ON CLUSTER would meet it.
+        cluster.kill_node(0)
+        cluster.start_node(0)
     assert waited < 2 * 3, f"three queries took {waited:.1f} s: each waited for the hung replica"
     assert totals(g.address) == (BATCH, BATCH)
     g.terminate()
