@@ -138,13 +138,30 @@ class Cluster:
         return client
 
     def _answered(self, client) -> None:
-        """Notes which replica `client` reached: the ones it tried before did not answer."""
-        connection, order = client.connection, client.abstream_order
-        reached = Replica(connection.host, connection.port) if connection.connected else None
-        for replica in order[:order.index(reached)] if reached in order else ():
-            if self._silent.get(replica, 0.0) < time.monotonic():
-                log.warning("ClickHouse at %s did not answer: tried last for the next %.0f s", replica, SILENT_SECONDS)
-            self._silent[replica] = time.monotonic() + SILENT_SECONDS
+        """Notes which replica `client` reached: the ones it tried before did not answer. Its
+        order is then the driver's, which goes on from the one reached."""
+        order, reached = client.abstream_order, _connected_to(client)
+        if reached in order and (at := order.index(reached)):
+            for replica in order[:at]:
+                self._silence(replica)
+            client.abstream_order = order[at:] + order[:at]
+
+    def _silence(self, replica: Replica) -> None:
+        if self._silent.get(replica, 0.0) < time.monotonic():
+            log.warning("ClickHouse at %s did not answer: tried last for the next %.0f s", replica, SILENT_SECONDS)
+        self._silent[replica] = time.monotonic() + SILENT_SECONDS
+
+    def _idle_client(self, shard: Shard):
+        """An idle client of `shard` not connected to a replica that did not answer lately (each
+        would wait for it again), or None."""
+        while True:
+            try:
+                client = shard._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if self._silent.get(_connected_to(client), 0.0) < time.monotonic():
+                return client
+            client.disconnect()
 
     def _discover(self) -> list[Shard]:
         """The shards and replicas of the cluster, as its servers know them."""
@@ -180,18 +197,19 @@ class Cluster:
 
     def _on_a_replica(self, shard: Shard, sql: str, settings: dict) -> Columns:
         for attempt in (0, 1):
-            try:
-                client = shard._idle.get_nowait()
-            except queue.Empty:
-                client = self._client(shard.replicas)
+            client = self._idle_client(shard) or self._client(shard.replicas)
+            at = _connected_to(client)
             try:
                 result = _columns(client, sql, settings)
                 self._answered(client)
                 shard._idle.put(client)
                 return result
             except Exception as error:  # noqa: BLE001 - the driver's, translated
+                code = getattr(error, "code", None)
+                if code in (209, 210) and at is not None:  # the replica it was connected to went silent
+                    self._silence(at)
                 client.disconnect()
-                if attempt or getattr(error, "code", None) not in (None, 209, 210):
+                if attempt or code not in (None, 209, 210):
                     raise translate(error, shard.name) from error
 
     def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
@@ -401,6 +419,11 @@ def _columns(client, sql: str, settings: dict) -> Columns:
     """A result column by column; with no rows, as many empty columns as the result has."""
     data, types = client.execute(sql, settings=settings, columnar=True, with_column_types=True)
     return [list(column) for column in data] if data else [[] for _ in types]
+
+
+def _connected_to(client) -> Replica | None:
+    connection = client.connection
+    return Replica(connection.host, connection.port) if connection.connected else None
 
 
 def _replica(address: str) -> Replica:

@@ -231,6 +231,10 @@ class ClickHouseEngine:
             named["timestamp"] = named.pop("ns")
             yield pa.table({f.name: pa.array(named[f.name], f.type) for f in EVENT_SCHEMA}, schema=EVENT_SCHEMA)
 
+    @property
+    def identity(self) -> str:
+        return f"clickhouse:{self._b.cluster}:{self.database}"
+
     def last_sequence(self, producer_id: str) -> int:
         (seen,), (last,) = self._b.query(sql.last_sequence(self._b.table(sql.PRODUCERS), producer_id))
         return int(last) if seen else 0
@@ -518,7 +522,12 @@ class ClickHouseEngine:
         """Once a second: Unavailable, naming it, while a shard has no replica that answers (health
         then says NOT_SERVING: no call that needs that shard can be answered); replication and
         merges are the cluster's."""
-        self._b.each_shard("SELECT 1", timeout=5)
+        try:
+            self._b.each_shard("SELECT 1", timeout=5)
+        except Unavailable:
+            raise
+        except AbstreamError as error:  # refused (a password changed, say): it cannot serve either
+            raise Unavailable(str(error)) from error
 
     def gauges(self) -> list[Gauge]:
         return [Gauge("abstream_clickhouse_shards", "Shards of the ClickHouse cluster", lambda: len(self._b.shards))]

@@ -734,7 +734,8 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
         except grpc.RpcError as error:
             if watchdog.fired:
                 raise _Stalled(timeout) from None
-            if error.code() not in retriable or not answered and _unreached(error, grpc):
+            answered = answered or not _unreached(error, grpc)  # a server draining, say: it restarts
+            if error.code() not in retriable or not answered:
                 raise  # nothing there, or not speaking TLS as we do: not something waiting fixes
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() + backoff > deadline:

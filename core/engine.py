@@ -94,6 +94,11 @@ class Engine(Protocol):
         """The sequence of the producer's last applied batch (0: none), where a source that
         numbers its batches by its own positions (a Kafka offset, a file's batch) resumes."""
 
+    @property
+    def identity(self) -> str:
+        """Names the data this engine stores into: the same for every process over the same data
+        (a Kafka group's servers each with a store of their own tell their commits apart by it)."""
+
     def experiments(self) -> dict[str, Experiment]:
         """Every test's plan, by test id."""
 

@@ -311,8 +311,8 @@ class AnalyticsServer:
             except Unavailable as error:  # the engine cannot store now (its log failed, a shard is down)
                 if self.core.stopped is None:
                     log.warning("health: NOT_SERVING: %s", error)
-                    self.core.stopped = error
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                self.core.stopped = error  # the latest reason (another shard, say)
                 continue
             except Exception:  # noqa: BLE001 - logged; the next tick tries again
                 log.exception("periodic maintenance failed")

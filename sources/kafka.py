@@ -3,8 +3,10 @@
 Each partition is a producer, `kafka:<topic>:<partition>`, and a batch's sequence is the offset
 after its last message: the store remembers, durably and with the events, how far each partition
 got. When a partition is assigned (at start, after a crash, after a rebalance) consumption
-resumes from there, whatever offset the group had committed; so what was stored but not
-committed before a crash is neither lost nor stored twice, without Kafka transactions. Offsets
+resumes from there, whatever offset this store had committed to the group; so what was stored
+but not committed before a crash is neither lost nor stored twice, without Kafka transactions.
+Commits name their store (their metadata): a partition handed back resumes at another store's
+commit past its own (that server stored what came between). Offsets
 are committed after the events they cover are durable, for the group's lag and for other tools.
 A partition whose log ends below the stored offset (the topic was deleted and created again, or a
 broker lost its storage) is read again from its start as a new producer,
@@ -29,7 +31,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -118,7 +120,7 @@ def kafka_config(bootstrap: str, topics: str, group: str, session_timeout_ms: in
             raise KafkaConfigError(f"kafka bootstrap: {broker.strip()[:100]!r} is not HOST:PORT (a port of 1 to "
                                    "65535; brokers separated by commas)")
     for name in names:
-        if not _TOPIC.fullmatch(name) or name in (".", ".."):
+        if not name.startswith("^") and (not _TOPIC.fullmatch(name) or name in (".", "..")):  # ^: a pattern
             raise KafkaConfigError(f"kafka topic {name[:100]!r}: a topic name is 1 to 249 letters, digits, '.', "
                                    "'_' or '-'")
     client = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in section.get("client", {}).items()}
@@ -148,6 +150,16 @@ def _check_properties(config: KafkaConfig, path: str) -> None:
         raise KafkaConfigError(f"kafka config {path or '(flags)'}: {error.args[0].str()}"[:500]) from None
     except (ValueError, TypeError) as error:
         raise KafkaConfigError(f"kafka config {path or '(flags)'}: {error}"[:500]) from None
+
+
+def resume_at(stored: int, committed: int, owner: str | None, identity: str) -> int:
+    """Where a partition resumes: after what the store holds of it, or at the group's commit
+    past that when another store made it (its metadata names the store): another server of
+    the group stored, in a store of its own, what came between while it had the partition.
+    A commit of this store's own past what it holds (a power loss with --fsync interval, a
+    backup restored) is read again. A commit that names no store (one made before commits
+    named them, or a broker that keeps no commit metadata) is taken for another's."""
+    return committed if stored and committed > stored and owner != identity else stored
 
 
 def producer_of(topic: str, partition: int, generation: int = 0) -> str:
@@ -270,10 +282,9 @@ class KafkaSource:
 
     def _assigned(self, consumer, partitions) -> None:
         """Each partition resumes after what the store has of it, in its latest generation (one
-        the store has offsets of, or the first), or at the group's commit where that is further:
-        another server of the group stored (in its own store) what came between, while it had
-        the partition."""
-        committed = self._committed(consumer, partitions)
+        the store has offsets of, or the first), or where `resume_at` says."""
+        committed = self._committed(consumer, partitions, with_owner=True)
+        identity = self.core.engine.identity
         for tp in partitions:
             generation = 0
             def stored_of(generation: int) -> int:
@@ -282,10 +293,11 @@ class KafkaSource:
             while later := stored_of(generation + 1):
                 generation, stored = generation + 1, later
             key = (tp.topic, tp.partition)
-            if stored and not generation and committed.get(key, -1) > stored:
+            offset, owner = committed.get(key, (-1, None))
+            if not generation and (at := resume_at(stored, offset, owner, identity)) != stored:
                 log.info("kafka: %s[%d] resumes at the group's offset %d: the store holds it up to %d, the rest "
-                         "was stored by another server of the group", *key, committed[key], stored)
-                stored = committed[key]
+                         "was stored by another server of the group", *key, at, stored)
+                stored = at
             if stored:
                 tp.offset = stored
             self._next[key], self._generation[key] = stored, generation
@@ -298,12 +310,14 @@ class KafkaSource:
         if not self._paused:
             self._set(True, self._consuming)
 
-    def _committed(self, consumer, partitions) -> dict[tuple[str, int], int]:
-        """The group's committed offsets of `partitions` ({} if they cannot be read)."""
+    def _committed(self, consumer, partitions, with_owner: bool = False) -> dict[tuple[str, int], Any]:
+        """The group's committed offsets of `partitions` (with the store that committed each, its
+        metadata, when `with_owner`); {} if they cannot be read."""
         from confluent_kafka import KafkaException
 
         try:
-            return {(c.topic, c.partition): c.offset for c in consumer.committed(partitions, timeout=10)}
+            return {(c.topic, c.partition): (c.offset, c.metadata or None) if with_owner else c.offset
+                    for c in consumer.committed(partitions, timeout=10)}
         except KafkaException as error:
             log.warning("kafka: reading the group's offsets failed: %s", error)
             return {}
@@ -446,7 +460,10 @@ class KafkaSource:
             deadline = time.monotonic() + (getattr(outcome, "retry_after", None) or RETRY_SECONDS)
             while time.monotonic() < deadline and not self._stop.is_set():
                 consumer.consume(1, timeout=0.1)  # stays in the group (a paused partition delivers nothing)
-            if self._stop.is_set() or (topic, partition) not in self._next:
+            if self._stop.is_set():
+                return False
+            if self._next.get((topic, partition), offsets[-1] + 1) > offsets[0]:
+                # Revoked, or given back to resume past these (another server stored them).
                 self._resume(consumer)
                 return False
         if self._paused:
@@ -456,7 +473,8 @@ class KafkaSource:
         self.stored.labels(topic).inc(outcome.stored)
         self.quarantined.labels(topic).inc(outcome.quarantined)
         try:
-            consumer.commit(offsets=[TopicPartition(topic, partition, sequence)], asynchronous=False)
+            consumer.commit(offsets=[TopicPartition(topic, partition, sequence, metadata=self.core.engine.identity)],
+                            asynchronous=False)
         except KafkaException as error:  # the store's sequence is what resumes the partition, not this
             log.warning("kafka: committing %s[%d] at %d failed: %s", topic, partition, sequence, error)
         return True

@@ -237,8 +237,8 @@ class Importer:
 
     async def run(self, principal: Principal, uri: str, fmt: str = "", endpoint_url: str = "",
                   region: str = "") -> AsyncIterator[Progress]:
-        if self.core.stopped is not None:  # its producers' sequences may count what was never made durable
-            raise self.core.stopped
+        if isinstance(self.core.stopped, Stopped):  # its producers' sequences may count what was never made durable
+            raise Stopped(str(self.core.stopped))
         if not uri.strip():
             raise InvalidArgument("uri", "is required: s3://bucket/prefix/ or a path")
         if fmt:

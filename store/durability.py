@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class Persistence:
         self.snapshot_failures = 0  # snapshots that could not be written, since the start
         self._held: int | None = _hold(Path(d.data_dir))
         try:
+            self.identity = _identity(Path(d.data_dir))
             self._recover()
         except BaseException:
             os.close(self._held)
@@ -295,6 +297,20 @@ def _disk_refusal(error: OSError, message: str) -> ResourceExhausted | FailedPre
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ResourceExhausted(message, retry_after=SNAPSHOT_RETRY_SECONDS)
     return FailedPrecondition(message)
+
+
+def _identity(data_dir: Path) -> str:
+    """The data directory's name for itself (its file `store-id`, made at its first start): a
+    copy restored from a backup keeps it, as it is the same store."""
+    path = data_dir / "store-id"
+    if not path.exists():
+        made = data_dir / "store-id.tmp"
+        made.write_text(uuid.uuid4().hex + "\n")
+        with open(made, "rb") as f:
+            os.fsync(f.fileno())
+        made.replace(path)
+        fsync_dir(data_dir)
+    return path.read_text().strip()
 
 
 def _hold(data_dir: Path) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -58,6 +59,7 @@ class EventStore:
         self._ingest = Ingest(seal_rows, quarantine_limit, rollup_events, quarantine_namespaces)
         self._queries = Queries(self._ingest)
         self._persistence = Persistence(self._ingest, durability) if durability is not None else None
+        self._identity = self._persistence.identity if self._persistence else f"memory:{uuid.uuid4().hex}"
         self._erasing = threading.Lock()
 
     # ---- ingest ---------------------------------------------------------------------------
@@ -111,6 +113,10 @@ class EventStore:
         """Up to `limit` rejected events, newest first, and how many match in all (of one test
         when `test_id` is given, of tests starting with `test_prefix`)."""
         return self._ingest.quarantine.newest(test_id, limit, test_prefix)
+
+    @property
+    def identity(self) -> str:
+        return self._identity
 
     def last_sequence(self, producer_id: str) -> int:
         producer = self._ingest.producers.get(producer_id)

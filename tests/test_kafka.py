@@ -118,6 +118,18 @@ def test_offsets_the_group_never_committed_are_not_stored_twice(broker, tmp_path
     server.terminate()
 
 
+def test_a_partition_resumes_at_another_stores_commit_past_its_own_and_not_at_its_own():
+    """What `_assigned` decides, for every case: the test broker (Tansu) keeps no commit
+    metadata, so the cases of a commit naming its store are shown here."""
+    from abstream.sources.kafka import resume_at
+
+    assert resume_at(100, 200, "store-b", "store-a") == 200  # another server stored 100..199
+    assert resume_at(100, 200, "store-a", "store-a") == 100  # its own: a backup restored, read again
+    assert resume_at(100, 200, None, "store-a") == 200  # named no store: taken for another's
+    assert resume_at(100, 50, "store-b", "store-a") == 100  # behind the store: the store's
+    assert resume_at(0, 200, "store-b", "store-a") == 0  # nothing stored: the group's commit (tp.offset unset)
+
+
 def test_while_ingest_refuses_it_pauses_and_loses_nothing(broker, tmp_path):
     """Above the memory high-water mark (here: always) ingest refuses; the connector pauses every
     partition and says so, stores nothing, and a server without the limit later gets every event
