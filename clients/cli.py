@@ -436,8 +436,7 @@ def explain(error: BaseException, args) -> str | None:
         code, details = error.code(), error.details() or ""
         where = f"the server at {args.addr}"
         lowered = details.lower()
-        if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("socket closed", "ssl", "handshake",
-                                                                                "certificate", "tls")):
+        if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in _TLS_WORDS):
             return f"{where} closed the connection ({_first_line(details)}): {_tls_hint(lowered, args)}"
         if code == grpc.StatusCode.UNAVAILABLE and ("keepalive" in lowered or "ping timeout" in lowered):
             return (f"{where} stopped answering (its connection did not answer a ping within 10 s): is it stopped or "
@@ -763,12 +762,15 @@ class _Stalled(ValueError):
                          "and running the same command again sends the rest")
 
 
+#: What gRPC's UNAVAILABLE says when the two sides do not speak TLS alike (`explain`).
+_TLS_WORDS = ("socket closed", "ssl", "handshake", "certificate", "tls")
+
+
 def _unreached(error, grpc) -> bool:
     """The call failed before reaching a server: none listens, or it does not speak as we do."""
     lowered = (error.details() or "").lower()
     return error.code() == grpc.StatusCode.UNAVAILABLE and any(
-        w in lowered for w in ("failed to connect", "connection refused", "dns", "socket closed", "ssl", "handshake",
-                               "certificate", "tls"))
+        w in lowered for w in ("failed to connect", "connection refused", "dns", *_TLS_WORDS))
 
 
 class _Watchdog:
@@ -870,25 +872,15 @@ def _iso(ns: int) -> str:
     return text + "Z"
 
 
-def _finite(value):
-    """JSON as the HTTP API writes it: a number that is not finite (a sum past the largest double)
-    is null, never the Infinity or NaN that JSON parsers refuse."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str], extra: dict[str, Any] | None = None) -> None:
+    from abstream.clients import files
+
     if fmt == "json":
-        print(json.dumps(_finite({"rows": rows, **(extra or {})}), indent=2, ensure_ascii=False, default=str,
+        print(json.dumps(files.finite({"rows": rows, **(extra or {})}), indent=2, ensure_ascii=False, default=str,
                          allow_nan=False))
     elif fmt == "ndjson":
         for row in rows:
-            print(json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False))
+            print(json.dumps(files.finite(row), ensure_ascii=False, default=str, allow_nan=False))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")

@@ -127,6 +127,18 @@ def _open(path: str) -> BinaryIO:
     return io.BufferedReader(gzip.GzipFile(fileobj=f, mode="rb"), 1 << 20)
 
 
+
+def finite(value):
+    """A value to write as JSON as ClickHouse does: a number that is not finite (a sum past the
+    largest double, a ratio of infinities) is null, never the Infinity or NaN parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
 # ---- NDJSON ------------------------------------------------------------------------------
 
 #: Bytes per line expected in the first block; then the file's own average so far, a little

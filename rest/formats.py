@@ -4,11 +4,11 @@ JSON format), .csv (CSVWithNames), .ndjson (JSONEachRow) or .parquet."""
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from abstream.clients import files
 from abstream.core.errors import InvalidArgument
 from abstream.rest.pipes import Answer
 
@@ -29,17 +29,7 @@ def _dumps(value) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+        return json.dumps(files.finite(value), ensure_ascii=False, allow_nan=False)
 
 
 #: Rows written by one call of the JSON encoder: it holds the GIL throughout, and a million

@@ -31,7 +31,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -283,7 +283,7 @@ class KafkaSource:
     def _assigned(self, consumer, partitions) -> None:
         """Each partition resumes after what the store has of it, in its latest generation (one
         the store has offsets of, or the first), or where `resume_at` says."""
-        committed = self._committed(consumer, partitions, with_owner=True)
+        committed = self._committed(consumer, partitions)
         identity = self.core.engine.identity
         for tp in partitions:
             generation = 0
@@ -310,13 +310,13 @@ class KafkaSource:
         if not self._paused:
             self._set(True, self._consuming)
 
-    def _committed(self, consumer, partitions, with_owner: bool = False) -> dict[tuple[str, int], Any]:
-        """The group's committed offsets of `partitions` (with the store that committed each, its
-        metadata, when `with_owner`); {} if they cannot be read."""
+    def _committed(self, consumer, partitions) -> dict[tuple[str, int], tuple[int, str | None]]:
+        """The group's committed offset of each of `partitions`, and the store that committed it
+        (its metadata); {} if they cannot be read."""
         from confluent_kafka import KafkaException
 
         try:
-            return {(c.topic, c.partition): (c.offset, c.metadata or None) if with_owner else c.offset
+            return {(c.topic, c.partition): (c.offset, c.metadata or None)
                     for c in consumer.committed(partitions, timeout=10)}
         except KafkaException as error:
             log.warning("kafka: reading the group's offsets failed: %s", error)
@@ -498,13 +498,13 @@ class KafkaSource:
             committed = self._committed(consumer, partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            resume_at = self._next.get(key) or (committed.get(key, -1) if committed.get(key, -1) >= 0
-                                                 and not self._generation.get(key) else OFFSET_BEGINNING)
+            offset = committed.get(key, (-1, None))[0]
+            at = self._next.get(key) or (offset if offset >= 0 and not self._generation.get(key) else OFFSET_BEGINNING)
             if key in self._next:
                 try:
-                    consumer.seek(TopicPartition(tp.topic, tp.partition, resume_at))
+                    consumer.seek(TopicPartition(tp.topic, tp.partition, at))
                 except KafkaException as error:
-                    log.warning("kafka: seeking %s[%d] to %d failed: %s", tp.topic, tp.partition, resume_at, error)
+                    log.warning("kafka: seeking %s[%d] to %d failed: %s", tp.topic, tp.partition, at, error)
 
     def _try(self, read, producer: str, sequence: int, where) -> Outcome | Exception:
         try:
