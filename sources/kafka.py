@@ -31,7 +31,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,9 @@ RETRY_SECONDS = 1.0
 #: A broker's address as librdkafka takes it: an optional protocol, a host name or an address
 #: ([bracketed] for IPv6), an optional port (9092).
 _BROKER = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[^\s:,/\[\]]+)(?::(\d{1,5}))?")
+#: A consumer that raised is replaced after this long, doubled at each failure up to the most.
+RESTART_BACKOFF_SECONDS = 1.0
+RESTART_BACKOFF_MOST = 30.0
 RESTART_SECONDS = 5.0  # a partition's log ends below what was stored from it this long: it started again
 #: A topic name Kafka takes.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -62,6 +65,11 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 #: durable (auto commit off), and health on the statistics.
 _OWN_PROPERTIES = ("bootstrap.servers", "group.id", "enable.auto.commit", "statistics.interval.ms", "error_cb",
                    "stats_cb", "logger", "on_commit")
+
+
+class _Partition(NamedTuple):
+    topic: str
+    partition: int
 
 
 class KafkaConfigError(ValueError):
@@ -219,6 +227,8 @@ class KafkaSource:
         self.lag = Gauge("abstream_kafka_lag", "Messages not yet consumed, by topic and partition",
                          ["topic", "partition"], registry=r)
         self.connected = Gauge("abstream_kafka_connected", "1 when a broker is reachable", registry=r)
+        self.restarts = Counter("abstream_kafka_consumer_restarts", "Consumers replaced after they raised (see the "
+                                "server's log)", registry=r)
         self.restarted = Counter("abstream_kafka_partition_restarts", "Partitions whose log ended below the offset "
                                  "already stored from them (recreated), by topic", ["topic"], registry=r)
 
@@ -247,21 +257,42 @@ class KafkaSource:
             self._on_state(serving, state)
 
     def _run(self) -> None:
-        from confluent_kafka import Consumer
-
+        """Consumes until stopped. A consumer that raised (a callback that could not reach the
+        store during a rebalance, a fatal librdkafka error) leaves the group and a new one joins,
+        after RESTART_BACKOFF_SECONDS doubling up to RESTART_BACKOFF_MOST: its partitions resume
+        from the store, as after a crash, and nothing is lost or stored twice."""
         threads.name_native("abstream-kafka")
+        backoff = RESTART_BACKOFF_SECONDS
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                if not self._consume():
+                    return  # a bad property: said, nothing to try again
+            except Exception as error:  # noqa: BLE001 - logged, said in health, and started again
+                log.exception("kafka consumer failed")
+                if time.monotonic() - started >= RESTART_BACKOFF_MOST:
+                    backoff = RESTART_BACKOFF_SECONDS  # it ran a while: not a failure in a loop
+                self.restarts.inc()
+                self._set(False, f"failed ({type(error).__name__}: {error}); restarting in {backoff:g} s")
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, RESTART_BACKOFF_MOST)
+
+    def _consume(self) -> bool:
+        """One consumer's life in the group: until stopped (True), or until it raises; False
+        when it cannot be made at all."""
+        from confluent_kafka import Consumer
 
         settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats, "logger": log}
         try:
             consumer = Consumer(settings)
         except Exception as error:  # noqa: BLE001 - a bad property: said, and the server goes on
             self._set(False, f"failed: {error}")
-            return
+            return False
         self._set(False, f"connecting to {self.config.bootstrap}")
-        consumer.subscribe(list(self.config.topics), on_assign=self._assigned, on_revoke=self._revoked,
-                           on_lost=self._revoked)
-        checked = time.monotonic()
         try:
+            consumer.subscribe(list(self.config.topics), on_assign=self._assigned, on_revoke=self._revoked,
+                               on_lost=self._revoked)
+            checked = time.monotonic()
             while not self._stop.is_set():
                 messages = consumer.consume(BATCH_MESSAGES, timeout=0.2)
                 if messages:
@@ -269,11 +300,18 @@ class KafkaSource:
                 if time.monotonic() - checked >= 1:
                     self._check_restarts(consumer)
                     checked = time.monotonic()
-        except Exception:  # noqa: BLE001 - logged; health says so
-            log.exception("kafka consumer failed")
-            self._set(False, "failed: see the server's log")
+            return True
         finally:
-            consumer.close()
+            self._forget()
+            try:
+                consumer.close()
+            except Exception as error:  # noqa: BLE001 - the group times the member out instead
+                log.warning("kafka: closing the consumer failed: %s", error)
+
+    def _forget(self) -> None:
+        """Drops what this consumer's assignment held: a new consumer is assigned afresh."""
+        self._revoked(None, [_Partition(topic, partition) for topic, partition in self._next])
+        self._paused = False
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

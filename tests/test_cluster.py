@@ -239,6 +239,60 @@ def test_a_shard_down_is_unavailable_naming_the_shard(cluster, tmp_path):
         cluster.start_node(1)
 
 
+def test_a_kafka_consumer_that_cannot_reach_a_shard_in_a_rebalance_is_replaced_and_loses_nothing(cluster, tmp_path):
+    """A rebalance while a shard is down: the partitions' stored offsets cannot be read, the
+    consumer raises, and a new one joins once the shard is back, from where the store got."""
+    from confluent_kafka import Consumer
+
+    from tests.kafka import Broker, event_messages
+
+    broker = Broker(tmp_path / "tansu.log").start()
+    try:
+        broker.create_topic("events", 2)
+        _, args = database(cluster)
+        g = gateway(tmp_path, args + ["--kafka-bootstrap", broker.bootstrap, "--kafka-topic", "events",
+                                      "--kafka-session-timeout-ms", "3000"], "g")
+        broker.produce("events", event_messages(1_000, 2, "dur"))
+        wait_until(lambda: totals(g.address)[0] == 1_000, "the first events")
+        cluster.kill_node(2)
+        cluster.kill_node(3)
+        other = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "abstream", "session.timeout.ms": 3000,
+                          "enable.auto.commit": False})
+        try:
+            other.subscribe(["events"])  # the group rebalances: the gateway is assigned a partition again
+            wait_until(lambda: other.poll(0.2) is None and "failed" in kafka_state(g), "the consumer failing")
+        finally:
+            other.close()
+            cluster.start_node(2)
+            cluster.start_node(3)
+        wait_for_health(g, "SERVING")
+        broker.produce("events", event_messages(1_000, 2, "dur", start_user=1_000))
+        wait_until(lambda: totals(g.address)[0] >= 2_000, "the events sent after the shard came back", timeout=120)
+        time.sleep(1.5)
+        assert totals(g.address) == (2_000, 2_000)  # each once
+        assert "kafka consumer failed" in g.log_path.read_text()
+        g.terminate()
+    finally:
+        broker.stop()
+
+
+def kafka_state(g: Server) -> str:
+    """What /health says of the Kafka consumer (answered 503 while a shard is down)."""
+    try:
+        with urllib.request.urlopen(f"http://{g.http_address}/health", timeout=10) as response:
+            said = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        said = json.loads(error.read())
+    return said.get("kafka", {}).get("state", "")
+
+
+def wait_until(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(cluster, tmp_path):
     """A server that hangs (SIGSTOP: it still accepts connections, and answers nothing) is given
     up after --clickhouse-timeout-seconds, not the driver's 300 s, and its shard answered by the
