@@ -285,7 +285,7 @@ def typed_event(event: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] 
             if isinstance(revenue, bool) or not math.isfinite(row["revenue"]) or (
                     isinstance(revenue, str) and "_" in revenue):  # Python's 1_000, which no JSON or CSV writer means
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # an integer past a float's range: 1e309
             return row, ("revenue", f"revenue must be a finite number, got {_shown(revenue)}")
     return row, None
 

@@ -405,21 +405,21 @@ def test_bad_lines_are_quarantined_one_by_one_and_nothing_valid_is_lost(http):
              json.dumps(good[1]), json.dumps({**TUTORIAL_EVENT, "user_id": ""}), "[1, 2]",
              json.dumps({**TUTORIAL_EVENT, "revenue": "lots"}), json.dumps(good[2]),
              json.dumps({**TUTORIAL_EVENT, "timestamp": "28/04/2025"}), "", json.dumps(good[3]) + "\r",
-             json.dumps(good[4])]
+             json.dumps(good[4]), json.dumps({**TUTORIAL_EVENT, "revenue": 10 ** 400})]  # past a float's range
     status, answer = http.json("POST", "/v0/events?name=ab_test_events&wait=true", "\n".join(lines).encode())
-    assert status == 200 and answer["successful_rows"] == 5 and answer["quarantined_rows"] == 6, answer
+    assert status == 200 and answer["successful_rows"] == 5 and answer["quarantined_rows"] == 7, answer
     assert [(r["line"], r["field"]) for r in answer["quarantined"]] == [
-        (2, "line"), (3, "conversion"), (5, "user_id"), (6, "line"), (7, "revenue"), (9, "timestamp")]
+        (2, "line"), (3, "conversion"), (5, "user_id"), (6, "line"), (7, "revenue"), (9, "timestamp"), (13, "revenue")]
     assert "not valid JSON" in answer["quarantined"][0]["error"]
     with Client(http.grpc, token=TOKENS["admin"]) as client:
         assert {r.metrics.users for r in client.summary("test_5").rows} == {5}
-        assert client.quarantine("").total == 6
+        assert client.quarantine("").total == 7
     _, q = http.json("GET", "/v0/pipes/ab_test_events_quarantine.json?limit=10")
-    assert len(q["data"]) == 6 and {r["field"] for r in q["data"]} == {"line", "conversion", "user_id", "revenue",
+    assert len(q["data"]) == 7 and {r["field"] for r in q["data"]} == {"line", "conversion", "user_id", "revenue",
                                                                        "timestamp"}
     # a line read up to its bad value is quarantined with the fields read before it: found by its test
     _, of_test = http.json("GET", "/v0/pipes/ab_test_events_quarantine.json?test_id=test_5")
-    assert sorted(r["field"] for r in of_test["data"]) == ["conversion", "revenue", "timestamp", "user_id"]
+    assert sorted(r["field"] for r in of_test["data"]) == ["conversion", "revenue", "revenue", "timestamp", "user_id"]
     revenue = next(r for r in of_test["data"] if r["field"] == "revenue")
     assert (revenue["user_id"], revenue["variant"], revenue["timestamp"]) == ("user_455", "variant_a",
                                                                                "2025-04-28 18:42:22")
