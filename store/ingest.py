@@ -390,6 +390,10 @@ class Ingest:
         for rows in sealed:
             rollup = rollup.merged(rows)
         with self._view_lock:
+            # A removal may have run while the rows were folded in (it takes the ingest lock, not
+            # the sealer): `current` would bring back what it removed, and lose the tail it sealed.
+            if self.partitions.get(code) is not current or removals != self._removals:
+                return
             self.partitions = {**self.partitions, code: replace(current, rollup=rollup)}
             self.view = StoreView(self.partitions, self.view.tails)
 

@@ -239,3 +239,54 @@ def test_rows_sealed_while_a_first_rollup_is_folded_are_folded_in_after():
     assert (x.metrics.events.tolist(), x.metrics.users.tolist()) == (y.metrics.events.tolist(), y.metrics.users.tolist())
     assert x.metrics.total_revenue == pytest.approx(y.metrics.total_revenue, rel=1e-12)
     assert assert_same(rolled, scanned, [TESTS[0]]) == 1
+
+
+@pytest.mark.parametrize("removal", ["erase", "delete-other"])
+def test_a_removal_while_a_first_rollup_takes_its_last_rows_is_not_undone(removal, monkeypatch):
+    """A removal runs (in another thread, under the ingest lock) while the sealer folds the rows
+    sealed meanwhile into a first rollup: the rollup is not attached to the partition as it was
+    before, which would bring the erased user back, or lose the events the removal sealed."""
+    import threading
+
+    from abstream.store import rollup as rollup_module
+
+    rolled, scanned = EventStore(seal_rows=64, rollup_events=0), EventStore(seal_rows=64, rollup_events=None)
+    for store in (rolled, scanned):
+        append(store, to_table(EVENTS[:1500]))
+    rolled.wait_sealed()
+    release = threading.Event()
+    rolled._ingest._folder.submit(release.wait)  # the first rollup is folded once released
+    rolled.summary(SummaryQuery(TESTS[0]))
+    rolled._ingest._sealer.submit(lambda: None).result()
+    for store in (rolled, scanned):
+        append(store, to_table(EVENTS[1500:2500]))  # sealed
+        append(store, to_table(EVENTS[2500:2520]))  # a third of a seal: stays in the tail
+    rolled.wait_sealed()
+    assert rolled._ingest._folding and rolled._ingest.tail.rows
+    user = next(e["user_id"] for e in EVENTS[:1500] if e["test_id"] == TESTS[0])
+    other = next(t for t in TESTS if t != TESTS[0])
+
+    def remove(store: EventStore) -> None:
+        if removal == "erase":
+            store.erase_user(user)
+        else:  # the tail's rows (fewer than a seal's) are sealed by the removal
+            store.delete_test(other)
+
+    merged, removed = rollup_module.Rollup.merged, []
+
+    def merging(self, rows, *args, **kwargs):
+        if threading.current_thread().name.startswith("abstream-seal") and not removed:
+            removed.append(threading.Thread(target=remove, args=(rolled,)))
+            removed[0].start()
+            removed[0].join()
+        return merged(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(rollup_module.Rollup, "merged", merging)
+    release.set()
+    rolled.wait_rollups()
+    monkeypatch.setattr(rollup_module.Rollup, "merged", merged)
+    assert removed, "the removal ran while the sealed rows were folded in"
+    remove(scanned)
+    assert [(t.test_id, t.events, t.users) for t in rolled.list_tests()] == \
+        [(t.test_id, t.events, t.users) for t in scanned.list_tests()]
+    assert_same(rolled, scanned, [t for t in TESTS if t != other])
