@@ -192,10 +192,12 @@ class Ingest:
 
     def remove(self, change: dict) -> int:
         """Logs a removal and applies it (`apply_removal`) in one critical section; returns once
-        it is durable, with the events it removed."""
+        it is durable, with the events it removed. One that cannot be worked out (memory runs
+        out rewriting a large test) is neither logged nor applied."""
         with self.lock:
+            apply = self._removal(change)
             lsn = None if self.wal is None else self.wal.append(Payload.of(persist.encode_removal(change)))
-            removed = self.apply_removal(change)
+            removed = apply()
         if lsn is not None:
             self.wal.commit(lsn)
         return removed
@@ -203,32 +205,39 @@ class Ingest:
     def apply_removal(self, change: dict) -> int:
         """Removes events (under the ingest lock, or in replay): `{"delete_test": id}`,
         `{"erase_user": user id, "tests": [ids] or absent}` or `{"horizons": {test id: ns}}` (events
-        before their test's horizon). The tail is sealed first, so every event is in a part, and
-        one new view is published: the very next query sees none of them. A part that holds some
-        of them is rewritten without them; the memory of what is dropped is freed with the view.
-        `{"quarantine_horizons": {test id: ns}, "quarantine_others": ns or None}` removes
-        quarantined events received before their test's horizon (`Quarantine.remove_received_before`)
-        and nothing else."""
+        before their test's horizon). `{"quarantine_horizons": {test id: ns}, "quarantine_others":
+        ns or None}` removes quarantined events received before their test's horizon
+        (`Quarantine.remove_received_before`) and nothing else."""
+        return self._removal(change)()
+
+    def _removal(self, change: dict) -> Callable[[], int]:
+        """Works out a removal without changing anything, and returns what applies it (and
+        returns the events it removed): all of it, or, raising here, none of it. The tail is
+        sealed too, so every event is in a part, and one new view is published: the very next
+        query sees none of them. A part that holds some of them is rewritten without them; the
+        memory of what is dropped is freed with the view."""
         if "quarantine_horizons" in change:
-            return self.quarantine.remove_received_before(change["quarantine_horizons"], change["quarantine_others"])
+            return lambda: self.quarantine.remove_received_before(change["quarantine_horizons"],
+                                                                  change["quarantine_others"])
         self.wait_sealed()
-        self._removals += 1
+        self._removals += 1  # a rollup folded before it is not attached (`_attach`), even if this fails
         partitions = dict(self.partitions)
-        test_codes, cols = self.tail.drain()
+        test_codes, cols = self.tail.copy()
         if len(test_codes):
             for code, rows in split_by_test(test_codes, cols, wide_keys=len(self.tests) > 1 << 16):
                 partitions[code] = partitions.get(code, PartitionView()).with_rows(rows, self.rollup_threshold(code))
-        removed = 0
+        del test_codes, cols
+        removed, users, plans = 0, None, self.experiments
+        quarantined: tuple = ()  # what `Quarantine.remove` is given
         if "delete_test" in change:
             test_id = change["delete_test"]
             code = self.tests.code(test_id)
             if code is not None and code in partitions:
                 removed = partitions.pop(code).events
-            self.quarantine.remove("test_id", [test_id])
-            self.experiments = {k: v for k, v in self.experiments.items() if k != test_id}
+            quarantined = ("test_id", [test_id])
+            plans = {k: v for k, v in self.experiments.items() if k != test_id}
         elif "erase_user" in change:
             name, only = change["erase_user"], change.get("tests")
-            self.quarantine.remove("user_id", [name], only)
             user = self.dicts["user_id"].code(name)
             codes = None if only is None else {self.tests.code(t) for t in only}
             for code, partition in list(partitions.items()) if user is not None else ():
@@ -237,12 +246,12 @@ class Ingest:
                                                    self.rollup_threshold(code))
                     removed += n
             if only is None and user is not None:  # no event refers to its code any more: its string goes too
-                with self._encode_lock:  # the dictionary's one writer: no batch is encoded meanwhile
+                with self._encode_lock:  # the dictionary's one writer: read while no batch is encoded
                     values = self.dicts["user_id"].values.to_pylist()
-                    values[user] = f"\x00erased:{user}"
-                    self.dicts["user_id"] = Dictionary.from_values(pa.array(values, pa.string()),
-                                                                   self.dicts["user_id"].capacity)
-                    self._generation += 1  # batches encoded before are encoded again when applied
+                values[user] = f"\x00erased:{user}"
+                users = Dictionary.from_values(pa.array(values, pa.string()), self.dicts["user_id"].capacity)
+                del values
+            quarantined = ("user_id", [name], only)
         elif "horizons" in change:
             for test_id, horizon in change["horizons"].items():
                 code = self.tests.code(test_id)
@@ -252,10 +261,24 @@ class Ingest:
                                                   self.rollup_threshold(code))
                     removed += n
         partitions = {code: p for code, p in partitions.items() if p is not None}
-        with self._view_lock:
-            self.partitions = partitions
-            self.view = StoreView(partitions, (self.tail.view(),))
-        return removed
+
+        def apply() -> int:
+            self.tail.drain()
+            if quarantined:
+                self.quarantine.remove(*quarantined)
+            self.experiments = plans
+            if users is not None:
+                # Batches encoded since it was read (beside this lock) added ids to the old one
+                # only: each is encoded again when applied, as every batch encoded before.
+                with self._encode_lock:
+                    self.dicts["user_id"] = users
+                    self._generation += 1  # batches encoded before are encoded again when applied
+            with self._view_lock:
+                self.partitions = partitions
+                self.view = StoreView(partitions, (self.tail.view(),))
+            return removed
+
+        return apply
 
     def commit(self, result: IngestResult) -> None:
         """Returns once the batch behind `result` is as durable as the fsync policy promises."""

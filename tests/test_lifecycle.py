@@ -502,3 +502,20 @@ def test_the_lifecycle_rpcs_on_the_cluster_engine(tmp_path, request):
             assert sum(r.metrics.users for r in client.summary("kept").rows) == len(pairs)
     finally:
         running.stop()
+
+
+def test_an_erasure_that_runs_out_of_memory_changes_nothing_and_is_not_logged(tmp_path):
+    """Rewriting a large test without the user needs memory the process cannot get: the call
+    fails, and the store is as it was (the other tests' newest events, which the erasure seals
+    first, included), then and after a restart (the erasure, refused, is not replayed)."""
+    import json
+
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "removal_memory.py"), str(tmp_path / "data"),
+                          "16"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    said = json.loads(run.stdout)
+    assert said["failed"], said
+    before = {test: (events, users) for test, events, users in said["before"]}
+    assert before["A"][1] == 1000 and before["B"] == (20, 1)
+    assert {t: (e, u) for t, e, u in said["after"]} == {**before, "C": (2, 1)}
+    assert {t: (e, u) for t, e, u in said["recovered"]} == {**before, "C": (2, 1)}
