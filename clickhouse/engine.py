@@ -75,6 +75,7 @@ _DAY_NS = 86_400 * 10**9
 class ClickHouseEngine:
     name = "clickhouse"
     groups_producer_batches = False  # a retry must form the same blocks again: each request is its own
+    remote_plans = True
 
     def __init__(self, backend: Cluster | Local) -> None:
         self._b = backend

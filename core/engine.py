@@ -52,6 +52,9 @@ class Engine(Protocol):
     #: Whether one batch may hold several requests of one producer (ValidatedBatch.first_sequence):
     #: the engine then refuses such a batch unless all of them or none were applied before.
     groups_producer_batches: bool
+    #: Whether `experiments()` may wait on the network (the core then reads it in a thread, never
+    #: on the event loop every transport shares).
+    remote_plans: bool
 
     def prepare(self, batch: ValidatedBatch) -> Any: ...
 

@@ -50,6 +50,7 @@ class EventStore:
 
     name = "embedded"
     groups_producer_batches = True
+    remote_plans = False
 
     def __init__(self, *, seal_rows: int = 262_144, quarantine_limit: int = 100_000,
                  clock: Callable[[], int] = time.time_ns, durability: Durability | None = None,

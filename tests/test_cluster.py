@@ -321,6 +321,34 @@ def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(clu
     g.terminate()
 
 
+def test_a_query_waiting_for_a_hung_replica_leaves_every_other_call_answered(cluster, tmp_path):
+    """The plans a query reads first come from every shard (once a second): a replica that hangs
+    holds that query, and no other call of the gateway (they share one event loop)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    _, args = database(cluster)
+    g = gateway(tmp_path, [*args, "--clickhouse-timeout-seconds", "8"], "held")
+    assert send(g.address, "h", 1).accepted == BATCH
+    hung = cluster.nodes[0]  # shard 1, replica 1: the first tried
+    os.kill(hung.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.2)  # past the gateway's cache of plans
+        waiting = threading.Thread(target=totals, args=(g.address,))
+        waiting.start()
+        time.sleep(0.5)  # the query is waiting for the hung replica
+        assert waiting.is_alive()
+        with grpc.insecure_channel(g.address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert waiting.is_alive()  # answered while the query still waited
+        waiting.join(60)
+    finally:
+        os.kill(hung.process.pid, signal.SIGCONT)
+        cluster.kill_node(0)  # its ZooKeeper session expired while it was stopped
+        cluster.start_node(0)
+    g.terminate()
+
+
 def test_the_gateway_connects_with_the_user_and_password_it_is_given(cluster, tmp_path, monkeypatch):
     """The user and password go to every server (here: a password the cluster's `default` user
     does not have, refused by name, and never printed); with none given, `default` without one."""
