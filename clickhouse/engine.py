@@ -160,9 +160,12 @@ class ClickHouseEngine:
         removed = self._remove(sql.EVENTS, sql.test_rows(test_id))
         self._remove(sql.QUARANTINE, sql.test_rows(test_id))
         # A newer version with no definition: no plan. Written whether or not this gateway knows
-        # of a plan: its copy of the plans may be a second old, and another gateway's newer.
-        self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""],
-                                                    "updated_ns": [time.time_ns()]})
+        # of a plan: its copy of the plans may be a second old, and another gateway's newer; and
+        # newer than the plan read now, which a gateway whose clock is ahead may have written.
+        self._plans = (0.0, {})
+        known = self.experiments().get(test_id)
+        self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""], "updated_ns": [
+            max(time.time_ns(), known.updated_ns + 1 if known is not None else 0)]})
         self._plans = (0.0, {})
         return removed
 
