@@ -34,6 +34,7 @@ from abstream.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RateLimited,
     ResourceExhausted,
     Unavailable,
 )
@@ -304,8 +305,8 @@ class Core:
                                             first.sequence if len(group) > 1 and first.producer_id else 0)
                 wait = self._rates.wait_for(principal, validated.table.num_rows)
                 if wait > 0:
-                    raise ResourceExhausted(f"token {principal.name!r} is over its ingest rate of "
-                                            f"{principal.ingest_rate:g} events/s", retry_after=wait)
+                    raise RateLimited(f"token {principal.name!r} is over its ingest rate of "
+                                      f"{principal.ingest_rate:g} events/s", wait, principal.ingest_rate)
                 prepared = engine.prepare(validated)
                 self._yield_to_queries()
                 stored.append((engine.apply(prepared), sizes))

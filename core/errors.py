@@ -80,6 +80,14 @@ class ResourceExhausted(AbstreamError):
         self.retry_after = retry_after
 
 
+class RateLimited(ResourceExhausted):
+    """The caller's token is over its rate: the HTTP answer says so in the platform's headers."""
+
+    def __init__(self, message: str, retry_after: float, rate: float) -> None:
+        super().__init__(message, retry_after)
+        self.rate = rate
+
+
 class FailedPrecondition(AbstreamError):
     """The call conflicts with the state it finds (a plan that exists already, say)."""
 

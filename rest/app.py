@@ -205,8 +205,7 @@ class HttpApi:
         except Exception as error:  # noqa: BLE001 - every error is answered, the unexpected ones logged
             if status_of(error) >= 500 and not isinstance(error, (AbstreamError, web.HTTPException)):
                 log.exception("%s %s failed", request.method, request.path)
-            principal = request.get(PRINCIPAL_KEY)
-            response = error_response(error, principal.ingest_rate if principal else 0.0)
+            response = error_response(error)
         response.headers["X-Request-Id"] = request_id
         if cors:
             response.headers.update({"Access-Control-Allow-Origin": cors, "Access-Control-Expose-Headers": _EXPOSED})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 
-from abstream.core.errors import AbstreamError, Kind, ResourceExhausted, Unavailable, kind_of
+from abstream.core.errors import AbstreamError, Kind, RateLimited, ResourceExhausted, Unavailable, kind_of
 from aiohttp import web
 
 DOCUMENTATION = "docs/http.md#errors"
@@ -39,10 +39,10 @@ def status_of(error: BaseException) -> int:
     return kind_of(error).http_status
 
 
-def error_response(error: BaseException, rate: float = 0.0) -> web.Response:
+def error_response(error: BaseException) -> web.Response:
     """The JSON answer to `error`; a rate limit or a retriable refusal says when to retry
-    (`Retry-After`, and the `X-RateLimit-*` headers the platform's clients read, in whole
-    seconds; `rate` is the caller's events per second)."""
+    (`Retry-After`, and for a token over its rate the `X-RateLimit-*` headers the platform's
+    clients read, in whole seconds)."""
     status = status_of(error)
     if isinstance(error, web.HTTPNotFound):
         message = "API method not found, check docs/http.md for the methods there are"
@@ -61,8 +61,8 @@ def error_response(error: BaseException, rate: float = 0.0) -> web.Response:
     if isinstance(error, (ResourceExhausted, Unavailable)) and retry_after:
         seconds = str(max(1, math.ceil(retry_after)))
         headers["Retry-After"] = seconds
-        if isinstance(error, ResourceExhausted):
-            headers.update({"X-RateLimit-Limit": str(int(rate)), "X-RateLimit-Remaining": "0",
+        if isinstance(error, RateLimited):  # not memory or open streams: the token has no limit there
+            headers.update({"X-RateLimit-Limit": str(int(error.rate)), "X-RateLimit-Remaining": "0",
                             "X-RateLimit-Reset": seconds})
     if isinstance(error, web.HTTPMethodNotAllowed):
         headers["Allow"] = ", ".join(sorted(error.allowed_methods))

@@ -615,6 +615,19 @@ def test_bodies_that_stall_are_answered_408_and_never_hold_every_reader(tmp_path
         server.stop()
 
 
+def test_a_refusal_for_memory_says_when_to_retry_and_no_rate_limit(tmp_path):
+    """Above the memory high-water mark ingest is refused 429 with Retry-After; the X-RateLimit
+    headers, which clients read as the token's own limit, are for a token over its rate only."""
+    server = Http(tmp_path, memory_high_water_bytes=1)
+    try:
+        status, headers, payload = server.call("POST", "/v0/events?name=ab_test_events", ndjson([TUTORIAL_EVENT]))
+        assert status == 429 and "high-water mark" in json.loads(payload)["error"], payload
+        assert int(headers["Retry-After"]) >= 1
+        assert not {h for h in headers if h.startswith("X-RateLimit")}, headers
+    finally:
+        server.stop()
+
+
 def test_rate_limits_say_when_to_retry(tmp_path):
     server = Http(tmp_path, tokens_file=str(tokens_file(tmp_path / "slow.toml", rates={"ingest": 10})))
     try:
