@@ -352,6 +352,24 @@ def test_new_events_show_up_without_a_reload(page, server):
     page.wait_for_function("/updated \\d+ s ago/.test(document.getElementById('updated').textContent)")
 
 
+def test_a_slow_answer_is_not_polled_again_until_it_comes(page, server):
+    """The page polls every 3 s; while its answer is held back (a server slow under load), it
+    asks nothing more, and draws the answer once it comes."""
+    held = []
+    page.route(re.compile(r"/api/tests/pricing\?"), lambda route: held.append(route))
+    page.goto(f"{server.base}/tests/pricing?token={QUERY}")
+    deadline = 50
+    while not held and deadline:
+        page.wait_for_timeout(100)
+        deadline -= 1
+    page.wait_for_timeout(7_500)  # two polls and more
+    assert len(held) == 1, [r.request.url for r in held]
+    held[0].continue_()
+    page.unroute(re.compile(r"/api/tests/pricing\?"))
+    rendered(page)
+    assert_same_as_grpc(page, server, "pricing")
+
+
 def test_the_sample_ratio_banner_shows_for_a_mismatch_only(page, server):
     with Client(server.grpc, token=TOKENS["admin"]) as admin:
         admin.create_experiment("banner_srm", control="control", split={"control": 50, "treatment": 50},

@@ -18,6 +18,8 @@ let lastFetched = 0;
 let lastShown = "";
 let renders = 0;
 let pollTimer = null;
+let latest = 0; // the newest refresh begun: what an older one fetched is not drawn
+let inFlight = 0; // refreshes not done yet: the poll waits for them
 
 // ---- the token -----------------------------------------------------------------------------
 
@@ -208,8 +210,9 @@ async function chart(id, name, values) {
 
 // ---- every test ----------------------------------------------------------------------------
 
-async function showList() {
+async function showList(mine) {
   const data = await api("/api/tests");
+  if (mine !== latest) return;
   const key = JSON.stringify(data.tests);
   lastFetched = Date.now();
   if (key === lastShown) return;
@@ -451,8 +454,9 @@ function segmentRows(data) {
 
 let testView = null; // the test's page once built: its controls stay, its results are redrawn
 
-async function showTest(testId, force) {
+async function showTest(testId, force, mine) {
   const data = await api(`/api/tests/${encodeURIComponent(testId)}?${testQuery()}`);
+  if (mine !== latest) return;
   lastFetched = Date.now();
   const { as_of, elapsed_ms, ...shown } = data;
   const key = JSON.stringify(shown);
@@ -521,11 +525,12 @@ async function showTest(testId, force) {
     chart("segments-chart", "segments", segmentRows(data)),
   ]);
   rendered();
-  drawLift(testId);
+  await drawLift(testId, mine);
 }
 
-// One more query, drawn once the rest is: the page's first render does not wait for it.
-async function drawLift(testId) {
+// One more query, drawn once the rest is: the page's first render does not wait for it (the
+// next poll does).
+async function drawLift(testId, mine) {
   const target = document.getElementById("lift-chart");
   if (!target) return;
   const q = new URLSearchParams(testQuery());
@@ -535,9 +540,11 @@ async function drawLift(testId) {
   try {
     data = await api(`/api/tests/${encodeURIComponent(testId)}/lift?${q.toString()}`);
   } catch (error) {
+    if (mine !== latest) return;
     target.replaceChildren(h("p", { class: "muted" }, `The lift over time could not be computed: ${error.message || error}`));
     return;
   }
+  if (mine !== latest) return;
   const values = [];
   for (const bucket of data.lifts) {
     for (const c of bucket.comparisons) {
@@ -566,20 +573,31 @@ function syncControl(data) {
 
 function route() {
   const match = location.pathname.match(/^\/tests\/(.+)$/);
-  return match ? decodeURIComponent(match[1]) : null;
+  if (!match) return null;
+  try {
+    return decodeURIComponent(match[1]);
+  } catch {
+    return match[1]; // a stray "%": the id as written
+  }
 }
 
 async function refresh(force) {
+  // A poll while an answer is still awaited is skipped: a slow server would otherwise get a
+  // request more every POLL_MS from each open page, and answers out of order drew older data.
+  if (!force && inFlight) return;
+  const mine = ++latest;
+  inFlight++;
   const testId = route();
   try {
     if (testId === null) {
       sessionStorage.setItem("abstream-list-query", location.search);
-      await showList();
+      await showList(mine);
     } else {
-      await showTest(testId, force);
+      await showTest(testId, force, mine);
     }
-    showError("");
+    if (mine === latest) showError("");
   } catch (error) {
+    if (mine !== latest) return;
     if (error.status === 401 || error.status === 403) {
       clearInterval(pollTimer);
       testView = null;
@@ -588,6 +606,8 @@ async function refresh(force) {
       return;
     }
     showError(`Could not load results: ${error.message}`);
+  } finally {
+    inFlight--;
   }
 }
 
