@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from abstream.core.errors import AbstreamError, FailedPrecondition, RecoveryError, ResourceExhausted
+from abstream.core.errors import AbstreamError, FailedPrecondition, RecoveryError, ResourceExhausted, Unavailable
 from abstream.core.events import normalize
 from abstream.core.types import Experiment, SnapshotInfo, ValidatedBatch
 from abstream.store import persist
@@ -78,8 +78,8 @@ class Persistence:
         except BaseException:
             os.close(self._held)
             raise
-        if self._purge_mark.exists():  # an erasure whose older copies were not all gone yet
-            self.purge()
+        self._purge_at = 0.0  # when a pending purge is tried next (`maybe_purge`)
+        self.maybe_purge()  # an erasure whose older copies were not all gone yet
 
     @property
     def last_snapshot_at(self) -> float:
@@ -113,9 +113,47 @@ class Persistence:
         if not mark.exists():
             self.will_purge()
         info = self.snapshot(keep=1)
+        if left := self._older_copies(info.path):  # the mark stays: the next start deletes them
+            raise Unavailable(f"the events are erased from queries and from the newest snapshot, but older copies "
+                              f"could not be deleted: {'; '.join(left[:5])}; erasing again tries again, and the "
+                              "server's next start does", retry_after=SNAPSHOT_RETRY_SECONDS)
         mark.unlink()
         fsync_dir(mark.parent)
         return info
+
+    def maybe_purge(self) -> None:
+        """Finishes a purge an erasure left pending (the server died on the way, the disk was
+        full, a copy could not be deleted): at the start, then every SNAPSHOT_RETRY_SECONDS
+        while it fails, logged each time."""
+        if not self._purge_mark.exists() or time.monotonic() < self._purge_at:
+            return
+        try:
+            self.purge()
+            log.info("the purge an erasure left pending is done: no older snapshot or log segment is left")
+        except AbstreamError as error:
+            self._purge_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS
+            log.error("the purge an erasure left pending failed (tried again in %gs): %s", SNAPSHOT_RETRY_SECONDS,
+                      error)
+
+    def _older_copies(self, newest: Path) -> list[str]:
+        """Deletes, saying why it could not, every snapshot but `newest` and every log segment
+        before it (a snapshot's deletions ignore errors: an old copy is a fallback, and its
+        deletion is tried again by the next one; after an erasure, it is what must be gone)."""
+        left = []
+        for _, old in persist.list_snapshots(newest.parent):
+            if old != newest:
+                try:
+                    shutil.rmtree(old)
+                except OSError as error:
+                    left.append(f"{error.filename or old}: {error.strerror or error}")
+        wal, lsn = self._ingest.wal, int(newest.name[5:])
+        try:
+            wal.drop_before(lsn)
+        except OSError as error:
+            left.append(f"{error.filename or wal.directory}: {error.strerror or error}")
+        segments = wal.segments()
+        left += [str(path) for (_, path), (following, _) in zip(segments, segments[1:]) if following <= lsn]
+        return left
 
     # ---- recovery -------------------------------------------------------------------------
 

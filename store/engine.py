@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from abstream.core import engine
 from abstream.core.engine import Gauge
-from abstream.core.errors import AbstreamError
+from abstream.core.errors import AbstreamError, ResourceExhausted, Unavailable
 from abstream.core.events import Rejection
 from abstream.core.types import (
     Experiment,
@@ -33,7 +33,7 @@ from abstream.core.types import (
     TimeseriesResult,
     ValidatedBatch,
 )
-from abstream.store.durability import Durability, Persistence
+from abstream.store.durability import SNAPSHOT_RETRY_SECONDS, Durability, Persistence
 from abstream.store.execute import Queries
 from abstream.store.ingest import Ingest, PreparedBatch
 
@@ -147,7 +147,14 @@ class EventStore:
             # replay number users differently).
             removed = ingest.remove({"erase_user": user_id, **({"tests": list(tests)} if tests else {})})
             if self._persistence is not None:
-                self._persistence.purge()
+                try:
+                    self._persistence.purge()
+                except AbstreamError as error:  # a full disk: its snapshot's error alone says nothing was erased
+                    pending = (f"the user is erased from queries and from memory; erasing it from disk is pending, "
+                               f"tried again every minute and at the next start: {error}")
+                    if isinstance(error, ResourceExhausted):
+                        raise ResourceExhausted(pending, error.retry_after) from error
+                    raise Unavailable(pending, SNAPSHOT_RETRY_SECONDS) from error
         return removed
 
     def retain_quarantine(self, horizons: dict[str, int], others: int | None) -> int:
@@ -190,6 +197,7 @@ class EventStore:
             if (wal := self._ingest.wal) is not None and wal.failure is not None:
                 raise wal.refusal()
             self._persistence.maybe_snapshot()
+            self._persistence.maybe_purge()
 
     def close(self, final_snapshot: bool = True) -> None:
         """Flushes everything: a last snapshot (so a restart replays nothing), then the log."""

@@ -537,3 +537,42 @@ def test_an_erasure_that_runs_out_of_memory_changes_nothing_and_is_not_logged(tm
     assert before["A"][1] == 1000 and before["B"] == (20, 1)
     assert {t: (e, u) for t, e, u in said["after"]} == {**before, "C": (2, 1)}
     assert {t: (e, u) for t, e, u in said["recovered"]} == {**before, "C": (2, 1)}
+
+
+def test_an_erasure_whose_older_copies_cannot_be_deleted_says_so_and_finishes_when_tried_again(tmp_path, monkeypatch):
+    """The erasure's purge deletes every older snapshot; one whose files cannot be deleted (here
+    every deletion of a snapshot's file fails, as on a read-only mount) fails the call, naming
+    them, keeps the purge pending, and erasing again finishes it."""
+    import os
+
+    from abstream.core.engine import append
+    from abstream.core.errors import Unavailable
+    from abstream.store import EventStore
+    from abstream.store.durability import Durability
+
+    data = tmp_path / "data"
+    store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_every_seconds=0))
+    for seed in (1, 2):
+        sent = table(2_000, "t", RECENT, seed=seed, secret_every=7)
+        append(store, sent.set_column(0, "timestamp", sent.column("timestamp").cast(pa.int64())))
+        store.snapshot()
+    assert len(list((data / "snapshots").glob("snap-*"))) == 2
+    unlink = os.unlink
+
+    def refused(path, *args, dir_fd=None, **kwargs):
+        if dir_fd is not None:  # shutil.rmtree's way: a name in a directory it opened
+            raise PermissionError(13, "Permission denied", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(Unavailable) as pending:
+        store.erase_user(SECRET_USER)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert "could not be deleted" in str(pending.value) and "erased from queries" in str(pending.value)
+    assert (data / "purge-pending").exists()
+    assert files_hold(data, SECRET_USER)  # an older snapshot holds the user still
+    assert store.erase_user(SECRET_USER) == 0  # tried again: nothing left in memory, and the purge done
+    assert not (data / "purge-pending").exists()
+    assert not files_hold(data, SECRET_USER)
+    assert len(list((data / "snapshots").glob("snap-*"))) == 1
+    store.close()
