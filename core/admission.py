@@ -57,6 +57,7 @@ class Limits:
     max_ingest_streams: int = 64
     memory_high_water_bytes: int = 0  # resolved: 0 is off
     max_ingest_bytes: int = 256 << 20
+    max_query_seconds: float = 0.0  # 0: none
 
 
 def cost(size: RequestSize) -> int:

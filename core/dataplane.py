@@ -502,11 +502,14 @@ class Core:
             *engine.quarantine(test_id, limit, principal.test_prefix)))
 
     def _admit(self, principal: Principal, q, timeout: float | None):
-        """A query checked, allowed for the caller, and given the caller's deadline."""
+        """A query checked, allowed for the caller, and given the caller's deadline, at most
+        --max-query-seconds away (an HTTP client that went away does not cancel its query)."""
         q.check()
         if not principal.may_use(q.test_id):
             raise PermissionDenied(f"token {principal.name!r} may only read tests whose id starts with "
                                    f"{principal.test_prefix!r}")
+        if most := self.limits.max_query_seconds:
+            timeout = most if timeout is None else min(timeout, most)
         return q if timeout is None else dataclasses.replace(q, deadline=time.monotonic() + timeout)
 
     async def _in_worker(self, name: str, work: Callable[[], R]) -> R:

@@ -120,7 +120,8 @@ def in_time(deadline: float | None) -> None:
     """Stops work whose caller has stopped waiting (`deadline`: time.monotonic()), checked
     between its stages."""
     if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("the caller's deadline passed; the query was stopped")
+        raise DeadlineExceeded("the query's deadline passed (the caller's, or the server's --max-query-seconds); "
+                               "it was stopped")
 
 
 class RecoveryError(AbstreamError):

@@ -52,6 +52,8 @@ class Settings:
                                           "the memory the process may use (its cgroup's limit or the RAM); 0: off")
     max_ingest_bytes: int = _s(256 << 20, "ingest in flight, as charged from a request's arrival to its ack "
                                           "(docs/operations.md: what a request may cost)")
+    max_query_seconds: float = _s(60.0, "longest a query runs, for callers that give no deadline (HTTP, the "
+                                        "results page, gRPC calls without one) or a longer one; 0: no limit")
     metrics_addr: str = _s("", "host:port for Prometheus metrics at /metrics; empty: off")
     http_addr: str = _s("", "where the HTTP API listens (the tutorial's platform's API: docs/http.md); empty: off",
                         serve_default="127.0.0.1:7181")
@@ -162,7 +164,7 @@ _POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max
              "clickhouse_timeout_seconds")
 #: Settings where 0 means none (or never) and less means nothing.
 _NOT_NEGATIVE = ("grace_seconds", "quarantine_limit", "snapshot_every_events", "snapshot_log_ratio",
-                 "snapshot_every_seconds", "http_body_idle_seconds", "retention_days")
+                 "snapshot_every_seconds", "http_body_idle_seconds", "retention_days", "max_query_seconds")
 
 
 def _parse(default, raw: str):

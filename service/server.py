@@ -183,7 +183,8 @@ class AnalyticsServer:
         self.metrics_port = 0
         self._snapshots: asyncio.Task | None = None
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
-                        admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes)
+                        admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes,
+                        settings.max_query_seconds)
         self.core = Core(limits, Tokens(tokens), self.metrics)
         if settings.retention_days < 0:
             raise ConfigError("--retention-days must be 0 (keep for ever) or more")

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -624,6 +625,21 @@ def test_a_refusal_for_memory_says_when_to_retry_and_no_rate_limit(tmp_path):
         assert status == 429 and "high-water mark" in json.loads(payload)["error"], payload
         assert int(headers["Retry-After"]) >= 1
         assert not {h for h in headers if h.startswith("X-RateLimit")}, headers
+    finally:
+        server.stop()
+
+
+def test_a_query_past_the_servers_longest_is_stopped_and_answered_504(tmp_path):
+    """HTTP callers give no deadline: --max-query-seconds is theirs (here shorter than any query)."""
+    server = Http(tmp_path, max_query_seconds=1e-9)
+    try:
+        assert server.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson([TUTORIAL_EVENT]))[0] == 200
+        status, error = server.json("GET", "/v0/pipes/test_summary.json?test_id=test_5")
+        assert status == 504 and "--max-query-seconds" in error["error"], error
+        with Client(server.grpc, token=TOKENS["admin"]) as client:
+            with pytest.raises(grpc.RpcError) as stopped:
+                client.summary("test_5", timeout=30)  # a longer deadline of the caller's: the server's is shorter
+        assert stopped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         server.stop()
 
