@@ -182,6 +182,7 @@ class AnalyticsServer:
         self.http_port = 0
         self.metrics_port = 0
         self._snapshots: asyncio.Task | None = None
+        self._sweeping: asyncio.Task | None = None  # the retention sweep running, if one is
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
                         admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes,
                         settings.max_query_seconds)
@@ -292,6 +293,12 @@ class AnalyticsServer:
                             "test", addr)
         return self.port
 
+    async def _sweep(self) -> None:
+        try:
+            await self.core.sweep()
+        except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+            log.exception("the retention sweep failed")
+
     async def _every_second(self) -> None:
         """Every second: a snapshot when one is due, and freed memory handed back to the system
         once ingest has gone quiet (while it runs, the heaps' free pages are about to be reused).
@@ -317,12 +324,12 @@ class AnalyticsServer:
                 continue
             except Exception:  # noqa: BLE001 - logged; the next tick tries again
                 log.exception("periodic maintenance failed")
-            try:
-                if time.monotonic() - swept >= self.settings.retention_sweep_seconds:
-                    swept = time.monotonic()
-                    await self.core.sweep()
-            except Exception:  # noqa: BLE001 - logged; the next tick tries again
-                log.exception("periodic maintenance failed")
+            if time.monotonic() - swept >= self.settings.retention_sweep_seconds and (
+                    self._sweeping is None or self._sweeping.done()):
+                # A task of its own: a sweep waits as long as a removal does (a ClickHouse
+                # replica that is down: minutes), and health and snapshots go on meanwhile.
+                swept = time.monotonic()
+                self._sweeping = asyncio.create_task(self._sweep())
             count = self.core.events_acked
             if count != seen:
                 trimmed = False

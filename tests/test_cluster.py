@@ -349,6 +349,33 @@ def test_a_query_waiting_for_a_hung_replica_leaves_every_other_call_answered(clu
     g.terminate()
 
 
+def test_a_retention_sweep_waiting_for_a_replica_leaves_health_checked(cluster, tmp_path):
+    """A removal returns once every replica applied it: with one down, the sweep waits for it
+    (up to 10 minutes), and meanwhile the gateway still checks its shards every second
+    (NOT_SERVING once the other replica of the shard goes too, SERVING once they are back)."""
+    _, args = database(cluster)
+    g = gateway(tmp_path, [*args, "--retention-sweep-seconds", "1", "--clickhouse-insert-quorum", "1"], "swept")
+    old = [dict(e, timestamp=(int(time.time()) - 10 * 86400) * NS + i) for i, e in enumerate(batch_events("o", 1))]
+    with grpc.insecure_channel(g.address) as channel:
+        (ack,) = list(pb_stub(channel).IngestEvents(iter([pb.IngestEventsRequest(
+            events=[to_message(e) for e in old])]), timeout=30))
+    assert ack.accepted == BATCH
+    cluster.kill_node(3)  # shard 2's second replica: the removal waits for it
+    try:
+        with Client(g.address, timeout=30) as client:
+            client.set_retention("dur", 1)
+        time.sleep(3)  # the sweep has begun its removal, and waits
+        cluster.kill_node(2)  # now shard 2 is down
+        wait_for_health(g, "NOT_SERVING", timeout=20)
+    finally:
+        cluster.start_node(2)
+        cluster.start_node(3)
+    wait_for_health(g, "SERVING", timeout=60)
+    with Client(g.address, timeout=30) as client:  # hidden at once, whether or not removed yet
+        assert sum(r.metrics.events for r in client.summary("dur").rows) == 0
+    g.kill()  # a sweep may wait still: a stop would wait for it
+
+
 def test_the_gateway_connects_with_the_user_and_password_it_is_given(cluster, tmp_path, monkeypatch):
     """The user and password go to every server (here: a password the cluster's `default` user
     does not have, refused by name, and never printed); with none given, `default` without one."""
