@@ -14,6 +14,7 @@ import asyncio
 import bisect
 import collections
 import collections.abc
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
@@ -28,6 +29,8 @@ from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from abstream.core.events import EVENT_SCHEMA, MAX_EVENT_BYTES, Rejection
 from abstream.core.types import DecodedBatch
+
+log = logging.getLogger("abstream.ingest")
 
 #: Rejected lines named one by one in an answer; past this only counted.
 DETAILS_LIMIT = 10_000
@@ -138,11 +141,22 @@ class Ingest:
         async def batches() -> AsyncIterator[tuple[files.Chunk, int]]:
             k = 0
             while True:
+                if (rejected := outcome.unreadable + outcome.rejected_by_rules) > MOST_UNREADABLE_LINES:
+                    # Lines that read as events the rules reject (`{}`) cost what unreadable ones do
+                    # (`readable`): counted as their acks come, a few batches behind the reading.
+                    outcome.failure = files.FileProblem(f"more than {MOST_UNREADABLE_LINES:,} of its events were "
+                                                        f"rejected ({rejected:,}): the rest of it was not read")
+                    return
                 try:
                     chunk = await pull()
                 except (files.FileProblem, AbstreamError, pa.ArrowException, OSError) as error:
                     # What came before is stored; the answer says so, and what stopped the reading.
                     outcome.failure = error
+                    return
+                except Exception as error:  # noqa: BLE001 - a reader's own defect, met on this input
+                    log.exception("reading a body failed")
+                    outcome.failure = InvalidArgument("body", f"could not be read past this point "
+                                                              f"({type(error).__name__}: {error})")
                     return
                 if chunk is None:
                     return

@@ -815,6 +815,25 @@ def test_a_body_of_mostly_unreadable_lines_is_read_no_further_than_the_quarantin
         server.stop()
 
 
+def test_a_body_of_events_the_rules_reject_is_read_no_further_than_unreadable_lines_are(tmp_path):
+    """`{}` reads as an event and fails the rules: it costs what an unreadable line does, and a
+    body of them (1M in 3 MB) stops alike once more than MOST_UNREADABLE_LINES were rejected."""
+    from abstream.sources.ingest import MOST_UNREADABLE_LINES
+
+    server = Http(tmp_path, tokens_file="")
+    try:
+        body = ndjson([{**TUTORIAL_EVENT, "user_id": "before"}]) + b"{}\n" * 1_000_000 + \
+            ndjson([{**TUTORIAL_EVENT, "user_id": "after"}])
+        status, error = server.json("POST", "/v0/events?name=ab_test_events&wait=true", body, token=None)
+        assert status == 400 and f"more than {MOST_UNREADABLE_LINES:,} of its events were rejected" in error["error"] \
+            and "(1 rows before it were stored)" in error["error"], error
+        with Client(server.grpc) as client:
+            assert sum(r.metrics.events for r in client.summary("test_5").rows) == 1  # not "after"
+            assert client.quarantine("").total < 1_000_000
+    finally:
+        server.stop()
+
+
 def test_a_body_refused_part_way_says_how_many_rows_went_in(tmp_path):
     """A body read in chunks of 5,000 lines: the first goes in (a full bucket takes a batch above
     its rate alone), the next is over the token's rate. The 429 says how many rows were stored,
