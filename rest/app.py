@@ -23,7 +23,7 @@ import pyarrow as pa
 from abstream.clients import files
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument, NotFound, PermissionDenied
+from abstream.core.errors import AbstreamError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from abstream.core.events import check_query_string
 from abstream.core.logs import REQUEST_ID, new_request_id
 from abstream.core.metrics import Metrics
@@ -99,6 +99,22 @@ def _token(request: web.Request) -> str:
     return request.query.get("token", "")
 
 
+#: The slowest a body may come on average, past its first --http-body-idle-seconds.
+MIN_BODY_RATE = 8 << 10
+
+
+class _Pace:
+    """How much of a body came since when: what it may still take to come (`left`)."""
+
+    def __init__(self, whole: int | None = None) -> None:
+        self.started = time.monotonic()
+        self.whole = whole is not None  # read at once (a small body): its whole length is allowed for
+        self.received = whole or 0
+
+    def left(self, idle: float) -> float:
+        return max(self.started + idle + self.received / MIN_BODY_RATE - time.monotonic(), 0.001)
+
+
 class HttpApi:
     """The aiohttp application and its listening site; `port` is the one bound."""
 
@@ -107,6 +123,7 @@ class HttpApi:
         self.port = 0
         self.started = dt.datetime.now(dt.timezone.utc)
         self.ingest = Ingest(core, max(settings.max_ingest_streams, 1))
+        self._bodies = 0  # being read now (`_read`)
         # A body is stored in batches of at most --max-batch-events, as gRPC's are.
         self._batch_lines = min(BATCH_LINES, settings.max_batch_events)
         self._cors_origins = frozenset(o.strip() for o in settings.http_cors_origins.split(",") if o.strip())
@@ -278,18 +295,29 @@ class HttpApi:
         if length is not None and length <= min(SMALL_BODY_BYTES, limit) \
                 and request.headers.get("Content-Encoding", "").lower() in ("", "identity"):
             # Read on the loop and parsed in one step: a small body's cost is its hops between threads.
-            raw = await self._within(request.read(), "the body")
+            raw = await self._within(request.read(), "the body", _Pace(length))
             stream, whole = io.BytesIO(raw), True
             if raw.startswith(body.GZIP_MAGIC):  # gzip without its header: inflated, as a larger body is
                 stream, whole = self._body(request, _pieces(raw), limit, "the body"), False
         else:
             stream, whole = self._body(request, request.content.readany, limit, "the body"), False
-        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY],
-                                           lambda: reader_for("ndjson", stream, "body", [], self._batch_lines),
-                                           producer, whole=whole)
+        outcome = await self._read(request[PRINCIPAL_KEY],
+                                   lambda: reader_for("ndjson", stream, "body", [], self._batch_lines), producer, whole)
         self._raise_failure(outcome)
         answer = {"successful_rows": outcome.stored, "quarantined_rows": outcome.quarantined, **outcome.details()}
         return web.json_response(answer, status=200 if wait else 202)
+
+    async def _read(self, principal: Principal, make, producer: str, whole: bool = False) -> Outcome:
+        """A body stored, by one of --max-ingest-streams readers; 429 at once when every one is
+        taken (a request waited, unanswered, for one to be free)."""
+        if self._bodies >= self.ingest.readers:
+            raise ResourceExhausted(f"{self._bodies} bodies are being read, the most this server reads at once "
+                                    "(--max-ingest-streams); retry", retry_after=1.0)
+        self._bodies += 1
+        try:
+            return await self.ingest.chunks(principal, make, producer, whole=whole)
+        finally:
+            self._bodies -= 1
 
     def _idempotency(self, request: web.Request) -> str:
         """The producer id an Idempotency-Key makes: the same key, from the same token (the core
@@ -306,18 +334,31 @@ class HttpApi:
         encoding = request.headers.get("Content-Encoding", "").lower()
         if encoding not in ("", "identity", "gzip"):
             raise HttpError(415, f"Content-Encoding {encoding[:32]!r} is not supported: send gzip or nothing")
-        return body.stream(lambda: self._within(read(), what), asyncio.get_running_loop(), limit, what,
+        pace = _Pace()
+        return body.stream(lambda: self._within(read(), what, pace), asyncio.get_running_loop(), limit, what,
                            gzip=True if encoding == "gzip" else None)
 
-    async def _within(self, reading: Awaitable[T], what: str) -> T:
+    async def _within(self, reading: Awaitable[T], what: str, pace: _Pace | None = None) -> T:
         """A piece of a body, or 408 when none comes within --http-body-idle-seconds: a body being
         read holds a reader, and 64 clients that sent a few bytes and then nothing held every one,
-        stopping all HTTP ingest for as long as they stayed connected."""
+        stopping all HTTP ingest for as long as they stayed connected. With `pace`, the body so
+        far must also have come at MIN_BODY_RATE on average (after its first idle period): a
+        client sending a byte every few seconds held a reader as long as it liked."""
         idle = self.settings.http_body_idle_seconds
+        wait = idle if idle > 0 else None
+        if pace is not None and wait is not None:  # read at once: its length allowed for, not a piece's
+            wait = pace.left(idle) if pace.whole else min(wait, pace.left(idle))
         try:
-            return await asyncio.wait_for(reading, idle if idle > 0 else None)
+            piece = await asyncio.wait_for(reading, wait)
         except asyncio.TimeoutError:
+            if pace is not None and wait is not None and (pace.whole or wait < idle):
+                raise HttpError(408, f"{what} came too slowly: below {MIN_BODY_RATE:,} bytes a second on average "
+                                     f"over {time.monotonic() - pace.started:.0f} s (past --http-body-idle-seconds)"
+                                     ) from None
             raise HttpError(408, f"{what} stalled: nothing came for {idle:g} s (--http-body-idle-seconds)") from None
+        if pace is not None and isinstance(piece, (bytes, bytearray)):
+            pace.received += len(piece)
+        return piece
 
     @staticmethod
     def _raise_failure(outcome: Outcome) -> None:
@@ -396,15 +437,16 @@ class HttpApi:
             read, name = _part_reader(part), part.filename or part.name
         elif request.content_type == "application/x-www-form-urlencoded" and request.content_length is not None \
                 and request.content_length < 1 << 16:  # a chunked body may be of any size: streamed
-            small = await self._within(request.read(), name)  # a form (url=...), or a small file (curl --data-binary)
+            small = await self._within(request.read(), name,  # a form (url=...), or a small file (curl --data-binary)
+                                       _Pace(request.content_length))
             if small.startswith(b"url="):
                 raise InvalidArgument("url", "imports from a URL are not supported: upload the file itself")
             read = _pieces(small)
         stream = self._body(request, read, limit, name)
         warnings: list[str] = []
-        outcome = await self.ingest.chunks(request[PRINCIPAL_KEY],
-                                           lambda: reader_for(fmt, stream, name, warnings, self._batch_lines),
-                                           self._idempotency(request))
+        outcome = await self._read(request[PRINCIPAL_KEY],
+                                   lambda: reader_for(fmt, stream, name, warnings, self._batch_lines),
+                                   self._idempotency(request))
         outcome.warnings = warnings
         self._raise_failure(outcome)
         error = (f"There was an error with file contents: {outcome.quarantined:,} rows in quarantine."

@@ -113,6 +113,7 @@ class Ingest:
 
     def __init__(self, core: Core, max_bodies: int) -> None:
         self._core = core
+        self.readers = max_bodies
         self._readers = threads.pool("abstream-read", max_bodies)
 
     def close(self) -> None:

@@ -594,13 +594,19 @@ def test_bodies_that_stall_are_answered_408_and_never_hold_every_reader(tmp_path
             stalled.append(s)
         time.sleep(0.3)  # both readers are taken, waiting for the rest of their bodies
         deadline = time.monotonic() + 20
-        while True:  # told to retry (429) while the stalled bodies hold both streams, then stored
-            status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true",
-                                         ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]))
+        refusals = []
+        while True:  # told to retry (429) at once while the stalled bodies hold both readers, then stored
+            status, headers, payload = server.call("POST", "/v0/events?name=ab_test_events&wait=true",
+                                                   ndjson([{**TUTORIAL_EVENT, "user_id": "after"}]))
+            answer = json.loads(payload)
             if status != 429 or time.monotonic() > deadline:
                 break
+            refusals.append((headers, answer))
             time.sleep(0.2)
         assert (status, answer.get("successful_rows")) == (200, 1), answer
+        assert refusals, "a body that found every reader taken waited instead of being told to retry"
+        assert all("Retry-After" in h and "X-RateLimit-Limit" not in h and "being read" in a["error"]
+                   for h, a in refusals), refusals
         for s, what in zip(stalled, ("the body", "the upload")):
             reply = b""
             while b"}" not in reply:
@@ -640,6 +646,53 @@ def test_a_query_past_the_servers_longest_is_stopped_and_answered_504(tmp_path):
             with pytest.raises(grpc.RpcError) as stopped:
                 client.summary("test_5", timeout=30)  # a longer deadline of the caller's: the server's is shorter
         assert stopped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        server.stop()
+
+
+def test_a_body_that_trickles_in_is_answered_408_once_below_the_slowest_pace(tmp_path):
+    """A byte every 0.3 s never leaves --http-body-idle-seconds (1 s) without one, and held a
+    reader for as long as the client liked: past that first second, a body must average
+    MIN_BODY_RATE. A small body (read at once) gets its length's allowance, not one idle period."""
+    import socket
+
+    from abstream.rest.app import MIN_BODY_RATE
+
+    server = Http(tmp_path, http_body_idle_seconds=1.0)
+    port = server.thread.server.http_port
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(f"POST /v0/events?name=ab_test_events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  f"{TOKENS['admin']}\r\nContent-Length: 5000000\r\n\r\n".encode())
+        s.settimeout(0.3)
+        reply, started = b"", time.monotonic()
+        while b"}" not in reply and time.monotonic() - started < 8:
+            try:
+                s.sendall(b" ")
+                reply += s.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                break
+        s.close()
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"came too slowly" in payload, reply
+        assert time.monotonic() - started < 5
+        # 200 KB, read at once, coming at 4 times the slowest pace: over 1 s, and taken
+        line = ndjson([TUTORIAL_EVENT])
+        small = line * (200_000 // len(line))
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(f"POST /v0/events?name=ab_test_events&wait=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  f"{TOKENS['admin']}\r\nContent-Length: {len(small)}\r\nConnection: close\r\n\r\n".encode())
+        step = 4 * MIN_BODY_RATE // 10
+        for at in range(0, len(small), step):
+            s.sendall(small[at:at + step])
+            time.sleep(0.1)
+        reply = b""
+        while piece := s.recv(65536):
+            reply += piece
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
     finally:
         server.stop()
 
