@@ -243,6 +243,9 @@ class SegmentsQuery:
 MAX_SERIES_POINTS = 2_000_000
 #: The most with lifts, where each point is an analysis of its own (~80 µs).
 MAX_LIFT_POINTS = 100_000
+#: The most an HTTP answer has: written whole, a row of JSON took ~900 bytes at its peak, and an
+#: answer of MAX_SERIES_POINTS rows ~1.8 GB.
+MAX_HTTP_POINTS = 200_000
 
 
 @dataclass(frozen=True)
@@ -257,11 +260,13 @@ class TimeseriesQuery:
     time_zone: str = ""  # IANA name: day and week buckets start at its midnights; empty: UTC
     lift: AnalysisOptions | None = None  # with cumulative: each bucket's lifts, by confidence sequences
     since_first_exposure: bool = False  # with lift: buckets are ages since each user's first event
+    most_points: int = 0  # the most the caller takes (HTTP: MAX_HTTP_POINTS); 0: what the kind may have
 
     def check_points(self, periods: int, variants: int) -> None:
         """Refuses, before they are computed, more (bucket or age, variant) points than an
         answer may have (engines call it once they know both)."""
         most = MAX_SERIES_POINTS if self.lift is None else MAX_LIFT_POINTS
+        most = min(most, self.most_points) if self.most_points else most
         if periods * variants > most:
             what = "ages" if self.since_first_exposure else "buckets"
             raise InvalidArgument("interval", f"{periods:,} {what} x {variants:,} variants would be "

@@ -30,6 +30,7 @@ from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, NotFound
 from abstream.core.types import (
+    MAX_HTTP_POINTS,
     AnalysisOptions,
     Dimension,
     Interval,
@@ -231,7 +232,8 @@ async def test_timeseries(core: Core, principal: Principal, p: Params) -> Answer
                       r.stats.elapsed_ns / 1e9)
 
     return await core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, p.boolean("cumulative"),
-                                                            time_zone=p.get("time_zone")), None, answer)
+                                                            time_zone=p.get("time_zone"),
+                                                            most_points=MAX_HTTP_POINTS), None, answer)
 
 
 _LIFT_COLUMNS = [
@@ -252,7 +254,8 @@ async def test_lift(core: Core, principal: Principal, p: Params) -> Answer:
     options = p.analysis()
     by_age = p.boolean("since_first_exposure")
     query = TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end, not by_age,
-                            time_zone=p.get("time_zone"), lift=options, since_first_exposure=by_age)
+                            time_zone=p.get("time_zone"), lift=options, since_first_exposure=by_age,
+                            most_points=MAX_HTTP_POINTS)
     return await core.timeseries(principal, query, None, lambda r: _lift_answer(test_id, by_age, r))
 
 

@@ -24,6 +24,7 @@ from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
 from abstream.core.types import (
+    MAX_HTTP_POINTS,
     METRICS,
     Analysis,
     AnalysisOptions,
@@ -214,7 +215,8 @@ class ResultsPage:
         keep = {"control_variant": options.control_variant, "confidence": options.confidence,
                 "correction": options.correction}  # what the lift takes of the page's options
         r = await self.core.timeseries(request["principal"], TimeseriesQuery(
-            request.match_info["test_id"], interval, start, end, True, lift=AnalysisOptions(**keep)))
+            request.match_info["test_id"], interval, start, end, True, lift=AnalysisOptions(**keep),
+            most_points=MAX_HTTP_POINTS))
         lifts = [{"bucket": iso(bucket), "comparisons": [
             {"variant": c.variant, "metric": c.metric, "relative": _estimate(c.result.relative)}
             for c in a.comparisons]} for bucket, a in r.lifts]
@@ -235,11 +237,12 @@ class ResultsPage:
             raise NotFound(f"no test {test_id[:64]!r} has events here")
         summary, series, segments = await asyncio.gather(
             self.core.summary(principal, SummaryQuery(test_id, start, end, options)),
-            self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True)),
+            self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True,
+                                                            most_points=MAX_HTTP_POINTS)),
             self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end,
                                                        analysis=dataclasses.replace(options, revenue_cap=None))))
         # The answer is built and written in a thread: an hourly series of many variants is up to
-        # MAX_SERIES_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
+        # MAX_HTTP_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
         return web.Response(body=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,
                                                          dimension, summary, series, segments, started),
                             content_type="application/json", charset="utf-8")

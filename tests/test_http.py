@@ -697,6 +697,30 @@ def test_a_body_that_trickles_in_is_answered_408_once_below_the_slowest_pace(tmp
         server.stop()
 
 
+def test_a_series_too_long_for_an_http_answer_is_refused_and_grpc_still_answers_it(http):
+    """An HTTP answer is written whole (~900 bytes a row at its peak): it has at most
+    MAX_HTTP_POINTS rows; gRPC answers a longer one (columns, streamed by the wire)."""
+    from abstream.core.types import MAX_HTTP_POINTS
+
+    minutes = MAX_HTTP_POINTS // 2 + 1  # an event a minute in each of 2 variants
+    first = int(dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+    n = 2 * minutes
+    with Client(http.grpc, token=TOKENS["admin"]) as client:
+        client.ingest_table(pa.table({
+            "timestamp": pa.array([(first + 60 * (i // 2)) * 10**9 for i in range(n)], pa.timestamp("ns", "UTC")),
+            "user_id": [f"u{i}" for i in range(n)], "test_id": ["wide"] * n, "variant": ["a", "b"] * minutes,
+            "event_type": ["view"] * n, "conversion": [0] * n, "revenue": [0.0] * n, "session_id": ["s"] * n,
+            "device": ["d"] * n, "country": ["c"] * n}))
+        series = client.timeseries("wide", "minute", dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc),
+                                   dt.datetime(2025, 12, 31, tzinfo=dt.timezone.utc))
+        assert len(series.rows) == n
+    window = "start_date=2025-01-01%2000:00:00&end_date=2025-12-31%2000:00:00"
+    status, error = http.json("GET", f"/v0/pipes/test_timeseries.json?test_id=wide&interval=minute&{window}")
+    assert status == 400 and f"{MAX_HTTP_POINTS:,}" in error["error"] and f"{n:,} points" in error["error"], error
+    status, answer = http.json("GET", f"/v0/pipes/test_timeseries.json?test_id=wide&interval=hour&{window}")
+    assert status == 200 and sum(r["events"] for r in answer["data"]) == n
+
+
 def test_rate_limits_say_when_to_retry(tmp_path):
     server = Http(tmp_path, tokens_file=str(tokens_file(tmp_path / "slow.toml", rates={"ingest": 10})))
     try:
