@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class ClickHouseEngine:
     def __init__(self, backend: Cluster | Local) -> None:
         self._b = backend
         self._plans: tuple[float, dict[str, Experiment]] = (0.0, {})
+        self._closed = threading.Event()  # a removal waiting for its replicas stops waiting
 
     @property
     def database(self) -> str:
@@ -220,11 +222,10 @@ class ClickHouseEngine:
             waiting = sum(columns[0][0] for columns in answers)
             if not waiting and not missing:
                 return removed
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self._closed.wait(0.2):
                 raise Unavailable(f"the removal from {table} is not applied yet on every replica "
                                   f"({', '.join(missing) or f'{waiting} mutations pending'}): each applies it when it "
                                   "can; calling again is safe")
-            time.sleep(0.2)
 
     def export(self, test_id: str, start_ns: int | None = None, end_ns: int | None = None,
                rows: int = 100_000) -> Iterator[pa.Table]:
@@ -537,6 +538,9 @@ class ClickHouseEngine:
         return [Gauge("abstream_clickhouse_shards", "Shards of the ClickHouse cluster", lambda: len(self._b.shards))]
 
     def close(self) -> None:
+        """Also ends a removal's wait for its replicas (a retention sweep's: a stop waited for it,
+        up to REMOVAL_TIMEOUT_S, with a replica down); each applies it when it can."""
+        self._closed.set()
         self._b.close()
 
 

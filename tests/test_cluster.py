@@ -352,7 +352,8 @@ def test_a_query_waiting_for_a_hung_replica_leaves_every_other_call_answered(clu
 def test_a_retention_sweep_waiting_for_a_replica_leaves_health_checked(cluster, tmp_path):
     """A removal returns once every replica applied it: with one down, the sweep waits for it
     (up to 10 minutes), and meanwhile the gateway still checks its shards every second
-    (NOT_SERVING once the other replica of the shard goes too, SERVING once they are back)."""
+    (NOT_SERVING once the other replica of the shard goes too, SERVING once they are back), and
+    stops when told to (each replica applies the removal when it can)."""
     _, args = database(cluster)
     g = gateway(tmp_path, [*args, "--retention-sweep-seconds", "1", "--clickhouse-insert-quorum", "1"], "swept")
     old = [dict(e, timestamp=(int(time.time()) - 10 * 86400) * NS + i) for i, e in enumerate(batch_events("o", 1))]
@@ -373,7 +374,7 @@ def test_a_retention_sweep_waiting_for_a_replica_leaves_health_checked(cluster, 
     wait_for_health(g, "SERVING", timeout=60)
     with Client(g.address, timeout=30) as client:  # hidden at once, whether or not removed yet
         assert sum(r.metrics.events for r in client.summary("dur").rows) == 0
-    g.kill()  # a sweep may wait still: a stop would wait for it
+    assert g.terminate(timeout=30) == 0  # a sweep that waits still does not hold the stop
 
 
 def test_the_gateway_connects_with_the_user_and_password_it_is_given(cluster, tmp_path, monkeypatch):
