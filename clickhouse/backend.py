@@ -29,7 +29,7 @@ INSERT_QUORUM_TIMEOUT_MS = 10_000
 SILENT_SECONDS = 30.0  # a replica that did not answer is tried last this long
 
 #: ClickHouse error codes, and what they are to a caller.
-_TIMEOUT = {159}  # TIMEOUT_EXCEEDED: max_execution_time, the caller's deadline
+_TIMEOUT = {159}  # TIMEOUT_EXCEEDED: max_execution_time, the query's deadline
 _RETRIABLE = {
     209: "a server did not answer in time",  # SOCKET_TIMEOUT (a server hung, or its machine)
     210: "a server is unreachable",  # NETWORK_ERROR
@@ -66,7 +66,8 @@ def translate(error: BaseException, where: str) -> AbstreamError:
 
     code = getattr(error, "code", None)
     if code in _TIMEOUT:
-        return DeadlineExceeded(f"{where}: the query ran past the caller's deadline and was stopped")
+        return DeadlineExceeded(f"{where}: the query ran past its deadline (the caller's, or the server's "
+                                "--max-query-seconds) and was stopped")
     if isinstance(error, (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError)) or code in _RETRIABLE:
         why = _RETRIABLE.get(code, "the server went away")
         unavailable = Unavailable(f"{where}: {why} ({_said(error)})", retry_after=1.0)

@@ -407,7 +407,8 @@ class Core:
             plan = engine.experiments().get(q.test_id)
             g = engine.summary(q)
             start = plan.start_ns if plan is not None else None
-            before = engine.count_events(q.test_id, None, start - 1) if start is not None else 0
+            # Events past the retention horizon are seen by no query (the sweep may not have removed them yet)
+            before = engine.count_events(q.test_id, self.horizon(q.test_id, plan), start - 1) if start is not None else 0
             future = engine.count_events(q.test_id, self._clock() + analysis.FUTURE_NS, None)
             start_text = f" ({events.format_ns(start)})" if start is not None else ""
             return respond(analysis.summary(q, g, before, future, start_text))
@@ -649,13 +650,14 @@ class Core:
         horizons = {t.test_id: h for t in tests if (h := self._due(t, plans.get(t.test_id))) is not None}
         try:
             return await self._removing("retention", lambda: engine.retain(horizons)) if horizons else 0
-        finally:  # whether or not that failed: each is a duty of its own
+        finally:  # whether or not that failed: each is a duty of its own (not once the server stops)
             # A test's own retention, else the server's (None: kept), for quarantined events too,
             # whether or not their test has stored events; 0 keeps them all (none came before).
             own = {t: self.horizon(t, p) or 0 for t, p in plans.items() if p.retention_days}
             try:
-                await self._removing("quarantine_retention",
-                                     lambda: engine.retain_quarantine(own, self.horizon("", None)), say_none=False)
+                if not self.draining:
+                    await self._removing("quarantine_retention",
+                                         lambda: engine.retain_quarantine(own, self.horizon("", None)), say_none=False)
             except Exception:  # noqa: BLE001 - said; the next sweep tries again
                 log.exception("removing quarantined events past their retention failed")
 

@@ -352,6 +352,8 @@ class AnalyticsServer:
         await self.health.enter_graceful_shutdown()
         if self._snapshots is not None:
             self._snapshots.cancel()
+        if self._sweeping is not None:  # its removal, in a thread, ends with the engine's close
+            self._sweeping.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.grace_seconds if grace is None else grace)
         while self.core.streams and loop.time() < deadline:

@@ -150,6 +150,10 @@ class Ingest:
                     return
                 try:
                     chunk = await pull()
+                except MemoryError:  # the server's, not the body's fault (pyarrow's too: before ArrowException)
+                    outcome.failure = ResourceExhausted("the server ran out of memory reading the body; retry later",
+                                                        retry_after=5.0)
+                    return
                 except (files.FileProblem, AbstreamError, pa.ArrowException, OSError) as error:
                     # What came before is stored; the answer says so, and what stopped the reading.
                     outcome.failure = error

@@ -219,6 +219,7 @@ class KafkaSource:
         self._generation: dict[tuple[str, int], int] = {}  # of each assigned partition's log (producer_of)
         self._below: dict[tuple[str, int], float] = {}  # since when each one's log ends below _next
         self._paused = False  # every assigned partition, while ingest refuses (`_store`)
+        self._fatal = None  # a fatal error librdkafka reported (`_error`)
         r = metrics.registry
         self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed, by topic", ["topic"], registry=r)
         self.stored = Counter("abstream_kafka_events", "Events stored from Kafka, by topic", ["topic"], registry=r)
@@ -280,7 +281,7 @@ class KafkaSource:
     def _consume(self) -> bool:
         """One consumer's life in the group: until stopped (True), or until it raises; False
         when it cannot be made at all."""
-        from confluent_kafka import Consumer
+        from confluent_kafka import Consumer, KafkaException
 
         settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats, "logger": log}
         try:
@@ -294,6 +295,9 @@ class KafkaSource:
                                on_lost=self._revoked)
             checked = time.monotonic()
             while not self._stop.is_set():
+                if (fatal := self._fatal) is not None:
+                    self._fatal = None
+                    raise KafkaException(fatal)
                 messages = consumer.consume(BATCH_MESSAGES, timeout=0.2)
                 if messages:
                     self._handle(consumer, messages)
@@ -374,6 +378,8 @@ class KafkaSource:
     def _error(self, error) -> None:
         from confluent_kafka import KafkaError
 
+        if error.fatal():  # the consumer can do nothing more: `_consume` raises it, and a new one joins
+            self._fatal = error
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
             self.connected.set(0)
             self._set(False, f"broker unreachable ({self.config.bootstrap}): {error.str()}")

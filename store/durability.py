@@ -78,7 +78,7 @@ class Persistence:
         except BaseException:
             os.close(self._held)
             raise
-        self._purge_at = 0.0  # when a pending purge is tried next (`maybe_purge`)
+        self._purge_at = 0.0  # when a pending purge is tried next (`maybe_purge`), after one failed
         self.maybe_purge()  # an erasure whose older copies were not all gone yet
 
     @property
@@ -112,12 +112,16 @@ class Persistence:
         mark = self._purge_mark
         if not mark.exists():
             self.will_purge()
-        info = self.snapshot(keep=1)
-        if left := self._older_copies(info.path):  # the mark stays: the next start deletes them
-            raise Unavailable(f"the events are erased from queries and from the newest snapshot, but older copies "
-                              f"could not be deleted: {'; '.join(left[:5])}; erasing again tries again, and the "
-                              "server's next start does", retry_after=SNAPSHOT_RETRY_SECONDS)
-        mark.unlink()
+        try:
+            info = self.snapshot(keep=1)
+            if left := self._older_copies(info.path):  # the mark stays: the next start deletes them
+                raise Unavailable(f"the events are erased from queries and from the newest snapshot, but older "
+                                  f"copies could not be deleted: {'; '.join(left[:5])}; erasing again tries again, "
+                                  "and the server's next start does", retry_after=SNAPSHOT_RETRY_SECONDS)
+        except AbstreamError:
+            self._purge_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS  # `maybe_purge`: not every second
+            raise
+        mark.unlink(missing_ok=True)
         fsync_dir(mark.parent)
         return info
 
@@ -131,7 +135,6 @@ class Persistence:
             self.purge()
             log.info("the purge an erasure left pending is done: no older snapshot or log segment is left")
         except AbstreamError as error:
-            self._purge_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS
             log.error("the purge an erasure left pending failed (tried again in %gs): %s", SNAPSHOT_RETRY_SECONDS,
                       error)
 

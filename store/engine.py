@@ -197,7 +197,11 @@ class EventStore:
             if (wal := self._ingest.wal) is not None and wal.failure is not None:
                 raise wal.refusal()
             self._persistence.maybe_snapshot()
-            self._persistence.maybe_purge()
+            if self._erasing.acquire(blocking=False):  # an erasure under way purges itself
+                try:
+                    self._persistence.maybe_purge()
+                finally:
+                    self._erasing.release()
 
     def close(self, final_snapshot: bool = True) -> None:
         """Flushes everything: a last snapshot (so a restart replays nothing), then the log."""

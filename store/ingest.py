@@ -263,7 +263,6 @@ class Ingest:
         partitions = {code: p for code, p in partitions.items() if p is not None}
 
         def apply() -> int:
-            self.tail.drain()
             if quarantined:
                 self.quarantine.remove(*quarantined)
             self.experiments = plans
@@ -273,7 +272,9 @@ class Ingest:
                 with self._encode_lock:
                     self.dicts["user_id"] = users
                     self._generation += 1  # batches encoded before are encoded again when applied
+            self.tail.clear()
             with self._view_lock:
+                self._removals += 1  # a rollup whose folding began during the removal is not attached either
                 self.partitions = partitions
                 self.view = StoreView(partitions, (self.tail.view(),))
             return removed

@@ -525,12 +525,16 @@ class Tail:
         return {**{c: a[: self.rows] for c, a in self._cols.items()},
                 **{c: TailStrings(chunks, len(chunks)) for c, chunks in self._strings.items()}}
 
+    def clear(self) -> None:
+        """An empty tail, in new arrays (views published keep the old ones)."""
+        self.__init__(self._capacity)
+
     def drain(self) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
         """(test codes, columns) of every row, and an empty tail in new arrays."""
         cols: dict[str, np.ndarray | pa.Array] = {c: a[: self.rows] for c, a in self._cols.items()}
         for c, chunks in self._strings.items():
             cols[c] = pa.concat_arrays(chunks) if chunks else pa.array([], STORED_SCHEMA.field(c).type)
-        self.__init__(self._capacity)
+        self.clear()
         return cols.pop("test"), cols
 
 

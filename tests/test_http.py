@@ -897,7 +897,7 @@ def test_a_body_of_events_the_rules_reject_is_read_no_further_than_unreadable_li
     body of them (1M in 3 MB) stops alike once more than MOST_UNREADABLE_LINES were rejected."""
     from abstream.sources.ingest import MOST_UNREADABLE_LINES
 
-    server = Http(tmp_path, tokens_file="")
+    server = Http(tmp_path, tokens_file="", quarantine_limit=2_000_000)  # room to keep them all
     try:
         body = ndjson([{**TUTORIAL_EVENT, "user_id": "before"}]) + b"{}\n" * 1_000_000 + \
             ndjson([{**TUTORIAL_EVENT, "user_id": "after"}])
