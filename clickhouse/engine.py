@@ -81,6 +81,7 @@ class ClickHouseEngine:
     def __init__(self, backend: Cluster | Local) -> None:
         self._b = backend
         self._plans: tuple[float, dict[str, Experiment]] = (0.0, {})
+        self._versions: dict[str, int] = {}  # the newest version of each test's plan, a deletion's too
         self._closed = threading.Event()  # a removal waiting for its replicas stops waiting
 
     @property
@@ -505,10 +506,18 @@ class ClickHouseEngine:
                     if version > latest.get(test_id, (-1, ""))[0]:
                         latest[test_id] = (version, definition)
             plans = {t: Experiment.from_json(json.loads(d)) for t, (_, d) in latest.items() if d}
+            self._versions = {t: version for t, (version, _) in latest.items()}
             self._plans = (time.monotonic(), plans)
         return plans
 
     def put_experiment(self, experiment: Experiment) -> None:
+        """Written as a version newer than any of the test's, its deletion's too (a deletion after
+        a plan from a gateway whose clock runs ahead is that far ahead, and a plan made again at
+        once would be older)."""
+        self.experiments()
+        newest = self._versions.get(experiment.test_id, -1)
+        if experiment.updated_ns <= newest:
+            experiment = dataclasses.replace(experiment, updated_ns=newest + 1)
         self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [experiment.test_id],
                                          "definition": [json.dumps(experiment.to_json())],
                                          "updated_ns": [experiment.updated_ns]})

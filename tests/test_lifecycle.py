@@ -454,7 +454,10 @@ def test_every_engine_deletes_erases_retains_and_exports_alike(kind, request):
         assert "gone" not in {t.test_id for t in engine.list_tests()}
         assert engine.quarantine("gone", 10, "") == ([], 0)
         assert "gone" not in engine.experiments()
+        engine.put_experiment(Experiment("gone", control_variant="b", created_ns=2, updated_ns=time.time_ns()))
+        assert engine.experiments()["gone"].control_variant == "b"  # made again at once: newer than the deletion
         assert engine.delete_test("gone") == 0
+        assert "gone" not in engine.experiments()
 
         secret_in = {name: sum(1 for r in rows_of(t) if r["user_id"] == SECRET_USER) - 1 for name, t in sent.items()}
         assert engine.erase_user(SECRET_USER, ["keep"]) == secret_in["keep"]
