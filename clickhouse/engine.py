@@ -82,6 +82,8 @@ class ClickHouseEngine:
         self._b = backend
         self._plans: tuple[float, dict[str, Experiment]] = (0.0, {})
         self._versions: dict[str, int] = {}  # the newest version of each test's plan, a deletion's too
+        self._reading_plans = threading.Lock()
+        self._written_at = 0.0  # time.monotonic() of this gateway's last write of a plan
         self._closed = threading.Event()  # a removal waiting for its replicas stops waiting
 
     @property
@@ -165,11 +167,11 @@ class ClickHouseEngine:
         # A newer version with no definition: no plan. Written whether or not this gateway knows
         # of a plan: its copy of the plans may be a second old, and another gateway's newer; and
         # newer than the plan read now, which a gateway whose clock is ahead may have written.
-        self._plans = (0.0, {})
+        self._written_plans()
         known = self.experiments().get(test_id)
         self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [test_id], "definition": [""], "updated_ns": [
             max(time.time_ns(), known.updated_ns + 1 if known is not None else 0)]})
-        self._plans = (0.0, {})
+        self._written_plans()
         return removed
 
     def erase_user(self, user_id: str, tests=None) -> int:
@@ -494,9 +496,20 @@ class ClickHouseEngine:
     def experiments(self) -> dict[str, Experiment]:
         """Every plan, read at most once a second by this gateway. Each shard holds them all, so
         plans are known while some shards are down; of two versions (a write that reached only
-        some shards) the later wins."""
+        some shards) the later wins. One caller reads them at a time; the others meanwhile take
+        the last ones read (with a replica hung, each call read them in a thread of its own,
+        each waiting for the timeout), or wait when there are none (after a write)."""
         cached_at, plans = self._plans
-        if time.monotonic() - cached_at > PLANS_TTL_S:
+        if self._fresh(cached_at):
+            return plans
+        # Plans read before this gateway's last write are not taken: wait for ones read after it.
+        if not self._reading_plans.acquire(blocking=cached_at <= self._written_at):
+            return plans
+        try:
+            cached_at, plans = self._plans
+            if self._fresh(cached_at):  # read meanwhile
+                return plans
+            started = time.monotonic()
             results, missing = self._b.each_shard(sql.experiments(self._b.local(sql.EXPERIMENTS)), partial=True)
             if not results:
                 raise Unavailable(f"no shard answered ({', '.join(missing)})")
@@ -507,8 +520,17 @@ class ClickHouseEngine:
                         latest[test_id] = (version, definition)
             plans = {t: Experiment.from_json(json.loads(d)) for t, (_, d) in latest.items() if d}
             self._versions = {t: version for t, (version, _) in latest.items()}
-            self._plans = (time.monotonic(), plans)
-        return plans
+            self._plans = (started, plans)
+            return plans
+        finally:
+            self._reading_plans.release()
+
+    def _fresh(self, read_at: float) -> bool:
+        """Whether plans whose reading began at `read_at` may be answered now."""
+        return read_at > self._written_at and time.monotonic() - read_at <= PLANS_TTL_S
+
+    def _written_plans(self) -> None:
+        self._written_at = time.monotonic()
 
     def put_experiment(self, experiment: Experiment) -> None:
         """Written as a version newer than any of the test's, its deletion's too (a deletion after
@@ -521,7 +543,7 @@ class ClickHouseEngine:
         self._b.insert_everywhere(sql.EXPERIMENTS, {"test_id": [experiment.test_id],
                                          "definition": [json.dumps(experiment.to_json())],
                                          "updated_ns": [experiment.updated_ns]})
-        self._plans = (0.0, {})
+        self._written_plans()
 
     # ---- operations -----------------------------------------------------------------------
 

@@ -367,14 +367,14 @@ def test_a_retention_sweep_waiting_for_a_replica_leaves_health_checked(cluster, 
             client.set_retention("dur", 1)
         time.sleep(3)  # the sweep has begun its removal, and waits
         cluster.kill_node(2)  # now shard 2 is down
-        wait_for_health(g, "NOT_SERVING", timeout=20)
+        wait_for_health(g, "NOT_SERVING", timeout=60)
     finally:
         cluster.start_node(2)
         cluster.start_node(3)
     wait_for_health(g, "SERVING", timeout=60)
     with Client(g.address, timeout=30) as client:  # hidden at once, whether or not removed yet
         assert sum(r.metrics.events for r in client.summary("dur").rows) == 0
-    assert g.terminate(timeout=30) == 0  # a sweep that waits still does not hold the stop
+    assert g.terminate(timeout=60) == 0  # a sweep that waits still does not hold the stop
 
 
 def test_the_gateway_connects_with_the_user_and_password_it_is_given(cluster, tmp_path, monkeypatch):
