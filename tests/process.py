@@ -80,3 +80,13 @@ class Server:
 
     def health(self, channel: grpc.Channel) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def wait_for(check, timeout: float = 90, what: str = "") -> None:
+    """Returns once `check()` is true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or check}")

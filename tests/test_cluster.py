@@ -31,7 +31,7 @@ from grpc_status import rpc_status
 
 from tests import engines
 from tests.events import BASE_S, NS, random_events, to_message, to_table
-from tests.process import Server
+from tests.process import Server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 50
@@ -253,21 +253,21 @@ def test_a_kafka_consumer_that_cannot_reach_a_shard_in_a_rebalance_is_replaced_a
         g = gateway(tmp_path, args + ["--kafka-bootstrap", broker.bootstrap, "--kafka-topic", "events",
                                       "--kafka-session-timeout-ms", "3000"], "g")
         broker.produce("events", event_messages(1_000, 2, "dur"))
-        wait_until(lambda: totals(g.address)[0] == 1_000, "the first events")
+        wait_for(lambda: totals(g.address)[0] == 1_000, 60, "the first events")
         cluster.kill_node(2)
         cluster.kill_node(3)
         other = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "abstream", "session.timeout.ms": 3000,
                           "enable.auto.commit": False})
         try:
             other.subscribe(["events"])  # the group rebalances: the gateway is assigned a partition again
-            wait_until(lambda: other.poll(0.2) is None and "failed" in kafka_state(g), "the consumer failing")
+            wait_for(lambda: other.poll(0.2) is None and "failed" in kafka_state(g), 60, "the consumer failing")
         finally:
             other.close()
             cluster.start_node(2)
             cluster.start_node(3)
         wait_for_health(g, "SERVING")
         broker.produce("events", event_messages(1_000, 2, "dur", start_user=1_000))
-        wait_until(lambda: totals(g.address)[0] >= 2_000, "the events sent after the shard came back", timeout=120)
+        wait_for(lambda: totals(g.address)[0] >= 2_000, 120, "the events sent after the shard came back")
         time.sleep(1.5)
         assert totals(g.address) == (2_000, 2_000)  # each once
         assert "kafka consumer failed" in g.log_path.read_text()
@@ -284,13 +284,6 @@ def kafka_state(g: Server) -> str:
     except urllib.error.HTTPError as error:
         said = json.loads(error.read())
     return said.get("kafka", {}).get("state", "")
-
-
-def wait_until(check, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(cluster, tmp_path):

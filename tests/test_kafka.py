@@ -14,7 +14,7 @@ from abstream.clients import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.kafka import Broker, event_messages, free_port
-from tests.process import Server
+from tests.process import Server, wait_for
 
 pytest.importorskip("confluent_kafka", reason="confluent-kafka is a dependency")
 TOPIC = "ab_test_events"
@@ -35,15 +35,6 @@ def consuming(broker: Broker, *extra: str) -> tuple[str, ...]:
 def events_of(server: Server, test_id: str | None = None) -> int:
     with Client(server.address) as client:
         return sum(t.events for t in client.list_tests().rows if test_id is None or t.test_id == test_id)
-
-
-def wait_for(check, timeout: float = 90, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def kafka_health(server: Server) -> int:
