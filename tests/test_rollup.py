@@ -5,6 +5,8 @@ count their bytes."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from abstream.core import analysis
@@ -214,11 +216,9 @@ def test_a_rollup_keeps_large_near_constant_revenue_stable():
         assert (m2 > 0).all()
 
 
-def test_rows_sealed_while_a_first_rollup_is_folded_are_folded_in_after():
-    """The first rollup is folded beside sealing: what is sealed meanwhile is kept and folded in
-    before the rollup is attached (here the folding thread is held until batches were sealed)."""
-    import threading
-
+def held_first_rollup() -> tuple[EventStore, EventStore, threading.Event]:
+    """Two stores of EVENTS[:1500] (rolled up, and scanned), the rolled one's first rollup of
+    TESTS[0] asked for and its folding held until the event returned is set."""
     rolled, scanned = EventStore(seal_rows=64, rollup_events=0), EventStore(seal_rows=64, rollup_events=None)
     for store in (rolled, scanned):
         append(store, to_table(EVENTS[:1500]))
@@ -227,6 +227,13 @@ def test_rows_sealed_while_a_first_rollup_is_folded_are_folded_in_after():
     rolled._ingest._folder.submit(release.wait)  # the folding thread is busy until released
     rolled.summary(SummaryQuery(TESTS[0]))
     rolled._ingest._sealer.submit(lambda: None).result()  # the fold is queued behind the block
+    return rolled, scanned, release
+
+
+def test_rows_sealed_while_a_first_rollup_is_folded_are_folded_in_after():
+    """The first rollup is folded beside sealing: what is sealed meanwhile is kept and folded in
+    before the rollup is attached (here the folding thread is held until batches were sealed)."""
+    rolled, scanned, release = held_first_rollup()
     assert rolled._ingest._folding  # and the test's sealed rows are now kept aside
     for store in (rolled, scanned):
         append(store, to_table(EVENTS[1500:]))
@@ -246,18 +253,9 @@ def test_a_removal_while_a_first_rollup_takes_its_last_rows_is_not_undone(remova
     """A removal runs (in another thread, under the ingest lock) while the sealer folds the rows
     sealed meanwhile into a first rollup: the rollup is not attached to the partition as it was
     before, which would bring the erased user back, or lose the events the removal sealed."""
-    import threading
-
     from abstream.store import rollup as rollup_module
 
-    rolled, scanned = EventStore(seal_rows=64, rollup_events=0), EventStore(seal_rows=64, rollup_events=None)
-    for store in (rolled, scanned):
-        append(store, to_table(EVENTS[:1500]))
-    rolled.wait_sealed()
-    release = threading.Event()
-    rolled._ingest._folder.submit(release.wait)  # the first rollup is folded once released
-    rolled.summary(SummaryQuery(TESTS[0]))
-    rolled._ingest._sealer.submit(lambda: None).result()
+    rolled, scanned, release = held_first_rollup()
     for store in (rolled, scanned):
         append(store, to_table(EVENTS[1500:2500]))  # sealed
         append(store, to_table(EVENTS[2500:2520]))  # a third of a seal: stays in the tail
