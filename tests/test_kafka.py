@@ -306,6 +306,44 @@ def test_a_rebalance_while_paused_loses_nothing_and_stalls_nothing(broker, tmp_p
     second.terminate()
 
 
+def test_a_fatal_client_error_replaces_the_consumer_which_resumes_from_the_store(broker, tmp_path):
+    """A fatal error librdkafka reports (here given to the consumer's error callback as librdkafka
+    would: Tansu fences no static members, the one source of fatal consumer errors) leaves the
+    consumer unable to do anything: a new one joins in its place, says so in health and the
+    restarts metric, and resumes where the store is, neither losing nor storing twice."""
+    from confluent_kafka import KafkaError
+
+    from abstream.core.settings import Settings
+
+    from tests.conftest import ServerThread
+
+    broker.create_topic(TOPIC, 2)
+    broker.produce(TOPIC, event_messages(3_000, 2, "fatal_test", per_message=10))
+    running = ServerThread(Settings(addr="127.0.0.1:0", http_addr="", data_dir=str(tmp_path / "data"),
+                                    kafka_bootstrap=broker.bootstrap, kafka_topic=TOPIC,
+                                    kafka_session_timeout_ms=3000)).start()
+    try:
+        source = running.server.kafka
+        wait_for(lambda: events_of(running) >= 3_000, what="the first 3,000 events")
+        states: list[str] = []
+        was = source._on_state
+        source._on_state = lambda serving, state: (states.append(state), was(serving, state))
+        source._error(KafkaError(KafkaError._FENCED, "fenced by another member", fatal=True))
+        wait_for(lambda: source.restarts._value.get() == 1, timeout=30, what="the consumer replaced")
+        assert any(s.startswith("failed (KafkaException") and "restarting in 1 s" in s for s in states), states
+        broker.produce(TOPIC, event_messages(3_000, 2, "fatal_test", per_message=10, start_user=3_000))
+        wait_for(lambda: events_of(running) >= 6_000, what="the next 3,000 events, by the new consumer")
+        wait_for(lambda: kafka_health(running) == health_pb2.HealthCheckResponse.SERVING, timeout=30,
+                 what="SERVING again")
+        time.sleep(1.5)
+        assert events_of(running) == 6_000
+        with Client(running.address) as client:
+            assert sum(r.metrics.users for r in client.summary("fatal_test").rows) == 6_000
+        assert source.restarts._value.get() == 1
+    finally:
+        running.stop()
+
+
 def test_health_says_the_broker_is_missing_then_it_connects_when_it_appears(tmp_path):
     port = free_port()
     waiting = Broker(tmp_path / "tansu.log", port)
