@@ -494,6 +494,54 @@ def test_a_test_deleted_through_one_gateway_loses_the_plan_another_gateway_just_
         second.close()
 
 
+@pytest.mark.parametrize("kind", ["chdb", "clickhouse"])
+def test_one_caller_reads_the_plans_and_none_is_answered_plans_read_before_its_write(kind, request):
+    """Callers that want the plans while a read is slow (a hung replica) take the last ones read
+    instead of each reading them; but plans whose reading began before this gateway wrote one
+    are never answered after the write."""
+    from abstream.core.types import Experiment
+
+    engine = engines.make(kind, request)
+    real, reads, wrote = engine._b.each_shard, [], threading.Event()
+
+    def slow(sql, **kwargs):  # the plans as the shards have them now, handed back a while later
+        answer = real(sql, **kwargs)
+        if "updated_ns" in sql:
+            reads.append(sql)
+            wrote.wait(1.0)
+        return answer
+
+    now = time.time_ns()
+    try:
+        engine.put_experiment(Experiment("first", control_variant="A", created_ns=now, updated_ns=now))
+        assert set(engine.experiments()) == {"first"}
+        time.sleep(1.1)  # past the plans' second
+        engine._b.each_shard = slow
+        answers: list[set[str]] = []
+        callers = [threading.Thread(target=lambda: answers.append(set(engine.experiments()))) for _ in range(6)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert answers == [{"first"}] * 6
+        assert len(reads) == 1  # one read; the other five took the plans read before
+
+        time.sleep(1.1)
+        reads.clear()
+        reader = threading.Thread(target=engine.experiments)
+        reader.start()
+        wait_for(lambda: reads, timeout=10, what="a read under way")
+        engine.put_experiment(Experiment("second", control_variant="A", created_ns=now, updated_ns=now))
+        wrote.set()
+        assert set(engine.experiments()) == {"first", "second"}  # not the read that began before it
+        reader.join(30)
+        assert len(reads) == 2
+        assert set(engine.experiments()) == {"first", "second"}  # nor once that read ends
+    finally:
+        engine._b.each_shard = real
+        engine.close()
+
+
 def test_a_cluster_or_database_name_that_is_not_a_plain_name_is_refused_before_any_statement():
     from abstream.core.errors import AbstreamError
 
