@@ -579,3 +579,48 @@ def test_an_erasure_whose_older_copies_cannot_be_deleted_says_so_and_finishes_wh
     assert not files_hold(data, SECRET_USER)
     assert len(list((data / "snapshots").glob("snap-*"))) == 1
     store.close()
+
+
+def test_maintenance_leaves_the_purge_to_an_erasure_under_way(tmp_path):
+    """An erasure purges its own copies: the periodic maintenance, which finishes purges left
+    pending, does not start one of its own meanwhile (both deleting the same older copies, the
+    erasure failed on files the other had just deleted, after succeeding); it finishes one
+    left pending once no erasure runs."""
+    from abstream.core.engine import append
+    from abstream.store import EventStore
+    from abstream.store.durability import Durability
+
+    data = tmp_path / "data"
+    store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_every_seconds=0))
+    for seed in (1, 2):
+        sent = table(2_000, "t", RECENT, seed=seed, secret_every=7)
+        append(store, sent.set_column(0, "timestamp", sent.column("timestamp").cast(pa.int64())))
+        store.snapshot()
+    persistence = store._persistence
+    snapshot, purging, resume = persistence.snapshot, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):  # the erasure's purge, held at its start
+        purging.set()
+        resume.wait(30)
+        return snapshot(*args, **kwargs)
+
+    persistence.snapshot = held
+    erased: list = []
+    erasure = threading.Thread(target=lambda: erased.append(store.erase_user(SECRET_USER)))
+    erasure.start()
+    try:
+        assert purging.wait(30)
+        persistence.snapshot = snapshot
+        store.maintain()  # a second later, as the server's maintenance would
+        assert (data / "purge-pending").exists()  # left to the erasure
+        assert len(list((data / "snapshots").glob("snap-*"))) == 2
+    finally:
+        resume.set()
+        erasure.join(30)
+    assert erased and erased[0] > 0
+    assert not (data / "purge-pending").exists()
+    assert not files_hold(data, SECRET_USER)
+    (data / "purge-pending").write_bytes(b"")  # as a server that died before finishing one leaves it
+    store.maintain()
+    assert not (data / "purge-pending").exists()
+    store.close()
