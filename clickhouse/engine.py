@@ -311,17 +311,20 @@ class ClickHouseEngine:
 
     def segments(self, q: SegmentsQuery) -> GroupStats:
         return self._groups(q.test_id, q.start_ns, q.end_ns, q.filters, q.dimension.value, q.deadline,
-                            metric_event_type=q.analysis.metric_event_type, sessions=q.analysis.session_metrics)
+                            metric_event_type=q.analysis.metric_event_type, sessions=q.analysis.session_metrics,
+                            check_groups=q.check_groups)
 
     def count_events(self, test_id: str, start_ns: int | None, end_ns: int | None) -> int:
         statement = sql.scanned(self._b.local(sql.EVENTS), test_id, start_ns, end_ns)
         return int(sum(columns[0][0] for columns in self._partials(statement, None)))
 
     def _groups(self, test_id, start_ns, end_ns, filters, dimension, deadline, exclude: bool = False,
-                metric_event_type: str = "", sessions: bool = False) -> GroupStats:
+                metric_event_type: str = "", sessions: bool = False, check_groups=None) -> GroupStats:
         started = time.perf_counter_ns()
         args = (self._b.local(sql.EVENTS), test_id, start_ns, end_ns, filters, dimension, exclude, metric_event_type)
         merged = self._merged(sql.group_stats(*args), dimension, deadline, _merge)
+        if check_groups is not None:  # (segments, variants), as the embedded engine counts them
+            check_groups(len({k[1] for k in merged}), len({k[0] for k in merged}))
         order = sorted(merged)
         metrics, moments = _group_columns([merged[k] for k in order])
         if sessions:

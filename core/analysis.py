@@ -184,10 +184,15 @@ def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:
     """An engine's Segments statistics, each segment's variants compared with the test's control."""
     control = choose_control(sorted(set(g.variants)), q.analysis.control_variant)
     segment_names = g.segments or []
+    rows_of: dict[str, list[int]] = {}
+    for i, name in enumerate(segment_names):
+        rows_of.setdefault(name, []).append(i)
     analyses = []
-    for name in sorted(set(segment_names)):
-        rows = np.array([i for i, s in enumerate(segment_names) if s == name], dtype=np.int64)
-        analyses.append((name, analyze([g.variants[r] for r in rows.tolist()], g.moments, rows, q.analysis, control)))
+    for name in sorted(rows_of):
+        in_time(q.deadline)
+        rows = rows_of[name]
+        analyses.append((name, analyze([g.variants[r] for r in rows], g.moments, np.array(rows, dtype=np.int64),
+                                       q.analysis, control)))
     return SegmentsResult(test_id=q.test_id, dimension=q.dimension, variants=g.variants, segments=segment_names,
                           metrics=g.metrics, stats=g.stats, analyses=analyses)
 

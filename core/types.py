@@ -167,7 +167,7 @@ class AnalysisOptions:
         if self.relative_interval not in stats.RELATIVE_INTERVALS:
             raise InvalidArgument("relative_interval", f"must be {' or '.join(stats.RELATIVE_INTERVALS)}, not "
                                                        f"{self.relative_interval[:32]!r}")
-        if not 0 < self.confidence < 1:
+        if not (0 < self.confidence < 1 and 1 - self.confidence < 1):  # below ~1e-16, 1 - confidence is 1
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
         if self.guardrails and self.sequential and self.confidence <= 0.5:
             raise InvalidArgument("confidence_level", f"must be above 0.5 for sequential guardrails (their bound is "
@@ -233,10 +233,26 @@ class SegmentsQuery:
         if self.analysis.revenue_cap is not None:
             raise InvalidArgument("revenue_cap", "applies to Summary: a segment's share of a user's revenue is not "
                                                  "what the threshold is taken over")
+        if self.analysis.exclude_multi_variant_users:
+            raise InvalidArgument("exclude_multi_variant_users", "applies to Summary: a segment's users are not "
+                                                                 "told apart by the variants they saw elsewhere")
         check_range(self.test_id, self.start_ns, self.end_ns)
         self.filters.check()
 
+    def check_groups(self, segments: int, variants: int) -> None:
+        """Refuses, before they are computed, more (variant, segment) groups than an answer may
+        have (engines call it once they know both): each group is one more analysis."""
+        if segments * variants > MAX_SEGMENT_GROUPS:
+            raise InvalidArgument("dimension", f"{segments:,} values of {self.dimension.value} x {variants:,} variants "
+                                               f"would be {segments * variants:,} groups, more than the "
+                                               f"{MAX_SEGMENT_GROUPS:,} a Segments answer may have: filter the "
+                                               "test down or split it by another dimension")
 
+
+#: The most (variant, segment) groups of a Segments answer, each compared by an analysis of its
+#: own (~80 µs): 100,000 of them take seconds, and a dimension with a value per user would take
+#: hours.
+MAX_SEGMENT_GROUPS = 100_000
 #: The most (bucket, variant) points a Timeseries is computed over ((age, variant) points by
 #: exposure): engines compute every pair, so a test that gained a variant every minute grew its
 #: answer with the square of its events (600 events: 180,000 points, and 14 s with lifts).

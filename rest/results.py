@@ -240,7 +240,8 @@ class ResultsPage:
             self.core.timeseries(principal, TimeseriesQuery(test_id, interval, start, end, cumulative=True,
                                                             most_points=MAX_HTTP_POINTS)),
             self.core.segments(principal, SegmentsQuery(test_id, dimension, start, end,
-                                                       analysis=dataclasses.replace(options, revenue_cap=None))))
+                                                       analysis=dataclasses.replace(options, revenue_cap=None,
+                                                                                   exclude_multi_variant_users=False))))
         # The answer is built and written in a thread: an hourly series of many variants is up to
         # MAX_HTTP_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
         return web.Response(body=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,

@@ -40,6 +40,9 @@ def sample_size(mean: float, variance: float, mde: float, alpha: float = 0.05, p
     if not users < MAX_USERS:
         return 0, (f"a lift of {mde:g} at this alpha and power needs more than {MAX_USERS:.0e} users per arm: ask for "
                    "a larger effect")
+    if not (users > 0 and math.isfinite(difference)):  # a lift so large that its square is infinite
+        return 0, (f"a lift of {mde:g} of a mean of {mean:g} is too large to size a test for: ask for a lift that "
+                   "could happen")
     return int(math.ceil(users)), ""
 
 

@@ -220,6 +220,7 @@ class Queries:
         variant_id, variant_codes = self._rank("variant", cols["variant"])
         segment_id, segment_codes = self._rank(dim, cols[dim])
         n_seg = len(segment_codes)
+        q.check_groups(n_seg, len(variant_codes))
         group = variant_id * n_seg + segment_id
         totals = kernels.group_totals(group, cols["user_id"], cols["conversion"], cols["revenue"],
                                       len(variant_codes) * n_seg)
@@ -248,6 +249,7 @@ class Queries:
         in_time(q.deadline)
         variant_codes = self._name_order("variant", {v for v, _ in groups})
         segment_codes = self._name_order(dim, {s for _, s in groups})
+        q.check_groups(len(segment_codes), len(variant_codes))
         keys = [(v, s) for v in variant_codes.tolist() for s in segment_codes.tolist() if (v, s) in groups]
         if not keys:
             return None

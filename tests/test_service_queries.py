@@ -191,6 +191,13 @@ def bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest:
     ("Timeseries", pb.TimeseriesRequest(test_id="t", interval=42), "interval"),
     ("Timeseries", pb.TimeseriesRequest(test_id="t", interval=pb.INTERVAL_DAY, start_time=ts(5 * NS),
                                         end_time=ts(4 * NS)), "end_time"),
+    # Below ~1e-16, 1 - confidence is 1: sequential intervals divided by 0.
+    ("Summary", pb.SummaryRequest(test_id="t", analysis=pb.AnalysisOptions(confidence_level=1e-20, sequential=True)),
+     "confidence_level"),
+    # Segments cannot honour it (it was ignored, the users asked to be left out counted).
+    ("Segments", pb.SegmentsRequest(test_id="t", dimension=pb.DIMENSION_DEVICE,
+                                    analysis=pb.AnalysisOptions(exclude_multi_variant_users=True)),
+     "exclude_multi_variant_users"),
 ])
 def test_bad_queries_are_invalid_argument_naming_the_field(stub, call, request_, field):
     with pytest.raises(grpc.RpcError) as caught:
@@ -199,6 +206,33 @@ def test_bad_queries_are_invalid_argument_naming_the_field(stub, call, request_,
     assert field in caught.value.details()
     violations = bad_request(caught.value).field_violations
     assert [v.field for v in violations] == [field] and violations[0].description
+
+
+def test_segments_of_more_groups_than_an_answer_may_have_are_refused_before_computing_them(stub):
+    """A dimension with a value per event (here 50,001 countries x 2 variants) made Segments
+    compute and analyse every group, for minutes, past any deadline."""
+    from abstream.core.types import MAX_SEGMENT_GROUPS
+
+    n = MAX_SEGMENT_GROUPS + 2
+    events = [{"timestamp": (BASE_S + i) * NS, "user_id": f"u{i}", "test_id": "wide", "variant": "ab"[i % 2],
+               "event_type": "view", "conversion": 0, "revenue": 0.0, "session_id": "s", "device": "desktop",
+               "country": f"c{i // 2}"} for i in range(n)]
+    assert sum(a.accepted for a in ingest(stub, events, size=5000)) == n
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Segments(pb.SegmentsRequest(test_id="wide", dimension=pb.DIMENSION_COUNTRY), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "50,001 values of country x 2 variants would be 100,002 groups" in caught.value.details()
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["dimension"]
+    by_device = stub.Segments(pb.SegmentsRequest(test_id="wide", dimension=pb.DIMENSION_DEVICE), timeout=60)
+    assert sum(r.metrics.events for r in by_device.rows) == n
+
+
+def test_power_for_a_lift_too_large_to_size_says_why(loaded):
+    stub, _, _ = loaded
+    answer = stub.Power(pb.PowerRequest(test_id="checkout", minimum_detectable_effect=1e160), timeout=10)
+    assert answer.metrics
+    for metric in answer.metrics:
+        assert metric.users_per_variant == 0 and metric.status_message, metric
 
 
 def test_unknown_test_is_an_empty_result(stub):
