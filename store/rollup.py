@@ -96,6 +96,29 @@ def _distinct(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[starts].astype(_CODES), np.diff(np.append(starts, len(keys)))
 
 
+def members(users: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """Which of `users` are in `of`: a bitset over user codes (uint8), or their ascending codes."""
+    return kernels.has_users(of, users) if of.dtype == np.uint8 else contains(of, users)
+
+
+def with_members(of: np.ndarray, fresh: np.ndarray, count: int) -> np.ndarray:
+    """`of` (as `members` reads it) with `fresh` (ascending, none in it yet) added, `count` in
+    all: as a bitset, or as the ascending codes when they are smaller. A bitset spans every code
+    below its highest, and codes are the whole server's: the few users of one (variant, segment)
+    among millions of codes took a megabyte each as a bitset, and a rollup of 2 variants x 5,000
+    devices gigabytes."""
+    if len(fresh) == 0:
+        return of
+    top = max(int(fresh[-1]), (len(of) * 8 if of.dtype == np.uint8 else int(of[-1]) + 1 if len(of) else 0)) + 1
+    if (top + 63) // 64 * 8 <= 4 * count:
+        if of.dtype != np.uint8:
+            of = kernels.add_users(np.zeros(0, np.uint8), of)[0]
+        return _words(kernels.add_users(of, fresh)[0])
+    if of.dtype == np.uint8:
+        of = np.flatnonzero(np.unpackbits(of, bitorder="little")).astype(_CODES)
+    return _inserted(of, np.searchsorted(of, fresh), fresh.astype(_CODES))
+
+
 def _words(bits: np.ndarray) -> np.ndarray:
     """The bitset padded to whole 64-bit words (what `ranks` reads)."""
     return bits if len(bits) % 8 == 0 else np.concatenate([bits, np.zeros(-len(bits) % 8, np.uint8)])
@@ -133,8 +156,8 @@ class RollupWanted(NamedTuple):
 
 @dataclass(frozen=True)
 class VariantTotals:
-    """One variant's users: a bitset over user codes (as PartitionView's) and each one's first
-    hour, in code order; per user with a conversion or revenue, their totals and first
+    """One variant's users: a bitset over user codes (as PartitionView's; without hours, their
+    ascending codes when that is smaller: `with_members`) and each one's first hour, in code order; per user with a conversion or revenue, their totals and first
     conversion hour; and per hour with events, its events, conversions and revenue."""
 
     bits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
@@ -158,7 +181,7 @@ class VariantTotals:
         bitset too, but no first hours and no hours (what Timeseries reads)."""
         hour = ts // HOUR_NS
         seen, seen_first = first_per_user(user, hour)
-        present = kernels.has_users(self.bits, seen)
+        present = members(seen, self.bits)
         fresh = seen[~present]
         valued = np.flatnonzero(conversion.astype(bool) | (revenue != 0))
         au, ac, ar, af = per_user(user[valued], hour[valued], conversion[valued], revenue[valued])
@@ -176,7 +199,7 @@ class VariantTotals:
         if not kept:
             return VariantTotals(**totals), fresh
         if not hourly:
-            return VariantTotals(bits=_words(kernels.add_users(self.bits, fresh)[0]), **totals), fresh
+            return VariantTotals(bits=with_members(self.bits, fresh, totals["users"]), **totals), fresh
         if found.any():
             converted = converted.copy()
             converted[at[found]] = np.minimum(converted[at[found]], af[found])
@@ -295,7 +318,7 @@ def _grouped_moments(groups: dict[tuple[int, int], VariantTotals], segment: np.n
             key = _group(int(group[a]))
             old = groups.get(key, VariantTotals())
             u, c, r = users[a:b], conversions[a:b], revenue[a:b]
-            new_users = int(np.count_nonzero(~kernels.has_users(old.bits, u)))
+            new_users = int(np.count_nonzero(~members(u, old.bits)))
             valued = np.flatnonzero((c != 0) | (r != 0))
             u, c, r = u[valued], c[valued], r[valued]
             found = contains(old.active, u)
@@ -340,7 +363,7 @@ class Rollup:
         users, gained = _distinct(np.concatenate(fresh))  # each user new to a variant, and to how many
         before = np.zeros(len(users), dtype=np.int64)  # the variants each had events in
         for totals in self.variants.values():
-            before += kernels.has_users(totals.bits, users)
+            before += members(users, totals.bits)
         segments = self.segments if not kept else {  # one Summary's reads no segments
             dim: _grouped(self.segments.get(dim, {}), cols[dim], cols) for dim in DIMENSIONS if dim in self.holds}
         return Rollup(variants, self.users + int(np.count_nonzero(before == 0)),

@@ -201,6 +201,47 @@ def test_a_store_counts_its_rollups_bytes():
     assert held > 0 and rolled.nbytes - scanned.nbytes == held
 
 
+def test_a_segments_rollup_of_few_users_among_many_codes_stays_small():
+    """User codes are the whole server's: per (variant, segment), a few users with high codes are
+    kept as their codes, not as a bitset over every code below them (200 devices x 2 variants of
+    a test whose 1,200 users came after 200,000 others took ~10 MB), and answers stay the
+    scan's as a segment grows dense enough for a bitset, as users with lower codes join, and as
+    one with a far higher code makes its codes the smaller again."""
+    from tests.events import BASE_S, NS
+
+    def event(user: str, test_id: str, variant: str, device: str, i: int) -> dict:
+        return {"timestamp": (BASE_S + i) * NS, "user_id": user, "test_id": test_id, "variant": variant,
+                "event_type": "view", "conversion": int(i % 3 == 0), "revenue": float(i % 7), "session_id": "s",
+                "device": device, "country": "AU"}
+
+    crowd = [event(f"crowd_{i}", "crowd", "a", "d", i) for i in range(200_000)]
+    sparse = [event(f"sparse_{i}", "sparse", "ab"[i % 2], f"device_{i // 3 % 200}", i) for i in range(1_200)]
+    dense = [event(f"dense_{i}", "sparse", "a", "device_0", i) for i in range(8_000)]  # a bitset pays off
+    crowded = [event(f"crowd_{i}", "sparse", "ab"[i % 2], f"device_{i % 200}", i) for i in range(0, 200_000, 997)]
+    # 400,000 more users elsewhere, and one of them in device_0: its codes take less than a bitset again.
+    later = [event(f"later_{i}", "crowd", "a", "d", i) for i in range(400_000)]
+    later.append(event("later_399999", "sparse", "a", "device_0", 0))
+    rolled, scanned = EventStore(seal_rows=256, rollup_events=0), EventStore(seal_rows=256, rollup_events=None)
+    for batch in (crowd, sparse):
+        append(rolled, to_table(batch))
+        append(scanned, to_table(batch))
+    q = SegmentsQuery("sparse", Dimension.DEVICE)
+    rolled.segments(q)
+    rolled.wait_rollups()
+    rollup = rolled._ingest.view.partitions[rolled._ingest.tests.code("sparse")].rollup
+    assert len(rollup.segments["device"]) == 400
+    assert rollup.nbytes < 100_000
+    assert_same_groups(rolled.segments(q), scanned.segments(q))
+    for batch in (dense, crowded, later):  # codes above the segment's, below them, then far above
+        append(rolled, to_table(batch))
+        append(scanned, to_table(batch))
+        rolled.wait_rollups()
+        x, y = rolled.segments(q), scanned.segments(q)
+        assert_same_groups(x, y)
+        assert x.segments == y.segments
+        assert_same(rolled, scanned, ["sparse"], analyses=False)
+
+
 def test_a_rollup_keeps_large_near_constant_revenue_stable():
     """Revenue of 1e6 and some cents per event: the rollup's centered sums of squares are the
     scan's, never negative. (Not the analyses: revenue per conversion is then ~1e6 give or take
