@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         for name in ("device", "country", "event_type"):
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"only events with this {name}")
 
-    def analysed(p: argparse.ArgumentParser) -> None:
+    def analysed(p: argparse.ArgumentParser, over_time: bool = False) -> None:
+        """The analysis options; `over_time` (the lift): without those of a whole test's answer."""
         a = p.add_argument_group("analysis")
         a.add_argument("--control", default="", help="the control variant (default: the experiment's, else "
                                                      "'control', else the first)")
@@ -224,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="planned split for the sample ratio check (default: the experiment's, else equal)")
         a.add_argument("--prior", type=_prior, metavar="MEAN,VARIANCE",
                        help="normal prior on the relative lift for chance to win (default: flat)")
+        a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
+                       help="the relative lift's interval: delta method (default) or Fieller's, which holds "
+                            "where the control's mean is uncertain (heavy-tailed revenue)")
+        if over_time:
+            return
         a.add_argument("--guardrails", type=_guardrails, metavar="METRIC=MARGIN,...",
                        help="guardrail metrics with their non-inferiority margins, relative (revenue_per_user=2%%: "
                             "at most 2%% worse), each tested one-sided")
@@ -233,9 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--session-metrics", action="store_true",
                        help="compare conversions per session and events per session too (each user's distinct "
                             "session ids; reads every event's session id)")
-        a.add_argument("--relative-interval", choices=["delta", "fieller"], default="",
-                       help="the relative lift's interval: delta method (default) or Fieller's, which holds "
-                            "where the control's mean is uncertain (heavy-tailed revenue)")
 
     ingest = command("ingest", "send events from files: NDJSON, CSV, Parquet or Arrow (- for standard input)")
     ingest.add_argument("files", nargs="+", metavar="FILE")
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     lift.add_argument("--since-first-exposure", action="store_true",
                       help="buckets are ages since each user's first event (novelty effects), not dates")
     filtered(lift)
-    analysed(lift)
+    analysed(lift, over_time=True)
     formatted(lift)
     tests = command("tests", "every test with its variants, events, users and plan")
     formatted(tests)
@@ -972,8 +975,9 @@ def _health_text(health) -> str:
 def _options(args) -> dict[str, Any]:
     return {"control": args.control, "confidence": args.confidence, "sequential": args.sequential,
             "correction": args.correction, "expected_weights": args.expected_weights, "prior": args.prior,
-            "relative_interval": args.relative_interval, "guardrails": args.guardrails,
-            "metric_event_type": args.metric_event_type, "session_metrics": args.session_metrics}
+            "relative_interval": args.relative_interval, "guardrails": getattr(args, "guardrails", None),
+            "metric_event_type": getattr(args, "metric_event_type", ""),
+            "session_metrics": getattr(args, "session_metrics", False)}
 
 
 def _empty(result_rows, args, client) -> None:

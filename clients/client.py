@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Iterator, Sequence
 
@@ -53,25 +54,38 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
         except ValueError:
             raise ValueError(f"{value!r} is not a date and time: use 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' (UTC) "
                              "or RFC 3339 ('2025-04-28T18:42:22Z')") from None
-        whole_day = _is_date(text)
-        fractional = "." in text
+        span = dt.timedelta(days=1) if _is_date(text) else _named_span(text)
     elif whole_day:
-        moment = dt.datetime.combine(value, dt.time())
-        fractional = False
+        moment, span = dt.datetime.combine(value, dt.time()), dt.timedelta(days=1)
     elif isinstance(value, dt.datetime):
-        moment, fractional = value, value.microsecond != 0
+        moment, span = value, None if value.microsecond else dt.timedelta(seconds=1)
     else:
         raise ValueError(f"{value!r} is not a date and time: give a datetime, a date, or text as 'YYYY-MM-DD', "
                          "'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    if end and (whole_day or not fractional):
+    if end and span is not None:
         try:
-            return moment + dt.timedelta(days=1 if whole_day else 0, seconds=0 if whole_day else 1,
-                                         microseconds=-1)
+            return moment + span - dt.timedelta(microseconds=1)
         except OverflowError:  # the calendar's last day or second: its last instant is the calendar's
             return dt.datetime.max.replace(tzinfo=dt.timezone.utc)
     return moment
+
+
+#: The time of day in a date and time ISO 8601 allows: hours, minutes and seconds (each with or
+#: without colons), and a fraction.
+_TIME_OF_DAY = re.compile(r"[T ](\d{2})(?::?(\d{2}))?(?::?(\d{2}))?([.,]\d)?")
+
+
+def _named_span(text: str) -> dt.timedelta | None:
+    """How long the time in `text` lasts, as far as it is written: '18' an hour, '18:42' a
+    minute, '18:42:22' a second (an end to the minute took only that minute's first second);
+    None with a fraction."""
+    match = _TIME_OF_DAY.search(text)
+    if match is None or match.group(4):
+        return None
+    return (dt.timedelta(seconds=1) if match.group(3) else dt.timedelta(minutes=1) if match.group(2)
+            else dt.timedelta(hours=1))
 
 
 def _is_date(text: str) -> bool:

@@ -103,6 +103,11 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
     bad_start = run("summary", "t", "--start", "28/04/2025", "--addr", server.address)
     assert bad_start.returncode == 2 and "Traceback" not in bad_start.stderr
     assert "'28/04/2025' is not a date and time: use 'YYYY-MM-DD'" in bad_start.stderr
+    for option in ("--guardrails", "--metric-event-type", "--session-metrics"):  # the server refuses them for a lift
+        lift = run("lift", "t", option, *(["conversion=2%"] if option == "--guardrails" else
+                                          ["purchase"] if option == "--metric-event-type" else []),
+                   "--addr", server.address)
+        assert lift.returncode == 2 and f"unrecognized arguments: {option}" in lift.stderr, lift.stderr
     serve = subprocess.run([str(BIN / "abstream"), "serve", "--addr", "127.0.0.1:0", "--data-dir", "/proc/nope"],
                            capture_output=True, text=True, timeout=60)
     assert serve.returncode != 0 and "Traceback" not in serve.stderr
@@ -538,7 +543,7 @@ def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
 
 # ---- ranges, output ---------------------------------------------------------------------------------
 
-def test_a_date_only_end_includes_that_day_and_an_end_to_the_second_that_second(server, tmp_path):
+def test_an_end_includes_the_whole_day_hour_minute_or_second_it_names(server, tmp_path):
     stamps = ["2025-05-01 00:00:00", "2025-05-01T18:42:22.700Z", "2025-05-01T23:59:59.999999Z",
               "2025-05-02 00:00:00", "2025-04-30T23:59:59.999Z"]
     path = write_ndjson(tmp_path / "e.ndjson", [event(i, "ends", "A", when=s) for i, s in enumerate(stamps)])
@@ -552,6 +557,10 @@ def test_a_date_only_end_includes_that_day_and_an_end_to_the_second_that_second(
     assert events("--start", "2025-05-01", "--end", "2025-05-01") == 3
     assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:22") == 2  # 18:42:22.700 is inside
     assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42:21") == 1
+    # An end to the minute or the hour: that whole minute or hour (not its first second).
+    assert events("--start", "2025-05-01", "--end", "2025-05-01 18:42") == 2
+    assert events("--start", "2025-05-01", "--end", "2025-05-01T18") == 2
+    assert events("--start", "2025-05-01", "--end", "2025-05-01 18:41") == 1
     assert events("--end", "2025-04-30") == 1
     assert events("--start", "20250501", "--end", "20250501") == 3  # every form of a date: its whole day
     assert events("--end", "2025-W18-4") == events("--end", "2025W184") == 4  # Thursday 2025-05-01
