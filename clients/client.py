@@ -41,9 +41,9 @@ def _name(enum, value: int, prefix: str) -> str:
 def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
     """A datetime from a datetime (naive means UTC), a date, or text: RFC 3339 or 'YYYY-MM-DD[
     HH:MM:SS]' in UTC. With `end`, the end of what the value names: a date-only value means the
-    last instant of that day, a value to the second the last instant of that second, so that an
-    inclusive end includes the whole day or second (an event at 18:42:22.700 is inside an end of
-    '18:42:22'). Raises ValueError saying what is accepted."""
+    last instant of that day, a value to the hour, minute or second the last instant of it, so
+    that an inclusive end includes the whole of it (an event at 18:42:22.700 is inside an end of
+    '18:42:22', and of '18:42'). Raises ValueError saying what is accepted."""
     if value is None:
         return None
     whole_day = isinstance(value, dt.date) and not isinstance(value, dt.datetime)
