@@ -85,7 +85,9 @@ def read(path: str, fmt: str, lines: int, warn: Callable[[str], None] = _warn) -
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
-            yield from _columnar(pq.ParquetFile(path).iter_batches(batch_size=lines), path)
+            parquet = pq.ParquetFile(path)
+            names = _event_columns(parquet.schema_arrow.names, path, warn)  # the others are not even read
+            yield from _columnar(parquet.iter_batches(batch_size=lines, columns=names), path)
         else:
             with pa.memory_map(path) as source:
                 try:
@@ -93,8 +95,10 @@ def read(path: str, fmt: str, lines: int, warn: Callable[[str], None] = _warn) -
                     batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
                 except pa.ArrowInvalid:
                     source.seek(0)
-                    batches = iter(pa.ipc.open_stream(source))
-                yield from _columnar(batches, path)
+                    reader = pa.ipc.open_stream(source)
+                    batches = iter(reader)
+                names = _event_columns(reader.schema.names, path, warn)
+                yield from _columnar((batch.select(names) for batch in batches), path)
     except OSError as error:
         raise FileProblem(f"cannot read {path}: {error.strerror or error}") from None
     except EOFError:
@@ -603,6 +607,14 @@ def _longest(column: pa.ChunkedArray) -> int:
 
 
 # ---- Parquet and Arrow -------------------------------------------------------------------
+
+def _event_columns(names: list[str], path: str, warn: Callable[[str], None]) -> list[str]:
+    """The columns of a columnar file that are event fields, the others said: sent, a wide one
+    made every request larger than the server takes, and the whole file was refused."""
+    if extra := [n for n in names if n not in _EVENT_FIELDS]:
+        warn(f"{path}: ignoring columns that are not event fields: {', '.join(repr(n) for n in extra)}")
+    return [n for n in names if n in _EVENT_FIELDS]
+
 
 def _columnar(batches, path: str) -> Iterator[Chunk]:
     """Columnar files go as they are (the server reads any Arrow types it accepts); rows are

@@ -528,12 +528,20 @@ def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
 
     rows = [event(i, "columnar", "AB"[i % 2], conversion=i % 3 == 0, revenue=float(i)) for i in range(1000)]
     table = pa.Table.from_pylist([{**r, "timestamp": dt.datetime(2025, 4, 28, tzinfo=dt.timezone.utc),
-                                   "conversion": int(r["conversion"])} for r in rows])
+                                   "conversion": int(r["conversion"]), "context": "x" * 3000} for r in rows])
     pq.write_table(table, tmp_path / "e.parquet")
     feather.write_feather(table, tmp_path / "e.arrow")
+    streamed = table.set_column(table.schema.get_field_index("test_id"), "test_id", pa.array(["streamed"] * 1000))
+    with pa.OSFile(str(tmp_path / "s.arrows"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(streamed)
     for name in ("e.parquet", "e.arrow"):
+        # A column that is no event field is not sent (a wide one took requests past the server's limit).
         result = run("ingest", str(tmp_path / name), "--addr", server.address, "--allow-duplicates")
         assert result.returncode == 0 and result.stdout.startswith("accepted 1,000, rejected 0"), result
+        assert "ignoring columns that are not event fields: 'context'" in result.stderr
+    result = run("ingest", str(tmp_path / "s.arrows"), "--input-format", "arrow", "--addr", server.address)
+    assert result.returncode == 0 and result.stdout.startswith("accepted 1,000, rejected 0"), result
+    assert "ignoring columns that are not event fields: 'context'" in result.stderr
     with Client(server.address) as client:
         metrics = {r.variant: r.metrics for r in client.summary("columnar").rows}
     assert metrics["A"].events == 1000 and metrics["A"].conversions == 2 * sum(
