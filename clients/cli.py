@@ -434,6 +434,7 @@ def explain(error: BaseException, args) -> str | None:
     """One readable line for an error a user can cause or fix; None for a bug (shown in full)."""
     import grpc
     from abstream.clients.files import FileProblem
+    from abstream.clients.producer import too_large
 
     if isinstance(error, grpc.RpcError):
         code, details = error.code(), error.details() or ""
@@ -448,6 +449,9 @@ def explain(error: BaseException, args) -> str | None:
                                                      or "dns" in details.lower() or "unavailable" in details.lower()):
             return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "
                     "`abstream serve`, or point --addr (ABSTREAM_ADDR) at it")
+        if too_large(error) and getattr(args, "batch_size", None):
+            return (f"{where} takes smaller requests than --batch-size {args.batch_size:,} made "
+                    f"({_first_line(details)}): lower --batch-size; what was acked before is stored")
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if args.token:
                 return f"{where} did not accept the token given by --token or ABSTREAM_TOKEN"
@@ -674,6 +678,8 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
     # (standard input may wait for a line) when the next call starts, and it must not hold up
     # the main thread, which takes `lock`, meanwhile.
     reading = threading.Lock()
+    from abstream.clients.producer import too_large
+
     deadline, backoff, answered = None, 0.1, False
     retriable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
     while True:
@@ -737,8 +743,8 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
             if watchdog.fired:
                 raise _Stalled(timeout) from None
             answered = answered or not _unreached(error, grpc)  # a server draining, say: it restarts
-            if error.code() not in retriable or not answered:
-                raise  # nothing there, or not speaking TLS as we do: not something waiting fixes
+            if error.code() not in retriable or not answered or too_large(error):
+                raise  # nothing there, not speaking TLS as we do, a batch too large: not something waiting fixes
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() + backoff > deadline:
                 raise

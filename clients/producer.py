@@ -228,7 +228,7 @@ class Producer:
                 _drain(responses)  # a server going away may end the stream with UNAVAILABLE after the ack
                 break
             except grpc.RpcError as error:
-                if _too_large(error):
+                if too_large(error):
                     if len(batch) > 1:
                         self._deliver(batch[: len(batch) // 2])
                         self._deliver(batch[len(batch) // 2:])
@@ -260,7 +260,7 @@ class Producer:
         self._done(len(batch))
 
 
-def _too_large(error: grpc.RpcError) -> bool:
+def too_large(error: grpc.RpcError) -> bool:
     """The request was more than the server (or this channel) takes in one message: sending it
     again cannot pass."""
     return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or "")

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -519,6 +520,25 @@ def test_input_slow_to_come_is_not_taken_for_a_stalled_server_and_a_token_gets_c
     for token in ("abc\n", "tökén"):
         line = one_line(run("ingest", str(path), "--addr", server.address, "--token", token))
         assert "--token (ABSTREAM_TOKEN) holds a line break, a control character or a character other" in line
+
+
+def test_a_batch_larger_than_the_server_takes_is_not_retried_and_says_to_lower_the_batch_size(tmp_path):
+    """Sending it again cannot pass: the command ends at once, naming the option (it was retried
+    until --timeout, then the server's words alone were shown)."""
+    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir="", max_message_bytes=1 << 20)).start()
+    try:
+        noise = random.Random(1)  # session ids that do not compress: 20,000 of them are ~2.5 MB
+        path = write_ndjson(tmp_path / "e.ndjson", [event(i, "big", "A", session_id=f"{noise.getrandbits(800):0200x}")
+                                                    for i in range(20_000)])
+        result = run("ingest", str(path), "--addr", running.address, "--batch-size", "20000", "--timeout", "30")
+        assert result.returncode == 2, result
+        line = result.stderr.strip().splitlines()[-1]
+        assert "takes smaller requests than --batch-size 20,000 made" in line and "lower --batch-size" in line, line
+        assert "larger than max" in line
+        fits = run("ingest", str(path), "--addr", running.address, "--batch-size", "2000")
+        assert fits.returncode == 0 and fits.stdout.startswith("accepted 20,000, rejected 0"), fits
+    finally:
+        running.stop()
 
 
 def test_parquet_and_arrow_files_are_read_as_they_are(server, tmp_path):
