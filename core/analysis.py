@@ -36,15 +36,25 @@ from abstream.core.types import (
 )
 
 
-def choose_control(variants: list[str], requested: str) -> str:
-    """The requested control, which must be one of `variants`; else "control" if there is one,
-    else the first in sort order."""
+def choose_control(variants: list[str], options: AnalysisOptions) -> str:
+    """The requested control, which must be one of `variants`; else the plan's, whether or not
+    it has users here; else "control" if there is one, else the first in sort order."""
+    requested = options.control_variant
     if requested:
         if variants and requested not in variants:
             raise InvalidArgument("control_variant", f"{requested!r} is not a variant of this test "
                                                      f"({listed(variants)})")
         return requested
+    if options.planned_control:
+        return options.planned_control
     return "control" if "control" in variants else (variants[0] if variants else "")
+
+
+def unplanned(variants: list[str], options: AnalysisOptions) -> list[str]:
+    """The variants the experiment's plan has no share for (when the caller gave no weights)."""
+    if options.expected_weights or not options.planned_weights:
+        return []
+    return [v for v in variants if v not in options.planned_weights]
 
 
 def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, options: AnalysisOptions,
@@ -55,16 +65,17 @@ def analyze(variants: list[str], moments: UserMoments, index: np.ndarray, option
     requested control that is not among the variants is an error. Where the control has no
     users (a segment), each comparison says so and nothing is compared."""
     if control is None:
-        control = choose_control(variants, options.control_variant)
+        control = choose_control(variants, options)
     users = moments.users[index]
-    if options.expected_weights:
-        missing = [v for v in variants if v not in options.expected_weights]
-        if missing:
+    if weights := options.expected_weights or options.planned_weights:
+        missing = [v for v in variants if v not in weights]
+        if missing and options.expected_weights:
             raise InvalidArgument("expected_weights", f"has no weight for {listed(missing)}")
         # A planned variant nobody reached is the plainest mismatch of all: counted, with 0 users.
-        absent = sorted(set(options.expected_weights) - set(variants))
-        srm = stats.srm_p_value(np.concatenate([users, np.zeros(len(absent))]),
-                                [options.expected_weights[v] for v in [*variants, *absent]])
+        absent = sorted(set(weights) - set(variants))
+        weighed = [i for i, v in enumerate(variants) if v in weights]  # an unplanned one: said in health
+        srm = stats.srm_p_value(np.concatenate([users[weighed], np.zeros(len(absent))]),
+                                [weights[v] for v in [*(variants[i] for i in weighed), *absent]])
     else:
         srm = stats.srm_p_value(users)
     comparisons: list[MetricComparison] = []
@@ -113,10 +124,10 @@ def _undefined_ratio(metric: str, control: stats.Arm, treatment: stats.Arm, cont
 def power(q: PowerQuery, summary_query: SummaryQuery, g: GroupStats, days_observed: float = 0.0) -> PowerResult:
     """Sample sizes per metric from the control's users so far: their mean and variance, and
     their arrival rate over `days_observed` for how long the test will take."""
-    control = choose_control(g.variants, summary_query.analysis.control_variant)
+    control = choose_control(g.variants, summary_query.analysis)
     if control not in g.variants:
-        return PowerResult(q.test_id, control, [MetricPower(m, 0.0, 0.0, 0, 0.0, "the test has no events yet")
-                                                for m in g.moments.metrics])
+        why = f"the control {control!r} has no users yet" if control else "the test has no events yet"
+        return PowerResult(q.test_id, control, [MetricPower(m, 0.0, 0.0, 0, 0.0, why) for m in g.moments.metrics])
     c = np.array([g.variants.index(control)])
     users = int(g.moments.users[c[0]])
     rate = users / days_observed if days_observed > 0 else 0.0
@@ -151,6 +162,10 @@ def health(a: Analysis, g: GroupStats, options: AnalysisOptions, events_before_s
     elif a.srm_p_value < 10 * options.srm_threshold:
         srm = 1
         found.append((1, f"the users per variant are close to a sample ratio mismatch (p = {a.srm_p_value:.2g})"))
+    if stray := unplanned(g.variants, options):
+        users = int(sum(g.metrics.users[g.variants.index(v)] for v in stray))
+        found.append((2, f"{users:,} users are in {listed(stray)}, which the experiment's plan does not have: an "
+                         "assignment or logging bug; the sample ratio check leaves them out"))
     if g.multi_variant_users:
         share = g.multi_variant_users / max(g.users, 1)
         grade = 1 if options.exclude_multi_variant_users or share < MULTI_VARIANT_UNHEALTHY else 2
@@ -182,7 +197,7 @@ def summary(q: SummaryQuery, g: GroupStats, events_before_start: int = 0, future
 
 def segments(q: SegmentsQuery, g: GroupStats) -> SegmentsResult:
     """An engine's Segments statistics, each segment's variants compared with the test's control."""
-    control = choose_control(sorted(set(g.variants)), q.analysis.control_variant)
+    control = choose_control(sorted(set(g.variants)), q.analysis)
     segment_names = g.segments or []
     rows_of: dict[str, list[int]] = {}
     for i, name in enumerate(segment_names):
@@ -204,7 +219,7 @@ def lift(q: TimeseriesQuery, r: TimeseriesResult) -> TimeseriesResult:
     if not len(starts):  # no events in the range: no buckets, no lifts
         return dataclasses.replace(r, lifts=[])
     options = dataclasses.replace(q.lift, sequential=True)
-    control = choose_control(sorted(set(r.variants)), options.control_variant)
+    control = choose_control(sorted(set(r.variants)), options)
     lifts = []
     edges = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1], [True])))
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):

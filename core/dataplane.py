@@ -461,9 +461,8 @@ class Core:
         for name in ("analysis", "lift"):
             options = getattr(q, name, None)
             if options is not None:
-                changes[name] = dataclasses.replace(
-                    options, control_variant=options.control_variant or plan.control_variant,
-                    expected_weights=options.expected_weights or dict(plan.split))
+                changes[name] = dataclasses.replace(options, planned_control=plan.control_variant,
+                                                    planned_weights=dict(plan.split))
         return dataclasses.replace(q, **changes)
 
     async def timeseries(self, principal: Principal, q: TimeseriesQuery, timeout: float | None = None,

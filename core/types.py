@@ -144,6 +144,12 @@ class AnalysisOptions:
     metric_event_type: str = ""  # conversions and revenue counted from this event type only; users from all
     revenue_cap: RevenueCap | None = None  # Summary: revenue per user capped for its comparison
     session_metrics: bool = False  # SESSION_METRICS compared too
+    # The experiment's plan's, where the caller's (above) are empty: a planned control with no
+    # users in the query's scope (a filter, a range) leaves nothing compared, and a variant the
+    # plan has no share for is left out of the sample ratio check and said in health; the
+    # caller's own are refused then, naming them.
+    planned_control: str = ""
+    planned_weights: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         check_query_string("control_variant", self.control_variant)

@@ -885,6 +885,26 @@ def test_experiments_carry_their_plan_into_every_query(engine, tmp_path):
             assert sum(r.metrics.events for r in client.timeseries("plan", "day").rows) == 1000
             (info,) = [t for t in client.list_tests().rows if t.test_id == "plan"]
             assert info.experiment.control_variant == "z_base" and info.experiment.hypothesis.startswith("the new")
+            # A range where the plan's control has no users: nothing compared, and said (it was an
+            # INVALID_ARGUMENT naming control_variant, which the caller never set).
+            for only_treated in (client.summary("plan", start="2025-04-27", end="2025-04-27").analysis,
+                                 *client.segments("plan", "device", start="2025-04-27", end="2025-04-27").analyses.values()):
+                assert only_treated.control_variant == "z_base" and only_treated.comparisons
+                assert {c.status for c in only_treated.comparisons} == {"no_control"}
+
+            # A variant the plan has no share for: said in health, left out of the sample ratio
+            # check (it was an INVALID_ARGUMENT naming expected_weights, which the caller never set).
+            stray = [event(i, "strays", "A", conversion=i % 2) for i in range(100)] + \
+                [event(100 + i, "strays", "B") for i in range(100)] + [event(200 + i, "strays", "C") for i in range(3)]
+            assert run("ingest", str(write_ndjson(tmp_path / "s.ndjson", stray)), "--addr",
+                       server.address).returncode == 0
+            client.create_experiment("strays", control="A", split={"A": 1, "B": 1})
+            health = client.summary("strays").health
+            assert health.status == "unhealthy" and health.srm == "healthy", health
+            assert "3 users are in 'C', which the experiment's plan does not have" in health.reasons[0]
+            with pytest.raises(grpc.RpcError) as asked:  # weights the caller gives must name every variant
+                client.summary("strays", expected_weights={"A": 1, "B": 1})
+            assert asked.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected_weights" in asked.value.details()
 
         listed = run("tests", "--addr", server.address).stdout
         assert "control=z_base split=a_new=30,z_base=70 running" in listed
@@ -903,7 +923,7 @@ def test_experiments_carry_their_plan_into_every_query(engine, tmp_path):
     restarted = ServerThread(engine).start()  # durable: the same data (directory or cluster database)
     try:
         with Client(restarted.address) as client:
-            (plan,) = client.list_experiments()
+            (plan,) = [p for p in client.list_experiments() if p.test_id == "plan"]
         assert plan.control_variant == "z_base" and plan.hypothesis == "it converts 10% more"
         assert plan.stop_time == dt.datetime(2025, 4, 28, 18, 42, 21, tzinfo=dt.timezone.utc)
         assert plan.split == {"z_base": 70.0, "a_new": 30.0}
