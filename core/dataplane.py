@@ -17,10 +17,11 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +89,10 @@ QUARANTINE_DEFAULT_LIMIT = 100
 QUARANTINE_MAX_LIMIT = 10_000
 
 
+#: Threads that run queries (the loop's default pool's size).
+QUERY_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+
 def _in_thread(pool: ThreadPoolExecutor, fn, *args):
     """`fn(*args)` in `pool`, with the caller's context (request id, principal), as to_thread does."""
     return asyncio.get_running_loop().run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
@@ -147,6 +152,9 @@ class Core:
         # up to 8 prepares per stream fought over the GIL (~555 futex calls per 1,000-event batch
         # under strace), and a thread to prepare and one to apply cost a round trip each.
         self._storing = threads.pool("abstream-store")
+        # Queries and the answers built from them, in threads of their own: in the shared pool,
+        # six slow ones held every ingest stream's acks (their fsync waits) behind them.
+        self._querying = threads.pool("abstream-query", QUERY_WORKERS)
 
     @property
     def engine(self) -> Engine:
@@ -177,6 +185,7 @@ class Core:
     def close(self) -> None:
         """Ends the ingest threads (once no stream is open)."""
         self._storing.shutdown(wait=False)
+        self._querying.shutdown(wait=False)
 
     # ---- ingest ---------------------------------------------------------------------------
 
@@ -513,17 +522,40 @@ class Core:
         return q if timeout is None else dataclasses.replace(q, deadline=time.monotonic() + timeout)
 
     async def _in_worker(self, name: str, work: Callable[[], R]) -> R:
-        """`work()` in a worker thread, counted as a running query (ingest yields to it), timed."""
+        """`work()` in a query thread, counted as a running query (ingest yields to it) until it
+        ends, even when its caller stopped waiting for it, timed."""
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         self._queries += 1
         self._no_queries.clear()
-        try:
-            return await asyncio.to_thread(work)
-        finally:
+
+        def ended() -> None:
             self._queries -= 1
             if not self._queries:
                 self._no_queries.set()
             self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
+
+        def run() -> R:
+            try:
+                return work()
+            finally:
+                try:
+                    loop.call_soon_threadsafe(ended)
+                except RuntimeError:  # the loop is closed: the server is gone
+                    pass
+
+        queued = self._querying.submit(functools.partial(contextvars.copy_context().run, run))
+        try:
+            return await asyncio.wrap_future(queued)
+        except asyncio.CancelledError:
+            if queued.cancelled():  # taken back before a thread began it: it ends here
+                ended()
+            raise
+
+    def in_query_thread(self, fn: Callable[..., R], *args) -> Awaitable[R]:
+        """`fn(*args)` where queries run: work of the size of an answer (building one), which
+        must not hold up the threads ingest acks wait in."""
+        return _in_thread(self._querying, fn, *args)
 
     # ---- experiments --------------------------------------------------------------------
 

@@ -487,7 +487,7 @@ class HttpApi:
         except InvalidArgument as error:
             raise pipes.as_parameter(error) from None
         # In a thread: an answer may be millions of rows (a cumulative series), seconds to write.
-        payload, content_type = await asyncio.to_thread(formats.render, answer, fmt)
+        payload, content_type = await self.core.in_query_thread(formats.render, answer, fmt)
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def sql(self, request: web.Request) -> web.Response:

@@ -244,8 +244,9 @@ class ResultsPage:
                                                                                    exclude_multi_variant_users=False))))
         # The answer is built and written in a thread: an hourly series of many variants is up to
         # MAX_HTTP_POINTS rows, seconds of Python the event loop (gRPC's too) must not wait for.
-        return web.Response(body=await asyncio.to_thread(self._test_answer, info, options, start, end, interval,
-                                                         dimension, summary, series, segments, started),
+        return web.Response(body=await self.core.in_query_thread(self._test_answer, info, options, start, end,
+                                                                 interval, dimension, summary, series, segments,
+                                                                 started),
                             content_type="application/json", charset="utf-8")
 
     @staticmethod

@@ -948,7 +948,7 @@ def test_the_servers_threads_carry_their_names_where_the_system_shows_them(tmp_p
     assert events_of(server.address, "named") == 1000
     tasks = Path(f"/proc/{server.process.pid}/task")
     names = {(task / "comm").read_text().strip() for task in tasks.iterdir()}
-    assert {"abstream-store", "abstream-seal", "abstream-work"} <= names, names  # a pool starts its thread when used
+    assert {"abstream-store", "abstream-seal", "abstream-work", "abstream-query"} <= names, names  # a pool starts its thread when used
 
 
 # ---- time zones and sample sizes ------------------------------------------------------------------------

@@ -123,3 +123,65 @@ def test_wheel_installs_everything_under_one_package(tmp_path):
     for module in ("abstream/store/engine.py", "abstream/core/dataplane.py", "abstream/service/server.py", "abstream/clients/cli.py",
                    "abstream/v1/analytics_pb2.py", "abstream/v1/analytics.proto"):
         assert module in names
+
+
+def test_queries_holding_every_query_thread_leave_ingest_acked(tmp_path):
+    """Queries run in threads of their own: twice as many slow ones as there are query threads
+    (here each held until released) held every ingest ack behind them, each ack waiting in the
+    same shared pool for its fsync; and while they run, they count as running queries."""
+    import threading
+
+    from abstream.core.dataplane import QUERY_WORKERS
+    from abstream.core.settings import Settings
+    from abstream.v1 import analytics_pb2 as pb
+    from abstream.v1 import analytics_pb2_grpc
+
+    from tests.conftest import ServerThread
+    from tests.events import ingest, random_events
+
+    running = ServerThread(Settings(addr="127.0.0.1:0", data_dir=str(tmp_path / "data"))).start()
+    core = running.server.core
+    engine, release, begun = core.engine, threading.Event(), []
+    answer = engine.summary
+
+    def held(q):
+        begun.append(q)
+        release.wait(120)
+        return answer(q)
+
+    def until(check) -> None:
+        deadline = time.monotonic() + 30
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check()
+
+    engine.summary = held
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+            def summaries():
+                return [stub.Summary.future(pb.SummaryRequest(test_id="checkout"), timeout=120)
+                        for _ in range(QUERY_WORKERS)]
+
+            running_calls = summaries()
+            until(lambda: len(begun) == QUERY_WORKERS)  # every query thread taken
+            queued_calls = summaries()
+            until(lambda: core._queries == 2 * QUERY_WORKERS)
+            sent = random_events(500, seed=3)
+            acks = ingest(stub, sent, size=100)
+            assert sum(a.accepted for a in acks) == len(sent)
+            # Callers gone: a query that runs counts until its thread ends, a queued one no more.
+            for call in (*running_calls[:2], queued_calls[0]):
+                call.cancel()
+            until(lambda: core._queries == 2 * QUERY_WORKERS - 1)
+            release.set()
+            for call in (*running_calls[2:], *queued_calls[1:]):
+                assert call.result().test_id == "checkout"
+            deadline = time.monotonic() + 30
+            while core._queries and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert core._queries == 0
+    finally:
+        release.set()
+        running.stop()
