@@ -416,8 +416,10 @@ class Core:
             plan = engine.experiments().get(q.test_id)
             g = engine.summary(q)
             start = plan.start_ns if plan is not None else None
-            # Events past the retention horizon are seen by no query (the sweep may not have removed them yet)
-            before = engine.count_events(q.test_id, self.horizon(q.test_id, plan), start - 1) if start is not None else 0
+            # Events past the retention horizon are seen by no query (the sweep may not have removed
+            # them yet); those after a start the caller gave earlier than the plan's are analysed.
+            until = start if start is None or q.start_ns is None else min(start, q.start_ns)
+            before = engine.count_events(q.test_id, self.horizon(q.test_id, plan), until - 1) if until is not None else 0
             future = engine.count_events(q.test_id, self._clock() + analysis.FUTURE_NS, None)
             start_text = f" ({events.format_ns(start)})" if start is not None else ""
             return respond(analysis.summary(q, g, before, future, start_text))

@@ -880,7 +880,10 @@ def test_experiments_carry_their_plan_into_every_query(engine, tmp_path):
             assert planned.analysis.control_variant == "z_base"  # the plan's control
             assert not planned.analysis.sample_ratio_mismatch  # the plan's split
             assert sum(r.metrics.events for r in planned.rows) == 1000  # from the plan's start
-            assert client.summary("plan", start="2025-04-01").rows[0].metrics.events == 350  # asked: as asked
+            earlier = client.summary("plan", start="2025-04-01")
+            assert earlier.rows[0].metrics.events == 350  # asked: as asked
+            assert earlier.health.events_before_start == 0  # the 50 before the plan's start are analysed
+            assert planned.health.events_before_start == 50
             assert client.summary("plan", control="a_new").analysis.control_variant == "a_new"
             assert sum(r.metrics.events for r in client.timeseries("plan", "day").rows) == 1000
             (info,) = [t for t in client.list_tests().rows if t.test_id == "plan"]
