@@ -221,7 +221,8 @@ class KafkaSource:
         self._paused = False  # every assigned partition, while ingest refuses (`_store`)
         self._fatal = None  # a fatal error librdkafka reported (`_error`)
         r = metrics.registry
-        self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed, by topic", ["topic"], registry=r)
+        self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed (stored, or passed as unreadable), "
+                                "by topic", ["topic"], registry=r)
         self.stored = Counter("abstream_kafka_events", "Events stored from Kafka, by topic", ["topic"], registry=r)
         self.quarantined = Counter("abstream_kafka_quarantined", "Events from Kafka quarantined, by topic",
                                    ["topic"], registry=r)
@@ -417,7 +418,6 @@ class KafkaSource:
                 continue  # stored before (a redelivery), or a log that started again (`_check_restarts`)
             groups.setdefault(key, []).append(m)
         for (topic, partition), batch in groups.items():
-            self.consumed.labels(topic).inc(len(batch))
             start = size = lines = 0
             for i, m in enumerate(batch):
                 value = m.value() or b""
@@ -430,6 +430,7 @@ class KafkaSource:
                         if not self._stop.is_set():
                             self._rewind(consumer, consumer.assignment())
                         return
+                    self.consumed.labels(topic).inc(i + 1 - start)  # once: those fetched again were not
                     start, size, lines = i + 1, 0, 0
 
     def _check_restarts(self, consumer) -> None:

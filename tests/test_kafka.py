@@ -127,11 +127,15 @@ def test_while_ingest_refuses_it_pauses_and_loses_nothing(broker, tmp_path):
     exactly once."""
     broker.create_topic(TOPIC, 3)
     broker.produce(TOPIC, event_messages(9_000, 3, "paused_test", per_message=3))
-    server = Server(tmp_path / "data", *consuming(broker, "--memory-high-water-bytes", "1")).start()
+    metrics = free_port()
+    server = Server(tmp_path / "data", *consuming(broker, "--memory-high-water-bytes", "1", "--metrics-addr",
+                                                  f"127.0.0.1:{metrics}")).start()
     wait_for(lambda: http_health(server)["kafka"]["state"].startswith("paused"), timeout=60, what="paused")
     assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
     time.sleep(2)
     assert events_of(server) == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+        assert "abstream_kafka_messages_total{" not in response.read().decode()  # fetched, not consumed
     # Still said seconds later (the broker's statistics, every second, said SERVING again).
     assert kafka_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert http_health(server)["kafka"]["state"].startswith("paused")
