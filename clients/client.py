@@ -534,13 +534,20 @@ class Client:
 
     def _stream(self, method, request, timeout: float | None):
         """A stream from the server, which may run for as long as it has to send (no deadline
-        unless `timeout`), once the channel is ready within the client's timeout: a server that
-        accepts connections and never answers no longer holds it for ever."""
+        unless `timeout`), once the server has answered a health check within the client's
+        timeout: a server that accepts connections and never answers no longer holds it for
+        ever, and one that is not there or does not speak TLS as we do fails at once, saying
+        so (waiting for the channel to be ready waited the whole timeout, then said only that)."""
         if timeout is None:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
             try:
-                grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
-            except grpc.FutureTimeoutError:
-                raise NotReady(self.addr, self.timeout) from None
+                health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise NotReady(self.addr, self.timeout) from None
+                if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):  # answered, without checks
+                    raise
         return method(request, timeout=timeout, metadata=self._metadata)
 
     def summary(self, test_id: str, start: Time = None, end: Time = None, *, device: str | None = None,

@@ -73,7 +73,9 @@ def test_every_command_fails_fast_with_one_line_when_nothing_listens(tmp_path):
     path = write_ndjson(tmp_path / "e.ndjson", [event(i, "t", "A") for i in range(30_000)])
     addr = f"127.0.0.1:{free_port()}"
     for args in (("ingest", str(path)), ("summary", "t"), ("tests",), ("experiment", "list"), ("power", "t",
-                                                                                                    "--mde", "0.1")):
+                                                                                                    "--mde", "0.1"),
+                 ("export", "t", "-o", str(tmp_path / "out.ndjson")), ("import", "s3://bucket/prefix/")):
+        # (export and import waited the whole --timeout, then said the server was not ready)
         started = time.monotonic()
         line = one_line(run(*args, "--addr", addr, "--timeout", "3"))
         assert time.monotonic() - started < 30, args  # retries are bounded by --timeout, not minutes
