@@ -440,15 +440,15 @@ def explain(error: BaseException, args) -> str | None:
         code, details = error.code(), error.details() or ""
         where = f"the server at {args.addr}"
         lowered = details.lower()
-        if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in _TLS_WORDS):
-            return f"{where} closed the connection ({_first_line(details)}): {_tls_hint(lowered, args)}"
-        if code == grpc.StatusCode.UNAVAILABLE and ("keepalive" in lowered or "ping timeout" in lowered):
-            return (f"{where} stopped answering (its connection did not answer a ping within 10 s): is it stopped or "
-                    "overloaded? What it acknowledged before is stored")
-        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "refused" in details.lower()
-                                                     or "dns" in details.lower() or "unavailable" in details.lower()):
-            return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "
-                    "`abstream serve`, or point --addr (ABSTREAM_ADDR) at it")
+        if code == grpc.StatusCode.UNAVAILABLE and not _answered(error):  # the connection's words, not the server's
+            if any(w in lowered for w in _TLS_WORDS):
+                return f"{where} closed the connection ({_first_line(details)}): {_tls_hint(lowered, args)}"
+            if "keepalive" in lowered or "ping timeout" in lowered:
+                return (f"{where} stopped answering (its connection did not answer a ping within 10 s): is it stopped "
+                        "or overloaded? What it acknowledged before is stored")
+            if any(w in lowered for w in ("connect", "refused", "dns", "unavailable")):
+                return (f"cannot reach {where} ({details.splitlines()[0][:160]}): is it running? Start one with "
+                        "`abstream serve`, or point --addr (ABSTREAM_ADDR) at it")
         if too_large(error) and getattr(args, "batch_size", None):
             return (f"{where} takes smaller requests than --batch-size {args.batch_size:,} made "
                     f"({_first_line(details)}): lower --batch-size; what was acked before is stored")
@@ -778,8 +778,15 @@ _TLS_WORDS = ("socket closed", "ssl", "handshake", "certificate", "tls")
 def _unreached(error, grpc) -> bool:
     """The call failed before reaching a server: none listens, or it does not speak as we do."""
     lowered = (error.details() or "").lower()
-    return error.code() == grpc.StatusCode.UNAVAILABLE and any(
+    return error.code() == grpc.StatusCode.UNAVAILABLE and not _answered(error) and any(
         w in lowered for w in ("failed to connect", "connection refused", "dns", *_TLS_WORDS))
+
+
+def _answered(error) -> bool:
+    """The error is a server's answer (its words may name a database it could not reach): the
+    server names each call it answers in the trailing metadata."""
+    trailing = getattr(error, "trailing_metadata", lambda: None)()
+    return any(key == "x-request-id" for key, _ in trailing or ())
 
 
 class _Watchdog:

@@ -173,6 +173,43 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
         assert "there is no test 'nothing_here'" in answer.stderr, answer.stderr
 
 
+def test_a_servers_answer_that_names_a_refused_connection_is_not_taken_for_no_server(tmp_path):
+    """A server relays a database's words ("Connection refused (ch1:9000)"): it answered, so the
+    command says what it answered and ingest retries as for any server that is unavailable for a
+    while (it said "is it running? Start one with abstream serve", and ingest gave up at once)."""
+    from concurrent import futures
+
+    relayed = "shard 1 has no replica that answers: Code: 210. DB::NetException: Connection refused (ch1:9000)"
+
+    calls = collections.Counter()
+
+    def unavailable(request, context):
+        context.set_trailing_metadata((("x-request-id", "req-1"),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, relayed)
+
+    class Everything(grpc.GenericRpcHandler):
+        def service(self, details):
+            calls[details.method.rpartition("/")[2]] += 1
+            if details.method.endswith("IngestEvents"):
+                return grpc.stream_stream_rpc_method_handler(lambda requests, context: unavailable(None, context))
+            return grpc.unary_unary_rpc_method_handler(unavailable)
+
+    peer = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
+    peer.add_generic_rpc_handlers((Everything(),))
+    port = peer.add_insecure_port("127.0.0.1:0")
+    peer.start()
+    try:
+        addr = f"127.0.0.1:{port}"
+        line = one_line(run("summary", "t", "--addr", addr, "--timeout", "5"))
+        assert f"the server at {addr} answered UNAVAILABLE: {relayed}" in line, line
+        path = write_ndjson(tmp_path / "e.ndjson", [event(i, "t", "A") for i in range(10)])
+        line = one_line(run("ingest", str(path), "--addr", addr, "--timeout", "3"))
+        assert f"answered UNAVAILABLE: {relayed}" in line, line
+        assert calls["IngestEvents"] > 1  # retried within --timeout, as a server unavailable for a while
+    finally:
+        peer.stop(0)
+
+
 def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_by_streams_too():
     """And by the calls that may take minutes (snapshot, delete-test, erase-user): they waited an
     hour, whatever --timeout said."""
