@@ -37,28 +37,35 @@ function fieldViolations(error) {
 /**
  * Sends batches of events on one IngestEvents stream; resolves with one ack per batch, in order.
  * When the stream fails, rejects with its error, whose `acks` are those received before it: the
- * batches they answer are stored, the others are to be sent again.
+ * batches they answer are stored, the others are to be sent again. With `producerId`, batch i
+ * carries the sequence `sequence + i` (`sequence` default 1): sent again with the same numbers
+ * (a batch whose ack was lost with the stream), a stored batch is acknowledged as a duplicate,
+ * not stored twice.
  */
 function ingest(client, batches, options = {}) {
   return new Promise((resolve, reject) => {
     const acks = [];
-    const call = client.IngestEvents(options.metadata || bearer(options.token), { deadline: Date.now() + (options.timeoutMs || 30000) });
+    const call = client.IngestEvents(bearer(options.token, options.metadata), { deadline: Date.now() + (options.timeoutMs || 30000) });
     call.on('data', (ack) => acks.push(ack));
     call.on('error', (error) => reject(Object.assign(error, { acks })));
     call.on('end', () => resolve(acks));
-    for (const events of batches) call.write({ events });
+    let sequence = options.sequence || 1;
+    for (const events of batches) {
+      call.write(options.producerId ? { events, producer_id: options.producerId, sequence: sequence++ } : { events });
+    }
     call.end();
   });
 }
 
 /**
- * Metadata that carries a bearer token, for a server with a tokens file (none when no token is
- * given). Metadata, not call credentials: grpc-js refuses those on a plaintext channel.
+ * Metadata that carries a bearer token, for a server with a tokens file: `metadata` (copied) or
+ * new, with the token when one is given (given both, the token was dropped). Metadata, not call
+ * credentials: grpc-js refuses those on a plaintext channel.
  */
-function bearer(token) {
-  const metadata = new grpc.Metadata();
-  if (token) metadata.set('authorization', `Bearer ${token}`);
-  return metadata;
+function bearer(token, metadata) {
+  const carried = metadata ? metadata.clone() : new grpc.Metadata();
+  if (token) carried.set('authorization', `Bearer ${token}`);
+  return carried;
 }
 
 /**
@@ -68,7 +75,7 @@ function bearer(token) {
 function unary(client, method, request, options = {}) {
   const { timeoutMs = 30000, token, metadata } = typeof options === 'number' ? { timeoutMs: options } : options;
   return new Promise((resolve, reject) => {
-    client[method](request, metadata || bearer(token), { deadline: Date.now() + timeoutMs },
+    client[method](request, bearer(token, metadata), { deadline: Date.now() + timeoutMs },
       (error, response) => (error ? reject(error) : resolve(response)));
   });
 }

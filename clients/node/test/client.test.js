@@ -64,4 +64,24 @@ test('a call without the token is refused, one with it answered', async () => {
   assert.ok(Array.isArray((await unary(client, 'ListTests', {}, { token })).tests));
 });
 
+test('a token given with metadata of its own is sent with it', async () => {
+  const metadata = new grpc.Metadata();
+  metadata.set('x-request-id', 'node-both');
+  assert.ok(Array.isArray((await unary(client, 'ListTests', {}, { token, metadata })).tests));
+  assert.equal(metadata.get('authorization').length, 0); // the caller's metadata is left as it was
+  const event = { timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'u', test_id: 'node_both', variant: 'a' };
+  assert.equal((await ingest(client, [[event]], { token, metadata }))[0].accepted, 1);
+});
+
+test('batches sent again under a producer id are acknowledged, not stored twice', async () => {
+  const batch = (i) => [{ timestamp: timestamp('2025-04-28 18:42:22'), user_id: `user_${i}`, test_id: 'node_producer', variant: 'a' }];
+  const first = await ingest(client, [batch(1), batch(2)], { token, producerId: 'node-producer-1' });
+  assert.deepEqual(first.map((a) => [a.accepted, a.duplicate]), [[1, false], [1, false]]);
+  // The second batch's ack lost, say: it and the next are sent again from its sequence on.
+  const again = await ingest(client, [batch(2), batch(3)], { token, producerId: 'node-producer-1', sequence: 2 });
+  assert.deepEqual(again.map((a) => a.duplicate), [true, false]);
+  const summary = await unary(client, 'Summary', { test_id: 'node_producer' }, { token });
+  assert.equal(summary.rows[0].metrics.users, 3);
+});
+
 test.after(() => client.close());
