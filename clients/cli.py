@@ -571,23 +571,28 @@ def _ingest(args) -> int:
     for path in args.files:
         if path != "-" and os.path.isdir(path):
             raise IsADirectoryError(21, "is a directory: give the files in it", path)
-        if path != "-" and not os.path.isfile(path):
+        if path != "-" and not os.path.exists(path):
             raise FileNotFoundError(2, "No such file", path)
+        streamed = path == "-" or not os.path.isfile(path)  # standard input, a pipe (<(zcat ...)): read once
         producer = None
         if not args.allow_duplicates:
             if args.producer_id:
                 producer = args.producer_id + (f":{path}" if len(args.files) > 1 else "")
-            elif path != "-":
+            elif not streamed:
                 producer = hashing.submit(lambda p=path: f"file:{content_id(p)}:{args.batch_size}")
             else:
-                print("abstream ingest: standard input is sent at least once; give --producer-id to send it exactly "
-                      "once", file=sys.stderr)
+                print(f"abstream ingest: {'standard input' if path == '-' else path} is read as it comes, and sent at "
+                      "least once; give --producer-id to send it exactly once", file=sys.stderr)
         producers.append(producer)
     from abstream.clients import files
     from abstream.clients.columnar import arrow_ipc
 
     plan = [(path, files.format_of(path, args.input_format), producer)
             for path, producer in zip(args.files, producers)]
+    for path, fmt, _ in plan:
+        if fmt in ("parquet", "arrow") and (path == "-" or not os.path.isfile(path)):
+            raise files.FileProblem(f"{path}: {fmt} is read from a file, not as it comes (standard input, a pipe): "
+                                    "write it to a file first, or send NDJSON or CSV")
 
     def reading(path: str, fmt: str):
         """Reading and encoding on threads of their own, well ahead while the file is hashed; a row

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import numbers
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,10 +126,10 @@ def _open(path: str) -> BinaryIO:
         return f
     import gzip
 
-    if path != "-":
+    if path != "-" and os.path.isfile(path):
         f.close()
         return io.BufferedReader(gzip.open(path, "rb"), 1 << 20)
-    return io.BufferedReader(gzip.GzipFile(fileobj=f, mode="rb"), 1 << 20)
+    return io.BufferedReader(gzip.GzipFile(fileobj=f, mode="rb"), 1 << 20)  # a pipe cannot be opened again
 
 
 

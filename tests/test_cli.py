@@ -484,6 +484,32 @@ def test_gzipped_ndjson_and_csv_are_read_inflated_from_files_and_standard_input(
                                                                        "--addr", server.address))
 
 
+def test_a_pipe_is_read_as_it_comes_gzipped_or_not(server, tmp_path):
+    """`abstream ingest <(zcat events.gz)` gives a pipe's path: it is read once, as standard input
+    is (it was refused as "no such file"); gzipped, it is inflated as it comes (opening it again
+    by its name found it empty); Parquet or Arrow from a pipe is refused, saying why."""
+    import gzip
+
+    lines = [json.dumps(event(i, "piped", "AB"[i % 2])) for i in range(40)]
+    for name, payload, accepted in (("plain", ("\n".join(lines) + "\n").encode(), 40),
+                                    ("zipped", gzip.compress(("\n".join(lines[:25]) + "\n").encode()), 25)):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda f=fifo, p=payload: f.write_bytes(p), daemon=True)
+        writer.start()
+        result = run("ingest", str(fifo), "--addr", server.address, "--allow-duplicates")
+        writer.join(30)
+        assert result.returncode == 0 and result.stdout.startswith(f"accepted {accepted}, rejected 0"), result
+    assert events_of(server.address, "piped") == 65
+    said = run("ingest", str(tmp_path / "plain"), "--input-format", "parquet", "--addr", server.address)
+    assert said.returncode == 2 and "parquet is read from a file, not as it comes" in said.stderr, said
+    writer = threading.Thread(target=lambda: fifo.write_bytes(lines[0].encode() + b"\n"), daemon=True)
+    writer.start()
+    told = run("ingest", str(fifo), "--addr", server.address)
+    writer.join(30)
+    assert told.returncode == 0 and "is read as it comes, and sent at least once; give --producer-id" in told.stderr
+
+
 def test_a_file_cut_short_is_an_error_even_when_the_call_that_read_the_cut_was_refused_and_retried(tmp_path):
     """A token's ingest rate refuses the file's second batch while the reader, ahead of the
     acks, has already reached where the gzip data ends: the call is retried with what was not
