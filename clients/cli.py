@@ -683,7 +683,7 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
     # (standard input may wait for a line) when the next call starts, and it must not hold up
     # the main thread, which takes `lock`, meanwhile.
     reading = threading.Lock()
-    from abstream.clients.producer import too_large
+    from abstream.clients.producer import retry_delay, too_large
 
     deadline, backoff, answered = None, 0.1, False
     retriable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -751,9 +751,10 @@ def _send(stub, chunks, request, metadata, timeout: float, report: Report, path:
             if error.code() not in retriable or not answered or too_large(error):
                 raise  # nothing there, not speaking TLS as we do, a batch too large: not something waiting fixes
             deadline = deadline or time.monotonic() + timeout
-            if time.monotonic() + backoff > deadline:
+            wait = max(backoff, retry_delay(error))  # never sooner than the server asked
+            if time.monotonic() + wait > deadline:
                 raise
-            time.sleep(backoff)
+            time.sleep(wait)
             backoff = min(backoff * 2, 5.0)
         finally:
             watchdog.stop()

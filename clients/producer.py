@@ -242,8 +242,10 @@ class Producer:
                     self._fail(batch, ProducerClosed("closed before this event was sent")
                                if error.code() == grpc.StatusCode.CANCELLED and self._closing.is_set() else error)
                     return
-                # Full jitter: anywhere up to the exponential step, so retries spread out.
-                time.sleep(random.uniform(0, min(ceiling, initial * 2 ** attempt)))
+                # Full jitter: anywhere up to the exponential step, so retries spread out; never
+                # sooner than the server asked (within what is left before giving up).
+                time.sleep(max(random.uniform(0, min(ceiling, initial * 2 ** attempt)),
+                               min(retry_delay(error), max(give_up - (time.monotonic() - started), 0.0))))
                 attempt += 1
             except ValueError:  # the channel was closed under it (close() after its timeout)
                 self._fail(batch, ProducerClosed("closed before this event was sent"))
@@ -258,6 +260,23 @@ class Producer:
         for _, future in batch:
             future.set_exception(error)
         self._done(len(batch))
+
+
+def retry_delay(error: grpc.RpcError) -> float:
+    """How long the server asked to wait before trying again (its google.rpc.RetryInfo: a full
+    disk's minute, a token's rate), in seconds; 0 when it did not say."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(error)
+    except (AttributeError, ValueError):  # not a call's error, or details that do not parse
+        return 0.0
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return 0.0
 
 
 def too_large(error: grpc.RpcError) -> bool:

@@ -5,6 +5,7 @@ experiments with their plan, time zones and sample sizes, on real servers."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -173,41 +175,79 @@ def test_a_users_mistakes_get_messages_not_tracebacks(server, tmp_path):
         assert "there is no test 'nothing_here'" in answer.stderr, answer.stderr
 
 
-def test_a_servers_answer_that_names_a_refused_connection_is_not_taken_for_no_server(tmp_path):
-    """A server relays a database's words ("Connection refused (ch1:9000)"): it answered, so the
-    command says what it answered and ingest retries as for any server that is unavailable for a
-    while (it said "is it running? Start one with abstream serve", and ingest gave up at once)."""
+@contextlib.contextmanager
+def peer_answering(abort: Callable) -> Iterator[tuple[str, collections.Counter]]:
+    """A gRPC server on a loopback port that answers every call with `abort(context)`: a server
+    in a state ours is hard to bring about (relaying a database's error, asking for a wait).
+    Yields its address and the calls it was sent, by method."""
     from concurrent import futures
 
-    relayed = "shard 1 has no replica that answers: Code: 210. DB::NetException: Connection refused (ch1:9000)"
-
-    calls = collections.Counter()
-
-    def unavailable(request, context):
-        context.set_trailing_metadata((("x-request-id", "req-1"),))
-        context.abort(grpc.StatusCode.UNAVAILABLE, relayed)
+    calls: collections.Counter = collections.Counter()
 
     class Everything(grpc.GenericRpcHandler):
         def service(self, details):
             calls[details.method.rpartition("/")[2]] += 1
             if details.method.endswith("IngestEvents"):
-                return grpc.stream_stream_rpc_method_handler(lambda requests, context: unavailable(None, context))
-            return grpc.unary_unary_rpc_method_handler(unavailable)
+                return grpc.stream_stream_rpc_method_handler(lambda requests, context: abort(context))
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: abort(context))
 
     peer = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
     peer.add_generic_rpc_handlers((Everything(),))
     port = peer.add_insecure_port("127.0.0.1:0")
     peer.start()
     try:
-        addr = f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", calls
+    finally:
+        peer.stop(0)
+
+
+def test_a_servers_answer_that_names_a_refused_connection_is_not_taken_for_no_server(tmp_path):
+    """A server relays a database's words ("Connection refused (ch1:9000)"): it answered, so the
+    command says what it answered and ingest retries as for any server that is unavailable for a
+    while (it said "is it running? Start one with abstream serve", and ingest gave up at once)."""
+    relayed = "shard 1 has no replica that answers: Code: 210. DB::NetException: Connection refused (ch1:9000)"
+
+    def unavailable(context):
+        context.set_trailing_metadata((("x-request-id", "req-1"),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, relayed)
+
+    with peer_answering(unavailable) as (addr, calls):
         line = one_line(run("summary", "t", "--addr", addr, "--timeout", "5"))
         assert f"the server at {addr} answered UNAVAILABLE: {relayed}" in line, line
         path = write_ndjson(tmp_path / "e.ndjson", [event(i, "t", "A") for i in range(10)])
         line = one_line(run("ingest", str(path), "--addr", addr, "--timeout", "3"))
         assert f"answered UNAVAILABLE: {relayed}" in line, line
         assert calls["IngestEvents"] > 1  # retried within --timeout, as a server unavailable for a while
-    finally:
-        peer.stop(0)
+
+
+def test_ingest_waits_as_long_as_the_server_asks_before_sending_again(tmp_path):
+    """RESOURCE_EXHAUSTED with a RetryInfo of 2 s (a full disk says a minute): within --timeout 3
+    the file is sent twice, 2 s apart (it was sent 5 times, its own backoff's 0.1 s doubling)."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2)))
+    status = rpc_status.to_status(status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                                    message="the disk is full", details=[detail]))
+
+    def full(context):
+        context.abort_with_status(status._replace(trailing_metadata=(*status.trailing_metadata,
+                                                                     ("x-request-id", "req-2"))))
+
+    with peer_answering(full) as (addr, calls):
+        path = write_ndjson(tmp_path / "e.ndjson", [event(i, "t", "A") for i in range(10)])
+        line = one_line(run("ingest", str(path), "--addr", addr, "--timeout", "3"))
+        assert "answered RESOURCE_EXHAUSTED: the disk is full" in line, line
+        assert calls["IngestEvents"] == 2
+    with peer_answering(full) as (addr, calls):  # the Producer too: sent at 0, 2 and 3 s, then given up
+        with Producer(addr, give_up_after_s=3, linger_ms=0) as producer:
+            delivery = producer.send(event(1, "t", "A"))
+            with pytest.raises(grpc.RpcError) as refused:
+                delivery.result(30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert calls["IngestEvents"] == 3
 
 
 def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_timeout_by_streams_too():
