@@ -725,8 +725,18 @@ class Core:
 
     # ---- operations -----------------------------------------------------------------------
 
-    async def snapshot(self) -> SnapshotInfo:
+    async def snapshot(self, principal: Principal) -> SnapshotInfo:
+        """A snapshot of the whole store: not for a token limited to some tests (it would learn how
+        many events every test holds)."""
+        whole_store(principal, "snapshot the store")
         return await asyncio.to_thread(self.engine.snapshot)
+
+
+def whole_store(principal: Principal, what: str) -> None:
+    """Refuses a token limited to some tests `what` reaches every test's events."""
+    if principal.test_prefix:
+        raise PermissionDenied(f"token {principal.name!r} may only use tests whose id starts with "
+                               f"{principal.test_prefix!r}, and may not {what}: that takes a token for every test")
 
 
 def _same_plan(a: Experiment, b: Experiment) -> bool:

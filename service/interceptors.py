@@ -55,7 +55,16 @@ def intercepted(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.R
 
         return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
                                                      handler.response_serializer)
-    return handler
+    if handler.stream_unary:
+        inner_collect = handler.stream_unary
+
+        async def collect(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async with around(context):
+                return await inner_collect(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(collect, handler.request_deserializer,
+                                                    handler.response_serializer)
+    raise TypeError(f"a method handler of no kind gRPC has: {handler!r}")
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -148,8 +157,8 @@ class AuthInterceptor(_Interceptor):
             return None
         token = ""
         for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[len("Bearer "):].strip()
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                token = value[7:].strip()  # the scheme in any case (RFC 6750), as over HTTP
 
         @asynccontextmanager
         async def call(context: grpc.aio.ServicerContext):

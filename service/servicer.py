@@ -96,7 +96,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                              context: grpc.aio.ServicerContext) -> admin_pb2.CreateSnapshotResponse:
         elapsed = duration_pb2.Duration()
         with converters.timed(elapsed):
-            info = await self._core.snapshot()
+            info = await self._core.snapshot(PRINCIPAL.get())
         return admin_pb2.CreateSnapshotResponse(path=converters.relative(info.path, self._data_dir), events=info.events,
                                                 elapsed=elapsed)
 

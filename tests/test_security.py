@@ -31,7 +31,8 @@ from tests.process import Server
 BIN = Path(sys.executable).parent
 TOKENS = {"ingester": ("tok-ingest", ["ingest"], ""), "reader": ("tok-query", ["query"], ""),
           "admin": ("tok-admin", ["admin"], ""), "team": ("tok-team", ["ingest", "query"], "chk_"),
-          "slow": ("tok-slow", ["ingest", "query"], ""), "rival": ("tok-rival", ["ingest", "query"], "other_")}
+          "slow": ("tok-slow", ["ingest", "query"], ""), "rival": ("tok-rival", ["ingest", "query"], "other_"),
+          "team-admin": ("tok-team-admin", ["admin"], "chk_")}
 
 
 def tokens_file(path: Path, rates: dict[str, float] | None = None) -> Path:
@@ -151,6 +152,31 @@ def test_a_token_restricted_to_a_prefix_sees_and_writes_only_its_tests(secured):
         assert quarantine("tok-team") == [("chk_2", "conversion")]
         assert quarantine("tok-rival") == []
         assert quarantine("tok-query") == [("chk_2", "conversion")]
+
+
+def test_a_token_limited_to_some_tests_may_not_snapshot_or_import_for_every_test(secured):
+    """A snapshot counts every test's events; an object may hold any test's events, and a limited
+    token's import marked it imported for everyone, its other tests' events never stored."""
+    with grpc.insecure_channel(secured.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        for what, call in (("snapshot the store", lambda: admin.CreateSnapshot(
+                                admin_pb2.CreateSnapshotRequest(), metadata=metadata("tok-team-admin"), timeout=10)),
+                           ("import objects", lambda: list(admin.ImportEvents(admin_pb2.ImportEventsRequest(
+                               uri=tempfile.mkdtemp()), metadata=metadata("tok-team-admin"), timeout=10)))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
+            assert f"may not {what}: that takes a token for every test" in caught.value.details()
+        # Its own tests it may still plan.
+        admin.DeleteTest(admin_pb2.DeleteTestRequest(test_id="chk_gone"), metadata=metadata("tok-team-admin"),
+                         timeout=10)
+
+
+def test_the_token_scheme_is_read_in_any_case_on_both_transports(secured):
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            stub.ListTests(pb.ListTestsRequest(), metadata=(("authorization", f"{scheme} tok-query"),), timeout=10)
 
 
 def test_a_refused_event_stays_out_of_the_quarantine_when_the_log_is_replayed(tmp_path):
