@@ -449,13 +449,15 @@ class HttpApi:
                                    self._idempotency(request))
         outcome.warnings = warnings
         self._raise_failure(outcome)
-        error = (f"There was an error with file contents: {outcome.quarantined:,} rows in quarantine."
-                 if outcome.quarantined else False)
+        said = [f"{outcome.quarantined:,} rows in quarantine"] if outcome.quarantined else []
+        said += [f"{outcome.refused:,} rows refused (tests this token may not write)"] if outcome.refused else []
+        error = f"There was an error with file contents: {' and '.join(said)}." if said else False
         answer = {"import_id": REQUEST_ID.get(), "datasource": {"id": f"t_{DATASOURCE}", "name": DATASOURCE},
                   "quarantine_rows": outcome.rejected_by_rules, "invalid_lines": outcome.unreadable, "error": error,
                   "successful_rows": outcome.stored, **outcome.details()}
-        if outcome.quarantined:
-            answer["errors"] = [f"line {r['line']}: {r['field']}: {r['error']}" for r in outcome.rejections[:100]]
+        if said:
+            answer["errors"] = [f"line {r['line']}: {r['field']}: {r['error']}"
+                                for r in sorted(outcome.rejections + outcome.refusals, key=lambda r: r["line"])[:100]]
         debug = q.get("debug", "")
         if "blocks" in debug:
             answer["blocks"] = [{"block_id": "0", "process_return": [{"lines": outcome.stored, "parser": "abstream"}]}]

@@ -46,7 +46,9 @@ class Outcome:
     rejected_by_rules: int = 0  # quarantined: read, but not a valid event
     unreadable: int = 0  # quarantined: not readable as an event at all
     already_stored: int = 0  # sent before with the same idempotency key
+    refused: int = 0  # events of tests the token may not write: neither stored nor quarantined
     rejections: list[dict] = field(default_factory=list)  # {"line", "field", "error"}, the first DETAILS_LIMIT
+    refusals: list[dict] = field(default_factory=list)  # the same, of the refused events
     warnings: list[str] = field(default_factory=list)
     failure: Exception | None = None  # what stopped the reading (what came before it is stored)
 
@@ -58,6 +60,8 @@ class Outcome:
         out = {"quarantined": self.rejections}
         if self.quarantined > len(self.rejections):
             out["quarantined_truncated"] = True
+        if self.refused:  # said apart: counted as quarantined, they were in no quarantine
+            out["refused_rows"], out["refused"] = self.refused, self.refusals
         if self.already_stored:
             out["already_stored_rows"] = self.already_stored
         if self.warnings:
@@ -142,7 +146,7 @@ class Ingest:
         async def batches() -> AsyncIterator[tuple[files.Chunk, int]]:
             k = 0
             while True:
-                if (rejected := outcome.unreadable + outcome.rejected_by_rules) > MOST_UNREADABLE_LINES:
+                if (rejected := outcome.quarantined + outcome.refused) > MOST_UNREADABLE_LINES:
                     # Lines that read as events the rules reject (`{}`) cost what unreadable ones do
                     # (`readable`): counted as their acks come, a few batches behind the reading.
                     outcome.failure = files.FileProblem(f"more than {MOST_UNREADABLE_LINES:,} of its events were "
@@ -209,16 +213,20 @@ class Ingest:
             return
         lines = _lines(chunk)
         unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
-        named = []
+        named, refused = [], []
         for r in result.rejections:
-            if r.index >= unreadable:
+            if not r.quarantined:
+                outcome.refused += 1
+            elif r.index >= unreadable:
                 outcome.unreadable += 1
             else:
                 outcome.rejected_by_rules += 1
-            if len(outcome.rejections) + len(named) < DETAILS_LIMIT:
-                named.append({"line": lines[r.index], "field": r.field,
-                              "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
+            into = named if r.quarantined else refused
+            if len(outcome.rejections) + len(outcome.refusals) + len(named) + len(refused) < DETAILS_LIMIT:
+                into.append({"line": lines[r.index], "field": r.field,
+                             "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})
         outcome.rejections += sorted(named, key=lambda r: r["line"])
+        outcome.refusals += sorted(refused, key=lambda r: r["line"])
 
 
 def _read_whole(make: Callable[[], Iterator[files.Chunk]]) -> collections.deque:

@@ -697,6 +697,32 @@ def test_a_body_that_trickles_in_is_answered_408_once_below_the_slowest_pace(tmp
         server.stop()
 
 
+def test_events_of_tests_a_token_may_not_write_are_said_refused_not_quarantined(tmp_path):
+    """Such events are in no quarantine (a rival token would read them there): the answer counted
+    them as quarantined rows all the same."""
+    tokens = tmp_path / "team.toml"
+    tokens.write_text(f'[[token]]\nname = "team"\nsha256 = "{hash_token("tok-team")}"\nscopes = ["ingest", "query"]\n'
+                      'test_prefix = "chk_"\n')
+    server = Http(tmp_path, tokens_file=str(tokens))
+    try:
+        rows = [dict(TUTORIAL_EVENT, test_id="chk_1"), dict(TUTORIAL_EVENT, test_id="other_1"),
+                dict(TUTORIAL_EVENT, test_id="chk_1", conversion=7)]
+        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(rows),
+                                     token="tok-team")
+        assert status == 200, answer
+        assert (answer["successful_rows"], answer["quarantined_rows"], answer["refused_rows"]) == (1, 1, 1), answer
+        assert [r["line"] for r in answer["quarantined"]] == [3] and answer["quarantined"][0]["field"] == "conversion"
+        assert [(r["line"], r["field"]) for r in answer["refused"]] == [(2, "test_id")]
+        assert "may only write tests whose id starts with 'chk_'" in answer["refused"][0]["error"]
+        status, appended = server.json("POST", "/v0/datasources?name=ab_test_events&mode=append&format=ndjson",
+                                       ndjson(rows), token="tok-team")
+        assert status == 200 and appended["quarantine_rows"] == 1 and appended["refused_rows"] == 1, appended
+        assert appended["error"] == ("There was an error with file contents: 1 rows in quarantine and 1 rows refused "
+                                     "(tests this token may not write).")
+    finally:
+        server.stop()
+
+
 def test_a_series_too_long_for_an_http_answer_is_refused_and_grpc_still_answers_it(http):
     """An HTTP answer is written whole (~900 bytes a row at its peak): it has at most
     MAX_HTTP_POINTS rows; gRPC answers a longer one (columns, streamed by the wire)."""
