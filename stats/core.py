@@ -27,7 +27,22 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special
+
+
+class _Special:
+    """scipy.special, imported when a function of it is first used (then kept, as an attribute):
+    importing it, with the array API machinery it brings, took every server process 0.2 s to
+    start, before it had anything to compare."""
+
+    def __getattr__(self, name: str):
+        from scipy import special as loaded
+
+        value = getattr(loaded, name)
+        setattr(self, name, value)
+        return value
+
+
+special = _Special()
 
 OK = "ok"
 NOT_ENOUGH_DATA = "not_enough_data"  # an arm has fewer than two users
@@ -153,6 +168,8 @@ def _sequential_p_value(estimate: float, se: float, n: int, n_star: float) -> fl
     low = math.log(1e-300)
     if excess(low) <= 0:
         return 1e-300
+    from scipy import optimize  # here: importing it took every server process 0.37 s to start
+
     return float(min(1.0, math.exp(optimize.brentq(excess, low, high, xtol=1e-12))))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
+from abstream.stats.core import special
 
 #: The most users per arm a size is given as (far more than any test has; a count that fits
 #: the answer's 64 bits).
