@@ -841,7 +841,7 @@ class Progress:
 
 
 def _count_lines(path: str) -> int:
-    if path == "-":
+    if path == "-" or not os.path.isfile(path):  # standard input, a pipe: read once, by the sender
         return 0
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))

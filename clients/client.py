@@ -74,7 +74,7 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
 
 #: The time of day in a date and time ISO 8601 allows: hours, minutes and seconds (each with or
 #: without colons), and a fraction.
-_TIME_OF_DAY = re.compile(r"[T ](\d{2})(?::?(\d{2}))?(?::?(\d{2}))?([.,]\d)?")
+_TIME_OF_DAY = re.compile(r"[Tt ](\d{2})(?::?(\d{2}))?(?::?(\d{2}))?([.,]\d)?")
 
 
 def _named_span(text: str) -> dt.timedelta | None:

@@ -244,8 +244,8 @@ class Producer:
                     return
                 # Full jitter: anywhere up to the exponential step, so retries spread out; never
                 # sooner than the server asked (within what is left before giving up).
-                time.sleep(max(random.uniform(0, min(ceiling, initial * 2 ** attempt)),
-                               min(retry_delay(error), max(give_up - (time.monotonic() - started), 0.0))))
+                self._closing.wait(max(random.uniform(0, min(ceiling, initial * 2 ** attempt)),
+                                       min(retry_delay(error), max(give_up - (time.monotonic() - started), 0.0))))
                 attempt += 1
             except ValueError:  # the channel was closed under it (close() after its timeout)
                 self._fail(batch, ProducerClosed("closed before this event was sent"))

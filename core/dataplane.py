@@ -528,8 +528,6 @@ class Core:
         ends, even when its caller stopped waiting for it, timed."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self._queries += 1
-        self._no_queries.clear()
 
         def ended() -> None:
             self._queries -= 1
@@ -547,6 +545,8 @@ class Core:
                     pass
 
         queued = self._querying.submit(functools.partial(contextvars.copy_context().run, run))
+        self._queries += 1  # once queued: a pool shut down (the server stopping) raised above, uncounted
+        self._no_queries.clear()
         try:
             return await asyncio.wrap_future(queued)
         except asyncio.CancelledError:

@@ -173,8 +173,10 @@ class AnalysisOptions:
         if self.relative_interval not in stats.RELATIVE_INTERVALS:
             raise InvalidArgument("relative_interval", f"must be {' or '.join(stats.RELATIVE_INTERVALS)}, not "
                                                        f"{self.relative_interval[:32]!r}")
-        if not (0 < self.confidence < 1 and 1 - self.confidence < 1):  # below ~1e-16, 1 - confidence is 1
+        if not 0 < self.confidence < 1:
             raise InvalidArgument("confidence_level", f"must be between 0 and 1 (exclusive), got {self.confidence}")
+        if 1 - self.confidence == 1:  # its intervals would be of 1 - confidence = 1: sequential ones divided by 0
+            raise InvalidArgument("confidence_level", f"must be above 1e-16, got {self.confidence}")
         if self.guardrails and self.sequential and self.confidence <= 0.5:
             raise InvalidArgument("confidence_level", f"must be above 0.5 for sequential guardrails (their bound is "
                                                       f"one side of the sequence at 2 (1 - confidence)), got "

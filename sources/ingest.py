@@ -60,7 +60,7 @@ class Outcome:
         out = {"quarantined": self.rejections}
         if self.quarantined > len(self.rejections):
             out["quarantined_truncated"] = True
-        if self.refused:  # said apart: counted as quarantined, they were in no quarantine
+        if self.refused:  # said apart from the quarantined: they are in no quarantine
             out["refused_rows"], out["refused"] = self.refused, self.refusals
         if self.already_stored:
             out["already_stored_rows"] = self.already_stored
@@ -214,14 +214,19 @@ class Ingest:
         lines = _lines(chunk)
         unreadable = chunk.table.num_rows  # rows from here on are the unreadable lines
         named, refused = [], []
+        test_ids = chunk.table.column("test_id") if "test_id" in chunk.table.column_names else None
         for r in result.rejections:
-            if not r.quarantined:
+            # Not kept in the quarantine: the events of tests the token may not write (a test id
+            # outside its prefix), and, not refused for that, its lines without a test id.
+            outside = (not r.quarantined and r.index < unreadable and test_ids is not None
+                       and bool(test_ids[r.index].as_py()))
+            if outside:
                 outcome.refused += 1
             elif r.index >= unreadable:
                 outcome.unreadable += 1
             else:
                 outcome.rejected_by_rules += 1
-            into = named if r.quarantined else refused
+            into = refused if outside else named
             if len(outcome.rejections) + len(outcome.refusals) + len(named) + len(refused) < DETAILS_LIMIT:
                 into.append({"line": lines[r.index], "field": r.field,
                              "error": r.message.removeprefix(f"{(where or at_line)(lines[r.index])}: ")})

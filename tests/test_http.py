@@ -707,11 +707,13 @@ def test_events_of_tests_a_token_may_not_write_are_said_refused_not_quarantined(
     try:
         rows = [dict(TUTORIAL_EVENT, test_id="chk_1"), dict(TUTORIAL_EVENT, test_id="other_1"),
                 dict(TUTORIAL_EVENT, test_id="chk_1", conversion=7)]
-        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(rows),
-                                     token="tok-team")
+        # and a line that is no JSON, and an event without a test id: rejected, not refused
+        body = ndjson(rows) + b"{not json\n" + ndjson([dict(TUTORIAL_EVENT, test_id="")])
+        status, answer = server.json("POST", "/v0/events?name=ab_test_events&wait=true", body, token="tok-team")
         assert status == 200, answer
-        assert (answer["successful_rows"], answer["quarantined_rows"], answer["refused_rows"]) == (1, 1, 1), answer
-        assert [r["line"] for r in answer["quarantined"]] == [3] and answer["quarantined"][0]["field"] == "conversion"
+        assert (answer["successful_rows"], answer["quarantined_rows"], answer["refused_rows"]) == (1, 3, 1), answer
+        assert [(r["line"], r["field"]) for r in answer["quarantined"]][0] == (3, "conversion")
+        assert sorted(r["line"] for r in answer["quarantined"]) == [3, 4, 5]
         assert [(r["line"], r["field"]) for r in answer["refused"]] == [(2, "test_id")]
         assert "may only write tests whose id starts with 'chk_'" in answer["refused"][0]["error"]
         status, appended = server.json("POST", "/v0/datasources?name=ab_test_events&mode=append&format=ndjson",
