@@ -23,7 +23,8 @@ import pyarrow as pa
 from abstream.clients import files
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
-from abstream.core.errors import AbstreamError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from abstream.core.errors import (AbstreamError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+                                  Unauthenticated)
 from abstream.core.events import check_query_string
 from abstream.core.logs import REQUEST_ID, new_request_id
 from abstream.core.metrics import Metrics
@@ -274,10 +275,17 @@ class HttpApi:
         return web.json_response({"regions": []})  # only this server: a client never tries another host
 
     async def health(self, request: web.Request) -> web.Response:
+        """Open to probes; what the server and its sources are doing (which name ClickHouse hosts,
+        Kafka brokers and their errors) only to a caller with a token, when tokens are needed."""
         serving = self.core.serving
+        try:
+            self.core.tokens.principal(_token(request), "", HOW)
+            said = True
+        except Unauthenticated:
+            said = False
         answer = {"status": "SERVING" if serving else "NOT_SERVING",
-                  **({"error": str(self.core.stopped)} if self.core.stopped is not None else {}),
-                  **{name: {"status": "SERVING" if s.serving else "NOT_SERVING", "state": s.state}
+                  **({"error": str(self.core.stopped)} if self.core.stopped is not None and said else {}),
+                  **{name: {"status": "SERVING" if s.serving else "NOT_SERVING", **({"state": s.state} if said else {})}
                      for name, s in self.core.sources.items()}}
         return web.json_response(answer, status=200 if serving else 503)
 

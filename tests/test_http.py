@@ -697,6 +697,34 @@ def test_a_body_that_trickles_in_is_answered_408_once_below_the_slowest_pace(tmp
         server.stop()
 
 
+def test_health_says_what_sources_are_doing_only_to_a_caller_with_a_token(tmp_path):
+    """Probes need no token and get each status; a source's state names its brokers (and a
+    stopped server's error its hosts): said to a caller with a token, when tokens are needed."""
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    server = Http(tmp_path, kafka_bootstrap=f"127.0.0.1:{port}", kafka_topic="t")
+    try:
+        status, anonymous = server.json("GET", "/health", token=None)
+        assert status == 200 and set(anonymous["kafka"]) == {"status"}, anonymous
+        assert str(port) not in json.dumps(anonymous)
+        status, told = server.json("GET", "/health", token=TOKENS["query"])
+        assert status == 200 and "state" in told["kafka"], told
+        status, wrong = server.json("GET", "/health", token="not-a-token")
+        assert status == 200 and set(wrong["kafka"]) == {"status"}, wrong
+    finally:
+        server.stop()
+    (tmp_path / "open").mkdir()
+    open_server = Http(tmp_path / "open", tokens_file="", kafka_bootstrap=f"127.0.0.1:{port}", kafka_topic="t")
+    try:  # without tokens (loopback only) everyone is told
+        status, told = open_server.json("GET", "/health", token=None)
+        assert status == 200 and "state" in told["kafka"], told
+    finally:
+        open_server.stop()
+
+
 def test_events_of_tests_a_token_may_not_write_are_said_refused_not_quarantined(tmp_path):
     """Such events are in no quarantine (a rival token would read them there): the answer counted
     them as quarantined rows all the same."""
