@@ -542,23 +542,30 @@ def test_an_erasure_that_runs_out_of_memory_changes_nothing_and_is_not_logged(tm
     assert {t: (e, u) for t, e, u in said["recovered"]} == {**before, "C": (2, 1)}
 
 
+def snapshotted_twice(data: Path):
+    """A store in `data` with two snapshots, each holding SECRET_USER's events."""
+    from abstream.core.engine import append
+    from abstream.store import EventStore
+    from abstream.store.durability import Durability
+
+    store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_every_seconds=0))
+    for seed in (1, 2):
+        sent = table(2_000, "t", RECENT, seed=seed, secret_every=7)
+        append(store, sent.set_column(0, "timestamp", sent.column("timestamp").cast(pa.int64())))
+        store.snapshot()
+    return store
+
+
 def test_an_erasure_whose_older_copies_cannot_be_deleted_says_so_and_finishes_when_tried_again(tmp_path, monkeypatch):
     """The erasure's purge deletes every older snapshot; one whose files cannot be deleted (here
     every deletion of a snapshot's file fails, as on a read-only mount) fails the call, naming
     them, keeps the purge pending, and erasing again finishes it."""
     import os
 
-    from abstream.core.engine import append
     from abstream.core.errors import Unavailable
-    from abstream.store import EventStore
-    from abstream.store.durability import Durability
 
     data = tmp_path / "data"
-    store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_every_seconds=0))
-    for seed in (1, 2):
-        sent = table(2_000, "t", RECENT, seed=seed, secret_every=7)
-        append(store, sent.set_column(0, "timestamp", sent.column("timestamp").cast(pa.int64())))
-        store.snapshot()
+    store = snapshotted_twice(data)
     assert len(list((data / "snapshots").glob("snap-*"))) == 2
     unlink = os.unlink
 
@@ -586,16 +593,8 @@ def test_maintenance_leaves_the_purge_to_an_erasure_under_way(tmp_path):
     pending, does not start one of its own meanwhile (both deleting the same older copies, the
     erasure failed on files the other had just deleted, after succeeding); it finishes one
     left pending once no erasure runs."""
-    from abstream.core.engine import append
-    from abstream.store import EventStore
-    from abstream.store.durability import Durability
-
     data = tmp_path / "data"
-    store = EventStore(durability=Durability(data, snapshot_every_events=0, snapshot_every_seconds=0))
-    for seed in (1, 2):
-        sent = table(2_000, "t", RECENT, seed=seed, secret_every=7)
-        append(store, sent.set_column(0, "timestamp", sent.column("timestamp").cast(pa.int64())))
-        store.snapshot()
+    store = snapshotted_twice(data)
     persistence = store._persistence
     snapshot, purging, resume = persistence.snapshot, threading.Event(), threading.Event()
 
