@@ -46,6 +46,9 @@ _RETRIABLE = {
 
 #: Codes that mean ZooKeeper cannot be reached.
 _ZOOKEEPER = {999, 225, 242}
+#: UNKNOWN_TABLE, UNKNOWN_DATABASE: said by a replica that lacks the schema the others have (after
+#: an unclean stop a server may come back without a table whose parts ZooKeeper does not list).
+_LACKING = {60, 81}
 #: The longest statement a server parses, sent with every query: a statement lists a test's
 #: variants (a lift), or the tests a removal names, and ClickHouse refuses one past 256 KiB.
 MAX_QUERY_BYTES = 16 << 20
@@ -147,9 +150,9 @@ class Cluster:
                 self._silence(replica)
             client.abstream_order = order[at:] + order[:at]
 
-    def _silence(self, replica: Replica) -> None:
+    def _silence(self, replica: Replica, why: str = "did not answer") -> None:
         if self._silent.get(replica, 0.0) < time.monotonic():
-            log.warning("ClickHouse at %s did not answer: tried last for the next %.0f s", replica, SILENT_SECONDS)
+            log.warning("ClickHouse at %s %s: tried last for the next %.0f s", replica, why, SILENT_SECONDS)
         self._silent[replica] = time.monotonic() + SILENT_SECONDS
 
     def _idle_client(self, shard: Shard):
@@ -197,7 +200,10 @@ class Cluster:
                                                    if k != "select_sequential_consistency"})
 
     def _on_a_replica(self, shard: Shard, sql: str, settings: dict) -> Columns:
-        for attempt in (0, 1):
+        """A replica that lacks a table is tried last, and the next one asked: the shard's data is
+        on each of them."""
+        stale_retried, lacking = False, 0
+        while True:
             client = self._idle_client(shard) or self._client(shard.replicas)
             at = _connected_to(client)
             try:
@@ -209,9 +215,15 @@ class Cluster:
                 code = getattr(error, "code", None)
                 if code in (209, 210) and at is not None:  # the replica it was connected to went silent
                     self._silence(at)
+                lacks = _reached(client) if code in _LACKING else None
+                if lacks is not None:
+                    self._silence(lacks, f"lacks a table the statement reads ({_said(error)})")
                 client.disconnect()
-                if attempt or code not in (None, 209, 210):
+                if lacks is not None and (lacking := lacking + 1) < len(shard.replicas):
+                    continue
+                if stale_retried or code not in (None, 209, 210):
                     raise translate(error, shard.name) from error
+                stale_retried = True
 
     def each_shard(self, sql: str, *, timeout: float | None = None, partial: bool = False
                    ) -> tuple[list[Columns], list[str]]:
@@ -425,6 +437,13 @@ def _columns(client, sql: str, settings: dict) -> Columns:
 def _connected_to(client) -> Replica | None:
     connection = client.connection
     return Replica(connection.host, connection.port) if connection.connected else None
+
+
+def _reached(client) -> Replica:
+    """The replica that answered `client`'s last statement, after the driver disconnected on its
+    error: the driver rotates its hosts past those it could not reach, so it is the first."""
+    host, port = client.connection.hosts[0]
+    return Replica(host, port)
 
 
 def _replica(address: str) -> Replica:

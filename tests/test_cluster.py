@@ -314,6 +314,30 @@ def test_a_hung_replica_is_passed_over_after_the_timeout_and_then_tried_last(clu
     g.terminate()
 
 
+def test_a_replica_that_lacks_a_table_is_passed_over_for_its_shards_other_one(cluster, tmp_path):
+    """After an unclean stop a ClickHouse server may come back without a table (one whose parts
+    ZooKeeper does not list: "doesn't look like the set of parts in ZooKeeper"). Its shard's other
+    replica answers meanwhile, and the one without it is tried last, said once in the log."""
+    name, args = database(cluster)
+    g = gateway(tmp_path, args, "lacking")
+    assert send(g.address, "l", 1).accepted == BATCH
+    lacking = cluster.nodes[0]  # shard 1, replica 1: the first tried
+    from clickhouse_driver import Client as Native
+
+    on_it = Native("127.0.0.1", lacking.tcp_port)
+    on_it.execute(f"DETACH TABLE {name}.events_local")
+    try:
+        for _ in range(3):
+            assert totals(g.address) == (BATCH, BATCH)
+    finally:
+        on_it.execute(f"ATTACH TABLE {name}.events_local")
+        on_it.disconnect()
+    said = g.log()
+    assert f"ClickHouse at 127.0.0.1:{lacking.tcp_port} lacks a table the statement reads" in said, said
+    assert said.count("lacks a table") == 1, said
+    g.terminate()
+
+
 def test_a_query_waiting_for_a_hung_replica_leaves_every_other_call_answered(cluster, tmp_path):
     """The plans a query reads first come from every shard (once a second): a replica that hangs
     holds that query, and no other call of the gateway (they share one event loop)."""
