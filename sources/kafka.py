@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import enum
 import io
 import json
 import logging
@@ -48,6 +49,13 @@ log = logging.getLogger("abstream.kafka")
 
 #: Most messages, and bytes of them, stored as one batch.
 BATCH_MESSAGES = 20_000
+class _Stored(enum.Enum):
+    """What became of a batch of one partition's messages."""
+    NOT = 0  # not stored: the server is stopping, or the partition went to another server
+    YES = 1
+    AFTER_A_PAUSE = 2  # stored once ingest took it again; the group may have rebalanced meanwhile
+
+
 BATCH_BYTES = 8 << 20
 BATCH_LINES = 50_000  # below the core's --max-batch-events
 #: How long to wait before trying refused messages again when ingest gave no time.
@@ -424,13 +432,19 @@ class KafkaSource:
                 size += len(value)
                 lines += value.count(b"\n") + 1
                 if size >= BATCH_BYTES or lines >= BATCH_LINES or i == len(batch) - 1:
-                    if not self._store(consumer, topic, partition, batch[start:i + 1]):
+                    stored = self._store(consumer, topic, partition, batch[start:i + 1])
+                    if stored is _Stored.NOT:
                         # Stopping (a restart resumes from the store), or the partition was taken
                         # away meanwhile: what this consume fetched for the others is fetched again.
                         if not self._stop.is_set():
                             self._rewind(consumer, consumer.assignment())
                         return
                     self.consumed.labels(topic).inc(i + 1 - start)  # once: those fetched again were not
+                    if stored is _Stored.AFTER_A_PAUSE:
+                        # The group may have rebalanced while it waited: the rest of what was fetched
+                        # may be another server's now, and each partition still here was sent back to
+                        # what is stored, to be fetched again.
+                        return
                     start, size, lines = i + 1, 0, 0
 
     def _check_restarts(self, consumer) -> None:
@@ -470,9 +484,9 @@ class KafkaSource:
             except KafkaException as error:  # checked again once it is assigned again
                 log.warning("kafka: seeking %s[%d] to %d failed: %s", *key, low, error)
 
-    def _store(self, consumer, topic: str, partition: int, messages: list) -> bool:
-        """Stores the messages (one batch, durable when this returns) and commits past them;
-        False if it did not (the server is stopping, or the partition was revoked meanwhile)."""
+    def _store(self, consumer, topic: str, partition: int, messages: list) -> _Stored:
+        """Stores the messages (one batch, durable when this returns) and commits past them; NOT
+        if it did not (the server is stopping, or the partition was revoked meanwhile)."""
         from confluent_kafka import KafkaException, TopicPartition
 
         lines = [as_lines(m.value()) for m in messages]
@@ -506,14 +520,16 @@ class KafkaSource:
             while time.monotonic() < deadline and not self._stop.is_set():
                 consumer.consume(1, timeout=0.1)  # stays in the group (a paused partition delivers nothing)
             if self._stop.is_set():
-                return False
+                return _Stored.NOT
             if self._next.get((topic, partition), offsets[-1] + 1) > offsets[0]:
                 # Revoked, or given back to resume past these (another server stored them).
                 self._resume(consumer)
-                return False
+                return _Stored.NOT
+        stored = _Stored.YES
         if self._paused:
             self._resume(consumer)
             self._rewind(consumer, consumer.assignment())
+            stored = _Stored.AFTER_A_PAUSE
         self._next[(topic, partition)] = sequence
         self.stored.labels(topic).inc(outcome.stored)
         self.quarantined.labels(topic).inc(outcome.quarantined)
@@ -522,7 +538,7 @@ class KafkaSource:
                             asynchronous=False)
         except KafkaException as error:  # the store's sequence is what resumes the partition, not this
             log.warning("kafka: committing %s[%d] at %d failed: %s", topic, partition, sequence, error)
-        return True
+        return stored
 
     def _resume(self, consumer) -> None:
         """Ends a pause: every partition assigned now (those assigned later are resumed by
