@@ -168,14 +168,18 @@ def _check_properties(config: KafkaConfig, path: str) -> None:
         raise KafkaConfigError(f"kafka config {path or '(flags)'}: {error}"[:500]) from None
 
 
-def resume_at(stored: int, committed: int, owner: str | None, identity: str) -> int:
-    """Where a partition resumes: after what the store holds of it, or at the group's commit
-    past that when another store made it (its metadata names the store): another server of
-    the group stored, in a store of its own, what came between while it had the partition.
-    A commit of this store's own past what it holds (a power loss with --fsync interval, a
-    backup restored) is read again. A commit that names no store (one made before commits
-    named them, or a broker that keeps no commit metadata) is taken for another's."""
-    return committed if stored and committed > stored and owner != identity else stored
+def resume_at(stored: int, committed: int, owner: str | None, identity: str) -> int | None:
+    """Where a partition resumes: after what the store holds of it (0: from its beginning), or
+    at the group's commit past that when another store made it (its metadata names the store):
+    another server of the group stored, in a store of its own, what came between while it had
+    the partition. A commit of this store's own past what it holds (a power loss with --fsync
+    interval, a backup restored) is read again, even when it holds nothing of the partition. A
+    commit that names no store (one made before commits named them, or a broker that keeps no
+    commit metadata) is taken for another's. None: the group's commit, where the store holds
+    nothing of the partition and the commit (if any) is another's."""
+    if owner == identity or (stored and committed <= stored):
+        return stored
+    return committed if stored else None
 
 
 def producer_of(topic: str, partition: int, generation: int = 0) -> str:
@@ -334,6 +338,8 @@ class KafkaSource:
     def _assigned(self, consumer, partitions) -> None:
         """Each partition resumes after what the store has of it, in its latest generation (one
         the store has offsets of, or the first), or where `resume_at` says."""
+        from confluent_kafka import OFFSET_BEGINNING
+
         committed = self._committed(consumer, partitions)
         identity = self.core.engine.identity
         for tp in partitions:
@@ -345,12 +351,13 @@ class KafkaSource:
                 generation, stored = generation + 1, later
             key = (tp.topic, tp.partition)
             offset, owner = committed.get(key, (-1, None))
-            if not generation and (at := resume_at(stored, offset, owner, identity)) != stored:
+            at = stored if generation else resume_at(stored, offset, owner, identity)
+            if at is not None and at != stored:
                 log.info("kafka: %s[%d] resumes at the group's offset %d: the store holds it up to %d, the rest "
                          "was stored by another server of the group", *key, at, stored)
                 stored = at
-            if stored:
-                tp.offset = stored
+            if at is not None:
+                tp.offset = stored or OFFSET_BEGINNING
             self._next[key], self._generation[key] = stored, generation
         consumer.assign(partitions)
         if self._paused:  # a rebalance while ingest refuses: nothing fetched meanwhile from these either
@@ -559,8 +566,9 @@ class KafkaSource:
             committed = self._committed(consumer, partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            offset = committed.get(key, (-1, None))[0]
-            at = self._next.get(key) or (offset if offset >= 0 and not self._generation.get(key) else OFFSET_BEGINNING)
+            offset, owner = committed.get(key, (-1, None))
+            at = self._next.get(key) or (offset if offset >= 0 and owner != self.core.engine.identity
+                                         and not self._generation.get(key) else OFFSET_BEGINNING)
             if key in self._next:
                 try:
                     consumer.seek(TopicPartition(tp.topic, tp.partition, at))

@@ -118,7 +118,9 @@ def test_a_partition_resumes_at_another_stores_commit_past_its_own_and_not_at_it
     assert resume_at(100, 200, "store-a", "store-a") == 100  # its own: a backup restored, read again
     assert resume_at(100, 200, None, "store-a") == 200  # named no store: taken for another's
     assert resume_at(100, 50, "store-b", "store-a") == 100  # behind the store: the store's
-    assert resume_at(0, 200, "store-b", "store-a") == 0  # nothing stored: the group's commit (tp.offset unset)
+    assert resume_at(0, 200, "store-b", "store-a") is None  # nothing stored: the group's commit (tp.offset unset)
+    assert resume_at(0, -1, None, "store-a") is None  # nor committed: the group's reset, its earliest offset
+    assert resume_at(0, 200, "store-a", "store-a") == 0  # its own, past nothing it holds: from the beginning
 
 
 def test_while_ingest_refuses_it_pauses_and_loses_nothing(broker, tmp_path):
