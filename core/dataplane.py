@@ -31,6 +31,7 @@ from abstream.core.admission import IngestBudget, Limits, RateLimiter, RequestSi
 from abstream.core.auth import ANYONE, Principal, Tokens
 from abstream.core.engine import Engine
 from abstream.core.errors import (
+    ABANDONED,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -514,7 +515,7 @@ class Core:
 
     def _admit(self, principal: Principal, q, timeout: float | None):
         """A query checked, allowed for the caller, and given the caller's deadline, at most
-        --max-query-seconds away (an HTTP client that went away does not cancel its query)."""
+        --max-query-seconds away."""
         q.check()
         if not principal.may_use(q.test_id):
             raise PermissionDenied(f"token {principal.name!r} may only read tests whose id starts with "
@@ -525,9 +526,11 @@ class Core:
 
     async def _in_worker(self, name: str, work: Callable[[], R]) -> R:
         """`work()` in a query thread, counted as a running query (ingest yields to it) until it
-        ends, even when its caller stopped waiting for it, timed."""
+        ends, even when its caller stopped waiting for it, timed. A caller that goes away (its
+        call cancelled) stops it at its next check of `in_time`."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
 
         def ended() -> None:
             self._queries -= 1
@@ -536,6 +539,7 @@ class Core:
             self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
         def run() -> R:
+            ABANDONED.set(abandoned)
             try:
                 return work()
             finally:
@@ -552,6 +556,7 @@ class Core:
         except asyncio.CancelledError:
             if queued.cancelled():  # taken back before a thread began it: it ends here
                 ended()
+            abandoned.set()
             raise
 
     def in_query_thread(self, fn: Callable[..., R], *args) -> Awaitable[R]:

@@ -9,7 +9,9 @@ the caller as INTERNAL, without detail.
 
 from __future__ import annotations
 
+import contextvars
 import enum
+import threading
 import time
 
 
@@ -116,12 +118,19 @@ class DeadlineExceeded(AbstreamError):
     kind = Kind.DEADLINE_EXCEEDED
 
 
+#: Set once the caller of the work running in this context went away (it cancelled its call, or
+#: its HTTP connection closed): nobody waits for the answer any more.
+ABANDONED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("abandoned", default=None)
+
+
 def in_time(deadline: float | None) -> None:
-    """Stops work whose caller has stopped waiting (`deadline`: time.monotonic()), checked
-    between its stages."""
+    """Stops work whose caller has stopped waiting (`deadline`: time.monotonic(), or the caller
+    went away), checked between its stages."""
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("the query's deadline passed (the caller's, or the server's --max-query-seconds); "
                                "it was stopped")
+    if (gone := ABANDONED.get()) is not None and gone.is_set():
+        raise DeadlineExceeded("the caller went away; the query was stopped")
 
 
 class RecoveryError(AbstreamError):

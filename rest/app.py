@@ -168,6 +168,8 @@ class HttpApi:
             request["route"] = name
             if scope is not None:
                 request[PRINCIPAL_KEY] = self.core.tokens.principal(_token(request), scope, HOW)
+            if scope == "query":
+                return await _while_connected(request, handler(request))
             return await handler(request)
         return handle
 
@@ -503,6 +505,29 @@ class HttpApi:
     async def sql(self, request: web.Request) -> web.Response:
         raise InvalidArgument("q", "SQL is not supported: query the pipes (test_summary, test_segments, "
                                    "test_timeseries, test_results, test_lift; docs/http.md)")
+
+
+#: How often a query's connection is looked at: a client gone is noticed within this.
+GONE_POLL_SECONDS = 0.1
+#: The status counted and logged for a request whose client went away before its answer
+#: (nothing is sent), as proxies log it.
+CLIENT_GONE = 499
+
+
+async def _while_connected(request: web.Request, answer: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+    """`answer`, cancelled once the client's connection closes: nobody would read it, and the
+    query's thread stops at its next check of its deadline (aiohttp cancels no handler itself)."""
+    task = asyncio.ensure_future(answer)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_POLL_SECONDS)
+            if done:
+                return task.result()
+            if request.transport is None or request.transport.is_closing():
+                task.cancel()
+                return web.Response(status=CLIENT_GONE)
+    finally:
+        task.cancel()
 
 
 def _host_of(request: web.Request) -> str | None:

@@ -1150,6 +1150,54 @@ def tb(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedP
 
 
 @pytest.mark.skipif(not TB.exists(), reason="make test installs tinybird-cli into .venv/tinybird")
+def test_a_query_whose_client_went_away_is_stopped_not_run_to_its_end(tmp_path):
+    """aiohttp runs a handler to its end after its client has gone: a query's is cancelled once
+    the connection closes (counted as 499), and its thread stops at its next check instead of
+    computing an answer nobody reads, for up to --max-query-seconds (60 s)."""
+    import threading
+
+    from abstream.core.errors import DeadlineExceeded
+
+    server = Http(tmp_path)
+    engine, metrics = server.thread.server.core.engine, server.thread.server.metrics
+    answer, begun, release, outcome = engine.summary, threading.Event(), threading.Event(), []
+
+    def held(q):
+        begun.set()
+        release.wait(30)
+        try:
+            result = answer(q)
+        except DeadlineExceeded as error:
+            outcome.append(str(error))
+            raise
+        outcome.append("answered")
+        return result
+
+    engine.summary = held
+    try:
+        with socket.create_connection(("127.0.0.1", server.thread.server.http_port), timeout=10) as client:
+            client.sendall(b"GET /v0/pipes/test_summary.json?test_id=gone HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Authorization: Bearer " + TOKENS["query"].encode() + b"\r\n\r\n")
+            assert begun.wait(10)
+        gone = metrics.http_requests.labels("pipe", "499")
+        deadline = time.monotonic() + 10
+        while gone._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gone._value.get() == 1
+        release.set()
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert outcome == ["the caller went away; the query was stopped"]
+        # One whose client waits is answered as ever.
+        engine.summary = answer
+        status, payload = server.json("GET", "/v0/pipes/test_summary.json?test_id=gone", token=TOKENS["query"])
+        assert status == 200 and payload["data"] == [], payload
+    finally:
+        release.set()
+        server.stop()
+
+
 def test_the_platforms_cli_works_against_it(http, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
