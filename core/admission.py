@@ -58,6 +58,7 @@ class Limits:
     memory_high_water_bytes: int = 0  # resolved: 0 is off
     max_ingest_bytes: int = 256 << 20
     max_query_seconds: float = 0.0  # 0: none
+    max_queries: int = 64
 
 
 def cost(size: RequestSize) -> int:

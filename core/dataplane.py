@@ -528,6 +528,9 @@ class Core:
         """`work()` in a query thread, counted as a running query (ingest yields to it) until it
         ends, even when its caller stopped waiting for it, timed. A caller that goes away (its
         call cancelled) stops it at its next check of `in_time`."""
+        if self._queries >= self.limits.max_queries:
+            raise ResourceExhausted(f"{self._queries} queries are running or waiting for a thread, the most this "
+                                    "server takes (--max-queries); retry", retry_after=1.0)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         abandoned = threading.Event()

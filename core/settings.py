@@ -54,6 +54,8 @@ class Settings:
                                           "(docs/operations.md: what a request may cost)")
     max_query_seconds: float = _s(60.0, "longest a query runs, for callers that give no deadline (HTTP, the "
                                         "results page, gRPC calls without one) or a longer one; 0: no limit")
+    max_queries: int = _s(64, "queries running or waiting for a query thread at once, over every transport; past it "
+                              "RESOURCE_EXHAUSTED (HTTP 429) with a retry delay")
     metrics_addr: str = _s("", "host:port for Prometheus metrics at /metrics; empty: off")
     http_addr: str = _s("", "where the HTTP API listens (the tutorial's platform's API: docs/http.md); empty: off",
                         serve_default="127.0.0.1:7181")
@@ -158,7 +160,7 @@ class Settings:
 
 
 #: Settings a value of 0 or less would leave the server refusing everything or misbehaving.
-_POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "http_max_body_bytes",
+_POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "max_queries", "http_max_body_bytes",
              "http_max_upload_bytes", "fsync_interval_ms", "snapshots_kept", "retention_sweep_seconds",
              "kafka_session_timeout_ms", "clickhouse_insert_quorum",
              "clickhouse_timeout_seconds")

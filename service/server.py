@@ -185,7 +185,7 @@ class AnalyticsServer:
         self._sweeping: asyncio.Task | None = None  # the retention sweep running, if one is
         limits = Limits(settings.max_batch_events, settings.max_ingest_streams,
                         admission.high_water(settings.memory_high_water_bytes), settings.max_ingest_bytes,
-                        settings.max_query_seconds)
+                        settings.max_query_seconds, settings.max_queries)
         self.core = Core(limits, Tokens(tokens), self.metrics)
         if settings.retention_days < 0:
             raise ConfigError("--retention-days must be 0 (keep for ever) or more")

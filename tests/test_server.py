@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +183,57 @@ def test_queries_holding_every_query_thread_leave_ingest_acked(tmp_path):
             while core._queries and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert core._queries == 0
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_queries_past_max_queries_are_refused_with_a_retry_delay_over_grpc_and_http(tmp_path):
+    """At most --max-queries run or wait at once, over every transport: the next is
+    RESOURCE_EXHAUSTED with RetryInfo (HTTP: 429 with Retry-After), not queued without bound;
+    once one ends, a query is taken again."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from abstream.core.settings import Settings
+    from abstream.v1 import analytics_pb2 as pb
+    from abstream.v1 import analytics_pb2_grpc
+
+    from tests.conftest import ServerThread
+    from tests.test_security import retry_info
+
+    running = ServerThread(Settings(addr="127.0.0.1:0", http_addr="127.0.0.1:0", tokens_file="",
+                                    data_dir=str(tmp_path / "data"), max_queries=2)).start()
+    engine, release, begun = running.server.core.engine, threading.Event(), []
+    answer = engine.summary
+
+    def held(q):
+        begun.append(q)
+        release.wait(60)
+        return answer(q)
+
+    engine.summary = held
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+            calls = [stub.Summary.future(pb.SummaryRequest(test_id="checkout"), timeout=60) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while len(begun) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Summary(pb.SummaryRequest(test_id="checkout"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 queries are running or waiting for a thread" in refused.value.details()
+            assert "--max-queries" in refused.value.details()
+            assert retry_info(refused.value).retry_delay.seconds == 1
+            url = f"http://127.0.0.1:{running.server.http_port}/v0/pipes/test_summary.json?test_id=checkout"
+            with pytest.raises(urllib.error.HTTPError) as http_refused:
+                urllib.request.urlopen(url, timeout=10)
+            assert http_refused.value.code == 429 and http_refused.value.headers["Retry-After"] == "1"
+            release.set()
+            assert all(call.result().test_id == "checkout" for call in calls)
+            assert stub.Summary(pb.SummaryRequest(test_id="checkout"), timeout=10).test_id == "checkout"
     finally:
         release.set()
         running.stop()
