@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 import pyarrow as pa
 from abstream.clients.columnar import LOW_CARDINALITY, arrow_ipc  # noqa: F401 - where they were
+from abstream.clients.files import from_iso
 from abstream.v1 import admin_pb2, admin_pb2_grpc
 from abstream.v1 import analytics_pb2 as pb
 from abstream.v1 import analytics_pb2_grpc as pb_grpc
@@ -50,7 +51,7 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
     if isinstance(value, str):
         text = value.strip()
         try:
-            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            moment = from_iso(text)
         except ValueError:
             raise ValueError(f"{value!r} is not a date and time: use 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' (UTC) "
                              "or RFC 3339 ('2025-04-28T18:42:22Z')") from None

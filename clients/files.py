@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +332,22 @@ def _utf8(text: str) -> bool:
         return False
 
 
+#: A date in a form ISO 8601 gives one (extended, basic, or a week date), and nothing or a time
+#: after 'T' or a space. Python takes any character between a date and a time, so that
+#: '2024-01-01+02:00' (a date and what reads as a UTC offset, which a date alone never has) was
+#: the day's 02:00.
+_DATE_THEN_TIME = re.compile(r"(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}-?W\d{2}(?:-?\d)?)(?:[Tt ].*)?", re.S)
+
+
+def from_iso(text: str) -> dt.datetime:
+    """A moment written in ISO 8601 (RFC 3339 among its forms), naive when it names no offset;
+    ValueError when it is not one."""
+    text = text.strip()
+    if not _DATE_THEN_TIME.fullmatch(text):
+        raise ValueError(f"{text[:64]!r} is not an ISO 8601 date and time")
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def parse_time(value: Any):
     """A timestamp as users send it: 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339, or seconds since the
     epoch; None when absent; _BAD when it is none of those."""
@@ -344,7 +361,7 @@ def parse_time(value: Any):
     if not isinstance(value, str):
         return _BAD
     try:
-        moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        moment = from_iso(value)
     except ValueError:
         return _BAD
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)

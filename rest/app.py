@@ -487,6 +487,7 @@ class HttpApi:
 
     async def pipe(self, request: web.Request) -> web.Response:
         name, fmt = request.match_info["name"], request.match_info["fmt"].lower()
+        formats.check(fmt)  # before the query, not after it
         values = request.query.copy()
         if request.method == "POST":  # the platform's CLI posts a form when the URL would be long
             values.extend(await _form(request))

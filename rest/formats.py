@@ -82,7 +82,11 @@ def _parquet(answer: Answer) -> bytes:
 WRITERS = {"json": _json, "csv": _csv, "ndjson": _ndjson, "parquet": _parquet}
 
 
-def render(answer: Answer, fmt: str) -> tuple[bytes, str]:
+def check(fmt: str) -> None:
     if fmt not in WRITERS:
         raise InvalidArgument("format", f"pipes answer as .json, .csv, .ndjson or .parquet, not .{fmt[:16]}")
+
+
+def render(answer: Answer, fmt: str) -> tuple[bytes, str]:
+    check(fmt)
     return WRITERS[fmt](answer), CONTENT_TYPES[fmt]

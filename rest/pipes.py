@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 from abstream import stats
+from abstream.clients.files import from_iso
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, NotFound
@@ -67,7 +68,7 @@ def parse_datetime(name: str, value: str) -> int:
     seconds since the epoch."""
     text = value.strip()
     try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = from_iso(text)
     except ValueError:
         raise InvalidArgument(name, f"{value[:64]!r} is not a DateTime: use 'YYYY-MM-DD HH:MM:SS' (UTC)") from None
     if moment.tzinfo is None:

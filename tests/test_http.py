@@ -324,6 +324,8 @@ def test_every_format_of_a_pipe(http):
     assert table.to_pylist() == as_json["data"] and table.schema.field("users").type == pa.uint64()
     status, error = http.json("GET", path.format("xml"))
     assert status == 400 and ".xml" in error["error"]
+    status, error = http.json("GET", "/v0/pipes/test_summary.xml")  # refused before the query runs, or is read
+    assert status == 400 and error["error"].startswith("format: ") and ".xml" in error["error"], error
     status, error = http.json("GET", path.format("json") + "&q=select+count()+from+_")
     assert status == 400 and error["error"].startswith("q: SQL over a pipe is not supported")
     status, posted = http.json("POST", "/v0/pipes/test_summary.json", b"test_id=checkout&start_date=2025-04-01"

@@ -11,6 +11,7 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from abstream.clients import _ndjson, files
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,6 +109,26 @@ def test_lines_it_leaves_are_read_the_slow_way_with_their_messages():
         21: ("conversion", "conversion must be 0 or 1, got Infinity"),
         22: ("revenue", 'revenue must be a finite number, got "1_000"'),  # Python's own spelling of 1000
     }
+
+
+def test_a_date_followed_by_what_reads_as_an_offset_is_refused_not_taken_for_a_time():
+    """Python reads any character between a date and a time: '2024-01-01+02:00' was the day's
+    02:00 (a date alone has no UTC offset), and '2024-01-01x10:00' its 10:00."""
+    from abstream.clients.client import parse_time
+    from abstream.core.errors import InvalidArgument
+    from abstream.rest.pipes import parse_datetime
+
+    for text in ("2024-01-01+02:00", "2024-01-01-05:00", "2024-01-01x10:00", "2024-01-01Z"):
+        rows, problems = agree((json.dumps({**EVENT, "timestamp": text}) + "\n").encode())
+        assert rows == {} and problems[1][0] == "timestamp", (text, rows)
+        with pytest.raises(ValueError, match="is not a date and time"):
+            parse_time(text)
+        with pytest.raises(InvalidArgument, match="is not a DateTime"):
+            parse_datetime("start_date", text)
+    # What ISO 8601 writes stays read: basic and week dates, a 'T' or a space, offsets after a time.
+    assert parse_time("20250501") == parse_time("2025-W18-4") == dt.datetime(2025, 5, 1, tzinfo=dt.timezone.utc)
+    assert parse_time("2025-05-01t10:00+02:00") == dt.datetime(2025, 5, 1, 8, tzinfo=dt.timezone.utc)
+    assert parse_datetime("end_date", "2025-05-01 10:00:00-02:00") == 1_746_100_800
 
 
 def test_blank_lines_carriage_returns_and_a_last_line_without_newline():
