@@ -32,6 +32,7 @@ from abstream.core.dataplane import Core
 from abstream.core.errors import InvalidArgument, NotFound
 from abstream.core.types import (
     MAX_HTTP_POINTS,
+    METRICS,
     AnalysisOptions,
     Dimension,
     Interval,
@@ -256,7 +257,7 @@ async def test_lift(core: Core, principal: Principal, p: Params) -> Answer:
     by_age = p.boolean("since_first_exposure")
     query = TimeseriesQuery(test_id, p.choice("interval", INTERVALS, "day"), start, end, not by_age,
                             time_zone=p.get("time_zone"), lift=options, since_first_exposure=by_age,
-                            most_points=MAX_HTTP_POINTS)
+                            most_points=MAX_HTTP_POINTS // len(METRICS))  # up to a row per metric a point
     return await core.timeseries(principal, query, None, lambda r: _lift_answer(test_id, by_age, r))
 
 

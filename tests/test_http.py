@@ -777,6 +777,11 @@ def test_a_series_too_long_for_an_http_answer_is_refused_and_grpc_still_answers_
     assert status == 400 and f"{MAX_HTTP_POINTS:,}" in error["error"] and f"{n:,} points" in error["error"], error
     status, answer = http.json("GET", f"/v0/pipes/test_timeseries.json?test_id=wide&interval=hour&{window}")
     assert status == 200 and sum(r["events"] for r in answer["data"]) == n
+    # A lift gives up to a row per metric a point: a quarter as many points.
+    lifts = "start_date=2025-01-01%2000:00:00&end_date=2025-01-18%2008:40:00"  # 25,001 minutes
+    status, error = http.json("GET", f"/v0/pipes/test_lift.json?test_id=wide&interval=minute&{lifts}")
+    assert status == 400 and f"the {MAX_HTTP_POINTS // 4:,} a series with lifts" in error["error"], error
+    assert "25,001 buckets x 2 variants would be 50,002 points" in error["error"], error
 
 
 def test_rate_limits_say_when_to_retry(tmp_path):
