@@ -232,6 +232,7 @@ class KafkaSource:
         self._below: dict[tuple[str, int], float] = {}  # since when each one's log ends below _next
         self._paused = False  # every assigned partition, while ingest refuses (`_store`)
         self._fatal = None  # a fatal error librdkafka reported (`_error`)
+        self._made = False  # a consumer was made: one that cannot be made later is tried again
         r = metrics.registry
         self.consumed = Counter("abstream_kafka_messages", "Kafka messages consumed (stored, or passed as unreadable), "
                                 "by topic", ["topic"], registry=r)
@@ -293,15 +294,19 @@ class KafkaSource:
 
     def _consume(self) -> bool:
         """One consumer's life in the group: until stopped (True), or until it raises; False
-        when it cannot be made at all."""
+        when the first cannot be made at all (a bad property). One that cannot be made in place
+        of another raises: what it reads (a certificate being replaced) may be back soon."""
         from confluent_kafka import Consumer, KafkaException
 
         settings = {**self.config.consumer(), "error_cb": self._error, "stats_cb": self._stats, "logger": log}
         try:
             consumer = Consumer(settings)
         except Exception as error:  # noqa: BLE001 - a bad property: said, and the server goes on
+            if self._made:
+                raise
             self._set(False, f"failed: {error}")
             return False
+        self._made = True
         self._set(False, f"connecting to {self.config.bootstrap}")
         try:
             consumer.subscribe(list(self.config.topics), on_assign=self._assigned, on_revoke=self._revoked,

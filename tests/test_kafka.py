@@ -3,6 +3,7 @@ through crashes, rebalances and bad messages, and honest health while the broker
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -346,6 +347,18 @@ def test_a_fatal_client_error_replaces_the_consumer_which_resumes_from_the_store
         with Client(running.address) as client:
             assert sum(r.metrics.users for r in client.summary("fatal_test").rows) == 6_000
         assert source.restarts._value.get() == 1
+        # The consumer in its place cannot be made for a while (what it reads, a certificate
+        # being replaced, is not there): it is tried again until it can, not given up for good.
+        config = source.config
+        source.config = dataclasses.replace(config, client={"ssl.ca.location": str(tmp_path / "not-yet.pem"),
+                                                            "security.protocol": "ssl"})
+        source._error(KafkaError(KafkaError._FENCED, "fenced by another member", fatal=True))
+        wait_for(lambda: source.restarts._value.get() >= 3, timeout=30, what="the consumer tried again")
+        source.config = config
+        broker.produce(TOPIC, event_messages(1_000, 2, "fatal_test", per_message=10, start_user=6_000))
+        wait_for(lambda: events_of(running) >= 7_000, timeout=60, what="the events after it, by the consumer made")
+        time.sleep(1.5)
+        assert events_of(running) == 7_000
     finally:
         running.stop()
 
