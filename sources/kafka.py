@@ -71,8 +71,8 @@ RESTART_SECONDS = 5.0  # a partition's log ends below what was stored from it th
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 #: librdkafka properties the connector sets itself: exactly once rests on committing only what is
 #: durable (auto commit off), and health on the statistics.
-_OWN_PROPERTIES = ("bootstrap.servers", "group.id", "enable.auto.commit", "statistics.interval.ms", "error_cb",
-                   "stats_cb", "logger", "on_commit")
+_OWN_PROPERTIES = ("bootstrap.servers", "metadata.broker.list", "group.id", "enable.auto.commit",
+                   "statistics.interval.ms", "error_cb", "stats_cb", "logger", "on_commit")
 
 
 class _Partition(NamedTuple):

@@ -427,6 +427,8 @@ def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
                          'No such configuration property: "bogus.prop"'),
                         ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"enable.auto.commit" = true',
                          "enable.auto.commit cannot be set in [kafka.client]"),
+                        ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n"metadata.broker.list" = "k9:9092"',
+                         "metadata.broker.list cannot be set in [kafka.client]"),  # bootstrap.servers by another name
                         ('[kafka]\nbootstrap = "k1:9092"\ntopics = ["a"]\n[kafka.client]\n'
                          '"partition.assignment.strategy" = "cooperative-sticky"', "not cooperatively")]:
         path.write_text(text + "\n")
