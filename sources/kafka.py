@@ -260,6 +260,7 @@ class KafkaSource:
         if self._thread is not None:
             self._thread.join(timeout)
         self._ingest.close()
+        self._set(False, "stopped")
 
     @property
     def _consuming(self) -> str:
@@ -401,10 +402,10 @@ class KafkaSource:
 
         if error.fatal():  # the consumer can do nothing more: `_consume` raises it, and a new one joins
             self._fatal = error
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.connected.set(0)
             self._set(False, f"broker unreachable ({self.config.bootstrap}): {error.str()}")
-        else:
+        else:  # one broker of several gone (_TRANSPORT, _RESOLVE): the statistics say if none answers
             log.warning("kafka: %s", error.str())
 
     def _stats(self, text: str) -> None:

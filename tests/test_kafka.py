@@ -359,8 +359,16 @@ def test_a_fatal_client_error_replaces_the_consumer_which_resumes_from_the_store
         wait_for(lambda: events_of(running) >= 7_000, timeout=60, what="the events after it, by the consumer made")
         time.sleep(1.5)
         assert events_of(running) == 7_000
+        wait_for(lambda: kafka_health(running) == health_pb2.HealthCheckResponse.SERVING, timeout=30,
+                 what="SERVING again")
+        # One broker of several gone is not the source's failure (another answers); all of them is.
+        source._error(KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9/bootstrap: Connect failed"))
+        assert source.serving and kafka_health(running) == health_pb2.HealthCheckResponse.SERVING
+        source._error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "2/2 brokers are down"))
+        assert not source.serving and source.state.startswith("broker unreachable")
     finally:
         running.stop()
+    assert (source.serving, source.state) == (False, "stopped")
 
 
 def test_health_says_the_broker_is_missing_then_it_connects_when_it_appears(tmp_path):
