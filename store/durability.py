@@ -319,9 +319,13 @@ class Persistence:
     def close(self, final_snapshot: bool = True) -> None:
         """A last snapshot (so a restart replays nothing), then the log closed."""
         ingest = self._ingest
-        ingest.wait_sealed()
+        try:
+            ingest.wait_sealed()
+            sealed = True
+        except Exception:  # noqa: BLE001 - said as storing stopped; a snapshot now would leave its rows out
+            sealed = False
         if ingest.wal is not None:
-            if final_snapshot and ingest.wal.failure is None:  # after a failure: what was never logged stays out
+            if final_snapshot and sealed and ingest.wal.failure is None:  # after a failure: what was never logged stays out
                 try:
                     self.snapshot()
                 except (ResourceExhausted, FailedPrecondition) as error:  # the log holds it all: replayed at the start

@@ -192,7 +192,8 @@ class EventStore:
 
     def maintain(self) -> None:
         """Periodic work (once a second): a snapshot when one is due; Unavailable once the log
-        has failed (the server then says NOT_SERVING)."""
+        or a seal has failed (the server then says NOT_SERVING)."""
+        self._ingest.check_sealing()
         if self._persistence is not None:
             if (wal := self._ingest.wal) is not None and wal.failure is not None:
                 raise wal.refusal()

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 from abstream.core import threads
-from abstream.core.errors import Unavailable
+from abstream.core.errors import Stopped, Unavailable
 from abstream.core.events import Rejection
 from abstream.core.types import Experiment, IngestResult, ValidatedBatch
 from abstream.store import persist
@@ -165,6 +165,7 @@ class Ingest:
         most once per sequence: one not above the producer's last is a duplicate. A batch of several
         of its requests is applied whole or not at all."""
         with self.lock:
+            self.check_sealing()  # before anything is logged or shown
             if p.generation != self._generation:  # encoded before an erasure rebuilt the dictionaries
                 p = self.prepare(p.batch)  # (under the ingest lock: no other erasure meanwhile)
             if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None:
@@ -429,6 +430,16 @@ class Ingest:
         self._folder.submit(lambda: None).result()
         self._sealer.submit(lambda: None).result()
 
+    def check_sealing(self) -> None:
+        """Refuses to store once a seal failed (memory running out while it sorted, say): the rows
+        it took are neither in parts nor in the tail, and every later batch would be logged and
+        shown, then refused (its resends stored again each time). The log has them all: a
+        restart replays them."""
+        if self._sealed is not None and self._sealed.done() and (error := self._sealed.exception()) is not None:
+            raise Stopped(f"sealing the newest events failed ({type(error).__name__}: {error}): this server stores "
+                          "no more events until it is restarted (which replays its log); send them to another "
+                          "server or retry once it is back", retry_after=5.0)
+
     def wait_sealed(self) -> None:
         """Returns once no tail is being sealed (re-raising what sealing raised)."""
         if self._sealed is not None:
@@ -453,7 +464,10 @@ class Ingest:
 
     def close(self) -> None:
         self._folder.shutdown()  # first: its last task hands its rollup to the sealer
-        self.wait_sealed()
+        try:
+            self.wait_sealed()
+        except Exception:  # noqa: BLE001 - said as storing stopped (`check_sealing`); the log holds its rows
+            pass
         self._sealer.shutdown()
 
     # ---- what it holds ----------------------------------------------------------------------

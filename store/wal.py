@@ -131,6 +131,7 @@ class WriteAheadLog:
         self._writing = threading.Lock()  # one writer of pending records at a time, in LSN order
         self._fsyncing = threading.Lock()  # one fsync of the log at a time (`_fsync`)
         self._fsync_error: OSError | None = None
+        self._synced_bytes: dict[int, int] = {}  # of each segment (by inode): its size at its last good fsync
         self._pending: list[tuple[int, Payload]] = []  # records appended, not yet written (fsync="always")
         self._synced = threading.Condition(threading.Lock())
         self._syncing = False
@@ -177,12 +178,27 @@ class WriteAheadLog:
         were lost, and acknowledge them."""
         with self._fsyncing:
             if self._fsync_error is None:
+                held = os.fstat(fd)
                 try:
                     os.fsync(fd)
+                    self._synced_bytes[held.st_ino] = max(self._synced_bytes.get(held.st_ino, 0), held.st_size)
                 except OSError as error:
                     self._fsync_error = error
+                    if self.policy == "always":  # past the last good fsync: acknowledged to no one
+                        self._cut(fd, self._synced_bytes.get(held.st_ino, 0))
             if self._fsync_error is not None:
                 raise self._fsync_error
+
+    @staticmethod
+    def _cut(fd: int, size: int) -> None:
+        """Cuts what a failed fsync held off the segment (best effort), so that the log stays what
+        was acknowledged and a restart does not replay records refused to their callers (taken
+        for the originals of their resends, or stored twice when untagged)."""
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            log.warning("cutting the records a failed fsync held off the write-ahead log failed: a restart "
+                        "replays them")
 
     # ---- reading (at start) ----------------------------------------------------------------
 
@@ -202,11 +218,13 @@ class WriteAheadLog:
         # The torn tail a crash leaves may be followed by empty segments: those a restart opened
         # before the next crash (with fsync="interval" the tail's pages could be lost after that).
         written = [i for i, (_, path) in enumerate(segments) if path.stat().st_size]
+        read: list[Path] = []
         for i, (first, path) in enumerate(segments):
             if i + 1 < len(segments) and segments[i + 1][0] <= after_lsn + 1:
                 continue  # every record in it is before the snapshot: not read (damage there loses nothing)
             last_segment = not written or i >= written[-1]
             data = path.read_bytes()
+            read.append(path)
             offset = 0
             while offset < len(data):
                 record = self._read(data, offset)
@@ -230,6 +248,16 @@ class WriteAheadLog:
                 if lsn > after_lsn:
                     yield lsn, payload
                 offset += size
+        # What was replayed is taken as durable, and a producer's resend of it is acknowledged as a
+        # duplicate: records a crash left in the page cache (written, their fsync never done, so
+        # never acknowledged) are made durable first, or a power loss after the restart lost them.
+        for path in read:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.directory)
         self.next_lsn = max(self.next_lsn, (expected or 1), after_lsn + 1)
         self._durable_lsn = self.next_lsn - 1
 
@@ -270,6 +298,7 @@ class WriteAheadLog:
             self._fsync(self._fd)
             fd, self._fd = self._fd, None  # closed once: close() must not close its number again
             os.close(fd)
+            self._synced_bytes.clear()  # of the segments before: no longer written
         self._segment_first = self.next_lsn
         path = self.directory / f"wal-{self.next_lsn:020d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -733,6 +733,106 @@ def test_a_commit_whose_fsync_follows_a_failed_one_is_not_acknowledged(tmp_path,
     log.close()  # no fsync after the failure, and its descriptor closed once
 
 
+def test_records_a_failed_fsync_held_are_cut_off_and_not_replayed(tmp_path, monkeypatch):
+    """With --fsync always a record is acknowledged once an fsync covers it: one whose fsync
+    failed was refused to its caller, and is cut off the log, so that a restart neither takes
+    its caller's resend for a duplicate of it nor, untagged, stores it twice."""
+    import errno
+
+    from abstream.core.errors import Unavailable
+    from abstream.store import wal as wal_module
+
+    log = wal_module.WriteAheadLog(tmp_path)
+    log.open()
+    first = log.append(wal_module.Payload.of([b"acknowledged"]))
+    log.commit(first)
+    second = log.append(wal_module.Payload.of([b"refused"]))
+    fsync, failures = os.fsync, [OSError(errno.EIO, "Input/output error")]
+
+    def fsync_failing_once(descriptor: int) -> None:
+        if failures:
+            raise failures.pop()
+        fsync(descriptor)
+
+    monkeypatch.setattr(wal_module.os, "fsync", fsync_failing_once)
+    with pytest.raises(Unavailable, match="Input/output error"):
+        log.commit(second)
+    log.close()
+    monkeypatch.undo()
+    assert [(lsn, payload) for lsn, payload in wal_module.WriteAheadLog(tmp_path).replay(0)] == [
+        (first, b"acknowledged")]
+
+
+def test_recovery_makes_the_records_it_replays_durable_before_the_log_goes_on(tmp_path, monkeypatch):
+    """Records a crash leaves in the page cache (written, their fsync never done: acknowledged to
+    no one) are replayed, and a producer's resend of one is then acknowledged as its duplicate:
+    each segment replay read is fsynced, and the log's directory, before the log takes new
+    records, or a power loss after the restart would lose what was acknowledged."""
+    from abstream.store import wal as wal_module
+
+    log = wal_module.WriteAheadLog(tmp_path)
+    log.open()
+    lsns = [log.append(wal_module.Payload.of([b"record %d" % k])) for k in range(3)]
+    _, fd = log._written()  # written, as a commit does before its fsync; then the process dies
+    os.close(fd)
+    synced, fsync = [], os.fsync
+
+    def recorded(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(wal_module.os, "fsync", recorded)
+    again = wal_module.WriteAheadLog(tmp_path)
+    (segment,) = [str(path) for _, path in again.segments()]
+    assert [lsn for lsn, _ in again.replay(0)] == lsns
+    assert segment in synced and str(tmp_path) in synced, synced
+    again.open()
+    again.close()
+
+
+def test_a_store_whose_sealing_failed_stores_nothing_more_until_a_restart_recovers_it(tmp_path):
+    """A seal that fails (memory running out while it sorts) leaves the rows it took neither in
+    parts nor in the tail. The store then refuses (UNAVAILABLE, as after a failed log) before it
+    logs or shows anything more; before, later batches were logged and shown, then refused at
+    the next seal, and each resend of one stored again. A restart replays the log: every batch
+    acknowledged, once, and none of those refused."""
+    from abstream.core.errors import Stopped
+    from abstream.store.durability import Durability
+    from abstream.store.engine import EventStore
+
+    from tests.events import random_events, to_table
+
+    def opened() -> EventStore:
+        return EventStore(seal_rows=1_000, durability=Durability(tmp_path / "data", snapshot_every_events=0,
+                                                                 snapshot_every_seconds=0))
+
+    def batch(seq: int) -> pa.Table:  # more events than a tail holds before it is sealed
+        return to_table([dict(e, test_id="sealed") for e in random_events(1_200, seed=seq)])
+
+    store = opened()
+
+    def failing(*args, **kwargs):
+        raise MemoryError("no room to sort the tail")
+
+    store._ingest._seal = failing
+    first = store.append(batch(1), "producer", 1)  # sealed, and the seal fails
+    store.commit(first)
+    with pytest.raises(MemoryError):
+        store.wait_sealed()
+    for _ in range(2):  # and its resend
+        with pytest.raises(Stopped, match="sealing the newest events failed \\(MemoryError: no room"):
+            store.append(batch(2), "producer", 2)
+    with pytest.raises(Stopped, match="until it is restarted"):
+        store.maintain()  # the server's health: NOT_SERVING
+    store.close(final_snapshot=False)
+    store = opened()
+    assert {t.test_id: t.events for t in store.list_tests()} == {"sealed": first.accepted}
+    second = store.append(batch(2), "producer", 2)
+    store.commit(second)
+    assert {t.test_id: t.events for t in store.list_tests()} == {"sealed": first.accepted + second.accepted}
+    store.close()
+
+
 def test_a_log_out_of_file_descriptors_refuses_for_now_and_loses_nothing(data_dir):
     """A commit that finds no free descriptor (the process's limit lowered below what it uses)
     is refused UNAVAILABLE, and its record stays queued: the next commit writes it, and a
