@@ -433,3 +433,24 @@ def test_everything_the_page_loads_comes_from_the_server(server):
     assert status == 400 and "start" in answer["error"]
     status, answer = server.json("GET", "/api/tests/checkout?start=2025-04-29&end=2025-04-28", token=QUERY)
     assert (status, answer["error"]) == (400, "end: is before start")
+
+
+def test_charts_say_buckets_in_utc_wherever_the_browser_is(browser, server):
+    """Every other time on the page is UTC: a chart drawn in the browser's own time zone put a
+    day's bucket on the day before west of Greenwich (Honolulu: 2025-04-01 UTC on Mar 31)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id="Pacific/Honolulu")
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/tests/checkout?token={QUERY}")
+        rendered(page)
+        page.wait_for_selector("#ts-conversion svg")
+        labels = page.locator("#ts-conversion svg [aria-label]").evaluate_all(
+            "items => items.map(i => i.getAttribute('aria-label'))")
+        assert any(label.startswith("X-axis for a utc scale with values from Tuesday, 01 April 2025, 12:00:00 AM UTC")
+                   for label in labels), labels
+        lines = [label for label in labels if label.startswith("bucket: ")]
+        assert lines and all(label.startswith("bucket: Apr 01, 2025;") and "from (UTC): 2025-04-01 00:00" in label
+                             for label in lines), lines
+        assert not any("Mar 31" in label or "March 2025" in label for label in labels), labels
+    finally:
+        context.close()

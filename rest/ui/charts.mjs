@@ -27,6 +27,12 @@ function forest() {
   };
 }
 
+// Buckets are UTC, as everywhere else on the page: the browser's own time zone would put a day's
+// bucket on the day before west of Greenwich, and give an hour's the same date as every other.
+const bucket = { field: "bucket", type: "temporal", title: null, scale: { type: "utc" } };
+const bucketTip = { field: "bucket", type: "temporal", title: "from (UTC)", format: "%Y-%m-%d %H:%M",
+                    scale: { type: "utc" } };
+
 // A cumulative metric per variant over time.
 function series(field, title, format) {
   return {
@@ -35,10 +41,10 @@ function series(field, title, format) {
     data: values,
     mark: { type: "line", interpolate: "step-after", point: false },
     encoding: {
-      x: { field: "bucket", type: "temporal", title: null },
+      x: bucket,
       y: { field, type: "quantitative", title, axis: { format } },
       color: { field: "variant", type: "nominal", legend: { orient: "bottom", title: null } },
-      tooltip: [{ field: "bucket", type: "temporal" }, { field: "variant" }, { field, format }],
+      tooltip: [bucketTip, { field: "variant" }, { field, format }],
     },
   };
 }
@@ -62,7 +68,7 @@ function segments() {
 
 // Each day's cumulative lift with its confidence sequence.
 function lift() {
-  const x = { field: "bucket", type: "temporal", title: null };
+  const x = bucket;
   const color = { field: "series", type: "nominal", legend: { orient: "bottom", title: null } };
   return {
     width: "container",
@@ -74,7 +80,7 @@ function lift() {
                     y2: { field: "high" }, color } },
       { mark: { type: "line", interpolate: "step-after" },
         encoding: { x, y: { field: "estimate", type: "quantitative" }, color,
-                    tooltip: [{ field: "bucket", type: "temporal" }, { field: "series" },
+                    tooltip: [bucketTip, { field: "series" },
                               { field: "estimate", format: "+.2%" }, { field: "low", format: "+.2%" },
                               { field: "high", format: "+.2%" }] } },
     ],
