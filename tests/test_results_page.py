@@ -454,3 +454,24 @@ def test_charts_say_buckets_in_utc_wherever_the_browser_is(browser, server):
         assert not any("Mar 31" in label or "March 2025" in label for label in labels), labels
     finally:
         context.close()
+
+
+def test_a_busy_server_is_asked_again_when_it_says_and_less_often_while_it_stays_busy(page, server):
+    """A server at its --max-queries answers 429 with Retry-After: the page waits that long, and
+    longer (up to a minute) while refusals go on, where every open page asked every 3 s."""
+    import dataclasses
+
+    core = server.thread.server.core
+    limits = core.limits
+    core.limits = dataclasses.replace(limits, max_queries=0)  # every query refused, as by a busy server
+    try:
+        page.goto(f"{server.base}/?token={QUERY}")
+        page.wait_for_selector("#error")
+        assert re.search(r"--max-queries\); retry; trying again in 6 s", page.locator("#error").inner_text())
+        asked = len([u for u in page.requests if "/api/tests" in u])
+        page.wait_for_timeout(4_500)  # a poll and a half
+        assert len([u for u in page.requests if "/api/tests" in u]) == asked
+    finally:
+        core.limits = limits
+    page.wait_for_selector("#tests tbody tr", timeout=15_000)  # asked again once the wait is over
+    page.wait_for_selector("#error", state="detached")

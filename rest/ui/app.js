@@ -5,6 +5,8 @@
 
 const TOKEN_KEY = "abstream-token";
 const POLL_MS = 3000;
+const REQUEST_TIMEOUT_MS = 30000; // a server that stops answering (a half-open connection) must not end the polling
+const MOST_BACKOFF_MS = 60000;
 const METRIC_LABELS = {
   conversion: "users converting",
   revenue_per_user: "revenue per user",
@@ -20,6 +22,8 @@ let renders = 0;
 let pollTimer = null;
 let latest = 0; // the newest refresh begun: what an older one fetched is not drawn
 let inFlight = 0; // refreshes not done yet: the poll waits for them
+let failures = 0; // refreshes that failed in a row
+let pausedUntil = 0; // no poll before this (Date.now()): the server asked to wait (Retry-After), or keeps failing
 
 // ---- the token -----------------------------------------------------------------------------
 
@@ -38,16 +42,28 @@ function token() {
 
 async function api(path) {
   const headers = token() ? { Authorization: "Bearer " + token() } : {};
-  const response = await fetch(path, { headers, cache: "no-store" });
-  let body;
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+  let response, body;
   try {
-    body = await response.json();
-  } catch (e) {
-    body = { error: `${response.status} ${response.statusText}` };
+    try {
+      response = await fetch(path, { headers, cache: "no-store", signal: controller.signal });
+    } catch (e) {
+      throw Object.assign(new Error(controller.signal.aborted
+        ? `the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s` : "the server cannot be reached"), { status: 0 });
+    }
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = { error: `${response.status} ${response.statusText}` };
+    }
+  } finally {
+    clearTimeout(timer);
   }
   if (!response.ok) {
     const error = new Error(body.error || response.statusText);
     error.status = response.status;
+    error.retryAfter = Number(response.headers.get("Retry-After")) || 0; // seconds
     throw error;
   }
   return body;
@@ -584,7 +600,7 @@ function route() {
 async function refresh(force) {
   // A poll while an answer is still awaited is skipped: a slow server would otherwise get a
   // request more every POLL_MS from each open page, and answers out of order drew older data.
-  if (!force && inFlight) return;
+  if (!force && (inFlight || Date.now() < pausedUntil)) return;
   const mine = ++latest;
   inFlight++;
   const testId = route();
@@ -596,6 +612,8 @@ async function refresh(force) {
       await showTest(testId, force, mine);
     }
     if (mine === latest) showError("");
+    failures = 0;
+    pausedUntil = 0;
   } catch (error) {
     if (mine !== latest) return;
     if (error.status === 401 || error.status === 403) {
@@ -605,7 +623,12 @@ async function refresh(force) {
       askForToken(token() ? `The server refused the token: ${error.message}` : `This server needs a token: ${error.message}`);
       return;
     }
-    showError(`Could not load results: ${error.message}`);
+    // Polled again after what the server asked (a busy one says Retry-After), and less often
+    // while it keeps failing: every open page would otherwise ask every few seconds.
+    failures++;
+    const wait = Math.max(error.retryAfter * 1000 || 0, Math.min(POLL_MS * 2 ** failures, MOST_BACKOFF_MS));
+    pausedUntil = Date.now() + wait;
+    showError(`Could not load results: ${error.message}; trying again in ${Math.round(wait / 1000)} s`);
   } finally {
     inFlight--;
   }
