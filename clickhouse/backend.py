@@ -123,6 +123,7 @@ class Cluster:
         self._seeds = [_replica(s) for s in seeds]
         self._lock = threading.Lock()
         self._silent: dict[Replica, float] = {}  # replicas that did not answer: tried last until then
+        self._silencing = threading.Lock()
         self.timeout = timeout
         self.shards = self._discover()
         self._pool = threads.pool("abstream-shards", max(len(self.shards), 1))
@@ -135,7 +136,7 @@ class Cluster:
         from clickhouse_driver import Client
 
         now = time.monotonic()
-        order = sorted(replicas, key=lambda r: self._silent.get(r, 0.0) > now)
+        order = sorted(replicas, key=lambda r: max(self._silent.get(r, 0.0), now))  # silent longest, last
         client = Client(order[0].host, order[0].port, alt_hosts=",".join(map(str, order[1:])) or None,
                         settings={"max_query_size": MAX_QUERY_BYTES, **(settings or {})}, **self._credentials)
         client.abstream_order = order
@@ -151,9 +152,10 @@ class Cluster:
             client.abstream_order = order[at:] + order[:at]
 
     def _silence(self, replica: Replica, why: str = "did not answer") -> None:
-        if self._silent.get(replica, 0.0) < time.monotonic():
-            log.warning("ClickHouse at %s %s: tried last for the next %.0f s", replica, why, SILENT_SECONDS)
-        self._silent[replica] = time.monotonic() + SILENT_SECONDS
+        with self._silencing:  # statements of every shard at once: said once
+            if self._silent.get(replica, 0.0) < time.monotonic():
+                log.warning("ClickHouse at %s %s: tried last for the next %.0f s", replica, why, SILENT_SECONDS)
+            self._silent[replica] = time.monotonic() + SILENT_SECONDS
 
     def _idle_client(self, shard: Shard):
         """An idle client of `shard` not connected to a replica that did not answer lately (each

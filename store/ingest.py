@@ -165,7 +165,8 @@ class Ingest:
         most once per sequence: one not above the producer's last is a duplicate. A batch of several
         of its requests is applied whole or not at all."""
         with self.lock:
-            self.check_sealing()  # before anything is logged or shown
+            n = len(p.test_codes)  # a batch that fills the tail waits for the seal before: before it is logged
+            self.check_sealing(wait=self.tail.rows + n >= self.seal_rows or self.tail.rows + 2 * n > self.tail.room)
             if p.generation != self._generation:  # encoded before an erasure rebuilt the dictionaries
                 p = self.prepare(p.batch)  # (under the ingest lock: no other erasure meanwhile)
             if (previous := self.producers.get(p.producer_id) if p.producer_id else None) is not None:
@@ -430,12 +431,14 @@ class Ingest:
         self._folder.submit(lambda: None).result()
         self._sealer.submit(lambda: None).result()
 
-    def check_sealing(self) -> None:
+    def check_sealing(self, wait: bool = False) -> None:
         """Refuses to store once a seal failed (memory running out while it sorted, say): the rows
         it took are neither in parts nor in the tail, and every later batch would be logged and
         shown, then refused (its resends stored again each time). The log has them all: a
         restart replays them."""
-        if self._sealed is not None and self._sealed.done() and (error := self._sealed.exception()) is not None:
+        if self._sealed is None or not (wait or self._sealed.done()):
+            return
+        if (error := self._sealed.exception()) is not None:
             raise Stopped(f"sealing the newest events failed ({type(error).__name__}: {error}): this server stores "
                           "no more events until it is restarted (which replays its log); send them to another "
                           "server or retry once it is back", retry_after=5.0)

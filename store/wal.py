@@ -26,6 +26,7 @@ not yet durable were never acknowledged, and are gone after the restart.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -184,21 +185,22 @@ class WriteAheadLog:
                     self._synced_bytes[held.st_ino] = max(self._synced_bytes.get(held.st_ino, 0), held.st_size)
                 except OSError as error:
                     self._fsync_error = error
-                    if self.policy == "always":  # past the last good fsync: acknowledged to no one
-                        self._cut(fd, self._synced_bytes.get(held.st_ino, 0))
             if self._fsync_error is not None:
                 raise self._fsync_error
 
-    @staticmethod
-    def _cut(fd: int, size: int) -> None:
-        """Cuts what a failed fsync held off the segment (best effort), so that the log stays what
-        was acknowledged and a restart does not replay records refused to their callers (taken
-        for the originals of their resends, or stored twice when untagged)."""
+    def _cut_unsynced(self) -> None:
+        """After a failed fsync (fsync="always"; under `_writing`, so that nothing is written
+        meanwhile): the segment being written back to its size at its last good fsync, cutting
+        records acknowledged to no one, so that a restart does not replay records refused to their
+        callers (taken for the originals of their resends, or stored twice when untagged). The
+        segments before were each fsynced whole before the next one began."""
+        if self.policy != "always" or self._fd is None:
+            return
         try:
-            os.ftruncate(fd, size)
-        except OSError:
-            log.warning("cutting the records a failed fsync held off the write-ahead log failed: a restart "
-                        "replays them")
+            os.ftruncate(self._fd, self._synced_bytes.get(os.fstat(self._fd).st_ino, 0))
+        except OSError as error:
+            log.warning("cutting the records a failed fsync held off the write-ahead log failed (%s): a restart "
+                        "replays them", error)
 
     # ---- reading (at start) ----------------------------------------------------------------
 
@@ -293,15 +295,22 @@ class WriteAheadLog:
             self._flusher.start()
 
     def _start_segment(self) -> None:
-        """A new segment from the next LSN on (under `_writing` and `_lock`, nothing pending)."""
+        """A new segment from the next LSN on (under `_writing` and `_lock`, nothing pending).
+        Opened before the old one is closed: with no descriptor free, the old one stays the
+        segment written (an empty new one left behind is passed over by replay)."""
+        fd = os.open(self.directory / f"wal-{self.next_lsn:020d}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self._fd is not None:
-            self._fsync(self._fd)
-            fd, self._fd = self._fd, None  # closed once: close() must not close its number again
-            os.close(fd)
+            try:
+                self._fsync(self._fd)
+            except OSError:
+                os.close(fd)
+                self._cut_unsynced()
+                raise
+            old, self._fd = self._fd, None  # closed once: close() must not close its number again
+            os.close(old)
             self._synced_bytes.clear()  # of the segments before: no longer written
         self._segment_first = self.next_lsn
-        path = self.directory / f"wal-{self.next_lsn:020d}.log"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = fd
         fsync_dir(self.directory)
 
     def append(self, payload: Payload) -> int:
@@ -354,6 +363,8 @@ class WriteAheadLog:
         try:
             self._fsync(fd)
         except OSError as error:
+            with self._writing:
+                self._cut_unsynced()
             self._failed(error)
             raise self.refusal() from error
         finally:
@@ -408,6 +419,9 @@ class WriteAheadLog:
                 self._pending = []
                 self._start_segment()
             except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):  # no descriptor free now: the log goes on as it was
+                    raise Unavailable(f"the write-ahead log cannot start its next segment now ({error.strerror}); "
+                                      "the snapshot is taken later", retry_after=1.0) from error
                 self._stopped(error)
                 raise self.refusal() from error
             first = self.next_lsn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pyarrow as pa
@@ -733,6 +735,39 @@ def test_a_commit_whose_fsync_follows_a_failed_one_is_not_acknowledged(tmp_path,
     log.close()  # no fsync after the failure, and its descriptor closed once
 
 
+@contextlib.contextmanager
+def no_free_descriptor(pid: int) -> Iterator[None]:
+    """The process's limit on descriptors lowered to what it holds: it can open none more."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(set(range(len(used) + 1)) - used), hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def test_a_snapshot_out_of_file_descriptors_is_refused_for_now_and_ingest_goes_on(data_dir):
+    """A snapshot starts a new log segment: one that finds no free descriptor is refused
+    UNAVAILABLE for now, the log going on in the segment it had (before, the old one was closed
+    first, and the log stopped for good: every batch after it refused until a restart)."""
+    server = Server(data_dir).start()
+    pid = server.process.pid
+    with server.channel() as ch:
+        stub = server.stub(ch)
+        assert send(stub, "rot", 1).accepted == BATCH
+        with no_free_descriptor(pid), pytest.raises(grpc.RpcError) as refused:
+            server.admin(ch).CreateSnapshot(admin_pb2.CreateSnapshotRequest(), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert "cannot start its next segment now (Too many open files)" in refused.value.details()
+        assert send(stub, "rot", 2).accepted == BATCH
+        assert server.health(ch) == health_pb2.HealthCheckResponse.SERVING
+    assert snapshot(server).events == 2 * BATCH
+    server.kill()
+    server.start()
+    assert totals(server) == (2 * BATCH, 2 * BATCH)
+
+
 def test_records_a_failed_fsync_held_are_cut_off_and_not_replayed(tmp_path, monkeypatch):
     """With --fsync always a record is acknowledged once an fsync covers it: one whose fsync
     failed was refused to its caller, and is cut off the log, so that a restart neither takes
@@ -810,18 +845,32 @@ def test_a_store_whose_sealing_failed_stores_nothing_more_until_a_restart_recove
         return to_table([dict(e, test_id="sealed") for e in random_events(1_200, seed=seq)])
 
     store = opened()
+    release = threading.Event()
 
     def failing(*args, **kwargs):
+        release.wait(30)
         raise MemoryError("no room to sort the tail")
 
     store._ingest._seal = failing
-    first = store.append(batch(1), "producer", 1)  # sealed, and the seal fails
+    first = store.append(batch(1), "producer", 1)  # sealed, and the seal fails (once released)
     store.commit(first)
-    with pytest.raises(MemoryError):
-        store.wait_sealed()
-    for _ in range(2):  # and its resend
-        with pytest.raises(Stopped, match="sealing the newest events failed \\(MemoryError: no room"):
+    refused: list[BaseException] = []
+
+    def second() -> None:  # fills the tail again: it waits for the seal running, before it is logged
+        try:
             store.append(batch(2), "producer", 2)
+        except BaseException as error:  # noqa: BLE001 - what the caller got
+            refused.append(error)
+
+    sending = threading.Thread(target=second)
+    sending.start()
+    time.sleep(0.2)
+    release.set()
+    sending.join(30)
+    assert len(refused) == 1 and isinstance(refused[0], Stopped), refused
+    assert "sealing the newest events failed (MemoryError: no room" in str(refused[0])
+    with pytest.raises(Stopped, match="sealing the newest events failed \\(MemoryError: no room"):
+        store.append(batch(2), "producer", 2)  # its resend
     with pytest.raises(Stopped, match="until it is restarted"):
         store.maintain()  # the server's health: NOT_SERVING
     store.close(final_snapshot=False)
@@ -843,13 +892,8 @@ def test_a_log_out_of_file_descriptors_refuses_for_now_and_loses_nothing(data_di
     with server.channel() as ch:
         stub = server.stub(ch)
         assert send(stub, "fd", 1).accepted == BATCH
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
-        lowest_free = min(set(range(len(used) + 1)) - used)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor at all
-        with pytest.raises(grpc.RpcError) as refused:
+        with no_free_descriptor(pid), pytest.raises(grpc.RpcError) as refused:
             send(stub, "fd", 2)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
         assert "the write-ahead log cannot be written now (Too many open files)" in refused.value.details()
         assert send(stub, "fd", 3).accepted == BATCH

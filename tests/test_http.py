@@ -1156,7 +1156,6 @@ def tb(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedP
                           env={**tb_env(home), **(env or {})})
 
 
-@pytest.mark.skipif(not TB.exists(), reason="make test installs tinybird-cli into .venv/tinybird")
 def test_a_query_whose_client_went_away_is_stopped_not_run_to_its_end(tmp_path):
     """aiohttp runs a handler to its end after its client has gone: a query's is cancelled once
     the connection closes (counted as 499), and its thread stops at its next check instead of
@@ -1205,6 +1204,7 @@ def test_a_query_whose_client_went_away_is_stopped_not_run_to_its_end(tmp_path):
         server.stop()
 
 
+@pytest.mark.skipif(not TB.exists(), reason="make test installs tinybird-cli into .venv/tinybird")
 def test_the_platforms_cli_works_against_it(http, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

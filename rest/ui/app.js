@@ -5,7 +5,9 @@
 
 const TOKEN_KEY = "abstream-token";
 const POLL_MS = 3000;
-const REQUEST_TIMEOUT_MS = 30000; // a server that stops answering (a half-open connection) must not end the polling
+// A server that stops answering (a half-open connection) must not end the polling; longer than
+// the server's own limit on a query (--max-query-seconds, 60).
+const REQUEST_TIMEOUT_MS = 90000;
 const MOST_BACKOFF_MS = 60000;
 const METRIC_LABELS = {
   conversion: "users converting",
@@ -55,6 +57,9 @@ async function api(path) {
     try {
       body = await response.json();
     } catch (e) {
+      if (controller.signal.aborted) {
+        throw Object.assign(new Error(`the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s`), { status: 0 });
+      }
       body = { error: `${response.status} ${response.statusText}` };
     }
   } finally {
