@@ -397,6 +397,13 @@ class Cluster:
         node = self.nodes[i]
         if node.alive:
             raise ClusterError("node %s is already running" % node.name)
+        # A server killed just after an insert may hold a part ZooKeeper no longer lists (a
+        # mutation replaced it meanwhile); it then refuses to start, or to attach that table ("The
+        # local set of parts ... doesn't look like the set of parts in ZooKeeper"). ClickHouse's
+        # recovery, as an operator would do it: the flag, which it removes once it has started.
+        flags = node.directory / "data" / "flags"
+        flags.mkdir(parents=True, exist_ok=True)
+        (flags / "force_restore_data").touch()
         self._spawn_node(node)
         self._wait_node(node, timeout, zookeeper)
 
