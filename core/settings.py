@@ -160,8 +160,8 @@ class Settings:
 
 
 #: Settings a value of 0 or less would leave the server refusing everything or misbehaving.
-_POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "max_queries", "http_max_body_bytes",
-             "http_max_upload_bytes", "fsync_interval_ms", "snapshots_kept", "retention_sweep_seconds",
+_POSITIVE = ("max_message_bytes", "max_batch_events", "max_ingest_streams", "max_ingest_bytes", "max_queries",
+             "http_max_body_bytes", "http_max_upload_bytes", "fsync_interval_ms", "snapshots_kept", "retention_sweep_seconds",
              "kafka_session_timeout_ms", "clickhouse_insert_quorum",
              "clickhouse_timeout_seconds")
 #: Settings where 0 means none (or never) and less means nothing.

@@ -704,14 +704,27 @@ def test_records_are_written_by_the_commit_that_syncs_them_or_by_a_rotation_or_t
     assert [payload for _, payload in replayed] == [b"".join(bytes(p) for p in record(k).pieces) for k in range(5)]
 
 
+def fsync_failing_once(monkeypatch) -> list[OSError]:
+    """The OS's fsync fails once with EIO, as the kernel's does after a lost writeback; the
+    failure still to come, in a list (empty once it came)."""
+    import errno
+
+    fsync, failures = os.fsync, [OSError(errno.EIO, "Input/output error")]
+
+    def failing(descriptor: int) -> None:
+        if failures:
+            raise failures.pop()
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    return failures
+
+
 def test_a_commit_whose_fsync_follows_a_failed_one_is_not_acknowledged(tmp_path, monkeypatch):
     """Linux reports a failed writeback to one fsync of an open file: a commit whose fsync comes
     after the rotation's failed one (both of the same segment) gets success for pages that may
     be lost. Here the OS's fsync fails once, for the rotation, as the kernel's would, and the
     commit that wrote its record before must still be refused."""
-    import errno
-    import os
-
     from abstream.core.errors import Unavailable
     from abstream.store import wal as wal_module
 
@@ -719,14 +732,7 @@ def test_a_commit_whose_fsync_follows_a_failed_one_is_not_acknowledged(tmp_path,
     log.open()
     log.append(wal_module.Payload.of([b"a record"]))
     target, fd = log._written()  # a commit's write; its fsync comes next
-    fsync, failures = os.fsync, [OSError(errno.EIO, "Input/output error")]
-
-    def fsync_failing_once(descriptor: int) -> None:
-        if failures:
-            raise failures.pop()
-        fsync(descriptor)
-
-    monkeypatch.setattr(wal_module.os, "fsync", fsync_failing_once)
+    failures = fsync_failing_once(monkeypatch)
     with pytest.raises(Unavailable, match="Input/output error"):
         log.rotate()
     assert not failures  # the rotation's fsync took the error; the OS would now report success
@@ -772,8 +778,6 @@ def test_records_a_failed_fsync_held_are_cut_off_and_not_replayed(tmp_path, monk
     """With --fsync always a record is acknowledged once an fsync covers it: one whose fsync
     failed was refused to its caller, and is cut off the log, so that a restart neither takes
     its caller's resend for a duplicate of it nor, untagged, stores it twice."""
-    import errno
-
     from abstream.core.errors import Unavailable
     from abstream.store import wal as wal_module
 
@@ -782,14 +786,7 @@ def test_records_a_failed_fsync_held_are_cut_off_and_not_replayed(tmp_path, monk
     first = log.append(wal_module.Payload.of([b"acknowledged"]))
     log.commit(first)
     second = log.append(wal_module.Payload.of([b"refused"]))
-    fsync, failures = os.fsync, [OSError(errno.EIO, "Input/output error")]
-
-    def fsync_failing_once(descriptor: int) -> None:
-        if failures:
-            raise failures.pop()
-        fsync(descriptor)
-
-    monkeypatch.setattr(wal_module.os, "fsync", fsync_failing_once)
+    fsync_failing_once(monkeypatch)
     with pytest.raises(Unavailable, match="Input/output error"):
         log.commit(second)
     log.close()

@@ -42,6 +42,10 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
+function unanswered(message) {
+  return Object.assign(new Error(message), { status: 0 });
+}
+
 async function api(path) {
   const headers = token() ? { Authorization: "Bearer " + token() } : {};
   const controller = new AbortController();
@@ -51,15 +55,13 @@ async function api(path) {
     try {
       response = await fetch(path, { headers, cache: "no-store", signal: controller.signal });
     } catch (e) {
-      throw Object.assign(new Error(controller.signal.aborted
-        ? `the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s` : "the server cannot be reached"), { status: 0 });
+      throw unanswered(controller.signal.aborted ? `the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s`
+                                                 : "the server cannot be reached");
     }
     try {
       body = await response.json();
     } catch (e) {
-      if (controller.signal.aborted) {
-        throw Object.assign(new Error(`the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s`), { status: 0 });
-      }
+      if (controller.signal.aborted) throw unanswered(`the server did not answer in ${REQUEST_TIMEOUT_MS / 1000} s`);
       body = { error: `${response.status} ${response.statusText}` };
     }
   } finally {
