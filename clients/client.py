@@ -55,7 +55,7 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
         except ValueError:
             raise ValueError(f"{value!r} is not a date and time: use 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' (UTC) "
                              "or RFC 3339 ('2025-04-28T18:42:22Z')") from None
-        span = dt.timedelta(days=1) if _is_date(text) else _named_span(text)
+        span = span_named(text)
     elif whole_day:
         moment, span = dt.datetime.combine(value, dt.time()), dt.timedelta(days=1)
     elif isinstance(value, dt.datetime):
@@ -78,10 +78,12 @@ def parse_time(value: Time, end: bool = False) -> dt.datetime | None:
 _TIME_OF_DAY = re.compile(r"[Tt ](\d{2})(?::?(\d{2}))?(?::?(\d{2}))?([.,]\d)?")
 
 
-def _named_span(text: str) -> dt.timedelta | None:
-    """How long the time in `text` lasts, as far as it is written: '18' an hour, '18:42' a
-    minute, '18:42:22' a second (an end to the minute took only that minute's first second);
-    None with a fraction."""
+def span_named(text: str) -> dt.timedelta | None:
+    """How long the instant `text` names lasts, as far as it is written: a date a day, '18' an
+    hour, '18:42' a minute, '18:42:22' a second (an end to the minute took only that minute's
+    first second); None with a fraction."""
+    if _is_date(text):
+        return dt.timedelta(days=1)
     match = _TIME_OF_DAY.search(text)
     if match is None or match.group(4):
         return None

@@ -223,9 +223,12 @@ class HttpApi:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every error is answered, the unexpected ones logged
-            if status_of(error) >= 500 and not isinstance(error, (AbstreamError, web.HTTPException)):
-                log.exception("%s %s failed", request.method, request.path)
-            response = error_response(error)
+            if _gone(request):  # what failed was reading from a client that left (mid-body): not our error
+                response = web.Response(status=CLIENT_GONE)
+            else:
+                if status_of(error) >= 500 and not isinstance(error, (AbstreamError, web.HTTPException)):
+                    log.exception("%s %s failed", request.method, request.path)
+                response = error_response(error)
         response.headers["X-Request-Id"] = request_id
         if cors:
             response.headers.update({"Access-Control-Allow-Origin": cors, "Access-Control-Expose-Headers": _EXPOSED})
@@ -524,11 +527,16 @@ async def _while_connected(request: web.Request, answer: Awaitable[web.StreamRes
             done, _ = await asyncio.wait({task}, timeout=GONE_POLL_SECONDS)
             if done:
                 return task.result()
-            if request.transport is None or request.transport.is_closing():
+            if _gone(request):
                 task.cancel()
                 return web.Response(status=CLIENT_GONE)
     finally:
         task.cancel()
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the request's client has closed its connection."""
+    return request.transport is None or request.transport.is_closing()
 
 
 def _host_of(request: web.Request) -> str | None:

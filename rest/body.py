@@ -31,6 +31,7 @@ class _Pieces(io.RawIOBase):
                  gzip: bool | None) -> None:
         self._read, self._loop, self._limit, self._what = read, loop, limit, what
         self._gzip = gzip  # None: decided by the first bytes
+        self._head = b""  # the body's first bytes while too few to decide
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
         self._inflating = False  # the member being inflated has begun
         self._pending = memoryview(b"")  # compressed input not inflated yet
@@ -72,6 +73,20 @@ class _Pieces(io.RawIOBase):
         if self._eof:
             return False
         piece = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result()
+        self.wire_bytes += len(piece)
+        if self.wire_bytes > self._limit:
+            raise BodyTooLarge(self._what, self._limit)
+        if self._gzip is None:  # decided by the body's first two bytes, whatever pieces they come in
+            head = self._head + piece
+            if piece and len(head) < len(GZIP_MAGIC) and GZIP_MAGIC.startswith(head):
+                self._head = head
+                return True
+            self._gzip, self._head = head.startswith(GZIP_MAGIC), b""
+            if not piece:  # the body ended within its first bytes
+                self._eof = True
+                self._emit(head)
+                return bool(self._out)
+            piece = head
         if not piece:
             self._eof = True
             if self._gzip:
@@ -79,11 +94,6 @@ class _Pieces(io.RawIOBase):
                 if self._inflating and not self._inflate.eof:
                     raise HttpError(400, f"{self._what} is not valid gzip (it ends inside a gzip member: cut short?)")
             return bool(self._out)
-        self.wire_bytes += len(piece)
-        if self.wire_bytes > self._limit:
-            raise BodyTooLarge(self._what, self._limit)
-        if self._gzip is None:
-            self._gzip = piece.startswith(GZIP_MAGIC)
         if self._gzip:
             self._pending = memoryview(piece)
         else:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from abstream.clients.client import span_named
 from abstream.core.auth import Principal
 from abstream.core.dataplane import Core
 from abstream.core.errors import AbstreamError, InvalidArgument, NotFound
@@ -68,8 +69,8 @@ def iso(ns: int) -> str:
 
 
 def day_range(p: Params) -> tuple[int | None, int | None]:
-    """`start` and `end` (a date, or a date and time to the second), UTC; an end takes in its
-    whole day or second, as the pipes' and the Client's do."""
+    """`start` and `end` (a date, or a date and time), UTC; an end takes in the whole day, hour,
+    minute or second it names, as the Client's and the CLI's do."""
     out: list[int | None] = []
     for name in ("start", "end"):
         text = p.get(name).strip()
@@ -78,7 +79,8 @@ def day_range(p: Params) -> tuple[int | None, int | None]:
             continue
         ns = parse_datetime(name, text) * NS
         if name == "end":
-            ns += (86_400 * NS if len(text) <= 10 else NS) - 1
+            span = span_named(text)  # None with a fraction, which parse_datetime drops: that second
+            ns += (span // dt.timedelta(microseconds=1) * 1000 if span else NS) - 1
         out.append(ns)
     if out[0] is not None and out[1] is not None and out[1] < out[0]:
         raise InvalidArgument("end", "is before start")  # named as the page's (the core says end_time)

@@ -377,6 +377,11 @@ def test_an_end_to_the_second_takes_in_its_whole_second_on_the_results_page_too(
                                "&end_date=2025-04-28+18:43:21")
     assert sum(v["users"] for v in page["variants"]) == sum(r["users"] for r in pipe["data"]) == 2
     assert page["range"]["end"] == "2025-04-28T18:43:21.999999Z"
+    # An end to the minute, the hour or the day takes in all of it (the minute's first second, before).
+    for end, last in (("2025-04-28T18:43", "18:43:59"), ("2025-04-28%2018", "18:59:59"), ("2025-04-28", "23:59:59")):
+        _, page = http.json("GET", f"/api/tests/frac?end={end}")
+        assert sum(v["users"] for v in page["variants"]) == 2, end
+        assert page["range"]["end"] == f"2025-04-28T{last}.999999Z"
 
 
 def test_instants_are_written_to_the_microsecond_rounded_down():
@@ -826,6 +831,14 @@ def test_gzip_bodies_of_several_members_are_read_whole_and_a_cut_one_is_refused(
         assert (status, answer["successful_rows"]) == (200, 5004), answer
         status, answer = server.json("POST", "/v0/datasources?name=ab_test_events&format=ndjson", members, token=None)
         assert (status, answer["successful_rows"]) == (200, 7), answer
+        # Sniffed from its first two bytes even when they come apart (a first chunk of one byte).
+        with socket.create_connection(("127.0.0.1", server.thread.server.http_port), timeout=10) as client:
+            client.sendall(f"POST {events} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           "1\r\n".encode() + members[:1] + b"\r\n")
+            time.sleep(0.3)
+            client.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(members) - 1, members[1:]))
+            answer = client.makefile("rb").read1(1 << 16)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"successful_rows": 7' in answer, answer
         for cut in (members[:-20], b"\x1f\x8b"):
             status, error = server.json("POST", events, cut, headers={"Content-Encoding": "gzip"}, token=None)
             assert status == 400 and "ends inside a gzip member: cut short?" in error["error"], error
@@ -1201,6 +1214,27 @@ def test_a_query_whose_client_went_away_is_stopped_not_run_to_its_end(tmp_path):
         assert status == 200 and payload["data"] == [], payload
     finally:
         release.set()
+        server.stop()
+
+
+def test_a_body_whose_client_left_part_way_is_counted_499_not_as_the_servers_or_the_clients_error(tmp_path):
+    """A client that closes its connection mid-body is gone, not wrong: its request was counted
+    500 with a traceback logged (a small body, read whole) or 400 (a streamed one)."""
+    server = Http(tmp_path)
+    counted = server.thread.server.metrics.http_requests
+    try:
+        for length in (1000, 5 << 20):  # read whole, and streamed
+            with socket.create_connection(("127.0.0.1", server.thread.server.http_port), timeout=10) as client:
+                client.sendall(b"POST /v0/events?name=ab_test_events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Content-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n"
+                               % (length, TOKENS["ingest"].encode()) + ndjson([TUTORIAL_EVENT])[:100])
+                time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while counted.labels("events", "499")._value.get() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert {s: counted.labels("events", s)._value.get() for s in ("400", "499", "500")} == \
+            {"400": 0, "499": 2, "500": 0}
+    finally:
         server.stop()
 
 

@@ -475,3 +475,21 @@ def test_a_busy_server_is_asked_again_when_it_says_and_less_often_while_it_stays
         core.limits = limits
     page.wait_for_selector("#tests tbody tr", timeout=15_000)  # asked again once the wait is over
     page.wait_for_selector("#error", state="detached")
+
+
+def test_a_confidence_the_select_lacks_and_a_segment_named_like_an_objects_prototype_are_shown(page, server):
+    """`?confidence=0.8` was analysed at 80% but shown as 90% (the select's first option), and a
+    segment named `__proto__` was counted into a plain object's prototype and left off the chart."""
+    events = experiment("odd_names", {"control": 40, "treatment": 40}, {"control": 0.1, "treatment": 0.2}, 5)
+    for i, event in enumerate(events):
+        event["country"] = "__proto__" if i % 2 else "AU"
+    post(server, events)
+    page.goto(f"{server.base}/tests/odd_names?token={QUERY}&confidence=0.8&dimension=country")
+    rendered(page)
+    chosen = page.locator('select[name="confidence"] option:checked')
+    assert (chosen.get_attribute("value"), chosen.inner_text()) == ("0.8", "80%")
+    page.wait_for_selector("#segments-chart svg")
+    labels = page.locator("#segments-chart svg [aria-label]").evaluate_all(
+        "items => items.map(i => i.getAttribute('aria-label'))")
+    segments = {part.strip() for label in labels for part in label.split(";") if part.strip().startswith("segment: ")}
+    assert segments == {"segment: AU", "segment: __proto__"}, labels

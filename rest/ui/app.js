@@ -313,14 +313,17 @@ function outcome(c, confidence) {
 function controls(data) {
   const o = data.options;
   const p = new URL(location.href).searchParams;
-  const select = (name, label, options, value) =>
+  // A value the options lack (?confidence=0.8 in the address) is shown as itself, not as the first option.
+  const select = (name, label, options, value, text = (v) => v) =>
     h("label", {}, label, h("select", { name },
-      options.map(([v, t]) => h("option", { value: v, selected: v === value }, t))));
+      (options.some(([v]) => v === value) ? options : [...options, [value, text(value)]])
+        .map(([v, t]) => h("option", { value: v, selected: v === value }, t))));
   const form = h("form", { id: "controls", class: "controls", onsubmit: (e) => e.preventDefault() },
     h("label", {}, "From", h("input", { type: "date", name: "start", value: p.get("start") || "" })),
     h("label", {}, "To", h("input", { type: "date", name: "end", value: p.get("end") || "" })),
     select("control", "Control", data.test.variants.map((v) => [v, v]), o.control),
-    select("confidence", "Confidence", [["0.9", "90%"], ["0.95", "95%"], ["0.99", "99%"]], String(o.confidence)),
+    select("confidence", "Confidence", [["0.9", "90%"], ["0.95", "95%"], ["0.99", "99%"]], String(o.confidence),
+      (v) => `${+(v * 100).toFixed(4)}%`),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "sequential", checked: o.sequential }),
       "Sequential (peeking-safe)"),
     select("correction", "Correction", [["none", "none"], ["holm", "Holm"], ["benjamini_hochberg", "Benjamini–Hochberg"]],
@@ -469,9 +472,9 @@ function forestRows(data) {
 
 // The 12 segments with the most users, ranked by them.
 function segmentRows(data) {
-  const users = {};
-  for (const s of data.segments) users[s.segment] = (users[s.segment] || 0) + s.users;
-  const rank = new Map(Object.entries(users).sort((a, b) => b[1] - a[1]).slice(0, 12).map(([k], i) => [k, i]));
+  const users = new Map(); // not an object: a segment may be named "__proto__"
+  for (const s of data.segments) users.set(s.segment, (users.get(s.segment) || 0) + s.users);
+  const rank = new Map([...users].sort((a, b) => b[1] - a[1]).slice(0, 12).map(([k], i) => [k, i]));
   return data.segments.filter((s) => rank.has(s.segment)).map((s) => ({ ...s, rank: rank.get(s.segment) }));
 }
 
