@@ -313,15 +313,18 @@ def _integer(value: Any) -> int | None:
     """An integer as JSON or CSV may hold one (1, 1.0, "1", true), within int64, or None."""
     if isinstance(value, float):
         value = int(value) if math.isfinite(value) and value.is_integer() else None
-    elif isinstance(value, str):
-        text = value.strip()
-        digits = text[1:] if text[:1] == "-" else text  # ASCII: "²" and "①" are digits to str.isdigit
-        value = int(text) if len(text) <= 20 and digits.isascii() and digits.isdigit() else None
+    elif isinstance(value, str):  # "1", or "1.0" as pandas writes a column of floats
+        match = _WHOLE_NUMBER.fullmatch(value.strip())
+        value = int(match.group(1)) if match else None
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)  # a NumPy integer too
     elif not isinstance(value, int):
         return None
     return int(value) if value is not None and -2**63 <= value < 2**63 else None
+
+
+#: An integer as text, with a fraction of zeros or none; ASCII digits only ("²" is a digit to str.isdigit).
+_WHOLE_NUMBER = re.compile(r"(-?[0-9]{1,19})(?:\.0*)?")
 
 
 def _utf8(text: str) -> bool:
@@ -345,7 +348,14 @@ def from_iso(text: str) -> dt.datetime:
     text = text.strip()
     if not _DATE_THEN_TIME.fullmatch(text):
         raise ValueError(f"{text[:64]!r} is not an ISO 8601 date and time")
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if text[-1:] in "Zz":  # RFC 3339 allows a lowercase z, which Python does not read
+        text = text[:-1] + "+00:00"
+    return dt.datetime.fromisoformat(text)
+
+
+#: Seconds since the epoch as text: digits, a fraction, but not 8 digits alone (ISO 8601's
+#: YYYYMMDD, a date).
+_SECONDS = re.compile(r"-?(?![0-9]{8}$)[0-9]{1,12}(?:\.[0-9]+)?")
 
 
 def parse_time(value: Any):
@@ -360,6 +370,8 @@ def parse_time(value: Any):
             return _BAD
     if not isinstance(value, str):
         return _BAD
+    if _SECONDS.fullmatch(value.strip()):  # seconds as text (CSV holds nothing else)
+        return parse_time(float(value))
     try:
         moment = from_iso(value)
     except ValueError:
@@ -449,7 +461,7 @@ def _csv_read(block: bytes, names: list[str], found: dict[str, str], renames: di
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: bad.append(
                 row) or "skip"), convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, include_columns=list(found.values()),
-                strings_can_be_null=True))
+                strings_can_be_null=True, null_values=[""]))  # only an empty field: "NA" is Namibia, "null" a name
     except pa.ArrowInvalid:
         bad.append(None)
     if bad:  # read again row by row: each row that cannot be sent is named, the others sent
@@ -549,7 +561,9 @@ def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:
                 columns[f.name] = strings.column(f.name).cast(pa.timestamp("ns")).cast(f.type)
             else:
                 columns[f.name] = strings.column(f.name).cast(f.type)
-        return Chunk(pa.table(columns, schema=FILE_SCHEMA), numbers, [], int(numbers[-1]) if len(numbers) else 0)
+        revenue = columns["revenue"]  # "NaN" and "inf" cast; the row by row reading names them
+        if np.count_nonzero(~np.isfinite(revenue.to_numpy())) == revenue.null_count:
+            return Chunk(pa.table(columns, schema=FILE_SCHEMA), numbers, [], int(numbers[-1]) if len(numbers) else 0)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a value Arrow cannot convert: find which, row by row
     rows, kept, problems = [], [], []

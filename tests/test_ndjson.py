@@ -306,6 +306,29 @@ def test_a_csv_row_of_another_width_or_not_utf8_rejects_that_row_alone():
     assert rows[90_001]["user_id"] == "u89999" and rows[90_003]["user_id"] == "u90001"
 
 
+def test_csv_values_are_read_as_written_whichever_reading_takes_them():
+    """Arrow's reader took "NA", "null" and "N/A" for missing (Namibia's country dropped, a user
+    named null refused); "1.0" (pandas' float column) was no conversion, seconds since the epoch
+    in text no timestamp, and a lowercase `z` no UTC; "NaN" revenue went to the server. Each row
+    is read alike by Arrow (a clean block) and row by row (a block with a row Arrow refuses)."""
+    header = "timestamp,user_id,test_id,variant,conversion,revenue,country\n"
+    good = ["1714329742,null,t,a,1.0,1,NA", "2025-04-28t18:42:22z,u2,t,NA,0.00,3,null",
+            "1714329742.5,u3,t,a,1,,N/A"]
+    read = {0: ("null", "a", "NA", 1, 1.0, "2024-04-28T18:42:22+00:00"),
+            1: ("u2", "NA", "null", 0, 3.0, "2025-04-28T18:42:22+00:00"),
+            2: ("u3", "a", "N/A", 1, None, "2024-04-28T18:42:22.500000+00:00")}
+    for broken in ("", "broken\n"):  # Arrow's reading, then row by row
+        rows, problems, _ = chunks_of((header + broken + "\n".join(good) + "\n").encode(), "csv", lines=100)
+        at = 3 if broken else 2
+        assert {n - at: (r["user_id"], r["variant"], r["country"], r["conversion"], r["revenue"],
+                         r["timestamp"].isoformat()) for n, r in rows.items()} == read
+        assert len(problems) == bool(broken)
+    for bad, problem in (("2025-04-28 18:42:22,u4,t,a,1.5,2,AU", ("conversion", 'conversion must be 0 or 1, got "1.5"')),
+                         ("2025-04-28 18:42:22,u5,t,a,1,NaN,AU", ("revenue", 'revenue must be a finite number, got "NaN"'))):
+        rows, problems, _ = chunks_of((header + good[0] + "\n" + bad + "\n").encode(), "csv", lines=100)
+        assert (sorted(rows), problems) == ([2], {3: problem})
+
+
 def test_a_long_line_does_not_make_the_next_blocks_long():
     long_line = json.dumps({**EVENT, "user_id": "x" * (12 << 20)})
     body = "\n".join([long_line] + [json.dumps({**EVENT, "user_id": f"u{i}"}) for i in range(3)]) + "\n"
