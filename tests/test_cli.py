@@ -709,6 +709,9 @@ def test_an_end_includes_the_whole_day_hour_minute_or_second_it_names(server, tm
     assert events("--start", "2025-05-01", "--end", "2025-05-01T18") == 2
     assert events("--start", "2025-05-01", "--end", "2025-05-01 18:41") == 1
     assert events("--start", "2025-05-01", "--end", "2025-05-01t18:42Z") == 2  # RFC 3339 allows a lowercase t
+    # An end with a fraction is that instant (it was widened to its whole second, the text read twice).
+    assert events("--start", "2025-05-01", "--end", "2025-05-01T18:42:22.000Z") == 1
+    assert events("--start", "2025-05-01", "--end", "2025-05-01T18:42:22.700Z") == 2
     assert events("--end", "2025-04-30") == 1
     assert events("--start", "20250501", "--end", "20250501") == 3  # every form of a date: its whole day
     assert events("--end", "2025-W18-4") == events("--end", "2025W184") == 4  # Thursday 2025-05-01
