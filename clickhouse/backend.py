@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from abstream.core import threads
-from abstream.core.errors import AbstreamError, DeadlineExceeded, Unavailable
+from abstream.core.errors import AbstreamError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger("abstream.clickhouse")
 # The driver logs each failed connection with its stack trace; what failed is said once, by us.
@@ -40,15 +40,26 @@ _RETRIABLE = {
     319: "the outcome of a quorum insert is unknown",  # UNKNOWN_STATUS_OF_INSERT
     999: "ZooKeeper is unavailable",  # KEEPER_EXCEPTION
     225: "ZooKeeper is unavailable",  # NO_ZOOKEEPER
+    244: "ZooKeeper answered unexpectedly",  # UNEXPECTED_ZOOKEEPER_ERROR
+    252: "a table has too many parts: merges are behind inserts",  # TOO_MANY_PARTS
+    289: "a replica is behind the last quorum insert",  # REPLICA_IS_NOT_IN_QUORUM
+    394: "the statement was cancelled (a server stopping)",  # QUERY_WAS_CANCELLED
     425: "a system error",  # SYSTEM_ERROR (a lost connection to ZooKeeper, among others)
+}
+#: Codes that say a server is too busy now: RESOURCE_EXHAUSTED, retried later.
+_BUSY = {
+    202: "too many statements at once",  # TOO_MANY_SIMULTANEOUS_QUERIES
+    241: "out of memory for the statement",  # MEMORY_LIMIT_EXCEEDED
 }
 
 
 #: Codes that mean ZooKeeper cannot be reached.
 _ZOOKEEPER = {999, 225, 242}
 #: UNKNOWN_TABLE, UNKNOWN_DATABASE: said by a replica that lacks the schema the others have (after
-#: an unclean stop a server may come back without a table whose parts ZooKeeper does not list).
-_LACKING = {60, 81}
+#: an unclean stop a server may come back without a table whose parts ZooKeeper does not list);
+#: and REPLICA_IS_NOT_IN_QUORUM, by one behind the last quorum insert. The shard's other replica
+#: can answer.
+_LACKING = {60, 81, 289}
 #: The longest statement a server parses, sent with every query: a statement lists a test's
 #: variants (a lift), or the tests a removal names, and ClickHouse refuses one past 256 KiB.
 MAX_QUERY_BYTES = 16 << 20
@@ -76,6 +87,8 @@ def translate(error: BaseException, where: str) -> AbstreamError:
         unavailable = Unavailable(f"{where}: {why} ({_said(error)})", retry_after=1.0)
         unavailable.code = code
         return unavailable
+    if code in _BUSY:
+        return ResourceExhausted(f"{where}: ClickHouse is {_BUSY[code]} ({_said(error)})", retry_after=1.0)
     return AbstreamError(f"{where}: ClickHouse refused the statement: {_said(error)}")
 
 
@@ -126,6 +139,11 @@ class Cluster:
         self._silencing = threading.Lock()
         self.timeout = timeout
         self.shards = self._discover()
+        fewest = min(self.shards, key=lambda shard: len(shard.replicas))
+        if len(fewest.replicas) < insert_quorum:  # every insert would wait for replicas there are not
+            raise AbstreamError(f"--clickhouse-insert-quorum is {insert_quorum}, but {fewest.name} has "
+                                f"{len(fewest.replicas)} replica(s): no batch could ever be acknowledged")
+        self._insert = self._insert_settings()
         self._pool = threads.pool("abstream-shards", max(len(self.shards), 1))
 
     # ---- topology ---------------------------------------------------------------------------
@@ -185,6 +203,17 @@ class Cluster:
             shards.setdefault(number, []).append(Replica(host, port))
         return [Shard(n, r) for n, r in sorted(shards.items())]
 
+    def _insert_settings(self) -> dict:
+        """What every insert is sent with: no limit to the months one batch spans, where the
+        servers have one (current ClickHouse refuses a block of over 100 partitions, a batch
+        the embedded engine takes; 18.16 has no such limit, and refuses the setting)."""
+        sql = "SELECT count() FROM system.settings WHERE name = 'max_partitions_per_insert_block'"
+        try:
+            (known,), = self.query(sql)
+        except AbstreamError:
+            known = 0
+        return {"max_partitions_per_insert_block": 0} if known else {}
+
     # ---- running statements -----------------------------------------------------------------
 
     def _on(self, shard: Shard, sql: str, settings: dict) -> Columns:
@@ -219,7 +248,7 @@ class Cluster:
                     self._silence(at)
                 lacks = _reached(client) if code in _LACKING else None
                 if lacks is not None:
-                    self._silence(lacks, f"lacks a table the statement reads ({_said(error)})")
+                    self._silence(lacks, f"cannot answer for its shard ({_said(error)})")
                 client.disconnect()
                 if lacks is not None and (lacking := lacking + 1) < len(shard.replicas):
                     continue
@@ -319,21 +348,34 @@ class Cluster:
                        where: str) -> None:
         # A quorum insert sent just after a replica died waits for it until insert_quorum_timeout
         # (10 minutes by default): fail after seconds instead, as UNAVAILABLE; the retry is safe.
-        settings = {**settings, "insert_quorum": self.insert_quorum, "insert_quorum_timeout": INSERT_QUORUM_TIMEOUT_MS}
+        settings = {**settings, **self._insert, "insert_quorum": self.insert_quorum,
+                    "insert_quorum_timeout": INSERT_QUORUM_TIMEOUT_MS}
         deadline = time.monotonic() + INSERT_QUORUM_TIMEOUT_MS / 1000
+        lacking = 0
         while True:
+            client = self._client(replicas)
             try:
-                client = self._client(replicas)
                 client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", list(columns.values()),
                                columnar=True, settings=settings)
                 self._answered(client)
                 return
             except Exception as error:  # noqa: BLE001 - the driver's, translated
+                code = getattr(error, "code", None)
+                if code in _LACKING:  # a replica without the table (or behind): another one takes it
+                    self._silence(_reached(client), f"cannot take an insert ({_said(error)})")
+                    if (lacking := lacking + 1) < len(replicas):
+                        continue
+                    unavailable = Unavailable(f"{where}: no replica took the insert: a replica lacks a table or is "
+                                              f"behind ({_said(error)})", retry_after=1.0)
+                    unavailable.code = code
+                    raise unavailable from error
                 # One quorum insert at a time per partition (18.16): another gateway's (or stream's)
                 # is being confirmed. Ours goes once it is; resending the same rows is safe.
-                if getattr(error, "code", None) != 286 or time.monotonic() > deadline:
+                if code != 286 or time.monotonic() > deadline:
                     raise translate(error, where) from error
                 time.sleep(0.02)
+            finally:
+                client.disconnect()
 
     def execute(self, sql: str) -> None:
         """A statement (DDL) on any server."""
@@ -372,6 +414,7 @@ class Local:
         self.database = database
         self._session = session.Session(path) if path else session.Session()
         self._session.query(f"SET max_query_size = {MAX_QUERY_BYTES}")  # a session's setting, kept
+        self._session.query("SET max_partitions_per_insert_block = 0")  # as Cluster's inserts
         self._lock = threading.Lock()
         self.shards = [Shard(1, [Replica("chdb", 0)])]
 

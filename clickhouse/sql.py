@@ -306,14 +306,16 @@ def _quarantine_where(test_id: str, test_prefix: str) -> str:
 
 
 def quarantine(table: str, test_id: str, test_prefix: str, limit: int) -> str:
-    """The newest rejected events (of a test, of tests with a prefix), newest first."""
+    """The newest rejected events (of a test, of tests with a prefix), newest first; an event of
+    a batch sent again (its first try stored its rejected events, not its sequence) once: its
+    rows differ by when each try was received, so ClickHouse stored both."""
     columns = ", ".join(c for c in COLUMNS[QUARANTINE] if c not in ("ts", "batch"))
     return (f"SELECT {columns} FROM {table} WHERE {_quarantine_where(test_id, test_prefix)} "
-            f"ORDER BY received_ns DESC, idx DESC LIMIT {int(limit)}")
+            f"ORDER BY received_ns DESC, idx DESC LIMIT 1 BY batch, idx LIMIT {int(limit)}")
 
 
 def quarantine_count(table: str, test_id: str, test_prefix: str) -> str:
-    return f"SELECT count() FROM {table} WHERE {_quarantine_where(test_id, test_prefix)}"
+    return f"SELECT uniqExact(batch, idx) FROM {table} WHERE {_quarantine_where(test_id, test_prefix)}"
 
 
 def last_sequence(table: str, producer_id: str) -> str:
