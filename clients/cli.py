@@ -1187,8 +1187,14 @@ def _power(args) -> int:
 
 
 def _import(args) -> int:
-    """One line per object on standard output; a progress line on standard error while it runs."""
+    """One line per object on standard output; a progress line on standard error while it runs.
+    Watching, a round the server says it cannot do now (the store unreachable, the server
+    stopping: it asks to be retried) is said on standard error and tried again at the next; a
+    server that does not answer ends the watch, saying so."""
     import time
+
+    import grpc
+    from abstream.clients.producer import retry_delay
 
     progress = sys.stderr.isatty() and not args.quiet
     failed = 0
@@ -1196,23 +1202,24 @@ def _import(args) -> int:
     with _client(args) as client:
         while True:
             done = None
-            for p in client.import_events(args.uri, format=args.format or "", endpoint_url=args.endpoint_url,
-                                          region=args.region):
-                if p.state == "started":
-                    if progress:
-                        print(f"\r[{p.objects_done}/{p.objects_total}] {p.uri} ({p.size:,} bytes) ...",
-                              end="", file=sys.stderr, flush=True)
-                    continue
-                if progress:
-                    print("\r\033[K", end="", file=sys.stderr)
-                done = p
-                failed += p.state == "failed"
-                if p.state == "skipped" and not first:
-                    continue  # watching: said once
-                what = {"imported": f"{p.accepted:,} stored, {p.quarantined:,} quarantined"
-                                    + (f", {p.already_stored:,} stored before" if p.already_stored else ""),
-                        "skipped": "imported before", "failed": f"FAILED: {p.error}"}[p.state]
-                print(f"{p.uri}: {what}", flush=True)
+            try:
+                for p in _imported(client, args, progress):
+                    done = p
+                    failed += p.state == "failed"
+                    if p.state == "skipped" and not first:
+                        continue  # watching: said once
+                    what = {"imported": f"{p.accepted:,} stored, {p.quarantined:,} quarantined"
+                                        + (f", {p.already_stored:,} stored before" if p.already_stored else ""),
+                            "skipped": "imported before", "failed": f"FAILED: {p.error}"}[p.state]
+                    print(f"{p.uri}: {what}", flush=True)
+            except grpc.RpcError as error:
+                if not args.watch or not retry_delay(error):
+                    raise
+                wait = max(args.interval, retry_delay(error))
+                print(f"abstream import: {explain(error, args) or error.details()}; trying again in {wait:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(wait)
+                continue
             if done is None:
                 print(f"{args.uri}: nothing to import", flush=True) if not args.watch else None
             elif not args.watch or done.total_accepted or done.total_quarantined:
@@ -1222,6 +1229,20 @@ def _import(args) -> int:
                 return 1 if failed else 0
             first = False
             time.sleep(args.interval)
+
+
+def _imported(client, args, progress: bool):
+    """Each object's end, as the server says it (its start on the progress line)."""
+    for p in client.import_events(args.uri, format=args.format or "", endpoint_url=args.endpoint_url,
+                                  region=args.region):
+        if p.state == "started":
+            if progress:
+                print(f"\r[{p.objects_done}/{p.objects_total}] {p.uri} ({p.size:,} bytes) ...",
+                      end="", file=sys.stderr, flush=True)
+            continue
+        if progress:
+            print("\r\033[K", end="", file=sys.stderr)
+        yield p
 
 
 def _delete_test(args) -> int:

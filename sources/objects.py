@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import hashlib
 import io
 import logging
@@ -34,6 +35,11 @@ log = logging.getLogger("abstream.sources.objects")
 
 #: The sequence of an object's last batch: past it, the object is imported.
 FINISHED = 1 << 62
+GZIP_MAGIC = b"\x1f\x8b"
+#: What the AWS SDK says of a failure that passes (the store unreachable, slowing callers down,
+#: failing inside): the import is UNAVAILABLE, not the caller's mistake.
+_PASSING = ("NETWORK_CONNECTION", "SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+            "REQUEST_TIMEOUT")
 #: Rows per batch of a columnar object.
 COLUMNAR_ROWS = 262_144
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
@@ -63,7 +69,10 @@ def filesystem(uri: str, endpoint_url: str = "", region: str = "", import_root: 
     local path must be under `import_root`: nobody imports the server's other files."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "s3":
-        if not parsed.netloc:
+        # A key is what follows the bucket, whole: '#' and '?' are characters of keys here, not a
+        # URL's fragment and query (which cut s3://b/run#2/ to the prefix b/run: every run imported).
+        bucket, _, key = uri.strip()[len("s3://"):].partition("/")
+        if not bucket:
             raise InvalidArgument("uri", f"{uri[:128]!r} names no bucket: s3://bucket/prefix/")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
         options: dict = {"region": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -71,7 +80,7 @@ def filesystem(uri: str, endpoint_url: str = "", region: str = "", import_root: 
         if endpoint:  # pyarrow does not read AWS_ENDPOINT_URL itself
             e = urllib.parse.urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
             options.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
-        return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}", "s3://"
+        return pafs.S3FileSystem(**options), f"{bucket}/{key}" if key else bucket, "s3://"
     if parsed.scheme in ("", "file"):
         if not import_root:
             raise InvalidArgument("uri", "local paths are imported only under the server's --import-root, which is "
@@ -109,8 +118,20 @@ def under_root(path: str, import_root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+def _listed(found: list[pafs.FileInfo], under: str) -> list[pafs.FileInfo]:
+    """The objects of a listing, in name order, but for those a writer leaves beside its data:
+    a name under `under` with a part starting with `_` or `.` (Spark's and Hadoop's `_SUCCESS`
+    and `_temporary/`, whose files are then copied to their own names and would be imported
+    twice; `.` for hidden files), as Arrow's and Spark's own dataset readers skip them."""
+    def kept(f: pafs.FileInfo) -> bool:
+        rest = f.path[len(under):] if f.path.startswith(under) else f.path
+        return f.type == pafs.FileType.File and not any(part[:1] in ("_", ".") for part in rest.split("/") if part)
+    return sorted((f for f in found if kept(f)), key=lambda f: f.path)
+
+
 def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
-    """The objects at `path`: itself if it is one, else every one under it, in name order."""
+    """The objects at `path`: itself if it is one, else every one under it (`_listed`), in name
+    order."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [info]
@@ -123,10 +144,9 @@ def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if info.type == pafs.FileType.NotFound and not path.endswith("/"):  # a key prefix: s3://bucket/events/2025-
         prefix = path.rsplit("/", 1)[0]
         found = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-        return sorted((f for f in found if f.type == pafs.FileType.File and f.path.startswith(path)),
-                      key=lambda f: f.path)
+        return _listed([f for f in found if f.path.startswith(path)], prefix + "/")
     found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
-    return sorted((f for f in found if f.type == pafs.FileType.File), key=lambda f: f.path)
+    return _listed(found, path.rstrip("/") + "/")
 
 
 def format_of(name: str, requested: str) -> tuple[str, str | None]:
@@ -167,7 +187,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "arrow" and not compression:
         reader = pa.ipc.open_file(fs.open_input_file(info.path))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
-    stream = fs.open_input_stream(info.path, compression=compression)
+    stream = fs.open_input_stream(info.path, compression=compression, buffer_size=1 << 20)
     if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
 
@@ -176,7 +196,10 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
     if fmt == "arrow":
         reader = pa.ipc.open_file(_inflated(stream, info.size, name))
         return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
-    return readable(files.read_stream(io.BufferedReader(_Raw(stream), 1 << 20), fmt, BATCH_LINES, name, warn), name)
+    text = io.BufferedReader(_Raw(stream), 1 << 20)
+    if compression is None and text.peek(2)[:2] == GZIP_MAGIC:  # gzip whatever its name, as files are read
+        text = io.BufferedReader(gzip.GzipFile(fileobj=text, mode="rb"), 1 << 20)
+    return readable(files.read_stream(text, fmt, BATCH_LINES, name, warn), name)
 
 
 #: A compressed Parquet or Arrow object may inflate to at most this many times its size, and 64
@@ -251,9 +274,14 @@ class Importer:
         try:
             found = await asyncio.to_thread(objects, fs, path)
         except OSError as error:
+            if any(f"AWS Error {kind}" in str(error) for kind in _PASSING):
+                raise Unavailable(f"cannot list {uri[:256]} now: {error}", retry_after=1.0) from None
             raise InvalidArgument("uri", f"cannot list {uri[:256]}: {error}") from None
         totals = Progress(uri, "", objects_total=len(found))
         for info in found:
+            if self.core.draining:  # the rest is for the next import: none is begun while stopping
+                raise Unavailable(f"the server is stopping: {totals.objects_done:,} of {len(found):,} objects were "
+                                  "looked at; import again to go on", retry_after=5.0)
             name = f"{scheme}{info.path}"
             progress = dataclasses.replace(totals, uri=name, state="started", size=info.size)
             producer = producer_of(name, info)

@@ -426,3 +426,76 @@ def test_import_needs_the_admin_scope(tmp_path):
     result = abstream_import(server, str(tmp_path), token="w")
     assert result.returncode == 2 and "admin" in result.stderr
     server.terminate()
+
+
+def test_writers_side_files_are_skipped_keys_are_taken_whole_and_gzip_is_known_by_its_bytes(bucket, tmp_path):
+    """Spark and Hadoop write `_temporary/…/part-*` and then copy it to its own name (imported
+    twice), and a `_SUCCESS` marker (failed on every run); `#` in a key cut the URI there as a
+    URL's fragment (`run#2/` imported every run); a gzipped object named `.ndjson` was read as
+    text, its bytes quarantined, and marked imported."""
+    client, name = bucket
+    client.put_object(Bucket=name, Key="out/run#1/part-0.parquet", Body=parquet_bytes(events(10, "side_one")))
+    client.put_object(Bucket=name, Key="out/run#2/part-0.parquet", Body=parquet_bytes(events(20, "side_two")))
+    client.put_object(Bucket=name, Key="out/run#2/_temporary/0/part-0.parquet", Body=parquet_bytes(events(20, "side_two")))
+    client.put_object(Bucket=name, Key="out/run#2/_SUCCESS", Body=b"")
+    client.put_object(Bucket=name, Key="out/run#2/.part-1.crc", Body=b"\0\1")
+    client.put_object(Bucket=name, Key="out/run#2/zipped.ndjson", Body=ndjson_gz(events(30, "side_two", 20)))
+    server = Server(tmp_path / "data").start()
+    try:
+        result = abstream_import(server, f"s3://{name}/out/run#2/")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines() == [f"s3://{name}/out/run#2/part-0.parquet: 20 stored, 0 quarantined",
+                                              f"s3://{name}/out/run#2/zipped.ndjson: 30 stored, 0 quarantined",
+                                              "2 objects: 50 events stored, 0 quarantined"]
+        assert (stored(server, "side_two"), stored(server, "side_one")) == (50, 0)
+        # An object named whole is read, whatever its name.
+        named = abstream_import(server, f"s3://{name}/out/run#2/_temporary/0/part-0.parquet")
+        assert named.returncode == 0 and "20 stored" in named.stdout, named.stdout + named.stderr
+    finally:
+        server.terminate()
+
+
+def test_a_watch_goes_on_while_the_store_cannot_be_reached(bucket, monkeypatch, tmp_path):
+    """A store that does not answer was the caller's mistake (INVALID_ARGUMENT), and ended a
+    `--watch` for good; it is UNAVAILABLE now, and the watch tries again at its next round."""
+    _, name = bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    server = Server(tmp_path / "data").start()
+    watching = subprocess.Popen([str(BIN / "abstream"), "import", f"s3://{name}/landing/", "--watch", "--interval",
+                                 "0.2", "--addr", server.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        for _ in range(2):
+            said = watching.stderr.readline()
+            assert "cannot list" in said and "trying again in 1 s" in said, said  # as long as the server asks
+        assert watching.poll() is None
+    finally:
+        watching.kill()
+        watching.communicate(timeout=10)
+        once = abstream_import(server, f"s3://{name}/landing/")
+        server.terminate()
+    assert once.returncode == 2 and "UNAVAILABLE" in once.stderr + once.stdout, once.stderr
+
+
+def test_a_server_stopping_mid_import_begins_no_more_objects(bucket, tmp_path):
+    """Stopping, the server read and refused every object left (a FAILED line each, and the
+    stop held for them); the import now ends at the next object, saying why."""
+    client, name = bucket
+    for i in range(40):
+        client.put_object(Bucket=name, Key=f"many/{i:03d}.csv", Body=csv_bytes(events(2000, "stopping", 2000 * i)))
+    server = Server(tmp_path / "data").start()
+    running = subprocess.Popen([str(BIN / "abstream"), "import", f"s3://{name}/many/", "--addr", server.address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert running.stdout.readline().startswith(f"s3://{name}/many/000.csv: 2,000 stored")
+    server.process.send_signal(2)  # SIGINT: a graceful stop
+    out, err = running.communicate(timeout=60)
+    server.process.wait(60)
+    assert out.count("FAILED") <= 1 and len(out.splitlines()) < 10, out  # the object under way, at most
+    assert running.returncode == 2 and "the server is stopping" in err, err
+    server = Server(tmp_path / "data").start()
+    try:
+        rest = abstream_import(server, f"s3://{name}/many/")
+        assert rest.returncode == 0 and rest.stdout.splitlines()[-1].startswith("40 objects"), rest.stdout
+        assert stored(server, "stopping") == 80_000
+    finally:
+        server.terminate()
