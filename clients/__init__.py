@@ -7,9 +7,9 @@ before grpc, pyarrow and numpy are imported.
 import importlib
 
 _FROM = {"Client": "client", "arrow_ipc": "client", "BufferFull": "producer", "Delivery": "producer",
-         "Producer": "producer", "ProducerClosed": "producer"}
+         "NoAck": "producer", "Producer": "producer", "ProducerClosed": "producer"}
 
-__all__ = ["BufferFull", "Client", "Delivery", "Producer", "ProducerClosed", "arrow_ipc"]
+__all__ = ["BufferFull", "Client", "Delivery", "NoAck", "Producer", "ProducerClosed", "arrow_ipc"]
 
 
 def __getattr__(name: str):

@@ -61,6 +61,10 @@ class Delivery:
     duplicate: bool = False
 
 
+class NoAck(Exception):
+    """The server ended a batch's stream without acknowledging it (a proxy between cutting it)."""
+
+
 class Unsendable(Exception):
     """An event that cannot even be put in a message: `field` and `message` say why."""
 
@@ -194,7 +198,10 @@ class Producer:
             taken = [(e, f) for e, f in batch if f.set_running_or_notify_cancel()]  # cancelled: not sent
             self._done(len(batch) - len(taken))
             if taken:
-                self._deliver(taken)
+                try:
+                    self._deliver(taken)
+                except Exception as error:  # noqa: BLE001 - a defect fails its batch, not every later one
+                    self._fail([(e, f) for e, f in taken if not f.done()], error)
 
     def _gather(self) -> list[tuple[pb.Event, Future]]:
         batch = []
@@ -224,8 +231,15 @@ class Producer:
         while True:
             try:
                 responses = self._stub.IngestEvents(iter([request]), timeout=self._timeout, metadata=self._metadata)
-                ack = next(responses)
+                ack = next(responses, None)
                 _drain(responses)  # a server going away may end the stream with UNAVAILABLE after the ack
+                if ack is None:  # sent again as it was lost (under its sequence: stored once), until give_up
+                    if time.monotonic() - started > give_up or self._closing.is_set():
+                        self._fail(batch, NoAck("the server ended the stream without acknowledging the batch"))
+                        return
+                    self._closing.wait(min(ceiling, initial * 2 ** attempt))
+                    attempt += 1
+                    continue
                 break
             except grpc.RpcError as error:
                 if too_large(error):

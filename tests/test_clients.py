@@ -197,6 +197,48 @@ def test_closing_before_everything_is_sent_resolves_every_future_and_closing_aga
     assert closed.is_set()
 
 
+def test_a_stream_ended_without_an_ack_is_sent_again_then_fails_and_the_producer_goes_on():
+    """A peer between the producer and the server (a proxy) that ends a stream without an answer
+    stopped the producer's thread (StopIteration): every later future stayed pending, and
+    close() waited for them for ever. Such a batch is sent again until the retries give up."""
+    from concurrent import futures as pool
+
+    from abstream.clients import NoAck
+    from abstream.v1 import analytics_pb2_grpc
+
+    calls = []
+
+    class Cutting(analytics_pb2_grpc.AnalyticsServiceServicer):
+        def IngestEvents(self, requests, context):
+            calls.append(sum(len(r.events) for r in requests))
+            return iter(())
+
+    server = grpc.server(pool.ThreadPoolExecutor(2))
+    analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(Cutting(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    event = {"timestamp": "2025-04-28 18:42:22", "user_id": "u", "test_id": "t", "variant": "v"}
+    done = threading.Event()
+
+    def body() -> None:
+        with Producer(f"127.0.0.1:{port}", batch_size=5, linger_ms=1, retry_initial_s=0.01, retry_max_s=0.05,
+                      give_up_after_s=0.3) as producer:
+            first = [producer.send(event) for _ in range(5)]
+            assert all(isinstance(f.exception(timeout=30), NoAck) for f in first)
+            later = producer.send(event)  # the producer still sends
+            assert isinstance(later.exception(timeout=30), NoAck)
+        done.set()
+
+    thread = threading.Thread(target=body, daemon=True)
+    try:
+        thread.start()
+        thread.join(60)
+        assert done.is_set()
+        assert len(calls) >= 3 and set(calls) == {5, 1}  # each batch sent again before it failed
+    finally:
+        server.stop(None)
+
+
 def test_a_batch_larger_than_the_server_takes_is_sent_in_halves_and_only_an_event_too_large_fails(tmp_path):
     server = Server(tmp_path / "data", "--max-message-bytes", str(256 << 10)).start()
     event = {"timestamp": "2025-04-28 18:42:22", "test_id": "halves", "variant": "v", "event_type": "e" * 200}
