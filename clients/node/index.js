@@ -36,24 +36,39 @@ function fieldViolations(error) {
 
 /**
  * Sends batches of events on one IngestEvents stream; resolves with one ack per batch, in order.
+ * `batches`: an array, or any iterable or async iterable (a generator reading a file): a batch is
+ * taken from it only once the stream has room for it, so memory stays bounded whatever it holds.
  * When the stream fails, rejects with its error, whose `acks` are those received before it: the
  * batches they answer are stored, the others are to be sent again. With `producerId`, batch i
  * carries the sequence `sequence + i` (`sequence` default 1): sent again with the same numbers
  * (a batch whose ack was lost with the stream), a stored batch is acknowledged as a duplicate,
- * not stored twice.
+ * not stored twice. `timeoutMs` (30,000) bounds the whole stream.
  */
 function ingest(client, batches, options = {}) {
   return new Promise((resolve, reject) => {
     const acks = [];
+    let ended = false;
     const call = client.IngestEvents(bearer(options.token, options.metadata), { deadline: Date.now() + (options.timeoutMs || 30000) });
     call.on('data', (ack) => acks.push(ack));
-    call.on('error', (error) => reject(Object.assign(error, { acks })));
-    call.on('end', () => resolve(acks));
-    let sequence = options.sequence || 1;
-    for (const events of batches) {
-      call.write(options.producerId ? { events, producer_id: options.producerId, sequence: sequence++ } : { events });
-    }
-    call.end();
+    call.on('error', (error) => { ended = true; reject(Object.assign(error, { acks })); });
+    call.on('end', () => { ended = true; resolve(acks); });
+    const room = () => new Promise((ready) => {
+      const go = () => { call.off('drain', go); call.off('close', go); ready(); };
+      call.on('drain', go);
+      call.on('close', go);
+    });
+    (async () => {
+      let sequence = options.sequence || 1;
+      for await (const events of batches) {
+        if (ended) return;
+        const request = options.producerId ? { events, producer_id: options.producerId, sequence: sequence++ } : { events };
+        if (!call.write(request)) await room();
+      }
+      call.end();
+    })().catch((error) => { // the batches' own iterator failed: nothing more is sent
+      call.cancel();
+      reject(Object.assign(error, { acks }));
+    });
   });
 }
 
@@ -81,21 +96,29 @@ function unary(client, method, request, options = {}) {
 }
 
 /**
- * A google.protobuf.Timestamp from a Date, 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339; a TypeError
- * for anything else (an invalid time used to be sent as the epoch).
+ * A google.protobuf.Timestamp from a Date, 'YYYY-MM-DD HH:MM:SS' (UTC), a date alone (its
+ * midnight, UTC) or RFC 3339, as the Python client reads them; a TypeError for anything else (an
+ * invalid time used to be sent as the epoch, and Date's own parser took 2025-02-30 for March 2).
  */
+const TIME = /^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?(?:([zZ])|([+-])(\d{2})(?::?(\d{2}))?)?)?$/;
+
 function timestamp(value) {
-  let date = value;
-  let fraction = null; // a text's digits past the second: a Date keeps milliseconds only
-  if (!(value instanceof Date)) {
-    const text = String(value).trim().replace(' ', 'T');
-    date = new Date(/([zZ]|[+-]\d\d:\d\d)$/.test(text) ? text : `${text}Z`);
-    fraction = /:\d\d\.(\d+)/.exec(text);
+  const refused = () => new TypeError(`${JSON.stringify(String(value))} is not a time: use 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339`);
+  if (value instanceof Date) {
+    const millis = value.getTime();
+    if (Number.isNaN(millis)) throw refused();
+    return { seconds: Math.floor(millis / 1000), nanos: (((millis % 1000) + 1000) % 1000) * 1e6 };
   }
-  const millis = date.getTime();
-  if (Number.isNaN(millis)) throw new TypeError(`${JSON.stringify(String(value))} is not a time: use 'YYYY-MM-DD HH:MM:SS' (UTC) or RFC 3339`);
-  const nanos = fraction ? Number(`${fraction[1]}000000000`.slice(0, 9)) : (((millis % 1000) + 1000) % 1000) * 1e6;
-  return { seconds: Math.floor(millis / 1000), nanos };
+  const m = TIME.exec(String(value).trim());
+  if (!m) throw refused();
+  const [y, mo, d, h, mi, s, oh, om] = [1, 2, 3, 4, 5, 6, 10, 11].map((i) => Number(m[i] || 0));
+  const millis = Date.UTC(y, mo - 1, d, h, mi, s);
+  const day = new Date(millis); // a day past its month's end rolls over: refused, as Python refuses it
+  if (day.getUTCFullYear() !== y || day.getUTCMonth() !== mo - 1 || day.getUTCDate() !== d || h > 23 || mi > 59
+      || s > 59 || oh > 23 || om > 59) throw refused();
+  const offset = m[9] ? (m[9] === '-' ? -1 : 1) * (oh * 3600 + om * 60) : 0;
+  const nanos = m[7] ? Number(`${m[7]}000000000`.slice(0, 9)) : 0;
+  return { seconds: millis / 1000 - offset, nanos };
 }
 
 module.exports = { abstream, analyticsClient, bearer, fieldViolations, grpc, ingest, timestamp, unary };

@@ -48,6 +48,24 @@ test('a stream that fails rejects with the acks received before it', async () =>
   });
 });
 
+test('batches from an async generator are sent as the stream has room for them', async () => {
+  let pulled = 0;
+  async function* batches() {
+    for (let b = 0; b < 300; b += 1) {
+      pulled += 1;
+      yield Array.from({ length: 100 }, (_, i) => ({
+        timestamp: timestamp('2025-04-28 18:42:22'), user_id: `gen_${b}_${i}`, test_id: 'node_generated', variant: 'a',
+      }));
+    }
+  }
+  const acks = await ingest(client, batches(), { token });
+  assert.equal(pulled, 300);
+  assert.equal(acks.length, 300);
+  assert.equal(acks.reduce((n, ack) => n + ack.accepted, 0), 30000);
+  const failing = (async function* () { yield [{ timestamp: timestamp('2025-04-28 18:42:22'), user_id: 'u', test_id: 'node_generated', variant: 'a' }]; throw new Error('the file went away'); }());
+  await assert.rejects(ingest(client, failing, { token }), /the file went away/);
+});
+
 test('times as users write them, and a clear error for one that is not', () => {
   assert.deepEqual(timestamp('2025-04-28 18:42:22'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28T18:42:22Z'), { seconds: 1745865742, nanos: 0 });
@@ -55,6 +73,16 @@ test('times as users write them, and a clear error for one that is not', () => {
   assert.deepEqual(timestamp('2025-04-28T18:42:22.123456789Z'), { seconds: 1745865742, nanos: 123456789 });
   assert.deepEqual(timestamp('1969-12-31 23:59:59.25'), { seconds: -1, nanos: 250000000 });
   assert.throws(() => timestamp('yesterday'), /"yesterday" is not a time/);
+  // As the Python client reads them: an offset without a colon, a lowercase t and z, a date alone.
+  assert.deepEqual(timestamp('2025-04-28T20:42:22+0200'), { seconds: 1745865742, nanos: 0 });
+  assert.deepEqual(timestamp('2025-04-28t18:42:22z'), { seconds: 1745865742, nanos: 0 });
+  assert.deepEqual(timestamp('2025-04-28'), { seconds: 1745798400, nanos: 0 });
+  assert.deepEqual(timestamp(new Date(Date.UTC(2025, 3, 28, 18, 42, 22, 5))), { seconds: 1745865742, nanos: 5000000 });
+  // Days that do not exist, hours past 23 and partial dates are refused (Date rolled them over).
+  for (const text of ['2025-02-30 10:00:00', '2025-04-28T24:00:00Z', '2025', '2025-04', '2025-04-28T18:42:60Z',
+                      '2025-04-28Z', '2025-04-28T18:42:22+25:00']) {
+    assert.throws(() => timestamp(text), /is not a time/, text);
+  }
 });
 
 test('a call without the token is refused, one with it answered', async () => {
