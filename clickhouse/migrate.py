@@ -1,9 +1,11 @@
 """`abstream migrate`: an embedded data directory copied into a ClickHouse cluster, test by test.
 
 Each test's events are read as stored, 100,000 at a time (store/execute.py `export`), and sent
-through the cluster engine's own ingest as batches of the producer `migrate:<test>`, numbered
-in order: a re-run skips the batches already recorded and resends the one in flight, whose
-blocks the replicas recognise. The copy is verified by counting each test's events on both
+through the cluster engine's own ingest as batches of the producer `migrate:<test>`, each
+numbered by the count of the test's events up to its last: a re-run, with any batch size, skips
+what is recorded and resends the batch in flight, whose blocks the replicas recognise when its
+size is the same (a batch's index for its number skipped or stored again events when a re-run
+was given another size). The copy is verified by counting each test's events on both
 sides. Stop the server that owns the data directory first: this opens it.
 """
 
@@ -26,9 +28,10 @@ def migrate(data_dir: str | Path, engine: ClickHouseEngine, out=sys.stdout, rows
     try:
         tests = store.list_tests()
         for info in tests:
-            started, sent = time.monotonic(), 0
-            for k, table in enumerate(store.export(info.test_id, rows=rows)):
-                batch = ValidatedBatch(table, [], time.time_ns(), f"migrate:{info.test_id}", k + 1)
+            started, sent, through = time.monotonic(), 0, 0
+            for table in store.export(info.test_id, rows=rows):
+                through += table.num_rows
+                batch = ValidatedBatch(table, [], time.time_ns(), f"migrate:{info.test_id}", through)
                 result = engine.apply(engine.prepare(batch))
                 sent += result.accepted
             print(f"{info.test_id}: {info.events:,} events ({sent:,} sent now) in {time.monotonic() - started:.1f}s",

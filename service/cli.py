@@ -19,6 +19,16 @@ examples:
   abstream serve --engine clickhouse --clickhouse ch1:9000 --clickhouse-cluster prod"""
 
 
+
+def _batch_rows(text: str) -> int:
+    try:
+        rows = int(text)
+    except ValueError:
+        rows = 0
+    if not 1 <= rows <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"must be a whole number of events from 1 to 10,000,000, not {text!r}")
+    return rows
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="abstream")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +47,8 @@ def main(argv: list[str]) -> int:
     migrate = commands.add_parser("migrate", help="copy an embedded data directory into a ClickHouse cluster "
                                                   "(stop its server first; re-running resumes)")
     migrate.add_argument("--data-dir", required=True, help="the embedded engine's data directory")
-    migrate.add_argument("--batch-rows", type=int, default=100_000, help="events per batch sent (default 100,000)")
+    migrate.add_argument("--batch-rows", type=_batch_rows, default=100_000,
+                         help="events per batch sent (default 100,000; a re-run may use another)")
     _cluster_arguments(migrate, "--to-clickhouse")
     args = parser.parse_args(argv)
     if args.command == "token":

@@ -686,6 +686,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_migration_stopped_between_batches_resumes_with_another_batch_size(request, tmp_path):
+    """Batches were numbered by their index: a re-run with another --batch-rows skipped or stored
+    again events (and its count check then failed for good). They are numbered by the events up
+    to their last now."""
+    import io
+
+    from abstream.clickhouse.migrate import migrate
+    from abstream.store import Durability, EventStore
+
+    store = EventStore(durability=Durability(tmp_path / "data"))
+    append(store, to_table(random_events(3000, seed=12)))
+    expected = {t.test_id: t.events for t in store.list_tests()}
+    store.close()
+    engine = engines.make("chdb", request)
+    apply, applied = engine.apply, []
+
+    def stopping(prepared):
+        if len(applied) == 7:
+            raise KeyboardInterrupt  # stopped between two batches
+        applied.append(prepared)
+        return apply(prepared)
+    engine.apply = stopping
+    with pytest.raises(KeyboardInterrupt):
+        migrate(tmp_path / "data", engine, io.StringIO(), rows=100)
+    engine.apply = apply
+    said = io.StringIO()
+    assert migrate(tmp_path / "data", engine, said, rows=70) == 0, said.getvalue()
+    assert {t.test_id: t.events for t in engine.list_tests()} == expected
+    engine.close()
+
+
 def test_migrate_copies_an_embedded_store_resumably_and_verifies_it(cluster, tmp_path):
     """`abstream migrate` into a cluster, SIGKILLed after its first test, then run again: every
     test's events are there once, and the counts are verified."""
