@@ -649,9 +649,11 @@ def _merge_sessions(a: list[float] | None, b: list) -> list[float]:
 
 
 def _mark(table: str, partition: str) -> dict[str, list]:
-    """The row a removal leaves in a partition of `table` (sql.MARK): no test, at the partition's
-    first instant (partitions are months, 'YYYYMM')."""
-    ns = int(dt.datetime(int(partition[:4]), int(partition[4:6]), 1, tzinfo=dt.timezone.utc).timestamp()) * 10**9
+    """The row a removal leaves in a partition of `table` (sql.MARK): no test, in the middle of
+    the partition's month ('YYYYMM'), which is that month in the servers' time zone, whichever it
+    is (a month's first instant in UTC is the month before west of Greenwich, where the mark then
+    missed its partition and the removal waited for it until its timeout)."""
+    ns = int(dt.datetime(int(partition[:4]), int(partition[4:6]), 15, tzinfo=dt.timezone.utc).timestamp()) * 10**9
     columns = sql.COLUMNS[table]
     row = {c: [""] for c in columns if c != "ts"}
     if table == sql.EVENTS:

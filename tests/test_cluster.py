@@ -494,6 +494,20 @@ def test_quarantine_and_producers_live_in_the_cluster(kind, request):
     engine.close()
 
 
+def test_a_removals_mark_is_in_its_partitions_month_in_every_time_zone():
+    """Partitions are months in the ClickHouse servers' time zone: a mark at the month's first
+    instant in UTC fell in the month before on a server west of Greenwich."""
+    from abstream.clickhouse import sql
+    from abstream.clickhouse.engine import _mark
+
+    for table, column in ((sql.EVENTS, "ns"), (sql.QUARANTINE, "received_ns")):
+        for partition in ("202501", "202503", "202512"):
+            at = dt.datetime.fromtimestamp(_mark(table, partition)[column][0] / 1e9, dt.timezone.utc)
+            for hours in range(-12, 15):
+                local = at.astimezone(dt.timezone(dt.timedelta(hours=hours)))
+                assert local.strftime("%Y%m") == partition, (table, partition, hours)
+
+
 def test_a_quorum_of_more_replicas_than_a_shard_has_is_refused_at_start(request):
     """Every insert would have waited for replicas there are not, answered UNAVAILABLE for ever
     while health said SERVING."""
