@@ -72,12 +72,12 @@ def _read(buf: bytes, fmt: str, at: int) -> int:
     return struct.unpack_from(fmt, buf, at)[0]
 
 
-def _batch_size(batch: _Table, body: pa.Buffer | None) -> tuple[int, int]:
-    """(rows, decompressed bytes of its buffers) of one RecordBatch table."""
+def _batch_size(batch: _Table, body_size: int, prefix) -> tuple[int, int]:
+    """(rows, decompressed bytes of its buffers) of one RecordBatch table; `prefix(offset)`: the
+    8 bytes of its body at `offset` (a compressed buffer's uncompressed length)."""
     rows = batch.scalar(0, "<q")
     compressed = batch.table(3) is not None
     total = 0
-    body_size = 0 if body is None else body.size
     for entry in batch.structs(2, 16):
         offset, length = struct.unpack("<qq", entry)
         if offset < 0 or length < 0 or offset + length > body_size:
@@ -87,13 +87,33 @@ def _batch_size(batch: _Table, body: pa.Buffer | None) -> tuple[int, int]:
             continue
         if length < 8:
             raise ValueError("a compressed buffer is shorter than its length prefix")
-        (uncompressed,) = struct.unpack("<q", body[offset:offset + 8].to_pybytes())
+        (uncompressed,) = struct.unpack("<q", prefix(offset))
         total += length - 8 if uncompressed == -1 else uncompressed
         if uncompressed < -1:
             raise ValueError("a compressed buffer has a negative length")
     if rows < 0:
         raise ValueError("a record batch has a negative length")
     return rows, total
+
+
+def _message_size(meta: bytes, body_size: int, prefix) -> tuple[int, int, int]:
+    """(record batch rows, dictionary rows, decompressed bytes) of one message."""
+    root = _Table(meta, _read(meta, "<I", 0))
+    kind = root.scalar(1, "<B")
+    if kind == _RECORD_BATCH:
+        header = root.table(2)
+        if header is None:
+            raise ValueError("a record batch message without its header")
+        n, size = _batch_size(header, body_size, prefix)
+        return n, 0, size
+    if kind == _DICTIONARY_BATCH:
+        header = root.table(2)
+        data = header.table(1) if header is not None else None
+        if data is None:
+            raise ValueError("a dictionary batch message without its data")
+        n, size = _batch_size(data, body_size, prefix)
+        return 0, n, size
+    return 0, 0, body_size
 
 
 def measure(source: pa.Buffer) -> StreamSize:
@@ -105,26 +125,58 @@ def measure(source: pa.Buffer) -> StreamSize:
             message = reader.read_next_message()
         except StopIteration:
             break
-        meta = message.metadata.to_pybytes()
-        root = _Table(meta, _read(meta, "<I", 0))
-        kind = root.scalar(1, "<B")
-        if kind == _RECORD_BATCH:
-            header = root.table(2)
-            if header is None:
-                raise ValueError("a record batch message without its header")
-            n, size = _batch_size(header, message.body)
-            rows += n
-        elif kind == _DICTIONARY_BATCH:
-            header = root.table(2)
-            data = header.table(1) if header is not None else None
-            if data is None:
-                raise ValueError("a dictionary batch message without its data")
-            n, size = _batch_size(data, message.body)
-            dictionary_rows += n
-        else:
-            size = 0 if message.body is None else message.body.size
-        decoded += size
+        body = message.body
+        n, values, size = _message_size(message.metadata.to_pybytes(), 0 if body is None else body.size,
+                                        lambda offset: body[offset:offset + 8].to_pybytes())
+        rows, dictionary_rows, decoded = rows + n, dictionary_rows + values, decoded + size
     return StreamSize(rows, dictionary_rows, decoded)
+
+
+#: The longest message metadata (a flatbuffer) an IPC file is read with: a schema of ten columns
+#: takes a kilobyte.
+_MOST_METADATA = 16 << 20
+
+
+def measure_file(f) -> tuple[StreamSize, int]:
+    """Rows and decompressed size of an IPC file (a seekable binary file), and the most bytes
+    one of its messages decompresses to, from its messages' metadata and the 8 bytes that begin
+    each compressed buffer: no body is read whole, nothing decompressed. ValueError when it is
+    not one."""
+    size = f.seek(0, 2)
+    f.seek(0)
+    if size < 18 or f.read(6) != b"ARROW1":
+        raise ValueError("it does not begin as an Arrow IPC file does")
+    f.seek(size - 10)
+    footer, magic = struct.unpack("<i6s", f.read(10))
+    end = size - 10 - footer
+    if magic != b"ARROW1" or not 8 <= end <= size - 10:
+        raise ValueError("it does not end as an Arrow IPC file does (cut short?)")
+    at, rows, dictionary_rows, decoded, most = 8, 0, 0, 0, 0
+    while at + 4 <= end:
+        f.seek(at)
+        (length,) = struct.unpack("<i", f.read(4))
+        at += 4
+        if length == -1:  # the continuation marker of the current format: the length follows
+            (length,) = struct.unpack("<i", f.read(4))
+            at += 4
+        if length == 0:  # the end of the stream
+            break
+        if not 0 < length <= min(_MOST_METADATA, end - at):
+            raise ValueError(f"a message's metadata of {length:,} bytes at byte {at:,}")
+        meta = f.read(length)
+        body_at = at + length
+        body_size = _Table(meta, _read(meta, "<I", 0)).scalar(3, "<q")
+        if not 0 <= body_size <= end - body_at:
+            raise ValueError(f"a message's body of {body_size:,} bytes at byte {body_at:,} runs past the file")
+
+        def prefix(offset: int, body_at: int = body_at) -> bytes:
+            f.seek(body_at + offset)
+            return f.read(8)
+        n, values, decompressed = _message_size(meta, body_size, prefix)
+        rows, dictionary_rows, decoded = rows + n, dictionary_rows + values, decoded + decompressed
+        most = max(most, decompressed)
+        at = body_at + body_size
+    return StreamSize(rows, dictionary_rows, decoded), most
 
 
 def byte_limit(size: StreamSize, row_bytes: int, value_bytes: int) -> int:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import struct
 import urllib.parse
 from dataclasses import dataclass
 from typing import AsyncIterator, BinaryIO, Iterator
@@ -26,9 +27,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from abstream.clients import files
 from abstream.clients.columnar import LOW_CARDINALITY
+from abstream.core import ipc
 from abstream.core.auth import ANYONE, Principal
 from abstream.core.dataplane import Core, whole_store
 from abstream.core.errors import AbstreamError, InvalidArgument, ResourceExhausted, Stopped, Unavailable
+from abstream.core.events import MAX_EVENT_BYTES, MAX_VALUE_BYTES
 from abstream.sources.ingest import BATCH_LINES, Ingest, parquet_chunks, readable, spooled
 
 log = logging.getLogger("abstream.sources.objects")
@@ -185,8 +188,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         parquet = pq.ParquetFile(source, read_dictionary=[c for c in _DICTIONARIES if c in present], pre_buffer=True)
         return parquet_chunks(parquet, COLUMNAR_ROWS, name, "uri", use_threads=False)
     if fmt == "arrow" and not compression:
-        reader = pa.ipc.open_file(fs.open_input_file(info.path))
-        return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
+        return _arrow_file(fs.open_input_file(info.path), name)
     stream = fs.open_input_stream(info.path, compression=compression, buffer_size=1 << 20)
     if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
@@ -194,12 +196,36 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         return parquet_chunks(pq.ParquetFile(_inflated(stream, info.size, name)), COLUMNAR_ROWS, name, "uri",
                               use_threads=False)
     if fmt == "arrow":
-        reader = pa.ipc.open_file(_inflated(stream, info.size, name))
-        return files._columnar((reader.get_batch(i) for i in range(reader.num_record_batches)), name)
+        return _arrow_file(_inflated(stream, info.size, name), name)
     text = io.BufferedReader(_Raw(stream), 1 << 20)
     if compression is None and text.peek(2)[:2] == GZIP_MAGIC:  # gzip whatever its name, as files are read
         text = io.BufferedReader(gzip.GzipFile(fileobj=text, mode="rb"), 1 << 20)
     return readable(files.read_stream(text, fmt, BATCH_LINES, name, warn), name)
+
+
+#: The most bytes one message of an Arrow object may decompress to: its record batch is read whole.
+MOST_ARROW_BATCH_BYTES = 256 << 20
+
+
+def _arrow_file(source, name: str) -> Iterator[files.Chunk]:
+    """An Arrow IPC file's events in chunks of at most COLUMNAR_ROWS, once its messages' metadata
+    shows it holds no more than its rows could as events, in record batches of a bounded size:
+    its buffers may be compressed, and a few hundred KB of zeros decompressed to gigabytes, each
+    batch read whole."""
+    try:
+        size, most = ipc.measure_file(source)
+    except (ValueError, struct.error) as error:
+        raise InvalidArgument("uri", f"{name} is not a readable Arrow IPC file: {error}") from None
+    if size.decoded_bytes > (limit := ipc.byte_limit(size, MAX_EVENT_BYTES, MAX_VALUE_BYTES)):
+        raise InvalidArgument("uri", f"{name} decompresses to {size.decoded_bytes:,} bytes, more than its "
+                                     f"{size.rows:,} rows could hold as events ({limit:,}): not read")
+    if most > MOST_ARROW_BATCH_BYTES:
+        raise InvalidArgument("uri", f"{name} has a record batch of {most:,} bytes, more than the "
+                                     f"{MOST_ARROW_BATCH_BYTES:,} one may take: write it in smaller record batches")
+    reader = pa.ipc.open_file(source)
+    return files._columnar((batch.slice(at, COLUMNAR_ROWS) for i in range(reader.num_record_batches)
+                            for batch in (reader.get_batch(i),) for at in range(0, batch.num_rows, COLUMNAR_ROWS)),
+                           name)
 
 
 #: A compressed Parquet or Arrow object may inflate to at most this many times its size, and 64

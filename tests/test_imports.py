@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -497,5 +498,37 @@ def test_a_server_stopping_mid_import_begins_no_more_objects(bucket, tmp_path):
         rest = abstream_import(server, f"s3://{name}/many/")
         assert rest.returncode == 0 and rest.stdout.splitlines()[-1].startswith("40 objects"), rest.stdout
         assert stored(server, "stopping") == 80_000
+    finally:
+        server.terminate()
+
+
+def test_an_arrow_object_that_decompresses_past_what_its_rows_could_hold_fails_alone_unread(bucket, tmp_path):
+    """An Arrow file's buffers may be compressed: 2 MB of zstd-compressed zeros decompressed to
+    2 GB, every batch read whole. Its messages' metadata is read first, and such an object fails
+    alone; an honest one of a record batch larger than a request is sent in pieces."""
+    client, name = bucket
+    rows = 10
+    zeros = pa.table({"timestamp": pa.array([1_745_000_000_000_000_000] * rows, pa.timestamp("ns", "UTC")),
+                      "user_id": ["u"] * rows, "test_id": ["bomb_arrow"] * rows, "variant": ["a"] * rows,
+                      "padding": pa.array(np.zeros((rows, 25_000_000 // rows), np.int64).tolist(),
+                                          pa.list_(pa.int64()))})
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, zeros.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(zeros)
+    assert len(sink.getvalue()) < 1 << 20  # 200 MB of zeros
+    client.put_object(Bucket=name, Key="arrow/a_bomb.arrow", Body=sink.getvalue())
+    big = events(300_000, "big_arrow")
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, big.schema) as writer:
+        writer.write_table(big, max_chunksize=300_000)  # one record batch, more than a request takes
+    client.put_object(Bucket=name, Key="arrow/b_big.arrow", Body=sink.getvalue())
+    server = Server(tmp_path / "data").start()
+    try:
+        result = abstream_import(server, f"s3://{name}/arrow/")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "a_bomb.arrow: FAILED: " in result.stdout and "more than its 10 rows could hold as events" \
+            in result.stdout, result.stdout
+        assert "b_big.arrow: 300,000 stored" in result.stdout, result.stdout
+        assert stored(server, "big_arrow") == 300_000 and stored(server, "bomb_arrow") == 0
     finally:
         server.terminate()
