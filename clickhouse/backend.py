@@ -361,14 +361,12 @@ class Cluster:
                 return
             except Exception as error:  # noqa: BLE001 - the driver's, translated
                 code = getattr(error, "code", None)
-                if code in _LACKING:  # a replica without the table (or behind): another one takes it
-                    self._silence(_reached(client), f"cannot take an insert ({_said(error)})")
-                    if (lacking := lacking + 1) < len(replicas):
-                        continue
-                    unavailable = Unavailable(f"{where}: no replica took the insert: a replica lacks a table or is "
-                                              f"behind ({_said(error)})", retry_after=1.0)
-                    unavailable.code = code
-                    raise unavailable from error
+                if code in _LACKING and (lacking := lacking + 1) < len(replicas):
+                    # A replica without the table: another one takes the insert. Tried last for a
+                    # while if it is the one reached (not when a server it sent rows to said so).
+                    if "Received from" not in str(error):
+                        self._silence(_reached(client), f"cannot take an insert ({_said(error)})")
+                    continue
                 # One quorum insert at a time per partition (18.16): another gateway's (or stream's)
                 # is being confirmed. Ours goes once it is; resending the same rows is safe.
                 if code != 286 or time.monotonic() > deadline:

@@ -2,10 +2,10 @@
 
 Each test's events are read as stored, 100,000 at a time (store/execute.py `export`), and sent
 through the cluster engine's own ingest as batches of the producer `migrate:<test>`, each
-numbered by the count of the test's events up to its last: a re-run, with any batch size, skips
-what is recorded and resends the batch in flight, whose blocks the replicas recognise when its
-size is the same (a batch's index for its number skipped or stored again events when a re-run
-was given another size). The copy is verified by counting each test's events on both
+numbered by the count of the test's events up to its last: a re-run, with any batch size, sends
+what follows the last recorded event (a batch's index for its number skipped or stored again
+events when a re-run was given another size). A batch in flight when a run stopped is sent
+again; the replicas recognise its blocks when the batch size is the same. The copy is verified by counting each test's events on both
 sides. Stop the server that owns the data directory first: this opens it.
 """
 
@@ -29,9 +29,15 @@ def migrate(data_dir: str | Path, engine: ClickHouseEngine, out=sys.stdout, rows
         tests = store.list_tests()
         for info in tests:
             started, sent, through = time.monotonic(), 0, 0
+            producer = f"migrate:{info.test_id}"
+            recorded = engine.last_sequence(producer)
             for table in store.export(info.test_id, rows=rows):
-                through += table.num_rows
-                batch = ValidatedBatch(table, [], time.time_ns(), f"migrate:{info.test_id}", through)
+                first, through = through, through + table.num_rows
+                if through <= recorded:
+                    continue
+                if first < recorded:  # a batch of another size across what is recorded: its rest
+                    table = table.slice(recorded - first)
+                batch = ValidatedBatch(table, [], time.time_ns(), producer, through)
                 result = engine.apply(engine.prepare(batch))
                 sent += result.accepted
             print(f"{info.test_id}: {info.events:,} events ({sent:,} sent now) in {time.monotonic() - started:.1f}s",

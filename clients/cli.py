@@ -1213,6 +1213,8 @@ def _import(args) -> int:
                             "skipped": "imported before", "failed": f"FAILED: {p.error}"}[p.state]
                     print(f"{p.uri}: {what}", flush=True)
             except grpc.RpcError as error:
+                if progress:
+                    print("\r\033[K", end="", file=sys.stderr)
                 if not args.watch or not retry_delay(error):
                     raise
                 wait = max(args.interval, retry_delay(error))

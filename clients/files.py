@@ -119,11 +119,15 @@ def read_stream(f: BinaryIO, fmt: str, lines: int, name: str, warn: Callable[[st
         raise FileProblem(f"{name} is not a readable {fmt} file: {error}") from None
 
 
+#: How a gzip member begins: files, bodies and objects are told gzip by it, whatever their names.
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _open(path: str) -> BinaryIO:
     """The file (or standard input), inflated as it is read when it is gzip (by its first bytes,
     whatever its name: log shippers and `gzip` write NDJSON so)."""
     f = sys.stdin.buffer if path == "-" else open(path, "rb")
-    if f.peek(2)[:2] != b"\x1f\x8b":
+    if f.peek(2)[:2] != GZIP_MAGIC:
         return f
     import gzip
 
@@ -353,9 +357,9 @@ def from_iso(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text)
 
 
-#: Seconds since the epoch as text: digits, a fraction, but not 8 digits alone (ISO 8601's
-#: YYYYMMDD, a date).
-_SECONDS = re.compile(r"-?(?![0-9]{8}$)[0-9]{1,12}(?:\.[0-9]+)?")
+#: Seconds since the epoch as text: 9 to 12 digits (from 1973), a fraction. Fewer are ISO 8601's
+#: basic dates and times ('20250428', '2025') or nothing meant as a time.
+_SECONDS = re.compile(r"[0-9]{9,12}(?:\.[0-9]+)?")
 
 
 def parse_time(value: Any):
@@ -562,7 +566,7 @@ def _csv_chunk(strings: pa.Table, numbers: np.ndarray) -> Chunk:
             else:
                 columns[f.name] = strings.column(f.name).cast(f.type)
         revenue = columns["revenue"]  # "NaN" and "inf" cast; the row by row reading names them
-        if np.count_nonzero(~np.isfinite(revenue.to_numpy())) == revenue.null_count:
+        if np.count_nonzero(~np.isfinite(revenue.to_numpy(zero_copy_only=False))) == revenue.null_count:
             return Chunk(pa.table(columns, schema=FILE_SCHEMA), numbers, [], int(numbers[-1]) if len(numbers) else 0)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a value Arrow cannot convert: find which, row by row

@@ -78,7 +78,10 @@ def _batch_size(batch: _Table, body_size: int, prefix) -> tuple[int, int]:
     rows = batch.scalar(0, "<q")
     compressed = batch.table(3) is not None
     total = 0
-    for entry in batch.structs(2, 16):
+    entries = batch.structs(2, 16)
+    if len(entries) > _MOST_BUFFERS:
+        raise ValueError(f"a batch of {len(entries):,} buffers; at most {_MOST_BUFFERS:,}")
+    for entry in entries:
         offset, length = struct.unpack("<qq", entry)
         if offset < 0 or length < 0 or offset + length > body_size:
             raise ValueError("a buffer lies outside its message's body")
@@ -135,47 +138,55 @@ def measure(source: pa.Buffer) -> StreamSize:
 #: The longest message metadata (a flatbuffer) an IPC file is read with: a schema of ten columns
 #: takes a kilobyte.
 _MOST_METADATA = 16 << 20
+#: The most messages, and buffers of one message, an IPC file is measured with (each is a read).
+_MOST_BLOCKS, _MOST_BUFFERS = 100_000, 10_000
+#: A body up to this size is read whole to measure it: one read instead of one per buffer.
+_BODY_READ_WHOLE = 4 << 20
 
 
 def measure_file(f) -> tuple[StreamSize, int]:
     """Rows and decompressed size of an IPC file (a seekable binary file), and the most bytes
-    one of its messages decompresses to, from its messages' metadata and the 8 bytes that begin
-    each compressed buffer: no body is read whole, nothing decompressed. ValueError when it is
-    not one."""
+    one of its messages decompresses to beyond its own size, from its footer (where the batches a
+    reader reads are) and those messages' metadata and the 8 bytes that begin each compressed
+    buffer: nothing is decompressed. ValueError when it is not one."""
     size = f.seek(0, 2)
     f.seek(0)
     if size < 18 or f.read(6) != b"ARROW1":
         raise ValueError("it does not begin as an Arrow IPC file does")
     f.seek(size - 10)
-    footer, magic = struct.unpack("<i6s", f.read(10))
-    end = size - 10 - footer
-    if magic != b"ARROW1" or not 8 <= end <= size - 10:
+    footer_size, magic = struct.unpack("<i6s", f.read(10))
+    if magic != b"ARROW1" or not 0 < footer_size <= min(size - 18, _MOST_METADATA):
         raise ValueError("it does not end as an Arrow IPC file does (cut short?)")
-    at, rows, dictionary_rows, decoded, most = 8, 0, 0, 0, 0
-    while at + 4 <= end:
-        f.seek(at)
-        (length,) = struct.unpack("<i", f.read(4))
-        at += 4
-        if length == -1:  # the continuation marker of the current format: the length follows
-            (length,) = struct.unpack("<i", f.read(4))
-            at += 4
-        if length == 0:  # the end of the stream
-            break
-        if not 0 < length <= min(_MOST_METADATA, end - at):
-            raise ValueError(f"a message's metadata of {length:,} bytes at byte {at:,}")
-        meta = f.read(length)
-        body_at = at + length
-        body_size = _Table(meta, _read(meta, "<I", 0)).scalar(3, "<q")
-        if not 0 <= body_size <= end - body_at:
-            raise ValueError(f"a message's body of {body_size:,} bytes at byte {body_at:,} runs past the file")
+    f.seek(size - 10 - footer_size)
+    footer = f.read(footer_size)
+    root = _Table(footer, _read(footer, "<I", 0))
+    blocks = root.structs(2, 24) + root.structs(3, 24)  # dictionary batches, record batches
+    if len(blocks) > _MOST_BLOCKS:
+        raise ValueError(f"{len(blocks):,} batches; at most {_MOST_BLOCKS:,}")
+    rows = dictionary_rows = decoded = most = 0
+    for block in blocks:
+        offset, meta_size, _, body_size = struct.unpack("<qiiq", block)
+        if not (8 <= offset and 8 <= meta_size <= _MOST_METADATA and 0 <= body_size
+                and offset + meta_size + body_size <= size):
+            raise ValueError(f"a batch at byte {offset:,} lies outside the file")
+        f.seek(offset)
+        meta = f.read(meta_size)
+        skip = 8 if meta[:4] == b"\xff\xff\xff\xff" else 4  # the continuation marker, then the length
+        meta = meta[skip:]
+        body_at = offset + meta_size
+        whole = None
+        if body_size <= _BODY_READ_WHOLE:
+            f.seek(body_at)
+            whole = f.read(body_size)
 
-        def prefix(offset: int, body_at: int = body_at) -> bytes:
-            f.seek(body_at + offset)
+        def prefix(at: int, body_at: int = body_at, whole: bytes | None = whole) -> bytes:
+            if whole is not None:
+                return whole[at:at + 8]
+            f.seek(body_at + at)
             return f.read(8)
         n, values, decompressed = _message_size(meta, body_size, prefix)
         rows, dictionary_rows, decoded = rows + n, dictionary_rows + values, decoded + decompressed
-        most = max(most, decompressed)
-        at = body_at + body_size
+        most = max(most, decompressed - body_size)
     return StreamSize(rows, dictionary_rows, decoded), most
 
 

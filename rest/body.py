@@ -16,6 +16,7 @@ import io
 import zlib
 from typing import Awaitable, Callable
 
+from abstream.clients.files import GZIP_MAGIC
 from abstream.rest.errors import BodyTooLarge, HttpError
 
 _INFLATE = 1 << 20
@@ -23,7 +24,6 @@ _INFLATE = 1 << 20
 #: copied, so that a body of many tiny members cost time in the square of a piece's size (1.66 s
 #: for 1 MiB of empty members in one piece).
 _FEED = 8 << 10
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class _Pieces(io.RawIOBase):

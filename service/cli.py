@@ -19,7 +19,6 @@ examples:
   abstream serve --engine clickhouse --clickhouse ch1:9000 --clickhouse-cluster prod"""
 
 
-
 def _batch_rows(text: str) -> int:
     try:
         rows = int(text)
@@ -28,6 +27,7 @@ def _batch_rows(text: str) -> int:
     if not 1 <= rows <= 10_000_000:
         raise argparse.ArgumentTypeError(f"must be a whole number of events from 1 to 10,000,000, not {text!r}")
     return rows
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="abstream")

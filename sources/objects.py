@@ -38,7 +38,6 @@ log = logging.getLogger("abstream.sources.objects")
 
 #: The sequence of an object's last batch: past it, the object is imported.
 FINISHED = 1 << 62
-GZIP_MAGIC = b"\x1f\x8b"
 #: What the AWS SDK says of a failure that passes (the store unreachable, slowing callers down,
 #: failing inside): the import is UNAVAILABLE, not the caller's mistake.
 _PASSING = ("NETWORK_CONNECTION", "SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
@@ -122,13 +121,17 @@ def under_root(path: str, import_root: str) -> bool:
 
 
 def _listed(found: list[pafs.FileInfo], under: str) -> list[pafs.FileInfo]:
-    """The objects of a listing, in name order, but for those a writer leaves beside its data:
-    a name under `under` with a part starting with `_` or `.` (Spark's and Hadoop's `_SUCCESS`
-    and `_temporary/`, whose files are then copied to their own names and would be imported
-    twice; `.` for hidden files), as Arrow's and Spark's own dataset readers skip them."""
+    """The objects of a listing under `under` (a folder, or a key prefix as typed), in name
+    order, but for those a writer leaves beside its data: a name with a part after `under` that
+    starts with `_` or `.` (Spark's and Hadoop's `_SUCCESS` and `_temporary/`, whose files are
+    then copied to their own names and would be imported twice; `.` for hidden files), as Arrow's
+    and Spark's own dataset readers skip them. What was typed is never tested (`s3://b/_2025`)."""
     def kept(f: pafs.FileInfo) -> bool:
-        rest = f.path[len(under):] if f.path.startswith(under) else f.path
-        return f.type == pafs.FileType.File and not any(part[:1] in ("_", ".") for part in rest.split("/") if part)
+        parts = f.path[len(under):].split("/")
+        if not under.endswith("/"):  # the rest of a part typed in part
+            parts = parts[1:]
+        return f.type == pafs.FileType.File and f.path.startswith(under) and \
+            not any(part[:1] in ("_", ".") for part in parts)
     return sorted((f for f in found if kept(f)), key=lambda f: f.path)
 
 
@@ -147,7 +150,7 @@ def objects(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if info.type == pafs.FileType.NotFound and not path.endswith("/"):  # a key prefix: s3://bucket/events/2025-
         prefix = path.rsplit("/", 1)[0]
         found = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-        return _listed([f for f in found if f.path.startswith(path)], prefix + "/")
+        return _listed(found, path)
     found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
     return _listed(found, path.rstrip("/") + "/")
 
@@ -188,7 +191,7 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         parquet = pq.ParquetFile(source, read_dictionary=[c for c in _DICTIONARIES if c in present], pre_buffer=True)
         return parquet_chunks(parquet, COLUMNAR_ROWS, name, "uri", use_threads=False)
     if fmt == "arrow" and not compression:
-        return _arrow_file(fs.open_input_file(info.path), name)
+        return _arrow_file(fs.open_input_file(info.path), name, info.size)
     stream = fs.open_input_stream(info.path, compression=compression, buffer_size=1 << 20)
     if fmt == "parquet":  # compressed: read from its end only once inflated
         import pyarrow.parquet as pq
@@ -196,32 +199,36 @@ def read_object(fs: pafs.FileSystem, info: pafs.FileInfo, fmt: str, compression:
         return parquet_chunks(pq.ParquetFile(_inflated(stream, info.size, name)), COLUMNAR_ROWS, name, "uri",
                               use_threads=False)
     if fmt == "arrow":
-        return _arrow_file(_inflated(stream, info.size, name), name)
+        inflated = _inflated(stream, info.size, name)
+        return _arrow_file(inflated, name, inflated.seek(0, 2))
     text = io.BufferedReader(_Raw(stream), 1 << 20)
-    if compression is None and text.peek(2)[:2] == GZIP_MAGIC:  # gzip whatever its name, as files are read
+    if compression is None and text.peek(2)[:2] == files.GZIP_MAGIC:  # gzip whatever its name, as files are read
         text = io.BufferedReader(gzip.GzipFile(fileobj=text, mode="rb"), 1 << 20)
     return readable(files.read_stream(text, fmt, BATCH_LINES, name, warn), name)
 
 
-#: The most bytes one message of an Arrow object may decompress to: its record batch is read whole.
-MOST_ARROW_BATCH_BYTES = 256 << 20
+#: The most one record batch of an Arrow object may grow by when decompressed: it is read whole.
+MOST_ARROW_INFLATION = 256 << 20
 
 
-def _arrow_file(source, name: str) -> Iterator[files.Chunk]:
-    """An Arrow IPC file's events in chunks of at most COLUMNAR_ROWS, once its messages' metadata
-    shows it holds no more than its rows could as events, in record batches of a bounded size:
-    its buffers may be compressed, and a few hundred KB of zeros decompressed to gigabytes, each
-    batch read whole."""
+def _arrow_file(source, name: str, size: int) -> Iterator[files.Chunk]:
+    """An Arrow IPC file's events in chunks of at most COLUMNAR_ROWS, once its footer and its
+    batches' metadata show that decompressing them costs no more than their rows could hold as
+    events, nor any batch more than MOST_ARROW_INFLATION beyond its own size: its buffers may be
+    compressed, and a few hundred KB of zeros decompressed to gigabytes, each batch read whole.
+    An uncompressed file costs what it holds, whatever its columns."""
     try:
-        size, most = ipc.measure_file(source)
+        measured, most = ipc.measure_file(source)
     except (ValueError, struct.error) as error:
         raise InvalidArgument("uri", f"{name} is not a readable Arrow IPC file: {error}") from None
-    if size.decoded_bytes > (limit := ipc.byte_limit(size, MAX_EVENT_BYTES, MAX_VALUE_BYTES)):
-        raise InvalidArgument("uri", f"{name} decompresses to {size.decoded_bytes:,} bytes, more than its "
-                                     f"{size.rows:,} rows could hold as events ({limit:,}): not read")
-    if most > MOST_ARROW_BATCH_BYTES:
-        raise InvalidArgument("uri", f"{name} has a record batch of {most:,} bytes, more than the "
-                                     f"{MOST_ARROW_BATCH_BYTES:,} one may take: write it in smaller record batches")
+    limit = max(ipc.byte_limit(measured, MAX_EVENT_BYTES, MAX_VALUE_BYTES), size)
+    if measured.decoded_bytes > limit:
+        raise InvalidArgument("uri", f"{name} decompresses to {measured.decoded_bytes:,} bytes, more than its "
+                                     f"{measured.rows:,} rows could hold as events ({limit:,}): not read")
+    if most > MOST_ARROW_INFLATION:
+        raise InvalidArgument("uri", f"{name} has a record batch that decompresses to {most:,} bytes more than its "
+                                     f"size, past the {MOST_ARROW_INFLATION:,} one may: write it in smaller record "
+                                     "batches")
     reader = pa.ipc.open_file(source)
     return files._columnar((batch.slice(at, COLUMNAR_ROWS) for i in range(reader.num_record_batches)
                             for batch in (reader.get_batch(i),) for at in range(0, batch.num_rows, COLUMNAR_ROWS)),

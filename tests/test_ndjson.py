@@ -306,6 +306,17 @@ def test_a_csv_row_of_another_width_or_not_utf8_rejects_that_row_alone():
     assert rows[90_001]["user_id"] == "u89999" and rows[90_003]["user_id"] == "u90001"
 
 
+def test_a_clean_csv_block_without_some_columns_is_read_by_arrow_alone(monkeypatch):
+    """Checking revenue for NaN sent every block of a file without a revenue column row by row
+    (its column of nulls could not be viewed as numbers)."""
+    def row_by_row(*args):
+        raise AssertionError("read row by row")
+    monkeypatch.setattr(files, "_csv_rows", row_by_row)
+    monkeypatch.setattr(files, "typed_event", row_by_row)
+    rows, problems, _ = chunks_of(b"timestamp,user_id,test_id,variant\n2025-04-28 18:42:22,u1,t,a\n", "csv")
+    assert problems == {} and rows[2]["revenue"] is None and rows[2]["user_id"] == "u1"
+
+
 def test_csv_values_are_read_as_written_whichever_reading_takes_them():
     """Arrow's reader took "NA", "null" and "N/A" for missing (Namibia's country dropped, a user
     named null refused); "1.0" (pandas' float column) was no conversion, seconds since the epoch
@@ -324,7 +335,9 @@ def test_csv_values_are_read_as_written_whichever_reading_takes_them():
                          r["timestamp"].isoformat()) for n, r in rows.items()} == read
         assert len(problems) == bool(broken)
     for bad, problem in (("2025-04-28 18:42:22,u4,t,a,1.5,2,AU", ("conversion", 'conversion must be 0 or 1, got "1.5"')),
-                         ("2025-04-28 18:42:22,u5,t,a,1,NaN,AU", ("revenue", 'revenue must be a finite number, got "NaN"'))):
+                         ("2025-04-28 18:42:22,u5,t,a,1,NaN,AU", ("revenue", 'revenue must be a finite number, got "NaN"')),
+                         ("2025,u6,t,a,1,2,AU", ("timestamp", "timestamp must be 'YYYY-MM-DD HH:MM:SS' (UTC), RFC 3339 "
+                                                              'or seconds since the Unix epoch, got "2025"'))):
         rows, problems, _ = chunks_of((header + good[0] + "\n" + bad + "\n").encode(), "csv", lines=100)
         assert (sorted(rows), problems) == ([2], {3: problem})
 

@@ -52,10 +52,10 @@ function ingest(client, batches, options = {}) {
     call.on('data', (ack) => acks.push(ack));
     call.on('error', (error) => { ended = true; reject(Object.assign(error, { acks })); });
     call.on('end', () => { ended = true; resolve(acks); });
-    const room = () => new Promise((ready) => {
-      const go = () => { call.off('drain', go); call.off('close', go); ready(); };
-      call.on('drain', go);
-      call.on('close', go);
+    const room = () => new Promise((ready) => { // or the stream's end: the loop then stops
+      const events = ['drain', 'close', 'error', 'end', 'status'];
+      const go = () => { for (const e of events) call.off(e, go); ready(); };
+      for (const e of events) call.on(e, go);
     });
     (async () => {
       let sequence = options.sequence || 1;
@@ -66,8 +66,9 @@ function ingest(client, batches, options = {}) {
       }
       call.end();
     })().catch((error) => { // the batches' own iterator failed: nothing more is sent
+      reject(Object.assign(error, { acks })); // first: the cancel's own error must not be the one said
+      ended = true;
       call.cancel();
-      reject(Object.assign(error, { acks }));
     });
   });
 }
@@ -96,9 +97,10 @@ function unary(client, method, request, options = {}) {
 }
 
 /**
- * A google.protobuf.Timestamp from a Date, 'YYYY-MM-DD HH:MM:SS' (UTC), a date alone (its
- * midnight, UTC) or RFC 3339, as the Python client reads them; a TypeError for anything else (an
- * invalid time used to be sent as the epoch, and Date's own parser took 2025-02-30 for March 2).
+ * A google.protobuf.Timestamp from a Date, 'YYYY-MM-DD HH:MM[:SS[.fraction]]' (UTC), a date
+ * alone (its midnight, UTC) or RFC 3339 (a lowercase t or z, an offset with or without its colon,
+ * as the Python client reads them too); a TypeError for anything else (an invalid time used to be
+ * sent as the epoch, and Date's own parser took 2025-02-30 for March 2).
  */
 const TIME = /^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?(?:([zZ])|([+-])(\d{2})(?::?(\d{2}))?)?)?$/;
 

@@ -73,7 +73,7 @@ test('times as users write them, and a clear error for one that is not', () => {
   assert.deepEqual(timestamp('2025-04-28T18:42:22.123456789Z'), { seconds: 1745865742, nanos: 123456789 });
   assert.deepEqual(timestamp('1969-12-31 23:59:59.25'), { seconds: -1, nanos: 250000000 });
   assert.throws(() => timestamp('yesterday'), /"yesterday" is not a time/);
-  // As the Python client reads them: an offset without a colon, a lowercase t and z, a date alone.
+  // As the Python client reads them too: an offset without a colon, a lowercase t and z, a date alone.
   assert.deepEqual(timestamp('2025-04-28T20:42:22+0200'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28t18:42:22z'), { seconds: 1745865742, nanos: 0 });
   assert.deepEqual(timestamp('2025-04-28'), { seconds: 1745798400, nanos: 0 });
