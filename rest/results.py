@@ -146,6 +146,10 @@ class ResultsPage:
     def __init__(self, core: Core, route) -> None:
         self.core = core
         self._route = route
+        # Each test's badge, by what it was worked out from: a test unchanged since the last
+        # refresh (its events, their span, its plan) is not analysed again. Every viewer's page
+        # asks every few seconds, and most tests of a long list are idle.
+        self._badges: dict[str, tuple[tuple, dict[str, str]]] = {}
 
     def add_routes(self, app: web.Application) -> None:
         route = self._route
@@ -191,18 +195,28 @@ class ResultsPage:
         started = time.perf_counter()
         principal: Principal = request["principal"]
         tests = sorted(await self.core.list_tests(principal), key=lambda t: (-t.last_event_ns, t.test_id))
-        rows = []
+        rows, badges = [], {}
         for k, t in enumerate(tests):
             row = _test(t)
+            row["status"] = {"kind": "unknown", "text": "—"}
             if k < STATUS_LIMIT and t.events:
-                try:
-                    r = await self.core.summary(principal, SummaryQuery(t.test_id))
-                    row["status"] = status_of(r.analysis, AnalysisOptions().confidence)
-                except AbstreamError:  # deleted meanwhile, or refused: the others are still shown
-                    row["status"] = {"kind": "unknown", "text": "—"}
-            else:
-                row["status"] = {"kind": "unknown", "text": "—"}
+                of = (t.events, t.users, t.first_event_ns, t.last_event_ns, tuple(t.variants),
+                      t.experiment.updated_ns if t.experiment is not None else None)
+                known = self._badges.get(t.test_id)
+                if known is not None and known[0] == of:
+                    row["status"] = known[1]
+                else:
+                    try:
+                        r = await self.core.summary(principal, SummaryQuery(t.test_id))
+                        row["status"] = status_of(r.analysis, AnalysisOptions().confidence)
+                    except AbstreamError:  # deleted meanwhile, or refused: the others are still shown
+                        rows.append(row)
+                        continue
+                badges[t.test_id] = (of, row["status"])
             rows.append(row)
+        self._badges.update(badges)  # (a token that sees fewer tests does not forget the others')
+        if len(self._badges) > 4 * STATUS_LIMIT:
+            self._badges = badges
         return web.json_response({"tests": rows, "as_of": iso(time.time_ns()),
                                   "elapsed_ms": (time.perf_counter() - started) * 1000})
 

@@ -1220,6 +1220,31 @@ def test_a_query_whose_client_went_away_is_stopped_not_run_to_its_end(tmp_path):
         server.stop()
 
 
+def test_the_list_of_tests_analyses_only_the_tests_that_changed_since_it_was_last_asked_for(http):
+    """Every viewer's page asks for the list every few seconds, and each ask analysed every test
+    (up to 200 Summaries); a test unchanged since keeps the badge it had."""
+    engine = http.thread.server.core.engine
+    summary, asked = engine.summary, []
+
+    def counted(query):
+        asked.append(query.test_id)
+        return summary(query)
+    engine.summary = counted
+    for test_id in ("idle_a", "idle_b", "busy"):
+        events = [{**TUTORIAL_EVENT, "test_id": test_id, "user_id": f"{test_id}{i}", "variant": "AB"[i % 2],
+                   "conversion": i % 3 == 0} for i in range(40)]
+        assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(events))[0] == 200
+    first = http.json("GET", "/api/tests")[1]["tests"]
+    assert sorted(asked) == ["busy", "idle_a", "idle_b"]
+    asked.clear()
+    again = http.json("GET", "/api/tests")[1]["tests"]
+    assert asked == [] and [(t["test_id"], t["status"]) for t in again] == [(t["test_id"], t["status"]) for t in first]
+    more = [{**TUTORIAL_EVENT, "test_id": "busy", "user_id": "late", "timestamp": "2025-04-29 10:00:00"}]
+    assert http.json("POST", "/v0/events?name=ab_test_events&wait=true", ndjson(more))[0] == 200
+    http.json("GET", "/api/tests")
+    assert asked == ["busy"]
+
+
 def test_a_body_whose_client_left_part_way_is_counted_499_not_as_the_servers_or_the_clients_error(tmp_path):
     """A client that closes its connection mid-body is gone, not wrong: its request was counted
     500 with a traceback logged (a small body, read whole) or 400 (a streamed one)."""
