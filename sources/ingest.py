@@ -126,13 +126,14 @@ class Ingest:
     async def chunks(self, principal: Principal, make: Callable[[], Iterator[files.Chunk]], producer: str = "",
                      sequence: Callable[[files.Chunk, int], int] = lambda chunk, k: k,
                      where: Callable[[int], str] | None = None, skip_through: int = 0, whole: bool = False,
-                     own_producers: bool = True) -> Outcome:
+                     own_producers: bool = True, final: int | None = None) -> Outcome:
         """Stores what `make()` reads (in a worker thread); with `producer`, batch k (from 1) goes
         with `sequence(chunk, k)`, so the same body sent again stores nothing twice, and batches
         up to `skip_through` are not sent at all (stored before). `where(line)` says where a
         line came from, first in its rejections (the line number's own words if not given).
         `whole`: a small body, read in one step (its chunks are few, the hops between threads
-        per chunk are not)."""
+        per chunk are not). An empty chunk is sent only when numbered `final`: it records that
+        what had no events was read to its end."""
         loop = asyncio.get_running_loop()
         outcome = Outcome()
         in_flight: collections.deque = collections.deque()
@@ -169,10 +170,10 @@ class Ingest:
                     return
                 if chunk is None:
                     return
-                if not chunk.table.num_rows and not chunk.problems:
+                number = sequence(chunk, k + 1)
+                if not chunk.table.num_rows and not chunk.problems and not (producer and number == final):
                     continue
                 k += 1
-                number = sequence(chunk, k)
                 if producer and number <= skip_through:
                     outcome.already_stored += chunk.table.num_rows + len(chunk.problems)
                     continue

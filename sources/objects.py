@@ -23,6 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import AsyncIterator, BinaryIO, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from abstream.clients import files
@@ -274,9 +275,10 @@ def _final_marked(chunks: Iterator[files.Chunk], final: list) -> Iterator[files.
         if previous is not None:
             yield previous
         previous = chunk
-    if previous is not None:
-        final.append(previous)
-        yield previous
+    if previous is None:
+        previous = files.Chunk(files.FILE_SCHEMA.empty_table(), np.zeros(0, np.int64), [], 0)
+    final.append(previous)
+    yield previous
 
 
 class Importer:
@@ -354,7 +356,8 @@ class Importer:
             try:
                 outcome = await self._ingest.chunks(
                     principal, read, producer, sequence=lambda chunk, k: FINISHED if final and chunk is final[0] else k,
-                    where=lambda line: f"{name} line {line}", skip_through=stored, own_producers=False)
+                    where=lambda line: f"{name} line {line}", skip_through=stored, own_producers=False,
+                    final=FINISHED)
             except (OSError, pa.ArrowException, files.FileProblem, InvalidArgument) as error:
                 # This object cannot be read (a column of a type no event field takes): the others still are.
                 return dataclasses.replace(progress, state="failed", error=f"cannot read {name}: {error}")

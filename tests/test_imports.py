@@ -534,3 +534,23 @@ def test_an_arrow_object_that_decompresses_past_what_its_rows_could_hold_fails_a
         assert stored(server, "big_arrow") == 300_000 and stored(server, "bomb_arrow") == 0
     finally:
         server.terminate()
+
+
+def test_an_object_without_events_is_recorded_imported_too(bucket, tmp_path):
+    """A CSV of its header alone, or an empty file, sent nothing, so nothing recorded it: it was
+    read again, and said imported, at every run (every round of a --watch)."""
+    client, name = bucket
+    client.put_object(Bucket=name, Key="quiet/header.csv", Body=b"timestamp,user_id,test_id,variant\n")
+    client.put_object(Bucket=name, Key="quiet/empty.ndjson", Body=b"")
+    client.put_object(Bucket=name, Key="quiet/some.csv", Body=csv_bytes(events(5, "quiet_test")))
+    server = Server(tmp_path / "data").start()
+    try:
+        first = abstream_import(server, f"s3://{name}/quiet/")
+        assert first.returncode == 0 and first.stdout.count(": 0 stored, 0 quarantined") == 2, first.stdout
+        server.terminate()
+        server = Server(tmp_path / "data").start()  # recorded durably, as events are
+        again = abstream_import(server, f"s3://{name}/quiet/")
+        assert again.returncode == 0 and again.stdout.count("imported before") == 3, again.stdout
+        assert stored(server, "quiet_test") == 5
+    finally:
+        server.terminate()
