@@ -78,6 +78,20 @@ def send(address: str, producer: str, seq: int, timeout: float = 20) -> pb.Inges
         return ack
 
 
+def send_once_taken(address: str, producer: str, seq: int) -> None:
+    """Sends a batch again while the cluster answers UNAVAILABLE (for up to a minute), as a
+    producer does; it is then stored, or found stored before."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ack = send(address, producer, seq, timeout=30)
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
+            time.sleep(0.5)
+    assert ack.accepted == BATCH or ack.duplicate
+
+
 def totals(address: str, test_id: str = "dur") -> tuple[int, int]:
     with grpc.insecure_channel(address) as channel:
         rows = pb_stub(channel).Summary(pb.SummaryRequest(test_id=test_id), timeout=30).rows
@@ -172,15 +186,7 @@ def test_a_killed_replica_leaves_queries_answered_and_ingest_to_the_quorum_setti
         assert send(quorum1.address, "r1", 1).accepted == BATCH  # one replica is enough for it
     finally:
         cluster.start_node(1)
-    deadline = time.monotonic() + 60
-    while True:  # the restarted replica catches up, and the quorum is met again
-        try:
-            ack = send(quorum2.address, "r", 2, timeout=30)
-            break
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
-            time.sleep(0.5)
-    assert ack.accepted == BATCH or ack.duplicate
+    send_once_taken(quorum2.address, "r", 2)  # the restarted replica catches up, and the quorum is met again
     assert totals(quorum2.address) == (2 * BATCH, 2 * BATCH)
     deadline = time.monotonic() + 30
     while totals(quorum1.address) != (BATCH, BATCH):  # without a quorum, seen once a replica has it
@@ -343,15 +349,7 @@ def test_a_replica_that_lacks_a_table_is_passed_over_for_its_shards_other_one(cl
         on_it.disconnect()
     said = [line for line in g.log().splitlines() if "tried last" in line]
     assert len(said) == 1 and f"ClickHouse at 127.0.0.1:{lacking.tcp_port} cannot" in said[0], said
-    deadline = time.monotonic() + 60
-    while True:  # once the table is back, the retry goes in, once
-        try:
-            ack = send(g.address, "l", 2)
-            break
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
-            time.sleep(0.5)
-    assert ack.accepted == BATCH or ack.duplicate
+    send_once_taken(g.address, "l", 2)  # once the table is back, the retry goes in, once
     assert totals(g.address) == (2 * BATCH, 2 * BATCH)
     g.terminate()
 
@@ -442,15 +440,7 @@ def test_zookeeper_down_refuses_ingest_with_retry_info_and_answers_queries(clust
         assert totals(g.address) == (BATCH, BATCH)
     finally:
         cluster.start_zookeeper()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ack = send(g.address, "z", 2, timeout=30)
-            break
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error.details()
-            time.sleep(0.5)
-    assert ack.accepted == BATCH or ack.duplicate
+    send_once_taken(g.address, "z", 2)
     assert totals(g.address) == (2 * BATCH, 2 * BATCH)
 
 
