@@ -231,6 +231,7 @@ class KafkaSource:
         self._generation: dict[tuple[str, int], int] = {}  # of each assigned partition's log (producer_of)
         self._below: dict[tuple[str, int], float] = {}  # since when each one's log ends below _next
         self._paused = False  # every assigned partition, while ingest refuses (`_store`)
+        self._missing: set[str] = set()  # topics the broker says it does not have, while others are read
         self._fatal = None  # a fatal error librdkafka reported (`_error`)
         self._made = False  # a consumer was made: one that cannot be made later is tried again
         r = metrics.registry
@@ -264,7 +265,10 @@ class KafkaSource:
 
     @property
     def _consuming(self) -> str:
-        return f"consuming {', '.join(self.config.topics)} from {self.config.bootstrap}"
+        missing = sorted(self._missing)
+        return (f"consuming {', '.join(t for t in self.config.topics if t not in missing)} from "
+                f"{self.config.bootstrap}" + (f"; topic {', '.join(missing)} does not exist there, waiting for it"
+                                              if missing else ""))
 
     def _set(self, serving: bool, state: str) -> None:
         if (serving, state) != (self.serving, self.state):
@@ -348,6 +352,7 @@ class KafkaSource:
 
         committed = self._committed(consumer, partitions)
         identity = self.core.engine.identity
+        self._missing -= {tp.topic for tp in partitions}
         for tp in partitions:
             generation = 0
             def stored_of(generation: int) -> int:
@@ -429,8 +434,12 @@ class KafkaSource:
         groups: dict[tuple[str, int], list] = {}
         for m in messages:
             if m.error():
-                if m.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART and not self._next:
-                    self._set(False, f"topic {m.topic()} does not exist on {self.config.bootstrap}; waiting for it")
+                if m.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    self._missing.add(m.topic())  # said beside the topics read (`_consuming`), until assigned
+                    if not self._next:
+                        self._set(False, f"topic {m.topic()} does not exist on {self.config.bootstrap}; waiting for it")
+                    elif self.serving:
+                        self._set(True, self._consuming)
                 else:
                     log.warning("kafka: %s", m.error().str())
                 continue

@@ -409,6 +409,24 @@ def test_health_says_the_topic_is_missing_while_the_broker_answers(broker, tmp_p
     server.terminate()
 
 
+def test_a_topic_missing_beside_one_being_read_is_said_in_health(broker, tmp_path):
+    """One topic of several missing was a warning in the log alone: health said every topic was
+    being consumed. It still serves (the other is read), and says which topic it waits for."""
+    broker.create_topic(TOPIC, 1)
+    broker.produce(TOPIC, event_messages(30, 1, "beside_missing"))
+    server = Server(tmp_path / "data", "--kafka-bootstrap", broker.bootstrap, "--kafka-topic",
+                    f"{TOPIC},not_yet", *SESSION).start()
+    try:
+        wait_for(lambda: events_of(server) >= 30, what="30 events")
+        wait_for(lambda: "does not exist" in http_health(server)["kafka"]["state"], timeout=30,
+                 what="the topic said missing")
+        assert http_health(server)["kafka"]["state"] == (f"consuming {TOPIC} from {broker.bootstrap}; topic not_yet "
+                                                         "does not exist there, waiting for it")
+        assert kafka_health(server) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.terminate()
+
+
 def test_the_configuration_from_flags_and_a_toml_file(tmp_path):
     from abstream.sources.kafka import KafkaConfigError, kafka_config
 
